@@ -1,0 +1,30 @@
+# Fresh-machine entry points (see README). `make demo` and `make test` set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The local CPU build of PyTorch; installed before the package so that `torch>=2.4` never pulls CUDA.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= a red circle on a blue background
+
+.PHONY: setup demo test test-slow lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/latentforge --help
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow -s
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks

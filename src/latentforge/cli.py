@@ -1,0 +1,91 @@
+"""The ``latentforge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from latentforge.families.detect import describe_signature
+    from latentforge.loading import inspect_checkpoint
+
+    info = inspect_checkpoint(args.file, probe=args.probe)
+    print(f"{info['path']}  ({info['layout']})")
+    print(f"  family:      {info['family']} - {info['title']}")
+    print(f"  detected by: {describe_signature(info['signature'])}")
+    print(f"               matching families: {', '.join(info['candidates'])}")
+    print(f"  prediction:  {info['prediction']} ({info['prediction_reason']})")
+    print(f"  native size: {info['default_size']} px, latent scale {info['latent_scale']}")
+    total = 0
+    for name, comp in info["components"].items():
+        total += comp["parameters"]
+        print(f"  {name:<24} {_human(comp['parameters']):>8} parameters  dtype {', '.join(comp['dtypes'])}")
+    print(f"  {'total':<24} {_human(total):>8} parameters")
+    if info["extras"]:
+        shown = ", ".join(info["extras"][:4]) + (" ..." if len(info["extras"]) > 4 else "")
+        print(f"  other tensors kept aside ({len(info['extras'])}): {shown}")
+    if info["dropped"]:
+        print(f"  ignored EMA copy: {len(info['dropped'])} tensors under model_ema.")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import latentforge
+
+    pipe = latentforge.load(args.input, vae=args.vae, prediction=args.prediction, dtype=args.dtype)
+    out = pipe.save(args.output, layout=args.to, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.to}, family {pipe.family.name}, prediction {pipe.prediction})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentforge", description="Stable Diffusion with the files you already have."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and generation do")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show a checkpoint's family, how it was detected, components and dtypes")
+    p.add_argument("file", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--probe", action="store_true", help="run the UNet once if needed to tell eps from v")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--to", choices=["single-file", "diffusers"], required=True)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="store weights in this dtype (default: as loaded)")
+    p.add_argument("--vae", type=Path, help="replace the checkpoint's VAE with this VAE file")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from latentforge.families.detect import DetectionError
+    from latentforge.io.components import LoadError
+    from latentforge.io.tensorfile import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, DetectionError, LoadError, FileExistsError, ValueError) as e:
+        print(f"latentforge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

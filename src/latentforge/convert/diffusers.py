@@ -1,0 +1,271 @@
+"""The diffusers layout: key names and config.json files of UNet2DConditionModel and AutoencoderKL.
+
+One table per direction-free mapping: ``unet_key(original) -> diffusers`` and ``vae_key(original) ->
+diffusers``; loading inverts them over the keys the model expects, saving applies them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from latentforge.models.unet import UNetConfig
+from latentforge.models.vae import VAEConfig
+
+_RESNET = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+
+
+def _resnet(rest: str) -> str:
+    for old, new in _RESNET.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    raise KeyError(rest)
+
+
+def unet_key(key: str, num_res_blocks: int) -> str:
+    """Original UNet key (``model.diffusion_model.`` stripped) -> diffusers UNet2DConditionModel key."""
+    n = num_res_blocks
+    fixed = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "label_emb.0.0": "add_embedding.linear_1",
+        "label_emb.0.2": "add_embedding.linear_2",
+        "label_emb": "class_embedding",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
+    module, _, param = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{param}"
+    if m := re.match(r"input_blocks\.(\d+)\.(\d+)\.(.+)$", key):
+        i, sub, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        level, j = divmod(i - 1, n + 1)
+        if j == n:  # the downsampler closing a level
+            return f"down_blocks.{level}.downsamplers.0.conv.{rest.removeprefix('op.')}"
+        if sub == 0:
+            return f"down_blocks.{level}.resnets.{j}.{_resnet(rest)}"
+        return f"down_blocks.{level}.attentions.{j}.{rest}"
+    if m := re.match(r"middle_block\.(\d)\.(.+)$", key):
+        sub, rest = int(m.group(1)), m.group(2)
+        if sub == 1:
+            return f"mid_block.attentions.0.{rest}"
+        return f"mid_block.resnets.{sub // 2}.{_resnet(rest)}"
+    if m := re.match(r"output_blocks\.(\d+)\.(\d+)\.(.+)$", key):
+        i, sub, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        level, j = divmod(i, n + 1)
+        if sub == 0:
+            return f"up_blocks.{level}.resnets.{j}.{_resnet(rest)}"
+        if rest.startswith("conv."):
+            return f"up_blocks.{level}.upsamplers.0.{rest}"
+        return f"up_blocks.{level}.attentions.{j}.{rest}"
+    raise KeyError(f"no diffusers name for UNet key {key!r}")
+
+
+_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# names used by diffusers folders saved before diffusers 0.14
+VAE_LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def vae_key(key: str, levels: int) -> str:
+    """Original VAE key (``first_stage_model.`` stripped) -> diffusers AutoencoderKL key."""
+    key = key.replace("nin_shortcut", "conv_shortcut")
+    key = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    if m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(\w+)$", key):
+        return f"{m.group(1)}.mid_block.attentions.0.{_VAE_ATTN[m.group(2)]}.{m.group(3)}"
+    key = re.sub(
+        r"^(encoder|decoder)\.mid\.block_(\d)\.",
+        lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.",
+        key,
+    )
+    key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
+    key = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", key)
+    key = re.sub(
+        r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.resnets.", key
+    )
+    key = re.sub(
+        r"^decoder\.up\.(\d+)\.upsample\.",
+        lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.",
+        key,
+    )
+    return key
+
+
+def is_vae_attn_matrix(key: str) -> bool:
+    """Original mid-attention 1x1 conv weights, stored as [C, C] linear weights by diffusers."""
+    return bool(re.match(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key))
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+_UNET_DEFAULTS_REQUIRED = {
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embedding_type": "positional",
+    "class_embed_type": None,
+    "resnet_time_scale_shift": "default",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "dual_cross_attention": False,
+    "attention_type": "default",
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+}
+
+
+class UnsupportedConfig(ValueError):
+    pass
+
+
+def _per_level(value, levels: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
+    """UNet2DConditionModel config.json -> UNetConfig (raises UnsupportedConfig for other designs)."""
+    for k, want in _UNET_DEFAULTS_REQUIRED.items():
+        if k in cfg and cfg[k] != want:
+            raise UnsupportedConfig(f"UNet config has {k}={cfg[k]!r}; latentforge supports only {want!r}")
+    boc = list(cfg["block_out_channels"])
+    levels = len(boc)
+    mc = boc[0]
+    attn = ["CrossAttn" in t for t in cfg["down_block_types"]]
+    tlpb = _per_level(cfg.get("transformer_layers_per_block", 1), levels)
+    if any(isinstance(x, (list, tuple)) for x in tlpb):
+        raise UnsupportedConfig("per-block transformer depths inside a level are not supported")
+    depth = tuple(int(d) if a else 0 for d, a in zip(tlpb, attn))
+    rev = cfg.get("reverse_transformer_layers_per_block")
+    depth_out = None
+    if rev is not None:
+        rev_levels = [r[0] if isinstance(r, (list, tuple)) else r for r in rev]
+        depth_out = tuple(int(d) if a else 0 for d, a in zip(reversed(rev_levels), attn))
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    heads = _per_level(heads, levels)
+    dims = {c // h for c, h in zip(boc, heads)}
+    if len(set(heads)) == 1:
+        num_heads, head_channels = heads[0], None
+    elif len(dims) == 1:
+        num_heads, head_channels = None, dims.pop()
+    else:
+        raise UnsupportedConfig(f"attention heads {heads} are neither a fixed count nor a fixed width")
+    only_cross = cfg.get("only_cross_attention", False)
+    cross_only = tuple(bool(x) for x in _per_level(only_cross, levels)) if any(_per_level(only_cross, levels)) else ()
+    add = cfg.get("addition_embed_type")
+    if add not in (None, "text_time"):
+        raise UnsupportedConfig(f"addition_embed_type {add!r} is not supported")
+    lpb = cfg.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise UnsupportedConfig("different res-block counts per level are not supported")
+        lpb = lpb[0]
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4),
+        out_channels=cfg.get("out_channels", 4),
+        model_channels=mc,
+        channel_mult=tuple(c // mc for c in boc),
+        num_res_blocks=lpb,
+        transformer_depth=depth,
+        transformer_depth_out=depth_out if depth_out != depth else None,
+        transformer_depth_middle=int(tlpb[-1]),
+        num_heads=num_heads,
+        head_channels=head_channels,
+        context_dim=cfg.get("cross_attention_dim", 768),
+        use_linear_proj=bool(cfg.get("use_linear_projection", False)),
+        adm_in_channels=cfg.get("projection_class_embeddings_input_dim") if add == "text_time" else None,
+        num_classes=cfg.get("num_class_embeds"),
+        cross_only=cross_only,
+        norm_groups=cfg.get("norm_num_groups", 32),
+        upcast_attention=bool(cfg.get("upcast_attention", False)),
+    )
+
+
+def unet_config_to_diffusers(u: UNetConfig, sample_size: int, addition_time_embed_dim: int | None = None) -> dict:
+    boc = [u.model_channels * m for m in u.channel_mult]
+    attn = [d > 0 for d in u.transformer_depth]
+    heads = [u.heads_for(c)[0] for c in boc]
+    cfg = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": sample_size,
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "block_out_channels": boc,
+        "layers_per_block": u.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "transformer_layers_per_block": [max(d, 1) for d in u.transformer_depth[:-1]] + [u.transformer_depth_middle],
+        "attention_head_dim": heads,
+        "cross_attention_dim": u.context_dim,
+        "use_linear_projection": u.use_linear_proj,
+        "upcast_attention": u.upcast_attention,
+        "norm_num_groups": u.norm_groups,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
+        "center_input_sample": False,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-5,
+        "resnet_time_scale_shift": "default",
+    }
+    if u.transformer_depth[-1] != u.transformer_depth_middle and u.transformer_depth[-1] > 0:
+        raise UnsupportedConfig("diffusers ties the middle depth to the last level's depth")
+    if u.transformer_depth_out is not None:
+        cfg["reverse_transformer_layers_per_block"] = [
+            [max(d, 1)] * (u.num_res_blocks + 1) for d in reversed(u.depth_out)
+        ]
+    if u.cross_only:
+        cfg["only_cross_attention"] = list(u.cross_only)
+    if u.adm_in_channels:
+        cfg.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim or 256,
+            projection_class_embeddings_input_dim=u.adm_in_channels,
+        )
+    if u.num_classes:
+        cfg["num_class_embeds"] = u.num_classes
+    return cfg
+
+
+def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
+    boc = list(cfg["block_out_channels"])
+    for t in cfg.get("down_block_types", []):
+        if t != "DownEncoderBlock2D":
+            raise UnsupportedConfig(f"VAE block type {t!r} is not supported")
+    return VAEConfig(
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        base_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        z_channels=cfg.get("latent_channels", 4),
+        embed_dim=cfg.get("latent_channels", 4),
+        norm_groups=cfg.get("norm_num_groups", 32),
+    )
+
+
+def vae_config_to_diffusers(v: VAEConfig, scale: float, sample_size: int) -> dict:
+    if v.embed_dim != v.z_channels:
+        raise UnsupportedConfig("diffusers AutoencoderKL needs embed_dim == z_channels")
+    levels = len(v.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": v.in_channels,
+        "out_channels": v.out_channels,
+        "block_out_channels": [v.base_channels * m for m in v.channel_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": v.num_res_blocks,
+        "latent_channels": v.z_channels,
+        "norm_num_groups": v.norm_groups,
+        "act_fn": "silu",
+        "scaling_factor": scale,
+        "sample_size": sample_size,
+    }

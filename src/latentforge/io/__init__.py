@@ -1,0 +1,1 @@
+"""Reading and writing the files users bring: single-file checkpoints, diffusers folders, images."""

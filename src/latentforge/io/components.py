@@ -1,0 +1,109 @@
+"""Building a network from a file's tensors: strict key and shape checks, then one tensor at a time.
+
+A ``Ref`` says where one of the module's tensors lives in a file and how to turn it into the module's
+tensor (a slice of a fused projection, a transpose, a reshape). ``build`` makes the module on the meta
+device, checks every key and shape, then reads each tensor straight into the caller's dtype and device
+and assigns it, so peak memory is the loaded weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from latentforge.io.tensorfile import TensorFile
+
+
+class LoadError(ValueError):
+    """Weights do not fit the network they are meant for; the message lists every problem by name."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    file: TensorFile
+    key: str
+    shape: tuple[int, ...]  # shape after ``transform``
+    transform: Callable[[Tensor], Tensor] | None = None
+
+
+def _listing(title: str, items: list[str], limit: int = 12) -> str:
+    shown = "\n".join(f"    {i}" for i in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def check(expected: Mapping[str, tuple[int, ...]], refs: Mapping[str, Ref], what: str, source: str) -> None:
+    """Raise LoadError naming every missing key, unexpected key and wrong shape."""
+    missing = sorted(expected.keys() - refs.keys())
+    unexpected = sorted(refs.keys() - expected.keys())
+    shapes = sorted(
+        f"{k}: file {list(refs[k].shape)}, model {list(expected[k])}"
+        for k in expected.keys() & refs.keys()
+        if tuple(refs[k].shape) != tuple(expected[k])
+    )
+    if missing or unexpected or shapes:
+        parts = [f"the {what} weights in {source} do not match the {what} architecture:"]
+        if missing:
+            parts.append(_listing("missing keys", missing))
+        if unexpected:
+            parts.append(_listing("unexpected keys", unexpected))
+        if shapes:
+            parts.append(_listing("shape mismatches", shapes))
+        parts.append(
+            "  The file may be damaged, or made for a different model; `latentforge inspect FILE` shows "
+            "what was detected."
+        )
+        raise LoadError("\n".join(parts))
+
+
+class _ReadCache:
+    """Keeps the last two tensors read, so q, k and v split from one fused tensor read it once."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[int, str, torch.dtype | None], Tensor] = {}
+
+    def read(self, ref: Ref, dtype: torch.dtype | None) -> Tensor:
+        file_dtype = ref.file.dtype(ref.key)
+        target = dtype if dtype is not None and file_dtype.is_floating_point else None
+        key = (id(ref.file), ref.key, target)
+        if key not in self._items:
+            if len(self._items) >= 2:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = ref.file.read(ref.key, target)
+        return self._items[key]
+
+
+def build(
+    factory: Callable[[], nn.Module],
+    refs: Mapping[str, Ref],
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    what: str,
+    source: str,
+) -> nn.Module:
+    """Make ``factory()``'s module and fill it from ``refs`` (strict: every key, every shape)."""
+    with torch.device("meta"):
+        module = factory()
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check(expected, refs, what, source)
+    cache = _ReadCache()
+    state: dict[str, Tensor] = {}
+    for key in expected:
+        ref = refs[key]
+        t = cache.read(ref, dtype)
+        if ref.transform is not None:
+            t = ref.transform(t)
+        state[key] = t.to(device)
+    del cache
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def identity_refs(file: TensorFile, prefix: str, keys: list[str] | None = None) -> dict[str, Ref]:
+    """Refs for every key under ``prefix``, with the prefix removed."""
+    keys = file.keys() if keys is None else keys
+    return {k[len(prefix) :]: Ref(file, k, file.shape(k)) for k in keys if k.startswith(prefix)}

@@ -1,0 +1,353 @@
+"""Diffusers folders: ``model_index.json`` plus one folder per component with ``config.json`` and weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from latentforge.convert import diffusers as dconv
+from latentforge.families import Family, TextEncoderSpec
+from latentforge.families.base import Signature, config_signature
+from latentforge.families.detect import PredictionHint, parse_prediction
+from latentforge.io.components import Ref
+from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file
+from latentforge.io.writer import atomic_dir, write_json, write_safetensors
+from latentforge.models.clip import TextEncoderConfig
+from latentforge.models.unet import UNet, UNetConfig
+from latentforge.models.vae import AutoencoderKL, VAEConfig
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+
+
+class ShardedFile:
+    """Several weight files presented as one (a diffusers ``*.index.json`` shard set)."""
+
+    def __init__(self, files: list[TensorFile]):
+        self.files = files
+        self._where = {k: f for f in files for k in f.keys()}
+        self.metadata: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._where[key].dtype(key)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        return self._where[key].read(key, dtype)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def open_component_weights(folder: Path) -> TensorFile:
+    """The weights of one component folder: plain, sharded or fp16-variant, safetensors before pickles."""
+    for ext in (".safetensors", ".bin"):
+        for variant in ("", ".fp16"):
+            for stem in _WEIGHT_NAMES:
+                single = folder / f"{stem}{variant}{ext}"
+                if single.is_file():
+                    return open_tensor_file(single)
+                index = folder / f"{stem}{variant}{ext}.index.json"
+                if index.is_file():
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    return ShardedFile([open_tensor_file(folder / s) for s in shards])
+    raise CheckpointError(f"{folder} has no weights file (diffusion_pytorch_model.safetensors, model.safetensors, ...)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; is {path.parent.parent} a complete diffusers folder?") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def text_config_from_json(cfg: dict) -> TextEncoderConfig:
+    with_proj = any("WithProjection" in a for a in cfg.get("architectures") or [])
+    return TextEncoderConfig(
+        vocab_size=cfg.get("vocab_size", 49408),
+        max_positions=cfg.get("max_position_embeddings", 77),
+        width=cfg["hidden_size"],
+        layers=cfg["num_hidden_layers"],
+        heads=cfg["num_attention_heads"],
+        mlp_width=cfg["intermediate_size"],
+        activation=cfg.get("hidden_act", "quick_gelu"),
+        projection_dim=cfg.get("projection_dim", cfg["hidden_size"]) if with_proj else None,
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+    )
+
+
+class DiffusersSource:
+    layout = "diffusers"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.index = _read_json(self.path / "model_index.json") if (self.path / "model_index.json").exists() else {}
+        self._unet_cfg = dconv.unet_config_from_diffusers(_read_json(self.path / "unet" / "config.json"))
+        self._vae_json = _read_json(self.path / "vae" / "config.json")
+        self._vae_cfg = dconv.vae_config_from_diffusers(self._vae_json)
+        self._files: list[TensorFile] = []
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def _text_folders(self) -> dict[str, dict]:
+        out = {}
+        for folder in ("text_encoder", "text_encoder_2"):
+            cfg_path = self.path / folder / "config.json"
+            if cfg_path.is_file():
+                out[folder] = _read_json(cfg_path)
+        return out
+
+    def signature(self) -> Signature:
+        text = tuple(f"{name}:{cfg.get('hidden_act', 'quick_gelu')}" for name, cfg in self._text_folders().items())
+        return config_signature(self._unet_cfg, len(self._vae_cfg.channel_mult), text)
+
+    def prediction_hints(self) -> list[PredictionHint]:
+        path = self.path / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            value = _read_json(path).get("prediction_type")
+            if value:
+                return [
+                    PredictionHint(
+                        parse_prediction(value), f"scheduler/scheduler_config.json prediction_type={value!r}"
+                    )
+                ]
+        return []
+
+    def _open(self, folder: str) -> TensorFile:
+        f = open_component_weights(self.path / folder)
+        self._files.append(f)
+        return f
+
+    def unet(self, family: Family) -> tuple[UNetConfig, dict[str, Ref]]:
+        levels = len(self._unet_cfg.channel_mult)
+        cfg = dataclasses.replace(
+            self._unet_cfg, cross_only=self._unet_cfg.cross_only or family.unet.cross_only[:levels]
+        )
+        f = self._open("unet")
+        n = cfg.num_res_blocks
+        return cfg, mapped_refs(f, lambda: UNet(cfg), lambda k: [dconv.unet_key(k, n)])
+
+    def vae(self, family: Family) -> tuple[VAEConfig, dict[str, Ref]]:
+        return self._vae_cfg, vae_refs_diffusers(self._open("vae"), self._vae_cfg)
+
+    def text(self, spec: TextEncoderSpec) -> tuple[TextEncoderConfig, dict[str, Ref]]:
+        cfg = text_config_from_json(self._text_folders()[spec.folder])
+        cfg = dataclasses.replace(
+            cfg,
+            dropped_layers=spec.diffusers_dropped_layers,
+            projection_dim=cfg.projection_dim if spec.pooled else None,
+        )
+        f = self._open(spec.folder)
+        refs = {}
+        for key in f.keys():
+            local = key.removeprefix("text_model.")
+            if local == "embeddings.position_ids" or (local.startswith("text_projection") and not spec.pooled):
+                continue
+            refs[local] = Ref(f, key, f.shape(key))
+        return cfg, refs
+
+    def tokenizer_folder(self, spec: TextEncoderSpec) -> Path | None:
+        folder = self.path / spec.folder.replace("text_encoder", "tokenizer")
+        return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+
+    def leftovers(self) -> tuple[dict[str, Tensor], list[str]]:
+        return {}, []
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def mapped_refs(f: TensorFile, factory, names) -> dict[str, Ref]:
+    """Refs for a module whose keys map to file keys by ``names(key) -> [candidate file keys]``.
+
+    File keys that no module key claims are kept under their own name, so the strict check reports
+    them as unexpected."""
+    with torch.device("meta"):
+        expected = factory().state_dict()
+    refs: dict[str, Ref] = {}
+    claimed = set()
+    keys = set(f.keys())
+    for key, t in expected.items():
+        for cand in names(key):
+            if cand in keys:
+                shape = f.shape(cand)
+                transform = None
+                if len(shape) == 2 and t.ndim == 4:  # linear weights standing in for 1x1 convs
+                    shape, transform = tuple(t.shape), _to_conv
+                refs[key] = Ref(f, cand, shape, transform)
+                claimed.add(cand)
+                break
+    for k in keys - claimed:
+        refs[f"<file key> {k}"] = Ref(f, k, f.shape(k))
+    return refs
+
+
+def _to_conv(t: Tensor) -> Tensor:
+    return t.reshape(*t.shape, 1, 1)
+
+
+def vae_refs_diffusers(f: TensorFile, cfg: VAEConfig) -> dict[str, Ref]:
+    levels = len(cfg.channel_mult)
+
+    def names(k: str) -> list[str]:
+        d = dconv.vae_key(k, levels)
+        legacy = [d.replace(f".{new}.", f".{old}.") for new, old in dconv.VAE_LEGACY_ATTN.items() if f".{new}." in d]
+        return [d, *legacy]
+
+    return mapped_refs(f, lambda: AutoencoderKL(cfg), names)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _tokenizer_files(tok, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(tok.encoder, folder / "vocab.json")
+    merges = sorted(tok.ranks, key=tok.ranks.get)
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    pad = tok.decoder[tok.pad_id]
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
+    write_json(special, folder / "special_tokens_map.json")
+    write_json(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special},
+        folder / "tokenizer_config.json",
+    )
+
+
+def truncate_layers(state: dict[str, Tensor], keep: int) -> dict[str, Tensor]:
+    """Drop text-encoder layers ``keep`` and above."""
+    out = {}
+    for k, t in state.items():
+        m = re.match(r"encoder\.layers\.(\d+)\.", k)
+        if m is None or int(m.group(1)) < keep:
+            out[k] = t
+    return out
+
+
+def _text_config_json(cfg: TextEncoderConfig, pad_id: int) -> dict:
+    out = {
+        "architectures": ["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.width,
+        "intermediate_size": cfg.mlp_width,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "max_position_embeddings": cfg.max_positions,
+        "hidden_act": cfg.activation,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": pad_id,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+    }
+    if cfg.projection_dim:
+        out["projection_dim"] = cfg.projection_dim
+    return out
+
+
+def scheduler_config(family: Family, prediction: str) -> dict:
+    return {
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": family.beta_start,
+        "beta_end": family.beta_end,
+        "beta_schedule": "scaled_linear",
+        "trained_betas": None,
+        "prediction_type": "v_prediction" if prediction == "v" else "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
+
+
+def save_diffusers(pipe, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write ``pipe`` as a diffusers folder that diffusers' ``from_pretrained`` loads."""
+    fam: Family = pipe.family
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    size = fam.default_size
+    index: dict = {"_class_name": fam.diffusers_pipeline, "_diffusers_version": "0.30.0"}
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        ucfg = pipe.unet.config
+        time_dim = None
+        if ucfg.adm_in_channels:
+            pooled = next(enc.config.projection_dim for enc in pipe.text_encoders if enc.config.projection_dim)
+            time_dim = (ucfg.adm_in_channels - pooled) // (6 if fam.task != "refiner" else 5)
+        (tmp / "unet").mkdir()
+        write_json(
+            dconv.unet_config_to_diffusers(ucfg, size // pipe.vae.config.downscale, time_dim),
+            tmp / "unet" / "config.json",
+        )
+        n = ucfg.num_res_blocks
+        write_safetensors(
+            {dconv.unet_key(k, n): cast(t) for k, t in pipe.unet.state_dict().items()},
+            tmp / "unet" / "diffusion_pytorch_model.safetensors",
+        )
+        (tmp / "vae").mkdir()
+        vcfg = pipe.vae.config
+        write_json(dconv.vae_config_to_diffusers(vcfg, pipe.vae.scale, size), tmp / "vae" / "config.json")
+        levels = len(vcfg.channel_mult)
+        vae_state = {}
+        for k, t in pipe.vae.state_dict().items():
+            vae_state[dconv.vae_key(k, levels)] = cast(t.reshape(t.shape[:2]) if dconv.is_vae_attn_matrix(k) else t)
+        write_safetensors(vae_state, tmp / "vae" / "diffusion_pytorch_model.safetensors")
+        index.update(unet=["diffusers", "UNet2DConditionModel"], vae=["diffusers", "AutoencoderKL"])
+        for folder in ("text_encoder", "text_encoder_2"):
+            index[folder] = [None, None]
+            index[folder.replace("text_encoder", "tokenizer")] = [None, None]
+        for spec, enc, tok in zip(fam.text, pipe.text_encoders, pipe.tokenizers):
+            (tmp / spec.folder).mkdir()
+            # diffusers stores some encoders without their last, unused layer(s)
+            keep = enc.config.layers + enc.config.dropped_layers - spec.diffusers_dropped_layers
+            state = {
+                (k if k.startswith("text_projection") else "text_model." + k): cast(t)
+                for k, t in truncate_layers(enc.state_dict(), keep).items()
+            }
+            tcfg = dataclasses.replace(enc.config, layers=min(keep, enc.config.layers))
+            write_json(_text_config_json(tcfg, tok.pad_id), tmp / spec.folder / "config.json")
+            write_safetensors(state, tmp / spec.folder / "model.safetensors")
+            tok_folder = spec.folder.replace("text_encoder", "tokenizer")
+            _tokenizer_files(tok, tmp / tok_folder)
+            cls = "CLIPTextModelWithProjection" if enc.config.projection_dim else "CLIPTextModel"
+            index[spec.folder] = ["transformers", cls]
+            index[tok_folder] = ["transformers", "CLIPTokenizer"]
+        (tmp / "scheduler").mkdir()
+        write_json(scheduler_config(fam, pipe.prediction), tmp / "scheduler" / "scheduler_config.json")
+        index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+        if fam.task in ("txt2img", "inpaint"):
+            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+        if fam.task in ("sdxl", "refiner"):
+            index["force_zeros_for_empty_prompt"] = fam.task == "sdxl"
+        if fam.task == "refiner":
+            index["requires_aesthetics_score"] = True
+        write_json(index, tmp / "model_index.json")
+    return Path(path)

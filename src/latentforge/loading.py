@@ -1,0 +1,256 @@
+"""``latentforge.load``: from a file or folder users have to a ready ``Pipeline``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentforge.families import Family
+from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
+from latentforge.families.infer import infer_vae_config
+from latentforge.io.components import Ref, build, identity_refs
+from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, vae_refs_diffusers
+from latentforge.io.single_file import VAE_PREFIX, SingleFileSource
+from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+from latentforge.models.clip import CLIPTextModel
+from latentforge.models.tokenizer import CLIPTokenizer
+from latentforge.models.unet import UNet
+from latentforge.models.vae import AutoencoderKL, VAEConfig
+
+log = logging.getLogger("latentforge")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+
+
+@dataclass
+class LoadInfo:
+    """How a pipeline was loaded, for ``inspect`` and for the user's logs."""
+
+    source: str
+    layout: str
+    family_reason: str
+    prediction_reason: str
+    vae_source: str
+    extras: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def open_source(path: str | Path):
+    path = Path(path)
+    if path.is_dir():
+        if (path / "unet" / "config.json").is_file():
+            return DiffusersSource(path)
+        raise CheckpointError(f"{path} is a folder but not a diffusers model folder (no unet/config.json)")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return SingleFileSource(path)
+
+
+def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, device) -> AutoencoderKL:
+    """A standalone VAE: original keys (with or without ``first_stage_model.``) or diffusers keys/folder."""
+    path = Path(path)
+    f = open_component_weights(path) if path.is_dir() else open_tensor_file(path)
+    try:
+        keys = f.keys()
+        if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names
+            import json
+
+            cfg_file = path / "config.json" if path.is_dir() else None
+            if cfg_file and cfg_file.is_file():
+                from latentforge.convert.diffusers import vae_config_from_diffusers
+
+                cfg = vae_config_from_diffusers(json.loads(cfg_file.read_text()))
+            else:
+                cfg = family.vae
+            refs = vae_refs_diffusers(f, cfg)
+        else:
+            prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
+            refs = identity_refs(f, prefix, [k for k in keys if k.startswith(prefix)])
+            # VAE files often carry the training loss's weights; they are not part of the autoencoder
+            refs = {k: r for k, r in refs.items() if not k.startswith(("loss.", "model_ema."))}
+            shapes = {k: r.shape for k, r in refs.items()}
+            cfg = infer_vae_config(shapes, family.vae)
+        return _build_vae(cfg, refs, family, dtype, device, str(path))
+    finally:
+        f.close()
+
+
+def _build_vae(cfg: VAEConfig, refs: dict[str, Ref], family: Family, dtype, device, source: str) -> AutoencoderKL:
+    return build(
+        lambda: AutoencoderKL(cfg, family.latent_scale), refs, dtype=dtype, device=device, what="VAE", source=source
+    )
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    vae: str | Path | None = None,
+    prediction: str | None = None,
+    family: str | None = None,
+):
+    """Load a Stable Diffusion checkpoint: a single ``.safetensors``/``.ckpt`` file or a diffusers folder.
+
+    ``dtype`` (fp32, bf16, fp16; default fp32) and ``device`` (default cpu) are applied while reading,
+    one tensor at a time. ``vae`` replaces the checkpoint's VAE with a standalone VAE file or folder.
+    ``prediction`` ('eps' or 'v') overrides detection of the parameterisation; ``family`` forces a family
+    (it must still fit the file's structure).
+    """
+    from latentforge.pipeline import Pipeline
+
+    start = time.perf_counter()
+    torch_dtype = parse_dtype(dtype) or torch.float32
+    dev = torch.device(device or "cpu")
+    source = open_source(path)
+    try:
+        sig = source.signature()
+        found = candidates(sig, source.layout, source.name, forced=family)
+        fam = found[0]
+        reason = f"forced by family={family!r}" if family else f"structure matched {[f.name for f in found]}"
+        ucfg, urefs = source.unet(fam)
+        unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
+
+        def probe():
+            return probe_prediction(unet)
+
+        fam, pred, pred_reason = resolve_prediction(found, prediction, source.prediction_hints(), probe)
+        if fam.unet.upcast_attention != unet.config.upcast_attention:
+            unet.set_upcast_attention(fam.unet.upcast_attention)
+
+        encoders, tokenizers = [], []
+        for spec in fam.text:
+            tcfg, trefs = source.text(spec)
+            encoders.append(
+                build(
+                    lambda tcfg=tcfg: CLIPTextModel(tcfg),
+                    trefs,
+                    dtype=torch_dtype,
+                    device=dev,
+                    what=f"text encoder {spec.name}",
+                    source=source.name,
+                )
+            )
+            folder = source.tokenizer_folder(spec)
+            tokenizers.append(
+                CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
+            )
+
+        vae_source = "checkpoint"
+        vcfg, vrefs = source.vae(fam)
+        if vae is None:
+            vae_model = _build_vae(vcfg, vrefs, fam, torch_dtype, dev, source.name)
+        else:
+            vae_model = load_vae(vae, fam, dtype=torch_dtype, device=dev)
+            vae_source = str(vae)
+        extras, dropped = source.leftovers()
+    finally:
+        source.close()
+    if dropped:
+        log.info(
+            "%s: ignored %d tensors under %s (EMA copy; the weights under model.diffusion_model. run)",
+            source.name,
+            len(dropped),
+            dropped[0].split(".")[0],
+        )
+    if extras:
+        log.info(
+            "%s: %d tensors outside the model components kept aside: %s",
+            source.name,
+            len(extras),
+            ", ".join(list(extras)[:5]) + (" ..." if len(extras) > 5 else ""),
+        )
+    info = LoadInfo(
+        source.name,
+        source.layout,
+        reason,
+        pred_reason,
+        vae_source,
+        sorted(extras),
+        dropped,
+        time.perf_counter() - start,
+    )
+    return Pipeline(fam, pred, unet, vae_model, tuple(encoders), tuple(tokenizers), extras=extras, info=info)
+
+
+def inspect_checkpoint(path: str | Path, *, probe: bool = False) -> dict:
+    """What a checkpoint holds, from key names and shapes only (no weights are read unless ``probe``
+    must run the UNet to tell eps from v)."""
+    source = open_source(path)
+    try:
+        sig = source.signature()
+        found = candidates(sig, source.layout, source.name)
+        fam = found[0]
+        components = {}
+        ucfg, urefs = source.unet(fam)
+        parts = [("unet", urefs, ucfg)]
+        vcfg, vrefs = source.vae(fam)
+        parts.append(("vae", vrefs, vcfg))
+        for spec in fam.text:
+            tcfg, trefs = source.text(spec)
+            parts.append((f"text encoder {spec.name}", trefs, tcfg))
+        for name, refs, cfg in parts:
+            dtypes = sorted({str(r.file.dtype(r.key)).removeprefix("torch.") for r in refs.values()})
+            count = 0
+            for r in refs.values():
+                n = 1
+                for s in r.shape:
+                    n *= s
+                count += n
+            components[name] = {"parameters": count, "dtypes": dtypes, "config": cfg}
+        hints = source.prediction_hints()
+        if probe or len({f.prediction for f in found}) == 1 or hints:
+
+            def run_probe():
+                unet = build(
+                    lambda: UNet(ucfg), urefs, dtype=torch.float32, device="cpu", what="UNet", source=source.name
+                )
+                return probe_prediction(unet)
+
+            fam, pred, how = resolve_prediction(found, None, hints, run_probe)
+        else:
+            pred = "/".join(sorted({f.prediction for f in found}))
+            how = "undecided from the file alone (eps and v variants share this structure); rerun with --probe"
+        extras, dropped = ([], [])
+        if isinstance(source, SingleFileSource):
+            extras = [k for k in source.keys if k not in source._claimed and not k.startswith("model_ema.")]
+            dropped = [k for k in source.keys if k.startswith("model_ema.")]
+        return {
+            "path": str(path),
+            "layout": source.layout,
+            "family": fam.name,
+            "title": fam.title,
+            "candidates": [f.name for f in found],
+            "signature": sig,
+            "prediction": pred,
+            "prediction_reason": how,
+            "default_size": fam.default_size,
+            "latent_scale": fam.latent_scale,
+            "components": components,
+            "extras": extras,
+            "dropped": dropped,
+        }
+    finally:
+        source.close()

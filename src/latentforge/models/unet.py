@@ -1,0 +1,303 @@
+"""The Stable Diffusion noise predictor: a UNet with time embedding and cross-attention transformers.
+
+Module names equal the original (LDM/SGM ``openaimodel``) checkpoint names, so an original UNet state
+dict loads after stripping ``model.diffusion_model.``. One class covers every family in
+``latentforge.families`` (SD1.x, SD2.x, inpaint, depth, the x4 upscaler, SDXL base and refiner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentforge.nn import CrossAttention, GroupNorm32, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a UNet (Rombach et al. 2022, the LDM noise predictor).
+
+    ``transformer_depth[l]`` is the number of transformer blocks after each ResBlock of level ``l``
+    on the way down (0 = no attention at that level); ``transformer_depth_out`` the same on the way
+    up (defaults to the same list). Heads: ``head_channels`` (channels per head, SD2/SDXL) wins over
+    ``num_heads`` (a fixed count, SD1 and the upscaler).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_out: tuple[int, ...] | None = None
+    transformer_depth_middle: int = 1
+    num_heads: int | None = 8
+    head_channels: int | None = None
+    context_dim: int = 768
+    use_linear_proj: bool = False
+    adm_in_channels: int | None = None  # SDXL "vector" input width
+    num_classes: int | None = None  # x4 upscaler: Embedding(num_classes, time_embed_dim)
+    cross_only: tuple[bool, ...] = ()  # per level: attn1 attends to the context (x4 upscaler)
+    norm_groups: int = 32
+    upcast_attention: bool = False
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    @property
+    def depth_out(self) -> tuple[int, ...]:
+        return self.transformer_depth_out or self.transformer_depth
+
+    def heads_for(self, channels: int) -> tuple[int, int]:
+        """(heads, head_dim) for a transformer of the given width."""
+        if self.head_channels:
+            return channels // self.head_channels, self.head_channels
+        assert self.num_heads
+        return self.num_heads, channels // self.num_heads
+
+    def is_cross_only(self, level: int) -> bool:
+        return bool(self.cross_only) and self.cross_only[level]
+
+
+class ResBlock(nn.Module):
+    """ResBlock with the time embedding added between the two convolutions (Ho et al. 2020)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels, eps=1e-5),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020): Linear(d, 2h) split as value * gelu(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention (or context attention when ``cross_only``), cross-attention, GEGLU MLP."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, cross_only: bool, upcast: bool):
+        super().__init__()
+        self.cross_only = cross_only
+        self.attn1 = CrossAttention(dim, heads, dim_head, context_dim if cross_only else None, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, upcast)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on the text context."""
+
+    def __init__(self, channels: int, depth: int, cfg: UNetConfig, cross_only: bool):
+        super().__init__()
+        heads, dim_head = cfg.heads_for(channels)
+        inner = heads * dim_head
+        self.use_linear = cfg.use_linear_proj
+        self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
+        if self.use_linear:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, cfg.context_dim, cross_only, cfg.upcast_attention)
+            for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # (B, HW, C)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        # Nearest x2; an explicit size (that of the matching skip) allows latents whose sides are not a
+        # multiple of 2^levels. For exact doubling both give the same pixels.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: ResBlocks the embedding, transformers the context."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The noise predictor. Called as ``unet(x, timesteps, context, y=None)``.
+
+    x: (B, in_channels, H, W) with any task channels already concatenated; timesteps: (B,) or scalar,
+    possibly fractional; context: (B, T, context_dim); y: (B, adm_in_channels) for SDXL or (B,) integer
+    noise levels for the x4 upscaler.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, ted)
+        elif cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+            )
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch = mc
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
+                ch = mult * mc
+                if cfg.transformer_depth[level]:
+                    layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, cfg.is_cross_only(level)))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ted, ch, groups),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
+            ResBlock(ch, ted, ch, groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), ted, mc * mult, groups)]
+                ch = mc * mult
+                if cfg.depth_out[level]:
+                    layers.append(SpatialTransformer(ch, cfg.depth_out[level], cfg, cfg.is_cross_only(level)))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(groups, ch, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    def set_upcast_attention(self, upcast: bool) -> None:
+        """Compute attention in float32 under half precision (SD2 768-v needs it)."""
+        self.config = dataclasses.replace(self.config, upcast_attention=upcast)
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.upcast = upcast
+
+    def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        t = torch.as_tensor(timesteps, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        dtype = self.dtype
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))
+        if cfg.num_classes is not None or cfg.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("this UNet takes a vector input y (SDXL size/pooled vector or upscaler noise level)")
+            y = y.long() if cfg.num_classes is not None else y.to(dtype)
+            emb = emb + self.label_emb(y)
+
+        h = x.to(dtype)
+        context = context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            skip = skips.pop()
+            h = torch.cat([h, skip], dim=1)
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = block(h, emb, context, size)
+        return self.out(h)
