@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from latentforge.convert.diffusers import vae_config_from_diffusers, vae_key_to_original
 from latentforge.families import Family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
-from latentforge.io.components import Ref, build, identity_refs
+from latentforge.io.components import LoadError, Ref, build, check, identity_refs
 from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, vae_refs_diffusers
 from latentforge.io.single_file import VAE_PREFIX, SingleFileSource
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
@@ -75,15 +77,12 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
     try:
         keys = f.keys()
         if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names
-            import json
-
-            cfg_file = path / "config.json" if path.is_dir() else None
-            if cfg_file and cfg_file.is_file():
-                from latentforge.convert.diffusers import vae_config_from_diffusers
-
-                cfg = vae_config_from_diffusers(json.loads(cfg_file.read_text()))
+            cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+            if cfg_file.is_file() and "block_out_channels" in (cfg_json := json.loads(cfg_file.read_text())):
+                cfg = vae_config_from_diffusers(cfg_json)
             else:
-                cfg = family.vae
+                levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down_blocks.")})
+                cfg = infer_vae_config({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family.vae)
             refs = vae_refs_diffusers(f, cfg)
         else:
             prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
@@ -95,6 +94,20 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
         return _build_vae(cfg, refs, family, dtype, device, str(path))
     finally:
         f.close()
+
+
+def check_all(plans, source: str) -> None:
+    """Check (what, factory, refs) plans; one LoadError with the problems of every component."""
+    problems = []
+    for what, factory, refs in plans:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in factory().state_dict().items()}
+        try:
+            check(expected, refs, what, source)
+        except LoadError as e:
+            problems.append(str(e))
+    if problems:
+        raise LoadError("\n".join(problems))
 
 
 def _build_vae(cfg: VAEConfig, refs: dict[str, Ref], family: Family, dtype, device, source: str) -> AutoencoderKL:
@@ -131,26 +144,28 @@ def load(
         fam = found[0]
         reason = f"forced by family={family!r}" if family else f"structure matched {[f.name for f in found]}"
         ucfg, urefs = source.unet(fam)
+        vcfg, vrefs = source.vae(fam)
+        texts = [(spec, *source.text(spec)) for spec in fam.text]
+        # every component is checked before any weight is read, so one error lists every problem
+        plans = [("UNet", lambda: UNet(ucfg), urefs)]
+        if vae is None:
+            plans.append(("VAE", lambda: AutoencoderKL(vcfg, fam.latent_scale), vrefs))
+        plans += [(f"text encoder {spec.name}", lambda c=tcfg: CLIPTextModel(c), trefs) for spec, tcfg, trefs in texts]
+        check_all(plans, source.name)
+
         unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
-
-        def probe():
-            return probe_prediction(unet)
-
-        fam, pred, pred_reason = resolve_prediction(found, prediction, source.prediction_hints(), probe)
+        fam, pred, pred_reason = resolve_prediction(
+            found, prediction, source.prediction_hints(), lambda: probe_prediction(unet)
+        )
         if fam.unet.upcast_attention != unet.config.upcast_attention:
             unet.set_upcast_attention(fam.unet.upcast_attention)
 
         encoders, tokenizers = [], []
-        for spec in fam.text:
-            tcfg, trefs = source.text(spec)
+        for spec, tcfg, trefs in texts:
+            what = f"text encoder {spec.name}"
             encoders.append(
                 build(
-                    lambda tcfg=tcfg: CLIPTextModel(tcfg),
-                    trefs,
-                    dtype=torch_dtype,
-                    device=dev,
-                    what=f"text encoder {spec.name}",
-                    source=source.name,
+                    lambda c=tcfg: CLIPTextModel(c), trefs, dtype=torch_dtype, device=dev, what=what, source=source.name
                 )
             )
             folder = source.tokenizer_folder(spec)
@@ -159,7 +174,6 @@ def load(
             )
 
         vae_source = "checkpoint"
-        vcfg, vrefs = source.vae(fam)
         if vae is None:
             vae_model = _build_vae(vcfg, vrefs, fam, torch_dtype, dev, source.name)
         else:

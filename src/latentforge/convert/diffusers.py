@@ -97,6 +97,29 @@ def vae_key(key: str, levels: int) -> str:
     return key
 
 
+def vae_key_to_original(key: str, levels: int) -> str:
+    """diffusers AutoencoderKL key (current or pre-0.14 attention names) -> original VAE key."""
+    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    attn = {**{v: k for k, v in _VAE_ATTN.items()}, "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(weight|bias)$", key):
+        return f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
+    key = re.sub(
+        r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.",
+        lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.",
+        key,
+    )
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", key
+    )
+    return re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.",
+        key,
+    )
+
+
 def is_vae_attn_matrix(key: str) -> bool:
     """Original mid-attention 1x1 conv weights, stored as [C, C] linear weights by diffusers."""
     return bool(re.match(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$", key))

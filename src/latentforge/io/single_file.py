@@ -62,9 +62,9 @@ def guess_file_kind(keys: list[str]) -> str | None:
 class SingleFileSource:
     layout = "single"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, file: TensorFile | None = None):
         self.path = Path(path)
-        self.file: TensorFile = open_tensor_file(self.path)
+        self.file: TensorFile = file if file is not None else open_tensor_file(self.path)
         self.keys = self.file.keys()
         self._keyset = set(self.keys)
         self.sidecar = read_sidecar(self.path)
