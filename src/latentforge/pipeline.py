@@ -64,29 +64,72 @@ class Pipeline:
         return f"<latentforge.Pipeline {self.family.name} ({self.prediction}) {self.dtype} on {self.device}>"
 
     @torch.inference_mode()
-    def encode_prompt(self, prompts: str | list[str], *, clip_skip: int | None = None) -> PromptEmbedding:
+    def encode_prompt(
+        self, prompts: str | list[str], *, clip_skip: int | None = None, syntax: str = "a1111"
+    ) -> PromptEmbedding:
         """Text -> UNet conditioning, by the family's rules.
 
         SD1: last CLIP-L layer through the final LayerNorm (``clip_skip`` = k uses the k-th layer from
         the end instead, A1111's "Clip skip"); SD2: penultimate OpenCLIP-H layer through the final
         LayerNorm; SDXL: penultimate CLIP-L and bigG layers without it, concatenated, plus bigG's pooled
         vector. ``clip_skip`` applies to encoders that use the last layer by default (SD1, as A1111).
+
+        ``syntax="a1111"`` (default) reads emphasis ``(word:1.2)``/``[word]`` and ``BREAK``, and encodes
+        prompts longer than 75 tokens in chunks (context length 77 x chunks); weights scale the token
+        embeddings, then the chunk is rescaled to its original mean, as A1111 does. ``syntax="plain"``
+        truncates at 77 tokens without weights, as diffusers does. The pooled vector comes from the
+        first chunk.
         """
+        from latentforge.conditioning.prompt import chunk_prompt
+
         if isinstance(prompts, str):
             prompts = [prompts]
         if clip_skip is not None and clip_skip < 1:
             raise ValueError(f"clip_skip must be 1 or more (1 = last layer), got {clip_skip}")
+        first = self.tokenizers[0]
+        comma = first.encode(",")[0]
+        chunked = [chunk_prompt(p, first.encode, comma, syntax) for p in prompts]
+        n_chunks = max(len(c) for c in chunked)
+        for c in chunked:  # batch rows need the same chunk count: pad with empty chunks
+            c.extend(chunk_prompt("", first.encode, comma, "plain")[0] for _ in range(n_chunks - len(c)))
         contexts, pooled = [], None
         for spec, enc, tok in zip(self.family.text, self.text_encoders, self.tokenizers):
-            ids = tok(prompts).to(self.device)
             layer = spec.layer
             if clip_skip is not None and clip_skip > 1 and spec.layer == -1:
                 layer = -clip_skip
-            out = enc(ids, layer=layer, final_norm=spec.final_norm, pooled=spec.pooled)
-            contexts.append(out.hidden)
-            if spec.pooled:
-                pooled = out.pooled
+            per_chunk = []
+            for k in range(n_chunks):
+                ids = torch.tensor([tok.frame(c[k].tokens) for c in chunked], device=self.device)
+                out = enc(ids, layer=layer, final_norm=spec.final_norm, pooled=spec.pooled and k == 0)
+                hidden = out.hidden
+                weights = [[1.0, *c[k].weights] + [1.0] * (76 - len(c[k].weights)) for c in chunked]
+                w = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device)
+                if (w != 1).any():
+                    mean = hidden.mean()
+                    hidden = hidden * w[:, :, None]
+                    hidden = hidden * (mean / hidden.mean())
+                per_chunk.append(hidden)
+                if k == 0 and spec.pooled:
+                    pooled = out.pooled
+            contexts.append(torch.cat(per_chunk, dim=1))
         return PromptEmbedding(torch.cat(contexts, dim=-1), pooled)
+
+    def txt2img(self, prompt: str | None = None, *, request=None, progress=None, **options):
+        """Generate images from text. Either a ``GenerationRequest`` or its fields as keywords, e.g.
+        ``pipe.txt2img("a red circle", steps=20, sampler="Euler a", seed=1)``. Returns a
+        ``GenerationResult`` (``.images``: PIL images carrying their parameters, ``.seeds``,
+        ``.infotexts``, ``.request``)."""
+        from latentforge.pipelines import generate
+
+        return generate(self, _request(prompt, request, options), progress=progress)
+
+    def img2img(self, image, prompt: str | None = None, *, request=None, progress=None, **options):
+        """Generate from an init image (a PIL image or a path, or a list of them), noised to the start
+        sigma that ``denoising_strength`` gives and sampled over the remaining steps (A1111's rule)."""
+        from latentforge.pipelines import generate
+
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        return generate(self, _request(prompt, request, options), init_images=images, progress=progress)
 
     def save(
         self,
@@ -108,3 +151,15 @@ class Pipeline:
         if layout == "diffusers":
             return save_diffusers(self, path, dtype=torch_dtype, overwrite=overwrite)
         raise ValueError(f"unknown layout {layout!r}; use 'single-file' or 'diffusers'")
+
+
+def _request(prompt, request, options):
+    from latentforge.pipelines import GenerationRequest
+
+    if request is not None:
+        if options or prompt is not None:
+            raise ValueError("pass either a GenerationRequest or keyword options, not both")
+        return request
+    if prompt is not None:
+        options["prompt"] = prompt
+    return GenerationRequest.from_dict(options)

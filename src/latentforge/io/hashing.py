@@ -1,0 +1,50 @@
+"""A1111's model hash: the first 10 hex digits of the file's SHA-256, cached by path, size and mtime."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("latentforge")
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "latentforge" / "hashes.json"
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, remembered in ~/.cache/latentforge/hashes.json (keyed by path, size, mtime)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = _cache_file()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    cache[key] = value
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    except OSError as e:  # a read-only home is no reason to fail a generation
+        log.debug("could not write the hash cache: %s", e)
+    return value
+
+
+def model_hash(path: str | Path) -> str | None:
+    """A1111's 10-digit model hash of a single file, None for folders."""
+    path = Path(path)
+    return sha256_of(path)[:10] if path.is_file() else None

@@ -1,0 +1,166 @@
+"""Generation parameters written into and read back from PNG files: A1111 infotext and our JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latentforge.io.hashing import model_hash
+from latentforge.io.infotext import format_infotext, parse_infotext
+from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.sampling.registry import SAMPLERS, resolve
+
+SCHEDULE_TITLES = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
+    "beta": "Beta",
+    "kl_optimal": "KL Optimal",
+    "lcm": "LCM",
+}
+
+
+def _model_fields(pipe) -> dict:
+    cached = getattr(pipe, "_metadata_cache", None)
+    if cached is None:
+        source = Path(pipe.info.source) if pipe.info else None
+        vae = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
+        cached = {
+            "Model hash": model_hash(source) if source and source.is_file() else None,
+            "Model": source.stem if source and source.is_file() else (source.name if source else None),
+            "VAE hash": model_hash(vae) if vae and Path(vae).is_file() else None,
+            "VAE": Path(vae).name if vae else None,
+        }
+        pipe._metadata_cache = cached
+    return cached
+
+
+def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool) -> dict:
+    from latentforge import __version__
+
+    params = {
+        "Steps": req.steps,
+        "Sampler": info.title,
+        "Schedule type": SCHEDULE_TITLES[schedule],
+        "CFG scale": _num(req.cfg_scale),
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        **_model_fields(pipe),
+        "Denoising strength": _num(req.denoising_strength) if img2img else None,
+        "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
+        "Eta": _num(req.eta) if req.eta is not None else None,
+        "RNG": "CPU",
+        "Version": f"latentforge {__version__}",
+    }
+    return params
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def infotexts_for(pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool) -> list[str]:
+    return [
+        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img))
+        for s in seeds
+    ]
+
+
+def request_json(pipe, req: GenerationRequest, seed: int, img2img: bool) -> str:
+    data = {
+        "latentforge": 1,
+        "mode": "img2img" if img2img else "txt2img",
+        "request": {**req.to_dict(), "seed": seed, "batch_size": 1, "batch_count": 1},
+        "model": {
+            "family": pipe.family.name,
+            "prediction": pipe.prediction,
+            "source": pipe.info.source if pipe.info else None,
+            "hash": _model_fields(pipe)["Model hash"],
+        },
+    }
+    return json.dumps(data, default=_jsonable)
+
+
+def _jsonable(x):
+    if isinstance(x, float) and x == float("inf"):
+        return "inf"
+    return str(x)
+
+
+def read_png_metadata(path: str | Path) -> dict:
+    """{"parameters": infotext or None, "latentforge": parsed JSON or None} of an image file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = dict(im.info)
+    except (OSError, ValueError) as e:
+        raise RequestError(f"cannot read image {path}: {e}") from None
+    ours = text.get("latentforge")
+    parsed = None
+    if ours:
+        try:
+            parsed = json.loads(ours)
+        except json.JSONDecodeError:
+            parsed = None
+    return {"parameters": text.get("parameters"), "latentforge": parsed}
+
+
+def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
+    """The request that made an image: exact from our JSON if present, else from the A1111 infotext.
+    Returns (request, {"mode", "model", "source"})."""
+    meta = read_png_metadata(path)
+    if meta["latentforge"]:
+        data = dict(meta["latentforge"]["request"])
+        if data.get("s_tmax") == "inf":
+            data["s_tmax"] = float("inf")
+        return GenerationRequest.from_dict(data), {
+            "mode": meta["latentforge"]["mode"],
+            "model": meta["latentforge"].get("model", {}),
+            "source": "json",
+        }
+    if not meta["parameters"]:
+        raise RequestError(f"{path} carries no generation parameters (no 'parameters' or 'latentforge' text)")
+    return request_from_infotext(meta["parameters"])
+
+
+def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
+    prompt, negative, s = parse_infotext(text)
+    req = GenerationRequest(prompt=prompt, negative_prompt=negative)
+    if "Steps" in s:
+        req.steps = int(s["Steps"])
+    if "Sampler" in s:
+        sampler_title = s["Sampler"]
+        try:
+            info, from_name = resolve(sampler_title)
+            req.sampler = info.title
+            if from_name:
+                req.schedule = from_name
+        except ValueError:
+            req.sampler = sampler_title
+    if "Schedule type" in s:
+        req.schedule = s["Schedule type"]
+    if "CFG scale" in s:
+        req.cfg_scale = float(s["CFG scale"])
+    if "Seed" in s:
+        req.seed = int(s["Seed"])
+    if "Size" in s:
+        w, h = s["Size"].lower().split("x")
+        req.width, req.height = int(w), int(h)
+    if "Denoising strength" in s:
+        req.denoising_strength = float(s["Denoising strength"])
+    if "Clip skip" in s:
+        req.clip_skip = int(s["Clip skip"])
+    if "Eta" in s:
+        req.eta = float(s["Eta"])
+    known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
+    req.extra = {k: v for k, v in s.items() if k not in known}
+    mode = "img2img" if "Denoising strength" in s else "txt2img"
+    return req, {"mode": mode, "model": {"name": s.get("Model"), "hash": s.get("Model hash")}, "source": "infotext"}
+
+
+__all__ = ["SAMPLERS", "infotexts_for", "read_png_metadata", "request_from_image", "request_from_infotext"]

@@ -1,0 +1,82 @@
+"""Denoisers D(x, sigma): the UNet with its parameterisation, and classifier-free guidance over it.
+
+Karras et al. 2022 (EDM) preconditioning for the discrete SD models: c_in = 1 / sqrt(sigma^2 + 1),
+the network sees the fractional training timestep of sigma, and
+    eps: D(x) = x - sigma * F(c_in x, t)
+    v:   D(x) = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * F(c_in x, t)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from latentforge.sampling.schedules import NoiseSchedule
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma) -> estimate of the clean latent
+
+
+@dataclass
+class Cond:
+    """Conditioning of one side of CFG: cross-attention context, the vector input (SDXL sizes and
+    pooled text, the upscaler's noise level) and extra input channels (inpaint mask and masked image,
+    depth, low-res image), concatenated after the scaled latent."""
+
+    context: Tensor
+    vector: Tensor | None = None
+    concat: Tensor | None = None
+
+    def cat(self, other: Cond) -> Cond:
+        def join(a, b):
+            return None if a is None else torch.cat([a, b])
+
+        return Cond(
+            torch.cat([self.context, other.context]), join(self.vector, other.vector), join(self.concat, other.concat)
+        )
+
+
+class ModelDenoiser:
+    """D(x, sigma, cond) for a noise-predicting UNet (eps or v)."""
+
+    def __init__(self, unet, schedule: NoiseSchedule, prediction: str, *, quantize_timesteps: bool = False):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction = prediction
+        self.quantize = quantize_timesteps
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(device=x.device, dtype=torch.float32)
+        s = sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None]
+        c_in = (s**2 + 1).rsqrt()
+        inp = x * c_in
+        if cond.concat is not None:
+            inp = torch.cat([inp, cond.concat.to(inp.dtype)], dim=1)
+        out = self.unet(inp, t, cond.context, cond.vector).to(x.dtype)
+        if self.prediction == "eps":
+            return x - s * out
+        return x / (s**2 + 1) - s * c_in * out
+
+
+class CFGDenoiser:
+    """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale (D_c - D_u), both halves in one
+    batch. With scale 1 (or no unconditional side) only the conditional half runs, as A1111 does.
+    When the two contexts differ in length (long prompts), each side runs on its own."""
+
+    def __init__(self, model: ModelDenoiser, cond: Cond, uncond: Cond | None, scale: float):
+        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        if self.uncond is None or self.scale == 1.0:
+            return self.model(x, sigma, self.cond)
+        if self.cond.context.shape[1:] == self.uncond.context.shape[1:]:
+            both = self.model(torch.cat([x, x]), sigma, self.cond.cat(self.uncond))
+            cond, uncond = both.chunk(2)
+        else:
+            cond, uncond = self.model(x, sigma, self.cond), self.model(x, sigma, self.uncond)
+        return uncond + self.scale * (cond - uncond)

@@ -1,0 +1,141 @@
+"""Sampler names: A1111's (also legacy ones with the schedule in the name), ComfyUI's, and ours."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from latentforge.sampling import dpmsolver as dpm
+from latentforge.sampling import samplers as s
+from latentforge.sampling.schedules import SCHEDULES, schedule_name
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    name: str  # ours = ComfyUI's where it has one
+    title: str  # A1111's
+    fn: Callable
+    schedule: str = "normal"  # what A1111's "Automatic" picks for it
+    aliases: tuple[str, ...] = ()
+    stochastic: bool = False  # draws noise while sampling (ancestral / SDE)
+    brownian: bool = False  # A1111 and ComfyUI drive its noise with a Brownian tree
+    discard_penultimate_sigma: bool = False  # A1111 drops the next-to-last sigma for these
+    evaluations: Callable[[int], int] = lambda steps: steps
+
+
+SAMPLERS: tuple[SamplerInfo, ...] = (
+    SamplerInfo("euler", "Euler", s.sample_euler, aliases=("k_euler",)),
+    SamplerInfo(
+        "euler_ancestral",
+        "Euler a",
+        s.sample_euler_ancestral,
+        aliases=("k_euler_a", "k_euler_ancestral"),
+        stochastic=True,
+    ),
+    SamplerInfo("heun", "Heun", s.sample_heun, aliases=("k_heun",), evaluations=lambda n: 2 * n - 1),
+    SamplerInfo(
+        "dpm_2",
+        "DPM2",
+        s.sample_dpm_2,
+        aliases=("k_dpm_2",),
+        discard_penultimate_sigma=True,
+        evaluations=lambda n: 2 * n - 1,
+    ),
+    SamplerInfo(
+        "dpm_2_ancestral",
+        "DPM2 a",
+        s.sample_dpm_2_ancestral,
+        aliases=("k_dpm_2_a",),
+        stochastic=True,
+        discard_penultimate_sigma=True,
+        evaluations=lambda n: 2 * n - 1,
+    ),
+    SamplerInfo("lms", "LMS", s.sample_lms, aliases=("k_lms",)),
+    SamplerInfo("dpmpp_2m", "DPM++ 2M", dpm.sample_dpmpp_2m, "karras", aliases=("k_dpmpp_2m",)),
+    SamplerInfo(
+        "dpmpp_2m_sde",
+        "DPM++ 2M SDE",
+        dpm.sample_dpmpp_2m_sde,
+        "exponential",
+        aliases=("k_dpmpp_2m_sde",),
+        stochastic=True,
+        brownian=True,
+    ),
+    SamplerInfo(
+        "dpmpp_sde",
+        "DPM++ SDE",
+        dpm.sample_dpmpp_sde,
+        "karras",
+        aliases=("k_dpmpp_sde",),
+        stochastic=True,
+        brownian=True,
+        evaluations=lambda n: 2 * n - 1,
+    ),
+    SamplerInfo(
+        "dpmpp_2s_ancestral",
+        "DPM++ 2S a",
+        dpm.sample_dpmpp_2s_ancestral,
+        "karras",
+        aliases=("k_dpmpp_2s_a",),
+        stochastic=True,
+        evaluations=lambda n: 2 * n - 1,
+    ),
+    SamplerInfo(
+        "dpmpp_3m_sde",
+        "DPM++ 3M SDE",
+        dpm.sample_dpmpp_3m_sde,
+        "exponential",
+        aliases=("k_dpmpp_3m_sde",),
+        stochastic=True,
+        brownian=True,
+        discard_penultimate_sigma=True,
+    ),
+    SamplerInfo("ddim", "DDIM", s.sample_ddim, "ddim_uniform"),
+    SamplerInfo("plms", "PLMS", s.sample_plms, "ddim_uniform", evaluations=lambda n: n + 1),
+    SamplerInfo("uni_pc", "UniPC", dpm.sample_unipc, "normal", aliases=("unipc", "uni_pc_bh2")),
+    SamplerInfo("lcm", "LCM", s.sample_lcm, "lcm", stochastic=True),
+    SamplerInfo("ddpm", "DDPM", s.sample_ddpm, "ddim_uniform", stochastic=True),
+)
+
+_SUFFIX_SCHEDULES = {"karras": "karras", "exponential": "exponential", "ka": "karras"}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", " ").replace("+", "p")
+
+
+_BY_KEY: dict[str, SamplerInfo] = {}
+for _info in SAMPLERS:
+    for _n in (_info.name, _info.title, *_info.aliases):
+        _BY_KEY[_key(_n)] = _info
+
+
+def sampler_names() -> list[str]:
+    return [info.title for info in SAMPLERS]
+
+
+def resolve_sampler(name: str) -> tuple[SamplerInfo, str | None]:
+    """(sampler, schedule named inside the sampler name or None). Accepts "DPM++ 2M Karras",
+    "dpmpp_2m", "k_dpmpp_2m_ka", "Euler a", ...; an unknown name raises with the valid ones listed."""
+    key = _key(name)
+    if key in _BY_KEY:
+        return _BY_KEY[key], None
+    for suffix, schedule in _SUFFIX_SCHEDULES.items():
+        base = key.removesuffix(" " + suffix)
+        if base != key and base in _BY_KEY:
+            return _BY_KEY[base], schedule
+    raise ValueError(
+        f"unknown sampler {name!r}. Valid samplers: {', '.join(sampler_names())} (also ComfyUI names such as "
+        f"'dpmpp_2m', and A1111 names with a schedule such as 'DPM++ 2M Karras')"
+    )
+
+
+def resolve(sampler: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
+    """The sampler and the schedule to use: an explicit schedule wins, then one named in the sampler
+    name, then the sampler's own default (A1111's "Automatic")."""
+    info, from_name = resolve_sampler(sampler)
+    chosen = schedule_name(schedule) if schedule else "automatic"
+    if chosen == "automatic":
+        chosen = from_name or info.schedule
+    assert chosen in SCHEDULES
+    return info, chosen
