@@ -4,6 +4,7 @@ closed form x(sigma) = mu + sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2)) (x_T - mu)
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -75,6 +76,6 @@ def _error(info, steps: int) -> float:
 def test_deterministic_samplers_converge_at_their_order(name):
     info = next(i for i in SAMPLERS if i.name == name)
     errors = [_error(info, n) for n in (32, 64, 128, 256)]
-    observed = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    observed = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
     assert errors[-1] < errors[0]
     assert observed[-1] > ORDERS[name] - 0.35, f"{name}: errors {errors}, observed orders {observed}"
