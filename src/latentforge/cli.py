@@ -66,6 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_convert)
+
+    from latentforge import cli_generate as gen
+
+    p = sub.add_parser("txt2img", help="generate images from a prompt")
+    gen.add_generation_options(p, img2img=False)
+    p.set_defaults(func=lambda a: gen.cmd_generate(a, img2img=False))
+    p = sub.add_parser("img2img", help="generate from an init image and a prompt")
+    gen.add_generation_options(p, img2img=True)
+    p.set_defaults(func=lambda a: gen.cmd_generate(a, img2img=True))
+    p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    p.add_argument("image", type=Path)
+    p.add_argument("--json", action="store_true", help="also print latentforge's exact JSON record")
+    p.set_defaults(func=gen.cmd_info)
+    p = sub.add_parser("samplers", help="list the samplers and schedules with their names")
+    p.set_defaults(func=gen.cmd_samplers)
     return parser
 
 
@@ -85,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DetectionError, LoadError, FileExistsError, ValueError) as e:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("latentforge: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

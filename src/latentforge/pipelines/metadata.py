@@ -71,10 +71,14 @@ def infotexts_for(pipe, req: GenerationRequest, seeds: list[int], info, schedule
 
 
 def request_json(pipe, req: GenerationRequest, seed: int, img2img: bool) -> str:
+    """Our exact record of one image: the request of the pass that made it (its first seed, its batch
+    size) and the image's index in that pass, so the same pixels can be made again."""
+    index = (seed - req.seed) % req.batch_size
     data = {
         "latentforge": 1,
         "mode": "img2img" if img2img else "txt2img",
-        "request": {**req.to_dict(), "seed": seed, "batch_size": 1, "batch_count": 1},
+        "batch_index": index,
+        "request": {**req.to_dict(), "seed": seed - index, "batch_count": 1},
         "model": {
             "family": pipe.family.name,
             "prediction": pipe.prediction,
@@ -118,11 +122,14 @@ def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
         data = dict(meta["latentforge"]["request"])
         if data.get("s_tmax") == "inf":
             data["s_tmax"] = float("inf")
-        return GenerationRequest.from_dict(data), {
-            "mode": meta["latentforge"]["mode"],
-            "model": meta["latentforge"].get("model", {}),
+        record = meta["latentforge"]
+        info = {
+            "mode": record["mode"],
+            "model": record.get("model", {}),
             "source": "json",
+            "batch_index": record.get("batch_index", 0),
         }
+        return GenerationRequest.from_dict(data), info
     if not meta["parameters"]:
         raise RequestError(f"{path} carries no generation parameters (no 'parameters' or 'latentforge' text)")
     return request_from_infotext(meta["parameters"])
@@ -160,7 +167,8 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "img2img" if "Denoising strength" in s else "txt2img"
-    return req, {"mode": mode, "model": {"name": s.get("Model"), "hash": s.get("Model hash")}, "source": "infotext"}
+    model = {"name": s.get("Model"), "hash": s.get("Model hash")}
+    return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
 
 
 __all__ = ["SAMPLERS", "infotexts_for", "read_png_metadata", "request_from_image", "request_from_infotext"]

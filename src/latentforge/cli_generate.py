@@ -1,0 +1,224 @@
+"""The ``txt2img``, ``img2img``, ``info`` and ``samplers`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# request fields settable from the command line: (option, field, type, help)
+GEN_OPTIONS = [
+    (("-n", "--negative-prompt"), "negative_prompt", str, "what the image should not show"),
+    (("--steps",), "steps", int, "denoising steps (default 20)"),
+    (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
+    (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
+    (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
+    (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
+    (("-H", "--height"), "height", int, "height in pixels, a multiple of 8"),
+    (("--batch-size",), "batch_size", int, "images per denoising pass (default 1)"),
+    (("--batch-count",), "batch_count", int, "passes (default 1)"),
+    (("--clip-skip",), "clip_skip", int, "use the k-th text-encoder layer from the end (SD1; A1111's Clip skip)"),
+    (("--eta",), "eta", float, "noise of ancestral/DDIM samplers"),
+    (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
+]
+
+
+def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
+    if img2img:
+        p.add_argument("init_image", type=Path, help="the image to start from")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (A1111 syntax: (word:1.2), BREAK)")
+    p.add_argument(
+        "-m",
+        "--model",
+        type=Path,
+        help="checkpoint file or diffusers folder (default: $LATENTFORGE_MODEL, else the bundled demo model)",
+    )
+    p.add_argument("--vae", type=Path, help="replace the checkpoint's VAE")
+    p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
+    for flags, dest, typ, help_ in GEN_OPTIONS:
+        p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    if img2img:
+        p.add_argument(
+            "--strength",
+            "--denoising-strength",
+            dest="denoising_strength",
+            type=float,
+            default=None,
+            help="how much to change the image, 0 to 1 (default 0.75)",
+        )
+        p.add_argument(
+            "--resize-mode",
+            dest="resize_mode",
+            type=int,
+            choices=[0, 1, 2],
+            default=None,
+            help="0 resize (default), 1 crop and resize, 2 resize and fill",
+        )
+    p.add_argument(
+        "--sgm-noise",
+        dest="sgm_noise_multiplier",
+        action="store_true",
+        default=None,
+        help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_image",
+        type=Path,
+        help="reproduce the image made with the parameters stored in this PNG; other options given here override them",
+    )
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("-o", "--output", type=Path, help="output PNG (several images: name-1.png, name-2.png, ...)")
+    p.add_argument(
+        "--outdir", type=Path, default=Path("outputs"), help="folder for numbered outputs (default outputs/)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+class ProgressBar:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_line = 0.0
+
+    def __call__(self, event) -> None:
+        if not self.enabled:
+            return
+        done = event.fraction
+        elapsed = time.perf_counter() - self.start
+        width = 30
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        rate = (event.iteration * event.steps + event.step) / elapsed if elapsed > 0 else 0.0
+        line = f"[{bar}] {done * 100:5.1f}%  step {event.step}/{event.steps}"
+        if event.iterations > 1:
+            line += f"  pass {event.iteration + 1}/{event.iterations}"
+        line += f"  {rate:.2f} it/s"
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif time.perf_counter() - self.last_line > 5 or done >= 1:
+            print(line, file=sys.stderr, flush=True)
+            self.last_line = time.perf_counter()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def default_model() -> Path:
+    env = os.environ.get("LATENTFORGE_MODEL")
+    if env:
+        return Path(env)
+    from latentforge.demo import bundled_model_path
+
+    path = bundled_model_path()
+    if path is None:
+        raise ValueError(
+            "no model given: pass --model PATH (a .safetensors/.ckpt file or a diffusers folder) "
+            "or set LATENTFORGE_MODEL"
+        )
+    return path
+
+
+def build_request(args: argparse.Namespace, img2img: bool):
+    from latentforge.pipelines import GenerationRequest
+    from latentforge.pipelines.metadata import request_from_image
+
+    req = GenerationRequest()
+    pick = None  # with --from: the index of the wanted image within the regenerated batch
+    if args.from_image is not None:
+        req, meta = request_from_image(args.from_image)
+        pick = meta["batch_index"]
+        if not args.quiet:
+            print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
+    if args.prompt is not None:
+        req.prompt = args.prompt
+    for _, dest, _, _ in GEN_OPTIONS:
+        value = getattr(args, dest)
+        if value is not None:
+            setattr(req, dest, value)
+    for dest in ("sgm_noise_multiplier", "denoising_strength", "resize_mode"):
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(req, dest, value)
+    if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
+        pick = None  # the user asked for other images than the stored one
+    req.validate(img2img=img2img)
+    return req, pick
+
+
+def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
+    import latentforge
+    from latentforge.io.images import output_paths, save_png
+
+    req, pick = build_request(args, img2img)
+    n = 1 if pick is not None else req.batch_size * req.batch_count
+    # choose and check the output names before the minutes of work, so nothing is lost at the end
+    seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
+    paths = output_paths(args.output, args.outdir, seeds_hint)
+    for p in paths:
+        if p.exists() and not args.overwrite:
+            raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
+    if img2img and not args.init_image.is_file():
+        raise ValueError(f"init image {args.init_image} does not exist")
+    model = args.model or default_model()
+    pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    bar = ProgressBar(not args.quiet)
+    try:
+        if img2img:
+            result = pipe.img2img(args.init_image, request=req, progress=bar)
+        else:
+            result = pipe.txt2img(request=req, progress=bar)
+    finally:
+        bar.close()
+    images, seeds = result.images, result.seeds
+    if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
+        images, seeds = [images[pick]], [seeds[pick]]
+    if args.output is None:  # numbered names carry the seeds actually used
+        paths = output_paths(None, args.outdir, seeds)
+    for image, path in zip(images, paths):
+        save_png(image, path, overwrite=args.overwrite)
+        print(path)
+    if not args.quiet:
+        print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from latentforge.pipelines.metadata import read_png_metadata
+
+    meta = read_png_metadata(args.image)
+    if not meta["parameters"] and not meta["latentforge"]:
+        print(f"{args.image}: no generation parameters found", file=sys.stderr)
+        return 1
+    if meta["parameters"]:
+        print(meta["parameters"])
+    if meta["latentforge"] and args.json:
+        print(json.dumps(meta["latentforge"], indent=2))
+    return 0
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from latentforge.sampling import SAMPLERS
+    from latentforge.sampling.schedules import SCHEDULES
+
+    print(f"{'A1111 name':<16} {'ComfyUI/latentforge':<20} {'default schedule':<16} notes")
+    for info in SAMPLERS:
+        notes = []
+        if info.stochastic:
+            notes.append("stochastic")
+        if info.brownian:
+            notes.append("Brownian noise")
+        if info.discard_penultimate_sigma:
+            notes.append("drops next-to-last sigma")
+        print(f"{info.title:<16} {info.name:<20} {info.schedule:<16} {', '.join(notes)}")
+    print("\nschedules: automatic, " + ", ".join(SCHEDULES))
+    print("A1111 names with a schedule also work, e.g. 'DPM++ 2M Karras', 'DPM++ 2M SDE Exponential'.")
+    return 0

@@ -1,0 +1,205 @@
+"""Generation: seeds, metadata round trips, --from, bad input, CLI outputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentforge
+from latentforge.cli import main
+from latentforge.io.infotext import format_infotext, parse_infotext
+from latentforge.pipelines import GenerationRequest, RequestError
+from latentforge.pipelines.metadata import read_png_metadata, request_from_infotext
+from latentforge.sampling.noise import ImageNoise
+from tiny import build_reference, save_folder
+
+SMALL = dict(width=64, height=64, steps=4)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_folder(build_reference("sd1", seed=40), tmp_path_factory.mktemp("gen") / "model")
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return latentforge.load(model)
+
+
+def test_seed_semantics(pipe):
+    result = pipe.txt2img("a cube", seed=-1, batch_size=2, batch_count=2, **SMALL)
+    first = result.seeds[0]
+    assert 0 <= first < 2**32 and result.seeds == [first, first + 1, first + 2, first + 3]
+    assert result.request.seed == first and f"Seed: {first + 2}," in result.infotexts[2]
+    # the starting noise of image i is torch.randn from a CPU generator seeded with seed + i
+    noise = ImageNoise([5, 6], (4, 8, 8)).next()
+    for i, s in enumerate((5, 6)):
+        assert torch.equal(noise[i], torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)))
+
+
+def test_same_seed_same_image_and_batch_position_does_not_matter(pipe):
+    a = pipe.txt2img("a cube", seed=10, sampler="Euler a", **SMALL).images[0]
+    b = pipe.txt2img("a cube", seed=10, sampler="Euler a", **SMALL).images[0]
+    c = pipe.txt2img("a cube", seed=9, batch_size=2, sampler="Euler a", **SMALL).images[1]  # seed 9 + 1
+    d = pipe.txt2img("a cube", seed=11, sampler="Euler a", **SMALL).images[0]
+    a, b, c, d = (np.asarray(i, dtype=np.int16) for i in (a, b, c, d))
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() <= 1  # same seed in another batch position: same image up to float order
+    assert np.abs(a - d).max() > 10
+
+
+def test_infotext_round_trip_and_a1111_text():
+    text = format_infotext(
+        "a cat, (fluffy:1.2)\nsecond line",
+        "blurry",
+        {
+            "Steps": 20,
+            "Sampler": "DPM++ 2M",
+            "Schedule type": "Karras",
+            "CFG scale": 7,
+            "Seed": 1,
+            "Size": "512x768",
+            "Lora hashes": "detail: abc123, style: def456",
+            "Version": "v1.10.1",
+        },
+    )
+    prompt, negative, params = parse_infotext(text)
+    assert prompt == "a cat, (fluffy:1.2)\nsecond line" and negative == "blurry"
+    assert params["Lora hashes"] == "detail: abc123, style: def456" and params["Size"] == "512x768"
+    # written by hand in A1111's format (reference notes, interop.md)
+    a1111 = (
+        "masterpiece, 1girl\nNegative prompt: lowres, bad hands\nSteps: 28, Sampler: DPM++ 2M, "
+        "Schedule type: Karras, CFG scale: 6.5, Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, "
+        'Model: v1-5-pruned-emaonly, Clip skip: 2, TI hashes: "easynegative: c74b4e810b03", Version: v1.10.1'
+    )
+    req, meta = request_from_infotext(a1111)
+    assert (req.prompt, req.negative_prompt) == ("masterpiece, 1girl", "lowres, bad hands")
+    assert (req.steps, req.sampler, req.schedule, req.cfg_scale, req.seed) == (
+        28,
+        "DPM++ 2M",
+        "Karras",
+        6.5,
+        1234567890,
+    )
+    assert (req.width, req.height, req.clip_skip) == (512, 768, 2)
+    assert req.extra["TI hashes"] == "easynegative: c74b4e810b03" and req.extra["Version"] == "v1.10.1"
+    assert meta["model"] == {"name": "v1-5-pruned-emaonly", "hash": "6ce0161689"}
+    legacy, _ = request_from_infotext("x\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1, Size: 64x64")
+    assert (legacy.sampler, legacy.schedule) == ("DPM++ 2M", "karras")
+    assert parse_infotext("just a prompt: with a colon")[2] == {}  # fewer than 3 pairs: not settings
+
+
+def test_cli_writes_pngs_with_metadata_and_from_reproduces_pixels(model, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    args = [
+        "txt2img",
+        "a red cube",
+        "-m",
+        str(model),
+        "-W",
+        "64",
+        "-H",
+        "64",
+        "--steps",
+        "4",
+        "--seed",
+        "77",
+        "--batch-size",
+        "2",
+        "--sampler",
+        "Euler a",
+        "--outdir",
+        str(outdir),
+        "-q",
+    ]
+    assert main(args) == 0
+    files = sorted(outdir.glob("*.png"))
+    assert [f.name for f in files] == ["00000-77.png", "00001-78.png"]
+    meta = read_png_metadata(files[1])
+    assert "Seed: 78" in meta["parameters"] and meta["latentforge"]["batch_index"] == 1
+    again = tmp_path / "again.png"
+    assert main(["txt2img", "--from", str(files[1]), "-m", str(model), "-o", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(files[1])))
+    assert main(args) == 0  # a second run continues the numbering, overwriting nothing
+    assert len(list(outdir.glob("*.png"))) == 4 and (outdir / "00002-77.png").is_file()
+    assert main(["info", str(files[0])]) == 0
+    assert "Sampler: Euler a" in capsys.readouterr().out
+
+
+def test_cli_img2img(model, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray((np.random.default_rng(0).random((72, 80, 3)) * 255).astype(np.uint8)).save(init)
+    out = tmp_path / "i2i.png"
+    assert (
+        main(
+            [
+                "img2img",
+                str(init),
+                "a blue cube",
+                "-m",
+                str(model),
+                "--steps",
+                "4",
+                "--strength",
+                "0.5",
+                "--seed",
+                "3",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    image = Image.open(out)
+    assert image.size == (80, 72)  # the init image's size, rounded down to multiples of 8
+    assert "Denoising strength: 0.5" in image.info["parameters"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(sampler="Eulerr"), "unknown sampler 'Eulerr'. Valid samplers: Euler, Euler a"),
+        (dict(steps=0), "steps must be a whole number >= 1"),
+        (dict(cfg_scale=math.nan), "cfg_scale must be a finite number"),
+        (dict(cfg_scale=math.inf), "cfg_scale must be a finite number"),
+        (dict(width=100), "width must be a multiple of 8"),
+        (dict(height=63), "height must be a multiple of 8"),
+        (dict(schedule="weird"), "unknown schedule 'weird'"),
+        (dict(seed=-5), "seed must be -1 or a non-negative"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_work(pipe, options, message):
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        pipe.txt2img("x", **{**SMALL, **options})
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, math.nan])
+def test_strength_outside_0_1_is_refused(pipe, strength):
+    with pytest.raises(RequestError, match="denoising_strength must be between 0 and 1"):
+        pipe.img2img(Image.new("RGB", (64, 64)), "x", denoising_strength=strength, **SMALL)
+
+
+def test_unreadable_init_image_and_nothing_written(model, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    out = tmp_path / "out.png"
+    code = main(["img2img", str(bad), "x", "-m", str(model), "--steps", "2", "-o", str(out), "-q"])
+    assert code == 2 and "cannot read init image" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+    code = main(["txt2img", "x", "-m", str(model), "-W", "65", "-o", str(out), "-q"])
+    assert code == 2 and "multiple of 8" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(RequestError, match="unknown request field"):
+        GenerationRequest.from_dict({"prompt": "x", "stpes": 3})
+
+
+def test_every_sampler_runs_through_the_pipeline(pipe):
+    from latentforge.sampling import SAMPLERS
+
+    for info in SAMPLERS:
+        image = pipe.txt2img("a cube", sampler=info.title, seed=1, **SMALL).images[0]
+        assert np.asarray(image).std() > 0, info.title
