@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=gen.cmd_info)
     p = sub.add_parser("samplers", help="list the samplers and schedules with their names")
     p.set_defaults(func=gen.cmd_samplers)
+    from latentforge.cli_train import add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -94,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from latentforge.families.detect import DetectionError
     from latentforge.io.components import LoadError
     from latentforge.io.tensorfile import CheckpointError
+    from latentforge.train.data import DataError
 
     try:
         return args.func(args)
-    except (CheckpointError, DetectionError, LoadError, FileExistsError, ValueError) as e:
+    except (CheckpointError, DetectionError, LoadError, DataError, FileExistsError, ValueError) as e:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -217,3 +217,41 @@ SDXL_REFINER = register(
         diffusers_pipeline="StableDiffusionXLImg2ImgPipeline",
     )
 )
+
+# The small model latentforge trains itself and ships (docs/demo-model.md): same architecture, reduced
+# widths; 64 px images, f=4 VAE (16x16 latents), a 4-layer CLIP-style text encoder on the real CLIP
+# tokenizer, v-prediction. Its latent space is normalised during VAE training, hence scale 1.0.
+DEMO_TEXT = TextEncoderConfig(width=64, layers=4, heads=2, mlp_width=256, activation="quick_gelu")
+DEMO = register(
+    Family(
+        "demo",
+        "latentforge demo model (coloured shapes, 64 px)",
+        UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2, 2),
+            transformer_depth=(0, 1, 1),
+            transformer_depth_middle=1,
+            num_heads=None,
+            head_channels=32,
+            context_dim=64,
+            use_linear_proj=True,
+            norm_groups=8,
+        ),
+        VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+        (
+            TextEncoderSpec(
+                "clip-demo",
+                DEMO_TEXT,
+                "hf",
+                "cond_stage_model.transformer.",
+                "text_encoder",
+                pad_id=49407,
+                head_channels=32,
+            ),
+        ),
+        1.0,
+        "v",
+        64,
+        "txt2img",
+    )
+)

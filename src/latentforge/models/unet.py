@@ -290,14 +290,28 @@ class UNet(nn.Module):
 
         h = x.to(dtype)
         context = context.to(dtype)
+        run = self._checkpointed if self.gradient_checkpointing and self.training else self._plain
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context, None)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context, None)
         for block in self.output_blocks:
             skip = skips.pop()
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = block(h, emb, context, size)
+            h = run(block, h, emb, context, size)
         return self.out(h)
+
+    # recompute each block's activations in the backward pass instead of storing them (training memory)
+    gradient_checkpointing = False
+
+    @staticmethod
+    def _plain(block, h, emb, context, size):
+        return block(h, emb, context, size)
+
+    @staticmethod
+    def _checkpointed(block, h, emb, context, size):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(block, h, emb, context, size, use_reentrant=False)

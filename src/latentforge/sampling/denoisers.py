@@ -49,18 +49,33 @@ class ModelDenoiser:
         self.prediction = prediction
         self.quantize = quantize_timesteps
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) with D(x) = c_skip x + c_out F(c_in x, t); sigma shaped to broadcast."""
+        c_in = (sigma**2 + 1).rsqrt()
+        if self.prediction == "eps":
+            return torch.ones_like(sigma), -sigma, c_in
+        return 1 / (sigma**2 + 1), -sigma * c_in, c_in
+
+    def network_input(self, x: Tensor, sigma: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """(scaled input with any concat channels, training timestep) for the UNet."""
         t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(device=x.device, dtype=torch.float32)
         s = sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None]
-        c_in = (s**2 + 1).rsqrt()
-        inp = x * c_in
+        inp = x * self.scalings(s)[2]
         if cond.concat is not None:
             inp = torch.cat([inp, cond.concat.to(inp.dtype)], dim=1)
+        return inp, t
+
+    def target(self, x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        """What the network should output so that D(x) = x0: (x0 - c_skip x) / c_out (eps or v)."""
+        c_skip, c_out, _ = self.scalings(sigma)
+        return (x0 - c_skip * x) / c_out
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond) -> Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        inp, t = self.network_input(x, sigma, cond)
         out = self.unet(inp, t, cond.context, cond.vector).to(x.dtype)
-        if self.prediction == "eps":
-            return x - s * out
-        return x / (s**2 + 1) - s * c_in * out
+        c_skip, c_out, _ = self.scalings(sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None])
+        return c_skip * x + c_out * out
 
 
 class CFGDenoiser:

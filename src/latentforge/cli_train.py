@@ -1,0 +1,85 @@
+"""The ``train`` and ``train-demo`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+
+def add_train_parsers(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a TOML config (diffusion or VAE)")
+    p.add_argument("config", type=Path, nargs="?", help="TOML file (see recipes/ and docs/training.md)")
+    p.add_argument("overrides", nargs="*", help="config overrides such as steps=100 data.path=/my/images")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("train-demo", help="train the bundled demo model from nothing (about an hour on 2 cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="working folder (default runs/demo)")
+    p.add_argument("--install", action="store_true", help="copy the result into the package as the bundled model")
+    p.add_argument("overrides", nargs="*", help="overrides for both stages, e.g. seed=1")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_demo)
+
+
+def _printer(quiet: bool, label: str):
+    def report(p):
+        if quiet:
+            return
+        eta = (p.steps - p.step) * p.seconds / max(p.step, 1)
+        print(
+            f"{label} step {p.step}/{p.steps}  loss {p.loss:.4f}  lr {p.lr:.2e}  {p.samples_per_second:.1f} img/s  "
+            f"elapsed {p.seconds / 60:.1f} min  left ~{eta / 60:.1f} min",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from latentforge.train import load_config, train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in str(config) and not str(config).endswith(".toml"):
+        config, overrides = None, [str(args.config), *overrides]  # only overrides were given
+    cfg = load_config(config, overrides)
+    out = train(cfg, _printer(args.quiet, cfg.mode))
+    print(out)
+    return 0
+
+
+def recipe(name: str) -> Path:
+    return Path(str(resources.files("latentforge.recipes").joinpath(name)))
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    """Both stages of the demo recipe, then a fp16 single file of the model."""
+    import latentforge
+    from latentforge.train import load_config, train
+
+    start = time.perf_counter()
+    out = args.out
+    vae_cfg = load_config(recipe("demo_vae.toml"), [f"output={_q(out / 'vae')}", *args.overrides])
+    vae_file = train(vae_cfg, _printer(args.quiet, "vae"))
+    unet_cfg = load_config(
+        recipe("demo_unet.toml"), [f"output={_q(out / 'unet')}", f"model.vae={_q(vae_file)}", *args.overrides]
+    )
+    model = train(unet_cfg, _printer(args.quiet, "unet"))
+    demo = latentforge.load(model).save(out / "demo.safetensors", dtype="fp16", overwrite=True)
+    print(f"{demo} ({demo.stat().st_size / 1e6:.1f} MB) in {(time.perf_counter() - start) / 60:.1f} min")
+    if args.install:
+        from latentforge.demo import DEMO_FILE
+
+        target = Path(str(resources.files("latentforge.assets").joinpath(DEMO_FILE)))
+        shutil.copyfile(demo, target)
+        print(f"installed as {target}")
+    return 0
+
+
+def _q(path: Path) -> str:
+    import json
+
+    return json.dumps(str(path))

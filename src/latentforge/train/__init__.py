@@ -1,0 +1,17 @@
+"""Training: the noise predictor (fine-tuning or from nothing), the VAE, and the demo model recipe."""
+
+from latentforge.train.config import ConfigError, TrainConfig, load_config
+
+
+def train(cfg: TrainConfig, progress=None, stop_after: int | None = None):
+    """Run a training config (``mode`` "diffusion" or "vae"); returns the output file."""
+    if cfg.mode == "vae":
+        from latentforge.train.vae import train_vae
+
+        return train_vae(cfg, progress, stop_after)
+    from latentforge.train.diffusion import train_diffusion
+
+    return train_diffusion(cfg, progress, stop_after)
+
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "train"]

@@ -1,0 +1,209 @@
+"""Shared training machinery: optimizer and schedule, EMA, mixed precision, resumable state files.
+
+Training state is saved without pickle: tensors (weights, EMA, optimizer moments) in a safetensors
+file and scalars (step, optimizer hyper-parameters) in JSON, written to a temporary folder that then
+replaces the previous state, so an interruption never leaves a half-written state behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from latentforge.io.writer import write_safetensors
+from latentforge.train.config import TrainConfig, config_to_dict
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        flags = ""
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and bf16_supported(device)):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 at the last step."""
+    if cfg.lr_warmup and step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.steps - cfg.lr_warmup, 1)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(step - cfg.lr_warmup, span) / span))
+    return cfg.lr
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {
+            f"{name}.{k}": p.detach().clone().float()
+            for name, m in modules.items()
+            for k, p in m.named_parameters()
+            if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for name, m in modules.items():
+            for k, p in m.named_parameters():
+                key = f"{name}.{k}"
+                if key in self.shadow:
+                    self.shadow[key].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        for name, m in modules.items():
+            for k, p in m.named_parameters():
+                key = f"{name}.{k}"
+                if key in self.shadow:
+                    p.copy_(self.shadow[key].to(p.dtype))
+
+
+def deterministic_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator for one (step, micro-batch): every random draw of training is a function of the
+    position in training, so a resumed run draws exactly what an uninterrupted run would."""
+    mixed = seed
+    for k in keys:
+        mixed = (mixed * 6364136223846793005 + k * 1442695040888963407 + 1) % (2**63)
+    return torch.Generator().manual_seed(mixed)
+
+
+# --- state files -----------------------------------------------------------------------------------
+
+STATE_DIR = "state"
+
+
+def save_state(
+    out: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    ema: EMA | None,
+    cfg: TrainConfig,
+    extra: dict | None = None,
+) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"step": step, "config": config_to_dict(cfg), "optimizers": {}, "extra": extra or {}}
+    for name, m in modules.items():
+        for k, v in m.state_dict().items():
+            tensors[f"model.{name}.{k}"] = v.detach().contiguous()
+    if ema is not None:
+        for k, v in ema.shadow.items():
+            tensors[f"ema.{k}"] = v.contiguous()
+    for oname, opt in optimizers.items():
+        sd = opt.state_dict()
+        meta["optimizers"][oname] = {"param_groups": sd["param_groups"], "state_keys": {}}
+        for idx, st in sd["state"].items():
+            meta["optimizers"][oname]["state_keys"][str(idx)] = sorted(st)
+            for k, v in st.items():
+                tensors[f"opt.{oname}.{idx}.{k}"] = torch.as_tensor(v).contiguous()
+    tmp = out / f".{STATE_DIR}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_safetensors(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+    final = out / STATE_DIR
+    old = out / f".{STATE_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(
+    out: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None
+) -> tuple[int, dict]:
+    """Restore a saved state; returns (step, extra)."""
+    folder = out / STATE_DIR
+    tensors = load_file(folder / "state.safetensors")
+    meta = json.loads((folder / "state.json").read_text())
+    for name, m in modules.items():
+        prefix = f"model.{name}."
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if ema is not None:
+        for k in ema.shadow:
+            ema.shadow[k] = tensors[f"ema.{k}"].clone()
+    for oname, opt in optimizers.items():
+        saved = meta["optimizers"][oname]
+        state = {
+            int(idx): {k: tensors[f"opt.{oname}.{idx}.{k}"] for k in keys} for idx, keys in saved["state_keys"].items()
+        }
+        opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return int(meta["step"]), meta.get("extra", {})
+
+
+def has_state(out: Path) -> bool:
+    return (out / STATE_DIR / "state.json").is_file()
+
+
+@dataclass
+class TrainProgress:
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    seconds: float
+    samples_per_second: float
+    message: str = ""
+
+
+class LossMeter:
+    def __init__(self, beta: float = 0.95):
+        self.beta, self.value, self.n = beta, 0.0, 0
+
+    def add(self, x: float) -> float:
+        self.n += 1
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        return self.value / (1 - self.beta**self.n)
+
+
+class Reporter:
+    """Calls ``callback`` with TrainProgress every ``every`` steps (and at the end)."""
+
+    def __init__(self, callback: Callable[[TrainProgress], None] | None, every: int, steps: int, batch: int):
+        self.callback, self.every, self.steps, self.batch = callback, max(every, 1), steps, batch
+        self.start, self.meter, self.first_step = time.perf_counter(), LossMeter(), None
+
+    def step(self, step: int, loss: float, lr: float, message: str = "") -> float:
+        smoothed = self.meter.add(loss)
+        if self.first_step is None:
+            self.first_step = step
+        if self.callback and ((step + 1) % self.every == 0 or step + 1 == self.steps or message):
+            elapsed = time.perf_counter() - self.start
+            done = step + 1 - self.first_step
+            self.callback(
+                TrainProgress(
+                    step + 1, self.steps, smoothed, lr, elapsed, done * self.batch / max(elapsed, 1e-9), message
+                )
+            )
+        return smoothed

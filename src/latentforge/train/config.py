@@ -1,0 +1,177 @@
+"""Training configuration: typed dataclasses read from TOML, with ``section.key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = ""  # checkpoint to fine-tune; empty: a new model of `family`
+    family: str = "demo"  # family of a new model
+    vae: str = ""  # VAE file for a new model (trained with mode = "vae")
+    train_text_encoder: bool = False
+    objective: str = ""  # "eps" or "v"; empty: the model's own parameterisation
+    min_snr_gamma: float = 0.0  # min-SNR loss weighting (Hang et al. 2023); 0 = off
+    caption_dropout: float = 0.1  # probability of an empty caption, so CFG works
+    init_seed: int = 0  # weights of a new model
+
+
+@dataclass
+class DataConfig:
+    kind: str = "folder"  # "folder" (images with same-named .txt captions) or "synthetic"
+    path: str = ""
+    resolution: int = 64
+    size: int = 20000  # synthetic: number of scenes
+    synthetic_seed: int = 0
+    holdout: list = field(default_factory=list)  # synthetic: "colour shape" / "colour on background" never drawn
+    on_bad: str = "skip"  # unreadable image or missing caption: "skip" (reported) or "error"
+    cache_latents: bool = True
+
+
+@dataclass
+class VAETrainConfig:
+    kl_weight: float = 1e-6
+    l2_weight: float = 1.0  # plus L1 with weight 1
+    disc_weight: float = 0.0  # patch discriminator (hinge GAN); 0 = off
+    disc_start: int = 1000
+    normalize_latents: bool = True  # rescale so that latents x family scale have unit variance
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "diffusion"  # "diffusion" (UNet, optionally text encoder) or "vae"
+    output: str = "runs/train"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_warmup: int = 100
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    weight_decay: float = 0.01
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.999  # 0 = no EMA
+    mixed_precision: str = "auto"  # "auto" (bf16 where the CPU/GPU supports it), "bf16", "no"
+    gradient_checkpointing: bool = False
+    save_every: int = 1000
+    sample_every: int = 1000
+    sample_prompts: list = field(default_factory=lambda: ["a red circle on a blue background"])
+    sample_steps: int = 20
+    log_every: int = 25
+    device: str = "cpu"
+    resume: bool = True  # continue from output/state if it exists
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+
+    def validate(self) -> None:
+        checks = [
+            (self.mode in ("diffusion", "vae"), "mode must be 'diffusion' or 'vae'"),
+            (self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "steps, batch_size, grad_accum >= 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be 'constant' or 'cosine'"),
+            (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be 'auto', 'bf16' or 'no'"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
+            (self.data.kind in ("folder", "synthetic"), "data.kind must be 'folder' or 'synthetic'"),
+            (self.data.on_bad in ("skip", "error"), "data.on_bad must be 'skip' or 'error'"),
+            (self.data.resolution % 8 == 0 and self.data.resolution >= 16, "data.resolution must be a multiple of 8"),
+            (self.model.objective in ("", "eps", "v"), "model.objective must be '', 'eps' or 'v'"),
+            (0 <= self.model.caption_dropout <= 1, "model.caption_dropout must be in [0, 1]"),
+            (self.data.kind != "folder" or bool(self.data.path), "data.path is required for data.kind = 'folder'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table")
+        return _build(typ, value, key + ".")
+    origin = getattr(typ, "__origin__", None)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list or origin is list:
+        if isinstance(value, list):
+            return value
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``a.b=value`` into a nested dict (value parsed as JSON when it can be: 10, 1e-4, true, [1, 2])."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: '{part}' is not a table")
+    node[parts[-1]] = _parse_value(value.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML config (optional) and apply overrides; unknown keys fail with their name."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = _build(TrainConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

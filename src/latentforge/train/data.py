@@ -1,0 +1,111 @@
+"""Training data: a folder of images with same-named ``.txt`` captions, or the synthetic scenes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from latentforge.train.config import ConfigError, DataConfig
+from latentforge.train.shapes import SyntheticShapes
+
+log = logging.getLogger("latentforge")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """The data folder has problems and ``data.on_bad = "error"``; the message lists the files."""
+
+
+@dataclass
+class Problem:
+    path: Path
+    reason: str
+
+
+def fit_square(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the short side to ``resolution`` and crop the centre."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def scan_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[Problem]]:
+    """(image, caption) pairs and the problems found: images without a caption file."""
+    if not folder.is_dir():
+        raise ConfigError(f"data.path {folder} is not a folder")
+    pairs, problems = [], []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        caption = path.with_suffix(".txt")
+        if caption.is_file():
+            pairs.append((path, caption))
+        else:
+            problems.append(Problem(path, f"no caption file {caption.name}"))
+    return pairs, problems
+
+
+def load_folder(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]]:
+    """All usable images (N, 3, R, R) uint8, their captions, and the problems (reported, then skipped
+    or refused as ``on_bad`` says)."""
+    pairs, problems = scan_folder(Path(cfg.path))
+    images, captions = [], []
+    for image_path, caption_path in pairs:
+        try:
+            with Image.open(image_path) as im:
+                im.load()
+                image = fit_square(im, cfg.resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            problems.append(Problem(image_path, f"unreadable image ({e})"))
+            continue
+        images.append(np.asarray(image))
+        captions.append(caption_path.read_text(encoding="utf-8", errors="replace").strip())
+    problems.sort(key=lambda p: str(p.path))
+    if problems:
+        listing = "\n".join(f"  {p.path}: {p.reason}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        if cfg.on_bad == "error":
+            raise DataError(f"{len(problems)} problem(s) in {cfg.path} (data.on_bad = 'error'):\n{listing}{more}")
+        log.warning("skipping %d file(s) of %s:\n%s%s", len(problems), cfg.path, listing, more)
+    if not images:
+        raise DataError(f"no usable images with captions in {cfg.path}")
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return tensor, captions, problems
+
+
+def load_dataset(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]]:
+    """(images uint8 (N, 3, R, R), captions, problems) for either kind of data."""
+    if cfg.kind == "synthetic":
+        ds = SyntheticShapes(cfg.size, cfg.resolution, cfg.synthetic_seed, cfg.holdout)
+        images, captions = [], []
+        for i in range(len(ds)):
+            image, caption = ds[i]
+            images.append(np.asarray(image))
+            captions.append(caption)
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, []
+    return load_folder(cfg)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def sample_order(n: int, seed: int, first: int, count: int) -> torch.Tensor:
+    """Indices of samples ``first .. first + count - 1`` of the training stream: each epoch is a fresh
+    permutation seeded by (seed, epoch), so the order is a pure function of the position (exact resume)."""
+    out: list[torch.Tensor] = []
+    got = 0
+    k = first
+    while got < count:
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(n - pos, count - got)
+        out.append(perm[pos : pos + take])
+        got += take
+        k += take
+    return torch.cat(out)

@@ -1,0 +1,263 @@
+"""Training the noise predictor (and optionally the text encoder) with the eps or v objective.
+
+One step: latents x0 of a batch, training timesteps t ~ U{0..999}, x = x0 + sigma_t * noise, the
+network sees c_in x and t and is trained towards (x0 - c_skip x) / c_out, the same preconditioning
+``ModelDenoiser`` uses when sampling (eps: the noise, v: the velocity). Optional min-SNR weighting.
+Every random draw is a function of (seed, step, micro-batch), and the data order a function of the
+sample position, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from latentforge.families import get_family
+from latentforge.pipeline import Pipeline
+from latentforge.sampling import ModelDenoiser, NoiseSchedule
+from latentforge.train import common
+from latentforge.train.config import ConfigError, TrainConfig
+from latentforge.train.data import load_dataset, sample_order, to_model_range
+
+log = logging.getLogger("latentforge")
+
+
+def init_unet(unet: nn.Module) -> None:
+    """LDM's initialisation: the last layer of each residual branch and the output start at zero."""
+    from latentforge.models.unet import ResBlock, SpatialTransformer
+
+    for m in unet.modules():
+        if isinstance(m, ResBlock):
+            nn.init.zeros_(m.out_layers[3].weight)
+            nn.init.zeros_(m.out_layers[3].bias)
+        elif isinstance(m, SpatialTransformer):
+            nn.init.zeros_(m.proj_out.weight)
+            nn.init.zeros_(m.proj_out.bias)
+    nn.init.zeros_(unet.out[2].weight)
+    nn.init.zeros_(unet.out[2].bias)
+
+
+def init_text_encoder(enc: nn.Module) -> None:
+    """CLIP's initialisation of the embeddings (normal, std 0.02)."""
+    nn.init.normal_(enc.embeddings.token_embedding.weight, std=0.02)
+    nn.init.normal_(enc.embeddings.position_embedding.weight, std=0.01)
+
+
+def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
+    """The model to train: a checkpoint (fine-tuning) or a new model of a family with a trained VAE."""
+    import latentforge
+    from latentforge.loading import LoadInfo, load_vae
+    from latentforge.models import CLIPTextModel, CLIPTokenizer, UNet
+
+    if cfg.model.base:
+        return latentforge.load(cfg.model.base, dtype=torch.float32, device=device)
+    fam = get_family(cfg.model.family)
+    if not cfg.model.vae:
+        raise ConfigError("a new model needs model.vae: train one first with mode = 'vae' (see recipes/)")
+    torch.manual_seed(cfg.model.init_seed)
+    unet = UNet(fam.unet)
+    init_unet(unet)
+    encoders = []
+    for spec in fam.text:
+        enc = CLIPTextModel(spec.config)
+        init_text_encoder(enc)
+        encoders.append(enc)
+    vae = load_vae(cfg.model.vae, fam, dtype=torch.float32, device=device)
+    tokenizers = tuple(CLIPTokenizer(pad_id=spec.pad_id) for spec in fam.text)
+    info = LoadInfo("new model", "new", f"new {fam.name} model", f"family default ({fam.prediction})", cfg.model.vae)
+    return Pipeline(
+        fam, fam.prediction, unet.to(device), vae, tuple(e.to(device) for e in encoders), tokenizers, info=info
+    )
+
+
+def encode_captions(pipe: Pipeline, captions: list[str], size: int):
+    """(context, vector) for a batch of captions, differentiable through trainable text encoders."""
+    from latentforge.conditioning import sdxl_vector
+
+    contexts, pooled = [], None
+    for spec, enc, tok in zip(pipe.family.text, pipe.text_encoders, pipe.tokenizers):
+        ids = tok(captions).to(pipe.device)
+        out = enc(ids, layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
+        contexts.append(out.hidden)
+        if spec.pooled:
+            pooled = out.pooled
+    vector = None
+    if pipe.family.task in ("sdxl", "refiner"):
+        numbers = [size, size, 0, 0, size, size] if pipe.family.task == "sdxl" else [size, size, 0, 0, 6.0]
+        dim = (pipe.unet.config.adm_in_channels - pooled.shape[-1]) // len(numbers)
+        ids = torch.tensor([numbers], device=pooled.device).expand(pooled.shape[0], -1)
+        vector = sdxl_vector(pooled, ids, dim)
+    return torch.cat(contexts, dim=-1), vector
+
+
+@torch.no_grad()
+def encode_images(pipe: Pipeline, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Scaled latents (posterior means) of uint8 images, computed once for the whole run."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_model_range(images[i : i + batch]).to(pipe.device, pipe.vae.dtype)
+        out.append(pipe.vae.encode(x).float())
+    return torch.cat(out)
+
+
+def _swap_in_ema(ema: common.EMA | None, modules: dict[str, nn.Module]):
+    """Copy EMA weights in; returns the raw weights to restore."""
+    if ema is None:
+        return None
+    saved = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
+    ema.copy_to(modules)
+    return saved
+
+
+def _restore(saved, modules: dict[str, nn.Module]) -> None:
+    if saved is not None:
+        for n, m in modules.items():
+            m.load_state_dict(saved[n])
+
+
+def save_samples(pipe: Pipeline, cfg: TrainConfig, path: Path) -> Path:
+    from PIL import Image
+
+    from latentforge.io.images import save_png
+
+    images = []
+    for i, prompt in enumerate(cfg.sample_prompts):
+        result = pipe.txt2img(
+            prompt,
+            steps=cfg.sample_steps,
+            seed=cfg.seed + i,
+            width=cfg.data.resolution,
+            height=cfg.data.resolution,
+            sampler="DPM++ 2M",
+        )
+        images.append(result.images[0])
+    r = cfg.data.resolution
+    grid = Image.new("RGB", (r * len(images), r))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * r, 0))
+    grid.info["parameters"] = " | ".join(cfg.sample_prompts)
+    return save_png(grid, path, overwrite=True)
+
+
+def diffusion_loss(
+    pipe: Pipeline,
+    denoiser: ModelDenoiser,
+    x0: torch.Tensor,
+    captions: list[str],
+    g: torch.Generator,
+    cfg: TrainConfig,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
+    """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
+    the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``."""
+    device = x0.device
+    sigmas = denoiser.schedule.sigmas.float()
+    t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    sigma = sigmas[t].to(device)[:, None, None, None]
+    x = x0 + sigma * noise
+    c_skip, c_out, c_in = denoiser.scalings(sigma)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with torch.set_grad_enabled(cfg.model.train_text_encoder and torch.is_grad_enabled()):
+            context, vector = encode_captions(pipe, captions, cfg.data.resolution)
+        pred = pipe.unet(x * c_in, t.float().to(device), context, vector)
+    target = denoiser.target(x0, x, sigma)
+    per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+    if cfg.model.min_snr_gamma > 0:
+        snr = 1 / sigma.flatten() ** 2
+        weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
+    """Train as ``cfg`` says; returns the path of the final checkpoint. ``stop_after`` ends the run
+    after that many steps of this call (used to test resuming)."""
+    device = torch.device(cfg.device)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(cfg, device)
+    if pipe.family.task in ("inpaint", "depth", "upscale"):
+        raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
+    if cfg.model.objective:
+        pipe.prediction = cfg.model.objective
+    images, captions, _ = load_dataset(cfg.data)
+    latents = encode_images(pipe, images).cpu()
+    del images
+    n = len(captions)
+    log.info("training on %d images (latents %s)", n, tuple(latents.shape[1:]))
+
+    modules: dict[str, nn.Module] = {"unet": pipe.unet}
+    if cfg.model.train_text_encoder:
+        modules.update({f"text{i}": enc for i, enc in enumerate(pipe.text_encoders)})
+    for enc in pipe.text_encoders:
+        enc.requires_grad_(cfg.model.train_text_encoder)
+    pipe.unet.requires_grad_(True)
+    pipe.vae.requires_grad_(False).eval()
+    pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = common.make_optimizer(params, cfg)
+    ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    start = 0
+    if cfg.resume and common.has_state(out):
+        start, _ = common.load_state(out, modules, {"opt": opt}, ema)
+        log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
+
+    schedule = NoiseSchedule.for_family(pipe.family)
+    denoiser = ModelDenoiser(pipe.unet, schedule, pipe.prediction)
+    amp = common.autocast_dtype(cfg, device)
+    reporter = common.Reporter(progress, cfg.log_every, cfg.steps, cfg.batch_size * cfg.grad_accum)
+    b, accum = cfg.batch_size, cfg.grad_accum
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    for step in range(start, end):
+        for m in modules.values():
+            m.train()
+        lr = common.lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(accum):
+            g = common.deterministic_generator(cfg.seed, step, micro)
+            idx = sample_order(n, cfg.seed, (step * accum + micro) * b, b)
+            drop = (torch.rand(b, generator=g) < cfg.model.caption_dropout).tolist()
+            caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
+            loss = diffusion_loss(pipe, denoiser, latents[idx].to(device), caps, g, cfg, amp) / accum
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(modules, step)
+        reporter.step(step, total, lr)
+        done = step + 1
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            _with_ema(ema, modules, lambda: save_samples(pipe, cfg, out / "samples" / f"step-{done:06d}.png"))
+        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
+            if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
+                _with_ema(
+                    ema,
+                    modules,
+                    lambda done=done: pipe.save(out / f"checkpoint-{done:06d}.safetensors", overwrite=True),
+                )
+    final = out / "model.safetensors"
+    if end == cfg.steps:
+        _with_ema(ema, modules, lambda: pipe.save(final, overwrite=True))
+    return final
+
+
+def _with_ema(ema, modules, fn):
+    for m in modules.values():
+        m.eval()
+    saved = _swap_in_ema(ema, modules)
+    try:
+        with torch.no_grad():
+            return fn()
+    finally:
+        _restore(saved, modules)
