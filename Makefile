@@ -6,7 +6,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle on a blue background
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo test test-slow lint bench demo-model
+
+demo-model: setup
+	$(BIN)/latentforge train-demo --out runs/demo --install
+
+bench: setup
+	$(BIN)/python benchmarks/bench_sd15.py
 
 setup: $(VENV)/.installed
 
@@ -18,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/latentforge --help
+	$(BIN)/latentforge txt2img "$(PROMPT)" --outdir outputs
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -52,7 +52,7 @@ import latentforge, numpy as np
 from latentforge.sampling import Cond, ModelDenoiser, NoiseSchedule
 cfg = json.loads('''{cfg}''')
 base = rss_now()
-pipe = latentforge.load(cfg["single"], dtype=cfg["dtype"], fast=cfg["fast"])
+pipe = latentforge.load(cfg["single"], dtype=cfg["dtype"])
 res = {{}}
 with torch.inference_mode():
     g = torch.Generator().manual_seed(0)
@@ -159,8 +159,8 @@ def main() -> None:
         # name: (library, config)
         "diffusers fp32 (default)": ("diffusers", dict(torch_dtype="float32", channels_last=False)),
         "diffusers bf16 + channels-last (best CPU)": ("diffusers", dict(torch_dtype="bfloat16", channels_last=True)),
-        "latentforge fp32": ("ours", dict(dtype="fp32", fast=False)),
-        "latentforge default (auto fast path)": ("ours", dict(dtype=None, fast=True)),
+        "latentforge fp32": ("ours", dict(dtype="fp32")),
+        "latentforge default (auto fast path)": ("ours", dict(dtype=None)),
     }
     results = {}
     for name, (lib, conf) in runs.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class LoadInfo:
     extras: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    dtype_reason: str = ""
 
 
 def open_source(path: str | Path):
@@ -127,15 +129,20 @@ def load(
 ):
     """Load a Stable Diffusion checkpoint: a single ``.safetensors``/``.ckpt`` file or a diffusers folder.
 
-    ``dtype`` (fp32, bf16, fp16; default fp32) and ``device`` (default cpu) are applied while reading,
-    one tensor at a time. ``vae`` replaces the checkpoint's VAE with a standalone VAE file or folder.
+    ``dtype`` (fp32, bf16, fp16) and ``device`` (default cpu) are applied while reading, one tensor at a
+    time. ``dtype=None`` picks the fast path for the device (``latentforge.device.auto_dtype``: bf16 for
+    full-size models on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; ``LATENTFORGE_DTYPE``
+    overrides it); ``pipe.info.dtype_reason`` says what decided. ``vae`` replaces the checkpoint's VAE with a standalone VAE file or folder.
     ``prediction`` ('eps' or 'v') overrides detection of the parameterisation; ``family`` forces a family
     (it must still fit the file's structure).
     """
     from latentforge.pipeline import Pipeline
 
+    from latentforge.device import auto_dtype, vae_dtype
+
     start = time.perf_counter()
-    torch_dtype = parse_dtype(dtype) or torch.float32
+    torch_dtype = parse_dtype(dtype)
+    dtype_reason = f"explicit dtype={dtype!r}" if torch_dtype is not None else ""
     dev = torch.device(device or "cpu")
     source = open_source(path)
     try:
@@ -152,6 +159,9 @@ def load(
             plans.append(("VAE", lambda: AutoencoderKL(vcfg, fam.latent_scale), vrefs))
         plans += [(f"text encoder {spec.name}", lambda c=tcfg: CLIPTextModel(c), trefs) for spec, tcfg, trefs in texts]
         check_all(plans, source.name)
+        if torch_dtype is None:
+            torch_dtype, dtype_reason = auto_dtype(dev, sum(math.prod(r.shape) for r in urefs.values()))
+        vdtype = vae_dtype(torch_dtype, fam.name, dev)
 
         unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
         fam, pred, pred_reason = resolve_prediction(
@@ -175,9 +185,9 @@ def load(
 
         vae_source = "checkpoint"
         if vae is None:
-            vae_model = _build_vae(vcfg, vrefs, fam, torch_dtype, dev, source.name)
+            vae_model = _build_vae(vcfg, vrefs, fam, vdtype, dev, source.name)
         else:
-            vae_model = load_vae(vae, fam, dtype=torch_dtype, device=dev)
+            vae_model = load_vae(vae, fam, dtype=vdtype, device=dev)
             vae_source = str(vae)
         extras, dropped = source.leftovers()
     finally:
@@ -205,6 +215,7 @@ def load(
         sorted(extras),
         dropped,
         time.perf_counter() - start,
+        f"{str(torch_dtype).removeprefix('torch.')} ({dtype_reason})",
     )
     return Pipeline(fam, pred, unet, vae_model, tuple(encoders), tuple(tokenizers), extras=extras, info=info)
 

@@ -56,9 +56,27 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    execution_device: torch.device | None = None  # set by enable_offload: where computation happens
+
     @property
     def device(self) -> torch.device:
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.unet.parameters()).device
+
+    def compile(self, **options):
+        """Compile the UNet's forward with torch.compile (optional: it pays off over many steps, mostly on
+        GPUs; the first call compiles for minutes on a CPU). The module itself is unchanged, so saving
+        and inspection keep working."""
+        self.unet.forward = torch.compile(self.unet.forward, **options)
+        return self
+
+    def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False):
+        """Keep the weights in CPU memory and compute on ``device`` (a GPU with little memory): whole
+        networks move in turn, or with ``sequential=True`` one block at a time. See latentforge.offload."""
+        from latentforge.offload import enable_offload
+
+        return enable_offload(self, device, sequential=sequential)
 
     def __repr__(self) -> str:
         return f"<latentforge.Pipeline {self.family.name} ({self.prediction}) {self.dtype} on {self.device}>"

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge.nn import GroupNorm32, attention
+from latentforge.nn.tiling import tiled_apply
 
 
 @dataclass(frozen=True)
@@ -188,18 +189,39 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode_moments(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean, logvar) of the posterior, unscaled; logvar clamped to [-30, 20]."""
-        moments = self.quant_conv(self.encoder(image.to(self.dtype)))
+    # automatic tiling above these sizes (latent pixels); tiles and overlaps in latent pixels
+    auto_tile_above = 128 * 128
+    tile_size, tile_overlap = 96, 24
+
+    def _tile_for(self, h: int, w: int, tile: int | None) -> int:
+        if tile is None:
+            return self.tile_size if h * w > self.auto_tile_above else 0
+        return tile
+
+    def encode_moments(self, image: Tensor, tile: int | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, logvar) of the posterior, unscaled; logvar clamped to [-30, 20]. ``tile`` (latent
+        pixels): None = automatic for large images, 0 = never, n = tiles of n latent pixels."""
+        f = self.config.downscale
+        tile = self._tile_for(image.shape[-2] // f, image.shape[-1] // f, tile)
+
+        def run(x: Tensor) -> Tensor:
+            return self.quant_conv(self.encoder(x.to(self.dtype)))
+
+        if tile and (image.shape[-2] > tile * f or image.shape[-1] > tile * f):
+            overlap = min(self.tile_overlap, tile // 4)
+            moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f).to(self.dtype)
+        else:
+            moments = run(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
+               tile: int | None = None) -> Tensor:
         """Scaled latent of ``image`` (B, 3, H, W) in [-1, 1]: the posterior mean, or a sample from it.
 
         A sample draws mean + std * N(0, I) with ``generator`` (noise made on the generator's device).
         """
-        mean, logvar = self.encode_moments(image)
+        mean, logvar = self.encode_moments(image, tile)
         z = mean
         if sample:
             device = generator.device if generator is not None else mean.device
@@ -207,6 +229,14 @@ class AutoencoderKL(nn.Module):
             z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
         return z * self.scale
 
-    def decode(self, latent: Tensor) -> Tensor:
-        """Image in (about) [-1, 1] from a scaled latent (B, embed_dim, h, w)."""
-        return self.decoder(self.post_quant_conv(latent.to(self.dtype) / self.scale))
+    def decode(self, latent: Tensor, tile: int | None = None) -> Tensor:
+        """Image in (about) [-1, 1] from a scaled latent (B, embed_dim, h, w). Large latents are decoded
+        in blended tiles (``tile``: None automatic, 0 never, n latent pixels per tile)."""
+        tile = self._tile_for(latent.shape[-2], latent.shape[-1], tile)
+
+        def run(z: Tensor) -> Tensor:
+            return self.decoder(self.post_quant_conv(z.to(self.dtype) / self.scale))
+
+        if tile and (latent.shape[-2] > tile or latent.shape[-1] > tile):
+            return tiled_apply(run, latent, tile, min(self.tile_overlap, tile // 4), up=self.config.downscale)
+        return run(latent)

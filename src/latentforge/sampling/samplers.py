@@ -55,6 +55,19 @@ def _report(callback, i, x, sigma, denoised):
         callback(i, x, sigma, denoised)
 
 
+def _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al.'s stochastic "churn": raise sigma_i by gamma and add the matching noise.
+    Returns (x, sigma_hat); gamma = 0 (the default) changes nothing."""
+    n = len(sigmas) - 1
+    sigma = float(sigmas[i])
+    gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        eps = noise_or_default(noise, x, generator)(sigmas[i], sigmas[i + 1])
+        x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    return x, sigma_hat
+
+
 @torch.no_grad()
 def sample_euler(
     denoise,
@@ -71,14 +84,8 @@ def sample_euler(
     **_,
 ):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2; churn optional)."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma = float(sigmas[i])
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            eps = noise_or_default(noise, x, generator)(sigmas[i], sigmas[i + 1])
-            x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(x, sigma_hat)
         _report(callback, i, x, sigmas[i], denoised)
         x = x + to_d(x, sigma_hat, denoised) * (float(sigmas[i + 1]) - sigma_hat)
@@ -116,14 +123,9 @@ def sample_heun(
     **_,
 ):
     """Heun's method (Karras et al. 2022, Algorithm 2); the last step to sigma 0 is an Euler step."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            eps = noise_or_default(noise, x, generator)(sigmas[i], sigmas[i + 1])
-            x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+    for i in range(len(sigmas) - 1):
+        sigma_next = float(sigmas[i + 1])
+        x, sigma_hat = _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(x, sigma_hat)
         _report(callback, i, x, sigmas[i], denoised)
         d = to_d(x, sigma_hat, denoised)

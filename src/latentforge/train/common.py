@@ -20,25 +20,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from latentforge.device import supports_bf16
 from latentforge.io.writer import write_safetensors
 from latentforge.train.config import TrainConfig, config_to_dict
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        flags = ""
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
-
-
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and bf16_supported(device)):
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and supports_bf16(device)):
         return torch.bfloat16
     return None
 

@@ -1,0 +1,56 @@
+"""Which dtype and memory layout run fastest on the machine at hand (the "fast path" choices).
+
+``load(dtype=None)`` asks ``auto_dtype``: bf16 on CPUs with AVX512-BF16 or AMX for full-size models
+(for small models the step is overhead-bound and bf16 gains nothing), fp16 on CUDA GPUs, fp32
+otherwise. The environment variable ``LATENTFORGE_DTYPE`` (fp32, bf16, fp16) overrides the automatic
+choice; an explicit ``dtype=`` overrides both.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+AUTO_BF16_MIN_UNET_PARAMS = 100_000_000
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def supports_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
+def auto_dtype(device: torch.device, unet_params: int) -> tuple[torch.dtype, str]:
+    """(dtype, why) for a model whose UNet has ``unet_params`` parameters."""
+    from latentforge.loading import parse_dtype
+
+    env = os.environ.get("LATENTFORGE_DTYPE")
+    if env:
+        return parse_dtype(env), f"LATENTFORGE_DTYPE={env}"
+    if device.type == "cuda":
+        return torch.float16, "CUDA GPU"
+    if device.type == "cpu" and cpu_supports_bf16() and unet_params >= AUTO_BF16_MIN_UNET_PARAMS:
+        return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX)"
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.float32, "small model (bf16 does not pay off)"
+    return torch.float32, "no fast reduced-precision arithmetic on this device"
+
+
+def vae_dtype(dtype: torch.dtype, family_name: str, device: torch.device) -> torch.dtype:
+    """The SDXL VAE overflows in fp16 (NaNs, black images): run it in bf16 or fp32 instead."""
+    if dtype == torch.float16 and family_name.startswith("sdxl"):
+        return torch.bfloat16 if supports_bf16(device) else torch.float32
+    return dtype

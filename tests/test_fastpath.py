@@ -1,0 +1,88 @@
+"""The fast path: automatic dtype, offload hooks, tiled VAE decode/encode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import build_reference, save_folder
+
+import latentforge
+from latentforge import device as dev
+from latentforge.train.shapes import Scene, render
+
+
+def test_auto_dtype_rules(monkeypatch):
+    monkeypatch.delenv("LATENTFORGE_DTYPE", raising=False)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    assert dev.auto_dtype(cpu, 860_000_000)[0] == torch.bfloat16
+    assert dev.auto_dtype(cpu, 2_000_000)[0] == torch.float32  # small models: overhead-bound
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: False)
+    assert dev.auto_dtype(cpu, 860_000_000)[0] == torch.float32
+    monkeypatch.setenv("LATENTFORGE_DTYPE", "bf16")
+    dtype, why = dev.auto_dtype(cpu, 10)
+    assert dtype == torch.bfloat16 and "LATENTFORGE_DTYPE" in why
+    assert dev.vae_dtype(torch.float16, "sdxl-base", cpu) in (torch.bfloat16, torch.float32)
+    assert dev.vae_dtype(torch.float16, "sd1", cpu) == torch.float16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_folder(build_reference("sd1", seed=60), tmp_path_factory.mktemp("fp") / "m")
+
+
+def test_load_reports_the_dtype_decision(tiny, monkeypatch):
+    monkeypatch.delenv("LATENTFORGE_DTYPE", raising=False)
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(dev, "AUTO_BF16_MIN_UNET_PARAMS", 1)
+    pipe = latentforge.load(tiny)
+    assert pipe.dtype == torch.bfloat16 and "bf16" in pipe.info.dtype_reason
+    pipe = latentforge.load(tiny, dtype="fp32")
+    assert pipe.dtype == torch.float32 and "explicit" in pipe.info.dtype_reason
+
+
+def _psnr(a, b) -> float:
+    mse = float(((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2).mean())
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_offload_hooks_give_the_same_image(tiny, sequential):
+    pipe = latentforge.load(tiny)
+    reference = pipe.txt2img("a cube", seed=4, steps=4, width=64, height=64).images[0]
+    offloader = pipe.enable_offload("cpu", sequential=sequential)
+    again = pipe.txt2img("a cube", seed=4, steps=4, width=64, height=64).images[0]
+    assert np.array_equal(np.asarray(reference), np.asarray(again))
+    assert offloader.moves > (10 if sequential else 1)
+    offloader.remove()
+
+
+@pytest.fixture(scope="module")
+def demo_vae():
+    from latentforge.demo import bundled_model_path
+
+    return latentforge.load(bundled_model_path(), dtype="fp32").vae
+
+
+def _big_scene() -> torch.Tensor:
+    from latentforge.pipelines.tasks import image_to_tensor
+
+    big = render(Scene("red", "circle", "blue", "large", "in the center", ""), resolution=256)
+    return image_to_tensor(big)
+
+
+def test_tiled_decode_and_encode_match_whole_image_without_seams(demo_vae):
+    x = _big_scene()
+    with torch.no_grad():
+        z = demo_vae.encode(x, tile=0)
+        whole = demo_vae.decode(z, tile=0)
+        tiled = demo_vae.decode(z, tile=24)  # the 64x64 latent in 24-pixel tiles overlapping by 6
+        z_tiled = demo_vae.encode(x, tile=24)
+    to_img = latentforge.pipelines.tasks.tensor_to_images
+    assert _psnr(to_img(tiled)[0], to_img(whole)[0]) > 32
+    assert float((z_tiled - z).abs().max()) < 0.25 * float(z.abs().max())
+    # no edge: the image change across each tile boundary is no larger than across its neighbours
+    diff = (tiled - whole).abs().mean(dim=(0, 1))  # (H, W)
+    col = diff.mean(dim=0)
+    assert float(col.max()) < 5 * float(col.mean()) + 1e-3
