@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table  # noqa: E402
+from common import PEAK_RSS, run_child, save, table
 
 PEAK = """
 import torch, time, json
@@ -32,7 +32,9 @@ print(json.dumps({"fp32": peak(torch.float32), "bf16": peak(torch.bfloat16)}))
 """
 
 # Both children: build inputs the same way, time `reps` runs after a warm-up, count FLOPs once.
-TIMER = PEAK_RSS + """
+TIMER = (
+    PEAK_RSS
+    + """
 import time, torch
 from torch.utils.flop_counter import FlopCounterMode
 def timed(fn, reps):
@@ -46,8 +48,11 @@ def flops(fn):
         fn()
     return counter.get_total_flops()
 """
+)
 
-OURS = TIMER + """
+OURS = (
+    TIMER
+    + """
 import latentforge, numpy as np
 from latentforge.sampling import Cond, ModelDenoiser, NoiseSchedule
 cfg = json.loads('''{cfg}''')
@@ -76,8 +81,11 @@ with torch.inference_mode():
 res["peak_rss"] = peak() - base
 print(json.dumps(res))
 """
+)
 
-THEIRS = TIMER + """
+THEIRS = (
+    TIMER
+    + """
 import diffusers, numpy as np
 cfg = json.loads('''{cfg}''')
 dtype = getattr(torch, cfg["torch_dtype"])
@@ -112,6 +120,7 @@ with torch.inference_mode():
 res["peak_rss"] = peak() - base
 print(json.dumps(res))
 """
+)
 
 MAKE = """
 import torch, json
@@ -164,8 +173,14 @@ def main() -> None:
     }
     results = {}
     for name, (lib, conf) in runs.items():
-        conf = dict(conf, parts=parts, reps=reps, single=str(single), folder=str(folder),
-                    image_out=str(args.workdir / f"{name.split()[0]}-{len(results)}.npy"))
+        conf = dict(
+            conf,
+            parts=parts,
+            reps=reps,
+            single=str(single),
+            folder=str(folder),
+            image_out=str(args.workdir / f"{name.split()[0]}-{len(results)}.npy"),
+        )
         code = (OURS if lib == "ours" else THEIRS).format(cfg=json.dumps(conf))
         print(f"running {name} ...", flush=True)
         results[name] = run_child(code, timeout=7200)
@@ -184,16 +199,29 @@ def main() -> None:
                 if f"{part}_flops" in r:
                     gflops = r[f"{part}_flops"] / r[f"{part}_s"] / 1e9
                     row[f"{part}_GFLOPs"] = gflops
-                    bf16 = "fp32" not in name and "default)" not in name or "auto" in name
+                    bf16 = ("fp32" not in name and "default)" not in name) or "auto" in name
                     row[f"{part}_of_peak"] = gflops / (peak["bf16"] if bf16 else peak["fp32"])
         rows.append(row)
     if "txt2img" in parts:
         fast = np.load(results["latentforge default (auto fast path)"]["image"])
         exact = np.load(results["latentforge fp32"]["image"])
         rows[-1]["psnr_vs_fp32_dB"] = psnr(fast, exact)
-    cols = ["run", "unet_s", "unet_vs_diffusers_default", "unet_vs_diffusers_best", "unet_GFLOPs", "unet_of_peak",
-            "vae_s", "vae_vs_diffusers_default", "text_s", "txt2img_s", "txt2img_vs_diffusers_default",
-            "txt2img_vs_diffusers_best", "psnr_vs_fp32_dB", "peak_rss_GB"]
+    cols = [
+        "run",
+        "unet_s",
+        "unet_vs_diffusers_default",
+        "unet_vs_diffusers_best",
+        "unet_GFLOPs",
+        "unet_of_peak",
+        "vae_s",
+        "vae_vs_diffusers_default",
+        "text_s",
+        "txt2img_s",
+        "txt2img_vs_diffusers_default",
+        "txt2img_vs_diffusers_best",
+        "psnr_vs_fp32_dB",
+        "peak_rss_GB",
+    ]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     print(f"saved {save('sd15', {'peak_gflops': peak, 'rows': rows, 'raw': results})}")
 

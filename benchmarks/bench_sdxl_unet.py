@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table  # noqa: E402
+from common import PEAK_RSS, run_child, save, table
 
-CHILD = PEAK_RSS + """
+CHILD = (
+    PEAK_RSS
+    + """
 import time, torch
 from torch.utils.flop_counter import FlopCounterMode
 cfg = json.loads('''{cfg}''')
@@ -57,6 +59,7 @@ with torch.inference_mode():
         f()
 print(json.dumps({{"s": sec, "flops": counter.get_total_flops(), "peak_rss": peak() - base}}))
 """
+)
 
 
 def main() -> None:
@@ -67,13 +70,17 @@ def main() -> None:
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
     rows = []
-    for name, lib, cl in [("diffusers", "diffusers", False), ("diffusers + channels-last", "diffusers", True),
-                          ("latentforge", "ours", False)]:
+    for name, lib, cl in [
+        ("diffusers", "diffusers", False),
+        ("diffusers + channels-last", "diffusers", True),
+        ("latentforge", "ours", False),
+    ]:
         cfg = dict(lib=lib, dtype=dtype, size=args.size, reps=args.reps, channels_last=cl)
         print(f"running {name} ...", flush=True)
         r = run_child(CHILD.format(cfg=json.dumps(cfg)), timeout=7200)
-        rows.append({"run": name, "cfg_step_s": r["s"], "GFLOPs": r["flops"] / r["s"] / 1e9,
-                     "peak_rss_GB": r["peak_rss"] / 1e9})
+        rows.append(
+            {"run": name, "cfg_step_s": r["s"], "GFLOPs": r["flops"] / r["s"] / 1e9, "peak_rss_GB": r["peak_rss"] / 1e9}
+        )
     for row in rows:
         row["speedup_vs_diffusers"] = rows[0]["cfg_step_s"] / row["cfg_step_s"]
     print(f"SDXL UNet, one CFG step (batch 2) at {args.size}x{args.size}, {args.dtype}")

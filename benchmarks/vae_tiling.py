@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table  # noqa: E402
+from common import PEAK_RSS, run_child, save, table
 
-CHILD = PEAK_RSS + """
+CHILD = (
+    PEAK_RSS
+    + """
 import time, torch
 from latentforge.families import get_family
 from latentforge.models import AutoencoderKL
@@ -31,6 +33,7 @@ with torch.inference_mode():
     sec = time.perf_counter() - t
 print(json.dumps({{"s": sec, "peak_rss": peak() - base, "finite": bool(torch.isfinite(image).all())}}))
 """
+)
 
 
 def main() -> None:
@@ -41,11 +44,17 @@ def main() -> None:
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp32": "float32"}[args.dtype]
     rows = []
-    for tiled in ([True] if args.no_whole else [True, False]):
+    for tiled in [True] if args.no_whole else [True, False]:
         print(f"decoding {args.size}x{args.size} {'in tiles' if tiled else 'whole'} ...", flush=True)
         r = run_child(CHILD.format(cfg=json.dumps(dict(size=args.size, dtype=dtype, tiled=tiled))), timeout=7200)
-        rows.append({"decode": "tiled (automatic)" if tiled else "whole image", "seconds": r["s"],
-                     "peak_rss_GB": r["peak_rss"] / 1e9, "finite": r["finite"]})
+        rows.append(
+            {
+                "decode": "tiled (automatic)" if tiled else "whole image",
+                "seconds": r["s"],
+                "peak_rss_GB": r["peak_rss"] / 1e9,
+                "finite": r["finite"],
+            }
+        )
     print(table(rows, ["decode", "seconds", "peak_rss_GB", "finite"]))
     print(f"saved {save('vae_tiling', {'size': args.size, 'dtype': args.dtype, 'rows': rows})}")
 

@@ -21,15 +21,28 @@ from latentforge.demo import bundled_model_path
 
 # held out of the demo's training captions (recipes/demo_*.toml): never seen together
 UNSEEN = [
-    ("green", "triangle", "white"), ("green", "triangle", "orange"), ("purple", "square", "yellow"),
-    ("purple", "square", "white"), ("yellow", "circle", "blue"), ("white", "square", "black"),
+    ("green", "triangle", "white"),
+    ("green", "triangle", "orange"),
+    ("purple", "square", "yellow"),
+    ("purple", "square", "white"),
+    ("yellow", "circle", "blue"),
+    ("white", "square", "black"),
 ]
 SEEN = [
-    ("red", "circle", "blue"), ("blue", "square", "yellow"), ("yellow", "triangle", "purple"),
-    ("orange", "circle", "green"), ("white", "triangle", "red"), ("black", "circle", "white"),
-    ("green", "square", "red"), ("purple", "circle", "orange"), ("blue", "triangle", "white"),
-    ("red", "square", "black"), ("orange", "triangle", "blue"), ("yellow", "square", "red"),
-    ("black", "square", "yellow"), ("white", "circle", "purple"),
+    ("red", "circle", "blue"),
+    ("blue", "square", "yellow"),
+    ("yellow", "triangle", "purple"),
+    ("orange", "circle", "green"),
+    ("white", "triangle", "red"),
+    ("black", "circle", "white"),
+    ("green", "square", "red"),
+    ("purple", "circle", "orange"),
+    ("blue", "triangle", "white"),
+    ("red", "square", "black"),
+    ("orange", "triangle", "blue"),
+    ("yellow", "square", "red"),
+    ("black", "square", "yellow"),
+    ("white", "circle", "purple"),
 ]
 
 
@@ -41,8 +54,15 @@ def colour_name(rgb) -> str:
     if s < 0.2:
         return "white" if v > 0.7 else "grey"
     deg = h * 360
-    for name, upper in (("red", 15), ("orange", 40), ("yellow", 70), ("green", 160), ("blue", 250),
-                        ("purple", 330), ("red", 361)):
+    for name, upper in (
+        ("red", 15),
+        ("orange", 40),
+        ("yellow", 70),
+        ("green", 160),
+        ("blue", 250),
+        ("purple", 330),
+        ("red", 361),
+    ):
         if deg < upper:
             return name
     return "red"
@@ -61,8 +81,9 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
 def analyse(image: Image.Image) -> tuple[str, str, str]:
     """(foreground colour, shape, background colour) of a one-shape image."""
     arr = np.asarray(image.convert("RGB")).astype(np.float32)
-    border = np.concatenate([arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3),
-                             arr[:, -2:].reshape(-1, 3)])
+    border = np.concatenate(
+        [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
+    )
     bg = np.median(border, axis=0)
     blob = _largest_blob(np.linalg.norm(arr - bg, axis=-1) > 60)
     if blob.sum() < 12:
@@ -110,7 +131,7 @@ def test_demo_follows_prompts_including_unseen_combinations(demo):
         ok = got == (colour, shape, bg)
         right += ok
         rows.append(f"{'ok ' if ok else 'BAD'} {prompt!r} -> {got}")
-    unseen_right = sum(r.startswith("ok") for r in rows[len(SEEN):])
+    unseen_right = sum(r.startswith("ok") for r in rows[len(SEEN) :])
     report = "\n".join(rows)
     print(report)
     assert right >= 0.8 * len(rows), f"{right}/{len(rows)} right\n{report}"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import build_reference, save_folder
 
 import latentforge
 from latentforge import device as dev
 from latentforge.train.shapes import Scene, render
+from tiny import build_reference, save_folder
 
 
 def test_auto_dtype_rules(monkeypatch):

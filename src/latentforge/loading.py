@@ -132,13 +132,12 @@ def load(
     ``dtype`` (fp32, bf16, fp16) and ``device`` (default cpu) are applied while reading, one tensor at a
     time. ``dtype=None`` picks the fast path for the device (``latentforge.device.auto_dtype``: bf16 for
     full-size models on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; ``LATENTFORGE_DTYPE``
-    overrides it); ``pipe.info.dtype_reason`` says what decided. ``vae`` replaces the checkpoint's VAE with a standalone VAE file or folder.
-    ``prediction`` ('eps' or 'v') overrides detection of the parameterisation; ``family`` forces a family
-    (it must still fit the file's structure).
+    overrides it); ``pipe.info.dtype_reason`` says what decided. ``vae`` replaces the checkpoint's VAE
+    with a standalone VAE file or folder. ``prediction`` ('eps' or 'v') overrides detection of the
+    parameterisation; ``family`` forces a family (it must still fit the file's structure).
     """
-    from latentforge.pipeline import Pipeline
-
     from latentforge.device import auto_dtype, vae_dtype
+    from latentforge.pipeline import Pipeline
 
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)

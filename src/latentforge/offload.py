@@ -74,8 +74,11 @@ class Offloader:
             self.handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             self.handles.append(block.register_forward_hook(post))
         # the parent's own forward also receives inputs on the wrong device
-        self.handles.append(module.register_forward_pre_hook(lambda m, a, k: (_to(a, self.device), _to(k, self.device)),
-                                                             with_kwargs=True))
+        self.handles.append(
+            module.register_forward_pre_hook(
+                lambda m, a, k: (_to(a, self.device), _to(k, self.device)), with_kwargs=True
+            )
+        )
 
     def remove(self) -> None:
         for h in self.handles:

@@ -215,8 +215,9 @@ class AutoencoderKL(nn.Module):
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None,
-               tile: int | None = None) -> Tensor:
+    def encode(
+        self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None, tile: int | None = None
+    ) -> Tensor:
         """Scaled latent of ``image`` (B, 3, H, W) in [-1, 1]: the posterior mean, or a sample from it.
 
         A sample draws mean + std * N(0, I) with ``generator`` (noise made on the generator's device).

@@ -32,8 +32,9 @@ def _ramp(length: int, ramp: int, first: bool, last: bool, device) -> Tensor:
     return w
 
 
-def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, up: int = 1,
-                down: int = 1) -> Tensor:
+def tiled_apply(
+    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, up: int = 1, down: int = 1
+) -> Tensor:
     """``fn`` maps (B, C, h, w) to (B, C', h * up / down, w * up / down); apply it tile by tile.
     ``tile`` and ``overlap`` are in input pixels (multiples of ``down``)."""
     b, _, h, w = x.shape
@@ -42,10 +43,11 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     for y0 in ys:
         for x0 in xs:
-            piece = fn(x[..., y0:y0 + tile, x0:x0 + tile])
+            piece = fn(x[..., y0 : y0 + tile, x0 : x0 + tile])
             if out is None:
-                out = torch.zeros(b, piece.shape[1], h * up // down, w * up // down, dtype=torch.float32,
-                                  device=piece.device)
+                out = torch.zeros(
+                    b, piece.shape[1], h * up // down, w * up // down, dtype=torch.float32, device=piece.device
+                )
                 weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=piece.device)
             oy, ox = y0 * up // down, x0 * up // down
             ph, pw = piece.shape[-2:]
@@ -53,6 +55,6 @@ def tiled_apply(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: i
             wy = _ramp(ph, ramp, y0 == ys[0], y0 == ys[-1], piece.device)
             wx = _ramp(pw, ramp, x0 == xs[0], x0 == xs[-1], piece.device)
             mask = wy[:, None] * wx[None, :]
-            out[..., oy:oy + ph, ox:ox + pw] += piece.float() * mask
-            weight[..., oy:oy + ph, ox:ox + pw] += mask
+            out[..., oy : oy + ph, ox : ox + pw] += piece.float() * mask
+            weight[..., oy : oy + ph, ox : ox + pw] += mask
     return out / weight

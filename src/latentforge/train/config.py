@@ -120,9 +120,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
-    elif typ is list or origin is list:
-        if isinstance(value, list):
-            return value
+    elif (typ is list or origin is list) and isinstance(value, list):
+        return value
     raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
 
 

@@ -160,7 +160,7 @@ def diffusion_loss(
     noise = torch.randn(x0.shape, generator=g).to(device)
     sigma = sigmas[t].to(device)[:, None, None, None]
     x = x0 + sigma * noise
-    c_skip, c_out, c_in = denoiser.scalings(sigma)
+    c_in = denoiser.scalings(sigma)[2]
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         with torch.set_grad_enabled(cfg.model.train_text_encoder and torch.is_grad_enabled()):
             context, vector = encode_captions(pipe, captions, cfg.data.resolution)
@@ -237,7 +237,8 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         reporter.step(step, total, lr)
         done = step + 1
         if cfg.sample_every and done % cfg.sample_every == 0:
-            _with_ema(ema, modules, lambda: save_samples(pipe, cfg, out / "samples" / f"step-{done:06d}.png"))
+            grid = out / "samples" / f"step-{done:06d}.png"
+            _with_ema(ema, modules, lambda grid=grid: save_samples(pipe, cfg, grid))
         if (cfg.save_every and done % cfg.save_every == 0) or done == end:
             common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
