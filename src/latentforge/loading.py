@@ -136,7 +136,7 @@ def load(
     with a standalone VAE file or folder. ``prediction`` ('eps' or 'v') overrides detection of the
     parameterisation; ``family`` forces a family (it must still fit the file's structure).
     """
-    from latentforge.device import auto_dtype, vae_dtype
+    from latentforge.device import auto_dtype, to_fast_layout, vae_dtype
     from latentforge.pipeline import Pipeline
 
     start = time.perf_counter()
@@ -168,6 +168,7 @@ def load(
         )
         if fam.unet.upcast_attention != unet.config.upcast_attention:
             unet.set_upcast_attention(fam.unet.upcast_attention)
+        to_fast_layout(unet)
 
         encoders, tokenizers = [], []
         for spec, tcfg, trefs in texts:
@@ -188,6 +189,7 @@ def load(
         else:
             vae_model = load_vae(vae, fam, dtype=vdtype, device=dev)
             vae_source = str(vae)
+        to_fast_layout(vae_model)
         extras, dropped = source.leftovers()
     finally:
         source.close()
