@@ -86,3 +86,15 @@ def test_tiled_decode_and_encode_match_whole_image_without_seams(demo_vae):
     diff = (tiled - whole).abs().mean(dim=(0, 1))  # (H, W)
     col = diff.mean(dim=0)
     assert float(col.max()) < 5 * float(col.mean()) + 1e-3
+
+
+def test_bf16_group_norm_equals_the_fp32_computation():
+    from latentforge.nn import GroupNorm32
+
+    norm = GroupNorm32(8, 64, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, 32, 32) * 3 + 1).bfloat16().to(memory_format=torch.channels_last)
+    upcast = torch.nn.functional.group_norm(x.float(), 8, norm.weight.float(), norm.bias.float(), 1e-6).bfloat16()
+    assert torch.equal(norm(x), upcast)
