@@ -38,7 +38,8 @@ def run_child(code: str, timeout: float = 3600) -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+        why = "killed (out of memory?)" if proc.returncode == -9 else f"exit status {proc.returncode}"
+        raise RuntimeError(f"benchmark child failed: {why}\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.setdefault("wall_s", time.perf_counter() - start)
     return result
