@@ -58,6 +58,17 @@ def test_offload_hooks_give_the_same_image(tiny, sequential):
     offloader.remove()
 
 
+def test_compiled_unet_gives_the_same_image_and_the_module_still_saves(tiny, tmp_path):
+    # backend "eager": dynamo traces the UNet (the part that can break) without minutes of inductor codegen
+    pipe = latentforge.load(tiny)
+    reference = pipe.txt2img("a cube", seed=4, steps=3, width=64, height=64).images[0]
+    pipe.compile(backend="eager")
+    again = pipe.txt2img("a cube", seed=4, steps=3, width=64, height=64).images[0]
+    assert np.array_equal(np.asarray(reference), np.asarray(again))
+    pipe.save(tmp_path / "compiled.safetensors")
+    assert latentforge.load(tmp_path / "compiled.safetensors").family.name == "sd1"
+
+
 @pytest.fixture(scope="module")
 def demo_vae():
     from latentforge.demo import bundled_model_path
