@@ -52,6 +52,14 @@ def test_same_seed_same_image_and_batch_position_does_not_matter(pipe):
     assert np.abs(a - d).max() > 10
 
 
+def test_align_your_steps_is_named_in_the_infotext_and_read_back(pipe):
+    result = pipe.txt2img("a cube", seed=3, schedule="Align Your Steps", **SMALL)
+    assert "Schedule type: Align Your Steps" in result.infotexts[0]
+    assert request_from_infotext(result.infotexts[0])[0].schedule.lower() == "align your steps"
+    other = pipe.txt2img("a cube", seed=3, schedule="karras", **SMALL).images[0]
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(other))
+
+
 def test_infotext_round_trip_and_a1111_text():
     text = format_infotext(
         "a cat, (fluffy:1.2)\nsecond line",

@@ -186,3 +186,28 @@ def test_ddim_eta_matches_diffusers():
         x = sched.step(model_fn(x, t), t, x, eta=1.0, generator=g).prev_sample
     ours, _ = our_run(sm.sample_ddim, "ddim_uniform", noise, 20, "eps", seed=3, eta=1.0)
     assert float((ours - x).abs().max()) <= 2e-4 * float(x.abs().max())
+
+
+@pytest.mark.parametrize("family, table", [("sd1", "StableDiffusionSigmas"), ("sdxl-base", "StableDiffusionXLSigmas")])
+def test_align_your_steps_levels_are_the_published_ones(family, table):
+    from diffusers.schedulers import AysSchedules
+
+    published = AysSchedules[table]  # NVIDIA's 10-step levels; diffusers puts 0 where the paper has 0.029
+    ours = get_sigmas("align_your_steps", NoiseSchedule(family=family), 11)  # A1111: 11 steps = the 11 levels
+    assert len(ours) == 12 and float(ours[-1]) == 0.0 and float(ours[-2]) == pytest.approx(0.029)
+    torch.testing.assert_close(ours[:10], torch.tensor(published[:10], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("steps", [2, 7, 20, 30])
+def test_align_your_steps_other_step_counts_interpolate_log_sigma(steps):
+    """Other step counts: the levels, placed at evenly spaced positions, interpolated linearly in
+    log-sigma (NVIDIA's how-to), here with numpy's interp on the ascending table as A1111 does."""
+    import numpy as np
+    from diffusers.schedulers import AysSchedules
+
+    levels = np.array([*AysSchedules["StableDiffusionXLSigmas"][:10], 0.029])
+    ascending = np.log(levels[::-1])
+    expected = np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), ascending))[::-1]
+    ours = get_sigmas("Align Your Steps", NoiseSchedule(family="sdxl-refiner"), steps)
+    assert len(ours) == steps + 1 and float(ours[-1]) == 0.0
+    np.testing.assert_allclose(ours[:-1].numpy(), expected, rtol=1e-12)

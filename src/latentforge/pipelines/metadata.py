@@ -21,6 +21,7 @@ SCHEDULE_TITLES = {
     "beta": "Beta",
     "kl_optimal": "KL Optimal",
     "lcm": "LCM",
+    "align_your_steps": "Align Your Steps",
 }
 
 

@@ -17,7 +17,8 @@ from torch import Tensor
 class NoiseSchedule:
     """The training noise schedule: betas = linspace(sqrt(b0), sqrt(b1), N)^2 (LDM "linear")."""
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000):
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000, family: str = ""):
+        self.family = family  # the family's name where a schedule depends on it (Align Your Steps)
         betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
@@ -25,7 +26,7 @@ class NoiseSchedule:
 
     @classmethod
     def for_family(cls, family) -> NoiseSchedule:
-        return cls(family.beta_start, family.beta_end)
+        return cls(family.beta_start, family.beta_end, family=family.name)
 
     @property
     def sigma_min(self) -> float:
@@ -130,6 +131,30 @@ def lcm(s: NoiseSchedule, n: int, original_steps: int = 50) -> Tensor:
     return _append_zero(s.sigmas[origin[picks]])
 
 
+# Align Your Steps (Sabour, Fidler and Kreis 2024): the 11 noise levels NVIDIA published for 10-step
+# sampling with SD1.5 and with SDXL (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).
+AYS_SIGMAS = {
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def align_your_steps(s: NoiseSchedule, n: int) -> Tensor:
+    """A1111's use of the AYS levels: the SDXL table for SDXL families, the SD1.5 one otherwise; for
+    n = 11 steps the 11 levels themselves, for any other n, n levels interpolated linearly in
+    log-sigma over evenly spaced positions of the table; then a final 0. (ComfyUI's node and
+    diffusers' AysSchedules instead take 10 steps to mean the table with its last level set to 0. For
+    n = 1 A1111's interpolation yields the lowest level, 0.029; here the one step starts at the top.)"""
+    table = torch.tensor(AYS_SIGMAS["sdxl" if s.family.startswith("sdxl") else "sd1"], dtype=torch.float64)
+    if n == len(table):
+        return _append_zero(table)
+    positions = torch.linspace(0, len(table) - 1, n, dtype=torch.float64)
+    low = positions.floor().long().clamp(max=len(table) - 2)
+    w = positions - low
+    logs = table.log()
+    return _append_zero(((1 - w) * logs[low] + w * logs[low + 1]).exp())
+
+
 SCHEDULES: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
     "normal": normal,
     "karras": karras,
@@ -141,6 +166,7 @@ SCHEDULES: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
     "beta": beta,
     "kl_optimal": kl_optimal,
     "lcm": lcm,
+    "align_your_steps": align_your_steps,
 }
 # A1111's names (its 1.9+ "Schedule type" menu) and other spellings users type
 SCHEDULE_ALIASES = {
@@ -149,7 +175,8 @@ SCHEDULE_ALIASES = {
     "sgm uniform": "sgm_uniform",
     "kl optimal": "kl_optimal",
     "ddim": "ddim_uniform",
-    "align_your_steps": "align_your_steps",
+    "align your steps": "align_your_steps",
+    "ays": "align_your_steps",
 }
 
 
@@ -159,8 +186,6 @@ def schedule_name(name: str) -> str:
     key = SCHEDULE_ALIASES.get(key, SCHEDULE_ALIASES.get(key.replace("_", " "), key))
     if key == "automatic" or key in SCHEDULES:
         return key
-    if key == "align_your_steps":
-        raise ValueError("the Align Your Steps schedule is not available in latentforge yet")
     raise ValueError(f"unknown schedule {name!r}; choose one of: automatic, {', '.join(SCHEDULES)}")
 
 
