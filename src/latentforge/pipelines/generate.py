@@ -106,9 +106,9 @@ def generate(
         sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
 
     with torch.inference_mode():
-        cond, uncond = tasks.conditioning(pipe, req, width, height, req.batch_size)
+        total_calls = req.steps * (2 if info.second_order else 1)  # A1111's length of prompt schedules
+        cond, uncond = tasks.conditioning(pipe, req, width, height, req.batch_size, total_calls)
         model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
-        denoiser = CFGDenoiser(model, cond, uncond, req.cfg_scale)
         init_latents = None
         if img2img:
             prepared = [tasks.prepare_image(img, width, height, req.resize_mode) for img in images_in]
@@ -136,6 +136,7 @@ def generate(
                 if progress is not None:
                     progress(Progress(i + 1, len(sigmas) - 1, it, req.batch_count, float(sigma), denoised, pipe))
 
+            denoiser = CFGDenoiser(model, cond, uncond, req.cfg_scale)  # prompt schedules restart per pass
             if not img2img or req.denoising_strength > 0:
                 x = info.fn(denoiser, x, sigmas, noise=draw, callback=callback, **_sampler_options(req))
             out_images.extend(tasks.tensor_to_images(pipe.vae.decode(x)))

@@ -8,8 +8,9 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from latentforge.conditioning import sdxl_vector
+from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
-from latentforge.sampling import Cond
+from latentforge.sampling import Cond, CondSchedule
 
 _SIZE_NUMBERS = {"sdxl": 6, "refiner": 5}
 
@@ -21,39 +22,48 @@ def _vector(pipe, pooled: Tensor, numbers: list[float]) -> Tensor:
     return sdxl_vector(pooled.float(), ids, dim)
 
 
-def conditioning(pipe, req: GenerationRequest, width: int, height: int, batch: int) -> tuple[Cond, Cond | None]:
-    """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each)."""
+def conditioning(
+    pipe, req: GenerationRequest, width: int, height: int, batch: int, total_steps: int | None = None
+) -> tuple[CondSchedule, CondSchedule | None]:
+    """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
+    schedules over ``total_steps`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
+    ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one."""
     fam = pipe.family
     if fam.task in ("depth", "upscale"):
         raise RequestError(
             f"{fam.name} models need their own input (a depth map or a low-resolution image); "
             "txt2img and img2img are not available for them"
         )
-    cond_emb = pipe.encode_prompt(req.prompt, clip_skip=req.clip_skip, syntax=req.prompt_syntax)
-    zero_uncond = fam.task == "sdxl" and not req.negative_prompt.strip()
-    uncond_emb = None
-    if req.cfg_scale != 1.0:
-        uncond_emb = pipe.encode_prompt(req.negative_prompt, clip_skip=req.clip_skip, syntax=req.prompt_syntax)
-        if zero_uncond:  # SDXL's original sampling zeroes the text conditioning of an empty negative prompt
-            uncond_emb.context = torch.zeros_like(uncond_emb.context)
-            uncond_emb.pooled = torch.zeros_like(uncond_emb.pooled)
+    total = total_steps or req.steps
+    extra = inpaint_everything(pipe, width, height, batch) if fam.task == "inpaint" else None
+    encoded: dict[str, object] = {}
 
-    def make(emb, aesthetic: float) -> Cond:
+    def encode(text: str):
+        if text not in encoded:
+            encoded[text] = pipe.encode_prompt(text, clip_skip=req.clip_skip, syntax=req.prompt_syntax)
+        return encoded[text]
+
+    def make(text: str, aesthetic: float, negative: bool) -> Cond:
+        emb = encode(text)
+        context, pooled = emb.context, emb.pooled
+        if negative and fam.task == "sdxl" and not text.strip():
+            # SDXL's original sampling zeroes the text conditioning of an empty negative prompt
+            context = torch.zeros_like(context)
+            pooled = torch.zeros_like(pooled)
         vector = None
         if fam.task == "sdxl":
-            vector = _vector(pipe, emb.pooled, [height, width, 0, 0, height, width])
+            vector = _vector(pipe, pooled, [height, width, 0, 0, height, width])
         elif fam.task == "refiner":
-            vector = _vector(pipe, emb.pooled, [height, width, 0, 0, aesthetic])
-        context = emb.context.expand(batch, -1, -1)
-        return Cond(context, None if vector is None else vector.expand(batch, -1))
+            vector = _vector(pipe, pooled, [height, width, 0, 0, aesthetic])
+        # no mask given: an inpainting model repaints everything, as A1111 does
+        return Cond(context.expand(batch, -1, -1), None if vector is None else vector.expand(batch, -1), extra)
 
-    cond = make(cond_emb, req.aesthetic_score)
-    uncond = None if uncond_emb is None else make(uncond_emb, req.negative_aesthetic_score)
-    if fam.task == "inpaint":  # no mask given: repaint everything, as A1111 does for inpainting models
-        extra = inpaint_everything(pipe, width, height, batch)
-        cond.concat = extra
-        if uncond is not None:
-            uncond.concat = extra
+    def schedule(text: str, aesthetic: float, negative: bool) -> CondSchedule:
+        entries = prompt_schedule(text, total) if req.prompt_syntax == "a1111" else [(total, text)]
+        return CondSchedule([(end, make(t, aesthetic, negative)) for end, t in entries])
+
+    cond = schedule(req.prompt, req.aesthetic_score, False)
+    uncond = None if req.cfg_scale == 1.0 else schedule(req.negative_prompt, req.negative_aesthetic_score, True)
     return cond, uncond
 
 

@@ -1,6 +1,6 @@
 """Noise schedules, denoisers, noise sources and the samplers."""
 
-from latentforge.sampling.denoisers import CFGDenoiser, Cond, ModelDenoiser
+from latentforge.sampling.denoisers import CFGDenoiser, Cond, CondSchedule, ModelDenoiser
 from latentforge.sampling.registry import SAMPLERS, SamplerInfo, resolve, resolve_sampler, sampler_names
 from latentforge.sampling.schedules import SCHEDULES, NoiseSchedule, get_sigmas
 
@@ -9,6 +9,7 @@ __all__ = [
     "SCHEDULES",
     "CFGDenoiser",
     "Cond",
+    "CondSchedule",
     "ModelDenoiser",
     "NoiseSchedule",
     "SamplerInfo",

@@ -8,6 +8,7 @@ the network sees the fractional training timestep of sigma, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,24 @@ class Cond:
         return Cond(
             torch.cat([self.context, other.context]), join(self.vector, other.vector), join(self.concat, other.concat)
         )
+
+
+class CondSchedule:
+    """Conditioning that changes during sampling (A1111 prompt editing): entries (last_step, Cond) in
+    increasing order; model call k (0-based, counting every call of the guided denoiser) uses the first
+    entry with k <= last_step, the last entry after them all. This is A1111's rule, which also counts
+    the second evaluation of a second-order step."""
+
+    def __init__(self, entries: list[tuple[float, Cond]]):
+        if not entries:
+            raise ValueError("a conditioning schedule needs at least one entry")
+        self.entries = entries
+
+    def at(self, call: int) -> Cond:
+        for last, cond in self.entries:
+            if call <= last:
+                return cond
+        return self.entries[-1][1]
 
 
 class ModelDenoiser:
@@ -83,15 +102,23 @@ class CFGDenoiser:
     batch. With scale 1 (or no unconditional side) only the conditional half runs, as A1111 does.
     When the two contexts differ in length (long prompts), each side runs on its own."""
 
-    def __init__(self, model: ModelDenoiser, cond: Cond, uncond: Cond | None, scale: float):
-        self.model, self.cond, self.uncond, self.scale = model, cond, uncond, float(scale)
+    def __init__(
+        self, model: ModelDenoiser, cond: Cond | CondSchedule, uncond: Cond | CondSchedule | None, scale: float
+    ):
+        def schedule(c):
+            return c if isinstance(c, CondSchedule) or c is None else CondSchedule([(math.inf, c)])
+
+        self.model, self.cond, self.uncond, self.scale = model, schedule(cond), schedule(uncond), float(scale)
+        self.calls = 0  # model calls so far: where the prompt schedules are
 
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        if self.uncond is None or self.scale == 1.0:
-            return self.model(x, sigma, self.cond)
-        if self.cond.context.shape[1:] == self.uncond.context.shape[1:]:
-            both = self.model(torch.cat([x, x]), sigma, self.cond.cat(self.uncond))
-            cond, uncond = both.chunk(2)
+        c = self.cond.at(self.calls)
+        u = None if self.uncond is None else self.uncond.at(self.calls)
+        self.calls += 1
+        if u is None or self.scale == 1.0:
+            return self.model(x, sigma, c)
+        if c.context.shape[1:] == u.context.shape[1:]:
+            cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
-            cond, uncond = self.model(x, sigma, self.cond), self.model(x, sigma, self.uncond)
+            cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
         return uncond + self.scale * (cond - uncond)

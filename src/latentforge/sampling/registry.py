@@ -22,6 +22,12 @@ class SamplerInfo:
     discard_penultimate_sigma: bool = False  # A1111 drops the next-to-last sigma for these
     evaluations: Callable[[int], int] = lambda steps: steps
 
+    @property
+    def second_order(self) -> bool:
+        """Two model calls per step (Heun, DPM2, DPM2 a, DPM++ SDE, DPM++ 2S a): A1111 lays prompt
+        schedules over twice the steps for these."""
+        return self.evaluations(2) == 3
+
 
 SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("euler", "Euler", s.sample_euler, aliases=("k_euler",)),
