@@ -57,6 +57,32 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
             default=None,
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
+    if not img2img:
+        p.add_argument(
+            "--hires",
+            dest="hr_scale",
+            type=float,
+            default=None,
+            help="A1111's Hires. fix: upscale by this factor (e.g. 2) and run a second img2img pass at that size",
+        )
+        p.add_argument(
+            "--hires-upscaler",
+            dest="hr_upscaler",
+            default=None,
+            help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+            "Latent (nearest), Latent (nearest-exact), Lanczos or Nearest",
+        )
+        p.add_argument(
+            "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
+        )
+        p.add_argument(
+            "--strength",
+            "--denoising-strength",
+            dest="denoising_strength",
+            type=float,
+            default=None,
+            help="with --hires: how much the second pass changes the upscaled image, 0 to 1 (default 0.75)",
+        )
     p.add_argument(
         "--sgm-noise",
         dest="sgm_noise_multiplier",
@@ -142,10 +168,12 @@ def build_request(args: argparse.Namespace, img2img: bool):
         value = getattr(args, dest)
         if value is not None:
             setattr(req, dest, value)
-    for dest in ("sgm_noise_multiplier", "denoising_strength", "resize_mode"):
+    for dest in ("sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"):
         value = getattr(args, dest, None)
         if value is not None:
             setattr(req, dest, value)
+    if getattr(args, "hr_scale", None) is not None:
+        req.enable_hr, req.hr_scale = True, args.hr_scale
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import tasks
+from latentforge.pipelines import hires, tasks
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, ModelDenoiser, NoiseSchedule, get_sigmas, resolve
 from latentforge.sampling.noise import BrownianNoise, ImageNoise
@@ -106,39 +106,58 @@ def generate(
         sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
 
     with torch.inference_mode():
-        total_calls = req.steps * (2 if info.second_order else 1)  # A1111's length of prompt schedules
-        cond, uncond = tasks.conditioning(pipe, req, width, height, req.batch_size, total_calls)
+        calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
+        cond, uncond = tasks.conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step)
         model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
+        hr = None
+        if req.enable_hr and not img2img:
+            hr_w, hr_h = hires.target_size(req, width, height)
+            hr_steps = req.hr_second_pass_steps or req.steps
+            hr_full = _sigmas(info, schedule_name, schedule, hr_steps)
+            hr_sigmas = img2img_sigmas(hr_full, hr_steps, req.denoising_strength)
+            hr_cond, hr_uncond = tasks.conditioning(pipe, req, hr_w, hr_h, req.batch_size, hr_steps * calls_per_step)
+            hr = (hr_sigmas, (latent_shape[0], hr_h // down, hr_w // down), hr_cond, hr_uncond)
         init_latents = None
         if img2img:
             prepared = [tasks.prepare_image(img, width, height, req.resize_mode) for img in images_in]
             tensors = torch.cat([tasks.image_to_tensor(p) for p in prepared]).to(pipe.device)
             init_latents = pipe.vae.encode(tensors).float()
+        total = len(sigmas) - 1 + (len(hr[0]) - 1 if hr else 0)
+
+        def run_pass(init, pass_sigmas, shape, c, u, batch_seeds, it, offset):
+            """One sampling pass from fresh noise (init None) or from latents noised to the first sigma."""
+            noise = ImageNoise(batch_seeds, shape, out_device=pipe.device)
+            first = noise.next()
+            if init is not None:
+                x = init + first * float(pass_sigmas[0]) if req.denoising_strength > 0 else init
+            else:
+                scale = math.sqrt(1 + float(pass_sigmas[0]) ** 2) if req.sgm_noise_multiplier else float(pass_sigmas[0])
+                x = first * scale
+            if init is not None and req.denoising_strength == 0:
+                return x
+            draw = noise
+            if info.brownian:
+                positive = pass_sigmas[pass_sigmas > 0]
+                draw = BrownianNoise(batch_seeds, shape, positive.min(), positive.max(), out_device=pipe.device)
+
+            def callback(i, x_i, sigma, denoised):
+                if progress is not None:
+                    progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
+
+            denoiser = CFGDenoiser(model, c, u, req.cfg_scale)  # prompt schedules restart per pass
+            return info.fn(denoiser, x, pass_sigmas, noise=draw, callback=callback, **_sampler_options(req))
 
         out_images: list[Image.Image] = []
         for it in range(req.batch_count):
             batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-            noise = ImageNoise(batch_seeds, latent_shape, out_device=pipe.device)
-            first = noise.next()
+            init = None
             if img2img:
-                idx = [(it * req.batch_size + b) % len(images_in) for b in range(req.batch_size)]
-                x0 = init_latents[idx]
-                x = x0 + first * float(sigmas[0]) if req.denoising_strength > 0 else x0
-            else:
-                scale = math.sqrt(1 + float(sigmas[0]) ** 2) if req.sgm_noise_multiplier else float(sigmas[0])
-                x = first * scale
-            draw = noise
-            if info.brownian:
-                positive = sigmas[sigmas > 0]
-                draw = BrownianNoise(batch_seeds, latent_shape, positive.min(), positive.max(), out_device=pipe.device)
-
-            def callback(i, x_i, sigma, denoised, it=it):
-                if progress is not None:
-                    progress(Progress(i + 1, len(sigmas) - 1, it, req.batch_count, float(sigma), denoised, pipe))
-
-            denoiser = CFGDenoiser(model, cond, uncond, req.cfg_scale)  # prompt schedules restart per pass
-            if not img2img or req.denoising_strength > 0:
-                x = info.fn(denoiser, x, sigmas, noise=draw, callback=callback, **_sampler_options(req))
+                init = init_latents[[(it * req.batch_size + b) % len(images_in) for b in range(req.batch_size)]]
+            x = run_pass(init, sigmas, latent_shape, cond, uncond, batch_seeds, it, 0)
+            if hr:
+                hr_sigmas, hr_shape, hr_cond, hr_uncond = hr
+                upscaled = hires.upscale(pipe, x, req.hr_upscaler, hr_shape)
+                x = run_pass(upscaled, hr_sigmas, hr_shape, hr_cond, hr_uncond, batch_seeds, it, len(sigmas) - 1)
             out_images.extend(tasks.tensor_to_images(pipe.vae.decode(x)))
 
     from latentforge.pipelines.metadata import infotexts_for

@@ -51,13 +51,25 @@ def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
-        "Denoising strength": _num(req.denoising_strength) if img2img else None,
+        "Denoising strength": _num(req.denoising_strength) if img2img or req.enable_hr else None,
+        **(_hires_fields(req) if req.enable_hr and not img2img else {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
         "RNG": "CPU",
         "Version": f"latentforge {__version__}",
     }
     return params
+
+
+def _hires_fields(req: GenerationRequest) -> dict:
+    """A1111's names for the hires fix settings."""
+    resize = req.hr_resize_x or req.hr_resize_y
+    return {
+        "Hires upscale": None if resize else _num(req.hr_scale),
+        "Hires resize": f"{req.hr_resize_x}x{req.hr_resize_y}" if resize else None,
+        "Hires steps": req.hr_second_pass_steps or None,
+        "Hires upscaler": req.hr_upscaler,
+    }
 
 
 def _num(x: float) -> str:
@@ -165,9 +177,19 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.clip_skip = int(s["Clip skip"])
     if "Eta" in s:
         req.eta = float(s["Eta"])
+    hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
+    if hires & set(s):
+        req.enable_hr = True
+        req.hr_scale = float(s.get("Hires upscale", req.hr_scale))
+        if "Hires resize" in s:
+            x, y = s["Hires resize"].lower().split("x")
+            req.hr_resize_x, req.hr_resize_y = int(x), int(y)
+        req.hr_second_pass_steps = int(s.get("Hires steps", 0))
+        req.hr_upscaler = s.get("Hires upscaler", req.hr_upscaler)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
+    known |= hires
     req.extra = {k: v for k, v in s.items() if k not in known}
-    mode = "img2img" if "Denoising strength" in s else "txt2img"
+    mode = "img2img" if "Denoising strength" in s and not req.enable_hr else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
 

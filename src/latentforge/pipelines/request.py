@@ -37,6 +37,12 @@ class GenerationRequest:
     sgm_noise_multiplier: bool = False  # start txt2img at sqrt(1 + sigma^2) * noise (SGM, ComfyUI, diffusers)
     quantize_timesteps: bool = False  # round the UNet's timestep to an integer step (ComfyUI's convention)
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
+    enable_hr: bool = False  # txt2img "Hires. fix": upscale, then an img2img pass (pipelines/hires.py)
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"  # see hires.LATENT_UPSCALERS and hires.IMAGE_UPSCALERS
+    hr_second_pass_steps: int = 0  # 0: the same as steps
+    hr_resize_x: int = 0  # a target width instead of hr_scale (0: unused)
+    hr_resize_y: int = 0
     aesthetic_score: float = 6.0  # SDXL refiner
     negative_aesthetic_score: float = 2.5
     extra: dict = field(default_factory=dict)  # kept in the metadata, ignored by generation
@@ -78,17 +84,39 @@ class GenerationRequest:
             self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
         )
-        if img2img:
+        if self.enable_hr and not img2img:
+            self._validate_hires(need)
+        if img2img or self.enable_hr:
             s = self.denoising_strength
             need(
                 isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s <= 1.0,
                 f"denoising_strength must be between 0 and 1, got {s!r}",
             )
             need(
-                self.resize_mode in (0, 1, 2),
+                not img2img or self.resize_mode in (0, 1, 2),
                 "resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill)",
             )
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+
+    def _validate_hires(self, need) -> None:
+        from latentforge.pipelines.hires import upscaler_name
+
+        need(
+            isinstance(self.hr_scale, (int, float)) and math.isfinite(self.hr_scale) and 0 < self.hr_scale <= 8,
+            f"hr_scale must be above 0 and at most 8, got {self.hr_scale!r}",
+        )
+        steps = self.hr_second_pass_steps
+        need(
+            isinstance(steps, int) and 0 <= steps <= 1000,
+            f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
+        )
+        for name in ("hr_resize_x", "hr_resize_y"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
+                f"{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
+            )
+        upscaler_name(self.hr_upscaler)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,79 @@
+"""A1111's "Hires. fix": txt2img at the requested size, upscaled, then an img2img pass at the larger size.
+
+The second pass uses the same seeds (fresh noise at the new size, A1111's rule), the request's
+``denoising_strength`` and ``hr_second_pass_steps`` (0: the same steps), with img2img's step rule.
+Upscalers: the latent ones interpolate the latents directly; the image ones decode, resize the
+8-bit image and encode again, as A1111 does. (A1111's neural upscalers, ESRGAN and the like, are not
+available: they need weights that latentforge does not ship.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from latentforge.pipelines.request import GenerationRequest, RequestError
+
+# A1111's names -> (interpolation mode, antialias) for latent upscalers, a PIL filter for image ones
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def upscaler_name(name: str) -> str:
+    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if name.strip().lower() == known.lower():
+            return known
+    raise RequestError(
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+    )
+
+
+def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """A1111's target: width and height times ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of
+    them keeps the aspect ratio; both must keep it too, since cropping is not supported)."""
+    x, y = req.hr_resize_x, req.hr_resize_y
+    if not x and not y:
+        w, h = int(width * req.hr_scale), int(height * req.hr_scale)
+    elif not y:
+        w, h = x, x * height // width
+    elif not x:
+        w, h = y * width // height, y
+    else:
+        if abs(x / y - width / height) > 0.01:
+            raise RequestError(
+                f"hires size {x}x{y} has another aspect ratio than {width}x{height}; give only hr_resize_x or "
+                "hr_resize_y (the other follows), or use hr_scale"
+            )
+        w, h = x, y
+    w, h = w // 8 * 8, h // 8 * 8
+    if w < 64 or h < 64 or w > 8192 or h > 8192:
+        raise RequestError(f"hires size {w}x{h} is outside 64 to 8192 pixels")
+    return w, h
+
+
+def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -> Tensor:
+    """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass."""
+    name = upscaler_name(upscaler)
+    size = shape[-2:]
+    if name in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[name]
+        return F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
+    f = pipe.vae.config.downscale
+    decoded = ((pipe.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+    images = []
+    for sample in decoded:
+        pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
+        resized = Image.fromarray(pixels).resize((size[1] * f, size[0] * f), IMAGE_UPSCALERS[name])
+        images.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    return pipe.vae.encode(torch.stack(images).to(pipe.device)).float()

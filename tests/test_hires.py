@@ -1,0 +1,102 @@
+"""A1111's Hires. fix: txt2img, upscale, then img2img at the larger size with the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentforge
+from latentforge.cli import main
+from latentforge.pipelines import RequestError, hires
+from latentforge.pipelines.metadata import request_from_infotext
+from latentforge.pipelines.tasks import tensor_to_images
+from tiny import build_reference, save_folder
+
+BASE = dict(seed=21, steps=4, width=64, height=64, sampler="Euler", denoising_strength=0.5)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_folder(build_reference("sd1", seed=81), tmp_path_factory.mktemp("hr") / "m")
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return latentforge.load(model)
+
+
+def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(pipe, monkeypatch):
+    seen = {}
+    original = hires.upscale
+
+    def spy(p, latents, upscaler, shape):
+        seen["first"] = latents.clone()
+        return original(p, latents, upscaler, shape)
+
+    monkeypatch.setattr(hires, "upscale", spy)
+    result = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **BASE)
+    assert result.images[0].size == (128, 128)
+
+    plain = pipe.txt2img("a cube", **BASE).images[0]
+    first_image = tensor_to_images(pipe.vae.decode(seen["first"]))[0]
+    assert np.array_equal(np.asarray(first_image), np.asarray(plain))
+
+    # A1111: decode, to 8 bits by truncation, resize with the upscaler, then img2img with the same seed
+    decoded = ((pipe.vae.decode(seen["first"]).float()[0] + 1) / 2).clamp(0, 1)
+    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
+    resized = Image.fromarray(pixels).resize((128, 128), Image.Resampling.LANCZOS)
+    expected = pipe.img2img(resized, "a cube", **{**BASE, "width": 128, "height": 128}).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+
+
+def test_latent_upscalers_interpolate_the_latents():
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    up = hires.upscale(None, latents, "latent (nearest)", (4, 16, 16))
+    assert torch.equal(up, latents.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    smooth = hires.upscale(None, latents, "Latent", (4, 16, 16))
+    assert smooth.shape == (1, 4, 16, 16) and not torch.equal(smooth, up)
+
+
+def test_infotext_names_the_hires_settings_and_reads_back(pipe):
+    result = pipe.txt2img("a cube", enable_hr=True, hr_second_pass_steps=3, **BASE)
+    text = result.infotexts[0]
+    expected = ["Size: 64x64", "Denoising strength: 0.5", "Hires upscale: 2", "Hires steps: 3"]
+    expected.append("Hires upscaler: Latent")
+    for field in expected:
+        assert field in text
+    req, meta = request_from_infotext(text)
+    assert meta["mode"] == "txt2img"
+    assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps, req.hr_upscaler) == (True, 2.0, 3, "Latent")
+    plain = pipe.txt2img("a cube", **BASE).infotexts[0]
+    assert "Hires" not in plain and "Denoising strength" not in plain
+
+
+def test_cli_hires_and_from_reproduce_the_pixels(model, tmp_path):
+    out, again = tmp_path / "hr.png", tmp_path / "again.png"
+    args = ["txt2img", "a cube", "-m", str(model), "--seed", "4", "--steps", "3", "-W", "64", "-H", "64", "-q"]
+    assert main([*args, "--hires", "1.5", "--hires-upscaler", "Nearest", "--strength", "0.6", "-o", str(out)]) == 0
+    assert Image.open(out).size == (96, 96)
+    assert main(["txt2img", "--from", str(out), "-m", str(model), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(hr_upscaler="ESRGAN_4x"), "unknown hires upscaler 'ESRGAN_4x'; choose one of: Latent"),
+        (dict(hr_scale=0), "hr_scale must be above 0"),
+        (dict(hr_resize_x=200, hr_resize_y=100), "another aspect ratio"),
+        (dict(hr_second_pass_steps=-1), "hr_second_pass_steps must be 0"),
+        (dict(denoising_strength=1.5), "denoising_strength must be between 0 and 1"),
+    ],
+)
+def test_bad_hires_settings_are_refused(pipe, options, message):
+    with pytest.raises(RequestError, match=message.replace("(", r"\(")):
+        pipe.txt2img("a cube", **{**BASE, "enable_hr": True, **options})
+
+
+def test_resize_to_one_side_keeps_the_aspect_ratio(pipe):
+    image = pipe.txt2img("a cube", enable_hr=True, hr_resize_x=128, **{**BASE, "height": 96}).images[0]
+    assert image.size == (128, 96 * 2)
