@@ -40,15 +40,17 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
     for flags, dest, typ, help_ in GEN_OPTIONS:
         p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    p.add_argument(
+        "--strength",
+        "--denoising-strength",
+        dest="denoising_strength",
+        type=float,
+        default=None,
+        help="how much to change the image, 0 to 1 (default 0.75)"
+        if img2img
+        else "with --hires: how much the second pass changes the upscaled image, 0 to 1 (default 0.75)",
+    )
     if img2img:
-        p.add_argument(
-            "--strength",
-            "--denoising-strength",
-            dest="denoising_strength",
-            type=float,
-            default=None,
-            help="how much to change the image, 0 to 1 (default 0.75)",
-        )
         p.add_argument(
             "--resize-mode",
             dest="resize_mode",
@@ -74,14 +76,6 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         )
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
-        )
-        p.add_argument(
-            "--strength",
-            "--denoising-strength",
-            dest="denoising_strength",
-            type=float,
-            default=None,
-            help="with --hires: how much the second pass changes the upscaled image, 0 to 1 (default 0.75)",
         )
     p.add_argument(
         "--sgm-noise",
