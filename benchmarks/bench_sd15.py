@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table
+from common import TIMER, run_child, save, table
 
 PEAK = """
 import torch, time, json
@@ -30,25 +30,6 @@ def peak(dtype):
     return 2 * 4096**3 * n / (time.perf_counter() - t) / 1e9
 print(json.dumps({"fp32": peak(torch.float32), "bf16": peak(torch.bfloat16)}))
 """
-
-# Both children: build inputs the same way, time `reps` runs after a warm-up, count FLOPs once.
-TIMER = (
-    PEAK_RSS
-    + """
-import time, torch
-from torch.utils.flop_counter import FlopCounterMode
-def timed(fn, reps):
-    fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        out = fn()
-    return (time.perf_counter() - t) / reps, out
-def flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-"""
-)
 
 OURS = (
     TIMER

@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table
+from common import TIMER, run_child, save, table
 
 CHILD = (
-    PEAK_RSS
+    TIMER
     + """
-import time, torch
-from torch.utils.flop_counter import FlopCounterMode
 cfg = json.loads('''{cfg}''')
 dtype = getattr(torch, cfg["dtype"])
 base = rss_now()
@@ -36,9 +34,10 @@ if cfg["lib"] == "diffusers":
     if cfg["channels_last"]:
         unet.to(memory_format=torch.channels_last)
 else:
+    from latentforge.device import to_fast_layout
     from latentforge.families import get_family
     from latentforge.models import UNet
-    unet = UNet(get_family("sdxl-base").unet).to(dtype).eval()
+    unet = to_fast_layout(UNet(get_family("sdxl-base").unet).to(dtype).eval())  # as load() does
 n = cfg["size"] // 8
 x = torch.randn(2, 4, n, n).to(dtype); ctx = torch.randn(2, 77, 2048).to(dtype); t = torch.tensor([500.0, 500.0])
 pooled = torch.randn(2, 1280).to(dtype); s = float(cfg["size"]); ids = torch.tensor([[s, s, 0.0, 0.0, s, s]] * 2)
@@ -50,14 +49,9 @@ else:
     y = sdxl_vector(pooled, ids, 256).to(dtype)
     f = lambda: unet(x, t, ctx, y)
 with torch.inference_mode():
-    f()
-    t0 = time.perf_counter()
-    for _ in range(cfg["reps"]):
-        f()
-    sec = (time.perf_counter() - t0) / cfg["reps"]
-    with FlopCounterMode(display=False) as counter:
-        f()
-print(json.dumps({{"s": sec, "flops": counter.get_total_flops(), "peak_rss": peak() - base}}))
+    sec, _ = timed(f, cfg["reps"])
+    count = flops(f)
+print(json.dumps({{"s": sec, "flops": count, "peak_rss": peak() - base}}))
 """
 )
 

@@ -54,6 +54,25 @@ def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 """
 
+# Code for benchmark children: time `reps` runs after a warm-up (mean seconds), count FLOPs once.
+TIMER = (
+    PEAK_RSS
+    + """
+import time, torch
+from torch.utils.flop_counter import FlopCounterMode
+def timed(fn, reps):
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    return (time.perf_counter() - t) / reps, out
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+"""
+)
+
 
 def table(rows: list[dict], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}

@@ -185,8 +185,3 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     boundaries = {steps}
     _walk(tree, steps, boundaries)
     return [(b, _text_at(tree, b, steps)) for b in sorted(boundaries)]
-
-
-def has_editing(text: str) -> bool:
-    """Whether ``text`` may contain an edit or an alternation (cheap pre-check)."""
-    return "[" in text and (":" in text or "|" in text)

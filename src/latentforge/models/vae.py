@@ -68,10 +68,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        # (B, HW, C), made contiguous: from NCHW activations the channel stride is HW, and SDPA's CPU
-        # flash kernel then falls back to the math path, which materialises all HW x HW scores
-        # (17 GB for a 2048 px image). In channels-last layout this is already contiguous (no copy).
-        q, k, v = (m(n).flatten(2).transpose(1, 2).contiguous() for m in (self.q, self.k, self.v))
+        q, k, v = (m(n).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
         out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
 

@@ -16,6 +16,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = Fal
     b, nq, c = q.shape
     d = c // heads
     dtype = q.dtype
+    # Channels must be the innermost dimension: with another stride (e.g. tokens taken from NCHW
+    # activations, C stride = HW) SDPA's CPU flash kernel falls back to the math path, which stores all
+    # N x N scores (17 GB for the VAE at 2048 px). Already so for linear outputs and channels-last maps.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # (B, N, C) -> (B, heads, N, d)
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     if upcast and dtype in (torch.float16, torch.bfloat16):

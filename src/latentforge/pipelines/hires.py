@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.pipelines.tasks import image_to_tensor
 
 # A1111's names -> (interpolation mode, antialias) for latent upscalers, a PIL filter for image ones
 LATENT_UPSCALERS = {
@@ -75,5 +76,5 @@ def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -
     for sample in decoded:
         pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
         resized = Image.fromarray(pixels).resize((size[1] * f, size[0] * f), IMAGE_UPSCALERS[name])
-        images.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    return pipe.vae.encode(torch.stack(images).to(pipe.device)).float()
+        images.append(image_to_tensor(resized))
+    return pipe.vae.encode(torch.cat(images).to(pipe.device)).float()
