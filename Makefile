@@ -6,24 +6,31 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle on a blue background
 
-.PHONY: setup demo test test-slow lint bench demo-model
+.PHONY: setup setup-run demo test test-slow lint bench demo-model
 
-demo-model: setup
+# what generating needs: CPU PyTorch first, then latentforge and its runtime dependencies
+setup-run: $(VENV)/.installed-run
+# and the reference libraries for tests and benchmarks (diffusers, transformers, ...)
+setup: $(VENV)/.installed-test
+
+$(VENV)/.installed-run: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-run
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo-model: setup-run
 	$(BIN)/latentforge train-demo --out runs/demo --install
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sd15.py
 
-setup: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	touch $@
-
-demo: setup
+demo: setup-run
 	$(BIN)/latentforge txt2img "$(PROMPT)" --outdir outputs
 
 test: setup

@@ -8,6 +8,7 @@ import torch
 
 import latentforge
 from latentforge import device as dev
+from latentforge.families import get_family
 from latentforge.train.shapes import Scene, render
 from tiny import build_reference, save_folder
 
@@ -23,8 +24,8 @@ def test_auto_dtype_rules(monkeypatch):
     monkeypatch.setenv("LATENTFORGE_DTYPE", "bf16")
     dtype, why = dev.auto_dtype(cpu, 10)
     assert dtype == torch.bfloat16 and "LATENTFORGE_DTYPE" in why
-    assert dev.vae_dtype(torch.float16, "sdxl-base", cpu) in (torch.bfloat16, torch.float32)
-    assert dev.vae_dtype(torch.float16, "sd1", cpu) == torch.float16
+    assert dev.vae_dtype(torch.float16, get_family("sdxl-base").vae_fp16_safe, cpu) in (torch.bfloat16, torch.float32)
+    assert dev.vae_dtype(torch.float16, get_family("sd1").vae_fp16_safe, cpu) == torch.float16
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def demo_vae():
 
 
 def _big_scene() -> torch.Tensor:
-    from latentforge.pipelines.tasks import image_to_tensor
+    from latentforge.pipelines.images import image_to_tensor
 
     big = render(Scene("red", "circle", "blue", "large", "in the center", ""), resolution=256)
     return image_to_tensor(big)
@@ -90,7 +91,7 @@ def test_tiled_decode_and_encode_match_whole_image_without_seams(demo_vae):
         whole = demo_vae.decode(z, tile=0)
         tiled = demo_vae.decode(z, tile=24)  # the 64x64 latent in 24-pixel tiles overlapping by 6
         z_tiled = demo_vae.encode(x, tile=24)
-    to_img = latentforge.pipelines.tasks.tensor_to_images
+    to_img = latentforge.pipelines.images.tensor_to_images
     assert _psnr(to_img(tiled)[0], to_img(whole)[0]) > 32
     assert float((z_tiled - z).abs().max()) < 0.25 * float(z.abs().max())
     # no edge: the image change across each tile boundary is no larger than across its neighbours

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import latentforge
-from latentforge.pipelines.generate import img2img_sigmas
+from latentforge.pipelines.plan import img2img_sigmas
 from latentforge.sampling import NoiseSchedule, get_sigmas
 from tiny import build_reference, hf_tokenizer, save_folder
 
@@ -85,7 +85,7 @@ def test_img2img_matches_img2img_pipeline(sd1, name):
     options = {k: v for k, v in options.items() if k != "sgm_noise_multiplier"}
     init = _init_image()
     with torch.inference_mode():
-        from latentforge.pipelines.tasks import image_to_tensor, prepare_image
+        from latentforge.pipelines.images import image_to_tensor, prepare_image
 
         latent = ours.vae.encode(image_to_tensor(prepare_image(init, 64, 64, 0)))
     pipe = D.StableDiffusionImg2ImgPipeline(

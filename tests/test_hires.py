@@ -9,9 +9,9 @@ from PIL import Image
 
 import latentforge
 from latentforge.cli import main
-from latentforge.pipelines import RequestError, hires
+from latentforge.pipelines import HiresOptions, RequestError, hires
+from latentforge.pipelines.images import tensor_to_images
 from latentforge.pipelines.metadata import request_from_infotext
-from latentforge.pipelines.tasks import tensor_to_images
 from tiny import build_reference, save_folder
 
 BASE = dict(seed=21, steps=4, width=64, height=64, sampler="Euler", denoising_strength=0.5)
@@ -68,7 +68,7 @@ def test_infotext_names_the_hires_settings_and_reads_back(pipe):
         assert field in text
     req, meta = request_from_infotext(text)
     assert meta["mode"] == "txt2img"
-    assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps, req.hr_upscaler) == (True, 2.0, 3, "Latent")
+    assert req.hires == HiresOptions(scale=2.0, second_pass_steps=3, upscaler="Latent")
     plain = pipe.txt2img("a cube", **BASE).infotexts[0]
     assert "Hires" not in plain and "Denoising strength" not in plain
 

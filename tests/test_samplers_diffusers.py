@@ -15,6 +15,7 @@ import diffusers as D
 import pytest
 import torch
 
+from latentforge.families import get_family
 from latentforge.sampling import NoiseSchedule, get_sigmas
 from latentforge.sampling import dpmsolver as dp
 from latentforge.sampling import samplers as sm
@@ -193,7 +194,8 @@ def test_align_your_steps_levels_are_the_published_ones(family, table):
     from diffusers.schedulers import AysSchedules
 
     published = AysSchedules[table]  # NVIDIA's 10-step levels; diffusers puts 0 where the paper has 0.029
-    ours = get_sigmas("align_your_steps", NoiseSchedule(family=family), 11)  # A1111: 11 steps = the 11 levels
+    # A1111: 11 steps = the 11 levels
+    ours = get_sigmas("align_your_steps", NoiseSchedule.for_family(get_family(family)), 11)
     assert len(ours) == 12 and float(ours[-1]) == 0.0 and float(ours[-2]) == pytest.approx(0.029)
     torch.testing.assert_close(ours[:10], torch.tensor(published[:10], dtype=torch.float64))
 
@@ -208,6 +210,6 @@ def test_align_your_steps_other_step_counts_interpolate_log_sigma(steps):
     levels = np.array([*AysSchedules["StableDiffusionXLSigmas"][:10], 0.029])
     ascending = np.log(levels[::-1])
     expected = np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), ascending))[::-1]
-    ours = get_sigmas("Align Your Steps", NoiseSchedule(family="sdxl-refiner"), steps)
+    ours = get_sigmas("Align Your Steps", NoiseSchedule.for_family(get_family("sdxl-refiner")), steps)
     assert len(ours) == steps + 1 and float(ours[-1]) == 0.0
     np.testing.assert_allclose(ours[:-1].numpy(), expected, rtol=1e-12)

@@ -193,7 +193,7 @@ def test_vae_training_lowers_reconstruction_error_and_normalises_latents(tmp_pat
     fam = latentforge.get_family("demo")
     from latentforge.loading import load_vae
     from latentforge.models import AutoencoderKL
-    from latentforge.pipelines.tasks import image_to_tensor
+    from latentforge.pipelines.images import image_to_tensor
 
     scenes = SyntheticShapes(32, 64, 7)  # not the training scenes
     x = torch.cat([image_to_tensor(scenes[i][0]) for i in range(32)])

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("latentforge: interrupted; nothing was written", file=sys.stderr)
+        print("latentforge: interrupted", file=sys.stderr)
         return 130
 
 

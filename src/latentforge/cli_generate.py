@@ -90,7 +90,12 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         type=Path,
         help="reproduce the image made with the parameters stored in this PNG; other options given here override them",
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="weights dtype (default: automatic, the fastest for the device: bf16 for full-size models on CPUs "
+        "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
+    )
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("-o", "--output", type=Path, help="output PNG (several images: name-1.png, name-2.png, ...)")
     p.add_argument(
@@ -156,18 +161,18 @@ def build_request(args: argparse.Namespace, img2img: bool):
         pick = meta["batch_index"]
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
+    options = {}
     if args.prompt is not None:
-        req.prompt = args.prompt
-    for _, dest, _, _ in GEN_OPTIONS:
-        value = getattr(args, dest)
-        if value is not None:
-            setattr(req, dest, value)
-    for dest in ("sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"):
+        options["prompt"] = args.prompt
+    dests = [dest for _, dest, _, _ in GEN_OPTIONS]
+    dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
+    for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:
-            setattr(req, dest, value)
+            options[dest] = value
     if getattr(args, "hr_scale", None) is not None:
-        req.enable_hr, req.hr_scale = True, args.hr_scale
+        options.update(enable_hr=True, hr_scale=args.hr_scale)
+    req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img)
@@ -196,6 +201,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
             result = pipe.img2img(args.init_image, request=req, progress=bar)
         else:
             result = pipe.txt2img(request=req, progress=bar)
+    except KeyboardInterrupt:
+        print("\nlatentforge: interrupted before any image was written", file=sys.stderr)
+        return 130
     finally:
         bar.close()
     images, seeds = result.images, result.seeds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -46,9 +47,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is not None and "=" in str(config) and not str(config).endswith(".toml"):
         config, overrides = None, [str(args.config), *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
-    out = train(cfg, _printer(args.quiet, cfg.mode))
+    try:
+        out = train(cfg, _printer(args.quiet, cfg.mode))
+    except KeyboardInterrupt:
+        print(f"latentforge: interrupted; {interrupted_summary(Path(cfg.output))}", file=sys.stderr)
+        return 130
     print(out)
     return 0
+
+
+def interrupted_summary(out: Path) -> str:
+    """What an interrupted run left in its output folder, and how to go on."""
+    from latentforge.train.common import STATE_DIR, has_state
+
+    written = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
+    parts = []
+    if has_state(out):
+        step = json.loads((out / STATE_DIR / "state.json").read_text()).get("step", "?")
+        parts.append(f"the training state of step {step} is saved in {out / STATE_DIR} (the same command resumes)")
+    if written:
+        parts.append(f"checkpoints written: {', '.join(written)} in {out}")
+    return "; ".join(parts) if parts else "nothing was written"
 
 
 def recipe(name: str) -> Path:
@@ -62,12 +81,17 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = args.out
-    vae_cfg = load_config(recipe("demo_vae.toml"), [f"output={_q(out / 'vae')}", *args.overrides])
-    vae_file = train(vae_cfg, _printer(args.quiet, "vae"))
-    unet_cfg = load_config(
-        recipe("demo_unet.toml"), [f"output={_q(out / 'unet')}", f"model.vae={_q(vae_file)}", *args.overrides]
-    )
-    model = train(unet_cfg, _printer(args.quiet, "unet"))
+    try:
+        vae_cfg = load_config(recipe("demo_vae.toml"), [f"output={_q(out / 'vae')}", *args.overrides])
+        vae_file = train(vae_cfg, _printer(args.quiet, "vae"))
+        unet_cfg = load_config(
+            recipe("demo_unet.toml"), [f"output={_q(out / 'unet')}", f"model.vae={_q(vae_file)}", *args.overrides]
+        )
+        model = train(unet_cfg, _printer(args.quiet, "unet"))
+    except KeyboardInterrupt:
+        stages = [f"{stage}: {interrupted_summary(out / stage)}" for stage in ("vae", "unet")]
+        print(f"latentforge: interrupted; {'; '.join(stages)}", file=sys.stderr)
+        return 130
     demo = latentforge.load(model).save(out / "demo.safetensors", dtype="fp16", overwrite=True)
     print(f"{demo} ({demo.stat().st_size / 1e6:.1f} MB) in {(time.perf_counter() - start) / 60:.1f} min")
     if args.install:
@@ -80,6 +104,4 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
 
 def _q(path: Path) -> str:
-    import json
-
     return json.dumps(str(path))

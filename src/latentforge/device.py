@@ -16,6 +16,26 @@ import torch
 
 AUTO_BF16_MIN_UNET_PARAMS = 100_000_000
 
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype from its name (fp32, bf16, fp16 and aliases); None and torch dtypes pass through."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
@@ -35,8 +55,6 @@ def supports_bf16(device: torch.device) -> bool:
 
 def auto_dtype(device: torch.device, unet_params: int) -> tuple[torch.dtype, str]:
     """(dtype, why) for a model whose UNet has ``unet_params`` parameters."""
-    from latentforge.loading import parse_dtype
-
     env = os.environ.get("LATENTFORGE_DTYPE")
     if env:
         return parse_dtype(env), f"LATENTFORGE_DTYPE={env}"
@@ -49,9 +67,10 @@ def auto_dtype(device: torch.device, unet_params: int) -> tuple[torch.dtype, str
     return torch.float32, "no fast reduced-precision arithmetic on this device"
 
 
-def vae_dtype(dtype: torch.dtype, family_name: str, device: torch.device) -> torch.dtype:
-    """The SDXL VAE overflows in fp16 (NaNs, black images): run it in bf16 or fp32 instead."""
-    if dtype == torch.float16 and family_name.startswith("sdxl"):
+def vae_dtype(dtype: torch.dtype, fp16_safe: bool, device: torch.device) -> torch.dtype:
+    """A VAE that overflows in fp16 (the SDXL VAE: NaNs, black images; ``Family.vae_fp16_safe`` is
+    False) runs in bf16 or fp32 instead."""
+    if dtype == torch.float16 and not fp16_safe:
         return torch.bfloat16 if supports_bf16(device) else torch.float32
     return dtype
 

@@ -6,12 +6,12 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from latentforge.convert.diffusers import vae_config_from_diffusers, vae_key_to_original
+from latentforge.device import auto_dtype, parse_dtype, to_fast_layout, vae_dtype
 from latentforge.families import Family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
@@ -23,42 +23,9 @@ from latentforge.models.clip import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNet
 from latentforge.models.vae import AutoencoderKL, VAEConfig
+from latentforge.pipeline import LoadInfo, Pipeline
 
 log = logging.getLogger("latentforge")
-
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16") from None
-
-
-@dataclass
-class LoadInfo:
-    """How a pipeline was loaded, for ``inspect`` and for the user's logs."""
-
-    source: str
-    layout: str
-    family_reason: str
-    prediction_reason: str
-    vae_source: str
-    extras: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    dtype_reason: str = ""
 
 
 def open_source(path: str | Path):
@@ -136,9 +103,6 @@ def load(
     with a standalone VAE file or folder. ``prediction`` ('eps' or 'v') overrides detection of the
     parameterisation; ``family`` forces a family (it must still fit the file's structure).
     """
-    from latentforge.device import auto_dtype, to_fast_layout, vae_dtype
-    from latentforge.pipeline import Pipeline
-
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     dtype_reason = f"explicit dtype={dtype!r}" if torch_dtype is not None else ""
@@ -160,7 +124,7 @@ def load(
         check_all(plans, source.name)
         if torch_dtype is None:
             torch_dtype, dtype_reason = auto_dtype(dev, sum(math.prod(r.shape) for r in urefs.values()))
-        vdtype = vae_dtype(torch_dtype, fam.name, dev)
+        vdtype = vae_dtype(torch_dtype, fam.vae_fp16_safe, dev)
 
         unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
         fam, pred, pred_reason = resolve_prediction(

@@ -34,10 +34,15 @@ def _called_blocks(module: nn.Module):
 
 
 class Offloader:
-    def __init__(self, device: torch.device, storage: torch.device):
+    """Moves networks (or their blocks) to the compute device around their forward. Its hooks are
+    registered with the pipeline's ``ModelPatcher`` under the source "offload", next to any adapter's."""
+
+    SOURCE = "offload"
+
+    def __init__(self, device: torch.device, storage: torch.device, patcher):
         self.device, self.storage = device, storage
+        self.patcher = patcher
         self.resident: nn.Module | None = None
-        self.handles: list = []
         self.moves = 0
 
     def _bring(self, module: nn.Module) -> None:
@@ -58,7 +63,7 @@ class Offloader:
             return _to(args, self.device), _to(kwargs, self.device)
 
         for part in (module, *module.children()):
-            self.handles.append(part.register_forward_pre_hook(pre, with_kwargs=True))
+            self.patcher.add_hook(self.SOURCE, part, pre=pre)
 
     def attach_sequential(self, module: nn.Module) -> None:
         def pre(mod, args, kwargs):
@@ -71,32 +76,26 @@ class Offloader:
             return output
 
         for block in _called_blocks(module):
-            self.handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            self.handles.append(block.register_forward_hook(post))
+            self.patcher.add_hook(self.SOURCE, block, pre=pre, post=post)
         # the parent's own forward also receives inputs on the wrong device
-        self.handles.append(
-            module.register_forward_pre_hook(
-                lambda m, a, k: (_to(a, self.device), _to(k, self.device)), with_kwargs=True
-            )
-        )
+        self.patcher.add_hook(self.SOURCE, module, pre=lambda m, a, k: (_to(a, self.device), _to(k, self.device)))
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        """Remove the hooks; the weights stay in CPU memory."""
+        self.patcher.remove(self.SOURCE)
 
 
-def enable_offload(pipe, device: str | torch.device = "cuda", *, sequential: bool = False) -> Offloader:
-    """Keep ``pipe``'s weights in CPU memory and compute on ``device``; see the module docstring."""
+def make_offloader(
+    networks: list[nn.Module], patcher, device: str | torch.device = "cuda", *, sequential: bool = False
+) -> Offloader:
+    """Keep ``networks``' weights in CPU memory and compute on ``device``; see the module docstring."""
     device = torch.device(device)
     storage = torch.device("cpu")
-    offloader = Offloader(device, storage)
-    for module in (*pipe.text_encoders, pipe.unet, pipe.vae):
+    offloader = Offloader(device, storage, patcher)
+    for module in networks:
         module.to(storage)
         if sequential:
             offloader.attach_sequential(module)
         else:
             offloader.attach_model(module)
-    pipe.execution_device = device
-    pipe._offloader = offloader
     return offloader

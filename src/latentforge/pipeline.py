@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from latentforge.adapters.patcher import ModelPatcher
+from latentforge.conditioning.text import PromptEmbedding, TextConditioner
+from latentforge.device import parse_dtype
 from latentforge.families import Family
-from latentforge.loading import LoadInfo, parse_dtype
 from latentforge.models.clip import CLIPTextModel
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.models.unet import UNet
 from latentforge.models.vae import AutoencoderKL
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from latentforge.offload import Offloader
+    from latentforge.pipelines.generate import GenerationResult, Progress
+    from latentforge.pipelines.request import GenerationOptions, GenerationRequest
+
+__all__ = ["LoadInfo", "Pipeline", "PromptEmbedding"]
+
 
 @dataclass
-class PromptEmbedding:
-    context: Tensor  # (B, T, context_dim): cross-attention input of the UNet
-    pooled: Tensor | None = None  # (B, P): SDXL's pooled text vector
+class LoadInfo:
+    """How a pipeline was loaded, for ``inspect`` and for the user's logs."""
+
+    source: str
+    layout: str
+    family_reason: str
+    prediction_reason: str
+    vae_source: str
+    extras: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    dtype_reason: str = ""
 
 
 class Pipeline:
     """What ``latentforge.load`` returns.
 
-    Attributes: ``family`` (a ``Family``), ``prediction`` ('eps' or 'v'), ``unet``, ``vae``,
-    ``text_encoders`` and ``tokenizers`` (one per encoder of the family, in the family's order),
-    ``extras`` (tensors of the file outside the networks, kept for saving) and ``info`` (how it was
-    loaded: detection, parameterisation, VAE source).
+    Attributes: ``family`` (a ``Family``), ``prediction`` ('eps' or 'v'), ``unet``, ``vae``, ``text``
+    (the ``TextConditioner``: encoders and tokenizers in the family's order, also reachable as
+    ``text_encoders`` and ``tokenizers``), ``extras`` (tensors of the file outside the networks, kept
+    for saving), ``info`` (how it was loaded: detection, parameterisation, VAE source), ``patcher``
+    (the one owner of everything applied to the loaded weights: patches, hooks), ``offloader`` and
+    ``execution_device`` (set by ``enable_offload``) and ``caches`` (values derived from the model,
+    such as its hash and preview weights, computed once).
     """
 
     def __init__(
@@ -47,16 +72,39 @@ class Pipeline:
         self.prediction = prediction
         self.unet = unet
         self.vae = vae
-        self.text_encoders = text_encoders
-        self.tokenizers = tokenizers
+        self.text = TextConditioner(family.text, text_encoders, tokenizers)
         self.extras = extras or {}
         self.info = info
+        self.patcher = ModelPatcher(self.networks)
+        self.offloader: Offloader | None = None
+        self.execution_device: torch.device | None = None  # where computation happens under offload
+        self.caches: dict[str, object] = {}
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        return self.text.encoders
+
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        return self.text.tokenizers
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The networks by name: "unet", "vae", then "text_encoder", "text_encoder_2", ... (the names of
+        ``ModelPatcher`` patches and of diffusers folders)."""
+        nets: dict[str, torch.nn.Module] = {"unet": self.unet, "vae": self.vae}
+        for i, enc in enumerate(self.text.encoders):
+            nets["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = enc
+        return nets
+
+    def cached(self, key: str, make):
+        """A value derived from the loaded model, computed on first use (model hash, preview weights)."""
+        if key not in self.caches:
+            self.caches[key] = make()
+        return self.caches[key]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
-
-    execution_device: torch.device | None = None  # set by enable_offload: where computation happens
 
     @property
     def device(self) -> torch.device:
@@ -67,16 +115,21 @@ class Pipeline:
     def compile(self, **options):
         """Compile the UNet's forward with torch.compile (optional: it pays off over many steps, mostly on
         GPUs; the first call compiles for minutes on a CPU). The module itself is unchanged, so saving
-        and inspection keep working."""
-        self.unet.forward = torch.compile(self.unet.forward, **options)
+        and inspection keep working; patches and hooks added later are traced again."""
+        self.patcher.compile("unet", **options)
         return self
 
-    def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False):
+    def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False) -> Offloader:
         """Keep the weights in CPU memory and compute on ``device`` (a GPU with little memory): whole
         networks move in turn, or with ``sequential=True`` one block at a time. See latentforge.offload."""
-        from latentforge.offload import enable_offload
+        from latentforge.offload import make_offloader
 
-        return enable_offload(self, device, sequential=sequential)
+        if self.offloader is not None:
+            self.offloader.remove()
+        nets = [*self.text.encoders, self.unet, self.vae]
+        self.offloader = make_offloader(nets, self.patcher, device, sequential=sequential)
+        self.execution_device = self.offloader.device
+        return self.offloader
 
     def __repr__(self) -> str:
         return f"<latentforge.Pipeline {self.family.name} ({self.prediction}) {self.dtype} on {self.device}>"
@@ -85,54 +138,18 @@ class Pipeline:
     def encode_prompt(
         self, prompts: str | list[str], *, clip_skip: int | None = None, syntax: str = "a1111"
     ) -> PromptEmbedding:
-        """Text -> UNet conditioning, by the family's rules.
+        """Text -> UNet conditioning by the family's rules (``TextConditioner.encode``, which documents
+        ``clip_skip`` and the A1111 ``syntax``), on the pipeline's device without gradients."""
+        return self.text.encode(prompts, clip_skip=clip_skip, syntax=syntax, device=self.device)
 
-        SD1: last CLIP-L layer through the final LayerNorm (``clip_skip`` = k uses the k-th layer from
-        the end instead, A1111's "Clip skip"); SD2: penultimate OpenCLIP-H layer through the final
-        LayerNorm; SDXL: penultimate CLIP-L and bigG layers without it, concatenated, plus bigG's pooled
-        vector. ``clip_skip`` applies to encoders that use the last layer by default (SD1, as A1111).
-
-        ``syntax="a1111"`` (default) reads emphasis ``(word:1.2)``/``[word]`` and ``BREAK``, and encodes
-        prompts longer than 75 tokens in chunks (context length 77 x chunks); weights scale the token
-        embeddings, then the chunk is rescaled to its original mean, as A1111 does. ``syntax="plain"``
-        truncates at 77 tokens without weights, as diffusers does. The pooled vector comes from the
-        first chunk.
-        """
-        from latentforge.conditioning.prompt import chunk_prompt
-
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if clip_skip is not None and clip_skip < 1:
-            raise ValueError(f"clip_skip must be 1 or more (1 = last layer), got {clip_skip}")
-        first = self.tokenizers[0]
-        comma = first.encode(",")[0]
-        chunked = [chunk_prompt(p, first.encode, comma, syntax) for p in prompts]
-        n_chunks = max(len(c) for c in chunked)
-        for c in chunked:  # batch rows need the same chunk count: pad with empty chunks
-            c.extend(chunk_prompt("", first.encode, comma, "plain")[0] for _ in range(n_chunks - len(c)))
-        contexts, pooled = [], None
-        for spec, enc, tok in zip(self.family.text, self.text_encoders, self.tokenizers):
-            layer = spec.layer
-            if clip_skip is not None and clip_skip > 1 and spec.layer == -1:
-                layer = -clip_skip
-            per_chunk = []
-            for k in range(n_chunks):
-                ids = torch.tensor([tok.frame(c[k].tokens) for c in chunked], device=self.device)
-                out = enc(ids, layer=layer, final_norm=spec.final_norm, pooled=spec.pooled and k == 0)
-                hidden = out.hidden
-                weights = [[1.0, *c[k].weights] + [1.0] * (76 - len(c[k].weights)) for c in chunked]
-                w = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device)
-                if (w != 1).any():
-                    mean = hidden.mean()
-                    hidden = hidden * w[:, :, None]
-                    hidden = hidden * (mean / hidden.mean())
-                per_chunk.append(hidden)
-                if k == 0 and spec.pooled:
-                    pooled = out.pooled
-            contexts.append(torch.cat(per_chunk, dim=1))
-        return PromptEmbedding(torch.cat(contexts, dim=-1), pooled)
-
-    def txt2img(self, prompt: str | None = None, *, request=None, progress=None, **options):
+    def txt2img(
+        self,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> GenerationResult:
         """Generate images from text. Either a ``GenerationRequest`` or its fields as keywords, e.g.
         ``pipe.txt2img("a red circle", steps=20, sampler="Euler a", seed=1)``. Returns a
         ``GenerationResult`` (``.images``: PIL images carrying their parameters, ``.seeds``,
@@ -141,7 +158,15 @@ class Pipeline:
 
         return generate(self, _request(prompt, request, options), progress=progress)
 
-    def img2img(self, image, prompt: str | None = None, *, request=None, progress=None, **options):
+    def img2img(
+        self,
+        image,
+        prompt: str | None = None,
+        *,
+        request: GenerationRequest | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> GenerationResult:
         """Generate from an init image (a PIL image or a path, or a list of them), noised to the start
         sigma that ``denoising_strength`` gives and sampled over the remaining steps (A1111's rule)."""
         from latentforge.pipelines import generate

@@ -30,9 +30,7 @@ def fit_latent_to_rgb(vae, size: int = 64, count: int = 12) -> Tensor:
 
 
 def latent_preview(pipe, latents: Tensor) -> list[Image.Image]:
-    weights = getattr(pipe, "_preview_weights", None)
-    if weights is None:
-        weights = pipe._preview_weights = fit_latent_to_rgb(pipe.vae)
+    weights = pipe.cached("preview weights", lambda: fit_latent_to_rgb(pipe.vae))
     x = latents.detach().float().cpu().permute(0, 2, 3, 1)
     rgb = x @ weights[:-1] + weights[-1]
     arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from latentforge.families.conditioners import Conditioner
 from latentforge.models.clip import TextEncoderConfig
 from latentforge.models.unet import UNetConfig
 from latentforge.models.vae import VAEConfig
@@ -57,8 +58,16 @@ class Signature:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Family:
+    """A model family: its architectures and the traits that decide how it is run, trained and saved.
+
+    Callers ask a family's traits instead of branching on its name: ``conditioner`` builds the UNet's
+    conditioning (families/conditioners.py), ``vae_fp16_safe`` says whether its VAE may run in fp16,
+    ``ays_table`` which Align Your Steps levels fit it, ``diffusers_pipeline``/``diffusers_extras`` what
+    a diffusers folder of it declares.
+    """
+
     name: str
     title: str
     unet: UNetConfig
@@ -67,11 +76,14 @@ class Family:
     latent_scale: float
     prediction: Prediction
     default_size: int
-    task: Literal["txt2img", "inpaint", "depth", "upscale", "sdxl", "refiner", "demo"]
+    conditioner: Conditioner = field(default_factory=Conditioner)
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    vae_fp16_safe: bool = True  # False: the VAE overflows in fp16 (SDXL) and runs in bf16 or fp32 instead
+    ays_table: Literal["sd1", "sdxl"] = "sd1"  # which published Align Your Steps levels suit the family
     diffusers_pipeline: str = "StableDiffusionPipeline"
-    aliases: tuple[str, ...] = field(default=())
+    diffusers_extras: tuple[tuple[str, object], ...] = ()  # further model_index.json entries
+    aliases: tuple[str, ...] = ()
 
     def signature(self, layout: Literal["single", "diffusers"] = "single") -> Signature:
         if layout == "single":

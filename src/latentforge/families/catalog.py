@@ -7,6 +7,13 @@ checked against the reference libraries by the parity tests.
 from __future__ import annotations
 
 from latentforge.families.base import Family, TextEncoderSpec, register
+from latentforge.families.conditioners import (
+    DepthConditioner,
+    InpaintConditioner,
+    RefinerConditioner,
+    SDXLConditioner,
+    UpscaleConditioner,
+)
 from latentforge.models.clip import TextEncoderConfig
 from latentforge.models.unet import UNetConfig
 from latentforge.models.vae import VAEConfig
@@ -71,81 +78,91 @@ _REFINER_TEXT = (
 SD1_UNET = UNetConfig()
 SD2_UNET = UNetConfig(num_heads=None, head_channels=64, context_dim=1024, use_linear_proj=True)
 
+# what the diffusers folders of StableDiffusionPipeline-style models declare besides their components
+_NO_SAFETY_CHECKER = (
+    ("safety_checker", (None, None)),
+    ("feature_extractor", (None, None)),
+    ("requires_safety_checker", False),
+)
+
 SD1 = register(
     Family(
-        "sd1",
-        "Stable Diffusion 1.x",
-        SD1_UNET,
-        VAE_F8,
-        _SD1_TEXT,
-        0.18215,
-        "eps",
-        512,
-        "txt2img",
+        name="sd1",
+        title="Stable Diffusion 1.x",
+        unet=SD1_UNET,
+        vae=VAE_F8,
+        text=_SD1_TEXT,
+        latent_scale=0.18215,
+        prediction="eps",
+        default_size=512,
+        diffusers_extras=_NO_SAFETY_CHECKER,
         aliases=("sd15", "sd1.5", "sd-v1"),
     )
 )
 SD1_INPAINT = register(
     Family(
-        "sd1-inpaint",
-        "Stable Diffusion 1.x inpainting",
-        UNetConfig(in_channels=9),
-        VAE_F8,
-        _SD1_TEXT,
-        0.18215,
-        "eps",
-        512,
-        "inpaint",
+        name="sd1-inpaint",
+        title="Stable Diffusion 1.x inpainting",
+        unet=UNetConfig(in_channels=9),
+        vae=VAE_F8,
+        text=_SD1_TEXT,
+        latent_scale=0.18215,
+        prediction="eps",
+        default_size=512,
+        conditioner=InpaintConditioner(),
         diffusers_pipeline="StableDiffusionInpaintPipeline",
+        diffusers_extras=_NO_SAFETY_CHECKER,
     )
 )
 SD2 = register(
     Family(
-        "sd2",
-        "Stable Diffusion 2.x (512, eps)",
-        SD2_UNET,
-        VAE_F8,
-        _SD2_TEXT,
-        0.18215,
-        "eps",
-        512,
-        "txt2img",
+        name="sd2",
+        title="Stable Diffusion 2.x (512, eps)",
+        unet=SD2_UNET,
+        vae=VAE_F8,
+        text=_SD2_TEXT,
+        latent_scale=0.18215,
+        prediction="eps",
+        default_size=512,
+        diffusers_extras=_NO_SAFETY_CHECKER,
         aliases=("sd21-base", "sd2-base"),
     )
 )
 SD2_V = register(
     Family(
-        "sd2-v",
-        "Stable Diffusion 2.x (768, v-prediction)",
-        UNetConfig(num_heads=None, head_channels=64, context_dim=1024, use_linear_proj=True, upcast_attention=True),
-        VAE_F8,
-        _SD2_TEXT,
-        0.18215,
-        "v",
-        768,
-        "txt2img",
+        name="sd2-v",
+        title="Stable Diffusion 2.x (768, v-prediction)",
+        unet=UNetConfig(
+            num_heads=None, head_channels=64, context_dim=1024, use_linear_proj=True, upcast_attention=True
+        ),
+        vae=VAE_F8,
+        text=_SD2_TEXT,
+        latent_scale=0.18215,
+        prediction="v",
+        default_size=768,
+        diffusers_extras=_NO_SAFETY_CHECKER,
         aliases=("sd21", "sd2-768"),
     )
 )
 SD2_DEPTH = register(
     Family(
-        "sd2-depth",
-        "Stable Diffusion 2 depth-to-image",
-        UNetConfig(in_channels=5, num_heads=None, head_channels=64, context_dim=1024, use_linear_proj=True),
-        VAE_F8,
-        _SD2_TEXT,
-        0.18215,
-        "eps",
-        512,
-        "depth",
+        name="sd2-depth",
+        title="Stable Diffusion 2 depth-to-image",
+        unet=UNetConfig(in_channels=5, num_heads=None, head_channels=64, context_dim=1024, use_linear_proj=True),
+        vae=VAE_F8,
+        text=_SD2_TEXT,
+        latent_scale=0.18215,
+        prediction="eps",
+        default_size=512,
+        conditioner=DepthConditioner(),
         diffusers_pipeline="StableDiffusionDepth2ImgPipeline",
     )
 )
 SD_X4_UPSCALER = register(
     Family(
-        "sd-x4-upscaler",
-        "Stable Diffusion x4 upscaler",
-        UNetConfig(
+        name="sd-x4-upscaler",
+        title="Stable Diffusion x4 upscaler",
+        unet=UNetConfig(
             in_channels=7,
             model_channels=256,
             channel_mult=(1, 2, 2, 4),
@@ -156,12 +173,12 @@ SD_X4_UPSCALER = register(
             num_classes=1000,
             cross_only=(True, True, True, False),
         ),
-        VAE_F4,
-        _SD2_TEXT,
-        0.08333,
-        "v",
-        512,
-        "upscale",
+        vae=VAE_F4,
+        text=_SD2_TEXT,
+        latent_scale=0.08333,
+        prediction="v",
+        default_size=512,
+        conditioner=UpscaleConditioner(),
         beta_start=0.0001,
         beta_end=0.02,
         diffusers_pipeline="StableDiffusionUpscalePipeline",
@@ -170,9 +187,9 @@ SD_X4_UPSCALER = register(
 )
 SDXL_BASE = register(
     Family(
-        "sdxl-base",
-        "Stable Diffusion XL base",
-        UNetConfig(
+        name="sdxl-base",
+        title="Stable Diffusion XL base",
+        unet=UNetConfig(
             model_channels=320,
             channel_mult=(1, 2, 4),
             transformer_depth=(0, 2, 10),
@@ -183,21 +200,23 @@ SDXL_BASE = register(
             use_linear_proj=True,
             adm_in_channels=2816,
         ),
-        VAE_F8,
-        _SDXL_TEXT,
-        0.13025,
-        "eps",
-        1024,
-        "sdxl",
+        vae=VAE_F8,
+        text=_SDXL_TEXT,
+        latent_scale=0.13025,
+        prediction="eps",
+        default_size=1024,
+        conditioner=SDXLConditioner(),
+        vae_fp16_safe=False,
+        ays_table="sdxl",
         diffusers_pipeline="StableDiffusionXLPipeline",
         aliases=("sdxl",),
     )
 )
 SDXL_REFINER = register(
     Family(
-        "sdxl-refiner",
-        "Stable Diffusion XL refiner",
-        UNetConfig(
+        name="sdxl-refiner",
+        title="Stable Diffusion XL refiner",
+        unet=UNetConfig(
             model_channels=384,
             channel_mult=(1, 2, 4, 4),
             transformer_depth=(0, 4, 4, 0),
@@ -208,12 +227,14 @@ SDXL_REFINER = register(
             use_linear_proj=True,
             adm_in_channels=2560,
         ),
-        VAE_F8,
-        _REFINER_TEXT,
-        0.13025,
-        "eps",
-        1024,
-        "refiner",
+        vae=VAE_F8,
+        text=_REFINER_TEXT,
+        latent_scale=0.13025,
+        prediction="eps",
+        default_size=1024,
+        conditioner=RefinerConditioner(),
+        vae_fp16_safe=False,
+        ays_table="sdxl",
         diffusers_pipeline="StableDiffusionXLImg2ImgPipeline",
     )
 )
@@ -224,9 +245,9 @@ SDXL_REFINER = register(
 DEMO_TEXT = TextEncoderConfig(width=64, layers=4, heads=2, mlp_width=256, activation="quick_gelu")
 DEMO = register(
     Family(
-        "demo",
-        "latentforge demo model (coloured shapes, 64 px)",
-        UNetConfig(
+        name="demo",
+        title="latentforge demo model (coloured shapes, 64 px)",
+        unet=UNetConfig(
             model_channels=32,
             channel_mult=(1, 2, 2),
             transformer_depth=(0, 1, 1),
@@ -237,8 +258,8 @@ DEMO = register(
             use_linear_proj=True,
             norm_groups=8,
         ),
-        VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
-        (
+        vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+        text=(
             TextEncoderSpec(
                 "clip-demo",
                 DEMO_TEXT,
@@ -249,9 +270,9 @@ DEMO = register(
                 head_channels=32,
             ),
         ),
-        1.0,
-        "v",
-        64,
-        "txt2img",
+        latent_scale=1.0,
+        prediction="v",
+        default_size=64,
+        diffusers_extras=_NO_SAFETY_CHECKER,
     )
 )

@@ -301,7 +301,7 @@ def save_diffusers(pipe, path: str | Path, *, dtype: torch.dtype | None = None, 
         time_dim = None
         if ucfg.adm_in_channels:
             pooled = next(enc.config.projection_dim for enc in pipe.text_encoders if enc.config.projection_dim)
-            time_dim = (ucfg.adm_in_channels - pooled) // (6 if fam.task != "refiner" else 5)
+            time_dim = (ucfg.adm_in_channels - pooled) // fam.conditioner.number_count
         (tmp / "unet").mkdir()
         write_json(
             dconv.unet_config_to_diffusers(ucfg, size // pipe.vae.config.downscale, time_dim),
@@ -343,11 +343,7 @@ def save_diffusers(pipe, path: str | Path, *, dtype: torch.dtype | None = None, 
         (tmp / "scheduler").mkdir()
         write_json(scheduler_config(fam, pipe.prediction), tmp / "scheduler" / "scheduler_config.json")
         index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
-        if fam.task in ("txt2img", "inpaint"):
-            index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-        if fam.task in ("sdxl", "refiner"):
-            index["force_zeros_for_empty_prompt"] = fam.task == "sdxl"
-        if fam.task == "refiner":
-            index["requires_aesthetics_score"] = True
+        index.update({k: list(v) if isinstance(v, tuple) else v for k, v in fam.diffusers_extras})
+        index.update(fam.conditioner.diffusers_index())
         write_json(index, tmp / "model_index.json")
     return Path(path)

@@ -87,9 +87,16 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Token plus position embeddings. ``extra`` (E, width): further token vectors (textual inversion),
+        addressed by ids ``vocab_size`` to ``vocab_size + E - 1``."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)[None]
+        if extra is None:
+            tokens = self.token_embedding(ids)
+        else:
+            weight = self.token_embedding.weight
+            tokens = F.embedding(ids, torch.cat([weight, extra.to(device=weight.device, dtype=weight.dtype)]))
+        return tokens + self.position_embedding(positions)[None]
 
 
 class _Layers(nn.Module):
@@ -107,10 +114,11 @@ class TextEncoderOutput:
 class CLIPTextModel(nn.Module):
     """Causal text transformer with learned positions.
 
-    ``forward(ids, layer=-1, final_norm=True, pooled=False)``: ``layer`` counts like Python indices
-    over the outputs of the original encoder's layers (-1 last, -2 penultimate = "clip skip 2"), also
-    when the stored encoder lacks its last ``dropped_layers``; layers past the requested one are not
-    run unless the pooled output needs them.
+    ``forward(ids, layer=-1, final_norm=True, pooled=False, extra=None)``: ``layer`` counts like Python
+    indices over the outputs of the original encoder's layers (-1 last, -2 penultimate = "clip skip
+    2"), also when the stored encoder lacks its last ``dropped_layers``; layers past the requested one
+    are not run unless the pooled output needs them. ``extra`` (E, width) holds token vectors beyond
+    the vocabulary (textual-inversion embeddings), which ids from ``vocab_size`` on select.
     """
 
     def __init__(self, cfg: TextEncoderConfig):
@@ -127,7 +135,13 @@ class CLIPTextModel(nn.Module):
         return self.final_layer_norm.weight.dtype
 
     def forward(
-        self, ids: Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = False
+        self,
+        ids: Tensor,
+        *,
+        layer: int = -1,
+        final_norm: bool = True,
+        pooled: bool = False,
+        extra: Tensor | None = None,
     ) -> TextEncoderOutput:
         n = self.config.layers
         index = layer if layer >= 0 else n + self.config.dropped_layers + layer  # 0-based output index
@@ -136,7 +150,7 @@ class CLIPTextModel(nn.Module):
         if pooled and (self.config.projection_dim is None or self.config.dropped_layers):
             raise ValueError("this text encoder has no text_projection; pooled output is unavailable")
         last = n - 1 if pooled else index
-        x = self.embeddings(ids)
+        x = self.embeddings(ids, extra)
         hidden = x
         for i, block in enumerate(self.encoder.layers[: last + 1]):
             x = block(x)

@@ -207,12 +207,31 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclass
+class ControlResiduals:
+    """Residuals that control networks add inside the UNet (the seam for ControlNet and T2I-Adapter).
+
+    ``input[i]``: added to the output of input block ``i`` (T2I-Adapter style; it then flows on and
+    into the skip connection). ``middle``: added to the middle block's output. ``output[i]``: added to
+    the skip connection of input block ``i`` where an output block takes it (ControlNet, Zhang et al.
+    2023). Lists are indexed by input block (12 for SD1); None or a shorter list means no residual.
+    """
+
+    input: list[Tensor | None] = dataclasses.field(default_factory=list)
+    middle: Tensor | None = None
+    output: list[Tensor | None] = dataclasses.field(default_factory=list)
+
+    @staticmethod
+    def _at(items: list[Tensor | None], i: int) -> Tensor | None:
+        return items[i] if i < len(items) else None
+
+
 class UNet(nn.Module):
-    """The noise predictor. Called as ``unet(x, timesteps, context, y=None)``.
+    """The noise predictor. Called as ``unet(x, timesteps, context, y=None, control=None)``.
 
     x: (B, in_channels, H, W) with any task channels already concatenated; timesteps: (B,) or scalar,
     possibly fractional; context: (B, T, context_dim); y: (B, adm_in_channels) for SDXL or (B,) integer
-    noise levels for the x4 upscaler.
+    noise levels for the x4 upscaler; control: ``ControlResiduals`` from control networks.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -275,7 +294,14 @@ class UNet(nn.Module):
             if isinstance(m, CrossAttention):
                 m.upcast = upcast
 
-    def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        timesteps: Tensor | float,
+        context: Tensor,
+        y: Tensor | None = None,
+        control: ControlResiduals | None = None,
+    ) -> Tensor:
         cfg = self.config
         t = torch.as_tensor(timesteps, device=x.device)
         if t.ndim == 0:
@@ -292,12 +318,18 @@ class UNet(nn.Module):
         context = context.to(dtype)
         run = self._checkpointed if self.gradient_checkpointing and self.training else self._plain
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = run(block, h, emb, context, None)
+            if control is not None and (r := control._at(control.input, i)) is not None:
+                h = h + r.to(h.dtype)
             skips.append(h)
         h = run(self.middle_block, h, emb, context, None)
+        if control is not None and control.middle is not None:
+            h = h + control.middle.to(h.dtype)
         for block in self.output_blocks:
             skip = skips.pop()
+            if control is not None and (r := control._at(control.output, len(skips))) is not None:
+                skip = skip + r.to(skip.dtype)
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = run(block, h, emb, context, size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,7 +35,13 @@ class CrossAttention(nn.Module):
 
     q/k/v projections have no bias; ``to_out.0`` has one. With ``context_dim`` set, keys and values come
     from the context (cross-attention), otherwise from ``x`` (self-attention).
+
+    ``context_hook``, the declared seam for hypernetworks: when set (by the pipeline's patcher, never
+    by hand), ``context_hook(context) -> (context for keys, context for values)`` transforms what the
+    key and value projections see; ``context`` is ``x`` itself for self-attention.
     """
+
+    context_hook: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
@@ -48,5 +56,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         ctx = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(ctx), self.to_v(ctx), self.heads, upcast=self.upcast)
+        k_ctx = v_ctx = ctx
+        if self.context_hook is not None:
+            k_ctx, v_ctx = self.context_hook(ctx)
+        out = attention(self.to_q(x), self.to_k(k_ctx), self.to_v(v_ctx), self.heads, upcast=self.upcast)
         return self.to_out(out)

@@ -1,6 +1,29 @@
-"""Generation: the request, the one generate loop, and what each task adds."""
+"""Generation: the request and its option groups, plans of passes, the one generate loop, and the tasks
+that build passes (hires.py; images.py for image input and output)."""
 
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
-from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.pipelines.request import (
+    ControlUnit,
+    GenerationOptions,
+    GenerationRequest,
+    HiresOptions,
+    InpaintOptions,
+    NetworkRef,
+    RefinerOptions,
+    RequestError,
+)
 
-__all__ = ["GenerationRequest", "GenerationResult", "Interrupted", "Progress", "RequestError", "generate"]
+__all__ = [
+    "ControlUnit",
+    "GenerationOptions",
+    "GenerationRequest",
+    "GenerationResult",
+    "HiresOptions",
+    "InpaintOptions",
+    "Interrupted",
+    "NetworkRef",
+    "Progress",
+    "RefinerOptions",
+    "RequestError",
+    "generate",
+]

@@ -1,8 +1,8 @@
-"""The one generate loop: txt2img and img2img differ only in the starting latent and sigmas."""
+"""The one generate loop: a request becomes a plan of passes (plan.py), and each batch runs them in order."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import hires, tasks
+from latentforge.pipelines import hires
+from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
+from latentforge.pipelines.metadata import infotexts_for, request_json
+from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
-from latentforge.sampling import CFGDenoiser, ModelDenoiser, NoiseSchedule, get_sigmas, resolve
+from latentforge.sampling import resolve
 from latentforge.sampling.noise import BrownianNoise, ImageNoise
 
 
@@ -55,24 +58,50 @@ class GenerationResult:
     seconds: float = 0.0
 
 
-def _sigmas(info, schedule_name: str, schedule: NoiseSchedule, steps: int) -> Tensor:
-    if info.discard_penultimate_sigma:  # A1111 does this for DPM2 / DPM2 a / DPM++ 3M SDE
-        sigmas = get_sigmas(schedule_name, schedule, steps + 1)
-        return torch.cat([sigmas[:-2], sigmas[-1:]])
-    return get_sigmas(schedule_name, schedule, steps)
+def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None) -> Plan:
+    """The passes a request asks for: txt2img or img2img, then the passes of its option groups."""
+    fam = pipe.family
+    width = req.width or (init_images[0].width // 8 * 8 if init_images else fam.default_size)
+    height = req.height or (init_images[0].height // 8 * 8 if init_images else fam.default_size)
+    down = pipe.vae.config.downscale
+    if width % down or height % down:
+        raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
+    info, schedule_name = resolve(req.sampler, req.schedule)
+    init_latents = None
+    if init_images:
+        prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
+        init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
+    first = first_pass(pipe, req, info, schedule_name, width, height, init_latents)
+    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
+    if req.hires is not None and init_images is None:
+        hires.add_pass(plan, pipe, req)
+    return plan
 
 
-def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
-    """A1111's rule: t_enc = int(min(strength, 0.999) * steps) steps, starting at sigmas[steps - t_enc - 1]."""
-    t_enc = int(min(strength, 0.999) * steps)
-    return sigmas[steps - t_enc - 1 :]
+def _refuse_unavailable(req: GenerationRequest) -> None:
+    for group, what in (
+        ("inpaint", "inpainting with a mask"),
+        ("refiner", "the SDXL refiner hand-off"),
+        ("networks", "networks (LoRA, hypernetworks, embeddings)"),
+        ("control", "ControlNet units"),
+    ):
+        if getattr(req, group):
+            raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
 
 
-def _sampler_options(req: GenerationRequest) -> dict:
-    opts = dict(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
-    if req.eta is not None:
-        opts["eta"] = req.eta
-    return opts
+def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int], device, callback) -> Tensor:
+    """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
+    trees for the SDE samplers), its sampler over its sigmas."""
+    init = p.start(iteration, previous)
+    noise = ImageNoise(seeds, p.shape, out_device=device)
+    x = starting_latent(p, init, noise.next())
+    if init is not None and not p.denoise:
+        return x
+    draw = noise
+    if p.sampler.brownian:
+        positive = p.sigmas[p.sigmas > 0]
+        draw = BrownianNoise(seeds, p.shape, positive.min(), positive.max(), out_device=device)
+    return p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
 
 
 def generate(
@@ -85,103 +114,33 @@ def generate(
     start = time.perf_counter()
     img2img = init_images is not None
     req.validate(img2img=img2img)
-    fam = pipe.family
-    images_in = [_open_image(i) for i in init_images] if img2img else []
+    _refuse_unavailable(req)
+    images_in = [open_image(i) for i in init_images] if img2img else None
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
-    width = req.width or (images_in[0].width // 8 * 8 if img2img else fam.default_size)
-    height = req.height or (images_in[0].height // 8 * 8 if img2img else fam.default_size)
-    down = pipe.vae.config.downscale
-    if width % down or height % down:
-        raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
-    latent_shape = (pipe.unet.config.out_channels, height // down, width // down)
 
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
-    n_total = req.batch_size * req.batch_count
-    seeds = [seed + i for i in range(n_total)]
-    info, schedule_name = resolve(req.sampler, req.schedule)
-    schedule = NoiseSchedule.for_family(fam)
-    sigmas = _sigmas(info, schedule_name, schedule, req.steps)
-    if img2img:
-        sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
-
+    seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
+    out_images: list[Image.Image] = []
     with torch.inference_mode():
-        calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
-        cond, uncond = tasks.conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step)
-        model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
-        hr = None
-        if req.enable_hr and not img2img:
-            hr_w, hr_h = hires.target_size(req, width, height)
-            hr_steps = req.hr_second_pass_steps or req.steps
-            hr_full = _sigmas(info, schedule_name, schedule, hr_steps)
-            hr_sigmas = img2img_sigmas(hr_full, hr_steps, req.denoising_strength)
-            hr_cond, hr_uncond = tasks.conditioning(pipe, req, hr_w, hr_h, req.batch_size, hr_steps * calls_per_step)
-            hr = (hr_sigmas, (latent_shape[0], hr_h // down, hr_w // down), hr_cond, hr_uncond)
-        init_latents = None
-        if img2img:
-            prepared = [tasks.prepare_image(img, width, height, req.resize_mode) for img in images_in]
-            tensors = torch.cat([tasks.image_to_tensor(p) for p in prepared]).to(pipe.device)
-            init_latents = pipe.vae.encode(tensors).float()
-        total = len(sigmas) - 1 + (len(hr[0]) - 1 if hr else 0)
-
-        def run_pass(init, pass_sigmas, shape, c, u, batch_seeds, it, offset):
-            """One sampling pass from fresh noise (init None) or from latents noised to the first sigma."""
-            noise = ImageNoise(batch_seeds, shape, out_device=pipe.device)
-            first = noise.next()
-            if init is not None:
-                x = init + first * float(pass_sigmas[0]) if req.denoising_strength > 0 else init
-            else:
-                scale = math.sqrt(1 + float(pass_sigmas[0]) ** 2) if req.sgm_noise_multiplier else float(pass_sigmas[0])
-                x = first * scale
-            if init is not None and req.denoising_strength == 0:
-                return x
-            draw = noise
-            if info.brownian:
-                positive = pass_sigmas[pass_sigmas > 0]
-                draw = BrownianNoise(batch_seeds, shape, positive.min(), positive.max(), out_device=pipe.device)
-
-            def callback(i, x_i, sigma, denoised):
-                if progress is not None:
-                    progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
-
-            denoiser = CFGDenoiser(model, c, u, req.cfg_scale)  # prompt schedules restart per pass
-            return info.fn(denoiser, x, pass_sigmas, noise=draw, callback=callback, **_sampler_options(req))
-
-        out_images: list[Image.Image] = []
+        plan = build_plan(pipe, req, images_in)
+        total = plan.total_steps
         for it in range(req.batch_count):
             batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-            init = None
-            if img2img:
-                init = init_latents[[(it * req.batch_size + b) % len(images_in) for b in range(req.batch_size)]]
-            x = run_pass(init, sigmas, latent_shape, cond, uncond, batch_seeds, it, 0)
-            if hr:
-                hr_sigmas, hr_shape, hr_cond, hr_uncond = hr
-                upscaled = hires.upscale(pipe, x, req.hr_upscaler, hr_shape)
-                x = run_pass(upscaled, hr_sigmas, hr_shape, hr_cond, hr_uncond, batch_seeds, it, len(sigmas) - 1)
-            out_images.extend(tasks.tensor_to_images(pipe.vae.decode(x)))
+            x, offset = None, 0
+            for p in plan.passes:
 
-    from latentforge.pipelines.metadata import infotexts_for
+                def callback(i, x_i, sigma, denoised, offset=offset, it=it):
+                    if progress is not None:
+                        progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
 
-    final = GenerationRequest(**{**req.to_dict(), "seed": seed, "width": width, "height": height})
-    texts = infotexts_for(pipe, final, seeds, info, schedule_name, img2img)
+                x = run_pass(p, x, it, batch_seeds, pipe.device, callback)
+                offset += p.steps
+            out_images.extend(tensor_to_images(plan.decode(x)))
+
+    final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img)
     for image, text, s in zip(out_images, texts, seeds):
         image.info["parameters"] = text
-        image.info["latentforge"] = _json_for(pipe, final, s, img2img)
+        image.info["latentforge"] = request_json(pipe, final, s, img2img)
     return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
-
-
-def _open_image(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError) as e:
-        raise RequestError(f"cannot read init image {image}: {e}") from None
-
-
-def _json_for(pipe, req: GenerationRequest, seed: int, img2img: bool) -> str:
-    from latentforge.pipelines.metadata import request_json
-
-    return request_json(pipe, req, seed, img2img)

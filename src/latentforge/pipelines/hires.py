@@ -15,37 +15,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines.request import GenerationRequest, RequestError
-from latentforge.pipelines.tasks import image_to_tensor
-
-# A1111's names -> (interpolation mode, antialias) for latent upscalers, a PIL filter for image ones
-LATENT_UPSCALERS = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-
-
-def upscaler_name(name: str) -> str:
-    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
-    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
-        if name.strip().lower() == known.lower():
-            return known
-    raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
-    )
+from latentforge.pipelines.images import image_to_tensor
+from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
+from latentforge.pipelines.request import (
+    IMAGE_UPSCALERS,
+    LATENT_UPSCALERS,
+    GenerationRequest,
+    RequestError,
+    upscaler_name,
+)
 
 
 def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
     """A1111's target: width and height times ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of
     them keeps the aspect ratio; both must keep it too, since cropping is not supported)."""
-    x, y = req.hr_resize_x, req.hr_resize_y
+    x, y = req.hires.resize_x, req.hires.resize_y
     if not x and not y:
-        w, h = int(width * req.hr_scale), int(height * req.hr_scale)
+        w, h = int(width * req.hires.scale), int(height * req.hires.scale)
     elif not y:
         w, h = x, x * height // width
     elif not x:
@@ -78,3 +64,36 @@ def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -
         resized = Image.fromarray(pixels).resize((size[1] * f, size[0] * f), IMAGE_UPSCALERS[name])
         images.append(image_to_tensor(resized))
     return pipe.vae.encode(torch.cat(images).to(pipe.device)).float()
+
+
+def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
+    """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
+    then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength."""
+    first = plan.passes[-1]
+    width, height = target_size(req, plan.width, plan.height)
+    steps = req.hires.second_pass_steps or req.steps
+    sigmas = pass_sigmas(first.sampler, plan.schedule, first.model.schedule, steps)
+    calls = steps * (2 if first.sampler.second_order else 1)
+    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, calls)
+    down = pipe.vae.config.downscale
+    shape = (first.shape[0], height // down, width // down)
+    upscaler = req.hires.upscaler
+
+    def start(iteration: int, previous: Tensor | None) -> Tensor:
+        return upscale(pipe, previous, upscaler, shape)
+
+    hires_pass = Pass(
+        "hires",
+        first.model,
+        first.sampler,
+        img2img_sigmas(sigmas, steps, req.denoising_strength),
+        shape,
+        cond,
+        uncond,
+        req.cfg_scale,
+        start,
+        denoise=req.denoising_strength > 0,
+        sampler_options=first.sampler_options,
+    )
+    plan.passes.append(hires_pass)
+    return hires_pass

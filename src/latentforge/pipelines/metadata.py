@@ -7,7 +7,7 @@ from pathlib import Path
 
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.pipelines.request import GenerationRequest, HiresOptions, RequestError
 from latentforge.sampling.registry import SAMPLERS, resolve
 
 SCHEDULE_TITLES = {
@@ -26,22 +26,21 @@ SCHEDULE_TITLES = {
 
 
 def _model_fields(pipe) -> dict:
-    cached = getattr(pipe, "_metadata_cache", None)
-    if cached is None:
+    def make() -> dict:
         source = Path(pipe.info.source) if pipe.info else None
         vae = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
-        cached = {
+        return {
             "Model hash": model_hash(source) if source and source.is_file() else None,
             "Model": source.stem if source and source.is_file() else (source.name if source else None),
             "VAE hash": model_hash(vae) if vae and Path(vae).is_file() else None,
             "VAE": Path(vae).name if vae else None,
         }
-        pipe._metadata_cache = cached
-    return cached
+
+    return pipe.cached("infotext model fields", make)
 
 
 def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool) -> dict:
-    from latentforge import __version__
+    from latentforge._version import __version__
 
     params = {
         "Steps": req.steps,
@@ -51,8 +50,8 @@ def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
-        "Denoising strength": _num(req.denoising_strength) if img2img or req.enable_hr else None,
-        **(_hires_fields(req) if req.enable_hr and not img2img else {}),
+        "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
+        **(_hires_fields(req.hires) if req.hires and not img2img else {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
         "RNG": "CPU",
@@ -61,14 +60,14 @@ def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str
     return params
 
 
-def _hires_fields(req: GenerationRequest) -> dict:
+def _hires_fields(h: HiresOptions) -> dict:
     """A1111's names for the hires fix settings."""
-    resize = req.hr_resize_x or req.hr_resize_y
+    resize = h.resize_x or h.resize_y
     return {
-        "Hires upscale": None if resize else _num(req.hr_scale),
-        "Hires resize": f"{req.hr_resize_x}x{req.hr_resize_y}" if resize else None,
-        "Hires steps": req.hr_second_pass_steps or None,
-        "Hires upscaler": req.hr_upscaler,
+        "Hires upscale": None if resize else _num(h.scale),
+        "Hires resize": f"{h.resize_x}x{h.resize_y}" if resize else None,
+        "Hires steps": h.second_pass_steps or None,
+        "Hires upscaler": h.upscaler,
     }
 
 
@@ -179,17 +178,17 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.eta = float(s["Eta"])
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
-        req.enable_hr = True
-        req.hr_scale = float(s.get("Hires upscale", req.hr_scale))
+        h = req.hires = HiresOptions()
+        h.scale = float(s.get("Hires upscale", h.scale))
         if "Hires resize" in s:
             x, y = s["Hires resize"].lower().split("x")
-            req.hr_resize_x, req.hr_resize_y = int(x), int(y)
-        req.hr_second_pass_steps = int(s.get("Hires steps", 0))
-        req.hr_upscaler = s.get("Hires upscaler", req.hr_upscaler)
+            h.resize_x, h.resize_y = int(x), int(y)
+        h.second_pass_steps = int(s.get("Hires steps", 0))
+        h.upscaler = s.get("Hires upscaler", h.upscaler)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
     known |= hires
     req.extra = {k: v for k, v in s.items() if k not in known}
-    mode = "img2img" if "Denoising strength" in s and not req.enable_hr else "txt2img"
+    mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
 

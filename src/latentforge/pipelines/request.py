@@ -1,9 +1,20 @@
-"""What to generate: one request dataclass shared by the Python API, the CLI and the HTTP server."""
+"""What to generate: the core request and its typed option groups, shared by the Python API and the CLI.
+
+A request is the core fields every generation has, plus optional groups: ``hires`` (A1111's Hires.
+fix), and places for ``inpaint`` (a mask), ``refiner`` (the SDXL refiner hand-off), ``networks``
+(LoRA, hypernetworks, embeddings by name) and ``control`` (ControlNet units). A group that is None (or
+an empty list) is off. A1111's flat field names (``enable_hr``, ``hr_scale``, ``refiner_checkpoint``,
+``mask_blur``, ...) are accepted by ``from_dict`` and as keyword options, and folded into the groups.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypedDict
+
+from PIL import Image
 
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
@@ -11,6 +22,103 @@ from latentforge.sampling.schedules import schedule_name
 
 class RequestError(ValueError):
     """A request that cannot run; the message says which field and what is allowed."""
+
+
+# Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
+# image ones (pipelines/hires.py uses them)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def upscaler_name(name: str) -> str:
+    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if isinstance(name, str) and name.strip().lower() == known.lower():
+            return known
+    raise RequestError(
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+    )
+
+
+@dataclass
+class HiresOptions:
+    """A1111's "Hires. fix" (txt2img): upscale the first pass, then an img2img pass at the larger size
+    with the request's ``denoising_strength`` (pipelines/hires.py)."""
+
+    scale: float = 2.0
+    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS
+    second_pass_steps: int = 0  # 0: the same as steps
+    resize_x: int = 0  # a target width instead of scale (0: unused)
+    resize_y: int = 0
+
+
+@dataclass
+class InpaintOptions:
+    """Inpainting with a mask (A1111's img2img inpaint fields). Not yet available in generation."""
+
+    mask: Any = None  # a PIL image or a path: white = repaint
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "only masked"
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+
+
+@dataclass
+class RefinerOptions:
+    """The SDXL refiner hand-off: switch models at a fraction of the steps. Not yet available."""
+
+    checkpoint: str = ""
+    switch_at: float = 0.8
+
+
+@dataclass
+class NetworkRef:
+    """An adapter to apply for this request (LoRA/LyCORIS, hypernetwork, embedding). Not yet available."""
+
+    name: str
+    kind: str = "lora"
+    strength: float = 1.0  # UNet strength
+    text_strength: float | None = None  # text-encoder strength (None: the same)
+
+
+@dataclass
+class ControlUnit:
+    """One ControlNet unit. Not yet available."""
+
+    model: str
+    image: Any = None
+    module: str = "none"  # preprocessor
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+
+
+# A1111's flat names of the groups' fields: flat name -> (group, field)
+_FLAT = {
+    "hr_scale": ("hires", "scale"),
+    "hr_upscaler": ("hires", "upscaler"),
+    "hr_second_pass_steps": ("hires", "second_pass_steps"),
+    "hr_resize_x": ("hires", "resize_x"),
+    "hr_resize_y": ("hires", "resize_y"),
+    "refiner_checkpoint": ("refiner", "checkpoint"),
+    "refiner_switch_at": ("refiner", "switch_at"),
+    "mask": ("inpaint", "mask"),
+    "mask_blur": ("inpaint", "mask_blur"),
+    "inpainting_fill": ("inpaint", "inpainting_fill"),
+    "inpaint_full_res": ("inpaint", "inpaint_full_res"),
+    "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
+    "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
+}
+_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions}
+_LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
 @dataclass
@@ -27,7 +135,7 @@ class GenerationRequest:
     batch_size: int = 1  # images per denoising pass
     batch_count: int = 1  # passes, one after another
     clip_skip: int | None = None
-    denoising_strength: float = 0.75  # img2img
+    denoising_strength: float = 0.75  # img2img, and the hires second pass
     resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill
     eta: float | None = None  # ancestral / DDIM noise (None: the sampler's default)
     s_churn: float = 0.0
@@ -37,15 +145,14 @@ class GenerationRequest:
     sgm_noise_multiplier: bool = False  # start txt2img at sqrt(1 + sigma^2) * noise (SGM, ComfyUI, diffusers)
     quantize_timesteps: bool = False  # round the UNet's timestep to an integer step (ComfyUI's convention)
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
-    enable_hr: bool = False  # txt2img "Hires. fix": upscale, then an img2img pass (pipelines/hires.py)
-    hr_scale: float = 2.0
-    hr_upscaler: str = "Latent"  # see hires.LATENT_UPSCALERS and hires.IMAGE_UPSCALERS
-    hr_second_pass_steps: int = 0  # 0: the same as steps
-    hr_resize_x: int = 0  # a target width instead of hr_scale (0: unused)
-    hr_resize_y: int = 0
-    aesthetic_score: float = 6.0  # SDXL refiner
+    aesthetic_score: float = 6.0  # SDXL refiner conditioning
     negative_aesthetic_score: float = 2.5
-    extra: dict = field(default_factory=dict)  # kept in the metadata, ignored by generation
+    hires: HiresOptions | None = None
+    inpaint: InpaintOptions | None = None
+    refiner: RefinerOptions | None = None
+    networks: list[NetworkRef] = field(default_factory=list)
+    control: list[ControlUnit] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
     def validate(self, *, img2img: bool = False) -> None:
         def need(ok: bool, message: str) -> None:
@@ -84,9 +191,9 @@ class GenerationRequest:
             self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
         )
-        if self.enable_hr and not img2img:
-            self._validate_hires(need)
-        if img2img or self.enable_hr:
+        if self.hires is not None and not img2img:
+            _validate_hires(self.hires, need)
+        if img2img or self.hires is not None:
             s = self.denoising_strength
             need(
                 isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s <= 1.0,
@@ -98,33 +205,143 @@ class GenerationRequest:
             )
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
 
-    def _validate_hires(self, need) -> None:
-        from latentforge.pipelines.hires import upscaler_name
-
-        need(
-            isinstance(self.hr_scale, (int, float)) and math.isfinite(self.hr_scale) and 0 < self.hr_scale <= 8,
-            f"hr_scale must be above 0 and at most 8, got {self.hr_scale!r}",
-        )
-        steps = self.hr_second_pass_steps
-        need(
-            isinstance(steps, int) and 0 <= steps <= 1000,
-            f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
-        )
-        for name in ("hr_resize_x", "hr_resize_y"):
-            value = getattr(self, name)
-            need(
-                isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
-                f"{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
-            )
-        upscaler_name(self.hr_upscaler)
-
     def to_dict(self) -> dict:
+        """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
         return asdict(self)
 
+    def with_options(self, **options: Any) -> GenerationRequest:
+        """A copy with ``options`` (field names, group names or A1111's flat names) applied, strictly."""
+        return GenerationRequest.from_dict({**self.to_dict(), **options})
+
     @classmethod
-    def from_dict(cls, data: dict) -> GenerationRequest:
+    def from_dict(cls, data: dict, *, lenient: bool = False) -> GenerationRequest:
+        """A request from field names, nested groups and A1111's flat names (``enable_hr``, ``hr_scale``,
+        ``refiner_checkpoint``, ``mask``, ...). Unknown fields are an error naming them (the CLI and the
+        Python API are strict), or with ``lenient=True`` (for JSON that other tools wrote, such as an
+        A1111 API payload) kept in ``extra``."""
+        data = _fold_flat(dict(data))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
-        if unknown:
+        if unknown and not lenient:
             raise RequestError(f"unknown request field(s): {', '.join(unknown)}")
+        if unknown:
+            data["extra"] = {**data.get("extra", {}), **{k: data.pop(k) for k in unknown}}
+        for name, group in _GROUPS.items():
+            if isinstance(data.get(name), dict):
+                data[name] = _make(group, data[name], name)
+        for name, item in _LISTS.items():
+            if name in data:
+                data[name] = [_make(item, x, name) if isinstance(x, dict) else x for x in data[name] or []]
         return cls(**data)
+
+
+def _fold_flat(data: dict) -> dict:
+    """Move A1111's flat names into their groups. A group's flat fields count only when the group is on:
+    ``enable_hr`` true, a refiner checkpoint or a mask given, or the group itself given (A1111 clients
+    send every field with its default when the feature is off)."""
+    flat: dict[str, dict] = {}
+    for name in [k for k in data if k in _FLAT]:
+        group, key = _FLAT[name]
+        flat.setdefault(group, {})[key] = data.pop(name)
+    enable_hr = data.pop("enable_hr", None)
+    if enable_hr is not None and not enable_hr:
+        data["hires"] = None
+        flat.pop("hires", None)
+    elif enable_hr:
+        flat.setdefault("hires", {})
+    for group, values in flat.items():
+        current = data.get(group)
+        if dataclasses.is_dataclass(current):
+            current = asdict(current)
+        switch = _SWITCH[group]
+        if current is not None or (group == "hires" and enable_hr) or (switch and _given(values.get(switch))):
+            data[group] = {**(current or {}), **values}
+    return data
+
+
+# the field inside each group whose value switches the group on (hires: enable_hr)
+_SWITCH = {"hires": None, "refiner": "checkpoint", "inpaint": "mask"}
+
+
+def _given(value) -> bool:
+    return value is not None and not (isinstance(value, str) and not value)
+
+
+def _make(cls, values: dict, where: str):
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise RequestError(f"unknown {where} field(s): {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise RequestError(f"{where}: {e}") from None
+
+
+def _validate_hires(h: HiresOptions, need) -> None:
+    need(
+        isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
+        f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
+    )
+    steps = h.second_pass_steps
+    need(
+        isinstance(steps, int) and 0 <= steps <= 1000,
+        f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
+    )
+    for name in ("resize_x", "resize_y"):
+        value = getattr(h, name)
+        need(
+            isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
+            f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
+        )
+    upscaler_name(h.upscaler)
+
+
+class GenerationOptions(TypedDict, total=False):
+    """The keyword options of ``Pipeline.txt2img``/``img2img``: the request's fields and A1111's flat
+    names of the group fields (for editors; ``GenerationRequest`` documents each)."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    schedule: str
+    cfg_scale: float
+    seed: int
+    width: int | None
+    height: int | None
+    batch_size: int
+    batch_count: int
+    clip_skip: int | None
+    denoising_strength: float
+    resize_mode: int
+    eta: float | None
+    s_churn: float
+    s_tmin: float
+    s_tmax: float
+    s_noise: float
+    sgm_noise_multiplier: bool
+    quantize_timesteps: bool
+    prompt_syntax: str
+    aesthetic_score: float
+    negative_aesthetic_score: float
+    hires: HiresOptions | None
+    inpaint: InpaintOptions | None
+    refiner: RefinerOptions | None
+    networks: list[NetworkRef]
+    control: list[ControlUnit]
+    extra: dict
+    enable_hr: bool
+    hr_scale: float
+    hr_upscaler: str
+    hr_second_pass_steps: int
+    hr_resize_x: int
+    hr_resize_y: int
+    refiner_checkpoint: str
+    refiner_switch_at: float
+    mask: Any
+    mask_blur: int
+    inpainting_fill: int
+    inpaint_full_res: bool
+    inpaint_full_res_padding: int
+    inpainting_mask_invert: bool

@@ -17,8 +17,10 @@ from torch import Tensor
 class NoiseSchedule:
     """The training noise schedule: betas = linspace(sqrt(b0), sqrt(b1), N)^2 (LDM "linear")."""
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000, family: str = ""):
-        self.family = family  # the family's name where a schedule depends on it (Align Your Steps)
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000, ays_table: str = "sd1"):
+        if ays_table not in AYS_SIGMAS:
+            raise ValueError(f"unknown Align Your Steps table {ays_table!r}; use one of {', '.join(AYS_SIGMAS)}")
+        self.ays_table = ays_table  # the family's Align Your Steps levels (Family.ays_table)
         betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
@@ -26,7 +28,7 @@ class NoiseSchedule:
 
     @classmethod
     def for_family(cls, family) -> NoiseSchedule:
-        return cls(family.beta_start, family.beta_end, family=family.name)
+        return cls(family.beta_start, family.beta_end, ays_table=family.ays_table)
 
     @property
     def sigma_min(self) -> float:
@@ -140,12 +142,12 @@ AYS_SIGMAS = {
 
 
 def align_your_steps(s: NoiseSchedule, n: int) -> Tensor:
-    """A1111's use of the AYS levels: the SDXL table for SDXL families, the SD1.5 one otherwise; for
+    """A1111's use of the AYS levels: the family's table (SDXL's for SDXL families, SD1.5's otherwise); for
     n = 11 steps the 11 levels themselves, for any other n, n levels interpolated linearly in
     log-sigma over evenly spaced positions of the table; then a final 0. (ComfyUI's node and
     diffusers' AysSchedules instead take 10 steps to mean the table with its last level set to 0. For
     n = 1 A1111's interpolation yields the lowest level, 0.029; here the one step starts at the top.)"""
-    table = torch.tensor(AYS_SIGMAS["sdxl" if s.family.startswith("sdxl") else "sd1"], dtype=torch.float64)
+    table = torch.tensor(AYS_SIGMAS[s.ays_table], dtype=torch.float64)
     if n == len(table):
         return _append_zero(table)
     positions = torch.linspace(0, len(table) - 1, n, dtype=torch.float64)

@@ -18,7 +18,7 @@ from torch import nn
 
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
-from latentforge.sampling import ModelDenoiser, NoiseSchedule
+from latentforge.sampling import Cond, ModelDenoiser, NoiseSchedule
 from latentforge.train import common
 from latentforge.train.config import ConfigError, TrainConfig
 from latentforge.train.data import load_dataset, sample_order, to_model_range
@@ -50,8 +50,9 @@ def init_text_encoder(enc: nn.Module) -> None:
 def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     """The model to train: a checkpoint (fine-tuning) or a new model of a family with a trained VAE."""
     import latentforge
-    from latentforge.loading import LoadInfo, load_vae
+    from latentforge.loading import load_vae
     from latentforge.models import CLIPTextModel, CLIPTokenizer, UNet
+    from latentforge.pipeline import LoadInfo
 
     if cfg.model.base:
         return latentforge.load(cfg.model.base, dtype=torch.float32, device=device)
@@ -74,24 +75,14 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     )
 
 
-def encode_captions(pipe: Pipeline, captions: list[str], size: int):
-    """(context, vector) for a batch of captions, differentiable through trainable text encoders."""
-    from latentforge.conditioning import sdxl_vector
-
-    contexts, pooled = [], None
-    for spec, enc, tok in zip(pipe.family.text, pipe.text_encoders, pipe.tokenizers):
-        ids = tok(captions).to(pipe.device)
-        out = enc(ids, layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
-        contexts.append(out.hidden)
-        if spec.pooled:
-            pooled = out.pooled
-    vector = None
-    if pipe.family.task in ("sdxl", "refiner"):
-        numbers = [size, size, 0, 0, size, size] if pipe.family.task == "sdxl" else [size, size, 0, 0, 6.0]
-        dim = (pipe.unet.config.adm_in_channels - pooled.shape[-1]) // len(numbers)
-        ids = torch.tensor([numbers], device=pooled.device).expand(pooled.shape[0], -1)
-        vector = sdxl_vector(pooled, ids, dim)
-    return torch.cat(contexts, dim=-1), vector
+def encode_captions(pipe: Pipeline, captions: list[str], size: int) -> Cond:
+    """Conditioning for a batch of captions through the same text conditioner and family conditioner
+    as generation (captions read plainly, truncated at 77 tokens); differentiable through trainable
+    text encoders. Square images of ``size`` pixels give the SDXL size numbers."""
+    emb = pipe.text.encode(captions, syntax="plain", device=pipe.device)
+    return pipe.family.conditioner.build(
+        emb.context, emb.pooled, width=size, height=size, adm_channels=pipe.unet.config.adm_in_channels
+    )
 
 
 @torch.no_grad()
@@ -163,8 +154,8 @@ def diffusion_loss(
     c_in = denoiser.scalings(sigma)[2]
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         with torch.set_grad_enabled(cfg.model.train_text_encoder and torch.is_grad_enabled()):
-            context, vector = encode_captions(pipe, captions, cfg.data.resolution)
-        pred = pipe.unet(x * c_in, t.float().to(device), context, vector)
+            cond = encode_captions(pipe, captions, cfg.data.resolution)
+        pred = pipe.unet(x * c_in, t.float().to(device), cond.context, cond.vector)
     target = denoiser.target(x0, x, sigma)
     per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
     if cfg.model.min_snr_gamma > 0:
@@ -181,7 +172,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(cfg, device)
-    if pipe.family.task in ("inpaint", "depth", "upscale"):
+    if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective

@@ -1,0 +1,143 @@
+"""How each kind of model is conditioned: one small object per kind builds ``Cond`` (context, vector,
+concat) from encoded text and the task's inputs, for generation, training and export alike.
+
+Nothing elsewhere branches on the kind of model: a family names its conditioner, and callers ask it.
+
+- ``Conditioner`` itself (SD1, SD2, the demo model): the text context alone.
+- ``SDXLConditioner``: context + the vector of pooled bigG text and six size numbers (original
+  height, width, crop top, crop left, target height, width); an empty negative prompt is zeroed, as the
+  original sampling code does.
+- ``RefinerConditioner``: the vector's numbers are original height, width, crop top, crop left and an
+  aesthetic score.
+- ``InpaintConditioner``: 5 extra input channels (mask, masked-image latent); without a mask the whole
+  image is repainted (mask 1, latent of a grey image), as A1111 does.
+- ``DepthConditioner``, ``UpscaleConditioner``: extra channels that txt2img/img2img cannot supply (a
+  depth map; a low-resolution image and its noise level).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from latentforge.conditioning.vectors import sdxl_vector
+from latentforge.sampling.denoisers import Cond
+
+
+@dataclass(frozen=True)
+class Conditioner:
+    """Models conditioned on the text context alone (SD1.x, SD2.x, the demo model)."""
+
+    kind: ClassVar[str] = "text"
+    concat_channels: ClassVar[int] = 0  # extra UNet input channels after the latent
+    needs: ClassVar[str] = ""  # an input txt2img/img2img cannot give; refused there when set
+    zero_empty_negative: ClassVar[bool] = False  # SDXL base: empty negative prompt -> zero conditioning
+
+    def size_numbers(self, width: int, height: int, aesthetic: float) -> list[float]:
+        """The numbers embedded into the vector input (none for plain text models)."""
+        return []
+
+    @property
+    def number_count(self) -> int:
+        return len(self.size_numbers(1, 1, 1.0))
+
+    def vector(self, pooled: Tensor | None, adm_channels: int | None, width: int, height: int, aesthetic: float):
+        """The UNet's vector input ``y`` for a batch of pooled text vectors, or None."""
+        numbers = self.size_numbers(width, height, aesthetic)
+        if not numbers:
+            return None
+        if pooled is None or adm_channels is None:
+            raise ValueError(f"{type(self).__name__} needs a pooled text vector and a UNet with a vector input")
+        dim = (adm_channels - pooled.shape[-1]) // len(numbers)
+        ids = torch.tensor([numbers], dtype=torch.float32, device=pooled.device).expand(pooled.shape[0], -1)
+        return sdxl_vector(pooled.float(), ids, dim)
+
+    def default_concat(self, vae, width: int, height: int, device) -> Tensor | None:
+        """The extra input channels when the task gives none (1 image; None for models without them)."""
+        return None
+
+    def build(
+        self,
+        context: Tensor,
+        pooled: Tensor | None,
+        *,
+        width: int,
+        height: int,
+        adm_channels: int | None,
+        aesthetic: float = 6.0,
+        empty_negative: bool = False,
+        concat: Tensor | None = None,
+        batch: int | None = None,
+    ) -> Cond:
+        """``Cond`` for encoded text (context (B or 1, T, C), pooled (B or 1, P)) at an output size.
+
+        ``empty_negative``: this is the negative side of CFG and its prompt is empty. ``batch`` expands
+        a single encoded prompt (and a single concat image) to the batch."""
+        if empty_negative and self.zero_empty_negative:
+            context = torch.zeros_like(context)
+            pooled = None if pooled is None else torch.zeros_like(pooled)
+        vector = self.vector(pooled, adm_channels, width, height, aesthetic)
+        if batch is not None:
+            context = context.expand(batch, -1, -1)
+            vector = None if vector is None else vector.expand(batch, -1)
+            concat = None if concat is None else concat.expand(batch, -1, -1, -1)
+        return Cond(context, vector, concat)
+
+    def diffusers_index(self) -> dict:
+        """Entries of a diffusers ``model_index.json`` that follow from the conditioning."""
+        return {}
+
+
+@dataclass(frozen=True)
+class SDXLConditioner(Conditioner):
+    kind: ClassVar[str] = "sdxl"
+    zero_empty_negative: ClassVar[bool] = True
+
+    def size_numbers(self, width: int, height: int, aesthetic: float) -> list[float]:
+        # original size = target size, no crop (what A1111, ComfyUI and diffusers send by default)
+        return [height, width, 0, 0, height, width]
+
+    def diffusers_index(self) -> dict:
+        return {"force_zeros_for_empty_prompt": True}
+
+
+@dataclass(frozen=True)
+class RefinerConditioner(Conditioner):
+    kind: ClassVar[str] = "refiner"
+
+    def size_numbers(self, width: int, height: int, aesthetic: float) -> list[float]:
+        return [height, width, 0, 0, aesthetic]
+
+    def diffusers_index(self) -> dict:
+        return {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+
+
+@dataclass(frozen=True)
+class InpaintConditioner(Conditioner):
+    kind: ClassVar[str] = "inpaint"
+    concat_channels: ClassVar[int] = 5
+
+    def default_concat(self, vae, width: int, height: int, device) -> Tensor:
+        """No mask: repaint everything (mask 1 and the latent of an empty, grey image), as A1111."""
+        with torch.inference_mode():
+            grey = torch.zeros(1, 3, height, width, device=device, dtype=vae.dtype)
+            latent = vae.encode(grey).float()
+        mask = torch.ones(1, 1, *latent.shape[-2:], device=latent.device)
+        return torch.cat([mask, latent], dim=1)
+
+
+@dataclass(frozen=True)
+class DepthConditioner(Conditioner):
+    kind: ClassVar[str] = "depth"
+    concat_channels: ClassVar[int] = 1
+    needs: ClassVar[str] = "a depth map"
+
+
+@dataclass(frozen=True)
+class UpscaleConditioner(Conditioner):
+    kind: ClassVar[str] = "x4"
+    concat_channels: ClassVar[int] = 3
+    needs: ClassVar[str] = "a low-resolution image"

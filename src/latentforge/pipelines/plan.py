@@ -1,0 +1,196 @@
+"""Generation as values: a ``Plan`` is a list of ``Pass`` values that the one loop in generate.py runs.
+
+A pass says everything one sampling run needs: the model denoiser (network + parameterisation, with any
+model wrappers such as control networks), the sampler and its sigmas, the latent shape, both sides of
+CFG as conditioning schedules, where its starting latent comes from (pure noise, init latents, or the
+previous pass's result), and denoiser wrappers (e.g. masked blending for inpainting). Tasks build or
+extend plans (txt2img/img2img here, hires.py adds a second pass); none of them touches the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from latentforge.conditioning.schedule import prompt_schedule
+from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
+from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.registry import SamplerInfo
+
+# (iteration, previous pass's latents or None) -> this pass's starting latents, or None for pure noise
+Start = Callable[[int, Tensor | None], Tensor | None]
+
+
+@dataclass
+class Pass:
+    """One sampling pass over a batch."""
+
+    name: str  # "txt2img", "img2img", "hires", ...
+    model: ModelDenoiser
+    sampler: SamplerInfo
+    sigmas: Tensor  # the sigmas this pass steps through (img2img: from its start sigma), ending at 0
+    shape: tuple[int, int, int]  # latent (C, h, w)
+    cond: CondSchedule
+    uncond: CondSchedule | None
+    cfg_scale: float
+    start: Start
+    denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
+    sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
+    sampler_options: dict = field(default_factory=dict)
+    wrappers: list[Callable[[Denoiser], Denoiser]] = field(default_factory=list)  # around the CFG denoiser
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def denoiser(self) -> Denoiser:
+        """A fresh guided denoiser (prompt schedules count model calls from the start of each pass)."""
+        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale)
+        for wrap in self.wrappers:
+            d = wrap(d)
+        return d
+
+
+@dataclass
+class Plan:
+    """The passes of one generation, run in order for each batch, and how their result becomes pixels."""
+
+    passes: list[Pass]
+    width: int
+    height: int
+    decode: Callable[[Tensor], Tensor]  # final latents -> images in [-1, 1]
+    sampler: SamplerInfo
+    schedule: str  # the schedule's canonical name, for the infotext
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.passes)
+
+
+def pass_sigmas(info: SamplerInfo, schedule_name: str, schedule: NoiseSchedule, steps: int) -> Tensor:
+    """The full sigma schedule of ``steps`` for a sampler."""
+    if info.discard_penultimate_sigma:  # A1111 does this for DPM2 / DPM2 a / DPM++ 3M SDE
+        sigmas = get_sigmas(schedule_name, schedule, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return get_sigmas(schedule_name, schedule, steps)
+
+
+def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
+    """A1111's rule: t_enc = int(min(strength, 0.999) * steps) steps, starting at sigmas[steps - t_enc - 1]."""
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1 :]
+
+
+def sampler_options(req: GenerationRequest) -> dict:
+    opts = dict(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
+    if req.eta is not None:
+        opts["eta"] = req.eta
+    return opts
+
+
+def conditioning(
+    pipe, req: GenerationRequest, width: int, height: int, batch: int, total_calls: int | None = None
+) -> tuple[CondSchedule, CondSchedule | None]:
+    """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
+    schedules over ``total_calls`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
+    ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one. The family's
+    conditioner turns the encoded text into ``Cond`` (vector, extra channels)."""
+    conditioner = pipe.family.conditioner
+    if conditioner.needs:
+        raise RequestError(
+            f"{pipe.family.name} models need their own input ({conditioner.needs}); "
+            "txt2img and img2img are not available for them"
+        )
+    total = total_calls or req.steps
+    concat = conditioner.default_concat(pipe.vae, width, height, pipe.device)
+    adm = pipe.unet.config.adm_in_channels
+    encoded: dict[str, object] = {}
+
+    def make(text: str, aesthetic: float, negative: bool):
+        if text not in encoded:
+            encoded[text] = pipe.encode_prompt(text, clip_skip=req.clip_skip, syntax=req.prompt_syntax)
+        emb = encoded[text]
+        return conditioner.build(
+            emb.context,
+            emb.pooled,
+            width=width,
+            height=height,
+            adm_channels=adm,
+            aesthetic=aesthetic,
+            empty_negative=negative and not text.strip(),
+            concat=concat,
+            batch=batch,
+        )
+
+    def schedule(text: str, aesthetic: float, negative: bool) -> CondSchedule:
+        entries = prompt_schedule(text, total) if req.prompt_syntax == "a1111" else [(total, text)]
+        return CondSchedule([(end, make(t, aesthetic, negative)) for end, t in entries])
+
+    cond = schedule(req.prompt, req.aesthetic_score, False)
+    uncond = None if req.cfg_scale == 1.0 else schedule(req.negative_prompt, req.negative_aesthetic_score, True)
+    return cond, uncond
+
+
+def first_pass(
+    pipe,
+    req: GenerationRequest,
+    info: SamplerInfo,
+    schedule_name: str,
+    width: int,
+    height: int,
+    init_latents: Tensor | None = None,
+) -> Pass:
+    """The txt2img pass (from pure noise) or, with ``init_latents`` (one per image, cycled over the
+    batch), the img2img pass with A1111's step rule."""
+    schedule = NoiseSchedule.for_family(pipe.family)
+    sigmas = pass_sigmas(info, schedule_name, schedule, req.steps)
+    calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
+    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step)
+    down = pipe.vae.config.downscale
+    shape = (pipe.unet.config.out_channels, height // down, width // down)
+    model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
+    if init_latents is None:
+        start: Start = _no_start
+        name = "txt2img"
+    else:
+        sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
+        start = _cycled(init_latents, req.batch_size)
+        name = "img2img"
+    return Pass(
+        name,
+        model,
+        info,
+        sigmas,
+        shape,
+        cond,
+        uncond,
+        req.cfg_scale,
+        start,
+        denoise=init_latents is None or req.denoising_strength > 0,
+        sgm_noise=req.sgm_noise_multiplier,
+        sampler_options=sampler_options(req),
+    )
+
+
+def _no_start(iteration: int, previous: Tensor | None) -> None:
+    return None
+
+
+def _cycled(latents: Tensor, batch: int) -> Start:
+    def start(iteration: int, previous: Tensor | None) -> Tensor:
+        return latents[[(iteration * batch + b) % len(latents) for b in range(batch)]]
+
+    return start
+
+
+def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor) -> Tensor:
+    """Where sampling starts: init latents noised to the first sigma, or pure noise at that sigma."""
+    s0 = float(p.sigmas[0])
+    if init is not None:
+        return init + first_noise * s0 if p.denoise else init
+    return first_noise * (math.sqrt(1 + s0**2) if p.sgm_noise else s0)
