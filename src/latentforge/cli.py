@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     from latentforge.families.detect import DetectionError
     from latentforge.io.components import LoadError
     from latentforge.io.tensorfile import CheckpointError
+    from latentforge.pipelines.numerics import NonFiniteError
     from latentforge.train.data import DataError
 
     try:
         return args.func(args)
-    except (CheckpointError, DetectionError, LoadError, DataError, FileExistsError, ValueError) as e:
+    except (CheckpointError, DetectionError, LoadError, DataError, NonFiniteError, FileExistsError, ValueError) as e:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

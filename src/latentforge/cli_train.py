@@ -63,7 +63,10 @@ def interrupted_summary(out: Path) -> str:
     written = sorted(p.name for p in out.glob("*.safetensors")) if out.is_dir() else []
     parts = []
     if has_state(out):
-        step = json.loads((out / STATE_DIR / "state.json").read_text()).get("step", "?")
+        try:
+            step = json.loads((out / STATE_DIR / "state.json").read_text()).get("step", "?")
+        except (OSError, ValueError, AttributeError):
+            step = "?"
         parts.append(f"the training state of step {step} is saved in {out / STATE_DIR} (the same command resumes)")
     if written:
         parts.append(f"checkpoints written: {', '.join(written)} in {out}")

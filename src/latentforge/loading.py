@@ -12,7 +12,7 @@ import torch
 
 from latentforge.convert.diffusers import vae_config_from_diffusers, vae_key_to_original
 from latentforge.device import auto_dtype, parse_dtype, to_fast_layout, vae_dtype
-from latentforge.families import Family
+from latentforge.families import Family, get_family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
 from latentforge.io.components import LoadError, Ref, build, check, identity_refs
@@ -40,18 +40,27 @@ def open_source(path: str | Path):
 
 
 def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, device) -> AutoencoderKL:
-    """A standalone VAE: original keys (with or without ``first_stage_model.``) or diffusers keys/folder."""
+    """A standalone VAE: original keys (with or without ``first_stage_model.``) or diffusers keys/folder.
+
+    Refused (LoadError) when it cannot work with ``family``'s latents: other latent channels or another
+    downscale factor than the family's VAE, or a file that declares another latent scale (a diffusers
+    ``config.json`` ``scaling_factor``, or the ``latentforge.family`` metadata latentforge writes).
+    """
     path = Path(path)
     f = open_component_weights(path) if path.is_dir() else open_tensor_file(path)
     try:
         keys = f.keys()
+        declared: tuple[float, str] | None = None
         if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names
             cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-            if cfg_file.is_file() and "block_out_channels" in (cfg_json := json.loads(cfg_file.read_text())):
+            cfg_json = _read_json(cfg_file) if cfg_file.is_file() else {}
+            if "block_out_channels" in cfg_json:
                 cfg = vae_config_from_diffusers(cfg_json)
             else:
                 levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down_blocks.")})
                 cfg = infer_vae_config({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family.vae)
+            if isinstance(cfg_json.get("scaling_factor"), (int, float)):
+                declared = (float(cfg_json["scaling_factor"]), f"scaling_factor in {cfg_file}")
             refs = vae_refs_diffusers(f, cfg)
         else:
             prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
@@ -60,9 +69,60 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
             refs = {k: r for k, r in refs.items() if not k.startswith(("loss.", "model_ema."))}
             shapes = {k: r.shape for k, r in refs.items()}
             cfg = infer_vae_config(shapes, family.vae)
+        declared = _declared_family_scale(f.metadata, path) or declared
+        check_vae_fits(cfg, family, str(path), declared)
         return _build_vae(cfg, refs, family, dtype, device, str(path))
     finally:
         f.close()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} is not a readable JSON file ({e}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} holds a JSON {type(data).__name__}, not the object of a diffusers config")
+    return data
+
+
+def _declared_family_scale(metadata: dict, path: Path) -> tuple[float, str] | None:
+    """(latent scale, what said so) from the ``latentforge.family`` metadata of a file we wrote."""
+    name = metadata.get("latentforge.family") if metadata else None
+    if not name:
+        return None
+    try:
+        fam = get_family(name)
+    except KeyError:
+        log.warning("%s: metadata names an unknown family %r; its latent scale is not checked", path, name)
+        return None
+    return fam.latent_scale, f"its metadata (latentforge.family = {name})"
+
+
+def check_vae_fits(cfg: VAEConfig, family: Family, source: str, declared: tuple[float, str] | None = None) -> None:
+    """Refuse a VAE that cannot encode/decode ``family``'s latents: other latent channels, another
+    downscale factor, other image channels, or (when the file says) another latent scale.
+
+    The SD1/SD2 and SDXL VAEs share one architecture and cannot be told apart by shapes; only a file that
+    declares its scale (diffusers ``scaling_factor``, latentforge metadata) is checked for that.
+    """
+    want = family.vae
+    problems = []
+    if cfg.embed_dim != want.embed_dim:
+        problems.append(f"{cfg.embed_dim} latent channels, the model's latents have {want.embed_dim}")
+    if cfg.downscale != want.downscale:
+        problems.append(f"downscale factor f={cfg.downscale}, the model's VAE has f={want.downscale}")
+    if (cfg.in_channels, cfg.out_channels) != (want.in_channels, want.out_channels):
+        problems.append(f"{cfg.in_channels}/{cfg.out_channels} image channels in/out, the model uses 3/3")
+    if declared is not None and not math.isclose(declared[0], family.latent_scale, rel_tol=1e-3):
+        problems.append(
+            f"latent scale {declared[0]:g} ({declared[1]}), the model's ({family.name}) is {family.latent_scale:g}"
+        )
+    if problems:
+        raise LoadError(
+            f"the VAE {source} does not fit a {family.name} model: it has {'; '.join(problems)}. It was made for "
+            f"another model family; use a VAE made for {family.name} (or the checkpoint's own, without --vae)"
+        )
 
 
 def check_all(plans, source: str) -> None:
@@ -115,6 +175,8 @@ def load(
         reason = f"forced by family={family!r}" if family else f"structure matched {[f.name for f in found]}"
         ucfg, urefs = source.unet(fam)
         vcfg, vrefs = source.vae(fam)
+        if vae is None:
+            check_vae_fits(vcfg, fam, source.name)
         texts = [(spec, *source.text(spec)) for spec in fam.text]
         # every component is checked before any weight is read, so one error lists every problem
         plans = [("UNet", lambda: UNet(ucfg), urefs)]

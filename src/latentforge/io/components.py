@@ -59,11 +59,44 @@ def check(expected: Mapping[str, tuple[int, ...]], refs: Mapping[str, Ref], what
         raise LoadError("\n".join(parts))
 
 
-class _ReadCache:
-    """Keeps the last two tensors read, so q, k and v split from one fused tensor read it once."""
+def _all_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf. One float32-accumulated sum (NaN or Inf in it make it non-finite);
+    only a non-finite sum, which finite values can also give by overflowing, is confirmed element-wise."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
 
-    def __init__(self) -> None:
+
+def _non_finite_message(ref: Ref, t: Tensor, what: str, source: str) -> str:
+    bad = ~torch.isfinite(t)
+    nan, count = int(torch.isnan(t).sum()), int(bad.sum())
+    kinds = " and ".join(k for k, n in (("NaN", nan), ("Inf", count - nan)) if n)
+    file = getattr(ref.file, "path", source)
+    original = ref.file.read(ref.key)
+    if t.dtype != original.dtype and _all_finite(original):
+        largest = float(original.float().abs().max())
+        return (
+            f"the {what} weights in {source}: tensor {ref.key!r} of {file} (largest magnitude {largest:.4g}) does "
+            f"not fit in {str(t.dtype).removeprefix('torch.')}: {count} of {t.numel()} values become {kinds}; "
+            "load the model in another dtype (fp32 or bf16: --dtype fp32)"
+        )
+    return (
+        f"the {what} weights in {source}: tensor {ref.key!r} of {file} holds {count} {kinds} value(s) of "
+        f"{t.numel()}; the file is damaged or was saved from a model whose training diverged: re-download it "
+        "or use another checkpoint"
+    )
+
+
+class _ReadCache:
+    """Keeps the last two tensors read, so q, k and v split from one fused tensor read it once. Each
+    tensor is checked for NaN/Inf as it is read (a damaged file or a cast that overflows, e.g. fp32
+    weights beyond 65504 loaded in fp16), before it is assigned to any network."""
+
+    def __init__(self, what: str, source: str) -> None:
         self._items: dict[tuple[int, str, torch.dtype | None], Tensor] = {}
+        self.what, self.source = what, source
 
     def read(self, ref: Ref, dtype: torch.dtype | None) -> Tensor:
         file_dtype = ref.file.dtype(ref.key)
@@ -72,7 +105,10 @@ class _ReadCache:
         if key not in self._items:
             if len(self._items) >= 2:
                 self._items.pop(next(iter(self._items)))
-            self._items[key] = ref.file.read(ref.key, target)
+            t = ref.file.read(ref.key, target)
+            if not _all_finite(t):
+                raise LoadError(_non_finite_message(ref, t, self.what, self.source))
+            self._items[key] = t
         return self._items[key]
 
 
@@ -85,12 +121,13 @@ def build(
     what: str,
     source: str,
 ) -> nn.Module:
-    """Make ``factory()``'s module and fill it from ``refs`` (strict: every key, every shape)."""
+    """Make ``factory()``'s module and fill it from ``refs`` (strict: every key, every shape; no NaN/Inf:
+    a tensor holding them is refused with its file and name before anything is assigned)."""
     with torch.device("meta"):
         module = factory()
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check(expected, refs, what, source)
-    cache = _ReadCache()
+    cache = _ReadCache(what, source)
     state: dict[str, Tensor] = {}
     for key in expected:
         ref = refs[key]

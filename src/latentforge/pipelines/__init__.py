@@ -2,6 +2,7 @@
 that build passes (hires.py; images.py for image input and output)."""
 
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
+from latentforge.pipelines.numerics import NonFiniteError
 from latentforge.pipelines.request import (
     ControlUnit,
     GenerationOptions,
@@ -22,6 +23,7 @@ __all__ = [
     "InpaintOptions",
     "Interrupted",
     "NetworkRef",
+    "NonFiniteError",
     "Progress",
     "RefinerOptions",
     "RequestError",

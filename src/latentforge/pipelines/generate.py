@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from torch import Tensor
 from latentforge.pipelines import hires
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
+from latentforge.pipelines.numerics import FiniteWatch, decode_checked
 from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
@@ -72,7 +74,7 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
         init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
     first = first_pass(pipe, req, info, schedule_name, width, height, init_latents)
-    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
+    plan = Plan([first], width, height, functools.partial(decode_checked, pipe.vae), info, schedule_name)
     if req.hires is not None and init_images is None:
         hires.add_pass(plan, pipe, req)
     return plan
@@ -91,17 +93,20 @@ def _refuse_unavailable(req: GenerationRequest) -> None:
 
 def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int], device, callback) -> Tensor:
     """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
-    trees for the SDE samplers), its sampler over its sigmas."""
+    trees for the SDE samplers), its sampler over its sigmas. NaN/Inf in the denoised latents of any
+    step or in the result raise ``NonFiniteError`` naming the pass and step (pipelines/numerics.py)."""
+    watch = FiniteWatch(p, getattr(p.model.unet, "dtype", None))
     init = p.start(iteration, previous)
     noise = ImageNoise(seeds, p.shape, out_device=device)
     x = starting_latent(p, init, noise.next())
     if init is not None and not p.denoise:
-        return x
+        return watch.result(x)
     draw = noise
     if p.sampler.brownian:
         positive = p.sigmas[p.sigmas > 0]
         draw = BrownianNoise(seeds, p.shape, positive.min(), positive.max(), out_device=device)
-    return p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    x = p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=watch.callback(callback), **p.sampler_options)
+    return watch.result(x)
 
 
 def generate(

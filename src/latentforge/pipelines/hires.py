@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from latentforge.pipelines.images import image_to_tensor
+from latentforge.pipelines.numerics import decode_checked
 from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
 from latentforge.pipelines.request import (
     IMAGE_UPSCALERS,
@@ -57,7 +58,7 @@ def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -
         mode, antialias = LATENT_UPSCALERS[name]
         return F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
     f = pipe.vae.config.downscale
-    decoded = ((pipe.vae.decode(latents).float() + 1) / 2).clamp(0, 1)
+    decoded = ((decode_checked(pipe.vae, latents).float() + 1) / 2).clamp(0, 1)
     images = []
     for sample in decoded:
         pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111

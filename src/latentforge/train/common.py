@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from latentforge.device import supports_bf16
 from latentforge.io.writer import write_safetensors
+from latentforge.pipelines.numerics import NonFiniteError
 from latentforge.train.config import TrainConfig, config_to_dict
+from latentforge.train.resume import read_state, refuse
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -128,30 +129,92 @@ def save_state(
     return final
 
 
+def has_state(out: Path) -> bool:
+    """True when ``out`` holds a state folder (whole or not: ``load_state`` says what is wrong with it)."""
+    return (out / STATE_DIR).is_dir()
+
+
 def load_state(
-    out: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], ema: EMA | None
+    out: Path,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    ema: EMA | None,
+    cfg: TrainConfig | None = None,
 ) -> tuple[int, dict]:
-    """Restore a saved state; returns (step, extra)."""
+    """Restore a saved state; returns (step, extra). Everything is checked before anything is restored:
+    a missing, truncated or corrupt file, other tensor names or shapes, non-finite values, or a state
+    saved for another model (``cfg``'s mode, model.base, model.family, model.train_text_encoder) raise
+    ConfigError naming the problem (see train/resume.py)."""
     folder = out / STATE_DIR
-    tensors = load_file(folder / "state.safetensors")
-    meta = json.loads((folder / "state.json").read_text())
-    for name, m in modules.items():
-        prefix = f"model.{name}."
-        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    if ema is not None:
-        for k in ema.shadow:
-            ema.shadow[k] = tensors[f"ema.{k}"].clone()
-    for oname, opt in optimizers.items():
-        saved = meta["optimizers"][oname]
-        state = {
-            int(idx): {k: tensors[f"opt.{oname}.{idx}.{k}"] for k in keys} for idx, keys in saved["state_keys"].items()
-        }
-        opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    meta, tensors = read_state(folder, modules, optimizers, ema, cfg)
+    try:
+        for name, m in modules.items():
+            prefix = f"model.{name}."
+            m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if ema is not None:
+            for k in ema.shadow:
+                ema.shadow[k] = tensors[f"ema.{k}"].float()
+        for oname, opt in optimizers.items():
+            saved = meta["optimizers"][oname]
+            state = {
+                int(idx): {k: tensors[f"opt.{oname}.{idx}.{k}"] for k in keys}
+                for idx, keys in saved["state_keys"].items()
+            }
+            opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # what the checks above did not foresee
+        raise refuse(folder, f"it does not restore into this model ({type(e).__name__}: {str(e)[:200]})") from None
     return int(meta["step"]), meta.get("extra", {})
 
 
-def has_state(out: Path) -> bool:
-    return (out / STATE_DIR / "state.json").is_file()
+# --- non-finite values ----------------------------------------------------------------------------
+
+
+class TrainingDiverged(NonFiniteError):
+    """The loss, the gradients or the weights became NaN/Inf; nothing of that step was written."""
+
+
+def _advice(cfg: TrainConfig, out: Path) -> str:
+    kept = (
+        f"the last good state in {out / STATE_DIR} is kept (the same command resumes from it)"
+        if has_state(out)
+        else "no state or checkpoint of this run was written after the first non-finite value"
+    )
+    clip = "lower grad_clip" if cfg.grad_clip > 0 else "set grad_clip = 1.0"
+    return (
+        f"lower the learning rate (lr = {cfg.lr:g}; try 10 times smaller), {clip}, or set "
+        f"mixed_precision = 'no' if reduced precision overflows; {kept}"
+    )
+
+
+def grad_norm(params: list[nn.Parameter], clip: float) -> float:
+    """The total gradient norm (L2 over all parameters), clipped to ``clip`` when it is > 0."""
+    if clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def check_step(step: int, loss: float, norm: float, cfg: TrainConfig, out: Path) -> None:
+    """Raise TrainingDiverged before the optimizer applies a step whose loss or gradient norm is NaN/Inf."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm} (loss {loss:.4g})"
+    raise TrainingDiverged(
+        f"training diverged at step {step + 1} of {cfg.steps}: {what}; the step was not applied. {_advice(cfg, out)}"
+    )
+
+
+def check_weights(step: int, modules: dict[str, nn.Module], ema: EMA | None, cfg: TrainConfig, out: Path) -> None:
+    """Raise TrainingDiverged if a trained weight (or its EMA) is NaN/Inf; called before anything is
+    written, so no sample, state or checkpoint is made from non-finite weights."""
+    named = [(f"{n}.{k}", p) for n, m in modules.items() for k, p in m.named_parameters() if p.requires_grad]
+    named += [(f"EMA of {k}", v) for k, v in (ema.shadow.items() if ema is not None else ())]
+    for name, t in named:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1} of {cfg.steps}: after the optimizer step the weight "
+                f"{name} holds NaN/Inf; nothing was written for this step. {_advice(cfg, out)}"
+            )
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,23 +82,82 @@ class TrainConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
 
     def validate(self) -> None:
+        """Refuse values that cannot train: each message names the key, its value and what is allowed."""
+        for key, low, high in _NUMBERS:
+            v = _get(self, key)
+            if not _in_range(v, low, high):
+                raise ConfigError(f"config key '{key}' must be {_range_text(low, high)}, got {v!r}")
+        betas = self.adam_betas
+        if not (
+            isinstance(betas, list) and len(betas) == 2 and all(_in_range(b, (0.0, True), (1.0, False)) for b in betas)
+        ):
+            raise ConfigError(f"config key 'adam_betas' must be two numbers in [0, 1), got {betas!r}")
+        if not isinstance(self.sample_prompts, list) or not all(isinstance(p, str) for p in self.sample_prompts):
+            raise ConfigError(f"config key 'sample_prompts' must be a list of strings, got {self.sample_prompts!r}")
         checks = [
             (self.mode in ("diffusion", "vae"), "mode must be 'diffusion' or 'vae'"),
-            (self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "steps, batch_size, grad_accum >= 1"),
-            (self.lr > 0, "lr must be positive"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be 'constant' or 'cosine'"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be 'auto', 'bf16' or 'no'"),
-            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.data.kind in ("folder", "synthetic"), "data.kind must be 'folder' or 'synthetic'"),
             (self.data.on_bad in ("skip", "error"), "data.on_bad must be 'skip' or 'error'"),
-            (self.data.resolution % 8 == 0 and self.data.resolution >= 16, "data.resolution must be a multiple of 8"),
+            (self.data.resolution % 8 == 0, "data.resolution must be a multiple of 8"),
             (self.model.objective in ("", "eps", "v"), "model.objective must be '', 'eps' or 'v'"),
-            (0 <= self.model.caption_dropout <= 1, "model.caption_dropout must be in [0, 1]"),
             (self.data.kind != "folder" or bool(self.data.path), "data.path is required for data.kind = 'folder'"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+# numeric keys: (key, (low, low included), (high, high included)); _INF = unbounded. NaN and Inf are
+# never accepted (an infinite learning rate trains to NaN weights at the first step).
+_INF = None
+_NUMBERS = [
+    ("steps", (1, True), (10**9, True)),
+    ("batch_size", (1, True), (4096, True)),
+    ("grad_accum", (1, True), (4096, True)),
+    ("lr", (0.0, False), _INF),
+    ("lr_warmup", (0, True), _INF),
+    ("weight_decay", (0.0, True), _INF),
+    ("grad_clip", (0.0, True), _INF),
+    ("ema_decay", (0.0, True), (1.0, False)),
+    ("save_every", (0, True), _INF),
+    ("sample_every", (0, True), _INF),
+    ("sample_steps", (1, True), (1000, True)),
+    ("log_every", (0, True), _INF),
+    ("model.min_snr_gamma", (0.0, True), _INF),
+    ("model.caption_dropout", (0.0, True), (1.0, True)),
+    ("data.resolution", (16, True), (8192, True)),
+    ("data.size", (1, True), (10**8, True)),
+    ("vae.kl_weight", (0.0, True), _INF),
+    ("vae.l2_weight", (0.0, True), _INF),
+    ("vae.disc_weight", (0.0, True), _INF),
+    ("vae.disc_start", (0, True), _INF),
+]
+
+
+def _get(cfg: TrainConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _in_range(v, low, high) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    if low is not None and (v < low[0] or (v == low[0] and not low[1])):
+        return False
+    return high is None or v < high[0] or (v == high[0] and high[1])
+
+
+def _range_text(low, high) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low[1] else '>'} {low[0]}")
+    if high is not None:
+        parts.append(f"{'<=' if high[1] else '<'} {high[0]}")
+    return "a finite number " + " and ".join(parts)
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:

@@ -195,7 +195,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, {"opt": opt}, ema)
+        start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
 
     schedule = NoiseSchedule.for_family(pipe.family)
@@ -219,18 +219,21 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
             loss = diffusion_loss(pipe, denoiser, latents[idx].to(device), caps, g, cfg, amp) / accum
             loss.backward()
             total += float(loss.detach())
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(modules, step)
         reporter.step(step, total, lr)
         done = step + 1
-        if cfg.sample_every and done % cfg.sample_every == 0:
+        sample = bool(cfg.sample_every and done % cfg.sample_every == 0)
+        save = bool((cfg.save_every and done % cfg.save_every == 0) or done == end)
+        if sample or save:  # nothing is written from non-finite weights
+            common.check_weights(step, modules, ema, cfg, out)
+        if sample:
             grid = out / "samples" / f"step-{done:06d}.png"
             _with_ema(ema, modules, lambda grid=grid: save_samples(pipe, cfg, grid))
-        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+        if save:
             common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
                 _with_ema(

@@ -83,7 +83,7 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
     ema = common.EMA({"vae": vae}, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, optimizers, ema)
+        start, _ = common.load_state(out, modules, optimizers, ema, cfg)
     amp = common.autocast_dtype(cfg, device)
     reporter = common.Reporter(progress, cfg.log_every, cfg.steps, cfg.batch_size)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
@@ -105,8 +105,7 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
         if gan_on:
             loss = loss - cfg.vae.disc_weight * disc(rec).mean()
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        common.check_step(step, float(loss.detach()), common.grad_norm(list(vae.parameters()), cfg.grad_clip), cfg, out)
         optimizers["vae"].step()
         optimizers["vae"].zero_grad(set_to_none=True)
         if use_disc:
@@ -114,6 +113,8 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
             if gan_on:  # hinge loss
                 d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
                 d_loss.backward()
+                d_norm = common.grad_norm(list(disc.parameters()), 0.0)
+                common.check_step(step, float(d_loss.detach()), d_norm, cfg, out)
                 optimizers["disc"].step()
                 optimizers["disc"].zero_grad(set_to_none=True)
         if ema is not None:
@@ -121,6 +122,7 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
         reporter.step(step, float(loss.detach()), lr)
         done = step + 1
         if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            common.check_weights(step, modules, ema, cfg, out)  # nothing is written from non-finite weights
             common.save_state(out, done, modules, optimizers, ema, cfg)
     final = out / "vae.safetensors"
     if end == cfg.steps:
