@@ -181,7 +181,7 @@ def _advice(cfg: TrainConfig, out: Path) -> str:
     )
     clip = "lower grad_clip" if cfg.grad_clip > 0 else "set grad_clip = 1.0"
     return (
-        f"lower the learning rate (lr = {cfg.lr:g}; try 10 times smaller), {clip}, or set "
+        f"Lower the learning rate (lr = {cfg.lr:g}; try 10 times smaller), {clip}, or set "
         f"mixed_precision = 'no' if reduced precision overflows; {kept}"
     )
 
