@@ -98,7 +98,9 @@ def _compare(folder: Path, what: str, expected: dict[str, tuple], tensors: dict[
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     shapes = sorted(
-        f"{k} {list(found[k])} (model {list(expected[k])})" for k in expected.keys() & found.keys() if found[k] != expected[k]
+        f"{k} {list(found[k])} (model {list(expected[k])})"
+        for k in expected.keys() & found.keys()
+        if found[k] != expected[k]
     )
     problems = []
     if missing:
