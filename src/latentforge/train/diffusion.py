@@ -176,12 +176,6 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
-    images, captions, _ = load_dataset(cfg.data)
-    latents = encode_images(pipe, images).cpu()
-    del images
-    n = len(captions)
-    log.info("training on %d images (latents %s)", n, tuple(latents.shape[1:]))
-
     modules: dict[str, nn.Module] = {"unet": pipe.unet}
     if cfg.model.train_text_encoder:
         modules.update({f"text{i}": enc for i, enc in enumerate(pipe.text_encoders)})
@@ -197,6 +191,12 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     if cfg.resume and common.has_state(out):
         start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
+    # the data after the state: a state that cannot be resumed is reported before minutes of encoding
+    images, captions, _ = load_dataset(cfg.data)
+    latents = encode_images(pipe, images).cpu()
+    del images
+    n = len(captions)
+    log.info("training on %d images (latents %s)", n, tuple(latents.shape[1:]))
 
     schedule = NoiseSchedule.for_family(pipe.family)
     denoiser = ModelDenoiser(pipe.unet, schedule, pipe.prediction)

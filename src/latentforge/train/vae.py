@@ -71,8 +71,6 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
     fam = get_family(cfg.model.family)
     torch.manual_seed(cfg.model.init_seed)
     vae = AutoencoderKL(fam.vae, fam.latent_scale).to(device)
-    images, _, _ = load_dataset(cfg.data)
-    n = len(images)
     modules: dict[str, nn.Module] = {"vae": vae}
     optimizers = {"vae": common.make_optimizer(vae.parameters(), cfg)}
     use_disc = cfg.vae.disc_weight > 0
@@ -84,6 +82,8 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
     start = 0
     if cfg.resume and common.has_state(out):
         start, _ = common.load_state(out, modules, optimizers, ema, cfg)
+    images, _, _ = load_dataset(cfg.data)  # after the state: a bad state is reported before the data is read
+    n = len(images)
     amp = common.autocast_dtype(cfg, device)
     reporter = common.Reporter(progress, cfg.log_every, cfg.steps, cfg.batch_size)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
