@@ -59,6 +59,7 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
             default=None,
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
+        add_inpaint_options(p)
     if not img2img:
         p.add_argument(
             "--hires",
@@ -103,6 +104,70 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+FILL_NAMES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
+# inpainting options: (flags, field of InpaintOptions, argparse keywords)
+INPAINT_OPTIONS = [
+    (("--mask",), "mask", dict(type=Path, help="inpaint: mask image, white = repaint (an RGBA image's alpha counts)")),
+    (("--mask-blur",), "mask_blur", dict(type=float, help="inpaint: blur the mask by this many pixels (default 4)")),
+    (
+        ("--inpaint-fill",),
+        "inpainting_fill",
+        dict(
+            choices=list(FILL_NAMES),
+            help="inpaint: masked content: original (default), fill, latent-noise, latent-nothing",
+        ),
+    ),
+    (
+        ("--only-masked",),
+        "inpaint_full_res",
+        dict(action="store_true", help="inpaint only the masked region, at full size"),
+    ),
+    (
+        ("--padding",),
+        "inpaint_full_res_padding",
+        dict(type=int, help="with --only-masked: pixels around the mask (32)"),
+    ),
+    (("--invert-mask",), "inpainting_mask_invert", dict(action="store_true", help="repaint what is NOT masked")),
+    (("--mask-weight",), "inpainting_mask_weight", dict(type=float, help="inpainting models: conditional mask weight")),
+]
+
+
+def add_inpaint_options(p: argparse.ArgumentParser) -> None:
+    for flags, dest, kwargs in INPAINT_OPTIONS:
+        p.add_argument(*flags, dest=f"inpaint_{dest}", default=None, **kwargs)
+    p.add_argument(
+        "--outpaint",
+        metavar="PIXELS",
+        help="extend the canvas and paint the new area: one number for every side, or LEFT,TOP,RIGHT,BOTTOM "
+        "(multiples of 8; masked content defaults to fill)",
+    )
+
+
+def _inpaint_group(args: argparse.Namespace, current: dict | None) -> dict | None:
+    """The inpaint group from --mask and friends, over the group of a --from record."""
+    given = {}
+    for _, dest, _ in INPAINT_OPTIONS:
+        value = getattr(args, f"inpaint_{dest}", None)
+        if value is not None and value is not False:
+            given[dest] = FILL_NAMES[value] if dest == "inpainting_fill" else value
+    if "mask" in given:
+        given["mask"] = str(given["mask"])
+    outpaint = getattr(args, "outpaint", None)
+    if outpaint:
+        try:
+            sides = [int(v) for v in outpaint.split(",")]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 4):
+            raise ValueError(f"--outpaint takes one number or LEFT,TOP,RIGHT,BOTTOM, got {outpaint!r}")
+        sides = sides * 4 if len(sides) == 1 else sides
+        given.update(zip(("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"), sides))
+        given.setdefault("inpainting_fill", 0)
+    if not given:
+        return current
+    return {**(current or {}), **given}
 
 
 class ProgressBar:
@@ -172,6 +237,10 @@ def build_request(args: argparse.Namespace, img2img: bool):
             options[dest] = value
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
+    if img2img:
+        group = _inpaint_group(args, req.to_dict()["inpaint"])
+        if group is not None:
+            options["inpaint"] = group
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one

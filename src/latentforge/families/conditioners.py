@@ -122,11 +122,19 @@ class InpaintConditioner(Conditioner):
 
     def default_concat(self, vae, width: int, height: int, device) -> Tensor:
         """No mask: repaint everything (mask 1 and the latent of an empty, grey image), as A1111."""
+        grey = torch.zeros(1, 3, height, width, device=device)
+        return self.masked_image_concat(vae, grey, torch.ones(1, 1, height, width, device=device))
+
+    def masked_image_concat(self, vae, image: Tensor, mask: Tensor, weight: float = 1.0) -> Tensor:
+        """The 5 extra channels of an inpainting model: the mask (1, 1, H, W; 1 = repaint, rounded) at
+        latent size (nearest), then the latent of the image with the masked area cleared:
+        ``lerp(image, image * (1 - mask), weight)`` (A1111's "conditional mask weight"; 1 = cleared, as
+        the original code and diffusers do)."""
         with torch.inference_mode():
-            grey = torch.zeros(1, 3, height, width, device=device, dtype=vae.dtype)
-            latent = vae.encode(grey).float()
-        mask = torch.ones(1, 1, *latent.shape[-2:], device=latent.device)
-        return torch.cat([mask, latent], dim=1)
+            cleared = torch.lerp(image, image * (1 - mask), weight)
+            latent = vae.encode(cleared.to(vae.dtype)).float()
+        small = torch.nn.functional.interpolate(mask.float(), size=latent.shape[-2:]).to(latent.device)
+        return torch.cat([small, latent], dim=1)
 
 
 @dataclass(frozen=True)

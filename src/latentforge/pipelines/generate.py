@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import hires
+from latentforge.pipelines import hires, inpaint
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
@@ -59,20 +59,33 @@ class GenerationResult:
 
 
 def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None) -> Plan:
-    """The passes a request asks for: txt2img or img2img, then the passes of its option groups."""
+    """The passes a request asks for: txt2img or img2img (with a mask: inpainting), then the passes of
+    its option groups."""
     fam = pipe.family
+    inpainting = req.inpaint is not None and init_images
+    protect = None
+    if inpainting and any(req.inpaint.outpaint):
+        init_images, protect = inpaint.outpaint_request(init_images, req.inpaint)
+        req = dataclasses.replace(req, inpaint=dataclasses.replace(req.inpaint, mask=protect))
     width = req.width or (init_images[0].width // 8 * 8 if init_images else fam.default_size)
     height = req.height or (init_images[0].height // 8 * 8 if init_images else fam.default_size)
     down = pipe.vae.config.downscale
     if width % down or height % down:
         raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
     info, schedule_name = resolve(req.sampler, req.schedule)
-    init_latents = None
+    init_latents = job = concat = None
+    if inpainting:
+        job = inpaint.prepare(init_images, req.inpaint, width, height, req.resize_mode, down, protect)
+        init_images = job.images
+        if fam.conditioner.concat_channels:
+            concat = inpaint.model_concat(pipe, job, req.inpaint)
     if init_images:
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
         init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
-    first = first_pass(pipe, req, info, schedule_name, width, height, init_latents)
+    first = first_pass(pipe, req, info, schedule_name, width, height, init_latents, concat)
     plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
+    if job is not None:
+        inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
         hires.add_pass(plan, pipe, req)
     return plan
@@ -80,7 +93,6 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
 
 def _refuse_unavailable(req: GenerationRequest) -> None:
     for group, what in (
-        ("inpaint", "inpainting with a mask"),
         ("refiner", "the SDXL refiner hand-off"),
         ("networks", "networks (LoRA, hypernetworks, embeddings)"),
         ("control", "ControlNet units"),
@@ -92,7 +104,7 @@ def _refuse_unavailable(req: GenerationRequest) -> None:
 def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int], device, callback) -> Tensor:
     """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
     trees for the SDE samplers), its sampler over its sigmas."""
-    init = p.start(iteration, previous)
+    init = p.start(iteration, previous, seeds)
     noise = ImageNoise(seeds, p.shape, out_device=device)
     x = starting_latent(p, init, noise.next())
     if init is not None and not p.denoise:
@@ -101,7 +113,8 @@ def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int],
     if p.sampler.brownian:
         positive = p.sigmas[p.sigmas > 0]
         draw = BrownianNoise(seeds, p.shape, positive.min(), positive.max(), out_device=device)
-    return p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    x = p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    return x if p.finish is None else p.finish(x)
 
 
 def generate(
@@ -136,10 +149,11 @@ def generate(
 
                 x = run_pass(p, x, it, batch_seeds, pipe.device, callback)
                 offset += p.steps
-            out_images.extend(tensor_to_images(plan.decode(x)))
+            images = tensor_to_images(plan.decode(x))
+            out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
 
     final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
-    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img)
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
     for image, text, s in zip(out_images, texts, seeds):
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, img2img)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.request import GenerationRequest, HiresOptions, RequestError
+from latentforge.pipelines.request import INPAINT_FILL, GenerationRequest, HiresOptions, InpaintOptions, RequestError
 from latentforge.sampling.registry import SAMPLERS, resolve
 
 SCHEDULE_TITLES = {
@@ -39,7 +39,9 @@ def _model_fields(pipe) -> dict:
     return pipe.cached("infotext model fields", make)
 
 
-def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool) -> dict:
+def infotext_params(
+    pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool, extra: dict | None = None
+) -> dict:
     from latentforge._version import __version__
 
     params = {
@@ -52,6 +54,7 @@ def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str
         **_model_fields(pipe),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
         **(_hires_fields(req.hires) if req.hires and not img2img else {}),
+        **(extra or {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
         "RNG": "CPU",
@@ -75,9 +78,12 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def infotexts_for(pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool) -> list[str]:
+def infotexts_for(
+    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool, extra: dict | None = None
+) -> list[str]:
+    """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...)."""
     return [
-        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img))
+        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img, extra))
         for s in seeds
     ]
 
@@ -185,12 +191,52 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
             h.resize_x, h.resize_y = int(x), int(y)
         h.second_pass_steps = int(s.get("Hires steps", 0))
         h.upscaler = s.get("Hires upscaler", h.upscaler)
+    inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
-    known |= hires
+    known |= hires | inpaint_fields
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
+
+
+INPAINT_FIELDS = {
+    "Mask blur",
+    "Inpaint area",
+    "Masked area padding",
+    "Masked content",
+    "Mask mode",
+    "Conditional mask weight",
+    "Outpaint",
+}
+
+
+def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
+    """A1111's inpainting fields (and latentforge's "Outpaint: left,top,right,bottom") -> req.inpaint;
+    the mask itself is not in the text. Returns the field names it read."""
+    found = INPAINT_FIELDS & set(s)
+    if not found:
+        return found
+    o = req.inpaint = InpaintOptions(mask_blur=0)
+    if "Mask blur" in s:
+        blur = s["Mask blur"].lower().split("x")
+        o.mask_blur = float(blur[0])
+        if len(blur) == 2:
+            o.mask_blur_x, o.mask_blur_y = float(blur[0]), float(blur[1])
+    o.inpaint_full_res = s.get("Inpaint area") == "Only masked"
+    if "Masked area padding" in s:
+        o.inpaint_full_res_padding = int(s["Masked area padding"])
+    if "Masked content" in s:
+        names = {v: k for k, v in INPAINT_FILL.items()}
+        o.inpainting_fill = names.get(s["Masked content"], 1)
+    o.inpainting_mask_invert = s.get("Mask mode") == "Inpaint not masked"
+    if "Conditional mask weight" in s:
+        o.inpainting_mask_weight = float(s["Conditional mask weight"])
+    if "Outpaint" in s:
+        o.outpaint_left, o.outpaint_top, o.outpaint_right, o.outpaint_bottom = (
+            int(v) for v in s["Outpaint"].split(",")
+        )
+    return found
 
 
 __all__ = ["SAMPLERS", "infotexts_for", "read_png_metadata", "request_from_image", "request_from_infotext"]

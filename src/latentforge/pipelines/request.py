@@ -59,16 +59,31 @@ class HiresOptions:
     resize_y: int = 0
 
 
+# A1111's "Masked content" names of inpainting_fill
+INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
 @dataclass
 class InpaintOptions:
-    """Inpainting with a mask (A1111's img2img inpaint fields). Not yet available in generation."""
+    """Inpainting with a mask, and outpainting (A1111's img2img inpaint fields; pipelines/inpaint.py)."""
 
-    mask: Any = None  # a PIL image or a path: white = repaint
-    mask_blur: int = 4
-    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
-    inpaint_full_res: bool = False  # "only masked"
+    mask: Any = None  # a PIL image or a path: white = repaint (an RGBA image's transparency counts)
+    mask_blur: float = 4  # Gaussian blur of the mask in pixels; mask_blur_x/y set the axes apart
+    mask_blur_x: float | None = None
+    mask_blur_y: float | None = None
+    inpainting_fill: int = 1  # masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "only masked": work on the mask's region at full resolution
     inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: bool = False
+    inpainting_mask_invert: bool = False  # repaint what is NOT masked
+    inpainting_mask_weight: float = 1.0  # inpainting models: how much of the masked image they see cleared
+    outpaint_left: int = 0  # outpainting: extend the canvas by these many pixels (multiples of 8)
+    outpaint_top: int = 0
+    outpaint_right: int = 0
+    outpaint_bottom: int = 0
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        return (self.outpaint_left, self.outpaint_top, self.outpaint_right, self.outpaint_bottom)
 
 
 @dataclass
@@ -112,6 +127,9 @@ _FLAT = {
     "refiner_switch_at": ("refiner", "switch_at"),
     "mask": ("inpaint", "mask"),
     "mask_blur": ("inpaint", "mask_blur"),
+    "mask_blur_x": ("inpaint", "mask_blur_x"),
+    "mask_blur_y": ("inpaint", "mask_blur_y"),
+    "inpainting_mask_weight": ("inpaint", "inpainting_mask_weight"),
     "inpainting_fill": ("inpaint", "inpainting_fill"),
     "inpaint_full_res": ("inpaint", "inpaint_full_res"),
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
@@ -204,6 +222,8 @@ class GenerationRequest:
                 "resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill)",
             )
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+        if self.inpaint is not None:
+            _validate_inpaint(self.inpaint, need, img2img)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
@@ -278,6 +298,25 @@ def _make(cls, values: dict, where: str):
         raise RequestError(f"{where}: {e}") from None
 
 
+def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
+    need(img2img, "inpainting and outpainting need an init image (img2img)")
+    need(
+        o.inpainting_fill in INPAINT_FILL,
+        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+    )
+    pad = o.inpaint_full_res_padding
+    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
+    w = o.inpainting_mask_weight
+    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
+    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
+        v = getattr(o, name)
+        need(
+            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
+            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
+        )
+    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
+
+
 def _validate_hires(h: HiresOptions, need) -> None:
     need(
         isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
@@ -340,7 +379,10 @@ class GenerationOptions(TypedDict, total=False):
     refiner_checkpoint: str
     refiner_switch_at: float
     mask: Any
-    mask_blur: int
+    mask_blur: float
+    mask_blur_x: float | None
+    mask_blur_y: float | None
+    inpainting_mask_weight: float
     inpainting_fill: int
     inpaint_full_res: bool
     inpaint_full_res_padding: int
