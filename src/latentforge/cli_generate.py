@@ -60,6 +60,8 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
         add_inpaint_options(p)
+        p.add_argument("--depth-map", type=Path, help="depth models: the depth map (an image, brighter = nearer)")
+        p.add_argument("--depth-model", type=Path, help="depth models: the MiDaS file that estimates the depth map")
     if not img2img:
         p.add_argument(
             "--hires",
@@ -241,6 +243,10 @@ def build_request(args: argparse.Namespace, img2img: bool):
         group = _inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:
             options["inpaint"] = group
+        if args.depth_map is not None or args.depth_model is not None:
+            current = req.to_dict()["depth"] or {}
+            given = {"map": args.depth_map and str(args.depth_map), "model": args.depth_model and str(args.depth_model)}
+            options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one

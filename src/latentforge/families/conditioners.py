@@ -143,6 +143,17 @@ class DepthConditioner(Conditioner):
     concat_channels: ClassVar[int] = 1
     needs: ClassVar[str] = "a depth map"
 
+    def depth_concat(self, depth: Tensor, latent_size: tuple[int, int]) -> Tensor:
+        """The depth model's extra channel: a depth map (B, 1, H, W; larger = nearer, as MiDaS gives it)
+        resized to latent size (bicubic) and scaled to [-1, 1] per image, as the original depth2img code
+        and diffusers do."""
+        d = torch.nn.functional.interpolate(depth.float(), size=latent_size, mode="bicubic", align_corners=False)
+        low = d.amin(dim=(1, 2, 3), keepdim=True)
+        high = d.amax(dim=(1, 2, 3), keepdim=True)
+        if bool((high - low <= 0).any()):
+            raise ValueError("the depth map is flat (one value everywhere); depth-to-image needs a map with depth")
+        return 2.0 * (d - low) / (high - low) - 1.0
+
 
 @dataclass(frozen=True)
 class UpscaleConditioner(Conditioner):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import hires, inpaint
+from latentforge.pipelines import depth, hires, inpaint
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
@@ -73,6 +73,8 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
     if width % down or height % down:
         raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
     info, schedule_name = resolve(req.sampler, req.schedule)
+    if req.depth is not None and fam.conditioner.kind != "depth":
+        raise RequestError(f"a depth map was given, but {fam.name} is not a depth-to-image model (sd2-depth)")
     init_latents = job = concat = None
     if inpainting:
         job = inpaint.prepare(init_images, req.inpaint, width, height, req.resize_mode, down, protect)
@@ -82,6 +84,10 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
     if init_images:
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
         init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
+        if fam.conditioner.kind == "depth":  # depth-to-image: the depth of the (first) init image
+            if len(prepared) != 1:
+                raise RequestError(f"depth-to-image takes one init image, got {len(prepared)}")
+            concat = depth.depth_concat(pipe, req.depth, prepared[0], width, height)
     first = first_pass(pipe, req, info, schedule_name, width, height, init_latents, concat)
     plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
     if job is not None:

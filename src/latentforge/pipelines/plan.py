@@ -114,7 +114,7 @@ def conditioning(
     conditioner turns the encoded text into ``Cond`` (vector, extra channels: ``concat`` when the task
     made them, else the conditioner's default)."""
     conditioner = pipe.family.conditioner
-    if conditioner.needs:
+    if conditioner.needs and concat is None:
         raise RequestError(
             f"{pipe.family.name} models need their own input ({conditioner.needs}); "
             "txt2img and img2img are not available for them"

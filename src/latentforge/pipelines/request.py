@@ -87,6 +87,15 @@ class InpaintOptions:
 
 
 @dataclass
+class DepthOptions:
+    """Depth-to-image (depth models): a depth map given as an image (larger = nearer, any scale: it is
+    normalised), or the MiDaS file that estimates it from the init image (pipelines/depth.py)."""
+
+    map: Any = None  # a PIL image, an array/tensor (H, W) or a path
+    model: str = ""  # path of dpt_hybrid-midas-501f0c75.pt or a DPT folder; empty: the usual places
+
+
+@dataclass
 class RefinerOptions:
     """The SDXL refiner hand-off: switch models at a fraction of the steps. Not yet available."""
 
@@ -135,7 +144,7 @@ _FLAT = {
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
     "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
 }
-_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions}
+_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions, "depth": DepthOptions}
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
@@ -167,6 +176,7 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     hires: HiresOptions | None = None
     inpaint: InpaintOptions | None = None
+    depth: DepthOptions | None = None
     refiner: RefinerOptions | None = None
     networks: list[NetworkRef] = field(default_factory=list)
     control: list[ControlUnit] = field(default_factory=list)
@@ -224,6 +234,7 @@ class GenerationRequest:
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
         if self.inpaint is not None:
             _validate_inpaint(self.inpaint, need, img2img)
+        need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
@@ -366,6 +377,7 @@ class GenerationOptions(TypedDict, total=False):
     negative_aesthetic_score: float
     hires: HiresOptions | None
     inpaint: InpaintOptions | None
+    depth: DepthOptions | None
     refiner: RefinerOptions | None
     networks: list[NetworkRef]
     control: list[ControlUnit]
