@@ -23,6 +23,10 @@ GEN_OPTIONS = [
     (("--clip-skip",), "clip_skip", int, "use the k-th text-encoder layer from the end (SD1; A1111's Clip skip)"),
     (("--eta",), "eta", float, "noise of ancestral/DDIM samplers"),
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
+    (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
+    (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
+    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
 
 
@@ -87,6 +91,7 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         default=None,
         help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
     )
+    p.add_argument("--seed-resize-from", metavar="WxH", help="A1111's 'Seed resize from': the noise of this size")
     p.add_argument(
         "--from",
         dest="from_image",
@@ -247,6 +252,12 @@ def build_request(args: argparse.Namespace, img2img: bool):
             current = req.to_dict()["depth"] or {}
             given = {"map": args.depth_map and str(args.depth_map), "model": args.depth_model and str(args.depth_model)}
             options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
+    if getattr(args, "seed_resize_from", None):
+        try:
+            w, h = (int(v) for v in args.seed_resize_from.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, got {args.seed_resize_from!r}") from None
+        options.update(seed_resize_from_w=w, seed_resize_from_h=h)
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one

@@ -16,7 +16,7 @@ from torch import Tensor
 from latentforge.pipelines import depth, hires, inpaint
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
-from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
+from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
 from latentforge.sampling.noise import BrownianNoise, ImageNoise
@@ -89,7 +89,7 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
                 raise RequestError(f"depth-to-image takes one init image, got {len(prepared)}")
             concat = depth.depth_concat(pipe, req.depth, prepared[0], width, height)
     first = first_pass(pipe, req, info, schedule_name, width, height, init_latents, concat)
-    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
+    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name, noise_options(req, down))
     if job is not None:
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
@@ -107,11 +107,20 @@ def _refuse_unavailable(req: GenerationRequest) -> None:
             raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
 
 
-def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int], device, callback) -> Tensor:
+def run_pass(
+    p: Pass,
+    previous: Tensor | None,
+    iteration: int,
+    seeds: list[int],
+    subseeds: list[int],
+    noise_opts,
+    device,
+    callback,
+) -> Tensor:
     """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
     trees for the SDE samplers), its sampler over its sigmas."""
     init = p.start(iteration, previous, seeds)
-    noise = ImageNoise(seeds, p.shape, out_device=device)
+    noise = ImageNoise(seeds, p.shape, subseeds=subseeds, options=noise_opts, out_device=device)
     x = starting_latent(p, init, noise.next())
     if init is not None and not p.denoise:
         return x
@@ -140,12 +149,15 @@ def generate(
 
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
+    subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
+    subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
     with torch.inference_mode():
         plan = build_plan(pipe, req, images_in)
         total = plan.total_steps
         for it in range(req.batch_count):
-            batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
+            batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
+            batch_seeds = seeds[batch]
             x, offset = None, 0
             for p in plan.passes:
 
@@ -153,12 +165,12 @@ def generate(
                     if progress is not None:
                         progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
 
-                x = run_pass(p, x, it, batch_seeds, pipe.device, callback)
+                x = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback)
                 offset += p.steps
             images = tensor_to_images(plan.decode(x))
             out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
 
-    final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
+    final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
     texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
     for image, text, s in zip(out_images, texts, seeds):
         image.info["parameters"] = text

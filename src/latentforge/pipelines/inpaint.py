@@ -38,7 +38,7 @@ from torch import Tensor
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image
 from latentforge.pipelines.plan import Pass, Plan
 from latentforge.pipelines.request import INPAINT_FILL, InpaintOptions, RequestError
-from latentforge.sampling.noise import ImageNoise
+from latentforge.sampling.noise import ImageNoise, NoiseOptions
 
 
 def binary_mask(mask: Image.Image) -> Image.Image:
@@ -270,7 +270,8 @@ def apply(plan: Plan, first: Pass, job: InpaintJob, init_latents: Tensor, pipe, 
         def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
             x = base(iteration, previous, seeds)
             if job.fill == 2:
-                filler = ImageNoise(seeds, first.shape, out_device=x.device).next()
+                options = NoiseOptions(source=plan.noise.source)  # A1111: the seeds' plain noise
+                filler = ImageNoise(seeds, first.shape, options=options, out_device=x.device).next()
             else:
                 filler = torch.zeros_like(x)
             return x * (1 - repaint) + filler * repaint

@@ -52,15 +52,25 @@ def infotext_params(
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
+        "Variation seed": req.subseed + (seed - req.seed) if req.subseed_strength else None,
+        "Variation seed strength": _num(req.subseed_strength) if req.subseed_strength else None,
+        "Seed resize from": _resize_from(req),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
         **(_hires_fields(req.hires) if req.hires and not img2img else {}),
         **(extra or {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
-        "RNG": "CPU",
+        "ENSD": req.eta_noise_seed_delta or None,
+        "RNG": req.rng,
         "Version": f"latentforge {__version__}",
     }
     return params
+
+
+def _resize_from(req: GenerationRequest) -> str | None:
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        return f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+    return None
 
 
 def _hires_fields(h: HiresOptions) -> dict:
@@ -182,6 +192,16 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.clip_skip = int(s["Clip skip"])
     if "Eta" in s:
         req.eta = float(s["Eta"])
+    if "Variation seed" in s:
+        req.subseed = int(s["Variation seed"])
+        req.subseed_strength = float(s.get("Variation seed strength", 0))
+    if "Seed resize from" in s:
+        w, h = s["Seed resize from"].lower().split("x")
+        req.seed_resize_from_w, req.seed_resize_from_h = int(w), int(h)
+    if "ENSD" in s:
+        req.eta_noise_seed_delta = int(s["ENSD"])
+    # A1111 writes no RNG field for its default source, the GPU's
+    req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
         h = req.hires = HiresOptions()
@@ -193,6 +213,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         h.upscaler = s.get("Hires upscaler", h.upscaler)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
+    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG"}
     known |= hires | inpaint_fields
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"

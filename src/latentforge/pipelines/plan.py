@@ -21,6 +21,7 @@ from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
 from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.noise import NoiseOptions
 from latentforge.sampling.registry import SamplerInfo
 
 # (iteration, previous pass's latents or None, the batch's seeds) -> this pass's starting latents, or
@@ -69,6 +70,7 @@ class Plan:
     decode: Callable[[Tensor], Tensor]  # final latents -> images in [-1, 1]
     sampler: SamplerInfo
     schedule: str  # the schedule's canonical name, for the infotext
+    noise: NoiseOptions = field(default_factory=NoiseOptions)  # noise source, variation seeds, ENSD
     # decoded 8-bit images of one batch (and the batch's index) -> the output images (inpainting's overlay)
     postprocess: Callable[[list[Image.Image], int], list[Image.Image]] | None = None
     infotext: dict = field(default_factory=dict)  # further infotext fields the tasks add (A1111's names)
@@ -90,6 +92,14 @@ def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
     """A1111's rule: t_enc = int(min(strength, 0.999) * steps) steps, starting at sigmas[steps - t_enc - 1]."""
     t_enc = int(min(strength, 0.999) * steps)
     return sigmas[steps - t_enc - 1 :]
+
+
+def noise_options(req: GenerationRequest, latent_factor: int) -> NoiseOptions:
+    """A1111's noise settings of a request."""
+    resize = None
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        resize = (req.seed_resize_from_w, req.seed_resize_from_h)
+    return NoiseOptions(req.rng, req.subseed_strength, resize, req.eta_noise_seed_delta, latent_factor)
 
 
 def sampler_options(req: GenerationRequest) -> dict:

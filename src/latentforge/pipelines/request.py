@@ -16,6 +16,7 @@ from typing import Any, TypedDict
 
 from PIL import Image
 
+from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -157,6 +158,12 @@ class GenerationRequest:
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float = 7.0
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
+    subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
+    subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
+    seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
+    seed_resize_from_h: int = 0
+    eta_noise_seed_delta: int = 0  # ENSD: later noise draws use seed + this
+    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere) or NV
     width: int | None = None  # None: the family's native size
     height: int | None = None
     batch_size: int = 1  # images per denoising pass
@@ -215,6 +222,23 @@ class GenerationRequest:
             isinstance(self.seed, int) and -1 <= self.seed < 2**63,
             f"seed must be -1 or a non-negative whole number, got {self.seed!r}",
         )
+        need(
+            isinstance(self.subseed, int) and -1 <= self.subseed < 2**63,
+            f"subseed must be -1 or a non-negative whole number, got {self.subseed!r}",
+        )
+        s = self.subseed_strength
+        need(
+            isinstance(s, (int, float)) and math.isfinite(s) and 0 <= s <= 1,
+            f"subseed_strength must be between 0 and 1, got {s!r}",
+        )
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and -1 <= v <= 8192, f"{name} must be 0 (off) to 8192 pixels, got {v!r}")
+        need(
+            isinstance(self.eta_noise_seed_delta, int) and 0 <= self.eta_noise_seed_delta < 2**32,
+            f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {self.eta_noise_seed_delta!r}",
+        )
+        need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
         need(
             self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
@@ -358,6 +382,12 @@ class GenerationOptions(TypedDict, total=False):
     schedule: str
     cfg_scale: float
     seed: int
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    eta_noise_seed_delta: int
+    rng: str
     width: int | None
     height: int | None
     batch_size: int
