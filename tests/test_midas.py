@@ -4,6 +4,7 @@ MiDaS key layout (written here from the layout's description, independently of o
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,8 +14,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from latentforge.io.tensorfile import CheckpointError
-from latentforge.models.midas import estimate_depth, midas_input_size, sd2_depth_condition
-from latentforge.models.midas_load import MIDAS_FILE, MidasNotFoundError, find_midas, load_midas
+from latentforge.models.midas import DPTHybrid, MidasConfig, estimate_depth, midas_input_size, sd2_depth_condition
+from latentforge.models.midas_load import (
+    MIDAS_FILE,
+    MidasNotFoundError,
+    config_from_original,
+    config_from_transformers,
+    find_midas,
+    load_midas,
+    transformers_name,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -247,3 +256,42 @@ def test_other_files_are_refused_naming_the_file(tmp_path, tiny):
     (bad / "model.safetensors").write_bytes((tiny["folder"] / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="is_hybrid"):
         load_midas(bad)
+
+
+def test_full_size_structure_matches_transformers_and_the_original_shapes():
+    """On the meta device: the released configuration (Intel/dpt-hybrid-midas, MiDaS v3 DPT-Hybrid) has the
+    same parameters in both layouts, and both config readers give it."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    cfg = DPTConfig(
+        is_hybrid=True,
+        neck_hidden_sizes=[256, 512, 768, 768],
+        reassemble_factors=[1, 1, 1, 0.5],
+        backbone_featmap_shape=[1, 1024, 24, 24],
+    )
+    with torch.device("meta"):
+        hf = {k: tuple(v.shape) for k, v in DPTForDepthEstimation(cfg).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in DPTHybrid().state_dict().items()}
+    mapped: dict[str, tuple[int, ...]] = {}
+    for key, shape in ours.items():
+        name = transformers_name(key)
+        if isinstance(name, tuple):  # q, k, v stacked
+            assert shape == (sum(hf[n][0] for n in name), *hf[name[0]][1:])
+            mapped.update({n: hf[n] for n in name})
+        else:
+            assert hf[name] == shape, key
+            mapped[name] = shape
+    assert mapped.keys() == hf.keys()
+    assert 122e6 < sum(torch.Size(s).numel() for s in ours.values()) < 123e6  # DPT-Hybrid: ~122.4 M
+
+    raw = json.loads(cfg.to_json_string(use_diff=True))
+    assert config_from_transformers(raw, "config.json") == MidasConfig(layer_norm_eps=raw["layer_norm_eps"])
+
+    class Shapes:  # an original-layout file seen through its shapes only
+        def keys(self):
+            return [*ours, "pretrained.model.head.weight", "pretrained.model.head.bias"]
+
+        def shape(self, key):
+            return ours[key]
+
+    assert config_from_original(Shapes(), MIDAS_FILE) == MidasConfig()

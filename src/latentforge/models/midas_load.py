@@ -33,7 +33,7 @@ MIDAS_FILE = "dpt_hybrid-midas-501f0c75.pt"
 MIDAS_URL = "https://github.com/intel-isl/DPT/releases/download/1_0/dpt_hybrid-midas-501f0c75.pt"
 # In the original file and not part of the depth model.
 ORIGINAL_UNUSED = ("pretrained.model.head.weight", "pretrained.model.head.bias")
-_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+_HF_WEIGHTS = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 
 
 class MidasNotFoundError(FileNotFoundError):
