@@ -295,3 +295,12 @@ def test_full_size_structure_matches_transformers_and_the_original_shapes():
             return ours[key]
 
     assert config_from_original(Shapes(), MIDAS_FILE) == MidasConfig()
+
+
+def test_bfloat16_weights_run_close_to_float32(tiny):
+    model = load_midas(tiny["original"], dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    depth = estimate_depth(model, tiny["images"], size=(SIZE, SIZE))[:, 0]
+    assert depth.dtype == torch.float32
+    err = (depth - tiny["ref"]).abs().max().item()
+    assert err < 0.05 * tiny["ref"].abs().max().item()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import attention
+from latentforge.nn import GroupNorm32, attention
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class _Stem(nn.Module):
     def __init__(self, width: int, groups: int):
         super().__init__()
         self.conv = StdConv2d(3, width, 7, stride=2)
-        self.norm = nn.GroupNorm(groups, width, eps=1e-5)
+        self.norm = GroupNorm32(groups, width, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.norm(self.conv(x)))
@@ -90,7 +90,7 @@ class _Downsample(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, groups: int):
         super().__init__()
         self.conv = StdConv2d(cin, cout, 1, stride=stride)
-        self.norm = nn.GroupNorm(groups, cout, eps=1e-5)
+        self.norm = GroupNorm32(groups, cout, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x))
@@ -104,11 +104,11 @@ class _Bottleneck(nn.Module):
         mid = cout // 4
         self.downsample = _Downsample(cin, cout, stride, groups) if first else None
         self.conv1 = StdConv2d(cin, mid, 1)
-        self.norm1 = nn.GroupNorm(groups, mid, eps=1e-5)
+        self.norm1 = GroupNorm32(groups, mid, eps=1e-5)
         self.conv2 = StdConv2d(mid, mid, 3, stride=stride)
-        self.norm2 = nn.GroupNorm(groups, mid, eps=1e-5)
+        self.norm2 = GroupNorm32(groups, mid, eps=1e-5)
         self.conv3 = StdConv2d(mid, cout, 1)
-        self.norm3 = nn.GroupNorm(groups, cout, eps=1e-5)
+        self.norm3 = GroupNorm32(groups, cout, eps=1e-5)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
