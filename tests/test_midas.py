@@ -212,10 +212,18 @@ def test_midas_input_size_follows_the_minimal_resize():
 def test_sd2_depth_condition_is_min_max_to_minus_one_one():
     d = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 1, 2, 2)
     out = sd2_depth_condition(torch.cat([d, 2 * d + 5]), (2, 2))
-    expected = 2 * d / (3 + 1e-3) - 1
-    torch.testing.assert_close(out[0:1], expected)
-    torch.testing.assert_close(out[1:2], 2 * (2 * d) / (6 + 1e-3) - 1)  # each image on its own
-    torch.testing.assert_close(sd2_depth_condition(d, (2, 2), eps=0.0), 2 * d / 3 - 1)  # diffusers
+    torch.testing.assert_close(out[0:1], 2 * d / 3 - 1)  # A1111 and diffusers: no eps
+    torch.testing.assert_close(out[1:2], 2 * d / 3 - 1)  # each image on its own
+    torch.testing.assert_close(sd2_depth_condition(d, (2, 2), eps=1e-3), 2 * d / (3 + 1e-3) - 1)  # original
+    assert (sd2_depth_condition(torch.ones(1, 1, 4, 4), (2, 2)) == -1).all()
+    # resized bicubically before the min-max: 8 -> 4 samples the ramp 0..7 at 0.5, 2.5, 4.5, 6.5 (half-pixel
+    # centres); the cubic kernel (a = -0.75) at offset 1/2 weighs the 4 taps -3/32, 19/32, 19/32, -3/32, exact
+    # on a line inside, edge pixels repeated outside: 0.5 -> 19/32 - 6/32 = 13/32, 6.5 -> 7 - 13/32
+    ramp = torch.arange(8.0).reshape(1, 1, 1, 8).expand(1, 1, 8, 8)
+    lo, hi = 13 / 32, 7 - 13 / 32
+    expected = torch.tensor([lo, 2.5, 4.5, hi])
+    out = sd2_depth_condition(ramp, (4, 4))
+    torch.testing.assert_close(out[0, 0, 0], 2 * (expected - lo) / (hi - lo) - 1)
 
 
 def test_missing_file_says_what_to_get_and_where(tmp_path):

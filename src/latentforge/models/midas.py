@@ -382,15 +382,15 @@ def estimate_depth(model: DPTHybrid, images: Tensor, *, size: tuple[int, int] | 
     return depth
 
 
-def sd2_depth_condition(depth: Tensor, latent_size: tuple[int, int], *, eps: float = 1e-3) -> Tensor:
-    """The depth channel SD2's depth UNet takes: ``depth`` (B, 1, h, w) resized bicubically to the latent
-    size, then per image ``2 * (d - min) / (max - min + eps) - 1``.
+def sd2_depth_condition(depth: Tensor, latent_size: tuple[int, int], *, eps: float = 0.0) -> Tensor:
+    """The depth channel SD2's depth UNet takes: ``depth`` (B, 1, h, w) resized bicubically
+    (align_corners=False) to the latent size, then per image ``2 * (d - min) / (max - min + eps) - 1``.
 
-    ``eps = 1e-3`` is the original code (``LatentDepth2ImageDiffusion.get_input``); diffusers'
-    ``StableDiffusionDepth2ImgPipeline.prepare_depth_map`` uses no eps (``eps=0``) and resizes the raw
-    network output (384-px grid) rather than the map upsampled to the input size.
+    ``eps = 0`` as A1111 (``depth2img_image_conditioning``: one image's depth for the whole batch) and
+    diffusers (``prepare_depth_map``, which resizes the raw 384-px network output); the original
+    training code (``LatentDepth2ImageDiffusion.get_input``) adds ``eps = 1e-3``. A constant map gives -1.
     """
     d = F.interpolate(depth.float(), size=latent_size, mode="bicubic", align_corners=False)
     lo = torch.amin(d, dim=(1, 2, 3), keepdim=True)
     hi = torch.amax(d, dim=(1, 2, 3), keepdim=True)
-    return 2.0 * (d - lo) / (hi - lo + eps) - 1.0
+    return 2.0 * (d - lo) / (hi - lo + eps).clamp_min(torch.finfo(torch.float32).tiny) - 1.0
