@@ -245,6 +245,9 @@ def test_missing_file_says_what_to_get_and_where(tmp_path):
 
 def test_finds_a_diffusers_depth_estimator(tiny):
     assert find_midas(tiny["sd2"]) == tiny["sd2"] / "depth_estimator"
+    # the weights file of a transformers folder, given directly, finds its config.json beside it
+    model = load_midas(tiny["sd2"] / "depth_estimator" / "model.safetensors")
+    assert model.config.hooks == (2, 3) and model.config.layer_norm_eps == 1e-6
 
 
 def test_other_files_are_refused_naming_the_file(tmp_path, tiny):
@@ -258,6 +261,16 @@ def test_other_files_are_refused_naming_the_file(tmp_path, tiny):
     torch.save(extra, path)
     with pytest.raises(CheckpointError, match=re.escape("scratch.auxlayer.0.weight")):
         load_midas(path)
+    large = tmp_path / "dpt_large-midas-2f21e586.pt"  # plain ViT-L: no ResNet backbone
+    torch.save(
+        {
+            "pretrained.model.pos_embed": torch.zeros(1, 577, 8),
+            "pretrained.model.blocks.23.norm1.weight": torch.zeros(8),
+        },
+        large,
+    )
+    with pytest.raises(CheckpointError, match=r"dpt_large-midas-2f21e586\.pt is not a DPT-Hybrid"):
+        load_midas(large)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text('{"is_hybrid": false}')

@@ -149,7 +149,8 @@ def _need(cfg: dict, name: str, ok: bool, want: str, source: str) -> None:
 def config_from_transformers(cfg: dict, source: str) -> MidasConfig:
     """A transformers ``DPTConfig`` (config.json; missing fields take transformers' defaults) -> MidasConfig."""
     bit = dict(cfg.get("backbone_config") or {})
-    _need(cfg, "is_hybrid", cfg.get("is_hybrid") is True, "true", source)
+    hybrid = cfg.get("is_hybrid") is True or cfg.get("embedding_type") == "hybrid"  # the latter: early configs
+    _need(cfg, "is_hybrid", hybrid, "true", source)
     _need(cfg, "readout_type", cfg.get("readout_type", "project") == "project", '"project"', source)
     _need(cfg, "hidden_act", cfg.get("hidden_act", "gelu") == "gelu", '"gelu"', source)
     _need(cfg, "qkv_bias", cfg.get("qkv_bias", True) is True, "true", source)
