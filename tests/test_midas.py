@@ -325,3 +325,18 @@ def test_bfloat16_weights_run_close_to_float32(tiny):
     assert depth.dtype == torch.float32
     err = (depth - tiny["ref"]).abs().max().item()
     assert err < 0.05 * tiny["ref"].abs().max().item()
+
+
+def test_other_input_sizes_resize_the_position_grid_as_transformers(tiny):
+    """96 x 96 (a 6 x 6 grid from the 4 x 4 one): transformers refuses sizes other than its config's unless
+    told, so its embedding's expected size is changed; the resize itself is its own (bilinear)."""
+    hf = tiny["hf"]
+    images = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    hf.dpt.embeddings.image_size = (96, 96)
+    try:
+        with torch.no_grad():
+            ref = hf(pixel_values=(images - 0.5) / 0.5).predicted_depth
+    finally:
+        hf.dpt.embeddings.image_size = (SIZE, SIZE)
+    model = load_midas(tiny["original"])
+    _close(estimate_depth(model, images, size=(96, 96))[:, 0], ref)
