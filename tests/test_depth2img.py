@@ -88,3 +88,44 @@ def test_depth_inputs_are_checked(model, tmp_path):
     sd1 = latentforge.load(save_folder(build_reference("sd1", seed=1), tmp_path / "sd1"))
     with pytest.raises(RequestError, match="not a depth-to-image model"):
         sd1.img2img(_photo(), "x", depth={"map": _depth()}, steps=2)
+
+
+def test_depth_estimated_by_midas_matches_diffusers_depth_estimator(model, tmp_path):
+    """Without a map, the depth comes from MiDaS found in the model folder's depth_estimator/ (a tiny
+    DPT-Hybrid), close to what diffusers' pipeline computes with the same network. The two resize the
+    image differently (diffusers: PIL bicubic on 8-bit; the original MiDaS transform, which we follow:
+    bicubic on floats), so the maps agree closely but not exactly."""
+    from transformers import DPTImageProcessorPil
+
+    from latentforge.models.midas import estimate_depth
+    from latentforge.models.midas_load import load_midas
+    from test_midas import _tiny_hf
+
+    ref, _, tok = model
+    hf = _tiny_hf()
+    folder = save_folder(ref, tmp_path / "with-depth")
+    hf.save_pretrained(folder / "depth_estimator")
+    ours = latentforge.load(folder, dtype="fp32")
+    init = _photo()
+    # the tiny transformers DPT only takes its own 64 px (its position grid is fixed): compare there
+    processor = DPTImageProcessorPil(size={"height": 64, "width": 64}, keep_aspect_ratio=False)
+    pipe = D.StableDiffusionDepth2ImgPipeline(
+        ref.vae, ref.text_encoders[0], tok, ref.unet, D.EulerDiscreteScheduler(**BASE), hf, processor
+    )
+    with torch.no_grad():
+        theirs = pipe.prepare_depth_map(init, None, 1, False, torch.float32, torch.device("cpu"))
+        midas = load_midas(folder / "depth_estimator")
+        estimated = estimate_depth(midas, (image_to_tensor(init) + 1) / 2, size=(64, 64))
+        mine = ours.family.conditioner.depth_concat(estimated, (8, 8))
+    assert mine.shape == theirs.shape == (1, 1, 8, 8)
+    assert float((mine - theirs).abs().max()) < 0.1
+    assert float(torch.corrcoef(torch.stack([mine.flatten(), theirs.flatten()]))[0, 1]) > 0.99
+    # end to end: found in depth_estimator/, run at MiDaS' own 384 px
+    result = ours.img2img(init, "a cube", steps=3, seed=1, denoising_strength=0.6)
+    assert result.images[0].size == (64, 64)
+
+
+def test_missing_depth_model_says_what_to_get(model):
+    _, ours, _ = model
+    with pytest.raises(RequestError, match="dpt_hybrid-midas-501f0c75.pt"):
+        ours.img2img(_photo(), "x", steps=2)

@@ -66,7 +66,9 @@ def test_variation_seeds_follow_a1111s_slerp():
             torch.sin(strength * omega) / torch.sin(omega)
         ).unsqueeze(1) * sub
         torch.testing.assert_close(noise, expected)
-    torch.testing.assert_close(ImageNoise([10], shape, subseeds=[77], options=NoiseOptions(subseed_strength=0.0)).next()[0], base)
+    torch.testing.assert_close(
+        ImageNoise([10], shape, subseeds=[77], options=NoiseOptions(subseed_strength=0.0)).next()[0], base
+    )
 
 
 def test_seed_resize_centres_the_small_noise():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from latentforge.conditioning.vectors import sdxl_vector
+from latentforge.models.midas import sd2_depth_condition
 from latentforge.sampling.denoisers import Cond
 
 
@@ -147,12 +148,10 @@ class DepthConditioner(Conditioner):
         """The depth model's extra channel: a depth map (B, 1, H, W; larger = nearer, as MiDaS gives it)
         resized to latent size (bicubic) and scaled to [-1, 1] per image, as the original depth2img code
         and diffusers do."""
-        d = torch.nn.functional.interpolate(depth.float(), size=latent_size, mode="bicubic", align_corners=False)
-        low = d.amin(dim=(1, 2, 3), keepdim=True)
-        high = d.amax(dim=(1, 2, 3), keepdim=True)
-        if bool((high - low <= 0).any()):
+        flat = depth.flatten(1)
+        if bool((flat.amax(dim=1) - flat.amin(dim=1) <= 0).any()):
             raise ValueError("the depth map is flat (one value everywhere); depth-to-image needs a map with depth")
-        return 2.0 * (d - low) / (high - low) - 1.0
+        return sd2_depth_condition(depth, latent_size)
 
 
 @dataclass(frozen=True)

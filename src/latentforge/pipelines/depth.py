@@ -50,11 +50,19 @@ def depth_concat(pipe, opts: DepthOptions | None, image: Image.Image, width: int
 
 
 def estimate(pipe, opts: DepthOptions | None, image: Image.Image) -> Tensor:
-    """MiDaS DPT-Hybrid's depth of ``image`` (1, 1, H', W'); the model file is found as models/midas.py
-    says, and its absence is an error that names the file to get."""
-    from latentforge.models import midas
+    """MiDaS DPT-Hybrid's depth of ``image`` (1, 1, H', W'), as A1111 computes it for the first init
+    image. The file is ``opts.model``, else found next to the checkpoint (models/midas_load.py); its
+    absence is an error that names the file to get and where to put it."""
+    from latentforge.models.midas import estimate_depth
+    from latentforge.models.midas_load import MidasNotFoundError, find_midas, load_midas
 
-    model = midas.load_depth_model(opts.model if opts is not None and opts.model else None)
+    try:
+        path = Path(opts.model) if opts is not None and opts.model else find_midas(pipe.info and pipe.info.source)
+    except MidasNotFoundError as e:
+        raise RequestError(f"{e}\nor pass a depth map instead (--depth-map, depth={{'map': ...}})") from None
+    if not path.exists():
+        raise RequestError(f"the depth model {path} does not exist")
+    model = pipe.cached(f"midas {path.resolve()}", lambda: load_midas(path, device=pipe.device))
     with torch.inference_mode():
-        depth = midas.estimate_depth(model, image_to_tensor(image))
-    return depth.reshape(1, 1, *depth.shape[-2:])
+        depth = estimate_depth(model, (image_to_tensor(image).to(pipe.device) + 1) / 2)
+    return depth.reshape(1, 1, *depth.shape[-2:]).float()
