@@ -127,5 +127,5 @@ def test_depth_estimated_by_midas_matches_diffusers_depth_estimator(model, tmp_p
 
 def test_missing_depth_model_says_what_to_get(model):
     _, ours, _ = model
-    with pytest.raises(RequestError, match="dpt_hybrid-midas-501f0c75.pt"):
+    with pytest.raises(RequestError, match=r"dpt_hybrid-midas-501f0c75\.pt"):
         ours.img2img(_photo(), "x", steps=2)
