@@ -99,13 +99,24 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         help="reproduce the image made with the parameters stored in this PNG; other options given here override them",
     )
     p.add_argument(
+        "--allow-differences",
+        action="store_true",
+        help="with --from: generate even when the image names settings latentforge cannot reproduce (a warning)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["fp32", "bf16", "fp16"],
         help="weights dtype (default: automatic, the fastest for the device: bf16 for full-size models on CPUs "
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("-o", "--output", type=Path, help="output PNG (several images: name-1.png, name-2.png, ...)")
+    p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpeg", "webp"],
+        help="format of numbered outputs (default png; JPEG and WebP keep the parameters as A1111 does, in EXIF)",
+    )
     p.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="folder for numbered outputs (default outputs/)"
     )
@@ -224,15 +235,25 @@ def default_model() -> Path:
 
 def build_request(args: argparse.Namespace, img2img: bool):
     from latentforge.pipelines import GenerationRequest
-    from latentforge.pipelines.metadata import request_from_image
+    from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
     req = GenerationRequest()
+    meta = None
     pick = None  # with --from: the index of the wanted image within the regenerated batch
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
         pick = meta["batch_index"]
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
+        missing = unreproduced_fields(req)
+        if missing:
+            what = ", ".join(f"{k}: {req.extra[k]}" for k in missing)
+            if not args.allow_differences:
+                raise ValueError(
+                    f"{args.from_image} was made with settings latentforge cannot reproduce ({what}); the image "
+                    "would differ. Pass --allow-differences to generate anyway."
+                )
+            print(f"warning: not reproduced: {what}", file=sys.stderr)
     options = {}
     if args.prompt is not None:
         options["prompt"] = args.prompt
@@ -262,18 +283,18 @@ def build_request(args: argparse.Namespace, img2img: bool):
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img)
-    return req, pick
+    return req, pick, meta
 
 
 def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     import latentforge
-    from latentforge.io.images import output_paths, save_png
+    from latentforge.io.images import output_paths, save_image
 
-    req, pick = build_request(args, img2img)
+    req, pick, meta = build_request(args, img2img)
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # choose and check the output names before the minutes of work, so nothing is lost at the end
     seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
-    paths = output_paths(args.output, args.outdir, seeds_hint)
+    paths = output_paths(args.output, args.outdir, seeds_hint, args.image_format)
     for p in paths:
         if p.exists() and not args.overwrite:
             raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
@@ -281,6 +302,11 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
         raise ValueError(f"init image {args.init_image} does not exist")
     model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if meta is not None:
+        from latentforge.pipelines.metadata import model_differences
+
+        for difference in model_differences(pipe, meta):
+            print(f"warning: {difference}; the result will differ", file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
         if img2img:
@@ -296,9 +322,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
         images, seeds = [images[pick]], [seeds[pick]]
     if args.output is None:  # numbered names carry the seeds actually used
-        paths = output_paths(None, args.outdir, seeds)
+        paths = output_paths(None, args.outdir, seeds, args.image_format)
     for image, path in zip(images, paths):
-        save_png(image, path, overwrite=args.overwrite)
+        save_image(image, path, overwrite=args.overwrite)
         print(path)
     if not args.quiet:
         print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)

@@ -124,27 +124,41 @@ def _jsonable(x):
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """{"parameters": infotext or None, "latentforge": parsed JSON or None} of an image file."""
+    """{"parameters": infotext or None, "latentforge": parsed JSON or None, "comfy": ComfyUI's prompt
+    graph or None} of an image file: PNG text chunks, or a JPEG/WebP's EXIF UserComment (A1111)."""
     from PIL import Image
+
+    from latentforge.io.images import read_user_comment
 
     try:
         with Image.open(path) as im:
             text = dict(im.info)
+            if not text.get("parameters"):
+                text["parameters"] = read_user_comment(im)
     except (OSError, ValueError) as e:
         raise RequestError(f"cannot read image {path}: {e}") from None
-    ours = text.get("latentforge")
-    parsed = None
-    if ours:
+
+    def parse(key: str):
+        value = text.get(key)
+        if not isinstance(value, str):
+            return None
         try:
-            parsed = json.loads(ours)
+            return json.loads(value)
         except json.JSONDecodeError:
-            parsed = None
-    return {"parameters": text.get("parameters"), "latentforge": parsed}
+            return None
+
+    comfy = parse("prompt")
+    return {
+        "parameters": text.get("parameters"),
+        "latentforge": parse("latentforge"),
+        "comfy": comfy if isinstance(comfy, dict) else None,
+    }
 
 
 def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
-    """The request that made an image: exact from our JSON if present, else from the A1111 infotext.
-    Returns (request, {"mode", "model", "source"})."""
+    """The request that made an image: exact from our JSON if present, else from the A1111 infotext
+    (PNG text or JPEG/WebP EXIF), else from a ComfyUI graph. Returns (request, {"mode", "model",
+    "source", "batch_index"})."""
     meta = read_png_metadata(path)
     if meta["latentforge"]:
         data = dict(meta["latentforge"]["request"])
@@ -158,9 +172,15 @@ def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
             "batch_index": record.get("batch_index", 0),
         }
         return GenerationRequest.from_dict(data), info
-    if not meta["parameters"]:
-        raise RequestError(f"{path} carries no generation parameters (no 'parameters' or 'latentforge' text)")
-    return request_from_infotext(meta["parameters"])
+    if meta["parameters"]:
+        return request_from_infotext(meta["parameters"])
+    if meta["comfy"]:
+        from latentforge.pipelines.comfy import request_from_comfy
+
+        return request_from_comfy(meta["comfy"])
+    raise RequestError(
+        f"{path} carries no generation parameters (no A1111 'parameters', latentforge or ComfyUI 'prompt' data)"
+    )
 
 
 def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
@@ -219,6 +239,29 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
+
+
+# infotext fields that do not change the pixels latentforge makes (the rest are read into the request,
+# or named by unreproduced_fields)
+INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes", "Hashes", "RNG"}
+HARMLESS_VALUES = {"Emphasis": "Original", "Schedule type": "Automatic", "Pad conds": "False"}
+
+
+def unreproduced_fields(req: GenerationRequest) -> list[str]:
+    """The settings of an image (kept in ``req.extra`` when its infotext was read) that latentforge
+    cannot reproduce and that may change the image: named so that ``--from`` refuses or warns."""
+    return sorted(k for k, v in req.extra.items() if k not in INFORMATIONAL and HARMLESS_VALUES.get(k) != str(v))
+
+
+def model_differences(pipe, meta: dict) -> list[str]:
+    """How the loaded model differs from the one an image names (hash, else name), as sentences."""
+    fields = _model_fields(pipe)
+    want = meta.get("model") or {}
+    have_hash, want_hash = fields.get("Model hash"), want.get("hash")
+    if want_hash and have_hash and want_hash.lower() != have_hash.lower():
+        return [f"the image was made with model {want.get('name') or '?'} [{want_hash}], not the loaded "
+                f"{fields.get('Model')} [{have_hash}]"]  # fmt: skip
+    return []
 
 
 INPAINT_FIELDS = {
