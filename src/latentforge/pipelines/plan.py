@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge.conditioning.prompt import split_and
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
@@ -38,7 +39,7 @@ class Pass:
     sampler: SamplerInfo
     sigmas: Tensor  # the sigmas this pass steps through (img2img: from its start sigma), ending at 0
     shape: tuple[int, int, int]  # latent (C, h, w)
-    cond: CondSchedule
+    cond: CondSchedule | list[tuple[float, CondSchedule]]  # a list: composable parts (A1111's AND)
     uncond: CondSchedule | None
     cfg_scale: float
     start: Start
@@ -155,8 +156,15 @@ def conditioning(
         entries = prompt_schedule(text, total) if req.prompt_syntax == "a1111" else [(total, text)]
         return CondSchedule([(end, make(t, aesthetic, negative)) for end, t in entries])
 
-    cond = schedule(req.prompt, req.aesthetic_score, False)
-    uncond = None if req.cfg_scale == 1.0 else schedule(req.negative_prompt, req.negative_aesthetic_score, True)
+    parts = split_and(req.prompt) if req.prompt_syntax == "a1111" else [(req.prompt, 1.0)]
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        cond = schedule(parts[0][0], req.aesthetic_score, False)
+    else:  # composable diffusion: each part its own conditioning (A1111's AND)
+        cond = [(weight, schedule(text, req.aesthetic_score, False)) for text, weight in parts]
+    plain = not isinstance(cond, list)
+    uncond = None
+    if req.cfg_scale != 1.0 or not plain:
+        uncond = schedule(req.negative_prompt, req.negative_aesthetic_score, True)
     return cond, uncond
 
 
