@@ -79,6 +79,13 @@ class Pipeline:
         self.offloader: Offloader | None = None
         self.execution_device: torch.device | None = None  # where computation happens under offload
         self.caches: dict[str, object] = {}
+        self.zero_terminal_snr = False  # trained with a zero-terminal-SNR schedule (v-prediction SDXL models)
+
+    def noise_schedule(self):
+        """The training noise schedule generation and training use for this model."""
+        from latentforge.sampling.schedules import NoiseSchedule
+
+        return NoiseSchedule.for_family(self.family, zero_terminal_snr=self.zero_terminal_snr)
 
     @property
     def text_encoders(self) -> tuple[CLIPTextModel, ...]:

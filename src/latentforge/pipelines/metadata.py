@@ -49,6 +49,7 @@ def infotext_params(
         "Sampler": info.title,
         "Schedule type": SCHEDULE_TITLES[schedule],
         "CFG scale": _num(req.cfg_scale),
+        "CFG rescale": _num(req.guidance_rescale) if req.guidance_rescale else None,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
@@ -201,6 +202,10 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.schedule = s["Schedule type"]
     if "CFG scale" in s:
         req.cfg_scale = float(s["CFG scale"])
+    rescale_keys = ("CFG rescale", "CFG Rescale φ", "RescaleCFG")
+    for key in rescale_keys:
+        if key in s:
+            req.guidance_rescale = float(s[key])
     if "Seed" in s:
         req.seed = int(s["Seed"])
     if "Size" in s:
@@ -233,7 +238,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         h.upscaler = s.get("Hires upscaler", h.upscaler)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
-    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG"}
+    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG", *rescale_keys}
     known |= hires | inpaint_fields
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"

@@ -43,6 +43,7 @@ class Pass:
     uncond: CondSchedule | None
     cfg_scale: float
     start: Start
+    cfg_rescale: float = 0.0  # CFG rescale phi
     denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
     sampler_options: dict = field(default_factory=dict)
@@ -55,7 +56,7 @@ class Pass:
 
     def denoiser(self) -> Denoiser:
         """A fresh guided denoiser (prompt schedules count model calls from the start of each pass)."""
-        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale)
+        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale, self.cfg_rescale)
         for wrap in self.wrappers:
             d = wrap(d)
         return d
@@ -181,7 +182,7 @@ def first_pass(
     """The txt2img pass (from pure noise) or, with ``init_latents`` (one per image, cycled over the
     batch), the img2img pass with A1111's step rule. ``concat``: the model's extra input channels made
     by the task (one image)."""
-    schedule = NoiseSchedule.for_family(pipe.family)
+    schedule = pipe.noise_schedule()
     sigmas = pass_sigmas(info, schedule_name, schedule, req.steps)
     calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
     cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step, concat)
@@ -206,6 +207,7 @@ def first_pass(
         req.cfg_scale,
         start,
         denoise=init_latents is None or req.denoising_strength > 0,
+        cfg_rescale=req.guidance_rescale,
         sgm_noise=req.sgm_noise_multiplier,
         sampler_options=sampler_options(req),
     )

@@ -157,6 +157,7 @@ class GenerationRequest:
     sampler: str = "DPM++ 2M"  # A1111, ComfyUI or latentforge name; "DPM++ 2M Karras" style also works
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float = 7.0
+    guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
     subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
@@ -207,6 +208,10 @@ class GenerationRequest:
         need(
             isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale),
             f"cfg_scale must be a finite number, got {self.cfg_scale!r}",
+        )
+        need(
+            isinstance(self.guidance_rescale, (int, float)) and 0 <= self.guidance_rescale <= 1,
+            f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale!r}",
         )
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -381,6 +386,7 @@ class GenerationOptions(TypedDict, total=False):
     sampler: str
     schedule: str
     cfg_scale: float
+    guidance_rescale: float
     seed: int
     subseed: int
     subseed_strength: float

@@ -103,7 +103,11 @@ class CFGDenoiser:
     When the two contexts differ in length (long prompts), each side runs on its own.
 
     ``cond`` may also be a list of (weight, conditioning): composable diffusion (Liu et al. 2022, A1111's
-    ``AND``), D = D_u + sum_i weight_i * scale * (D_i - D_u), all parts batched with the unconditional."""
+    ``AND``), D = D_u + sum_i weight_i * scale * (D_i - D_u), all parts batched with the unconditional.
+
+    ``rescale`` (phi, Lin et al. 2024 section 3.4, diffusers' ``guidance_rescale``): the guided prediction,
+    taken in v-space, is scaled to the standard deviation of the conditional one and mixed
+    ``phi * rescaled + (1 - phi) * guided``; it keeps zero-terminal-SNR v-models from over-exposing."""
 
     def __init__(
         self,
@@ -111,13 +115,14 @@ class CFGDenoiser:
         cond: Cond | CondSchedule | list[tuple[float, Cond | CondSchedule]],
         uncond: Cond | CondSchedule | None,
         scale: float,
+        rescale: float = 0.0,
     ):
         def schedule(c):
             return c if isinstance(c, CondSchedule) or c is None else CondSchedule([(math.inf, c)])
 
         parts = cond if isinstance(cond, list) else [(1.0, cond)]
         self.parts = [(float(w), schedule(c)) for w, c in parts]
-        self.model, self.uncond, self.scale = model, schedule(uncond), float(scale)
+        self.model, self.uncond, self.scale, self.rescale = model, schedule(uncond), float(scale), float(rescale)
         self.calls = 0  # model calls so far: where the prompt schedules are
 
     @property
@@ -136,7 +141,21 @@ class CFGDenoiser:
             cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
             cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        return guided if not self.rescale else self._rescaled(x, sigma, cond, guided)
+
+    def _rescaled(self, x: Tensor, sigma: Tensor | float, cond: Tensor, guided: Tensor) -> Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_skip, c_out = 1 / (s**2 + 1), -s / (s**2 + 1).sqrt()  # the v parameterisation's scalings
+
+        def v(d: Tensor) -> Tensor:
+            return (d - c_skip * x) / c_out
+
+        v_cond, v_guided = v(cond), v(guided)
+        dims = list(range(1, x.ndim))
+        rescaled = v_guided * (v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True))
+        mixed = self.rescale * rescaled + (1 - self.rescale) * v_guided
+        return c_skip * x + c_out * mixed
 
     def _composed(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         if self.uncond is None:
