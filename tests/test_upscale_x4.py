@@ -153,7 +153,7 @@ def test_infotext_and_record_read_back(x4, tmp_path):
 
 
 def test_bad_input_is_refused_before_any_work(x4, tmp_path):
-    ref, ours, _ = x4
+    _, ours, _ = x4
     with pytest.raises(RequestError, match="larger than 2048 pixels per side"):
         ours.upscale(Image.new("RGB", (2056, 64)), PROMPT, steps=1)
     with pytest.raises(RequestError, match="needs a low-resolution image"):
