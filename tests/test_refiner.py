@@ -184,3 +184,17 @@ def test_bad_refiners_are_refused_before_any_work(models, tmp_path):
     with pytest.raises(RequestError, match=r"Hires\. fix"):
         base.txt2img(PROMPT, refiner_checkpoint=base, enable_hr=True, **options)
     assert not calls
+
+
+def test_cli_refiner_options(models, tmp_path):
+    from PIL import Image
+
+    from latentforge.cli import main
+
+    _, _, base, _, refiner_path, _ = models
+    out = tmp_path / "r.png"
+    args = ["txt2img", "a cube", "-m", base.info.source, "--steps", "2", "-W", "64", "-H", "64", "--seed", "1"]
+    args += ["--refiner", str(refiner_path), "--refiner-switch-at", "0.5", "--refiner-switch-by-steps", "-q"]
+    assert main([*args, "-o", str(out)]) == 0
+    text = Image.open(out).info["parameters"]
+    assert "Refiner: refiner, Refiner switch at: 0.5, Refiner switch by sampling steps: True" in text

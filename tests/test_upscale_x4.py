@@ -167,3 +167,20 @@ def test_bad_input_is_refused_before_any_work(x4, tmp_path):
         sd1.upscale(_low_res(), PROMPT, steps=1)
     with pytest.raises(RequestError, match="need their own input \\(a low-resolution image\\)"):
         ours.txt2img(PROMPT, steps=1)
+
+
+def test_cli_upscale_x4_and_from(x4, tmp_path):
+    from latentforge.cli import main
+
+    _, ours, _ = x4
+    _low_res().save(tmp_path / "small.png")
+    model = ours.info.source
+    out, again = tmp_path / "big.png", tmp_path / "again.png"
+    args = ["upscale-x4", str(tmp_path / "small.png"), "a cat", "-m", model, "--steps", "2", "--seed", "4", "-q"]
+    assert main([*args, "--noise-level", "40", "-o", str(out)]) == 0
+    assert Image.open(out).size == (160, 128)
+    assert (
+        main(["upscale-x4", str(tmp_path / "small.png"), "-m", model, "--from", str(out), "-q", "-o", str(again)]) == 0
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert "X4 noise level: 40" in Image.open(again).info["parameters"]
