@@ -198,3 +198,20 @@ def test_cli_refiner_options(models, tmp_path):
     assert main([*args, "-o", str(out)]) == 0
     text = Image.open(out).info["parameters"]
     assert "Refiner: refiner, Refiner switch at: 0.5, Refiner switch by sampling steps: True" in text
+
+
+def test_infotext_names_a_refiner_file_as_a1111_does(tmp_path):
+    """A1111: "Refiner: <file name without extension> [<first 10 hex digits of its sha256>]"."""
+    import hashlib
+
+    from latentforge.pipelines.metadata import _refiner_fields
+    from latentforge.pipelines.request import RefinerOptions
+
+    path = tmp_path / "sd_xl_refiner_1.0.safetensors"
+    path.write_bytes(b"not really a model")
+    fields = _refiner_fields(RefinerOptions(checkpoint=str(path), switch_at=0.8))
+    digest = hashlib.sha256(b"not really a model").hexdigest()[:10]
+    assert fields["Refiner"] == f"sd_xl_refiner_1.0 [{digest}]" and fields["Refiner switch at"] == "0.8"
+    req, _ = request_from_infotext(f"x\nSteps: 20, Refiner: sd_xl_refiner_1.0 [{digest}], Refiner switch at: 0.8")
+    assert req.refiner.checkpoint == "sd_xl_refiner_1.0" and req.refiner.switch_at == 0.8
+    assert not req.refiner.switch_by_steps and "Refiner" not in req.extra

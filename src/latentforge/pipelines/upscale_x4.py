@@ -33,7 +33,8 @@ SEED_OFFSET = -10  # the augmentation noise's seed relative to the image's seed 
 
 def input_size(pipe, req: GenerationRequest, image: Image.Image) -> tuple[int, int]:
     """The low-res (= latent) size: a quarter of ``width``/``height`` when given, else the image's size
-    rounded down to what the UNet can take; checked against the limits before any work."""
+    rounded down to what the UNet can take (the image is fitted to it with the request's ``resize_mode``,
+    as img2img does); checked against the limits before any work."""
     multiple = 2 ** (len(pipe.unet.config.channel_mult) - 1)
     if req.width or req.height:
         w = (req.width or image.width * 4) // 4
@@ -108,6 +109,8 @@ def build_plan(pipe, req: GenerationRequest, images: list[Image.Image]) -> Plan:
         )
     if not images:
         raise RequestError("the x4 upscaler needs a low-resolution image")
+    if req.hires is not None:
+        raise RequestError("Hires. fix does not apply to the x4 upscaler; leave enable_hr/hires unset")
     w, h = input_size(pipe, req, images[0])
     opts = req.x4
     info, schedule_name = resolve(req.sampler, req.schedule)
