@@ -15,7 +15,7 @@ from latentforge.pipelines.metadata import request_from_image, request_from_info
 from latentforge.pipelines.plan import conditioning
 from latentforge.pipelines.refiner import switch_step
 from latentforge.sampling import CFGDenoiser, ModelDenoiser, NoiseSchedule, get_sigmas, resolve
-from latentforge.sampling.noise import ImageNoise
+from latentforge.sampling.noise import BrownianNoise, ImageNoise
 from tiny import build_reference, hf_tokenizer, save_folder
 
 BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -107,7 +107,7 @@ def test_a1111_switch_rules():
     assert switch_step(sigmas, schedule, 1.0, by_steps=False) == 7  # never
 
 
-@pytest.mark.parametrize("sampler,by_steps", [("Euler a", True), ("Euler", False)])
+@pytest.mark.parametrize("sampler,by_steps", [("Euler a", True), ("Euler", False), ("DPM++ 2M SDE", True)])
 def test_composed_by_hand_from_both_models(models, sampler, by_steps):
     """A1111 switches models inside one sampler run: the same sigmas, the base's latents, and (ancestral
     samplers) the same noise stream continued. Compose that by hand and compare."""
@@ -120,6 +120,8 @@ def test_composed_by_hand_from_both_models(models, sampler, by_steps):
     k = 6 if by_steps else 5  # the rules' hand-computed switch steps for 7 steps at 0.75 (test above)
     noise = ImageNoise([seed], (4, 8, 8))
     x = noise.next() * sigmas[0]
+    if info.brownian:  # one Brownian tree per image over the whole schedule, as in one sampler run
+        noise = BrownianNoise([seed], (4, 8, 8), sigmas[-2], sigmas[0])
     with torch.inference_mode():
         for pipe, part in ((base, sigmas[: k + 1]), (refiner, sigmas[k:])):
             cond, uncond = conditioning(pipe, req, 64, 64, 1, steps)
