@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -187,7 +188,17 @@ def load(
         time.perf_counter() - start,
         f"{str(torch_dtype).removeprefix('torch.')} ({dtype_reason})",
     )
-    pipe = Pipeline(fam, pred, unet, vae_model, tuple(encoders), tuple(tokenizers), extras=extras, info=info)
+    pipe = Pipeline(
+        fam,
+        pred,
+        unet,
+        vae_model,
+        tuple(encoders),
+        tuple(tokenizers),
+        extras=extras,
+        info=info,
+        open_model=lambda other: open_like(other, dtype=torch_dtype, device=dev),
+    )
     pipe.zero_terminal_snr = ztsnr
     return pipe
 
@@ -205,6 +216,17 @@ def _says_zero_terminal_snr(source, extras: dict) -> bool:
         except (json.JSONDecodeError, OSError, AttributeError):
             return False
     return False
+
+
+def open_like(path: str | Path, *, dtype: torch.dtype, device) -> tuple[Family, Callable[[], object]]:
+    """Another checkpoint's family from key names and shapes (no weights read), and a function that loads it
+    with this dtype and device: how a pipeline opens its refiner before and when it is needed."""
+    source = open_source(path)
+    try:
+        family = candidates(source.signature(), source.layout, source.name)[0]
+    finally:
+        source.close()
+    return family, lambda: load(path, dtype=dtype, device=device)
 
 
 def inspect_checkpoint(path: str | Path, *, probe: bool = False) -> dict:

@@ -9,6 +9,7 @@ extend plans (txt2img/img2img here, hires.py adds a second pass); none of them t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from latentforge.sampling.registry import SamplerInfo
 # (iteration, previous pass's latents or None, the batch's seeds) -> this pass's starting latents, or
 # None for pure noise
 Start = Callable[[int, Tensor | None, list[int]], Tensor | None]
+# (iteration, the batch's seeds) -> the batch's extra input channels (B, c, h, w)
+BatchConcat = Callable[[int, list[int]], Tensor]
 
 
 @dataclass
@@ -49,14 +52,25 @@ class Pass:
     sampler_options: dict = field(default_factory=dict)
     wrappers: list[Callable[[Denoiser], Denoiser]] = field(default_factory=list)  # around the CFG denoiser
     finish: Callable[[Tensor], Tensor] | None = None  # applied to the pass's result (inpainting's blend)
+    # per-batch extra input channels replacing the Cond's concat on both CFG sides (x4: noised low-res images)
+    batch_concat: BatchConcat | None = None
+    # continue the previous pass: start from its latents as they are (no new noise) and keep drawing from its
+    # noise stream (the refiner hand-off, which A1111 makes inside one sampler run)
+    continues: bool = False
+    noise_range: tuple[float, float] | None = None  # Brownian trees' sigma range (None: this pass's sigmas)
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def denoiser(self) -> Denoiser:
-        """A fresh guided denoiser (prompt schedules count model calls from the start of each pass)."""
-        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale, self.cfg_rescale)
+    def denoiser(self, concat: Tensor | None = None) -> Denoiser:
+        """A fresh guided denoiser (prompt schedules count model calls from the start of each pass);
+        ``concat`` replaces the extra input channels of every conditioning entry."""
+        cond, uncond = self.cond, self.uncond
+        if concat is not None:
+            cond = _with_concat(cond, concat)
+            uncond = None if uncond is None else _with_concat(uncond, concat)
+        d: Denoiser = CFGDenoiser(self.model, cond, uncond, self.cfg_scale, self.cfg_rescale)
         for wrap in self.wrappers:
             d = wrap(d)
         return d
@@ -119,20 +133,22 @@ def conditioning(
     batch: int,
     total_calls: int | None = None,
     concat: Tensor | None = None,
+    inputs: dict | None = None,
 ) -> tuple[CondSchedule, CondSchedule | None]:
     """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
     schedules over ``total_calls`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
     ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one. The family's
     conditioner turns the encoded text into ``Cond`` (vector, extra channels: ``concat`` when the task
-    made them, else the conditioner's default)."""
+    made them, else the conditioner's default); ``inputs`` are the task's own keyword inputs for a
+    conditioner that needs them (the x4 upscaler's ``noise_level``)."""
     conditioner = pipe.family.conditioner
-    if conditioner.needs and concat is None:
+    if conditioner.needs and concat is None and inputs is None:
         raise RequestError(
             f"{pipe.family.name} models need their own input ({conditioner.needs}); "
             "txt2img and img2img are not available for them"
         )
     total = total_calls or req.steps
-    if concat is None:
+    if concat is None and inputs is None:
         concat = conditioner.default_concat(pipe.vae, width, height, pipe.device)
     adm = pipe.unet.config.adm_in_channels
     encoded: dict[str, object] = {}
@@ -151,6 +167,7 @@ def conditioning(
             empty_negative=negative and not text.strip(),
             concat=concat,
             batch=batch,
+            **(inputs or {}),
         )
 
     def schedule(text: str, aesthetic: float, negative: bool) -> CondSchedule:
@@ -213,6 +230,13 @@ def first_pass(
     )
 
 
+def _with_concat(schedule, concat: Tensor):
+    """The conditioning (a schedule, or composable parts of schedules) with other extra channels."""
+    if isinstance(schedule, list):
+        return [(w, _with_concat(s, concat)) for w, s in schedule]
+    return CondSchedule([(end, dataclasses.replace(c, concat=concat)) for end, c in schedule.entries])
+
+
 def _no_start(iteration: int, previous: Tensor | None, seeds: list[int]) -> None:
     return None
 
@@ -224,9 +248,10 @@ def _cycled(latents: Tensor, batch: int) -> Start:
     return start
 
 
-def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor) -> Tensor:
-    """Where sampling starts: init latents noised to the first sigma, or pure noise at that sigma."""
+def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor | None) -> Tensor:
+    """Where sampling starts: init latents noised to the first sigma, or pure noise at that sigma; a
+    continuing pass starts from the previous latents as they are."""
     s0 = float(p.sigmas[0])
     if init is not None:
-        return init + first_noise * s0 if p.denoise else init
+        return init + first_noise * s0 if p.denoise and not p.continues else init
     return first_noise * (math.sqrt(1 + s0**2) if p.sgm_noise else s0)
