@@ -161,7 +161,7 @@ def test_fp16_vae_overflow_is_decoded_again_in_fp32(sd1_file, caplog):
     with torch.no_grad():
         assert not torch.isfinite(p16.vae.decode(latents)).all()  # the patch does overflow in fp16
         with caplog.at_level(logging.WARNING, logger="latentforge"):
-            images = decode_checked(p16.vae, latents)
+            images = decode_checked(p16.vae.decode, latents)
         expected = reference.decode(latents)
     assert "overflowed in fp16" in caplog.text
     assert images.dtype == torch.float32 and p16.vae.dtype == torch.float16  # the VAE itself is unchanged

@@ -1,5 +1,5 @@
 """Generation: the request and its option groups, plans of passes, the one generate loop, and the tasks
-that build passes (hires.py; images.py for image input and output)."""
+that build passes (hires.py, refiner.py, upscale_x4.py; images.py for image input and output)."""
 
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
 from latentforge.pipelines.numerics import NonFiniteError
@@ -12,6 +12,7 @@ from latentforge.pipelines.request import (
     NetworkRef,
     RefinerOptions,
     RequestError,
+    X4Options,
 )
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "Progress",
     "RefinerOptions",
     "RequestError",
+    "X4Options",
     "generate",
 ]

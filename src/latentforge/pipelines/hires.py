@@ -58,7 +58,7 @@ def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -
         mode, antialias = LATENT_UPSCALERS[name]
         return F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
     f = pipe.vae.config.downscale
-    decoded = ((decode_checked(pipe.vae, latents).float() + 1) / 2).clamp(0, 1)
+    decoded = ((decode_checked(pipe.vae.decode, latents).float() + 1) / 2).clamp(0, 1)
     images = []
     for sample in decoded:
         pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
@@ -80,7 +80,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
     shape = (first.shape[0], height // down, width // down)
     upscaler = req.hires.upscaler
 
-    def start(iteration: int, previous: Tensor | None) -> Tensor:
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return upscale(pipe, previous, upscaler, shape)
 
     hires_pass = Pass(
@@ -94,6 +94,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
         req.cfg_scale,
         start,
         denoise=req.denoising_strength > 0,
+        cfg_rescale=first.cfg_rescale,
         sampler_options=first.sampler_options,
     )
     plan.passes.append(hires_pass)

@@ -48,7 +48,8 @@ def _settings(p) -> str:
 
 
 def _conditioning_finite(p) -> bool:
-    for schedule in (p.cond, p.uncond):
+    schedules = [s for _, s in p.cond] if isinstance(p.cond, list) else [p.cond]  # composable parts (AND)
+    for schedule in (*schedules, p.uncond):
         if schedule is None:
             continue
         for _, cond in schedule.entries:
@@ -130,21 +131,25 @@ class FiniteWatch:
         return x
 
 
-def decode_checked(vae, latents: Tensor) -> Tensor:
-    """``vae.decode(latents)`` with its result checked; an fp16 VAE that overflows is retried in fp32.
+def decode_checked(decode: Callable[[Tensor], Tensor], latents: Tensor) -> Tensor:
+    """``decode(latents)`` (a plan's decode: a VAE's ``decode`` method, or any latents -> images function)
+    with its result checked. When ``decode`` is the method of an fp16 VAE and overflows, it is repeated on
+    an fp32 copy of that VAE (the VAE itself is left as it is).
 
-    ``latents`` must be finite (the sampling checks see to it), so NaN/Inf here come from the VAE.
+    ``latents`` must be finite (the sampling checks see to it), so NaN/Inf here come from the decoder.
     """
-    images = vae.decode(latents)
+    images = decode(latents)
     if is_finite(images):
         return images
-    if vae.dtype == torch.float16:
+    vae = getattr(decode, "__self__", None)  # the module of a bound method
+    dtype = getattr(vae, "dtype", None)
+    if isinstance(vae, torch.nn.Module) and dtype == torch.float16:
         log.warning(
             "the VAE decode overflowed in fp16 (NaN/Inf pixels); decoding again in fp32 as A1111 does. "
             "To avoid the repeated decode, load with --dtype bf16 or fp32 or use an fp16-safe VAE."
         )
         fp32 = copy.deepcopy(vae).float()
-        images = fp32.decode(latents.float())
+        images = getattr(fp32, decode.__name__)(latents.float())
         del fp32
         if is_finite(images):
             return images
@@ -152,8 +157,8 @@ def decode_checked(vae, latents: Tensor) -> Tensor:
             "the VAE decode gave NaN/Inf pixels in fp16 and again in fp32, from finite latents: the VAE's weights "
             "are damaged or do not fit this model (load another VAE with --vae, or the checkpoint's own)"
         )
-    dtype = str(vae.dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "decode"
     raise NonFiniteError(
-        f"the VAE decode ({dtype}) gave NaN/Inf pixels from finite latents: the VAE's weights are damaged or "
+        f"the VAE decode ({name}) gave NaN/Inf pixels from finite latents: the VAE's weights are damaged or "
         "do not fit this model (load another VAE with --vae, or the checkpoint's own)"
     )
