@@ -129,7 +129,7 @@ def run_pass(
     trees for the SDE samplers; a continuing pass keeps drawing from the previous pass's ``stream``), its
     sampler over its sigmas. Returns the latents and the noise stream. NaN/Inf in the denoised latents of
     any step or in the result raise ``NonFiniteError`` naming the pass and step (pipelines/numerics.py)."""
-    watch = FiniteWatch(p, getattr(p.model.unet, "dtype", None))
+    watch = FiniteWatch(p, getattr(getattr(p.model, "unet", None), "dtype", None))  # x4: a tiled model
     init = p.start(iteration, previous, seeds)
     if p.continues and stream is not None:
         draw = stream
