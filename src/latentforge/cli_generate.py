@@ -324,7 +324,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
         options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
-    if img2img:
+    if img2img and not x4:
         group = _inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:
             options["inpaint"] = group
