@@ -58,8 +58,9 @@ class GenerationResult:
     seconds: float = 0.0
 
 
-def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None) -> Plan:
-    """The passes a request asks for: txt2img or img2img, then the passes of its option groups."""
+def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None, upscaler_dirs=None) -> Plan:
+    """The passes a request asks for: txt2img or img2img, then the passes of its option groups.
+    ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name."""
     fam = pipe.family
     width = req.width or (init_images[0].width // 8 * 8 if init_images else fam.default_size)
     height = req.height or (init_images[0].height // 8 * 8 if init_images else fam.default_size)
@@ -74,7 +75,7 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
     first = first_pass(pipe, req, info, schedule_name, width, height, init_latents)
     plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
     if req.hires is not None and init_images is None:
-        hires.add_pass(plan, pipe, req)
+        hires.add_pass(plan, pipe, req, upscaler_dirs)
     return plan
 
 
@@ -109,11 +110,13 @@ def generate(
     req: GenerationRequest,
     init_images: Sequence[Image.Image | str | Path] | None = None,
     progress: Callable[[Progress], None] | None = None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
 ) -> GenerationResult:
-    """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch)."""
+    """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch).
+    ``upscaler_dirs``: folders of ESRGAN-family models (``upscalers.search_dirs``) for ``hr_upscaler``."""
     start = time.perf_counter()
     img2img = init_images is not None
-    req.validate(img2img=img2img)
+    req.validate(img2img=img2img, upscaler_files=bool(upscaler_dirs))
     _refuse_unavailable(req)
     images_in = [open_image(i) for i in init_images] if img2img else None
     if img2img and not images_in:
@@ -123,7 +126,7 @@ def generate(
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
     out_images: list[Image.Image] = []
     with torch.inference_mode():
-        plan = build_plan(pipe, req, images_in)
+        plan = build_plan(pipe, req, images_in, upscaler_dirs)
         total = plan.total_steps
         for it in range(req.batch_count):
             batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
