@@ -210,3 +210,45 @@ def test_upscale_command_runs_the_network_then_lanczos(tmp_path):
         assert np.array_equal(np.asarray(got), np.asarray(expected))
         assert "Postprocess upscaler: tiny-x2" in got.info["parameters"]
     assert main(["upscale", str(tmp_path / "cat.png"), "-u", "nothing-like-it", "--upscaler-dir", str(tmp_path)]) == 2
+
+
+def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):
+    import latentforge
+    from latentforge.pipelines import RequestError, hires
+    from tiny import build_reference, save_folder
+
+    model = save_folder(build_reference("sd1", seed=81), tmp_path / "m")
+    pipe = latentforge.load(model)
+    folder = tmp_path / "ESRGAN"
+    folder.mkdir()
+    save_file(_random(SRVGGNetCompact(features=8, convs=2, scale=2), seed=9), folder / "tiny-x2.safetensors")
+    base = dict(seed=21, steps=3, width=64, height=64, sampler="Euler", denoising_strength=0.5, enable_hr=True)
+    with pytest.raises(RequestError, match="unknown hires upscaler 'tiny-x2'"):  # no folder configured
+        pipe.txt2img("a cube", hr_upscaler="tiny-x2", **base)
+    with pytest.raises(RequestError, match=r"hr_upscaler: no upscaler model 'tiny_x3'.*close matches: tiny-x2"):
+        pipe.txt2img("a cube", hr_upscaler="tiny_x3", upscaler_dirs=[folder], **base)
+
+    seen = {}
+    original = hires.upscale
+
+    def spy(p, latents, upscaler, shape):
+        seen["first"], seen["upscaler"] = latents.clone(), upscaler
+        return original(p, latents, upscaler, shape)
+
+    monkeypatch.setattr(hires, "upscale", spy)
+    result = pipe.txt2img("a cube", hr_scale=2, hr_upscaler="tiny-x2", upscaler_dirs=[folder], **base)
+    assert result.images[0].size == (128, 128) and "Hires upscaler: tiny-x2" in result.infotexts[0]
+    # A1111: decode, 8 bits by truncation, the network (x2: once, already the target size), img2img
+    decoded = ((pipe.vae.decode(seen["first"]).float()[0] + 1) / 2).clamp(0, 1)
+    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
+    net = upscalers.load(folder / "tiny-x2.safetensors")
+    enlarged = upscalers.run(Image.fromarray(pixels), net)
+    img2img = {k: v for k, v in base.items() if k != "enable_hr"}
+    expected = pipe.img2img(enlarged, "a cube", **{**img2img, "width": 128, "height": 128}).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+
+    args = ["txt2img", "a cube", "-m", str(model), "-W", "64", "-H", "64", "--steps", "2", "-q", "--hires", "2"]
+    out = tmp_path / "hr.png"
+    assert main([*args, "--hires-upscaler", "tiny-x2", "--upscaler-dir", str(folder), "-o", str(out)]) == 0
+    assert Image.open(out).size == (128, 128)
+    assert main([*args, "--hires-upscaler", "nope", "--upscaler-dir", str(folder), "-o", str(out), "--overwrite"]) == 2
