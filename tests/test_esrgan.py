@@ -188,8 +188,8 @@ def test_compact_net_detection_and_errors(tmp_path):
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "unet.safetensors")
     with pytest.raises(CheckpointError, match=r"unet\.safetensors is not an ESRGAN"):
         upscalers.load(tmp_path / "unet.safetensors")
-    small = dataclasses.replace(up, max_pixels=50)
-    with pytest.raises(ValueError, match="above the upscaler's limit of 50 input pixels"):
+    small = dataclasses.replace(up, max_pixels=250)
+    with pytest.raises(ValueError, match="enlarged 2x would be 16x16, above the limit of 250 output pixels"):
         small(x)
 
 

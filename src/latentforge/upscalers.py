@@ -63,8 +63,11 @@ def available(dirs: Iterable[str | Path]) -> dict[str, Path]:
 def find(name: str | Path, dirs: Iterable[str | Path]) -> Path:
     """The file of an upscaler given by path or by name (file stem, any letter case) in ``dirs``."""
     path = Path(name)
-    if path.suffix.lower() in SUFFIXES and path.is_file():
-        return path
+    if path.suffix.lower() in SUFFIXES:
+        if path.is_file():
+            return path
+        if len(path.parts) > 1:
+            raise UpscalerNotFound(f"upscaler file {path} does not exist")
     dirs = list(dirs)
     files = available(dirs)
     for stem, p in files.items():

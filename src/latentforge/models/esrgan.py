@@ -217,7 +217,7 @@ class ImageUpscaler:
     tile: int = 192  # input pixels per tile (0: never tile)
     overlap: int = 16
     pad: int = 10  # mirrored pixels around the image
-    max_pixels: int = 4096 * 4096  # input pixels above which upscaling is refused
+    max_pixels: int = 8192 * 8192  # output pixels above which upscaling is refused (float32 output: 800 MB)
 
     @property
     def scale(self) -> float:
@@ -229,10 +229,11 @@ class ImageUpscaler:
         and run over overlapping tiles with blended seams when larger than a tile (memory of one tile
         plus the output)."""
         h, w = x.shape[-2:]
-        if h * w > self.max_pixels:
+        s = self.spec.scale
+        if round(h * s) * round(w * s) > self.max_pixels:
             raise ValueError(
-                f"{self.name}: a {w}x{h} image is above the upscaler's limit of {self.max_pixels} input pixels; "
-                "downscale it first or raise max_pixels"
+                f"{self.name}: a {w}x{h} image enlarged {s:g}x would be {round(w * s)}x{round(h * s)}, above the "
+                f"limit of {self.max_pixels} output pixels; downscale it first or raise ImageUpscaler.max_pixels"
             )
         param = next(self.net.parameters())
         x = x.to(param.device, param.dtype)
@@ -240,7 +241,6 @@ class ImageUpscaler:
         p = self.pad
         mode = "reflect" if min(h, w) > p + r else "replicate"
         x = F.pad(x, (p, p + (-(w + 2 * p) % r), p, p + (-(h + 2 * p) % r)), mode=mode)
-        s = self.spec.scale
         with torch.inference_mode():
             tile = self.tile // r * r
             if tile and max(x.shape[-2:]) > tile:

@@ -58,7 +58,12 @@ class GenerationResult:
     seconds: float = 0.0
 
 
-def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None, upscaler_dirs=None) -> Plan:
+def build_plan(
+    pipe,
+    req: GenerationRequest,
+    init_images: list[Image.Image] | None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
+) -> Plan:
     """The passes a request asks for: txt2img or img2img, then the passes of its option groups.
     ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name."""
     fam = pipe.family

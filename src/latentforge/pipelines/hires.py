@@ -10,6 +10,9 @@ the decoded 8-bit image, then Lanczos gives the target size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,7 +79,7 @@ def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[i
     return pipe.vae.encode(torch.cat(images).to(pipe.device)).float()
 
 
-def resolve_upscaler(name: str, dirs, device) -> str | ImageUpscaler:
+def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:
     """A built-in upscaler's name, or the ESRGAN-family model of that name or path loaded from ``dirs``."""
     known = builtin_upscaler(name)
     if known is not None:
@@ -87,7 +90,7 @@ def resolve_upscaler(name: str, dirs, device) -> str | ImageUpscaler:
         raise RequestError(f"hr_upscaler: {e}") from None
 
 
-def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs=None) -> Pass:
+def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[str | Path] | None = None) -> Pass:
     """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
     then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength.
     ``upscaler_dirs``: the folders where an upscaler model named by the request is looked up."""
