@@ -118,6 +118,19 @@ def old_layout(sd: dict, blocks: int, ups: int) -> dict:
     return out
 
 
+def later_layout(sd: dict) -> dict:
+    """The ESRGAN repository's later names: RRDB_trunk.N.RDBj.convk, trunk_conv, upconvN, HRconv."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("body."):
+            _, i, rdb, rest = k.split(".", 3)
+            k = f"RRDB_trunk.{i}.RDB{rdb[3]}.{rest}"
+        for ours, theirs in (("conv_body.", "trunk_conv."), ("conv_up", "upconv"), ("conv_hr.", "HRconv.")):
+            k = k.replace(ours, theirs) if k.startswith(ours) else k
+        out[k] = v
+    return out
+
+
 def _random(net: torch.nn.Module, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in net.state_dict().items()}
@@ -129,9 +142,10 @@ def test_both_key_layouts_load_and_match_the_reference_forward(ups, unshuffle, t
     x = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(0))
     expected = reference_rrdbnet(sd, x, ups, unshuffle)
     files = {"basicsr.pth": {"params": {k: v + 1 for k, v in sd.items()}, "params_ema": sd}}
-    if unshuffle == 1:  # the old layout has no pixel-unshuffle variant
+    if unshuffle == 1:  # the ESRGAN repository's layouts have no pixel-unshuffle variant
         files["old.safetensors"] = old_layout(sd, 2, ups)
         files["old.pth"] = old_layout(sd, 2, ups)
+        files["esrgan_v2.pth"] = later_layout(sd)
     for name, content in files.items():
         path = tmp_path / name
         save_file(content, path) if name.endswith(".safetensors") else torch.save(content, path)
@@ -183,6 +197,9 @@ def test_compact_net_detection_and_errors(tmp_path):
             p.zero_()
     torch.testing.assert_close(up(x), x.repeat_interleave(2, -1).repeat_interleave(2, -2))
 
+    (tmp_path / "sub").mkdir()  # subfolders are searched too
+    save_file(_random(net, seed=5), tmp_path / "sub" / "realesr-animevideov3.safetensors")
+    assert upscalers.find("R-ESRGAN AnimeVideo", [tmp_path]).name == "realesr-animevideov3.safetensors"  # A1111
     with pytest.raises(upscalers.UpscalerNotFound, match="close matches: compact-x2"):
         upscalers.find("compact_x2", [tmp_path])
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "unet.safetensors")

@@ -23,6 +23,17 @@ SUFFIXES = (".pth", ".safetensors", ".pt")
 # the folders A1111 and ComfyUI keep upscaler models in, relative to their models/ folder
 FOLDER_NAMES = ("ESRGAN", "RealESRGAN", "upscale_models")
 
+# A1111's names of the Real-ESRGAN models it downloads (into models/RealESRGAN) -> their file stems, so
+# that A1111's infotexts ("Hires upscaler: R-ESRGAN 4x+") find the same files
+A1111_NAMES = {
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3",
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus",
+}
+
 
 class UpscalerNotFound(ValueError):
     """No upscaler file of that name; the message lists the folders searched and close names."""
@@ -61,7 +72,8 @@ def available(dirs: Iterable[str | Path]) -> dict[str, Path]:
 
 
 def find(name: str | Path, dirs: Iterable[str | Path]) -> Path:
-    """The file of an upscaler given by path or by name (file stem, any letter case) in ``dirs``."""
+    """The file of an upscaler given by path or by name (file stem, any letter case, or A1111's name of
+    a Real-ESRGAN model) in ``dirs``."""
     path = Path(name)
     if path.suffix.lower() in SUFFIXES:
         if path.is_file():
@@ -70,8 +82,10 @@ def find(name: str | Path, dirs: Iterable[str | Path]) -> Path:
             raise UpscalerNotFound(f"upscaler file {path} does not exist")
     dirs = list(dirs)
     files = available(dirs)
+    wanted = {str(name).strip().lower()}
+    wanted |= {stem.lower() for a1111, stem in A1111_NAMES.items() if a1111.lower() in wanted}
     for stem, p in files.items():
-        if stem.lower() == str(name).strip().lower():
+        if stem.lower() in wanted:
             return p
     where = ", ".join(str(d) for d in dirs) or "no upscaler folder (give one with --upscaler-dir)"
     close = difflib.get_close_matches(str(name), list(files), n=3, cutoff=0.4)

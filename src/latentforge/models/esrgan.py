@@ -129,14 +129,30 @@ _OLD_TOP = re.compile(r"^model\.(\d+)\.(weight|bias)$")
 _OLD_TRUNK = re.compile(r"^model\.1\.sub\.(\d+)\.(weight|bias)$")
 
 
+# the ESRGAN repository's later names (RRDBNet_arch.py after its 2019 rewrite) -> BasicSR's
+_ESRGAN_V2 = [
+    (re.compile(r"^RRDB_trunk\.(\d+)\.RDB(\d)\."), r"body.\1.rdb\2."),
+    (re.compile(r"^trunk_conv\."), "conv_body."),
+    (re.compile(r"^upconv(\d)\."), r"conv_up\1."),
+    (re.compile(r"^HRconv\."), "conv_hr."),
+]
+
+
 def basicsr_names(keys: list[str], where: str = "the file") -> dict[str, str]:
-    """Map the original ESRGAN layout's key names to BasicSR's (other keys map to themselves).
+    """Map the ESRGAN repository's key names to BasicSR's (other keys map to themselves).
 
     Old layout: ``model.0`` first conv; ``model.1.sub.{i}.RDB{j}.conv{k}.0`` dense-block convs;
     ``model.1.sub.{blocks}`` trunk conv; then, by increasing Sequential index, one conv per x2
-    upsampling, the HR conv and the last conv."""
+    upsampling, the HR conv and the last conv. Later layout: ``RRDB_trunk.{i}.RDB{j}.conv{k}``,
+    ``trunk_conv``, ``upconv{n}``, ``HRconv`` (``conv_first``/``conv_last`` as BasicSR)."""
     if "model.0.weight" not in keys:
-        return {k: k for k in keys}
+        names = {}
+        for k in keys:
+            new = k
+            for pattern, repl in _ESRGAN_V2:
+                new = pattern.sub(repl, new)
+            names[k] = new
+        return names
     names: dict[str, str] = {}
     top: dict[int, list[str]] = {}
     for k in keys:
