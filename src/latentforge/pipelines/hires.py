@@ -104,7 +104,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[s
     shape = (first.shape[0], height // down, width // down)
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
 
-    def start(iteration: int, previous: Tensor | None) -> Tensor:
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return upscale(pipe, previous, upscaler, shape)
 
     hires_pass = Pass(
