@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from latentforge import upscalers
 from latentforge.cli import main
+from latentforge.io.images import read_user_comment
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.esrgan import RRDBNet, SRVGGNetCompact, load_upscaler
 from ncnn_weights import to_state_dict
@@ -227,6 +228,10 @@ def test_upscale_command_runs_the_network_then_lanczos(tmp_path):
         assert np.array_equal(np.asarray(got), np.asarray(expected))
         assert "Postprocess upscaler: tiny-x2" in got.info["parameters"]
     assert main(["upscale", str(tmp_path / "cat.png"), "-u", "nothing-like-it", "--upscaler-dir", str(tmp_path)]) == 2
+    jpeg = tmp_path / "big.jpg"  # other formats keep the parameters as A1111 does (EXIF UserComment)
+    assert main([*args, "-o", str(jpeg)]) == 0
+    with Image.open(jpeg) as got:
+        assert got.size == (120, 90) and "Postprocess upscale by: 3" in read_user_comment(got)
 
 
 def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):

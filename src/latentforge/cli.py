@@ -49,26 +49,26 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from latentforge import upscalers
-    from latentforge.io.images import save_png
+    from latentforge.io.images import FORMATS, read_user_comment, save_image
 
     dirs = upscalers.search_dirs(args.upscaler_dir or ())
     upscaler = upscalers.load(args.upscaler, dirs, device=args.device or "cpu")
     out = args.output or args.image.with_name(f"{args.image.stem}-{upscaler.name}.png")
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"{out}: the output is a PNG file; use a name ending in .png")
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
     try:
         with Image.open(args.image) as im:
-            image = im.convert("RGB")
-            parameters = im.info.get("parameters")
+            image = im.convert("RGB")  # an alpha channel is dropped, as A1111's Extras does
+            parameters = im.info.get("parameters") or read_user_comment(im)
     except OSError as e:
         raise ValueError(f"cannot read image {args.image}: {e}") from None
     result = upscalers.upscale_image(image, upscaler, args.scale)
     scale = args.scale or upscaler.scale
     extras = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {upscaler.name}"  # A1111's Extras fields
     result.info["parameters"] = f"{parameters}\n{extras}" if parameters else extras
-    save_png(result, out, overwrite=args.overwrite)
+    save_image(result, out, overwrite=args.overwrite)
     print(out)
     return 0
 
@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="folder of upscaler models (repeatable; models/ESRGAN and models/upscale_models are searched too)",
     )
-    p.add_argument("-o", "--output", type=Path, help="output PNG (default: IMAGE-NAME.png beside the input)")
+    p.add_argument(
+        "-o", "--output", type=Path, help="output .png/.jpg/.webp (default: IMAGE-UPSCALER.png beside the input)"
+    )
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=cmd_upscale)

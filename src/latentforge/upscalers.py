@@ -128,9 +128,9 @@ def upscale_to(image: Image.Image, upscaler: ImageUpscaler, size: tuple[int, int
 
 def upscale_image(image: Image.Image, upscaler: ImageUpscaler | str | Path, scale: float | None = None) -> Image.Image:
     """Upscale by ``scale`` (None: the network's own factor), e.g. ``upscale_image(im, "4x-UltraSharp.pth", 2)``.
-    ``upscaler`` is a loaded ``ImageUpscaler`` or a file path."""
+    ``upscaler`` is a loaded ``ImageUpscaler``, a file path, or a name in the usual folders (``search_dirs``)."""
     if not isinstance(upscaler, ImageUpscaler):
-        upscaler = load(upscaler)
+        upscaler = load(upscaler, search_dirs())
     scale = upscaler.scale if scale is None else scale
     if not 0 < scale <= 16:
         raise ValueError(f"upscale factor must be above 0 and at most 16, got {scale}")
