@@ -201,6 +201,7 @@ def test_compact_net_detection_and_errors(tmp_path):
     (tmp_path / "sub").mkdir()  # subfolders are searched too
     save_file(_random(net, seed=5), tmp_path / "sub" / "realesr-animevideov3.safetensors")
     assert upscalers.find("R-ESRGAN AnimeVideo", [tmp_path]).name == "realesr-animevideov3.safetensors"  # A1111
+    assert upscalers.find("compact-x2.pth", [tmp_path]).name == "compact-x2.safetensors"  # a file name, any suffix
     with pytest.raises(upscalers.UpscalerNotFound, match="close matches: compact-x2"):
         upscalers.find("compact_x2", [tmp_path])
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "unet.safetensors")

@@ -82,7 +82,7 @@ def find(name: str | Path, dirs: Iterable[str | Path]) -> Path:
             raise UpscalerNotFound(f"upscaler file {path} does not exist")
     dirs = list(dirs)
     files = available(dirs)
-    wanted = {str(name).strip().lower()}
+    wanted = {str(name).strip().lower(), path.stem.lower() if path.suffix.lower() in SUFFIXES else ""}
     wanted |= {stem.lower() for a1111, stem in A1111_NAMES.items() if a1111.lower() in wanted}
     for stem, p in files.items():
         if stem.lower() in wanted:
