@@ -20,7 +20,7 @@ from torch import Tensor
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
-from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.denoisers import Denoiser, WrappedDenoiser
 from latentforge.sampling.noise import NoiseOptions
 from latentforge.sampling.registry import SamplerInfo
 
@@ -54,10 +54,11 @@ class Pass:
 
     def denoiser(self) -> Denoiser:
         """A fresh guided denoiser (prompt schedules count model calls from the start of each pass)."""
-        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale)
+        guided = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale)
+        d: Denoiser = guided
         for wrap in self.wrappers:
             d = wrap(d)
-        return d
+        return d if d is guided else WrappedDenoiser(d, guided)  # CFG++ samplers reach last_uncond
 
 
 @dataclass

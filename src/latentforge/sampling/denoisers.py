@@ -110,15 +110,48 @@ class CFGDenoiser:
 
         self.model, self.cond, self.uncond, self.scale = model, schedule(cond), schedule(uncond), float(scale)
         self.calls = 0  # model calls so far: where the prompt schedules are
+        # the unconditional estimate D_u of the last call (the conditional one when no unconditional
+        # side ran): what CFG++ samplers step along (see ``last_unconditional``)
+        self.last_uncond: Tensor | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         c = self.cond.at(self.calls)
         u = None if self.uncond is None else self.uncond.at(self.calls)
         self.calls += 1
         if u is None or self.scale == 1.0:
-            return self.model(x, sigma, c)
+            self.last_uncond = self.model(x, sigma, c)
+            return self.last_uncond
         if c.context.shape[1:] == u.context.shape[1:]:
             cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
             cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
+        self.last_uncond = uncond
         return uncond + self.scale * (cond - uncond)
+
+
+class WrappedDenoiser:
+    """A guided denoiser under wrappers (e.g. inpainting's masked blend) that keeps the inner guided
+    denoiser's ``last_uncond`` reachable for CFG++ samplers."""
+
+    def __init__(self, fn: Denoiser, guided: CFGDenoiser):
+        self.fn, self.guided = fn, guided
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        return self.fn(x, sigma)
+
+    @property
+    def last_uncond(self) -> Tensor | None:
+        return self.guided.last_uncond
+
+
+def last_unconditional(denoise: Denoiser) -> Tensor:
+    """The unconditional estimate D_u(x, sigma) of the last call of a guided denoiser (CFG++, Chung et al.
+    2024, steps along it). Any denoiser with a ``last_uncond`` attribute qualifies; a plain function
+    is taken as unguided, so its own last output is not available and this raises."""
+    value = getattr(denoise, "last_uncond", None)
+    if value is None:
+        raise TypeError(
+            "CFG++ samplers need the unconditional estimate: pass a CFGDenoiser (or any denoiser with a "
+            "'last_uncond' attribute set on each call)"
+        )
+    return value
