@@ -97,7 +97,7 @@ def sample_dpm_fast(denoise, x, sigmas, *, noise=None, callback=None, generator=
         target, up = _ancestral_target(lam, lam_next, lam_end, eta)
         eps, denoised = solver.eps(x, lam)
         _report(callback, i, x, torch.tensor(math.exp(-lam)), denoised)
-        x = solver.step(x, lam, target, eps, order)
+        x = solver.step(x, lam, target, eps, order, r1=0.5 if order == 2 else 1 / 3)
         if up:
             x = x + draw(math.exp(-lam), math.exp(-lam_next)) * s_noise * up
     return x
