@@ -232,8 +232,44 @@ def test_deis_weights_are_the_integrals_of_the_lagrange_basis():
         assert sum(weights[i]) == pytest.approx(s[i + 1] - s[i], rel=1e-3)
 
 
-def test_a1111_second_order_flags():
-    """A1111's sd_samplers_kdiffusion marks these "second_order" (prompt schedules over 2 x steps)."""
+def test_a1111_second_order_flags_and_default_schedules():
+    """A1111's sd_samplers_kdiffusion marks these "second_order" (prompt schedules over 2 x steps; Forge not
+    HeunPP2) and gives them their "Automatic" schedule."""
+    schedules = {
+        "DPM2": "karras",
+        "DPM2 a": "karras",
+        "DPM++ 2M SDE Heun": "exponential",
+        "Restart": "karras",
+        "DPM fast": "normal",
+        "DPM adaptive": "normal",
+        "DDIM CFG++": "ddim_uniform",
+    }
+    for title, schedule in schedules.items():
+        assert resolve_sampler(title)[0].schedule == schedule, title
     a1111 = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}
-    for title in [*a1111, "Euler", "DPM fast", "DPM adaptive", "DPM++ 2M SDE Heun", "DDIM CFG++", "UniPC"]:
+    others = ["Euler", "DPM fast", "DPM adaptive", "DPM++ 2M SDE Heun", "DDIM CFG++", "UniPC", "HeunPP2"]
+    for title in [*a1111, *others]:
         assert resolve_sampler(title)[0].second_order == (title in a1111), title
+
+
+def test_linear_quadratic_schedule_by_hand():
+    """ComfyUI's linear_quadratic for 4 steps (threshold 0.025, 2 linear steps), worked out by hand: linear
+    part 0, 0.0125; quadratic a i^2 + b i + c with a = 1.9 / 8, b = 0.0125 - 0.95, c = 4a, at i = 2, 3:
+    0.025, 0.275; then 1. Sigmas are (1 - those) * sigma_max."""
+    schedule = NoiseSchedule()
+    expected = torch.tensor([1.0, 0.9875, 0.975, 0.725, 0.0], dtype=torch.float64) * schedule.sigma_max
+    torch.testing.assert_close(get_sigmas("linear_quadratic", schedule, 4), expected)
+    one = get_sigmas("linear quadratic", schedule, 1)
+    torch.testing.assert_close(one, torch.tensor([schedule.sigma_max, 0.0], dtype=torch.float64))
+
+
+def test_cli_lists_every_sampler(capsys):
+    from latentforge.cli import main
+    from latentforge.sampling import SAMPLERS
+
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[0] for line in out.splitlines()}
+    for info in SAMPLERS:
+        assert info.title in lines and info.name in out, info.title
+    assert "dpmpp_2m_sde_heun_gpu" in out and "linear_quadratic" in out

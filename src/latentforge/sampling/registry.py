@@ -17,7 +17,7 @@ from latentforge.sampling.schedules import SCHEDULES, schedule_name
 @dataclass(frozen=True)
 class SamplerInfo:
     name: str  # ours = ComfyUI's where it has one
-    title: str  # A1111's (Forge's for samplers A1111 lacks)
+    title: str  # A1111's (Forge's for samplers A1111 lacks, where it has one)
     fn: Callable
     schedule: str = "normal"  # what A1111's "Automatic" picks for it
     aliases: tuple[str, ...] = ()
@@ -25,7 +25,7 @@ class SamplerInfo:
     brownian: bool = False  # A1111 and ComfyUI drive its noise with a Brownian tree
     discard_penultimate_sigma: bool = False  # A1111 drops the next-to-last sigma for these
     # A1111's "second_order": prompt schedules are laid over twice the steps in model calls (Heun, DPM2,
-    # DPM2 a, DPM++ SDE, DPM++ 2S a, Restart; also the multi-call Heun++ 2)
+    # DPM2 a, DPM++ SDE, DPM++ 2S a, Restart; Forge leaves it off for HeunPP2)
     second_order: bool = False
     evaluations: Callable[[int], int] = lambda steps: steps  # model calls for a schedule of `steps` (approx.)
 
@@ -48,6 +48,7 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
         "dpm_2",
         "DPM2",
         s.sample_dpm_2,
+        "karras",
         aliases=("k_dpm_2",),
         discard_penultimate_sigma=True,
         second_order=True,
@@ -57,6 +58,7 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
         "dpm_2_ancestral",
         "DPM2 a",
         s.sample_dpm_2_ancestral,
+        "karras",
         aliases=("k_dpm_2_a",),
         stochastic=True,
         discard_penultimate_sigma=True,
@@ -138,8 +140,8 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("euler_cfg_pp", "Euler CFG++", cfgpp.sample_euler_cfg_pp),
     SamplerInfo("euler_ancestral_cfg_pp", "Euler a CFG++", cfgpp.sample_euler_ancestral_cfg_pp, stochastic=True),
     SamplerInfo("dpmpp_2m_cfg_pp", "DPM++ 2M CFG++", cfgpp.sample_dpmpp_2m_cfg_pp),
-    SamplerInfo("heunpp2", "Heun++ 2", s.sample_heunpp2, second_order=True, evaluations=lambda n: max(3 * n - 3, 1)),
-    SamplerInfo("ipndm", "iPNDM", ms.sample_ipndm),
+    SamplerInfo("heunpp2", "HeunPP2", s.sample_heunpp2, evaluations=lambda n: max(3 * n - 3, 1)),
+    SamplerInfo("ipndm", "IPNDM", ms.sample_ipndm),
     SamplerInfo("deis", "DEIS", ms.sample_deis),
     SamplerInfo("res_multistep", "RES multistep", ms.sample_res_multistep),
     SamplerInfo(
