@@ -273,3 +273,37 @@ def test_cli_lists_every_sampler(capsys):
     for info in SAMPLERS:
         assert info.title in lines and info.name in out, info.title
     assert "dpmpp_2m_sde_heun_gpu" in out and "linear_quadratic" in out
+
+
+def test_guided_denoiser_exposes_the_unconditional_estimate_through_wrappers():
+    from latentforge.sampling.denoisers import WrappedDenoiser, last_unconditional
+
+    _, model, _, cond, uncond = _guided_pair()
+    guided = CFGDenoiser(model, cond, uncond, 5.0)
+    wrapped = WrappedDenoiser(lambda x, s: guided(x, s) * 0 + 1, guided)  # a wrapper that replaces the output
+    x = _start(torch.tensor([3.0]))
+    wrapped(x, 3.0)
+    torch.testing.assert_close(last_unconditional(wrapped), model(x, 3.0, uncond))
+    alone = CFGDenoiser(model, cond, None, 5.0)
+    alone(x, 3.0)
+    torch.testing.assert_close(last_unconditional(alone), model(x, 3.0, cond))
+
+
+def test_cfg_pp_runs_under_the_inpainting_wrapper():
+    """Inpainting wraps the guided denoiser (masked blend); CFG++ still finds the unconditional estimate."""
+    import latentforge
+    from latentforge.demo import bundled_model_path
+    from test_inpaint import _box_mask, _photo
+
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("no bundled demo model")
+    pipe = latentforge.load(path, dtype="fp32")
+    init, mask = _photo(), _box_mask()
+    for sampler in ("Euler CFG++", "DDIM CFG++", "dpmpp_2m_cfg_pp"):
+        result = pipe.img2img(
+            init, "a green square", mask=mask, mask_blur=0, denoising_strength=0.8, steps=4, seed=3, sampler=sampler
+        )
+        out, src, m = np.asarray(result.images[0]), np.asarray(init), np.asarray(mask) > 0
+        assert np.array_equal(out[~m], src[~m]), sampler
+        assert f"Sampler: {resolve_sampler(sampler)[0].title}" in result.infotexts[0]
