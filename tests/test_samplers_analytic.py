@@ -46,7 +46,7 @@ def test_sampled_distribution_matches_the_data(info):
     schedule = NoiseSchedule()
     # fine enough that discretization error is small; RES's ancestral variant measures its second-order
     # term over the previous step's deterministic part only (as ComfyUI), and needs finer steps
-    steps = 1000 if info.name == "res_multistep_ancestral" else 250
+    steps = 1000 if info.name.startswith("res_multistep_ancestral") else 250
     sigmas = get_sigmas(info.schedule, schedule, steps)
     g = torch.Generator().manual_seed(0)
     n = 40_000
@@ -87,6 +87,7 @@ ORDERS = {
     "ipndm": 2,  # fixed equal-step weights, as PLMS
     "deis": 3,  # its weights are integrated over the actual steps
     "res_multistep": 2,
+    "res_multistep_cfg_pp": 2,
 }
 # Not here: DPM fast (its last one or two steps are of order 2/1, whose share changes with the step count),
 # DPM adaptive (picks its own steps), Restart and ER-SDE (they add noise by design); k-diffusion parity

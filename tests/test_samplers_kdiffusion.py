@@ -195,8 +195,9 @@ def test_cfg_pp_without_guidance_is_the_plain_sampler():
     _, model, _, cond, _ = _guided_pair()
     sigmas = get_sigmas("karras", NoiseSchedule(), 8)
     x = _start(sigmas).float()
-    for pp, plain in ((cfgpp.sample_dpmpp_2m_cfg_pp, "dpmpp_2m"), (cfgpp.sample_euler_cfg_pp, "euler")):
-        a = pp(CFGDenoiser(model, cond, None, 1.0), x.clone(), sigmas)
+    pairs = (("dpmpp_2m_cfg_pp", "dpmpp_2m"), ("euler_cfg_pp", "euler"), ("res_multistep_cfg_pp", "res_multistep"))
+    for pp, plain in pairs:
+        a = resolve_sampler(pp)[0].fn(CFGDenoiser(model, cond, None, 1.0), x.clone(), sigmas)
         b = resolve_sampler(plain)[0].fn(CFGDenoiser(model, cond, None, 1.0), x.clone(), sigmas)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -325,7 +325,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from latentforge.sampling import SAMPLERS
     from latentforge.sampling.schedules import SCHEDULES
 
-    print(f"{'A1111 name':<18} {'ComfyUI/latentforge':<24} {'default schedule':<16} notes")
+    print(f"{'A1111 name':<22} {'ComfyUI/latentforge':<31} {'default schedule':<16} notes")
     for info in SAMPLERS:
         notes = []
         if info.stochastic:
@@ -339,7 +339,7 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         comfy = [a for a in info.aliases if not a.startswith("k_")]
         if comfy:
             notes.append("also " + ", ".join(comfy))
-        print(f"{info.title:<18} {info.name:<24} {info.schedule:<16} {', '.join(notes)}")
+        print(f"{info.title:<22} {info.name:<31} {info.schedule:<16} {', '.join(notes)}")
     print("\nschedules: automatic, " + ", ".join(SCHEDULES))
     print("A1111 names with a schedule also work, e.g. 'DPM++ 2M Karras', 'DPM++ 2M SDE Exponential'.")
     return 0

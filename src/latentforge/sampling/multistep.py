@@ -17,6 +17,7 @@ import math
 import numpy as np
 import torch
 
+from latentforge.sampling.denoisers import last_unconditional
 from latentforge.sampling.samplers import _report, ancestral_step, noise_or_default, to_d
 
 _AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -109,29 +110,34 @@ def _phi2(t: float) -> float:
 
 
 @torch.no_grad()
-def sample_res_multistep(denoise, x, sigmas, *, noise=None, callback=None, generator=None, eta=0.0, s_noise=1.0, **_):
+def sample_res_multistep(
+    denoise, x, sigmas, *, noise=None, callback=None, generator=None, eta=0.0, s_noise=1.0, cfg_pp=False, **_
+):
     """RES second-order multistep (ComfyUI's ``res_multistep``; ``eta`` > 0 is its ancestral variant):
     with lambda = -log sigma and h = lambda(sigma_down) - lambda(sigma),
     x_next = e^-h x + h (b1 D + b2 D_prev), c2 = (lambda(sigma_prev) - lambda(sigma_down_prev)) / h,
-    b1 = phi1(-h) - phi2(-h) / c2, b2 = phi2(-h) / c2; Euler (in sigma) on the first step and into 0."""
+    b1 = phi1(-h) - phi2(-h) / c2, b2 = phi2(-h) / c2; Euler (in sigma) on the first step and into 0.
+    ``cfg_pp`` (ComfyUI's ``res_multistep_cfg_pp``): CFG++ (sampling.cfgpp), the step starts from
+    x + D - D_u and integrates the unconditional estimates D_u."""
     draw = noise_or_default(noise, x, generator)
     old_denoised = old_down = None
     for i in range(len(sigmas) - 1):
         sigma = float(sigmas[i])
         denoised = denoise(x, sigma)
+        uncond = last_unconditional(denoise) if cfg_pp else denoised
         _report(callback, i, x, sigmas[i], denoised)
         down, up = ancestral_step(sigma, sigmas[i + 1], eta)
         if down == 0 or old_denoised is None:
-            x = x + to_d(x, sigma, denoised) * (down - sigma)
+            x = denoised + (x - uncond) / sigma * down
         else:
             h = math.log(sigma) - math.log(down)
             c2 = (math.log(old_down) - math.log(float(sigmas[i - 1]))) / h
             b2 = _phi2(-h) / c2
             b1 = _phi1(-h) - b2
-            x = math.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+            x = math.exp(-h) * (x + denoised - uncond) + h * (b1 * uncond + b2 * old_denoised)
         if float(sigmas[i + 1]) > 0 and up > 0:
             x = x + draw(sigmas[i], sigmas[i + 1]) * s_noise * up
-        old_denoised, old_down = denoised, down
+        old_denoised, old_down = uncond, down
     return x
 
 

@@ -150,6 +150,13 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
         partial(ms.sample_res_multistep, eta=1.0),
         stochastic=True,
     ),
+    SamplerInfo("res_multistep_cfg_pp", "RES multistep CFG++", partial(ms.sample_res_multistep, cfg_pp=True)),
+    SamplerInfo(
+        "res_multistep_ancestral_cfg_pp",
+        "RES multistep a CFG++",
+        partial(ms.sample_res_multistep, eta=1.0, cfg_pp=True),
+        stochastic=True,
+    ),
     SamplerInfo("er_sde", "ER SDE", ms.sample_er_sde, stochastic=True),
 )
 
