@@ -10,7 +10,10 @@ is D and they reduce to their plain counterparts.
 
 ``guidance_multiplier`` rescales the guidance of the estimate: D' = D_u + m (D - D_u), i.e. scale w -> m w.
 A1111's "DDIM CFG++" uses m = 1 / 12.5 (its CFG scale 0..12.5 maps onto the paper's 0..1); ComfyUI's
-``*_cfg_pp`` samplers use the CFG scale as given (m = 1).
+``*_cfg_pp`` samplers use the CFG scale as given (m = 1). The rescaling is applied to what the guided
+denoiser returns, so under a wrapper that replaces part of the estimate (inpainting's masked blend) the
+replaced part is rescaled too; A1111 rescales before its blend. Only latents outside the mask differ,
+and inpainting puts those back at the end.
 """
 
 from __future__ import annotations

@@ -131,7 +131,8 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("ddim", "DDIM", s.sample_ddim, "ddim_uniform"),
     SamplerInfo("ddim_cfg_pp", "DDIM CFG++", cfgpp.sample_ddim_cfg_pp, "ddim_uniform"),
     SamplerInfo("plms", "PLMS", s.sample_plms, "ddim_uniform", evaluations=lambda n: n + 1),
-    # A1111's UniPC: variant bh1, order 3 (its defaults; ComfyUI's uni_pc is the same)
+    # A1111's UniPC: variant bh1, order 3 (its defaults; ComfyUI's uni_pc is the same). Both step to sigma 0
+    # over the schedule's sigmas; A1111's own UniPC uses its time-uniform timesteps under "Automatic".
     SamplerInfo("uni_pc", "UniPC", partial(dpm.sample_unipc, order=3, variant="bh1"), "normal", aliases=("unipc",)),
     SamplerInfo("uni_pc_bh2", "UniPC bh2", partial(dpm.sample_unipc, order=3, variant="bh2"), "normal"),
     SamplerInfo("lcm", "LCM", s.sample_lcm, "lcm", stochastic=True),
