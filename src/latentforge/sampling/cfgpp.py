@@ -12,8 +12,9 @@ is D and they reduce to their plain counterparts.
 A1111's "DDIM CFG++" uses m = 1 / 12.5 (its CFG scale 0..12.5 maps onto the paper's 0..1); ComfyUI's
 ``*_cfg_pp`` samplers use the CFG scale as given (m = 1). The rescaling is applied to what the guided
 denoiser returns, so under a wrapper that replaces part of the estimate (inpainting's masked blend) the
-replaced part is rescaled too; A1111 rescales before its blend. Only latents outside the mask differ,
-and inpainting puts those back at the end.
+replaced part is rescaled too; A1111 rescales before its blend. The latents outside the mask then
+differ from A1111's during sampling (inpainting puts them back at the end; the masked area sees them
+only through the network).
 """
 
 from __future__ import annotations
