@@ -433,16 +433,21 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from latentforge.sampling import SAMPLERS
     from latentforge.sampling.schedules import SCHEDULES
 
-    print(f"{'A1111 name':<16} {'ComfyUI/latentforge':<20} {'default schedule':<16} notes")
+    print(f"{'A1111 name':<22} {'ComfyUI/latentforge':<31} {'default schedule':<16} notes")
     for info in SAMPLERS:
         notes = []
         if info.stochastic:
             notes.append("stochastic")
         if info.brownian:
             notes.append("Brownian noise")
+        if info.second_order:
+            notes.append("second order")
         if info.discard_penultimate_sigma:
             notes.append("drops next-to-last sigma")
-        print(f"{info.title:<16} {info.name:<20} {info.schedule:<16} {', '.join(notes)}")
+        comfy = [a for a in info.aliases if not a.startswith("k_")]
+        if comfy:
+            notes.append("also " + ", ".join(comfy))
+        print(f"{info.title:<22} {info.name:<31} {info.schedule:<16} {', '.join(notes)}")
     print("\nschedules: automatic, " + ", ".join(SCHEDULES))
     print("A1111 names with a schedule also work, e.g. 'DPM++ 2M Karras', 'DPM++ 2M SDE Exponential'.")
     return 0

@@ -22,7 +22,7 @@ from latentforge.conditioning.prompt import split_and
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
-from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.denoisers import Denoiser, WrappedDenoiser
 from latentforge.sampling.noise import NoiseOptions
 from latentforge.sampling.registry import SamplerInfo
 
@@ -70,10 +70,11 @@ class Pass:
         if concat is not None:
             cond = _with_concat(cond, concat)
             uncond = None if uncond is None else _with_concat(uncond, concat)
-        d: Denoiser = CFGDenoiser(self.model, cond, uncond, self.cfg_scale, self.cfg_rescale)
+        guided = CFGDenoiser(self.model, cond, uncond, self.cfg_scale, self.cfg_rescale)
+        d: Denoiser = guided
         for wrap in self.wrappers:
             d = wrap(d)
-        return d
+        return d if d is guided else WrappedDenoiser(d, guided)  # CFG++ samplers reach last_uncond
 
 
 @dataclass

@@ -124,6 +124,9 @@ class CFGDenoiser:
         self.parts = [(float(w), schedule(c)) for w, c in parts]
         self.model, self.uncond, self.scale, self.rescale = model, schedule(uncond), float(scale), float(rescale)
         self.calls = 0  # model calls so far: where the prompt schedules are
+        # the unconditional estimate D_u of the last call (the conditional one when no unconditional
+        # side ran): what CFG++ samplers step along (see ``last_unconditional``)
+        self.last_uncond: Tensor | None = None
 
     @property
     def cond(self) -> CondSchedule:
@@ -136,11 +139,13 @@ class CFGDenoiser:
         u = None if self.uncond is None else self.uncond.at(self.calls)
         self.calls += 1
         if u is None or self.scale == 1.0:
-            return self.model(x, sigma, c)
+            self.last_uncond = self.model(x, sigma, c)
+            return self.last_uncond
         if c.context.shape[1:] == u.context.shape[1:]:
             cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
             cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
+        self.last_uncond = uncond
         guided = uncond + self.scale * (cond - uncond)
         return guided if not self.rescale else self._rescaled(x, sigma, cond, guided)
 
@@ -172,7 +177,36 @@ class CFGDenoiser:
         else:
             outs = [self.model(x, sigma, c) for c in everything]
         uncond = outs[-1]
+        self.last_uncond = uncond
         denoised = uncond.clone()
         for (weight, _), out in zip(self.parts, outs[:-1]):
             denoised += (out - uncond) * (weight * self.scale)
         return denoised
+
+
+class WrappedDenoiser:
+    """A guided denoiser under wrappers (e.g. inpainting's masked blend) that keeps the inner guided
+    denoiser's ``last_uncond`` reachable for CFG++ samplers."""
+
+    def __init__(self, fn: Denoiser, guided: CFGDenoiser):
+        self.fn, self.guided = fn, guided
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        return self.fn(x, sigma)
+
+    @property
+    def last_uncond(self) -> Tensor | None:
+        return self.guided.last_uncond
+
+
+def last_unconditional(denoise: Denoiser) -> Tensor:
+    """The unconditional estimate D_u(x, sigma) of the last call of a guided denoiser (CFG++, Chung et al.
+    2024, steps along it). Any denoiser with a ``last_uncond`` attribute qualifies; a plain function
+    is taken as unguided, so its own last output is not available and this raises."""
+    value = getattr(denoise, "last_uncond", None)
+    if value is None:
+        raise TypeError(
+            "CFG++ samplers need the unconditional estimate: pass a CFGDenoiser (or any denoiser with a "
+            "'last_uncond' attribute set on each call)"
+        )
+    return value
