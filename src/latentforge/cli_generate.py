@@ -26,6 +26,7 @@ GEN_OPTIONS = [
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
     (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
     (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
