@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import depth, hires, inpaint
+from latentforge.pipelines import depth, hires, inpaint, networks
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
@@ -100,7 +100,6 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
 def _refuse_unavailable(req: GenerationRequest) -> None:
     for group, what in (
         ("refiner", "the SDXL refiner hand-off"),
-        ("networks", "networks (LoRA, hypernetworks, embeddings)"),
         ("control", "ControlNet units"),
     ):
         if getattr(req, group):
@@ -141,8 +140,25 @@ def generate(
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
     out_images: list[Image.Image] = []
+    session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
+    try:
+        plan = _run(pipe, session, images_in, seeds, progress, out_images)
+    finally:
+        session.close(pipe)
+
+    final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
+    for image, text, s in zip(out_images, texts, seeds):
+        image.info["parameters"] = text
+        image.info["latentforge"] = request_json(pipe, final, s, img2img)
+    return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+
+
+def _run(pipe, session, images_in, seeds: list[int], progress, out_images: list) -> Plan:
+    req = session.request
     with torch.inference_mode():
         plan = build_plan(pipe, req, images_in)
+        plan.infotext.update(session.infotext)
         total = plan.total_steps
         for it in range(req.batch_count):
             batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
@@ -157,10 +173,4 @@ def generate(
                 offset += p.steps
             images = tensor_to_images(plan.decode(x))
             out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
-
-    final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
-    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
-    for image, text, s in zip(out_images, texts, seeds):
-        image.info["parameters"] = text
-        image.info["latentforge"] = request_json(pipe, final, s, img2img)
-    return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+    return plan
