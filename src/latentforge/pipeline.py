@@ -79,7 +79,8 @@ class Pipeline:
         self.info = info
         self.patcher = ModelPatcher(self.networks)
         # where prompt tags and request networks find LoRAs and embeddings by name
-        self.folders = AdapterFolders(embeddings=self.text.embeddings.folders)
+        self.folders = AdapterFolders()
+        self.text.embeddings.folders = lambda: self.folders.embeddings
         self.offloader: Offloader | None = None
         self.execution_device: torch.device | None = None  # where computation happens under offload
         self.caches: dict[str, object] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,18 +46,19 @@ class Embedding:
     def count(self) -> int:
         return next(iter(self.vectors.values())).shape[0]
 
-    def for_encoders(self, specs) -> list[Tensor] | None:
-        """The vectors for each encoder of a family (``TextEncoderSpec``s), or None when they do not fit."""
+    def for_encoders(self, slots: list[tuple[str, int]]) -> list[Tensor] | None:
+        """The vectors for each text encoder, given as (name, width) (``TextConditioner.slots``), or None
+        when they do not fit."""
         if "*" in self.vectors:
-            if len(specs) != 1:
+            if len(slots) != 1:
                 return None
             rows = [self.vectors["*"]]
         else:
-            keys = [_PAIR_KEYS.get(s.name) for s in specs]
+            keys = [_PAIR_KEYS.get(name) for name, _ in slots]
             if any(k not in self.vectors for k in keys):
                 return None
             rows = [self.vectors[k] for k in keys]
-        if any(r.shape[1] != s.config.width for r, s in zip(rows, specs)):
+        if any(r.shape[1] != width for r, (_, width) in zip(rows, slots)):
             return None
         return rows
 
@@ -105,10 +107,10 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
 
 @dataclass
 class EmbeddingSet:
-    """The embeddings a ``TextConditioner`` knows: those added by hand and those in ``folders`` (read when a
-    prompt first names them; a file changed on disk is read again)."""
+    """The embeddings a ``TextConditioner`` knows: those added by hand and those in the folders that
+    ``folders()`` gives (read when a prompt first names them; a file changed on disk is read again)."""
 
-    folders: list[Path] = field(default_factory=list)
+    folders: Callable[[], list[Path]] = list
     added: dict[str, Embedding] = field(default_factory=dict)
     _cache: dict[Path, tuple[int, Embedding]] = field(default_factory=dict, repr=False)
 
@@ -119,7 +121,8 @@ class EmbeddingSet:
         return embedding
 
     def _files(self) -> dict[str, Path]:
-        return files_by_stem(self.folders, EMBEDDING_SUFFIXES) if self.folders else {}
+        folders = self.folders()
+        return files_by_stem(folders, EMBEDDING_SUFFIXES) if folders else {}
 
     def names(self) -> dict[str, str]:
         """Lower-cased name -> name of every known embedding."""
@@ -138,9 +141,9 @@ class EmbeddingSet:
             self._cache[path] = cached
         return cached[1]
 
-    def find(self, text: str, specs) -> list[Embedding]:
-        """The embeddings that fit ``specs`` named in ``text``, in order of first mention (warning once for
-        each named one that does not fit)."""
+    def find(self, text: str, slots: list[tuple[str, int]]) -> list[Embedding]:
+        """The embeddings named in ``text`` that fit the encoders ``slots`` (name, width), in order of first
+        mention (warning for each named one that does not fit)."""
         names = self.names()
         if not names or not text:
             return []
@@ -151,11 +154,11 @@ class EmbeddingSet:
             if name in found:
                 continue
             emb = self.get(name)
-            if emb.for_encoders(specs) is None:
+            if emb.for_encoders(slots) is None:
                 widths = {k: v.shape[1] for k, v in emb.vectors.items()}
                 warnings.warn(
                     f"embedding {name} ({emb.path}) has vectors {widths}, which do not fit this model's text "
-                    f"encoders ({', '.join(f'{s.name} {s.config.width}' for s in specs)}); it is skipped",
+                    f"encoders ({', '.join(f'{n} {w}' for n, w in slots)}); it is skipped",
                     stacklevel=2,
                 )
                 continue

@@ -37,6 +37,11 @@ class TextConditioner:
         self.tokenizers = tuple(tokenizers)
         self.embeddings = EmbeddingSet()  # textual inversion, named in prompts by file stem
 
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """(encoder name, width) of each text encoder, what textual-inversion vectors must fit."""
+        return [(spec.name, enc.config.width) for spec, enc in zip(self.specs, self.encoders)]
+
     def encode(
         self,
         prompts: str | list[str],
@@ -66,7 +71,7 @@ class TextConditioner:
             device = next(self.encoders[0].parameters()).device
         first = self.tokenizers[0]
         comma = first.encode(",")[0]
-        embs = self.embeddings.find(" ".join(prompts), self.specs)
+        embs = self.embeddings.find(" ".join(prompts), self.slots)
         encode = _encode_with(first.encode, embs)
         chunked = [chunk_prompt(p, encode, comma, syntax) for p in prompts]
         n_chunks = max(len(c) for c in chunked)
@@ -74,7 +79,7 @@ class TextConditioner:
             c.extend(chunk_prompt("", first.encode, comma, "plain")[0] for _ in range(n_chunks - len(c)))
         contexts, pooled = [], None
         for i, (spec, enc, tok) in enumerate(zip(self.specs, self.encoders, self.tokenizers)):
-            extra = torch.cat([e.for_encoders(self.specs)[i] for e in embs]).to(device) if embs else None
+            extra = torch.cat([e.for_encoders(self.slots)[i] for e in embs]).to(device) if embs else None
             layer = spec.layer
             if clip_skip is not None and clip_skip > 1 and spec.layer == -1:
                 layer = -clip_skip

@@ -84,7 +84,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
         raise
     if hashes:
         session.infotext["Lora hashes"] = ", ".join(hashes)
-    used = pipe.text.embeddings.find(f"{prompt}\n{req.negative_prompt}", pipe.text.specs)
+    used = pipe.text.embeddings.find(f"{prompt}\n{req.negative_prompt}", pipe.text.slots)
     ti = [f"{e.name}: {sha256_of(e.path)[:12]}" for e in used if e.path is not None]
     if ti:
         session.infotext["TI hashes"] = ", ".join(ti)
