@@ -328,3 +328,26 @@ def test_several_loras_compose_and_remove_one_by_one(sd1, tmp_path):
     ours.remove_lora()
     now = _pipe_state(ours)
     assert all(torch.equal(original[k], now[k]) for k in now)
+
+
+def test_cli_inspect_and_models_dir(sd1, tmp_path, capsys):
+    from latentforge.cli import main
+
+    ref, ours, tmp = sd1
+    model = tmp / "m"
+    root = tmp_path / "ComfyUI"
+    (root / "models" / "loras").mkdir(parents=True)
+    save_file(kohya_and_peft(ref, ours, "kohya-diffusers", seed=15), root / "models" / "loras" / "ink.safetensors")
+    assert main(["inspect", str(root / "models" / "loras" / "ink.safetensors"), "-m", str(model)]) == 0
+    out = capsys.readouterr().out
+    n = len(list(_lora_modules(ref.unet, True))) + len(list(_lora_modules(ref.text_encoders[0], False)))
+    assert "LoRA/LyCORIS adapter" in out and f"kinds:       lora {n}" in out and "fits: yes" in out
+    assert f"{n} of {n} modules match" in out
+    png = tmp_path / "out.png"
+    args = ["txt2img", "a cat <lora:ink:0.5>", "-m", str(model), "--steps", "1", "-W", "64", "-H", "64", "-q"]
+    assert main([*args, "--models-dir", str(root), "-o", str(png)]) == 0
+    from latentforge.pipelines.metadata import read_png_metadata
+
+    assert "Lora hashes" in read_png_metadata(png)["parameters"]
+    assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
+    assert "no LoRA folder is set" in capsys.readouterr().err
