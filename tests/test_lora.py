@@ -193,18 +193,26 @@ def test_loha_lokr_dora_and_tucker_locon_follow_their_formulas(sd1, tmp_path):
     q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32
     ff = "input_blocks.1.1.transformer_blocks.0.ff.net.2"  # Linear 128 -> 32
     k2 = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # Linear 128 -> 32
+    v2 = "input_blocks.1.1.transformer_blocks.0.attn2.to_v"  # Linear 128 -> 32
     conv = "input_blocks.1.0.in_layers.2"  # Conv2d 32 -> 32, 3x3
     loha = {"hada_w1_a": r(32, 4), "hada_w1_b": r(4, 32), "hada_w2_a": r(32, 4), "hada_w2_b": r(4, 32)}
     lokr = {"lokr_w1": r(4, 8), "lokr_w2_a": r(8, 2), "lokr_w2_b": r(2, 16)}  # kron: (4*8) x (8*16)
     dora = {"lora_down.weight": r(4, 128), "lora_up.weight": r(32, 4), "dora_scale": r(32, 1).abs() + 0.5}
+    dora_in = {"lora_down.weight": r(4, 128), "lora_up.weight": r(32, 4), "dora_scale": r(1, 128).abs() + 0.5}
     tucker = {"lora_down.weight": r(4, 32, 1, 1), "lora_mid.weight": r(4, 4, 3, 3), "lora_up.weight": r(32, 4, 1, 1)}
     sd = {}
-    for module, parts, alpha in ((q, loha, 2.0), (ff, lokr, 1.0), (k2, dora, 4.0), (conv, tucker, 4.0)):
+    for module, parts, alpha in (
+        (q, loha, 2.0),
+        (ff, lokr, 1.0),
+        (k2, dora, 4.0),
+        (v2, dora_in, 2.0),
+        (conv, tucker, 4.0),
+    ):
         key = "lora_unet_" + module.replace(".", "_")
         sd.update({f"{key}.{p}": t for p, t in parts.items()})
         sd[f"{key}.alpha"] = torch.tensor(alpha)
     save_file(sd, tmp_path / "lyco.safetensors")
-    W = {m: ours.unet.get_parameter(m + ".weight").detach().clone() for m in (q, ff, k2, conv)}
+    W = {m: ours.unet.get_parameter(m + ".weight").detach().clone() for m in (q, ff, k2, v2, conv)}
     ours.apply_lora(tmp_path / "lyco.safetensors", strength=0.5)
     try:
         got = {m: ours.unet.get_parameter(m + ".weight").detach().clone() for m in W}
@@ -222,6 +230,10 @@ def test_loha_lokr_dora_and_tucker_locon_follow_their_formulas(sd1, tmp_path):
     merged = W[k2] + dora["lora_up.weight"] @ dora["lora_down.weight"] * (4.0 / 4)
     direction = merged / merged.norm(dim=1, keepdim=True)
     torch.testing.assert_close(got[k2], W[k2] + 0.5 * (dora["dora_scale"] * direction - W[k2]))
+    # DoRA with a [1, in] magnitude (LyCORIS without wd_on_out): normalised per input column
+    merged = W[v2] + dora_in["lora_up.weight"] @ dora_in["lora_down.weight"] * (2.0 / 4)
+    direction = merged / merged.norm(dim=0, keepdim=True)
+    torch.testing.assert_close(got[v2], W[v2] + 0.5 * (dora_in["dora_scale"] * direction - W[v2]))
     # Tucker LoCon: the merged conv equals down (1x1) -> mid (3x3) -> up (1x1) applied in turn
     x = torch.randn(1, 32, 9, 9, generator=g)
     chain = F.conv2d(F.conv2d(F.conv2d(x, tucker["lora_down.weight"]), tucker["lora_mid.weight"], padding=1),

@@ -149,11 +149,13 @@ def delta(parts: dict[str, Tensor], shape: torch.Size | tuple[int, ...]) -> Tens
 
 def dora(weight: Tensor, merged: Tensor, magnitude: Tensor, strength: float) -> Tensor:
     """DoRA: ``merged`` (W + delta) rescaled to ``magnitude`` per output (or input) channel; the strength
-    interpolates between W and that."""
-    if magnitude.numel() == merged.shape[0]:  # per output channel (PEFT, LyCORIS wd_on_out)
+    interpolates between W and that. The magnitude's shape tells the axis: [out] or [out, 1, ...] per output
+    channel (PEFT, LyCORIS ``wd_on_out``), [1, in, ...] per input channel."""
+    per_input = magnitude.dim() > 1 and magnitude.shape[0] == 1 and merged.shape[0] != 1
+    if not per_input:
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
         scaled = merged * (magnitude.reshape(-1) / norm).reshape(-1, *[1] * (merged.dim() - 1))
-    else:  # per input channel
+    else:
         norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
         scaled = merged * (magnitude.reshape(-1) / norm).reshape(1, -1, *[1] * (merged.dim() - 2))
     return weight + strength * (scaled - weight)
