@@ -363,3 +363,30 @@ def test_cli_inspect_and_models_dir(sd1, tmp_path, capsys):
     assert "Lora hashes" in read_png_metadata(png)["parameters"]
     assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
     assert "no LoRA folder is set" in capsys.readouterr().err
+
+
+def test_tags_are_read_as_a1111_reads_them():
+    from latentforge.conditioning.prompt import extract_network_tags
+    from latentforge.pipelines.networks import refs_from_tags
+
+    text, tags = extract_network_tags("a cat <lora:ink:0.5>, <lyco:sub/hat:0.4:0.9> (red:1.2) <lora:x:unet=0.3>")
+    assert text == "a cat ,  (red:1.2) "  # cut out, nothing else changed (A1111)
+    refs = refs_from_tags(tags)
+    # A1111: the first number is the text-encoder weight, the second the UNet's (default: the first)
+    assert [(r.name, r.text_strength, r.strength) for r in refs] == [
+        ("ink", 0.5, 0.5),
+        ("sub/hat", 0.4, 0.9),
+        ("x", 1.0, 0.3),
+    ]
+
+
+def test_family_guess_from_cross_attention_width(tmp_path):
+    from latentforge.adapters.lora import guess_family, read_lora
+
+    for width, family in ((768, "sd1"), (1024, "sd2"), (2048, "sdxl-base")):
+        key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+        path = tmp_path / f"{width}.safetensors"
+        save_file(
+            {f"{key}.lora_down.weight": torch.zeros(4, width), f"{key}.lora_up.weight": torch.zeros(640, 4)}, path
+        )
+        assert guess_family(read_lora(path)) == family

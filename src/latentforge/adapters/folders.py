@@ -56,11 +56,17 @@ class AdapterFolders:
 
     def find_lora(self, name: str) -> Path:
         """A LoRA by file stem (or a path to a file)."""
-        return find(name, self.lora, LORA_SUFFIXES, "LoRA", "--lora-dir or --models-dir")
+        return find(name, self.lora, LORA_SUFFIXES, "LoRA", "--lora-dir or --models-dir (pipe.folders.lora in Python)")
 
     def find_embedding(self, name: str) -> Path:
         """An embedding by file stem (or a path to a file)."""
-        return find(name, self.embeddings, EMBEDDING_SUFFIXES, "embedding", "--embeddings-dir or --models-dir")
+        return find(
+            name,
+            self.embeddings,
+            EMBEDDING_SUFFIXES,
+            "embedding",
+            "--embeddings-dir or --models-dir (pipe.folders.embeddings)",
+        )
 
 
 def find(name: str, folders: list[Path], suffixes: tuple[str, ...], kind: str, how: str) -> Path:
