@@ -147,3 +147,13 @@ def test_sdxl_pair_matches_diffusers(tmp_path):
     ours.load_embedding(tmp_path / "single.safetensors")
     with pytest.warns(UserWarning, match="embedding single"):
         ours.encode_prompt("a single lamp")
+
+
+def test_cli_inspect_tells_an_embedding(sd1, capsys):
+    from latentforge.cli import main
+
+    _, _, folder, _, tmp = sd1
+    assert main(["inspect", str(folder / "sub" / "shiny.pt"), "-m", str(tmp / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "textual-inversion embedding 'shiny'" in out and "vectors:     3 (*: width 128)" in out
+    assert "(sd1): fits" in out
