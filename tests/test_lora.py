@@ -390,3 +390,47 @@ def test_family_guess_from_cross_attention_width(tmp_path):
             {f"{key}.lora_down.weight": torch.zeros(4, width), f"{key}.lora_up.weight": torch.zeros(640, 4)}, path
         )
         assert guess_family(read_lora(path)) == family
+
+
+def test_lokr_and_tucker_loha_on_convolutions(sd1, tmp_path):
+    _, ours, _ = sd1
+    g = torch.Generator().manual_seed(16)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.2
+
+    lokr_conv, loha_conv = "input_blocks.1.0.out_layers.3", "input_blocks.2.0.in_layers.2"  # 32 -> 32, 3x3
+    lokr = {"lokr_w1": r(4, 2), "lokr_w2": r(8, 16, 3, 3)}  # both whole: no alpha scale
+    t1, t2 = r(4, 4, 3, 3), r(4, 4, 3, 3)
+    loha = {"hada_w1_a": r(4, 32), "hada_w1_b": r(4, 32), "hada_w2_a": r(4, 32), "hada_w2_b": r(4, 32)}
+    loha |= {"hada_t1": t1, "hada_t2": t2}
+    sd = {}
+    for module, parts in ((lokr_conv, lokr), (loha_conv, loha)):
+        key = "lora_unet_" + module.replace(".", "_")
+        sd |= {f"{key}.{p}": t for p, t in parts.items()}
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(sd, tmp_path / "conv.safetensors")
+    W = {m: ours.unet.get_parameter(m + ".weight").detach().clone() for m in (lokr_conv, loha_conv)}
+    ours.apply_lora(tmp_path / "conv.safetensors")
+    try:
+        got = {m: ours.unet.get_parameter(m + ".weight").detach() - W[m] for m in W}
+    finally:
+        ours.remove_lora("conv")
+    # Kronecker product of a [4, 2] matrix and [8, 16, 3, 3] kernels: block (i, j) is w1[i, j] * w2
+    expected = torch.zeros(32, 32, 3, 3)
+    for i in range(4):
+        for j in range(2):
+            expected[i * 8 : (i + 1) * 8, j * 16 : (j + 1) * 16] = lokr["lokr_w1"][i, j] * lokr["lokr_w2"]
+    torch.testing.assert_close(got[lokr_conv], expected)
+
+    # Tucker LoHa: each factor is, per kernel position, a^T t[:, :, k, l] b; their product times alpha / rank
+    def tucker(t, a, b):
+        out = torch.zeros(32, 32, 3, 3)
+        for k in range(3):
+            for m in range(3):
+                out[:, :, k, m] = a.T @ t[:, :, k, m] @ b
+        return out
+
+    w1 = tucker(t1, loha["hada_w1_a"], loha["hada_w1_b"])
+    w2 = tucker(t2, loha["hada_w2_a"], loha["hada_w2_b"])
+    torch.testing.assert_close(got[loha_conv], w1 * w2 * (2.0 / 4), atol=1e-5, rtol=1e-4)
