@@ -168,6 +168,19 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
+    )
+    p.add_argument(
+        "--embeddings-dir", type=Path, action="append", default=[], help="folder of textual-inversion embeddings"
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="an A1111 or ComfyUI installation: its models/Lora (models/loras) and embeddings (models/embeddings)",
+    )
     p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
     p.add_argument(
         "--format",
@@ -382,7 +395,14 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
             raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
     if img2img and not args.init_image.is_file():
         raise ValueError(f"init image {args.init_image} does not exist")
+    for folder in (*args.lora_dir, *args.embeddings_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder (given with --lora-dir or --embeddings-dir)")
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    pipe.folders.lora += args.lora_dir
+    pipe.folders.embeddings += args.embeddings_dir
+    for root in args.models_dir:
+        pipe.folders.add_models_dir(root)
     if meta is not None:
         from latentforge.pipelines.metadata import model_differences
 

@@ -141,10 +141,12 @@ class X4Options:
 
 @dataclass
 class NetworkRef:
-    """An adapter to apply for this request (LoRA/LyCORIS, hypernetwork, embedding). Not yet available."""
+    """An adapter to apply for this request only: a LoRA/LyCORIS file (``kind="lora"``) or a
+    textual-inversion embedding (``kind="embedding"``), by file stem in the pipeline's folders or by path.
+    ``<lora:name:te:unet>`` prompt tags become the same refs (pipelines/networks.py)."""
 
     name: str
-    kind: str = "lora"
+    kind: str = "lora"  # "lora" or "embedding" (hypernetworks: not yet available)
     strength: float = 1.0  # UNet strength
     text_strength: float | None = None  # text-encoder strength (None: the same)
 
