@@ -12,9 +12,77 @@ def _human(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
+def _adapter_kind(path: Path) -> str | None:
+    """ "lora", "embedding" or None (a checkpoint), from tensor names only (no weights are read)."""
+    from latentforge.adapters.keys import split_key
+    from latentforge.io.tensorfile import PICKLE_SUFFIXES, open_tensor_file
+
+    if path.is_dir() or path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+        return None
+    f = open_tensor_file(path)
+    try:
+        keys = f.keys()
+    finally:
+        f.close()
+    if any(split_key(k) is not None for k in keys):
+        return "lora"
+    if len(keys) <= 2:  # A1111 .pt (nested, so no top-level tensors), emb_params, {token: v}, clip_l/clip_g
+        return "embedding"
+    return None
+
+
+def cmd_inspect_adapter(args: argparse.Namespace, kind: str) -> int:
+    import latentforge
+
+    pipe = latentforge.load(args.model) if args.model else None
+    if kind == "lora":
+        from latentforge.adapters.keys import model_index
+        from latentforge.adapters.lora import LoraError, apply_lora, guess_family, match, read_lora
+
+        lora = read_lora(args.file)
+        text = sum(1 for n in lora.modules if n.startswith(("lora_te", "text_encoder")))
+        print(f"{args.file}  (LoRA/LyCORIS adapter)")
+        print(f"  modules:     {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
+        print(f"  kinds:       {', '.join(f'{k} {n}' for k, n in lora.kinds.items())}")
+        print(f"  made for:    {guess_family(lora) or 'unknown (no cross-attention layer to tell by)'}")
+        if pipe is not None:
+            found, _ = match(lora, model_index(pipe.networks(), pipe.unet.config.num_res_blocks))
+            print(
+                f"  model:       {args.model} ({pipe.family.name}): {len(found)} of {len(lora.modules)} modules match"
+            )
+            try:
+                apply_lora(pipe, args.file, source="inspect")
+                print("               fits: yes (names and shapes)")
+            except LoraError as e:
+                print(f"               fits: no: {e}")
+            pipe.patcher.remove("inspect")
+        return 0
+    from latentforge.conditioning.embeddings import read_embedding
+
+    emb = read_embedding(args.file)
+    widths = {k: tuple(v.shape) for k, v in emb.vectors.items()}
+    print(f"{args.file}  (textual-inversion embedding {emb.name!r})")
+    print(f"  vectors:     {emb.count} ({', '.join(f'{k}: width {s[1]}' for k, s in widths.items())})")
+    fits = {768: "sd1 (CLIP-L)", 1024: "sd2 (OpenCLIP-H)", 1280: "sdxl-refiner (bigG)"}
+    family = (
+        "sdxl-base (CLIP-L + bigG)"
+        if "clip_l" in emb.vectors
+        else fits.get(emb.vectors.get("*", emb.vectors.get("clip_g")).shape[1])
+    )
+    print(f"  made for:    {family or 'unknown width'}")
+    if pipe is not None:
+        ok = emb.for_encoders(pipe.text.slots) is not None
+        print(f"  model:       {args.model} ({pipe.family.name}): {'fits' if ok else 'does not fit (other widths)'}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from latentforge.families.detect import describe_signature
     from latentforge.loading import inspect_checkpoint
+
+    kind = _adapter_kind(args.file)
+    if kind is not None:
+        return cmd_inspect_adapter(args, kind)
 
     info = inspect_checkpoint(args.file, probe=args.probe)
     print(f"{info['path']}  ({info['layout']})")
@@ -45,6 +113,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from latentforge import upscalers
+    from latentforge.io.images import FORMATS, read_user_comment, save_image
+
+    dirs = upscalers.search_dirs(args.upscaler_dir or ())
+    upscaler = upscalers.load(args.upscaler, dirs, device=args.device or "cpu")
+    out = args.output or args.image.with_name(f"{args.image.stem}-{upscaler.name}.png")
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")  # an alpha channel is dropped, as A1111's Extras does
+            parameters = im.info.get("parameters") or read_user_comment(im)
+    except OSError as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    result = upscalers.upscale_image(image, upscaler, args.scale)
+    scale = args.scale or upscaler.scale
+    extras = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {upscaler.name}"  # A1111's Extras fields
+    result.info["parameters"] = f"{parameters}\n{extras}" if parameters else extras
+    save_image(result, out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentforge", description="Stable Diffusion with the files you already have."
@@ -52,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and generation do")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show a checkpoint's family, how it was detected, components and dtypes")
+    p = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's family, how it was detected, components and dtypes; or what a LoRA or "
+        "embedding file is and whether it fits a model (-m)",
+    )
     p.add_argument("file", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--probe", action="store_true", help="run the UNet once if needed to tell eps from v")
+    p.add_argument("-m", "--model", type=Path, help="LoRA/embedding files: check them against this model")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
@@ -82,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path)
     p.add_argument("--json", action="store_true", help="also print latentforge's exact JSON record")
     p.set_defaults(func=gen.cmd_info)
+    p = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (A1111's Extras tab)")
+    p.add_argument("image", type=Path)
+    p.add_argument(
+        "-u", "--upscaler", required=True, help="a .pth/.safetensors file, or its name (file stem) in the folders"
+    )
+    p.add_argument("--scale", type=float, help="factor (default: the model's own; others are Lanczos-resized)")
+    p.add_argument(
+        "--upscaler-dir",
+        type=Path,
+        action="append",
+        help="folder of upscaler models (repeatable; models/ESRGAN and models/upscale_models are searched too)",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, help="output .png/.jpg/.webp (default: IMAGE-UPSCALER.png beside the input)"
+    )
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.set_defaults(func=cmd_upscale)
     p = sub.add_parser("samplers", help="list the samplers and schedules with their names")
     p.set_defaults(func=gen.cmd_samplers)
     from latentforge.cli_train import add_train_parsers
@@ -97,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from latentforge.adapters.folders import AdapterNotFound
     from latentforge.families.detect import DetectionError
     from latentforge.io.components import LoadError
     from latentforge.io.tensorfile import CheckpointError
@@ -105,7 +225,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DetectionError, LoadError, DataError, NonFiniteError, FileExistsError, ValueError) as e:
+    except (
+        CheckpointError,
+        DetectionError,
+        LoadError,
+        DataError,
+        NonFiniteError,
+        FileExistsError,
+        ValueError,
+        AdapterNotFound,
+    ) as e:
         print(f"latentforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ GEN_OPTIONS = [
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
     (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
     (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
@@ -126,7 +127,14 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
             dest="hr_upscaler",
             default=None,
             help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
-            "Latent (nearest), Latent (nearest-exact), Lanczos or Nearest",
+            "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, or an ESRGAN-family model by path or name",
+        )
+        p.add_argument(
+            "--upscaler-dir",
+            type=Path,
+            action="append",
+            help="folder of upscaler models for --hires-upscaler (repeatable; models/ESRGAN, models/RealESRGAN "
+            "and models/upscale_models here and beside the checkpoint's folder are searched too)",
         )
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
@@ -160,6 +168,19 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
+    )
+    p.add_argument(
+        "--embeddings-dir", type=Path, action="append", default=[], help="folder of textual-inversion embeddings"
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="an A1111 or ComfyUI installation: its models/Lora (models/loras) and embeddings (models/embeddings)",
+    )
     p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
     p.add_argument(
         "--format",
@@ -283,7 +304,7 @@ def default_model() -> Path:
     return path
 
 
-def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
+def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, upscaler_dirs=()):
     from latentforge.pipelines import GenerationRequest
     from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
@@ -324,7 +345,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
         options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
-    if img2img:
+    if img2img and not x4:
         group = _inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:
             options["inpaint"] = group
@@ -341,7 +362,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
-    req.validate(img2img=img2img and not x4)
+    req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     return req, pick, meta
 
 
@@ -356,9 +377,15 @@ def _x4_group(req) -> dict:
 
 def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> int:
     import latentforge
+    from latentforge import upscalers
     from latentforge.io.images import output_paths, save_image
+    from latentforge.pipelines.request import builtin_upscaler
 
-    req, pick, meta = build_request(args, img2img, x4)
+    model = args.model or default_model()
+    dirs = [] if img2img else upscalers.search_dirs(args.upscaler_dir or (), near=model)
+    req, pick, meta = build_request(args, img2img, x4, dirs)
+    if not img2img and req.hires is not None and builtin_upscaler(req.hires.upscaler) is None:
+        upscalers.find(req.hires.upscaler, dirs)  # a missing model file is an error before loading the checkpoint
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # choose and check the output names before the minutes of work, so nothing is lost at the end
     seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
@@ -368,8 +395,14 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
             raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
     if img2img and not args.init_image.is_file():
         raise ValueError(f"init image {args.init_image} does not exist")
-    model = args.model or default_model()
+    for folder in (*args.lora_dir, *args.embeddings_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder (given with --lora-dir or --embeddings-dir)")
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    pipe.folders.lora += args.lora_dir
+    pipe.folders.embeddings += args.embeddings_dir
+    for root in args.models_dir:
+        pipe.folders.add_models_dir(root)
     if meta is not None:
         from latentforge.pipelines.metadata import model_differences
 
@@ -382,7 +415,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         elif img2img:
             result = pipe.img2img(args.init_image, request=req, progress=bar)
         else:
-            result = pipe.txt2img(request=req, progress=bar)
+            result = pipe.txt2img(request=req, progress=bar, upscaler_dirs=dirs)
     except KeyboardInterrupt:
         print("\nlatentforge: interrupted before any image was written", file=sys.stderr)
         return 130
@@ -421,16 +454,21 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from latentforge.sampling import SAMPLERS
     from latentforge.sampling.schedules import SCHEDULES
 
-    print(f"{'A1111 name':<16} {'ComfyUI/latentforge':<20} {'default schedule':<16} notes")
+    print(f"{'A1111 name':<22} {'ComfyUI/latentforge':<31} {'default schedule':<16} notes")
     for info in SAMPLERS:
         notes = []
         if info.stochastic:
             notes.append("stochastic")
         if info.brownian:
             notes.append("Brownian noise")
+        if info.second_order:
+            notes.append("second order")
         if info.discard_penultimate_sigma:
             notes.append("drops next-to-last sigma")
-        print(f"{info.title:<16} {info.name:<20} {info.schedule:<16} {', '.join(notes)}")
+        comfy = [a for a in info.aliases if not a.startswith("k_")]
+        if comfy:
+            notes.append("also " + ", ".join(comfy))
+        print(f"{info.title:<22} {info.name:<31} {info.schedule:<16} {', '.join(notes)}")
     print("\nschedules: automatic, " + ", ".join(SCHEDULES))
     print("A1111 names with a schedule also work, e.g. 'DPM++ 2M Karras', 'DPM++ 2M SDE Exponential'.")
     return 0

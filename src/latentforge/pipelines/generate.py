@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import depth, hires, inpaint, refiner, upscale_x4
+from latentforge.pipelines import depth, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.numerics import FiniteWatch, decode_checked
@@ -60,11 +60,15 @@ class GenerationResult:
 
 
 def build_plan(
-    pipe, req: GenerationRequest, init_images: list[Image.Image] | None, hand_off: refiner.HandOff | None = None
+    pipe,
+    req: GenerationRequest,
+    init_images: list[Image.Image] | None,
+    hand_off: refiner.HandOff | None = None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
 ) -> Plan:
     """The passes a request asks for: txt2img or img2img (with a mask: inpainting; or the x4 upscaler's
     pass), then the passes of its option groups (hires; the refiner's hand-off, checked beforehand by
-    ``refiner.prepare``)."""
+    ``refiner.prepare``). ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name."""
     if req.x4 is not None:
         return upscale_x4.build_plan(pipe, req, init_images or [])
     fam = pipe.family
@@ -99,17 +103,14 @@ def build_plan(
     if job is not None:
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
-        hires.add_pass(plan, pipe, req)
+        hires.add_pass(plan, pipe, req, upscaler_dirs)
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
 
 
 def _refuse_unavailable(req: GenerationRequest) -> None:
-    for group, what in (
-        ("networks", "networks (LoRA, hypernetworks, embeddings)"),
-        ("control", "ControlNet units"),
-    ):
+    for group, what in (("control", "ControlNet units"),):
         if getattr(req, group):
             raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
 
@@ -155,13 +156,15 @@ def generate(
     req: GenerationRequest,
     init_images: Sequence[Image.Image | str | Path] | None = None,
     progress: Callable[[Progress], None] | None = None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
 ) -> GenerationResult:
     """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch);
-    with ``req.x4`` the images are the x4 upscaler's low-res inputs."""
+    with ``req.x4`` the images are the x4 upscaler's low-res inputs. ``upscaler_dirs``: folders of
+    ESRGAN-family models (``upscalers.search_dirs``) for ``hr_upscaler``."""
     start = time.perf_counter()
     img2img = init_images is not None
     x4 = req.x4 is not None
-    req.validate(img2img=img2img and not x4)
+    req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     _refuse_unavailable(req)
     if x4 and not init_images:
         raise RequestError("the x4 upscaler needs a low-resolution image (none was given)")
@@ -175,24 +178,16 @@ def generate(
     subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
     subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
-    with torch.inference_mode():
-        plan = build_plan(pipe, req, images_in, hand_off)
-        total = plan.total_steps
-        for it in range(req.batch_count):
-            batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
-            batch_seeds = seeds[batch]
-            x, offset, stream = None, 0, None
-            for p in plan.passes:
+    session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
+    try:
+        with torch.inference_mode():
+            plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
+            plan.infotext.update(session.infotext)
+            _run(pipe, plan, session.request, seeds, subseeds, progress, out_images)
+    finally:
+        session.close(pipe)
 
-                def callback(i, x_i, sigma, denoised, offset=offset, it=it):
-                    if progress is not None:
-                        progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
-
-                x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
-                offset += p.steps
-            images = tensor_to_images(decode_checked(plan.decode, x))
-            out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
-
+    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
     final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
     if hand_off is not None:  # the record names the refiner's source, also when a loaded pipeline was given
         final.refiner = dataclasses.replace(req.refiner, checkpoint=hand_off.name)
@@ -202,3 +197,22 @@ def generate(
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, mode)
     return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+
+
+def _run(pipe, plan: Plan, req: GenerationRequest, seeds: list[int], subseeds: list[int], progress, out_images):
+    """Every batch through every pass of the plan, decoded (and post-processed) into ``out_images``."""
+    total = plan.total_steps
+    for it in range(req.batch_count):
+        batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
+        batch_seeds = seeds[batch]
+        x, offset, stream = None, 0, None
+        for p in plan.passes:
+
+            def callback(i, x_i, sigma, denoised, offset=offset, it=it):
+                if progress is not None:
+                    progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
+
+            x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
+            offset += p.steps
+        images = tensor_to_images(decode_checked(plan.decode, x))
+        out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypedDict
 
 from PIL import Image
@@ -40,13 +41,27 @@ LATENT_UPSCALERS = {
 IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
-def upscaler_name(name: str) -> str:
-    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+def builtin_upscaler(name: str) -> str | None:
+    """The canonical name of a built-in upscaler given in any letter case, or None."""
     for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
         if isinstance(name, str) and name.strip().lower() == known.lower():
             return known
+    return None
+
+
+def upscaler_name(name: str, *, model_files: bool = False) -> str:
+    """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
+    upscaler folder is configured), another name is kept as the name of an upscaler model file, found
+    when the plan is built (``upscalers.find``); a path to a .pth/.safetensors file is always kept."""
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
+    is_file = isinstance(name, str) and Path(name).suffix.lower() in (".pth", ".safetensors") and Path(name).is_file()
+    if isinstance(name, str) and name.strip() and (model_files or is_file):
+        return name.strip()
     raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}, "
+        "or an ESRGAN-family model file by path, or by name when an upscaler folder is configured (--upscaler-dir)"
     )
 
 
@@ -56,7 +71,7 @@ class HiresOptions:
     with the request's ``denoising_strength`` (pipelines/hires.py)."""
 
     scale: float = 2.0
-    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS
+    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS, or an ESRGAN-family model (upscalers.py)
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
@@ -126,10 +141,12 @@ class X4Options:
 
 @dataclass
 class NetworkRef:
-    """An adapter to apply for this request (LoRA/LyCORIS, hypernetwork, embedding). Not yet available."""
+    """An adapter to apply for this request only: a LoRA/LyCORIS file (``kind="lora"``) or a
+    textual-inversion embedding (``kind="embedding"``), by file stem in the pipeline's folders or by path.
+    ``<lora:name:te:unet>`` prompt tags become the same refs (pipelines/networks.py)."""
 
     name: str
-    kind: str = "lora"
+    kind: str = "lora"  # "lora" or "embedding" (hypernetworks: not yet available)
     strength: float = 1.0  # UNet strength
     text_strength: float | None = None  # text-encoder strength (None: the same)
 
@@ -204,6 +221,8 @@ class GenerationRequest:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    s_min_uncond: float = 0.0  # A1111's NGMS: skip the negative prompt below this sigma (every other step)
+    s_min_uncond_all: bool = False  # ... at every step
     sgm_noise_multiplier: bool = False  # start txt2img at sqrt(1 + sigma^2) * noise (SGM, ComfyUI, diffusers)
     quantize_timesteps: bool = False  # round the UNet's timestep to an integer step (ComfyUI's convention)
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
@@ -218,7 +237,10 @@ class GenerationRequest:
     control: list[ControlUnit] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
-    def validate(self, *, img2img: bool = False) -> None:
+    def validate(self, *, img2img: bool = False, upscaler_files: bool = False) -> None:
+        """Check every field; ``upscaler_files``: an upscaler folder is configured, so a hires upscaler
+        that is not built in may name a model file there (resolved when the plan is built)."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise RequestError(message)
@@ -236,6 +258,10 @@ class GenerationRequest:
         need(
             isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale),
             f"cfg_scale must be a finite number, got {self.cfg_scale!r}",
+        )
+        need(
+            isinstance(self.s_min_uncond, (int, float)) and 0 <= self.s_min_uncond <= 1000,
+            f"s_min_uncond must be 0 (off) to 1000, got {self.s_min_uncond!r}",
         )
         need(
             isinstance(self.guidance_rescale, (int, float)) and 0 <= self.guidance_rescale <= 1,
@@ -277,7 +303,7 @@ class GenerationRequest:
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
         )
         if self.hires is not None and not img2img:
-            _validate_hires(self.hires, need)
+            _validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
             _validate_refiner(self.refiner, need)
         if self.x4 is not None:
@@ -401,7 +427,7 @@ def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
     need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
 
 
-def _validate_hires(h: HiresOptions, need) -> None:
+def _validate_hires(h: HiresOptions, need, upscaler_files: bool = False) -> None:
     need(
         isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
         f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
@@ -417,7 +443,7 @@ def _validate_hires(h: HiresOptions, need) -> None:
             isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
             f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
         )
-    upscaler_name(h.upscaler)
+    upscaler_name(h.upscaler, model_files=upscaler_files)
 
 
 def _validate_refiner(r: RefinerOptions, need) -> None:
@@ -479,6 +505,8 @@ class GenerationOptions(TypedDict, total=False):
     s_tmin: float
     s_tmax: float
     s_noise: float
+    s_min_uncond: float
+    s_min_uncond_all: bool
     sgm_noise_multiplier: bool
     quantize_timesteps: bool
     prompt_syntax: str
