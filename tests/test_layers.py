@@ -21,7 +21,7 @@ LAYERS = [
     {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"},
     {"pipelines"},
     {"pipeline", "loading"},
-    {"train", "cli", "cli_generate", "cli_train", "server", "__init__"},
+    {"train", "cli", "cli_generate", "cli_train", "cli_serve", "server", "__init__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
