@@ -60,7 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from latentforge.server.app import create_app
     except ImportError as e:
-        raise ValueError(f"the server needs its extra packages ({e.name} is missing): pip install 'latentforge[server]'")
+        raise ValueError(
+            f"the server needs its extra packages ({e.name} is missing): pip install 'latentforge[server]'"
+        )
     from latentforge.demo import bundled_model_path
     from latentforge.server.jobs import ServerConfig
 

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from latentforge.io.hashing import sha256_of
 from latentforge.io.images import next_free_names, save_png
@@ -288,13 +288,14 @@ def create_app(
     @app.get("/sdapi/v1/samplers")
     def samplers() -> list[dict]:
         return [
-            {"name": s.title, "aliases": [s.name, *s.aliases], "options": {"scheduler": s.schedule}}
-            for s in SAMPLERS
+            {"name": s.title, "aliases": [s.name, *s.aliases], "options": {"scheduler": s.schedule}} for s in SAMPLERS
         ]
 
     @app.get("/sdapi/v1/schedulers")
     def schedulers() -> list[dict]:
-        rows = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+        rows = [
+            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+        ]
         for name, label in SCHEDULE_TITLES.items():
             rows.append({"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False})
         return rows
@@ -336,8 +337,14 @@ def create_app(
 
     for path in ("/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-embeddings"):
         app.post(path)(lambda: {})
-    for path in ("/sdapi/v1/sd-vae", "/sdapi/v1/loras", "/sdapi/v1/hypernetworks", "/sdapi/v1/prompt-styles",
-                 "/sdapi/v1/face-restorers", "/sdapi/v1/sd-modules"):
+    for path in (
+        "/sdapi/v1/sd-vae",
+        "/sdapi/v1/loras",
+        "/sdapi/v1/hypernetworks",
+        "/sdapi/v1/prompt-styles",
+        "/sdapi/v1/face-restorers",
+        "/sdapi/v1/sd-modules",
+    ):
         app.get(path)(lambda: [])
 
     @app.get("/sdapi/v1/embeddings")

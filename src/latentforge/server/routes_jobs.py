@@ -36,7 +36,9 @@ def add_job_routes(
     def find(job_id: str) -> Job:
         job = queue.get(job_id)
         if job is None:
-            raise ApiError(404, f"no job with id {job_id!r} (finished jobs are kept for a while only)", "id", "NotFound")
+            raise ApiError(
+                404, f"no job with id {job_id!r} (finished jobs are kept for a while only)", "id", "NotFound"
+            )
         return job
 
     def view(job: Job, preview: bool = False) -> dict:
@@ -95,4 +97,3 @@ def add_job_routes(
                 yield f"event: progress\ndata: {json.dumps(data)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from latentforge._version import __version__
 from latentforge.pipelines.request import GenerationRequest, RequestError
@@ -37,6 +37,14 @@ class _Payload(BaseModel):
     """Fields both generation endpoints share (A1111's names and defaults); other fields are kept."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients send ``null`` for fields they leave at the default (webuiapi, sd-backend-client)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -312,7 +320,7 @@ def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
         "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
         "version": f"latentforge {__version__}",
         "job_id": job.id,
-        "interrupted": job.state == "interrupted",
+        "interrupted": bool(job.stop_flag),
     }
     return json.dumps(info)
 
