@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(
             f"the server needs its extra packages ({e.name} is missing): pip install 'latentforge[server]'"
-        )
+        ) from None
     from latentforge.demo import bundled_model_path
     from latentforge.server.jobs import ServerConfig
 
