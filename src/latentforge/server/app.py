@@ -28,23 +28,11 @@ from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.server import sdapi
+from latentforge.server.errors import ApiError, error_response
 from latentforge.server.jobs import Job, JobQueue, JobSpec, ModelCatalog, QueueFull, ServerConfig
 
 log = logging.getLogger("latentforge.server")
 STATIC = resources.files("latentforge.server").joinpath("static")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "RequestError"):
-        super().__init__(message)
-        self.status, self.message, self.field, self.kind = status, message, field, kind
-
-
-def _error(status: int, kind: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
-    body = {"error": kind, "detail": message, "body": "", "errors": message}
-    if field:
-        body["field"] = field
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class _Guard:
@@ -65,12 +53,16 @@ class _Guard:
             for t in self.tokens:  # compare with every user, so timing tells nothing
                 ok |= hmac.compare_digest(token.encode(), t.encode())
             if not ok:
-                resp = _error(401, "Unauthorized", "authentication required: HTTP Basic with a user of --api-auth")
+                resp = error_response(
+                    401, "Unauthorized", "authentication required: HTTP Basic with a user of --api-auth"
+                )
                 resp.headers["WWW-Authenticate"] = 'Basic realm="latentforge"'
                 return await resp(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            resp = _error(413, "PayloadTooLarge", f"the request body is over the limit of {self.max_body} bytes")
+            resp = error_response(
+                413, "PayloadTooLarge", f"the request body is over the limit of {self.max_body} bytes"
+            )
             return await resp(scope, receive, send)
         seen = 0
 
@@ -123,15 +115,15 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return _error(e.status, e.kind, e.message, e.field)
+        return error_response(e.status, e.kind, e.message, e.field)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        return _error(400, type(e).__name__, str(e), getattr(e, "field", None))
+        return error_response(400, type(e).__name__, str(e), getattr(e, "field", None))
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, e: QueueFull):
-        return _error(503, "QueueFull", str(e), headers={"Retry-After": "5"})
+        return error_response(503, "QueueFull", str(e), headers={"Retry-After": "5"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -140,7 +132,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
-        return _error(500, "InternalError", "the server failed on this request; the server log has the details")
+        return error_response(500, "InternalError", "the server failed on this request; the server log has the details")
 
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from latentforge.server import sdapi
+from latentforge.server.errors import ApiError
 from latentforge.server.jobs import Job, JobQueue, JobSpec, ModelCatalog, ServerConfig
 
 MAX_WAIT = 600.0
@@ -31,7 +32,6 @@ def add_job_routes(
     app: FastAPI, queue: JobQueue, catalog: ModelCatalog, config: ServerConfig, options: dict, respond
 ) -> None:
     """Register the routes (``respond(job, payload)`` builds A1111's response of a finished job)."""
-    from latentforge.server.app import ApiError
 
     def find(job_id: str) -> Job:
         job = queue.get(job_id)
