@@ -10,7 +10,8 @@ import weakref
 import pytest
 
 from latentforge.demo import bundled_model_path
-from latentforge.server.jobs import ModelCache, ModelCatalog, ModelNameError, ServerConfig
+from latentforge.server.config import ServerConfig
+from latentforge.server.models import ModelCache, ModelCatalog, ModelNameError
 
 pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
 

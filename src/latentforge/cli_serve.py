@@ -55,15 +55,17 @@ def parse_users(text: str | None) -> list[tuple[str, str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    import importlib.util
 
-        from latentforge.server.app import create_app
-    except ImportError as e:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
         raise ValueError(
-            f"the server needs its extra packages ({e.name} is missing): pip install 'latentforge[server]'"
-        ) from None
+            f"the server needs its extra packages ({', '.join(missing)} missing): pip install 'latentforge[server]'"
+        )
+    import uvicorn
+
     from latentforge.demo import bundled_model_path
+    from latentforge.server.app import create_app
     from latentforge.server.jobs import ServerConfig
 
     model = args.model or (None if args.models_dir else bundled_model_path())

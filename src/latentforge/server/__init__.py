@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
-from latentforge.server.jobs import Job, JobQueue, ModelCatalog, QueueFull, ServerConfig
+from latentforge.server.config import ServerConfig
+from latentforge.server.jobs import Job, JobQueue, QueueFull
+from latentforge.server.models import ModelCatalog
 
 __all__ = ["Job", "JobQueue", "ModelCatalog", "QueueFull", "ServerConfig"]

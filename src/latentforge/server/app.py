@@ -10,7 +10,6 @@ a 500 names no internals (the traceback goes to the server log).
 from __future__ import annotations
 
 import base64
-import hmac
 import logging
 import os
 from importlib import resources
@@ -20,7 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 
 from latentforge.io.hashing import sha256_of
 from latentforge.io.images import next_free_names, save_png
@@ -28,54 +27,13 @@ from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.server import sdapi
-from latentforge.server.errors import ApiError, error_response
-from latentforge.server.jobs import Job, JobQueue, JobSpec, ModelCatalog, QueueFull, ServerConfig
+from latentforge.server.config import ServerConfig
+from latentforge.server.errors import ApiError, Guard, error_response, validation_response
+from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull
+from latentforge.server.models import ModelCatalog
 
 log = logging.getLogger("latentforge.server")
 STATIC = resources.files("latentforge.server").joinpath("static")
-
-
-class _Guard:
-    """ASGI middleware: HTTP Basic authentication (constant-time comparison) and the body size limit."""
-
-    def __init__(self, app, users: list[tuple[str, str]], max_body: int):
-        self.app, self.max_body = app, max_body
-        self.tokens = [base64.b64encode(f"{u}:{p}".encode()).decode() for u, p in users]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.tokens and scope.get("method") != "OPTIONS":
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            token = given[6:].strip() if given[:6].lower() == "basic " else ""
-            ok = False
-            for t in self.tokens:  # compare with every user, so timing tells nothing
-                ok |= hmac.compare_digest(token.encode(), t.encode())
-            if not ok:
-                resp = error_response(
-                    401, "Unauthorized", "authentication required: HTTP Basic with a user of --api-auth"
-                )
-                resp.headers["WWW-Authenticate"] = 'Basic realm="latentforge"'
-                return await resp(scope, receive, send)
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            resp = error_response(
-                413, "PayloadTooLarge", f"the request body is over the limit of {self.max_body} bytes"
-            )
-            return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes")
-            return message
-
-        return await self.app(scope, limited, send)
 
 
 def create_app(
@@ -111,7 +69,7 @@ def create_app(
     app.state.queue = queue
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(_Guard, users=users or [], max_body=config.max_body_bytes)
+    app.add_middleware(Guard, users=users or [], max_body=config.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -127,7 +85,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        return _validation_response(e.errors())
+        return validation_response(e.errors())
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -371,19 +329,6 @@ def create_app(
         return FileResponse(str(STATIC.joinpath(name)), media_type=allowed[name])
 
     return app
-
-
-def _validation_response(errors: list[dict]) -> JSONResponse:
-    parts, fields = [], []
-    for err in errors:
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        name = ".".join(loc) or "body"
-        fields.append(name)
-        parts.append(f"{name}: {err.get('msg', 'invalid')}")
-    message = "; ".join(parts) or "the request body is not valid JSON for this endpoint"
-    body = {"error": "RequestValidationError", "detail": message, "body": "", "errors": message}
-    body["field"] = fields[0] if fields else None
-    return JSONResponse(body, status_code=422)
 
 
 def _ram() -> dict:

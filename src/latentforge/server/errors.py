@@ -1,6 +1,10 @@
-"""The server's error type and A1111's error shape ``{"error", "detail", "body", "errors"}``."""
+"""The server's error type, A1111's error shape ``{"error", "detail", "body", "errors"}``, and the guard in
+front of every route: HTTP Basic authentication and the request body limit."""
 
 from __future__ import annotations
+
+import base64
+import hmac
 
 from fastapi.responses import JSONResponse
 
@@ -18,3 +22,59 @@ def error_response(status: int, kind: str, message: str, field: str | None = Non
     if field:
         body["field"] = field
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """ASGI middleware: HTTP Basic authentication (constant-time comparison) and the body size limit."""
+
+    def __init__(self, app, users: list[tuple[str, str]], max_body: int):
+        self.app, self.max_body = app, max_body
+        self.tokens = [base64.b64encode(f"{u}:{p}".encode()).decode() for u, p in users]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.tokens and scope.get("method") != "OPTIONS":
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            token = given[6:].strip() if given[:6].lower() == "basic " else ""
+            ok = False
+            for t in self.tokens:  # compare with every user, so timing tells nothing
+                ok |= hmac.compare_digest(token.encode(), t.encode())
+            if not ok:
+                resp = error_response(
+                    401, "Unauthorized", "authentication required: HTTP Basic with a user of --api-auth"
+                )
+                resp.headers["WWW-Authenticate"] = 'Basic realm="latentforge"'
+                return await resp(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            resp = error_response(
+                413, "PayloadTooLarge", f"the request body is over the limit of {self.max_body} bytes"
+            )
+            return await resp(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def validation_response(errors: list[dict]) -> JSONResponse:
+    parts, fields = [], []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        name = ".".join(loc) or "body"
+        fields.append(name)
+        parts.append(f"{name}: {err.get('msg', 'invalid')}")
+    message = "; ".join(parts) or "the request body is not valid JSON for this endpoint"
+    body = {"error": "RequestValidationError", "detail": message, "body": "", "errors": message}
+    body["field"] = fields[0] if fields else None
+    return JSONResponse(body, status_code=422)

@@ -22,8 +22,10 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from latentforge.server import sdapi
+from latentforge.server.config import ServerConfig
 from latentforge.server.errors import ApiError
-from latentforge.server.jobs import Job, JobQueue, JobSpec, ModelCatalog, ServerConfig
+from latentforge.server.jobs import Job, JobQueue, JobSpec
+from latentforge.server.models import ModelCatalog
 
 MAX_WAIT = 600.0
 
