@@ -22,7 +22,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 
 from latentforge.io.hashing import sha256_of
-from latentforge.io.images import next_free_names, save_png
 from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
@@ -52,13 +51,17 @@ def create_app(
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
         "outdir_samples": str(outdir),
-        "save_images": False,
     }
 
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
+        import anyio.to_thread
+
+        # A1111's generation routes hold a worker thread while their job waits: room for a full queue
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, config.queue_size + 24)
         queue.start()
         if queue.default_model is not None:  # load the first model now, not on the first request
             queue.submit(JobSpec("load", model=queue.default_model))
@@ -100,6 +103,7 @@ def create_app(
         if model:
             model = catalog.resolve(model, "override_settings.sd_model_checkpoint")
         spec = JobSpec("img2img" if img2img else "txt2img", req, init, model, payload=payload)
+        spec.save_to = outdir if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         job.wait()
         _raise_failed(job)
@@ -114,10 +118,6 @@ def create_app(
             raise ApiError(500, "generation failed; the server log has the details", kind="InternalError")
 
     def _response(job: Job, payload: sdapi._Payload) -> dict:
-        if payload.save_images or options.get("save_images"):
-            outdir.mkdir(parents=True, exist_ok=True)
-            for image, path in zip(job.images, next_free_names(outdir, job.seeds)):
-                save_png(image, outdir / path.name)  # names made here, always inside --outdir
         images = [sdapi.encode_png(im) for im in job.images] if payload.send_images else []
         if getattr(payload, "include_init_images", False) and job.spec.init_images:
             images += [sdapi.encode_png(im) for im in job.spec.init_images]

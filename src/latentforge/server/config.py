@@ -18,6 +18,6 @@ class ServerConfig:
     max_model_bytes: int = 0  # 0: no limit besides max_models
     max_image_pixels: int = 4096 * 4096  # input images above this are refused before decoding
     max_body_bytes: int = 64 << 20
-    history: int = 200  # finished jobs kept for GET /latentforge/v1/jobs/{id}
+    history: int = 32  # finished jobs kept for GET /latentforge/v1/jobs/{id}
     device: str | None = None
     dtype: str | None = None

@@ -20,10 +20,12 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from latentforge.io.images import next_free_names, save_png
 from latentforge.pipelines.generate import Interrupted, Progress, generate
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.config import ServerConfig
@@ -46,6 +48,7 @@ class JobSpec:
     model: str | None = None  # a catalog name; None: the current default model
     preview_every: float = 0.25  # seconds between previews
     payload: Any = None  # what the client sent (for the response), not used by the worker
+    save_to: Path | None = None  # the server's --outdir when the client asked for save_images
 
 
 @dataclass
@@ -282,6 +285,10 @@ class JobQueue:
                 if job.stop_flag:
                     break
                 continue  # skipped
+            if spec.save_to is not None:  # numbered names made here: always inside --outdir
+                spec.save_to.mkdir(parents=True, exist_ok=True)
+                for image, path in zip(result.images, next_free_names(spec.save_to, result.seeds)):
+                    save_png(image, spec.save_to / path.name)
             job.images.extend(result.images)
             job.seeds.extend(result.seeds)
             job.infotexts.extend(result.infotexts)

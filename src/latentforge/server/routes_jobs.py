@@ -14,6 +14,7 @@ progress (Server-Sent Events) and cancel.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -64,7 +65,9 @@ def add_job_routes(
         )
         if model:
             model = catalog.resolve(model, "override_settings.sd_model_checkpoint")
-        job = queue.submit(JobSpec(mode, req, init, model, payload=payload), payload.force_task_id or None)
+        spec = JobSpec(mode, req, init, model, payload=payload)
+        spec.save_to = Path(config.outdir).resolve() if payload.save_images else None
+        job = queue.submit(spec, payload.force_task_id or None)
         return job.summary(preview=False)
 
     @app.get("/latentforge/v1/jobs/{job_id}")

@@ -272,8 +272,6 @@ def _check_unsupported(p: dict) -> None:
     hr_sampler = p.get("hr_sampler_name")
     if p.get("enable_hr") and hr_sampler and hr_sampler not in ("Use same sampler", p.get("sampler_name")):
         _refuse("hr_sampler_name", "a different sampler for the hires pass is not available; leave it empty")
-    if p.get("image_cfg_scale") not in (None, 0, 1, 1.0, 1.5):
-        pass  # only instruct-pix2pix models read it; kept as A1111 does for other models
 
 
 def _check_vae(value: Any, field: str) -> None:
