@@ -22,6 +22,7 @@ from serverproc import Server
 
 pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
 AUTH = ("alice", "s3cret:with-colon")
+JSON = {"Content-Type": "application/json"}
 OK = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1}
 
 
@@ -146,6 +147,19 @@ def test_body_size_limit(env):
     s, _ = env
     big = {**OK, "prompt": "x" * (2 << 20)}
     _err(s.post("/sdapi/v1/txt2img", big), 413, "limit")
+    text = json.dumps(big).encode()
+
+    def chunked():  # no Content-Length: the limit counts what arrives
+        for i in range(0, len(text), 1 << 16):
+            yield text[i : i + (1 << 16)]
+
+    r = requests.post(s.url + "/sdapi/v1/txt2img", data=chunked(), auth=AUTH, timeout=60, headers=JSON)
+    _err(r, 413, "limit")
+    small = json.dumps(OK).encode()
+    r = requests.post(
+        s.url + "/sdapi/v1/txt2img", data=iter([small[:10], small[10:]]), auth=AUTH, timeout=60, headers=JSON
+    )
+    assert r.status_code == 200
 
 
 def test_save_images_only_inside_outdir(env, tmp_path):

@@ -53,18 +53,35 @@ class Guard:
                 413, "PayloadTooLarge", f"the request body is over the limit of {self.max_body} bytes"
             )
             return await resp(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        # read the whole body first (chunked uploads have no length), refusing it past the limit
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes")
-            return message
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_body:
+                message = f"the request body is over the limit of {self.max_body} bytes"
+                return await error_response(413, "PayloadTooLarge", message)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await self.app(scope, _replay([body], receive), send)
 
-        return await self.app(scope, limited, send)
+
+def _replay(messages: list[dict], then=None):
+    """An ASGI receive that gives ``messages`` first, then waits on ``then`` (disconnects)."""
+    queue = list(messages)
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def validation_response(errors: list[dict]) -> JSONResponse:
