@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from latentforge.cli import main
-from latentforge.cli_serve import parse_users
+from latentforge.cli import main  # noqa: E402
+from latentforge.cli_serve import parse_users  # noqa: E402
 
 
 @pytest.fixture
