@@ -242,11 +242,46 @@ def to_request(
     try:
         req = GenerationRequest.from_dict({**data, **extra_kept}, lenient=True)
         req.validate(img2img=img2img)
-    except RequestError:
-        raise
+    except RequestError as e:
+        raise _a1111_field(str(e)) from None
     except (TypeError, ValueError) as e:
         raise RequestError(f"the request does not fit: {e}") from None
     return req, init, model
+
+
+# our field names -> A1111's, for messages of GenerationRequest.validate
+_A1111_NAMES = {
+    "batch_count": "n_iter",
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "hr_scale": "hr_scale",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "seed": "seed",
+    "batch_size": "batch_size",
+    "cfg_scale": "cfg_scale",
+    "denoising_strength": "denoising_strength",
+    "resize_mode": "resize_mode",
+    "inpainting_fill": "inpainting_fill",
+    "inpaint_full_res_padding": "inpaint_full_res_padding",
+}
+
+
+def _a1111_field(message: str) -> RequestError:
+    """A validation message as a FieldError under the A1111 name of the field it starts with."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    if message.startswith("unknown sampler"):
+        first = "sampler"
+    elif message.startswith("unknown schedule"):
+        first = "schedule"
+    if first in _A1111_NAMES:
+        theirs = _A1111_NAMES[first]
+        error = RequestError(message if theirs == first else f"{theirs} ({first}): {message}")
+        error.field = theirs
+        return error
+    return RequestError(message)
 
 
 def _check_unsupported(p: dict) -> None:
