@@ -19,6 +19,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from latentforge.demo import bundled_model_path  # noqa: E402
@@ -75,7 +76,7 @@ def test_generate_inpaint_and_reuse_parameters(server, browser, tmp_path):
     _set(d, "seed", 5)
     prompt = d.find_element(By.ID, "prompt")
     prompt.send_keys("a red circle on a blue background")
-    d.find_element(By.ID, "generate").click()
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard shortcut, no mouse
     wait.until(lambda d: len(_cards(d)) == 1)
     assert d.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png;base64,")
     assert "1 image" in d.find_element(By.ID, "status").text
@@ -127,3 +128,10 @@ def test_generate_inpaint_and_reuse_parameters(server, browser, tmp_path):
     ) == ("64", "128")
     if os.environ.get("LATENTFORGE_SCREENSHOT"):
         d.save_screenshot(os.environ["LATENTFORGE_SCREENSHOT"])
+
+    # readable on a phone: one column, nothing wider than the screen
+    d.set_window_size(390, 844)
+    overflow = d.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    gallery, form = d.find_element(By.ID, "gallery"), d.find_element(By.ID, "form")
+    assert gallery.location["y"] > form.location["y"] + form.size["height"] - 1
