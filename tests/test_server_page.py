@@ -126,6 +126,13 @@ def test_generate_inpaint_and_reuse_parameters(server, browser, tmp_path):
         d.find_element(By.ID, "width").get_attribute("value"),
         d.find_element(By.ID, "height").get_attribute("value"),
     ) == ("64", "128")
+    # interrupt a long generation from the page
+    _set(d, "steps", 1000)
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("step "))
+    d.find_element(By.ID, "interrupt").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("cancelled"))
+    assert len(_cards(d)) == 2 and d.find_element(By.ID, "generate").is_enabled()
     if os.environ.get("LATENTFORGE_SCREENSHOT"):
         d.save_screenshot(os.environ["LATENTFORGE_SCREENSHOT"])
 
