@@ -81,6 +81,13 @@ def test_models_dir_listing_and_path_tricks(env):
         _err(s.post("/sdapi/v1/txt2img", body), 400, "sd_model_checkpoint")
         _err(s.post("/sdapi/v1/options", {"sd_model_checkpoint": name}), 400)
     _err(s.post("/sdapi/v1/txt2img", {**OK, "override_settings": {"sd_model_checkpoint": "escape"}}), 400, "unknown")
+    body = _err(s.post("/sdapi/v1/txt2img", {**OK, "refiner_checkpoint": "/etc/passwd"}), 400, "refiner_checkpoint")
+    assert body["field"] == "refiner_checkpoint"
+    # latentforge's option groups hold paths: sent by name they are only kept as other tools' fields
+    sneaky = {"depth": {"map": "/etc/passwd"}, "inpaint": {"mask": "/etc/hostname"}, "networks": [{"name": "/x"}]}
+    r = s.post("/sdapi/v1/img2img", {**OK, "init_images": [_b64(Image.new("RGB", (64, 64)))], **sneaky})
+    assert r.status_code == 200, r.text
+    assert "Mask blur" not in json.loads(r.json()["info"])["infotexts"][0]
     r = s.post("/sdapi/v1/txt2img", {**OK, "override_settings": {"sd_model_checkpoint": "copy"}})
     assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "sub/copy"
 

@@ -28,7 +28,7 @@ from latentforge.sampling.registry import SAMPLERS
 from latentforge.server import sdapi
 from latentforge.server.config import ServerConfig
 from latentforge.server.errors import ApiError, Guard, error_response, validation_response
-from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull
+from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull, make_spec
 from latentforge.server.models import ModelCatalog
 
 log = logging.getLogger("latentforge.server")
@@ -100,15 +100,13 @@ def create_app(
         req, init, model = sdapi.to_request(
             payload, img2img=img2img, options=options, max_pixels=config.max_image_pixels
         )
-        if model:
-            model = catalog.resolve(model, "override_settings.sd_model_checkpoint")
-        spec = JobSpec("img2img" if img2img else "txt2img", req, init, model, payload=payload)
+        spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
         spec.save_to = outdir if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         job.wait()
         _raise_failed(job)
-        if model and not payload.override_settings_restore_afterwards:
-            queue.default_model = model
+        if spec.model and not payload.override_settings_restore_afterwards:
+            queue.default_model = spec.model
         return _response(job, payload)
 
     def _raise_failed(job: Job) -> None:

@@ -49,6 +49,7 @@ class JobSpec:
     preview_every: float = 0.25  # seconds between previews
     payload: Any = None  # what the client sent (for the response), not used by the worker
     save_to: Path | None = None  # the server's --outdir when the client asked for save_images
+    refiner_model: str | None = None  # a catalog name: the worker puts the loaded refiner in the request
 
 
 @dataclass
@@ -131,6 +132,15 @@ class Job:
         if preview:
             data["current_image"] = base64.b64encode(self.preview_png).decode() if self.preview_png else None
         return data
+
+
+def make_spec(catalog: ModelCatalog, kind: str, req: GenerationRequest, init, model: str | None, payload) -> JobSpec:
+    """A job for the worker; model names (the checkpoint, the refiner) resolve through the catalog only."""
+    spec = JobSpec(kind, req, init, catalog.resolve(model, "override_settings.sd_model_checkpoint") if model else None)
+    spec.payload = payload
+    if getattr(req, "refiner", None) is not None and isinstance(req.refiner.checkpoint, str):
+        spec.refiner_model = catalog.resolve(req.refiner.checkpoint, "refiner_checkpoint")
+    return spec
 
 
 class JobQueue:
@@ -268,6 +278,12 @@ class JobQueue:
             self.default_model = name
             return
         req = spec.request
+        if spec.refiner_model is not None:  # the refiner as a loaded pipeline: no client path reaches a loader
+            if self.config.max_models < 2:
+                raise RequestError("refiner_checkpoint: the refiner needs two loaded models; start with --max-models 2")
+            refiner = self.cache.get(spec.refiner_model)
+            pipe = self.cache.get(name)
+            req = dataclasses.replace(req, refiner=dataclasses.replace(req.refiner, checkpoint=refiner))
         seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
         job.iterations = req.batch_count
         for it in range(req.batch_count):

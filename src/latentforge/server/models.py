@@ -24,6 +24,10 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt")
 class ModelNameError(RequestError):
     """A model name that is not one of the listed models (or tries to leave the models folder)."""
 
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
 
 class ModelCatalog:
     """The selectable models: the startup model plus every checkpoint (``*.safetensors``, ``*.ckpt``,
@@ -69,7 +73,7 @@ class ModelCatalog:
         """The listed name that ``name`` means: a title ("name.safetensors [hash]"), a file name, a stem or
         a path relative to the models folder. Absolute paths and '..' are refused outright."""
         if not isinstance(name, str) or not name.strip():
-            raise ModelNameError(f"{where} must be a model name from /sdapi/v1/sd-models, got {name!r}")
+            raise ModelNameError(f"{where} must be a model name from /sdapi/v1/sd-models, got {name!r}", where)
         text = name.strip()
         if " [" in text and text.endswith("]"):  # A1111's title carries the short hash
             text = text[: text.rindex(" [")]
@@ -77,7 +81,8 @@ class ModelCatalog:
         if Path(text).is_absolute() or text.startswith(("/", "\\")) or ".." in parts or ":" in text:
             raise ModelNameError(
                 f"{where}: {name!r} is a path; give a model name as listed by /sdapi/v1/sd-models "
-                "(models are only read from --models-dir)"
+                "(models are only read from --models-dir)",
+                where,
             )
         for key, path in self._entries.items():
             candidates = {key, Path(key).name, Path(key).stem, path.name, path.stem}
@@ -87,7 +92,8 @@ class ModelCatalog:
                 return key
         raise ModelNameError(
             f"{where}: unknown model {name!r}; available: {', '.join(self._entries) or 'none'} "
-            "(POST /sdapi/v1/refresh-checkpoints after adding files to --models-dir)"
+            "(POST /sdapi/v1/refresh-checkpoints after adding files to --models-dir)",
+            where,
         )
 
 

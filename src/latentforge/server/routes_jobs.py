@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from latentforge.server import sdapi
 from latentforge.server.config import ServerConfig
 from latentforge.server.errors import ApiError
-from latentforge.server.jobs import Job, JobQueue, JobSpec
+from latentforge.server.jobs import Job, JobQueue, make_spec
 from latentforge.server.models import ModelCatalog
 
 MAX_WAIT = 600.0
@@ -63,9 +63,7 @@ def add_job_routes(
         req, init, model = sdapi.to_request(
             payload, img2img=mode == "img2img", options=options, max_pixels=config.max_image_pixels
         )
-        if model:
-            model = catalog.resolve(model, "override_settings.sd_model_checkpoint")
-        spec = JobSpec(mode, req, init, model, payload=payload)
+        spec = make_spec(catalog, mode, req, init, model, payload)
         spec.save_to = Path(config.outdir).resolve() if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         return job.summary(preview=False)

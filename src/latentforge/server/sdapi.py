@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import math
@@ -238,9 +239,18 @@ def to_request(
                 hr_resize_y=p["hr_resize_y"],
                 denoising_strength=0.7 if p["denoising_strength"] is None else p["denoising_strength"],
             )
-    extra_kept = {k: v for k, v in extra.items() if k not in _HANDLED}
+    ours = {f.name for f in dataclasses.fields(GenerationRequest)}
+    for name in ("s_min_uncond",):  # A1111 fields that only some versions of latentforge can run
+        if p.get(name):
+            if name not in ours:
+                _refuse(name, "is not available in this version of latentforge; send 0")
+            data[name] = p[name]
+    # fields of other tools are kept in `extra`; only our plain settings pass by name, never an option
+    # group (those hold images and paths: the API fills them from A1111's fields above)
+    passed = {k: v for k, v in extra.items() if k in _PLAIN_FIELDS and k in ours}
+    kept = {k: v for k, v in extra.items() if k not in _HANDLED and k not in passed}
     try:
-        req = GenerationRequest.from_dict({**data, **extra_kept}, lenient=True)
+        req = GenerationRequest.from_dict({**data, **passed, "extra": kept}, lenient=True)
         req.validate(img2img=img2img)
     except RequestError as e:
         raise _a1111_field(str(e)) from None
@@ -248,6 +258,16 @@ def to_request(
         raise RequestError(f"the request does not fit: {e}") from None
     return req, init, model
 
+
+# latentforge's own request fields a client may set by name (numbers, flags, names: no paths, no images)
+_PLAIN_FIELDS = {
+    "sgm_noise_multiplier",
+    "quantize_timesteps",
+    "prompt_syntax",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "s_min_uncond_all",
+}
 
 # our field names -> A1111's, for messages of GenerationRequest.validate
 _A1111_NAMES = {
