@@ -22,7 +22,7 @@ LAYERS = [
     | {"upscalers"},
     {"pipelines"},
     {"pipeline", "loading"},
-    {"train", "cli", "cli_generate", "cli_train", "server", "__init__"},
+    {"train", "cli", "cli_generate", "cli_train", "cli_serve", "server", "__init__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
