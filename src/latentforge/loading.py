@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,7 +15,7 @@ from latentforge.families import Family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
 from latentforge.io.components import LoadError, Ref, build, check, identity_refs
-from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, vae_refs_diffusers
+from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, read_json, vae_refs_diffusers
 from latentforge.io.single_file import VAE_PREFIX, SingleFileSource
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.clip import CLIPTextModel
@@ -46,9 +45,14 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
     try:
         keys = f.keys()
         if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names
-            cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-            if cfg_file.is_file() and "block_out_channels" in (cfg_json := json.loads(cfg_file.read_text())):
-                cfg = vae_config_from_diffusers(cfg_json)
+            folder = path if path.is_dir() else path.parent
+            if (folder / "config.json").is_file() and "block_out_channels" in (
+                cfg_json := read_json(folder, "config.json")
+            ):
+                try:
+                    cfg = vae_config_from_diffusers(cfg_json)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
             else:
                 levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down_blocks.")})
                 cfg = infer_vae_config({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family.vae)
