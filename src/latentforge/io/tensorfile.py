@@ -48,8 +48,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-# The safetensors library refuses longer headers; real Stable Diffusion headers are well under 1 MB.
-MAX_HEADER_BYTES = 100_000_000
+# Real Stable Diffusion headers are well under 1 MB (SDXL: about 200 KB); 32 MiB is room for 400,000
+# tensors. The safetensors library allows 100 MB, but parsing that much JSON takes over a gigabyte.
+MAX_HEADER_BYTES = 32 * 2**20
 _PAGE = mmap.PAGESIZE
 _Entry = tuple[torch.dtype, tuple[int, ...], int, int]
 
@@ -86,11 +87,13 @@ class _Duplicate(Exception):
 
 
 def _object(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
     return out
 
 
@@ -206,7 +209,7 @@ class SafetensorsFile:
             )
         if n > MAX_HEADER_BYTES:
             raise CheckpointError(
-                f"{self.path} is not a valid safetensors file: its header length {n} exceeds the format's limit of "
+                f"{self.path} is not a valid safetensors file: its header length {n} exceeds latentforge's limit of "
                 f"{MAX_HEADER_BYTES} bytes; the file is damaged or not a safetensors file"
             )
         self.metadata, self._entries = parse_safetensors_header(self._file.read(n), size - 8 - n, self.path)
