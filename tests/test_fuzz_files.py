@@ -273,3 +273,120 @@ def test_hostile_ckpt_files(tmp_path):
     refused(TorchFile, tmp_path / "loop.ckpt", match="nested more than 8 deep")
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
     refused(TorchFile, tmp_path / "list.ckpt", match="holds a list")
+
+
+# --- single-file checkpoints: tiny real ones, mutated -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny SD1 model as a diffusers folder and as the single file latentforge writes from it."""
+    tmp = tmp_path_factory.mktemp("fuzz_model")
+    folder = save_folder(build_reference("sd1", seed=11), tmp / "folder")
+    return {"folder": folder, "single": latentforge.load(folder).save(tmp / "sd1.safetensors")}
+
+
+def _mutated(model, tmp_path: Path, change) -> Path:
+    sd = load_file(model["single"])
+    change(sd)
+    save_file(sd, tmp_path / "m.safetensors")
+    return tmp_path / "m.safetensors"
+
+
+U = "model.diffusion_model."
+
+
+def _rename(old: str, new: str):
+    def change(sd):
+        sd[new] = sd.pop(old)
+
+    return change
+
+
+def _reshape(key: str, shape: tuple[int, ...]):
+    def change(sd):
+        sd[key] = torch.zeros(shape)
+
+    return change
+
+
+SINGLE = {
+    "block index far above any model": (
+        _rename(U + "input_blocks.1.0.in_layers.0.weight", U + "input_blocks.99999.0.in_layers.0.weight"),
+        "block index '99999', above latentforge's limit of",
+    ),
+    "a million-digit block index": (
+        _rename(U + "input_blocks.1.0.in_layers.0.weight", U + "input_blocks." + "9" * 10**6 + ".0.w"),
+        "(MAX_INDEX, far above any real model)",
+    ),
+    "17 res blocks per level": (
+        _rename(U + "input_blocks.1.0.in_layers.0.weight", U + "input_blocks.71.0.in_layers.0.weight"),
+        "17 res blocks per level, above latentforge's limit of 16",
+    ),
+    "conv_in of rank 1": (_reshape(U + "input_blocks.0.0.weight", (32,)), "expected 4 dimensions"),
+    "conv_in with no channels": (_reshape(U + "input_blocks.0.0.weight", (0, 4, 3, 3)), "no channels"),
+    "level width not a multiple": (
+        _reshape(U + "input_blocks.1.0.out_layers.3.weight", (33, 32, 3, 3)),
+        "level 0 width 33 is not a multiple of model channels 32",
+    ),
+    "VAE with no channels": (_reshape("first_stage_model.encoder.conv_in.weight", (0, 3, 3, 3)), "VAE"),
+    "token embedding of rank 1": (
+        _reshape("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", (49408,)),
+        "expected 2 dimensions",
+    ),
+    "unet weight shape changed": (_reshape(U + "out.2.bias", (5,)), "out.2.bias: file [5], model [4]"),
+}
+
+
+@pytest.mark.parametrize("name", list(SINGLE))
+def test_mutated_single_file_is_refused_quickly(model, tmp_path, name, capsys):
+    change, message = SINGLE[name]
+    path = _mutated(model, tmp_path, change)
+    err = refused(latentforge.load, path, match=message)
+    assert str(path) in str(err)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--to", "diffusers"]) == 2
+    assert not (tmp_path / "out").exists()
+    out = capsys.readouterr().err
+    assert out.startswith("latentforge: error:") and "Traceback" not in out
+
+
+def test_tiny_file_claiming_a_huge_architecture(tmp_path, capsys):
+    """A 2.6 KB file of empty tensors whose names claim 99999 blocks, or 20 levels, fails at once."""
+    names = [U + "input_blocks.0.0.weight", U + "out.2.weight", U + "time_embed.0.weight"]
+    names += [U + f"input_blocks.{i}.0.op.weight" for i in range(3, 60, 3)]  # 19 downsamplers: 20 levels
+    header = {n: {"dtype": "F32", "shape": [0, 0, 0, 0], "data_offsets": [0, 0]} for n in names}
+    path = write_st(tmp_path / "levels.safetensors", header)
+    assert path.stat().st_size < 4096
+    refused(inspect_checkpoint, path, match="20 UNet levels, above latentforge's limit of 8")
+    header[U + "input_blocks.99999.1.transformer_blocks.99999.attn1.to_q.weight"] = header[names[0]]
+    path = write_st(tmp_path / "deep.safetensors", header)
+    refused(inspect_checkpoint, path, match="has block index '99999', above latentforge's limit of")
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "MAX_INDEX" in err
+
+
+def test_truncated_single_file_at_every_region(model, tmp_path):
+    data = model["single"].read_bytes()
+    n = 8 + int.from_bytes(data[:8], "little")
+    for cut in (0, 5, 8, n // 2, n, n + 1, (n + len(data)) // 2, len(data) - 1):
+        (tmp_path / "cut.safetensors").write_bytes(data[:cut])
+        refused(latentforge.load, tmp_path / "cut.safetensors")
+
+
+def test_weights_stored_as_integers_are_refused(model, tmp_path):
+    key = U + "out.2.weight"
+    path = _mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key].to(torch.int8)))
+    refused(latentforge.load, path, match="out.2.weight")
+
+
+def test_cli_exit_code_and_one_line_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_st(tmp_path / "x.safetensors", _one(offsets=(8, 0)), b"\0" * 8)
+    run = subprocess.run(
+        [sys.executable, "-m", "latentforge.cli", "inspect", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and "reversed data offsets [8, 0)" in run.stderr, run.stderr
