@@ -120,6 +120,7 @@ def load(
         ucfg, urefs = source.unet(fam)
         vcfg, vrefs = source.vae(fam)
         texts = [(spec, *source.text(spec)) for spec in fam.text]
+        tokenizer_folders = [source.tokenizer_folder(spec) for spec in fam.text]  # checked before reading weights
         # every component is checked before any weight is read, so one error lists every problem
         plans = [("UNet", lambda: UNet(ucfg), urefs)]
         if vae is None:
@@ -130,23 +131,21 @@ def load(
             torch_dtype, dtype_reason = auto_dtype(dev, sum(math.prod(r.shape) for r in urefs.values()))
         vdtype = vae_dtype(torch_dtype, fam.vae_fp16_safe, dev)
 
+        hints = source.prediction_hints()  # before any weight is read: a bad scheduler config fails early
         unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
-        fam, pred, pred_reason = resolve_prediction(
-            found, prediction, source.prediction_hints(), lambda: probe_prediction(unet)
-        )
+        fam, pred, pred_reason = resolve_prediction(found, prediction, hints, lambda: probe_prediction(unet))
         if fam.unet.upcast_attention != unet.config.upcast_attention:
             unet.set_upcast_attention(fam.unet.upcast_attention)
         to_fast_layout(unet)
 
         encoders, tokenizers = [], []
-        for spec, tcfg, trefs in texts:
+        for (spec, tcfg, trefs), folder in zip(texts, tokenizer_folders):
             what = f"text encoder {spec.name}"
             encoders.append(
                 build(
                     lambda c=tcfg: CLIPTextModel(c), trefs, dtype=torch_dtype, device=dev, what=what, source=source.name
                 )
             )
-            folder = source.tokenizer_folder(spec)
             tokenizers.append(
                 CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
             )

@@ -34,9 +34,9 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 MAX_JSON_BYTES = 64 * 2**20  # configs and shard indices are kilobytes; tokenizer vocabularies about 2 MB
 
 
-def inside(root: Path, entry: str | Path, what: str) -> Path:
-    """``root / entry``, resolved; a CheckpointError naming ``what`` and ``entry`` unless it stays inside
-    ``root`` (``..`` and absolute paths are refused as written, symlinks by where they lead)."""
+def inside(root: Path, entry: str | Path, what: str, base: str = ".") -> Path:
+    """``root / base / entry``, resolved; a CheckpointError naming ``what`` and ``entry`` unless it stays
+    inside ``root`` (``..`` and absolute paths are refused as written, symlinks by where they lead)."""
     text = str(entry)
     if (
         not text
@@ -50,7 +50,7 @@ def inside(root: Path, entry: str | Path, what: str) -> Path:
             "refer to its own files"
         )
     root = root.resolve()
-    target = (root / text).resolve()
+    target = (root / base / text).resolve()
     if target.is_relative_to(root) or _hub_blob(root, target):
         return target
     raise CheckpointError(
@@ -113,7 +113,7 @@ def open_component_weights(root: Path, sub: str = ".") -> TensorFile:
             for stem in _WEIGHT_NAMES:
                 single = f"{sub}/{stem}{variant}{ext}"
                 if _exists(root / single):
-                    return open_tensor_file(inside(root, single, "weights file"))
+                    return open_tensor_file(inside(root, single, "weights file"), suffix=ext)
                 index = f"{sub}/{stem}{variant}{ext}.index.json"
                 if _exists(root / index):
                     weight_map = read_json(root, index).get("weight_map")
@@ -122,8 +122,9 @@ def open_component_weights(root: Path, sub: str = ".") -> TensorFile:
                             f"{root / index}: 'weight_map' must map tensor names to shard file names; re-download it"
                         )
                     what = f"{root / index} weight_map entry"
-                    shards = [inside(root, f"{sub}/{s}", what) for s in sorted(set(weight_map.values()))]
-                    return ShardedFile([open_tensor_file(s) for s in shards])
+                    names = sorted(set(weight_map.values()))
+                    shards = [(inside(root, s, what, base=sub), Path(s).suffix) for s in names]
+                    return ShardedFile([open_tensor_file(path, suffix) for path, suffix in shards])
     raise CheckpointError(
         f"{root / sub} has no weights file (diffusion_pytorch_model.safetensors, model.safetensors, ...)"
     )

@@ -378,13 +378,14 @@ TensorFile = SafetensorsFile | TorchFile
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def open_tensor_file(path: str | Path) -> TensorFile:
-    """Open a weights file by its suffix (``.safetensors`` or a pickle suffix)."""
+def open_tensor_file(path: str | Path, suffix: str | None = None) -> TensorFile:
+    """Open a weights file by its suffix (``.safetensors`` or a pickle suffix); ``suffix`` overrides the
+    path's own (a Hugging Face cache blob has none: the link to it has)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     regular_file(path)
-    suffix = path.suffix.lower()
+    suffix = (suffix or path.suffix).lower()
     if suffix == ".safetensors":
         return SafetensorsFile(path)
     if suffix in PICKLE_SUFFIXES:
