@@ -525,3 +525,25 @@ def test_config_files_that_are_not_json_objects(model, tmp_path, text, message, 
     assert main(["inspect", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("vocab.json", "[1, 2]", "is not a CLIP vocabulary"),
+        ("vocab.json", '{"<|startoftext|>": 0, "<|endoftext|>": 1, "a": "x"}', "is not a CLIP vocabulary"),
+        ("vocab.json", '{"<|startoftext|>": 0, "<|endoftext|>": 99999}', "token ids reach 99999 but text encoder"),
+        ("merges.txt", "#version: 0.2\na b c\n", "merge 1 is not two tokens"),
+        ("vocab.json", "\udcff", "cannot read the tokenizer files"),
+    ],
+)
+def test_hostile_tokenizer_files(model, tmp_path, name, text, message):
+    folder = _copy(model, tmp_path)
+    (folder / "tokenizer" / name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    refused(latentforge.load, folder, match=message)
+
+
+def test_single_file_with_a_tiny_token_embedding_is_refused(model, tmp_path):
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    path = _mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key][:1000].clone()))
+    refused(latentforge.load, path, match="token ids reach 49407 but text encoder clip-l has only 1000")

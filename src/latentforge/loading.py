@@ -89,6 +89,19 @@ def _build_vae(cfg: VAEConfig, refs: dict[str, Ref], family: Family, dtype, devi
     )
 
 
+def _tokenizer(source, spec, vocab_size: int) -> CLIPTokenizer:
+    """The folder's tokenizer (else the bundled one); its ids must index the encoder's token embeddings."""
+    folder = source.tokenizer_folder(spec)
+    tok = CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
+    top = max(max(tok.encoder.values()), tok.pad_id)
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"{folder or source.name}: token ids reach {top} but text encoder {spec.name} has only {vocab_size} "
+            "token embeddings; the tokenizer does not belong to this model"
+        )
+    return tok
+
+
 def load(
     path: str | Path,
     *,
@@ -120,7 +133,7 @@ def load(
         ucfg, urefs = source.unet(fam)
         vcfg, vrefs = source.vae(fam)
         texts = [(spec, *source.text(spec)) for spec in fam.text]
-        tokenizer_folders = [source.tokenizer_folder(spec) for spec in fam.text]  # checked before reading weights
+        tokenizers = [_tokenizer(source, spec, tcfg.vocab_size) for spec, tcfg, _ in texts]  # before any weight
         # every component is checked before any weight is read, so one error lists every problem
         plans = [("UNet", lambda: UNet(ucfg), urefs)]
         if vae is None:
@@ -138,16 +151,13 @@ def load(
             unet.set_upcast_attention(fam.unet.upcast_attention)
         to_fast_layout(unet)
 
-        encoders, tokenizers = [], []
-        for (spec, tcfg, trefs), folder in zip(texts, tokenizer_folders):
+        encoders = []
+        for spec, tcfg, trefs in texts:
             what = f"text encoder {spec.name}"
             encoders.append(
                 build(
                     lambda c=tcfg: CLIPTextModel(c), trefs, dtype=torch_dtype, device=dev, what=what, source=source.name
                 )
-            )
-            tokenizers.append(
-                CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
             )
 
         vae_source = "checkpoint"
