@@ -55,7 +55,7 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
                     raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
             else:
                 levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down_blocks.")})
-                cfg = infer_vae_config({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family.vae)
+                cfg = _infer_vae({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family, path)
             refs = vae_refs_diffusers(f, cfg)
         else:
             prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
@@ -63,10 +63,17 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
             # VAE files often carry the training loss's weights; they are not part of the autoencoder
             refs = {k: r for k, r in refs.items() if not k.startswith(("loss.", "model_ema."))}
             shapes = {k: r.shape for k, r in refs.items()}
-            cfg = infer_vae_config(shapes, family.vae)
+            cfg = _infer_vae(shapes, family, path)
         return _build_vae(cfg, refs, family, dtype, device, str(path))
     finally:
         f.close()
+
+
+def _infer_vae(shapes: dict, family: Family, path: Path) -> VAEConfig:
+    try:
+        return infer_vae_config(shapes, family.vae)
+    except CheckpointError as e:
+        raise type(e)(f"{path}: VAE: {e}") from None
 
 
 def check_all(plans, source: str) -> None:
