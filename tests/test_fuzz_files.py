@@ -6,17 +6,14 @@ accept it accepts with the same bytes, and where we are stricter (duplicate name
 the message says so. Hand-made cases follow the format description ("Format" in the safetensors README:
 u64 header length, JSON header, byte buffer) and check the error names the tensor and the problem.
 Single files are tiny real checkpoints (``tests/tiny.py``) with key names, shapes, dtypes or bytes
-changed; folders are tiny diffusers folders with path tricks and absurd config values.
+changed; folders are in test_fuzz_folders.py; helpers in hostile.py.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import resource
-import shutil
 import struct
-import time
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -28,59 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import latentforge
+from hostile import bounded, make_model, mutated, one, refused, write_st
 from latentforge.cli import main
-from latentforge.families.detect import DetectionError
-from latentforge.io.components import LoadError
 from latentforge.io.tensorfile import CheckpointError, SafetensorsFile, TorchFile
 from latentforge.loading import inspect_checkpoint
-from tiny import build_reference, save_folder
-
-CLEAR = (CheckpointError, LoadError, DetectionError)
-SECONDS = 5.0  # every case, loading a whole tiny model included, on a loaded 2-core machine
-PEAK_BYTES = 200 * 2**20  # memory one case may add (a tiny model loaded is about 50 MB)
-
-
-def write_st(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
-    """A file laid out as the format describes: u64 little-endian header length, header bytes, data."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
-    return path
-
-
-def bounded(fn, *args):
-    """Run ``fn``; return ("ok", value) or ("error", exception) after checking time and memory: Python
-    allocations (tracemalloc) for the file readers, growth of the process's peak resident memory for
-    whole loads (tracemalloc would slow those several times over)."""
-    trace = fn in (SafetensorsFile, TorchFile)
-    if trace:
-        tracemalloc.start()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    try:
-        out = ("ok", fn(*args))
-    except CLEAR as e:
-        out = ("error", e)
-    finally:
-        elapsed = time.perf_counter() - start
-        grown = (
-            tracemalloc.get_traced_memory()[1]
-            if trace
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss
-        )
-        if trace:
-            tracemalloc.stop()
-    assert elapsed < SECONDS, f"{fn.__name__} took {elapsed:.1f} s"
-    assert grown < PEAK_BYTES, f"{fn.__name__} needed {grown / 2**20:.0f} MiB more"
-    return out
-
-
-def refused(fn, *args, match: str | None = None) -> Exception:
-    kind, value = bounded(fn, *args)
-    assert kind == "error", f"expected a clear error, got success: {value!r}"
-    if match:
-        assert match in str(value), str(value)
-    return value
-
 
 # --- safetensors headers, generated and judged by the reference library ----------------------------
 
@@ -179,27 +127,23 @@ def test_generated_headers_agree_with_the_reference_library(tmp_path_factory, ca
     assert isinstance(ours, (dict, CheckpointError)), type(ours)
 
 
-def _one(dtype="F32", shape=(2,), offsets=(0, 8)) -> dict:
-    return {"x": {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}}
-
-
 HEADERS = {
-    "negative offset": (_one(offsets=(-8, 0)), b"\0" * 8, "data offsets [-8, 0]; they must be two non-negative"),
-    "reversed offsets": (_one(offsets=(8, 0)), b"\0" * 8, "reversed data offsets [8, 0)"),
-    "offsets past the data": (_one(offsets=(0, 8)), b"\0" * 4, "truncated"),
-    "shape disagrees with bytes": (_one(shape=(3,)), b"\0" * 8, "shape [3] of F32 (12 bytes) but data offsets [0, 8)"),
-    "huge shape": (_one(shape=(2**40, 2**40)), b"\0" * 8, "more than 2^64 bytes"),
-    "negative shape": (_one(shape=(-2,)), b"\0" * 8, "a shape is a list of non-negative integers"),
-    "float offsets": (_one(offsets=(0.0, 8.0)), b"\0" * 8, "must be two non-negative integers"),
-    "unknown dtype": (_one(dtype="F8_E8M0"), b"\0" * 8, "unknown or unsupported dtype 'F8_E8M0'"),
+    "negative offset": (one(offsets=(-8, 0)), b"\0" * 8, "data offsets [-8, 0]; they must be two non-negative"),
+    "reversed offsets": (one(offsets=(8, 0)), b"\0" * 8, "reversed data offsets [8, 0)"),
+    "offsets past the data": (one(offsets=(0, 8)), b"\0" * 4, "truncated"),
+    "shape disagrees with bytes": (one(shape=(3,)), b"\0" * 8, "shape [3] of F32 (12 bytes) but data offsets [0, 8)"),
+    "huge shape": (one(shape=(2**40, 2**40)), b"\0" * 8, "more than 2^64 bytes"),
+    "negative shape": (one(shape=(-2,)), b"\0" * 8, "a shape is a list of non-negative integers"),
+    "float offsets": (one(offsets=(0.0, 8.0)), b"\0" * 8, "must be two non-negative integers"),
+    "unknown dtype": (one(dtype="F8_E8M0"), b"\0" * 8, "unknown or unsupported dtype 'F8_E8M0'"),
     "header is a list": ([1, 2], b"", "the header is a JSON list, not an object"),
     "entry is a string": ({"x": "F32"}, b"", "the entry of tensor 'x' is a JSON str"),
     "entry lacks offsets": ({"x": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "has no data_offsets"),
-    "metadata not str->str": ({"__metadata__": {"a": 1}, **_one()}, b"\0" * 8, "'__metadata__' must map strings"),
-    "gap before a tensor": (_one(offsets=(4, 12)), b"\0" * 12, "bytes [0, 4) of the data section"),
-    "bytes after the last tensor": (_one(), b"\0" * 12, "the tensors cover only the first 8"),
+    "metadata not str->str": ({"__metadata__": {"a": 1}, **one()}, b"\0" * 8, "'__metadata__' must map strings"),
+    "gap before a tensor": (one(offsets=(4, 12)), b"\0" * 12, "bytes [0, 4) of the data section"),
+    "bytes after the last tensor": (one(), b"\0" * 12, "the tensors cover only the first 8"),
     "overlap": (
-        {**_one(), "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+        {**one(), "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
         b"\0" * 12,
         "tensor 'y' has data offsets [4, 12) that overlap tensor 'x' [0, 8)",
     ),
@@ -289,19 +233,12 @@ def test_hostile_ckpt_files(tmp_path):
 # --- single-file checkpoints: tiny real ones, mutated -----------------------------------------------
 
 
+# --- single-file checkpoints: tiny real ones, mutated -----------------------------------------------
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny SD1 model as a diffusers folder and as the single file latentforge writes from it."""
-    tmp = tmp_path_factory.mktemp("fuzz_model")
-    folder = save_folder(build_reference("sd1", seed=11), tmp / "folder")
-    return {"folder": folder, "single": latentforge.load(folder).save(tmp / "sd1.safetensors")}
-
-
-def _mutated(model, tmp_path: Path, change) -> Path:
-    sd = load_file(model["single"])
-    change(sd)
-    save_file(sd, tmp_path / "m.safetensors")
-    return tmp_path / "m.safetensors"
+    return make_model(tmp_path_factory.mktemp("fuzz_model"))
 
 
 U = "model.diffusion_model."
@@ -352,7 +289,7 @@ SINGLE = {
 @pytest.mark.parametrize("name", list(SINGLE))
 def test_mutated_single_file_is_refused_quickly(model, tmp_path, name, capsys):
     change, message = SINGLE[name]
-    path = _mutated(model, tmp_path, change)
+    path = mutated(model, tmp_path, change)
     err = refused(latentforge.load, path, match=message)
     assert str(path) in str(err)
     assert main(["convert", str(path), str(tmp_path / "out"), "--to", "diffusers"]) == 2
@@ -387,7 +324,7 @@ def test_truncated_single_file_at_every_region(model, tmp_path):
 
 def test_weights_stored_as_integers_are_refused(model, tmp_path):
     key = U + "out.2.weight"
-    path = _mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key].to(torch.int8)))
+    path = mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key].to(torch.int8)))
     refused(latentforge.load, path, match="out.2.weight")
 
 
@@ -395,7 +332,7 @@ def test_cli_exit_code_and_one_line_in_a_real_process(tmp_path):
     import subprocess
     import sys
 
-    path = write_st(tmp_path / "x.safetensors", _one(offsets=(8, 0)), b"\0" * 8)
+    path = write_st(tmp_path / "x.safetensors", one(offsets=(8, 0)), b"\0" * 8)
     run = subprocess.run(
         [sys.executable, "-m", "latentforge.cli", "inspect", str(path)], capture_output=True, text=True, timeout=120
     )
@@ -403,147 +340,15 @@ def test_cli_exit_code_and_one_line_in_a_real_process(tmp_path):
     assert run.stderr.count("\n") == 1 and "reversed data offsets [8, 0)" in run.stderr, run.stderr
 
 
-# --- diffusers folders: path tricks and absurd configs ----------------------------------------------
-
-
-def _copy(model, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(model["folder"], tmp_path / "copy", symlinks=True))
-
-
-def _shard_index(folder: Path, weight_map: dict) -> None:
-    unet = folder / "unet"
-    (unet / "diffusion_pytorch_model.safetensors").unlink()
-    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-
-
-@pytest.mark.parametrize("entry", ["../../outside.safetensors", "/etc/passwd", "..\\outside.safetensors", "C:/x"])
-def test_shard_index_entry_leaving_the_folder_is_refused(model, tmp_path, entry):
-    folder = _copy(model, tmp_path)
-    shutil.copy(folder / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "outside.safetensors")
-    _shard_index(folder, {"conv_in.weight": entry})
-    err = refused(latentforge.load, folder, match="which is not a path inside the folder")
-    assert "weight_map entry" in str(err) and repr(entry) in str(err)
-
-
-def test_shards_inside_the_folder_load_and_overlapping_shards_are_refused(model, tmp_path):
-    folder = _copy(model, tmp_path)
-    sd = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    keys = sorted(sd)
-    half = len(keys) // 2
-    save_file({k: sd[k] for k in keys[:half]}, folder / "unet" / "a.safetensors")
-    save_file({k: sd[k] for k in keys[half:]}, folder / "unet" / "b.safetensors")
-    _shard_index(folder, {k: ("a" if i < half else "b") + ".safetensors" for i, k in enumerate(keys)})
-    kind, pipe = bounded(latentforge.load, folder)  # a documented success
-    assert kind == "ok" and torch.equal(pipe.unet.state_dict()["out.2.bias"], sd["conv_out.bias"])
-    save_file({k: sd[k] for k in keys[half - 1 :]}, folder / "unet" / "b.safetensors")
-    refused(latentforge.load, folder, match="is in two shards")
-
-
-@pytest.mark.parametrize("what", ["weights", "config", "component folder", "tokenizer", "dangling"])
-def test_symlinks_leaving_the_folder_are_refused(model, tmp_path, what):
-    folder = _copy(model, tmp_path)
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    if what == "component folder":
-        shutil.move(folder / "unet", outside / "unet")
-        (folder / "unet").symlink_to(outside / "unet")
-        name = "unet/config.json"
-    else:
-        name = {
-            "weights": "unet/diffusion_pytorch_model.safetensors",
-            "config": "vae/config.json",
-            "tokenizer": "tokenizer/vocab.json",
-            "dangling": "text_encoder/model.safetensors",
-        }[what]
-        shutil.move(folder / name, outside / "f")
-        (folder / name).symlink_to(outside / ("missing" if what == "dangling" else "f"))
-    refused(latentforge.load, folder, match="leads outside the folder")
-
-
-def test_hub_cache_links_into_its_blobs_load(model, tmp_path):
-    """The Hugging Face cache keeps snapshot files as links to ../../blobs/<hash>: a documented success."""
-    repo = tmp_path / "models--test--tiny"
-    snap = repo / "snapshots" / "0123abc"
-    shutil.copytree(model["folder"], snap)
-    (repo / "blobs").mkdir()
-    for i, f in enumerate(sorted(p for p in snap.rglob("*") if p.is_file())):
-        blob = repo / "blobs" / f"blob{i}"
-        shutil.move(f, blob)
-        f.symlink_to(Path("../" * len(f.relative_to(repo).parts[1:-1]) + "../blobs") / blob.name)
-    kind, pipe = bounded(latentforge.load, snap)
-    assert kind == "ok", str(pipe)
-    assert pipe.family.name == "sd1"
-
-
-CONFIGS = [
-    ("unet", "layers_per_block", 100000, "'layers_per_block' is 100000, above latentforge's limit of 16"),
-    ("unet", "block_out_channels", [0, 64, 64, 64], "'block_out_channels'[0] is 0; it must be at least 1"),
-    ("unet", "block_out_channels", [-32, 64, 64, 64], "'block_out_channels'[0] is -32"),
-    ("unet", "block_out_channels", "abc", "'block_out_channels' is 'abc'; it must be a list"),
-    ("unet", "block_out_channels", [32] * 100, "the length of 'block_out_channels' (levels) is 100"),
-    ("unet", "block_out_channels", [32, 48, 64, 64], "'block_out_channels'[1] = 48 is not a multiple"),
-    ("unet", "attention_head_dim", 0, "'attention_head_dim'[0] is 0"),
-    ("unet", "norm_num_groups", 0, "'norm_num_groups' is 0"),
-    ("unet", "norm_num_groups", 7, "not a multiple of 7 norm groups"),
-    ("unet", "transformer_layers_per_block", 10**9, "above latentforge's limit of 64"),
-    ("unet", "down_block_types", ["DownBlock2D"] * 3, "'down_block_types' has 3 entries for 4 levels"),
-    ("unet", "cross_attention_dim", 1.5, "'cross_attention_dim' is 1.5; it must be an integer"),
-    ("unet", "in_channels", 10**12, "'in_channels' is 1000000000000, above latentforge's limit of 1024"),
-    ("unet", "block_out_channels", None, "'block_out_channels' is None"),
-    ("unet", "layers_per_block", True, "'layers_per_block' is True; it must be an integer"),
-    ("vae", "latent_channels", 0, "'latent_channels' is 0"),
-    ("vae", "layers_per_block", -1, "'layers_per_block' is -1"),
-    ("text_encoder", "num_hidden_layers", 100000, "'num_hidden_layers' is 100000, above latentforge's limit of 256"),
-    ("text_encoder", "hidden_size", 0, "'hidden_size' is 0"),
-    ("text_encoder", "num_attention_heads", 3, "not a multiple of 3 heads"),
-    ("text_encoder", "hidden_act", "relu", "text encoders ['text_encoder:relu']"),  # detection names it
-    ("text_encoder", "layer_norm_eps", -1, "layer_norm_eps is -1"),
-    ("scheduler", "prediction_type", 5, "prediction_type is 5"),
-]
-
-
-@pytest.mark.parametrize(("component", "key", "value", "message"), CONFIGS)
-def test_absurd_config_values_are_refused_by_key(model, tmp_path, component, key, value, message):
-    folder = _copy(model, tmp_path)
-    path = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
-    cfg = json.loads(path.read_text())
-    cfg[key] = value
-    path.write_text(json.dumps(cfg))
-    err = refused(inspect_checkpoint, folder, match=message)  # inspect reads configs, not weights
-    if not isinstance(err, DetectionError):
-        assert str(path) in str(err) and "\n" not in str(err)
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [("[1, 2]", "holds a JSON list, not an object"), ("{", "is not valid JSON"), ("[" * 10**5, "not valid JSON")],
-)
-def test_config_files_that_are_not_json_objects(model, tmp_path, text, message, capsys):
-    folder = _copy(model, tmp_path)
-    (folder / "unet" / "config.json").write_text(text)
-    refused(latentforge.load, folder, match=message)
-    assert main(["inspect", str(folder)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "message"),
-    [
-        ("vocab.json", "[1, 2]", "is not a CLIP vocabulary"),
-        ("vocab.json", '{"<|startoftext|>": 0, "<|endoftext|>": 1, "a": "x"}', "is not a CLIP vocabulary"),
-        ("vocab.json", '{"<|startoftext|>": 0, "<|endoftext|>": 99999}', "token ids reach 99999 but text encoder"),
-        ("merges.txt", "#version: 0.2\na b c\n", "merge 1 is not two tokens"),
-        ("vocab.json", "\udcff", "cannot read the tokenizer files"),
-    ],
-)
-def test_hostile_tokenizer_files(model, tmp_path, name, text, message):
-    folder = _copy(model, tmp_path)
-    (folder / "tokenizer" / name).write_bytes(text.encode("utf-8", "surrogateescape"))
-    refused(latentforge.load, folder, match=message)
-
-
 def test_single_file_with_a_tiny_token_embedding_is_refused(model, tmp_path):
     key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    path = _mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key][:1000].clone()))
+    path = mutated(model, tmp_path, lambda sd: sd.__setitem__(key, sd[key][:1000].clone()))
     refused(latentforge.load, path, match="token ids reach 49407 but text encoder clip-l has only 1000")
+
+
+def test_hostile_standalone_vae_file(model, tmp_path):
+    sd = {k.removeprefix("first_stage_model."): v for k, v in load_file(model["single"]).items() if "first_stage" in k}
+    sd["encoder.down.99999.block.0.conv1.weight"] = sd.pop("encoder.down.0.block.0.conv1.weight")
+    save_file(sd, tmp_path / "v.safetensors")
+    err = refused(functools.partial(latentforge.load, vae=tmp_path / "v.safetensors"), model["single"])
+    assert str(tmp_path / "v.safetensors") in str(err) and "limit of" in str(err)

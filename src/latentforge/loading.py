@@ -15,7 +15,8 @@ from latentforge.families import Family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
 from latentforge.io.components import LoadError, Ref, build, check, identity_refs
-from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, read_json, vae_refs_diffusers
+from latentforge.io.diffusers_folder import DiffusersSource, vae_refs_diffusers
+from latentforge.io.folder_files import open_component_weights, read_json
 from latentforge.io.single_file import VAE_PREFIX, SingleFileSource
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.clip import CLIPTextModel

@@ -1,19 +1,15 @@
 """Diffusers folders: ``model_index.json`` plus one folder per component with ``config.json`` and weights.
 
-A folder is untrusted input like a single file: every file it names (configs, weights, shards listed in
-a ``*.index.json`` weight_map, tokenizer files) must resolve, symlinks followed, to a regular file inside
-the folder; an entry with ``..`` or an absolute path, or a link leaving the folder, is refused by name.
-The one exception is the Hugging Face hub cache, where ``models--org--name/snapshots/<rev>/...`` files
-are links to the same repository's ``blobs/``; links into that directory are followed. JSON files are
-read up to ``MAX_JSON_BYTES``, and each config value is checked (``convert.diffusers``, ``models.limits``).
+A folder is untrusted input like a single file: its files are found and read through
+``io.folder_files`` (each must resolve inside the folder), and each config value is checked
+(``convert.diffusers``, ``models.limits``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -23,128 +19,19 @@ from latentforge.families import Family, TextEncoderSpec
 from latentforge.families.base import Signature, config_signature
 from latentforge.families.detect import PredictionHint, parse_prediction
 from latentforge.io.components import Ref
-from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file, regular_file, short
+from latentforge.io.folder_files import (
+    MAX_JSON_BYTES,
+    exists,
+    inside,
+    open_component_weights,
+    read_json,
+)
+from latentforge.io.tensorfile import CheckpointError, TensorFile, regular_file, short
 from latentforge.io.writer import atomic_dir, write_json, write_safetensors
 from latentforge.models.clip import TextEncoderConfig
 from latentforge.models.limits import check_text_config
 from latentforge.models.unet import UNet, UNetConfig
 from latentforge.models.vae import AutoencoderKL, VAEConfig
-
-_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
-MAX_JSON_BYTES = 64 * 2**20  # configs and shard indices are kilobytes; tokenizer vocabularies about 2 MB
-
-
-def inside(root: Path, entry: str | Path, what: str, base: str = ".") -> Path:
-    """``root / base / entry``, resolved; a CheckpointError naming ``what`` and ``entry`` unless it stays
-    inside ``root`` (``..`` and absolute paths are refused as written, symlinks by where they lead)."""
-    text = str(entry)
-    if (
-        not text
-        or PurePosixPath(text).is_absolute()
-        or PureWindowsPath(text).is_absolute()
-        or PureWindowsPath(text).drive
-        or ".." in PurePosixPath(text.replace("\\", "/")).parts
-    ):
-        raise CheckpointError(
-            f"{what} names {short(text)}, which is not a path inside the folder {root}; a model folder may only "
-            "refer to its own files"
-        )
-    root = root.resolve()
-    target = (root / base / text).resolve()
-    if target.is_relative_to(root) or _hub_blob(root, target):
-        return target
-    raise CheckpointError(
-        f"{what} {short(text)} leads outside the folder {root} (to {short(str(target), 120)}, through a "
-        "symbolic link); a model folder may only refer to its own files"
-    )
-
-
-def _hub_blob(root: Path, target: Path) -> bool:
-    """A Hugging Face hub cache link: ``models--x/snapshots/<rev>/...`` -> ``models--x/blobs/<hash>``."""
-    for folder in (root, *root.parents):
-        if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
-            return target.parent == folder.parent.parent / "blobs"
-    return False
-
-
-class ShardedFile:
-    """Several weight files presented as one (a diffusers ``*.index.json`` shard set)."""
-
-    def __init__(self, files: list[TensorFile]):
-        self.files = files
-        self._where: dict[str, TensorFile] = {}
-        for f in files:
-            for k in f.keys():
-                if k in self._where:
-                    path = getattr(f, "path", "?")
-                    raise CheckpointError(
-                        f"tensor {short(k)} is in two shards ({self._where[k].path} and {path}); "  # type: ignore[union-attr]
-                        "the shard set is damaged"
-                    )
-                self._where[k] = f
-        self.metadata: dict[str, str] = {}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key].shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._where[key].dtype(key)
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
-        return self._where[key].read(key, dtype)
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-
-def _exists(path: Path) -> bool:
-    return path.exists() or path.is_symlink()  # a dangling link is reported, not skipped
-
-
-def open_component_weights(root: Path, sub: str = ".") -> TensorFile:
-    """The weights of the component folder ``root/sub``: plain, sharded or fp16-variant, safetensors
-    before pickles. Every file, shards included, must resolve inside ``root``."""
-    for ext in (".safetensors", ".bin"):
-        for variant in ("", ".fp16"):
-            for stem in _WEIGHT_NAMES:
-                single = f"{sub}/{stem}{variant}{ext}"
-                if _exists(root / single):
-                    return open_tensor_file(inside(root, single, "weights file"), suffix=ext)
-                index = f"{sub}/{stem}{variant}{ext}.index.json"
-                if _exists(root / index):
-                    weight_map = read_json(root, index).get("weight_map")
-                    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                        raise CheckpointError(
-                            f"{root / index}: 'weight_map' must map tensor names to shard file names; re-download it"
-                        )
-                    what = f"{root / index} weight_map entry"
-                    names = sorted(set(weight_map.values()))
-                    shards = [(inside(root, s, what, base=sub), Path(s).suffix) for s in names]
-                    return ShardedFile([open_tensor_file(path, suffix) for path, suffix in shards])
-    raise CheckpointError(
-        f"{root / sub} has no weights file (diffusion_pytorch_model.safetensors, model.safetensors, ...)"
-    )
-
-
-def read_json(root: Path, entry: str) -> dict:
-    """The JSON object in ``root/entry``, which must resolve inside ``root`` and be at most MAX_JSON_BYTES."""
-    path = root / entry
-    if not _exists(path):
-        raise CheckpointError(f"{path} is missing; is {root} a complete diffusers folder?")
-    size = regular_file(real := inside(root, entry, "file"))
-    if size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path} is {size} bytes long, more than the {MAX_JSON_BYTES} a model's JSON file may be")
-    try:
-        data = json.loads(real.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({short(str(e), 160)}); re-download it") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; re-download it")
-    return data
 
 
 def text_config_from_json(cfg: dict) -> TextEncoderConfig:
@@ -175,7 +62,7 @@ class DiffusersSource:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.index = read_json(self.path, "model_index.json") if _exists(self.path / "model_index.json") else {}
+        self.index = read_json(self.path, "model_index.json") if exists(self.path / "model_index.json") else {}
         self._unet_cfg = self._config("unet", dconv.unet_config_from_diffusers)
         self._vae_cfg = self._config("vae", dconv.vae_config_from_diffusers)
         self._files: list[TensorFile] = []
@@ -197,7 +84,7 @@ class DiffusersSource:
         out = {}
         for folder in ("text_encoder", "text_encoder_2"):
             cfg_path = self.path / folder / "config.json"
-            if _exists(cfg_path):
+            if exists(cfg_path):
                 out[folder] = read_json(self.path, f"{folder}/config.json")
         return out
 
@@ -209,7 +96,7 @@ class DiffusersSource:
 
     def prediction_hints(self) -> list[PredictionHint]:
         path = self.path / "scheduler" / "scheduler_config.json"
-        if _exists(path):
+        if exists(path):
             value = read_json(self.path, "scheduler/scheduler_config.json").get("prediction_type")
             if value:
                 try:
@@ -263,7 +150,7 @@ class DiffusersSource:
     def tokenizer_folder(self, spec: TextEncoderSpec) -> Path | None:
         folder = self.path / spec.folder.replace("text_encoder", "tokenizer")
         names = ("vocab.json", "merges.txt")
-        if not all(_exists(folder / n) for n in names):
+        if not all(exists(folder / n) for n in names):
             return None
         for n in names:
             size = regular_file(inside(self.path, f"{folder.name}/{n}", "tokenizer file"))
