@@ -352,3 +352,27 @@ def test_hostile_standalone_vae_file(model, tmp_path):
     save_file(sd, tmp_path / "v.safetensors")
     err = refused(functools.partial(latentforge.load, vae=tmp_path / "v.safetensors"), model["single"])
     assert str(tmp_path / "v.safetensors") in str(err) and "limit of" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("yaml", "message"),
+    [
+        ("model:\n  params:\n    parameterization: x0\n", "parameterization: unknown prediction type 'x0'"),
+        ("    num_heads: " + "9" * 5000 + "\n", "num_heads is '99999999"),
+        ("    num_heads: 100000\n", "UNet num_heads is 100000, above latentforge's limit of 1024"),
+        ("    num_head_channels: 7\n", "are not multiples of 7 channels per head"),
+        ("#" * (2**20 + 1), "bytes long; an original-format model config is a few KB"),
+    ],
+)
+def test_hostile_sidecar_yaml(model, tmp_path, yaml, message):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(model["single"].read_bytes())
+    path.with_suffix(".yaml").write_text(yaml)
+    refused(latentforge.load, path, match=message)
+
+
+def test_hostile_prediction_metadata(model, tmp_path):
+    sd = load_file(model["single"])
+    save_file(sd, tmp_path / "m.safetensors", metadata={"latentforge.prediction": "x0" * 1000})
+    err = refused(latentforge.load, tmp_path / "m.safetensors", match="metadata latentforge.prediction")
+    assert len(str(err)) < 400

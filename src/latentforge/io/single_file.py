@@ -22,7 +22,7 @@ from latentforge.families.base import Signature
 from latentforge.families.detect import PredictionHint, parse_prediction, read_sidecar
 from latentforge.families.infer import infer_text_config, infer_unet_config, infer_vae_config, make_signature
 from latentforge.io.components import Ref, identity_refs
-from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file
+from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file, short
 from latentforge.io.writer import write_safetensors
 from latentforge.models.clip import TextEncoderConfig
 from latentforge.models.unet import UNetConfig
@@ -105,7 +105,11 @@ class SingleFileSource:
         meta = getattr(self.file, "metadata", {}) or {}
         for key in ("latentforge.prediction", "modelspec.prediction_type"):
             if key in meta:
-                hints.append(PredictionHint(parse_prediction(meta[key]), f"file metadata {key}={meta[key]!r}"))
+                try:
+                    prediction = parse_prediction(meta[key])
+                except ValueError as e:
+                    raise CheckpointError(f"{self.path}: metadata {key}: {e}") from None
+                hints.append(PredictionHint(prediction, f"file metadata {key}={short(meta[key])}"))
         if "v_pred" in self._keyset:
             hints.append(PredictionHint("v", "the file's 'v_pred' key"))
         return hints
