@@ -155,3 +155,9 @@ def test_hostile_tokenizer_files(model, tmp_path, name, text, message):
     folder = copy_folder(model, tmp_path)
     (folder / "tokenizer" / name).write_bytes(text.encode("utf-8", "surrogateescape"))
     refused(latentforge.load, folder, match=message)
+
+
+def test_index_naming_too_many_shards(model, tmp_path):
+    folder = copy_folder(model, tmp_path)
+    _shard_index(folder, {f"t{i}": f"s{i}.safetensors" for i in range(1025)})
+    refused(latentforge.load, folder, match="lists 1025 shard files, more than latentforge's limit of 1024")

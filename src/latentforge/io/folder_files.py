@@ -19,6 +19,7 @@ from torch import Tensor
 from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file, regular_file, short
 
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+MAX_SHARDS = 1024  # files one shard index may name (each is opened and mapped)
 MAX_JSON_BYTES = 64 * 2**20  # configs and shard indices are kilobytes; tokenizer vocabularies about 2 MB
 
 
@@ -111,6 +112,11 @@ def open_component_weights(root: Path, sub: str = ".") -> TensorFile:
                         )
                     what = f"{root / index} weight_map entry"
                     names = sorted(set(weight_map.values()))
+                    if len(names) > MAX_SHARDS:
+                        raise CheckpointError(
+                            f"{root / index} lists {len(names)} shard files, more than latentforge's limit of "
+                            f"{MAX_SHARDS} (MAX_SHARDS; real models have a few)"
+                        )
                     shards = [(inside(root, s, what, base=sub), Path(s).suffix) for s in names]
                     return ShardedFile([open_tensor_file(path, suffix) for path, suffix in shards])
     raise CheckpointError(
