@@ -1,4 +1,4 @@
-"""The ``txt2img``, ``img2img``, ``info`` and ``samplers`` commands."""
+"""The ``txt2img``, ``img2img``, ``upscale-x4``, ``info`` and ``samplers`` commands."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ GEN_OPTIONS = [
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
     (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
     (("-H", "--height"), "height", int, "height in pixels, a multiple of 8"),
@@ -23,11 +24,17 @@ GEN_OPTIONS = [
     (("--clip-skip",), "clip_skip", int, "use the k-th text-encoder layer from the end (SD1; A1111's Clip skip)"),
     (("--eta",), "eta", float, "noise of ancestral/DDIM samplers"),
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
+    (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
+    (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
+    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
 
 
-def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
-    if img2img:
+def add_generation_options(p: argparse.ArgumentParser, img2img: bool, x4: bool = False) -> None:
+    if x4:
+        p.add_argument("init_image", type=Path, help="the low-resolution image to upscale 4x")
+    elif img2img:
         p.add_argument("init_image", type=Path, help="the image to start from")
     p.add_argument("prompt", nargs="?", default=None, help="what to draw (A1111 syntax: (word:1.2), BREAK)")
     p.add_argument(
@@ -40,6 +47,50 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
     for flags, dest, typ, help_ in GEN_OPTIONS:
         p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    if x4:
+        p.add_argument(
+            "--noise-level", type=int, default=None, help="noise added to the input first, 0 to 350 (default 20)"
+        )
+        p.add_argument(
+            "--tile",
+            type=int,
+            default=None,
+            help="input pixels per tile for large inputs (default: automatic above 256 px; 0: never)",
+        )
+        p.add_argument(
+            "--resize-mode", dest="resize_mode", type=int, choices=[0, 1, 2], default=None, help="as img2img's"
+        )
+    else:
+        _add_refiner_options(p)
+        _add_strength(p, img2img)
+    _add_output_options(p)
+
+
+def _add_refiner_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--refiner",
+        dest="refiner_checkpoint",
+        type=Path,
+        default=None,
+        help="SDXL refiner checkpoint: it continues the base's latents for the last part of the steps",
+    )
+    p.add_argument(
+        "--refiner-switch-at",
+        dest="refiner_switch_at",
+        type=float,
+        default=None,
+        help="fraction of the denoising done by the base before the refiner takes over (default 0.8)",
+    )
+    p.add_argument(
+        "--refiner-switch-by-steps",
+        dest="refiner_switch_by_steps",
+        action="store_true",
+        default=None,
+        help="switch at that fraction of the steps (A1111's option) instead of the noise level (its default)",
+    )
+
+
+def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument(
         "--strength",
         "--denoising-strength",
@@ -59,6 +110,9 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
             default=None,
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
+        add_inpaint_options(p)
+        p.add_argument("--depth-map", type=Path, help="depth models: the depth map (an image, brighter = nearer)")
+        p.add_argument("--depth-model", type=Path, help="depth models: the MiDaS file that estimates the depth map")
     if not img2img:
         p.add_argument(
             "--hires",
@@ -77,6 +131,9 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
         )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sgm-noise",
         dest="sgm_noise_multiplier",
@@ -84,11 +141,17 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         default=None,
         help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
     )
+    p.add_argument("--seed-resize-from", metavar="WxH", help="A1111's 'Seed resize from': the noise of this size")
     p.add_argument(
         "--from",
         dest="from_image",
         type=Path,
         help="reproduce the image made with the parameters stored in this PNG; other options given here override them",
+    )
+    p.add_argument(
+        "--allow-differences",
+        action="store_true",
+        help="with --from: generate even when the image names settings latentforge cannot reproduce (a warning)",
     )
     p.add_argument(
         "--dtype",
@@ -97,12 +160,82 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("-o", "--output", type=Path, help="output PNG (several images: name-1.png, name-2.png, ...)")
+    p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpeg", "webp"],
+        help="format of numbered outputs (default png; JPEG and WebP keep the parameters as A1111 does, in EXIF)",
+    )
     p.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="folder for numbered outputs (default outputs/)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+FILL_NAMES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
+# inpainting options: (flags, field of InpaintOptions, argparse keywords)
+INPAINT_OPTIONS = [
+    (("--mask",), "mask", dict(type=Path, help="inpaint: mask image, white = repaint (an RGBA image's alpha counts)")),
+    (("--mask-blur",), "mask_blur", dict(type=float, help="inpaint: blur the mask by this many pixels (default 4)")),
+    (
+        ("--inpaint-fill",),
+        "inpainting_fill",
+        dict(
+            choices=list(FILL_NAMES),
+            help="inpaint: masked content: original (default), fill, latent-noise, latent-nothing",
+        ),
+    ),
+    (
+        ("--only-masked",),
+        "inpaint_full_res",
+        dict(action="store_true", help="inpaint only the masked region, at full size"),
+    ),
+    (
+        ("--padding",),
+        "inpaint_full_res_padding",
+        dict(type=int, help="with --only-masked: pixels around the mask (32)"),
+    ),
+    (("--invert-mask",), "inpainting_mask_invert", dict(action="store_true", help="repaint what is NOT masked")),
+    (("--mask-weight",), "inpainting_mask_weight", dict(type=float, help="inpainting models: conditional mask weight")),
+]
+
+
+def add_inpaint_options(p: argparse.ArgumentParser) -> None:
+    for flags, dest, kwargs in INPAINT_OPTIONS:
+        p.add_argument(*flags, dest=f"inpaint_{dest}", default=None, **kwargs)
+    p.add_argument(
+        "--outpaint",
+        metavar="PIXELS",
+        help="extend the canvas and paint the new area: one number for every side, or LEFT,TOP,RIGHT,BOTTOM "
+        "(multiples of 8; masked content defaults to fill)",
+    )
+
+
+def _inpaint_group(args: argparse.Namespace, current: dict | None) -> dict | None:
+    """The inpaint group from --mask and friends, over the group of a --from record."""
+    given = {}
+    for _, dest, _ in INPAINT_OPTIONS:
+        value = getattr(args, f"inpaint_{dest}", None)
+        if value is not None and value is not False:
+            given[dest] = FILL_NAMES[value] if dest == "inpainting_fill" else value
+    if "mask" in given:
+        given["mask"] = str(given["mask"])
+    outpaint = getattr(args, "outpaint", None)
+    if outpaint:
+        try:
+            sides = [int(v) for v in outpaint.split(",")]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 4):
+            raise ValueError(f"--outpaint takes one number or LEFT,TOP,RIGHT,BOTTOM, got {outpaint!r}")
+        sides = sides * 4 if len(sides) == 1 else sides
+        given.update(zip(("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"), sides))
+        given.setdefault("inpainting_fill", 0)
+    if not given:
+        return current
+    return {**(current or {}), **given}
 
 
 class ProgressBar:
@@ -150,44 +283,86 @@ def default_model() -> Path:
     return path
 
 
-def build_request(args: argparse.Namespace, img2img: bool):
+def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
     from latentforge.pipelines import GenerationRequest
-    from latentforge.pipelines.metadata import request_from_image
+    from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
     req = GenerationRequest()
+    meta = None
     pick = None  # with --from: the index of the wanted image within the regenerated batch
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
         pick = meta["batch_index"]
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
+        missing = unreproduced_fields(req)
+        if missing:
+            what = ", ".join(f"{k}: {req.extra[k]}" for k in missing)
+            if not args.allow_differences:
+                raise ValueError(
+                    f"{args.from_image} was made with settings latentforge cannot reproduce ({what}); the image "
+                    "would differ. Pass --allow-differences to generate anyway."
+                )
+            print(f"warning: not reproduced: {what}", file=sys.stderr)
     options = {}
     if args.prompt is not None:
         options["prompt"] = args.prompt
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
+    dests += ["refiner_switch_at", "refiner_switch_by_steps"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:
             options[dest] = value
+    if getattr(args, "refiner_checkpoint", None) is not None:
+        options["refiner_checkpoint"] = str(args.refiner_checkpoint)
+    if x4:
+        group = _x4_group(req)
+        for name in ("noise_level", "tile"):
+            if getattr(args, name, None) is not None:
+                group[name] = getattr(args, name)
+        options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
+    if img2img:
+        group = _inpaint_group(args, req.to_dict()["inpaint"])
+        if group is not None:
+            options["inpaint"] = group
+        if args.depth_map is not None or args.depth_model is not None:
+            current = req.to_dict()["depth"] or {}
+            given = {"map": args.depth_map and str(args.depth_map), "model": args.depth_model and str(args.depth_model)}
+            options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
+    if getattr(args, "seed_resize_from", None):
+        try:
+            w, h = (int(v) for v in args.seed_resize_from.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, got {args.seed_resize_from!r}") from None
+        options.update(seed_resize_from_w=w, seed_resize_from_h=h)
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
-    req.validate(img2img=img2img)
-    return req, pick
+    req.validate(img2img=img2img and not x4)
+    return req, pick, meta
 
 
-def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
+def _x4_group(req) -> dict:
+    """The x4 options of a request read with --from, or the defaults."""
+    import dataclasses
+
+    from latentforge.pipelines import X4Options
+
+    return dataclasses.asdict(req.x4 if req.x4 is not None else X4Options())
+
+
+def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> int:
     import latentforge
-    from latentforge.io.images import output_paths, save_png
+    from latentforge.io.images import output_paths, save_image
 
-    req, pick = build_request(args, img2img)
+    req, pick, meta = build_request(args, img2img, x4)
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # choose and check the output names before the minutes of work, so nothing is lost at the end
     seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
-    paths = output_paths(args.output, args.outdir, seeds_hint)
+    paths = output_paths(args.output, args.outdir, seeds_hint, args.image_format)
     for p in paths:
         if p.exists() and not args.overwrite:
             raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
@@ -195,9 +370,16 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
         raise ValueError(f"init image {args.init_image} does not exist")
     model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if meta is not None:
+        from latentforge.pipelines.metadata import model_differences
+
+        for difference in model_differences(pipe, meta):
+            print(f"warning: {difference}; the result will differ", file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
-        if img2img:
+        if x4:
+            result = pipe.upscale(args.init_image, request=req, progress=bar)
+        elif img2img:
             result = pipe.img2img(args.init_image, request=req, progress=bar)
         else:
             result = pipe.txt2img(request=req, progress=bar)
@@ -210,9 +392,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
         images, seeds = [images[pick]], [seeds[pick]]
     if args.output is None:  # numbered names carry the seeds actually used
-        paths = output_paths(None, args.outdir, seeds)
+        paths = output_paths(None, args.outdir, seeds, args.image_format)
     for image, path in zip(images, paths):
-        save_png(image, path, overwrite=args.overwrite)
+        save_image(image, path, overwrite=args.overwrite)
         print(path)
     if not args.quiet:
         print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)

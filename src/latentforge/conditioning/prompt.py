@@ -119,3 +119,19 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
     if chunk.tokens or not chunks:
         close()
     return chunks
+
+
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """A1111's composable prompts: ``a cat :1.2 AND a dog :0.8`` -> [("a cat", 1.2), ("a dog", 0.8)];
+    ``AND`` in capitals as a word; a part without ``:weight`` at its end weighs 1; trailing white space
+    is dropped, as A1111 does."""
+    parts = []
+    for part in _AND.split(text):
+        m = _PART_WEIGHT.match(part)
+        body, weight = m.group(1), m.group(2)
+        parts.append((body, float(weight) if weight is not None else 1.0))
+    return parts

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from latentforge.conditioning.vectors import sdxl_vector
+from latentforge.models.midas import sd2_depth_condition
 from latentforge.sampling.denoisers import Cond
 
 
@@ -122,11 +123,19 @@ class InpaintConditioner(Conditioner):
 
     def default_concat(self, vae, width: int, height: int, device) -> Tensor:
         """No mask: repaint everything (mask 1 and the latent of an empty, grey image), as A1111."""
+        grey = torch.zeros(1, 3, height, width, device=device)
+        return self.masked_image_concat(vae, grey, torch.ones(1, 1, height, width, device=device))
+
+    def masked_image_concat(self, vae, image: Tensor, mask: Tensor, weight: float = 1.0) -> Tensor:
+        """The 5 extra channels of an inpainting model: the mask (1, 1, H, W; 1 = repaint, rounded) at
+        latent size (nearest), then the latent of the image with the masked area cleared:
+        ``lerp(image, image * (1 - mask), weight)`` (A1111's "conditional mask weight"; 1 = cleared, as
+        the original code and diffusers do)."""
         with torch.inference_mode():
-            grey = torch.zeros(1, 3, height, width, device=device, dtype=vae.dtype)
-            latent = vae.encode(grey).float()
-        mask = torch.ones(1, 1, *latent.shape[-2:], device=latent.device)
-        return torch.cat([mask, latent], dim=1)
+            cleared = torch.lerp(image, image * (1 - mask), weight)
+            latent = vae.encode(cleared.to(vae.dtype)).float()
+        small = torch.nn.functional.interpolate(mask.float(), size=latent.shape[-2:]).to(latent.device)
+        return torch.cat([small, latent], dim=1)
 
 
 @dataclass(frozen=True)
@@ -135,9 +144,58 @@ class DepthConditioner(Conditioner):
     concat_channels: ClassVar[int] = 1
     needs: ClassVar[str] = "a depth map"
 
+    def depth_concat(self, depth: Tensor, latent_size: tuple[int, int]) -> Tensor:
+        """The depth model's extra channel: a depth map (B, 1, H, W; larger = nearer, as MiDaS gives it)
+        resized to latent size (bicubic) and scaled to [-1, 1] per image, as the original depth2img code
+        and diffusers do."""
+        flat = depth.flatten(1)
+        if bool((flat.amax(dim=1) - flat.amin(dim=1) <= 0).any()):
+            raise ValueError("the depth map is flat (one value everywhere); depth-to-image needs a map with depth")
+        return sd2_depth_condition(depth, latent_size)
+
 
 @dataclass(frozen=True)
 class UpscaleConditioner(Conditioner):
+    """The x4 upscaler (Stable Diffusion 2 ``ImageConcatWithNoiseAugmentation``): the low-resolution
+    image in [-1, 1], noised to ``noise_level`` with the DDPM schedule of betas 0.0001 .. 0.02 ("linear"
+    in the original, i.e. linear in sqrt(beta); at most 350), is concatenated after the scaled latent,
+    and the level is the UNet's class label ``y``."""
+
     kind: ClassVar[str] = "x4"
     concat_channels: ClassVar[int] = 3
     needs: ClassVar[str] = "a low-resolution image"
+    max_noise_level: ClassVar[int] = 350
+    low_res_betas: ClassVar[tuple[float, float]] = (0.0001, 0.02)
+
+    def noise_augment(self, image: Tensor, noise_level: int, noise: Tensor) -> Tensor:
+        """q(x_t | x_0) at t = ``noise_level``: sqrt(abar_t) image + sqrt(1 - abar_t) noise (DDPM, Ho et al.
+        2020, eq. 4), abar computed in float64 as the original."""
+        if not 0 <= noise_level <= self.max_noise_level:
+            raise ValueError(f"noise_level must be 0 to {self.max_noise_level}, got {noise_level}")
+        lo, hi = self.low_res_betas
+        betas = torch.linspace(lo**0.5, hi**0.5, 1000, dtype=torch.float64) ** 2
+        abar = float(torch.cumprod(1 - betas, 0)[noise_level])
+        return abar**0.5 * image.float() + (1 - abar) ** 0.5 * noise.float()
+
+    def build(
+        self,
+        context: Tensor,
+        pooled: Tensor | None,
+        *,
+        width: int,
+        height: int,
+        adm_channels: int | None,
+        aesthetic: float = 6.0,
+        empty_negative: bool = False,
+        concat: Tensor | None = None,
+        batch: int | None = None,
+        noise_level: int = 20,
+    ) -> Cond:
+        """The text context and the noise level as class label (B,); the noised low-res images come per
+        batch as ``concat`` (the x4 task's pass supplies them)."""
+        n = batch or context.shape[0]
+        if batch is not None:
+            context = context.expand(batch, -1, -1)
+            concat = None if concat is None else concat.expand(batch, -1, -1, -1)
+        labels = torch.full((n,), int(noise_level), dtype=torch.long, device=context.device)
+        return Cond(context, labels, concat)

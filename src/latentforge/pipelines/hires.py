@@ -79,7 +79,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
     shape = (first.shape[0], height // down, width // down)
     upscaler = req.hires.upscaler
 
-    def start(iteration: int, previous: Tensor | None) -> Tensor:
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return upscale(pipe, previous, upscaler, shape)
 
     hires_pass = Pass(
@@ -93,6 +93,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
         req.cfg_scale,
         start,
         denoise=req.denoising_strength > 0,
+        cfg_rescale=first.cfg_rescale,
         sampler_options=first.sampler_options,
     )
     plan.passes.append(hires_pass)

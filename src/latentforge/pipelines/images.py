@@ -13,20 +13,23 @@ from torch import Tensor
 from latentforge.pipelines.request import RequestError
 
 
-def open_image(image: Image.Image | str | Path) -> Image.Image:
+def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+    """A PIL image as given, or read from a path (``what`` names it in errors)."""
     if isinstance(image, Image.Image):
         return image
     try:
         with Image.open(image) as im:
             im.load()
             return im.copy()
-    except (OSError, ValueError) as e:
-        raise RequestError(f"cannot read init image {image}: {e}") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise RequestError(f"cannot read {what} {image}: {e}") from None
 
 
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """Fit an init image to the output size: 0 resize, 1 crop and resize, 2 resize and fill (A1111)."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    """Fit an init image (or a mask, mode L) to the output size: 0 resize, 1 crop and resize, 2 resize
+    and fill (A1111)."""
+    image = ImageOps.exif_transpose(image)
+    image = image if image.mode == "L" else image.convert("RGB")
     if mode == 0:
         return image.resize((width, height), Image.Resampling.LANCZOS)
     if mode == 1:
@@ -38,7 +41,8 @@ def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Ima
     arr = np.asarray(fitted)
     top = (height - arr.shape[0]) // 2
     left = (width - arr.shape[1]) // 2
-    arr = np.pad(arr, ((top, height - arr.shape[0] - top), (left, width - arr.shape[1] - left), (0, 0)), mode="edge")
+    pad = ((top, height - arr.shape[0] - top), (left, width - arr.shape[1] - left), (0, 0))[: arr.ndim]
+    arr = np.pad(arr, pad, mode="edge")
     return Image.fromarray(arr)
 
 

@@ -1,21 +1,24 @@
 """What to generate: the core request and its typed option groups, shared by the Python API and the CLI.
 
 A request is the core fields every generation has, plus optional groups: ``hires`` (A1111's Hires.
-fix), and places for ``inpaint`` (a mask), ``refiner`` (the SDXL refiner hand-off), ``networks``
-(LoRA, hypernetworks, embeddings by name) and ``control`` (ControlNet units). A group that is None (or
-an empty list) is off. A1111's flat field names (``enable_hr``, ``hr_scale``, ``refiner_checkpoint``,
-``mask_blur``, ...) are accepted by ``from_dict`` and as keyword options, and folded into the groups.
+fix), ``inpaint`` (a mask, or outpainting margins), ``depth`` (depth-to-image), ``refiner`` (the SDXL
+refiner hand-off), ``x4`` (the x4 upscaler task), and places for ``networks`` (LoRA, hypernetworks,
+embeddings by name) and ``control`` (ControlNet units), which generation refuses until they are
+available. A group that is None (or an empty list) is off. A1111's flat field names (``enable_hr``,
+``hr_scale``, ``refiner_checkpoint``, ``mask_blur``, ...) are accepted by ``from_dict`` and as keyword
+options, and folded into the groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypedDict
 
 from PIL import Image
 
+from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -59,24 +62,66 @@ class HiresOptions:
     resize_y: int = 0
 
 
+# A1111's "Masked content" names of inpainting_fill
+INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
 @dataclass
 class InpaintOptions:
-    """Inpainting with a mask (A1111's img2img inpaint fields). Not yet available in generation."""
+    """Inpainting with a mask, and outpainting (A1111's img2img inpaint fields; pipelines/inpaint.py)."""
 
-    mask: Any = None  # a PIL image or a path: white = repaint
-    mask_blur: int = 4
-    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
-    inpaint_full_res: bool = False  # "only masked"
+    mask: Any = None  # a PIL image or a path: white = repaint (an RGBA image's transparency counts)
+    mask_blur: float = 4  # Gaussian blur of the mask in pixels; mask_blur_x/y set the axes apart
+    mask_blur_x: float | None = None
+    mask_blur_y: float | None = None
+    inpainting_fill: int = 1  # masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "only masked": work on the mask's region at full resolution
     inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: bool = False
+    inpainting_mask_invert: bool = False  # repaint what is NOT masked
+    inpainting_mask_weight: float = 1.0  # inpainting models: how much of the masked image they see cleared
+    outpaint_left: int = 0  # outpainting: extend the canvas by these many pixels (multiples of 8)
+    outpaint_top: int = 0
+    outpaint_right: int = 0
+    outpaint_bottom: int = 0
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        return (self.outpaint_left, self.outpaint_top, self.outpaint_right, self.outpaint_bottom)
+
+
+@dataclass
+class DepthOptions:
+    """Depth-to-image (depth models): a depth map given as an image (larger = nearer, any scale: it is
+    normalised), or the MiDaS file that estimates it from the init image (pipelines/depth.py)."""
+
+    map: Any = None  # a PIL image, an array/tensor (H, W) or a path
+    model: str = ""  # path of dpt_hybrid-midas-501f0c75.pt or a DPT folder; empty: the usual places
 
 
 @dataclass
 class RefinerOptions:
-    """The SDXL refiner hand-off: switch models at a fraction of the steps. Not yet available."""
+    """The SDXL base -> refiner hand-off (A1111's ``refiner_checkpoint``/``refiner_switch_at``,
+    pipelines/refiner.py): the refiner continues the base's sigma schedule from its latents.
 
-    checkpoint: str = ""
+    ``checkpoint``: a checkpoint path, or in Python a loaded ``Pipeline``. ``switch_at``: the fraction of
+    the denoising done by the base. ``switch_by_steps``: A1111's "Refiner switch by sampling steps" (the
+    first step s with s / steps >= switch_at) instead of its default rule by the noise level (the first
+    step whose nearest training timestep t has (999 - t) / 1000 >= switch_at)."""
+
+    checkpoint: Any = ""
     switch_at: float = 0.8
+    switch_by_steps: bool = False
+
+
+@dataclass
+class X4Options:
+    """The x4 upscaler task (pipelines/upscale_x4.py): the low-res image is noised to ``noise_level``
+    (0 to 350) before it conditions the model. ``tile``: latent (= input) pixels per tile for large
+    inputs (None automatic, 0 never), overlapping by ``tile_overlap``."""
+
+    noise_level: int = 20
+    tile: int | None = None
+    tile_overlap: int = 32
 
 
 @dataclass
@@ -110,14 +155,24 @@ _FLAT = {
     "hr_resize_y": ("hires", "resize_y"),
     "refiner_checkpoint": ("refiner", "checkpoint"),
     "refiner_switch_at": ("refiner", "switch_at"),
+    "refiner_switch_by_steps": ("refiner", "switch_by_steps"),
     "mask": ("inpaint", "mask"),
     "mask_blur": ("inpaint", "mask_blur"),
+    "mask_blur_x": ("inpaint", "mask_blur_x"),
+    "mask_blur_y": ("inpaint", "mask_blur_y"),
+    "inpainting_mask_weight": ("inpaint", "inpainting_mask_weight"),
     "inpainting_fill": ("inpaint", "inpainting_fill"),
     "inpaint_full_res": ("inpaint", "inpaint_full_res"),
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
     "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
 }
-_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions}
+_GROUPS = {
+    "hires": HiresOptions,
+    "refiner": RefinerOptions,
+    "inpaint": InpaintOptions,
+    "depth": DepthOptions,
+    "x4": X4Options,
+}
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
@@ -129,7 +184,14 @@ class GenerationRequest:
     sampler: str = "DPM++ 2M"  # A1111, ComfyUI or latentforge name; "DPM++ 2M Karras" style also works
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float = 7.0
+    guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
+    subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
+    subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
+    seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
+    seed_resize_from_h: int = 0
+    eta_noise_seed_delta: int = 0  # ENSD: later noise draws use seed + this
+    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere) or NV
     width: int | None = None  # None: the family's native size
     height: int | None = None
     batch_size: int = 1  # images per denoising pass
@@ -149,7 +211,9 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     hires: HiresOptions | None = None
     inpaint: InpaintOptions | None = None
+    depth: DepthOptions | None = None
     refiner: RefinerOptions | None = None
+    x4: X4Options | None = None
     networks: list[NetworkRef] = field(default_factory=list)
     control: list[ControlUnit] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
@@ -173,6 +237,10 @@ class GenerationRequest:
             isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale),
             f"cfg_scale must be a finite number, got {self.cfg_scale!r}",
         )
+        need(
+            isinstance(self.guidance_rescale, (int, float)) and 0 <= self.guidance_rescale <= 1,
+            f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale!r}",
+        )
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
@@ -188,11 +256,32 @@ class GenerationRequest:
             f"seed must be -1 or a non-negative whole number, got {self.seed!r}",
         )
         need(
+            isinstance(self.subseed, int) and -1 <= self.subseed < 2**63,
+            f"subseed must be -1 or a non-negative whole number, got {self.subseed!r}",
+        )
+        s = self.subseed_strength
+        need(
+            isinstance(s, (int, float)) and math.isfinite(s) and 0 <= s <= 1,
+            f"subseed_strength must be between 0 and 1, got {s!r}",
+        )
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and -1 <= v <= 8192, f"{name} must be 0 (off) to 8192 pixels, got {v!r}")
+        need(
+            isinstance(self.eta_noise_seed_delta, int) and 0 <= self.eta_noise_seed_delta < 2**32,
+            f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {self.eta_noise_seed_delta!r}",
+        )
+        need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
+        need(
             self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
         )
         if self.hires is not None and not img2img:
             _validate_hires(self.hires, need)
+        if self.refiner is not None:
+            _validate_refiner(self.refiner, need)
+        if self.x4 is not None:
+            _validate_x4(self.x4, need)
         if img2img or self.hires is not None:
             s = self.denoising_strength
             need(
@@ -204,10 +293,14 @@ class GenerationRequest:
                 "resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill)",
             )
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+        if self.inpaint is not None:
+            _validate_inpaint(self.inpaint, need, img2img)
+        need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
 
     def to_dict(self) -> dict:
-        """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
-        return asdict(self)
+        """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded
+        refiner ``Pipeline``, a mask image) are kept as they are, not copied."""
+        return _plain(self)
 
     def with_options(self, **options: Any) -> GenerationRequest:
         """A copy with ``options`` (field names, group names or A1111's flat names) applied, strictly."""
@@ -252,7 +345,7 @@ def _fold_flat(data: dict) -> dict:
     for group, values in flat.items():
         current = data.get(group)
         if dataclasses.is_dataclass(current):
-            current = asdict(current)
+            current = _plain(current)
         switch = _SWITCH[group]
         if current is not None or (group == "hires" and enable_hr) or (switch and _given(values.get(switch))):
             data[group] = {**(current or {}), **values}
@@ -260,7 +353,18 @@ def _fold_flat(data: dict) -> dict:
 
 
 # the field inside each group whose value switches the group on (hires: enable_hr)
-_SWITCH = {"hires": None, "refiner": "checkpoint", "inpaint": "mask"}
+_SWITCH = {"hires": None, "refiner": "checkpoint", "inpaint": "mask", "x4": None}
+
+
+def _plain(value):
+    """``dataclasses.asdict`` without its deep copy of other objects (a Pipeline, an image)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _given(value) -> bool:
@@ -276,6 +380,25 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
+
+
+def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
+    need(img2img, "inpainting and outpainting need an init image (img2img)")
+    need(
+        o.inpainting_fill in INPAINT_FILL,
+        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+    )
+    pad = o.inpaint_full_res_padding
+    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
+    w = o.inpainting_mask_weight
+    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
+    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
+        v = getattr(o, name)
+        need(
+            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
+            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
+        )
+    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
 
 
 def _validate_hires(h: HiresOptions, need) -> None:
@@ -297,6 +420,35 @@ def _validate_hires(h: HiresOptions, need) -> None:
     upscaler_name(h.upscaler)
 
 
+def _validate_refiner(r: RefinerOptions, need) -> None:
+    need(
+        isinstance(r.switch_at, (int, float)) and math.isfinite(r.switch_at) and 0.0 <= r.switch_at <= 1.0,
+        f"refiner_switch_at must be between 0 and 1, got {r.switch_at!r}",
+    )
+    need(
+        _given(r.checkpoint),
+        "refiner_checkpoint must name the refiner's checkpoint file or folder (or be a loaded Pipeline)",
+    )
+    need(
+        isinstance(r.switch_by_steps, bool), f"refiner_switch_by_steps must be true or false, got {r.switch_by_steps!r}"
+    )
+
+
+def _validate_x4(x: X4Options, need) -> None:
+    need(
+        isinstance(x.noise_level, int) and 0 <= x.noise_level <= 350,
+        f"x4 noise_level must be a whole number from 0 to 350, got {x.noise_level!r}",
+    )
+    need(
+        x.tile is None or (isinstance(x.tile, int) and (x.tile == 0 or (x.tile >= 32 and x.tile % 8 == 0))),
+        f"x4 tile must be None (automatic), 0 (never) or a multiple of 8 of at least 32 pixels, got {x.tile!r}",
+    )
+    need(
+        isinstance(x.tile_overlap, int) and x.tile_overlap >= 0 and x.tile_overlap % 8 == 0,
+        f"x4 tile_overlap must be a non-negative multiple of 8, got {x.tile_overlap!r}",
+    )
+
+
 class GenerationOptions(TypedDict, total=False):
     """The keyword options of ``Pipeline.txt2img``/``img2img``: the request's fields and A1111's flat
     names of the group fields (for editors; ``GenerationRequest`` documents each)."""
@@ -307,7 +459,14 @@ class GenerationOptions(TypedDict, total=False):
     sampler: str
     schedule: str
     cfg_scale: float
+    guidance_rescale: float
     seed: int
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    eta_noise_seed_delta: int
+    rng: str
     width: int | None
     height: int | None
     batch_size: int
@@ -327,7 +486,9 @@ class GenerationOptions(TypedDict, total=False):
     negative_aesthetic_score: float
     hires: HiresOptions | None
     inpaint: InpaintOptions | None
+    depth: DepthOptions | None
     refiner: RefinerOptions | None
+    x4: X4Options | None
     networks: list[NetworkRef]
     control: list[ControlUnit]
     extra: dict
@@ -339,8 +500,12 @@ class GenerationOptions(TypedDict, total=False):
     hr_resize_y: int
     refiner_checkpoint: str
     refiner_switch_at: float
+    refiner_switch_by_steps: bool
     mask: Any
-    mask_blur: int
+    mask_blur: float
+    mask_blur_x: float | None
+    mask_blur_y: float | None
+    inpainting_mask_weight: float
     inpainting_fill: int
     inpaint_full_res: bool
     inpaint_full_res_padding: int
