@@ -225,7 +225,7 @@ def test_hostile_ckpt_files(tmp_path):
     loop: dict = {}
     loop["state_dict"] = loop  # a dictionary that contains itself
     torch.save(loop, tmp_path / "loop.ckpt")
-    refused(TorchFile, tmp_path / "loop.ckpt", match="nested more than 8 deep")
+    refused(TorchFile, tmp_path / "loop.ckpt", match="nests its weights more than 8 deep")
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
     refused(TorchFile, tmp_path / "list.ckpt", match="holds a list")
 

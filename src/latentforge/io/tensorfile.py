@@ -290,17 +290,20 @@ def _unsafe_message(path: Path, error: Exception) -> str:
 
 
 def _flatten_state_dict(obj, path: Path) -> dict[str, Tensor]:
-    """Find the weights: a plain state dict, or one under ``state_dict`` (nested at most 8 deep: a pickle
-    can make a dictionary that contains itself)."""
-    for _ in range(8):
-        if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)):
+    """Find the weights: a plain state dict, or one under ``state_dict`` (possibly nested), or BasicSR's
+    ``params_ema`` (preferred, as BasicSR's own inference does) or ``params``; nested at most 8 deep (a
+    pickle can make a dictionary that contains itself)."""
+    for depth in range(9):
+        inner = None
+        if isinstance(obj, dict):
+            inner = next((w for w in ("state_dict", "params_ema", "params") if isinstance(obj.get(w), dict)), None)
+        if inner is None:
             break
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or isinstance(obj.get("state_dict"), dict):
-        raise CheckpointError(
-            f"{path} holds a {type(obj).__name__} (or 'state_dict' nested more than 8 deep), not a dictionary of "
-            "tensors; it is not a model checkpoint"
-        )
+        if depth == 8:
+            raise CheckpointError(f"{path} nests its weights more than 8 deep; it is not a model checkpoint")
+        obj = obj[inner]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dictionary of tensors")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypedDict
 
 from PIL import Image
@@ -40,13 +41,27 @@ LATENT_UPSCALERS = {
 IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
-def upscaler_name(name: str) -> str:
-    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+def builtin_upscaler(name: str) -> str | None:
+    """The canonical name of a built-in upscaler given in any letter case, or None."""
     for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
         if isinstance(name, str) and name.strip().lower() == known.lower():
             return known
+    return None
+
+
+def upscaler_name(name: str, *, model_files: bool = False) -> str:
+    """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
+    upscaler folder is configured), another name is kept as the name of an upscaler model file, found
+    when the plan is built (``upscalers.find``); a path to a .pth/.safetensors file is always kept."""
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
+    is_file = isinstance(name, str) and Path(name).suffix.lower() in (".pth", ".safetensors") and Path(name).is_file()
+    if isinstance(name, str) and name.strip() and (model_files or is_file):
+        return name.strip()
     raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}, "
+        "or an ESRGAN-family model file by path, or by name when an upscaler folder is configured (--upscaler-dir)"
     )
 
 
@@ -56,7 +71,7 @@ class HiresOptions:
     with the request's ``denoising_strength`` (pipelines/hires.py)."""
 
     scale: float = 2.0
-    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS
+    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS, or an ESRGAN-family model (upscalers.py)
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
@@ -218,7 +233,10 @@ class GenerationRequest:
     control: list[ControlUnit] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
-    def validate(self, *, img2img: bool = False) -> None:
+    def validate(self, *, img2img: bool = False, upscaler_files: bool = False) -> None:
+        """Check every field; ``upscaler_files``: an upscaler folder is configured, so a hires upscaler
+        that is not built in may name a model file there (resolved when the plan is built)."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise RequestError(message)
@@ -277,7 +295,7 @@ class GenerationRequest:
             f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
         )
         if self.hires is not None and not img2img:
-            _validate_hires(self.hires, need)
+            _validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
             _validate_refiner(self.refiner, need)
         if self.x4 is not None:
@@ -401,7 +419,7 @@ def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
     need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
 
 
-def _validate_hires(h: HiresOptions, need) -> None:
+def _validate_hires(h: HiresOptions, need, upscaler_files: bool = False) -> None:
     need(
         isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
         f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
@@ -417,7 +435,7 @@ def _validate_hires(h: HiresOptions, need) -> None:
             isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
             f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
         )
-    upscaler_name(h.upscaler)
+    upscaler_name(h.upscaler, model_files=upscaler_files)
 
 
 def _validate_refiner(r: RefinerOptions, need) -> None:
