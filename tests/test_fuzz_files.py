@@ -376,3 +376,31 @@ def test_hostile_prediction_metadata(model, tmp_path):
     save_file(sd, tmp_path / "m.safetensors", metadata={"latentforge.prediction": "x0" * 1000})
     err = refused(latentforge.load, tmp_path / "m.safetensors", match="metadata latentforge.prediction")
     assert len(str(err)) < 400
+
+
+# --- ESRGAN-family upscaler files: sizes come from shapes too ---------------------------------------
+
+
+def _compact(last: int, features: int) -> dict[str, torch.Tensor]:
+    return {
+        "body.0.weight": torch.zeros(features, 3, 3, 3),
+        "body.1.weight": torch.zeros(features),
+        f"body.{last}.weight": torch.zeros(48, features, 3, 3),
+    }
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (_compact(999_998, 8), "compact conv count is 499998, above latentforge's limit of 256"),
+        # 19 convs of 2048 features: 2048*3*9+2048 + 2048 + 19*(2048*2048*9+2048 + 2048) + 48*2048*9+48
+        # = 718247984 parameters (2.9 GB) claimed by a 3.7 MB file
+        (_compact(40, 2048), "describe a SRVGGNetCompact of 718247984 parameters"),
+        ({"conv_first.weight": torch.zeros(64), "body.0.rdb1.conv1.weight": torch.zeros(2)}, "form no upscaler"),
+    ],
+)
+def test_hostile_upscaler_files(tmp_path, state, message):
+    from latentforge.models.esrgan import load_upscaler
+
+    save_file(state, tmp_path / "u.safetensors")
+    refused(load_upscaler, tmp_path / "u.safetensors", match=message)

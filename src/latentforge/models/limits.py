@@ -30,6 +30,8 @@ MAX_TEXT_LAYERS = 256  # text-encoder layers (real: up to 32)
 MAX_VOCAB = 1_000_000  # token-embedding rows (real: 49408)
 MAX_POSITIONS = 8192  # text positions (real: 77)
 MAX_MLP = 65536  # text-encoder MLP width (real: 5120)
+MAX_UPSCALER_BLOCKS = 256  # RRDB blocks or compact convs of an ESRGAN-family upscaler (real: 23, 32)
+MAX_UPSAMPLES = 4  # x2 upsampling stages of an upscaler (real: 2)
 LIMITS = {k: v for k, v in globals().items() if k.startswith("MAX_")}
 
 
