@@ -5,6 +5,10 @@ nesting multiplies; ``\\(`` and ``\\)`` are literal brackets; unclosed brackets 
 prompt. Long prompts are cut into chunks of 75 tokens, each encoded on its own and concatenated;
 a full chunk moves the text after its last comma to the next chunk when that comma is within the last
 20 tokens; ``BREAK`` starts a new chunk.
+
+Prompts come from users and from image files, so the parsers check limits before any work
+(``check_prompt``): length in characters, bracket nesting depth, and later the number of chunks and
+the emphasis weights. A prompt over a limit raises ``PromptError`` naming the limit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,51 @@ from dataclasses import dataclass, field
 CHUNK = 75
 COMMA_BACKTRACK = 20
 ROUND, SQUARE = 1.1, 1 / 1.1
+
+# Limits on untrusted prompts (far above what any real prompt uses)
+MAX_PROMPT_CHARS = 20_000
+MAX_NESTING = 50  # brackets ( [ open at once
+MAX_CHUNKS = 40  # 75-token chunks: 3000 tokens
+MAX_WEIGHT = 100.0  # |explicit emphasis weight|, as in (word:1.5)
+MAX_EFFECTIVE_WEIGHT = 10_000.0  # |weight| after nesting multiplies
+
+
+class PromptError(ValueError):
+    """A prompt over a limit or with an unusable value; the message names the limit and the fix."""
+
+
+def nesting_depth(text: str) -> int:
+    """The most brackets ``(`` and ``[`` open at once (a backslash escapes the next character; a closer
+    with nothing open is text). Both prompt parsers recurse at most this deep."""
+    depth = deepest = 0
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]" and depth:
+            depth -= 1
+    return deepest
+
+
+def check_prompt(text: str, what: str = "prompt") -> None:
+    """Refuse a prompt the parsers should not run on: not a string, over ``MAX_PROMPT_CHARS`` characters
+    or nested deeper than ``MAX_NESTING`` brackets. Cheap (one pass); called before any parsing."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"{what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS} (shorten it)")
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise PromptError(
+            f"{what} nests {depth} brackets ( or [ deep; the limit is {MAX_NESTING} "
+            "(remove brackets, or escape literal ones as \\( \\[)"
+        )
+
 
 _TOKENS = re.compile(
     r"""
@@ -31,7 +80,10 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs; BREAK becomes ("BREAK", -1)."""
+    """Split a prompt into (text, weight) runs; BREAK becomes ("BREAK", -1).
+
+    Explicit weights must be finite numbers within +-``MAX_WEIGHT`` (``PromptError`` otherwise)."""
+    check_prompt(text)
     runs: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -49,7 +101,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif tok == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            scale(round_open.pop(), _weight(weight, text))
         elif tok == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif tok == "]" and square_open:
@@ -64,6 +116,12 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale(start, SQUARE)
 
+    for run in runs:
+        if not abs(run[1]) <= MAX_EFFECTIVE_WEIGHT:
+            raise PromptError(
+                f"emphasis of {run[0][:40]!r} multiplies to {run[1]:g}; nested weights may reach at most "
+                f"{MAX_EFFECTIVE_WEIGHT:g} (use fewer or smaller weights)"
+            )
     merged: list[list] = []
     for run in runs:
         if run[0] == "" and run[1] != -1:
@@ -73,6 +131,16 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def _weight(number: str, text: str) -> float:
+    try:
+        value = float(number)
+    except ValueError:
+        raise PromptError(f"emphasis weight {number!r} in the prompt is not a number; write e.g. (word:1.2)") from None
+    if not abs(value) <= MAX_WEIGHT:
+        raise PromptError(f"emphasis weight {number} in the prompt is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+    return value
 
 
 @dataclass
@@ -86,6 +154,7 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
 
     ``syntax="plain"``: no weights, one chunk truncated to 75 (what diffusers does)."""
     if syntax == "plain":
+        check_prompt(text)
         ids = encode(text)[:CHUNK]
         return [Chunk(ids, [1.0] * len(ids))]
     if syntax != "a1111":
@@ -96,6 +165,11 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
 
     def close() -> None:
         nonlocal chunk, last_comma
+        if len(chunks) >= MAX_CHUNKS:
+            raise PromptError(
+                f"prompt is longer than {MAX_CHUNKS} chunks of {CHUNK} tokens ({MAX_CHUNKS * CHUNK} tokens, "
+                "BREAK starting a chunk); shorten it"
+            )
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
