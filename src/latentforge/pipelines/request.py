@@ -16,13 +16,20 @@ from typing import Any, TypedDict
 
 from PIL import Image
 
+from latentforge.conditioning.prompt import PromptError, check_prompt
+from latentforge.pipelines.checks import (
+    MAX_SIDE,
+    MAX_STEPS,
+    RANGES,
+    RequestError,
+    check_types,
+    is_int,
+    is_number,
+    optional,
+    show,
+)
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
-
-
-class RequestError(ValueError):
-    """A request that cannot run; the message says which field and what is allowed."""
-
 
 # Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
 # image ones (pipelines/hires.py uses them)
@@ -155,12 +162,28 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
     def validate(self, *, img2img: bool = False) -> None:
+        """Check every field's type and range (and the prompts' limits) before any work; a RequestError
+        names the field, what it got and what is allowed."""
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise RequestError(message)
 
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps!r}")
-        need(self.steps <= 1000, f"steps must be at most 1000, got {self.steps}")
+        check_types(GenerationRequest, {f.name: getattr(self, f.name) for f in fields(self)})
+        for name, group in _GROUPS.items():
+            value = getattr(self, name)
+            if isinstance(value, group):
+                check_types(group, asdict(value), f"{name}.")
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be a whole number >= 1, got {show(self.steps)}")
+        need(self.steps <= MAX_STEPS, f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        for name in ("prompt", "negative_prompt", "sampler", "schedule", "prompt_syntax"):
+            value = getattr(self, name)
+            need(isinstance(value, str), f"{name} must be text, got {type(value).__name__} {show(value)}")
+        for name in ("prompt", "negative_prompt"):
+            try:
+                check_prompt(getattr(self, name), name)
+            except PromptError as e:
+                raise RequestError(str(e)) from None
         try:
             resolve(self.sampler, self.schedule)
         except ValueError as e:
@@ -170,40 +193,57 @@ class GenerationRequest:
         except ValueError as e:
             raise RequestError(str(e)) from None
         need(
-            isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale),
-            f"cfg_scale must be a finite number, got {self.cfg_scale!r}",
+            is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
+            f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
         )
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
                 need(
-                    isinstance(value, int) and value >= 64 and value % 8 == 0,
-                    f"{name} must be a multiple of 8 and at least 64 pixels, got {value!r}",
+                    is_int(value) and value >= 64 and value % 8 == 0,
+                    f"{name} must be a multiple of 8 and at least 64 pixels, got {show(value)}",
                 )
-                need(value <= 8192, f"{name} must be at most 8192 pixels, got {value}")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
-        need(isinstance(self.batch_count, int) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
+                need(value <= MAX_SIDE, f"{name} must be at most {MAX_SIDE} pixels, got {value}")
+        need(is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
+        need(is_int(self.batch_count) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
         need(
-            isinstance(self.seed, int) and -1 <= self.seed < 2**63,
-            f"seed must be -1 or a non-negative whole number, got {self.seed!r}",
+            is_int(self.seed) and -1 <= self.seed < 2**63,
+            f"seed must be -1 or a non-negative whole number, got {show(self.seed)}",
         )
         need(
-            self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
-            f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
+            self.clip_skip is None or (is_int(self.clip_skip) and 1 <= self.clip_skip <= 12),
+            f"clip_skip must be 1 to 12, got {show(self.clip_skip)}",
         )
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "eta":
+                continue
+            ok = is_number(value) and low <= value <= high and (math.isfinite(value) or name == "s_tmax")
+            need(ok, f"{name} must be between {low:g} and {high:g}, got {show(value)}")
+        for name in ("sgm_noise_multiplier", "quantize_timesteps"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {show(value)}")
+        need(
+            is_int(self.resize_mode) and self.resize_mode in (0, 1, 2),
+            f"resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), got {show(self.resize_mode)}",
+        )
+        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+        need(isinstance(self.extra, dict), f"extra must be a mapping of names to values, got {show(self.extra)}")
+        for name, group in _GROUPS.items():
+            value = getattr(self, name)
+            need(
+                value is None or isinstance(value, group),
+                f"{name} must be a group of options ({', '.join(f.name for f in fields(group))}) or none, "
+                f"got {show(value)}",
+            )
+        for name, item in _LISTS.items():
+            value = getattr(self, name)
+            need(
+                isinstance(value, list) and all(isinstance(x, item) for x in value),
+                f"{name} must be a list of {item.__name__} entries, got {show(value)}",
+            )
         if self.hires is not None and not img2img:
             _validate_hires(self.hires, need)
-        if img2img or self.hires is not None:
-            s = self.denoising_strength
-            need(
-                isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s <= 1.0,
-                f"denoising_strength must be between 0 and 1, got {s!r}",
-            )
-            need(
-                not img2img or self.resize_mode in (0, 1, 2),
-                "resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill)",
-            )
-        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
@@ -219,6 +259,18 @@ class GenerationRequest:
         ``refiner_checkpoint``, ``mask``, ...). Unknown fields are an error naming them (the CLI and the
         Python API are strict), or with ``lenient=True`` (for JSON that other tools wrote, such as an
         A1111 API payload) kept in ``extra``."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise RequestError(f"a request must be a mapping of field names to values, got {show(data)}")
+        for name in [*_GROUPS, *_LISTS]:
+            value = data.get(name)
+            group_ok = value is None or isinstance(value, dict) or dataclasses.is_dataclass(value)
+            need = list if name in _LISTS else None
+            if (need and not isinstance(value, (list, type(None)))) or (not need and not group_ok):
+                raise RequestError(f"{name} must be {'a list' if need else 'a group of options'}, got {show(value)}")
+        if not isinstance(data.get("enable_hr", False), (bool, type(None))):
+            raise RequestError(f"enable_hr must be true or false, got {show(data['enable_hr'])}")
+        if not isinstance(data.get("extra", {}), dict):
+            raise RequestError(f"extra must be a mapping of names to values, got {show(data['extra'])}")
         data = _fold_flat(dict(data))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -226,12 +278,15 @@ class GenerationRequest:
             raise RequestError(f"unknown request field(s): {', '.join(unknown)}")
         if unknown:
             data["extra"] = {**data.get("extra", {}), **{k: data.pop(k) for k in unknown}}
+        if lenient:  # other tools write null for "the default" (A1111: s_tmax)
+            data = {k: v for k, v in data.items() if v is not None or optional(cls, k)}
         for name, group in _GROUPS.items():
             if isinstance(data.get(name), dict):
                 data[name] = _make(group, data[name], name)
         for name, item in _LISTS.items():
             if name in data:
                 data[name] = [_make(item, x, name) if isinstance(x, dict) else x for x in data[name] or []]
+        check_types(cls, data)
         return cls(**data)
 
 
@@ -269,9 +324,12 @@ def _given(value) -> bool:
 
 def _make(cls, values: dict, where: str):
     allowed = {f.name for f in fields(cls)}
+    if not all(isinstance(k, str) for k in values):
+        raise RequestError(f"{where} field names must be text, got {show(list(values))}")
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise RequestError(f"unknown {where} field(s): {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    check_types(cls, values, f"{where}.")
     try:
         return cls(**values)
     except TypeError as e:
