@@ -10,18 +10,43 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from latentforge.pipelines.request import RequestError
+from latentforge.pipelines.checks import MAX_INPUT_PIXELS, RequestError
 
 
-def open_image(image: Image.Image | str | Path) -> Image.Image:
+def check_pixels(size: tuple[int, int], what: str) -> None:
+    """Refuse an input image of more than ``MAX_INPUT_PIXELS`` pixels (from its header, before decoding:
+    a small compressed file can hold a huge image)."""
+    w, h = size
+    if w * h > MAX_INPUT_PIXELS:
+        raise RequestError(
+            f"{what} is {w}x{h} pixels; images of more than {MAX_INPUT_PIXELS} pixels "
+            f"({int(MAX_INPUT_PIXELS**0.5)}x{int(MAX_INPUT_PIXELS**0.5)}) are refused: resize it first"
+        )
+    if w < 1 or h < 1:
+        raise RequestError(f"{what} is {w}x{h} pixels: it holds no pixels")
+
+
+def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+    """An input image as RGB (EXIF orientation applied). Its size is checked before its pixels are
+    decoded; an unreadable, truncated or oversized file is a RequestError naming it."""
+    name = what if isinstance(image, Image.Image) else f"{what} {image}"
     if isinstance(image, Image.Image):
-        return image
+        check_pixels(image.size, name)
+        try:
+            return ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise RequestError(f"cannot use {name} (mode {image.mode}): {e}") from None
     try:
         with Image.open(image) as im:
+            check_pixels(im.size, name)
             im.load()
-            return im.copy()
-    except (OSError, ValueError) as e:
-        raise RequestError(f"cannot read init image {image}: {e}") from None
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except RequestError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"{name} is refused as a decompression bomb: {e}") from None
+    except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
+        raise RequestError(f"cannot read {name}: {type(e).__name__}: {e}") from None
 
 
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:

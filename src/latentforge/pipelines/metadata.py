@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
+from latentforge.pipelines.checks import is_int, show
 from latentforge.pipelines.request import GenerationRequest, HiresOptions, RequestError
 from latentforge.sampling.registry import SAMPLERS, resolve
 
@@ -108,50 +110,99 @@ def _jsonable(x):
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """{"parameters": infotext or None, "latentforge": parsed JSON or None} of an image file."""
+    """{"parameters": infotext or None, "latentforge": parsed JSON or None} of an image file. Only the
+    header and text chunks are read (no pixels); PIL's limits bound the text. A file that is not an
+    image, or whose ``latentforge`` text is not JSON, is a RequestError naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             text = dict(im.info)
-    except (OSError, ValueError) as e:
-        raise RequestError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
+        raise RequestError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    parameters = text.get("parameters")
+    if parameters is not None and not isinstance(parameters, str):
+        raise RequestError(f"{path}: its 'parameters' text is not text ({type(parameters).__name__})")
     ours = text.get("latentforge")
     parsed = None
     if ours:
         try:
             parsed = json.loads(ours)
-        except json.JSONDecodeError:
-            parsed = None
-    return {"parameters": text.get("parameters"), "latentforge": parsed}
+        except (ValueError, TypeError, RecursionError) as e:
+            raise RequestError(
+                f"{path}: its 'latentforge' record is not valid JSON ({type(e).__name__}); "
+                "remove the option --from or use another image"
+            ) from None
+    return {"parameters": parameters or None, "latentforge": parsed}
 
 
 def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
     """The request that made an image: exact from our JSON if present, else from the A1111 infotext.
-    Returns (request, {"mode", "model", "source"})."""
+    Returns (request, {"mode", "model", "source", "batch_index"}). The whole record is checked first
+    (types, known mode, batch_index within the batch): a RequestError names the file and the field."""
     meta = read_png_metadata(path)
-    if meta["latentforge"]:
-        data = dict(meta["latentforge"]["request"])
-        if data.get("s_tmax") == "inf":
-            data["s_tmax"] = float("inf")
-        record = meta["latentforge"]
-        info = {
-            "mode": record["mode"],
-            "model": record.get("model", {}),
-            "source": "json",
-            "batch_index": record.get("batch_index", 0),
-        }
-        return GenerationRequest.from_dict(data), info
+    if meta["latentforge"] is not None:
+        try:
+            return _from_record(meta["latentforge"])
+        except RequestError as e:
+            raise RequestError(f"{path}: latentforge record: {e}") from None
     if not meta["parameters"]:
         raise RequestError(f"{path} carries no generation parameters (no 'parameters' or 'latentforge' text)")
-    return request_from_infotext(meta["parameters"])
+    try:
+        return request_from_infotext(meta["parameters"])
+    except RequestError as e:
+        raise RequestError(f"{path}: parameters: {e}") from None
+
+
+def _from_record(record) -> tuple[GenerationRequest, dict]:
+    if not isinstance(record, dict):
+        raise RequestError(f"must be a JSON object, got {show(record)}")
+    if record.get("latentforge") != 1:
+        raise RequestError(
+            f"version {show(record.get('latentforge'))} is not 1 (written by another version of latentforge?)"
+        )
+    if record.get("mode") not in ("txt2img", "img2img"):
+        raise RequestError(f"mode must be 'txt2img' or 'img2img', got {show(record.get('mode'))}")
+    if not isinstance(record.get("request"), dict):
+        raise RequestError(f"request must be a JSON object, got {show(record.get('request'))}")
+    model = record.get("model", {})
+    if not isinstance(model, dict):
+        raise RequestError(f"model must be a JSON object, got {show(model)}")
+    data = dict(record["request"])
+    if data.get("s_tmax") == "inf":
+        data["s_tmax"] = float("inf")
+    req = GenerationRequest.from_dict(data)
+    index = record.get("batch_index", 0)
+    if not (is_int(index) and is_int(req.batch_size) and 0 <= index < req.batch_size):
+        raise RequestError(
+            f"batch_index must be a whole number from 0 to batch_size - 1 ({show(req.batch_size)}), got {show(index)}"
+        )
+    return req, {"mode": record["mode"], "model": model, "source": "json", "batch_index": index}
+
+
+def _value(settings: dict, key: str, convert, what: str):
+    """An infotext value converted, or a RequestError naming the field."""
+    try:
+        return convert(settings[key])
+    except (ValueError, OverflowError, TypeError):
+        raise RequestError(f"'{key}: {show(settings[key])}' is not {what}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", text, re.I)
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)), int(m.group(2))
 
 
 def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
+    """A request from A1111's infotext; a value that does not convert is a RequestError naming its field
+    (ranges are checked by ``GenerationRequest.validate``)."""
     prompt, negative, s = parse_infotext(text)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative)
+    whole, number = "a whole number", "a number"
     if "Steps" in s:
-        req.steps = int(s["Steps"])
+        req.steps = _value(s, "Steps", int, whole)
     if "Sampler" in s:
         sampler_title = s["Sampler"]
         try:
@@ -164,26 +215,26 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     if "Schedule type" in s:
         req.schedule = s["Schedule type"]
     if "CFG scale" in s:
-        req.cfg_scale = float(s["CFG scale"])
+        req.cfg_scale = _value(s, "CFG scale", float, number)
     if "Seed" in s:
-        req.seed = int(s["Seed"])
+        req.seed = _value(s, "Seed", int, whole)
     if "Size" in s:
-        w, h = s["Size"].lower().split("x")
-        req.width, req.height = int(w), int(h)
+        req.width, req.height = _value(s, "Size", _size, "a size WIDTHxHEIGHT")
     if "Denoising strength" in s:
-        req.denoising_strength = float(s["Denoising strength"])
+        req.denoising_strength = _value(s, "Denoising strength", float, number)
     if "Clip skip" in s:
-        req.clip_skip = int(s["Clip skip"])
+        req.clip_skip = _value(s, "Clip skip", int, whole)
     if "Eta" in s:
-        req.eta = float(s["Eta"])
+        req.eta = _value(s, "Eta", float, number)
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
         h = req.hires = HiresOptions()
-        h.scale = float(s.get("Hires upscale", h.scale))
+        if "Hires upscale" in s:
+            h.scale = _value(s, "Hires upscale", float, number)
         if "Hires resize" in s:
-            x, y = s["Hires resize"].lower().split("x")
-            h.resize_x, h.resize_y = int(x), int(y)
-        h.second_pass_steps = int(s.get("Hires steps", 0))
+            h.resize_x, h.resize_y = _value(s, "Hires resize", _size, "a size WIDTHxHEIGHT")
+        if "Hires steps" in s:
+            h.second_pass_steps = _value(s, "Hires steps", int, whole)
         h.upscaler = s.get("Hires upscaler", h.upscaler)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
     known |= hires

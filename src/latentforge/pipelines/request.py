@@ -16,7 +16,8 @@ from typing import Any, TypedDict
 
 from PIL import Image
 
-from latentforge.conditioning.prompt import PromptError, check_prompt
+from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention
+from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.checks import (
     MAX_SIDE,
     MAX_STEPS,
@@ -185,9 +186,18 @@ class GenerationRequest:
             except PromptError as e:
                 raise RequestError(str(e)) from None
         try:
-            resolve(self.sampler, self.schedule)
+            sampler, _ = resolve(self.sampler, self.schedule)
         except ValueError as e:
             raise RequestError(str(e)) from None
+        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+        if self.prompt_syntax == "a1111":  # the parsers' limits, checked before any model work
+            calls = self.steps * (2 if sampler.second_order else 1)
+            for name in ("prompt", "negative_prompt"):
+                try:
+                    for text in {t for _, t in prompt_schedule(getattr(self, name), calls)}:
+                        parse_attention(text)
+                except PromptError as e:
+                    raise RequestError(f"{name}: {e}") from None
         try:
             schedule_name(self.schedule)
         except ValueError as e:
@@ -227,7 +237,6 @@ class GenerationRequest:
             is_int(self.resize_mode) and self.resize_mode in (0, 1, 2),
             f"resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), got {show(self.resize_mode)}",
         )
-        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
         need(isinstance(self.extra, dict), f"extra must be a mapping of names to values, got {show(self.extra)}")
         for name, group in _GROUPS.items():
             value = getattr(self, name)
