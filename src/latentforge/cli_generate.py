@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,25 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+# C0 controls except tab and newline, DEL, C1 controls (ESC and CSI start terminal sequences), and the
+# bidirectional overrides that reorder what a terminal shows
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str, *, newlines: bool = True) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), so text from a file (a PNG's
+    parameters, an error quoting them) cannot move the cursor, retitle or recolour the terminal.
+    Tabs are kept, and newlines unless ``newlines=False``."""
+    if not newlines:
+        text = text.replace("\n", "\\n")
+
+    def escape(m: re.Match) -> str:
+        code = ord(m.group(0))
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROL.sub(escape, text)
+
+
 class ProgressBar:
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -151,7 +171,7 @@ def default_model() -> Path:
 
 
 def build_request(args: argparse.Namespace, img2img: bool):
-    from latentforge.pipelines import GenerationRequest
+    from latentforge.pipelines import GenerationRequest, RequestError
     from latentforge.pipelines.metadata import request_from_image
 
     req = GenerationRequest()
@@ -159,6 +179,9 @@ def build_request(args: argparse.Namespace, img2img: bool):
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
         pick = meta["batch_index"]
+        if (meta["mode"] == "img2img") != img2img:
+            command = "img2img INIT_IMAGE" if meta["mode"] == "img2img" else "txt2img"
+            raise RequestError(f"{args.from_image} was made by {meta['mode']}; use `latentforge {command} --from`")
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
     options = {}
@@ -181,24 +204,34 @@ def build_request(args: argparse.Namespace, img2img: bool):
 
 def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     import latentforge
-    from latentforge.io.images import output_paths, save_png
+    from latentforge.io.images import output_paths, save_numbered, save_png
+    from latentforge.io.writer import OutputError, check_writable_folder
+    from latentforge.pipelines.generate import output_size
+    from latentforge.pipelines.images import open_image
 
     req, pick = build_request(args, img2img)
     n = 1 if pick is not None else req.batch_size * req.batch_count
-    # choose and check the output names before the minutes of work, so nothing is lost at the end
-    seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
-    paths = output_paths(args.output, args.outdir, seeds_hint)
-    for p in paths:
-        if p.exists() and not args.overwrite:
-            raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
-    if img2img and not args.init_image.is_file():
-        raise ValueError(f"init image {args.init_image} does not exist")
+    # check the output location and the init image before loading the model and the minutes of work
+    if args.output is not None:
+        paths = output_paths(args.output, args.outdir, list(range(n)))
+        for p in paths:
+            if p.is_dir():
+                raise OutputError(f"{p} is a folder; -o/--output takes a .png file name (--outdir takes a folder)")
+            if p.exists() and not args.overwrite:
+                raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
+        check_writable_folder(args.output.parent, "-o/--output location")
+    else:
+        check_writable_folder(args.outdir, "--outdir")
+    init = None
+    if img2img:
+        init = open_image(args.init_image)
+        output_size(req, init, 0)
     model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     bar = ProgressBar(not args.quiet)
     try:
         if img2img:
-            result = pipe.img2img(args.init_image, request=req, progress=bar)
+            result = pipe.img2img(init, request=req, progress=bar)
         else:
             result = pipe.txt2img(request=req, progress=bar)
     except KeyboardInterrupt:
@@ -209,10 +242,13 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     images, seeds = result.images, result.seeds
     if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
         images, seeds = [images[pick]], [seeds[pick]]
-    if args.output is None:  # numbered names carry the seeds actually used
-        paths = output_paths(None, args.outdir, seeds)
-    for image, path in zip(images, paths):
-        save_png(image, path, overwrite=args.overwrite)
+    for i, (image, seed) in enumerate(zip(images, seeds)):
+        # numbered names carry the seeds actually used and are claimed atomically when written
+        path = (
+            save_png(image, paths[i], overwrite=args.overwrite)
+            if args.output
+            else save_numbered(image, args.outdir, seed)
+        )
         print(path)
     if not args.quiet:
         print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)
@@ -229,9 +265,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{args.image}: no generation parameters found", file=sys.stderr)
         return 1
     if meta["parameters"]:
-        print(meta["parameters"])
+        print(terminal_safe(meta["parameters"]))
     if meta["latentforge"] and args.json:
-        print(json.dumps(meta["latentforge"], indent=2))
+        print(terminal_safe(json.dumps(meta["latentforge"], indent=2)))  # ensure_ascii escapes; kept for safety
     return 0
 
 

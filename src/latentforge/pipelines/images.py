@@ -3,6 +3,7 @@ resize modes), and conversion between PIL images and tensors in [-1, 1]."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,10 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
         except (OSError, ValueError) as e:
             raise RequestError(f"cannot use {name} (mode {image.mode}): {e}") from None
     try:
-        with Image.open(image) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
+            im = Image.open(image)
+        with im:
             check_pixels(im.size, name)
             im.load()
             return ImageOps.exif_transpose(im).convert("RGB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from latentforge.io.hashing import model_hash
@@ -116,8 +117,10 @@ def read_png_metadata(path: str | Path) -> dict:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            text = dict(im.info)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixels are decoded here
+            with Image.open(path) as im:
+                text = dict(im.info)
     except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
         raise RequestError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     parameters = text.get("parameters")
@@ -185,7 +188,7 @@ def _value(settings: dict, key: str, convert, what: str):
     try:
         return convert(settings[key])
     except (ValueError, OverflowError, TypeError):
-        raise RequestError(f"'{key}: {show(settings[key])}' is not {what}") from None
+        raise RequestError(f"{key} {show(settings[key])} is not {what}") from None
 
 
 def _size(text: str) -> tuple[int, int]:
