@@ -48,7 +48,10 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
     except RequestError:
         raise
     except Image.DecompressionBombError as e:
-        raise RequestError(f"{name} is refused as a decompression bomb: {e}") from None
+        raise RequestError(
+            f"{name} is refused as a decompression bomb ({e}); images of more than {MAX_INPUT_PIXELS} pixels "
+            "are refused: resize it first"
+        ) from None
     except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
         raise RequestError(f"cannot read {name}: {type(e).__name__}: {e}") from None
 
