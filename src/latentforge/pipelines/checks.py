@@ -7,7 +7,10 @@ Requests arrive from JSON, PNG metadata and command lines, so every field is che
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
+
+from PIL import Image
 
 
 class RequestError(ValueError):
@@ -76,3 +79,46 @@ def check_types(cls: type, values: dict, where: str = "") -> None:
         if not ok(value):
             what += " or none" if may_be_none else ""
             raise RequestError(f"{where}{f.name} must be {what}, got {type(value).__name__} {show(value)}")
+
+
+# Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
+# image ones (pipelines/hires.py uses them)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def upscaler_name(name: str) -> str:
+    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if isinstance(name, str) and name.strip().lower() == known.lower():
+            return known
+    raise RequestError(
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+    )
+
+
+def validate_hires(h, need: Callable[[bool, str], None]) -> None:
+    """The hires group's fields (``HiresOptions``), with A1111's flat names in the messages."""
+    need(
+        isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
+        f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
+    )
+    steps = h.second_pass_steps
+    need(
+        isinstance(steps, int) and 0 <= steps <= 1000,
+        f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
+    )
+    for name in ("resize_x", "resize_y"):
+        value = getattr(h, name)
+        need(
+            isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
+            f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
+        )
+    upscaler_name(h.upscaler)

@@ -14,10 +14,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from PIL import Image
-
 from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention
 from latentforge.conditioning.schedule import prompt_schedule
+from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # re-exported (hires.py, users)
+from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
 from latentforge.pipelines.checks import (
     MAX_SIDE,
     MAX_STEPS,
@@ -28,31 +28,11 @@ from latentforge.pipelines.checks import (
     is_number,
     optional,
     show,
+    validate_hires,
 )
+from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
-
-# Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
-# image ones (pipelines/hires.py uses them)
-LATENT_UPSCALERS = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-
-
-def upscaler_name(name: str) -> str:
-    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
-    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
-        if isinstance(name, str) and name.strip().lower() == known.lower():
-            return known
-    raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
-    )
 
 
 @dataclass
@@ -252,7 +232,7 @@ class GenerationRequest:
                 f"{name} must be a list of {item.__name__} entries, got {show(value)}",
             )
         if self.hires is not None and not img2img:
-            _validate_hires(self.hires, need)
+            validate_hires(self.hires, need)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
@@ -343,25 +323,6 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
-
-
-def _validate_hires(h: HiresOptions, need) -> None:
-    need(
-        isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
-        f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
-    )
-    steps = h.second_pass_steps
-    need(
-        isinstance(steps, int) and 0 <= steps <= 1000,
-        f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
-    )
-    for name in ("resize_x", "resize_y"):
-        value = getattr(h, name)
-        need(
-            isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
-            f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
-        )
-    upscaler_name(h.upscaler)
 
 
 class GenerationOptions(TypedDict, total=False):
