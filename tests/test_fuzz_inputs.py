@@ -25,7 +25,7 @@ from latentforge.conditioning import schedule as sched
 from latentforge.conditioning.prompt import PromptError, chunk_prompt, parse_attention
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.pipelines import GenerationRequest, RequestError
-from latentforge.pipelines.images import open_image
+from latentforge.pipelines.images import open_image, prepare_image
 from latentforge.pipelines.metadata import request_from_image, request_from_infotext
 from latentforge.pipelines.request import _FLAT
 
@@ -227,7 +227,7 @@ BROKEN_KINDS = ["truncated-png", "truncated-jpeg", "bad-crc", "empty", "text", "
 
 
 @pytest.mark.parametrize("kind", IMAGE_KINDS + BROKEN_KINDS)
-def test_init_images_of_any_mode_open_as_rgb_or_are_refused(tmp_path, kind):
+def test_init_images_of_any_mode_open_and_fit_or_are_refused(tmp_path, kind):
     path = tmp_path / "init.img"
     path.write_bytes(_image_bytes(kind))
     if kind in BROKEN_KINDS:
@@ -237,8 +237,8 @@ def test_init_images_of_any_mode_open_as_rgb_or_are_refused(tmp_path, kind):
             with pytest.raises(RequestError):  # the metadata reader refuses what it cannot read too
                 _timed(request_from_image, path)
         return
-    image = _timed(open_image, path)
-    assert image.mode == "RGB" and image.size == (72, 64)
+    image = _timed(prepare_image, _timed(open_image, path), 72, 64, 0)
+    assert image.mode in ("RGB", "L") and image.size == (72, 64)
 
 
 # ---- the command line

@@ -259,8 +259,8 @@ def test_concurrent_writers_get_distinct_numbers(tmp_path, monkeypatch):
 
     scan = images.next_free_names
 
-    def slow_scan(folder, seeds):  # widen the window between choosing a number and taking it
-        names = scan(folder, seeds)
+    def slow_scan(folder, seeds, *rest):  # widen the window between choosing a number and taking it
+        names = scan(folder, seeds, *rest)
         time.sleep(0.005)
         return names
 

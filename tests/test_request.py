@@ -128,9 +128,10 @@ def test_groups_that_generation_cannot_run_yet_are_refused_before_any_work(tmp_p
     pipe = latentforge.load(save_folder(build_reference("sd1", seed=2), tmp_path / "m"))
     for options in (
         {"refiner_checkpoint": "refiner.safetensors"},
-        {"mask": "mask.png"},
         {"networks": [{"name": "style", "strength": 0.8}]},
         {"control": [{"model": "canny"}]},
     ):
         with pytest.raises(RequestError, match="not available in this version"):
             pipe.txt2img("x", steps=1, width=64, height=64, **options)
+    with pytest.raises(RequestError, match="need an init image"):
+        pipe.txt2img("x", steps=1, width=64, height=64, mask="mask.png")

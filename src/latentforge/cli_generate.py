@@ -24,6 +24,10 @@ GEN_OPTIONS = [
     (("--clip-skip",), "clip_skip", int, "use the k-th text-encoder layer from the end (SD1; A1111's Clip skip)"),
     (("--eta",), "eta", float, "noise of ancestral/DDIM samplers"),
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
+    (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
+    (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
+    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
 
 
@@ -60,6 +64,9 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
             default=None,
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
+        add_inpaint_options(p)
+        p.add_argument("--depth-map", type=Path, help="depth models: the depth map (an image, brighter = nearer)")
+        p.add_argument("--depth-model", type=Path, help="depth models: the MiDaS file that estimates the depth map")
     if not img2img:
         p.add_argument(
             "--hires",
@@ -85,11 +92,17 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         default=None,
         help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
     )
+    p.add_argument("--seed-resize-from", metavar="WxH", help="A1111's 'Seed resize from': the noise of this size")
     p.add_argument(
         "--from",
         dest="from_image",
         type=Path,
         help="reproduce the image made with the parameters stored in this PNG; other options given here override them",
+    )
+    p.add_argument(
+        "--allow-differences",
+        action="store_true",
+        help="with --from: generate even when the image names settings latentforge cannot reproduce (a warning)",
     )
     p.add_argument(
         "--dtype",
@@ -98,12 +111,82 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
-    p.add_argument("-o", "--output", type=Path, help="output PNG (several images: name-1.png, name-2.png, ...)")
+    p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
+    p.add_argument(
+        "--format",
+        dest="image_format",
+        choices=["png", "jpeg", "webp"],
+        help="format of numbered outputs (default png; JPEG and WebP keep the parameters as A1111 does, in EXIF)",
+    )
     p.add_argument(
         "--outdir", type=Path, default=Path("outputs"), help="folder for numbered outputs (default outputs/)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+FILL_NAMES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
+# inpainting options: (flags, field of InpaintOptions, argparse keywords)
+INPAINT_OPTIONS = [
+    (("--mask",), "mask", dict(type=Path, help="inpaint: mask image, white = repaint (an RGBA image's alpha counts)")),
+    (("--mask-blur",), "mask_blur", dict(type=float, help="inpaint: blur the mask by this many pixels (default 4)")),
+    (
+        ("--inpaint-fill",),
+        "inpainting_fill",
+        dict(
+            choices=list(FILL_NAMES),
+            help="inpaint: masked content: original (default), fill, latent-noise, latent-nothing",
+        ),
+    ),
+    (
+        ("--only-masked",),
+        "inpaint_full_res",
+        dict(action="store_true", help="inpaint only the masked region, at full size"),
+    ),
+    (
+        ("--padding",),
+        "inpaint_full_res_padding",
+        dict(type=int, help="with --only-masked: pixels around the mask (32)"),
+    ),
+    (("--invert-mask",), "inpainting_mask_invert", dict(action="store_true", help="repaint what is NOT masked")),
+    (("--mask-weight",), "inpainting_mask_weight", dict(type=float, help="inpainting models: conditional mask weight")),
+]
+
+
+def add_inpaint_options(p: argparse.ArgumentParser) -> None:
+    for flags, dest, kwargs in INPAINT_OPTIONS:
+        p.add_argument(*flags, dest=f"inpaint_{dest}", default=None, **kwargs)
+    p.add_argument(
+        "--outpaint",
+        metavar="PIXELS",
+        help="extend the canvas and paint the new area: one number for every side, or LEFT,TOP,RIGHT,BOTTOM "
+        "(multiples of 8; masked content defaults to fill)",
+    )
+
+
+def _inpaint_group(args: argparse.Namespace, current: dict | None) -> dict | None:
+    """The inpaint group from --mask and friends, over the group of a --from record."""
+    given = {}
+    for _, dest, _ in INPAINT_OPTIONS:
+        value = getattr(args, f"inpaint_{dest}", None)
+        if value is not None and value is not False:
+            given[dest] = FILL_NAMES[value] if dest == "inpainting_fill" else value
+    if "mask" in given:
+        given["mask"] = str(given["mask"])
+    outpaint = getattr(args, "outpaint", None)
+    if outpaint:
+        try:
+            sides = [int(v) for v in outpaint.split(",")]
+        except ValueError:
+            sides = []
+        if len(sides) not in (1, 4):
+            raise ValueError(f"--outpaint takes one number or LEFT,TOP,RIGHT,BOTTOM, got {outpaint!r}")
+        sides = sides * 4 if len(sides) == 1 else sides
+        given.update(zip(("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"), sides))
+        given.setdefault("inpainting_fill", 0)
+    if not given:
+        return current
+    return {**(current or {}), **given}
 
 
 # C0 controls except tab and newline, DEL, C1 controls (ESC and CSI start terminal sequences), and the
@@ -172,9 +255,10 @@ def default_model() -> Path:
 
 def build_request(args: argparse.Namespace, img2img: bool):
     from latentforge.pipelines import GenerationRequest, RequestError
-    from latentforge.pipelines.metadata import request_from_image
+    from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
     req = GenerationRequest()
+    meta = None
     pick = None  # with --from: the index of the wanted image within the regenerated batch
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
@@ -184,6 +268,15 @@ def build_request(args: argparse.Namespace, img2img: bool):
             raise RequestError(f"{args.from_image} was made by {meta['mode']}; use `latentforge {command} --from`")
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
+        missing = unreproduced_fields(req)
+        if missing:
+            what = ", ".join(f"{k}: {req.extra[k]}" for k in missing)
+            if not args.allow_differences:
+                raise ValueError(
+                    f"{args.from_image} was made with settings latentforge cannot reproduce ({what}); the image "
+                    "would differ. Pass --allow-differences to generate anyway."
+                )
+            print(f"warning: not reproduced: {what}", file=sys.stderr)
     options = {}
     if args.prompt is not None:
         options["prompt"] = args.prompt
@@ -195,28 +288,42 @@ def build_request(args: argparse.Namespace, img2img: bool):
             options[dest] = value
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
+    if img2img:
+        group = _inpaint_group(args, req.to_dict()["inpaint"])
+        if group is not None:
+            options["inpaint"] = group
+        if args.depth_map is not None or args.depth_model is not None:
+            current = req.to_dict()["depth"] or {}
+            given = {"map": args.depth_map and str(args.depth_map), "model": args.depth_model and str(args.depth_model)}
+            options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
+    if getattr(args, "seed_resize_from", None):
+        try:
+            w, h = (int(v) for v in args.seed_resize_from.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, got {args.seed_resize_from!r}") from None
+        options.update(seed_resize_from_w=w, seed_resize_from_h=h)
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img)
-    return req, pick
+    return req, pick, meta
 
 
 def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     import latentforge
-    from latentforge.io.images import output_paths, save_numbered, save_png
+    from latentforge.io.images import output_paths, save_image, save_numbered
     from latentforge.io.writer import OutputError, check_writable_folder
     from latentforge.pipelines.generate import output_size
     from latentforge.pipelines.images import open_image
 
-    req, pick = build_request(args, img2img)
+    req, pick, meta = build_request(args, img2img)
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # check the output location and the init image before loading the model and the minutes of work
+    paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)
     if args.output is not None:
-        paths = output_paths(args.output, args.outdir, list(range(n)))
         for p in paths:
             if p.is_dir():
-                raise OutputError(f"{p} is a folder; -o/--output takes a .png file name (--outdir takes a folder)")
+                raise OutputError(f"{p} is a folder; -o/--output takes an image file name (--outdir takes a folder)")
             if p.exists() and not args.overwrite:
                 raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
         check_writable_folder(args.output.parent, "-o/--output location")
@@ -228,6 +335,11 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
         output_size(req, init, 0)
     model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if meta is not None:
+        from latentforge.pipelines.metadata import model_differences
+
+        for difference in model_differences(pipe, meta):
+            print(f"warning: {difference}; the result will differ", file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
         if img2img:
@@ -243,12 +355,10 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
     if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
         images, seeds = [images[pick]], [seeds[pick]]
     for i, (image, seed) in enumerate(zip(images, seeds)):
-        # numbered names carry the seeds actually used and are claimed atomically when written
-        path = (
-            save_png(image, paths[i], overwrite=args.overwrite)
-            if args.output
-            else save_numbered(image, args.outdir, seed)
-        )
+        if args.output is not None:
+            path = save_image(image, paths[i], overwrite=args.overwrite)
+        else:  # numbered names carry the seeds actually used and are claimed atomically when written
+            path = save_numbered(image, args.outdir, seed, paths[0].suffix)
         print(path)
     if not args.quiet:
         print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)

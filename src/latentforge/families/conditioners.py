@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from latentforge.conditioning.vectors import sdxl_vector
+from latentforge.models.midas import sd2_depth_condition
 from latentforge.sampling.denoisers import Cond
 
 
@@ -122,11 +123,19 @@ class InpaintConditioner(Conditioner):
 
     def default_concat(self, vae, width: int, height: int, device) -> Tensor:
         """No mask: repaint everything (mask 1 and the latent of an empty, grey image), as A1111."""
+        grey = torch.zeros(1, 3, height, width, device=device)
+        return self.masked_image_concat(vae, grey, torch.ones(1, 1, height, width, device=device))
+
+    def masked_image_concat(self, vae, image: Tensor, mask: Tensor, weight: float = 1.0) -> Tensor:
+        """The 5 extra channels of an inpainting model: the mask (1, 1, H, W; 1 = repaint, rounded) at
+        latent size (nearest), then the latent of the image with the masked area cleared:
+        ``lerp(image, image * (1 - mask), weight)`` (A1111's "conditional mask weight"; 1 = cleared, as
+        the original code and diffusers do)."""
         with torch.inference_mode():
-            grey = torch.zeros(1, 3, height, width, device=device, dtype=vae.dtype)
-            latent = vae.encode(grey).float()
-        mask = torch.ones(1, 1, *latent.shape[-2:], device=latent.device)
-        return torch.cat([mask, latent], dim=1)
+            cleared = torch.lerp(image, image * (1 - mask), weight)
+            latent = vae.encode(cleared.to(vae.dtype)).float()
+        small = torch.nn.functional.interpolate(mask.float(), size=latent.shape[-2:]).to(latent.device)
+        return torch.cat([small, latent], dim=1)
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,15 @@ class DepthConditioner(Conditioner):
     kind: ClassVar[str] = "depth"
     concat_channels: ClassVar[int] = 1
     needs: ClassVar[str] = "a depth map"
+
+    def depth_concat(self, depth: Tensor, latent_size: tuple[int, int]) -> Tensor:
+        """The depth model's extra channel: a depth map (B, 1, H, W; larger = nearer, as MiDaS gives it)
+        resized to latent size (bicubic) and scaled to [-1, 1] per image, as the original depth2img code
+        and diffusers do."""
+        flat = depth.flatten(1)
+        if bool((flat.amax(dim=1) - flat.amin(dim=1) <= 0).any()):
+            raise ValueError("the depth map is flat (one value everywhere); depth-to-image needs a map with depth")
+        return sd2_depth_condition(depth, latent_size)
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import hires
+from latentforge.pipelines import depth, hires, inpaint
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
-from latentforge.pipelines.plan import Pass, Plan, first_pass, starting_latent
+from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
 from latentforge.sampling.noise import BrownianNoise, ImageNoise
@@ -60,19 +60,38 @@ class GenerationResult:
 
 
 def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None) -> Plan:
-    """The passes a request asks for: txt2img or img2img, then the passes of its option groups."""
+    """The passes a request asks for: txt2img or img2img (with a mask: inpainting), then the passes of
+    its option groups."""
     fam = pipe.family
+    inpainting = req.inpaint is not None and init_images
+    protect = None
+    if inpainting and any(req.inpaint.outpaint):
+        init_images, protect = inpaint.outpaint_request(init_images, req.inpaint)
+        req = dataclasses.replace(req, inpaint=dataclasses.replace(req.inpaint, mask=protect))
     width, height = output_size(req, init_images[0] if init_images else None, fam.default_size)
     down = pipe.vae.config.downscale
     if width % down or height % down:
         raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
     info, schedule_name = resolve(req.sampler, req.schedule)
-    init_latents = None
+    if req.depth is not None and fam.conditioner.kind != "depth":
+        raise RequestError(f"a depth map was given, but {fam.name} is not a depth-to-image model (sd2-depth)")
+    init_latents = job = concat = None
+    if inpainting:
+        job = inpaint.prepare(init_images, req.inpaint, width, height, req.resize_mode, down, protect)
+        init_images = job.images
+        if fam.conditioner.concat_channels:
+            concat = inpaint.model_concat(pipe, job, req.inpaint)
     if init_images:
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
         init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
-    first = first_pass(pipe, req, info, schedule_name, width, height, init_latents)
-    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name)
+        if fam.conditioner.kind == "depth":  # depth-to-image: the depth of the (first) init image
+            if len(prepared) != 1:
+                raise RequestError(f"depth-to-image takes one init image, got {len(prepared)}")
+            concat = depth.depth_concat(pipe, req.depth, prepared[0], width, height)
+    first = first_pass(pipe, req, info, schedule_name, width, height, init_latents, concat)
+    plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name, noise_options(req, down))
+    if job is not None:
+        inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
         hires.add_pass(plan, pipe, req)
     return plan
@@ -94,7 +113,6 @@ def output_size(req: GenerationRequest, init_image: Image.Image | None, default:
 
 def _refuse_unavailable(req: GenerationRequest) -> None:
     for group, what in (
-        ("inpaint", "inpainting with a mask"),
         ("refiner", "the SDXL refiner hand-off"),
         ("networks", "networks (LoRA, hypernetworks, embeddings)"),
         ("control", "ControlNet units"),
@@ -103,11 +121,20 @@ def _refuse_unavailable(req: GenerationRequest) -> None:
             raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
 
 
-def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int], device, callback) -> Tensor:
+def run_pass(
+    p: Pass,
+    previous: Tensor | None,
+    iteration: int,
+    seeds: list[int],
+    subseeds: list[int],
+    noise_opts,
+    device,
+    callback,
+) -> Tensor:
     """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
     trees for the SDE samplers), its sampler over its sigmas."""
-    init = p.start(iteration, previous)
-    noise = ImageNoise(seeds, p.shape, out_device=device)
+    init = p.start(iteration, previous, seeds)
+    noise = ImageNoise(seeds, p.shape, subseeds=subseeds, options=noise_opts, out_device=device)
     x = starting_latent(p, init, noise.next())
     if init is not None and not p.denoise:
         return x
@@ -115,7 +142,8 @@ def run_pass(p: Pass, previous: Tensor | None, iteration: int, seeds: list[int],
     if p.sampler.brownian:
         positive = p.sigmas[p.sigmas > 0]
         draw = BrownianNoise(seeds, p.shape, positive.min(), positive.max(), out_device=device)
-    return p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    x = p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    return x if p.finish is None else p.finish(x)
 
 
 def generate(
@@ -135,12 +163,15 @@ def generate(
 
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
+    subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
+    subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
     with torch.inference_mode():
         plan = build_plan(pipe, req, images_in)
         total = plan.total_steps
         for it in range(req.batch_count):
-            batch_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
+            batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
+            batch_seeds = seeds[batch]
             x, offset = None, 0
             for p in plan.passes:
 
@@ -148,12 +179,13 @@ def generate(
                     if progress is not None:
                         progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
 
-                x = run_pass(p, x, it, batch_seeds, pipe.device, callback)
+                x = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback)
                 offset += p.steps
-            out_images.extend(tensor_to_images(plan.decode(x)))
+            images = tensor_to_images(plan.decode(x))
+            out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
 
-    final = dataclasses.replace(req, seed=seed, width=plan.width, height=plan.height)
-    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img)
+    final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
     for image, text, s in zip(out_images, texts, seeds):
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, img2img)

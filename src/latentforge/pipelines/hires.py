@@ -79,7 +79,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
     shape = (first.shape[0], height // down, width // down)
     upscaler = req.hires.upscaler
 
-    def start(iteration: int, previous: Tensor | None) -> Tensor:
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return upscale(pipe, previous, upscaler, shape)
 
     hires_pass = Pass(

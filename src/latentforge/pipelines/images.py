@@ -28,15 +28,12 @@ def check_pixels(size: tuple[int, int], what: str) -> None:
 
 
 def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
-    """An input image as RGB (EXIF orientation applied). Its size is checked before its pixels are
-    decoded; an unreadable, truncated or oversized file is a RequestError naming it."""
+    """A PIL image as given, or read from a path (``what`` names it in errors). Its size is checked
+    before its pixels are decoded; an unreadable, truncated or oversized file is a RequestError."""
     name = what if isinstance(image, Image.Image) else f"{what} {image}"
     if isinstance(image, Image.Image):
         check_pixels(image.size, name)
-        try:
-            return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise RequestError(f"cannot use {name} (mode {image.mode}): {e}") from None
+        return image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
@@ -44,7 +41,7 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
         with im:
             check_pixels(im.size, name)
             im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return im.copy()
     except RequestError:
         raise
     except Image.DecompressionBombError as e:
@@ -57,8 +54,13 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
 
 
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """Fit an init image to the output size: 0 resize, 1 crop and resize, 2 resize and fill (A1111)."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
+    """Fit an init image (or a mask, mode L) to the output size: 0 resize, 1 crop and resize, 2 resize
+    and fill (A1111)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+        image = image if image.mode == "L" else image.convert("RGB")
+    except Exception as e:  # broken EXIF or a mode PIL cannot convert: refused, never a traceback
+        raise RequestError(f"cannot use an input image of mode {image.mode}: {type(e).__name__}: {e}") from None
     if mode == 0:
         return image.resize((width, height), Image.Resampling.LANCZOS)
     if mode == 1:
@@ -70,7 +72,8 @@ def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Ima
     arr = np.asarray(fitted)
     top = (height - arr.shape[0]) // 2
     left = (width - arr.shape[1]) // 2
-    arr = np.pad(arr, ((top, height - arr.shape[0] - top), (left, width - arr.shape[1] - left), (0, 0)), mode="edge")
+    pad = ((top, height - arr.shape[0] - top), (left, width - arr.shape[1] - left), (0, 0))[: arr.ndim]
+    arr = np.pad(arr, pad, mode="edge")
     return Image.fromarray(arr)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
 from latentforge.pipelines.checks import is_int, show
-from latentforge.pipelines.request import GenerationRequest, HiresOptions, RequestError
+from latentforge.pipelines.request import INPAINT_FILL, GenerationRequest, HiresOptions, InpaintOptions, RequestError
 from latentforge.sampling.registry import SAMPLERS, resolve
 
 SCHEDULE_TITLES = {
@@ -42,7 +42,9 @@ def _model_fields(pipe) -> dict:
     return pipe.cached("infotext model fields", make)
 
 
-def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool) -> dict:
+def infotext_params(
+    pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool, extra: dict | None = None
+) -> dict:
     from latentforge._version import __version__
 
     params = {
@@ -53,14 +55,25 @@ def infotext_params(pipe, req: GenerationRequest, seed: int, info, schedule: str
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
+        "Variation seed": req.subseed + (seed - req.seed) if req.subseed_strength else None,
+        "Variation seed strength": _num(req.subseed_strength) if req.subseed_strength else None,
+        "Seed resize from": _resize_from(req),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
         **(_hires_fields(req.hires) if req.hires and not img2img else {}),
+        **(extra or {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
-        "RNG": "CPU",
+        "ENSD": req.eta_noise_seed_delta or None,
+        "RNG": req.rng,
         "Version": f"latentforge {__version__}",
     }
     return params
+
+
+def _resize_from(req: GenerationRequest) -> str | None:
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        return f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
+    return None
 
 
 def _hires_fields(h: HiresOptions) -> dict:
@@ -78,9 +91,12 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def infotexts_for(pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool) -> list[str]:
+def infotexts_for(
+    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool, extra: dict | None = None
+) -> list[str]:
+    """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...)."""
     return [
-        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img))
+        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img, extra))
         for s in seeds
     ]
 
@@ -111,50 +127,77 @@ def _jsonable(x):
 
 
 def read_png_metadata(path: str | Path) -> dict:
-    """{"parameters": infotext or None, "latentforge": parsed JSON or None} of an image file. Only the
-    header and text chunks are read (no pixels); PIL's limits bound the text. A file that is not an
+    """{"parameters": infotext or None, "latentforge": parsed JSON or None, "comfy": ComfyUI's prompt
+    graph or None} of an image file: PNG text chunks, or a JPEG/WebP's EXIF UserComment (A1111). Only
+    the header and metadata are read (no pixels); PIL's limits bound the text. A file that is not an
     image, or whose ``latentforge`` text is not JSON, is a RequestError naming the file."""
     from PIL import Image
+
+    from latentforge.io.images import read_user_comment
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixels are decoded here
             with Image.open(path) as im:
                 text = dict(im.info)
+                if not text.get("parameters"):
+                    text["parameters"] = read_user_comment(im)
     except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
         raise RequestError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     parameters = text.get("parameters")
     if parameters is not None and not isinstance(parameters, str):
         raise RequestError(f"{path}: its 'parameters' text is not text ({type(parameters).__name__})")
-    ours = text.get("latentforge")
-    parsed = None
-    if ours:
+
+    def parse(key: str):
+        value = text.get(key)
+        if not isinstance(value, str):
+            return None
         try:
-            parsed = json.loads(ours)
-        except (ValueError, TypeError, RecursionError) as e:
-            raise RequestError(
-                f"{path}: its 'latentforge' record is not valid JSON ({type(e).__name__}); "
-                "remove the option --from or use another image"
-            ) from None
-    return {"parameters": parameters or None, "latentforge": parsed}
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return None
+
+    ours = parse("latentforge")
+    if ours is None and text.get("latentforge"):
+        raise RequestError(
+            f"{path}: its 'latentforge' record is not valid JSON; remove the option --from or use another image"
+        )
+    comfy = parse("prompt")
+    return {
+        "parameters": parameters or None,
+        "latentforge": ours,
+        "comfy": comfy if isinstance(comfy, dict) else None,
+    }
 
 
 def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
-    """The request that made an image: exact from our JSON if present, else from the A1111 infotext.
-    Returns (request, {"mode", "model", "source", "batch_index"}). The whole record is checked first
-    (types, known mode, batch_index within the batch): a RequestError names the file and the field."""
+    """The request that made an image: exact from our JSON if present, else from the A1111 infotext
+    (PNG text or JPEG/WebP EXIF), else from a ComfyUI graph. Returns (request, {"mode", "model",
+    "source", "batch_index"}). The whole record is checked first (types, known mode, batch_index
+    within the batch): a RequestError names the file and the field."""
     meta = read_png_metadata(path)
     if meta["latentforge"] is not None:
         try:
             return _from_record(meta["latentforge"])
         except RequestError as e:
             raise RequestError(f"{path}: latentforge record: {e}") from None
-    if not meta["parameters"]:
-        raise RequestError(f"{path} carries no generation parameters (no 'parameters' or 'latentforge' text)")
-    try:
-        return request_from_infotext(meta["parameters"])
-    except RequestError as e:
-        raise RequestError(f"{path}: parameters: {e}") from None
+    if meta["parameters"]:
+        try:
+            return request_from_infotext(meta["parameters"])
+        except RequestError as e:
+            raise RequestError(f"{path}: parameters: {e}") from None
+    if meta["comfy"]:
+        from latentforge.pipelines.comfy import request_from_comfy
+
+        try:
+            return request_from_comfy(meta["comfy"])
+        except RequestError as e:
+            raise RequestError(f"{path}: ComfyUI graph: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            raise RequestError(f"{path}: its ComfyUI graph cannot be read ({type(e).__name__}: {e})") from None
+    raise RequestError(
+        f"{path} carries no generation parameters (no A1111 'parameters', latentforge or ComfyUI 'prompt' data)"
+    )
 
 
 def _from_record(record) -> tuple[GenerationRequest, dict]:
@@ -191,6 +234,13 @@ def _value(settings: dict, key: str, convert, what: str):
         raise RequestError(f"{key} {show(settings[key])} is not {what}") from None
 
 
+def _four_ints(text: str) -> tuple[int, int, int, int]:
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 4:
+        raise ValueError(text)
+    return values
+
+
 def _size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", text, re.I)
     if not m:
@@ -203,7 +253,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     (ranges are checked by ``GenerationRequest.validate``)."""
     prompt, negative, s = parse_infotext(text)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative)
-    whole, number = "a whole number", "a number"
+    whole, number, size = "a whole number", "a number", "a size WIDTHxHEIGHT"
     if "Steps" in s:
         req.steps = _value(s, "Steps", int, whole)
     if "Sampler" in s:
@@ -222,29 +272,103 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     if "Seed" in s:
         req.seed = _value(s, "Seed", int, whole)
     if "Size" in s:
-        req.width, req.height = _value(s, "Size", _size, "a size WIDTHxHEIGHT")
+        req.width, req.height = _value(s, "Size", _size, size)
     if "Denoising strength" in s:
         req.denoising_strength = _value(s, "Denoising strength", float, number)
     if "Clip skip" in s:
         req.clip_skip = _value(s, "Clip skip", int, whole)
     if "Eta" in s:
         req.eta = _value(s, "Eta", float, number)
+    if "Variation seed" in s:
+        req.subseed = _value(s, "Variation seed", int, whole)
+        if "Variation seed strength" in s:
+            req.subseed_strength = _value(s, "Variation seed strength", float, number)
+    if "Seed resize from" in s:
+        req.seed_resize_from_w, req.seed_resize_from_h = _value(s, "Seed resize from", _size, size)
+    if "ENSD" in s:
+        req.eta_noise_seed_delta = _value(s, "ENSD", int, whole)
+    # A1111 writes no RNG field for its default source, the GPU's
+    req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
         h = req.hires = HiresOptions()
         if "Hires upscale" in s:
             h.scale = _value(s, "Hires upscale", float, number)
         if "Hires resize" in s:
-            h.resize_x, h.resize_y = _value(s, "Hires resize", _size, "a size WIDTHxHEIGHT")
+            h.resize_x, h.resize_y = _value(s, "Hires resize", _size, size)
         if "Hires steps" in s:
             h.second_pass_steps = _value(s, "Hires steps", int, whole)
         h.upscaler = s.get("Hires upscaler", h.upscaler)
+    inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
-    known |= hires
+    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG"}
+    known |= hires | inpaint_fields
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
+
+
+# infotext fields that do not change the pixels latentforge makes (the rest are read into the request,
+# or named by unreproduced_fields)
+INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes", "Hashes", "RNG"}
+HARMLESS_VALUES = {"Emphasis": "Original", "Schedule type": "Automatic", "Pad conds": "False"}
+
+
+def unreproduced_fields(req: GenerationRequest) -> list[str]:
+    """The settings of an image (kept in ``req.extra`` when its infotext was read) that latentforge
+    cannot reproduce and that may change the image: named so that ``--from`` refuses or warns."""
+    return sorted(k for k, v in req.extra.items() if k not in INFORMATIONAL and HARMLESS_VALUES.get(k) != str(v))
+
+
+def model_differences(pipe, meta: dict) -> list[str]:
+    """How the loaded model differs from the one an image names (hash, else name), as sentences."""
+    fields = _model_fields(pipe)
+    want = meta.get("model") or {}
+    have_hash, want_hash = fields.get("Model hash"), want.get("hash")
+    if want_hash and have_hash and want_hash.lower() != have_hash.lower():
+        return [f"the image was made with model {want.get('name') or '?'} [{want_hash}], not the loaded "
+                f"{fields.get('Model')} [{have_hash}]"]  # fmt: skip
+    return []
+
+
+INPAINT_FIELDS = {
+    "Mask blur",
+    "Inpaint area",
+    "Masked area padding",
+    "Masked content",
+    "Mask mode",
+    "Conditional mask weight",
+    "Outpaint",
+}
+
+
+def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
+    """A1111's inpainting fields (and latentforge's "Outpaint: left,top,right,bottom") -> req.inpaint;
+    the mask itself is not in the text. Returns the field names it read."""
+    found = INPAINT_FIELDS & set(s)
+    if not found:
+        return found
+    o = req.inpaint = InpaintOptions(mask_blur=0)
+    if "Mask blur" in s:
+        blur = _value(s, "Mask blur", lambda v: [float(x) for x in v.lower().split("x", 1)], "a number or XxY")
+        o.mask_blur = blur[0]
+        if len(blur) == 2:
+            o.mask_blur_x, o.mask_blur_y = blur
+    o.inpaint_full_res = s.get("Inpaint area") == "Only masked"
+    if "Masked area padding" in s:
+        o.inpaint_full_res_padding = _value(s, "Masked area padding", int, "a whole number")
+    if "Masked content" in s:
+        names = {v: k for k, v in INPAINT_FILL.items()}
+        o.inpainting_fill = names.get(s["Masked content"], 1)
+    o.inpainting_mask_invert = s.get("Mask mode") == "Inpaint not masked"
+    if "Conditional mask weight" in s:
+        o.inpainting_mask_weight = _value(s, "Conditional mask weight", float, "a number")
+    if "Outpaint" in s:
+        o.outpaint_left, o.outpaint_top, o.outpaint_right, o.outpaint_bottom = _value(
+            s, "Outpaint", _four_ints, "four whole numbers left,top,right,bottom"
+        )
+    return found
 
 
 __all__ = ["SAMPLERS", "infotexts_for", "read_png_metadata", "request_from_image", "request_from_infotext"]

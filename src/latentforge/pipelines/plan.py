@@ -14,16 +14,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
 from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.noise import NoiseOptions
 from latentforge.sampling.registry import SamplerInfo
 
-# (iteration, previous pass's latents or None) -> this pass's starting latents, or None for pure noise
-Start = Callable[[int, Tensor | None], Tensor | None]
+# (iteration, previous pass's latents or None, the batch's seeds) -> this pass's starting latents, or
+# None for pure noise
+Start = Callable[[int, Tensor | None, list[int]], Tensor | None]
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Pass:
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
     sampler_options: dict = field(default_factory=dict)
     wrappers: list[Callable[[Denoiser], Denoiser]] = field(default_factory=list)  # around the CFG denoiser
+    finish: Callable[[Tensor], Tensor] | None = None  # applied to the pass's result (inpainting's blend)
 
     @property
     def steps(self) -> int:
@@ -66,6 +70,10 @@ class Plan:
     decode: Callable[[Tensor], Tensor]  # final latents -> images in [-1, 1]
     sampler: SamplerInfo
     schedule: str  # the schedule's canonical name, for the infotext
+    noise: NoiseOptions = field(default_factory=NoiseOptions)  # noise source, variation seeds, ENSD
+    # decoded 8-bit images of one batch (and the batch's index) -> the output images (inpainting's overlay)
+    postprocess: Callable[[list[Image.Image], int], list[Image.Image]] | None = None
+    infotext: dict = field(default_factory=dict)  # further infotext fields the tasks add (A1111's names)
 
     @property
     def total_steps(self) -> int:
@@ -86,6 +94,14 @@ def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
     return sigmas[steps - t_enc - 1 :]
 
 
+def noise_options(req: GenerationRequest, latent_factor: int) -> NoiseOptions:
+    """A1111's noise settings of a request."""
+    resize = None
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        resize = (req.seed_resize_from_w, req.seed_resize_from_h)
+    return NoiseOptions(req.rng, req.subseed_strength, resize, req.eta_noise_seed_delta, latent_factor)
+
+
 def sampler_options(req: GenerationRequest) -> dict:
     opts = dict(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=req.s_tmax, s_noise=req.s_noise)
     if req.eta is not None:
@@ -94,20 +110,28 @@ def sampler_options(req: GenerationRequest) -> dict:
 
 
 def conditioning(
-    pipe, req: GenerationRequest, width: int, height: int, batch: int, total_calls: int | None = None
+    pipe,
+    req: GenerationRequest,
+    width: int,
+    height: int,
+    batch: int,
+    total_calls: int | None = None,
+    concat: Tensor | None = None,
 ) -> tuple[CondSchedule, CondSchedule | None]:
     """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
     schedules over ``total_calls`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
     ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one. The family's
-    conditioner turns the encoded text into ``Cond`` (vector, extra channels)."""
+    conditioner turns the encoded text into ``Cond`` (vector, extra channels: ``concat`` when the task
+    made them, else the conditioner's default)."""
     conditioner = pipe.family.conditioner
-    if conditioner.needs:
+    if conditioner.needs and concat is None:
         raise RequestError(
             f"{pipe.family.name} models need their own input ({conditioner.needs}); "
             "txt2img and img2img are not available for them"
         )
     total = total_calls or req.steps
-    concat = conditioner.default_concat(pipe.vae, width, height, pipe.device)
+    if concat is None:
+        concat = conditioner.default_concat(pipe.vae, width, height, pipe.device)
     adm = pipe.unet.config.adm_in_channels
     encoded: dict[str, object] = {}
 
@@ -144,13 +168,15 @@ def first_pass(
     width: int,
     height: int,
     init_latents: Tensor | None = None,
+    concat: Tensor | None = None,
 ) -> Pass:
     """The txt2img pass (from pure noise) or, with ``init_latents`` (one per image, cycled over the
-    batch), the img2img pass with A1111's step rule."""
+    batch), the img2img pass with A1111's step rule. ``concat``: the model's extra input channels made
+    by the task (one image)."""
     schedule = NoiseSchedule.for_family(pipe.family)
     sigmas = pass_sigmas(info, schedule_name, schedule, req.steps)
     calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
-    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step)
+    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step, concat)
     down = pipe.vae.config.downscale
     shape = (pipe.unet.config.out_channels, height // down, width // down)
     model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
@@ -177,12 +203,12 @@ def first_pass(
     )
 
 
-def _no_start(iteration: int, previous: Tensor | None) -> None:
+def _no_start(iteration: int, previous: Tensor | None, seeds: list[int]) -> None:
     return None
 
 
 def _cycled(latents: Tensor, batch: int) -> Start:
-    def start(iteration: int, previous: Tensor | None) -> Tensor:
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return latents[[(iteration * batch + b) % len(latents) for b in range(batch)]]
 
     return start

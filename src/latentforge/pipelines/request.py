@@ -31,6 +31,7 @@ from latentforge.pipelines.checks import (
     validate_hires,
 )
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
+from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -47,16 +48,40 @@ class HiresOptions:
     resize_y: int = 0
 
 
+# A1111's "Masked content" names of inpainting_fill
+INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
 @dataclass
 class InpaintOptions:
-    """Inpainting with a mask (A1111's img2img inpaint fields). Not yet available in generation."""
+    """Inpainting with a mask, and outpainting (A1111's img2img inpaint fields; pipelines/inpaint.py)."""
 
-    mask: Any = None  # a PIL image or a path: white = repaint
-    mask_blur: int = 4
-    inpainting_fill: int = 1  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
-    inpaint_full_res: bool = False  # "only masked"
+    mask: Any = None  # a PIL image or a path: white = repaint (an RGBA image's transparency counts)
+    mask_blur: float = 4  # Gaussian blur of the mask in pixels; mask_blur_x/y set the axes apart
+    mask_blur_x: float | None = None
+    mask_blur_y: float | None = None
+    inpainting_fill: int = 1  # masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = False  # "only masked": work on the mask's region at full resolution
     inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: bool = False
+    inpainting_mask_invert: bool = False  # repaint what is NOT masked
+    inpainting_mask_weight: float = 1.0  # inpainting models: how much of the masked image they see cleared
+    outpaint_left: int = 0  # outpainting: extend the canvas by these many pixels (multiples of 8)
+    outpaint_top: int = 0
+    outpaint_right: int = 0
+    outpaint_bottom: int = 0
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        return (self.outpaint_left, self.outpaint_top, self.outpaint_right, self.outpaint_bottom)
+
+
+@dataclass
+class DepthOptions:
+    """Depth-to-image (depth models): a depth map given as an image (larger = nearer, any scale: it is
+    normalised), or the MiDaS file that estimates it from the init image (pipelines/depth.py)."""
+
+    map: Any = None  # a PIL image, an array/tensor (H, W) or a path
+    model: str = ""  # path of dpt_hybrid-midas-501f0c75.pt or a DPT folder; empty: the usual places
 
 
 @dataclass
@@ -100,12 +125,15 @@ _FLAT = {
     "refiner_switch_at": ("refiner", "switch_at"),
     "mask": ("inpaint", "mask"),
     "mask_blur": ("inpaint", "mask_blur"),
+    "mask_blur_x": ("inpaint", "mask_blur_x"),
+    "mask_blur_y": ("inpaint", "mask_blur_y"),
+    "inpainting_mask_weight": ("inpaint", "inpainting_mask_weight"),
     "inpainting_fill": ("inpaint", "inpainting_fill"),
     "inpaint_full_res": ("inpaint", "inpaint_full_res"),
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
     "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
 }
-_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions}
+_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions, "depth": DepthOptions}
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
@@ -118,6 +146,12 @@ class GenerationRequest:
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float = 7.0
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
+    subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
+    subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
+    seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
+    seed_resize_from_h: int = 0
+    eta_noise_seed_delta: int = 0  # ENSD: later noise draws use seed + this
+    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere) or NV
     width: int | None = None  # None: the family's native size
     height: int | None = None
     batch_size: int = 1  # images per denoising pass
@@ -137,6 +171,7 @@ class GenerationRequest:
     negative_aesthetic_score: float = 2.5
     hires: HiresOptions | None = None
     inpaint: InpaintOptions | None = None
+    depth: DepthOptions | None = None
     refiner: RefinerOptions | None = None
     networks: list[NetworkRef] = field(default_factory=list)
     control: list[ControlUnit] = field(default_factory=list)
@@ -201,6 +236,23 @@ class GenerationRequest:
             f"seed must be -1 or a non-negative whole number, got {show(self.seed)}",
         )
         need(
+            is_int(self.subseed) and -1 <= self.subseed < 2**63,
+            f"subseed must be -1 or a non-negative whole number, got {show(self.subseed)}",
+        )
+        s = self.subseed_strength
+        need(
+            is_number(s) and math.isfinite(s) and 0 <= s <= 1,
+            f"subseed_strength must be between 0 and 1, got {show(s)}",
+        )
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            v = getattr(self, name)
+            need(is_int(v) and -1 <= v <= MAX_SIDE, f"{name} must be 0 (off) to 8192 pixels, got {show(v)}")
+        need(
+            is_int(self.eta_noise_seed_delta) and 0 <= self.eta_noise_seed_delta < 2**32,
+            f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {show(self.eta_noise_seed_delta)}",
+        )
+        need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {show(self.rng)}")
+        need(
             self.clip_skip is None or (is_int(self.clip_skip) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {show(self.clip_skip)}",
         )
@@ -233,6 +285,9 @@ class GenerationRequest:
             )
         if self.hires is not None and not img2img:
             validate_hires(self.hires, need)
+        if self.inpaint is not None:
+            _validate_inpaint(self.inpaint, need, img2img)
+        need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
@@ -325,6 +380,29 @@ def _make(cls, values: dict, where: str):
         raise RequestError(f"{where}: {e}") from None
 
 
+def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
+    need(img2img, "inpainting and outpainting need an init image (img2img)")
+    need(
+        o.inpainting_fill in INPAINT_FILL,
+        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+    )
+    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+        v = getattr(o, name)
+        ok = (v is None and name != "mask_blur") or (is_number(v) and 0 <= v <= 256)
+        need(ok, f"{name} must be between 0 and 256 pixels, got {show(v)}")
+    pad = o.inpaint_full_res_padding
+    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
+    w = o.inpainting_mask_weight
+    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
+    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
+        v = getattr(o, name)
+        need(
+            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
+            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
+        )
+    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
+
+
 class GenerationOptions(TypedDict, total=False):
     """The keyword options of ``Pipeline.txt2img``/``img2img``: the request's fields and A1111's flat
     names of the group fields (for editors; ``GenerationRequest`` documents each)."""
@@ -336,6 +414,12 @@ class GenerationOptions(TypedDict, total=False):
     schedule: str
     cfg_scale: float
     seed: int
+    subseed: int
+    subseed_strength: float
+    seed_resize_from_w: int
+    seed_resize_from_h: int
+    eta_noise_seed_delta: int
+    rng: str
     width: int | None
     height: int | None
     batch_size: int
@@ -355,6 +439,7 @@ class GenerationOptions(TypedDict, total=False):
     negative_aesthetic_score: float
     hires: HiresOptions | None
     inpaint: InpaintOptions | None
+    depth: DepthOptions | None
     refiner: RefinerOptions | None
     networks: list[NetworkRef]
     control: list[ControlUnit]
@@ -368,7 +453,10 @@ class GenerationOptions(TypedDict, total=False):
     refiner_checkpoint: str
     refiner_switch_at: float
     mask: Any
-    mask_blur: int
+    mask_blur: float
+    mask_blur_x: float | None
+    mask_blur_y: float | None
+    inpainting_mask_weight: float
     inpainting_fill: int
     inpaint_full_res: bool
     inpaint_full_res_padding: int

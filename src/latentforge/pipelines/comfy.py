@@ -1,0 +1,108 @@
+"""Reading ComfyUI's PNG metadata: the ``prompt`` text chunk holds the executed graph in ComfyUI's API
+format, ``{node id: {"class_type": ..., "inputs": {name: value or [source node id, output index]}}}``.
+
+From the common KSampler graphs (KSampler or KSamplerAdvanced fed by CLIPTextEncode / CLIPTextEncodeSDXL,
+EmptyLatentImage and CheckpointLoaderSimple) this recovers prompt, negative prompt, seed, sampler,
+scheduler, steps, CFG, size, batch size, denoise and the model name. ComfyUI's conventions are set on
+the request: pure-noise starts scaled by sqrt(1 + sigma^2) and integer timesteps.
+"""
+
+from __future__ import annotations
+
+from latentforge.pipelines.request import GenerationRequest, RequestError
+
+SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+TEXT_INPUTS = ("text", "text_g", "text_l", "string", "value")
+
+
+def _node(graph: dict, ref) -> dict | None:
+    if isinstance(ref, list) and ref and str(ref[0]) in graph:
+        node = graph[str(ref[0])]
+        return node if isinstance(node, dict) else None
+    return None
+
+
+def _value(graph: dict, value, depth: int = 0):
+    """A literal input, or the literal a linked node passes on (primitive and string nodes)."""
+    if not isinstance(value, list) or depth > 16:
+        return value
+    node = _node(graph, value)
+    if node is None:
+        return None
+    inputs = node.get("inputs", {})
+    for key in (*TEXT_INPUTS, "seed", "noise_seed", "int", "float"):
+        if key in inputs:
+            return _value(graph, inputs[key], depth + 1)
+    return None
+
+
+def _text(graph: dict, ref, depth: int = 0) -> str:
+    """The prompt text behind a conditioning input (through conditioning combine/concat nodes)."""
+    node = _node(graph, ref)
+    if node is None or depth > 16:
+        return ""
+    inputs = node.get("inputs", {})
+    for key in TEXT_INPUTS:
+        if key in inputs:
+            text = _value(graph, inputs[key])
+            return text if isinstance(text, str) else ""
+    for key in ("conditioning", "conditioning_1", "conditioning_to"):
+        if key in inputs:
+            return _text(graph, inputs[key], depth + 1)
+    return ""
+
+
+def _follow(graph: dict, ref, key: str, depth: int = 0):
+    """The first node upstream of ``ref`` (following its first linked inputs) that has input ``key``."""
+    node = _node(graph, ref)
+    if node is None or depth > 32:
+        return None
+    inputs = node.get("inputs", {})
+    if key in inputs:
+        return node
+    for value in inputs.values():
+        if isinstance(value, list):
+            found = _follow(graph, value, key, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
+    """The request of a ComfyUI prompt graph; RequestError when it has no sampler node to read."""
+    samplers = [n for n in graph.values() if isinstance(n, dict) and n.get("class_type") in SAMPLER_NODES]
+    if not samplers:
+        raise RequestError("the ComfyUI graph has no KSampler or KSamplerAdvanced node to read settings from")
+    node = samplers[0]
+    inputs = node.get("inputs", {})
+    req = GenerationRequest(
+        prompt=_text(graph, inputs.get("positive")),
+        negative_prompt=_text(graph, inputs.get("negative")),
+        sgm_noise_multiplier=True,
+        quantize_timesteps=True,
+    )
+    seed = _value(graph, inputs.get("seed", inputs.get("noise_seed")))
+    if isinstance(seed, int):
+        req.seed = seed
+    for ours, theirs, kind in (("steps", "steps", int), ("cfg_scale", "cfg", float)):
+        value = _value(graph, inputs.get(theirs))
+        if isinstance(value, (int, float)):
+            setattr(req, ours, kind(value))
+    sampler, scheduler = _value(graph, inputs.get("sampler_name")), _value(graph, inputs.get("scheduler"))
+    if isinstance(sampler, str):
+        req.sampler = sampler
+    if isinstance(scheduler, str):
+        req.schedule = scheduler
+    latent = _follow(graph, inputs.get("latent_image"), "width")
+    if latent is not None:
+        size = latent["inputs"]
+        req.width, req.height = _value(graph, size.get("width")), _value(graph, size.get("height"))
+        batch = _value(graph, size.get("batch_size", 1))
+        req.batch_size = batch if isinstance(batch, int) else 1
+    denoise = _value(graph, inputs.get("denoise", 1.0))
+    mode = "txt2img"
+    if isinstance(denoise, (int, float)) and denoise < 1.0:
+        req.denoising_strength, mode = float(denoise), "img2img"
+    loader = _follow(graph, inputs.get("model"), "ckpt_name")
+    model = {"name": loader["inputs"].get("ckpt_name") if loader else None, "hash": None}
+    return req, {"mode": mode, "model": model, "source": "comfyui", "batch_index": 0}

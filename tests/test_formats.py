@@ -1,0 +1,118 @@
+"""Metadata where users keep it: JPEG/WebP (A1111's EXIF UserComment), ComfyUI's PNG graph, and --from
+naming what it cannot reproduce."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from latentforge.cli import main
+from latentforge.demo import bundled_model_path
+from latentforge.io.images import save_image
+from latentforge.pipelines.metadata import read_png_metadata, request_from_image
+
+TEXT = 'a "cat", 猫\nNegative prompt: dog\nSteps: 12, Sampler: Euler a, CFG scale: 6, Seed: 42, Size: 64x64'
+
+# ComfyUI's default txt2img graph in its API format (the "prompt" chunk ComfyUI writes into PNGs)
+COMFY = {
+    "3": {
+        "class_type": "KSampler",
+        "inputs": {
+            "seed": 156680208700286,
+            "steps": 20,
+            "cfg": 8,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    },
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 1}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "beautiful scenery", "clip": ["4", 1]}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+
+
+def _image():
+    image = Image.fromarray(np.full((16, 16, 3), 120, np.uint8))
+    image.info["parameters"] = TEXT
+    return image
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".png"])
+def test_parameters_survive_each_format(tmp_path, suffix):
+    path = save_image(_image(), tmp_path / f"out{suffix}")
+    assert read_png_metadata(path)["parameters"] == TEXT
+    assert request_from_image(path)[0].prompt == 'a "cat", 猫'
+
+
+def test_a1111_exif_built_independently_is_read(tmp_path):
+    """EXIF as A1111 writes JPEGs: UserComment (0x9286) in the Exif IFD (0x8769), 'UNICODE\\0' then
+    UTF-16 big-endian; built here with Pillow, not with the library latentforge writes it with."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + TEXT.encode("utf-16-be")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.jpg", exif=exif.tobytes())
+    req, info = request_from_image(tmp_path / "a1111.jpg")
+    assert (req.steps, req.seed, req.cfg_scale, req.negative_prompt) == (12, 42, 6.0, "dog")
+    assert info["source"] == "infotext"
+
+
+def test_comfyui_graph_is_read(tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(COMFY))
+    info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
+    Image.new("RGB", (8, 8)).save(tmp_path / "comfy.png", pnginfo=info)
+    req, meta = request_from_image(tmp_path / "comfy.png")
+    assert (req.prompt, req.negative_prompt) == ("beautiful scenery", "text, watermark")
+    assert (req.seed, req.steps, req.cfg_scale, req.sampler, req.schedule) == (
+        156680208700286,
+        20,
+        8.0,
+        "euler",
+        "normal",
+    )
+    assert (req.width, req.height, req.batch_size) == (512, 768, 1)
+    assert req.sgm_noise_multiplier and req.quantize_timesteps  # ComfyUI's conventions
+    assert meta["model"]["name"] == "v1-5-pruned-emaonly.safetensors" and meta["source"] == "comfyui"
+    req.validate()
+
+
+@pytest.fixture
+def model():
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("no bundled demo model")
+    return str(path)
+
+
+def test_cli_writes_jpeg_and_from_reads_it(model, tmp_path, capsys):
+    out = tmp_path / "outs"
+    assert main(["txt2img", "a red circle", "-m", model, "--steps", "3", "--seed", "4", "-q", "--outdir", str(out),
+                 "--format", "jpeg"]) == 0  # fmt: skip
+    (jpeg,) = out.glob("*.jpg")
+    assert "Seed: 4" in read_png_metadata(jpeg)["parameters"]
+    assert main(["txt2img", "--from", str(jpeg), "-m", model, "-q", "-o", str(tmp_path / "again.png")]) == 0
+
+
+def test_from_refuses_what_it_cannot_reproduce_and_warns_about_another_model(model, tmp_path, capsys):
+    image = Image.new("RGB", (8, 8))
+    text = "a cube\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Model hash: 0123456789, Model: other, Tiling: True"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    image.save(tmp_path / "in.png", pnginfo=info)
+    args = ["txt2img", "--from", str(tmp_path / "in.png"), "-m", model, "-q", "-o", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot reproduce (Tiling: True)" in err and not (tmp_path / "o.png").exists()
+    assert main([*args, "--allow-differences"]) == 0
+    err = capsys.readouterr().err
+    assert "not reproduced: Tiling: True" in err and "model other [0123456789]" in err
