@@ -122,3 +122,31 @@ def validate_hires(h, need: Callable[[bool, str], None]) -> None:
             f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
         )
     upscaler_name(h.upscaler)
+
+
+# A1111's "Masked content" names of inpainting_fill
+INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> None:
+    """The inpaint group's fields (``InpaintOptions``)."""
+    need(img2img, "inpainting and outpainting need an init image (img2img)")
+    need(
+        o.inpainting_fill in INPAINT_FILL,
+        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+    )
+    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+        v = getattr(o, name)
+        ok = (v is None and name != "mask_blur") or (is_number(v) and 0 <= v <= 256)
+        need(ok, f"{name} must be between 0 and 256 pixels, got {show(v)}")
+    pad = o.inpaint_full_res_padding
+    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
+    w = o.inpainting_mask_weight
+    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
+    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
+        v = getattr(o, name)
+        need(
+            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
+            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
+        )
+    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")

@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # re-exported (hires.py, users)
+from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
 from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
 from latentforge.pipelines.checks import (
     MAX_SIDE,
@@ -29,6 +30,7 @@ from latentforge.pipelines.checks import (
     optional,
     show,
     validate_hires,
+    validate_inpaint,
 )
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.sampling.noise import RNG_SOURCES
@@ -46,10 +48,6 @@ class HiresOptions:
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
-
-
-# A1111's "Masked content" names of inpainting_fill
-INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
 @dataclass
@@ -286,7 +284,7 @@ class GenerationRequest:
         if self.hires is not None and not img2img:
             validate_hires(self.hires, need)
         if self.inpaint is not None:
-            _validate_inpaint(self.inpaint, need, img2img)
+            validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
 
     def to_dict(self) -> dict:
@@ -378,29 +376,6 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
-
-
-def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
-    need(img2img, "inpainting and outpainting need an init image (img2img)")
-    need(
-        o.inpainting_fill in INPAINT_FILL,
-        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
-    )
-    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
-        v = getattr(o, name)
-        ok = (v is None and name != "mask_blur") or (is_number(v) and 0 <= v <= 256)
-        need(ok, f"{name} must be between 0 and 256 pixels, got {show(v)}")
-    pad = o.inpaint_full_res_padding
-    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
-    w = o.inpainting_mask_weight
-    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
-    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
-        v = getattr(o, name)
-        need(
-            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
-            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
-        )
-    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
 
 
 class GenerationOptions(TypedDict, total=False):
