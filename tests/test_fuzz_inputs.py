@@ -134,7 +134,9 @@ def test_request_dicts_of_any_json_end_in_a_request_or_a_request_error(data, len
 
 
 KEYS = ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"]
-KEYS += ["Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Model", "Other"]
+KEYS += ["Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Model", "Other", "RNG", "ENSD"]
+KEYS += ["Variation seed", "Variation seed strength", "Seed resize from", "Mask blur", "Masked area padding"]
+KEYS += ["Masked content", "Conditional mask weight", "Outpaint", "Inpaint area"]
 VALUES = st.one_of(
     st.integers(-(10**30), 10**30).map(str),
     st.floats().map(str),
@@ -185,6 +187,52 @@ def test_png_records_with_any_json_end_in_a_request_or_a_request_error(tmp_path_
     try:
         req, meta = _timed(request_from_image, path)
         assert 0 <= meta["batch_index"] < req.batch_size
+        _timed(req.validate, img2img=meta["mode"] == "img2img")
+    except RequestError:
+        pass
+
+
+graphs = st.dictionaries(
+    st.sampled_from(["1", "2", "3"]),
+    st.fixed_dictionaries(
+        {"class_type": st.sampled_from(["KSampler", "CLIPTextEncode", "EmptyLatentImage", "X"])},
+        optional={
+            "inputs": st.one_of(
+                json_values,
+                st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "positive",
+                            "latent_image",
+                            "seed",
+                            "steps",
+                            "cfg",
+                            "text",
+                            "width",
+                            "height",
+                            "batch_size",
+                            "denoise",
+                        ]
+                    ),
+                    st.one_of(
+                        json_values, st.tuples(st.sampled_from(["1", "2", "3", "9"]), st.integers(0, 1)).map(list)
+                    ),
+                    max_size=6,
+                ),
+            )
+        },
+    ),
+    max_size=3,
+)
+
+
+@FUZZ
+@given(st.one_of(graphs, json_values))
+def test_comfy_graphs_of_any_shape_end_in_a_request_or_a_request_error(tmp_path_factory, graph):
+    path = tmp_path_factory.mktemp("comfy") / "c.png"
+    path.write_bytes(_png({"prompt": json.dumps(graph)}))
+    try:
+        req, meta = _timed(request_from_image, path)
         _timed(req.validate, img2img=meta["mode"] == "img2img")
     except RequestError:
         pass

@@ -154,12 +154,18 @@ def test_request_that_is_not_a_mapping():
         ("x\nSteps: 3, CFG scale: 1e999, Seed: 1", "cfg_scale must be a finite number"),
         ("x\nSteps: 99999999, CFG scale: 7, Seed: 1", "steps must be at most 1000"),
         ("x\nSteps: 3, Hires upscale: big, Seed: 1", "Hires upscale 'big' is not a number"),
+        ("x\nSteps: 3, Variation seed: v, Seed: 1", "Variation seed 'v' is not a whole number"),
+        ("x\nSteps: 3, Seed resize from: 64x, Seed: 1", "Seed resize from '64x' is not a size"),
+        ("x\nSteps: 3, ENSD: -, Seed: 1", "ENSD '-' is not a whole number"),
+        ("x\nSteps: 3, Mask blur: 4xq, Denoising strength: 0.5", "Mask blur '4xq' is not a number or XxY"),
+        ('x\nSteps: 3, Outpaint: "8,8", Seed: 1', "Outpaint '8,8' is not four whole numbers"),
+        ("x\nSteps: 3, Mask blur: 1e300, Denoising strength: 0.5", "mask_blur must be between 0 and 256"),
     ],
 )
 def test_malformed_infotext_values_name_the_field(text, message):
     with pytest.raises(RequestError, match=message):
-        req, _ = request_from_infotext(text)
-        req.validate()
+        req, meta = request_from_infotext(text)
+        req.validate(img2img=meta["mode"] == "img2img")
 
 
 def _record(**changes):
@@ -196,6 +202,20 @@ def test_from_refuses_a_record_of_the_other_mode_before_loading(tmp_path, capsys
     assert "was made by img2img; use `latentforge img2img INIT_IMAGE --from`" in capsys.readouterr().err
 
 
+def test_comfy_graphs_linking_every_node_twice_are_read_in_linear_time(tmp_path):
+    # each node links to the next twice: following every link without remembering visited nodes takes
+    # 2^40 steps (2.3 s at 20 nodes before the fix, 4x per two more)
+    graph = {str(i): {"class_type": "X", "inputs": {"a": [str(i + 1), 0], "b": [str(i + 1), 0]}} for i in range(40)}
+    graph["s"] = {"class_type": "KSampler", "inputs": {"latent_image": ["0", 0], "seed": 1, "steps": 3}}
+    png = _png_with_text(tmp_path / "c.png", prompt=json.dumps(graph))
+    start = time.perf_counter()
+    req, _ = request_from_image(png)
+    assert req.steps == 3 and time.perf_counter() - start < 1
+    graph["s"]["inputs"] = "not a mapping"
+    with pytest.raises(RequestError, match="ComfyUI graph"):
+        request_from_image(_png_with_text(tmp_path / "d.png", prompt=json.dumps(graph)))
+
+
 # ---- images in
 
 
@@ -205,6 +225,8 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     assert bomb.stat().st_size < 200_000
     with pytest.raises(RequestError, match=r"decompression bomb .*images of more than 67108864 pixels"):
         open_image(bomb)
+    with pytest.raises(RequestError, match=r"^mask .*decompression bomb"):
+        open_image(bomb, what="mask")
     big = tmp_path / "big.png"
     Image.new("1", (9000, 7500)).save(big)  # under PIL's own limit, over ours (8192 x 8192)
     with pytest.raises(RequestError, match="is 9000x7500 pixels; images of more than 67108864 pixels"):
