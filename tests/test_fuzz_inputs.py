@@ -302,6 +302,7 @@ def hostile(tmp_path_factory):
         "types.png": _png({"latentforge": json.dumps({**GOOD_RECORD, "request": {"steps": [1], "seed": "x"}})}),
         "deepjson.png": _png({"latentforge": "[" * 50_000}),
         "escape.png": _png({"latentforge": json.dumps({**GOOD_RECORD, "request": {"sampler": "\x1b[2J\x1b]0;x\x07"}})}),
+        "unknown.png": _png({"parameters": "a\nSteps: 2, Sampler: Euler, Seed: 1, Foo: \x1b[2J\x1b]0;x\x07"}),
         "bomb.png": _image_bytes("bomb"),
         "huge-size.png": _png({}, size=(8200, 64)),
         "i16.png": _image_bytes("I;16"),
@@ -319,6 +320,7 @@ CLI_ERRORS = [
     (["txt2img", "--from", "{d}/types.png"], "must be a whole number"),
     (["txt2img", "--from", "{d}/deepjson.png"], "not valid JSON"),
     (["txt2img", "--from", "{d}/escape.png"], "unknown sampler '\\x1b[2J\\x1b]0;x\\x07'"),
+    (["txt2img", "--from", "{d}/unknown.png"], "cannot reproduce (Foo: \\x1b[2J\\x1b]0;x\\x07)"),
     (["info", "{d}/bomb.png"], "cannot read image"),  # PIL refuses to open it at all
     (["img2img", "{d}/bomb.png", "x"], "decompression bomb"),
     (["img2img", "{d}/huge-size.png", "x"], "output size 8200x64 taken from the init image"),

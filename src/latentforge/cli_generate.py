@@ -276,7 +276,7 @@ def build_request(args: argparse.Namespace, img2img: bool):
                     f"{args.from_image} was made with settings latentforge cannot reproduce ({what}); the image "
                     "would differ. Pass --allow-differences to generate anyway."
                 )
-            print(f"warning: not reproduced: {what}", file=sys.stderr)
+            print(terminal_safe(f"warning: not reproduced: {what}", newlines=False), file=sys.stderr)
     options = {}
     if args.prompt is not None:
         options["prompt"] = args.prompt
@@ -339,7 +339,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
         from latentforge.pipelines.metadata import model_differences
 
         for difference in model_differences(pipe, meta):
-            print(f"warning: {difference}; the result will differ", file=sys.stderr)
+            print(terminal_safe(f"warning: {difference}; the result will differ", newlines=False), file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
         if img2img:
