@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import math
+import re
 import time
 
 import pytest
@@ -22,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from latentforge.cli import main
 from latentforge.conditioning import schedule as sched
-from latentforge.conditioning.prompt import PromptError, chunk_prompt, parse_attention
+from latentforge.conditioning.prompt import PromptError, chunk_prompt, parse_attention, split_and
 from latentforge.models.tokenizer import CLIPTokenizer
 from latentforge.pipelines import GenerationRequest, RequestError
 from latentforge.pipelines.images import open_image, prepare_image
@@ -96,6 +97,24 @@ def test_memoized_parser_gives_the_plain_descents_results(text):
             return "no parse"
 
     assert parse(sched._Parser) == parse(_Unmemoized)
+
+
+# A1111's pattern for a composable part's weight (modules/prompt_parser.py, re_weight), as the reference
+_A1111_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+
+
+@FUZZ
+@given(st.lists(st.sampled_from([*"a :1.-+\n\t", "AND", "2.5", " AND "]), max_size=20).map("".join))
+def test_and_parts_and_weights_match_a1111s_pattern(text):
+    try:
+        got = split_and(text)
+    except PromptError:
+        return
+    expected = []
+    for part in re.split(r"\bAND\b", text):
+        m = _A1111_WEIGHT.match(part)
+        expected.append((m.group(1), float(m.group(2)) if m.group(2) is not None else 1.0))
+    assert got == expected
 
 
 @settings(FUZZ, max_examples=40)

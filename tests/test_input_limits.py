@@ -18,12 +18,14 @@ from PIL import Image, PngImagePlugin
 from latentforge.cli import main
 from latentforge.cli_generate import terminal_safe
 from latentforge.conditioning.prompt import (
+    MAX_AND_PARTS,
     MAX_CHUNKS,
     MAX_NESTING,
     MAX_PROMPT_CHARS,
     PromptError,
     chunk_prompt,
     parse_attention,
+    split_and,
 )
 from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
 from latentforge.io.images import save_numbered, save_png
@@ -87,6 +89,19 @@ def test_emphasis_weights_are_bounded_and_a1111_number_syntax_kept():
             parse_attention(bad)
     with pytest.raises(PromptError, match="multiplies to 11000"):
         parse_attention("(((a:100):100):1.1)")
+
+
+def test_and_parts_are_limited_and_parse_in_linear_time():
+    start = time.perf_counter()  # A1111's backtracking pattern takes about 30 s on this
+    assert split_and("a " + " " * 9990 + ":" + " " * 9990 + "x") == [("a " + " " * 9990 + ":" + " " * 9990 + "x", 1.0)]
+    assert time.perf_counter() - start < 1
+    assert split_and("a :1.5 AND b") == [("a", 1.5), (" b", 1.0)]  # leading space kept, as by A1111's pattern
+    with pytest.raises(PromptError, match=f"33 parts joined by AND; the limit is {MAX_AND_PARTS}"):
+        split_and(" AND ".join(["a"] * 33))
+    with pytest.raises(PromptError, match=r"AND part weight 9{20}\.\.\. is outside"):
+        split_and("a :" + "9" * 400)
+    with pytest.raises(RequestError, match=r"prompt: .*different prompts over the steps; the limit is 100"):
+        GenerationRequest(prompt=" AND ".join(["[a|b|c|d|e|f|g|h|i|j|k]"] * 10), steps=30).validate()
 
 
 def test_chunk_count_is_limited():
@@ -179,7 +194,7 @@ def _record(**changes):
     [
         (_record(batch_index=99), "batch_index must be a whole number from 0 to batch_size - 1 \\(2\\), got 99"),
         (_record(batch_index="0"), "batch_index must be"),
-        (_record(mode="inpaint"), "mode must be 'txt2img' or 'img2img'"),
+        (_record(mode="inpaint"), "mode must be 'txt2img', 'img2img' or 'upscale-x4'"),
         (_record(request=[1]), "request must be a JSON object"),
         (_record(request={"steps": "many"}), "steps must be a whole number"),
         (_record(request={"stpes": 3}), "unknown request field"),

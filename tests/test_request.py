@@ -127,7 +127,6 @@ def test_groups_that_generation_cannot_run_yet_are_refused_before_any_work(tmp_p
 
     pipe = latentforge.load(save_folder(build_reference("sd1", seed=2), tmp_path / "m"))
     for options in (
-        {"refiner_checkpoint": "refiner.safetensors"},
         {"networks": [{"name": "style", "strength": 0.8}]},
         {"control": [{"model": "canny"}]},
     ):
@@ -135,3 +134,15 @@ def test_groups_that_generation_cannot_run_yet_are_refused_before_any_work(tmp_p
             pipe.txt2img("x", steps=1, width=64, height=64, **options)
     with pytest.raises(RequestError, match="need an init image"):
         pipe.txt2img("x", steps=1, width=64, height=64, mask="mask.png")
+
+
+def test_refiner_group_runs_and_checks_its_model_before_any_work(tmp_path):
+    """The refiner is no longer refused: its checkpoint is opened (names and shapes only) and checked."""
+    import latentforge
+    from tiny import build_reference, save_folder
+
+    pipe = latentforge.load(save_folder(build_reference("sd1", seed=2), tmp_path / "m"))
+    req = GenerationRequest.from_dict({"refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.7})
+    assert req.refiner.checkpoint == "refiner.safetensors" and req.refiner.switch_at == 0.7
+    with pytest.raises(RequestError, match=r"refiner_checkpoint 'refiner\.safetensors' does not exist"):
+        pipe.txt2img("x", steps=1, width=64, height=64, refiner_checkpoint="refiner.safetensors")

@@ -1,4 +1,4 @@
-"""The ``txt2img``, ``img2img``, ``info`` and ``samplers`` commands."""
+"""The ``txt2img``, ``img2img``, ``upscale-x4``, ``info`` and ``samplers`` commands."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ GEN_OPTIONS = [
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
     (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
     (("-H", "--height"), "height", int, "height in pixels, a multiple of 8"),
@@ -31,8 +32,10 @@ GEN_OPTIONS = [
 ]
 
 
-def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
-    if img2img:
+def add_generation_options(p: argparse.ArgumentParser, img2img: bool, x4: bool = False) -> None:
+    if x4:
+        p.add_argument("init_image", type=Path, help="the low-resolution image to upscale 4x")
+    elif img2img:
         p.add_argument("init_image", type=Path, help="the image to start from")
     p.add_argument("prompt", nargs="?", default=None, help="what to draw (A1111 syntax: (word:1.2), BREAK)")
     p.add_argument(
@@ -45,6 +48,50 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument("--prediction", choices=["eps", "v"], help="override eps/v detection")
     for flags, dest, typ, help_ in GEN_OPTIONS:
         p.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+    if x4:
+        p.add_argument(
+            "--noise-level", type=int, default=None, help="noise added to the input first, 0 to 350 (default 20)"
+        )
+        p.add_argument(
+            "--tile",
+            type=int,
+            default=None,
+            help="input pixels per tile for large inputs (default: automatic above 256 px; 0: never)",
+        )
+        p.add_argument(
+            "--resize-mode", dest="resize_mode", type=int, choices=[0, 1, 2], default=None, help="as img2img's"
+        )
+    else:
+        _add_refiner_options(p)
+        _add_strength(p, img2img)
+    _add_output_options(p)
+
+
+def _add_refiner_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--refiner",
+        dest="refiner_checkpoint",
+        type=Path,
+        default=None,
+        help="SDXL refiner checkpoint: it continues the base's latents for the last part of the steps",
+    )
+    p.add_argument(
+        "--refiner-switch-at",
+        dest="refiner_switch_at",
+        type=float,
+        default=None,
+        help="fraction of the denoising done by the base before the refiner takes over (default 0.8)",
+    )
+    p.add_argument(
+        "--refiner-switch-by-steps",
+        dest="refiner_switch_by_steps",
+        action="store_true",
+        default=None,
+        help="switch at that fraction of the steps (A1111's option) instead of the noise level (its default)",
+    )
+
+
+def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
     p.add_argument(
         "--strength",
         "--denoising-strength",
@@ -85,6 +132,9 @@ def add_generation_options(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
         )
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sgm-noise",
         dest="sgm_noise_multiplier",
@@ -253,7 +303,7 @@ def default_model() -> Path:
     return path
 
 
-def build_request(args: argparse.Namespace, img2img: bool):
+def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
     from latentforge.pipelines import GenerationRequest, RequestError
     from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
@@ -263,8 +313,9 @@ def build_request(args: argparse.Namespace, img2img: bool):
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
         pick = meta["batch_index"]
-        if (meta["mode"] == "img2img") != img2img:
-            command = "img2img INIT_IMAGE" if meta["mode"] == "img2img" else "txt2img"
+        wanted = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+        if meta["mode"] != wanted:
+            command = {"img2img": "img2img INIT_IMAGE", "upscale-x4": "upscale-x4 IMAGE"}.get(meta["mode"], "txt2img")
             raise RequestError(f"{args.from_image} was made by {meta['mode']}; use `latentforge {command} --from`")
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
@@ -282,10 +333,19 @@ def build_request(args: argparse.Namespace, img2img: bool):
         options["prompt"] = args.prompt
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
+    dests += ["refiner_switch_at", "refiner_switch_by_steps"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:
             options[dest] = value
+    if getattr(args, "refiner_checkpoint", None) is not None:
+        options["refiner_checkpoint"] = str(args.refiner_checkpoint)
+    if x4:
+        group = _x4_group(req)
+        for name in ("noise_level", "tile"):
+            if getattr(args, name, None) is not None:
+                group[name] = getattr(args, name)
+        options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
     if img2img:
@@ -305,18 +365,27 @@ def build_request(args: argparse.Namespace, img2img: bool):
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
-    req.validate(img2img=img2img)
+    req.validate(img2img=img2img and not x4)
     return req, pick, meta
 
 
-def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
+def _x4_group(req) -> dict:
+    """The x4 options of a request read with --from, or the defaults."""
+    import dataclasses
+
+    from latentforge.pipelines import X4Options
+
+    return dataclasses.asdict(req.x4 if req.x4 is not None else X4Options())
+
+
+def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> int:
     import latentforge
     from latentforge.io.images import output_paths, save_image, save_numbered
     from latentforge.io.writer import OutputError, check_writable_folder
     from latentforge.pipelines.generate import output_size
     from latentforge.pipelines.images import open_image
 
-    req, pick, meta = build_request(args, img2img)
+    req, pick, meta = build_request(args, img2img, x4)
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # check the output location and the init image before loading the model and the minutes of work
     paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)
@@ -331,8 +400,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
         check_writable_folder(args.outdir, "--outdir")
     init = None
     if img2img:
-        init = open_image(args.init_image)
-        output_size(req, init, 0)
+        init = open_image(args.init_image, "input image" if x4 else "init image")
+        if not x4:  # the x4 output is 4x the image (checked by its task)
+            output_size(req, init, 0)
     model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     if meta is not None:
@@ -342,7 +412,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool) -> int:
             print(terminal_safe(f"warning: {difference}; the result will differ", newlines=False), file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
-        if img2img:
+        if x4:
+            result = pipe.upscale(init, request=req, progress=bar)
+        elif img2img:
             result = pipe.img2img(init, request=req, progress=bar)
         else:
             result = pipe.txt2img(request=req, progress=bar)

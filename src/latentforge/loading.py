@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,6 +94,7 @@ def load(
     vae: str | Path | None = None,
     prediction: str | None = None,
     family: str | None = None,
+    zero_terminal_snr: bool | None = None,
 ):
     """Load a Stable Diffusion checkpoint: a single ``.safetensors``/``.ckpt`` file or a diffusers folder.
 
@@ -102,6 +104,9 @@ def load(
     overrides it); ``pipe.info.dtype_reason`` says what decided. ``vae`` replaces the checkpoint's VAE
     with a standalone VAE file or folder. ``prediction`` ('eps' or 'v') overrides detection of the
     parameterisation; ``family`` forces a family (it must still fit the file's structure).
+    ``zero_terminal_snr`` overrides what the file says about zero-terminal-SNR training (a ``ztsnr`` key,
+    or ``rescale_betas_zero_snr`` in a diffusers scheduler config); such models sample on the rescaled
+    schedule (``pipe.zero_terminal_snr``).
     """
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -155,6 +160,7 @@ def load(
             vae_source = str(vae)
         to_fast_layout(vae_model)
         extras, dropped = source.leftovers()
+        ztsnr = zero_terminal_snr if zero_terminal_snr is not None else _says_zero_terminal_snr(source, extras)
     finally:
         source.close()
     if dropped:
@@ -182,7 +188,45 @@ def load(
         time.perf_counter() - start,
         f"{str(torch_dtype).removeprefix('torch.')} ({dtype_reason})",
     )
-    return Pipeline(fam, pred, unet, vae_model, tuple(encoders), tuple(tokenizers), extras=extras, info=info)
+    pipe = Pipeline(
+        fam,
+        pred,
+        unet,
+        vae_model,
+        tuple(encoders),
+        tuple(tokenizers),
+        extras=extras,
+        info=info,
+        open_model=lambda other: open_like(other, dtype=torch_dtype, device=dev),
+    )
+    pipe.zero_terminal_snr = ztsnr
+    return pipe
+
+
+def _says_zero_terminal_snr(source, extras: dict) -> bool:
+    """Zero-terminal-SNR training, as the file says it: a ``ztsnr`` key (NoobAI-style v-prediction SDXL
+    files) or a diffusers scheduler config with ``rescale_betas_zero_snr``."""
+    if "ztsnr" in extras:
+        return True
+    config = getattr(source, "path", None)
+    config = config / "scheduler" / "scheduler_config.json" if config is not None and config.is_dir() else None
+    if config is not None and config.is_file():
+        try:
+            return bool(json.loads(config.read_text(encoding="utf-8")).get("rescale_betas_zero_snr", False))
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return False
+    return False
+
+
+def open_like(path: str | Path, *, dtype: torch.dtype, device) -> tuple[Family, Callable[[], object]]:
+    """Another checkpoint's family from key names and shapes (no weights read), and a function that loads it
+    with this dtype and device: how a pipeline opens its refiner before and when it is needed."""
+    source = open_source(path)
+    try:
+        family = candidates(source.signature(), source.layout, source.name)[0]
+    finally:
+        source.close()
+    return family, lambda: load(path, dtype=dtype, device=device)
 
 
 def inspect_checkpoint(path: str | Path, *, probe: bool = False) -> dict:

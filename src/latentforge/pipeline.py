@@ -67,6 +67,7 @@ class Pipeline:
         *,
         extras: dict[str, Tensor] | None = None,
         info: LoadInfo | None = None,
+        open_model: Callable[[str], tuple[Family, Callable[[], Pipeline]]] | None = None,
     ):
         self.family = family
         self.prediction = prediction
@@ -79,6 +80,15 @@ class Pipeline:
         self.offloader: Offloader | None = None
         self.execution_device: torch.device | None = None  # where computation happens under offload
         self.caches: dict[str, object] = {}
+        # another checkpoint (the refiner) -> (its family from names and shapes, a loader like this one)
+        self.open_model = open_model
+        self.zero_terminal_snr = False  # trained with a zero-terminal-SNR schedule (v-prediction SDXL models)
+
+    def noise_schedule(self):
+        """The training noise schedule generation and training use for this model."""
+        from latentforge.sampling.schedules import NoiseSchedule
+
+        return NoiseSchedule.for_family(self.family, zero_terminal_snr=self.zero_terminal_snr)
 
     @property
     def text_encoders(self) -> tuple[CLIPTextModel, ...]:
@@ -173,6 +183,30 @@ class Pipeline:
 
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         return generate(self, _request(prompt, request, options), init_images=images, progress=progress)
+
+    def upscale(
+        self,
+        image,
+        prompt: str | None = None,
+        *,
+        noise_level: int = 20,
+        tile: int | None = None,
+        request: GenerationRequest | None = None,
+        progress: Callable[[Progress], None] | None = None,
+        **options: Unpack[GenerationOptions],
+    ) -> GenerationResult:
+        """Upscale a low-resolution image (a PIL image or a path, or a list of them) 4x with an x4 upscaler
+        model, guided by ``prompt``: ``noise_level`` (0 to 350) noises the input first; ``tile`` sets
+        latent pixels per tile (None automatic for large inputs, 0 never). See pipelines/upscale_x4.py."""
+        from latentforge.pipelines import X4Options, generate
+
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if request is None:
+            options["x4"] = X4Options(noise_level=noise_level, tile=tile)
+        req = _request(prompt, request, options)
+        if req.x4 is None:
+            raise ValueError("the request given to upscale() has no x4 group; set request.x4 = X4Options(...)")
+        return generate(self, req, init_images=images, progress=progress)
 
     def save(
         self,

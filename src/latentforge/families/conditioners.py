@@ -156,6 +156,46 @@ class DepthConditioner(Conditioner):
 
 @dataclass(frozen=True)
 class UpscaleConditioner(Conditioner):
+    """The x4 upscaler (Stable Diffusion 2 ``ImageConcatWithNoiseAugmentation``): the low-resolution
+    image in [-1, 1], noised to ``noise_level`` with the DDPM schedule of betas 0.0001 .. 0.02 ("linear"
+    in the original, i.e. linear in sqrt(beta); at most 350), is concatenated after the scaled latent,
+    and the level is the UNet's class label ``y``."""
+
     kind: ClassVar[str] = "x4"
     concat_channels: ClassVar[int] = 3
     needs: ClassVar[str] = "a low-resolution image"
+    max_noise_level: ClassVar[int] = 350
+    low_res_betas: ClassVar[tuple[float, float]] = (0.0001, 0.02)
+
+    def noise_augment(self, image: Tensor, noise_level: int, noise: Tensor) -> Tensor:
+        """q(x_t | x_0) at t = ``noise_level``: sqrt(abar_t) image + sqrt(1 - abar_t) noise (DDPM, Ho et al.
+        2020, eq. 4), abar computed in float64 as the original."""
+        if not 0 <= noise_level <= self.max_noise_level:
+            raise ValueError(f"noise_level must be 0 to {self.max_noise_level}, got {noise_level}")
+        lo, hi = self.low_res_betas
+        betas = torch.linspace(lo**0.5, hi**0.5, 1000, dtype=torch.float64) ** 2
+        abar = float(torch.cumprod(1 - betas, 0)[noise_level])
+        return abar**0.5 * image.float() + (1 - abar) ** 0.5 * noise.float()
+
+    def build(
+        self,
+        context: Tensor,
+        pooled: Tensor | None,
+        *,
+        width: int,
+        height: int,
+        adm_channels: int | None,
+        aesthetic: float = 6.0,
+        empty_negative: bool = False,
+        concat: Tensor | None = None,
+        batch: int | None = None,
+        noise_level: int = 20,
+    ) -> Cond:
+        """The text context and the noise level as class label (B,); the noised low-res images come per
+        batch as ``concat`` (the x4 task's pass supplies them)."""
+        n = batch or context.shape[0]
+        if batch is not None:
+            context = context.expand(batch, -1, -1)
+            concat = None if concat is None else concat.expand(batch, -1, -1, -1)
+        labels = torch.full((n,), int(noise_level), dtype=torch.long, device=context.device)
+        return Cond(context, labels, concat)

@@ -1,5 +1,5 @@
 """Generation: the request and its option groups, plans of passes, the one generate loop, and the tasks
-that build passes (hires.py; images.py for image input and output)."""
+that build passes (hires.py, refiner.py, upscale_x4.py; images.py for image input and output)."""
 
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
 from latentforge.pipelines.request import (
@@ -11,6 +11,7 @@ from latentforge.pipelines.request import (
     NetworkRef,
     RefinerOptions,
     RequestError,
+    X4Options,
 )
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "Progress",
     "RefinerOptions",
     "RequestError",
+    "X4Options",
     "generate",
 ]

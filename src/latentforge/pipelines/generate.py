@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import depth, hires, inpaint
+from latentforge.pipelines import depth, hires, inpaint, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
@@ -59,9 +59,14 @@ class GenerationResult:
     seconds: float = 0.0
 
 
-def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | None) -> Plan:
-    """The passes a request asks for: txt2img or img2img (with a mask: inpainting), then the passes of
-    its option groups."""
+def build_plan(
+    pipe, req: GenerationRequest, init_images: list[Image.Image] | None, hand_off: refiner.HandOff | None = None
+) -> Plan:
+    """The passes a request asks for: txt2img or img2img (with a mask: inpainting; or the x4 upscaler's
+    pass), then the passes of its option groups (hires; the refiner's hand-off, checked beforehand by
+    ``refiner.prepare``)."""
+    if req.x4 is not None:
+        return upscale_x4.build_plan(pipe, req, init_images or [])
     fam = pipe.family
     inpainting = req.inpaint is not None and init_images
     protect = None
@@ -94,6 +99,8 @@ def build_plan(pipe, req: GenerationRequest, init_images: list[Image.Image] | No
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
         hires.add_pass(plan, pipe, req)
+    if hand_off is not None:
+        refiner.add_pass(plan, pipe, req, hand_off)
     return plan
 
 
@@ -113,7 +120,6 @@ def output_size(req: GenerationRequest, init_image: Image.Image | None, default:
 
 def _refuse_unavailable(req: GenerationRequest) -> None:
     for group, what in (
-        ("refiner", "the SDXL refiner hand-off"),
         ("networks", "networks (LoRA, hypernetworks, embeddings)"),
         ("control", "ControlNet units"),
     ):
@@ -130,20 +136,28 @@ def run_pass(
     noise_opts,
     device,
     callback,
-) -> Tensor:
+    stream=None,
+) -> tuple[Tensor, object]:
     """One sampling pass for one batch: its starting latent, its noise (per-image seeded, or Brownian
-    trees for the SDE samplers), its sampler over its sigmas."""
+    trees for the SDE samplers; a continuing pass keeps drawing from the previous pass's ``stream``), its
+    sampler over its sigmas. Returns the latents and the noise stream."""
     init = p.start(iteration, previous, seeds)
-    noise = ImageNoise(seeds, p.shape, subseeds=subseeds, options=noise_opts, out_device=device)
-    x = starting_latent(p, init, noise.next())
+    if p.continues and stream is not None:
+        draw = stream
+        x = starting_latent(p, init, None)
+    else:
+        noise = ImageNoise(seeds, p.shape, subseeds=subseeds, options=noise_opts, out_device=device)
+        x = starting_latent(p, init, noise.next())
+        draw = noise
+        if p.sampler.brownian:
+            positive = p.sigmas[p.sigmas > 0]
+            lo, hi = p.noise_range or (positive.min(), positive.max())
+            draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device)
     if init is not None and not p.denoise:
-        return x
-    draw = noise
-    if p.sampler.brownian:
-        positive = p.sigmas[p.sigmas > 0]
-        draw = BrownianNoise(seeds, p.shape, positive.min(), positive.max(), out_device=device)
-    x = p.sampler.fn(p.denoiser(), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
-    return x if p.finish is None else p.finish(x)
+        return x, draw
+    concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
+    out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=callback, **p.sampler_options)
+    return (out if p.finish is None else p.finish(out)), draw
 
 
 def generate(
@@ -152,14 +166,19 @@ def generate(
     init_images: Sequence[Image.Image | str | Path] | None = None,
     progress: Callable[[Progress], None] | None = None,
 ) -> GenerationResult:
-    """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch)."""
+    """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch);
+    with ``req.x4`` the images are the x4 upscaler's low-res inputs."""
     start = time.perf_counter()
     img2img = init_images is not None
-    req.validate(img2img=img2img)
+    x4 = req.x4 is not None
+    req.validate(img2img=img2img and not x4)
     _refuse_unavailable(req)
+    if x4 and not init_images:
+        raise RequestError("the x4 upscaler needs a low-resolution image (none was given)")
     images_in = [open_image(i) for i in init_images] if img2img else None
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
+    hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
 
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
@@ -167,26 +186,29 @@ def generate(
     subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
     with torch.inference_mode():
-        plan = build_plan(pipe, req, images_in)
+        plan = build_plan(pipe, req, images_in, hand_off)
         total = plan.total_steps
         for it in range(req.batch_count):
             batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
             batch_seeds = seeds[batch]
-            x, offset = None, 0
+            x, offset, stream = None, 0, None
             for p in plan.passes:
 
                 def callback(i, x_i, sigma, denoised, offset=offset, it=it):
                     if progress is not None:
                         progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
 
-                x = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback)
+                x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
                 offset += p.steps
             images = tensor_to_images(plan.decode(x))
             out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
 
     final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
-    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, img2img, plan.infotext)
+    if hand_off is not None:  # the record names the refiner's source, also when a loaded pipeline was given
+        final.refiner = dataclasses.replace(req.refiner, checkpoint=hand_off.name)
+    mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext)
     for image, text, s in zip(out_images, texts, seeds):
         image.info["parameters"] = text
-        image.info["latentforge"] = request_json(pipe, final, s, img2img)
+        image.info["latentforge"] = request_json(pipe, final, s, mode)
     return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)

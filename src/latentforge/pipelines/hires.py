@@ -93,6 +93,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
         req.cfg_scale,
         start,
         denoise=req.denoising_strength > 0,
+        cfg_rescale=first.cfg_rescale,
         sampler_options=first.sampler_options,
     )
     plan.passes.append(hires_pass)

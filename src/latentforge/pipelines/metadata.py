@@ -10,7 +10,15 @@ from pathlib import Path
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
 from latentforge.pipelines.checks import is_int, show
-from latentforge.pipelines.request import INPAINT_FILL, GenerationRequest, HiresOptions, InpaintOptions, RequestError
+from latentforge.pipelines.request import (
+    INPAINT_FILL,
+    GenerationRequest,
+    HiresOptions,
+    InpaintOptions,
+    RefinerOptions,
+    RequestError,
+    X4Options,
+)
 from latentforge.sampling.registry import SAMPLERS, resolve
 
 SCHEDULE_TITLES = {
@@ -42,16 +50,33 @@ def _model_fields(pipe) -> dict:
     return pipe.cached("infotext model fields", make)
 
 
+def _mode(mode: str | bool) -> str:
+    """ "txt2img", "img2img" or "upscale-x4" (a bool: img2img or not)."""
+    if isinstance(mode, bool):
+        return "img2img" if mode else "txt2img"
+    return mode
+
+
 def infotext_params(
-    pipe, req: GenerationRequest, seed: int, info, schedule: str, img2img: bool, extra: dict | None = None
+    pipe,
+    req: GenerationRequest,
+    seed: int,
+    info,
+    schedule: str,
+    mode: str | bool,
+    refiner: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     from latentforge._version import __version__
+
+    img2img = _mode(mode) == "img2img"
 
     params = {
         "Steps": req.steps,
         "Sampler": info.title,
         "Schedule type": SCHEDULE_TITLES[schedule],
         "CFG scale": _num(req.cfg_scale),
+        "CFG rescale": _num(req.guidance_rescale) if req.guidance_rescale else None,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
@@ -60,6 +85,8 @@ def infotext_params(
         "Seed resize from": _resize_from(req),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
         **(_hires_fields(req.hires) if req.hires and not img2img else {}),
+        **(refiner if refiner is not None else _refiner_fields(req.refiner) if req.refiner else {}),
+        **(_x4_fields(req.x4) if req.x4 else {}),
         **(extra or {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
@@ -87,27 +114,47 @@ def _hires_fields(h: HiresOptions) -> dict:
     }
 
 
+def _refiner_fields(r: RefinerOptions) -> dict:
+    """A1111's fields: "Refiner: name [hash]" (its short title), "Refiner switch at", and "Refiner switch by
+    sampling steps: True" when that rule was used."""
+    path = Path(str(r.checkpoint))
+    name = path.stem if path.is_file() else path.name
+    digest = model_hash(path) if path.is_file() else None
+    return {
+        "Refiner": f"{name} [{digest}]" if digest else name,
+        "Refiner switch at": _num(r.switch_at),
+        "Refiner switch by sampling steps": True if r.switch_by_steps else None,
+    }
+
+
+def _x4_fields(x: X4Options) -> dict:
+    return {"X4 noise level": x.noise_level, "X4 tile": x.tile}
+
+
 def _num(x: float) -> str:
     return f"{x:g}"
 
 
 def infotexts_for(
-    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, img2img: bool, extra: dict | None = None
+    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, mode: str | bool, extra: dict | None = None
 ) -> list[str]:
     """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...)."""
+    refiner = _refiner_fields(req.refiner) if req.refiner else None  # hashed once for the batch
     return [
-        format_infotext(req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, img2img, extra))
+        format_infotext(
+            req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, mode, refiner, extra)
+        )
         for s in seeds
     ]
 
 
-def request_json(pipe, req: GenerationRequest, seed: int, img2img: bool) -> str:
+def request_json(pipe, req: GenerationRequest, seed: int, mode: str | bool) -> str:
     """Our exact record of one image: the request of the pass that made it (its first seed, its batch
     size) and the image's index in that pass, so the same pixels can be made again."""
     index = (seed - req.seed) % req.batch_size
     data = {
         "latentforge": 1,
-        "mode": "img2img" if img2img else "txt2img",
+        "mode": _mode(mode),
         "batch_index": index,
         "request": {**req.to_dict(), "seed": seed - index, "batch_count": 1},
         "model": {
@@ -207,8 +254,8 @@ def _from_record(record) -> tuple[GenerationRequest, dict]:
         raise RequestError(
             f"version {show(record.get('latentforge'))} is not 1 (written by another version of latentforge?)"
         )
-    if record.get("mode") not in ("txt2img", "img2img"):
-        raise RequestError(f"mode must be 'txt2img' or 'img2img', got {show(record.get('mode'))}")
+    if record.get("mode") not in ("txt2img", "img2img", "upscale-x4"):
+        raise RequestError(f"mode must be 'txt2img', 'img2img' or 'upscale-x4', got {show(record.get('mode'))}")
     if not isinstance(record.get("request"), dict):
         raise RequestError(f"request must be a JSON object, got {show(record.get('request'))}")
     model = record.get("model", {})
@@ -269,6 +316,10 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.schedule = s["Schedule type"]
     if "CFG scale" in s:
         req.cfg_scale = _value(s, "CFG scale", float, number)
+    rescale_keys = ("CFG rescale", "CFG Rescale φ", "RescaleCFG")
+    for key in rescale_keys:
+        if key in s:
+            req.guidance_rescale = _value(s, key, float, number)
     if "Seed" in s:
         req.seed = _value(s, "Seed", int, whole)
     if "Size" in s:
@@ -299,12 +350,21 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         if "Hires steps" in s:
             h.second_pass_steps = _value(s, "Hires steps", int, whole)
         h.upscaler = s.get("Hires upscaler", h.upscaler)
+    if "Refiner" in s:
+        name = s["Refiner"].rsplit(" [", 1)[0] if s["Refiner"].endswith("]") else s["Refiner"]
+        req.refiner = RefinerOptions(checkpoint=name)
+        req.refiner.switch_at = float(s.get("Refiner switch at", req.refiner.switch_at))
+        req.refiner.switch_by_steps = str(s.get("Refiner switch by sampling steps", "")).lower() == "true"
+    if "X4 noise level" in s:
+        tile = s.get("X4 tile")
+        req.x4 = X4Options(noise_level=int(s["X4 noise level"]), tile=int(tile) if tile is not None else None)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
-    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG"}
+    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG", *rescale_keys}
     known |= hires | inpaint_fields
+    known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}
-    mode = "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
+    mode = "upscale-x4" if req.x4 else "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
     model = {"name": s.get("Model"), "hash": s.get("Model hash")}
     return req, {"mode": mode, "model": model, "source": "infotext", "batch_index": 0}
 

@@ -9,6 +9,7 @@ extend plans (txt2img/img2img here, hires.py adds a second pass); none of them t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge.conditioning.prompt import split_and
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
@@ -27,6 +29,8 @@ from latentforge.sampling.registry import SamplerInfo
 # (iteration, previous pass's latents or None, the batch's seeds) -> this pass's starting latents, or
 # None for pure noise
 Start = Callable[[int, Tensor | None, list[int]], Tensor | None]
+# (iteration, the batch's seeds) -> the batch's extra input channels (B, c, h, w)
+BatchConcat = Callable[[int, list[int]], Tensor]
 
 
 @dataclass
@@ -38,23 +42,35 @@ class Pass:
     sampler: SamplerInfo
     sigmas: Tensor  # the sigmas this pass steps through (img2img: from its start sigma), ending at 0
     shape: tuple[int, int, int]  # latent (C, h, w)
-    cond: CondSchedule
+    cond: CondSchedule | list[tuple[float, CondSchedule]]  # a list: composable parts (A1111's AND)
     uncond: CondSchedule | None
     cfg_scale: float
     start: Start
+    cfg_rescale: float = 0.0  # CFG rescale phi
     denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
     sampler_options: dict = field(default_factory=dict)
     wrappers: list[Callable[[Denoiser], Denoiser]] = field(default_factory=list)  # around the CFG denoiser
     finish: Callable[[Tensor], Tensor] | None = None  # applied to the pass's result (inpainting's blend)
+    # per-batch extra input channels replacing the Cond's concat on both CFG sides (x4: noised low-res images)
+    batch_concat: BatchConcat | None = None
+    # continue the previous pass: start from its latents as they are (no new noise) and keep drawing from its
+    # noise stream (the refiner hand-off, which A1111 makes inside one sampler run)
+    continues: bool = False
+    noise_range: tuple[float, float] | None = None  # Brownian trees' sigma range (None: this pass's sigmas)
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
 
-    def denoiser(self) -> Denoiser:
-        """A fresh guided denoiser (prompt schedules count model calls from the start of each pass)."""
-        d: Denoiser = CFGDenoiser(self.model, self.cond, self.uncond, self.cfg_scale)
+    def denoiser(self, concat: Tensor | None = None) -> Denoiser:
+        """A fresh guided denoiser (prompt schedules count model calls from the start of each pass);
+        ``concat`` replaces the extra input channels of every conditioning entry."""
+        cond, uncond = self.cond, self.uncond
+        if concat is not None:
+            cond = _with_concat(cond, concat)
+            uncond = None if uncond is None else _with_concat(uncond, concat)
+        d: Denoiser = CFGDenoiser(self.model, cond, uncond, self.cfg_scale, self.cfg_rescale)
         for wrap in self.wrappers:
             d = wrap(d)
         return d
@@ -117,20 +133,22 @@ def conditioning(
     batch: int,
     total_calls: int | None = None,
     concat: Tensor | None = None,
+    inputs: dict | None = None,
 ) -> tuple[CondSchedule, CondSchedule | None]:
     """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
     schedules over ``total_calls`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
     ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one. The family's
     conditioner turns the encoded text into ``Cond`` (vector, extra channels: ``concat`` when the task
-    made them, else the conditioner's default)."""
+    made them, else the conditioner's default); ``inputs`` are the task's own keyword inputs for a
+    conditioner that needs them (the x4 upscaler's ``noise_level``)."""
     conditioner = pipe.family.conditioner
-    if conditioner.needs and concat is None:
+    if conditioner.needs and concat is None and inputs is None:
         raise RequestError(
             f"{pipe.family.name} models need their own input ({conditioner.needs}); "
             "txt2img and img2img are not available for them"
         )
     total = total_calls or req.steps
-    if concat is None:
+    if concat is None and inputs is None:
         concat = conditioner.default_concat(pipe.vae, width, height, pipe.device)
     adm = pipe.unet.config.adm_in_channels
     encoded: dict[str, object] = {}
@@ -149,14 +167,22 @@ def conditioning(
             empty_negative=negative and not text.strip(),
             concat=concat,
             batch=batch,
+            **(inputs or {}),
         )
 
     def schedule(text: str, aesthetic: float, negative: bool) -> CondSchedule:
         entries = prompt_schedule(text, total) if req.prompt_syntax == "a1111" else [(total, text)]
         return CondSchedule([(end, make(t, aesthetic, negative)) for end, t in entries])
 
-    cond = schedule(req.prompt, req.aesthetic_score, False)
-    uncond = None if req.cfg_scale == 1.0 else schedule(req.negative_prompt, req.negative_aesthetic_score, True)
+    parts = split_and(req.prompt) if req.prompt_syntax == "a1111" else [(req.prompt, 1.0)]
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        cond = schedule(parts[0][0], req.aesthetic_score, False)
+    else:  # composable diffusion: each part its own conditioning (A1111's AND)
+        cond = [(weight, schedule(text, req.aesthetic_score, False)) for text, weight in parts]
+    plain = not isinstance(cond, list)
+    uncond = None
+    if req.cfg_scale != 1.0 or not plain:
+        uncond = schedule(req.negative_prompt, req.negative_aesthetic_score, True)
     return cond, uncond
 
 
@@ -173,7 +199,7 @@ def first_pass(
     """The txt2img pass (from pure noise) or, with ``init_latents`` (one per image, cycled over the
     batch), the img2img pass with A1111's step rule. ``concat``: the model's extra input channels made
     by the task (one image)."""
-    schedule = NoiseSchedule.for_family(pipe.family)
+    schedule = pipe.noise_schedule()
     sigmas = pass_sigmas(info, schedule_name, schedule, req.steps)
     calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
     cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step, concat)
@@ -198,9 +224,17 @@ def first_pass(
         req.cfg_scale,
         start,
         denoise=init_latents is None or req.denoising_strength > 0,
+        cfg_rescale=req.guidance_rescale,
         sgm_noise=req.sgm_noise_multiplier,
         sampler_options=sampler_options(req),
     )
+
+
+def _with_concat(schedule, concat: Tensor):
+    """The conditioning (a schedule, or composable parts of schedules) with other extra channels."""
+    if isinstance(schedule, list):
+        return [(w, _with_concat(s, concat)) for w, s in schedule]
+    return CondSchedule([(end, dataclasses.replace(c, concat=concat)) for end, c in schedule.entries])
 
 
 def _no_start(iteration: int, previous: Tensor | None, seeds: list[int]) -> None:
@@ -214,9 +248,10 @@ def _cycled(latents: Tensor, batch: int) -> Start:
     return start
 
 
-def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor) -> Tensor:
-    """Where sampling starts: init latents noised to the first sigma, or pure noise at that sigma."""
+def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor | None) -> Tensor:
+    """Where sampling starts: init latents noised to the first sigma, or pure noise at that sigma; a
+    continuing pass starts from the previous latents as they are."""
     s0 = float(p.sigmas[0])
     if init is not None:
-        return init + first_noise * s0 if p.denoise else init
+        return init + first_noise * s0 if p.denoise and not p.continues else init
     return first_noise * (math.sqrt(1 + s0**2) if p.sgm_noise else s0)

@@ -1,10 +1,12 @@
 """What to generate: the core request and its typed option groups, shared by the Python API and the CLI.
 
 A request is the core fields every generation has, plus optional groups: ``hires`` (A1111's Hires.
-fix), and places for ``inpaint`` (a mask), ``refiner`` (the SDXL refiner hand-off), ``networks``
-(LoRA, hypernetworks, embeddings by name) and ``control`` (ControlNet units). A group that is None (or
-an empty list) is off. A1111's flat field names (``enable_hr``, ``hr_scale``, ``refiner_checkpoint``,
-``mask_blur``, ...) are accepted by ``from_dict`` and as keyword options, and folded into the groups.
+fix), ``inpaint`` (a mask, or outpainting margins), ``depth`` (depth-to-image), ``refiner`` (the SDXL
+refiner hand-off), ``x4`` (the x4 upscaler task), and places for ``networks`` (LoRA, hypernetworks,
+embeddings by name) and ``control`` (ControlNet units), which generation refuses until they are
+available. A group that is None (or an empty list) is off. A1111's flat field names (``enable_hr``,
+``hr_scale``, ``refiner_checkpoint``, ``mask_blur``, ...) are accepted by ``from_dict`` and as keyword
+options, and folded into the groups.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention
-from latentforge.conditioning.schedule import prompt_schedule
+from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention, split_and
+from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
 from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # re-exported (hires.py, users)
 from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
 from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
@@ -84,10 +86,28 @@ class DepthOptions:
 
 @dataclass
 class RefinerOptions:
-    """The SDXL refiner hand-off: switch models at a fraction of the steps. Not yet available."""
+    """The SDXL base -> refiner hand-off (A1111's ``refiner_checkpoint``/``refiner_switch_at``,
+    pipelines/refiner.py): the refiner continues the base's sigma schedule from its latents.
 
-    checkpoint: str = ""
+    ``checkpoint``: a checkpoint path, or in Python a loaded ``Pipeline``. ``switch_at``: the fraction of
+    the denoising done by the base. ``switch_by_steps``: A1111's "Refiner switch by sampling steps" (the
+    first step s with s / steps >= switch_at) instead of its default rule by the noise level (the first
+    step whose nearest training timestep t has (999 - t) / 1000 >= switch_at)."""
+
+    checkpoint: Any = ""
     switch_at: float = 0.8
+    switch_by_steps: bool = False
+
+
+@dataclass
+class X4Options:
+    """The x4 upscaler task (pipelines/upscale_x4.py): the low-res image is noised to ``noise_level``
+    (0 to 350) before it conditions the model. ``tile``: latent (= input) pixels per tile for large
+    inputs (None automatic, 0 never), overlapping by ``tile_overlap``."""
+
+    noise_level: int = 20
+    tile: int | None = None
+    tile_overlap: int = 32
 
 
 @dataclass
@@ -121,6 +141,7 @@ _FLAT = {
     "hr_resize_y": ("hires", "resize_y"),
     "refiner_checkpoint": ("refiner", "checkpoint"),
     "refiner_switch_at": ("refiner", "switch_at"),
+    "refiner_switch_by_steps": ("refiner", "switch_by_steps"),
     "mask": ("inpaint", "mask"),
     "mask_blur": ("inpaint", "mask_blur"),
     "mask_blur_x": ("inpaint", "mask_blur_x"),
@@ -131,7 +152,13 @@ _FLAT = {
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
     "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
 }
-_GROUPS = {"hires": HiresOptions, "refiner": RefinerOptions, "inpaint": InpaintOptions, "depth": DepthOptions}
+_GROUPS = {
+    "hires": HiresOptions,
+    "refiner": RefinerOptions,
+    "inpaint": InpaintOptions,
+    "depth": DepthOptions,
+    "x4": X4Options,
+}
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
@@ -143,6 +170,7 @@ class GenerationRequest:
     sampler: str = "DPM++ 2M"  # A1111, ComfyUI or latentforge name; "DPM++ 2M Karras" style also works
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float = 7.0
+    guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
     subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
@@ -171,6 +199,7 @@ class GenerationRequest:
     inpaint: InpaintOptions | None = None
     depth: DepthOptions | None = None
     refiner: RefinerOptions | None = None
+    x4: X4Options | None = None
     networks: list[NetworkRef] = field(default_factory=list)
     control: list[ControlUnit] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
@@ -206,8 +235,15 @@ class GenerationRequest:
         if self.prompt_syntax == "a1111":  # the parsers' limits, checked before any model work
             calls = self.steps * (2 if sampler.second_order else 1)
             for name in ("prompt", "negative_prompt"):
-                try:
-                    for text in {t for _, t in prompt_schedule(getattr(self, name), calls)}:
+                try:  # the prompt's AND parts each have a schedule (pipelines/plan.py); all are encoded
+                    parts = split_and(self.prompt) if name == "prompt" else [(self.negative_prompt, 1.0)]
+                    texts = {(i, t) for i, (part, _) in enumerate(parts) for _, t in prompt_schedule(part, calls)}
+                    if len(texts) > MAX_SCHEDULE_TEXTS:
+                        raise PromptError(
+                            f"its AND parts, prompt editing and alternation give {len(texts)} different prompts "
+                            f"over the steps; the limit is {MAX_SCHEDULE_TEXTS} (each is encoded)"
+                        )
+                    for _, text in texts:
                         parse_attention(text)
                 except PromptError as e:
                     raise RequestError(f"{name}: {e}") from None
@@ -218,6 +254,10 @@ class GenerationRequest:
         need(
             is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
             f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
+        )
+        need(
+            isinstance(self.guidance_rescale, (int, float)) and 0 <= self.guidance_rescale <= 1,
+            f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale!r}",
         )
         for name in ("width", "height"):
             value = getattr(self, name)
@@ -283,13 +323,18 @@ class GenerationRequest:
             )
         if self.hires is not None and not img2img:
             validate_hires(self.hires, need)
+        if self.refiner is not None:
+            _validate_refiner(self.refiner, need)
+        if self.x4 is not None:
+            _validate_x4(self.x4, need)
         if self.inpaint is not None:
             validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
 
     def to_dict(self) -> dict:
-        """Plain data (groups as nested dicts); ``from_dict`` reads it back."""
-        return asdict(self)
+        """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded
+        refiner ``Pipeline``, a mask image) are kept as they are, not copied."""
+        return _plain(self)
 
     def with_options(self, **options: Any) -> GenerationRequest:
         """A copy with ``options`` (field names, group names or A1111's flat names) applied, strictly."""
@@ -349,7 +394,7 @@ def _fold_flat(data: dict) -> dict:
     for group, values in flat.items():
         current = data.get(group)
         if dataclasses.is_dataclass(current):
-            current = asdict(current)
+            current = _plain(current)
         switch = _SWITCH[group]
         if current is not None or (group == "hires" and enable_hr) or (switch and _given(values.get(switch))):
             data[group] = {**(current or {}), **values}
@@ -357,7 +402,18 @@ def _fold_flat(data: dict) -> dict:
 
 
 # the field inside each group whose value switches the group on (hires: enable_hr)
-_SWITCH = {"hires": None, "refiner": "checkpoint", "inpaint": "mask"}
+_SWITCH = {"hires": None, "refiner": "checkpoint", "inpaint": "mask", "x4": None}
+
+
+def _plain(value):
+    """``dataclasses.asdict`` without its deep copy of other objects (a Pipeline, an image)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _given(value) -> bool:
@@ -378,6 +434,35 @@ def _make(cls, values: dict, where: str):
         raise RequestError(f"{where}: {e}") from None
 
 
+def _validate_refiner(r: RefinerOptions, need) -> None:
+    need(
+        isinstance(r.switch_at, (int, float)) and math.isfinite(r.switch_at) and 0.0 <= r.switch_at <= 1.0,
+        f"refiner_switch_at must be between 0 and 1, got {r.switch_at!r}",
+    )
+    need(
+        _given(r.checkpoint),
+        "refiner_checkpoint must name the refiner's checkpoint file or folder (or be a loaded Pipeline)",
+    )
+    need(
+        isinstance(r.switch_by_steps, bool), f"refiner_switch_by_steps must be true or false, got {r.switch_by_steps!r}"
+    )
+
+
+def _validate_x4(x: X4Options, need) -> None:
+    need(
+        isinstance(x.noise_level, int) and 0 <= x.noise_level <= 350,
+        f"x4 noise_level must be a whole number from 0 to 350, got {x.noise_level!r}",
+    )
+    need(
+        x.tile is None or (isinstance(x.tile, int) and (x.tile == 0 or (x.tile >= 32 and x.tile % 8 == 0))),
+        f"x4 tile must be None (automatic), 0 (never) or a multiple of 8 of at least 32 pixels, got {x.tile!r}",
+    )
+    need(
+        isinstance(x.tile_overlap, int) and x.tile_overlap >= 0 and x.tile_overlap % 8 == 0,
+        f"x4 tile_overlap must be a non-negative multiple of 8, got {x.tile_overlap!r}",
+    )
+
+
 class GenerationOptions(TypedDict, total=False):
     """The keyword options of ``Pipeline.txt2img``/``img2img``: the request's fields and A1111's flat
     names of the group fields (for editors; ``GenerationRequest`` documents each)."""
@@ -388,6 +473,7 @@ class GenerationOptions(TypedDict, total=False):
     sampler: str
     schedule: str
     cfg_scale: float
+    guidance_rescale: float
     seed: int
     subseed: int
     subseed_strength: float
@@ -416,6 +502,7 @@ class GenerationOptions(TypedDict, total=False):
     inpaint: InpaintOptions | None
     depth: DepthOptions | None
     refiner: RefinerOptions | None
+    x4: X4Options | None
     networks: list[NetworkRef]
     control: list[ControlUnit]
     extra: dict
@@ -427,6 +514,7 @@ class GenerationOptions(TypedDict, total=False):
     hr_resize_y: int
     refiner_checkpoint: str
     refiner_switch_at: float
+    refiner_switch_by_steps: bool
     mask: Any
     mask_blur: float
     mask_blur_x: float | None

@@ -100,18 +100,38 @@ class ModelDenoiser:
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale (D_c - D_u), both halves in one
     batch. With scale 1 (or no unconditional side) only the conditional half runs, as A1111 does.
-    When the two contexts differ in length (long prompts), each side runs on its own."""
+    When the two contexts differ in length (long prompts), each side runs on its own.
+
+    ``cond`` may also be a list of (weight, conditioning): composable diffusion (Liu et al. 2022, A1111's
+    ``AND``), D = D_u + sum_i weight_i * scale * (D_i - D_u), all parts batched with the unconditional.
+
+    ``rescale`` (phi, Lin et al. 2024 section 3.4, diffusers' ``guidance_rescale``): the guided prediction,
+    taken in v-space, is scaled to the standard deviation of the conditional one and mixed
+    ``phi * rescaled + (1 - phi) * guided``; it keeps zero-terminal-SNR v-models from over-exposing."""
 
     def __init__(
-        self, model: ModelDenoiser, cond: Cond | CondSchedule, uncond: Cond | CondSchedule | None, scale: float
+        self,
+        model: ModelDenoiser,
+        cond: Cond | CondSchedule | list[tuple[float, Cond | CondSchedule]],
+        uncond: Cond | CondSchedule | None,
+        scale: float,
+        rescale: float = 0.0,
     ):
         def schedule(c):
             return c if isinstance(c, CondSchedule) or c is None else CondSchedule([(math.inf, c)])
 
-        self.model, self.cond, self.uncond, self.scale = model, schedule(cond), schedule(uncond), float(scale)
+        parts = cond if isinstance(cond, list) else [(1.0, cond)]
+        self.parts = [(float(w), schedule(c)) for w, c in parts]
+        self.model, self.uncond, self.scale, self.rescale = model, schedule(uncond), float(scale), float(rescale)
         self.calls = 0  # model calls so far: where the prompt schedules are
 
+    @property
+    def cond(self) -> CondSchedule:
+        return self.parts[0][1]
+
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        if len(self.parts) > 1 or self.parts[0][0] != 1.0:
+            return self._composed(x, sigma)
         c = self.cond.at(self.calls)
         u = None if self.uncond is None else self.uncond.at(self.calls)
         self.calls += 1
@@ -121,4 +141,38 @@ class CFGDenoiser:
             cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
             cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
-        return uncond + self.scale * (cond - uncond)
+        guided = uncond + self.scale * (cond - uncond)
+        return guided if not self.rescale else self._rescaled(x, sigma, cond, guided)
+
+    def _rescaled(self, x: Tensor, sigma: Tensor | float, cond: Tensor, guided: Tensor) -> Tensor:
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        c_skip, c_out = 1 / (s**2 + 1), -s / (s**2 + 1).sqrt()  # the v parameterisation's scalings
+
+        def v(d: Tensor) -> Tensor:
+            return (d - c_skip * x) / c_out
+
+        v_cond, v_guided = v(cond), v(guided)
+        dims = list(range(1, x.ndim))
+        rescaled = v_guided * (v_cond.std(dim=dims, keepdim=True) / v_guided.std(dim=dims, keepdim=True))
+        mixed = self.rescale * rescaled + (1 - self.rescale) * v_guided
+        return c_skip * x + c_out * mixed
+
+    def _composed(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        if self.uncond is None:
+            raise ValueError("composable prompts (AND) need the unconditional side")
+        conds = [c.at(self.calls) for _, c in self.parts]
+        u = self.uncond.at(self.calls)
+        self.calls += 1
+        everything = [*conds, u]
+        if all(c.context.shape[1:] == u.context.shape[1:] for c in conds):
+            joined = everything[0]
+            for c in everything[1:]:
+                joined = joined.cat(c)
+            outs = self.model(torch.cat([x] * len(everything)), sigma, joined).chunk(len(everything))
+        else:
+            outs = [self.model(x, sigma, c) for c in everything]
+        uncond = outs[-1]
+        denoised = uncond.clone()
+        for (weight, _), out in zip(self.parts, outs[:-1]):
+            denoised += (out - uncond) * (weight * self.scale)
+        return denoised

@@ -17,18 +17,29 @@ from torch import Tensor
 class NoiseSchedule:
     """The training noise schedule: betas = linspace(sqrt(b0), sqrt(b1), N)^2 (LDM "linear")."""
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000, ays_table: str = "sd1"):
+    def __init__(
+        self,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        steps: int = 1000,
+        ays_table: str = "sd1",
+        *,
+        zero_terminal_snr: bool = False,
+    ):
         if ays_table not in AYS_SIGMAS:
             raise ValueError(f"unknown Align Your Steps table {ays_table!r}; use one of {', '.join(AYS_SIGMAS)}")
         self.ays_table = ays_table  # the family's Align Your Steps levels (Family.ays_table)
+        self.zero_terminal_snr = zero_terminal_snr
         betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_terminal_snr:
+            self.alphas_cumprod = rescale_zero_terminal_snr(self.alphas_cumprod)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_sigmas = self.sigmas.log()
 
     @classmethod
-    def for_family(cls, family) -> NoiseSchedule:
-        return cls(family.beta_start, family.beta_end, ays_table=family.ays_table)
+    def for_family(cls, family, *, zero_terminal_snr: bool = False) -> NoiseSchedule:
+        return cls(family.beta_start, family.beta_end, ays_table=family.ays_table, zero_terminal_snr=zero_terminal_snr)
 
     @property
     def sigma_min(self) -> float:
@@ -57,6 +68,22 @@ class NoiseSchedule:
         low, high = t.floor().long(), t.ceil().long()
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+
+# ComfyUI's and A1111's stand-in for the final alpha_bar of 0, which would make the largest sigma infinite
+ZTSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: Tensor) -> Tensor:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Algorithm 1:
+    shift and scale sqrt(alpha_bar) so the last step has zero SNR while the first keeps its value; the
+    final alpha_bar is then set to a tiny positive value so that sigma_max stays finite (as ComfyUI)."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    out = root**2
+    out[-1] = ZTSNR_LAST_ALPHA_BAR
+    return out
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:

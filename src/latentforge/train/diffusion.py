@@ -18,7 +18,7 @@ from torch import nn
 
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
-from latentforge.sampling import Cond, ModelDenoiser, NoiseSchedule
+from latentforge.sampling import Cond, ModelDenoiser
 from latentforge.train import common
 from latentforge.train.config import ConfigError, TrainConfig
 from latentforge.train.data import load_dataset, sample_order, to_model_range
@@ -198,7 +198,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         start, _ = common.load_state(out, modules, {"opt": opt}, ema)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
 
-    schedule = NoiseSchedule.for_family(pipe.family)
+    schedule = pipe.noise_schedule()
     denoiser = ModelDenoiser(pipe.unet, schedule, pipe.prediction)
     amp = common.autocast_dtype(cfg, device)
     reporter = common.Reporter(progress, cfg.log_every, cfg.steps, cfg.batch_size * cfg.grad_accum)
