@@ -18,7 +18,8 @@ ROOT = Path(latentforge.__file__).parent
 LAYERS = [
     {"_version", "device", "nn", "demo", "assets", "recipes", "io", "io.tensorfile", "io.writer", "io.hashing"},
     {"io.infotext", "io.images", "io.components", "models", "sampling", "convert"},
-    {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"},
+    {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"}
+    | {"upscalers"},
     {"pipelines"},
     {"pipeline", "loading"},
     {"train", "cli", "cli_generate", "cli_train", "server", "__init__"},

@@ -45,6 +45,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from latentforge import upscalers
+    from latentforge.io.images import FORMATS, read_user_comment, save_image
+
+    dirs = upscalers.search_dirs(args.upscaler_dir or ())
+    upscaler = upscalers.load(args.upscaler, dirs, device=args.device or "cpu")
+    out = args.output or args.image.with_name(f"{args.image.stem}-{upscaler.name}.png")
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")  # an alpha channel is dropped, as A1111's Extras does
+            parameters = im.info.get("parameters") or read_user_comment(im)
+    except OSError as e:
+        raise ValueError(f"cannot read image {args.image}: {e}") from None
+    result = upscalers.upscale_image(image, upscaler, args.scale)
+    scale = args.scale or upscaler.scale
+    extras = f"Postprocess upscale by: {scale:g}, Postprocess upscaler: {upscaler.name}"  # A1111's Extras fields
+    result.info["parameters"] = f"{parameters}\n{extras}" if parameters else extras
+    save_image(result, out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentforge", description="Stable Diffusion with the files you already have."
@@ -82,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path)
     p.add_argument("--json", action="store_true", help="also print latentforge's exact JSON record")
     p.set_defaults(func=gen.cmd_info)
+    p = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (A1111's Extras tab)")
+    p.add_argument("image", type=Path)
+    p.add_argument(
+        "-u", "--upscaler", required=True, help="a .pth/.safetensors file, or its name (file stem) in the folders"
+    )
+    p.add_argument("--scale", type=float, help="factor (default: the model's own; others are Lanczos-resized)")
+    p.add_argument(
+        "--upscaler-dir",
+        type=Path,
+        action="append",
+        help="folder of upscaler models (repeatable; models/ESRGAN and models/upscale_models are searched too)",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, help="output .png/.jpg/.webp (default: IMAGE-UPSCALER.png beside the input)"
+    )
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.set_defaults(func=cmd_upscale)
     p = sub.add_parser("samplers", help="list the samplers and schedules with their names")
     p.set_defaults(func=gen.cmd_samplers)
     from latentforge.cli_train import add_train_parsers

@@ -127,7 +127,14 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
             dest="hr_upscaler",
             default=None,
             help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
-            "Latent (nearest), Latent (nearest-exact), Lanczos or Nearest",
+            "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, or an ESRGAN-family model by path or name",
+        )
+        p.add_argument(
+            "--upscaler-dir",
+            type=Path,
+            action="append",
+            help="folder of upscaler models for --hires-upscaler (repeatable; models/ESRGAN, models/RealESRGAN "
+            "and models/upscale_models here and beside the checkpoint's folder are searched too)",
         )
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
@@ -303,7 +310,7 @@ def default_model() -> Path:
     return path
 
 
-def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
+def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, upscaler_dirs=()):
     from latentforge.pipelines import GenerationRequest, RequestError
     from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
@@ -348,7 +355,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
         options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
-    if img2img:
+    if img2img and not x4:
         group = _inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:
             options["inpaint"] = group
@@ -365,7 +372,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False):
     req = req.with_options(**options)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
-    req.validate(img2img=img2img and not x4)
+    req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     return req, pick, meta
 
 
@@ -380,12 +387,18 @@ def _x4_group(req) -> dict:
 
 def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> int:
     import latentforge
+    from latentforge import upscalers
     from latentforge.io.images import output_paths, save_image, save_numbered
     from latentforge.io.writer import OutputError, check_writable_folder
     from latentforge.pipelines.generate import output_size
     from latentforge.pipelines.images import open_image
+    from latentforge.pipelines.request import builtin_upscaler
 
-    req, pick, meta = build_request(args, img2img, x4)
+    model = args.model or default_model()
+    dirs = [] if img2img else upscalers.search_dirs(args.upscaler_dir or (), near=model)
+    req, pick, meta = build_request(args, img2img, x4, dirs)
+    if not img2img and req.hires is not None and builtin_upscaler(req.hires.upscaler) is None:
+        upscalers.find(req.hires.upscaler, dirs)  # a missing model file is an error before loading the checkpoint
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # check the output location and the init image before loading the model and the minutes of work
     paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)
@@ -403,7 +416,6 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
-    model = args.model or default_model()
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     if meta is not None:
         from latentforge.pipelines.metadata import model_differences
@@ -417,7 +429,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         elif img2img:
             result = pipe.img2img(init, request=req, progress=bar)
         else:
-            result = pipe.txt2img(request=req, progress=bar)
+            result = pipe.txt2img(request=req, progress=bar, upscaler_dirs=dirs)
     except KeyboardInterrupt:
         print("\nlatentforge: interrupted before any image was written", file=sys.stderr)
         return 130

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,15 +158,17 @@ class Pipeline:
         *,
         request: GenerationRequest | None = None,
         progress: Callable[[Progress], None] | None = None,
+        upscaler_dirs: Sequence[str | Path] | None = None,
         **options: Unpack[GenerationOptions],
     ) -> GenerationResult:
         """Generate images from text. Either a ``GenerationRequest`` or its fields as keywords, e.g.
         ``pipe.txt2img("a red circle", steps=20, sampler="Euler a", seed=1)``. Returns a
         ``GenerationResult`` (``.images``: PIL images carrying their parameters, ``.seeds``,
-        ``.infotexts``, ``.request``)."""
+        ``.infotexts``, ``.request``). ``upscaler_dirs``: folders where ``hr_upscaler`` may name an
+        ESRGAN-family model (``latentforge.upscalers``)."""
         from latentforge.pipelines import generate
 
-        return generate(self, _request(prompt, request, options), progress=progress)
+        return generate(self, _request(prompt, request, options), progress=progress, upscaler_dirs=upscaler_dirs)
 
     def img2img(
         self,

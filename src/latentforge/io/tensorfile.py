@@ -160,9 +160,13 @@ def _unsafe_message(path: Path, error: Exception) -> str:
 
 
 def _flatten_state_dict(obj) -> dict[str, Tensor]:
-    """Find the weights: a plain state dict, or one under ``state_dict`` (possibly nested)."""
-    while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    """Find the weights: a plain state dict, or one under ``state_dict`` (possibly nested), or BasicSR's
+    ``params_ema`` (preferred, as BasicSR's own inference does) or ``params``."""
+    while isinstance(obj, dict):
+        inner = next((w for w in ("state_dict", "params_ema", "params") if isinstance(obj.get(w), dict)), None)
+        if inner is None:
+            break
+        obj = obj[inner]
     if not isinstance(obj, dict):
         raise CheckpointError(f"the pickle holds a {type(obj).__name__}, not a dictionary of tensors")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 
 from PIL import Image
 
@@ -94,17 +95,31 @@ LATENT_UPSCALERS = {
 IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
-def upscaler_name(name: str) -> str:
-    """The canonical name of an upscaler given in any letter case, or a RequestError listing them."""
+def builtin_upscaler(name: str) -> str | None:
+    """The canonical name of a built-in upscaler given in any letter case, or None."""
     for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
         if isinstance(name, str) and name.strip().lower() == known.lower():
             return known
+    return None
+
+
+def upscaler_name(name: str, *, model_files: bool = False) -> str:
+    """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
+    upscaler folder is configured), another name is kept as the name of an upscaler model file, found
+    when the plan is built (``upscalers.find``); a path to a .pth/.safetensors file is always kept."""
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
+    is_file = isinstance(name, str) and Path(name).suffix.lower() in (".pth", ".safetensors") and Path(name).is_file()
+    if isinstance(name, str) and name.strip() and (model_files or is_file):
+        return name.strip()
     raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}"
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}, "
+        "or an ESRGAN-family model file by path, or by name when an upscaler folder is configured (--upscaler-dir)"
     )
 
 
-def validate_hires(h, need: Callable[[bool, str], None]) -> None:
+def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = False) -> None:
     """The hires group's fields (``HiresOptions``), with A1111's flat names in the messages."""
     need(
         isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
@@ -121,7 +136,7 @@ def validate_hires(h, need: Callable[[bool, str], None]) -> None:
             isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
             f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
         )
-    upscaler_name(h.upscaler)
+    upscaler_name(h.upscaler, model_files=upscaler_files)
 
 
 # A1111's "Masked content" names of inpainting_fill

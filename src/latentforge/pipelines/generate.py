@@ -60,11 +60,15 @@ class GenerationResult:
 
 
 def build_plan(
-    pipe, req: GenerationRequest, init_images: list[Image.Image] | None, hand_off: refiner.HandOff | None = None
+    pipe,
+    req: GenerationRequest,
+    init_images: list[Image.Image] | None,
+    hand_off: refiner.HandOff | None = None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
 ) -> Plan:
     """The passes a request asks for: txt2img or img2img (with a mask: inpainting; or the x4 upscaler's
     pass), then the passes of its option groups (hires; the refiner's hand-off, checked beforehand by
-    ``refiner.prepare``)."""
+    ``refiner.prepare``). ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name."""
     if req.x4 is not None:
         return upscale_x4.build_plan(pipe, req, init_images or [])
     fam = pipe.family
@@ -98,7 +102,7 @@ def build_plan(
     if job is not None:
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
-        hires.add_pass(plan, pipe, req)
+        hires.add_pass(plan, pipe, req, upscaler_dirs)
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
@@ -165,13 +169,15 @@ def generate(
     req: GenerationRequest,
     init_images: Sequence[Image.Image | str | Path] | None = None,
     progress: Callable[[Progress], None] | None = None,
+    upscaler_dirs: Sequence[str | Path] | None = None,
 ) -> GenerationResult:
     """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch);
-    with ``req.x4`` the images are the x4 upscaler's low-res inputs."""
+    with ``req.x4`` the images are the x4 upscaler's low-res inputs. ``upscaler_dirs``: folders of
+    ESRGAN-family models (``upscalers.search_dirs``) for ``hr_upscaler``."""
     start = time.perf_counter()
     img2img = init_images is not None
     x4 = req.x4 is not None
-    req.validate(img2img=img2img and not x4)
+    req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     _refuse_unavailable(req)
     if x4 and not init_images:
         raise RequestError("the x4 upscaler needs a low-resolution image (none was given)")
@@ -186,7 +192,7 @@ def generate(
     subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
     with torch.inference_mode():
-        plan = build_plan(pipe, req, images_in, hand_off)
+        plan = build_plan(pipe, req, images_in, hand_off, upscaler_dirs)
         total = plan.total_steps
         for it in range(req.batch_count):
             batch = slice(it * req.batch_size, (it + 1) * req.batch_size)

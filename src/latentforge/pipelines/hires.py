@@ -3,11 +3,15 @@
 The second pass uses the same seeds (fresh noise at the new size, A1111's rule), the request's
 ``denoising_strength`` and ``hr_second_pass_steps`` (0: the same steps), with img2img's step rule.
 Upscalers: the latent ones interpolate the latents directly; the image ones decode, resize the
-8-bit image and encode again, as A1111 does. (A1111's neural upscalers, ESRGAN and the like, are not
-available: they need weights that latentforge does not ship.)
+8-bit image and encode again, as A1111 does. An ESRGAN-family model file (``upscalers.py``, by path, or
+by name in the upscaler folders given to ``generate``) is an image upscaler too: the network enlarges
+the decoded 8-bit image, then Lanczos gives the target size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from latentforge import upscalers
+from latentforge.io.tensorfile import CheckpointError
+from latentforge.models.esrgan import ImageUpscaler
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
 from latentforge.pipelines.request import (
@@ -22,6 +29,7 @@ from latentforge.pipelines.request import (
     LATENT_UPSCALERS,
     GenerationRequest,
     RequestError,
+    builtin_upscaler,
     upscaler_name,
 )
 
@@ -49,11 +57,12 @@ def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, i
     return w, h
 
 
-def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -> Tensor:
-    """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass."""
-    name = upscaler_name(upscaler)
+def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int]) -> Tensor:
+    """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass. ``upscaler``: a built-in
+    name, or a loaded ESRGAN-family model (``resolve_upscaler``)."""
+    name = upscaler if isinstance(upscaler, ImageUpscaler) else upscaler_name(upscaler)
     size = shape[-2:]
-    if name in LATENT_UPSCALERS:
+    if not isinstance(name, ImageUpscaler) and name in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[name]
         return F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
     f = pipe.vae.config.downscale
@@ -61,14 +70,30 @@ def upscale(pipe, latents: Tensor, upscaler: str, shape: tuple[int, int, int]) -
     images = []
     for sample in decoded:
         pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
-        resized = Image.fromarray(pixels).resize((size[1] * f, size[0] * f), IMAGE_UPSCALERS[name])
+        target = (size[1] * f, size[0] * f)
+        if isinstance(name, ImageUpscaler):
+            resized = upscalers.upscale_to(Image.fromarray(pixels), name, target)
+        else:
+            resized = Image.fromarray(pixels).resize(target, IMAGE_UPSCALERS[name])
         images.append(image_to_tensor(resized))
     return pipe.vae.encode(torch.cat(images).to(pipe.device)).float()
 
 
-def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
+def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:
+    """A built-in upscaler's name, or the ESRGAN-family model of that name or path loaded from ``dirs``."""
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
+    try:
+        return upscalers.load(name, dirs or (), device=device)
+    except (upscalers.UpscalerNotFound, CheckpointError) as e:
+        raise RequestError(f"hr_upscaler: {e}") from None
+
+
+def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[str | Path] | None = None) -> Pass:
     """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
-    then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength."""
+    then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength.
+    ``upscaler_dirs``: the folders where an upscaler model named by the request is looked up."""
     first = plan.passes[-1]
     width, height = target_size(req, plan.width, plan.height)
     steps = req.hires.second_pass_steps or req.steps
@@ -77,7 +102,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest) -> Pass:
     cond, uncond = conditioning(pipe, req, width, height, req.batch_size, calls)
     down = pipe.vae.config.downscale
     shape = (first.shape[0], height // down, width // down)
-    upscaler = req.hires.upscaler
+    upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
 
     def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
         return upscale(pipe, previous, upscaler, shape)

@@ -118,7 +118,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
     done = k * calls_per_step  # prompt schedules continue where the base stopped
     cond = _shifted(cond, done)
     uncond = None if uncond is None else _shifted(uncond, done)
-    schedule = NoiseSchedule.for_family(refiner.family)
+    schedule = refiner.noise_schedule()
     model = ModelDenoiser(refiner.unet, schedule, refiner.prediction, quantize_timesteps=req.quantize_timesteps)
     refine = Pass(
         "refiner",
@@ -131,6 +131,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
         req.cfg_scale,
         _continue,
         denoise=base.denoise,
+        cfg_rescale=base.cfg_rescale,
         sampler_options=base.sampler_options,
         continues=True,
     )
@@ -139,9 +140,12 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
     return refine
 
 
-def _shifted(schedule: CondSchedule, calls: int) -> CondSchedule:
+def _shifted(schedule, calls: int):
+    """The conditioning (a schedule, or composable parts of schedules) counted from ``calls`` on."""
+    if isinstance(schedule, list):
+        return [(w, _shifted(s, calls)) for w, s in schedule]
     return CondSchedule([(end - calls, c) for end, c in schedule.entries])
 
 
-def _continue(iteration: int, previous: Tensor | None) -> Tensor | None:
+def _continue(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor | None:
     return previous

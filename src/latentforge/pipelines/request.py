@@ -34,6 +34,7 @@ from latentforge.pipelines.checks import (
     validate_hires,
     validate_inpaint,
 )
+from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
@@ -46,7 +47,7 @@ class HiresOptions:
     with the request's ``denoising_strength`` (pipelines/hires.py)."""
 
     scale: float = 2.0
-    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS
+    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS, or an ESRGAN-family model (upscalers.py)
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
@@ -204,9 +205,11 @@ class GenerationRequest:
     control: list[ControlUnit] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
-    def validate(self, *, img2img: bool = False) -> None:
+    def validate(self, *, img2img: bool = False, upscaler_files: bool = False) -> None:
         """Check every field's type and range (and the prompts' limits) before any work; a RequestError
-        names the field, what it got and what is allowed."""
+        names the field, what it got and what is allowed. ``upscaler_files``: an upscaler folder is
+        configured, so a hires upscaler that is not built in may name a model file there (resolved when
+        the plan is built)."""
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -322,7 +325,7 @@ class GenerationRequest:
                 f"{name} must be a list of {item.__name__} entries, got {show(value)}",
             )
         if self.hires is not None and not img2img:
-            validate_hires(self.hires, need)
+            validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
             _validate_refiner(self.refiner, need)
         if self.x4 is not None:
