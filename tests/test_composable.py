@@ -53,3 +53,22 @@ def test_generation_with_and(pipe):
     # a single part of weight 1 is the plain prompt (A1111 drops the trailing white space)
     assert np.array_equal(np.asarray(pipe.txt2img("a cat :1", **opts).images[0]), np.asarray(one))
     assert pipe.txt2img("a cat AND a dog", cfg_scale=1.0, **opts).images
+
+
+@torch.no_grad()
+def test_ngms_skips_the_unconditional_side_on_every_other_call_below_the_sigma(pipe):
+    """A1111's "Negative Guidance minimum sigma": below s_min_uncond, odd calls (every call with
+    s_min_uncond_all) return the conditional estimate; above it, and on even calls, ordinary CFG."""
+    model = ModelDenoiser(pipe.unet, NoiseSchedule(), "eps")
+    c, u = Cond(pipe.encode_prompt("a cat").context), Cond(pipe.encode_prompt("").context)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    low, high = torch.tensor([0.5]), torch.tensor([5.0])
+    plain = CFGDenoiser(model, c, u, 7.0)
+    guided_low = plain(x, low)
+    cond_only = model(x, low, c)
+    d = CFGDenoiser(model, c, u, 7.0, min_uncond_sigma=1.0)
+    torch.testing.assert_close(d(x, low), guided_low)  # call 0: even
+    torch.testing.assert_close(d(x, low), cond_only)  # call 1: skipped
+    assert not torch.allclose(d(x, high), model(x, high, c))  # above the sigma: guided
+    every = CFGDenoiser(model, c, u, 7.0, min_uncond_sigma=1.0, min_uncond_all=True)
+    torch.testing.assert_close(every(x, low), cond_only)

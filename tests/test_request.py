@@ -126,12 +126,15 @@ def test_groups_that_generation_cannot_run_yet_are_refused_before_any_work(tmp_p
     from tiny import build_reference, save_folder
 
     pipe = latentforge.load(save_folder(build_reference("sd1", seed=2), tmp_path / "m"))
-    for options in (
-        {"networks": [{"name": "style", "strength": 0.8}]},
-        {"control": [{"model": "canny"}]},
-    ):
+    for options in ({"control": [{"model": "canny"}]},):
         with pytest.raises(RequestError, match="not available in this version"):
             pipe.txt2img("x", steps=1, width=64, height=64, **options)
+    # networks run now: an unknown name is refused before any work, saying where to put the file
+    from latentforge.adapters.folders import AdapterNotFound
+
+    with pytest.raises(AdapterNotFound, match=r"LoRA 'style'.*--lora-dir"):
+        pipe.txt2img("x", steps=1, width=64, height=64, networks=[{"name": "style", "strength": 0.8}])
+    assert pipe.patcher.sources == []
     with pytest.raises(RequestError, match="need an init image"):
         pipe.txt2img("x", steps=1, width=64, height=64, mask="mask.png")
 

@@ -12,9 +12,77 @@ def _human(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
 
+def _adapter_kind(path: Path) -> str | None:
+    """ "lora", "embedding" or None (a checkpoint), from tensor names only (no weights are read)."""
+    from latentforge.adapters.keys import split_key
+    from latentforge.io.tensorfile import PICKLE_SUFFIXES, open_tensor_file
+
+    if path.is_dir() or path.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
+        return None
+    f = open_tensor_file(path)
+    try:
+        keys = f.keys()
+    finally:
+        f.close()
+    if any(split_key(k) is not None for k in keys):
+        return "lora"
+    if len(keys) <= 2:  # A1111 .pt (nested, so no top-level tensors), emb_params, {token: v}, clip_l/clip_g
+        return "embedding"
+    return None
+
+
+def cmd_inspect_adapter(args: argparse.Namespace, kind: str) -> int:
+    import latentforge
+
+    pipe = latentforge.load(args.model) if args.model else None
+    if kind == "lora":
+        from latentforge.adapters.keys import model_index
+        from latentforge.adapters.lora import LoraError, apply_lora, guess_family, match, read_lora
+
+        lora = read_lora(args.file)
+        text = sum(1 for n in lora.modules if n.startswith(("lora_te", "text_encoder")))
+        print(f"{args.file}  (LoRA/LyCORIS adapter)")
+        print(f"  modules:     {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
+        print(f"  kinds:       {', '.join(f'{k} {n}' for k, n in lora.kinds.items())}")
+        print(f"  made for:    {guess_family(lora) or 'unknown (no cross-attention layer to tell by)'}")
+        if pipe is not None:
+            found, _ = match(lora, model_index(pipe.networks(), pipe.unet.config.num_res_blocks))
+            print(
+                f"  model:       {args.model} ({pipe.family.name}): {len(found)} of {len(lora.modules)} modules match"
+            )
+            try:
+                apply_lora(pipe, args.file, source="inspect")
+                print("               fits: yes (names and shapes)")
+            except LoraError as e:
+                print(f"               fits: no: {e}")
+            pipe.patcher.remove("inspect")
+        return 0
+    from latentforge.conditioning.embeddings import read_embedding
+
+    emb = read_embedding(args.file)
+    widths = {k: tuple(v.shape) for k, v in emb.vectors.items()}
+    print(f"{args.file}  (textual-inversion embedding {emb.name!r})")
+    print(f"  vectors:     {emb.count} ({', '.join(f'{k}: width {s[1]}' for k, s in widths.items())})")
+    fits = {768: "sd1 (CLIP-L)", 1024: "sd2 (OpenCLIP-H)", 1280: "sdxl-refiner (bigG)"}
+    family = (
+        "sdxl-base (CLIP-L + bigG)"
+        if "clip_l" in emb.vectors
+        else fits.get(emb.vectors.get("*", emb.vectors.get("clip_g")).shape[1])
+    )
+    print(f"  made for:    {family or 'unknown width'}")
+    if pipe is not None:
+        ok = emb.for_encoders(pipe.text.slots) is not None
+        print(f"  model:       {args.model} ({pipe.family.name}): {'fits' if ok else 'does not fit (other widths)'}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from latentforge.families.detect import describe_signature
     from latentforge.loading import inspect_checkpoint
+
+    kind = _adapter_kind(args.file)
+    if kind is not None:
+        return cmd_inspect_adapter(args, kind)
 
     info = inspect_checkpoint(args.file, probe=args.probe)
     print(f"{info['path']}  ({info['layout']})")
@@ -80,9 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and generation do")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="show a checkpoint's family, how it was detected, components and dtypes")
+    p = sub.add_parser(
+        "inspect",
+        help="show a checkpoint's family, how it was detected, components and dtypes; or what a LoRA or "
+        "embedding file is and whether it fits a model (-m)",
+    )
     p.add_argument("file", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--probe", action="store_true", help="run the UNet once if needed to tell eps from v")
+    p.add_argument("-m", "--model", type=Path, help="LoRA/embedding files: check them against this model")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert between single-file and diffusers layouts")
@@ -143,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from latentforge.adapters.folders import AdapterNotFound
     from latentforge.cli_generate import terminal_safe
     from latentforge.families.detect import DetectionError
     from latentforge.io.components import LoadError
@@ -151,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DetectionError, LoadError, DataError, OSError, ValueError) as e:
+    except (CheckpointError, DetectionError, LoadError, DataError, OSError, ValueError, AdapterNotFound) as e:
         # one line, with what came from files escaped (OSError covers FileExistsError and folders
         # that vanish or fill up while writing)
         print(f"latentforge: error: {terminal_safe(str(e), newlines=False)}", file=sys.stderr)

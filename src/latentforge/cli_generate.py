@@ -27,6 +27,7 @@ GEN_OPTIONS = [
     (("--s-noise",), "s_noise", float, "noise multiplier of stochastic samplers (default 1)"),
     (("--subseed",), "subseed", int, "variation seed (-1: random); image i uses subseed + i"),
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
+    (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
     (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
 ]
@@ -168,6 +169,19 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
+    )
+    p.add_argument(
+        "--embeddings-dir", type=Path, action="append", default=[], help="folder of textual-inversion embeddings"
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="an A1111 or ComfyUI installation: its models/Lora (models/loras) and embeddings (models/embeddings)",
+    )
     p.add_argument("-o", "--output", type=Path, help="output image (several: name-1.png, name-2.png, ...)")
     p.add_argument(
         "--format",
@@ -416,7 +430,14 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
+    for folder in (*args.lora_dir, *args.embeddings_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder (given with --lora-dir or --embeddings-dir)")
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    pipe.folders.lora += args.lora_dir
+    pipe.folders.embeddings += args.embeddings_dir
+    for root in args.models_dir:
+        pipe.folders.add_models_dir(root)
     if meta is not None:
         from latentforge.pipelines.metadata import model_differences
 
@@ -469,16 +490,21 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     from latentforge.sampling import SAMPLERS
     from latentforge.sampling.schedules import SCHEDULES
 
-    print(f"{'A1111 name':<16} {'ComfyUI/latentforge':<20} {'default schedule':<16} notes")
+    print(f"{'A1111 name':<22} {'ComfyUI/latentforge':<31} {'default schedule':<16} notes")
     for info in SAMPLERS:
         notes = []
         if info.stochastic:
             notes.append("stochastic")
         if info.brownian:
             notes.append("Brownian noise")
+        if info.second_order:
+            notes.append("second order")
         if info.discard_penultimate_sigma:
             notes.append("drops next-to-last sigma")
-        print(f"{info.title:<16} {info.name:<20} {info.schedule:<16} {', '.join(notes)}")
+        comfy = [a for a in info.aliases if not a.startswith("k_")]
+        if comfy:
+            notes.append("also " + ", ".join(comfy))
+        print(f"{info.title:<22} {info.name:<31} {info.schedule:<16} {', '.join(notes)}")
     print("\nschedules: automatic, " + ", ".join(SCHEDULES))
     print("A1111 names with a schedule also work, e.g. 'DPM++ 2M Karras', 'DPM++ 2M SDE Exponential'.")
     return 0

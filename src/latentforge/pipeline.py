@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from latentforge.adapters.folders import AdapterFolders
 from latentforge.adapters.patcher import ModelPatcher
 from latentforge.conditioning.text import PromptEmbedding, TextConditioner
 from latentforge.device import parse_dtype
@@ -53,7 +54,8 @@ class Pipeline:
     for saving), ``info`` (how it was loaded: detection, parameterisation, VAE source), ``patcher``
     (the one owner of everything applied to the loaded weights: patches, hooks), ``offloader`` and
     ``execution_device`` (set by ``enable_offload``) and ``caches`` (values derived from the model,
-    such as its hash and preview weights, computed once).
+    such as its hash and preview weights, computed once), ``folders`` (where LoRAs and embeddings named
+    in prompts are found).
     """
 
     def __init__(
@@ -77,6 +79,9 @@ class Pipeline:
         self.extras = extras or {}
         self.info = info
         self.patcher = ModelPatcher(self.networks)
+        # where prompt tags and request networks find LoRAs and embeddings by name
+        self.folders = AdapterFolders()
+        self.text.embeddings.folders = lambda: self.folders.embeddings
         self.offloader: Offloader | None = None
         self.execution_device: torch.device | None = None  # where computation happens under offload
         self.caches: dict[str, object] = {}
@@ -140,6 +145,32 @@ class Pipeline:
         self.offloader = make_offloader(nets, self.patcher, device, sequential=sequential)
         self.execution_device = self.offloader.device
         return self.offloader
+
+    def apply_lora(self, path: str | Path, *, strength: float = 1.0, text_strength: float | None = None) -> str:
+        """Merge a LoRA/LyCORIS file (a path, or a name in ``folders.lora``) into the UNet with ``strength``
+        and the text encoders with ``text_strength`` (default ``strength``) until ``remove_lora``; applying
+        the same file again replaces it. Returns the patcher source name. See ``adapters.lora``."""
+        from latentforge.adapters.lora import apply_lora
+
+        path = self.folders.find_lora(str(path))
+        return apply_lora(self, path, strength=strength, text_strength=text_strength).source
+
+    def remove_lora(self, path_or_source: str | Path | None = None) -> None:
+        """Take back a LoRA applied with ``apply_lora`` (by path, file stem or source), or all of them; the
+        weights return to the loaded values bit for bit."""
+        sources = [s for s in self.patcher.sources if s.startswith("lora:")]
+        if path_or_source is not None:
+            name = str(path_or_source)
+            wanted = {name, f"lora:{name}", f"lora:{Path(name).stem}"}
+            sources = [s for s in sources if s in wanted]
+            if not sources:
+                raise KeyError(f"no LoRA {name!r} is applied; applied: {self.patcher.sources or 'none'}")
+        for source in sources:
+            self.patcher.remove(source)
+
+    def load_embedding(self, path: str | Path):
+        """Make a textual-inversion file usable in prompts by its file stem (see ``conditioning.embeddings``)."""
+        return self.text.embeddings.add(path)
 
     def __repr__(self) -> str:
         return f"<latentforge.Pipeline {self.family.name} ({self.prediction}) {self.dtype} on {self.device}>"

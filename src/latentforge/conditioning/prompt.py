@@ -77,6 +77,14 @@ _TOKENS = re.compile(
     re.X,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+
+
+def extract_network_tags(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """A1111's extra-network tags ``<kind:item:item...>`` (``<lora:name:0.8>``): the text without them,
+    and (kind, items) for each, in order."""
+    tags = [(m.group(1), m.group(2).split(":")) for m in _NETWORK_TAG.finditer(text)]
+    return _NETWORK_TAG.sub("", text), tags
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -156,10 +164,12 @@ class Chunk:
 def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> list[Chunk]:
     """Token chunks of at most 75 BPE ids with their weights (without start/end tokens).
 
+    ``encode`` may return tuples among the ids: the token rows of a multi-vector textual-inversion
+    embedding, kept together in one chunk (a new chunk starts when they do not fit, as A1111 does).
     ``syntax="plain"``: no weights, one chunk truncated to 75 (what diffusers does)."""
     if syntax == "plain":
         check_prompt(text)
-        ids = encode(text)[:CHUNK]
+        ids = [i for t in encode(text) for i in (t if isinstance(t, tuple) else (t,))][:CHUNK]
         return [Chunk(ids, [1.0] * len(ids))]
     if syntax != "a1111":
         raise ValueError(f"unknown prompt syntax {syntax!r}; use 'a1111' or 'plain'")
@@ -182,6 +192,14 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
             close()
             continue
         for token in encode(piece):
+            if isinstance(token, tuple):  # an embedding's rows
+                if len(token) > CHUNK:
+                    raise ValueError(f"an embedding of {len(token)} vectors does not fit in a {CHUNK}-token chunk")
+                if len(chunk.tokens) + len(token) > CHUNK:
+                    close()
+                chunk.tokens.extend(token)
+                chunk.weights.extend([weight] * len(token))
+                continue
             if token == comma_id:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK and last_comma != -1 and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentforge.conditioning.embeddings import Embedding, EmbeddingSet, split_on_embeddings
 from latentforge.conditioning.prompt import chunk_prompt
+
+EMBEDDING_BASE = 1 << 24  # placeholder ids of embedding rows while chunking (never a vocabulary id)
 
 
 @dataclass
@@ -32,6 +35,12 @@ class TextConditioner:
         self.specs = tuple(specs)
         self.encoders = tuple(encoders)
         self.tokenizers = tuple(tokenizers)
+        self.embeddings = EmbeddingSet()  # textual inversion, named in prompts by file stem
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """(encoder name, width) of each text encoder, what textual-inversion vectors must fit."""
+        return [(spec.name, enc.config.width) for spec, enc in zip(self.specs, self.encoders)]
 
     def encode(
         self,
@@ -62,19 +71,24 @@ class TextConditioner:
             device = next(self.encoders[0].parameters()).device
         first = self.tokenizers[0]
         comma = first.encode(",")[0]
-        chunked = [chunk_prompt(p, first.encode, comma, syntax) for p in prompts]
+        embs = self.embeddings.find(" ".join(prompts), self.slots)
+        encode = _encode_with(first.encode, embs)
+        chunked = [chunk_prompt(p, encode, comma, syntax) for p in prompts]
         n_chunks = max(len(c) for c in chunked)
         for c in chunked:  # batch rows need the same chunk count: pad with empty chunks
             c.extend(chunk_prompt("", first.encode, comma, "plain")[0] for _ in range(n_chunks - len(c)))
         contexts, pooled = [], None
-        for spec, enc, tok in zip(self.specs, self.encoders, self.tokenizers):
+        for i, (spec, enc, tok) in enumerate(zip(self.specs, self.encoders, self.tokenizers)):
+            extra = torch.cat([e.for_encoders(self.slots)[i] for e in embs]).to(device) if embs else None
             layer = spec.layer
             if clip_skip is not None and clip_skip > 1 and spec.layer == -1:
                 layer = -clip_skip
             per_chunk = []
             for k in range(n_chunks):
                 ids = torch.tensor([tok.frame(c[k].tokens) for c in chunked], device=device)
-                out = enc(ids, layer=layer, final_norm=spec.final_norm, pooled=spec.pooled and k == 0)
+                if extra is not None:  # embedding rows follow the encoder's vocabulary
+                    ids = torch.where(ids >= EMBEDDING_BASE, ids - EMBEDDING_BASE + enc.config.vocab_size, ids)
+                out = enc(ids, layer=layer, final_norm=spec.final_norm, pooled=spec.pooled and k == 0, extra=extra)
                 hidden = out.hidden
                 weights = [[1.0, *c[k].weights] + [1.0] * (76 - len(c[k].weights)) for c in chunked]
                 w = torch.tensor(weights, dtype=hidden.dtype, device=hidden.device)
@@ -87,3 +101,26 @@ class TextConditioner:
                     pooled = out.pooled
             contexts.append(torch.cat(per_chunk, dim=1))
         return PromptEmbedding(torch.cat(contexts, dim=-1), pooled)
+
+
+def _encode_with(encode, embeddings: list[Embedding]):
+    """The tokenizer's ``encode`` with each named embedding replaced by a tuple of placeholder ids (its rows
+    in ``extra``, in the order of ``embeddings``)."""
+    if not embeddings:
+        return encode
+    start, offsets = 0, {}
+    for e in embeddings:
+        offsets[e.name] = start
+        start += e.count
+
+    def run(text: str) -> list:
+        out: list = []
+        for piece in split_on_embeddings(text, embeddings):
+            if isinstance(piece, Embedding):
+                first = EMBEDDING_BASE + offsets[piece.name]
+                out.append(tuple(range(first, first + piece.count)))
+            elif piece.strip():
+                out.extend(encode(piece))
+        return out
+
+    return run

@@ -48,3 +48,19 @@ def model_hash(path: str | Path) -> str | None:
     """A1111's 10-digit model hash of a single file, None for folders."""
     path = Path(path)
     return sha256_of(path)[:10] if path.is_file() else None
+
+
+def addnet_hash(path: str | Path) -> str:
+    """The "addnet" hash A1111 shows for LoRA ``.safetensors`` files: SHA-256 of the tensor data only (the
+    bytes after the 8-byte length and the JSON header), so editing the metadata keeps the hash. For other
+    files, the SHA-256 of the whole file. A1111 writes its first 12 hex digits as "Lora hashes"."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return sha256_of(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import depth, hires, inpaint, refiner, upscale_x4
+from latentforge.pipelines import depth, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
@@ -123,10 +123,7 @@ def output_size(req: GenerationRequest, init_image: Image.Image | None, default:
 
 
 def _refuse_unavailable(req: GenerationRequest) -> None:
-    for group, what in (
-        ("networks", "networks (LoRA, hypernetworks, embeddings)"),
-        ("control", "ControlNet units"),
-    ):
+    for group, what in (("control", "ControlNet units"),):
         if getattr(req, group):
             raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
 
@@ -191,24 +188,16 @@ def generate(
     subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
     subseeds = [subseed + i for i in range(len(seeds))]
     out_images: list[Image.Image] = []
-    with torch.inference_mode():
-        plan = build_plan(pipe, req, images_in, hand_off, upscaler_dirs)
-        total = plan.total_steps
-        for it in range(req.batch_count):
-            batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
-            batch_seeds = seeds[batch]
-            x, offset, stream = None, 0, None
-            for p in plan.passes:
+    session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
+    try:
+        with torch.inference_mode():
+            plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
+            plan.infotext.update(session.infotext)
+            _run(pipe, plan, session.request, seeds, subseeds, progress, out_images)
+    finally:
+        session.close(pipe)
 
-                def callback(i, x_i, sigma, denoised, offset=offset, it=it):
-                    if progress is not None:
-                        progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
-
-                x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
-                offset += p.steps
-            images = tensor_to_images(plan.decode(x))
-            out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)
-
+    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
     final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
     if hand_off is not None:  # the record names the refiner's source, also when a loaded pipeline was given
         final.refiner = dataclasses.replace(req.refiner, checkpoint=hand_off.name)
@@ -218,3 +207,22 @@ def generate(
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, mode)
     return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+
+
+def _run(pipe, plan: Plan, req: GenerationRequest, seeds: list[int], subseeds: list[int], progress, out_images):
+    """Every batch through every pass of the plan, decoded (and post-processed) into ``out_images``."""
+    total = plan.total_steps
+    for it in range(req.batch_count):
+        batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
+        batch_seeds = seeds[batch]
+        x, offset, stream = None, 0, None
+        for p in plan.passes:
+
+            def callback(i, x_i, sigma, denoised, offset=offset, it=it):
+                if progress is not None:
+                    progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
+
+            x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
+            offset += p.steps
+        images = tensor_to_images(plan.decode(x))
+        out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)

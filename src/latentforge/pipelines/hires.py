@@ -119,6 +119,8 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[s
         start,
         denoise=req.denoising_strength > 0,
         cfg_rescale=first.cfg_rescale,
+        min_uncond_sigma=first.min_uncond_sigma,
+        min_uncond_all=first.min_uncond_all,
         sampler_options=first.sampler_options,
     )
     plan.passes.append(hires_pass)

@@ -91,6 +91,8 @@ def infotext_params(
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
         "Eta": _num(req.eta) if req.eta is not None else None,
         "ENSD": req.eta_noise_seed_delta or None,
+        "NGMS": _num(req.s_min_uncond) if req.s_min_uncond else None,
+        "NGMS all steps": True if req.s_min_uncond and req.s_min_uncond_all else None,
         "RNG": req.rng,
         "Version": f"latentforge {__version__}",
     }
@@ -338,6 +340,9 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.seed_resize_from_w, req.seed_resize_from_h = _value(s, "Seed resize from", _size, size)
     if "ENSD" in s:
         req.eta_noise_seed_delta = _value(s, "ENSD", int, whole)
+    if "NGMS" in s:
+        req.s_min_uncond = _value(s, "NGMS", float, number)
+        req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
@@ -361,6 +366,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
     known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG", *rescale_keys}
+    known |= {"NGMS", "NGMS all steps"}
     known |= hires | inpaint_fields
     known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}

@@ -22,7 +22,7 @@ from latentforge.conditioning.prompt import split_and
 from latentforge.conditioning.schedule import prompt_schedule
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
-from latentforge.sampling.denoisers import Denoiser
+from latentforge.sampling.denoisers import Denoiser, WrappedDenoiser
 from latentforge.sampling.noise import NoiseOptions
 from latentforge.sampling.registry import SamplerInfo
 
@@ -47,6 +47,8 @@ class Pass:
     cfg_scale: float
     start: Start
     cfg_rescale: float = 0.0  # CFG rescale phi
+    min_uncond_sigma: float = 0.0  # A1111's NGMS (s_min_uncond)
+    min_uncond_all: bool = False
     denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
     sampler_options: dict = field(default_factory=dict)
@@ -70,10 +72,13 @@ class Pass:
         if concat is not None:
             cond = _with_concat(cond, concat)
             uncond = None if uncond is None else _with_concat(uncond, concat)
-        d: Denoiser = CFGDenoiser(self.model, cond, uncond, self.cfg_scale, self.cfg_rescale)
+        guided = CFGDenoiser(
+            self.model, cond, uncond, self.cfg_scale, self.cfg_rescale, self.min_uncond_sigma, self.min_uncond_all
+        )
+        d: Denoiser = guided
         for wrap in self.wrappers:
             d = wrap(d)
-        return d
+        return d if d is guided else WrappedDenoiser(d, guided)  # CFG++ samplers reach last_uncond
 
 
 @dataclass
@@ -225,6 +230,8 @@ def first_pass(
         start,
         denoise=init_latents is None or req.denoising_strength > 0,
         cfg_rescale=req.guidance_rescale,
+        min_uncond_sigma=req.s_min_uncond,
+        min_uncond_all=req.s_min_uncond_all,
         sgm_noise=req.sgm_noise_multiplier,
         sampler_options=sampler_options(req),
     )

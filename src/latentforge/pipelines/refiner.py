@@ -132,6 +132,8 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
         _continue,
         denoise=base.denoise,
         cfg_rescale=base.cfg_rescale,
+        min_uncond_sigma=base.min_uncond_sigma,
+        min_uncond_all=base.min_uncond_all,
         sampler_options=base.sampler_options,
         continues=True,
     )

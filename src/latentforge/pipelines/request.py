@@ -113,10 +113,12 @@ class X4Options:
 
 @dataclass
 class NetworkRef:
-    """An adapter to apply for this request (LoRA/LyCORIS, hypernetwork, embedding). Not yet available."""
+    """An adapter to apply for this request only: a LoRA/LyCORIS file (``kind="lora"``) or a
+    textual-inversion embedding (``kind="embedding"``), by file stem in the pipeline's folders or by path.
+    ``<lora:name:te:unet>`` prompt tags become the same refs (pipelines/networks.py)."""
 
     name: str
-    kind: str = "lora"
+    kind: str = "lora"  # "lora" or "embedding" (hypernetworks: not yet available)
     strength: float = 1.0  # UNet strength
     text_strength: float | None = None  # text-encoder strength (None: the same)
 
@@ -191,6 +193,8 @@ class GenerationRequest:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    s_min_uncond: float = 0.0  # A1111's NGMS: skip the negative prompt below this sigma (every other step)
+    s_min_uncond_all: bool = False  # ... at every step
     sgm_noise_multiplier: bool = False  # start txt2img at sqrt(1 + sigma^2) * noise (SGM, ComfyUI, diffusers)
     quantize_timesteps: bool = False  # round the UNet's timestep to an integer step (ComfyUI's convention)
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
@@ -257,6 +261,10 @@ class GenerationRequest:
         need(
             is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
             f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
+        )
+        need(
+            isinstance(self.s_min_uncond, (int, float)) and 0 <= self.s_min_uncond <= 1000,
+            f"s_min_uncond must be 0 (off) to 1000, got {self.s_min_uncond!r}",
         )
         need(
             isinstance(self.guidance_rescale, (int, float)) and 0 <= self.guidance_rescale <= 1,
@@ -496,6 +504,8 @@ class GenerationOptions(TypedDict, total=False):
     s_tmin: float
     s_tmax: float
     s_noise: float
+    s_min_uncond: float
+    s_min_uncond_all: bool
     sgm_noise_multiplier: bool
     quantize_timesteps: bool
     prompt_syntax: str

@@ -105,6 +105,9 @@ class CFGDenoiser:
     ``cond`` may also be a list of (weight, conditioning): composable diffusion (Liu et al. 2022, A1111's
     ``AND``), D = D_u + sum_i weight_i * scale * (D_i - D_u), all parts batched with the unconditional.
 
+    ``min_uncond_sigma`` (A1111's NGMS, ``s_min_uncond``): below this sigma the unconditional half is
+    skipped on every other call (every call with ``min_uncond_all``) and the conditional estimate used.
+
     ``rescale`` (phi, Lin et al. 2024 section 3.4, diffusers' ``guidance_rescale``): the guided prediction,
     taken in v-space, is scaled to the standard deviation of the conditional one and mixed
     ``phi * rescaled + (1 - phi) * guided``; it keeps zero-terminal-SNR v-models from over-exposing."""
@@ -116,6 +119,8 @@ class CFGDenoiser:
         uncond: Cond | CondSchedule | None,
         scale: float,
         rescale: float = 0.0,
+        min_uncond_sigma: float = 0.0,
+        min_uncond_all: bool = False,
     ):
         def schedule(c):
             return c if isinstance(c, CondSchedule) or c is None else CondSchedule([(math.inf, c)])
@@ -124,6 +129,12 @@ class CFGDenoiser:
         self.parts = [(float(w), schedule(c)) for w, c in parts]
         self.model, self.uncond, self.scale, self.rescale = model, schedule(uncond), float(scale), float(rescale)
         self.calls = 0  # model calls so far: where the prompt schedules are
+        # A1111's "Negative Guidance minimum sigma": below it, every other call (or every call) skips the
+        # unconditional side and returns the conditional estimate
+        self.min_uncond_sigma, self.min_uncond_all = float(min_uncond_sigma), min_uncond_all
+        # the unconditional estimate D_u of the last call (the conditional one when no unconditional
+        # side ran): what CFG++ samplers step along (see ``last_unconditional``)
+        self.last_uncond: Tensor | None = None
 
     @property
     def cond(self) -> CondSchedule:
@@ -134,13 +145,17 @@ class CFGDenoiser:
             return self._composed(x, sigma)
         c = self.cond.at(self.calls)
         u = None if self.uncond is None else self.uncond.at(self.calls)
+        skip = self.min_uncond_sigma > 0 and (self.min_uncond_all or self.calls % 2 == 1)
+        skip = skip and float(torch.as_tensor(sigma).reshape(-1)[0]) < self.min_uncond_sigma
         self.calls += 1
-        if u is None or self.scale == 1.0:
-            return self.model(x, sigma, c)
+        if u is None or self.scale == 1.0 or skip:
+            self.last_uncond = self.model(x, sigma, c)
+            return self.last_uncond
         if c.context.shape[1:] == u.context.shape[1:]:
             cond, uncond = self.model(torch.cat([x, x]), sigma, c.cat(u)).chunk(2)
         else:
             cond, uncond = self.model(x, sigma, c), self.model(x, sigma, u)
+        self.last_uncond = uncond
         guided = uncond + self.scale * (cond - uncond)
         return guided if not self.rescale else self._rescaled(x, sigma, cond, guided)
 
@@ -172,7 +187,36 @@ class CFGDenoiser:
         else:
             outs = [self.model(x, sigma, c) for c in everything]
         uncond = outs[-1]
+        self.last_uncond = uncond
         denoised = uncond.clone()
         for (weight, _), out in zip(self.parts, outs[:-1]):
             denoised += (out - uncond) * (weight * self.scale)
         return denoised
+
+
+class WrappedDenoiser:
+    """A guided denoiser under wrappers (e.g. inpainting's masked blend) that keeps the inner guided
+    denoiser's ``last_uncond`` reachable for CFG++ samplers."""
+
+    def __init__(self, fn: Denoiser, guided: CFGDenoiser):
+        self.fn, self.guided = fn, guided
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        return self.fn(x, sigma)
+
+    @property
+    def last_uncond(self) -> Tensor | None:
+        return self.guided.last_uncond
+
+
+def last_unconditional(denoise: Denoiser) -> Tensor:
+    """The unconditional estimate D_u(x, sigma) of the last call of a guided denoiser (CFG++, Chung et al.
+    2024, steps along it). Any denoiser with a ``last_uncond`` attribute qualifies; a plain function
+    is taken as unguided, so its own last output is not available and this raises."""
+    value = getattr(denoise, "last_uncond", None)
+    if value is None:
+        raise TypeError(
+            "CFG++ samplers need the unconditional estimate: pass a CFGDenoiser (or any denoiser with a "
+            "'last_uncond' attribute set on each call)"
+        )
+    return value

@@ -12,6 +12,7 @@ samplers written in the same sigma form; the DPM-Solver++ and UniPC multistep so
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -268,3 +269,111 @@ def sample_ddpm(denoise, x, sigmas, **kwargs):
     an ancestral Euler step with eta = 1."""
     kwargs.pop("eta", None)
     return sample_euler_ancestral(denoise, x, sigmas, eta=1.0, **kwargs)
+
+
+@torch.no_grad()
+def sample_heunpp2(
+    denoise,
+    x,
+    sigmas,
+    *,
+    noise=None,
+    callback=None,
+    generator=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    **_,
+):
+    """Heun++ (ComfyUI's ``heunpp2``, from the MIT-licensed sd-webui-samplers-scheduler): each step
+    averages the slopes at sigma_i, sigma_i+1 and sigma_i+2 (reached by chained Euler steps) with
+    weights sigma_i+1 / (3 sigma_0), sigma_i+2 / (3 sigma_0) and the rest for the first; two slopes
+    (weights over 2 sigma_0) on the next-to-last step; Euler into the last sigma."""
+    s_end = float(sigmas[-1])
+    s0 = float(sigmas[0])
+    for i in range(len(sigmas) - 1):
+        x, sigma_hat = _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoise(x, sigma_hat)
+        _report(callback, i, x, sigmas[i], denoised)
+        d = to_d(x, sigma_hat, denoised)
+        s1 = float(sigmas[i + 1])
+        dt = s1 - sigma_hat
+        if s1 == s_end:
+            x = x + d * dt
+            continue
+        x2 = x + d * dt
+        d2 = to_d(x2, s1, denoise(x2, s1))
+        s2 = float(sigmas[i + 2])
+        if s2 == s_end:
+            w2 = s1 / (2 * s0)
+            x = x + (d * (1 - w2) + d2 * w2) * dt
+            continue
+        x3 = x2 + d2 * (s2 - s1)
+        d3 = to_d(x3, s2, denoise(x3, s2))
+        w2, w3 = s1 / (3 * s0), s2 / (3 * s0)
+        x = x + ((1 - w2 - w3) * d + w2 * d2 + w3 * d3) * dt
+    return x
+
+
+def _karras_levels(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [float(v) for v in (hi + ramp * (lo - hi)) ** rho]
+
+
+def restart_steps(sigmas, restart_list: dict | None = None) -> list[tuple[float, float]]:
+    """The (sigma, sigma_next) Heun steps of A1111's Restart sampler (Xu et al. 2023, "Restart Sampling
+    for Improving Generative Processes"). ``restart_list`` maps a sigma to [steps, times, max sigma]:
+    after reaching the level nearest that sigma, jump back up to the level nearest ``max sigma`` and
+    go down again over ``steps - 1`` Karras-spaced steps, ``times`` times. Without one, A1111's
+    choice: from 20 steps, one restart of 9 steps from 0.1 to 2 (from 36 steps, two of steps // 4),
+    and the main schedule becomes Karras over the remaining steps between the given ends."""
+    levels = [float(s) for s in sigmas]
+    steps = len(levels) - 1
+    if restart_list is None:
+        restart_list = {}
+        if steps >= 20:
+            count, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+            levels = [*_karras_levels(steps - count * times, levels[-2], levels[0]), 0.0]
+            restart_list = {0.1: [count + 1, times, 2.0]}
+
+    def nearest(value: float) -> int:
+        return min(range(len(levels)), key=lambda k: (abs(levels[k] - value), k))
+
+    at = {nearest(key): value for key, value in restart_list.items()}
+    pairs = []
+    for i in range(len(levels) - 1):
+        pairs.append((levels[i], levels[i + 1]))
+        if i + 1 in at:
+            count, times, top = at[i + 1]
+            top_index = nearest(top)
+            if top_index < i + 1:
+                restart = _karras_levels(int(count), levels[i + 1], levels[top_index])
+                pairs.extend(list(itertools.pairwise(restart)) * int(times))
+    return pairs
+
+
+@torch.no_grad()
+def sample_restart(
+    denoise, x, sigmas, *, noise=None, callback=None, generator=None, s_noise=1.0, restart_list=None, **_
+):
+    """A1111's Restart sampler: Heun steps along ``restart_steps(sigmas)``; where the next step starts
+    above the current sigma, fresh noise lifts x to it (variance sigma_up^2 - sigma^2), the forward
+    process of Restart sampling."""
+    draw = noise_or_default(noise, x, generator)
+    current = None
+    for i, (sigma, sigma_next) in enumerate(restart_steps(sigmas, restart_list)):
+        if current is not None and current < sigma:
+            x = x + draw(current, sigma) * s_noise * math.sqrt(sigma**2 - current**2)
+        denoised = denoise(x, sigma)
+        _report(callback, i, x, torch.tensor(sigma), denoised)
+        d = to_d(x, sigma, denoised)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x2 = x + d * dt
+            x = x + (d + to_d(x2, sigma_next, denoise(x2, sigma_next))) / 2 * dt
+        current = sigma_next
+    return x

@@ -160,6 +160,25 @@ def lcm(s: NoiseSchedule, n: int, original_steps: int = 50) -> Tensor:
     return _append_zero(s.sigmas[origin[picks]])
 
 
+def linear_quadratic(
+    s: NoiseSchedule, n: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> Tensor:
+    """ComfyUI's ``linear_quadratic`` (from Genmo's Mochi): as fractions of sigma_max, the first
+    ``linear_steps`` (n // 2) levels fall linearly from 1 by ``threshold_noise`` in all, the rest follow
+    the quadratic that continues the line and reaches 0 at step n."""
+    if n == 1:
+        return _append_zero(torch.tensor([s.sigma_max], dtype=torch.float64))
+    linear_steps = n // 2 if linear_steps is None else linear_steps
+    levels = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+    quadratic_steps = n - linear_steps
+    diff = linear_steps - threshold_noise * n
+    a = diff / (linear_steps * quadratic_steps**2)
+    b = threshold_noise / linear_steps - 2 * diff / quadratic_steps**2
+    c = a * linear_steps**2
+    levels += [a * i**2 + b * i + c for i in range(linear_steps, n)]
+    return _append_zero((1.0 - torch.tensor(levels, dtype=torch.float64)) * s.sigma_max)
+
+
 # Align Your Steps (Sabour, Fidler and Kreis 2024): the 11 noise levels NVIDIA published for 10-step
 # sampling with SD1.5 and with SDXL (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html).
 AYS_SIGMAS = {
@@ -196,6 +215,7 @@ SCHEDULES: dict[str, Callable[[NoiseSchedule, int], Tensor]] = {
     "kl_optimal": kl_optimal,
     "lcm": lcm,
     "align_your_steps": align_your_steps,
+    "linear_quadratic": linear_quadratic,
 }
 # A1111's names (its 1.9+ "Schedule type" menu) and other spellings users type
 SCHEDULE_ALIASES = {
@@ -206,6 +226,7 @@ SCHEDULE_ALIASES = {
     "ddim": "ddim_uniform",
     "align your steps": "align_your_steps",
     "ays": "align_your_steps",
+    "linear quadratic": "linear_quadratic",
 }
 
 

@@ -1,0 +1,87 @@
+"""Where users keep LoRAs and embeddings, and how a name in a prompt becomes a file.
+
+A name is a file stem, searched in the given folders and their subfolders (A1111's rule); an unknown
+name is an error listing close matches. ``models_dir`` understands the two usual layouts: A1111's
+(``models/Lora``, ``models/LyCORIS``, ``embeddings``) and ComfyUI's (``models/loras``, ``models/embeddings``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+class AdapterNotFound(LookupError):
+    """A LoRA or embedding name matches no file; the message lists the folders and close names."""
+
+    def __str__(self) -> str:  # LookupError would quote the message
+        return str(self.args[0])
+
+
+def files_by_stem(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Stem -> file for every file with one of ``suffixes`` under ``folders`` (the first folder wins)."""
+    out: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.suffix.lower() in suffixes and path.is_file():
+                out.setdefault(path.stem, path)
+    return out
+
+
+@dataclass
+class AdapterFolders:
+    """The folders searched for LoRA files (``lora``) and textual-inversion embeddings (``embeddings``)."""
+
+    lora: list[Path] = field(default_factory=list)
+    embeddings: list[Path] = field(default_factory=list)
+
+    def add_models_dir(self, root: str | Path) -> None:
+        """Add the LoRA and embedding folders of an A1111 or ComfyUI installation (or its models folder)."""
+        root = Path(root)
+        lora = ["models/Lora", "models/LyCORIS", "models/loras", "Lora", "LyCORIS", "loras"]
+        emb = ["embeddings", "models/embeddings"]
+        found_lora = [root / p for p in lora if (root / p).is_dir()]
+        found_emb = [root / p for p in emb if (root / p).is_dir()]
+        if not found_lora and not found_emb:
+            raise FileNotFoundError(
+                f"{root} has none of the folders of an A1111 ({', '.join(lora[:2])}, embeddings) or ComfyUI "
+                "(models/loras, models/embeddings) installation; give the installation's root folder"
+            )
+        self.lora += [p for p in found_lora if p not in self.lora]
+        self.embeddings += [p for p in found_emb if p not in self.embeddings]
+
+    def find_lora(self, name: str) -> Path:
+        """A LoRA by file stem (or a path to a file)."""
+        return find(name, self.lora, LORA_SUFFIXES, "LoRA", "--lora-dir or --models-dir (pipe.folders.lora in Python)")
+
+    def find_embedding(self, name: str) -> Path:
+        """An embedding by file stem (or a path to a file)."""
+        return find(
+            name,
+            self.embeddings,
+            EMBEDDING_SUFFIXES,
+            "embedding",
+            "--embeddings-dir or --models-dir (pipe.folders.embeddings)",
+        )
+
+
+def find(name: str, folders: list[Path], suffixes: tuple[str, ...], kind: str, how: str) -> Path:
+    path = Path(name)
+    if path.suffix.lower() in suffixes and path.is_file():
+        return path
+    files = files_by_stem(folders, suffixes)
+    if name in files:
+        return files[name]
+    lower = {k.lower(): v for k, v in files.items()}
+    if name.lower() in lower:
+        return lower[name.lower()]
+    if not folders:
+        raise AdapterNotFound(f"{kind} {name!r}: no {kind} folder is set; give one with {how}, or a file path")
+    close = difflib.get_close_matches(name, list(files), n=5, cutoff=0.5)
+    where = ", ".join(str(f) for f in folders)
+    hint = f"; close names: {', '.join(close)}" if close else f"; {len(files)} {kind} files are there"
+    raise AdapterNotFound(f"{kind} {name!r} is not in {where}{hint}")

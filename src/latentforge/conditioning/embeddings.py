@@ -1,0 +1,188 @@
+"""Textual-inversion embeddings (Gal et al. 2022): learned token vectors referenced by name in prompts.
+
+File formats read (all without running pickled code):
+
+- A1111 ``.pt``: ``{"string_to_param": {"*": Tensor[n, width]}, "name": ..., ...}`` (``torch.load`` with
+  ``weights_only=True``);
+- ``.safetensors`` with one tensor (A1111 writes ``emb_params``);
+- diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{token: Tensor[width] or [n, width]}``;
+- SDXL pairs: ``clip_l`` [n, 768] for CLIP-L and ``clip_g`` [n, 1280] for OpenCLIP bigG.
+
+As in A1111, an embedding is referenced by its file stem (case-insensitive, as a whole word) in the
+prompt and the negative prompt; its n vectors take n token positions, stay together in one 75-token
+chunk and take the emphasis weight of the text around them. An embedding whose width does not fit the
+model's text encoders is skipped with a warning and its name stays ordinary text.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from latentforge.adapters.folders import EMBEDDING_SUFFIXES, files_by_stem
+from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+
+# our encoder names (TextEncoderSpec.name) -> the key of SDXL embedding pairs
+_PAIR_KEYS = {"clip-l": "clip_l", "openclip-g": "clip_g"}
+
+
+class EmbeddingError(ValueError):
+    """An embedding file cannot be read; the message names the file."""
+
+
+@dataclass
+class Embedding:
+    name: str
+    path: Path | None
+    vectors: dict[str, Tensor]  # "*" for a one-encoder embedding, else "clip_l"/"clip_g"
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+    def for_encoders(self, slots: list[tuple[str, int]]) -> list[Tensor] | None:
+        """The vectors for each text encoder, given as (name, width) (``TextConditioner.slots``), or None
+        when they do not fit."""
+        if "*" in self.vectors:
+            if len(slots) != 1:
+                return None
+            rows = [self.vectors["*"]]
+        else:
+            keys = [_PAIR_KEYS.get(name) for name, _ in slots]
+            if any(k not in self.vectors for k in keys):
+                return None
+            rows = [self.vectors[k] for k in keys]
+        if any(r.shape[1] != width for r, (_, width) in zip(rows, slots)):
+            return None
+        return rows
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    t = t.detach().float()
+    return t[None] if t.dim() == 1 else t.reshape(-1, t.shape[-1])
+
+
+def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
+    """Read a textual-inversion file in any of the formats of this module."""
+    path = Path(path)
+    name = name or path.stem
+    if path.suffix.lower() == ".safetensors":
+        try:
+            f = open_tensor_file(path)
+        except CheckpointError as e:
+            raise EmbeddingError(str(e)) from None
+        try:
+            data = {k: f.read(k) for k in f.keys()}
+        finally:
+            f.close()
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unpickling failure means the same to the user
+            raise EmbeddingError(
+                f"{path} could not be read as an embedding ({type(e).__name__}: {str(e)[:200]}); "
+                "it may be corrupt, or not a textual-inversion file"
+            ) from None
+    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
+        params = [v for v in data["string_to_param"].values() if isinstance(v, Tensor)]
+        if params:
+            return Embedding(name, path, {"*": _as_rows(params[0])})
+    tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)} if isinstance(data, dict) else {}
+    if "clip_l" in tensors or "clip_g" in tensors:
+        return Embedding(name, path, {k: _as_rows(tensors[k]) for k in ("clip_l", "clip_g") if k in tensors})
+    if len(tensors) == 1:
+        return Embedding(name, path, {"*": _as_rows(next(iter(tensors.values())))})
+    keys = ", ".join(list(data)[:5]) if isinstance(data, dict) else type(data).__name__
+    raise EmbeddingError(
+        f"{path} is not a textual-inversion embedding: expected string_to_param, one tensor, or clip_l/clip_g; "
+        f"found {keys}"
+    )
+
+
+@dataclass
+class EmbeddingSet:
+    """The embeddings a ``TextConditioner`` knows: those added by hand and those in the folders that
+    ``folders()`` gives (read when a prompt first names them; a file changed on disk is read again)."""
+
+    folders: Callable[[], list[Path]] = list
+    added: dict[str, Embedding] = field(default_factory=dict)
+    _cache: dict[Path, tuple[int, Embedding]] = field(default_factory=dict, repr=False)
+
+    def add(self, embedding: Embedding | str | Path) -> Embedding:
+        if not isinstance(embedding, Embedding):
+            embedding = read_embedding(embedding)
+        self.added[embedding.name] = embedding
+        return embedding
+
+    def _files(self) -> dict[str, Path]:
+        folders = self.folders()
+        return files_by_stem(folders, EMBEDDING_SUFFIXES) if folders else {}
+
+    def names(self) -> dict[str, str]:
+        """Lower-cased name -> name of every known embedding."""
+        out = {n.lower(): n for n in self._files()}
+        out.update({n.lower(): n for n in self.added})
+        return out
+
+    def get(self, name: str) -> Embedding:
+        if name in self.added:
+            return self.added[name]
+        path = self._files()[name]
+        mtime = path.stat().st_mtime_ns
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, read_embedding(path, name))
+            self._cache[path] = cached
+        return cached[1]
+
+    def find(self, text: str, slots: list[tuple[str, int]]) -> list[Embedding]:
+        """The embeddings named in ``text`` that fit the encoders ``slots`` (name, width), in order of first
+        mention (warning for each named one that does not fit)."""
+        names = self.names()
+        if not names or not text:
+            return []
+        pattern = _name_pattern(names)
+        found: dict[str, Embedding] = {}
+        for m in pattern.finditer(text.lower()):
+            name = names[m.group(1)]
+            if name in found:
+                continue
+            emb = self.get(name)
+            if emb.for_encoders(slots) is None:
+                widths = {k: v.shape[1] for k, v in emb.vectors.items()}
+                warnings.warn(
+                    f"embedding {name} ({emb.path}) has vectors {widths}, which do not fit this model's text "
+                    f"encoders ({', '.join(f'{n} {w}' for n, w in slots)}); it is skipped",
+                    stacklevel=2,
+                )
+                continue
+            found[name] = emb
+        return list(found.values())
+
+
+def split_on_embeddings(text: str, embeddings: list[Embedding]) -> list[str | Embedding]:
+    """``text`` cut into plain pieces and the embeddings it names (whole words, case-insensitive)."""
+    if not embeddings:
+        return [text]
+    by_name = {e.name.lower(): e for e in embeddings}
+    pattern = _name_pattern(by_name, re.I)
+    out: list[str | Embedding] = []
+    last = 0
+    for m in pattern.finditer(text):
+        out.append(text[last : m.start()])
+        out.append(by_name[m.group(1).lower()])
+        last = m.end()
+    out.append(text[last:])
+    return out
+
+
+def _name_pattern(names, flags: int = 0) -> re.Pattern:
+    """Any of ``names`` as a whole word (longest first, so "cat2" wins over "cat")."""
+    alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+    return re.compile(r"(?<![\w])(" + alternatives + r")(?![\w])", flags)

@@ -1,0 +1,91 @@
+"""The request's networks: LoRAs from ``<lora:...>`` prompt tags and the ``networks`` group, applied for one
+request and taken back afterwards; textual-inversion embeddings the prompts name; their infotext hashes.
+
+A1111's tag ``<lora:name:te:unet>`` (``te`` default 1, ``unet`` default ``te``; named ``te=``/``unet=`` also
+work) is cut out of the text sent to the text encoders; the infotext keeps the prompt as written, with
+``Lora hashes: "name: <12 hex>"`` (the first 12 hex digits of the addnet hash, which is the SHA-256 of
+a ``.safetensors`` file's tensor data, as A1111 writes) and ``TI hashes`` (12 hex digits of the SHA-256
+of the embedding file, as A1111).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from latentforge.adapters.lora import apply_lora
+from latentforge.conditioning.prompt import extract_network_tags
+from latentforge.io.hashing import sha256_of
+from latentforge.pipelines.request import GenerationRequest, NetworkRef, RequestError
+
+LORA_KINDS = ("lora", "lyco")
+EMBEDDING_KIND = "embedding"
+
+
+def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
+    """Prompt tags (kind, items) -> NetworkRefs, by A1111's reading of positional and named items."""
+    refs = []
+    for kind, items in tags:
+        if kind not in LORA_KINDS:
+            raise RequestError(f"<{kind}:...> prompt tags are not available in this version of latentforge")
+        positional = [i for i in items if "=" not in i]
+        named = dict(i.split("=", 1) for i in items if "=" in i)
+        if not positional or not positional[0].strip():
+            raise RequestError(f"a <{kind}:...> tag needs a name, e.g. <{kind}:name:0.8>")
+        try:
+            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+        except ValueError:
+            raise RequestError(f"<{kind}:{':'.join(items)}>: the weights must be numbers") from None
+        refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te))
+    return refs
+
+
+@dataclass
+class Session:
+    """What a request applied: patcher sources and embeddings to take back, and the infotext fields."""
+
+    request: GenerationRequest  # with the tags cut out of the prompt
+    sources: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
+    infotext: dict = field(default_factory=dict)
+
+    def close(self, pipe) -> None:
+        for source in self.sources:
+            pipe.patcher.remove(source)
+        for name in self.embeddings:
+            pipe.text.embeddings.added.pop(name, None)
+        self.sources, self.embeddings = [], []
+
+
+def activate(pipe, req: GenerationRequest) -> Session:
+    """Apply the request's LoRAs and embeddings; on any error everything applied so far is taken back."""
+    prompt, tags = extract_network_tags(req.prompt)
+    refs = [*req.networks, *refs_from_tags(tags)]
+    session = Session(dataclasses.replace(req, prompt=prompt, networks=[]))
+    hashes = []
+    try:
+        for i, ref in enumerate(refs):
+            if ref.kind == EMBEDDING_KIND:
+                path = pipe.folders.find_embedding(ref.name)
+                pipe.text.embeddings.add(path)
+                session.embeddings.append(path.stem)
+                continue
+            if ref.kind not in LORA_KINDS:
+                raise RequestError(f"networks of kind {ref.kind!r} are not available; use 'lora' or 'embedding'")
+            path = pipe.folders.find_lora(ref.name)
+            source = f"request:{i}:{ref.name}"
+            session.sources.append(source)
+            applied = apply_lora(pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source)
+            hashes.append(f"{re.sub('[:,]', '', ref.name)}: {applied.hash[:12]}")
+    except BaseException:
+        session.close(pipe)
+        raise
+    if hashes:
+        session.infotext["Lora hashes"] = ", ".join(hashes)
+    used = pipe.text.embeddings.find(f"{prompt}\n{req.negative_prompt}", pipe.text.slots)
+    ti = [f"{e.name}: {sha256_of(e.path)[:12]}" for e in used if e.path is not None]
+    if ti:
+        session.infotext["TI hashes"] = ", ".join(ti)
+    return session
