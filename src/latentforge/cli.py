@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     from latentforge.cli_train import add_train_parsers
 
     add_train_parsers(sub)
+    from latentforge.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

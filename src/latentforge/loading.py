@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,7 +16,8 @@ from latentforge.families import Family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
 from latentforge.io.components import LoadError, Ref, build, check, identity_refs
-from latentforge.io.diffusers_folder import DiffusersSource, open_component_weights, vae_refs_diffusers
+from latentforge.io.diffusers_folder import DiffusersSource, vae_refs_diffusers
+from latentforge.io.folder_files import open_component_weights, read_json
 from latentforge.io.single_file import VAE_PREFIX, SingleFileSource
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.clip import CLIPTextModel
@@ -47,12 +47,17 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
     try:
         keys = f.keys()
         if any(k.startswith("encoder.down_blocks.") for k in keys):  # diffusers names
-            cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-            if cfg_file.is_file() and "block_out_channels" in (cfg_json := json.loads(cfg_file.read_text())):
-                cfg = vae_config_from_diffusers(cfg_json)
+            folder = path if path.is_dir() else path.parent
+            if (folder / "config.json").is_file() and "block_out_channels" in (
+                cfg_json := read_json(folder, "config.json")
+            ):
+                try:
+                    cfg = vae_config_from_diffusers(cfg_json)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
             else:
                 levels = len({k.split(".")[2] for k in keys if k.startswith("encoder.down_blocks.")})
-                cfg = infer_vae_config({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family.vae)
+                cfg = _infer_vae({vae_key_to_original(k, levels): f.shape(k) for k in keys}, family, path)
             refs = vae_refs_diffusers(f, cfg)
         else:
             prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in keys) else ""
@@ -60,10 +65,17 @@ def load_vae(path: str | Path, family: Family, *, dtype: torch.dtype | None, dev
             # VAE files often carry the training loss's weights; they are not part of the autoencoder
             refs = {k: r for k, r in refs.items() if not k.startswith(("loss.", "model_ema."))}
             shapes = {k: r.shape for k, r in refs.items()}
-            cfg = infer_vae_config(shapes, family.vae)
+            cfg = _infer_vae(shapes, family, path)
         return _build_vae(cfg, refs, family, dtype, device, str(path))
     finally:
         f.close()
+
+
+def _infer_vae(shapes: dict, family: Family, path: Path) -> VAEConfig:
+    try:
+        return infer_vae_config(shapes, family.vae)
+    except CheckpointError as e:
+        raise type(e)(f"{path}: VAE: {e}") from None
 
 
 def check_all(plans, source: str) -> None:
@@ -84,6 +96,19 @@ def _build_vae(cfg: VAEConfig, refs: dict[str, Ref], family: Family, dtype, devi
     return build(
         lambda: AutoencoderKL(cfg, family.latent_scale), refs, dtype=dtype, device=device, what="VAE", source=source
     )
+
+
+def _tokenizer(source, spec, vocab_size: int) -> CLIPTokenizer:
+    """The folder's tokenizer (else the bundled one); its ids must index the encoder's token embeddings."""
+    folder = source.tokenizer_folder(spec)
+    tok = CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
+    top = max(max(tok.encoder.values()), tok.pad_id)
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"{folder or source.name}: token ids reach {top} but text encoder {spec.name} has only {vocab_size} "
+            "token embeddings; the tokenizer does not belong to this model"
+        )
+    return tok
 
 
 def load(
@@ -121,6 +146,7 @@ def load(
         ucfg, urefs = source.unet(fam)
         vcfg, vrefs = source.vae(fam)
         texts = [(spec, *source.text(spec)) for spec in fam.text]
+        tokenizers = [_tokenizer(source, spec, tcfg.vocab_size) for spec, tcfg, _ in texts]  # before any weight
         # every component is checked before any weight is read, so one error lists every problem
         plans = [("UNet", lambda: UNet(ucfg), urefs)]
         if vae is None:
@@ -131,25 +157,20 @@ def load(
             torch_dtype, dtype_reason = auto_dtype(dev, sum(math.prod(r.shape) for r in urefs.values()))
         vdtype = vae_dtype(torch_dtype, fam.vae_fp16_safe, dev)
 
+        hints = source.prediction_hints()  # before any weight is read: a bad scheduler config fails early
         unet = build(lambda: UNet(ucfg), urefs, dtype=torch_dtype, device=dev, what="UNet", source=source.name)
-        fam, pred, pred_reason = resolve_prediction(
-            found, prediction, source.prediction_hints(), lambda: probe_prediction(unet)
-        )
+        fam, pred, pred_reason = resolve_prediction(found, prediction, hints, lambda: probe_prediction(unet))
         if fam.unet.upcast_attention != unet.config.upcast_attention:
             unet.set_upcast_attention(fam.unet.upcast_attention)
         to_fast_layout(unet)
 
-        encoders, tokenizers = [], []
+        encoders = []
         for spec, tcfg, trefs in texts:
             what = f"text encoder {spec.name}"
             encoders.append(
                 build(
                     lambda c=tcfg: CLIPTextModel(c), trefs, dtype=torch_dtype, device=dev, what=what, source=source.name
                 )
-            )
-            folder = source.tokenizer_folder(spec)
-            tokenizers.append(
-                CLIPTokenizer.from_folder(folder, pad_id=spec.pad_id) if folder else CLIPTokenizer(pad_id=spec.pad_id)
             )
 
         vae_source = "checkpoint"
@@ -208,13 +229,9 @@ def _says_zero_terminal_snr(source, extras: dict) -> bool:
     files) or a diffusers scheduler config with ``rescale_betas_zero_snr``."""
     if "ztsnr" in extras:
         return True
-    config = getattr(source, "path", None)
-    config = config / "scheduler" / "scheduler_config.json" if config is not None and config.is_dir() else None
-    if config is not None and config.is_file():
-        try:
-            return bool(json.loads(config.read_text(encoding="utf-8")).get("rescale_betas_zero_snr", False))
-        except (json.JSONDecodeError, OSError, AttributeError):
-            return False
+    folder = getattr(source, "path", None)
+    if folder is not None and folder.is_dir() and (folder / "scheduler" / "scheduler_config.json").is_file():
+        return bool(read_json(folder, "scheduler/scheduler_config.json").get("rescale_betas_zero_snr", False))
     return False
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from latentforge.io.tensorfile import CheckpointError, short
+from latentforge.models.limits import check_size, check_unet_config, check_vae_config
 from latentforge.models.unet import UNetConfig
 from latentforge.models.vae import VAEConfig
 
@@ -143,34 +145,89 @@ _UNET_DEFAULTS_REQUIRED = {
 }
 
 
-class UnsupportedConfig(ValueError):
-    pass
+class UnsupportedConfig(CheckpointError):
+    """A config.json that latentforge cannot build: another design, or a missing, mistyped or absurd value."""
 
 
-def _per_level(value, levels: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+_REQUIRED = object()
+
+
+def _value(cfg: dict, key: str, default=_REQUIRED):
+    if key in cfg:
+        return cfg[key]
+    if default is _REQUIRED:
+        raise UnsupportedConfig(f"'{key}' is missing")
+    return default
+
+
+def config_int(cfg: dict, key: str, default=_REQUIRED, *, limit: str, minimum: int = 1) -> int:
+    return check_size(_value(cfg, key, default), f"'{key}'", limit, minimum=minimum)
+
+
+def _per_level(cfg: dict, key: str, levels: int, default=_REQUIRED) -> list:
+    """A value given once or per level, as a list of ``levels`` items."""
+    value = _value(cfg, key, default)
+    if not isinstance(value, (list, tuple)):
+        return [value] * levels
+    if len(value) != levels:
+        raise UnsupportedConfig(f"'{key}' has {len(value)} entries for {levels} levels")
+    return list(value)
+
+
+def _depths(cfg: dict, key: str, levels: int, attn: list[bool], per_block: bool) -> tuple[int, ...]:
+    out = []
+    for i, (d, a) in enumerate(zip(_per_level(cfg, key, levels, 1), attn)):
+        if per_block and isinstance(d, (list, tuple)) and d:
+            if any(x != d[0] for x in d):
+                raise UnsupportedConfig(f"'{key}'[{i}]: different transformer depths inside a level")
+            d = d[0]
+        out.append(check_size(d, f"'{key}'[{i}]", "MAX_TRANSFORMER_DEPTH") if a else 0)
+    return tuple(out)
+
+
+def _block_types(cfg: dict, key: str, levels: int) -> list[str]:
+    types = _per_level(cfg, key, levels)
+    if not all(isinstance(t, str) for t in types):
+        raise UnsupportedConfig(f"'{key}' must be a list of block type names, not {short(types)}")
+    return types
+
+
+def _widths(cfg: dict) -> list[int]:
+    boc = _value(cfg, "block_out_channels")
+    if not isinstance(boc, (list, tuple)):
+        raise UnsupportedConfig(f"'block_out_channels' is {short(boc)}; it must be a list of channel counts")
+    check_size(len(boc), "the length of 'block_out_channels' (levels)", "MAX_LEVELS")
+    boc = [check_size(c, f"'block_out_channels'[{i}]", "MAX_WIDTH") for i, c in enumerate(boc)]
+    for i, c in enumerate(boc):
+        if c % boc[0]:
+            raise UnsupportedConfig(f"'block_out_channels'[{i}] = {c} is not a multiple of the first width {boc[0]}")
+    return boc
 
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
-    """UNet2DConditionModel config.json -> UNetConfig (raises UnsupportedConfig for other designs)."""
+    """UNet2DConditionModel config.json -> UNetConfig (raises UnsupportedConfig for other designs, and for
+    missing, mistyped or out-of-range values, naming the key)."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedConfig(f"the config is a JSON {type(cfg).__name__}, not an object")
     for k, want in _UNET_DEFAULTS_REQUIRED.items():
         if k in cfg and cfg[k] != want:
-            raise UnsupportedConfig(f"UNet config has {k}={cfg[k]!r}; latentforge supports only {want!r}")
-    boc = list(cfg["block_out_channels"])
+            raise UnsupportedConfig(f"UNet config has {k}={short(cfg[k])}; latentforge supports only {want!r}")
+    boc = _widths(cfg)
     levels = len(boc)
     mc = boc[0]
-    attn = ["CrossAttn" in t for t in cfg["down_block_types"]]
-    tlpb = _per_level(cfg.get("transformer_layers_per_block", 1), levels)
+    attn = ["CrossAttn" in t for t in _block_types(cfg, "down_block_types", levels)]
+    tlpb = _per_level(cfg, "transformer_layers_per_block", levels, 1)
     if any(isinstance(x, (list, tuple)) for x in tlpb):
         raise UnsupportedConfig("per-block transformer depths inside a level are not supported")
-    depth = tuple(int(d) if a else 0 for d, a in zip(tlpb, attn))
-    rev = cfg.get("reverse_transformer_layers_per_block")
+    depth = _depths(cfg, "transformer_layers_per_block", levels, attn, False)
+    middle = check_size(tlpb[-1], "'transformer_layers_per_block'[-1]", "MAX_TRANSFORMER_DEPTH")
     depth_out = None
-    if rev is not None:
-        rev_levels = [r[0] if isinstance(r, (list, tuple)) else r for r in rev]
-        depth_out = tuple(int(d) if a else 0 for d, a in zip(reversed(rev_levels), attn))
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
-    heads = _per_level(heads, levels)
+    if cfg.get("reverse_transformer_layers_per_block") is not None:
+        rev = _depths(cfg, "reverse_transformer_layers_per_block", levels, attn[::-1], True)
+        depth_out = rev[::-1]
+    key = "num_attention_heads" if cfg.get("num_attention_heads") else "attention_head_dim"
+    heads = _per_level(cfg, key, levels, 8)
+    heads = [check_size(h, f"'{key}'[{i}]", "MAX_WIDTH") for i, h in enumerate(heads)]
     dims = {c // h for c, h in zip(boc, heads)}
     if len(set(heads)) == 1:
         num_heads, head_channels = heads[0], None
@@ -178,35 +235,37 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         num_heads, head_channels = None, dims.pop()
     else:
         raise UnsupportedConfig(f"attention heads {heads} are neither a fixed count nor a fixed width")
-    only_cross = cfg.get("only_cross_attention", False)
-    cross_only = tuple(bool(x) for x in _per_level(only_cross, levels)) if any(_per_level(only_cross, levels)) else ()
+    only_cross = _per_level(cfg, "only_cross_attention", levels, False)
+    cross_only = tuple(bool(x) for x in only_cross) if any(only_cross) else ()
     add = cfg.get("addition_embed_type")
     if add not in (None, "text_time"):
-        raise UnsupportedConfig(f"addition_embed_type {add!r} is not supported")
-    lpb = cfg.get("layers_per_block", 2)
-    if isinstance(lpb, (list, tuple)):
-        if len(set(lpb)) != 1:
-            raise UnsupportedConfig("different res-block counts per level are not supported")
-        lpb = lpb[0]
-    return UNetConfig(
-        in_channels=cfg.get("in_channels", 4),
-        out_channels=cfg.get("out_channels", 4),
+        raise UnsupportedConfig(f"addition_embed_type {short(add)} is not supported")
+    lpb = _per_level(cfg, "layers_per_block", levels, 2)
+    if any(x != lpb[0] for x in lpb):
+        raise UnsupportedConfig("different res-block counts per level are not supported")
+    classes = cfg.get("num_class_embeds")
+    unet = UNetConfig(
+        in_channels=config_int(cfg, "in_channels", 4, limit="MAX_IO_CHANNELS"),
+        out_channels=config_int(cfg, "out_channels", 4, limit="MAX_IO_CHANNELS"),
         model_channels=mc,
         channel_mult=tuple(c // mc for c in boc),
-        num_res_blocks=lpb,
+        num_res_blocks=check_size(lpb[0], "'layers_per_block'", "MAX_RES_BLOCKS"),
         transformer_depth=depth,
         transformer_depth_out=depth_out if depth_out != depth else None,
-        transformer_depth_middle=int(tlpb[-1]),
+        transformer_depth_middle=middle,
         num_heads=num_heads,
         head_channels=head_channels,
-        context_dim=cfg.get("cross_attention_dim", 768),
+        context_dim=config_int(cfg, "cross_attention_dim", 768, limit="MAX_WIDTH"),
         use_linear_proj=bool(cfg.get("use_linear_projection", False)),
-        adm_in_channels=cfg.get("projection_class_embeddings_input_dim") if add == "text_time" else None,
-        num_classes=cfg.get("num_class_embeds"),
+        adm_in_channels=config_int(cfg, "projection_class_embeddings_input_dim", limit="MAX_VECTOR")
+        if add == "text_time"
+        else None,
+        num_classes=None if classes is None else config_int(cfg, "num_class_embeds", limit="MAX_CLASSES"),
         cross_only=cross_only,
-        norm_groups=cfg.get("norm_num_groups", 32),
+        norm_groups=config_int(cfg, "norm_num_groups", 32, limit="MAX_HEADS"),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
     )
+    return check_unet_config(unet)
 
 
 def unet_config_to_diffusers(u: UNetConfig, sample_size: int, addition_time_embed_dim: int | None = None) -> dict:
@@ -258,20 +317,25 @@ def unet_config_to_diffusers(u: UNetConfig, sample_size: int, addition_time_embe
 
 
 def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
-    boc = list(cfg["block_out_channels"])
-    for t in cfg.get("down_block_types", []):
+    """AutoencoderKL config.json -> VAEConfig (UnsupportedConfig naming the key for bad values)."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedConfig(f"the config is a JSON {type(cfg).__name__}, not an object")
+    boc = _widths(cfg)
+    for t in _block_types(cfg, "down_block_types", len(boc)) if "down_block_types" in cfg else []:
         if t != "DownEncoderBlock2D":
-            raise UnsupportedConfig(f"VAE block type {t!r} is not supported")
-    return VAEConfig(
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
+            raise UnsupportedConfig(f"VAE block type {short(t)} is not supported")
+    z = config_int(cfg, "latent_channels", 4, limit="MAX_IO_CHANNELS")
+    vae = VAEConfig(
+        in_channels=config_int(cfg, "in_channels", 3, limit="MAX_IO_CHANNELS"),
+        out_channels=config_int(cfg, "out_channels", 3, limit="MAX_IO_CHANNELS"),
         base_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc),
-        num_res_blocks=cfg.get("layers_per_block", 2),
-        z_channels=cfg.get("latent_channels", 4),
-        embed_dim=cfg.get("latent_channels", 4),
-        norm_groups=cfg.get("norm_num_groups", 32),
+        num_res_blocks=config_int(cfg, "layers_per_block", 2, limit="MAX_RES_BLOCKS"),
+        z_channels=z,
+        embed_dim=z,
+        norm_groups=config_int(cfg, "norm_num_groups", 32, limit="MAX_HEADS"),
     )
+    return check_vae_config(vae)
 
 
 def vae_config_to_diffusers(v: VAEConfig, scale: float, sample_size: int) -> dict:

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from latentforge.families.base import Family, Prediction, Signature, families, get_family
+from latentforge.io.tensorfile import CheckpointError, short
+
+MAX_SIDECAR_BYTES = 2**20  # an original-format .yaml is a few KB
 
 
 class DetectionError(ValueError):
@@ -62,7 +65,7 @@ def parse_prediction(value: str) -> Prediction:
         return "eps"
     if v in ("v", "v_prediction", "v-prediction"):
         return "v"
-    raise ValueError(f"unknown prediction type {value!r}; use 'eps' or 'v'")
+    raise ValueError(f"unknown prediction type {short(value)}; use 'eps' or 'v'")
 
 
 @dataclass(frozen=True)
@@ -80,16 +83,25 @@ def read_sidecar(checkpoint: Path) -> SidecarConfig | None:
     path = checkpoint.with_suffix(".yaml")
     if not path.is_file():
         return None
+    if path.stat().st_size > MAX_SIDECAR_BYTES:
+        raise CheckpointError(
+            f"{path} is {path.stat().st_size} bytes long; an original-format model config is a few KB "
+            "(move it away if it is not this checkpoint's config)"
+        )
     text = path.read_text(encoding="utf-8", errors="replace")
 
     def number(name: str) -> int | None:
         m = re.search(rf"^\s*{name}:\s*(-?\d+)", text, re.M)
-        return int(m.group(1)) if m and int(m.group(1)) > 0 else None
+        if m and len(m.group(1)) > 6:
+            raise CheckpointError(f"{path}: {name} is {short(m.group(1))}, far above any real model")
+        return int(m.group(1)) if m and int(m.group(1)) > 0 else None  # -1 means unset in these files
 
     m = re.search(r"^\s*parameterization:\s*(\S+)", text, re.M)
-    return SidecarConfig(
-        path, parse_prediction(m.group(1)) if m else None, number("num_heads"), number("num_head_channels")
-    )
+    try:
+        prediction = parse_prediction(m.group(1)) if m else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: parameterization: {e}") from None
+    return SidecarConfig(path, prediction, number("num_heads"), number("num_head_channels"))
 
 
 def probe_prediction(unet: torch.nn.Module) -> tuple[Prediction, float]:

@@ -90,6 +90,17 @@ def build(
         module = factory()
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check(expected, refs, what, source)
+    not_float = sorted(
+        f"{k}: {str(refs[k].file.dtype(refs[k].key)).removeprefix('torch.')}"
+        for k, v in module.state_dict().items()
+        if v.is_floating_point() and not refs[k].file.dtype(refs[k].key).is_floating_point
+    )
+    if not_float:
+        raise LoadError(
+            f"the {what} weights in {source} are not all floating point:\n"
+            + _listing("tensors stored as integers or booleans", not_float)
+            + "\n  The file is damaged or not a model checkpoint."
+        )
     cache = _ReadCache()
     state: dict[str, Tensor] = {}
     for key in expected:

@@ -1,9 +1,13 @@
-"""Diffusers folders: ``model_index.json`` plus one folder per component with ``config.json`` and weights."""
+"""Diffusers folders: ``model_index.json`` plus one folder per component with ``config.json`` and weights.
+
+A folder is untrusted input like a single file: its files are found and read through
+``io.folder_files`` (each must resolve inside the folder), and each config value is checked
+(``convert.diffusers``, ``models.limits``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -15,77 +19,42 @@ from latentforge.families import Family, TextEncoderSpec
 from latentforge.families.base import Signature, config_signature
 from latentforge.families.detect import PredictionHint, parse_prediction
 from latentforge.io.components import Ref
-from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file
+from latentforge.io.folder_files import (
+    MAX_JSON_BYTES,
+    exists,
+    inside,
+    open_component_weights,
+    read_json,
+)
+from latentforge.io.tensorfile import CheckpointError, TensorFile, regular_file, short
 from latentforge.io.writer import atomic_dir, write_json, write_safetensors
 from latentforge.models.clip import TextEncoderConfig
+from latentforge.models.limits import check_text_config
 from latentforge.models.unet import UNet, UNetConfig
 from latentforge.models.vae import AutoencoderKL, VAEConfig
 
-_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
-
-
-class ShardedFile:
-    """Several weight files presented as one (a diffusers ``*.index.json`` shard set)."""
-
-    def __init__(self, files: list[TensorFile]):
-        self.files = files
-        self._where = {k: f for f in files for k in f.keys()}
-        self.metadata: dict[str, str] = {}
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key].shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._where[key].dtype(key)
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
-        return self._where[key].read(key, dtype)
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-
-def open_component_weights(folder: Path) -> TensorFile:
-    """The weights of one component folder: plain, sharded or fp16-variant, safetensors before pickles."""
-    for ext in (".safetensors", ".bin"):
-        for variant in ("", ".fp16"):
-            for stem in _WEIGHT_NAMES:
-                single = folder / f"{stem}{variant}{ext}"
-                if single.is_file():
-                    return open_tensor_file(single)
-                index = folder / f"{stem}{variant}{ext}.index.json"
-                if index.is_file():
-                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                    return ShardedFile([open_tensor_file(folder / s) for s in shards])
-    raise CheckpointError(f"{folder} has no weights file (diffusion_pytorch_model.safetensors, model.safetensors, ...)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; is {path.parent.parent} a complete diffusers folder?") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-
 
 def text_config_from_json(cfg: dict) -> TextEncoderConfig:
-    with_proj = any("WithProjection" in a for a in cfg.get("architectures") or [])
-    return TextEncoderConfig(
-        vocab_size=cfg.get("vocab_size", 49408),
-        max_positions=cfg.get("max_position_embeddings", 77),
-        width=cfg["hidden_size"],
-        layers=cfg["num_hidden_layers"],
-        heads=cfg["num_attention_heads"],
-        mlp_width=cfg["intermediate_size"],
-        activation=cfg.get("hidden_act", "quick_gelu"),
-        projection_dim=cfg.get("projection_dim", cfg["hidden_size"]) if with_proj else None,
+    """A transformers CLIPTextConfig ``config.json`` -> TextEncoderConfig; a CheckpointError naming the key
+    for a missing, mistyped or out-of-range value."""
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"'architectures' is {short(archs)}; it must be a list of class names")
+    with_proj = any("WithProjection" in a for a in archs)
+    width = dconv.config_int(cfg, "hidden_size", limit="MAX_WIDTH")
+    act = cfg.get("hidden_act", "quick_gelu")
+    cfg_out = TextEncoderConfig(
+        vocab_size=dconv.config_int(cfg, "vocab_size", 49408, limit="MAX_VOCAB"),
+        max_positions=dconv.config_int(cfg, "max_position_embeddings", 77, limit="MAX_POSITIONS"),
+        width=width,
+        layers=dconv.config_int(cfg, "num_hidden_layers", limit="MAX_TEXT_LAYERS"),
+        heads=dconv.config_int(cfg, "num_attention_heads", limit="MAX_HEADS"),
+        mlp_width=dconv.config_int(cfg, "intermediate_size", limit="MAX_MLP"),
+        activation=act,
+        projection_dim=dconv.config_int(cfg, "projection_dim", width, limit="MAX_WIDTH") if with_proj else None,
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
     )
+    return check_text_config(cfg_out)
 
 
 class DiffusersSource:
@@ -93,11 +62,19 @@ class DiffusersSource:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.index = _read_json(self.path / "model_index.json") if (self.path / "model_index.json").exists() else {}
-        self._unet_cfg = dconv.unet_config_from_diffusers(_read_json(self.path / "unet" / "config.json"))
-        self._vae_json = _read_json(self.path / "vae" / "config.json")
-        self._vae_cfg = dconv.vae_config_from_diffusers(self._vae_json)
+        self.index = read_json(self.path, "model_index.json") if exists(self.path / "model_index.json") else {}
+        self._unet_cfg = self._config("unet", dconv.unet_config_from_diffusers)
+        self._vae_cfg = self._config("vae", dconv.vae_config_from_diffusers)
         self._files: list[TensorFile] = []
+
+    def _config(self, folder: str, convert):
+        """``convert(folder/config.json)``, its errors prefixed with the file's path."""
+        path = self.path / folder / "config.json"
+        data = read_json(self.path, f"{folder}/config.json")
+        try:
+            return convert(data)
+        except CheckpointError as e:
+            raise type(e)(f"{path}: {e}") from None
 
     @property
     def name(self) -> str:
@@ -107,28 +84,35 @@ class DiffusersSource:
         out = {}
         for folder in ("text_encoder", "text_encoder_2"):
             cfg_path = self.path / folder / "config.json"
-            if cfg_path.is_file():
-                out[folder] = _read_json(cfg_path)
+            if exists(cfg_path):
+                out[folder] = read_json(self.path, f"{folder}/config.json")
         return out
 
     def signature(self) -> Signature:
-        text = tuple(f"{name}:{cfg.get('hidden_act', 'quick_gelu')}" for name, cfg in self._text_folders().items())
+        text = tuple(
+            f"{name}:{str(cfg.get('hidden_act', 'quick_gelu'))[:40]}" for name, cfg in self._text_folders().items()
+        )
         return config_signature(self._unet_cfg, len(self._vae_cfg.channel_mult), text)
 
     def prediction_hints(self) -> list[PredictionHint]:
         path = self.path / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            value = _read_json(path).get("prediction_type")
+        if exists(path):
+            value = read_json(self.path, "scheduler/scheduler_config.json").get("prediction_type")
             if value:
-                return [
-                    PredictionHint(
-                        parse_prediction(value), f"scheduler/scheduler_config.json prediction_type={value!r}"
+                try:
+                    prediction = parse_prediction(value) if isinstance(value, str) else None
+                except ValueError:
+                    prediction = None
+                if prediction is None:
+                    raise CheckpointError(
+                        f"{path}: prediction_type is {short(value)}; expected 'epsilon' or 'v_prediction' "
+                        "(or pass prediction='eps'/'v' to load)"
                     )
-                ]
+                return [PredictionHint(prediction, f"scheduler/scheduler_config.json prediction_type={value!r}")]
         return []
 
     def _open(self, folder: str) -> TensorFile:
-        f = open_component_weights(self.path / folder)
+        f = open_component_weights(self.path, folder)
         self._files.append(f)
         return f
 
@@ -145,7 +129,10 @@ class DiffusersSource:
         return self._vae_cfg, vae_refs_diffusers(self._open("vae"), self._vae_cfg)
 
     def text(self, spec: TextEncoderSpec) -> tuple[TextEncoderConfig, dict[str, Ref]]:
-        cfg = text_config_from_json(self._text_folders()[spec.folder])
+        try:
+            cfg = text_config_from_json(self._text_folders()[spec.folder])
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path / spec.folder / 'config.json'}: {e}") from None
         cfg = dataclasses.replace(
             cfg,
             dropped_layers=spec.diffusers_dropped_layers,
@@ -162,7 +149,14 @@ class DiffusersSource:
 
     def tokenizer_folder(self, spec: TextEncoderSpec) -> Path | None:
         folder = self.path / spec.folder.replace("text_encoder", "tokenizer")
-        return folder if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() else None
+        names = ("vocab.json", "merges.txt")
+        if not all(exists(folder / n) for n in names):
+            return None
+        for n in names:
+            size = regular_file(inside(self.path, f"{folder.name}/{n}", "tokenizer file"))
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{folder / n} is {size} bytes long; a tokenizer file is about 1 MB")
+        return folder
 
     def leftovers(self) -> tuple[dict[str, Tensor], list[str]]:
         return {}, []

@@ -8,7 +8,8 @@ load/save round trip gives identical tensors; ``model_ema.*`` copies are dropped
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from latentforge.families.base import Signature
 from latentforge.families.detect import PredictionHint, parse_prediction, read_sidecar
 from latentforge.families.infer import infer_text_config, infer_unet_config, infer_vae_config, make_signature
 from latentforge.io.components import Ref, identity_refs
-from latentforge.io.tensorfile import TensorFile, open_tensor_file
+from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file, short
 from latentforge.io.writer import write_safetensors
 from latentforge.models.clip import TextEncoderConfig
 from latentforge.models.unet import UNetConfig
@@ -74,6 +75,14 @@ class SingleFileSource:
     def name(self) -> str:
         return str(self.path)
 
+    @contextlib.contextmanager
+    def _about(self, what: str) -> Iterator[None]:
+        """Name the file and component in errors from architecture inference (which sees only shapes)."""
+        try:
+            yield
+        except CheckpointError as e:
+            raise type(e)(f"{self.path}: {what}: {e}") from None
+
     def _shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         return {k[len(prefix) :]: self.file.shape(k) for k in self.keys if k.startswith(prefix)}
 
@@ -86,7 +95,8 @@ class SingleFileSource:
             hint = f"; it looks like {kind}" if kind else ""
             raise DetectionError(f"{self.path} holds no UNet weights ({UNET_PREFIX}*){hint}")
         text = tuple(p for p, style in _text_slots().items() if _text_present(self._keyset, p, style))
-        return make_signature(unet, self._shapes(VAE_PREFIX), text)
+        with self._about("structure"):
+            return make_signature(unet, self._shapes(VAE_PREFIX), text)
 
     def prediction_hints(self) -> list[PredictionHint]:
         hints = []
@@ -95,7 +105,11 @@ class SingleFileSource:
         meta = getattr(self.file, "metadata", {}) or {}
         for key in ("latentforge.prediction", "modelspec.prediction_type"):
             if key in meta:
-                hints.append(PredictionHint(parse_prediction(meta[key]), f"file metadata {key}={meta[key]!r}"))
+                try:
+                    prediction = parse_prediction(meta[key])
+                except ValueError as e:
+                    raise CheckpointError(f"{self.path}: metadata {key}: {e}") from None
+                hints.append(PredictionHint(prediction, f"file metadata {key}={short(meta[key])}"))
         if "v_pred" in self._keyset:
             hints.append(PredictionHint("v", "the file's 'v_pred' key"))
         return hints
@@ -114,17 +128,20 @@ class SingleFileSource:
             )
         refs = identity_refs(self.file, UNET_PREFIX, self.keys)
         self._claimed.update(UNET_PREFIX + k for k in refs)
-        return infer_unet_config(self._shapes(UNET_PREFIX), policy), refs
+        with self._about("UNet"):
+            return infer_unet_config(self._shapes(UNET_PREFIX), policy), refs
 
     def vae(self, family: Family) -> tuple[VAEConfig, dict[str, Ref]]:
         refs = identity_refs(self.file, VAE_PREFIX, self.keys)
         self._claimed.update(VAE_PREFIX + k for k in refs)
-        return infer_vae_config(self._shapes(VAE_PREFIX), family.vae), refs
+        with self._about("VAE"):
+            return infer_vae_config(self._shapes(VAE_PREFIX), family.vae), refs
 
     def text(self, spec: TextEncoderSpec) -> tuple[TextEncoderConfig, dict[str, Ref]]:
-        refs = text_refs(self.file, spec, [k for k in self.keys if k.startswith(spec.prefix)])
-        self._claimed.update(ref.key for ref in refs.values())
-        return infer_text_config({k: r.shape for k, r in refs.items()}, spec), refs
+        with self._about(f"text encoder {spec.name}"):
+            refs = text_refs(self.file, spec, [k for k in self.keys if k.startswith(spec.prefix)])
+            self._claimed.update(ref.key for ref in refs.values())
+            return infer_text_config({k: r.shape for k, r in refs.items()}, spec), refs
 
     def tokenizer_folder(self, spec: TextEncoderSpec) -> Path | None:
         return None
@@ -158,9 +175,14 @@ def text_refs(file: TensorFile, spec: TextEncoderSpec, keys: list[str]) -> dict[
             continue
         if local in openclip.UNUSED or (local == "text_projection" and not spec.pooled):
             continue
-        for hf_key, third in openclip.to_hf(local):
+        try:
+            names = openclip.to_hf(local)
+        except KeyError:  # not an OpenCLIP text key: the strict check reports it as unexpected
+            refs[f"<file key> {key}"] = Ref(file, key, file.shape(key))
+            continue
+        for hf_key, third in names:
             shape = list(file.shape(key))
-            if third is not None:
+            if third is not None and shape:
                 shape[0] //= 3
             elif local == "text_projection":
                 shape = shape[::-1]

@@ -1,10 +1,19 @@
 """Reading tensors from checkpoint files one at a time, safely.
 
-``.safetensors`` is memory-mapped; each tensor is copied out of the mapping and the mapped pages are
-released at once, so resident memory grows by the loaded weights only. ``.ckpt``/``.pt``/``.bin``
-pickles are opened only with ``torch.load(weights_only=True)``; a few training-framework objects that
-old SD1 files carry next to the weights (and that hold no weights) are replaced by inert stand-ins;
-anything else that needs unsafe unpickling is refused with an explanation.
+``.safetensors`` (format: https://github.com/huggingface/safetensors, "Format" section: 8-byte
+little-endian header length, a UTF-8 JSON object ``{name: {dtype, shape, data_offsets}, "__metadata__":
+{str: str}}``, then the data section) is validated completely before any tensor is read: the header is
+parsed as the format describes and every entry checked (known dtype, non-negative integer shape, offsets
+inside the data section whose length matches the shape, no duplicate names); sorted by offset, the
+tensors must cover the data section exactly, without overlaps or gaps, as the reference library also
+requires. Tensors are memory-mapped; each is copied out of the mapping and the mapped pages are released
+at once, so resident memory grows by the loaded weights only.
+
+``.ckpt``/``.pt``/``.bin`` pickles are opened only with ``torch.load(weights_only=True)``; a few
+training-framework objects that old SD1 files carry next to the weights (and that hold no weights) are
+replaced by inert stand-ins; anything else that needs unsafe unpickling is refused with an explanation.
+Zip checkpoints are checked first: every member must be stored uncompressed (as ``torch.save`` writes
+them) and lie inside the file, so a small file cannot claim or inflate to gigabytes.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ import json
 import mmap
 import os
 import pickle
+import stat
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,16 +40,143 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+# Real Stable Diffusion headers are well under 1 MB (SDXL: about 200 KB); 32 MiB is room for 400,000
+# tensors. The safetensors library allows 100 MB, but parsing that much JSON takes over a gigabyte.
+MAX_HEADER_BYTES = 32 * 2**20
 _PAGE = mmap.PAGESIZE
+_Entry = tuple[torch.dtype, tuple[int, ...], int, int]
 
 
 class CheckpointError(ValueError):
     """A file cannot be read as a checkpoint; the message says why and what to do."""
+
+
+def short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: hostile names and numbers can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def regular_file(path: Path) -> int:
+    """The size of ``path``; a CheckpointError unless it is an existing regular file (not a folder or a
+    pipe, which could block a reader forever)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot open {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(
+            f"{path} is a folder, not a weights file; pass a .safetensors/.ckpt file or a diffusers folder"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass a weights file")
+    return st.st_size
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int and 0 <= v < 2**63
+
+
+def parse_safetensors_header(raw: bytes, data_size: int, path: str | Path) -> tuple[dict[str, str], dict[str, _Entry]]:
+    """Validate a safetensors header (the JSON bytes) against a data section of ``data_size`` bytes.
+
+    Returns (metadata, {name: (dtype, shape, begin, end)}); raises CheckpointError naming the file, the
+    tensor and the problem. Reads no tensor data; O(n log n) in the number of tensors."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a valid safetensors file: {problem}; the file is damaged or not a safetensors file"
+        )
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
+    except _Duplicate as e:
+        raise bad(f"the header names {short(e.key)} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path} has a corrupt safetensors header ({short(str(e), 160)}); the file is damaged or not a "
+            "safetensors file: re-download it"
+        ) from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("'__metadata__' must map strings to strings")
+    entries: dict[str, _Entry] = {}
+    for key, info in header.items():
+        name = f"tensor {short(key)}"
+        if not isinstance(info, dict):
+            raise bad(f"the entry of {name} is a JSON {type(info).__name__}, not an object")
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if missing:
+            raise bad(f"the entry of {name} has no {', '.join(missing)}")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+        if dtype is None:
+            raise bad(
+                f"{name} has unknown or unsupported dtype {short(info['dtype'])} "
+                f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
+            raise bad(f"{name} has shape {short(shape)}; a shape is a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise bad(f"{name} has data offsets {short(offsets)}; they must be two non-negative integers")
+        begin, end = offsets
+        if end < begin:
+            raise bad(f"{name} has reversed data offsets [{begin}, {end})")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path} is truncated or not a valid safetensors file: {name} has data offsets [{begin}, {end}) "
+                f"but the data section holds only {data_size} bytes; re-download or re-save the file"
+            )
+        nbytes = 0 if 0 in shape else dtype.itemsize
+        for s in shape:
+            nbytes *= s
+            if nbytes > 2**64:  # stop before a hostile shape makes a huge integer
+                break
+        if nbytes != end - begin:
+            held = f"{nbytes} bytes" if nbytes <= 2**64 else "more than 2^64 bytes"
+            raise bad(f"{name} has shape {short(shape)} of {info['dtype']} ({held}) but data offsets [{begin}, {end})")
+        entries[key] = (dtype, tuple(shape), begin, end)
+    pos, prev = 0, None
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            _, _, pb, pe = entries[prev]
+            raise bad(
+                f"tensor {short(key)} has data offsets [{begin}, {end}) that overlap tensor {short(prev)} [{pb}, {pe})"
+            )
+        if begin > pos:
+            raise bad(f"bytes [{pos}, {begin}) of the data section, before tensor {short(key)}, belong to no tensor")
+        pos, prev = end, key
+    if pos != data_size:
+        raise bad(f"the data section holds {data_size} bytes but the tensors cover only the first {pos}")
+    return meta, entries
 
 
 class SafetensorsFile:
@@ -46,44 +184,36 @@ class SafetensorsFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        size = regular_file(self.path)
         try:
             self._file = open(self.path, "rb")  # noqa: SIM115 - kept open while the mapping lives
         except OSError as e:
             raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from e
-        size = os.fstat(self._file.fileno()).st_size
+        try:
+            self._open(size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, size: int) -> None:
         head = self._file.read(8)
         if len(head) < 8:
             raise CheckpointError(
                 f"{self.path} is not a safetensors file: it is {size} bytes long (truncated or empty)"
             )
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
+        if n > size - 8:
             raise CheckpointError(
-                f"{self.path} is not a valid safetensors file (header length {n} > file size "
-                f"{size}); it may be truncated or not a safetensors file at all"
+                f"{self.path} is not a valid safetensors file (header length {n} > file size {size}); it may be "
+                "truncated or not a safetensors file at all"
             )
-        try:
-            header = json.loads(self._file.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path} has a corrupt safetensors header ({e}); re-download the file") from e
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{self.path} is not a valid safetensors file: its header length {n} exceeds latentforge's limit of "
+                f"{MAX_HEADER_BYTES} bytes; the file is damaged or not a safetensors file"
+            )
+        self.metadata, self._entries = parse_safetensors_header(self._file.read(n), size - 8 - n, self.path)
         self._base = 8 + n
-        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            numel = 1
-            for s in shape:
-                numel *= s
-            if end - begin != numel * dtype.itemsize or self._base + end > size:
-                raise CheckpointError(
-                    f"{self.path} is truncated or corrupt: tensor {key!r} lies past the end of the file "
-                    f"({self._base + end} > {size} bytes); re-download or re-save the file"
-                )
-            self._entries[key] = (dtype, shape, begin, end)
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
@@ -159,17 +289,46 @@ def _unsafe_message(path: Path, error: Exception) -> str:
     )
 
 
-def _flatten_state_dict(obj) -> dict[str, Tensor]:
+def _flatten_state_dict(obj, path: Path) -> dict[str, Tensor]:
     """Find the weights: a plain state dict, or one under ``state_dict`` (possibly nested), or BasicSR's
-    ``params_ema`` (preferred, as BasicSR's own inference does) or ``params``."""
-    while isinstance(obj, dict):
-        inner = next((w for w in ("state_dict", "params_ema", "params") if isinstance(obj.get(w), dict)), None)
+    ``params_ema`` (preferred, as BasicSR's own inference does) or ``params``; nested at most 8 deep (a
+    pickle can make a dictionary that contains itself)."""
+    for depth in range(9):
+        inner = None
+        if isinstance(obj, dict):
+            inner = next((w for w in ("state_dict", "params_ema", "params") if isinstance(obj.get(w), dict)), None)
         if inner is None:
             break
+        if depth == 8:
+            raise CheckpointError(f"{path} nests its weights more than 8 deep; it is not a model checkpoint")
         obj = obj[inner]
     if not isinstance(obj, dict):
-        raise CheckpointError(f"the pickle holds a {type(obj).__name__}, not a dictionary of tensors")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dictionary of tensors")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _check_zip(path: Path, size: int) -> None:
+    """A zip checkpoint's members must be stored (``torch.save`` never compresses) and lie inside the file,
+    so that no member can claim or inflate to more bytes than the file holds."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its zip structure is damaged ({short(str(e), 120)}); re-download it"
+        ) from None
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED or m.file_size != m.compress_size:
+            raise CheckpointError(
+                f"{path} is not a valid PyTorch checkpoint: zip member {short(m.filename)} is compressed "
+                f"({m.compress_size} bytes claiming {m.file_size}); torch.save stores members uncompressed, so "
+                "the file was not written by PyTorch"
+            )
+        if m.header_offset + m.file_size > size:
+            raise CheckpointError(
+                f"{path} is truncated or not a valid PyTorch checkpoint: zip member {short(m.filename)} claims "
+                f"{m.file_size} bytes at offset {m.header_offset} of a {size}-byte file; re-download it"
+            )
 
 
 class TorchFile:
@@ -178,8 +337,10 @@ class TorchFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path} does not exist or is not a file")
+        size = regular_file(self.path)
+        with open(self.path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                _check_zip(self.path, size)
         try:
             with torch.serialization.safe_globals(_safe_globals()):
                 try:
@@ -192,12 +353,12 @@ class TorchFile:
             if "Weights only load failed" in str(e):
                 raise CheckpointError(_unsafe_message(self.path, e)) from None
             raise CheckpointError(f"{self.path} is not a readable checkpoint ({e}); it may be truncated") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # torch.load parses hostile bytes: any failure means the file is not a checkpoint
             raise CheckpointError(
-                f"{self.path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                f"{self.path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {short(str(e), 200)}); "
                 "the file may be truncated or corrupt: re-download it"
             ) from None
-        self._tensors = _flatten_state_dict(obj)
+        self._tensors = _flatten_state_dict(obj, self.path)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -220,12 +381,14 @@ TensorFile = SafetensorsFile | TorchFile
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def open_tensor_file(path: str | Path) -> TensorFile:
-    """Open a weights file by its suffix (``.safetensors`` or a pickle suffix)."""
+def open_tensor_file(path: str | Path, suffix: str | None = None) -> TensorFile:
+    """Open a weights file by its suffix (``.safetensors`` or a pickle suffix); ``suffix`` overrides the
+    path's own (a Hugging Face cache blob has none: the link to it has)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    suffix = path.suffix.lower()
+    regular_file(path)
+    suffix = (suffix or path.suffix).lower()
     if suffix == ".safetensors":
         return SafetensorsFile(path)
     if suffix in PICKLE_SUFFIXES:

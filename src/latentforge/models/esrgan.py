@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+from latentforge.models.limits import check_size
 from latentforge.nn.tiling import tiled_apply
 
 
@@ -195,13 +196,13 @@ def detect(shapes: dict[str, tuple[int, ...]], where: str = "the file") -> Upsca
             in_channels=in_ch // unshuffle**2,
             out_channels=out_ch,
             features=features,
-            blocks=blocks,
+            blocks=check_size(blocks, f"{where}: RRDB block count", "MAX_UPSCALER_BLOCKS"),
             growth=growth,
-            upsamples=ups,
+            upsamples=check_size(ups, f"{where}: upsampling conv count", "MAX_UPSAMPLES", minimum=0),
             unshuffle=unshuffle,
         )
         return UpscalerSpec("RRDBNet", 2**ups / unshuffle, kwargs)
-    convs = sorted(int(m[1]) for k in shapes if (m := re.fullmatch(r"body\.(\d+)\.weight", k)))
+    convs = sorted(int(m[1]) for k in shapes if (m := re.fullmatch(r"body\.(\d{1,6})\.weight", k)))
     if convs and convs[0] == 0 and len(shapes["body.0.weight"]) == 4:
         last = convs[-1]
         features, in_ch = shapes["body.0.weight"][:2]
@@ -213,7 +214,8 @@ def detect(shapes: dict[str, tuple[int, ...]], where: str = "the file") -> Upsca
         scale = math.isqrt(shapes[f"body.{last}.weight"][0] // in_ch)
         if scale * scale * in_ch != shapes[f"body.{last}.weight"][0]:
             raise CheckpointError(f"{where}: compact network whose last conv does not give channels x scale^2")
-        kwargs = dict(in_channels=in_ch, out_channels=in_ch, features=features, convs=last // 2 - 1, scale=scale)
+        convs = check_size(last // 2 - 1, f"{where}: compact conv count", "MAX_UPSCALER_BLOCKS", minimum=0)
+        kwargs = dict(in_channels=in_ch, out_channels=in_ch, features=features, convs=convs, scale=scale)
         return UpscalerSpec("SRVGGNetCompact", scale, kwargs)
     shown = ", ".join(sorted(shapes)[:5])
     raise CheckpointError(
@@ -285,7 +287,19 @@ def load_upscaler(
     """Read an ESRGAN-family file, detect its architecture and sizes, and build the network."""
     path = Path(path)
     sd = read_state_dict(path)
-    spec = detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
+    try:
+        spec = detect({k: tuple(v.shape) for k, v in sd.items()}, str(path))
+    except (ValueError, IndexError, KeyError, ZeroDivisionError) as e:  # shapes of the wrong rank or size
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: tensor shapes that form no upscaler ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):  # sizes come from shapes: never allocate more than the file holds
+        need = sum(p.numel() for p in spec.build().parameters())
+    if need > sum(v.numel() for v in sd.values()):
+        raise CheckpointError(
+            f"{path}: the shapes describe a {spec.arch} of {need} parameters but the file holds fewer numbers; "
+            "it is damaged or not an upscaler latentforge can read"
+        )
     net = spec.build()
     try:
         missing, unexpected = net.load_state_dict(sd, strict=False)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import regex
 
+from latentforge.io.tensorfile import CheckpointError, short
+
 START_TOKEN = 49406
 END_TOKEN = 49407
 CONTEXT_LENGTH = 77
@@ -117,9 +119,24 @@ class CLIPTokenizer:
     def from_folder(cls, folder: str | Path, *, pad_id: int | None = None, cleaning: str = "openai") -> CLIPTokenizer:
         """Read a diffusers/transformers tokenizer folder (``vocab.json`` + ``merges.txt``)."""
         folder = Path(folder)
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        try:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{folder}: cannot read the tokenizer files ({short(str(e), 160)})") from None
+        if (
+            not isinstance(vocab, dict)
+            or not all(type(i) is int and 0 <= i < 2**31 for i in vocab.values())
+            or not {"<|startoftext|>", "<|endoftext|>"} <= vocab.keys()
+        ):
+            raise CheckpointError(
+                f"{folder / 'vocab.json'} is not a CLIP vocabulary: it must map tokens (with <|startoftext|> and "
+                "<|endoftext|>) to non-negative integer ids"
+            )
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if any(len(m) != 2 for m in merges):
+            bad = next(i for i, m in enumerate(merges) if len(m) != 2)
+            raise CheckpointError(f"{folder / 'merges.txt'}: merge {bad + 1} is not two tokens; the file is damaged")
         if pad_id is None:
             pad_id = END_TOKEN
             config = folder / "special_tokens_map.json"

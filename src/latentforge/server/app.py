@@ -1,0 +1,349 @@
+"""The FastAPI application: A1111's ``/sdapi/v1`` routes, the jobs extension ``/latentforge/v1/jobs`` and
+the web page at ``/`` (``static/``). Handlers never run torch: they submit jobs to ``jobs.JobQueue``.
+
+Errors are JSON in A1111's shape ``{"error", "detail", "body", "errors"}`` (plus ``field`` when one field
+is at fault): 400 for requests that cannot run, 401 for a wrong password, 404 for unknown jobs, 413 for
+bodies over the limit, 422 for fields of the wrong type, 503 with ``Retry-After`` when the queue is full;
+a 500 names no internals (the traceback goes to the server log).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+
+from latentforge.io.hashing import sha256_of
+from latentforge.pipelines.metadata import SCHEDULE_TITLES
+from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
+from latentforge.sampling.registry import SAMPLERS
+from latentforge.server import sdapi
+from latentforge.server.config import ServerConfig
+from latentforge.server.errors import ApiError, Guard, error_response, validation_response
+from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull, make_spec
+from latentforge.server.models import ModelCatalog
+
+log = logging.getLogger("latentforge.server")
+STATIC = resources.files("latentforge.server").joinpath("static")
+
+
+def create_app(
+    config: ServerConfig,
+    *,
+    users: list[tuple[str, str]] | None = None,
+    cors_origins: list[str] | None = None,
+    queue: JobQueue | None = None,
+) -> FastAPI:
+    """The application; its ``state.queue`` worker starts with the app and stops with it."""
+    catalog = ModelCatalog(config.model, config.models_dir)
+    queue = queue or JobQueue(config, catalog)
+    outdir = Path(config.outdir).resolve()
+    options: dict[str, Any] = {
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "samples_format": "png",
+        "outdir_samples": str(outdir),
+    }
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        import anyio.to_thread
+
+        # A1111's generation routes hold a worker thread while their job waits: room for a full queue
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, config.queue_size + 24)
+        queue.start()
+        if queue.default_model is not None:  # load the first model now, not on the first request
+            queue.submit(JobSpec("load", model=queue.default_model))
+        yield
+        queue.close()
+
+    app = FastAPI(title="latentforge", version=sdapi.__version__, lifespan=lifespan)
+    app.state.queue = queue
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(Guard, users=users or [], max_body=config.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e.status, e.kind, e.message, e.field)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return error_response(400, type(e).__name__, str(e), getattr(e, "field", None))
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, e: QueueFull):
+        return error_response(503, "QueueFull", str(e), headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        return validation_response(e.errors())
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error_response(500, "InternalError", "the server failed on this request; the server log has the details")
+
+    # ---- generation
+    def _generate(payload: sdapi._Payload, img2img: bool) -> dict:
+        req, init, model = sdapi.to_request(
+            payload, img2img=img2img, options=options, max_pixels=config.max_image_pixels
+        )
+        spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
+        spec.save_to = outdir if payload.save_images else None
+        job = queue.submit(spec, payload.force_task_id or None)
+        job.wait()
+        _raise_failed(job)
+        if spec.model and not payload.override_settings_restore_afterwards:
+            queue.default_model = spec.model
+        return _response(job, payload)
+
+    def _raise_failed(job: Job) -> None:
+        if job.state == "failed":
+            if job.error_kind == "request":
+                raise ApiError(400, job.error or "the request cannot run")
+            raise ApiError(500, "generation failed; the server log has the details", kind="InternalError")
+
+    def _response(job: Job, payload: sdapi._Payload) -> dict:
+        images = [sdapi.encode_png(im) for im in job.images] if payload.send_images else []
+        if getattr(payload, "include_init_images", False) and job.spec.init_images:
+            images += [sdapi.encode_png(im) for im in job.spec.init_images]
+        return {
+            "images": images,
+            "parameters": sdapi.echo_parameters(payload),
+            "info": sdapi.info_json(job, payload, model_hash=_hash(job.model_name)),
+        }
+
+    def _hash(name: str | None) -> str | None:
+        if not name:
+            return None
+        path = catalog.path(name)
+        return sha256_of(path)[:10] if path.is_file() else None
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(payload: sdapi.Txt2ImgPayload) -> dict:
+        return _generate(payload, img2img=False)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(payload: sdapi.Img2ImgPayload) -> dict:
+        return _generate(payload, img2img=True)
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(payload: sdapi.PngInfoPayload) -> dict:
+        from latentforge.io.infotext import parse_infotext
+
+        if not payload.image:
+            return {"info": "", "items": {}, "parameters": {}}
+        im = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
+        items = {k: v for k, v in im.info.items() if isinstance(v, str)}
+        text = items.get("parameters", "")
+        params: dict = {}
+        if text:
+            prompt, negative, settings = parse_infotext(text)
+            params = {"Prompt": prompt, "Negative prompt": negative, **settings}
+        return {"info": text, "items": items, "parameters": params}
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict:
+        job = queue.current or queue.last
+        running = queue.current is not None
+        if job is None or not running:
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": _state(job, False),
+                "current_image": None,
+                "textinfo": None,
+            }
+        image = None if skip_current_image or not job.preview_png else base64.b64encode(job.preview_png).decode()
+        return {
+            "progress": round(job.fraction, 4),
+            "eta_relative": round(job.eta(), 3),
+            "state": _state(job, True),
+            "current_image": image,
+            "textinfo": f"step {job.step} of {job.steps}, pass {job.iteration + 1} of {job.iterations}",
+        }
+
+    def _state(job: Job | None, running: bool) -> dict:
+        from datetime import datetime
+
+        return {
+            "skipped": bool(job and running and job.skip_flag),
+            "interrupted": bool(job and job.stop_flag),
+            "stopping_generation": bool(job and running and job.stop_flag),
+            "job": f"{job.spec.kind} {job.id}" if job and running else "",
+            "job_count": queue.pending(),
+            "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S") if job else "0",
+            "job_no": job.iteration if job and running else 0,
+            "sampling_step": job.step if job and running else 0,
+            "sampling_steps": job.steps if job and running else 0,
+        }
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict:
+        queue.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict:
+        queue.skip()
+        return {}
+
+    # ---- options and lists
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict:
+        name = queue.default_model
+        return {**options, "sd_model_checkpoint": name, "sd_checkpoint_hash": _full_hash(name)}
+
+    def _full_hash(name: str | None) -> str | None:
+        if not name:
+            return None
+        path = catalog.path(name)
+        return sha256_of(path) if path.is_file() else None
+
+    @app.post("/sdapi/v1/options")
+    def set_options(values: dict[str, Any]) -> dict:
+        values = dict(values)
+        if "sd_vae" in values:
+            sdapi._check_vae(values["sd_vae"], "sd_vae")
+        if values.get("samples_format", "png").lower() != "png":
+            raise ApiError(400, "samples_format: latentforge writes PNG only", "samples_format")
+        clip = values.get("CLIP_stop_at_last_layers", 1)
+        if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12:
+            raise ApiError(400, f"CLIP_stop_at_last_layers must be 1 to 12, got {clip!r}", "CLIP_stop_at_last_layers")
+        for key in ("outdir_samples", "sd_checkpoint_hash"):
+            values.pop(key, None)  # never a way for a client to choose where files go
+        name = values.pop("sd_model_checkpoint", None)
+        if name:
+            name = catalog.resolve(name)
+            job = queue.submit(JobSpec("load", model=name))
+            job.wait()
+            _raise_failed(job)
+        options.update(values)
+        return {}
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict]:
+        return [
+            {"name": s.title, "aliases": [s.name, *s.aliases], "options": {"scheduler": s.schedule}} for s in SAMPLERS
+        ]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict]:
+        rows = [
+            {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+        ]
+        for name, label in SCHEDULE_TITLES.items():
+            rows.append({"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False})
+        return rows
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict]:
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for n in ["None", *IMAGE_UPSCALERS]
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_modes() -> list[dict]:
+        return [{"name": n} for n in LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict]:
+        rows = []
+        for name in catalog.names():
+            path = catalog.path(name)
+            known = name in queue.cache.loaded and path.is_file()
+            sha = sha256_of(path) if known else None
+            rows.append(
+                {
+                    "title": name,
+                    "model_name": Path(name).stem if path.is_file() else name,
+                    "hash": sha[:10] if sha else None,
+                    "sha256": sha,
+                    "filename": str(path),
+                    "config": None,
+                }
+            )
+        return rows
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> dict:
+        catalog.refresh()
+        return {}
+
+    for path in ("/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-embeddings"):
+        app.post(path)(lambda: {})
+    for path in (
+        "/sdapi/v1/sd-vae",
+        "/sdapi/v1/loras",
+        "/sdapi/v1/hypernetworks",
+        "/sdapi/v1/prompt-styles",
+        "/sdapi/v1/face-restorers",
+        "/sdapi/v1/sd-modules",
+    ):
+        app.get(path)(lambda: [])
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info")
+    def script_info() -> list:
+        return []
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict:
+        return {"ram": _ram(), "cuda": {"error": "latentforge serve reports CPU memory only"}}
+
+    from latentforge.server.routes_jobs import add_job_routes
+
+    add_job_routes(app, queue, catalog, config, options, _response)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(STATIC.joinpath("index.html")), media_type="text/html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        allowed = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in allowed:
+            raise ApiError(404, f"no static file {name!r}", kind="NotFound")
+        return FileResponse(str(STATIC.joinpath(name)), media_type=allowed[name])
+
+    return app
+
+
+def _ram() -> dict:
+    data: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        data = {"total": info["MemTotal"], "free": info.get("MemAvailable", info["MemFree"])}
+        data["used"] = data["total"] - data["free"]
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            data["process_rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pass
+    return data
+
+
+__all__ = ["create_app"]

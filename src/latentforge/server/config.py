@@ -1,0 +1,23 @@
+"""What ``latentforge serve`` was started with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    """What ``latentforge serve`` was started with (A1111's flags where it has them)."""
+
+    model: Path | None = None  # the model loaded first (default: the bundled demo model)
+    models_dir: Path | None = None  # a folder of checkpoints selectable by name
+    outdir: Path = Path("outputs")  # where save_images writes
+    queue_size: int = 64  # waiting jobs at most (the running one not counted)
+    max_models: int = 1  # loaded models kept at once
+    max_model_bytes: int = 0  # 0: no limit besides max_models
+    max_image_pixels: int = 4096 * 4096  # input images above this are refused before decoding
+    max_body_bytes: int = 64 << 20
+    history: int = 32  # finished jobs kept for GET /latentforge/v1/jobs/{id}
+    device: str | None = None
+    dtype: str | None = None

@@ -1,0 +1,326 @@
+"""The job queue behind the server: one worker thread owns the loaded pipelines and runs jobs in order.
+
+HTTP handlers never touch torch: they submit a ``JobSpec`` and wait on (or stream) the ``Job``. The queue
+is bounded (``QueueFull`` when full); every job has an id, a state, progress with a cheap preview, and
+can be cancelled (queued: removed; running: stopped at the next step). A run of ``batch_count`` passes is
+executed pass by pass (each with ``batch_count=1`` and the seeds it would have had), so A1111's "skip"
+drops one pass and "interrupt" keeps the passes already finished. Models are loaded on the worker into the
+cache of ``models.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from latentforge.io.images import next_free_names, save_png
+from latentforge.pipelines.generate import Interrupted, Progress, generate
+from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.server.config import ServerConfig
+from latentforge.server.models import ModelCache, ModelCatalog
+
+log = logging.getLogger("latentforge.server")
+
+
+class QueueFull(Exception):
+    """The queue holds ``queue_size`` waiting jobs; the client should retry later."""
+
+
+@dataclass
+class JobSpec:
+    """What a job runs: ``kind`` is "txt2img", "img2img" or "load" (switch the default model)."""
+
+    kind: str
+    request: GenerationRequest | None = None
+    init_images: list[Image.Image] | None = None
+    model: str | None = None  # a catalog name; None: the current default model
+    preview_every: float = 0.25  # seconds between previews
+    payload: Any = None  # what the client sent (for the response), not used by the worker
+    save_to: Path | None = None  # the server's --outdir when the client asked for save_images
+    refiner_model: str | None = None  # a catalog name: the worker puts the loaded refiner in the request
+
+
+@dataclass
+class Job:
+    id: str
+    spec: JobSpec
+    state: str = "queued"  # queued, running, done, failed, cancelled, interrupted
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    request: GenerationRequest | None = None  # as run: the seed chosen, the size resolved
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    error: str | None = None
+    error_kind: str | None = None  # "request" (the client's fault) or "internal"
+    step: int = 0
+    steps: int = 0
+    iteration: int = 0
+    iterations: int = 0
+    preview_png: bytes | None = None
+    model_name: str | None = None
+    skip_flag: bool = False
+    stop_flag: bool = False
+    version: int = 0  # bumped on every change, for event streams
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _last_preview: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("done", "failed", "cancelled", "interrupted")
+
+    @property
+    def fraction(self) -> float:
+        if self.done:
+            return 1.0
+        if not self.steps or not self.iterations:
+            return 0.0
+        return min(1.0, (self.iteration + self.step / self.steps) / self.iterations)
+
+    def eta(self) -> float:
+        if self.started is None or self.fraction <= 0:
+            return 0.0
+        spent = time.time() - self.started
+        return max(0.0, spent / self.fraction - spent)
+
+    def touch(self) -> None:
+        with self._cond:
+            self.version += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None, after_version: int | None = None) -> bool:
+        """Wait until the job is done (or, with ``after_version``, until anything changed)."""
+        with self._cond:
+            if after_version is None:
+                return self._cond.wait_for(lambda: self.done, timeout)
+            return self._cond.wait_for(lambda: self.version != after_version or self.done, timeout)
+
+    def summary(self, *, preview: bool = True) -> dict:
+        """The job as JSON for the jobs extension (images are fetched from the result endpoints)."""
+        data = {
+            "id": self.id,
+            "kind": self.spec.kind,
+            "state": self.state,
+            "progress": round(self.fraction, 4),
+            "eta_relative": round(self.eta(), 3),
+            "step": self.step,
+            "steps": self.steps,
+            "iteration": self.iteration,
+            "iterations": self.iterations,
+            "model": self.model_name or self.spec.model,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": self.error,
+            "seeds": self.seeds,
+            "infotexts": self.infotexts,
+            "version": self.version,
+        }
+        if preview:
+            data["current_image"] = base64.b64encode(self.preview_png).decode() if self.preview_png else None
+        return data
+
+
+def make_spec(catalog: ModelCatalog, kind: str, req: GenerationRequest, init, model: str | None, payload) -> JobSpec:
+    """A job for the worker; model names (the checkpoint, the refiner) resolve through the catalog only."""
+    spec = JobSpec(kind, req, init, catalog.resolve(model, "override_settings.sd_model_checkpoint") if model else None)
+    spec.payload = payload
+    if getattr(req, "refiner", None) is not None and isinstance(req.refiner.checkpoint, str):
+        spec.refiner_model = catalog.resolve(req.refiner.checkpoint, "refiner_checkpoint")
+    return spec
+
+
+class JobQueue:
+    """Jobs in submission order, one worker thread running them (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig, catalog: ModelCatalog):
+        self.config = config
+        self.catalog = catalog
+        self.cache = ModelCache(catalog, config)
+        self.default_model = catalog.default_name()
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self.current: Job | None = None
+        self.last: Job | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="latentforge-worker", daemon=True)
+
+    def start(self) -> JobQueue:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            for job in list(self._waiting):
+                self._finish(job, "cancelled", error="the server is shutting down")
+            self._waiting.clear()
+            if self.current is not None:
+                self.current.stop_flag = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- submitting and querying (any thread)
+    def submit(self, spec: JobSpec, job_id: str | None = None) -> Job:
+        job_id = job_id or uuid.uuid4().hex
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if job_id in self.jobs and not self.jobs[job_id].done:
+                raise RequestError(f"force_task_id: a job with id {job_id!r} is already queued or running")
+            if len(self._waiting) >= self.config.queue_size:
+                raise QueueFull(f"the queue is full ({self.config.queue_size} waiting jobs); retry later")
+            job = Job(job_id, spec)
+            self.jobs.pop(job_id, None)
+            self.jobs[job_id] = job
+            self._waiting.append(job)
+            self._trim()
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self.jobs.get(job_id)
+
+    def pending(self) -> int:
+        """Jobs waiting plus the one running (A1111's job_count)."""
+        with self._cond:
+            return len(self._waiting) + (1 if self.current is not None else 0)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Remove a queued job, or stop a running one at its next step."""
+        with self._cond:
+            job = self.jobs.get(job_id)
+            if job is None:
+                return None
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+            elif job is self.current:
+                job.stop_flag = True
+        return job
+
+    def interrupt(self) -> None:
+        """A1111's interrupt: stop the running job, keeping the images it finished."""
+        with self._cond:
+            if self.current is not None:
+                self.current.stop_flag = True
+
+    def skip(self) -> None:
+        """A1111's skip: drop the running job's current pass and go on with the next."""
+        with self._cond:
+            if self.current is not None:
+                self.current.skip_flag = True
+
+    def _trim(self) -> None:
+        finished = [k for k, j in self.jobs.items() if j.done]
+        for key in finished[: max(0, len(finished) - self.config.history)]:
+            del self.jobs[key]
+
+    def _finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
+        job.state = state
+        job.error = error
+        job.error_kind = kind
+        job.finished = time.time()
+        job.touch()
+
+    # ---- the worker
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._waiting or self._closed)
+                if self._closed:
+                    return
+                job = self._waiting.popleft()
+                self.current = job
+                job.state = "running"
+                job.started = time.time()
+            job.touch()
+            try:
+                self._execute(job)
+                state = "interrupted" if job.stop_flag else "done"
+                if job.stop_flag and not job.images:
+                    state = "cancelled"
+                self._finish(job, state)
+            except RequestError as e:
+                self._finish(job, "failed", str(e), "request")
+            except Exception as e:  # a bug or a broken model file: logged here, a short message to the client
+                log.exception("job %s failed", job.id)
+                self._finish(job, "failed", f"{type(e).__name__}: {e}", "internal")
+            finally:
+                with self._cond:
+                    self.current = None
+                    self.last = job
+
+    def _execute(self, job: Job) -> None:
+        spec = job.spec
+        name = spec.model or self.default_model
+        if name is None:
+            raise RequestError("no model is loaded: start the server with -m or --models-dir")
+        job.model_name = name
+        pipe = self.cache.get(name)
+        if spec.kind == "load":
+            self.default_model = name
+            return
+        req = spec.request
+        if spec.refiner_model is not None:  # the refiner as a loaded pipeline: no client path reaches a loader
+            if self.config.max_models < 2:
+                raise RequestError("refiner_checkpoint: the refiner needs two loaded models; start with --max-models 2")
+            refiner = self.cache.get(spec.refiner_model)
+            pipe = self.cache.get(name)
+            req = dataclasses.replace(req, refiner=dataclasses.replace(req.refiner, checkpoint=refiner))
+        seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
+        job.iterations = req.batch_count
+        for it in range(req.batch_count):
+            if job.stop_flag:
+                break
+            job.iteration, job.step, job.skip_flag = it, 0, False
+            part = dataclasses.replace(req, seed=seed + it * req.batch_size, batch_count=1)
+            images = spec.init_images
+            if images:  # the init images cycle over the whole run as generate() does
+                shift = (it * req.batch_size) % len(images)
+                images = images[shift:] + images[:shift]
+            try:
+                result = generate(pipe, part, init_images=images, progress=lambda p: self._progress(job, p))
+            except Interrupted:
+                if job.stop_flag:
+                    break
+                continue  # skipped
+            if spec.save_to is not None:  # numbered names made here: always inside --outdir
+                spec.save_to.mkdir(parents=True, exist_ok=True)
+                for image, path in zip(result.images, next_free_names(spec.save_to, result.seeds)):
+                    save_png(image, spec.save_to / path.name)
+            job.images.extend(result.images)
+            job.seeds.extend(result.seeds)
+            job.infotexts.extend(result.infotexts)
+            job.request = dataclasses.replace(result.request, seed=seed, batch_count=req.batch_count)
+            job.touch()
+
+    def _progress(self, job: Job, p: Progress) -> None:
+        if job.stop_flag or job.skip_flag:
+            raise Interrupted()
+        job.step, job.steps = p.step, p.steps
+        now = time.monotonic()
+        if now - job._last_preview >= job.spec.preview_every or p.step == p.steps:
+            job._last_preview = now
+            previews = p.preview()
+            if previews:
+                buf = io.BytesIO()
+                previews[0].save(buf, format="PNG")
+                job.preview_png = buf.getvalue()
+        job.touch()

@@ -1,0 +1,102 @@
+"""latentforge's jobs extension, ``/latentforge/v1/jobs``: submit without waiting, query, await, stream
+progress (Server-Sent Events) and cancel.
+
+- ``POST /latentforge/v1/jobs`` body ``{"mode": "txt2img" | "img2img", ...A1111 payload fields}`` ->
+  202 ``{"id", "state", ...}`` (``force_task_id`` chooses the id).
+- ``GET /latentforge/v1/jobs/{id}?wait=S`` -> the job (state, progress, step, seeds, infotexts, error);
+  ``wait`` blocks up to S seconds for it to finish; a finished job also carries A1111's response
+  (``images``, ``parameters``, ``info``).
+- ``GET /latentforge/v1/jobs/{id}/events`` -> ``text/event-stream``: a ``progress`` event (the job as
+  above with ``current_image``, a base64 PNG preview) at every change, then one ``done`` event.
+- ``DELETE /latentforge/v1/jobs/{id}`` -> removes a queued job or stops a running one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from latentforge.server import sdapi
+from latentforge.server.config import ServerConfig
+from latentforge.server.errors import ApiError
+from latentforge.server.jobs import Job, JobQueue, make_spec
+from latentforge.server.models import ModelCatalog
+
+MAX_WAIT = 600.0
+
+
+def add_job_routes(
+    app: FastAPI, queue: JobQueue, catalog: ModelCatalog, config: ServerConfig, options: dict, respond
+) -> None:
+    """Register the routes (``respond(job, payload)`` builds A1111's response of a finished job)."""
+
+    def find(job_id: str) -> Job:
+        job = queue.get(job_id)
+        if job is None:
+            raise ApiError(
+                404, f"no job with id {job_id!r} (finished jobs are kept for a while only)", "id", "NotFound"
+            )
+        return job
+
+    def view(job: Job, preview: bool = False) -> dict:
+        data = job.summary(preview=preview)
+        if job.done and job.spec.kind != "load" and job.state != "failed":
+            data.update(respond(job, job.spec.payload))
+        return data
+
+    @app.post("/latentforge/v1/jobs", status_code=202)
+    def submit(body: dict[str, Any]) -> dict:
+        mode = body.pop("mode", "txt2img")
+        if mode not in ("txt2img", "img2img"):
+            raise ApiError(400, f"mode must be 'txt2img' or 'img2img', got {mode!r}", "mode")
+        model_cls = sdapi.Img2ImgPayload if mode == "img2img" else sdapi.Txt2ImgPayload
+        try:
+            payload = model_cls.model_validate(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        req, init, model = sdapi.to_request(
+            payload, img2img=mode == "img2img", options=options, max_pixels=config.max_image_pixels
+        )
+        spec = make_spec(catalog, mode, req, init, model, payload)
+        spec.save_to = Path(config.outdir).resolve() if payload.save_images else None
+        job = queue.submit(spec, payload.force_task_id or None)
+        return job.summary(preview=False)
+
+    @app.get("/latentforge/v1/jobs/{job_id}")
+    def get(job_id: str, wait: float = 0.0) -> dict:
+        job = find(job_id)
+        if wait > 0:
+            job.wait(min(wait, MAX_WAIT))
+        return view(job)
+
+    @app.delete("/latentforge/v1/jobs/{job_id}")
+    def cancel(job_id: str) -> dict:
+        find(job_id)
+        job = queue.cancel(job_id)
+        return job.summary(preview=False)
+
+    @app.get("/latentforge/v1/jobs/{job_id}/events")
+    def events(job_id: str):
+        job = find(job_id)
+
+        def stream():
+            version = None
+            while True:
+                changed = job.wait(15.0, after_version=version if version is not None else -1)
+                if not changed and not job.done:
+                    yield ": keep-alive\n\n"
+                    continue
+                data = job.summary(preview=True)
+                version = data["version"]
+                if job.done:
+                    yield f"event: done\ndata: {json.dumps(view(job))}\n\n"
+                    return
+                yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

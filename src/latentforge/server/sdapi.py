@@ -1,0 +1,396 @@
+"""AUTOMATIC1111's API payloads (``/sdapi/v1``) <-> latentforge's ``GenerationRequest`` and results.
+
+Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` models (defaults as there);
+``sampler_name``/``sampler_index`` and ``scheduler`` become ``sampler``/``schedule``, ``n_iter`` becomes
+``batch_count``, ``override_settings`` may switch the model (``sd_model_checkpoint``) and clip skip
+(``CLIP_stop_at_last_layers``). Fields we cannot honour (restore_faces, tiling, variation seeds, scripts,
+ControlNet units, styles) are refused with a message naming them, never silently dropped; fields of other
+tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(..., lenient=True)``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from latentforge._version import __version__
+from latentforge.pipelines.request import GenerationRequest, RequestError
+
+
+class FieldError(RequestError):
+    """A request error about one field (its A1111 name is in ``field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class _Payload(BaseModel):
+    """Fields both generation endpoints share (A1111's names and defaults); other fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients send ``null`` for fields they leave at the default (webuiapi, sd-backend-client)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgPayload(_Payload):
+    """``POST /sdapi/v1/txt2img``."""
+
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+
+class Img2ImgPayload(_Payload):
+    """``POST /sdapi/v1/img2img`` (with A1111's inpainting fields)."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
+class PngInfoPayload(BaseModel):
+    image: str = ""
+
+
+# A1111 fields that are handled here (so they do not end up in ``extra``)
+_HANDLED = set(Img2ImgPayload.model_fields) | set(Txt2ImgPayload.model_fields)
+
+
+def decode_image(data: Any, field: str, max_pixels: int) -> Image.Image:
+    """A base64 image (raw or a ``data:`` URL) -> a loaded PIL image. The header is read first: images
+    above ``max_pixels`` (decompression bombs) are refused before their pixels are decoded."""
+    if not isinstance(data, str) or not data:
+        raise FieldError(field, "expected a base64-encoded image (raw or a data: URL)")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise FieldError(field, "is not valid base64") from None
+    try:
+        im = Image.open(io.BytesIO(raw))
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise FieldError(field, "is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    w, h = im.size
+    if w * h > max_pixels or w < 1 or h < 1:
+        raise FieldError(field, f"the image is {w}x{h}; at most {max_pixels} pixels are accepted")
+    try:
+        im.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise FieldError(field, f"the image cannot be decoded: {e}") from None
+    return im
+
+
+def encode_png(image: Image.Image) -> str:
+    """Raw base64 (no prefix) of a PNG carrying the image's ``parameters`` and ``latentforge`` text."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key in ("parameters", "latentforge"):
+        if image.info.get(key):
+            info.add_text(key, str(image.info[key]))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _refuse(field: str, message: str) -> None:
+    raise FieldError(field, message)
+
+
+def to_request(
+    payload: _Payload, *, img2img: bool, options: dict, max_pixels: int
+) -> tuple[GenerationRequest, list[Image.Image] | None, str | None]:
+    """(request, init images or None, model name from override_settings or None)."""
+    p = payload.model_dump()
+    extra = {k: v for k, v in (payload.model_extra or {}).items()}
+    _check_unsupported(p)
+    overrides = p.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        _refuse("override_settings", "must be an object of option names and values")
+    model = overrides.get("sd_model_checkpoint") or None
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    _check_vae(overrides.get("sd_vae"), "override_settings.sd_vae")
+    sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
+    data: dict[str, Any] = {
+        "prompt": p["prompt"],
+        "negative_prompt": p["negative_prompt"],
+        "seed": p["seed"],
+        "sampler": sampler,
+        "schedule": p["scheduler"] or "automatic",
+        "batch_size": p["batch_size"],
+        "batch_count": p["n_iter"],
+        "steps": p["steps"],
+        "cfg_scale": p["cfg_scale"],
+        "width": p["width"],
+        "height": p["height"],
+        "clip_skip": None if clip_skip in (None, 0, 1) else clip_skip,
+        "s_churn": p["s_churn"] or 0.0,
+        "s_tmin": p["s_tmin"] or 0.0,
+        "s_tmax": p["s_tmax"] or math.inf,  # A1111: 0 or unset means no upper bound
+        "s_noise": 1.0 if p["s_noise"] is None else p["s_noise"],
+        "eta": p["eta"],
+        "refiner_checkpoint": p["refiner_checkpoint"],
+    }
+    if p["refiner_switch_at"] is not None:
+        data["refiner_switch_at"] = p["refiner_switch_at"]
+    if img2img:
+        data["denoising_strength"] = 0.75 if p["denoising_strength"] is None else p["denoising_strength"]
+        data["resize_mode"] = p["resize_mode"]
+        if p.get("mask"):
+            blur = p["mask_blur"]
+            data.update(
+                mask=decode_image(p["mask"], "mask", max_pixels),
+                mask_blur=blur if blur is not None else 4,
+                inpainting_fill=p["inpainting_fill"],
+                inpaint_full_res=bool(p["inpaint_full_res"]),
+                inpaint_full_res_padding=p["inpaint_full_res_padding"],
+                inpainting_mask_invert=bool(p["inpainting_mask_invert"]),
+            )
+            if blur is None:
+                data.update(mask_blur_x=p["mask_blur_x"], mask_blur_y=p["mask_blur_y"])
+        images = p.get("init_images")
+        if not images:
+            _refuse("init_images", "img2img needs at least one init image (base64 PNG/JPEG)")
+        init = [decode_image(im, f"init_images[{i}]", max_pixels) for i, im in enumerate(images)]
+    else:
+        init = None
+        if p["enable_hr"]:
+            data.update(
+                enable_hr=True,
+                hr_scale=p["hr_scale"],
+                hr_upscaler=p["hr_upscaler"] or "Latent",
+                hr_second_pass_steps=p["hr_second_pass_steps"],
+                hr_resize_x=p["hr_resize_x"],
+                hr_resize_y=p["hr_resize_y"],
+                denoising_strength=0.7 if p["denoising_strength"] is None else p["denoising_strength"],
+            )
+    ours = {f.name for f in dataclasses.fields(GenerationRequest)}
+    for name in ("s_min_uncond",):  # A1111 fields that only some versions of latentforge can run
+        if p.get(name):
+            if name not in ours:
+                _refuse(name, "is not available in this version of latentforge; send 0")
+            data[name] = p[name]
+    # fields of other tools are kept in `extra`; only our plain settings pass by name, never an option
+    # group (those hold images and paths: the API fills them from A1111's fields above)
+    passed = {k: v for k, v in extra.items() if k in _PLAIN_FIELDS and k in ours}
+    kept = {k: v for k, v in extra.items() if k not in _HANDLED and k not in passed}
+    try:
+        req = GenerationRequest.from_dict({**data, **passed, "extra": kept}, lenient=True)
+        req.validate(img2img=img2img)
+    except RequestError as e:
+        raise _a1111_field(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise RequestError(f"the request does not fit: {e}") from None
+    return req, init, model
+
+
+# latentforge's own request fields a client may set by name (numbers, flags, names: no paths, no images)
+_PLAIN_FIELDS = {
+    "sgm_noise_multiplier",
+    "quantize_timesteps",
+    "prompt_syntax",
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "s_min_uncond_all",
+}
+
+# our field names -> A1111's, for messages of GenerationRequest.validate
+_A1111_NAMES = {
+    "batch_count": "n_iter",
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+    "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "hr_scale": "hr_scale",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "seed": "seed",
+    "batch_size": "batch_size",
+    "cfg_scale": "cfg_scale",
+    "denoising_strength": "denoising_strength",
+    "resize_mode": "resize_mode",
+    "inpainting_fill": "inpainting_fill",
+    "inpaint_full_res_padding": "inpaint_full_res_padding",
+}
+
+
+def _a1111_field(message: str) -> RequestError:
+    """A validation message as a FieldError under the A1111 name of the field it starts with."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    if message.startswith("unknown sampler"):
+        first = "sampler"
+    elif message.startswith("unknown schedule"):
+        first = "schedule"
+    if first in _A1111_NAMES:
+        theirs = _A1111_NAMES[first]
+        error = RequestError(message if theirs == first else f"{theirs} ({first}): {message}")
+        error.field = theirs
+        return error
+    return RequestError(message)
+
+
+def _check_unsupported(p: dict) -> None:
+    if p.get("restore_faces"):
+        _refuse("restore_faces", "face restoration is not available in latentforge; send false")
+    if p.get("tiling"):
+        _refuse("tiling", "seamless tiling is not available in latentforge; send false")
+    if p.get("subseed_strength"):
+        _refuse("subseed_strength", "variation seeds are not available in latentforge; send 0")
+    if p.get("script_name"):
+        _refuse("script_name", f"scripts are not available in latentforge (got {p['script_name']!r})")
+    for name, script in (p.get("alwayson_scripts") or {}).items():
+        args = script.get("args") if isinstance(script, dict) else script
+        enabled = [a for a in (args or []) if not (isinstance(a, dict) and a.get("enabled") is False)]
+        if enabled:
+            what = "ControlNet units" if name.lower() == "controlnet" else f"the always-on script {name!r}"
+            _refuse(f"alwayson_scripts.{name}", f"{what} cannot run in this version of latentforge")
+    if p.get("styles"):
+        _refuse("styles", "latentforge has no saved prompt styles; put the text in the prompt")
+    for name in ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt"):
+        if p.get("enable_hr") and p.get(name):
+            _refuse(name, "a different model or prompt for the hires pass is not available; leave it empty")
+    hr_sampler = p.get("hr_sampler_name")
+    if p.get("enable_hr") and hr_sampler and hr_sampler not in ("Use same sampler", p.get("sampler_name")):
+        _refuse("hr_sampler_name", "a different sampler for the hires pass is not available; leave it empty")
+
+
+def _check_vae(value: Any, field: str) -> None:
+    if value not in (None, "", "Automatic", "None"):
+        _refuse(field, f"only the checkpoint's own VAE is available through the API (got {value!r}); use 'Automatic'")
+
+
+def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
+    """A1111's ``info`` string of a finished job (every field sd-backend-client validates)."""
+    req = job.request or job.spec.request
+    n = len(job.images)
+    seed = req.seed
+    info = {
+        "prompt": req.prompt,
+        "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": seed,
+        "all_seeds": list(job.seeds),
+        "subseed": payload.subseed if payload.subseed != -1 else seed,
+        "all_subseeds": list(job.seeds),
+        "subseed_strength": 0.0,
+        "width": req.width or 0,
+        "height": req.height or 0,
+        "sampler_name": _sampler_title(req),
+        "cfg_scale": req.cfg_scale,
+        "steps": req.steps,
+        "batch_size": req.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": (job.model_name or "").rsplit(".", 1)[0],
+        "sd_model_hash": model_hash or "",
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": list(job.infotexts),
+        "styles": [],
+        "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": req.clip_skip or 1,
+        "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
+        "version": f"latentforge {__version__}",
+        "job_id": job.id,
+        "interrupted": bool(job.stop_flag),
+    }
+    return json.dumps(info)
+
+
+def _sampler_title(req: GenerationRequest) -> str:
+    from latentforge.sampling.registry import resolve_sampler
+
+    try:
+        return resolve_sampler(req.sampler)[0].title
+    except ValueError:
+        return req.sampler
+
+
+def echo_parameters(payload: _Payload) -> dict:
+    """The request as A1111 echoes it in ``parameters`` (images left out)."""
+    data = payload.model_dump()
+    for key in ("init_images", "mask"):
+        if key in data:
+            data[key] = None
+    return data

@@ -1,0 +1,281 @@
+// latentforge's page: txt2img, img2img and inpainting through the jobs extension (/latentforge/v1/jobs),
+// live progress over Server-Sent Events, a gallery with infotext, PNG info, reuse parameters. No libraries.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { mode: "txt2img", job: null, source: null, initData: null, maskDirty: false };
+
+async function api(path, options = {}) {
+  const init = { ...options, headers: { "Content-Type": "application/json" } };
+  if (options.body !== undefined) init.body = JSON.stringify(options.body);
+  const r = await fetch(path, init);
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(data.detail || `${r.status} ${r.statusText}`);
+  return data;
+}
+
+function status(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+function fillSelect(select, items, current) {
+  select.replaceChildren(...items.map(([value, label]) => new Option(label, value, false, value === current)));
+}
+
+async function loadLists() {
+  try {
+    const [models, samplers, schedulers, options] = await Promise.all([
+      api("/sdapi/v1/sd-models"), api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"),
+    ]);
+    fillSelect($("model"), models.map((m) => [m.title, m.title]), options.sd_model_checkpoint);
+    fillSelect($("sampler_name"), samplers.map((s) => [s.name, s.name]), "Euler a");
+    fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
+  } catch (e) {
+    status(`cannot reach the server: ${e.message}`, true);
+  }
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  for (const b of document.querySelectorAll("nav button")) b.setAttribute("aria-selected", String(b.dataset.mode === mode));
+  $("img2img-panel").hidden = mode !== "img2img";
+}
+
+// ---- init image and mask
+function showInit(dataUrl) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => {
+      state.initData = dataUrl;
+      for (const c of [$("init-canvas"), $("mask-canvas")]) { c.width = img.naturalWidth; c.height = img.naturalHeight; }
+      $("init-canvas").getContext("2d").drawImage(img, 0, 0);
+      clearMask();
+      $("width").value = Math.max(64, Math.round(img.naturalWidth / 8) * 8);
+      $("height").value = Math.max(64, Math.round(img.naturalHeight / 8) * 8);
+      resolve();
+    };
+    img.onerror = () => reject(new Error("not an image"));
+    img.src = dataUrl;
+  });
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function clearMask() {
+  const c = $("mask-canvas");
+  c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  state.maskDirty = false;
+}
+
+function maskAll() {
+  const c = $("mask-canvas");
+  const ctx = c.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, c.width, c.height);
+  state.maskDirty = true;
+}
+
+function setupMaskDrawing() {
+  const c = $("mask-canvas");
+  let drawing = false;
+  let last = null;
+  const point = (e) => {
+    const r = c.getBoundingClientRect();
+    return [(e.clientX - r.left) * (c.width / r.width), (e.clientY - r.top) * (c.height / r.height)];
+  };
+  const stroke = (p) => {
+    const ctx = c.getContext("2d");
+    const scale = c.width / c.getBoundingClientRect().width;
+    ctx.strokeStyle = ctx.fillStyle = "#fff";
+    ctx.lineWidth = Number($("brush").value) * scale;
+    ctx.lineCap = "round";
+    ctx.beginPath();
+    ctx.moveTo(...(last || p));
+    ctx.lineTo(...p);
+    ctx.stroke();
+    last = p;
+    state.maskDirty = true;
+  };
+  c.addEventListener("pointerdown", (e) => { drawing = true; last = null; c.setPointerCapture(e.pointerId); stroke(point(e)); });
+  c.addEventListener("pointermove", (e) => { if (drawing) stroke(point(e)); });
+  for (const ev of ["pointerup", "pointercancel"]) c.addEventListener(ev, () => { drawing = false; last = null; });
+}
+
+function maskDataUrl() {
+  const src = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = src.width;
+  out.height = src.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(src, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+// ---- generation
+function payload() {
+  const num = (id) => Number($(id).value);
+  const body = {
+    mode: state.mode,
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value,
+    steps: num("steps"), cfg_scale: num("cfg_scale"), width: num("width"), height: num("height"),
+    seed: num("seed"), batch_size: num("batch_size"), n_iter: num("n_iter"),
+    override_settings: { sd_model_checkpoint: $("model").value },
+  };
+  if (state.mode === "img2img") {
+    if (!state.initData) throw new Error("img2img needs an init image: choose one or use 'Send to img2img'");
+    body.init_images = [state.initData];
+    body.denoising_strength = num("denoising_strength");
+    if (state.maskDirty) {
+      Object.assign(body, { mask: maskDataUrl(), mask_blur: num("mask_blur"), inpainting_fill: num("inpainting_fill"),
+        inpaint_full_res: false });
+    }
+  }
+  return body;
+}
+
+async function generate(event) {
+  if (event) event.preventDefault();
+  if (state.job) return;
+  let job;
+  try {
+    job = await api("/latentforge/v1/jobs", { method: "POST", body: payload() });
+  } catch (e) {
+    status(e.message, true);
+    return;
+  }
+  state.job = job.id;
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  $("progress").hidden = false;
+  $("progress").value = 0;
+  status("queued");
+  const source = new EventSource(`/latentforge/v1/jobs/${job.id}/events`);
+  state.source = source;
+  source.addEventListener("progress", (e) => {
+    const j = JSON.parse(e.data);
+    $("progress").value = j.progress;
+    status(j.state === "running" ? `step ${j.step} of ${j.steps}, pass ${j.iteration + 1} of ${j.iterations}` : j.state);
+    if (j.current_image) { $("preview").src = `data:image/png;base64,${j.current_image}`; $("preview").hidden = false; }
+  });
+  source.addEventListener("done", (e) => { finish(JSON.parse(e.data)); });
+  source.onerror = () => { if (state.job === job.id) { status("lost the connection to the server", true); finish(null); } };
+}
+
+function finish(j) {
+  if (state.source) state.source.close();
+  state.source = null;
+  state.job = null;
+  $("generate").disabled = false;
+  $("interrupt").disabled = true;
+  $("progress").hidden = true;
+  if (!j) return;
+  if (j.state === "failed") { status(j.error || "failed", true); return; }
+  const images = j.images || [];
+  status(`${j.state}: ${images.length} image(s)`);
+  images.forEach((b64, i) => addCard(b64, (j.infotexts || [])[i] || ""));
+}
+
+function addCard(b64, infotext) {
+  const card = document.createElement("figure");
+  card.className = "card";
+  const img = document.createElement("img");
+  img.src = `data:image/png;base64,${b64}`;
+  img.alt = infotext.split("\n")[0] || "generated image";
+  const text = document.createElement("pre");
+  text.className = "infotext";
+  text.textContent = infotext;
+  const reuse = button("Reuse parameters", () => reuseFromImage(b64));
+  const send = button("Send to img2img", async () => { setMode("img2img"); await showInit(img.src); $("init-canvas").scrollIntoView(); });
+  const save = document.createElement("a");
+  save.href = img.src;
+  save.download = "latentforge.png";
+  save.textContent = "Download";
+  card.append(img, text, reuse, send, save);
+  $("gallery").prepend(card);
+}
+
+function button(label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// ---- PNG info and reuse
+let lastInfo = null;
+
+async function pngInfo(b64) {
+  const info = await api("/sdapi/v1/png-info", { method: "POST", body: { image: b64 } });
+  return info;
+}
+
+async function reuseFromImage(b64) {
+  try { applyParameters((await pngInfo(b64)).parameters); } catch (e) { status(e.message, true); }
+}
+
+function applyParameters(p) {
+  if (!p || !Object.keys(p).length) { status("the image carries no parameters", true); return; }
+  const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+  set("prompt", p.Prompt);
+  set("negative_prompt", p["Negative prompt"] || "");
+  set("steps", p.Steps);
+  set("cfg_scale", p["CFG scale"]);
+  set("seed", p.Seed);
+  if (p.Size) { const [w, h] = p.Size.split("x"); set("width", w); set("height", h); }
+  if (p.Sampler) set("sampler_name", p.Sampler);
+  if (p["Schedule type"]) {
+    const opt = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
+    if (opt) $("scheduler").value = opt.value;
+  }
+  if (p["Denoising strength"]) set("denoising_strength", p["Denoising strength"]);
+  status("parameters reused");
+  $("prompt").focus();
+}
+
+async function showPngFile(file) {
+  try {
+    const dataUrl = await readFile(file);
+    const info = await pngInfo(dataUrl);
+    lastInfo = info.parameters;
+    $("pnginfo").textContent = info.info || "(no parameters in this image)";
+    $("pnginfo-reuse").disabled = !info.info;
+  } catch (e) {
+    $("pnginfo").textContent = e.message;
+  }
+}
+
+function setup() {
+  for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => setMode(b.dataset.mode));
+  $("form").addEventListener("submit", generate);
+  $("form").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(e); });
+  $("interrupt").addEventListener("click", () => { if (state.job) api(`/latentforge/v1/jobs/${state.job}`, { method: "DELETE" }); });
+  $("init-file").addEventListener("change", async (e) => { if (e.target.files[0]) await showInit(await readFile(e.target.files[0])); });
+  $("mask-all").addEventListener("click", maskAll);
+  $("mask-clear").addEventListener("click", clearMask);
+  setupMaskDrawing();
+  const zone = $("dropzone");
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); if (e.dataTransfer.files[0]) showPngFile(e.dataTransfer.files[0]); });
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("png-file").click(); } });
+  $("png-file").addEventListener("change", (e) => { if (e.target.files[0]) showPngFile(e.target.files[0]); });
+  $("pnginfo-reuse").addEventListener("click", () => applyParameters(lastInfo));
+  loadLists();
+}
+
+setup();

@@ -1,0 +1,74 @@
+"""A real ``latentforge serve`` process on 127.0.0.1 and a free port, for the server tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, auth: tuple[str, str] | None = None, tmp: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.auth = auth
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "LATENTFORGE_DTYPE": "fp32"}
+        env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+        if tmp is not None:
+            env["XDG_CACHE_HOME"] = str(tmp / "cache")
+        self.log = open((tmp or Path("/tmp")) / f"server-{self.port}.log", "w+")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "latentforge.cli", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                r = requests.get(self.url + "/sdapi/v1/progress", auth=self.auth, timeout=2)
+                if r.status_code in (200, 401) and r.json()["state"]["job_count"] == 0:
+                    return
+            except (requests.ConnectionError, requests.Timeout, KeyError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the server did not start within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, auth=kw.pop("auth", self.auth), timeout=kw.pop("timeout", 120), **kw)
+
+    def post(self, path: str, json=None, **kw) -> requests.Response:
+        return requests.post(
+            self.url + path, json=json, auth=kw.pop("auth", self.auth), timeout=kw.pop("timeout", 300), **kw
+        )
+
+    def delete(self, path: str, **kw) -> requests.Response:
+        return requests.delete(self.url + path, auth=kw.pop("auth", self.auth), timeout=60, **kw)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()

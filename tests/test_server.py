@@ -1,0 +1,200 @@
+"""The A1111 API as real clients use it: `webuiapi` and `sd-backend-client`, unchanged, against a real
+`latentforge serve` process with the bundled demo model; pixels compared with the Python API."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+pytest.importorskip("fastapi")
+webuiapi = pytest.importorskip("webuiapi")
+
+import latentforge  # noqa: E402
+from latentforge.demo import bundled_model_path  # noqa: E402
+from serverproc import Server  # noqa: E402
+
+pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server("--outdir", str(tmp_path_factory.mktemp("out")), tmp=tmp_path_factory.mktemp("srv"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port, sampler="Euler a", steps=4)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return latentforge.load(bundled_model_path(), dtype="fp32")
+
+
+def pixels(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_webuiapi_txt2img_same_pixels_as_python_api(api, pipe):
+    r = api.txt2img(prompt="a red circle", seed=7, width=64, height=64, steps=4, cfg_scale=5, batch_size=2, n_iter=2)
+    assert len(r.images) == 4
+    assert r.info["all_seeds"] == [7, 8, 9, 10]
+    assert r.info["seed"] == 7 and r.info["width"] == 64 and r.info["sampler_name"] == "Euler a"
+    assert "Seed: 9" in r.info["infotexts"][2]
+    assert "Seed: 8" in r.images[1].info["parameters"]  # the PNG carries the infotext
+    ref = pipe.txt2img(
+        "a red circle",
+        seed=7,
+        width=64,
+        height=64,
+        steps=4,
+        cfg_scale=5,
+        sampler="Euler a",
+        batch_size=2,
+        batch_count=2,
+    )
+    for got, want in zip(r.images, ref.images):
+        assert np.array_equal(pixels(got), pixels(want))
+
+
+def test_webuiapi_img2img_with_mask_keeps_unmasked_pixels(api, pipe):
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    ImageDraw.Draw(init).ellipse((8, 8, 40, 40), fill=(20, 60, 220))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((32, 0, 63, 63), fill=255)  # repaint the right half
+    r = api.img2img(
+        images=[init],
+        mask_image=mask,
+        prompt="a green square",
+        seed=3,
+        steps=4,
+        width=64,
+        height=64,
+        denoising_strength=0.8,
+        mask_blur=0,
+        inpainting_fill=1,
+        inpaint_full_res=False,
+    )
+    assert len(r.images) == 1 and r.info["is_using_inpainting_conditioning"] is True
+    out = pixels(r.images[0])
+    # A1111's overlay: pixels outside the mask are the init image's, byte for byte
+    assert np.array_equal(out[:, :32], pixels(init)[:, :32])
+    assert not np.array_equal(out[:, 32:], pixels(init)[:, 32:])
+    ref = pipe.img2img(
+        init,
+        "a green square",
+        seed=3,
+        steps=4,
+        width=64,
+        height=64,
+        denoising_strength=0.8,
+        sampler="Euler a",
+        mask=mask,
+        mask_blur=0,
+        inpainting_fill=1,
+    )
+    assert np.array_equal(out, pixels(ref.images[0]))
+
+
+def test_webuiapi_lists_samplers_and_models_and_sets_the_model(api):
+    names = api.util_get_sampler_names()
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(names)
+    assert api.util_get_model_names() == ["demo.safetensors"]
+    api.util_set_model("demo")
+    assert api.util_get_current_model() == "demo.safetensors"
+    assert [s["name"] for s in api.get_schedulers()][:2] == ["automatic", "normal"]
+    assert api.get_sd_models()[0]["hash"]  # loaded: hashed
+
+
+def test_webuiapi_png_info_reads_the_infotext(api):
+    r = api.txt2img(prompt="a blue sky", seed=11, width=64, height=64, steps=2)
+    info = api.png_info(r.images[0])
+    assert info.info.startswith("a blue sky\nSteps: 2, Sampler: Euler a")
+    assert info.json["parameters"]["Seed"] == "11"
+
+
+def test_webuiapi_progress_and_interrupt(api, server):
+    results = {}
+
+    def run():
+        results["r"] = api.txt2img(prompt="slow", seed=1, width=64, height=64, steps=400, n_iter=3)
+
+    t = threading.Thread(target=run)
+    t.start()
+    seen = None
+    for _ in range(300):
+        p = api.get_progress()
+        if p["progress"] > 0 and p["state"]["sampling_step"] > 2:
+            seen = p
+            break
+        time.sleep(0.05)
+    assert seen is not None, "no progress was reported"
+    assert seen["state"]["job_count"] == 1 and seen["state"]["sampling_steps"] == 400
+    assert seen["current_image"]  # a preview of the running job
+    Image.open(__import__("io").BytesIO(__import__("base64").b64decode(seen["current_image"]))).load()
+    assert api.interrupt() == {}
+    t.join(60)
+    assert not t.is_alive()
+    r = results["r"]
+    assert r.images == [] and r.info["interrupted"] is True  # stopped in the first of 3 passes
+    idle = api.get_progress()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    # and the server keeps serving
+    assert len(api.txt2img(prompt="after", seed=2, width=64, height=64, steps=2).images) == 1
+
+
+def test_sd_backend_client_strict_schemas(server):
+    sbc = pytest.importorskip("sd_backend_client")
+    client = sbc.A1111Webservice(server.url)
+    params = sbc.DiffusionParams(prompt="a red circle", negative_prompt="blur", steps=3, width=64, height=64, seed=5)
+    res = client.txt2img(params)  # validates `info` against its GenerationInfoData
+    assert len(res["images"]) == 1 and res["info"].all_seeds == [5] and res["info"].negative_prompt == "blur"
+    progress = client.progress_check()  # validates /progress against its ProgressResponseBody
+    assert progress.state.stopping_generation is False
+    models = client.get_models()
+    assert models[0].model_name == "demo"
+    assert client.interrupt() == {}
+
+
+def test_concurrent_clients_each_get_their_own_image(server, pipe):
+    jobs = list(range(16))
+    got: dict[int, np.ndarray] = {}
+    errors: list[str] = []
+
+    def client(ids):
+        for i in ids:
+            r = server.post(
+                "/sdapi/v1/txt2img",
+                {
+                    "prompt": f"shape {i}",
+                    "seed": 100 + i,
+                    "steps": 2,
+                    "width": 64,
+                    "height": 64,
+                    "sampler_name": "Euler",
+                },
+            )
+            if r.status_code != 200:
+                errors.append(r.text)
+                continue
+            import base64
+            import io
+
+            got[i] = pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+    threads = [threading.Thread(target=client, args=(jobs[k::8],)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    assert sorted(got) == jobs
+    for i in (0, 7, 15):
+        ref = pipe.txt2img(f"shape {i}", seed=100 + i, steps=2, width=64, height=64, sampler="Euler")
+        assert np.array_equal(got[i], pixels(ref.images[0]))

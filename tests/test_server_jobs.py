@@ -1,0 +1,119 @@
+"""The jobs extension (/latentforge/v1/jobs) and the queue under the A1111 API: submit, await, stream
+progress with previews (SSE), cancel queued and running jobs, skip, force_task_id, a full queue -> 503."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+pytest.importorskip("fastapi")
+
+from latentforge.demo import bundled_model_path
+from serverproc import Server
+
+pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
+FAST = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1}
+SLOW = {"prompt": "slow", "steps": 1000, "width": 64, "height": 64, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server("--queue-size", "2", tmp=tmp_path_factory.mktemp("srv"))
+    yield s
+    s.close()
+
+
+def _wait_running(server, job_id, step=2):
+    for _ in range(400):
+        j = server.get(f"/latentforge/v1/jobs/{job_id}").json()
+        if j["state"] == "running" and j["step"] >= step:
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not start: {j}")
+
+
+def test_submit_and_await(server):
+    r = server.post("/latentforge/v1/jobs", {**FAST, "force_task_id": "task-one", "n_iter": 2})
+    assert r.status_code == 202 and r.json()["id"] == "task-one"
+    j = server.get("/latentforge/v1/jobs/task-one", params={"wait": 60}).json()
+    assert j["state"] == "done" and j["seeds"] == [1, 2] and len(j["images"]) == 2
+    assert json.loads(j["info"])["all_seeds"] == [1, 2]
+    Image.open(io.BytesIO(base64.b64decode(j["images"][1]))).load()
+    # the id is free again once the job finished
+    assert server.post("/latentforge/v1/jobs", {**FAST, "force_task_id": "task-one"}).status_code == 202
+    assert server.get("/latentforge/v1/jobs/task-one", params={"wait": 60}).json()["state"] == "done"
+
+
+def test_event_stream_reports_progress_with_previews(server):
+    job = server.post("/latentforge/v1/jobs", {**FAST, "steps": 12}).json()
+    events = []
+    with requests.get(f"{server.url}/latentforge/v1/jobs/{job['id']}/events", stream=True, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+                if kind == "done":
+                    break
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and kinds.count("done") == 1 and "progress" in kinds
+    steps = [e["step"] for k, e in events if k == "progress" and e["state"] == "running"]
+    assert steps == sorted(steps) and max(steps) == 12
+    previews = [e["current_image"] for k, e in events if k == "progress" and e["current_image"]]
+    assert previews
+    w, h = Image.open(io.BytesIO(base64.b64decode(previews[-1]))).size
+    assert w == h and w < 64  # at latent size: a cheap preview, no VAE decode
+    assert events[-1][1]["state"] == "done" and len(events[-1][1]["images"]) == 1
+
+
+def test_cancel_running_and_queued_jobs_and_a_full_queue(server):
+    running = server.post("/latentforge/v1/jobs", SLOW).json()["id"]
+    _wait_running(server, running)
+    queued = [server.post("/latentforge/v1/jobs", SLOW).json()["id"] for _ in range(2)]
+    full = server.post("/latentforge/v1/jobs", SLOW)
+    assert full.status_code == 503 and int(full.headers["Retry-After"]) > 0 and "full" in full.json()["detail"]
+    assert server.post("/sdapi/v1/txt2img", FAST).status_code == 503  # the A1111 API shares the queue
+    assert server.get("/sdapi/v1/progress").json()["state"]["job_count"] == 3
+    assert server.delete(f"/latentforge/v1/jobs/{queued[1]}").json()["state"] == "cancelled"
+    server.delete(f"/latentforge/v1/jobs/{running}")
+    j = server.get(f"/latentforge/v1/jobs/{running}", params={"wait": 60}).json()
+    assert j["state"] == "cancelled" and j["step"] < 1000
+    _wait_running(server, queued[0])
+    server.delete(f"/latentforge/v1/jobs/{queued[0]}")
+    assert server.get(f"/latentforge/v1/jobs/{queued[0]}", params={"wait": 60}).json()["state"] == "cancelled"
+    assert server.post("/sdapi/v1/txt2img", FAST).status_code == 200
+
+
+def test_skip_drops_one_pass_and_interrupt_keeps_finished_passes(server):
+    job = server.post("/latentforge/v1/jobs", {**SLOW, "steps": 200, "n_iter": 3, "seed": 10}).json()["id"]
+    _wait_running(server, job)
+    assert server.post("/sdapi/v1/skip").json() == {}
+    for _ in range(400):  # the second pass runs
+        j = server.get(f"/latentforge/v1/jobs/{job}").json()
+        if j["iteration"] == 1 and j["step"] >= 2:
+            break
+        time.sleep(0.05)
+    assert j["iteration"] == 1
+    results = {}
+    t = threading.Thread(target=lambda: results.update(j=server.get(f"/latentforge/v1/jobs/{job}?wait=120").json()))
+    t.start()
+    time.sleep(0.2)
+    # let the second pass finish, then interrupt the third
+    for _ in range(2000):
+        if server.get(f"/latentforge/v1/jobs/{job}").json()["iteration"] >= 2:
+            break
+        time.sleep(0.05)
+    server.post("/sdapi/v1/interrupt")
+    t.join(120)
+    j = results["j"]
+    assert j["state"] == "interrupted" and j["seeds"] == [11]  # pass 0 skipped, pass 2 interrupted
+    assert len(j["images"]) == 1 and "Seed: 11" in j["infotexts"][0]

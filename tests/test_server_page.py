@@ -1,0 +1,144 @@
+"""The web page in a real browser (Debian's chromium, headless, through selenium): type a prompt and
+generate with the demo model, see progress and the image, draw a mask and inpaint, reuse the parameters
+of a dropped PNG. Skipped when chromium or its driver is not installed (see .ci/run).
+
+LATENTFORGE_SCREENSHOT=path saves a screenshot of the page after the run (docs/server-page.png)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+pytest.importorskip("fastapi")
+selenium = pytest.importorskip("selenium")
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from latentforge.demo import bundled_model_path  # noqa: E402
+from serverproc import Server  # noqa: E402
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = [
+    pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model"),
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMEDRIVER) and (shutil.which("chromium") or shutil.which("chromium-browser"))),
+        reason="chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp=tmp_path_factory.mktemp("srv"))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1100"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _set(driver, element_id: str, value) -> None:
+    el = driver.find_element(By.ID, element_id)
+    el.clear()
+    el.send_keys(str(value))
+
+
+def _cards(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#gallery .card")
+
+
+def test_generate_inpaint_and_reuse_parameters(server, browser, tmp_path):
+    d = browser
+    wait = WebDriverWait(d, 120)
+    d.get(server.url + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+    assert d.find_element(By.ID, "model").get_attribute("value") == "demo.safetensors"
+
+    # txt2img, typed and submitted from the keyboard
+    _set(d, "steps", 12)
+    _set(d, "width", 64)
+    _set(d, "height", 64)
+    _set(d, "seed", 5)
+    prompt = d.find_element(By.ID, "prompt")
+    prompt.send_keys("a red circle on a blue background")
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # the keyboard shortcut, no mouse
+    wait.until(lambda d: len(_cards(d)) == 1)
+    assert d.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png;base64,")
+    assert "1 image" in d.find_element(By.ID, "status").text
+    text = _cards(d)[0].find_element(By.CSS_SELECTOR, "pre").text
+    assert text.startswith("a red circle on a blue background") and "Seed: 5" in text and "Steps: 12" in text
+
+    # send to img2img, draw a mask, inpaint
+    _cards(d)[0].find_element(By.XPATH, ".//button[text()='Send to img2img']").click()
+    wait.until(lambda d: d.find_element(By.ID, "img2img-panel").is_displayed())
+    canvas = d.find_element(By.ID, "mask-canvas")
+    size = canvas.size
+    ActionChains(d).move_to_element_with_offset(canvas, -size["width"] // 4, 0).click_and_hold().move_by_offset(
+        size["width"] // 2, 5
+    ).release().perform()
+    white = d.execute_script(
+        "const c = document.getElementById('mask-canvas');"
+        "const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 3; i < a.length; i += 4) if (a[i] > 0) n++; return n;"
+    )
+    assert white > 0  # the stroke landed on the mask
+    _set(d, "steps", 4)
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(_cards(d)) == 2)
+    text = _cards(d)[0].find_element(By.CSS_SELECTOR, "pre").text
+    assert "Denoising strength: 0.75" in text and "Mask blur: 4" in text
+
+    # reuse the parameters of a PNG written by hand with A1111's infotext
+    png = tmp_path / "a1111.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a lighthouse at night\nNegative prompt: fog\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, "
+        "CFG scale: 4.5, Seed: 123456, Size: 64x128",
+    )
+    Image.new("RGB", (64, 128)).save(png, pnginfo=info)
+    d.find_element(By.ID, "png-file").send_keys(str(png))
+    wait.until(lambda d: "lighthouse" in d.find_element(By.ID, "pnginfo").text)
+    wait.until(lambda d: d.find_element(By.ID, "pnginfo-reuse").is_enabled())
+    d.find_element(By.ID, "pnginfo-reuse").click()
+    values = {
+        k: d.find_element(By.ID, k).get_attribute("value") for k in ("prompt", "negative_prompt", "steps", "seed")
+    }
+    assert values == {"prompt": "a lighthouse at night", "negative_prompt": "fog", "steps": "7", "seed": "123456"}
+    assert d.find_element(By.ID, "sampler_name").get_attribute("value") == "DPM++ 2M"
+    assert d.find_element(By.ID, "scheduler").get_attribute("value") == "karras"
+    assert (
+        d.find_element(By.ID, "width").get_attribute("value"),
+        d.find_element(By.ID, "height").get_attribute("value"),
+    ) == ("64", "128")
+    # interrupt a long generation from the page
+    _set(d, "steps", 1000)
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("step "))
+    d.find_element(By.ID, "interrupt").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("cancelled"))
+    assert len(_cards(d)) == 2 and d.find_element(By.ID, "generate").is_enabled()
+    if os.environ.get("LATENTFORGE_SCREENSHOT"):
+        d.save_screenshot(os.environ["LATENTFORGE_SCREENSHOT"])
+
+    # readable on a phone: one column, nothing wider than the screen
+    d.set_window_size(390, 844)
+    overflow = d.execute_script("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    gallery, form = d.find_element(By.ID, "gallery"), d.find_element(By.ID, "form")
+    assert gallery.location["y"] > form.location["y"] + form.size["height"] - 1
