@@ -176,6 +176,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "--embeddings-dir", type=Path, action="append", default=[], help="folder of textual-inversion embeddings"
     )
     p.add_argument(
+        "--hypernetwork-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of A1111 hypernetworks named by <hypernet:name:w> tags",
+    )
+    p.add_argument(
         "--models-dir",
         type=Path,
         action="append",
@@ -430,12 +437,15 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
-    for folder in (*args.lora_dir, *args.embeddings_dir):
+    for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir):
         if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder (given with --lora-dir or --embeddings-dir)")
+            raise ValueError(
+                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir or --hypernetwork-dir)"
+            )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
+    pipe.folders.hypernetworks += args.hypernetwork_dir
     for root in args.models_dir:
         pipe.folders.add_models_dir(root)
     if meta is not None:

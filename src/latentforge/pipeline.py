@@ -168,6 +168,13 @@ class Pipeline:
         for source in sources:
             self.patcher.remove(source)
 
+    def apply_hypernetwork(self, path: str | Path, *, strength: float = 1.0) -> str:
+        """Apply an A1111 hypernetwork (a path, or a name in ``folders.hypernetworks``) to the attention
+        layers' context until ``patcher.remove(source)``; returns the source. See ``adapters.hypernetwork``."""
+        from latentforge.adapters.hypernetwork import apply_hypernetwork
+
+        return apply_hypernetwork(self, self.folders.find_hypernetwork(str(path)), strength=strength)
+
     def load_embedding(self, path: str | Path):
         """Make a textual-inversion file usable in prompts by its file stem (see ``conditioning.embeddings``)."""
         return self.text.embeddings.add(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+HYPERNETWORK_SUFFIXES = (".pt",)
 
 
 class AdapterNotFound(LookupError):
@@ -38,21 +39,35 @@ class AdapterFolders:
 
     lora: list[Path] = field(default_factory=list)
     embeddings: list[Path] = field(default_factory=list)
+    hypernetworks: list[Path] = field(default_factory=list)
 
     def add_models_dir(self, root: str | Path) -> None:
         """Add the LoRA and embedding folders of an A1111 or ComfyUI installation (or its models folder)."""
         root = Path(root)
         lora = ["models/Lora", "models/LyCORIS", "models/loras", "Lora", "LyCORIS", "loras"]
         emb = ["embeddings", "models/embeddings"]
+        hyper = ["models/hypernetworks", "hypernetworks"]
         found_lora = [root / p for p in lora if (root / p).is_dir()]
         found_emb = [root / p for p in emb if (root / p).is_dir()]
-        if not found_lora and not found_emb:
+        found_hyper = [root / p for p in hyper if (root / p).is_dir()]
+        if not found_lora and not found_emb and not found_hyper:
             raise FileNotFoundError(
                 f"{root} has none of the folders of an A1111 ({', '.join(lora[:2])}, embeddings) or ComfyUI "
                 "(models/loras, models/embeddings) installation; give the installation's root folder"
             )
         self.lora += [p for p in found_lora if p not in self.lora]
         self.embeddings += [p for p in found_emb if p not in self.embeddings]
+        self.hypernetworks += [p for p in found_hyper if p not in self.hypernetworks]
+
+    def find_hypernetwork(self, name: str) -> Path:
+        """An A1111 hypernetwork by file stem (or a path to a file)."""
+        return find(
+            name,
+            self.hypernetworks,
+            HYPERNETWORK_SUFFIXES,
+            "hypernetwork",
+            "--hypernetwork-dir or --models-dir (pipe.folders.hypernetworks)",
+        )
 
     def find_lora(self, name: str) -> Path:
         """A LoRA by file stem (or a path to a file)."""

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
+from latentforge.adapters.hypernetwork import apply_hypernetwork
 from latentforge.adapters.lora import apply_lora
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import sha256_of
@@ -21,13 +22,14 @@ from latentforge.pipelines.request import GenerationRequest, NetworkRef, Request
 
 LORA_KINDS = ("lora", "lyco")
 EMBEDDING_KIND = "embedding"
+HYPERNET_KINDS = ("hypernet", "hypernetwork")
 
 
 def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
     """Prompt tags (kind, items) -> NetworkRefs, by A1111's reading of positional and named items."""
     refs = []
     for kind, items in tags:
-        if kind not in LORA_KINDS:
+        if kind not in (*LORA_KINDS, *HYPERNET_KINDS):
             raise RequestError(f"<{kind}:...> prompt tags are not available in this version of latentforge")
         positional = [i for i in items if "=" not in i]
         named = dict(i.split("=", 1) for i in items if "=" in i)
@@ -38,6 +40,9 @@ def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
             unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
         except ValueError:
             raise RequestError(f"<{kind}:{':'.join(items)}>: the weights must be numbers") from None
+        if kind in HYPERNET_KINDS:  # <hypernet:name:multiplier>
+            refs.append(NetworkRef(positional[0].strip(), "hypernet", strength=te))
+            continue
         refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te))
     return refs
 
@@ -64,7 +69,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
     prompt, tags = extract_network_tags(req.prompt)
     refs = [*req.networks, *refs_from_tags(tags)]
     session = Session(dataclasses.replace(req, prompt=prompt, networks=[]))
-    hashes = []
+    hashes, hypernets = [], []
     try:
         for i, ref in enumerate(refs):
             if ref.kind == EMBEDDING_KIND:
@@ -72,8 +77,17 @@ def activate(pipe, req: GenerationRequest) -> Session:
                 pipe.text.embeddings.add(path)
                 session.embeddings.append(path.stem)
                 continue
+            if ref.kind in HYPERNET_KINDS:
+                path = pipe.folders.find_hypernetwork(ref.name)
+                source = f"request:{i}:{ref.name}"
+                session.sources.append(source)
+                apply_hypernetwork(pipe, path, strength=ref.strength, source=source)
+                hypernets.append(f"{re.sub('[:,]', '', ref.name)}: {sha256_of(path)[:12]}")
+                continue
             if ref.kind not in LORA_KINDS:
-                raise RequestError(f"networks of kind {ref.kind!r} are not available; use 'lora' or 'embedding'")
+                raise RequestError(
+                    f"networks of kind {ref.kind!r} are not available; use 'lora', 'hypernet' or 'embedding'"
+                )
             path = pipe.folders.find_lora(ref.name)
             source = f"request:{i}:{ref.name}"
             session.sources.append(source)
@@ -84,6 +98,8 @@ def activate(pipe, req: GenerationRequest) -> Session:
         raise
     if hashes:
         session.infotext["Lora hashes"] = ", ".join(hashes)
+    if hypernets:
+        session.infotext["Hypernet hashes"] = ", ".join(hypernets)
     used = pipe.text.embeddings.find(f"{prompt}\n{req.negative_prompt}", pipe.text.slots)
     ti = [f"{e.name}: {sha256_of(e.path)[:12]}" for e in used if e.path is not None]
     if ti:
