@@ -110,7 +110,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], target: UNetConfig, source:
         blocks = _indices(shapes, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.")
         depth.append(len(blocks))
     middle = len(_indices(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
-    if max(depth + [middle]) > MAX_TRANSFORMER_DEPTH:
+    if max([*depth, middle]) > MAX_TRANSFORMER_DEPTH:
         raise ControlNetError(f"{source}: transformer depth above latentforge's limit of {MAX_TRANSFORMER_DEPTH}")
     ctx = [s for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2]
     proj = [s for k, s in shapes.items() if k.endswith(".proj_in.weight")]

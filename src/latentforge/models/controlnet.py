@@ -11,6 +11,7 @@ Module names are the original layout's (``control_model.`` stripped): ``time_emb
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ class ControlNet(nn.Module):
             )
         widths = config.hint_widths
         hint: list[nn.Module] = [_conv(config.hint_channels, widths[0]), nn.SiLU()]
-        for a, b in zip(widths, widths[1:]):
+        for a, b in itertools.pairwise(widths):
             hint += [_conv(a, a), nn.SiLU(), _conv(a, b, stride=2), nn.SiLU()]
         hint.append(_conv(widths[-1], mc))
         self.input_hint_block = TimestepEmbedSequential(*hint)
