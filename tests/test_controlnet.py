@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import re
 
+import cv2
+import diffusers as D
+import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
+from PIL import Image
 from safetensors.torch import save_file
 
-from latentforge.adapters.controlnet import ControlNetError, load_controlnet, round_trip_ok
+import latentforge
+from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, load_controlnet, round_trip_ok
 from latentforge.convert.diffusers import unet_config_from_diffusers
-from tiny import build_reference, close, perturb
+from latentforge.models.controlnet import ControlNetConfig
+from latentforge.models.unet import ControlResiduals, UNetConfig
+from latentforge.pipelines.control import canny, fit
+from latentforge.pipelines.request import RequestError
+from latentforge.sampling.denoisers import Cond
+from tiny import build_reference, close, hf_tokenizer, perturb, save_folder
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +111,181 @@ def test_residuals_equal_diffusers(reference, tmp_path, layout):
         assert ok, (diff, scale)
     ok, diff, scale = close(res.middle, mid)
     assert ok, (diff, scale)
+
+
+# --- end to end against StableDiffusionControlNetPipeline ----------------------------------------------
+
+PROMPT, NEGATIVE = "a photo of a red cube on a wooden table", "blurry, low quality"
+
+
+def _control_image(size: int = 64) -> Image.Image:
+    g = np.random.default_rng(3)
+    arr = (g.random((size, size, 3)) * 255).astype(np.uint8)
+    arr[16:48, 16:48] = 255
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, reference):
+    tmp = tmp_path_factory.mktemp("cn_e2e")
+    ref, net = reference
+    path = tmp / "control_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    ours = latentforge.load(save_folder(ref, tmp / "m"))
+    return ref, net, ours, path, hf_tokenizer("<|endoftext|>", tmp)
+
+
+def test_txt2img_matches_controlnet_pipeline(e2e):
+    ref, net, ours, path, tok = e2e
+    sched = D.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="linspace"
+    )
+    pipe = D.StableDiffusionControlNetPipeline(
+        ref.vae, ref.text_encoders[0], tok, ref.unet, net, sched, None, None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = _control_image()
+    theirs = pipe(
+        PROMPT,
+        image=image,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=8,
+        guidance_scale=7.0,
+        height=64,
+        width=64,
+        controlnet_conditioning_scale=0.8,
+        generator=torch.Generator().manual_seed(99),
+        output_type="np",
+    ).images
+    unit = dict(model=str(path), image=image, weight=0.8)
+    result = ours.txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=8,
+        cfg_scale=7.0,
+        width=64,
+        height=64,
+        seed=99,
+        sampler="Euler",
+        schedule="normal",
+        control=[unit],
+    )
+    mine = np.asarray(result.images[0], dtype=np.float32) / 255.0
+    diff = np.abs(mine - theirs[0])
+    assert diff.max() <= 2 / 255 + 1e-6, diff.max() * 255
+    plain = ours.txt2img(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        steps=8,
+        cfg_scale=7.0,
+        width=64,
+        height=64,
+        seed=99,
+        sampler="Euler",
+        schedule="normal",
+    )
+    assert np.abs(np.asarray(plain.images[0], dtype=np.float32) / 255.0 - mine).max() > 4 / 255  # control acts
+    text = result.infotexts[0]
+    assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text
+    assert "Weight: 0.8, Resize Mode: Crop and Resize" in text and "Control Mode: Balanced" in text
+
+
+# --- the unit rules from their definitions ---------------------------------------------------------------
+
+
+class _StubNet:
+    """Residuals of ones (output i holds i + 1) so that scales are visible."""
+
+    def __init__(self):
+        self.config = ControlNetConfig(UNetConfig())
+
+    def __call__(self, x, t, context, hint, y=None):
+        outs = [torch.full((x.shape[0], 1, 1, 1), float(i + 1)) for i in range(12)]
+        return ControlResiduals(output=outs, middle=torch.full((x.shape[0], 1, 1, 1), 13.0))
+
+
+def _wrapper(steps: int = 10, **unit):
+    sigmas = torch.cat([torch.linspace(10, 1, steps), torch.zeros(1)])
+    active = ActiveUnit(_StubNet(), torch.zeros(1, 3, 8, 8), **unit)
+    return ControlledDenoiser(None, [active], sigmas), sigmas
+
+
+@pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.2, 0.5), (0.35, 0.35), (0.5, 1.0)])
+def test_guidance_range_is_the_step_fraction(start, end):
+    d, sigmas = _wrapper(guidance_start=start, guidance_end=end)
+    x, ctx = torch.zeros(1, 4, 1, 1), torch.zeros(1, 2, 3)
+    for i in range(10):  # the extension: step i of 10 runs iff start <= i / 10 <= end
+        res = d.residuals(x, torch.zeros(1), Cond(ctx), float(sigmas[i]))
+        assert (res is not None) == (start <= i / 10 <= end), i
+    # a second-order midpoint between steps 3 and 4 belongs to step 3
+    mid = float((sigmas[3] + sigmas[4]) / 2)
+    assert d.step_fraction(mid) == 0.3
+
+
+def test_weight_and_soft_weights():
+    x, ctx = torch.zeros(2, 4, 1, 1), torch.zeros(2, 2, 3)
+    d, sigmas = _wrapper(weight=0.6)
+    res = d.residuals(x, torch.zeros(2), Cond(ctx), float(sigmas[0]))
+    assert [float(r[0]) for r in res.output] == pytest.approx([0.6 * (i + 1) for i in range(12)])
+    assert float(res.middle[0]) == pytest.approx(0.6 * 13)
+    d, _ = _wrapper(weight=0.6, control_mode=1)  # "My prompt is more important": weight * 0.825 ** (12 - i)
+    res = d.residuals(x, torch.zeros(2), Cond(ctx), float(sigmas[0]))
+    assert [float(r[0]) for r in res.output] == pytest.approx([0.6 * 0.825 ** (12 - i) * (i + 1) for i in range(12)])
+    assert float(res.middle[0]) == pytest.approx(0.6 * 13)
+
+
+def test_controlnet_more_important_controls_the_conditional_rows_only():
+    d, sigmas = _wrapper(weight=1.0, control_mode=2)
+    cond, uncond = torch.ones(1, 2, 3), torch.zeros(1, 2, 3)
+    d.uncond = [uncond]
+    res = d.residuals(torch.zeros(2, 4, 1, 1), torch.zeros(2), Cond(torch.cat([cond, uncond])), float(sigmas[0]))
+    assert float(res.middle[0]) == pytest.approx(13.0) and float(res.middle[1]) == 0.0
+
+
+# --- preprocessors and resize modes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("low,high", [(100, 200), (50, 120)])
+def test_canny_is_opencv_canny(low, high):
+    g = np.random.default_rng(5)
+    img = (g.random((64, 64, 3)) * 255).astype(np.uint8)
+    img = cv2.resize(img, (512, 576), interpolation=cv2.INTER_CUBIC)  # smooth shapes; sides multiples of 64
+    edges = canny(img, low, high, 512)
+    assert edges.shape == (576, 512, 3)
+    assert np.array_equal(edges[:, :, 0], cv2.Canny(img, low, high)) and np.array_equal(edges[:, :, 2], edges[:, :, 0])
+
+
+def test_resize_modes():
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = 200  # left half bright
+    assert fit(arr, 64, 32, 0).shape == (32, 64, 3)
+    crop = fit(arr, 32, 32, 1)  # cover: 40 -> 32 tall, 64 wide, centre 32 columns: half bright, half dark
+    assert crop.shape == (32, 32, 3) and crop[:, :14].min() == 200 and crop[:, 18:].max() == 0
+    filled = fit(arr, 80, 80, 2)  # fit: 80 wide, 40 tall, 20 rows of border-median padding above and below
+    assert filled.shape == (80, 80, 3)
+    border_median = np.median(np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]), axis=0)
+    assert np.array_equal(filled[0, 0], border_median.astype(np.uint8)) and np.array_equal(filled[20:60], arr)
+
+
+# --- bad input: clear errors before any work -------------------------------------------------------------
+
+
+def test_controlnet_of_another_family_is_refused(e2e, tmp_path):
+    ours = e2e[2]
+    xl = ControlNetModel.from_unet(build_reference("sdxl-base").unet)
+    other = tmp_path / "xl_control.safetensors"
+    save_file({k: v.contiguous() for k, v in xl.state_dict().items()}, str(other))
+    with pytest.raises(RequestError, match="another model family"):
+        ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model=str(other), image=_control_image())])
+
+
+def test_missing_image_and_corrupt_file_are_refused(e2e, tmp_path):
+    ours, path = e2e[2], e2e[3]
+    with pytest.raises(RequestError, match="no control image"):
+        ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model=str(path))])
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(RequestError, match=r"broken\.safetensors"):
+        ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model=str(bad), image=_control_image())])
+    with pytest.raises(RequestError, match=r"not in|no ControlNet folder"):
+        ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model="nothing_here", image=_control_image())])

@@ -3,8 +3,8 @@
 A request is the core fields every generation has, plus optional groups: ``hires`` (A1111's Hires.
 fix), ``inpaint`` (a mask, or outpainting margins), ``depth`` (depth-to-image), ``refiner`` (the SDXL
 refiner hand-off), ``x4`` (the x4 upscaler task), and places for ``networks`` (LoRA, hypernetworks,
-embeddings by name) and ``control`` (ControlNet units), which generation refuses until they are
-available. A group that is None (or an empty list) is off. A1111's flat field names (``enable_hr``,
+embeddings by name) and ``control`` (ControlNet units, pipelines/control.py). A group that is None
+(or an empty list) is off. A1111's flat field names (``enable_hr``,
 ``hr_scale``, ``refiner_checkpoint``, ``mask_blur``, ...) are accepted by ``from_dict`` and as keyword
 options, and folded into the groups.
 """
@@ -153,14 +153,26 @@ class NetworkRef:
 
 @dataclass
 class ControlUnit:
-    """One ControlNet unit. Not yet available."""
+    """One ControlNet unit, with the A1111 ControlNet extension's API fields (pipelines/control.py runs it).
+
+    ``model``: a file path, or a file stem in the ControlNet folders (A1111's "name [hash]" accepted);
+    ``image``: the control image (PIL image, path, or base64); ``module``: the preprocessor ("none",
+    "canny", "depth"); ``control_mode``: 0 balanced, 1 my prompt is more important, 2 ControlNet is more
+    important (or those names); ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or
+    names); ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
+    default); ``processor_res``: the preprocessor's resolution (short side; -1: 512)."""
 
     model: str
     image: Any = None
-    module: str = "none"  # preprocessor
+    module: str = "none"
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
+    control_mode: int | str = 0
+    resize_mode: int | str = 1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    processor_res: int = -1
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)
@@ -322,6 +334,8 @@ class GenerationRequest:
         if self.inpaint is not None:
             _validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
+        for i, unit in enumerate(self.control):
+            _validate_control(i, unit, need)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded
@@ -406,6 +420,51 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
+
+
+# the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_MODULES = ("none", "canny", "depth")
+
+
+def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:
+    """A mode given as its index or its name (case-insensitive) -> its index."""
+    if isinstance(value, bool):
+        raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str):
+        lower = [n.lower() for n in names]
+        if value.lower() in lower:
+            return lower.index(value.lower())
+    raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+
+
+def _validate_control(i: int, u: ControlUnit, need) -> None:
+    where = f"control unit {i}"
+    need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
+    need(u.image is not None, f"{where}: no control image was given ('image')")
+    need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")
+    w = u.weight
+    need(isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 2, f"{where}: weight must be 0 to 2, got {w!r}")
+    a, b = u.guidance_start, u.guidance_end
+    need(
+        isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 <= a <= b <= 1,
+        f"{where}: guidance_start and guidance_end must satisfy 0 <= start <= end <= 1, got {a!r}, {b!r}",
+    )
+    mode_index(u.control_mode, CONTROL_MODES, f"{where}: control_mode")
+    mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
+    r = u.processor_res
+    need(
+        isinstance(r, int) and (r == -1 or 64 <= r <= 4096),
+        f"{where}: processor_res must be -1 or 64 to 4096, got {r!r}",
+    )
+    for name in ("threshold_a", "threshold_b"):
+        v = getattr(u, name)
+        need(
+            isinstance(v, (int, float)) and -1 <= v <= 1000, f"{where}: {name} must be -1 (default) to 1000, got {v!r}"
+        )
 
 
 def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
