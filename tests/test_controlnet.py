@@ -289,3 +289,33 @@ def test_missing_image_and_corrupt_file_are_refused(e2e, tmp_path):
         ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model=str(bad), image=_control_image())])
     with pytest.raises(RequestError, match=r"not in|no ControlNet folder"):
         ours.txt2img("x", steps=2, width=64, height=64, control=[dict(model="nothing_here", image=_control_image())])
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_control_by_name_in_controlnet_dir(e2e, tmp_path):
+    from latentforge.cli import main
+
+    _, _, ours, path, _ = e2e
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    (folder / path.name).write_bytes(path.read_bytes())
+    image = tmp_path / "edges.png"
+    _control_image().save(image)
+    out = tmp_path / "out.png"
+    model = ours.info.source
+    args = ["txt2img", "a cube", "-m", str(model), "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "-q"]
+    args += ["--control", f"{path.stem}:{image}:0.5", "--controlnet-dir", str(folder), "-o", str(out)]
+    assert main(args) == 0
+    text = Image.open(out).info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text and "Weight: 0.5," in text
+
+
+def test_parse_control():
+    from latentforge.cli_generate import parse_control
+
+    with pytest.raises(ValueError, match="MODEL:IMAGE"):
+        parse_control("only_a_model")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_control("m:/nonexistent/image.png:0.5")
