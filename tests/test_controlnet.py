@@ -319,3 +319,49 @@ def test_parse_control():
         parse_control("only_a_model")
     with pytest.raises(ValueError, match="does not exist"):
         parse_control("m:/nonexistent/image.png:0.5")
+
+
+def test_depth_preprocessor_is_the_min_max_scaled_midas_depth(e2e, tmp_path):
+    """The extension's depth map: MiDaS depth - min, / max, * 255, cut to 8 bits (a tiny DPT-Hybrid found
+    in the model folder's depth_estimator/)."""
+    from latentforge.models.midas import estimate_depth
+    from latentforge.models.midas_load import load_midas
+    from latentforge.pipelines.control import preprocess
+    from latentforge.pipelines.images import image_to_tensor
+    from latentforge.pipelines.request import ControlUnit
+    from test_midas import _tiny_hf
+
+    ref = e2e[0]
+    folder = save_folder(ref, tmp_path / "with-depth")
+    _tiny_hf().save_pretrained(folder / "depth_estimator")
+    pipe = latentforge.load(folder, dtype="fp32")
+    image = _control_image()
+    mine = preprocess(pipe, ControlUnit(model="x", image=image, module="depth", processor_res=64), image)
+    with torch.no_grad():
+        d = estimate_depth(load_midas(folder / "depth_estimator"), (image_to_tensor(image) + 1) / 2)[0, 0]
+    d = d.double().numpy()
+    d = (d - d.min()) / (d - d.min()).max()
+    expected = np.clip(d * 255.0, 0, 255).astype(np.uint8)
+    assert mine.shape == (*expected.shape, 3)
+    assert np.abs(mine[:, :, 0].astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_hires_pass_is_controlled_with_soft_weights(e2e):
+    from latentforge.adapters.controlnet import ControlledDenoiser as CD
+    from latentforge.pipelines import control
+    from latentforge.pipelines.generate import build_plan
+    from latentforge.pipelines.request import GenerationRequest
+
+    _, _, ours, path, _ = e2e
+    unit = dict(model=str(path), image=_control_image(), weight=0.7)
+    req = GenerationRequest.from_dict(
+        dict(prompt="x", steps=2, width=64, height=64, enable_hr=True, hr_scale=1.5, control=[unit])
+    )
+    units = control.prepare(ours, req)
+    with torch.inference_mode():
+        plan = build_plan(ours, req, None)
+        control.apply(plan, ours, units)
+    first, hires = plan.passes
+    assert isinstance(first.model, CD) and not first.model.soft
+    assert isinstance(hires.model, CD) and hires.model.soft
+    assert hires.model.units[0].hint.shape == (1, 3, 96, 96)

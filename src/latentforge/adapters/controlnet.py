@@ -234,6 +234,8 @@ class ControlledDenoiser:
         self.uncond = list(uncond)
 
     def __getattr__(self, name: str):  # schedule, prediction, scalings, target, ...
+        if name == "inner":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def step_fraction(self, sigma: float) -> float:
