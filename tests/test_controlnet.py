@@ -365,3 +365,29 @@ def test_hires_pass_is_controlled_with_soft_weights(e2e):
     assert isinstance(first.model, CD) and not first.model.soft
     assert isinstance(hires.model, CD) and hires.model.soft
     assert hires.model.units[0].hint.shape == (1, 3, 96, 96)
+
+
+def test_sdxl_residuals_equal_diffusers(tmp_path):
+    """SDXL: linear projections, per-level depths, heads by channel width and the vector input (pooled text
+    and the size numbers' sinusoids, made here with diffusers' own add_time_proj)."""
+    ref = build_reference("sdxl-base", seed=4)
+    net = perturb(ControlNetModel.from_unet(ref.unet), 9)
+    path = tmp_path / "xl.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    ours = load_controlnet(path, unet_config_from_diffusers(dict(ref.unet.config)))
+    g = torch.Generator().manual_seed(1)
+    x, hint = torch.randn(1, 4, 8, 8, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    ctx = torch.randn(1, 77, ref.unet.config.cross_attention_dim, generator=g)
+    pooled = torch.randn(1, ref.unet.config.projection_class_embeddings_input_dim - 6 * 8, generator=g)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    t = torch.tensor([321.0])
+    with torch.no_grad():
+        down, mid = net(
+            x, t, ctx, hint, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False
+        )
+        y = torch.cat([pooled, net.add_time_proj(time_ids.flatten()).reshape(1, -1)], dim=1)
+        res = ours(x, t, ctx, hint, y)
+    assert len(res.output) == len(down)
+    for a, b in [*zip(res.output, down), (res.middle, mid)]:
+        ok, diff, scale = close(a, b)
+        assert ok, (diff, scale)
