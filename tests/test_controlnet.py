@@ -346,14 +346,16 @@ def test_depth_preprocessor_is_the_min_max_scaled_midas_depth(e2e, tmp_path):
     assert np.abs(mine[:, :, 0].astype(int) - expected.astype(int)).max() <= 1
 
 
-def test_hires_pass_is_controlled_with_soft_weights(e2e):
+@pytest.mark.parametrize("module,soft", [("none", False), ("canny", True)])
+def test_hires_pass_is_controlled_soft_weights_for_canny(e2e, module, soft):
+    """The extension forces soft weights in the hires pass for canny maps only; the hint is at hires size."""
     from latentforge.adapters.controlnet import ControlledDenoiser as CD
     from latentforge.pipelines import control
     from latentforge.pipelines.generate import build_plan
     from latentforge.pipelines.request import GenerationRequest
 
     _, _, ours, path, _ = e2e
-    unit = dict(model=str(path), image=_control_image(), weight=0.7)
+    unit = dict(model=str(path), image=_control_image(), weight=0.7, module=module)
     req = GenerationRequest.from_dict(
         dict(prompt="x", steps=2, width=64, height=64, enable_hr=True, hr_scale=1.5, control=[unit])
     )
@@ -362,8 +364,8 @@ def test_hires_pass_is_controlled_with_soft_weights(e2e):
         plan = build_plan(ours, req, None)
         control.apply(plan, ours, units)
     first, hires = plan.passes
-    assert isinstance(first.model, CD) and not first.model.soft
-    assert isinstance(hires.model, CD) and hires.model.soft
+    assert isinstance(first.model, CD) and not first.model.units[0].soft
+    assert isinstance(hires.model, CD) and hires.model.units[0].soft == soft
     assert hires.model.units[0].hint.shape == (1, 3, 96, 96)
 
 

@@ -8,8 +8,9 @@ and a ControlNet whose context width or vector input differs from that UNet's is
 Per unit (the A1111 ControlNet extension's rules): ``weight`` scales every residual; the unit runs only on
 steps whose fraction ``step / steps`` of the pass lies in ``[guidance_start, guidance_end]``; control
 mode 1 ("My prompt is more important") and 2 ("ControlNet is more important") use the soft weights
-``weight * 0.825 ** (12 - i)`` over the residual list (input blocks, then the middle), as does a hires
-pass; mode 2 also applies the control to the conditional rows only.
+``weight * 0.825 ** (12 - i)`` over the residual list (input blocks, then the middle), as does a unit made
+``soft`` by its caller (the extension forces them in the hires pass for canny edges); mode 2 also applies
+the control to the conditional rows only.
 """
 
 from __future__ import annotations
@@ -209,9 +210,10 @@ class ActiveUnit:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     control_mode: int = 0
+    soft: bool = False  # soft weights also in the balanced mode
 
-    def scales(self, count: int, soft: bool) -> list[float]:
-        if soft or self.control_mode != 0:
+    def scales(self, count: int) -> list[float]:
+        if self.soft or self.control_mode != 0:
             return [self.weight * SOFT_BASE ** float(12 - i) for i in range(count)]
         return [self.weight] * count
 
@@ -219,7 +221,7 @@ class ActiveUnit:
 class ControlledDenoiser:
     """A ``ModelDenoiser`` whose UNet gets the units' summed residuals on each call. ``sigmas``: the pass's
     schedule (the step of a call is found from its sigma); ``uncond``: contexts of the unconditional side
-    (rows equal to one of them get no control from units in mode 2); ``soft``: a hires pass."""
+    (rows equal to one of them get no control from units in mode 2)."""
 
     def __init__(
         self,
@@ -227,9 +229,8 @@ class ControlledDenoiser:
         units: Sequence[ActiveUnit],
         sigmas: Tensor,
         uncond: Sequence[Tensor] = (),
-        soft: bool = False,
     ):
-        self.inner, self.units, self.soft = inner, list(units), soft
+        self.inner, self.units = inner, list(units)
         self.sigmas = sigmas.double().cpu()
         self.uncond = list(uncond)
 
@@ -263,7 +264,7 @@ class ControlledDenoiser:
             hint = unit.hint.to(device=x.device).expand(x.shape[0], -1, -1, -1)
             res = net(inp, t, cond.context, hint, cond.vector)
             outs = [*res.output, res.middle]
-            scales = unit.scales(len(outs), self.soft)
+            scales = unit.scales(len(outs))
             mark = None
             if unit.control_mode == 2:
                 mark = self._cond_rows(cond.context).to(device=x.device, dtype=outs[0].dtype)[:, None, None, None]

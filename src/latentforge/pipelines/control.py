@@ -7,8 +7,8 @@ runs the preprocessor: "none" (the image as given), "canny" (OpenCV's Canny on t
 ``threshold_a``/``threshold_b``, defaults 100/200), "depth" (MiDaS DPT-Hybrid, models/midas.py, min-max
 scaled to 0..255). ``apply`` fits each detected map to every pass's pixel size with the unit's resize mode
 (Just Resize; Crop and Resize: cover then centre crop; Resize and Fill: fit, then pad with the median
-colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``); a hires pass
-uses the soft weights, as the extension does. The refiner's pass is left alone.
+colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``); in a hires pass
+canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from latentforge.pipelines.request import (
 
 DEFAULT_RES = 512
 CANNY_DEFAULTS = (100.0, 200.0)
+HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hires pass for edge maps
 
 
 @dataclass
@@ -186,11 +187,12 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
                 float(u.unit.guidance_start),
                 float(u.unit.guidance_end),
                 u.control_mode,
+                soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
             )
             for u in units
         ]
         uncond = [] if p.uncond is None else [c.context for _, c in p.uncond.entries]
-        p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond, soft=p.name == "hires")
+        p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond)
     plan.infotext.update(infotext(units))
 
 
