@@ -187,7 +187,8 @@ def test_txt2img_matches_controlnet_pipeline(e2e):
     assert np.abs(np.asarray(plain.images[0], dtype=np.float32) / 255.0 - mine).max() > 4 / 255  # control acts
     text = result.infotexts[0]
     assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text
-    assert "Weight: 0.8, Resize Mode: Crop and Resize" in text and "Control Mode: Balanced" in text
+    assert "Weight: 0.8, Resize Mode: Crop and Resize, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: " in text
+    assert "Control Mode: Balanced" in text and "Threshold" not in text  # -1: unused by "none", left out
 
 
 # --- the unit rules from their definitions ---------------------------------------------------------------
@@ -393,3 +394,16 @@ def test_sdxl_residuals_equal_diffusers(tmp_path):
     for a, b in [*zip(res.output, down), (res.middle, mid)]:
         ok, diff, scale = close(a, b)
         assert ok, (diff, scale)
+
+
+def test_infotext_as_the_extension_writes_it():
+    from latentforge.pipelines.control import PreparedUnit, infotext
+    from latentforge.pipelines.request import ControlUnit
+
+    unit = ControlUnit(model="m", module="canny", weight=1, control_mode="ControlNet is more important")
+    text = infotext([PreparedUnit(unit, None, "control_v11p_sd15_canny [d14c016b]", np.zeros((1, 1, 3)))])
+    assert text == {
+        "ControlNet 0": "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1.0, Resize Mode: Crop and "
+        "Resize, Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, "
+        "Pixel Perfect: False, Control Mode: ControlNet is more important"
+    }

@@ -196,31 +196,31 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
     plan.infotext.update(infotext(units))
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
 def infotext(units: list[PreparedUnit]) -> dict[str, str]:
-    """``ControlNet N`` fields as the extension writes them (a quoted list of "Name: value")."""
+    """``ControlNet N`` fields as the extension writes them: "Name: value" in its field order, numbers as
+    Python prints floats, fields left at -1 (unused by the preprocessor) left out; canny's thresholds and
+    the processor resolution are written as they ran."""
     out = {}
     for i, u in enumerate(units):
         unit = u.unit
-        low, high = unit.threshold_a, unit.threshold_b
+        low, high, res = float(unit.threshold_a), float(unit.threshold_b), int(unit.processor_res)
         if unit.module == "canny":
             low = low if low >= 0 else CANNY_DEFAULTS[0]
             high = high if high >= 0 else CANNY_DEFAULTS[1]
+        if unit.module != "none" and res <= 0:
+            res = DEFAULT_RES
         fields = {
             "Module": unit.module,
             "Model": u.name,
-            "Weight": _num(unit.weight),
+            "Weight": float(unit.weight),
             "Resize Mode": CONTROL_RESIZE_MODES[u.resize_mode],
-            "Processor Res": _num(unit.processor_res if unit.processor_res > 0 else DEFAULT_RES),
-            "Threshold A": _num(low),
-            "Threshold B": _num(high),
-            "Guidance Start": _num(unit.guidance_start),
-            "Guidance End": _num(unit.guidance_end),
-            "Pixel Perfect": "False",
+            "Processor Res": res,
+            "Threshold A": low,
+            "Threshold B": high,
+            "Guidance Start": float(unit.guidance_start),
+            "Guidance End": float(unit.guidance_end),
+            "Pixel Perfect": False,
             "Control Mode": CONTROL_MODES[u.control_mode],
         }
-        out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())
+        out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != -1)
     return out
