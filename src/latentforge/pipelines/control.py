@@ -66,11 +66,10 @@ def read_control_image(value, where: str) -> Image.Image:
     if isinstance(value, str) and not Path(value).exists() and len(value) > 256:
         data = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
-            with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as im:
-                im.load()
-                return im.convert("RGB")
-        except (binascii.Error, OSError, ValueError) as e:
-            raise RequestError(f"{where}: the image is neither a file nor a readable base64 image ({e})") from None
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
+        return open_image(io.BytesIO(raw), where).convert("RGB")  # the shared reader's checks
     return open_image(value, where).convert("RGB")
 
 
