@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from latentforge.adapters.folders import AdapterNotFound
+    from latentforge.cli_generate import terminal_safe
     from latentforge.families.detect import DetectionError
     from latentforge.io.components import LoadError
     from latentforge.io.tensorfile import CheckpointError
@@ -227,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, DetectionError, LoadError, DataError, FileExistsError, ValueError, AdapterNotFound) as e:
-        print(f"latentforge: error: {e}", file=sys.stderr)
+    except (CheckpointError, DetectionError, LoadError, DataError, OSError, ValueError, AdapterNotFound) as e:
+        # one line, with what came from files escaped (OSError covers FileExistsError and folders
+        # that vanish or fill up while writing)
+        print(f"latentforge: error: {terminal_safe(str(e), newlines=False)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("latentforge: interrupted", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -281,6 +282,25 @@ def _inpaint_group(args: argparse.Namespace, current: dict | None) -> dict | Non
     return {**(current or {}), **given}
 
 
+# C0 controls except tab and newline, DEL, C1 controls (ESC and CSI start terminal sequences), and the
+# bidirectional overrides that reorder what a terminal shows
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str, *, newlines: bool = True) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``), so text from a file (a PNG's
+    parameters, an error quoting them) cannot move the cursor, retitle or recolour the terminal.
+    Tabs are kept, and newlines unless ``newlines=False``."""
+    if not newlines:
+        text = text.replace("\n", "\\n")
+
+    def escape(m: re.Match) -> str:
+        code = ord(m.group(0))
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _CONTROL.sub(escape, text)
+
+
 class ProgressBar:
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -327,7 +347,7 @@ def default_model() -> Path:
 
 
 def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, upscaler_dirs=()):
-    from latentforge.pipelines import GenerationRequest
+    from latentforge.pipelines import GenerationRequest, RequestError
     from latentforge.pipelines.metadata import request_from_image, unreproduced_fields
 
     req = GenerationRequest()
@@ -336,6 +356,10 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
     if args.from_image is not None:
         req, meta = request_from_image(args.from_image)
         pick = meta["batch_index"]
+        wanted = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+        if meta["mode"] != wanted:
+            command = {"img2img": "img2img INIT_IMAGE", "upscale-x4": "upscale-x4 IMAGE"}.get(meta["mode"], "txt2img")
+            raise RequestError(f"{args.from_image} was made by {meta['mode']}; use `latentforge {command} --from`")
         if not args.quiet:
             print(f"parameters from {args.from_image} ({meta['source']})", file=sys.stderr)
         missing = unreproduced_fields(req)
@@ -346,7 +370,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
                     f"{args.from_image} was made with settings latentforge cannot reproduce ({what}); the image "
                     "would differ. Pass --allow-differences to generate anyway."
                 )
-            print(f"warning: not reproduced: {what}", file=sys.stderr)
+            print(terminal_safe(f"warning: not reproduced: {what}", newlines=False), file=sys.stderr)
     options = {}
     if args.prompt is not None:
         options["prompt"] = args.prompt
@@ -420,7 +444,10 @@ def _x4_group(req) -> dict:
 def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> int:
     import latentforge
     from latentforge import upscalers
-    from latentforge.io.images import output_paths, save_image
+    from latentforge.io.images import output_paths, save_image, save_numbered
+    from latentforge.io.writer import OutputError, check_writable_folder
+    from latentforge.pipelines.generate import output_size
+    from latentforge.pipelines.images import open_image
     from latentforge.pipelines.request import builtin_upscaler
 
     model = args.model or default_model()
@@ -429,14 +456,22 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     if not img2img and req.hires is not None and builtin_upscaler(req.hires.upscaler) is None:
         upscalers.find(req.hires.upscaler, dirs)  # a missing model file is an error before loading the checkpoint
     n = 1 if pick is not None else req.batch_size * req.batch_count
-    # choose and check the output names before the minutes of work, so nothing is lost at the end
-    seeds_hint = list(range(n)) if req.seed == -1 else [req.seed + i for i in range(n)]
-    paths = output_paths(args.output, args.outdir, seeds_hint, args.image_format)
-    for p in paths:
-        if p.exists() and not args.overwrite:
-            raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
-    if img2img and not args.init_image.is_file():
-        raise ValueError(f"init image {args.init_image} does not exist")
+    # check the output location and the init image before loading the model and the minutes of work
+    paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)
+    if args.output is not None:
+        for p in paths:
+            if p.is_dir():
+                raise OutputError(f"{p} is a folder; -o/--output takes an image file name (--outdir takes a folder)")
+            if p.exists() and not args.overwrite:
+                raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
+        check_writable_folder(args.output.parent, "-o/--output location")
+    else:
+        check_writable_folder(args.outdir, "--outdir")
+    init = None
+    if img2img:
+        init = open_image(args.init_image, "input image" if x4 else "init image")
+        if not x4:  # the x4 output is 4x the image (checked by its task)
+            output_size(req, init, 0)
     for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir):
         if not folder.is_dir():
             raise ValueError(
@@ -454,13 +489,13 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         from latentforge.pipelines.metadata import model_differences
 
         for difference in model_differences(pipe, meta):
-            print(f"warning: {difference}; the result will differ", file=sys.stderr)
+            print(terminal_safe(f"warning: {difference}; the result will differ", newlines=False), file=sys.stderr)
     bar = ProgressBar(not args.quiet)
     try:
         if x4:
-            result = pipe.upscale(args.init_image, request=req, progress=bar)
+            result = pipe.upscale(init, request=req, progress=bar)
         elif img2img:
-            result = pipe.img2img(args.init_image, request=req, progress=bar)
+            result = pipe.img2img(init, request=req, progress=bar)
         else:
             result = pipe.txt2img(request=req, progress=bar, upscaler_dirs=dirs)
     except KeyboardInterrupt:
@@ -471,10 +506,11 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     images, seeds = result.images, result.seeds
     if pick is not None:  # --from: the batch was made again to get the same pixels; keep the stored image
         images, seeds = [images[pick]], [seeds[pick]]
-    if args.output is None:  # numbered names carry the seeds actually used
-        paths = output_paths(None, args.outdir, seeds, args.image_format)
-    for image, path in zip(images, paths):
-        save_image(image, path, overwrite=args.overwrite)
+    for i, (image, seed) in enumerate(zip(images, seeds)):
+        if args.output is not None:
+            path = save_image(image, paths[i], overwrite=args.overwrite)
+        else:  # numbered names carry the seeds actually used and are claimed atomically when written
+            path = save_numbered(image, args.outdir, seed, paths[0].suffix)
         print(path)
     if not args.quiet:
         print(f"seed {seeds[0]}, {len(images)} image(s) in {result.seconds:.1f} s", file=sys.stderr)
@@ -491,9 +527,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{args.image}: no generation parameters found", file=sys.stderr)
         return 1
     if meta["parameters"]:
-        print(meta["parameters"])
+        print(terminal_safe(meta["parameters"]))
     if meta["latentforge"] and args.json:
-        print(json.dumps(meta["latentforge"], indent=2))
+        print(terminal_safe(json.dumps(meta["latentforge"], indent=2)))  # ensure_ascii escapes; kept for safety
     return 0
 
 

@@ -75,6 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--models-dir: {args.models_dir} is not a folder")
     if model is None and args.models_dir is None:
         raise ValueError("no model: give -m/--model or --models-dir (this installation has no demo model)")
+    from latentforge import upscalers
+
     config = ServerConfig(
         model=model,
         models_dir=args.models_dir,
@@ -86,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         device=args.device,
         dtype=args.dtype,
+        upscaler_dirs=upscalers.search_dirs(near=args.models_dir / "x" if args.models_dir else model),
     )
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     app = create_app(config, users=parse_users(args.api_auth), cors_origins=origins)

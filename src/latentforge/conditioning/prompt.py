@@ -5,6 +5,10 @@ nesting multiplies; ``\\(`` and ``\\)`` are literal brackets; unclosed brackets 
 prompt. Long prompts are cut into chunks of 75 tokens, each encoded on its own and concatenated;
 a full chunk moves the text after its last comma to the next chunk when that comma is within the last
 20 tokens; ``BREAK`` starts a new chunk.
+
+Prompts come from users and from image files, so the parsers check limits before any work
+(``check_prompt``): length in characters, bracket nesting depth, and later the number of chunks and
+the emphasis weights. A prompt over a limit raises ``PromptError`` naming the limit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,51 @@ from dataclasses import dataclass, field
 CHUNK = 75
 COMMA_BACKTRACK = 20
 ROUND, SQUARE = 1.1, 1 / 1.1
+
+# Limits on untrusted prompts (far above what any real prompt uses)
+MAX_PROMPT_CHARS = 20_000
+MAX_NESTING = 50  # brackets ( [ open at once
+MAX_CHUNKS = 40  # 75-token chunks: 3000 tokens
+MAX_WEIGHT = 100.0  # |explicit emphasis weight|, as in (word:1.5)
+MAX_EFFECTIVE_WEIGHT = 10_000.0  # |weight| after nesting multiplies
+
+
+class PromptError(ValueError):
+    """A prompt over a limit or with an unusable value; the message names the limit and the fix."""
+
+
+def nesting_depth(text: str) -> int:
+    """The most brackets ``(`` and ``[`` open at once (a backslash escapes the next character; a closer
+    with nothing open is text). Both prompt parsers recurse at most this deep."""
+    depth = deepest = 0
+    escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]" and depth:
+            depth -= 1
+    return deepest
+
+
+def check_prompt(text: str, what: str = "prompt") -> None:
+    """Refuse a prompt the parsers should not run on: not a string, over ``MAX_PROMPT_CHARS`` characters
+    or nested deeper than ``MAX_NESTING`` brackets. Cheap (one pass); called before any parsing."""
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be text, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"{what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS} (shorten it)")
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        raise PromptError(
+            f"{what} nests {depth} brackets ( or [ deep; the limit is {MAX_NESTING} "
+            "(remove brackets, or escape literal ones as \\( \\[)"
+        )
+
 
 _TOKENS = re.compile(
     r"""
@@ -39,7 +88,10 @@ def extract_network_tags(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs; BREAK becomes ("BREAK", -1)."""
+    """Split a prompt into (text, weight) runs; BREAK becomes ("BREAK", -1).
+
+    Explicit weights must be finite numbers within +-``MAX_WEIGHT`` (``PromptError`` otherwise)."""
+    check_prompt(text)
     runs: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -57,7 +109,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif tok == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            scale(round_open.pop(), _weight(weight, text))
         elif tok == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif tok == "]" and square_open:
@@ -72,6 +124,12 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         scale(start, SQUARE)
 
+    for run in runs:
+        if not abs(run[1]) <= MAX_EFFECTIVE_WEIGHT:
+            raise PromptError(
+                f"emphasis of {run[0][:40]!r} multiplies to {run[1]:g}; nested weights may reach at most "
+                f"{MAX_EFFECTIVE_WEIGHT:g} (use fewer or smaller weights)"
+            )
     merged: list[list] = []
     for run in runs:
         if run[0] == "" and run[1] != -1:
@@ -81,6 +139,20 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(run)
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def _short(number: str) -> str:
+    return number if len(number) <= 24 else number[:20] + "..."
+
+
+def _weight(number: str, text: str) -> float:
+    try:
+        value = float(number)
+    except ValueError:
+        raise PromptError(f"emphasis weight {_short(number)!r} is not a number; write e.g. (word:1.2)") from None
+    if not abs(value) <= MAX_WEIGHT:
+        raise PromptError(f"emphasis weight {_short(number)} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+    return value
 
 
 @dataclass
@@ -96,6 +168,7 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
     embedding, kept together in one chunk (a new chunk starts when they do not fit, as A1111 does).
     ``syntax="plain"``: no weights, one chunk truncated to 75 (what diffusers does)."""
     if syntax == "plain":
+        check_prompt(text)
         ids = [i for t in encode(text) for i in (t if isinstance(t, tuple) else (t,))][:CHUNK]
         return [Chunk(ids, [1.0] * len(ids))]
     if syntax != "a1111":
@@ -106,6 +179,11 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
 
     def close() -> None:
         nonlocal chunk, last_comma
+        if len(chunks) >= MAX_CHUNKS:
+            raise PromptError(
+                f"prompt is longer than {MAX_CHUNKS} chunks of {CHUNK} tokens ({MAX_CHUNKS * CHUNK} tokens, "
+                "BREAK starting a chunk); shorten it"
+            )
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
@@ -140,16 +218,31 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
 
 
 _AND = re.compile(r"\bAND\b")
-_PART_WEIGHT = re.compile(r"^(.*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$", re.S)
+_PART_NUMBER = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
+MAX_AND_PARTS = 32  # composable parts: each is encoded and runs through the UNet at every step
+
+
+def _part_weight(part: str) -> tuple[str, float]:
+    r"""``body :weight`` at the end of a part (A1111's ``^(.*?)(?:\s*:\s*(NUMBER))?\s*$``), found from
+    the last colon instead of by a backtracking pattern, which took quadratic time on long runs of
+    spaces (33 s for 20,000 characters)."""
+    colon = part.rfind(":")
+    if colon != -1:
+        number = part[colon + 1 :].strip()
+        if _PART_NUMBER.fullmatch(number):
+            weight = float(number)
+            if not abs(weight) <= MAX_WEIGHT:
+                raise PromptError(f"AND part weight {_short(number)} is outside -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+            return part[:colon].rstrip(), weight
+    return part.rstrip(), 1.0
 
 
 def split_and(text: str) -> list[tuple[str, float]]:
     """A1111's composable prompts: ``a cat :1.2 AND a dog :0.8`` -> [("a cat", 1.2), ("a dog", 0.8)];
     ``AND`` in capitals as a word; a part without ``:weight`` at its end weighs 1; trailing white space
-    is dropped, as A1111 does."""
-    parts = []
-    for part in _AND.split(text):
-        m = _PART_WEIGHT.match(part)
-        body, weight = m.group(1), m.group(2)
-        parts.append((body, float(weight) if weight is not None else 1.0))
-    return parts
+    is dropped, as A1111 does. At most ``MAX_AND_PARTS`` parts, weights within +-``MAX_WEIGHT``."""
+    check_prompt(text)
+    parts = _AND.split(text)
+    if len(parts) > MAX_AND_PARTS:
+        raise PromptError(f"prompt has {len(parts)} parts joined by AND; the limit is {MAX_AND_PARTS}")
+    return [_part_weight(part) for part in parts]

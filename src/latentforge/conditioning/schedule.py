@@ -9,6 +9,12 @@ The grammar is the one A1111 documents (prompt := emphasis | edit | alternation 
 whitespace; plain text excludes ``\\ [ ] ( ) : |`` except escaped; stray ``[ ] ( ) :`` are literal at
 the top level only). A prompt that does not parse is used as it is for every step, as A1111 does.
 
+The parser memoizes what it parsed at each position (packrat parsing), so backtracking over nested
+``[`` never parses the same text twice: time and memory grow with the length times the nesting depth,
+both bounded by ``prompt.check_prompt`` before parsing. The number of edit/alternation options
+(``MAX_ALTERNATIVES``) and of distinct texts in a schedule (``MAX_SCHEDULE_TEXTS``, each one is encoded)
+are limited too; a prompt over a limit raises ``PromptError``.
+
 ``prompt_schedule(text, steps)`` returns ``[(last_step, text), ...]``: ``text`` applies to steps up to
 and including ``last_step`` (1-based boundaries, as A1111's schedules).
 """
@@ -17,6 +23,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from latentforge.conditioning.prompt import PromptError, check_prompt
+
+MAX_ALTERNATIVES = 200  # options of all [from:to:when] and [a|b] in one prompt
+MAX_SCHEDULE_TEXTS = 100  # distinct prompt texts over the steps (each is encoded once)
 
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
 _WS = re.compile(r"\s+")
@@ -41,10 +52,16 @@ class _Alternate:
 
 
 class _Parser:
-    """Recursive descent with backtracking over the grammar above; nodes are str, list, _Edit, _Alternate."""
+    """Recursive descent with backtracking over the grammar above; nodes are str, list, _Edit, _Alternate.
+
+    ``prompt(pos)`` and ``bracketed(pos)`` depend only on ``pos``, so their results are kept: each is
+    computed once per position, whichever alternative of an enclosing ``[`` asks for it."""
 
     def __init__(self, text: str):
         self.text = text
+        self._prompts: dict[int, tuple[list, int]] = {}
+        self._bracketed: dict[int, object] = {}
+        self.alternatives = 0
 
     def start(self) -> list:
         out: list = []
@@ -64,6 +81,11 @@ class _Parser:
 
     def prompt(self, pos: int) -> tuple[list, int]:
         """As many prompt items as parse from ``pos`` (possibly none)."""
+        if pos not in self._prompts:
+            self._prompts[pos] = self._prompt(pos)
+        return self._prompts[pos]
+
+    def _prompt(self, pos: int) -> tuple[list, int]:
         nodes: list = []
         while pos < len(self.text):
             m = _PLAIN.match(self.text, pos) or _WS.match(self.text, pos)
@@ -79,6 +101,11 @@ class _Parser:
         return nodes, pos
 
     def bracketed(self, pos: int):
+        if pos not in self._bracketed:
+            self._bracketed[pos] = self._bracketed_at(pos)
+        return self._bracketed[pos]
+
+    def _bracketed_at(self, pos: int):
         ch = self.text[pos]
         if ch == "(":
             inner, p = self.prompt(pos + 1)
@@ -119,12 +146,14 @@ class _Parser:
             return None
         closed = self._number_close(p + 1)
         if closed:  # [to:when]
+            self._count(1)
             return _Edit(None, first, closed[0]), closed[1]
         second, q = self.prompt(p + 1)
         if q >= len(self.text) or self.text[q] != ":":
             return None
         closed = self._number_close(q + 1)
         if closed:  # [from:to:when]
+            self._count(2)
             return _Edit(first, second, closed[0]), closed[1]
         return None
 
@@ -136,13 +165,22 @@ class _Parser:
             option, p = self.prompt(p + 1)
             options.append(option)
         if len(options) > 1 and p < len(self.text) and self.text[p] == "]":
+            self._count(len(options))
             return _Alternate(options), p + 1
         return None
+
+    def _count(self, options: int) -> None:
+        self.alternatives += options
+        if self.alternatives > MAX_ALTERNATIVES:
+            raise PromptError(
+                f"prompt has more than {MAX_ALTERNATIVES} prompt-editing/alternation options ([a:b:when], "
+                "[a|b]); use fewer"
+            )
 
 
 def _when(number: str, steps: int) -> int:
     value = float(number) * steps if "." in number else float(number)
-    return min(steps, int(value))
+    return steps if value >= steps else int(value)  # compared first: a huge number is inf
 
 
 def _walk(nodes: list, steps: int, boundaries: set[int]) -> None:
@@ -177,11 +215,26 @@ def _text_at(nodes: list, step: int, steps: int) -> str:
 
 
 def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
-    """[(last_step, prompt text)] over ``steps`` steps; one entry when nothing is edited."""
+    """[(last_step, prompt text)] over ``steps`` steps; one entry when nothing is edited.
+
+    Raises ``PromptError`` for a prompt over a limit (``check_prompt``, ``MAX_ALTERNATIVES``,
+    ``MAX_SCHEDULE_TEXTS``)."""
+    check_prompt(text)
     try:
         tree = _Parser(text).start()
     except _NoParse:
         return [(steps, text)]
     boundaries = {steps}
     _walk(tree, steps, boundaries)
-    return [(b, _text_at(tree, b, steps)) for b in sorted(boundaries)]
+    schedule = []
+    texts: set[str] = set()
+    for b in sorted(boundaries):
+        entry = _text_at(tree, b, steps)
+        texts.add(entry)
+        if len(texts) > MAX_SCHEDULE_TEXTS:
+            raise PromptError(
+                f"prompt editing/alternation gives more than {MAX_SCHEDULE_TEXTS} different prompts over "
+                f"{steps} steps (each is encoded); use fewer edits or alternations"
+            )
+        schedule.append((b, entry))
+    return schedule

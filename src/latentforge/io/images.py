@@ -2,6 +2,7 @@
 
 PNG keeps A1111's ``parameters`` text and latentforge's JSON as text chunks; JPEG and WebP keep the
 infotext as A1111 writes it there: the EXIF UserComment, "UNICODE\\0" + UTF-16 (piexif's encoding).
+Numbered names are claimed atomically among concurrent processes (``save_numbered``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from struct import error as struct_error
 
 from PIL import Image, PngImagePlugin
 
-from latentforge.io.writer import atomic_path
+from latentforge.io.writer import atomic_path, write_numbered
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -33,16 +34,34 @@ def save_image(image: Image.Image, path: str | Path, *, overwrite: bool = False,
     if fmt is None:
         raise ValueError(f"{path}: unknown image format; use a name ending in {', '.join(FORMATS)}")
     with atomic_path(path, overwrite=overwrite) as tmp:
-        if fmt == "PNG":
-            info = PngImagePlugin.PngInfo()
-            for key in ("parameters", "latentforge"):
-                if image.info.get(key):
-                    info.add_text(key, str(image.info[key]))
-            image.save(tmp, format="PNG", pnginfo=info)
-        else:
-            extra = {"exif": exif_user_comment(str(image.info["parameters"]))} if image.info.get("parameters") else {}
-            image.convert("RGB").save(tmp, format=fmt, quality=quality, **extra)
+        _write(image, tmp, fmt, quality)
     return path
+
+
+def _write(image: Image.Image, path: Path, fmt: str, quality: int) -> None:
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key in ("parameters", "latentforge"):
+            if image.info.get(key):
+                info.add_text(key, str(image.info[key]))
+        image.save(path, format="PNG", pnginfo=info)
+    else:
+        extra = {"exif": exif_user_comment(str(image.info["parameters"]))} if image.info.get("parameters") else {}
+        image.convert("RGB").save(path, format=fmt, quality=quality, **extra)
+
+
+def save_numbered(image: Image.Image, folder: str | Path, seed: int, suffix: str = ".png", quality: int = 95) -> Path:
+    """Write ``image`` as the next A1111-style name ``NNNNN-<seed><suffix>`` in ``folder``. The number
+    is claimed atomically (``writer.write_numbered``): processes writing to the same folder at once get
+    different numbers and never overwrite each other."""
+    fmt = FORMATS.get(suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unknown image suffix {suffix!r}; use one of {', '.join(FORMATS)}")
+    return write_numbered(
+        folder,
+        lambda tmp: _write(image, tmp, fmt, quality),
+        lambda: next_free_names(folder, [seed], suffix)[0].name,
+    )
 
 
 def exif_user_comment(text: str) -> bytes:

@@ -1,7 +1,8 @@
 """Writing outputs atomically: a temporary file beside the target, fsync, then rename.
 
-Nothing that exists is replaced unless the caller passes ``overwrite=True``; a failure leaves no
-partial file behind.
+Nothing that exists is replaced unless the caller passes ``overwrite=True`` (names are taken
+exclusively, so not even a file another process created a moment ago); a failure leaves no partial
+file behind. Files and folders get the usual mode (0666/0777 minus the umask).
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ from latentforge.io.tensorfile import SAFETENSORS_DTYPES
 _DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
+class OutputError(ValueError):
+    """An output location that cannot be written; the message names it and what to choose instead."""
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(
@@ -29,24 +34,125 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         )
 
 
+def _make_folder(folder: Path, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"cannot create the output folder {folder}: {e.strerror or e}; choose another {option}"
+        ) from None
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file with a random name, created exclusively with mode 0666 minus the umask (as any
+    normal file; ``tempfile.mkstemp`` would give 0600, and the rename keeps the mode)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a temporary file in {folder}: every random name was taken")
+
+
+def check_writable_folder(folder: str | Path, option: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it writable by creating and removing a file there, so an
+    unusable output location is found before minutes of work. ``option`` names what to change."""
+    folder = Path(folder)
+    _make_folder(folder, option)
+    if not folder.is_dir():
+        raise OutputError(f"the output folder {folder} is not a folder; choose another {option}")
+    try:
+        _new_file(folder, ".latentforge-write-check.", ".tmp").unlink()
+    except OSError as e:
+        raise OutputError(
+            f"cannot write in the output folder {folder}: {e.strerror or e}; choose another {option}"
+        ) from None
+    return folder
+
+
+def publish(tmp: Path, path: Path, *, overwrite: bool = False) -> None:
+    """Give the finished file ``tmp`` its name ``path`` atomically. Without ``overwrite`` an existing
+    ``path`` is never replaced, even one created a moment ago by another process: the name is taken with
+    a hard link (fails if it exists), or where links are unsupported by an exclusive create first."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it") from None
+    except OSError:  # no hard links here (FAT, some network shares): claim the name, then fill it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it is renamed onto ``path``."""
+    """Yield a temporary path in the target's folder; on success it is published as ``path``."""
     path = Path(path)
     refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    _make_folder(path.parent, "output location")
+    tmp = _new_file(path.parent, f".{path.name[:200]}.", ".partial")
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        if not overwrite and path.exists():  # appeared meanwhile
-            raise FileExistsError(f"{path} appeared while writing; not replacing it")
-        os.replace(tmp_path, path)
+        yield tmp
+        _fsync(tmp)
+        publish(tmp, path, overwrite=overwrite)
     finally:
-        tmp_path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` among processes that take it (flock on the folder itself, so no
+    lock file is left behind); a no-op where the OS has no flock (then names are still never reused
+    for the same file, but two numbers can coincide)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_numbered(folder: str | Path, write: Callable[[Path], None], next_name: Callable[[], str]) -> Path:
+    """Write a file with ``write(tmp)`` and publish it under ``next_name()`` (which looks at the folder
+    each time it is called, e.g. for the next free number). Scanning and publishing happen under the
+    folder's lock and the name is taken exclusively, retrying with a fresh name when it is taken, so
+    concurrent processes never overwrite each other's files."""
+    folder = Path(folder)
+    _make_folder(folder, "output folder")
+    tmp = _new_file(folder, ".latentforge-", ".partial")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        with _folder_lock(folder):
+            for _ in range(1000):
+                path = folder / next_name()
+                try:
+                    publish(tmp, path)
+                    return path
+                except FileExistsError:
+                    continue
+        raise OutputError(f"cannot find a free name in {folder}: every name tried was taken")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -54,8 +160,9 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it takes ``path``'s place."""
     path = Path(path)
     refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    _make_folder(path.parent, "output location")
+    tmp = path.parent / f".{path.name[:200]}.{secrets.token_hex(6)}.partial"
+    tmp.mkdir(mode=0o777)  # 0777 minus the umask, as any normal folder (mkdtemp would give 0700)
     try:
         yield tmp
         if path.exists():

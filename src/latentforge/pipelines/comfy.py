@@ -52,17 +52,23 @@ def _text(graph: dict, ref, depth: int = 0) -> str:
     return ""
 
 
-def _follow(graph: dict, ref, key: str, depth: int = 0):
-    """The first node upstream of ``ref`` (following its first linked inputs) that has input ``key``."""
+def _follow(graph: dict, ref, key: str, depth: int = 0, seen: set | None = None):
+    """The first node upstream of ``ref`` (following its first linked inputs) that has input ``key``.
+    Each node is searched once (``seen``): a graph from a file can link every node to the next twice,
+    which would otherwise take 2^depth steps."""
+    seen = set() if seen is None else seen
     node = _node(graph, ref)
-    if node is None or depth > 32:
+    if node is None or depth > 32 or str(ref[0]) in seen:
         return None
+    seen.add(str(ref[0]))
     inputs = node.get("inputs", {})
+    if not isinstance(inputs, dict):
+        return None
     if key in inputs:
         return node
     for value in inputs.values():
         if isinstance(value, list):
-            found = _follow(graph, value, key, depth + 1)
+            found = _follow(graph, value, key, depth + 1, seen)
             if found is not None:
                 return found
     return None

@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from latentforge.pipelines import control, depth, hires, inpaint, networks, refiner, upscale_x4
+from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
@@ -76,8 +77,7 @@ def build_plan(
     if inpainting and any(req.inpaint.outpaint):
         init_images, protect = inpaint.outpaint_request(init_images, req.inpaint)
         req = dataclasses.replace(req, inpaint=dataclasses.replace(req.inpaint, mask=protect))
-    width = req.width or (init_images[0].width // 8 * 8 if init_images else fam.default_size)
-    height = req.height or (init_images[0].height // 8 * 8 if init_images else fam.default_size)
+    width, height = output_size(req, init_images[0] if init_images else None, fam.default_size)
     down = pipe.vae.config.downscale
     if width % down or height % down:
         raise RequestError(f"width and height must be multiples of {down} for {fam.name}, got {width}x{height}")
@@ -106,6 +106,20 @@ def build_plan(
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
+
+
+def output_size(req: GenerationRequest, init_image: Image.Image | None, default: int) -> tuple[int, int]:
+    """The output size: the request's, else the init image's rounded down to multiples of 8 (A1111),
+    else ``default``. A size taken from an image obeys the same limits as an explicit one."""
+    width = req.width or (init_image.width // 8 * 8 if init_image else default)
+    height = req.height or (init_image.height // 8 * 8 if init_image else default)
+    if init_image and not (64 <= width <= MAX_SIDE and 64 <= height <= MAX_SIDE):
+        raise RequestError(
+            f"the output size {width}x{height} taken from the init image ({init_image.width}x"
+            f"{init_image.height}) is outside 64 to {MAX_SIDE} pixels a side; choose the output size "
+            "with width= and height= (--width/--height)"
+        )
+    return width, height
 
 
 def run_pass(

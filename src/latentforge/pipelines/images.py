@@ -3,6 +3,7 @@ resize modes), and conversion between PIL images and tensors in [-1, 1]."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,26 +11,56 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from latentforge.pipelines.request import RequestError
+from latentforge.pipelines.checks import MAX_INPUT_PIXELS, RequestError
+
+
+def check_pixels(size: tuple[int, int], what: str) -> None:
+    """Refuse an input image of more than ``MAX_INPUT_PIXELS`` pixels (from its header, before decoding:
+    a small compressed file can hold a huge image)."""
+    w, h = size
+    if w * h > MAX_INPUT_PIXELS:
+        raise RequestError(
+            f"{what} is {w}x{h} pixels; images of more than {MAX_INPUT_PIXELS} pixels "
+            f"({int(MAX_INPUT_PIXELS**0.5)}x{int(MAX_INPUT_PIXELS**0.5)}) are refused: resize it first"
+        )
+    if w < 1 or h < 1:
+        raise RequestError(f"{what} is {w}x{h} pixels: it holds no pixels")
 
 
 def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
-    """A PIL image as given, or read from a path (``what`` names it in errors)."""
+    """A PIL image as given, or read from a path (``what`` names it in errors). Its size is checked
+    before its pixels are decoded; an unreadable, truncated or oversized file is a RequestError."""
+    name = what if isinstance(image, Image.Image) else f"{what} {image}"
     if isinstance(image, Image.Image):
+        check_pixels(image.size, name)
         return image
     try:
-        with Image.open(image) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
+            im = Image.open(image)
+        with im:
+            check_pixels(im.size, name)
             im.load()
             return im.copy()
-    except (OSError, ValueError, TypeError) as e:
-        raise RequestError(f"cannot read {what} {image}: {e}") from None
+    except RequestError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise RequestError(
+            f"{name} is refused as a decompression bomb ({e}); images of more than {MAX_INPUT_PIXELS} pixels "
+            "are refused: resize it first"
+        ) from None
+    except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
+        raise RequestError(f"cannot read {name}: {type(e).__name__}: {e}") from None
 
 
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
     """Fit an init image (or a mask, mode L) to the output size: 0 resize, 1 crop and resize, 2 resize
     and fill (A1111)."""
-    image = ImageOps.exif_transpose(image)
-    image = image if image.mode == "L" else image.convert("RGB")
+    try:
+        image = ImageOps.exif_transpose(image)
+        image = image if image.mode == "L" else image.convert("RGB")
+    except Exception as e:  # broken EXIF or a mode PIL cannot convert: refused, never a traceback
+        raise RequestError(f"cannot use an input image of mode {image.mode}: {type(e).__name__}: {e}") from None
     if mode == 0:
         return image.resize((width, height), Image.Resampling.LANCZOS)
     if mode == 1:

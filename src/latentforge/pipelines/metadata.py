@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
+from latentforge.pipelines.checks import is_int, show
 from latentforge.pipelines.request import (
     INPAINT_FILL,
     GenerationRequest,
@@ -174,18 +177,25 @@ def _jsonable(x):
 
 def read_png_metadata(path: str | Path) -> dict:
     """{"parameters": infotext or None, "latentforge": parsed JSON or None, "comfy": ComfyUI's prompt
-    graph or None} of an image file: PNG text chunks, or a JPEG/WebP's EXIF UserComment (A1111)."""
+    graph or None} of an image file: PNG text chunks, or a JPEG/WebP's EXIF UserComment (A1111). Only
+    the header and metadata are read (no pixels); PIL's limits bound the text. A file that is not an
+    image, or whose ``latentforge`` text is not JSON, is a RequestError naming the file."""
     from PIL import Image
 
     from latentforge.io.images import read_user_comment
 
     try:
-        with Image.open(path) as im:
-            text = dict(im.info)
-            if not text.get("parameters"):
-                text["parameters"] = read_user_comment(im)
-    except (OSError, ValueError) as e:
-        raise RequestError(f"cannot read image {path}: {e}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # no pixels are decoded here
+            with Image.open(path) as im:
+                text = dict(im.info)
+                if not text.get("parameters"):
+                    text["parameters"] = read_user_comment(im)
+    except Exception as e:  # any failure of a decoder on a hostile file means "cannot read"
+        raise RequestError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    parameters = text.get("parameters")
+    if parameters is not None and not isinstance(parameters, str):
+        raise RequestError(f"{path}: its 'parameters' text is not text ({type(parameters).__name__})")
 
     def parse(key: str):
         value = text.get(key)
@@ -193,13 +203,18 @@ def read_png_metadata(path: str | Path) -> dict:
             return None
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
 
+    ours = parse("latentforge")
+    if ours is None and text.get("latentforge"):
+        raise RequestError(
+            f"{path}: its 'latentforge' record is not valid JSON; remove the option --from or use another image"
+        )
     comfy = parse("prompt")
     return {
-        "parameters": text.get("parameters"),
-        "latentforge": parse("latentforge"),
+        "parameters": parameters or None,
+        "latentforge": ours,
         "comfy": comfy if isinstance(comfy, dict) else None,
     }
 
@@ -207,36 +222,89 @@ def read_png_metadata(path: str | Path) -> dict:
 def request_from_image(path: str | Path) -> tuple[GenerationRequest, dict]:
     """The request that made an image: exact from our JSON if present, else from the A1111 infotext
     (PNG text or JPEG/WebP EXIF), else from a ComfyUI graph. Returns (request, {"mode", "model",
-    "source", "batch_index"})."""
+    "source", "batch_index"}). The whole record is checked first (types, known mode, batch_index
+    within the batch): a RequestError names the file and the field."""
     meta = read_png_metadata(path)
-    if meta["latentforge"]:
-        data = dict(meta["latentforge"]["request"])
-        if data.get("s_tmax") == "inf":
-            data["s_tmax"] = float("inf")
-        record = meta["latentforge"]
-        info = {
-            "mode": record["mode"],
-            "model": record.get("model", {}),
-            "source": "json",
-            "batch_index": record.get("batch_index", 0),
-        }
-        return GenerationRequest.from_dict(data), info
+    if meta["latentforge"] is not None:
+        try:
+            return _from_record(meta["latentforge"])
+        except RequestError as e:
+            raise RequestError(f"{path}: latentforge record: {e}") from None
     if meta["parameters"]:
-        return request_from_infotext(meta["parameters"])
+        try:
+            return request_from_infotext(meta["parameters"])
+        except RequestError as e:
+            raise RequestError(f"{path}: parameters: {e}") from None
     if meta["comfy"]:
         from latentforge.pipelines.comfy import request_from_comfy
 
-        return request_from_comfy(meta["comfy"])
+        try:
+            return request_from_comfy(meta["comfy"])
+        except RequestError as e:
+            raise RequestError(f"{path}: ComfyUI graph: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            raise RequestError(f"{path}: its ComfyUI graph cannot be read ({type(e).__name__}: {e})") from None
     raise RequestError(
         f"{path} carries no generation parameters (no A1111 'parameters', latentforge or ComfyUI 'prompt' data)"
     )
 
 
+def _from_record(record) -> tuple[GenerationRequest, dict]:
+    if not isinstance(record, dict):
+        raise RequestError(f"must be a JSON object, got {show(record)}")
+    if record.get("latentforge") != 1:
+        raise RequestError(
+            f"version {show(record.get('latentforge'))} is not 1 (written by another version of latentforge?)"
+        )
+    if record.get("mode") not in ("txt2img", "img2img", "upscale-x4"):
+        raise RequestError(f"mode must be 'txt2img', 'img2img' or 'upscale-x4', got {show(record.get('mode'))}")
+    if not isinstance(record.get("request"), dict):
+        raise RequestError(f"request must be a JSON object, got {show(record.get('request'))}")
+    model = record.get("model", {})
+    if not isinstance(model, dict):
+        raise RequestError(f"model must be a JSON object, got {show(model)}")
+    data = dict(record["request"])
+    if data.get("s_tmax") == "inf":
+        data["s_tmax"] = float("inf")
+    req = GenerationRequest.from_dict(data)
+    index = record.get("batch_index", 0)
+    if not (is_int(index) and is_int(req.batch_size) and 0 <= index < req.batch_size):
+        raise RequestError(
+            f"batch_index must be a whole number from 0 to batch_size - 1 ({show(req.batch_size)}), got {show(index)}"
+        )
+    return req, {"mode": record["mode"], "model": model, "source": "json", "batch_index": index}
+
+
+def _value(settings: dict, key: str, convert, what: str):
+    """An infotext value converted, or a RequestError naming the field."""
+    try:
+        return convert(settings[key])
+    except (ValueError, OverflowError, TypeError):
+        raise RequestError(f"{key} {show(settings[key])} is not {what}") from None
+
+
+def _four_ints(text: str) -> tuple[int, int, int, int]:
+    values = tuple(int(v) for v in text.split(","))
+    if len(values) != 4:
+        raise ValueError(text)
+    return values
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d{1,6})\s*x\s*(\d{1,6})\s*", text, re.I)
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)), int(m.group(2))
+
+
 def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
+    """A request from A1111's infotext; a value that does not convert is a RequestError naming its field
+    (ranges are checked by ``GenerationRequest.validate``)."""
     prompt, negative, s = parse_infotext(text)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative)
+    whole, number, size = "a whole number", "a number", "a size WIDTHxHEIGHT"
     if "Steps" in s:
-        req.steps = int(s["Steps"])
+        req.steps = _value(s, "Steps", int, whole)
     if "Sampler" in s:
         sampler_title = s["Sampler"]
         try:
@@ -249,43 +317,43 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     if "Schedule type" in s:
         req.schedule = s["Schedule type"]
     if "CFG scale" in s:
-        req.cfg_scale = float(s["CFG scale"])
+        req.cfg_scale = _value(s, "CFG scale", float, number)
     rescale_keys = ("CFG rescale", "CFG Rescale φ", "RescaleCFG")
     for key in rescale_keys:
         if key in s:
-            req.guidance_rescale = float(s[key])
+            req.guidance_rescale = _value(s, key, float, number)
     if "Seed" in s:
-        req.seed = int(s["Seed"])
+        req.seed = _value(s, "Seed", int, whole)
     if "Size" in s:
-        w, h = s["Size"].lower().split("x")
-        req.width, req.height = int(w), int(h)
+        req.width, req.height = _value(s, "Size", _size, size)
     if "Denoising strength" in s:
-        req.denoising_strength = float(s["Denoising strength"])
+        req.denoising_strength = _value(s, "Denoising strength", float, number)
     if "Clip skip" in s:
-        req.clip_skip = int(s["Clip skip"])
+        req.clip_skip = _value(s, "Clip skip", int, whole)
     if "Eta" in s:
-        req.eta = float(s["Eta"])
+        req.eta = _value(s, "Eta", float, number)
     if "Variation seed" in s:
-        req.subseed = int(s["Variation seed"])
-        req.subseed_strength = float(s.get("Variation seed strength", 0))
+        req.subseed = _value(s, "Variation seed", int, whole)
+        if "Variation seed strength" in s:
+            req.subseed_strength = _value(s, "Variation seed strength", float, number)
     if "Seed resize from" in s:
-        w, h = s["Seed resize from"].lower().split("x")
-        req.seed_resize_from_w, req.seed_resize_from_h = int(w), int(h)
+        req.seed_resize_from_w, req.seed_resize_from_h = _value(s, "Seed resize from", _size, size)
     if "ENSD" in s:
-        req.eta_noise_seed_delta = int(s["ENSD"])
+        req.eta_noise_seed_delta = _value(s, "ENSD", int, whole)
     if "NGMS" in s:
-        req.s_min_uncond = float(s["NGMS"])
+        req.s_min_uncond = _value(s, "NGMS", float, number)
         req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
         h = req.hires = HiresOptions()
-        h.scale = float(s.get("Hires upscale", h.scale))
+        if "Hires upscale" in s:
+            h.scale = _value(s, "Hires upscale", float, number)
         if "Hires resize" in s:
-            x, y = s["Hires resize"].lower().split("x")
-            h.resize_x, h.resize_y = int(x), int(y)
-        h.second_pass_steps = int(s.get("Hires steps", 0))
+            h.resize_x, h.resize_y = _value(s, "Hires resize", _size, size)
+        if "Hires steps" in s:
+            h.second_pass_steps = _value(s, "Hires steps", int, whole)
         h.upscaler = s.get("Hires upscaler", h.upscaler)
     if "Refiner" in s:
         name = s["Refiner"].rsplit(" [", 1)[0] if s["Refiner"].endswith("]") else s["Refiner"]
@@ -349,22 +417,22 @@ def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
         return found
     o = req.inpaint = InpaintOptions(mask_blur=0)
     if "Mask blur" in s:
-        blur = s["Mask blur"].lower().split("x")
-        o.mask_blur = float(blur[0])
+        blur = _value(s, "Mask blur", lambda v: [float(x) for x in v.lower().split("x", 1)], "a number or XxY")
+        o.mask_blur = blur[0]
         if len(blur) == 2:
-            o.mask_blur_x, o.mask_blur_y = float(blur[0]), float(blur[1])
+            o.mask_blur_x, o.mask_blur_y = blur
     o.inpaint_full_res = s.get("Inpaint area") == "Only masked"
     if "Masked area padding" in s:
-        o.inpaint_full_res_padding = int(s["Masked area padding"])
+        o.inpaint_full_res_padding = _value(s, "Masked area padding", int, "a whole number")
     if "Masked content" in s:
         names = {v: k for k, v in INPAINT_FILL.items()}
         o.inpainting_fill = names.get(s["Masked content"], 1)
     o.inpainting_mask_invert = s.get("Mask mode") == "Inpaint not masked"
     if "Conditional mask weight" in s:
-        o.inpainting_mask_weight = float(s["Conditional mask weight"])
+        o.inpainting_mask_weight = _value(s, "Conditional mask weight", float, "a number")
     if "Outpaint" in s:
-        o.outpaint_left, o.outpaint_top, o.outpaint_right, o.outpaint_bottom = (
-            int(v) for v in s["Outpaint"].split(",")
+        o.outpaint_left, o.outpaint_top, o.outpaint_right, o.outpaint_bottom = _value(
+            s, "Outpaint", _four_ints, "four whole numbers left,top,right,bottom"
         )
     return found
 

@@ -13,56 +13,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from PIL import Image
-
+from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention, split_and
+from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
+from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
+from latentforge.pipelines.checks import CONTROL_MODULES as CONTROL_MODULES
+from latentforge.pipelines.checks import CONTROL_RESIZE_MODES as CONTROL_RESIZE_MODES
+from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # re-exported (hires.py, users)
+from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
+from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
+from latentforge.pipelines.checks import (
+    MAX_SIDE,
+    MAX_STEPS,
+    RANGES,
+    RequestError,
+    check_types,
+    is_int,
+    is_number,
+    optional,
+    show,
+    validate_control,
+    validate_hires,
+    validate_inpaint,
+)
+from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
+from latentforge.pipelines.checks import mode_index as mode_index
+from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
-
-
-class RequestError(ValueError):
-    """A request that cannot run; the message says which field and what is allowed."""
-
-
-# Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
-# image ones (pipelines/hires.py uses them)
-LATENT_UPSCALERS = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-
-
-def builtin_upscaler(name: str) -> str | None:
-    """The canonical name of a built-in upscaler given in any letter case, or None."""
-    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
-        if isinstance(name, str) and name.strip().lower() == known.lower():
-            return known
-    return None
-
-
-def upscaler_name(name: str, *, model_files: bool = False) -> str:
-    """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
-    upscaler folder is configured), another name is kept as the name of an upscaler model file, found
-    when the plan is built (``upscalers.find``); a path to a .pth/.safetensors file is always kept."""
-    known = builtin_upscaler(name)
-    if known is not None:
-        return known
-    is_file = isinstance(name, str) and Path(name).suffix.lower() in (".pth", ".safetensors") and Path(name).is_file()
-    if isinstance(name, str) and name.strip() and (model_files or is_file):
-        return name.strip()
-    raise RequestError(
-        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}, "
-        "or an ESRGAN-family model file by path, or by name when an upscaler folder is configured (--upscaler-dir)"
-    )
 
 
 @dataclass
@@ -75,10 +56,6 @@ class HiresOptions:
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
-
-
-# A1111's "Masked content" names of inpainting_fill
-INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 
 
 @dataclass
@@ -250,26 +227,57 @@ class GenerationRequest:
     extra: dict = field(default_factory=dict)  # fields of other tools: kept in the metadata, not used
 
     def validate(self, *, img2img: bool = False, upscaler_files: bool = False) -> None:
-        """Check every field; ``upscaler_files``: an upscaler folder is configured, so a hires upscaler
-        that is not built in may name a model file there (resolved when the plan is built)."""
+        """Check every field's type and range (and the prompts' limits) before any work; a RequestError
+        names the field, what it got and what is allowed. ``upscaler_files``: an upscaler folder is
+        configured, so a hires upscaler that is not built in may name a model file there (resolved when
+        the plan is built)."""
 
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise RequestError(message)
 
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be a whole number >= 1, got {self.steps!r}")
-        need(self.steps <= 1000, f"steps must be at most 1000, got {self.steps}")
+        check_types(GenerationRequest, {f.name: getattr(self, f.name) for f in fields(self)})
+        for name, group in _GROUPS.items():
+            value = getattr(self, name)
+            if isinstance(value, group):
+                check_types(group, asdict(value), f"{name}.")
+        need(is_int(self.steps) and self.steps >= 1, f"steps must be a whole number >= 1, got {show(self.steps)}")
+        need(self.steps <= MAX_STEPS, f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        for name in ("prompt", "negative_prompt", "sampler", "schedule", "prompt_syntax"):
+            value = getattr(self, name)
+            need(isinstance(value, str), f"{name} must be text, got {type(value).__name__} {show(value)}")
+        for name in ("prompt", "negative_prompt"):
+            try:
+                check_prompt(getattr(self, name), name)
+            except PromptError as e:
+                raise RequestError(str(e)) from None
         try:
-            resolve(self.sampler, self.schedule)
+            sampler, _ = resolve(self.sampler, self.schedule)
         except ValueError as e:
             raise RequestError(str(e)) from None
+        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
+        if self.prompt_syntax == "a1111":  # the parsers' limits, checked before any model work
+            calls = self.steps * (2 if sampler.second_order else 1)
+            for name in ("prompt", "negative_prompt"):
+                try:  # the prompt's AND parts each have a schedule (pipelines/plan.py); all are encoded
+                    parts = split_and(self.prompt) if name == "prompt" else [(self.negative_prompt, 1.0)]
+                    texts = {(i, t) for i, (part, _) in enumerate(parts) for _, t in prompt_schedule(part, calls)}
+                    if len(texts) > MAX_SCHEDULE_TEXTS:
+                        raise PromptError(
+                            f"its AND parts, prompt editing and alternation give {len(texts)} different prompts "
+                            f"over the steps; the limit is {MAX_SCHEDULE_TEXTS} (each is encoded)"
+                        )
+                    for _, text in texts:
+                        parse_attention(text)
+                except PromptError as e:
+                    raise RequestError(f"{name}: {e}") from None
         try:
             schedule_name(self.schedule)
         except ValueError as e:
             raise RequestError(str(e)) from None
         need(
-            isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale),
-            f"cfg_scale must be a finite number, got {self.cfg_scale!r}",
+            is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
+            f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
         )
         need(
             isinstance(self.s_min_uncond, (int, float)) and 0 <= self.s_min_uncond <= 1000,
@@ -283,59 +291,75 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None:
                 need(
-                    isinstance(value, int) and value >= 64 and value % 8 == 0,
-                    f"{name} must be a multiple of 8 and at least 64 pixels, got {value!r}",
+                    is_int(value) and value >= 64 and value % 8 == 0,
+                    f"{name} must be a multiple of 8 and at least 64 pixels, got {show(value)}",
                 )
-                need(value <= 8192, f"{name} must be at most 8192 pixels, got {value}")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
-        need(isinstance(self.batch_count, int) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
+                need(value <= MAX_SIDE, f"{name} must be at most {MAX_SIDE} pixels, got {value}")
+        need(is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
+        need(is_int(self.batch_count) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
         need(
-            isinstance(self.seed, int) and -1 <= self.seed < 2**63,
-            f"seed must be -1 or a non-negative whole number, got {self.seed!r}",
+            is_int(self.seed) and -1 <= self.seed < 2**63,
+            f"seed must be -1 or a non-negative whole number, got {show(self.seed)}",
         )
         need(
-            isinstance(self.subseed, int) and -1 <= self.subseed < 2**63,
-            f"subseed must be -1 or a non-negative whole number, got {self.subseed!r}",
+            is_int(self.subseed) and -1 <= self.subseed < 2**63,
+            f"subseed must be -1 or a non-negative whole number, got {show(self.subseed)}",
         )
         s = self.subseed_strength
         need(
-            isinstance(s, (int, float)) and math.isfinite(s) and 0 <= s <= 1,
-            f"subseed_strength must be between 0 and 1, got {s!r}",
+            is_number(s) and math.isfinite(s) and 0 <= s <= 1,
+            f"subseed_strength must be between 0 and 1, got {show(s)}",
         )
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             v = getattr(self, name)
-            need(isinstance(v, int) and -1 <= v <= 8192, f"{name} must be 0 (off) to 8192 pixels, got {v!r}")
+            need(is_int(v) and -1 <= v <= MAX_SIDE, f"{name} must be 0 (off) to 8192 pixels, got {show(v)}")
         need(
-            isinstance(self.eta_noise_seed_delta, int) and 0 <= self.eta_noise_seed_delta < 2**32,
-            f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {self.eta_noise_seed_delta!r}",
+            is_int(self.eta_noise_seed_delta) and 0 <= self.eta_noise_seed_delta < 2**32,
+            f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {show(self.eta_noise_seed_delta)}",
         )
-        need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {self.rng!r}")
+        need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {show(self.rng)}")
         need(
-            self.clip_skip is None or (isinstance(self.clip_skip, int) and 1 <= self.clip_skip <= 12),
-            f"clip_skip must be 1 to 12, got {self.clip_skip!r}",
+            self.clip_skip is None or (is_int(self.clip_skip) and 1 <= self.clip_skip <= 12),
+            f"clip_skip must be 1 to 12, got {show(self.clip_skip)}",
         )
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name)
+            if value is None and name == "eta":
+                continue
+            ok = is_number(value) and low <= value <= high and (math.isfinite(value) or name == "s_tmax")
+            need(ok, f"{name} must be between {low:g} and {high:g}, got {show(value)}")
+        for name in ("sgm_noise_multiplier", "quantize_timesteps"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {show(value)}")
+        need(
+            is_int(self.resize_mode) and self.resize_mode in (0, 1, 2),
+            f"resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), got {show(self.resize_mode)}",
+        )
+        need(isinstance(self.extra, dict), f"extra must be a mapping of names to values, got {show(self.extra)}")
+        for name, group in _GROUPS.items():
+            value = getattr(self, name)
+            need(
+                value is None or isinstance(value, group),
+                f"{name} must be a group of options ({', '.join(f.name for f in fields(group))}) or none, "
+                f"got {show(value)}",
+            )
+        for name, item in _LISTS.items():
+            value = getattr(self, name)
+            need(
+                isinstance(value, list) and all(isinstance(x, item) for x in value),
+                f"{name} must be a list of {item.__name__} entries, got {show(value)}",
+            )
         if self.hires is not None and not img2img:
-            _validate_hires(self.hires, need, upscaler_files)
+            validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
             _validate_refiner(self.refiner, need)
         if self.x4 is not None:
             _validate_x4(self.x4, need)
-        if img2img or self.hires is not None:
-            s = self.denoising_strength
-            need(
-                isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s <= 1.0,
-                f"denoising_strength must be between 0 and 1, got {s!r}",
-            )
-            need(
-                not img2img or self.resize_mode in (0, 1, 2),
-                "resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill)",
-            )
-        need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
         if self.inpaint is not None:
-            _validate_inpaint(self.inpaint, need, img2img)
+            validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
         for i, unit in enumerate(self.control):
-            _validate_control(i, unit, need)
+            validate_control(i, unit, need)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded
@@ -352,6 +376,18 @@ class GenerationRequest:
         ``refiner_checkpoint``, ``mask``, ...). Unknown fields are an error naming them (the CLI and the
         Python API are strict), or with ``lenient=True`` (for JSON that other tools wrote, such as an
         A1111 API payload) kept in ``extra``."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise RequestError(f"a request must be a mapping of field names to values, got {show(data)}")
+        for name in [*_GROUPS, *_LISTS]:
+            value = data.get(name)
+            group_ok = value is None or isinstance(value, dict) or dataclasses.is_dataclass(value)
+            need = list if name in _LISTS else None
+            if (need and not isinstance(value, (list, type(None)))) or (not need and not group_ok):
+                raise RequestError(f"{name} must be {'a list' if need else 'a group of options'}, got {show(value)}")
+        if not isinstance(data.get("enable_hr", False), (bool, type(None))):
+            raise RequestError(f"enable_hr must be true or false, got {show(data['enable_hr'])}")
+        if not isinstance(data.get("extra", {}), dict):
+            raise RequestError(f"extra must be a mapping of names to values, got {show(data['extra'])}")
         data = _fold_flat(dict(data))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -359,12 +395,15 @@ class GenerationRequest:
             raise RequestError(f"unknown request field(s): {', '.join(unknown)}")
         if unknown:
             data["extra"] = {**data.get("extra", {}), **{k: data.pop(k) for k in unknown}}
+        if lenient:  # other tools write null for "the default" (A1111: s_tmax)
+            data = {k: v for k, v in data.items() if v is not None or optional(cls, k)}
         for name, group in _GROUPS.items():
             if isinstance(data.get(name), dict):
                 data[name] = _make(group, data[name], name)
         for name, item in _LISTS.items():
             if name in data:
                 data[name] = [_make(item, x, name) if isinstance(x, dict) else x for x in data[name] or []]
+        check_types(cls, data)
         return cls(**data)
 
 
@@ -413,96 +452,16 @@ def _given(value) -> bool:
 
 def _make(cls, values: dict, where: str):
     allowed = {f.name for f in fields(cls)}
+    if not all(isinstance(k, str) for k in values):
+        raise RequestError(f"{where} field names must be text, got {show(list(values))}")
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise RequestError(f"unknown {where} field(s): {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+    check_types(cls, values, f"{where}.")
     try:
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
-
-
-# the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
-CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
-CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
-CONTROL_MODULES = ("none", "canny", "depth")
-
-
-def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:
-    """A mode given as its index or its name (case-insensitive) -> its index."""
-    if isinstance(value, bool):
-        raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
-    if isinstance(value, int) and 0 <= value < len(names):
-        return value
-    if isinstance(value, str):
-        lower = [n.lower() for n in names]
-        if value.lower() in lower:
-            return lower.index(value.lower())
-    raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
-
-
-def _validate_control(i: int, u: ControlUnit, need) -> None:
-    where = f"control unit {i}"
-    need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
-    need(u.image is not None, f"{where}: no control image was given ('image')")
-    need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")
-    w = u.weight
-    need(isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 2, f"{where}: weight must be 0 to 2, got {w!r}")
-    a, b = u.guidance_start, u.guidance_end
-    need(
-        isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 <= a <= b <= 1,
-        f"{where}: guidance_start and guidance_end must satisfy 0 <= start <= end <= 1, got {a!r}, {b!r}",
-    )
-    mode_index(u.control_mode, CONTROL_MODES, f"{where}: control_mode")
-    mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
-    r = u.processor_res
-    need(
-        isinstance(r, int) and (r == -1 or 64 <= r <= 4096),
-        f"{where}: processor_res must be -1 or 64 to 4096, got {r!r}",
-    )
-    for name in ("threshold_a", "threshold_b"):
-        v = getattr(u, name)
-        need(
-            isinstance(v, (int, float)) and -1 <= v <= 1000, f"{where}: {name} must be -1 (default) to 1000, got {v!r}"
-        )
-
-
-def _validate_inpaint(o: InpaintOptions, need, img2img: bool) -> None:
-    need(img2img, "inpainting and outpainting need an init image (img2img)")
-    need(
-        o.inpainting_fill in INPAINT_FILL,
-        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
-    )
-    pad = o.inpaint_full_res_padding
-    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
-    w = o.inpainting_mask_weight
-    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
-    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
-        v = getattr(o, name)
-        need(
-            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
-            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
-        )
-    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
-
-
-def _validate_hires(h: HiresOptions, need, upscaler_files: bool = False) -> None:
-    need(
-        isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
-        f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
-    )
-    steps = h.second_pass_steps
-    need(
-        isinstance(steps, int) and 0 <= steps <= 1000,
-        f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
-    )
-    for name in ("resize_x", "resize_y"):
-        value = getattr(h, name)
-        need(
-            isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
-            f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
-        )
-    upscaler_name(h.upscaler, model_files=upscaler_files)
 
 
 def _validate_refiner(r: RefinerOptions, need) -> None:

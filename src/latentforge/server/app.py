@@ -98,7 +98,11 @@ def create_app(
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:
         req, init, model = sdapi.to_request(
-            payload, img2img=img2img, options=options, max_pixels=config.max_image_pixels
+            payload,
+            img2img=img2img,
+            options=options,
+            max_pixels=config.max_image_pixels,
+            upscaler_files=bool(config.upscaler_dirs),
         )
         spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
         spec.save_to = outdir if payload.save_images else None
@@ -250,10 +254,15 @@ def create_app(
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers() -> list[dict]:
-        return [
+        from latentforge.upscalers import available
+
+        rows = [
             {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
             for n in ["None", *IMAGE_UPSCALERS]
         ]
+        for name in available(config.upscaler_dirs):  # names only: paths stay on the server
+            rows.append({"name": name, "model_name": "ESRGAN", "model_path": None, "model_url": None, "scale": 4.0})
+        return rows
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_modes() -> list[dict]:

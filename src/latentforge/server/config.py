@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -21,3 +21,4 @@ class ServerConfig:
     history: int = 32  # finished jobs kept for GET /latentforge/v1/jobs/{id}
     device: str | None = None
     dtype: str | None = None
+    upscaler_dirs: list[Path] = field(default_factory=list)  # ESRGAN-family files for hr_upscaler

@@ -296,7 +296,13 @@ class JobQueue:
                 shift = (it * req.batch_size) % len(images)
                 images = images[shift:] + images[:shift]
             try:
-                result = generate(pipe, part, init_images=images, progress=lambda p: self._progress(job, p))
+                result = generate(
+                    pipe,
+                    part,
+                    init_images=images,
+                    progress=lambda p: self._progress(job, p),
+                    upscaler_dirs=self.config.upscaler_dirs,
+                )
             except Interrupted:
                 if job.stop_flag:
                     break

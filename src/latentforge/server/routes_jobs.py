@@ -61,7 +61,11 @@ def add_job_routes(
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         req, init, model = sdapi.to_request(
-            payload, img2img=mode == "img2img", options=options, max_pixels=config.max_image_pixels
+            payload,
+            img2img=mode == "img2img",
+            options=options,
+            max_pixels=config.max_image_pixels,
+            upscaler_files=bool(config.upscaler_dirs),
         )
         spec = make_spec(catalog, mode, req, init, model, payload)
         spec.save_to = Path(config.outdir).resolve() if payload.save_images else None

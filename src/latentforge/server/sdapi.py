@@ -173,7 +173,7 @@ def _refuse(field: str, message: str) -> None:
 
 
 def to_request(
-    payload: _Payload, *, img2img: bool, options: dict, max_pixels: int
+    payload: _Payload, *, img2img: bool, options: dict, max_pixels: int, upscaler_files: bool = False
 ) -> tuple[GenerationRequest, list[Image.Image] | None, str | None]:
     """(request, init images or None, model name from override_settings or None)."""
     p = payload.model_dump()
@@ -251,7 +251,7 @@ def to_request(
     kept = {k: v for k, v in extra.items() if k not in _HANDLED and k not in passed}
     try:
         req = GenerationRequest.from_dict({**data, **passed, "extra": kept}, lenient=True)
-        req.validate(img2img=img2img)
+        req.validate(img2img=img2img, upscaler_files=upscaler_files)
     except RequestError as e:
         raise _a1111_field(str(e)) from None
     except (TypeError, ValueError) as e:

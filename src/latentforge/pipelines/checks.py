@@ -1,0 +1,213 @@
+"""Checks shared by requests and the files they come from: the error type, limits, and field types.
+
+Requests arrive from JSON, PNG metadata and command lines, so every field is checked for its type
+(a bool is not a number, a string is not a number) and range before any work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+from PIL import Image
+
+
+class RequestError(ValueError):
+    """A request that cannot run; the message says which field and what is allowed."""
+
+
+MAX_STEPS = 1000
+MAX_SIDE = 8192  # pixels, width and height (explicit, from an init image, or after hires)
+MAX_INPUT_PIXELS = 8192 * 8192  # pixels of an image file read as input (checked before decoding)
+# numeric fields that are finite numbers within a range (s_tmax may be infinite: "no upper bound")
+RANGES = {
+    "denoising_strength": (0.0, 1.0),
+    "eta": (0.0, 10.0),
+    "s_churn": (0.0, 100.0),
+    "s_tmin": (0.0, 1e4),
+    "s_tmax": (0.0, math.inf),
+    "s_noise": (0.0, 100.0),
+    "aesthetic_score": (0.0, 10.0),
+    "negative_aesthetic_score": (0.0, 10.0),
+}
+
+
+def is_int(value: object) -> bool:
+    """A whole number (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or float (not a bool); finiteness is checked by the caller."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def show(value: object) -> str:
+    """A value for an error message, cut short (it may come from a file)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_KINDS = {
+    "int": ("a whole number", is_int),
+    "float": ("a number", is_number),
+    "str": ("text", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+}
+
+
+def optional(cls: type, name: str) -> bool:
+    """Whether field ``name`` of dataclass ``cls`` may be None."""
+    return any(f.name == name and (f.type.endswith("| None") or f.type == "Any") for f in fields(cls))
+
+
+def check_types(cls: type, values: dict, where: str = "") -> None:
+    """RequestError unless each value in ``values`` has its field's type in ``cls`` (int, float, str,
+    bool, dict, optionally None; a bool is not a number here). Other fields (groups, Any) are left to
+    their own checks."""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        may_be_none = f.type.endswith("| None")
+        kind = _KINDS.get(f.type.removesuffix(" | None"))
+        value = values[f.name]
+        if kind is None or (may_be_none and value is None):
+            continue
+        what, ok = kind
+        if not ok(value):
+            what += " or none" if may_be_none else ""
+            raise RequestError(f"{where}{f.name} must be {what}, got {type(value).__name__} {show(value)}")
+
+
+# Hires upscalers, A1111's names -> (interpolation mode, antialias) for latent ones, a PIL filter for
+# image ones (pipelines/hires.py uses them)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+
+
+def builtin_upscaler(name: str) -> str | None:
+    """The canonical name of a built-in upscaler given in any letter case, or None."""
+    for known in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if isinstance(name, str) and name.strip().lower() == known.lower():
+            return known
+    return None
+
+
+def upscaler_name(name: str, *, model_files: bool = False) -> str:
+    """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
+    upscaler folder is configured), another name is kept as the name of an upscaler model file, found
+    when the plan is built (``upscalers.find``); a path to a .pth/.safetensors file is always kept."""
+    known = builtin_upscaler(name)
+    if known is not None:
+        return known
+    is_file = isinstance(name, str) and Path(name).suffix.lower() in (".pth", ".safetensors") and Path(name).is_file()
+    if isinstance(name, str) and name.strip() and (model_files or is_file):
+        return name.strip()
+    raise RequestError(
+        f"unknown hires upscaler {name!r}; choose one of: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}, "
+        "or an ESRGAN-family model file by path, or by name when an upscaler folder is configured (--upscaler-dir)"
+    )
+
+
+def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = False) -> None:
+    """The hires group's fields (``HiresOptions``), with A1111's flat names in the messages."""
+    need(
+        isinstance(h.scale, (int, float)) and math.isfinite(h.scale) and 0 < h.scale <= 8,
+        f"hr_scale must be above 0 and at most 8, got {h.scale!r}",
+    )
+    steps = h.second_pass_steps
+    need(
+        isinstance(steps, int) and 0 <= steps <= 1000,
+        f"hr_second_pass_steps must be 0 (same as steps) to 1000, got {steps!r}",
+    )
+    for name in ("resize_x", "resize_y"):
+        value = getattr(h, name)
+        need(
+            isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
+            f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
+        )
+    upscaler_name(h.upscaler, model_files=upscaler_files)
+
+
+# A1111's "Masked content" names of inpainting_fill
+INPAINT_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> None:
+    """The inpaint group's fields (``InpaintOptions``)."""
+    need(img2img, "inpainting and outpainting need an init image (img2img)")
+    need(
+        o.inpainting_fill in INPAINT_FILL,
+        "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)",
+    )
+    for name in ("mask_blur", "mask_blur_x", "mask_blur_y"):
+        v = getattr(o, name)
+        ok = (v is None and name != "mask_blur") or (is_number(v) and 0 <= v <= 256)
+        need(ok, f"{name} must be between 0 and 256 pixels, got {show(v)}")
+    pad = o.inpaint_full_res_padding
+    need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
+    w = o.inpainting_mask_weight
+    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
+    for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
+        v = getattr(o, name)
+        need(
+            isinstance(v, int) and 0 <= v <= 4096 and v % 8 == 0,
+            f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
+        )
+    need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
+
+
+# the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_MODULES = ("none", "canny", "depth")
+
+
+def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:
+    """A mode given as its index or its name (case-insensitive) -> its index."""
+    if isinstance(value, bool):
+        raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str):
+        lower = [n.lower() for n in names]
+        if value.lower() in lower:
+            return lower.index(value.lower())
+    raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+
+
+def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
+    """A ControlNet unit's fields (the A1111 ControlNet extension's API ranges)."""
+    where = f"control unit {i}"
+    need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
+    need(u.image is not None, f"{where}: no control image was given ('image')")
+    need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")
+    w = u.weight
+    need(isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 2, f"{where}: weight must be 0 to 2, got {w!r}")
+    a, b = u.guidance_start, u.guidance_end
+    need(
+        isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 <= a <= b <= 1,
+        f"{where}: guidance_start and guidance_end must satisfy 0 <= start <= end <= 1, got {a!r}, {b!r}",
+    )
+    mode_index(u.control_mode, CONTROL_MODES, f"{where}: control_mode")
+    mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
+    r = u.processor_res
+    need(
+        isinstance(r, int) and (r == -1 or 64 <= r <= 4096),
+        f"{where}: processor_res must be -1 or 64 to 4096, got {r!r}",
+    )
+    for name in ("threshold_a", "threshold_b"):
+        v = getattr(u, name)
+        need(
+            isinstance(v, (int, float)) and -1 <= v <= 1000, f"{where}: {name} must be -1 (default) to 1000, got {v!r}"
+        )
