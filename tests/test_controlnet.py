@@ -407,3 +407,16 @@ def test_infotext_as_the_extension_writes_it():
         "Resize, Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 1.0, "
         "Pixel Perfect: False, Control Mode: ControlNet is more important"
     }
+
+
+def test_absurd_sizes_are_refused_before_building(reference):
+    from latentforge.adapters.controlnet import ControlNetError, infer_config
+
+    ref, net = reference
+    target = unet_config_from_diffusers(dict(ref.unet.config))
+    shapes = {k: tuple(v.shape) for k, v in _original_layout(net, 4, 2).items()}
+    shapes = {k.removeprefix("control_model."): v for k, v in shapes.items()}
+    infer_config(shapes, target, "ok.safetensors")  # the real shapes infer
+    shapes["input_hint_block.0.weight"] = (99999, 3, 3, 3)
+    with pytest.raises(ControlNetError, match=r"big\.safetensors: widths .* outside latentforge's limits"):
+        infer_config(shapes, target, "big.safetensors")

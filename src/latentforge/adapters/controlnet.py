@@ -28,7 +28,7 @@ from latentforge.convert.diffusers import _RESNET
 from latentforge.families.infer import ArchitectureError, unet_layout
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.controlnet import ControlNet, ControlNetConfig, diffusers_key
-from latentforge.models.limits import MAX_TRANSFORMER_DEPTH
+from latentforge.models.limits import MAX_IO_CHANNELS, MAX_MULT, MAX_TRANSFORMER_DEPTH, MAX_WIDTH
 from latentforge.models.unet import ControlResiduals, UNetConfig
 from latentforge.sampling.denoisers import Cond, ModelDenoiser
 
@@ -143,6 +143,13 @@ def infer_config(shapes: dict[str, tuple[int, ...]], target: UNetConfig, source:
         raise ControlNetError(f"{source}: the hint encoder 'input_hint_block' has convolutions at {convs[:20]}")
     outs = [need(f"input_hint_block.{i}.weight", 4) for i in convs]
     hint_in = outs[0][1]
+    widths = [mc, *(mc * m for m in mult), *(s[0] for s in outs)]
+    if max(widths) > MAX_WIDTH or max(mult) > MAX_MULT or not 1 <= hint_in <= MAX_IO_CHANNELS or min(widths) < 1:
+        raise ControlNetError(
+            f"{source}: widths {sorted(set(widths))[:8]}, level multipliers {mult} or hint channels {hint_in} are "
+            f"outside latentforge's limits (widths 1 to {MAX_WIDTH}, multipliers up to {MAX_MULT}, channels up to "
+            f"{MAX_IO_CHANNELS}); the file is damaged or not a ControlNet"
+        )
     return ControlNetConfig(unet, hint_channels=hint_in, hint_widths=tuple(s[0] for s in outs[:-1:2]))
 
 
