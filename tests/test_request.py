@@ -126,9 +126,9 @@ def test_groups_that_generation_cannot_run_yet_are_refused_before_any_work(tmp_p
     from tiny import build_reference, save_folder
 
     pipe = latentforge.load(save_folder(build_reference("sd1", seed=2), tmp_path / "m"))
-    for options in ({"control": [{"model": "canny"}]},):
-        with pytest.raises(RequestError, match="not available in this version"):
-            pipe.txt2img("x", steps=1, width=64, height=64, **options)
+    # ControlNet units run now: a unit without its control image is refused before any work
+    with pytest.raises(RequestError, match="control unit 0: no control image"):
+        pipe.txt2img("x", steps=1, width=64, height=64, control=[{"model": "canny"}])
     # networks run now: an unknown name is refused before any work, saying where to put the file
     from latentforge.adapters.folders import AdapterNotFound
 

@@ -183,6 +183,21 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         help="folder of A1111 hypernetworks named by <hypernet:name:w> tags",
     )
     p.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="MODEL:IMAGE[:WEIGHT]",
+        help="a ControlNet unit (repeatable): a ControlNet file path or name in --controlnet-dir, its control image, "
+        "its weight (default 1)",
+    )
+    p.add_argument(
+        "--control-module",
+        choices=["none", "canny", "depth"],
+        default="none",
+        help="preprocessor of the --control images (default none: the image is the control map)",
+    )
+    p.add_argument("--controlnet-dir", type=Path, action="append", default=[], help="folder of ControlNet models")
+    p.add_argument(
         "--models-dir",
         type=Path,
         action="append",
@@ -384,6 +399,8 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
             current = req.to_dict()["depth"] or {}
             given = {"map": args.depth_map and str(args.depth_map), "model": args.depth_model and str(args.depth_model)}
             options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
+    if getattr(args, "control", None):
+        options["control"] = [parse_control(v, args.control_module) for v in args.control]
     if getattr(args, "seed_resize_from", None):
         try:
             w, h = (int(v) for v in args.seed_resize_from.lower().split("x"))
@@ -395,6 +412,24 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     return req, pick, meta
+
+
+def parse_control(value: str, module: str = "none") -> dict:
+    """``MODEL:IMAGE[:WEIGHT]`` -> a ControlNet unit (the weight is the last part when it is a number)."""
+    parts = value.split(":")
+    weight = 1.0
+    if len(parts) >= 3:
+        try:
+            weight = float(parts[-1])
+            parts = parts[:-1]
+        except ValueError:
+            pass
+    if len(parts) < 2 or not parts[0] or not parts[-1]:
+        raise ValueError(f"--control takes MODEL:IMAGE[:WEIGHT], got {value!r}")
+    image = ":".join(parts[1:])
+    if not Path(image).is_file():
+        raise ValueError(f"--control {value!r}: the control image {image} does not exist")
+    return {"model": parts[0], "image": image, "weight": weight, "module": module}
 
 
 def _x4_group(req) -> dict:
@@ -437,15 +472,17 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
-    for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir):
+    for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir):
         if not folder.is_dir():
             raise ValueError(
-                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir or --hypernetwork-dir)"
+                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir, --hypernetwork-dir or "
+                "--controlnet-dir)"
             )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
     pipe.folders.hypernetworks += args.hypernetwork_dir
+    pipe.folders.controlnet += args.controlnet_dir
     for root in args.models_dir:
         pipe.folders.add_models_dir(root)
     if meta is not None:

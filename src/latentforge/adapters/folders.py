@@ -8,12 +8,14 @@ name is an error listing close matches. ``models_dir`` understands the two usual
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 HYPERNETWORK_SUFFIXES = (".pt",)
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 
 
 class AdapterNotFound(LookupError):
@@ -40,6 +42,7 @@ class AdapterFolders:
     lora: list[Path] = field(default_factory=list)
     embeddings: list[Path] = field(default_factory=list)
     hypernetworks: list[Path] = field(default_factory=list)
+    controlnet: list[Path] = field(default_factory=list)
 
     def add_models_dir(self, root: str | Path) -> None:
         """Add the LoRA and embedding folders of an A1111 or ComfyUI installation (or its models folder)."""
@@ -50,7 +53,9 @@ class AdapterFolders:
         found_lora = [root / p for p in lora if (root / p).is_dir()]
         found_emb = [root / p for p in emb if (root / p).is_dir()]
         found_hyper = [root / p for p in hyper if (root / p).is_dir()]
-        if not found_lora and not found_emb and not found_hyper:
+        control = ["models/ControlNet", "models/controlnet", "ControlNet", "controlnet"]
+        found_control = [root / p for p in control if (root / p).is_dir()]
+        if not found_lora and not found_emb and not found_hyper and not found_control:
             raise FileNotFoundError(
                 f"{root} has none of the folders of an A1111 ({', '.join(lora[:2])}, embeddings) or ComfyUI "
                 "(models/loras, models/embeddings) installation; give the installation's root folder"
@@ -58,6 +63,18 @@ class AdapterFolders:
         self.lora += [p for p in found_lora if p not in self.lora]
         self.embeddings += [p for p in found_emb if p not in self.embeddings]
         self.hypernetworks += [p for p in found_hyper if p not in self.hypernetworks]
+        self.controlnet += [p for p in found_control if p not in self.controlnet]
+
+    def find_controlnet(self, name: str) -> Path:
+        """A ControlNet model by file stem (or a path to a file); A1111's " [hash]" suffix is ignored."""
+        name = re.sub(r" \[[0-9a-fA-F]{8,10}\]$", "", name)
+        return find(
+            name,
+            self.controlnet,
+            CONTROLNET_SUFFIXES,
+            "ControlNet",
+            "--controlnet-dir or --models-dir (pipe.folders.controlnet)",
+        )
 
     def find_hypernetwork(self, name: str) -> Path:
         """An A1111 hypernetwork by file stem (or a path to a file)."""

@@ -64,3 +64,11 @@ def addnet_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """A1111's old 8-digit model hash (the one the ControlNet extension shows as "name [hash]"): the
+    SHA-256 of the 64 KiB at offset 1 MiB of the file (of what is there, for shorter files)."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

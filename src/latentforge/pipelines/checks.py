@@ -165,3 +165,49 @@ def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> Non
             f"{name} must be a multiple of 8 from 0 to 4096 pixels, got {v!r}",
         )
     need(o.mask is not None or any(o.outpaint), "inpainting needs a mask image (white = repaint), or outpaint margins")
+
+
+# the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_MODULES = ("none", "canny", "depth")
+
+
+def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:
+    """A mode given as its index or its name (case-insensitive) -> its index."""
+    if isinstance(value, bool):
+        raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+    if isinstance(value, int) and 0 <= value < len(names):
+        return value
+    if isinstance(value, str):
+        lower = [n.lower() for n in names]
+        if value.lower() in lower:
+            return lower.index(value.lower())
+    raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
+
+
+def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
+    """A ControlNet unit's fields (the A1111 ControlNet extension's API ranges)."""
+    where = f"control unit {i}"
+    need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
+    need(u.image is not None, f"{where}: no control image was given ('image')")
+    need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")
+    w = u.weight
+    need(isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 2, f"{where}: weight must be 0 to 2, got {w!r}")
+    a, b = u.guidance_start, u.guidance_end
+    need(
+        isinstance(a, (int, float)) and isinstance(b, (int, float)) and 0 <= a <= b <= 1,
+        f"{where}: guidance_start and guidance_end must satisfy 0 <= start <= end <= 1, got {a!r}, {b!r}",
+    )
+    mode_index(u.control_mode, CONTROL_MODES, f"{where}: control_mode")
+    mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
+    r = u.processor_res
+    need(
+        isinstance(r, int) and (r == -1 or 64 <= r <= 4096),
+        f"{where}: processor_res must be -1 or 64 to 4096, got {r!r}",
+    )
+    for name in ("threshold_a", "threshold_b"):
+        v = getattr(u, name)
+        need(
+            isinstance(v, (int, float)) and -1 <= v <= 1000, f"{where}: {name} must be -1 (default) to 1000, got {v!r}"
+        )

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import depth, hires, inpaint, networks, refiner, upscale_x4
+from latentforge.pipelines import control, depth, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
@@ -123,12 +123,6 @@ def output_size(req: GenerationRequest, init_image: Image.Image | None, default:
     return width, height
 
 
-def _refuse_unavailable(req: GenerationRequest) -> None:
-    for group, what in (("control", "ControlNet units"),):
-        if getattr(req, group):
-            raise RequestError(f"{what} ('{group}' in the request) is not available in this version of latentforge")
-
-
 def run_pass(
     p: Pass,
     previous: Tensor | None,
@@ -179,13 +173,15 @@ def generate(
     img2img = init_images is not None
     x4 = req.x4 is not None
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
-    _refuse_unavailable(req)
+    if x4 and req.control:
+        raise RequestError("ControlNet units cannot control the x4 upscaler; remove 'control' or 'x4'")
     if x4 and not init_images:
         raise RequestError("the x4 upscaler needs a low-resolution image (none was given)")
     images_in = [open_image(i) for i in init_images] if img2img else None
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
     hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
+    control_units = control.prepare(pipe, req)  # ControlNets loaded, images preprocessed, before any sampling
 
     seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
     seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
@@ -196,6 +192,7 @@ def generate(
     try:
         with torch.inference_mode():
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
+            control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
             _run(pipe, plan, session.request, seeds, subseeds, progress, out_images)
     finally:

@@ -3,8 +3,8 @@
 A request is the core fields every generation has, plus optional groups: ``hires`` (A1111's Hires.
 fix), ``inpaint`` (a mask, or outpainting margins), ``depth`` (depth-to-image), ``refiner`` (the SDXL
 refiner hand-off), ``x4`` (the x4 upscaler task), and places for ``networks`` (LoRA, hypernetworks,
-embeddings by name) and ``control`` (ControlNet units), which generation refuses until they are
-available. A group that is None (or an empty list) is off. A1111's flat field names (``enable_hr``,
+embeddings by name) and ``control`` (ControlNet units, pipelines/control.py). A group that is None
+(or an empty list) is off. A1111's flat field names (``enable_hr``,
 ``hr_scale``, ``refiner_checkpoint``, ``mask_blur``, ...) are accepted by ``from_dict`` and as keyword
 options, and folded into the groups.
 """
@@ -18,6 +18,9 @@ from typing import Any, TypedDict
 
 from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention, split_and
 from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
+from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
+from latentforge.pipelines.checks import CONTROL_MODULES as CONTROL_MODULES
+from latentforge.pipelines.checks import CONTROL_RESIZE_MODES as CONTROL_RESIZE_MODES
 from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # re-exported (hires.py, users)
 from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
 from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
@@ -31,10 +34,12 @@ from latentforge.pipelines.checks import (
     is_number,
     optional,
     show,
+    validate_control,
     validate_hires,
     validate_inpaint,
 )
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
+from latentforge.pipelines.checks import mode_index as mode_index
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
@@ -125,14 +130,26 @@ class NetworkRef:
 
 @dataclass
 class ControlUnit:
-    """One ControlNet unit. Not yet available."""
+    """One ControlNet unit, with the A1111 ControlNet extension's API fields (pipelines/control.py runs it).
+
+    ``model``: a file path, or a file stem in the ControlNet folders (A1111's "name [hash]" accepted);
+    ``image``: the control image (PIL image, path, or base64); ``module``: the preprocessor ("none",
+    "canny", "depth"); ``control_mode``: 0 balanced, 1 my prompt is more important, 2 ControlNet is more
+    important (or those names); ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or
+    names); ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
+    default); ``processor_res``: the preprocessor's resolution (short side; -1: 512)."""
 
     model: str
     image: Any = None
-    module: str = "none"  # preprocessor
+    module: str = "none"
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
+    control_mode: int | str = 0
+    resize_mode: int | str = 1
+    threshold_a: float = -1
+    threshold_b: float = -1
+    processor_res: int = -1
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)
@@ -341,6 +358,8 @@ class GenerationRequest:
         if self.inpaint is not None:
             validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
+        for i, unit in enumerate(self.control):
+            validate_control(i, unit, need)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded

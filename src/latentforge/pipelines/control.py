@@ -1,0 +1,225 @@
+"""ControlNet units of a request (the A1111 ControlNet extension's API fields) applied to a plan.
+
+``prepare`` runs before any work: it finds each unit's file (a path or a stem in ``pipe.folders.controlnet``),
+loads the network checked against the loaded UNet (adapters/controlnet.py), reads the control image and
+runs the preprocessor: "none" (the image as given), "canny" (OpenCV's Canny on the image scaled to
+``processor_res`` on its short side, edge-padded to a multiple of 64 as the extension does, thresholds
+``threshold_a``/``threshold_b``, defaults 100/200), "depth" (MiDaS DPT-Hybrid, models/midas.py, min-max
+scaled to 0..255). ``apply`` fits each detected map to every pass's pixel size with the unit's resize mode
+(Just Resize; Crop and Resize: cover then centre crop; Resize and Fill: fit, then pad with the median
+colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``); in a hires pass
+canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, ControlNetError, load_controlnet
+from latentforge.adapters.folders import AdapterNotFound
+from latentforge.io.hashing import legacy_model_hash
+from latentforge.io.tensorfile import CheckpointError
+from latentforge.models.controlnet import ControlNet
+from latentforge.pipelines.images import open_image
+from latentforge.pipelines.plan import Plan
+from latentforge.pipelines.request import (
+    CONTROL_MODES,
+    CONTROL_RESIZE_MODES,
+    ControlUnit,
+    GenerationRequest,
+    RequestError,
+    mode_index,
+)
+
+DEFAULT_RES = 512
+CANNY_DEFAULTS = (100.0, 200.0)
+HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hires pass for edge maps
+
+
+@dataclass
+class PreparedUnit:
+    unit: ControlUnit
+    net: ControlNet
+    name: str  # "stem [hash]" as the extension writes it
+    detected: np.ndarray  # (H, W, 3) uint8, the preprocessor's output
+
+    @property
+    def control_mode(self) -> int:
+        return mode_index(self.unit.control_mode, CONTROL_MODES, "control_mode")
+
+    @property
+    def resize_mode(self) -> int:
+        return mode_index(self.unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")
+
+
+def read_control_image(value, where: str) -> Image.Image:
+    """A PIL image, a path, or base64 (optionally a ``data:`` URL) as the extension's API sends it."""
+    if isinstance(value, str) and not Path(value).exists() and len(value) > 256:
+        data = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
+        return open_image(io.BytesIO(raw), where).convert("RGB")  # the shared reader's checks
+    return open_image(value, where).convert("RGB")
+
+
+def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    shrink = width * height < img.shape[0] * img.shape[1]
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def canny(img: np.ndarray, low: float, high: float, resolution: int) -> np.ndarray:
+    """The extension's canny preprocessor: scale the short side to ``resolution``, pad right and bottom to
+    multiples of 64 with edge pixels, OpenCV Canny, crop the padding; 3 equal channels."""
+    import cv2
+
+    h, w = img.shape[:2]
+    k = resolution / min(h, w)
+    th, tw = round(h * k), round(w * k)
+    scaled = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    pad_h, pad_w = -th % 64, -tw % 64
+    padded = np.pad(scaled, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
+    edges = cv2.Canny(padded, low, high)[:th, :tw]
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def _depth(pipe, img: np.ndarray, resolution: int) -> np.ndarray:
+    from latentforge.pipelines.depth import estimate
+
+    h, w = img.shape[:2]
+    k = resolution / min(h, w)
+    scaled = _resize(img, round(w * k), round(h * k))
+    d = estimate(pipe, None, Image.fromarray(scaled))[0, 0]
+    d = d - d.min()
+    d = d / d.max().clamp_min(1e-8)
+    out = (d * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def preprocess(pipe, unit: ControlUnit, image: Image.Image) -> np.ndarray:
+    """The unit's preprocessor on its control image -> (H, W, 3) uint8."""
+    img = np.asarray(image.convert("RGB"))
+    res = unit.processor_res if unit.processor_res > 0 else DEFAULT_RES
+    if unit.module == "canny":
+        low = unit.threshold_a if unit.threshold_a >= 0 else CANNY_DEFAULTS[0]
+        high = unit.threshold_b if unit.threshold_b >= 0 else CANNY_DEFAULTS[1]
+        return canny(img, low, high, res)
+    if unit.module == "depth":
+        return _depth(pipe, img, res)
+    return img
+
+
+def fit(detected: np.ndarray, width: int, height: int, mode: int) -> np.ndarray:
+    """A detected map at ``width`` x ``height``: 0 Just Resize, 1 Crop and Resize, 2 Resize and Fill."""
+    h, w = detected.shape[:2]
+    if mode == 0:
+        return _resize(detected, width, height)
+    k = max(height / h, width / w) if mode == 1 else min(height / h, width / w)
+    nh, nw = max(1, round(h * k)), max(1, round(w * k))
+    scaled = _resize(detected, nw, nh)
+    if mode == 1:
+        top, left = (nh - height) // 2, (nw - width) // 2
+        return scaled[top : top + height, left : left + width]
+    border = np.concatenate([detected[0], detected[-1], detected[:, 0], detected[:, -1]], axis=0)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    out[:] = np.median(border, axis=0).astype(np.uint8)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[top : top + nh, left : left + nw] = scaled
+    return out
+
+
+def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Tensor:
+    """(1, 3, height, width) in [0, 1], as the extension and diffusers give ControlNets their image."""
+    arr = fit(detected, width, height, mode)
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
+    """Load every unit's ControlNet and preprocess its image; any problem is a ``RequestError`` naming the
+    unit, before any sampling work."""
+    units = []
+    for i, unit in enumerate(req.control):
+        where = f"control unit {i}"
+        try:
+            path = pipe.folders.find_controlnet(unit.model)
+        except AdapterNotFound as e:
+            raise RequestError(f"{where}: {e}") from None
+        image = read_control_image(unit.image, f"{where} image")
+        key = f"controlnet {Path(path).resolve()} {pipe.dtype}"
+        try:
+            net = pipe.cached(key, lambda p=path: load_controlnet(p, pipe.unet.config, pipe.dtype, pipe.device))
+        except (ControlNetError, CheckpointError) as e:
+            raise RequestError(f"{where}: {e}") from None
+        name = f"{Path(path).stem} [{legacy_model_hash(path)}]"
+        units.append(PreparedUnit(unit, net, name, preprocess(pipe, unit, image)))
+    return units
+
+
+def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
+    """Wrap the model denoiser of each pass that runs the loaded UNet with the units' control."""
+    if not units:
+        return
+    down = pipe.vae.config.downscale
+    for p in plan.passes:
+        if p.model.unet is not pipe.unet:
+            continue
+        height, width = p.shape[1] * down, p.shape[2] * down
+        active = [
+            ActiveUnit(
+                u.net,
+                hint_tensor(u.detected, width, height, u.resize_mode).to(pipe.dtype),
+                float(u.unit.weight),
+                float(u.unit.guidance_start),
+                float(u.unit.guidance_end),
+                u.control_mode,
+                soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
+            )
+            for u in units
+        ]
+        uncond = [] if p.uncond is None else [c.context for _, c in p.uncond.entries]
+        p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond)
+    plan.infotext.update(infotext(units))
+
+
+def infotext(units: list[PreparedUnit]) -> dict[str, str]:
+    """``ControlNet N`` fields as the extension writes them: "Name: value" in its field order, numbers as
+    Python prints floats, fields left at -1 (unused by the preprocessor) left out; canny's thresholds and
+    the processor resolution are written as they ran."""
+    out = {}
+    for i, u in enumerate(units):
+        unit = u.unit
+        low, high, res = float(unit.threshold_a), float(unit.threshold_b), int(unit.processor_res)
+        if unit.module == "canny":
+            low = low if low >= 0 else CANNY_DEFAULTS[0]
+            high = high if high >= 0 else CANNY_DEFAULTS[1]
+        if unit.module != "none" and res <= 0:
+            res = DEFAULT_RES
+        fields = {
+            "Module": unit.module,
+            "Model": u.name,
+            "Weight": float(unit.weight),
+            "Resize Mode": CONTROL_RESIZE_MODES[u.resize_mode],
+            "Processor Res": res,
+            "Threshold A": low,
+            "Threshold B": high,
+            "Guidance Start": float(unit.guidance_start),
+            "Guidance End": float(unit.guidance_end),
+            "Pixel Perfect": False,
+            "Control Mode": CONTROL_MODES[u.control_mode],
+        }
+        out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != -1)
+    return out
