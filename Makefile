@@ -40,7 +40,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow -s
+	OMP_NUM_THREADS=$$(nproc) $(BIN)/python -m pytest -q -m slow -s
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
