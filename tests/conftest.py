@@ -13,6 +13,6 @@ os.environ.setdefault("LATENTFORGE_DTYPE", "fp32")
 # test_same_pixels.py and the server tests' subprocesses rely on it. `make test-slow` sets more threads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402  (after the environment above)
+import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
