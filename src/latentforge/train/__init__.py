@@ -4,7 +4,8 @@ from latentforge.train.config import ConfigError, TrainConfig, load_config
 
 
 def train(cfg: TrainConfig, progress=None, stop_after: int | None = None):
-    """Run a training config (``mode`` "diffusion" or "vae"); returns the output file."""
+    """Run a training config (``mode`` "diffusion", "lora", "embedding" or "vae"); returns the output file
+    (the model, the kohya LoRA file, or the embedding's ``.safetensors`` beside its ``.pt``)."""
     if cfg.mode == "vae":
         from latentforge.train.vae import train_vae
 

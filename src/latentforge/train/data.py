@@ -17,8 +17,9 @@ log = logging.getLogger("latentforge")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class DataError(ValueError):
-    """The data folder has problems and ``data.on_bad = "error"``; the message lists the files."""
+class DataError(ConfigError):
+    """The data folder has problems (``data.on_bad = "error"``) or holds nothing usable; the message lists
+    the files. A ``ConfigError``: the configuration points at data that cannot be trained on."""
 
 
 @dataclass
@@ -72,7 +73,10 @@ def load_folder(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]
             raise DataError(f"{len(problems)} problem(s) in {cfg.path} (data.on_bad = 'error'):\n{listing}{more}")
         log.warning("skipping %d file(s) of %s:\n%s%s", len(problems), cfg.path, listing, more)
     if not images:
-        raise DataError(f"no usable images with captions in {cfg.path}")
+        raise DataError(
+            f"no usable images with captions in data.path {cfg.path}: put images ({', '.join(IMAGE_SUFFIXES)}) "
+            "there, each with a same-named .txt caption file"
+        )
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return tensor, captions, problems
 
@@ -109,3 +113,22 @@ def sample_order(n: int, seed: int, first: int, count: int) -> torch.Tensor:
         got += take
         k += take
     return torch.cat(out)
+
+
+def shuffle_tags(caption: str, keep: int, g: torch.Generator) -> str:
+    """kohya's ``shuffle_caption``: the comma-separated tags in a random order drawn from ``g``, the first
+    ``keep`` tags (``keep_tokens``) left in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    tags = [t for t in tags if t]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=g).tolist() if len(tail) > 1 else range(len(tail))
+    return ", ".join(head + [tail[i] for i in order])
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How many captions hold each comma-separated tag (kohya's ``ss_tag_frequency`` per folder)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return counts
