@@ -21,6 +21,7 @@ from latentforge.train.common import deterministic_generator
 from latentforge.train.data import shuffle_tags
 from latentforge.train.diffusion import diffusion_loss, encode_images
 from latentforge.train.lora import build_network
+from test_lora import _unet_io
 from tiny import build_reference, close, hf_tokenizer, save_folder
 
 COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), "yellow": (230, 230, 30)}
@@ -280,3 +281,67 @@ def test_bad_inputs_are_config_errors(base, tmp_path):
         _cfg(tmp_path / "d", base_file, data, 'mode="embedding"')
     with pytest.raises(ConfigError, match=r"needs model\.base"):
         load_config(None, ['mode="lora"', f'data.path="{data}"'])
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tx")
+    ref = build_reference("sdxl-base", seed=52)
+    pipe = latentforge.load(save_folder(ref, tmp / "m"))
+    return ref, pipe, pipe.save(tmp / "sdxl.safetensors")
+
+
+def test_sdxl_lora_uses_original_names_and_loads_in_diffusers(base, sdxl, tmp_path):
+    ref, pipe, base_file = sdxl
+    _, _, data, _ = base
+    cfg = _cfg(tmp_path / "l", base_file, data, 'mode="lora"', "steps=2", "batch_size=2", "lora.rank=2",
+               'lora.modules="attention"', "lora.text_encoder=true")  # fmt: skip
+    path = train(cfg)
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") and "_attn2_to_k." in k for k in keys)
+    assert any(k.startswith("lora_te1_text_model_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
+    assert not any("ff_net" in k or "proj_in" in k for k in keys)  # "attention": attn1/attn2 only
+    unet = copy.deepcopy(ref.unet)
+    toks = [hf_tokenizer(p, tmp_path / f"tok{i}") for i, p in enumerate(ref.spec.pads)]
+    encs = [copy.deepcopy(e) for e in ref.text_encoders]
+    dpipe = D.StableDiffusionXLPipeline(ref.vae, encs[0], encs[1], toks[0], toks[1], unet, D.EulerDiscreteScheduler())
+    dpipe.load_lora_weights(str(path))
+    dpipe.fuse_lora(lora_scale=1.0)
+    apply_lora(pipe, path)
+    try:
+        ids = torch.randint(0, 49000, (1, 77), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            for ours, theirs in zip(pipe.text_encoders, encs):
+                ok, diff, scale = close(ours(ids).hidden, theirs(ids).last_hidden_state)
+                assert ok, f"SDXL text encoder with the trained LoRA: max diff {diff:.3g} vs {scale:.3g}"
+        x, t, ctx, kwargs, y = _unet_io(ref, torch.Generator().manual_seed(3), sdxl=True)
+        with torch.no_grad():
+            ok, diff, scale = close(pipe.unet(x, t, ctx, y), unet(x, t, encoder_hidden_states=ctx, **kwargs).sample)
+        assert ok, f"SDXL UNet with the trained LoRA: max diff {diff:.3g} vs {scale:.3g}"
+        with torch.no_grad():  # diffusers did apply the file (so the comparison can fail)
+            fused = unet(x, t, encoder_hidden_states=ctx, **kwargs).sample
+            assert not close(fused, ref.unet(x, t, encoder_hidden_states=ctx, **kwargs).sample)[0]
+    finally:
+        pipe.patcher.remove(f"lora:{path.stem}")
+
+
+def test_sdxl_embedding_is_a_clip_l_clip_g_pair(tmp_path, base, sdxl):
+    from latentforge.conditioning.embeddings import read_embedding
+
+    _, _, data, _ = base
+    _, pipe, base_file = sdxl
+    cfg = _cfg(tmp_path / "e", base_file, data, 'mode="embedding"', "steps=2", "batch_size=2",
+               'embedding.token="sqr"', "embedding.num_vectors=2")  # fmt: skip
+    path = train(cfg)
+    tensors = load_file(path)
+    widths = [enc.config.width for enc in pipe.text_encoders]
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == {"clip_l": (2, widths[0]), "clip_g": (2, widths[1])}
+    pt = torch.load(path.with_suffix(".pt"), weights_only=True)
+    assert set(pt) == {"clip_l", "clip_g"} and torch.equal(pt["clip_g"], tensors["clip_g"])
+    emb = read_embedding(path)
+    assert emb.for_encoders(pipe.text.slots) is not None
+    plain = pipe.encode_prompt("a sqr").context
+    pipe.text.embeddings.add(path)
+    assert not torch.equal(pipe.encode_prompt("a sqr").context, plain)
