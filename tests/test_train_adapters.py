@@ -18,7 +18,7 @@ from latentforge.adapters.lora import apply_lora
 from latentforge.sampling import ModelDenoiser
 from latentforge.train import ConfigError, load_config, train
 from latentforge.train.common import deterministic_generator
-from latentforge.train.data import shuffle_tags
+from latentforge.train.data import load_folder, shuffle_tags
 from latentforge.train.diffusion import diffusion_loss, encode_images
 from latentforge.train.lora import build_network
 from test_lora import _unet_io
@@ -345,3 +345,46 @@ def test_sdxl_embedding_is_a_clip_l_clip_g_pair(tmp_path, base, sdxl):
     plain = pipe.encode_prompt("a sqr").context
     pipe.text.embeddings.add(path)
     assert not torch.equal(pipe.encode_prompt("a sqr").context, plain)
+
+
+def test_buckets_are_kohyas():
+    from latentforge.train.data import bucket_sizes, nearest_bucket
+
+    sizes = bucket_sizes(512, 64)
+    # sd-scripts' buckets for 512 (min 256, max 1024, step 64): h = floor(512^2 / w / 64) * 64, both ways
+    for expected in [(512, 512), (448, 576), (576, 448), (384, 640), (320, 768), (768, 320), (256, 1024), (832, 256)]:
+        assert expected in sizes
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and min(w, h) >= 256 for w, h in sizes)
+    # 13 widths 256..1024 give 13 buckets; their transposes add only (320, 704) and (256, 832/896/960)
+    assert len(sizes) == 17
+    assert nearest_bucket(1920, 1080, sizes) == (640, 384)  # 16:9 -> log-nearest ratio 5:3
+    assert nearest_bucket(100, 100, sizes) == (512, 512)
+
+
+def test_bucketed_training_batches_one_size_and_resumes_exactly(base, tmp_path):
+    from latentforge.train.data import bucket_batch
+
+    _, base_file, _, _ = base
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, size in enumerate([(128, 64), (130, 62), (64, 128), (96, 96), (100, 90)]):
+        Image.new("RGB", size, (40 * i, 90, 200 - 30 * i)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"picture {i}")
+    shapes = [(4, 8, 24), (4, 8, 24), (4, 24, 8), (4, 16, 16), (4, 16, 16)]  # latents of 192x64, 64x192, 128x128
+    seen = []
+    for k in range(3):  # one epoch: 3 batches of at most 2, each of one shape
+        idx = bucket_batch(shapes, 2, 0, k).tolist()
+        assert len({shapes[i] for i in idx}) == 1
+        seen += idx
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    extra = ('mode="lora"', "steps=4", "batch_size=2", "data.buckets=true", "data.resolution=128")
+    images = load_folder(_cfg(tmp_path / "x", base_file, data, *extra).data)[0]
+    # 2:1 goes to 192x64 (ratio 3: log-nearer than 1 or 4), 1:2 to 64x192, near-square to 128x128
+    assert [tuple(im.shape[1:]) for im in images] == [(64, 192), (64, 192), (192, 64), (128, 128), (128, 128)]
+    full = train(_cfg(tmp_path / "a", base_file, data, *extra))
+    interrupted = _cfg(tmp_path / "b", base_file, data, *extra)
+    train(interrupted, stop_after=2)
+    a, b = load_file(full), load_file(train(interrupted))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"data\.buckets needs"):
+        _cfg(tmp_path / "c", base_file, data, 'mode="vae"', "data.buckets=true")

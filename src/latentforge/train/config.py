@@ -48,6 +48,8 @@ class DataConfig:
     cache_latents: bool = True
     shuffle_tags: bool = False  # shuffle a caption's comma-separated tags each step (kohya shuffle_caption)
     keep_tokens: int = 0  # with shuffle_tags: this many leading tags stay in place (kohya keep_tokens)
+    buckets: bool = False  # aspect-ratio bucketing (folder data): each image at the nearest bucket's size
+    bucket_step: int = 64  # bucket sides are multiples of this (pixels)
 
 
 @dataclass
@@ -127,6 +129,14 @@ class TrainConfig:
             (0 <= self.model.caption_dropout <= 1, "model.caption_dropout must be in [0, 1]"),
             (self.data.kind != "folder" or bool(self.data.path), "data.path is required for data.kind = 'folder'"),
             (self.data.keep_tokens >= 0, "data.keep_tokens must be 0 or more"),
+            (
+                not self.data.buckets or (self.data.kind == "folder" and self.mode != "vae"),
+                "data.buckets needs data.kind = 'folder' and mode 'diffusion', 'lora' or 'embedding'",
+            ),
+            (
+                self.data.bucket_step >= 8 and self.data.bucket_step % 8 == 0,
+                "data.bucket_step must be a multiple of 8",
+            ),
             (self.model.noise_offset >= 0, "model.noise_offset must be 0 or more"),
             (self.lora.rank >= 1 and self.lora.conv_rank >= 0, "lora.rank must be >= 1 and lora.conv_rank >= 0"),
             (self.lora.alpha > 0 and self.lora.conv_alpha >= 0, "lora.alpha must be positive"),

@@ -21,7 +21,7 @@ from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
 from latentforge.train import common
 from latentforge.train.config import ConfigError, TrainConfig
-from latentforge.train.data import load_dataset, sample_order, shuffle_tags, to_model_range
+from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
 
 log = logging.getLogger("latentforge")
 
@@ -75,13 +75,13 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     )
 
 
-def encode_captions(pipe: Pipeline, captions: list[str], size: int) -> Cond:
+def encode_captions(pipe: Pipeline, captions: list[str], size: int, height: int | None = None) -> Cond:
     """Conditioning for a batch of captions through the same text conditioner and family conditioner
     as generation (captions read plainly, truncated at 77 tokens); differentiable through trainable
-    text encoders. Square images of ``size`` pixels give the SDXL size numbers."""
+    text encoders. Images of ``size`` x ``height`` (default square) pixels give the SDXL size numbers."""
     emb = pipe.text.encode(captions, syntax="plain", device=pipe.device)
     return pipe.family.conditioner.build(
-        emb.context, emb.pooled, width=size, height=size, adm_channels=pipe.unet.config.adm_in_channels
+        emb.context, emb.pooled, width=size, height=height or size, adm_channels=pipe.unet.config.adm_in_channels
     )
 
 
@@ -142,9 +142,11 @@ def diffusion_loss(
     g: torch.Generator,
     cfg: TrainConfig,
     amp: torch.dtype | None,
+    pixels: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
-    the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``."""
+    the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
+    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets)."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
@@ -157,7 +159,8 @@ def diffusion_loss(
     c_in = denoiser.scalings(sigma)[2]
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         with torch.set_grad_enabled(text_trains(cfg) and torch.is_grad_enabled()):
-            cond = encode_captions(pipe, captions, cfg.data.resolution)
+            w, h = (cfg.data.resolution,) * 2 if pixels is None else pixels
+            cond = encode_captions(pipe, captions, w, h)
         pred = pipe.unet(x * c_in, t.float().to(device), cond.context, cond.vector)
     target = denoiser.target(x0, x, sigma)
     per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
@@ -235,10 +238,16 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
     images, captions, _ = load_dataset(cfg.data)
-    latents = encode_images(pipe, images).cpu()
+    shapes = None
+    if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
+        latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
+        shapes = [tuple(x.shape) for x in latents]
+        factor = images[0].shape[-1] // latents[0].shape[-1]
+    else:
+        latents = encode_images(pipe, images).cpu()
     del images
     n = len(captions)
-    log.info("training on %d images (latents %s)", n, tuple(latents.shape[1:]))
+    log.info("training on %d images (latents %s)", n, sorted(set(shapes)) if shapes else tuple(latents.shape[1:]))
 
     modules, adapter = _trainables(cfg, pipe)
     if cfg.mode == "embedding":
@@ -268,14 +277,21 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         total = 0.0
         for micro in range(accum):
             g = common.deterministic_generator(cfg.seed, step, micro)
-            idx = sample_order(n, cfg.seed, (step * accum + micro) * b, b)
-            drop = (torch.rand(b, generator=g) < cfg.model.caption_dropout).tolist()
+            pixels = None
+            if shapes is None:
+                idx = sample_order(n, cfg.seed, (step * accum + micro) * b, b)
+                x0 = latents[idx]
+            else:
+                idx = bucket_batch(shapes, b, cfg.seed, step * accum + micro)
+                x0 = torch.stack([latents[i] for i in idx.tolist()])
+                pixels = (x0.shape[-1] * factor, x0.shape[-2] * factor)
+            drop = (torch.rand(len(idx), generator=g) < cfg.model.caption_dropout).tolist()
             caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
             if cfg.data.shuffle_tags:
                 caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
             if cfg.mode == "lora":
                 adapter.resample(g)
-            loss = diffusion_loss(pipe, denoiser, latents[idx].to(device), caps, g, cfg, amp) / accum
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels) / accum
             loss.backward()
             total += float(loss.detach())
         if cfg.grad_clip > 0:

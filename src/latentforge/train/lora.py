@@ -212,4 +212,4 @@ def save_lora(net: LoraNetwork, path: str | Path, metadata: dict[str, str]) -> P
         tensors[f"{name}.lora_down.weight"] = f.down.detach().float().cpu().contiguous()
         tensors[f"{name}.lora_up.weight"] = f.up.detach().float().cpu().contiguous()
         tensors[f"{name}.alpha"] = f.alpha.detach().float().cpu()
-    return write_safetensors(tensors, Path(path), metadata=metadata)
+    return write_safetensors(tensors, Path(path), metadata=metadata, overwrite=True)
