@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
+MODES = ("diffusion", "vae", "lora", "embedding")
+LORA_MODULES = ("attention", "attention_ff", "locon")
+
+
 @dataclass
 class ModelConfig:
     base: str = ""  # checkpoint to fine-tune; empty: a new model of `family`
@@ -29,6 +33,7 @@ class ModelConfig:
     objective: str = ""  # "eps" or "v"; empty: the model's own parameterisation
     min_snr_gamma: float = 0.0  # min-SNR loss weighting (Hang et al. 2023); 0 = off
     caption_dropout: float = 0.1  # probability of an empty caption, so CFG works
+    noise_offset: float = 0.0  # kohya's noise offset: + offset * N(0, 1) per sample and channel; 0 = off
     init_seed: int = 0  # weights of a new model
 
 
@@ -42,6 +47,33 @@ class DataConfig:
     holdout: list = field(default_factory=list)  # synthetic: "colour shape" / "colour on background" never drawn
     on_bad: str = "skip"  # unreadable image or missing caption: "skip" (reported) or "error"
     cache_latents: bool = True
+    shuffle_tags: bool = False  # shuffle a caption's comma-separated tags each step (kohya shuffle_caption)
+    keep_tokens: int = 0  # with shuffle_tags: this many leading tags stay in place (kohya keep_tokens)
+    buckets: bool = False  # aspect-ratio bucketing (folder data): each image at the nearest bucket's size
+    bucket_step: int = 64  # bucket sides are multiples of this (pixels)
+
+
+@dataclass
+class LoraConfig:
+    """mode = "lora": LoRA factors trained on the frozen model (Hu et al. 2021), saved as a kohya file."""
+
+    rank: int = 4
+    alpha: float = 1.0  # the delta is scaled by alpha / rank (kohya's network_alpha)
+    modules: str = "attention_ff"  # "attention", "attention_ff" (all of the transformer blocks), "locon" (+ convs)
+    conv_rank: int = 0  # locon: rank of the 3x3 convolutions; 0 = rank
+    conv_alpha: float = 0.0  # locon: their alpha; 0 = alpha
+    text_encoder: bool = False  # also train LoRA factors on the text encoders' attention and MLP layers
+    dropout: float = 0.0  # rank dropout (kohya rank_dropout): each rank is dropped with this probability
+    output_name: str = "lora"  # the file is output/<output_name>.safetensors
+
+
+@dataclass
+class EmbeddingConfig:
+    """mode = "embedding": textual inversion (Gal et al. 2022), saved in A1111's formats."""
+
+    token: str = ""  # the name prompts use (also the file stem)
+    init_text: str = "*"  # the vectors start as this text's token embeddings (repeated to num_vectors)
+    num_vectors: int = 1
 
 
 @dataclass
@@ -80,6 +112,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def validate(self) -> None:
         """Refuse values that cannot train: each message names the key, its value and what is allowed."""
@@ -95,7 +129,9 @@ class TrainConfig:
         if not isinstance(self.sample_prompts, list) or not all(isinstance(p, str) for p in self.sample_prompts):
             raise ConfigError(f"config key 'sample_prompts' must be a list of strings, got {self.sample_prompts!r}")
         checks = [
-            (self.mode in ("diffusion", "vae"), "mode must be 'diffusion' or 'vae'"),
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1, "steps, batch_size, grad_accum >= 1"),
+            (self.lr > 0, "lr must be positive"),
             (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be 'constant' or 'cosine'"),
             (self.mixed_precision in ("auto", "bf16", "no"), "mixed_precision must be 'auto', 'bf16' or 'no'"),
             (self.data.kind in ("folder", "synthetic"), "data.kind must be 'folder' or 'synthetic'"),
@@ -103,6 +139,29 @@ class TrainConfig:
             (self.data.resolution % 8 == 0, "data.resolution must be a multiple of 8"),
             (self.model.objective in ("", "eps", "v"), "model.objective must be '', 'eps' or 'v'"),
             (self.data.kind != "folder" or bool(self.data.path), "data.path is required for data.kind = 'folder'"),
+            (self.data.keep_tokens >= 0, "data.keep_tokens must be 0 or more"),
+            (
+                not self.data.buckets or (self.data.kind == "folder" and self.mode != "vae"),
+                "data.buckets needs data.kind = 'folder' and mode 'diffusion', 'lora' or 'embedding'",
+            ),
+            (
+                self.data.bucket_step >= 8 and self.data.bucket_step % 8 == 0,
+                "data.bucket_step must be a multiple of 8",
+            ),
+            (self.model.noise_offset >= 0, "model.noise_offset must be 0 or more"),
+            (self.lora.rank >= 1 and self.lora.conv_rank >= 0, "lora.rank must be >= 1 and lora.conv_rank >= 0"),
+            (self.lora.alpha > 0 and self.lora.conv_alpha >= 0, "lora.alpha must be positive"),
+            (
+                self.lora.modules in LORA_MODULES,
+                f"lora.modules must be one of {', '.join(LORA_MODULES)}, got {self.lora.modules!r}",
+            ),
+            (0 <= self.lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (self.embedding.num_vectors >= 1, "embedding.num_vectors must be 1 or more"),
+            (
+                self.mode != "embedding" or bool(self.embedding.token.strip()),
+                "mode = 'embedding' needs embedding.token (the word prompts will use)",
+            ),
+            (self.mode not in ("lora", "embedding") or bool(self.model.base), f"mode = '{self.mode}' needs model.base"),
         ]
         for ok, message in checks:
             if not ok:

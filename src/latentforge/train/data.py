@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,9 @@ log = logging.getLogger("latentforge")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class DataError(ValueError):
-    """The data folder has problems and ``data.on_bad = "error"``; the message lists the files."""
+class DataError(ConfigError):
+    """The data folder has problems (``data.on_bad = "error"``) or holds nothing usable; the message lists
+    the files. A ``ConfigError``: the configuration points at data that cannot be trained on."""
 
 
 @dataclass
@@ -31,6 +33,45 @@ def fit_square(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the short side to ``resolution`` and crop the centre."""
     image = ImageOps.exif_transpose(image).convert("RGB")
     return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def bucket_sizes(resolution: int, step: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as kohya's sd-scripts makes them: (width, height) multiples of ``step`` with
+    sides between resolution / 2 and 2 x resolution and an area of at most resolution^2, largest height
+    for each width."""
+    lo, hi = max(step, resolution // 2 // step * step), resolution * 2
+    sizes = {(resolution // step * step,) * 2}
+    for w in range(lo, hi + 1, step):
+        h = min(hi, resolution * resolution // w // step * step)
+        if h >= lo:
+            sizes.update({(w, h), (h, w)})
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to the image's; the larger one on ties."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def bucket_batch(shapes: list[tuple[int, ...]], batch: int, seed: int, k: int) -> torch.Tensor:
+    """Indices of the k-th batch of bucketed training: each epoch shuffles every bucket's samples (seeded
+    by seed, epoch, bucket), cuts them into batches of at most ``batch`` and shuffles the batches; a pure
+    function of k, so resuming is exact."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    count = sum(-(-len(g) // batch) for g in groups.values())
+    epoch, pos = divmod(k, count)
+    batches = []
+    for j, key in enumerate(sorted(groups)):
+        members = torch.tensor(groups[key])
+        perm = members[
+            torch.randperm(len(members), generator=torch.Generator().manual_seed(seed * 7919 + epoch * 131 + j))
+        ]
+        batches += list(perm.split(batch))
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 7919 + epoch * 131 + 65537))
+    return batches[int(order[pos])]
 
 
 def scan_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[Problem]]:
@@ -49,16 +90,22 @@ def scan_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[Problem]]:
     return pairs, problems
 
 
-def load_folder(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]]:
-    """All usable images (N, 3, R, R) uint8, their captions, and the problems (reported, then skipped
-    or refused as ``on_bad`` says)."""
+def load_folder(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], list[str], list[Problem]]:
+    """All usable images (N, 3, R, R) uint8 (with ``buckets``: a list of (3, H, W), each at its bucket's
+    size), their captions, and the problems (reported, then skipped or refused as ``on_bad`` says)."""
     pairs, problems = scan_folder(Path(cfg.path))
     images, captions = [], []
+    buckets = bucket_sizes(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
     for image_path, caption_path in pairs:
         try:
             with Image.open(image_path) as im:
                 im.load()
-                image = fit_square(im, cfg.resolution)
+                if buckets is None:
+                    image = fit_square(im, cfg.resolution)
+                else:
+                    im = ImageOps.exif_transpose(im).convert("RGB")
+                    size = nearest_bucket(im.width, im.height, buckets)
+                    image = ImageOps.fit(im, size, Image.Resampling.LANCZOS)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append(Problem(image_path, f"unreadable image ({e})"))
             continue
@@ -72,12 +119,17 @@ def load_folder(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]
             raise DataError(f"{len(problems)} problem(s) in {cfg.path} (data.on_bad = 'error'):\n{listing}{more}")
         log.warning("skipping %d file(s) of %s:\n%s%s", len(problems), cfg.path, listing, more)
     if not images:
-        raise DataError(f"no usable images with captions in {cfg.path}")
+        raise DataError(
+            f"no usable images with captions in data.path {cfg.path}: put images ({', '.join(IMAGE_SUFFIXES)}) "
+            "there, each with a same-named .txt caption file"
+        )
+    if buckets is not None:  # one (3, H, W) tensor per image: the sizes differ
+        return [torch.from_numpy(im.copy()).permute(2, 0, 1).contiguous() for im in images], captions, problems
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return tensor, captions, problems
 
 
-def load_dataset(cfg: DataConfig) -> tuple[torch.Tensor, list[str], list[Problem]]:
+def load_dataset(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], list[str], list[Problem]]:
     """(images uint8 (N, 3, R, R), captions, problems) for either kind of data."""
     if cfg.kind == "synthetic":
         ds = SyntheticShapes(cfg.size, cfg.resolution, cfg.synthetic_seed, cfg.holdout)
@@ -109,3 +161,22 @@ def sample_order(n: int, seed: int, first: int, count: int) -> torch.Tensor:
         got += take
         k += take
     return torch.cat(out)
+
+
+def shuffle_tags(caption: str, keep: int, g: torch.Generator) -> str:
+    """kohya's ``shuffle_caption``: the comma-separated tags in a random order drawn from ``g``, the first
+    ``keep`` tags (``keep_tokens``) left in place."""
+    tags = [t.strip() for t in caption.split(",")]
+    tags = [t for t in tags if t]
+    head, tail = tags[:keep], tags[keep:]
+    order = torch.randperm(len(tail), generator=g).tolist() if len(tail) > 1 else range(len(tail))
+    return ", ".join(head + [tail[i] for i in order])
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How many captions hold each comma-separated tag (kohya's ``ss_tag_frequency`` per folder)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return counts

@@ -21,7 +21,7 @@ from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
 from latentforge.train import common
 from latentforge.train.config import ConfigError, TrainConfig
-from latentforge.train.data import load_dataset, sample_order, to_model_range
+from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
 
 log = logging.getLogger("latentforge")
 
@@ -75,13 +75,13 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     )
 
 
-def encode_captions(pipe: Pipeline, captions: list[str], size: int) -> Cond:
+def encode_captions(pipe: Pipeline, captions: list[str], size: int, height: int | None = None) -> Cond:
     """Conditioning for a batch of captions through the same text conditioner and family conditioner
     as generation (captions read plainly, truncated at 77 tokens); differentiable through trainable
-    text encoders. Square images of ``size`` pixels give the SDXL size numbers."""
+    text encoders. Images of ``size`` x ``height`` (default square) pixels give the SDXL size numbers."""
     emb = pipe.text.encode(captions, syntax="plain", device=pipe.device)
     return pipe.family.conditioner.build(
-        emb.context, emb.pooled, width=size, height=size, adm_channels=pipe.unet.config.adm_in_channels
+        emb.context, emb.pooled, width=size, height=height or size, adm_channels=pipe.unet.config.adm_in_channels
     )
 
 
@@ -142,19 +142,25 @@ def diffusion_loss(
     g: torch.Generator,
     cfg: TrainConfig,
     amp: torch.dtype | None,
+    pixels: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
-    the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``."""
+    the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
+    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets)."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
-    noise = torch.randn(x0.shape, generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g)
+    if cfg.model.noise_offset > 0:  # kohya's noise offset (Guttenberg 2023): a per-channel constant shift
+        noise = noise + cfg.model.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+    noise = noise.to(device)
     sigma = sigmas[t].to(device)[:, None, None, None]
     x = x0 + sigma * noise
     c_in = denoiser.scalings(sigma)[2]
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        with torch.set_grad_enabled(cfg.model.train_text_encoder and torch.is_grad_enabled()):
-            cond = encode_captions(pipe, captions, cfg.data.resolution)
+        with torch.set_grad_enabled(text_trains(cfg) and torch.is_grad_enabled()):
+            w, h = (cfg.data.resolution,) * 2 if pixels is None else pixels
+            cond = encode_captions(pipe, captions, w, h)
         pred = pipe.unet(x * c_in, t.float().to(device), cond.context, cond.vector)
     target = denoiser.target(x0, x, sigma)
     per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
@@ -163,6 +169,61 @@ def diffusion_loss(
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
     return per_sample.mean()
+
+
+def text_trains(cfg: TrainConfig) -> bool:
+    """Whether captions must be encoded with gradients (something in the text path is trained)."""
+    if cfg.mode == "lora":
+        return cfg.lora.text_encoder
+    return cfg.mode == "embedding" or cfg.model.train_text_encoder
+
+
+def _trainables(cfg: TrainConfig, pipe: Pipeline):
+    """(modules to train and save in the state, the adapter or None) for the config's mode. Adapter modes
+    freeze every network; the adapter is attached to the model's forward."""
+    if cfg.mode == "diffusion":
+        modules: dict[str, nn.Module] = {"unet": pipe.unet}
+        if cfg.model.train_text_encoder:
+            modules.update({f"text{i}": enc for i, enc in enumerate(pipe.text_encoders)})
+        for enc in pipe.text_encoders:
+            enc.requires_grad_(cfg.model.train_text_encoder)
+        pipe.unet.requires_grad_(True)
+        return modules, None
+    for net in pipe.networks().values():
+        net.requires_grad_(False)
+    if cfg.mode == "lora":
+        from latentforge.train.lora import build_network
+
+        adapter = build_network(pipe, cfg.lora, cfg.seed)
+        adapter.attach()
+        return {"lora": adapter}, adapter
+    from latentforge.train.embedding import EmbeddingVectors
+
+    adapter = EmbeddingVectors(pipe, cfg.embedding)
+    adapter.attach(pipe)
+    return {"embedding": adapter}, adapter
+
+
+def _save_result(cfg: TrainConfig, pipe: Pipeline, adapter, path: Path, step: int, n: int, captions) -> Path:
+    """Write what was trained: a model (diffusion), a kohya LoRA file, or the embedding's A1111 files."""
+    if cfg.mode == "lora":
+        from latentforge.train.data import tag_frequency
+        from latentforge.train.lora import lora_metadata, save_lora
+
+        return save_lora(adapter, path, lora_metadata(pipe, cfg, step, n, tag_frequency(captions)))
+    if cfg.mode == "embedding":
+        path.mkdir(parents=True, exist_ok=True)
+        return adapter.save(path, step, cfg.model.base)[0]
+    return pipe.save(path, overwrite=True)
+
+
+def _result_path(cfg: TrainConfig, out: Path, done: int | None) -> Path:
+    tail = "" if done is None else f"-{done:06d}"
+    if cfg.mode == "lora":
+        return out / f"{cfg.lora.output_name}{tail}.safetensors"
+    if cfg.mode == "embedding":
+        return out if done is None else out / f"step{tail}"
+    return out / ("model.safetensors" if done is None else f"checkpoint{tail}.safetensors")
 
 
 def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
@@ -176,15 +237,10 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
-    modules: dict[str, nn.Module] = {"unet": pipe.unet}
-    if cfg.model.train_text_encoder:
-        modules.update({f"text{i}": enc for i, enc in enumerate(pipe.text_encoders)})
-    for enc in pipe.text_encoders:
-        enc.requires_grad_(cfg.model.train_text_encoder)
-    pipe.unet.requires_grad_(True)
+    modules, adapter = _trainables(cfg, pipe)
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    params = [p for m in modules.values() for p in m.parameters()]
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = common.make_optimizer(params, cfg)
     ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
@@ -193,10 +249,18 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
     images, captions, _ = load_dataset(cfg.data)
-    latents = encode_images(pipe, images).cpu()
+    shapes = None
+    if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
+        latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
+        shapes = [tuple(x.shape) for x in latents]
+        factor = images[0].shape[-1] // latents[0].shape[-1]
+    else:
+        latents = encode_images(pipe, images).cpu()
     del images
     n = len(captions)
-    log.info("training on %d images (latents %s)", n, tuple(latents.shape[1:]))
+    log.info("training on %d images (latents %s)", n, sorted(set(shapes)) if shapes else tuple(latents.shape[1:]))
+    if cfg.mode == "embedding":
+        captions = [adapter.caption(c) for c in captions]
 
     schedule = pipe.noise_schedule()
     denoiser = ModelDenoiser(pipe.unet, schedule, pipe.prediction)
@@ -213,10 +277,21 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         total = 0.0
         for micro in range(accum):
             g = common.deterministic_generator(cfg.seed, step, micro)
-            idx = sample_order(n, cfg.seed, (step * accum + micro) * b, b)
-            drop = (torch.rand(b, generator=g) < cfg.model.caption_dropout).tolist()
+            pixels = None
+            if shapes is None:
+                idx = sample_order(n, cfg.seed, (step * accum + micro) * b, b)
+                x0 = latents[idx]
+            else:
+                idx = bucket_batch(shapes, b, cfg.seed, step * accum + micro)
+                x0 = torch.stack([latents[i] for i in idx.tolist()])
+                pixels = (x0.shape[-1] * factor, x0.shape[-2] * factor)
+            drop = (torch.rand(len(idx), generator=g) < cfg.model.caption_dropout).tolist()
             caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
-            loss = diffusion_loss(pipe, denoiser, latents[idx].to(device), caps, g, cfg, amp) / accum
+            if cfg.data.shuffle_tags:
+                caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
+            if cfg.mode == "lora":
+                adapter.resample(g)
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels) / accum
             loss.backward()
             total += float(loss.detach())
         common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
@@ -236,14 +311,13 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         if save:
             common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
-                _with_ema(
-                    ema,
-                    modules,
-                    lambda done=done: pipe.save(out / f"checkpoint-{done:06d}.safetensors", overwrite=True),
-                )
-    final = out / "model.safetensors"
+                path = _result_path(cfg, out, done)
+                _with_ema(ema, modules, lambda p=path, d=done: _save_result(cfg, pipe, adapter, p, d, n, captions))
+    final = _result_path(cfg, out, None)
     if end == cfg.steps:
-        _with_ema(ema, modules, lambda: pipe.save(final, overwrite=True))
+        final = _with_ema(ema, modules, lambda: _save_result(cfg, pipe, adapter, final, end, n, captions))
+    elif cfg.mode == "embedding":
+        final = out / f"{adapter.token}.safetensors"
     return final
 
 
