@@ -21,11 +21,10 @@ from torch import Tensor, nn
 from latentforge.convert.diffusers import unet_key
 from latentforge.models.unet import (
     ControlResiduals,
-    Downsample,
-    ResBlock,
-    SpatialTransformer,
     TimestepEmbedSequential,
     UNetConfig,
+    encoder_blocks,
+    middle_block,
 )
 from latentforge.nn import timestep_embedding
 
@@ -54,7 +53,7 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         cfg = config.unet
-        mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        mc, ted = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
@@ -70,27 +69,10 @@ class ControlNet(nn.Module):
         def zero(ch: int) -> TimestepEmbedSequential:
             return TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([zero(mc)])
-        ch = mc
-        levels = len(cfg.channel_mult)
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
-                ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, cfg.is_cross_only(level)))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                self.zero_convs.append(zero(ch))
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                self.zero_convs.append(zero(ch))
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, ch, groups),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
-            ResBlock(ch, ted, ch, groups),
-        )
-        self.middle_block_out = zero(ch)
+        self.input_blocks, channels = encoder_blocks(cfg)  # the UNet's own encoder, as a copy to train
+        self.zero_convs = nn.ModuleList([zero(c) for c in channels])
+        self.middle_block = middle_block(cfg, channels[-1])
+        self.middle_block_out = zero(channels[-1])
 
     @property
     def dtype(self) -> torch.dtype:

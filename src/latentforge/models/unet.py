@@ -226,6 +226,38 @@ class ControlResiduals:
         return items[i] if i < len(items) else None
 
 
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The UNet's input blocks (the first convolution, then per level ResBlocks with optional
+    transformers and a downsampler) and the channel count each block outputs; ControlNet copies them."""
+    mc, ted, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    channels = [mc]
+    ch = mc
+    levels = len(cfg.channel_mult)
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
+            ch = mult * mc
+            if cfg.transformer_depth[level]:
+                layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, cfg.is_cross_only(level)))
+            blocks.append(TimestepEmbedSequential(*layers))
+            channels.append(ch)
+        if level != levels - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            channels.append(ch)
+    return blocks, channels
+
+
+def middle_block(cfg: UNetConfig, ch: int) -> TimestepEmbedSequential:
+    """ResBlock, transformer, ResBlock at the deepest width."""
+    ted, groups = cfg.time_embed_dim, cfg.norm_groups
+    return TimestepEmbedSequential(
+        ResBlock(ch, ted, ch, groups),
+        SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
+        ResBlock(ch, ted, ch, groups),
+    )
+
+
 class UNet(nn.Module):
     """The noise predictor. Called as ``unet(x, timesteps, context, y=None, control=None)``.
 
@@ -246,27 +278,9 @@ class UNet(nn.Module):
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
             )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
-        ch = mc
-        levels = len(cfg.channel_mult)
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, ted, mult * mc, groups)]
-                ch = mult * mc
-                if cfg.transformer_depth[level]:
-                    layers.append(SpatialTransformer(ch, cfg.transformer_depth[level], cfg, cfg.is_cross_only(level)))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ted, ch, groups),
-            SpatialTransformer(ch, cfg.transformer_depth_middle, cfg, False),
-            ResBlock(ch, ted, ch, groups),
-        )
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg, ch)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
