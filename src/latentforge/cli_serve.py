@@ -15,6 +15,13 @@ def add_serve_parser(sub) -> None:
     )
     p.add_argument("--host", help="bind this address instead (overrides --listen)")
     p.add_argument(
+        "--controlnet-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of ControlNet files that alwayson_scripts.controlnet units may name (repeatable)",
+    )
+    p.add_argument(
         "--api-auth",
         metavar="USER:PASS[,USER2:PASS2]",
         help="require HTTP Basic authentication with one of these users (for the API and the page)",
@@ -89,6 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         upscaler_dirs=upscalers.search_dirs(near=args.models_dir / "x" if args.models_dir else model),
+        controlnet_dirs=list(args.controlnet_dir),
     )
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     app = create_app(config, users=parse_users(args.api_auth), cors_origins=origins)

@@ -103,6 +103,7 @@ def create_app(
             options=options,
             max_pixels=config.max_image_pixels,
             upscaler_files=bool(config.upscaler_dirs),
+            controlnets=config.controlnets(),
         )
         spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
         spec.save_to = outdir if payload.save_images else None
@@ -263,6 +264,18 @@ def create_app(
         for name in available(config.upscaler_dirs):  # names only: paths stay on the server
             rows.append({"name": name, "model_name": "ESRGAN", "model_path": None, "model_url": None, "scale": 4.0})
         return rows
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models() -> dict:
+        from latentforge.io.hashing import legacy_model_hash
+
+        return {"model_list": [f"{name} [{legacy_model_hash(path)}]" for name, path in config.controlnets().items()]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules() -> dict:
+        from latentforge.pipelines.checks import CONTROL_MODULES
+
+        return {"module_list": list(CONTROL_MODULES)}
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_modes() -> list[dict]:

@@ -22,3 +22,10 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     upscaler_dirs: list[Path] = field(default_factory=list)  # ESRGAN-family files for hr_upscaler
+    controlnet_dirs: list[Path] = field(default_factory=list)  # ControlNet files units may name
+
+    def controlnets(self) -> dict[str, Path]:
+        """ControlNet files by name (file stem), as /controlnet/model_list lists them."""
+        from latentforge.adapters.folders import CONTROLNET_SUFFIXES, files_by_stem
+
+        return {k: v.resolve() for k, v in files_by_stem(self.controlnet_dirs, CONTROLNET_SUFFIXES).items()}

@@ -66,6 +66,7 @@ def add_job_routes(
             options=options,
             max_pixels=config.max_image_pixels,
             upscaler_files=bool(config.upscaler_dirs),
+            controlnets=config.controlnets(),
         )
         spec = make_spec(catalog, mode, req, init, model, payload)
         spec.save_to = Path(config.outdir).resolve() if payload.save_images else None

@@ -16,7 +16,9 @@ import dataclasses
 import io
 import json
 import math
+import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -172,8 +174,61 @@ def _refuse(field: str, message: str) -> None:
     raise FieldError(field, message)
 
 
+CONTROL_FIELDS = (
+    "module",
+    "weight",
+    "guidance_start",
+    "guidance_end",
+    "control_mode",
+    "resize_mode",
+    "threshold_a",
+    "threshold_b",
+    "processor_res",
+)
+
+
+def control_units(p: dict, controlnets: dict[str, Path], max_pixels: int) -> list[dict]:
+    """The A1111 ControlNet extension's units (``alwayson_scripts.controlnet.args``) as ``control`` units.
+    A unit's model must be one of the server's ControlNet files, named as /controlnet/model_list lists
+    them (a trailing " [hash]" is ignored): nothing a client sends is used as a path."""
+    scripts = {k.lower(): v for k, v in (p.get("alwayson_scripts") or {}).items()}
+    script = scripts.get("controlnet")
+    if script is None:
+        return []
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        _refuse("alwayson_scripts.controlnet.args", "must be a list of ControlNet units")
+    units = []
+    for i, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(unit, dict):
+            _refuse(where, "must be an object (a ControlNet unit)")
+        if unit.get("enabled") is False:
+            continue
+        name = re.sub(r" \[[0-9a-fA-F]{8,10}\]$", "", str(unit.get("model") or ""))
+        if name not in controlnets:
+            known = ", ".join(controlnets) or "none: start the server with --controlnet-dir"
+            _refuse(f"{where}.model", f"unknown ControlNet model {unit.get('model')!r}; known: {known}")
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+            image = image.get("image")
+        if not image:
+            _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
+        fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
+        units.append(
+            {"model": str(controlnets[name]), "image": decode_image(image, f"{where}.image", max_pixels), **fields}
+        )
+    return units
+
+
 def to_request(
-    payload: _Payload, *, img2img: bool, options: dict, max_pixels: int, upscaler_files: bool = False
+    payload: _Payload,
+    *,
+    img2img: bool,
+    options: dict,
+    max_pixels: int,
+    upscaler_files: bool = False,
+    controlnets: dict[str, Path] | None = None,
 ) -> tuple[GenerationRequest, list[Image.Image] | None, str | None]:
     """(request, init images or None, model name from override_settings or None)."""
     p = payload.model_dump()
@@ -208,6 +263,13 @@ def to_request(
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
+    if p.get("subseed_strength"):  # A1111's variation seeds
+        data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
+    if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
+        data.update(seed_resize_from_w=p["seed_resize_from_w"], seed_resize_from_h=p["seed_resize_from_h"])
+    control = control_units(p, controlnets or {}, max_pixels)
+    if control:
+        data["control"] = control
     if img2img:
         data["denoising_strength"] = 0.75 if p["denoising_strength"] is None else p["denoising_strength"]
         data["resize_mode"] = p["resize_mode"]
@@ -309,16 +371,15 @@ def _check_unsupported(p: dict) -> None:
         _refuse("restore_faces", "face restoration is not available in latentforge; send false")
     if p.get("tiling"):
         _refuse("tiling", "seamless tiling is not available in latentforge; send false")
-    if p.get("subseed_strength"):
-        _refuse("subseed_strength", "variation seeds are not available in latentforge; send 0")
     if p.get("script_name"):
         _refuse("script_name", f"scripts are not available in latentforge (got {p['script_name']!r})")
     for name, script in (p.get("alwayson_scripts") or {}).items():
+        if name.lower() == "controlnet":
+            continue  # read by control_units
         args = script.get("args") if isinstance(script, dict) else script
         enabled = [a for a in (args or []) if not (isinstance(a, dict) and a.get("enabled") is False)]
         if enabled:
-            what = "ControlNet units" if name.lower() == "controlnet" else f"the always-on script {name!r}"
-            _refuse(f"alwayson_scripts.{name}", f"{what} cannot run in this version of latentforge")
+            _refuse(f"alwayson_scripts.{name}", f"the always-on script {name!r} cannot run in latentforge")
     if p.get("styles"):
         _refuse("styles", "latentforge has no saved prompt styles; put the text in the prompt")
     for name in ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt"):

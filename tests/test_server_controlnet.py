@@ -1,0 +1,73 @@
+"""ControlNet through the A1111 API: the extension's alwayson_scripts units, its model and module lists,
+and model names that can only be the server's own files."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from latentforge.families import get_family
+from latentforge.models.controlnet import ControlNet, ControlNetConfig
+from serverproc import Server
+
+
+def _b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cn-server")
+    # a ControlNet for the demo model (f=4 latents: two stride-2 convolutions in the hint encoder)
+    torch.manual_seed(0)
+    net = ControlNet(ControlNetConfig(unet=get_family("demo").unet, hint_widths=(8, 16, 32)))
+    with torch.no_grad():
+        for p in net.parameters():  # zero convolutions start at zero: make this one do something
+            p.add_(torch.randn_like(p) * 0.05)
+    (tmp / "cn").mkdir()
+    save_file(
+        {f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, tmp / "cn" / "blobs.safetensors"
+    )
+    srv = Server("--controlnet-dir", str(tmp / "cn"), tmp=tmp)
+    yield srv
+    srv.close()
+
+
+def _txt2img(server, units=None):
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "width": 64, "height": 64, "cfg_scale": 4}
+    if units is not None:
+        body["alwayson_scripts"] = {"controlnet": {"args": units}}
+    return server.post("/sdapi/v1/txt2img", json=body)
+
+
+def test_lists_and_units_run(server):
+    models = server.get("/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("blobs [")
+    assert "canny" in server.get("/controlnet/module_list").json()["module_list"]
+    hint = Image.fromarray((np.indices((64, 64)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB")
+    plain = _txt2img(server)
+    unit = {"image": _b64(hint), "module": "none", "model": models[0], "weight": 1.0}
+    controlled = _txt2img(server, [unit])
+    assert plain.status_code == controlled.status_code == 200, controlled.text
+    a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))) for r in (plain, controlled))
+    assert not np.array_equal(a, b)
+    assert "ControlNet 0" in controlled.json()["info"]
+    disabled = _txt2img(server, [{**unit, "enabled": False}])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(disabled.json()["images"][0])))), a)
+
+
+def test_unit_model_names_cannot_be_paths(server, tmp_path):
+    hint = _b64(Image.new("RGB", (64, 64)))
+    for model in ("/etc/passwd", "../cn/blobs", "nothere"):
+        r = _txt2img(server, [{"image": hint, "model": model}])
+        assert r.status_code in (400, 422) and "unknown ControlNet model" in r.text
+    r = _txt2img(server, [{"model": "blobs"}])
+    assert r.status_code in (400, 422) and "needs an image" in r.text
