@@ -297,14 +297,41 @@ def _size(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+# A1111's infotext fields that are one number of the request: (field, request attribute, type)
+_SCALAR_FIELDS = (
+    ("Steps", "steps", int),
+    ("CFG scale", "cfg_scale", float),
+    ("CFG rescale", "guidance_rescale", float),
+    ("CFG Rescale φ", "guidance_rescale", float),
+    ("RescaleCFG", "guidance_rescale", float),
+    ("Seed", "seed", int),
+    ("Denoising strength", "denoising_strength", float),
+    ("Clip skip", "clip_skip", int),
+    ("Eta", "eta", float),
+    ("Variation seed", "subseed", int),
+    ("Variation seed strength", "subseed_strength", float),
+    ("ENSD", "eta_noise_seed_delta", int),
+    ("NGMS", "s_min_uncond", float),
+)
+
+
 def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     """A request from A1111's infotext; a value that does not convert is a RequestError naming its field
     (ranges are checked by ``GenerationRequest.validate``)."""
     prompt, negative, s = parse_infotext(text)
     req = GenerationRequest(prompt=prompt, negative_prompt=negative)
-    whole, number, size = "a whole number", "a number", "a size WIDTHxHEIGHT"
-    if "Steps" in s:
-        req.steps = _value(s, "Steps", int, whole)
+    size = "a size WIDTHxHEIGHT"
+    for key, attr, kind in _SCALAR_FIELDS:
+        if key in s:
+            setattr(req, attr, _value(s, key, kind, "a whole number" if kind is int else "a number"))
+    for key, attrs in (
+        ("Size", ("width", "height")),
+        ("Seed resize from", ("seed_resize_from_w", "seed_resize_from_h")),
+    ):
+        if key in s:
+            w, h = _value(s, key, _size, size)
+            setattr(req, attrs[0], w)
+            setattr(req, attrs[1], h)
     if "Sampler" in s:
         sampler_title = s["Sampler"]
         try:
@@ -316,58 +343,31 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
             req.sampler = sampler_title
     if "Schedule type" in s:
         req.schedule = s["Schedule type"]
-    if "CFG scale" in s:
-        req.cfg_scale = _value(s, "CFG scale", float, number)
-    rescale_keys = ("CFG rescale", "CFG Rescale φ", "RescaleCFG")
-    for key in rescale_keys:
-        if key in s:
-            req.guidance_rescale = _value(s, key, float, number)
-    if "Seed" in s:
-        req.seed = _value(s, "Seed", int, whole)
-    if "Size" in s:
-        req.width, req.height = _value(s, "Size", _size, size)
-    if "Denoising strength" in s:
-        req.denoising_strength = _value(s, "Denoising strength", float, number)
-    if "Clip skip" in s:
-        req.clip_skip = _value(s, "Clip skip", int, whole)
-    if "Eta" in s:
-        req.eta = _value(s, "Eta", float, number)
-    if "Variation seed" in s:
-        req.subseed = _value(s, "Variation seed", int, whole)
-        if "Variation seed strength" in s:
-            req.subseed_strength = _value(s, "Variation seed strength", float, number)
-    if "Seed resize from" in s:
-        req.seed_resize_from_w, req.seed_resize_from_h = _value(s, "Seed resize from", _size, size)
-    if "ENSD" in s:
-        req.eta_noise_seed_delta = _value(s, "ENSD", int, whole)
-    if "NGMS" in s:
-        req.s_min_uncond = _value(s, "NGMS", float, number)
-        req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
+    req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
     if hires & set(s):
         h = req.hires = HiresOptions()
         if "Hires upscale" in s:
-            h.scale = _value(s, "Hires upscale", float, number)
+            h.scale = _value(s, "Hires upscale", float, "a number")
         if "Hires resize" in s:
             h.resize_x, h.resize_y = _value(s, "Hires resize", _size, size)
         if "Hires steps" in s:
-            h.second_pass_steps = _value(s, "Hires steps", int, whole)
+            h.second_pass_steps = _value(s, "Hires steps", int, "a whole number")
         h.upscaler = s.get("Hires upscaler", h.upscaler)
     if "Refiner" in s:
         name = s["Refiner"].rsplit(" [", 1)[0] if s["Refiner"].endswith("]") else s["Refiner"]
         req.refiner = RefinerOptions(checkpoint=name)
-        req.refiner.switch_at = float(s.get("Refiner switch at", req.refiner.switch_at))
+        if "Refiner switch at" in s:
+            req.refiner.switch_at = _value(s, "Refiner switch at", float, "a number")
         req.refiner.switch_by_steps = str(s.get("Refiner switch by sampling steps", "")).lower() == "true"
     if "X4 noise level" in s:
-        tile = s.get("X4 tile")
-        req.x4 = X4Options(noise_level=int(s["X4 noise level"]), tile=int(tile) if tile is not None else None)
+        tile = _value(s, "X4 tile", int, "a whole number") if "X4 tile" in s else None
+        req.x4 = X4Options(noise_level=_value(s, "X4 noise level", int, "a whole number"), tile=tile)
     inpaint_fields = _inpaint_from_infotext(req, s)
-    known = {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip", "Eta"}
-    known |= {"Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG", *rescale_keys}
-    known |= {"NGMS", "NGMS all steps"}
-    known |= hires | inpaint_fields
+    known = {key for key, _, _ in _SCALAR_FIELDS} | {"Size", "Seed resize from", "Sampler", "Schedule type"}
+    known |= {"RNG", "NGMS all steps"} | hires | inpaint_fields
     known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "upscale-x4" if req.x4 else "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
