@@ -30,6 +30,13 @@ GEN_OPTIONS = [
     (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
     (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
+    (("--preset",), "preset", str, "few-step models: lcm (LCM, 4 steps, CFG 1.5) or turbo (Euler a, 1 step, CFG 1)"),
+    (("--token-merging-ratio", "--tome"), "token_merging_ratio", float, "ToMe: merge this share of tokens (0.3-0.5)"),
+    (("--token-merging-ratio-hr",), "token_merging_ratio_hr", float, "ToMe ratio of the hires pass"),
+    (("--token-merging-max-downsample",), "token_merging_max_downsample", int, "ToMe's levels: 1 (default), 2 (SDXL)"),
+    (("--deepcache-interval", "--deepcache"), "deepcache_interval", int, "DeepCache: the whole UNet every N steps"),
+    (("--deepcache-depth",), "deepcache_depth", int, "DeepCache's skip branch: 0 (default, the shallowest)"),
+    (("--deepcache-schedule",), "deepcache_schedule", str, "DeepCache's cache steps: uniform or non-uniform"),
 ]
 
 
@@ -149,6 +156,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
+    )
+    p.add_argument(
+        "--token-merging-random",
+        dest="token_merging_random",
+        action="store_true",
+        default=None,
+        help="ToMe: random merge destinations, seeded by the seed (A1111: top left of each 2x2 region)",
     )
     p.add_argument("--seed-resize-from", metavar="WxH", help="A1111's 'Seed resize from': the noise of this size")
     p.add_argument(
@@ -376,7 +390,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
         options["prompt"] = args.prompt
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
-    dests += ["refiner_switch_at", "refiner_switch_by_steps"]
+    dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:

@@ -10,6 +10,8 @@ Every change to the loaded model goes through a ``ModelPatcher`` under a *source
   removing never accumulates rounding.
 - forward hooks (pre and post) on any submodule, e.g. the offloader's moves between devices.
 - context hooks of the UNet's attention layers (``CrossAttention.context_hook``): hypernetworks.
+- the token merge of the UNet's transformer blocks (``BasicTransformerBlock.token_merge``): ToMe; one
+  source at a time.
 
 Patches write into the existing parameters (wherever offload has put them), so offload keeps
 working; a compiled forward (``compile``) is traced again after hooks change, since traced graphs do
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from latentforge.models.unet import BasicTransformerBlock, TokenMerge
 from latentforge.nn import CrossAttention
 
 WeightPatch = Callable[[Tensor], Tensor]  # float32 weight -> new float32 weight
@@ -35,6 +38,7 @@ class _Source:
     patches: dict[str, WeightPatch] = field(default_factory=dict)  # "unet.<param name>" -> patch
     handles: list = field(default_factory=list)
     context_hooks: dict[str, ContextHook] = field(default_factory=dict)  # attention module name -> hook
+    token_merges: dict[str, TokenMerge] = field(default_factory=dict)  # transformer block name -> merge
 
 
 class ModelPatcher:
@@ -129,6 +133,29 @@ class ModelPatcher:
             module.context_hook = _compose(module, hooks) if hooks else None
         self._hooks_changed()
 
+    def add_token_merge(self, source: str, merge: TokenMerge, where=None) -> int:
+        """Install ``merge(x, h, w) -> (merge, unmerge)`` as the token merge of the UNet's transformer blocks
+        (those for which ``where(name, block)`` holds, default all); returns how many. Only one source may
+        merge tokens at a time."""
+        others = [name for name, s in self._sources.items() if s.token_merges and name != source]
+        if others:
+            raise ValueError(f"{others[0]} already merges tokens; remove it first")
+        src = self._source(source)
+        count = 0
+        for name, module in self._networks()["unet"].named_modules():
+            if isinstance(module, BasicTransformerBlock) and (where is None or where(name, module)):
+                src.token_merges[name] = merge
+                count += 1
+        self._install_token_merges()
+        return count
+
+    def _install_token_merges(self) -> None:
+        merges = {name: fn for s in self._sources.values() for name, fn in s.token_merges.items()}
+        for name, module in self._networks()["unet"].named_modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.token_merge = merges.get(name)
+        self._hooks_changed()
+
     # ----- removal -------------------------------------------------------------------------------------
     def remove(self, source: str) -> None:
         """Take back everything ``source`` applied: weights exactly as loaded (or as the remaining
@@ -142,6 +169,8 @@ class ModelPatcher:
             handle.remove()
         if src.context_hooks:
             self._install_context_hooks()
+        if src.token_merges:
+            self._install_token_merges()
         self._hooks_changed()
 
     def clear(self) -> None:

@@ -8,6 +8,7 @@ dict loads after stripping ``model.diffusion_model.``. One class covers every fa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +110,20 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+# (block input x (B, N, C), token grid height, width) -> (merge, unmerge) for the self-attention's tokens
+TokenMerge = Callable[[Tensor, int, int], tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]]
+
+
 class BasicTransformerBlock(nn.Module):
-    """Self-attention (or context attention when ``cross_only``), cross-attention, GEGLU MLP."""
+    """Self-attention (or context attention when ``cross_only``), cross-attention, GEGLU MLP.
+
+    ``token_merge``, the declared seam for token merging (ToMe for SD, Bolya & Hoffman 2023): when set
+    (by the pipeline's patcher, never by hand), ``token_merge(x, h, w) -> (merge, unmerge)`` is asked once
+    per call with the block's input and token grid; the self-attention then runs on ``merge(norm1(x))``
+    and its output is ``unmerge``d back to every token before the residual add.
+    """
+
+    token_merge: TokenMerge | None = None
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, cross_only: bool, upcast: bool):
         super().__init__()
@@ -122,8 +135,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
+    def forward(self, x: Tensor, context: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
+        if self.token_merge is not None and hw is not None:
+            merge, unmerge = self.token_merge(x, *hw)
+            x = x + unmerge(self.attn1(merge(self.norm1(x)), context if self.cross_only else None))
+        else:
+            x = x + self.attn1(self.norm1(x), context if self.cross_only else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -158,7 +175,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         if self.use_linear:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -224,6 +241,27 @@ class ControlResiduals:
     @staticmethod
     def _at(items: list[Tensor | None], i: int) -> Tensor | None:
         return items[i] if i < len(items) else None
+
+
+@dataclass
+class FeatureCache:
+    """Deep features kept between UNet calls (DeepCache, Ma et al. 2023, "Accelerating Diffusion Models
+    for Free"): the seam through which a sampler-side schedule skips the deep part of the UNet.
+
+    ``depth`` selects the skip branch: input blocks ``0..depth`` and the output blocks that take their
+    skips (the last ``depth + 1``) form the shallow network; everything between them is the deep part.
+    A call with ``features`` None runs the whole UNet and keeps the features that enter output block
+    ``len(output_blocks) - 1 - depth`` (a "cache" call); a call with ``features`` of the right shape runs
+    only the shallow network and takes those features from the cache instead (a "retrieve" call).
+    Depth 0 is the paper's shallowest branch (the first convolution and the last output block).
+    """
+
+    depth: int = 0
+    features: Tensor | None = None
+
+    def usable(self, batch: int, size: tuple[int, int]) -> bool:
+        f = self.features
+        return f is not None and f.shape[0] == batch and tuple(f.shape[-2:]) == size
 
 
 def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
@@ -315,6 +353,7 @@ class UNet(nn.Module):
         context: Tensor,
         y: Tensor | None = None,
         control: ControlResiduals | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         cfg = self.config
         t = torch.as_tensor(timesteps, device=x.device)
@@ -332,15 +371,30 @@ class UNet(nn.Module):
         context = context.to(dtype)
         run = self._checkpointed if self.gradient_checkpointing and self.training else self._plain
         skips = []
+        branch = len(self.output_blocks) - 1 - cache.depth if cache is not None else -1  # first shallow block
+        if cache is not None and not 0 <= cache.depth < len(self.input_blocks):
+            raise ValueError(f"FeatureCache depth must be 0 to {len(self.input_blocks) - 1}, got {cache.depth}")
+        retrieve = False
         for i, block in enumerate(self.input_blocks):
             h = run(block, h, emb, context, None)
             if control is not None and (r := control._at(control.input, i)) is not None:
                 h = h + r.to(h.dtype)
             skips.append(h)
-        h = run(self.middle_block, h, emb, context, None)
-        if control is not None and control.middle is not None:
-            h = h + control.middle.to(h.dtype)
-        for block in self.output_blocks:
+            if cache is not None and i == cache.depth:
+                retrieve = cache.usable(h.shape[0], tuple(h.shape[-2:]))
+                if retrieve:  # the deep part is not run: its output comes from the cache
+                    break
+        if retrieve:
+            h = cache.features
+            output_blocks = list(enumerate(self.output_blocks))[branch:]
+        else:
+            h = run(self.middle_block, h, emb, context, None)
+            if control is not None and control.middle is not None:
+                h = h + control.middle.to(h.dtype)
+            output_blocks = list(enumerate(self.output_blocks))
+        for j, block in output_blocks:
+            if j == branch and not retrieve:
+                cache.features = h
             skip = skips.pop()
             if control is not None and (r := control._at(control.output, len(skips))) is not None:
                 skip = skip + r.to(skip.dtype)

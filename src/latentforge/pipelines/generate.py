@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from latentforge.pipelines import control, depth, hires, inpaint, networks, refiner, upscale_x4
+from latentforge.pipelines import control, depth, fewer_flops, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
 from latentforge.pipelines.metadata import infotexts_for, request_json
@@ -153,6 +153,8 @@ def run_pass(
             draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device)
     if init is not None and not p.denoise:
         return watch.result(x), draw
+    for prepare in p.before_batch:
+        prepare(iteration, seeds)
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
     step = watch.callback(callback)
     out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
@@ -194,8 +196,10 @@ def generate(
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
+            fewer_flops.apply(plan, pipe, session.request, img2img)  # DeepCache, token merging: hooks
             _run(pipe, plan, session.request, seeds, subseeds, progress, out_images)
     finally:
+        fewer_flops.remove(pipe)
         session.close(pipe)
 
     # the record keeps the prompt as written (with its network tags), as A1111's infotext does

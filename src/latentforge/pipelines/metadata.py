@@ -312,6 +312,11 @@ _SCALAR_FIELDS = (
     ("Variation seed strength", "subseed_strength", float),
     ("ENSD", "eta_noise_seed_delta", int),
     ("NGMS", "s_min_uncond", float),
+    ("Token merging ratio", "token_merging_ratio", float),
+    ("Token merging ratio hr", "token_merging_ratio_hr", float),
+    ("Token merging max downsample", "token_merging_max_downsample", int),
+    ("DeepCache interval", "deepcache_interval", int),
+    ("DeepCache depth", "deepcache_depth", int),
 )
 
 
@@ -344,6 +349,8 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     if "Schedule type" in s:
         req.schedule = s["Schedule type"]
     req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
+    req.token_merging_random = str(s.get("Token merging random", "")).lower() == "true"
+    req.deepcache_schedule = s.get("DeepCache schedule", req.deepcache_schedule)
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
     hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
@@ -367,7 +374,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.x4 = X4Options(noise_level=_value(s, "X4 noise level", int, "a whole number"), tile=tile)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {key for key, _, _ in _SCALAR_FIELDS} | {"Size", "Seed resize from", "Sampler", "Schedule type"}
-    known |= {"RNG", "NGMS all steps"} | hires | inpaint_fields
+    known |= {"RNG", "NGMS all steps", "Token merging random", "DeepCache schedule"} | hires | inpaint_fields
     known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "upscale-x4" if req.x4 else "img2img" if "Denoising strength" in s and not req.hires else "txt2img"

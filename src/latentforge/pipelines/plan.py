@@ -60,6 +60,9 @@ class Pass:
     # noise stream (the refiner hand-off, which A1111 makes inside one sampler run)
     continues: bool = False
     noise_range: tuple[float, float] | None = None  # Brownian trees' sigma range (None: this pass's sigmas)
+    # called before each batch runs this pass, with (iteration, the batch's seeds): per-batch state of
+    # wrappers (fewer_flops.py: DeepCache's kept features, ToMe's seeded generator)
+    before_batch: list[Callable[[int, list[int]], None]] = field(default_factory=list)
 
     @property
     def steps(self) -> int:

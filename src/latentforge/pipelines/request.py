@@ -41,6 +41,7 @@ from latentforge.pipelines.checks import (
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
+from latentforge.pipelines.presets import validate_fewer_flops, with_preset
 from latentforge.sampling.noise import RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
@@ -217,6 +218,16 @@ class GenerationRequest:
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
     aesthetic_score: float = 6.0  # SDXL refiner conditioning
     negative_aesthetic_score: float = 2.5
+    # fewer FLOPs, each off by default (pipelines/fewer_flops.py, presets.py)
+    preset: str = ""  # "lcm" or "turbo": sampler, steps, cfg_scale and schedule where not given
+    token_merging_ratio: float = 0.0  # ToMe (A1111's "Token merging ratio"); 0: off
+    token_merging_ratio_hr: float = 0.0  # the hires pass's (0: token_merging_ratio)
+    token_merging_ratio_img2img: float = 0.0  # img2img's (0: token_merging_ratio)
+    token_merging_random: bool = False  # random destinations, seeded by the batch's first seed (A1111: off)
+    token_merging_max_downsample: int = 1  # merge in blocks downsampled at most this much: 1, 2, 4, 8 (SDXL: 2)
+    deepcache_interval: int = 0  # DeepCache: the full UNet every N steps, the shallow part between; 0: off
+    deepcache_depth: int = 0  # DeepCache's skip branch (0: the shallowest)
+    deepcache_schedule: str = "uniform"  # or "non-uniform" (the paper's quadratic 1:N schedule)
     hires: HiresOptions | None = None
     inpaint: InpaintOptions | None = None
     depth: DepthOptions | None = None
@@ -360,6 +371,7 @@ class GenerationRequest:
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
         for i, unit in enumerate(self.control):
             validate_control(i, unit, need)
+        validate_fewer_flops(self, need)
 
     def to_dict(self) -> dict:
         """Plain data (groups as nested dicts); ``from_dict`` reads it back. Objects inside groups (a loaded
@@ -367,8 +379,9 @@ class GenerationRequest:
         return _plain(self)
 
     def with_options(self, **options: Any) -> GenerationRequest:
-        """A copy with ``options`` (field names, group names or A1111's flat names) applied, strictly."""
-        return GenerationRequest.from_dict({**self.to_dict(), **options})
+        """A copy with ``options`` (field names, group names or A1111's flat names) applied, strictly; a
+        ``preset`` among them fills only what neither ``options`` name."""
+        return GenerationRequest.from_dict({**self.to_dict(), **with_preset(options)})
 
     @classmethod
     def from_dict(cls, data: dict, *, lenient: bool = False) -> GenerationRequest:
@@ -388,7 +401,7 @@ class GenerationRequest:
             raise RequestError(f"enable_hr must be true or false, got {show(data['enable_hr'])}")
         if not isinstance(data.get("extra", {}), dict):
             raise RequestError(f"extra must be a mapping of names to values, got {show(data['extra'])}")
-        data = _fold_flat(dict(data))
+        data = with_preset(_fold_flat(dict(data)))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown and not lenient:
@@ -530,6 +543,15 @@ class GenerationOptions(TypedDict, total=False):
     prompt_syntax: str
     aesthetic_score: float
     negative_aesthetic_score: float
+    preset: str
+    token_merging_ratio: float
+    token_merging_ratio_hr: float
+    token_merging_ratio_img2img: float
+    token_merging_random: bool
+    token_merging_max_downsample: int
+    deepcache_interval: int
+    deepcache_depth: int
+    deepcache_schedule: str
     hires: HiresOptions | None
     inpaint: InpaintOptions | None
     depth: DepthOptions | None

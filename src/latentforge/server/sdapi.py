@@ -263,6 +263,7 @@ def to_request(
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
+    data.update({k: overrides[k] for k in _OVERRIDE_FIELDS if overrides.get(k)})
     if p.get("subseed_strength"):  # A1111's variation seeds
         data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
@@ -329,7 +330,17 @@ _PLAIN_FIELDS = {
     "aesthetic_score",
     "negative_aesthetic_score",
     "s_min_uncond_all",
+    "token_merging_ratio",
+    "token_merging_ratio_hr",
+    "token_merging_ratio_img2img",
+    "token_merging_random",
+    "token_merging_max_downsample",
+    "deepcache_interval",
+    "deepcache_depth",
+    "deepcache_schedule",
 }
+# A1111 settings in override_settings that are request fields here (token merging: A1111's names)
+_OVERRIDE_FIELDS = ("token_merging_ratio", "token_merging_ratio_hr", "token_merging_ratio_img2img")
 
 # our field names -> A1111's, for messages of GenerationRequest.validate
 _A1111_NAMES = {
