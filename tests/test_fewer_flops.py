@@ -105,6 +105,24 @@ def test_deepcache_matches_the_papers_helper_on_diffusers(sd1):
                 assert ok, f"branch {branch} step {i}: max diff {err:.3g} (scale {scale:.3g})"
 
 
+def test_deep_part_runs_on_cache_steps_only(demo):
+    calls: list[int] = []
+    handle = demo.unet.middle_block.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for options, deep_runs in [
+            ({}, 10),
+            ({"deepcache_interval": 2}, 5),
+            ({"deepcache_interval": 3}, 4),
+            ({"deepcache_interval": 3, "s_min_uncond": 1000.0, "s_min_uncond_all": True}, 4),  # cond-only calls
+            ({"deepcache_interval": 2, "s_min_uncond": 1000.0}, 5),  # batch 2 and 1 in turn: the cond rows
+        ]:
+            calls.clear()
+            demo.txt2img(PROMPT, seed=2, steps=10, sampler="Euler", **options)
+            assert len(calls) == deep_runs, (options, len(calls))
+    finally:
+        handle.remove()
+
+
 def test_cache_steps_uniform_and_non_uniform():
     assert cache_steps(10, 3) == [0, 3, 6, 9]
     assert cache_steps(5, 1) == [0, 1, 2, 3, 4]

@@ -5,9 +5,10 @@
   (``models.unet.FeatureCache``); on the other steps only the shallow blocks run and take the kept deep
   features. Cache steps: every ``deepcache_interval``-th step of a pass (uniform 1:N), or the paper's
   non-uniform 1:N schedule, denser around the middle step. The step of a call is found from its sigma in
-  the pass's schedule (a second-order sampler's extra call belongs to the step of its sigma); every
-  UNet call of a guided call has its own cache (cond/uncond run apart when their lengths differ), and a
-  call whose batch or size differs from the kept features runs the whole UNet and keeps its own.
+  the pass's schedule (a second-order sampler's extra call belongs to the step of its sigma). Each UNet
+  call of a guided call (cond/uncond run apart when their lengths differ) and each batch size has its
+  own cache; NGMS's cond-only calls take the cond rows of the CFG batch's features. A call with nothing
+  kept since the last cache step, or kept at another size, runs the whole UNet and keeps its features.
 - Token merging (ToMe for SD, Bolya & Hoffman 2023; ``nn.tome``) as A1111 applies it: the self-attention
   tokens of the transformer blocks without downsampling (max_downsample 1; ``token_merging_max_downsample``
   2 reaches the second level, where SDXL's first attention is), 2 x 2 regions, merged for attention only
@@ -75,16 +76,28 @@ class PassFlops:
     depth: int = 0
     cached_steps: frozenset[int] | None = None  # None: DeepCache off
     generator: torch.Generator | None = None
-    caches: list[FeatureCache] = field(default_factory=list)  # one per UNet call of a guided call
+    # (UNet call of the guided call, batch size) -> (its cache, the cache step its features belong to)
+    caches: dict[tuple[int, int], tuple[FeatureCache, int]] = field(default_factory=dict)
     call: int = 0  # UNet calls so far in the current guided call
     refresh: bool = True  # the current call's step is a cache step
+    generation: int = 0  # cache steps so far
+    last_step: int = -1
 
     def step(self, sigma: float) -> int:
         step = int((self.sigmas[:-1] >= sigma * (1 - 1e-6)).sum()) - 1
         return max(step, 0)
 
+    def first_rows(self, key: tuple[int, int]) -> Tensor | None:
+        """The first rows of features kept at this cache step for the same call with a larger batch."""
+        call, batch = key
+        for (c, b), (cache, generation) in self.caches.items():
+            if c == call and b > batch and generation == self.generation and cache.features is not None:
+                return cache.features[:batch]
+        return None
+
     def start_batch(self, iteration: int, seeds: list[int]) -> None:
         self.caches.clear()
+        self.generation, self.last_step = 0, -1
         if self.random:
             self.generator = torch.Generator().manual_seed(seeds[0])
 
@@ -102,12 +115,14 @@ class FewerFlops:
         state = self.current
         if state is None or state.cached_steps is None:
             return None
-        if state.call == len(state.caches):
-            state.caches.append(FeatureCache(state.depth))
-        cache = state.caches[state.call]
+        key = (state.call, x.shape[0])
         state.call += 1
-        if state.refresh:
-            cache.features = None
+        cache, generation = state.caches.get(key, (None, -1))
+        if cache is None or state.refresh or generation != state.generation:
+            cache = FeatureCache(state.depth)  # no features: this call runs the whole UNet and keeps them
+            if not state.refresh:  # a cond-only call (NGMS): the cond rows, first in CFGDenoiser's batch
+                cache.features = state.first_rows(key)
+            state.caches[key] = (cache, state.generation)
         return args, {**kwargs, "cache": cache}
 
     def token_merge(self, x: Tensor, h: int, w: int):
@@ -126,7 +141,10 @@ class FewerFlops:
                 previous, self.current = self.current, state
                 state.call = 0
                 if state.cached_steps is not None:
-                    state.refresh = state.step(float(torch.as_tensor(sigma).reshape(-1)[0])) in state.cached_steps
+                    step = state.step(float(torch.as_tensor(sigma).reshape(-1)[0]))
+                    state.refresh = step in state.cached_steps
+                    state.generation += state.refresh and step != state.last_step
+                    state.last_step = step
                 try:
                     return inner(x, sigma)
                 finally:
