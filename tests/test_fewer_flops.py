@@ -21,7 +21,7 @@ from latentforge.nn.tome import bipartite_merge
 from latentforge.pipelines import GenerationRequest, RequestError
 from latentforge.pipelines.fewer_flops import cache_steps
 from latentforge.pipelines.metadata import request_from_infotext, unreproduced_fields
-from tiny import build_reference, close, save_folder
+from tiny import build_reference, close, hf_tokenizer, save_folder
 
 PROMPT = "a red circle on a blue background"
 
@@ -242,6 +242,36 @@ def test_presets_set_what_they_say_and_explicit_settings_win():
     assert GenerationRequest.from_dict(lcm.to_dict()) == lcm
     with pytest.raises(RequestError, match="preset"):
         GenerationRequest.from_dict({"preset": "lightning"})
+
+
+def test_lcm_preset_matches_diffusers_lcm_scheduler_on_the_same_model(sd1, tmp_path):
+    import diffusers as D
+
+    ref, ours = sd1
+    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = D.StableDiffusionPipeline(
+        ref.vae, ref.text_encoders[0], hf_tokenizer("<|endoftext|>", tmp_path), ref.unet, D.LCMScheduler(**base),
+        None, None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    # LCM-LoRA as diffusers documents it: LCMScheduler, 4 steps, guidance 1-2; the same seed draws the same
+    # starting latents and the noise of each step (diffusers starts at unit variance: sgm_noise_multiplier)
+    theirs = pipe(
+        PROMPT,
+        negative_prompt="blurry",
+        num_inference_steps=4,
+        guidance_scale=1.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(77),
+        output_type="np",
+    ).images
+    mine = ours.txt2img(
+        PROMPT, negative_prompt="blurry", preset="lcm", width=64, height=64, seed=77, sgm_noise_multiplier=True
+    )
+    assert (mine.request.steps, mine.request.cfg_scale) == (4, 1.5)
+    diff = np.abs(_pixels(mine) / 255.0 - theirs)
+    assert diff.max() <= 2 / 255 + 1e-6, f"max pixel diff {diff.max() * 255:.2f}/255"
 
 
 def test_preset_image_infotext_names_the_settings(demo):
