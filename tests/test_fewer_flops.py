@@ -323,3 +323,20 @@ def test_bad_values_are_refused_by_name():
     ]:
         with pytest.raises(RequestError, match=field):
             GenerationRequest.from_dict({field: value}).validate()
+
+
+def test_command_line_options_and_from(tmp_path):
+    from PIL import Image
+
+    from latentforge.cli import main
+
+    out, again = tmp_path / "a.png", tmp_path / "b.png"
+    args = ["--preset", "turbo", "--steps", "2", "--deepcache", "2", "--tome", "0.3"]
+    args += ["--token-merging-max-downsample", "2", "--token-merging-random", "--seed", "3", "-q"]
+    assert main(["txt2img", PROMPT, *args, "-o", str(out)]) == 0
+    text = Image.open(out).info["parameters"]
+    for field in ("Steps: 2,", "Sampler: Euler a,", "CFG scale: 1,", "DeepCache interval: 2"):
+        assert field in text
+    assert "Token merging ratio: 0.3" in text and "Token merging random: True" in text
+    assert main(["txt2img", "--from", str(out), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
