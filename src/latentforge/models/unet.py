@@ -253,7 +253,8 @@ class FeatureCache:
     A call with ``features`` None runs the whole UNet and keeps the features that enter output block
     ``len(output_blocks) - 1 - depth`` (a "cache" call); a call with ``features`` of the right shape runs
     only the shallow network and takes those features from the cache instead (a "retrieve" call).
-    Depth 0 is the paper's shallowest branch (the first convolution and the last output block).
+    Depth 0 is the paper's shallowest branch (the first convolution and the last output block); with two
+    ResBlocks per level (SD1, SD2, SDXL) the depth equals the DeepCache package's ``cache_branch_id``.
     """
 
     depth: int = 0
