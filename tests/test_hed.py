@@ -277,3 +277,77 @@ def test_cli_choices_are_the_request_modules():
     sub = next(a for a in parser._actions if a.dest == "command").choices["txt2img"]
     choices = next(a for a in sub._actions if a.dest == "control_module").choices
     assert tuple(choices) == CONTROL_MODULES
+
+
+# --- 4. the unit end to end on the tiny SD1 model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    import latentforge
+    from tiny import build_reference, perturb, save_folder
+
+    tmp = tmp_path_factory.mktemp("hed_e2e")
+    ref = build_reference("sd1")
+    net = perturb(ControlNetModel.from_unet(ref.unet), 7)
+    cn = tmp / "controlnet" / "control_softedge_tiny.safetensors"
+    cn.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(cn))
+    return latentforge.load(save_folder(ref, tmp / "m"), dtype="fp32"), cn
+
+
+def test_softedge_hed_unit_end_to_end(tiny, controlnet_hed, tmp_path):
+    from latentforge.pipelines.request import RequestError
+
+    pipe, cn = tiny
+    hed_path, _ = controlnet_hed
+    image = Image.fromarray(_photo(80, 64))
+    common = dict(steps=3, width=64, height=64, seed=3, sampler="Euler", schedule="normal")
+
+    def unit(module: str, img=image) -> dict:
+        return dict(model=str(cn), image=img, module=module, processor_res=64, weight=1.5)
+
+    with pytest.raises(RequestError, match=r"control unit 0: the HED edge model was not found[\s\S]*--annotator-dir"):
+        pipe.txt2img("a cube", control=[unit("softedge_hed")], **common)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ControlNetHED.pth").write_bytes(b"not a checkpoint at all")
+    pipe.folders.annotators[:] = [broken]
+    with pytest.raises(RequestError, match=r"control unit 0: .*broken/ControlNetHED\.pth"):
+        pipe.txt2img("a cube", control=[unit("softedge_hed")], **common)
+    pipe.folders.annotators[:] = [hed_path.parent]
+    try:
+        result = pipe.txt2img("a cube", control=[unit("softedge_hed")], **common)
+        old_name = pipe.txt2img("a cube", control=[unit("hed")], **common)
+        detected = soft_edges(load_hed(hed_path), np.asarray(image), 64)
+        given = pipe.txt2img("a cube", control=[unit("none", Image.fromarray(detected))], **common)
+        plain = pipe.txt2img("a cube", **common)
+    finally:
+        pipe.folders.annotators[:] = []
+    mine = np.asarray(result.images[0])
+    assert (mine == np.asarray(given.images[0])).all()  # the unit ran on exactly the preprocessor's map
+    assert (mine == np.asarray(old_name.images[0])).all()
+    assert np.abs(mine.astype(int) - np.asarray(plain.images[0]).astype(int)).max() > 4  # control acts
+    text = result.infotexts[0]
+    assert 'ControlNet 0: "Module: softedge_hed, Model: control_softedge_tiny [' in text
+    assert "Processor Res: 64, Guidance Start" in text and "Threshold" not in text
+
+
+def test_the_controlnet_models_folder_is_searched(tiny, controlnet_hed):
+    from latentforge.pipelines.control import prepare
+    from latentforge.pipelines.request import GenerationRequest
+
+    pipe, cn = tiny
+    hed_path, _ = controlnet_hed
+    beside = cn.parent / "hed" / "ControlNetHED.pth"
+    beside.parent.mkdir(exist_ok=True)
+    beside.write_bytes(hed_path.read_bytes())
+    image = Image.fromarray(_photo(64, 64))
+    units = [dict(model=str(cn), image=image, module="softedge_hedsafe", processor_res=64)]
+    req = GenerationRequest.from_dict(dict(prompt="x", steps=2, width=64, height=64, control=units))
+    (prepared,) = prepare(pipe, req)
+    assert (prepared.detected == soft_edges(load_hed(hed_path), np.asarray(image), 64, safe=True)).all()
+    assert set(np.unique(prepared.detected)) <= {0, 127, 255}  # safe_step's three levels
