@@ -351,3 +351,15 @@ def test_the_controlnet_models_folder_is_searched(tiny, controlnet_hed):
     (prepared,) = prepare(pipe, req)
     assert (prepared.detected == soft_edges(load_hed(hed_path), np.asarray(image), 64, safe=True)).all()
     assert set(np.unique(prepared.detected)) <= {0, 127, 255}  # safe_step's three levels
+
+
+def test_an_elongated_image_at_a_large_resolution_is_refused_before_work():
+    from latentforge.pipelines.request import RequestError
+
+    class Untouchable(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the network ran")
+
+    img = np.zeros((8, 600, 3), np.uint8)  # 4096 at the short side: 4096 x 307200
+    with pytest.raises(RequestError, match=r"processor_res 4096 becomes 307200x4096 pixels"):
+        soft_edges(Untouchable(), img, 4096)

@@ -48,6 +48,8 @@ from latentforge.pipelines.request import (
 DEFAULT_RES = 512
 CANNY_DEFAULTS = (100.0, 200.0)
 HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hires pass for edge maps
+MAX_PREPROCESS_PIXELS = 4096 * 4096  # the scaled control image a preprocessor works on (canny, depth's input)
+MAX_HED_PIXELS = 4096 * 2048  # HED keeps two 64-channel float32 maps of this size: about 4 GB
 HED_MODULES = {"softedge_hed": False, "hed": False, "softedge_hedsafe": True, "hed_safe": True}  # name -> safe
 
 
@@ -88,15 +90,21 @@ def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
-def pad64(img: np.ndarray, resolution: int) -> tuple[np.ndarray, int, int]:
+def pad64(img: np.ndarray, resolution: int, max_pixels: int = MAX_PREPROCESS_PIXELS) -> tuple[np.ndarray, int, int]:
     """The extension's ``resize_image_with_pad``: scale the short side to ``resolution`` (cubic up, area
     down), pad right and bottom to multiples of 64 with edge pixels; -> (padded, height, width) of the
-    scaled image, which the caller crops its result back to."""
+    scaled image, which the caller crops its result back to. A padded size above ``max_pixels`` (a long
+    thin image at a large resolution) is a RequestError before any work."""
     import cv2
 
     h, w = img.shape[:2]
     k = resolution / min(h, w)
     th, tw = round(h * k), round(w * k)
+    if (th + -th % 64) * (tw + -tw % 64) > max_pixels:
+        raise RequestError(
+            f"the control image {w}x{h} at processor_res {resolution} becomes {tw}x{th} pixels, more than the "
+            f"preprocessor's limit of {max_pixels} pixels; use a smaller processor_res or a less elongated image"
+        )
     scaled = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
     return np.pad(scaled, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge"), th, tw
 
@@ -116,7 +124,7 @@ def soft_edges(model, img: np.ndarray, resolution: int, safe: bool = False) -> n
     (models/hed.py) on ``pad64``'s RGB 0..255 image in float32, the sigmoid of its fused logits in float64,
     ``safe`` quantizing to floor(p * 3) / 2, times 255 clipped and cut to 8 bits, the padding cropped; 3 equal
     channels."""
-    padded, th, tw = pad64(img, resolution)
+    padded, th, tw = pad64(img, resolution, MAX_HED_PIXELS)
     param = next(model.parameters())
     x = torch.from_numpy(np.ascontiguousarray(padded)).to(param.device, torch.float32).permute(2, 0, 1)[None]
     with torch.inference_mode():
