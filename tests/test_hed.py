@@ -363,3 +363,18 @@ def test_an_elongated_image_at_a_large_resolution_is_refused_before_work():
     img = np.zeros((8, 600, 3), np.uint8)  # 4096 at the short side: 4096 x 307200
     with pytest.raises(RequestError, match=r"processor_res 4096 becomes 307200x4096 pixels"):
         soft_edges(Untouchable(), img, 4096)
+
+
+def test_cli_annotator_dir(tiny, controlnet_hed, tmp_path):
+    from latentforge.cli import main
+
+    pipe, cn = tiny
+    hed_path, _ = controlnet_hed
+    image = tmp_path / "photo.png"
+    Image.fromarray(_photo(64, 64)).save(image)
+    out = tmp_path / "out.png"
+    args = ["txt2img", "a cube", "-m", str(pipe.info.source), "-W", "64", "-H", "64", "--steps", "2", "-q"]
+    args += ["--control", f"{cn}:{image}", "--control-module", "softedge_hed", "-o", str(out)]
+    assert main([*args, "--annotator-dir", str(tmp_path / "nothing")]) != 0  # not a folder
+    assert main([*args, "--annotator-dir", str(hed_path.parent)]) == 0
+    assert 'ControlNet 0: "Module: softedge_hed, Model: control_softedge_tiny [' in Image.open(out).info["parameters"]
