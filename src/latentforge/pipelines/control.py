@@ -48,7 +48,7 @@ from latentforge.pipelines.request import (
 DEFAULT_RES = 512
 CANNY_DEFAULTS = (100.0, 200.0)
 HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hires pass for edge maps
-MAX_PREPROCESS_PIXELS = 4096 * 4096  # the scaled control image a preprocessor works on (canny, depth's input)
+MAX_PREPROCESS_PIXELS = 4096 * 4096  # the padded control image of the pad64 preprocessors (canny)
 MAX_HED_PIXELS = 4096 * 2048  # HED keeps two 64-channel float32 maps of this size: about 4 GB
 HED_MODULES = {"softedge_hed": False, "hed": False, "softedge_hedsafe": True, "hed_safe": True}  # name -> safe
 
