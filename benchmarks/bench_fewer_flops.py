@@ -130,6 +130,7 @@ print(json.dumps(out))
 def full_rows(reps: int) -> tuple[list[dict], str]:
     r = run_child(FULL.format(reps=reps), timeout=7200)
     dtype = r.pop("dtype")
+    r.pop("wall_s", None)
     base = r["default"]
     rows = [{"call": k, "s": v["s"], "GFLOP": v["gflop"], "speedup": base["s"] / v["s"]} for k, v in r.items()]
     retrieve = r["DeepCache retrieve (depth 0)"]
@@ -146,11 +147,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reps", type=int, default=2, help="timed calls of the full-size UNet per option")
     ap.add_argument("--no-full", action="store_true", help="skip the full-size UNet (3.4 GB in fp32)")
+    ap.add_argument("--no-demo", action="store_true", help="skip the demo model's quality and seconds")
     args = ap.parse_args()
-    demo = demo_rows(args.seeds, args.steps)
-    print(f"\ndemo model, 64 px, {args.steps} steps, {args.seeds} seeds (PSNR against the default image)")
-    print(table(demo, ["option", "s_per_image", "speedup", "psnr_dB", "min_psnr_dB", "prompt_ok"]))
-    payload = {"demo": demo, "steps": args.steps, "seeds": args.seeds}
+    payload: dict = {"steps": args.steps, "seeds": args.seeds}
+    if not args.no_demo:
+        demo = demo_rows(args.seeds, args.steps)
+        print(f"\ndemo model, 64 px, {args.steps} steps, {args.seeds} seeds (PSNR against the default image)")
+        print(table(demo, ["option", "s_per_image", "speedup", "psnr_dB", "min_psnr_dB", "prompt_ok"]))
+        payload["demo"] = demo
     if not args.no_full:
         full, dtype = full_rows(args.reps)
         print(f"\nSD1.5-shaped UNet, random weights, 512 px latent, batch 2, {dtype} (time only)")
