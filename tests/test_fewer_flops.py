@@ -214,10 +214,10 @@ def test_token_merging_matches_tomesd_on_a_diffusers_unet(sd1):
 
 
 def test_token_merging_in_generation(demo):
-    base = _pixels(demo.txt2img(PROMPT, seed=5, steps=8))
+    base = _pixels(demo.txt2img(PROMPT, seed=5, steps=4))
     # the hooks installed but the pass's ratio 0 (only a hires ratio, no hires pass): the default exactly
-    assert np.array_equal(base, _pixels(demo.txt2img(PROMPT, seed=5, steps=8, token_merging_ratio_hr=0.5)))
-    opts = dict(seed=5, steps=8, token_merging_ratio=0.5, token_merging_max_downsample=2)
+    assert np.array_equal(base, _pixels(demo.txt2img(PROMPT, seed=5, steps=4, token_merging_ratio_hr=0.5)))
+    opts = dict(seed=5, steps=4, token_merging_ratio=0.5, token_merging_max_downsample=2)
     merged = _pixels(demo.txt2img(PROMPT, **opts))
     assert not np.array_equal(base, merged)
     rand = dict(opts, token_merging_random=True, batch_size=2)
