@@ -94,7 +94,7 @@ def _compare(a: dict, b: dict, exact: bool = False) -> None:
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k].float(), b[k].float(), atol=ATOL, rtol=RTOL, msg=k)
+            torch.testing.assert_close(a[k].float(), b[k].float(), atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _result(out: Path, mode: str) -> dict:
@@ -109,7 +109,9 @@ def test_two_processes_equal_one_and_resume_is_exact(tmp_path, base):
     _torchrun(2, str(TESTS / "ddp_worker.py"), json.dumps(jobs))
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     # the command users run, resuming from the state the interrupted launch left (rank 0 reports)
-    done = _torchrun(2, "-m", "latentforge.cli", "train", *_overrides(tmp_path / "resumed", base, "diffusion"))
+    script = Path(sys.executable).with_name("latentforge")  # the documented `torchrun --no-python latentforge`
+    command = ["--no-python", str(script)] if script.is_file() else ["-m", "latentforge.cli"]
+    done = _torchrun(2, *command, "train", *_overrides(tmp_path / "resumed", base, "diffusion"))
     assert done.stdout.strip() == str(tmp_path / "resumed" / "model.safetensors")  # printed once
     printed = [float(x) for x in re.findall(r"step \d+/4\s+loss (\d+\.\d+)", done.stderr)]
     assert len(printed) == 2  # steps 3 and 4 of this launch, reported by rank 0 only
@@ -124,9 +126,82 @@ def test_two_processes_equal_one_and_resume_is_exact(tmp_path, base):
         cfg, losses = load_config(None, _overrides(tmp_path / f"one-{mode}", base, mode)), []
         if mode == "diffusion":  # stopped and resumed as the 2-process run, so the smoothed losses compare
             train(cfg, stop_after=2)
-        train(cfg, lambda p: losses.append(p.loss))
+        train(cfg, losses.append)
         _compare(_result(tmp_path / f"ddp-{mode}", mode), _result(tmp_path / f"one-{mode}", mode))
         ddp_state = load_file(tmp_path / f"ddp-{mode}/state/state.safetensors")
         _compare(ddp_state, load_file(tmp_path / f"one-{mode}/state/state.safetensors"))
         if mode == "diffusion":  # the reported loss is the global batch's mean (smoothed), not a rank's share
-            assert printed == pytest.approx([round(x, 4) for x in losses], abs=6e-5)
+            assert printed == pytest.approx([round(p.loss, 4) for p in losses], abs=6e-5)
+
+
+def _launched(monkeypatch, world: int = 2, rank: int = 0, local: int = 0) -> None:
+    """torchrun's environment without a rendezvous: anything that tried to connect would fail."""
+    for name, value in (("WORLD_SIZE", world), ("RANK", rank), ("LOCAL_RANK", local)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+
+
+def test_a_batch_that_does_not_divide_by_the_processes_is_refused_before_connecting(monkeypatch, tmp_path, capsys):
+    from latentforge.cli import main
+
+    _launched(monkeypatch, world=2, rank=1)
+    with pytest.raises(
+        ConfigError, match=r"'batch_size' = 5 is the global batch .* processes \(2.*batch_size = 4 or 6"
+    ):
+        train(load_config(None, [f'output="{tmp_path}"', 'data.kind="synthetic"', "batch_size=5"]))
+    _launched(monkeypatch, world=4)
+    assert main(["train", f'output="{tmp_path}"', 'data.kind="synthetic"', "batch_size=2"]) == 2
+    assert "batch_size = 4, or another process count" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_launch_environment_and_vae_mode(monkeypatch, tmp_path):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launch_environment() is None
+    _launched(monkeypatch, world=3, rank=2, local=1)
+    assert launch_environment() == (2, 3, 1)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE='two' is not an integer"):
+        launch_environment()
+    _launched(monkeypatch, world=2, rank=2)
+    with pytest.raises(ConfigError, match=r"RANK=2, WORLD_SIZE=2"):
+        launch_environment()
+    _launched(monkeypatch)
+    vae = load_config(None, [f'output="{tmp_path}"', 'mode="vae"', 'data.kind="synthetic"', "batch_size=4"])
+    with pytest.raises(ConfigError, match=r"mode = 'vae' runs on one process"):
+        train(vae)
+
+
+def test_the_ranks_parts_cover_each_batch_once():
+    for world in (1, 2, 3, 4):
+        for count in range(10):
+            parts = [Distributed(rank=r, world=world).part(count) for r in range(world)]
+            assert [i for p in parts for i in range(count)[p]] == list(range(count))
+            assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_the_parts_losses_and_gradients_add_up_to_the_whole_batch(base):
+    """What each rank computes: its slice of the same draws, normalised by the whole batch; the sum over
+    the slices is the one-process loss (the mean over the batch) and its gradient."""
+    pipe = latentforge.load(base, dtype=torch.float32)
+    cfg = load_config(None, [f'model.base="{base}"', *COMMON, 'model.objective="eps"'])
+    denoiser = ModelDenoiser(pipe.unet, pipe.noise_schedule(), "eps")
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "", "a blue square on a green background", "a green triangle"]
+    params = list(pipe.unet.requires_grad_(True).parameters())
+
+    def run(parts):
+        pipe.unet.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in parts:
+            loss = diffusion_loss(pipe, denoiser, x0, captions, deterministic_generator(5, 1, 0), cfg, None, None, part)
+            loss.backward()
+            total += float(loss.detach())
+        return total, torch.cat([p.grad.flatten() for p in params])
+
+    whole, g_whole = run([None])
+    split, g_split = run([slice(0, 1), slice(1, 3), slice(3, 4)])
+    assert split == pytest.approx(whole, rel=1e-6)
+    torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-5 * float(g_whole.abs().max()))
+    one, _ = run([slice(0, 1)])
+    assert one != pytest.approx(whole / 4, rel=1e-3)  # the examples differ: each part counts
