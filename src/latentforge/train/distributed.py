@@ -152,11 +152,13 @@ def setup(cfg: TrainConfig) -> Distributed:
         return Distributed(device=device)
     rank, world, local = env
     check_batch(cfg, world)
-    if cfg.mode == "vae":
-        raise ConfigError("mode = 'vae' runs on one process; start it without torchrun (--nproc_per_node 1)")
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local)
+        if device.index is not None:
+            raise ConfigError(
+                f"config key 'device' = {cfg.device!r} names one GPU for all {world} processes: set device = 'cuda' "
+                "(each process then uses cuda:LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
