@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import latentforge
@@ -73,6 +74,17 @@ def base():
 
 
 def _overrides(out: Path, base: Path, mode: str) -> list[str]:
+    if mode == "buckets":  # aspect-ratio buckets: batches of 3 and 1 images, so one rank's share is empty
+        data = out.parent / "bucket-data"
+        if not data.is_dir():
+            data.mkdir()
+            for i, (size, colour) in enumerate(
+                [((32, 32), "red"), ((32, 32), "blue"), ((40, 40), "green"), ((64, 24), "white")]
+            ):
+                Image.new("RGB", size, colour).save(data / f"{i}.png")
+                (data / f"{i}.txt").write_text(f"a {colour} picture, plain")
+        extra = ['data.kind="folder"', f'data.path="{data}"', "data.buckets=true", "data.bucket_step=8", "steps=2"]
+        return [f'output="{out}"', f'model.base="{base}"', *COMMON, "ema_decay=0", *extra]
     return [f'output="{out}"', f'model.base="{base}"', *COMMON, *MODES[mode]]
 
 
@@ -104,14 +116,19 @@ def _compare(a: dict, b: dict, exact: bool = False) -> float:
 
 
 def _result(out: Path, mode: str) -> dict:
-    names = {"diffusion": "model.safetensors", "lora": "lora.safetensors", "embedding": "zq.safetensors"}
+    names = {
+        "diffusion": "model.safetensors",
+        "buckets": "model.safetensors",
+        "lora": "lora.safetensors",
+        "embedding": "zq.safetensors",
+    }
     name = names.get(mode, "vae.safetensors")
     return load_file(out / name)
 
 
 def test_two_processes_equal_one_and_resume_is_exact(tmp_path, base, record_property):
     # one launch: the four modes to the end, and the diffusion run stopped after 1 of its 2 steps
-    jobs = [{"overrides": _overrides(tmp_path / f"ddp-{m}", base, m)} for m in MODES]
+    jobs = [{"overrides": _overrides(tmp_path / f"ddp-{m}", base, m)} for m in [*MODES, "buckets"]]
     jobs.append({"overrides": _overrides(tmp_path / "resumed", base, "diffusion"), "stop_after": 1})
     _torchrun(2, str(TESTS / "ddp_worker.py"), json.dumps(jobs))
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
@@ -129,7 +146,7 @@ def test_two_processes_equal_one_and_resume_is_exact(tmp_path, base, record_prop
         True,
     )
 
-    for mode in MODES:  # one process, the same global batch
+    for mode in [*MODES, "buckets"]:  # one process, the same global batch
         cfg, losses = load_config(None, _overrides(tmp_path / f"one-{mode}", base, mode)), []
         if mode == "diffusion":  # stopped and resumed as the 2-process run, so the smoothed losses compare
             train(cfg, stop_after=1)
