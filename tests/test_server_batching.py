@@ -201,9 +201,10 @@ def test_concurrent_a1111_clients_are_batched(tmp_path):
     try:
         slow = server.post("/latentforge/v1/jobs", {"prompt": "slow", "steps": 60, "width": 64, "height": 64})
         slow_id = slow.json()["id"]
-        payloads = [{**BASE, "sampler_name": "Euler a", "prompt": p, "negative_prompt": n, "seed": s} for p, n, s in PROMPTS]
-        for pl in payloads:
-            pl.pop("sampler")
+        fields = {k: v for k, v in BASE.items() if k != "sampler"}
+        payloads = [
+            {**fields, "sampler_name": "Euler a", "prompt": p, "negative_prompt": n, "seed": s} for p, n, s in PROMPTS
+        ]
         out: dict[int, dict] = {}
 
         def send(i):
@@ -225,7 +226,7 @@ def test_concurrent_a1111_clients_are_batched(tmp_path):
 
         from PIL import Image
 
-        for i, (p, n, s) in enumerate(PROMPTS):
+        for i, (p, _, s) in enumerate(PROMPTS):
             info = json.loads(out[i]["info"])
             assert info["all_seeds"] == [s] and info["prompt"] == p
             job = server.get(f"/latentforge/v1/jobs/{info['job_id']}").json()

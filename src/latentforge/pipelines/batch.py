@@ -66,7 +66,8 @@ def batch_key(req: GenerationRequest, img2img: bool = False) -> tuple | None:
         return None  # it fails validation alone, with its own message
     if info.name in BATCH_DEPENDENT_SAMPLERS:
         return None
-    shared = tuple((f.name, _hashable(getattr(req, f.name))) for f in dataclasses.fields(req) if f.name not in PER_IMAGE)
+    fields = [f.name for f in dataclasses.fields(req) if f.name not in PER_IMAGE]
+    shared = tuple((name, _hashable(getattr(req, name))) for name in fields)
     return ("img2img" if img2img else "txt2img", shared)
 
 
@@ -111,12 +112,12 @@ def generate_batch(
     for i, member in enumerate(members):
         try:
             ready.append(_prepare(pipe, i, member, upscaler_dirs))
-        except Exception as e:  # noqa: BLE001 - reported for this member only
+        except Exception as e:  # reported for this member only
             results[i] = e
     while ready:  # greedy groups: every request that merges with the first one left
         group, rest = [ready[0]], []
         for p in ready[1:]:
-            (group if merge_plans([g.plan for g in group] + [p.plan], _sizes(group + [p])) else rest).append(p)
+            (group if merge_plans([*(g.plan for g in group), p.plan], _sizes([*group, p])) else rest).append(p)
         for p, outcome in zip(group, _run_group(pipe, group)):
             results[p.index] = outcome
         ready = rest
@@ -199,12 +200,12 @@ def _run_group(pipe, group: list[_Prepared]) -> list[GenerationResult | Exceptio
                             images, member.start,
                         )
                     )  # fmt: skip
-                except Exception as e:  # noqa: BLE001 - this member's decode only
+                except Exception as e:  # this member's decode only
                     outcomes.append(e)
             return outcomes
     except Interrupted:
         return [Interrupted() for _ in group]
-    except Exception as e:  # noqa: BLE001 - sampling failed for the whole batch (a NaN, a broken model)
+    except Exception as e:  # sampling failed for the whole batch (a NaN, a broken model)
         return [e for _ in group]
 
 

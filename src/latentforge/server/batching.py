@@ -68,7 +68,7 @@ def run_batch(queue: JobQueue, jobs: list[Job]) -> None:
     name = jobs[0].spec.model or queue.default_model
     try:
         pipe = queue.cache.get(name)
-    except Exception as e:  # noqa: BLE001 - the model is every job's: each fails with it
+    except Exception as e:  # the model is every job's: each fails with it
         for job in jobs:
             queue.fail(job, e)
         return
