@@ -127,7 +127,7 @@ def test_incompatible_jobs_run_alone_in_order(queue_factory):
 def test_cancelling_one_job_of_a_batch_keeps_the_others(queue_factory, pipe):
     q = queue_factory(max_batch=4)
     calls, handle = _count_unet_calls(q)
-    jobs = [q.submit(_spec(prompt=p, negative_prompt=n, seed=s, steps=40)) for p, n, s in PROMPTS[:3]]
+    jobs = [q.submit(_spec(prompt=p, negative_prompt=n, seed=s, steps=24)) for p, n, s in PROMPTS[:3]]
     q.start()
     for _ in range(2000):
         if jobs[1].step >= 2:
@@ -139,8 +139,8 @@ def test_cancelling_one_job_of_a_batch_keeps_the_others(queue_factory, pipe):
     handle.remove()
     assert [j.state for j in jobs] == ["done", "cancelled", "done"]
     assert jobs[1].images == [] and len(jobs[0].images) == len(jobs[2].images) == 1
-    assert len(calls) == 40  # the batch ran to the end for the others
-    ref = _alone(pipe, prompt=PROMPTS[2][0], negative_prompt=PROMPTS[2][1], seed=PROMPTS[2][2], steps=40)
+    assert len(calls) == 24  # the batch ran to the end for the others
+    ref = _alone(pipe, prompt=PROMPTS[2][0], negative_prompt=PROMPTS[2][1], seed=PROMPTS[2][2], steps=24)
     _close(jobs[2].images[0], ref.images[0])
 
 
@@ -193,13 +193,14 @@ def test_prompts_of_different_lengths_still_get_their_images(queue_factory, pipe
 
 
 def test_concurrent_a1111_clients_are_batched(tmp_path):
-    """Through the HTTP API: a slow job holds the worker while four clients queue compatible requests."""
+    """Through the HTTP API: a slow job holds the worker while four clients queue compatible requests, then
+    is cancelled; the four run as one batch and each client gets its own image and info."""
     pytest.importorskip("fastapi")
     from serverproc import Server
 
     server = Server("--max-batch", "4", tmp=tmp_path)
     try:
-        slow = server.post("/latentforge/v1/jobs", {"prompt": "slow", "steps": 60, "width": 64, "height": 64})
+        slow = server.post("/latentforge/v1/jobs", {"prompt": "slow", "steps": 1000, "width": 64, "height": 64})
         slow_id = slow.json()["id"]
         fields = {k: v for k, v in BASE.items() if k != "sampler"}
         payloads = [
@@ -213,10 +214,11 @@ def test_concurrent_a1111_clients_are_batched(tmp_path):
         threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        for _ in range(400):
+        for _ in range(1200):
             if server.get("/sdapi/v1/progress").json()["state"]["job_count"] >= 5:
                 break
             time.sleep(0.05)
+        server.delete(f"/latentforge/v1/jobs/{slow_id}")  # the four queued jobs now start together
         for t in threads:
             t.join(180)
         assert server.get(f"/latentforge/v1/jobs/{slow_id}").json()["batch"] == 1
