@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Any
 
 from latentforge.pipelines.batch import BatchMember, batch_key, generate_batch
 from latentforge.pipelines.generate import GenerationResult, Interrupted
 from latentforge.pipelines.request import RequestError
 
-if TYPE_CHECKING:
-    from latentforge.server.jobs import Job, JobQueue
+# jobs.py imports this module, so its types are named here only in words (Job, JobQueue of jobs.py)
+Job = Any
+JobQueue = Any
 
 log = logging.getLogger("latentforge.server")
 
