@@ -174,7 +174,8 @@ def main() -> None:
     print(table(rows, columns))
     name = "full-sd15" if args.full else str(model or "demo")
     path = save(
-        "server_batch", {"model": name, "size": size, "steps": args.steps, "clients": args.clients, "rows": rows}
+        "server_batch_full" if args.full else "server_batch",
+        {"model": name, "size": size, "steps": args.steps, "clients": args.clients, "rows": rows},
     )
     print(f"results: {path}")
 

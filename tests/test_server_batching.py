@@ -237,3 +237,58 @@ def test_concurrent_a1111_clients_are_batched(tmp_path):
             assert f"Seed: {s}" in image.info["parameters"] and image.size == (64, 64)
     finally:
         server.close()
+
+
+def test_merged_schedules_give_each_request_its_own_conditioning_at_every_call():
+    """Prompt editing changes each request's conditioning at its own model call; the merged schedule must
+    stack, at every call k, exactly what each schedule alone gives at k (CondSchedule.at, A1111's rule)."""
+    import torch
+
+    from latentforge.pipelines.batch import merge_schedules
+    from latentforge.sampling import CondSchedule
+    from latentforge.sampling.denoisers import Cond
+
+    def cond(v: float, rows: int = 1) -> Cond:
+        return Cond(torch.full((rows, 3, 2), v))
+
+    a = CondSchedule([(3, cond(1.0)), (7, cond(2.0)), (20, cond(3.0))])
+    b = CondSchedule([(5, cond(10.0, 2)), (20, cond(11.0, 2))])
+    c = CondSchedule([(20, cond(-1.0))])
+    merged = merge_schedules([a, b, c])
+    for k in range(25):
+        expect = torch.cat([a.at(k).context, b.at(k).context, c.at(k).context])
+        assert torch.equal(merged.at(k).context, expect), k
+    longer = CondSchedule([(20, Cond(torch.zeros(1, 6, 2)))])  # another context length: cannot be stacked
+    assert merge_schedules([a, longer]) is None
+
+
+def test_img2img_and_hires_requests_batched_equal_their_images_alone(pipe):
+    from PIL import Image
+
+    from latentforge.pipelines.batch import BatchMember, generate_batch
+    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.request import GenerationRequest, HiresOptions
+
+    rng = np.random.default_rng(0)
+    inits = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    img = [
+        GenerationRequest(**{**BASE, "prompt": p, "seed": s, "denoising_strength": 0.6})
+        for p, s in (("a", 1), ("b", 2))
+    ]
+    hires = [
+        GenerationRequest(
+            **{**BASE, "prompt": p, "seed": s, "hires": HiresOptions(scale=1.5), "denoising_strength": 0.5}
+        )
+        for p, s in (("[a cat:a dog:0.5]", 5), ("a [red:blue:2] house", 6))  # prompt editing at other steps
+    ]
+    members = [BatchMember(r, [im]) for r, im in zip(img, inits)] + [BatchMember(r) for r in hires]
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    results = generate_batch(pipe, members)
+    handle.remove()
+    assert all(not isinstance(r, Exception) for r in results), results
+    assert set(calls) == {4}  # each group's two requests in one UNet call per step
+    alone = [generate(pipe, r, init_images=[im]) for r, im in zip(img, inits)] + [generate(pipe, r) for r in hires]
+    for got, ref in zip(results, alone):
+        assert got.images[0].size == ref.images[0].size and got.infotexts == ref.infotexts
+        _close(got.images[0], ref.images[0])

@@ -36,7 +36,11 @@ def job_key(job: Job, default_model: str | None) -> tuple | None:
     model = spec.model or default_model
     if model is None:
         return None
-    key = batch_key(spec.request, img2img=spec.kind == "img2img")
+    try:
+        key = batch_key(spec.request, img2img=spec.kind == "img2img")
+    except Exception:  # the worker must not die on a request it cannot compare: it runs alone
+        log.exception("job %s: no batch key", job.id)
+        return None
     return None if key is None else (model, key)
 
 
