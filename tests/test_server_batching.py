@@ -292,3 +292,15 @@ def test_img2img_and_hires_requests_batched_equal_their_images_alone(pipe):
     for got, ref in zip(results, alone):
         assert got.images[0].size == ref.images[0].size and got.infotexts == ref.infotexts
         _close(got.images[0], ref.images[0])
+
+
+def test_max_batch_flag(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from latentforge.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--max-batch", "0"]) == 2 and "--max-batch" in capsys.readouterr().err
+    assert main(["serve"]) == 0 and main(["serve", "--max-batch", "8"]) == 0
+    assert [a.state.queue.config.max_batch for a in apps] == [4, 8]
