@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (default: the environment's)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is closed by ``finally``
     model = args.model
     if args.full:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,9 @@ def test_compatible_jobs_share_one_batch_and_equal_their_images_alone(queue_fact
     assert q.stats == {"batches": 1, "batched_jobs": 4} and [j.batch for j in jobs] == [4] * 4
     # Euler a: one CFG call per step, cond and uncond rows of all four jobs in one UNet call
     assert calls == [8] * BASE["steps"]
+    # each job followed its own progress, with a preview of its own rows
+    assert [(j.step, j.steps, j.fraction) for j in jobs] == [(6, 6, 1.0)] * 4 and all(j.preview_png for j in jobs)
+    assert len({j.preview_png for j in jobs}) == 4
     for j, (p, n, s) in zip(jobs, PROMPTS):
         ref = _alone(pipe, prompt=p, negative_prompt=n, seed=s)
         assert j.seeds == [s] and j.infotexts == ref.infotexts  # the infotext names its own prompt and seed
