@@ -198,16 +198,33 @@ def generate(
     finally:
         session.close(pipe)
 
-    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
-    final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
-    if hand_off is not None:  # the record names the refiner's source, also when a loaded pipeline was given
-        final.refiner = dataclasses.replace(req.refiner, checkpoint=hand_off.name)
     mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+    refiner_name = hand_off.name if hand_off is not None else None
+    return finish_result(pipe, req, plan, mode, seeds, (seed, subseed), out_images, start, refiner_name)
+
+
+def finish_result(
+    pipe,
+    req: GenerationRequest,
+    plan: Plan,
+    mode: str,
+    seeds: list[int],
+    chosen: tuple[int, int],
+    images: list[Image.Image],
+    start: float,
+    refiner_name: str | None = None,
+) -> GenerationResult:
+    """The result of a run: each image with its A1111 infotext and JSON record. ``chosen``: the seed and
+    subseed actually used; ``start``: the run's ``perf_counter`` at its beginning."""
+    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
+    final = dataclasses.replace(req, seed=chosen[0], subseed=chosen[1], width=plan.width, height=plan.height)
+    if refiner_name is not None:  # the record names the refiner's source, also when a loaded pipeline was given
+        final.refiner = dataclasses.replace(req.refiner, checkpoint=refiner_name)
     texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext)
-    for image, text, s in zip(out_images, texts, seeds):
+    for image, text, s in zip(images, texts, seeds):
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, mode)
-    return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+    return GenerationResult(images, seeds, texts, final, time.perf_counter() - start)
 
 
 def _run(pipe, plan: Plan, req: GenerationRequest, seeds: list[int], subseeds: list[int], progress, out_images):
