@@ -29,7 +29,12 @@ GEN_OPTIONS = [
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
     (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
-    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
+    (
+        ("--rng",),
+        "rng",
+        str,
+        "noise source: CPU (default), GPU (A1111's default), NV, or 'comfy batch' (ComfyUI's whole-batch noise)",
+    ),
 ]
 
 

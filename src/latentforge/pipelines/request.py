@@ -41,7 +41,7 @@ from latentforge.pipelines.checks import (
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
-from latentforge.sampling.noise import RNG_SOURCES
+from latentforge.sampling.noise import COMFY_BATCH, RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -197,7 +197,7 @@ class GenerationRequest:
     seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
     seed_resize_from_h: int = 0
     eta_noise_seed_delta: int = 0  # ENSD: later noise draws use seed + this
-    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere) or NV
+    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere), NV, or "comfy batch"
     width: int | None = None  # None: the family's native size
     height: int | None = None
     batch_size: int = 1  # images per denoising pass
@@ -318,6 +318,18 @@ class GenerationRequest:
             f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {show(self.eta_noise_seed_delta)}",
         )
         need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {show(self.rng)}")
+        if self.rng == COMFY_BATCH:  # ComfyUI's whole-batch noise has none of A1111's per-image settings
+            resized = self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0
+            for name, used in (
+                ("subseed_strength", self.subseed_strength != 0),
+                ("seed_resize_from_w/_h", resized),
+                ("eta_noise_seed_delta", self.eta_noise_seed_delta != 0),
+            ):
+                need(
+                    not used,
+                    f"{name} is A1111's per-image noise setting and does not apply to rng {COMFY_BATCH!r} "
+                    "(ComfyUI's whole-batch noise); remove it or choose rng CPU, GPU or NV",
+                )
         need(
             self.clip_skip is None or (is_int(self.clip_skip) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {show(self.clip_skip)}",
