@@ -15,7 +15,12 @@ GEN_OPTIONS = [
     (("--steps",), "steps", int, "denoising steps (default 20)"),
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
-    (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (
+        ("--cfg-scale", "--cfg"),
+        "cfg_scale",
+        float,
+        "classifier-free guidance scale (default: the model's, 7; the demo model's 2)",
+    ),
     (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),

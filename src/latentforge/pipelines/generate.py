@@ -174,6 +174,10 @@ def generate(
     img2img = init_images is not None
     x4 = req.x4 is not None
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
+    if req.cfg_scale is None:  # the sampler's or the model's default; the record and infotext carry the number
+        info, _ = resolve(req.sampler, req.schedule)
+        default = info.default_cfg if info.default_cfg is not None else pipe.family.default_cfg
+        req = dataclasses.replace(req, cfg_scale=default)
     if x4 and req.control:
         raise RequestError("ControlNet units cannot control the x4 upscaler; remove 'control' or 'x4'")
     if x4 and not init_images:

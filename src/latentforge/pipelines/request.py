@@ -189,7 +189,7 @@ class GenerationRequest:
     steps: int = 20
     sampler: str = "DPM++ 2M"  # A1111, ComfyUI or latentforge name; "DPM++ 2M Karras" style also works
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's default (Family.default_cfg: 7, demo 2; DDIM CFG++ 7)
     guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
@@ -276,8 +276,10 @@ class GenerationRequest:
         except ValueError as e:
             raise RequestError(str(e)) from None
         need(
-            is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
-            f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
+            self.cfg_scale is None
+            or (is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100),
+            f"cfg_scale must be a finite number from -100 to 100 (or none: the model's default), got "
+            f"{show(self.cfg_scale)}",
         )
         need(
             isinstance(self.s_min_uncond, (int, float)) and 0 <= self.s_min_uncond <= 1000,
@@ -514,7 +516,7 @@ class GenerationOptions(TypedDict, total=False):
     steps: int
     sampler: str
     schedule: str
-    cfg_scale: float
+    cfg_scale: float | None
     guidance_rescale: float
     seed: int
     subseed: int
