@@ -37,9 +37,9 @@ def main() -> None:
             if good < len(CASES):
                 weak.append(f"{info.title} {good}/{len(CASES)}")
         total = len(SAMPLERS) * len(CASES)
-        print(
-            f"cfg {'default' if cfg is None else f'{cfg:g}'}: {correct}/{total} correct in {time.perf_counter() - start:.0f} s; weaker: {', '.join(weak)}"
-        )
+        label = "default" if cfg is None else f"{cfg:g}"
+        seconds = time.perf_counter() - start
+        print(f"cfg {label}: {correct}/{total} correct in {seconds:.0f} s; weaker: {', '.join(weak)}")
 
 
 if __name__ == "__main__":
