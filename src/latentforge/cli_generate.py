@@ -15,7 +15,12 @@ GEN_OPTIONS = [
     (("--steps",), "steps", int, "denoising steps (default 20)"),
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
-    (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (
+        ("--cfg-scale", "--cfg"),
+        "cfg_scale",
+        float,
+        "classifier-free guidance scale (default: the model's, 7; the demo model's 2)",
+    ),
     (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
@@ -29,7 +34,12 @@ GEN_OPTIONS = [
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
     (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
-    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
+    (
+        ("--rng",),
+        "rng",
+        str,
+        "noise source: CPU (default), GPU (A1111's default), NV, or 'comfy batch' (ComfyUI's whole-batch noise)",
+    ),
 ]
 
 

@@ -21,7 +21,7 @@ from latentforge.pipelines.numerics import FiniteWatch, decode_checked
 from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
-from latentforge.sampling.noise import BrownianNoise, ImageNoise
+from latentforge.sampling.noise import COMFY_BATCH, BrownianNoise, ImageNoise
 
 
 class Interrupted(Exception):
@@ -150,7 +150,8 @@ def run_pass(
         if p.sampler.brownian:
             positive = p.sigmas[p.sigmas > 0]
             lo, hi = p.noise_range or (positive.min(), positive.max())
-            draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device)
+            whole_batch = noise_opts is not None and noise_opts.source == COMFY_BATCH
+            draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device, whole_batch=whole_batch)
     if init is not None and not p.denoise:
         return watch.result(x), draw
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
@@ -173,6 +174,10 @@ def generate(
     img2img = init_images is not None
     x4 = req.x4 is not None
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
+    if req.cfg_scale is None:  # the sampler's or the model's default; the record and infotext carry the number
+        info, _ = resolve(req.sampler, req.schedule)
+        default = info.default_cfg if info.default_cfg is not None else pipe.family.default_cfg
+        req = dataclasses.replace(req, cfg_scale=default)
     if x4 and req.control:
         raise RequestError("ControlNet units cannot control the x4 upscaler; remove 'control' or 'x4'")
     if x4 and not init_images:
