@@ -129,3 +129,16 @@ def test_pipeline_images_are_the_same(sd1_folder):
     assert np.abs(fast - plain).max() <= 1  # float32: the same convolution, at most rounding apart
     assert pipe.pack_weights(False) == n
     assert np.array_equal(np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16), plain)
+
+
+def test_cli_pack_weights_flag(sd1_folder, tmp_path):
+    from PIL import Image
+
+    from latentforge.cli import main
+
+    args = ["txt2img", "a cube", "-m", str(sd1_folder), "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "--pack-weights", "-o", str(tmp_path / "packed.png")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    fast = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
+    assert np.abs(fast - plain).max() <= 1
