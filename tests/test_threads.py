@@ -105,9 +105,18 @@ def test_bad_counts_name_the_variable(no_fixed_threads, var, value):
         threads.fix_threads(0)
 
 
-def test_small_work_runs_on_one_thread(no_fixed_threads):
+def test_default_is_every_usable_core(no_fixed_threads):
+    assert threads.choose_threads(1.0)[0] == threads.usable_cores()
+    assert threads.choose_threads(1e15)[0] == threads.usable_cores()
+
+
+def test_free_mode_runs_small_work_on_one_thread(no_fixed_threads):
+    no_fixed_threads.setenv(threads.THREADS_ENV, "free")
     # the demo model at 512 px: 2.5e6 parameters x 64 x 64 latent pixels
-    assert threads.choose_threads(2.5e6 * 64 * 64) == (1, "small model/image: one thread is as fast")
+    assert threads.choose_threads(2.5e6 * 64 * 64)[0] == 1
+    no_fixed_threads.setattr(threads, "usable_cores", lambda: 8)
+    no_fixed_threads.setattr(threads, "free_cores", lambda sample_s=0: 2.6)  # others use 5.4 cores
+    assert threads.choose_threads(1e15)[0] == 3
 
 
 def _fake_stat(monkeypatch, busy_per_cpu: list[int], own_ticks: float, cpus: set[int]):
@@ -169,14 +178,14 @@ def test_generation_runs_with_the_chosen_count_and_restores_it(no_fixed_threads)
     pipe.txt2img(
         "a red circle", steps=2, seed=1, width=64, height=64, progress=lambda p: seen.append(torch.get_num_threads())
     )
-    assert seen == [1, 1]  # the demo model is small work
+    assert seen == [threads.usable_cores()] * 2
     assert torch.get_num_threads() == before
-    threads.fix_threads(2)
+    threads.fix_threads(1 if threads.usable_cores() > 1 else 2)
     seen.clear()
     pipe.txt2img(
         "a red circle", steps=1, seed=1, width=64, height=64, progress=lambda p: seen.append(torch.get_num_threads())
     )
-    assert seen == [2]
+    assert seen == [1 if threads.usable_cores() > 1 else 2]
 
 
 def test_cli_threads_flag(tmp_path):

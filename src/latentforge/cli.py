@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        help="CPU threads per generation (default: 1 for small models, else the free cores; also OMP_NUM_THREADS)",
+        help="CPU threads per generation (default: every usable core; also OMP_NUM_THREADS, LATENTFORGE_THREADS)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -8,12 +8,16 @@ instead; OpenMP reads it once, when the runtime loads, that is when ``torch`` is
 ``prefer_passive_waiting`` (called by ``import latentforge`` before it imports torch) puts it in the
 environment unless the user set it; importing latentforge after torch cannot change it.
 
-``auto_threads`` picks the thread count per generation from the size of the work (the UNet's
-parameters times its latent pixels: small models such as the demo model are overhead-bound and run
-best on one thread) and from the cores that are free right now (the CPUs this process may use, less
-the time other processes spent on them during a short sample of ``/proc/stat``). A fixed count wins
-over the choice: ``OMP_NUM_THREADS``, ``LATENTFORGE_THREADS`` or ``fix_threads`` (the CLI's
-``--threads``).
+``auto_threads`` sets the thread count per generation. By default that is every core this process may
+use (its affinity mask, capped by a cgroup CPU quota), less one the server keeps for HTTP on machines
+with 3 or more. Measured on a 2-core machine under a load average of 10 (other processes): with
+PASSIVE waiting, two threads made the demo image at 64 px in 0.28 s against 1.12 s on one thread, and
+at 256 px 4.3 s against 12.3 s (sleeping threads get the CPU back quickly when they wake), so neither
+small models nor other processes' load are reasons for fewer threads. ``LATENTFORGE_THREADS=free``
+asks for the polite choice on a shared machine instead: one thread for small work (UNet parameters x
+latent pixels x batch below ``SMALL_WORK``: the demo and test models), else the cores free right now
+(a 0.1 s sample of ``/proc/stat``, less this process's own time). A fixed count wins over both:
+``OMP_NUM_THREADS``, ``LATENTFORGE_THREADS=N`` or ``fix_threads`` (the CLI's ``--threads``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from pathlib import Path
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 THREADS_ENV = "LATENTFORGE_THREADS"
-# UNet parameters x latent pixels x batch below which one thread is as fast as more (measured: the demo
-# model, 2.5M parameters, is no faster on two threads than on one up to 256 px, i.e. 2.6e9)
+# LATENTFORGE_THREADS=free: UNet parameters x latent pixels x batch below which one thread is used (on an
+# idle machine the demo model, 2.5M parameters, was no faster on two threads than on one up to 256 px)
 SMALL_WORK = 2e10
 SAMPLE_S = 0.1
 
@@ -127,7 +131,7 @@ def fixed_threads() -> tuple[int, str] | None:
         return _fixed, "--threads/fix_threads"
     for var in (THREADS_ENV, "OMP_NUM_THREADS"):
         text = os.environ.get(var, "").strip()
-        if text and text.lower() != "auto":
+        if text and text.lower() not in ("auto", "free"):
             try:
                 n = int(text.split(",")[0])
             except ValueError:
@@ -143,13 +147,16 @@ def choose_threads(work: float, sample_s: float = SAMPLE_S) -> tuple[int, str]:
     fixed = fixed_threads()
     if fixed is not None:
         return fixed[0], f"fixed by {fixed[1]}"
-    if work < SMALL_WORK:
-        return 1, "small model/image: one thread is as fast"
     n = usable_cores()
     keep = _reserved if n >= _reserved + 2 else 0
+    kept = f", {keep} kept for the server" if keep else ""
+    if os.environ.get(THREADS_ENV, "").strip().lower() != "free":
+        return n - keep, f"{n} usable cores{kept}"
+    if work < SMALL_WORK:
+        return 1, "small model/image (LATENTFORGE_THREADS=free)"
     free = free_cores(sample_s)
     threads = max(1, min(n - keep, int(free + 0.5) - keep))
-    return threads, f"{free:.1f} of {n} cores free" + (f", {keep} kept for the server" if keep else "")
+    return threads, f"{free:.1f} of {n} cores free{kept} (LATENTFORGE_THREADS=free)"
 
 
 @contextlib.contextmanager
