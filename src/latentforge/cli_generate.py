@@ -180,6 +180,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="CPU: pack convolution weights once into oneDNN's layout (same images; more memory)",
+    )
+    p.add_argument(
         "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
     )
     p.add_argument(
@@ -497,6 +502,8 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
                 "--controlnet-dir or --annotator-dir)"
             )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if getattr(args, "pack_weights", False):
+        pipe.pack_weights()
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
     pipe.folders.hypernetworks += args.hypernetwork_dir

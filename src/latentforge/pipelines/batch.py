@@ -37,6 +37,7 @@ from latentforge.pipelines.generate import (
     build_plan,
     finish_result,
     run_pass,
+    work_size,
 )
 from latentforge.pipelines.images import open_image, tensor_to_images
 from latentforge.pipelines.numerics import decode_checked
@@ -44,6 +45,7 @@ from latentforge.pipelines.plan import Pass, Plan
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CondSchedule, resolve
 from latentforge.sampling.denoisers import Cond
+from latentforge.threads import auto_threads
 
 # fields each request of a batch keeps for itself; every other field must be equal
 PER_IMAGE = frozenset({"prompt", "negative_prompt", "seed", "subseed", "batch_size", "extra"})
@@ -167,8 +169,10 @@ def _run_group(pipe, group: list[_Prepared]) -> list[GenerationResult | Exceptio
     subseeds = [s for p in group for s in p.subseeds]
     live = [True] * len(group)
     total = plan.total_steps
+    first = group[0]
+    work = work_size(pipe, first.member.request, None) * sum(sizes) / max(1, first.member.request.batch_size)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), auto_threads(work, pipe.device.type):
             x, offset, stream = None, 0, None
             for p in plan.passes:
 

@@ -22,6 +22,7 @@ from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, st
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
 from latentforge.sampling.noise import COMFY_BATCH, BrownianNoise, ImageNoise
+from latentforge.threads import auto_threads
 
 
 class Interrupted(Exception):
@@ -107,6 +108,14 @@ def build_plan(
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
+
+
+def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] | None) -> float:
+    """UNet parameters x latent pixels x batch: the measure of a generation's size that chooses its
+    thread count (``threads.auto_threads``)."""
+    width, height = output_size(req, init_images[0] if init_images else None, pipe.family.default_size)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    return float(params) * (width // 8) * (height // 8) * req.batch_size
 
 
 def output_size(req: GenerationRequest, init_image: Image.Image | None, default: int) -> tuple[int, int]:
@@ -195,7 +204,7 @@ def generate(
     out_images: list[Image.Image] = []
     session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), auto_threads(work_size(pipe, req, images_in), pipe.device.type):
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)

@@ -32,6 +32,7 @@ from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.batching import run_batch, take_batch
 from latentforge.server.config import ServerConfig
 from latentforge.server.models import ModelCache, ModelCatalog
+from latentforge.threads import reserve_cores
 
 log = logging.getLogger("latentforge.server")
 
@@ -166,6 +167,7 @@ class JobQueue:
         self._thread = threading.Thread(target=self._run, name="latentforge-worker", daemon=True)
 
     def start(self) -> JobQueue:
+        reserve_cores(1)  # the HTTP side keeps a core where there are 3 or more (threads.choose_threads)
         self._thread.start()
         return self
 
