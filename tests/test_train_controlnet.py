@@ -131,9 +131,9 @@ def test_training_lowers_the_loss_and_the_file_loads_in_both_loaders(base):
     # diffusers' ControlNetModel of the same structure, filled from the file through the test's own
     # name table (test_controlnet._original_layout, written from the layout's description)
     theirs = ControlNetModel.from_unet(ref.unet)
-    table = {id(v): name for name, v in _original_layout(theirs, 4, 2).items()}
+    table = {(v.data_ptr(), v.shape): name for name, v in _original_layout(theirs, 4, 2).items()}
     saved = load_file(str(path))
-    state = {k: saved[table[id(v)]] for k, v in theirs.state_dict().items()}
+    state = {k: saved[table[v.data_ptr(), v.shape]] for k, v in theirs.state_dict().items()}
     assert len(state) == len(saved)
     theirs.load_state_dict(state)
     g = torch.Generator().manual_seed(5)
