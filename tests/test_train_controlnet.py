@@ -5,6 +5,8 @@ residuals, resume is exact, and bad folders are refused by name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import ControlNetModel
@@ -120,6 +122,7 @@ def test_training_lowers_the_loss_and_the_file_loads_in_both_loaders(base):
         keys, meta = list(f.keys()), f.metadata()
     assert all(k.startswith("control_model.") for k in keys) and "control_model.zero_convs.11.0.weight" in keys
     assert meta["latentforge.kind"] == "controlnet" and meta["latentforge.steps"] == "40"
+    assert json.loads(meta["latentforge.hint_widths"]) == [16, 32, 96, 256]  # the original's, for an 8x VAE
     ours = load_controlnet(path, pipe.unet.config)
     after = _loss(pipe, cfg, ours, latents, hints, captions)
     assert after < 0.9 * before, (before, after)

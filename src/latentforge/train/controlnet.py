@@ -241,16 +241,17 @@ class ControlNetTraining:
         return lambda x, t, cond: self.net(x, t, cond.context, hint, cond.vector)
 
     def save(self, path: Path, pipe, cfg: TrainConfig, step: int) -> Path:
-        return save_controlnet(self.net, path, controlnet_metadata(pipe, cfg, step))
+        return save_controlnet(self.net, path, controlnet_metadata(pipe, cfg, step, self.net))
 
 
-def controlnet_metadata(pipe, cfg: TrainConfig, step: int) -> dict[str, str]:
+def controlnet_metadata(pipe, cfg: TrainConfig, step: int, net: ControlNet) -> dict[str, str]:
+    """What the file was trained for and how (string values, as safetensors metadata must be)."""
     return {
         "latentforge.kind": "controlnet",
         "latentforge.family": pipe.family.name,
         "latentforge.base_model": Path(cfg.model.base).name,
         "latentforge.steps": str(step),
-        "latentforge.hint_widths": json.dumps(list(cfg.controlnet.hint_widths or [])),
+        "latentforge.hint_widths": json.dumps(list(net.config.hint_widths)),
         "latentforge_config": json.dumps(config_to_dict(cfg), default=str),
     }
 
