@@ -19,9 +19,9 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
-from latentforge.train import common
+from latentforge.train import common, dreambooth
 from latentforge.train.config import ConfigError, TrainConfig
-from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
+from latentforge.train.data import bucket_batch, check_folder, load_dataset, sample_order, shuffle_tags, to_model_range
 
 log = logging.getLogger("latentforge")
 
@@ -143,10 +143,12 @@ def diffusion_loss(
     cfg: TrainConfig,
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
-    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets)."""
+    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets).
+    ``weights``: per-sample weights of a weighted sum (DreamBooth's prior loss) instead of the mean."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
@@ -168,6 +170,8 @@ def diffusion_loss(
         snr = 1 / sigma.flatten() ** 2
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
+    if weights is not None:
+        return (per_sample * weights.to(per_sample.device)).sum()
     return per_sample.mean()
 
 
@@ -232,7 +236,11 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     device = torch.device(cfg.device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    data = dreambooth.instance_data(cfg)
+    check_folder(data)  # an empty or uncaptioned folder is refused before any model is loaded
+    dreambooth.check(cfg)
     pipe = build_pipeline(cfg, device)
+    dreambooth.ensure_class_images(cfg, pipe)  # by the base model, before anything trains
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     if cfg.model.objective:
@@ -248,7 +256,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
-    images, captions, _ = load_dataset(cfg.data)
+    images, captions, _ = load_dataset(data)
     shapes = None
     if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
         latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
@@ -257,6 +265,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     else:
         latents = encode_images(pipe, images).cpu()
     del images
+    prior = dreambooth.load_prior(cfg, lambda x: encode_images(pipe, x).cpu())  # None without prior preservation
     n = len(captions)
     log.info("training on %d images (latents %s)", n, sorted(set(shapes)) if shapes else tuple(latents.shape[1:]))
     if cfg.mode == "embedding":
@@ -291,7 +300,10 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
                 caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
             if cfg.mode == "lora":
                 adapter.resample(g)
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels) / accum
+            weights = None
+            if prior is not None:  # DreamBooth: the class half of the batch and the weights of both halves
+                x0, caps, weights = prior.extend(x0, caps, step * accum + micro)
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, weights) / accum
             loss.backward()
             total += float(loss.detach())
         common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
