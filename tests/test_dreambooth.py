@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file
 
 import latentforge
@@ -108,6 +108,23 @@ def test_class_images_are_generated_once_then_reused(base, tmp_path, count_gener
     assert (classes / "class-00001.png").read_bytes() == first["class-00001.png"]
     assert (classes / "class-00000.png").read_bytes() == user
     assert not [p for p in classes.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_class_images_of_another_prompt_are_reported(base, tmp_path, caplog):
+    _ref, base_file, data, _tmp = base
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    image = Image.new("RGB", (64, 64))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a photo of a cat\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 40")
+    image.save(classes / "class-00000.png", pnginfo=info)
+    image.save(classes / "mine.png")  # the user's own image: no record, nothing to compare
+    cfg = _cfg(tmp_path / "a", base_file, data, classes, "dreambooth.num_class_images=2")
+    prior = db.load_prior(cfg, lambda x: torch.zeros(len(x), 4, 8, 8))
+    assert len(prior.latents) == 2
+    assert "1 class image(s) were generated for another prompt than 'a photo of a square' (class-00000.png)" in (
+        caplog.text
+    )
 
 
 def _diffusers_latents(ref, paths) -> torch.Tensor:

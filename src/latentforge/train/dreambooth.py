@@ -127,15 +127,30 @@ def load_prior(cfg: TrainConfig, encode: Callable[[torch.Tensor], torch.Tensor])
     return PriorPreservation.load(cfg, encode) if uses_prior(cfg) else None
 
 
-def _read(paths: list[Path], resolution: int) -> tuple[list[np.ndarray], list[Problem]]:
-    images, problems = [], []
+def _read(paths: list[Path], resolution: int, prompt: str) -> tuple[list[np.ndarray], list[Problem]]:
+    """The images fitted square; images this module generated for another prompt are reported (kept: a
+    user may have chosen them)."""
+    from latentforge.io.infotext import parse_infotext
+
+    images, problems, stale = [], [], []
     for path in paths:
         try:
             with Image.open(path) as im:
                 im.load()
+                recorded = im.info.get("parameters") if path.name.startswith("class-") else None
                 images.append(np.asarray(fit_square(im, resolution)))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append(Problem(path, f"unreadable image ({e})"))
+            continue
+        if isinstance(recorded, str) and parse_infotext(recorded)[0] != prompt.strip():
+            stale.append(path.name)
+    if stale:
+        log.warning(
+            "%d class image(s) were generated for another prompt than %r (%s); delete them to generate new ones",
+            len(stale),
+            prompt,
+            ", ".join(stale[:5]) + (", ..." if len(stale) > 5 else ""),
+        )
     return images, problems
 
 
@@ -154,7 +169,7 @@ class PriorPreservation:
         ``data.on_bad`` says) and encode them with ``encode`` (uint8 (N, 3, R, R) -> latents)."""
         d = cfg.dreambooth
         folder = Path(d.class_data_dir)
-        images, problems = _read(class_images(folder), cfg.data.resolution)
+        images, problems = _read(class_images(folder), cfg.data.resolution, d.class_prompt)
         report_problems(dataclasses.replace(cfg.data, path=str(folder)), problems)
         if not images:
             raise DataError(
