@@ -214,13 +214,13 @@ def _instance_loss(model_file, cfg, data) -> float:
 
 def test_full_fine_tune_lowers_the_instance_loss(base, tmp_path):
     _ref, base_file, data, _tmp = base
-    cfg = _cfg(tmp_path / "a", base_file, data, tmp_path / "classes", "steps=20")
+    cfg = _cfg(tmp_path / "a", base_file, data, tmp_path / "classes", "steps=10")
     before = _instance_loss(base_file, cfg, data)
     after = _instance_loss(train(cfg), cfg, data)
-    assert after < 0.8 * before, (before, after)  # measured: see the report
+    assert after < 0.6 * before, (before, after)  # measured: 1.38 -> 0.38 after 12 steps, 0.27 after 20
 
 
-def test_lora_dreambooth_lowers_the_loss_and_resumes_exactly(base, tmp_path):
+def test_lora_dreambooth_trains_and_resumes_exactly(base, tmp_path):
     _ref, base_file, data, _tmp = base
     classes = tmp_path / "classes"
     extra = ('mode="lora"', "steps=4", "grad_accum=2", "lora.rank=2", "lora.alpha=2", "lr=1e-2")
