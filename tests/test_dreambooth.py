@@ -13,6 +13,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file
 
 import latentforge
+from latentforge.cli import main
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import ModelDenoiser
 from latentforge.train import ConfigError, load_config, train
@@ -87,7 +88,9 @@ def count_generations(monkeypatch):
 def test_class_images_are_generated_once_then_reused(base, tmp_path, count_generations):
     _ref, base_file, data, _tmp = base
     classes = tmp_path / "classes"
-    train(_cfg(tmp_path / "a", base_file, data, classes, "steps=1"))
+    notes = []
+    train(_cfg(tmp_path / "a", base_file, data, classes, "steps=1"), lambda p: notes.append((p.step, p.message)))
+    assert notes[:3] == [(0, f"class image {i}/3 generated (class-0000{i - 1}.png)") for i in (1, 2, 3)]
     names = sorted(p.name for p in classes.iterdir())
     assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert count_generations == [40, 41, 42]  # seed class_seed + i for class image i
@@ -236,7 +239,7 @@ def test_lora_dreambooth_trains_and_resumes_exactly(base, tmp_path):
 # --- bad input ---------------------------------------------------------------------------------------------
 
 
-def test_bad_data_is_refused_before_the_model_is_loaded(tmp_path):
+def test_bad_data_is_refused_before_the_model_is_loaded(tmp_path, capsys):
     """model.base names no file: each error below comes from the data check, before any loading."""
     missing = tmp_path / "no-model.safetensors"
     empty = tmp_path / "empty"
@@ -258,6 +261,10 @@ def test_bad_data_is_refused_before_the_model_is_loaded(tmp_path):
     # a default caption (or DreamBooth's instance prompt) captions them: then the missing model is reached
     with pytest.raises(Exception, match="no-model"):
         train(load_config(None, [*args, f'data.path="{uncaptioned}"', 'data.default_caption="a picture"']))
+    # the command line: a one-line error, exit 2
+    assert main(["train", "-q", *args, f'data.path="{empty}"']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable images in data.path" in err
     with pytest.raises(Exception, match="no-model"):
         train(load_config(None, [*args, f'data.path="{uncaptioned}"', "dreambooth.enabled=true",
                                  'dreambooth.instance_prompt="sks"']))  # fmt: skip
@@ -291,3 +298,14 @@ def test_bad_class_settings_are_refused_before_the_model_is_loaded(tmp_path, bas
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"dreambooth\.class_data_dir .*file is a file"):
         train(_cfg(tmp_path / "a", missing, data, tmp_path / "file"))
+
+
+def test_cli_prints_the_class_image_notes(capsys):
+    from latentforge.cli_train import _printer
+    from latentforge.train.common import TrainProgress
+
+    report = _printer(False, "lora")
+    report(TrainProgress(0, 10, math.nan, 0.0, 1.0, 1.0, "class image 1/3 generated (class-00000.png)"))
+    report(TrainProgress(1, 10, 0.5, 1e-4, 2.0, 1.0))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "lora class image 1/3 generated (class-00000.png)" and lines[1].startswith("lora step 1/10")

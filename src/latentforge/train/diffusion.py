@@ -240,7 +240,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     check_folder(data)  # an empty or uncaptioned folder is refused before any model is loaded
     dreambooth.check(cfg)
     pipe = build_pipeline(cfg, device)
-    dreambooth.ensure_class_images(cfg, pipe)  # by the base model, before anything trains
+    dreambooth.ensure_class_images(cfg, pipe, progress)  # by the base model, before anything trains
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     if cfg.model.objective:

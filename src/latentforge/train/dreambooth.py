@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentforge.train.common import TrainProgress
 from latentforge.train.config import ConfigError, DataConfig, TrainConfig
 from latentforge.train.data import IMAGE_SUFFIXES, DataError, Problem, fit_square, report_problems, sample_order
 
@@ -89,10 +92,11 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"dreambooth.class_data_dir {folder} is a file; point it at a folder for the class images")
 
 
-def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable[[int, int], None] | None = None) -> int:
+def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None) -> int:
     """Generate the class images that ``class_data_dir`` lacks with ``pipe`` (the base model, before
     training changes it); returns how many were generated. Images already there count, whoever made them;
-    the lowest free names ``class-<i>.png`` are filled; nothing there is overwritten."""
+    the lowest free names ``class-<i>.png`` are filled; nothing there is overwritten. ``progress`` (the
+    training callback) gets a ``TrainProgress`` at step 0 whose ``message`` says how far generation is."""
     if not uses_prior(cfg):
         return 0
     from latentforge.io.images import save_png
@@ -107,6 +111,7 @@ def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable[[int, int], N
     check_writable_folder(folder, "dreambooth.class_data_dir")
     log.info("generating %d class images for %r in %s", missing, d.class_prompt, folder)
     made = index = 0
+    start = time.perf_counter()
     while made < missing:
         path = folder / GENERATED.format(index)
         if not path.exists():
@@ -117,7 +122,9 @@ def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable[[int, int], N
                 log.info("%s appeared while generating it; keeping that file", path)
             made += 1
             if progress is not None:
-                progress(made, missing)
+                elapsed = time.perf_counter() - start
+                note = f"class image {made}/{missing} generated ({path.name})"
+                progress(TrainProgress(0, cfg.steps, math.nan, 0.0, elapsed, made / max(elapsed, 1e-9), note))
         index += 1
     return made
 
