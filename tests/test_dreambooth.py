@@ -234,6 +234,18 @@ def test_lora_dreambooth_trains_and_resumes_exactly(base, tmp_path):
     a, b = load_file(full), load_file(resumed)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.endswith("lora_up.weight"))
+    # a class image is the base model's own generation of its request (seed class_seed + i)
+    cfg = _cfg(tmp_path / "d", base_file, data, classes)
+    expected = latentforge.load(base_file).txt2img(request=db.class_request(cfg, 2)).images[0]
+    assert np.array_equal(np.asarray(Image.open(classes / "class-00002.png")), np.asarray(expected))
+
+
+def test_a_lora_rank_too_large_is_refused_before_class_images_are_made(base, tmp_path, count_generations):
+    _ref, base_file, data, _tmp = base
+    classes = tmp_path / "classes"
+    with pytest.raises(ConfigError, match=r"lora\.rank = 64 is larger than layer unet\..*choose a rank of at most"):
+        train(_cfg(tmp_path / "a", base_file, data, classes, 'mode="lora"', "lora.rank=64"))
+    assert not count_generations and not classes.exists()
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

@@ -240,12 +240,12 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     check_folder(data)  # an empty or uncaptioned folder is refused before any model is loaded
     dreambooth.check(cfg)
     pipe = build_pipeline(cfg, device)
-    dreambooth.ensure_class_images(cfg, pipe, progress)  # by the base model, before anything trains
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
+    modules, adapter = _trainables(cfg, pipe)  # a LoRA rank that does not fit is refused here, before any work
+    dreambooth.ensure_class_images(cfg, pipe, progress, adapter)  # by the base model, before anything trains
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
-    modules, adapter = _trainables(cfg, pipe)
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]

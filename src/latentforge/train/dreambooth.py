@@ -92,14 +92,14 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"dreambooth.class_data_dir {folder} is a file; point it at a folder for the class images")
 
 
-def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None) -> int:
+def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None, adapter=None) -> int:
     """Generate the class images that ``class_data_dir`` lacks with ``pipe`` (the base model, before
     training changes it); returns how many were generated. Images already there count, whoever made them;
     the lowest free names ``class-<i>.png`` are filled; nothing there is overwritten. ``progress`` (the
-    training callback) gets a ``TrainProgress`` at step 0 whose ``message`` says how far generation is."""
+    training callback) gets a ``TrainProgress`` at step 0 whose ``message`` says how far generation is. An
+    attached LoRA ``adapter`` is taken off the model while generating and put back after."""
     if not uses_prior(cfg):
         return 0
-    from latentforge.io.images import save_png
     from latentforge.io.writer import check_writable_folder
 
     d = cfg.dreambooth
@@ -110,6 +110,19 @@ def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None
         return 0
     check_writable_folder(folder, "dreambooth.class_data_dir")
     log.info("generating %d class images for %r in %s", missing, d.class_prompt, folder)
+    detach = getattr(adapter, "detach_from_model", None)
+    if detach is not None:
+        detach()
+    try:
+        return _generate(cfg, pipe, folder, missing, progress)
+    finally:
+        if detach is not None:
+            adapter.attach()
+
+
+def _generate(cfg: TrainConfig, pipe, folder: Path, missing: int, progress: Callable | None) -> int:
+    from latentforge.io.images import save_png
+
     made = index = 0
     start = time.perf_counter()
     while made < missing:
