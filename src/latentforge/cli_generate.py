@@ -192,11 +192,18 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--control-module",
-        choices=["none", "canny", "depth"],
+        choices=["none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe"],  # CONTROL_MODULES
         default="none",
         help="preprocessor of the --control images (default none: the image is the control map)",
     )
     p.add_argument("--controlnet-dir", type=Path, action="append", default=[], help="folder of ControlNet models")
+    p.add_argument(
+        "--annotator-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of ControlNet preprocessor models (softedge_hed: ControlNetHED.pth; repeatable)",
+    )
     p.add_argument(
         "--models-dir",
         type=Path,
@@ -472,17 +479,19 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
-    for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir):
+    dirs = (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir, *args.annotator_dir)
+    for folder in dirs:
         if not folder.is_dir():
             raise ValueError(
-                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir, --hypernetwork-dir or "
-                "--controlnet-dir)"
+                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir, --hypernetwork-dir, "
+                "--controlnet-dir or --annotator-dir)"
             )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
     pipe.folders.hypernetworks += args.hypernetwork_dir
     pipe.folders.controlnet += args.controlnet_dir
+    pipe.folders.annotators += args.annotator_dir
     for root in args.models_dir:
         pipe.folders.add_models_dir(root)
     if meta is not None:

@@ -134,9 +134,10 @@ class ControlUnit:
 
     ``model``: a file path, or a file stem in the ControlNet folders (A1111's "name [hash]" accepted);
     ``image``: the control image (PIL image, path, or base64); ``module``: the preprocessor ("none",
-    "canny", "depth"); ``control_mode``: 0 balanced, 1 my prompt is more important, 2 ControlNet is more
-    important (or those names); ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or
-    names); ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
+    "canny", "depth", "softedge_hed", "softedge_hedsafe"; old names "hed", "hed_safe"); ``control_mode``:
+    0 balanced, 1 my prompt is more important, 2 ControlNet is more important (or those names);
+    ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or names);
+    ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
     default); ``processor_res``: the preprocessor's resolution (short side; -1: 512)."""
 
     model: str

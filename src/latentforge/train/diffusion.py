@@ -19,7 +19,7 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
-from latentforge.train import common, dreambooth
+from latentforge.train import common, distributed, dreambooth
 from latentforge.train.config import ConfigError, TrainConfig
 from latentforge.train.data import bucket_batch, check_folder, load_dataset, sample_order, shuffle_tags, to_model_range
 
@@ -143,18 +143,25 @@ def diffusion_loss(
     cfg: TrainConfig,
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
+    part: slice | None = None,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
     ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets).
-    ``weights``: per-sample weights of a weighted sum (DreamBooth's prior loss) instead of the mean."""
+    ``part``: compute only these examples (one rank's share, train/distributed.py): the draws are still
+    made for the whole batch, and the loss is their sum divided by the whole batch's size.
+    ``weights``: per-sample weights (whole batch) of a weighted sum instead of the mean (DreamBooth's
+    prior loss); with ``part``, that part's share of the sum."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     if cfg.model.noise_offset > 0:  # kohya's noise offset (Guttenberg 2023): a per-channel constant shift
         noise = noise + cfg.model.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+    whole = x0.shape[0]
+    if part is not None:
+        x0, t, noise, captions = x0[part], t[part], noise[part], captions[part]
     noise = noise.to(device)
     sigma = sigmas[t].to(device)[:, None, None, None]
     x = x0 + sigma * noise
@@ -171,8 +178,8 @@ def diffusion_loss(
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
     if weights is not None:
-        return (per_sample * weights.to(per_sample.device)).sum()
-    return per_sample.mean()
+        return (per_sample * (weights if part is None else weights[part]).to(per_sample.device)).sum()
+    return per_sample.mean() if part is None else per_sample.sum() / whole
 
 
 def text_trains(cfg: TrainConfig) -> bool:
@@ -230,10 +237,17 @@ def _result_path(cfg: TrainConfig, out: Path, done: int | None) -> Path:
     return out / ("model.safetensors" if done is None else f"checkpoint{tail}.safetensors")
 
 
-def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
+def train_diffusion(
+    cfg: TrainConfig,
+    progress: Callable | None = None,
+    stop_after: int | None = None,
+    ctx: distributed.Distributed | None = None,
+) -> Path:
     """Train as ``cfg`` says; returns the path of the final checkpoint. ``stop_after`` ends the run
-    after that many steps of this call (used to test resuming)."""
-    device = torch.device(cfg.device)
+    after that many steps of this call (used to test resuming). ``ctx``: this process's rank in a
+    data-parallel run (train/distributed.py); None: one process."""
+    ctx = ctx or distributed.Distributed(device=torch.device(cfg.device))
+    device = ctx.device
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     data = dreambooth.instance_data(cfg)
@@ -243,7 +257,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     modules, adapter = _trainables(cfg, pipe)  # a LoRA rank that does not fit is refused here, before any work
-    dreambooth.ensure_class_images(cfg, pipe, progress, adapter)  # by the base model, before anything trains
+    dreambooth.ensure_class_images(cfg, pipe, progress, adapter, ctx)  # by the base model, before training
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
     pipe.vae.requires_grad_(False).eval()
@@ -253,8 +267,9 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
+        start, extra = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
+        distributed.check_resume(extra, ctx)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
     images, captions, _ = load_dataset(data)
     shapes = None
@@ -303,9 +318,14 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
             weights = None
             if prior is not None:  # DreamBooth: the class half of the batch and the weights of both halves
                 x0, caps, weights = prior.extend(x0, caps, step * accum + micro)
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, weights) / accum
+            part = None if ctx.world == 1 else ctx.part(len(caps))
+            if part is not None and part.start == part.stop:
+                continue  # a bucket's batch smaller than the number of ranks: nothing on this one
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, weights) / accum
             loss.backward()
             total += float(loss.detach())
+        ctx.sum_grads(params)  # the gradient of the global batch's mean loss on every rank
+        total = ctx.sum(total)
         common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -317,16 +337,16 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         save = bool((cfg.save_every and done % cfg.save_every == 0) or done == end)
         if sample or save:  # nothing is written from non-finite weights
             common.check_weights(step, modules, ema, cfg, out)
-        if sample:
+        if sample and ctx.main:
             grid = out / "samples" / f"step-{done:06d}.png"
             _with_ema(ema, modules, lambda grid=grid: save_samples(pipe, cfg, grid))
-        if save:
-            common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
+        if save and ctx.main:  # only rank 0 writes; every rank holds the same weights
+            common.save_state(out, done, modules, {"opt": opt}, ema, cfg, {"world_size": ctx.world})
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
                 path = _result_path(cfg, out, done)
                 _with_ema(ema, modules, lambda p=path, d=done: _save_result(cfg, pipe, adapter, p, d, n, captions))
     final = _result_path(cfg, out, None)
-    if end == cfg.steps:
+    if end == cfg.steps and ctx.main:
         final = _with_ema(ema, modules, lambda: _save_result(cfg, pipe, adapter, final, end, n, captions))
     elif cfg.mode == "embedding":
         final = out / f"{adapter.token}.safetensors"

@@ -92,19 +92,27 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"dreambooth.class_data_dir {folder} is a file; point it at a folder for the class images")
 
 
-def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None, adapter=None) -> int:
+def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None, adapter=None, ctx=None) -> int:
     """Generate the class images that ``class_data_dir`` lacks with ``pipe`` (the base model, before
     training changes it); returns how many were generated. Images already there count, whoever made them;
     the lowest free names ``class-<i>.png`` are filled; nothing there is overwritten. ``progress`` (the
     training callback) gets a ``TrainProgress`` at step 0 whose ``message`` says how far generation is. An
-    attached LoRA ``adapter`` is taken off the model while generating and put back after."""
+    attached LoRA ``adapter`` is taken off the model while generating and put back after. Under torchrun
+    (``ctx``, train/distributed.py) every rank lists the folder after a barrier, generates its share of the
+    missing names (the i-th missing one on rank i mod world) and waits for the others; returns this
+    rank's count."""
     if not uses_prior(cfg):
         return 0
+    world = 1 if ctx is None else ctx.world
+    if world > 1:
+        ctx.sum(0.0)  # a barrier: no rank lists the folder while another is already writing to it
     from latentforge.io.writer import check_writable_folder
 
     d = cfg.dreambooth
     folder = Path(d.class_data_dir)
     missing = d.num_class_images - len(class_images(folder))
+    if world > 1:
+        ctx.sum(0.0)  # every rank has listed the folder
     if missing <= 0:
         log.info("using the %d class images in %s", len(class_images(folder)), folder)
         return 0
@@ -114,18 +122,28 @@ def ensure_class_images(cfg: TrainConfig, pipe, progress: Callable | None = None
     if detach is not None:
         detach()
     try:
-        return _generate(cfg, pipe, folder, missing, progress)
+        made = _generate(cfg, pipe, folder, missing, progress, 0 if ctx is None else ctx.rank, world)
     finally:
         if detach is not None:
             adapter.attach()
+    if world > 1:
+        ctx.sum(0.0)  # every rank's share is written before any rank reads the folder
+    return made
 
 
-def _generate(cfg: TrainConfig, pipe, folder: Path, missing: int, progress: Callable | None) -> int:
+def _generate(cfg: TrainConfig, pipe, folder: Path, missing: int, progress, rank: int, world: int) -> int:
     from latentforge.io.images import save_png
 
-    made = index = 0
+    free = []  # the lowest free names, as every rank found them
+    index = 0
+    while len(free) < missing:
+        if not (folder / GENERATED.format(index)).exists():
+            free.append(index)
+        index += 1
+    mine = free[rank::world]
+    made = 0
     start = time.perf_counter()
-    while made < missing:
+    for index in mine:
         path = folder / GENERATED.format(index)
         if not path.exists():
             image = pipe.txt2img(request=class_request(cfg, index)).images[0]
@@ -136,9 +154,8 @@ def _generate(cfg: TrainConfig, pipe, folder: Path, missing: int, progress: Call
             made += 1
             if progress is not None:
                 elapsed = time.perf_counter() - start
-                note = f"class image {made}/{missing} generated ({path.name})"
+                note = f"class image {made}/{len(mine)} generated ({path.name})"
                 progress(TrainProgress(0, cfg.steps, math.nan, 0.0, elapsed, made / max(elapsed, 1e-9), note))
-        index += 1
     return made
 
 
