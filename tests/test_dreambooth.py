@@ -348,12 +348,12 @@ def test_two_processes_equal_one(tmp_path):
     data = tmp_path / "instance"
     data.mkdir()
     for i, colour in enumerate([(230, 30, 30), (30, 30, 230)]):
-        image = Image.new("RGB", (32, 32), (240, 240, 240))
-        image.paste(colour, (6 + 4 * i, 8, 22, 24))
+        image = Image.new("RGB", (64, 64), (240, 240, 240))
+        image.paste(colour, (12 + 8 * i, 16, 44, 48))
         image.save(data / f"{i}.png")
 
     def overrides(name):
-        cfg = [f'output="{tmp_path / name}"', f'model.base="{demo}"', f'data.path="{data}"', "data.resolution=32"]
+        cfg = [f'output="{tmp_path / name}"', f'model.base="{demo}"', f'data.path="{data}"', "data.resolution=64"]
         cfg += ["batch_size=2", "lr=1e-3", "lr_warmup=0", "ema_decay=0", "save_every=0", "sample_every=0"]
         cfg += ['mixed_precision="no"', "model.caption_dropout=0", 'mode="lora"', "steps=2", "lora.rank=2"]
         cfg += ["dreambooth.enabled=true", f'dreambooth.instance_prompt="{INSTANCE}"']
