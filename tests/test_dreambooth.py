@@ -316,6 +316,8 @@ def test_bad_class_settings_are_refused_before_the_model_is_loaded(tmp_path, bas
     missing = tmp_path / "no-model.safetensors"
     with pytest.raises(ConfigError, match=r"class image settings cannot generate: .*sampler"):
         train(_cfg(tmp_path / "a", missing, data, tmp_path / "c", 'dreambooth.class_sampler="Euler z"'))
+    with pytest.raises(ConfigError, match=r"at least 64 pixels, got 32 \(class images are made at data\.resolution"):
+        train(_cfg(tmp_path / "a", missing, data, tmp_path / "c", "data.resolution=32"))
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"dreambooth\.class_data_dir .*file is a file"):
         train(_cfg(tmp_path / "a", missing, data, tmp_path / "file"))

@@ -86,7 +86,10 @@ def check(cfg: TrainConfig) -> None:
     try:
         class_request(cfg, 0).validate()
     except RequestError as e:
-        raise ConfigError(f"the dreambooth class image settings cannot generate: {e}") from None
+        raise ConfigError(
+            f"the dreambooth class image settings cannot generate: {e} (class images are made at data.resolution "
+            "with dreambooth.class_prompt, class_negative_prompt, class_sampler, class_steps and class_cfg_scale)"
+        ) from None
     folder = Path(cfg.dreambooth.class_data_dir)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"dreambooth.class_data_dir {folder} is a file; point it at a folder for the class images")
