@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle on a blue background
 
-.PHONY: setup setup-run demo test test-slow lint bench demo-model
+.PHONY: setup setup-run demo test test-slow lint bench bench-cpu demo-model
 
 # what generating needs: CPU PyTorch first, then latentforge and its runtime dependencies
 setup-run: $(VENV)/.installed-run
@@ -34,6 +34,13 @@ demo-model: setup-run
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sd15.py
+
+# issue 16's CPU anchor (OpenVINO), behaviour under load, and packed weights (the `bench` extra)
+bench-cpu: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/bench_openvino.py
+	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/bench_packed.py
 
 demo: setup-run
 	$(BIN)/latentforge txt2img "$(PROMPT)" --outdir outputs

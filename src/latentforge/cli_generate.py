@@ -15,7 +15,12 @@ GEN_OPTIONS = [
     (("--steps",), "steps", int, "denoising steps (default 20)"),
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
-    (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (
+        ("--cfg-scale", "--cfg"),
+        "cfg_scale",
+        float,
+        "classifier-free guidance scale (default: the model's, 7; the demo model's 2)",
+    ),
     (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
@@ -29,7 +34,12 @@ GEN_OPTIONS = [
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
     (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
-    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
+    (
+        ("--rng",),
+        "rng",
+        str,
+        "noise source: CPU (default), GPU (A1111's default), NV, or 'comfy batch' (ComfyUI's whole-batch noise)",
+    ),
     (("--preset",), "preset", str, "few-step models: lcm (LCM, 4 steps, CFG 1.5) or turbo (Euler a, 1 step, CFG 1)"),
     (("--token-merging-ratio", "--tome"), "token_merging_ratio", float, "ToMe: merge this share of tokens (0.3-0.5)"),
     (("--token-merging-ratio-hr",), "token_merging_ratio_hr", float, "ToMe ratio of the hires pass"),
@@ -183,6 +193,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "with native bf16, fp16 on CUDA, else fp32; $LATENTFORGE_DTYPE overrides it)",
     )
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="CPU: pack convolution weights once into oneDNN's layout (same images; more memory)",
+    )
     p.add_argument(
         "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
     )
@@ -501,6 +516,8 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
                 "--controlnet-dir or --annotator-dir)"
             )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if getattr(args, "pack_weights", False):
+        pipe.pack_weights()
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
     pipe.folders.hypernetworks += args.hypernetwork_dir

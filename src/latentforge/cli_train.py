@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,9 @@ def _printer(quiet: bool, label: str):
     def report(p):
         if quiet:
             return
+        if p.message and p.step == 0:  # a note before training (DreamBooth's class images)
+            print(f"{label} {p.message}", file=sys.stderr, flush=True)
+            return
         eta = (p.steps - p.step) * p.seconds / max(p.step, 1)
         print(
             f"{label} step {p.step}/{p.steps}  loss {p.loss:.4f}  lr {p.lr:.2e}  {p.samples_per_second:.1f} img/s  "
@@ -47,12 +51,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is not None and "=" in str(config) and not str(config).endswith(".toml"):
         config, overrides = None, [str(args.config), *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train/distributed.py)
     try:
-        out = train(cfg, _printer(args.quiet, cfg.mode))
+        out = train(cfg, _printer(args.quiet or not main_rank, cfg.mode))
     except KeyboardInterrupt:
-        print(f"latentforge: interrupted; {interrupted_summary(Path(cfg.output))}", file=sys.stderr)
+        if main_rank:
+            print(f"latentforge: interrupted; {interrupted_summary(Path(cfg.output))}", file=sys.stderr)
         return 130
-    print(out)
+    if main_rank:
+        print(out)
     return 0
 
 

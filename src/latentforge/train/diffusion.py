@@ -19,9 +19,9 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
-from latentforge.train import common
+from latentforge.train import common, distributed, dreambooth
 from latentforge.train.config import ConfigError, TrainConfig
-from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
+from latentforge.train.data import bucket_batch, check_folder, load_dataset, sample_order, shuffle_tags, to_model_range
 
 log = logging.getLogger("latentforge")
 
@@ -54,6 +54,10 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     from latentforge.models import CLIPTextModel, CLIPTokenizer, UNet
     from latentforge.pipeline import LoadInfo
 
+    if cfg.model.base == "demo":  # the bundled demo model (the demo adapters' recipes train on it)
+        from latentforge.demo import bundled_model_path
+
+        return latentforge.load(bundled_model_path(), dtype=torch.float32, device=device)
     if cfg.model.base:
         return latentforge.load(cfg.model.base, dtype=torch.float32, device=device)
     fam = get_family(cfg.model.family)
@@ -143,16 +147,28 @@ def diffusion_loss(
     cfg: TrainConfig,
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
+    part: slice | None = None,
+    control: Callable | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
-    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets)."""
+    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets).
+    ``part``: compute only these examples (one rank's share, train/distributed.py): the draws are still
+    made for the whole batch, and the loss is their sum divided by the whole batch's size.
+    ``control``: a function (network input, timesteps, Cond) -> ``ControlResiduals`` for the UNet
+    (ControlNet training), for the examples computed (``part`` already applied).
+    ``weights``: per-sample weights (whole batch) of a weighted sum instead of the mean (DreamBooth's
+    prior loss); with ``part``, that part's share of the sum."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     if cfg.model.noise_offset > 0:  # kohya's noise offset (Guttenberg 2023): a per-channel constant shift
         noise = noise + cfg.model.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+    whole = x0.shape[0]
+    if part is not None:
+        x0, t, noise, captions = x0[part], t[part], noise[part], captions[part]
     noise = noise.to(device)
     sigma = sigmas[t].to(device)[:, None, None, None]
     x = x0 + sigma * noise
@@ -161,14 +177,19 @@ def diffusion_loss(
         with torch.set_grad_enabled(text_trains(cfg) and torch.is_grad_enabled()):
             w, h = (cfg.data.resolution,) * 2 if pixels is None else pixels
             cond = encode_captions(pipe, captions, w, h)
-        pred = pipe.unet(x * c_in, t.float().to(device), cond.context, cond.vector)
+        inp, tt = x * c_in, t.float().to(device)
+        pred = pipe.unet(
+            inp, tt, cond.context, cond.vector, control=None if control is None else control(inp, tt, cond)
+        )
     target = denoiser.target(x0, x, sigma)
     per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
     if cfg.model.min_snr_gamma > 0:
         snr = 1 / sigma.flatten() ** 2
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
-    return per_sample.mean()
+    if weights is not None:
+        return (per_sample * (weights if part is None else weights[part]).to(per_sample.device)).sum()
+    return per_sample.mean() if part is None else per_sample.sum() / whole
 
 
 def text_trains(cfg: TrainConfig) -> bool:
@@ -197,6 +218,11 @@ def _trainables(cfg: TrainConfig, pipe: Pipeline):
         adapter = build_network(pipe, cfg.lora, cfg.seed)
         adapter.attach()
         return {"lora": adapter}, adapter
+    if cfg.mode == "controlnet":
+        from latentforge.train.controlnet import ControlNetTraining
+
+        adapter = ControlNetTraining(pipe, cfg)
+        return {"controlnet": adapter.net}, adapter
     from latentforge.train.embedding import EmbeddingVectors
 
     adapter = EmbeddingVectors(pipe, cfg.embedding)
@@ -211,6 +237,8 @@ def _save_result(cfg: TrainConfig, pipe: Pipeline, adapter, path: Path, step: in
         from latentforge.train.lora import lora_metadata, save_lora
 
         return save_lora(adapter, path, lora_metadata(pipe, cfg, step, n, tag_frequency(captions)))
+    if cfg.mode == "controlnet":
+        return adapter.save(path, pipe, cfg, step)
     if cfg.mode == "embedding":
         path.mkdir(parents=True, exist_ok=True)
         return adapter.save(path, step, cfg.model.base)[0]
@@ -221,23 +249,36 @@ def _result_path(cfg: TrainConfig, out: Path, done: int | None) -> Path:
     tail = "" if done is None else f"-{done:06d}"
     if cfg.mode == "lora":
         return out / f"{cfg.lora.output_name}{tail}.safetensors"
+    if cfg.mode == "controlnet":
+        return out / f"{cfg.controlnet.output_name}{tail}.safetensors"
     if cfg.mode == "embedding":
         return out if done is None else out / f"step{tail}"
     return out / ("model.safetensors" if done is None else f"checkpoint{tail}.safetensors")
 
 
-def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
+def train_diffusion(
+    cfg: TrainConfig,
+    progress: Callable | None = None,
+    stop_after: int | None = None,
+    ctx: distributed.Distributed | None = None,
+) -> Path:
     """Train as ``cfg`` says; returns the path of the final checkpoint. ``stop_after`` ends the run
-    after that many steps of this call (used to test resuming)."""
-    device = torch.device(cfg.device)
+    after that many steps of this call (used to test resuming). ``ctx``: this process's rank in a
+    data-parallel run (train/distributed.py); None: one process."""
+    ctx = ctx or distributed.Distributed(device=torch.device(cfg.device))
+    device = ctx.device
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    data = dreambooth.instance_data(cfg)
+    check_folder(data)  # an empty or uncaptioned folder is refused before any model is loaded
+    dreambooth.check(cfg)
     pipe = build_pipeline(cfg, device)
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
+    modules, adapter = _trainables(cfg, pipe)  # a LoRA rank that does not fit is refused here, before any work
+    dreambooth.ensure_class_images(cfg, pipe, progress, adapter, ctx)  # by the base model, before training
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
-    modules, adapter = _trainables(cfg, pipe)
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -245,10 +286,14 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
+        start, extra = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
+        distributed.check_resume(extra, ctx)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
-    images, captions, _ = load_dataset(cfg.data)
+    if cfg.mode == "controlnet":  # image / control image / caption triples; the control images stay in the adapter
+        images, captions = adapter.load_data(cfg)
+    else:
+        images, captions, _ = load_dataset(data)
     shapes = None
     if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
         latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
@@ -257,6 +302,7 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     else:
         latents = encode_images(pipe, images).cpu()
     del images
+    prior = dreambooth.load_prior(cfg, lambda x: encode_images(pipe, x).cpu())  # None without prior preservation
     n = len(captions)
     log.info("training on %d images (latents %s)", n, sorted(set(shapes)) if shapes else tuple(latents.shape[1:]))
     if cfg.mode == "embedding":
@@ -291,9 +337,22 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
                 caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
             if cfg.mode == "lora":
                 adapter.resample(g)
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels) / accum
+            weights = None
+            if prior is not None:  # DreamBooth: the class half of the batch and the weights of both halves
+                x0, caps, weights = prior.extend(x0, caps, step * accum + micro)
+            part = None if ctx.world == 1 else ctx.part(len(caps))
+            if part is not None and part.start == part.stop:
+                continue  # a bucket's batch smaller than the number of ranks: nothing on this one
+            control = None
+            if cfg.mode == "controlnet":
+                control = adapter.control(idx if part is None else idx[part], device)
+            loss = (
+                diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, control, weights) / accum
+            )
             loss.backward()
             total += float(loss.detach())
+        ctx.sum_grads(params)  # the gradient of the global batch's mean loss on every rank
+        total = ctx.sum(total)
         common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -305,16 +364,16 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         save = bool((cfg.save_every and done % cfg.save_every == 0) or done == end)
         if sample or save:  # nothing is written from non-finite weights
             common.check_weights(step, modules, ema, cfg, out)
-        if sample:
+        if sample and ctx.main:
             grid = out / "samples" / f"step-{done:06d}.png"
             _with_ema(ema, modules, lambda grid=grid: save_samples(pipe, cfg, grid))
-        if save:
-            common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
+        if save and ctx.main:  # only rank 0 writes; every rank holds the same weights
+            common.save_state(out, done, modules, {"opt": opt}, ema, cfg, {"world_size": ctx.world})
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
                 path = _result_path(cfg, out, done)
                 _with_ema(ema, modules, lambda p=path, d=done: _save_result(cfg, pipe, adapter, p, d, n, captions))
     final = _result_path(cfg, out, None)
-    if end == cfg.steps:
+    if end == cfg.steps and ctx.main:
         final = _with_ema(ema, modules, lambda: _save_result(cfg, pipe, adapter, final, end, n, captions))
     elif cfg.mode == "embedding":
         final = out / f"{adapter.token}.safetensors"
