@@ -340,3 +340,11 @@ def test_command_line_options_and_from(tmp_path):
     assert "Token merging ratio: 0.3" in text and "Token merging random: True" in text
     assert main(["txt2img", "--from", str(out), "-q", "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_batched_server_jobs_leave_these_requests_alone():
+    from latentforge.pipelines.batch import batch_key
+
+    assert batch_key(GenerationRequest(prompt="a")) is not None
+    for options in ({"deepcache_interval": 2}, {"token_merging_ratio": 0.3}, {"token_merging_ratio_hr": 0.3}):
+        assert batch_key(GenerationRequest(prompt="a", **options)) is None
