@@ -55,7 +55,14 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     from latentforge.pipeline import LoadInfo
 
     if cfg.model.base:
-        return latentforge.load(cfg.model.base, dtype=torch.float32, device=device)
+        base = cfg.model.base
+        if base == "demo" and not Path(base).exists():  # the bundled demo model (recipes/demo_*_lora.toml ...)
+            from latentforge.demo import bundled_model_path
+
+            base = bundled_model_path()
+            if base is None:
+                raise ConfigError("model.base = 'demo': this installation has no bundled demo model")
+        return latentforge.load(base, dtype=torch.float32, device=device)
     fam = get_family(cfg.model.family)
     if not cfg.model.vae:
         raise ConfigError("a new model needs model.vae: train one first with mode = 'vae' (see recipes/)")
