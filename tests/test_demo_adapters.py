@@ -34,6 +34,10 @@ LORA_PROMPTS = [("yellow", "purple"), ("red", "green"), ("white", "blue"), ("blu
 # held out of recipes/demo_scarlet_embedding.toml: no scarlet triangle at all, nothing scarlet on white or blue
 EMBEDDING_PROMPTS = [("triangle", "yellow"), ("triangle", "green"), ("circle", "white"), ("square", "blue")]
 SEEDS = (0, 1)
+# drawn stars measure about 0.52, drawn circles, squares and triangles 0.89 or more (checked below); the
+# demo model's blurred outlines round the points off, so the line sits near the convex shapes (the baseline
+# without the LoRA shows that ordinary generated shapes stay above it)
+STAR_SOLIDITY = 0.85
 
 
 def star_solidity(blob: np.ndarray) -> float:
@@ -56,7 +60,7 @@ def analyse(image: Image.Image) -> tuple[str, str, str]:
     if blob.sum() < 12:
         return "none", "none", colour_name(bg)
     fg = colour_name(np.median(arr[blob], axis=0))
-    if star_solidity(blob) < 0.75:
+    if star_solidity(blob) < STAR_SOLIDITY:
         return fg, "star", colour_name(bg)
     ys, xs = np.nonzero(blob)
     fill = blob.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
@@ -78,8 +82,11 @@ def test_analysis_reads_drawn_stars_and_the_old_shapes(size):
 
     for colour, bg in [("red", "blue"), ("yellow", "purple"), ("black", "white"), ("white", "green")]:
         for shape in ("star", "circle", "square", "triangle"):
-            got = analyse(render(Scene(colour, shape, bg, size, "in the center", "")))
-            assert got == (colour, shape, bg), (size, colour, shape, bg)
+            image = render(Scene(colour, shape, bg, size, "in the center", ""))
+            assert analyse(image) == (colour, shape, bg), (size, colour, shape, bg)
+            arr = np.asarray(image).astype(np.float32)
+            solidity = star_solidity(_largest_blob(np.linalg.norm(arr - arr[0, 0], axis=-1) > 60))
+            assert solidity < 0.6 if shape == "star" else solidity > STAR_SOLIDITY, (size, shape, solidity)
     # scarlet, the embedding's word, is a red by hue
     assert analyse(render(Scene("scarlet", "circle", "white", size, "top left", "")))[0] == "red"
 
