@@ -91,6 +91,31 @@ def test_analysis_reads_drawn_stars_and_the_old_shapes(size):
     assert analyse(render(Scene("scarlet", "circle", "white", size, "top left", "")))[0] == "red"
 
 
+def test_recipes_hold_out_the_test_prompts_and_name_the_bundled_files():
+    from latentforge.cli_train import DEMO_ADAPTER_RECIPES, recipe
+    from latentforge.train import load_config
+    from latentforge.train.shapes import COLOURS, scene_from
+
+    lora, emb = (load_config(recipe(name)) for name, *_ in DEMO_ADAPTER_RECIPES)
+    assert [produced for *_, produced in DEMO_ADAPTER_RECIPES] == [
+        f"{lora.lora.output_name}.safetensors",
+        f"{emb.embedding.token}.safetensors",
+    ]
+    assert (lora.mode, lora.data.shapes, emb.mode, emb.data.colours) == ("lora", ["star"], "embedding", [TOKEN])
+    assert all(f"{c} on {b}" in lora.data.holdout for c, b in LORA_PROMPTS)
+    for shape, bg in EMBEDDING_PROMPTS:
+        assert f"{TOKEN} {shape}" in emb.data.holdout or f"{TOKEN} on {bg}" in emb.data.holdout
+    # and the scenes really avoid them (the first 300 scenes of each)
+    for i in range(300):
+        d = lora.data
+        sc = scene_from(i, d.synthetic_seed, frozenset(d.holdout), d.shapes, d.colours or COLOURS)
+        assert sc.shape == "star" and (sc.colour, sc.background) not in LORA_PROMPTS and "star" in sc.caption
+        d = emb.data
+        sc = scene_from(i, d.synthetic_seed, frozenset(d.holdout), d.shapes, d.colours, d.backgrounds or COLOURS)
+        assert sc.colour == TOKEN and TOKEN in sc.caption
+        assert sc.shape != "triangle" and sc.background not in ("white", "blue")
+
+
 # ---- lookup order ----------------------------------------------------------------------------------------
 
 
