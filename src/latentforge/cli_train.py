@@ -26,7 +26,7 @@ def add_train_parsers(sub) -> None:
         "--adapters",
         action="store_true",
         help="train the demo adapters (a star LoRA, a 'scarlet' embedding: recipes/demo_*_lora/_embedding.toml) "
-        "on the bundled demo model instead of the model itself (about 15 minutes each on 2 cores)",
+        "on the bundled demo model instead of the model itself (about 10 and 30 minutes on 2 cores)",
     )
     p.add_argument("overrides", nargs="*", help="overrides for both stages, e.g. seed=1")
     p.add_argument("-q", "--quiet", action="store_true")
