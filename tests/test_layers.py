@@ -16,14 +16,14 @@ ROOT = Path(latentforge.__file__).parent
 # Lowest first. A unit is the first name under latentforge (a subpackage or a top-level module); in io/,
 # each module (the file readers and writers are leaves, the checkpoint sources know the families).
 LAYERS = [
-    {"_version", "device", "nn", "demo", "assets", "recipes", "io", "io.tensorfile", "io.writer", "io.hashing"}
-    | {"io.folder_files"},
+    {"_version", "device", "threads", "nn", "demo", "assets", "recipes", "io", "io.tensorfile", "io.writer"}
+    | {"io.hashing", "io.folder_files", "io.h5file"},
     {"io.infotext", "io.images", "io.components", "models", "sampling", "convert"},
     {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"}
     | {"upscalers"},
     {"pipelines"},
     {"pipeline", "loading"},
-    {"train", "cli", "cli_generate", "cli_train", "cli_serve", "server", "__init__"},
+    {"train", "cli", "cli_generate", "cli_train", "cli_serve", "server", "__init__", "__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

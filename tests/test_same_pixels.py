@@ -31,28 +31,38 @@ DATA = Path(__file__).parent / "data" / "same_pixels.npz"
 RECORD = os.environ.get("LATENTFORGE_RECORD_PIXELS") == "1"
 S = dict(width=64, height=64, steps=5)
 
-# (case, model, mode, options): mode is txt2img or img2img (init image made below)
+# (case, model, mode, options): mode is txt2img or img2img (init image made below). The demo cases name
+# the CFG scale 7 they were recorded with: the demo family's default is lower (Family.default_cfg).
 CASES = [
-    ("demo-dpm2m", "demo", "txt2img", dict(prompt="a red circle on a blue background", seed=1, steps=8)),
+    ("demo-dpm2m", "demo", "txt2img", dict(prompt="a red circle on a blue background", seed=1, steps=8, cfg_scale=7.0)),
     (
         "demo-euler-a-batch",
         "demo",
         "txt2img",
-        dict(prompt="a green square", seed=7, steps=6, sampler="Euler a", batch_size=2),
+        dict(prompt="a green square", seed=7, steps=6, sampler="Euler a", batch_size=2, cfg_scale=7.0),
     ),
     (
         "demo-editing",
         "demo",
         "txt2img",
-        dict(prompt="a [red:yellow:0.5] triangle on a black background", seed=3, steps=6, sampler="Euler"),
+        dict(
+            prompt="a [red:yellow:0.5] triangle on a black background", seed=3, steps=6, sampler="Euler", cfg_scale=7.0
+        ),
     ),
     (
         "demo-hires",
         "demo",
         "txt2img",
-        dict(prompt="a blue circle", seed=4, steps=4, enable_hr=True, hr_scale=1.5, denoising_strength=0.5),
+        dict(
+            prompt="a blue circle", seed=4, steps=4, enable_hr=True, hr_scale=1.5, denoising_strength=0.5, cfg_scale=7.0
+        ),
     ),
-    ("demo-img2img", "demo", "img2img", dict(prompt="a purple square", seed=5, steps=6, denoising_strength=0.6)),
+    (
+        "demo-img2img",
+        "demo",
+        "img2img",
+        dict(prompt="a purple square", seed=5, steps=6, denoising_strength=0.6, cfg_scale=7.0),
+    ),
     ("sd1-euler", "sd1", "txt2img", dict(prompt="a cube", seed=11, sampler="Euler", **S)),
     (
         "sd1-karras-neg",

@@ -98,6 +98,7 @@ def test_webuiapi_img2img_with_mask_keeps_unmasked_pixels(api, pipe):
         mask=mask,
         mask_blur=0,
         inpainting_fill=1,
+        cfg_scale=7.0,  # what webuiapi's img2img sends by default (the demo model's own default is 2)
     )
     assert np.array_equal(out, pixels(ref.images[0]))
 
@@ -197,4 +198,7 @@ def test_concurrent_clients_each_get_their_own_image(server, pipe):
     assert sorted(got) == jobs
     for i in (0, 7, 15):
         ref = pipe.txt2img(f"shape {i}", seed=100 + i, steps=2, width=64, height=64, sampler="Euler")
-        assert np.array_equal(got[i], pixels(ref.images[0]))
+        # queued jobs may run batched (server/batching.py): equal to the image alone within float rounding
+        # (a larger batch may sum in another order on a CPU), far from any other client's image
+        diff = np.abs(got[i].astype(np.int16) - pixels(ref.images[0]).astype(np.int16))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())

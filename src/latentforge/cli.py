@@ -146,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="latentforge", description="Stable Diffusion with the files you already have."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and generation do")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads per generation (default: every usable core; also OMP_NUM_THREADS, LATENTFORGE_THREADS)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -219,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads: {args.threads} is not a thread count; give 1 or more")
+        from latentforge.threads import fix_threads
+
+        fix_threads(args.threads)
     from latentforge.adapters.folders import AdapterNotFound
     from latentforge.cli_generate import terminal_safe
     from latentforge.families.detect import DetectionError

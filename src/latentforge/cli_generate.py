@@ -15,7 +15,12 @@ GEN_OPTIONS = [
     (("--steps",), "steps", int, "denoising steps (default 20)"),
     (("--sampler",), "sampler", str, "sampler, A1111 or ComfyUI name (default 'DPM++ 2M'); see `latentforge samplers`"),
     (("--schedule",), "schedule", str, "sigma schedule: automatic, karras, exponential, normal, sgm_uniform, ..."),
-    (("--cfg-scale", "--cfg"), "cfg_scale", float, "classifier-free guidance scale (default 7)"),
+    (
+        ("--cfg-scale", "--cfg"),
+        "cfg_scale",
+        float,
+        "classifier-free guidance scale (default: the model's, 7; the demo model's 2)",
+    ),
     (("--cfg-rescale",), "guidance_rescale", float, "CFG rescale phi, 0 to 1 (v-prediction models: about 0.7)"),
     (("--seed",), "seed", int, "seed; -1 (default) picks one and reports it; image i uses seed + i"),
     (("-W", "--width"), "width", int, "width in pixels, a multiple of 8 (default: the model's native size)"),
@@ -29,7 +34,12 @@ GEN_OPTIONS = [
     (("--subseed-strength",), "subseed_strength", float, "how far towards the variation seed's noise, 0 to 1"),
     (("--ngms",), "s_min_uncond", float, "A1111's negative guidance minimum sigma (skip the negative prompt below it)"),
     (("--ensd",), "eta_noise_seed_delta", int, "A1111's ENSD: later noise draws use seed + this (e.g. 31337)"),
-    (("--rng",), "rng", str, "noise source: CPU (default), GPU (A1111's default; CUDA's generator) or NV"),
+    (
+        ("--rng",),
+        "rng",
+        str,
+        "noise source: CPU (default), GPU (A1111's default), NV, or 'comfy batch' (ComfyUI's whole-batch noise)",
+    ),
 ]
 
 
@@ -170,6 +180,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="CPU: pack convolution weights once into oneDNN's layout (same images; more memory)",
+    )
+    p.add_argument(
         "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"
     )
     p.add_argument(
@@ -192,11 +207,18 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--control-module",
-        choices=["none", "canny", "depth"],
+        choices=["none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe"],  # CONTROL_MODULES
         default="none",
         help="preprocessor of the --control images (default none: the image is the control map)",
     )
     p.add_argument("--controlnet-dir", type=Path, action="append", default=[], help="folder of ControlNet models")
+    p.add_argument(
+        "--annotator-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="folder of ControlNet preprocessor models (softedge_hed: ControlNetHED.pth; repeatable)",
+    )
     p.add_argument(
         "--models-dir",
         type=Path,
@@ -472,17 +494,21 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
-    for folder in (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir):
+    dirs = (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir, *args.annotator_dir)
+    for folder in dirs:
         if not folder.is_dir():
             raise ValueError(
-                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir, --hypernetwork-dir or "
-                "--controlnet-dir)"
+                f"{folder} is not a folder (given with --lora-dir, --embeddings-dir, --hypernetwork-dir, "
+                "--controlnet-dir or --annotator-dir)"
             )
     pipe = latentforge.load(model, vae=args.vae, prediction=args.prediction, dtype=args.dtype, device=args.device)
+    if getattr(args, "pack_weights", False):
+        pipe.pack_weights()
     pipe.folders.lora += args.lora_dir
     pipe.folders.embeddings += args.embeddings_dir
     pipe.folders.hypernetworks += args.hypernetwork_dir
     pipe.folders.controlnet += args.controlnet_dir
+    pipe.folders.annotators += args.annotator_dir
     for root in args.models_dir:
         pipe.folders.add_models_dir(root)
     if meta is not None:

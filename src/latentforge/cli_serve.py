@@ -37,6 +37,13 @@ def add_serve_parser(sub) -> None:
     )
     p.add_argument("--queue-size", type=int, default=64, help="jobs waiting at most; more get 503 (default 64)")
     p.add_argument("--max-models", type=int, default=1, help="models kept loaded at once (default 1)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="queued jobs with the same model, size and sampler settings run as one batch of at most this many "
+        "images (default 4; 1: each job alone)",
+    )
     p.add_argument("--max-model-memory-mb", type=int, default=0, help="unload models beyond this many MB (0: off)")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body in MB (default 64)")
     p.add_argument(
@@ -82,6 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--models-dir: {args.models_dir} is not a folder")
     if model is None and args.models_dir is None:
         raise ValueError("no model: give -m/--model or --models-dir (this installation has no demo model)")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be 1 or more, got {args.max_batch}")
     from latentforge import upscalers
 
     config = ServerConfig(
@@ -90,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         outdir=args.outdir,
         queue_size=args.queue_size,
         max_models=args.max_models,
+        max_batch=args.max_batch,
         max_model_bytes=args.max_model_memory_mb << 20,
         max_image_pixels=args.max_image_pixels,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),

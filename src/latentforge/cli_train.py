@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -55,12 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config is not None and "=" in str(config) and not str(config).endswith(".toml"):
         config, overrides = None, [str(args.config), *overrides]  # only overrides were given
     cfg = load_config(config, overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports (train/distributed.py)
     try:
-        out = train(cfg, _printer(args.quiet, cfg.mode))
+        out = train(cfg, _printer(args.quiet or not main_rank, cfg.mode))
     except KeyboardInterrupt:
-        print(f"latentforge: interrupted; {interrupted_summary(Path(cfg.output))}", file=sys.stderr)
+        if main_rank:
+            print(f"latentforge: interrupted; {interrupted_summary(Path(cfg.output))}", file=sys.stderr)
         return 130
-    print(out)
+    if main_rank:
+        print(out)
     return 0
 
 

@@ -135,6 +135,15 @@ class Pipeline:
         self.patcher.compile("unet", **options)
         return self
 
+    def pack_weights(self, enable: bool = True) -> int:
+        """Pack the UNet's and VAE's convolution weights once into oneDNN's layout instead of on every
+        call (CPU; the same results; costs a second copy of those weights in memory). ``False`` undoes
+        it. Returns the number of convolutions changed. See ``latentforge.nn.packed``."""
+        from latentforge.nn.packed import pack_convolutions, unpack_convolutions
+
+        change = pack_convolutions if enable else unpack_convolutions
+        return change(self.unet) + change(self.vae)
+
     def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False) -> Offloader:
         """Keep the weights in CPU memory and compute on ``device`` (a GPU with little memory): whole
         networks move in turn, or with ``sequential=True`` one block at a time. See latentforge.offload."""

@@ -58,6 +58,7 @@ class AdapterFolders:
     embeddings: list[Path] = field(default_factory=list)
     hypernetworks: list[Path] = field(default_factory=list)
     controlnet: list[Path] = field(default_factory=list)
+    annotators: list[Path] = field(default_factory=list)  # ControlNet preprocessor models (HED), models/hed_load.py
     bundled: list[Path] = field(default_factory=default_bundled)
 
     def bundled_for(self, kind: str) -> list[Path]:
@@ -75,6 +76,9 @@ class AdapterFolders:
         found_hyper = [root / p for p in hyper if (root / p).is_dir()]
         control = ["models/ControlNet", "models/controlnet", "ControlNet", "controlnet"]
         found_control = [root / p for p in control if (root / p).is_dir()]
+        annotators = root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads"
+        if annotators.is_dir() and annotators not in self.annotators:
+            self.annotators.append(annotators)
         if not found_lora and not found_emb and not found_hyper and not found_control:
             raise FileNotFoundError(
                 f"{root} has none of the folders of an A1111 ({', '.join(lora[:2])}, embeddings) or ComfyUI "

@@ -79,6 +79,9 @@ class Family:
     conditioner: Conditioner = field(default_factory=Conditioner)
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # the CFG scale a request gets when it names none (GenerationRequest.cfg_scale None); A1111's 7 unless
+    # the family's guided denoiser is too stiff for some samplers there (the demo model, docs/demo-model.md)
+    default_cfg: float = 7.0
     vae_fp16_safe: bool = True  # False: the VAE overflows in fp16 (SDXL) and runs in bf16 or fp32 instead
     ays_table: Literal["sd1", "sdxl"] = "sd1"  # which published Align Your Steps levels suit the family
     diffusers_pipeline: str = "StableDiffusionPipeline"

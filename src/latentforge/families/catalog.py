@@ -273,6 +273,12 @@ DEMO = register(
         latent_scale=1.0,
         prediction="v",
         default_size=64,
+        # Its prompts fix each image's colours, so the unconditional estimate follows the latent's mean
+        # colour while the conditional one does not; CFG 7 turns that difference into a stiff mode that
+        # LMS, PLMS, IPNDM, DEIS, UniPC and the ancestral steps cannot integrate in 20 steps (their images
+        # oscillate into wrong colours). At 2 every sampler draws the prompts (docs/demo-model.md); A1111's
+        # DDIM CFG++, whose scale is 12.5 x CFG++'s lambda, keeps its own default (SamplerInfo.default_cfg).
+        default_cfg=2.0,
         diffusers_extras=_NO_SAFETY_CHECKER,
     )
 )

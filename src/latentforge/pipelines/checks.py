@@ -170,7 +170,8 @@ def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> Non
 # the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
-CONTROL_MODULES = ("none", "canny", "depth")
+# the A1111 ControlNet extension's module names; "hed" and "hed_safe" are its old names of the HED ones
+CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe")
 
 
 def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:

@@ -4,12 +4,15 @@ format, ``{node id: {"class_type": ..., "inputs": {name: value or [source node i
 From the common KSampler graphs (KSampler or KSamplerAdvanced fed by CLIPTextEncode / CLIPTextEncodeSDXL,
 EmptyLatentImage and CheckpointLoaderSimple) this recovers prompt, negative prompt, seed, sampler,
 scheduler, steps, CFG, size, batch size, denoise and the model name. ComfyUI's conventions are set on
-the request: pure-noise starts scaled by sqrt(1 + sigma^2) and integer timesteps.
+the request: pure-noise starts scaled by sqrt(1 + sigma^2), integer timesteps, and the whole batch's
+noise from one generator seeded with the seed (rng "comfy batch", sampling/noise.py), so every image
+of a batch is reproduced, not only the first.
 """
 
 from __future__ import annotations
 
 from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.sampling.noise import COMFY_BATCH
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 TEXT_INPUTS = ("text", "text_g", "text_l", "string", "value")
@@ -86,6 +89,7 @@ def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
         negative_prompt=_text(graph, inputs.get("negative")),
         sgm_noise_multiplier=True,
         quantize_timesteps=True,
+        rng=COMFY_BATCH,
     )
     seed = _value(graph, inputs.get("seed", inputs.get("noise_seed")))
     if isinstance(seed, int):
@@ -111,4 +115,6 @@ def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
         req.denoising_strength, mode = float(denoise), "img2img"
     loader = _follow(graph, inputs.get("model"), "ckpt_name")
     model = {"name": loader["inputs"].get("ckpt_name") if loader else None, "hash": None}
-    return req, {"mode": mode, "model": model, "source": "comfyui", "batch_index": 0}
+    # ComfyUI records no image's place in its batch: with several, --from makes and keeps them all
+    index = 0 if req.batch_size == 1 else None
+    return req, {"mode": mode, "model": model, "source": "comfyui", "batch_index": index}

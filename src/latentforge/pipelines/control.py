@@ -5,10 +5,14 @@ loads the network checked against the loaded UNet (adapters/controlnet.py), read
 runs the preprocessor: "none" (the image as given), "canny" (OpenCV's Canny on the image scaled to
 ``processor_res`` on its short side, edge-padded to a multiple of 64 as the extension does, thresholds
 ``threshold_a``/``threshold_b``, defaults 100/200), "depth" (MiDaS DPT-Hybrid, models/midas.py, min-max
-scaled to 0..255). ``apply`` fits each detected map to every pass's pixel size with the unit's resize mode
-(Just Resize; Crop and Resize: cover then centre crop; Resize and Fill: fit, then pad with the median
-colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``); in a hires pass
-canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
+scaled to 0..255), "softedge_hed"/"hed" (HED soft edges, models/hed.py, on the same padded image: the
+sigmoid of the fused side outputs times 255, cut to 8 bits; "softedge_hedsafe"/"hed_safe" quantize the
+probabilities to 3 levels first, as the extension's ``safe_step``). The HED file is looked for in
+``pipe.folders.annotators``, the unit's ControlNet folder, the ControlNet folders and the A1111 extension's
+download folder (models/hed_load.py). ``apply`` fits each detected map to every pass's pixel size with the
+unit's resize mode (Just Resize; Crop and Resize: cover then centre crop; Resize and Fill: fit, then pad
+with the median colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``);
+in a hires pass canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, ControlNetError, load_controlnet
 from latentforge.adapters.folders import AdapterNotFound
+from latentforge.io.components import LoadError
 from latentforge.io.hashing import legacy_model_hash
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.controlnet import ControlNet
@@ -43,6 +48,9 @@ from latentforge.pipelines.request import (
 DEFAULT_RES = 512
 CANNY_DEFAULTS = (100.0, 200.0)
 HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hires pass for edge maps
+MAX_PREPROCESS_PIXELS = 4096 * 4096  # the padded control image of the pad64 preprocessors (canny)
+MAX_HED_PIXELS = 4096 * 2048  # HED keeps two 64-channel float32 maps of this size: about 4 GB
+HED_MODULES = {"softedge_hed": False, "hed": False, "softedge_hedsafe": True, "hed_safe": True}  # name -> safe
 
 
 @dataclass
@@ -82,19 +90,65 @@ def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
-def canny(img: np.ndarray, low: float, high: float, resolution: int) -> np.ndarray:
-    """The extension's canny preprocessor: scale the short side to ``resolution``, pad right and bottom to
-    multiples of 64 with edge pixels, OpenCV Canny, crop the padding; 3 equal channels."""
+def pad64(img: np.ndarray, resolution: int, max_pixels: int = MAX_PREPROCESS_PIXELS) -> tuple[np.ndarray, int, int]:
+    """The extension's ``resize_image_with_pad``: scale the short side to ``resolution`` (cubic up, area
+    down), pad right and bottom to multiples of 64 with edge pixels; -> (padded, height, width) of the
+    scaled image, which the caller crops its result back to. A padded size above ``max_pixels`` (a long
+    thin image at a large resolution) is a RequestError before any work."""
     import cv2
 
     h, w = img.shape[:2]
     k = resolution / min(h, w)
     th, tw = round(h * k), round(w * k)
+    if (th + -th % 64) * (tw + -tw % 64) > max_pixels:
+        raise RequestError(
+            f"the control image {w}x{h} at processor_res {resolution} becomes {tw}x{th} pixels, more than the "
+            f"preprocessor's limit of {max_pixels} pixels; use a smaller processor_res or a less elongated image"
+        )
     scaled = cv2.resize(img, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    pad_h, pad_w = -th % 64, -tw % 64
-    padded = np.pad(scaled, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
+    return np.pad(scaled, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge"), th, tw
+
+
+def canny(img: np.ndarray, low: float, high: float, resolution: int) -> np.ndarray:
+    """The extension's canny preprocessor: OpenCV Canny on ``pad64``'s image, the padding cropped; 3 equal
+    channels."""
+    import cv2
+
+    padded, th, tw = pad64(img, resolution)
     edges = cv2.Canny(padded, low, high)[:th, :tw]
     return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def soft_edges(model, img: np.ndarray, resolution: int, safe: bool = False) -> np.ndarray:
+    """The extension's HED preprocessor (``softedge_hed``; ``safe``: ``softedge_hedsafe``): the HED network
+    (models/hed.py) on ``pad64``'s RGB 0..255 image in float32, the sigmoid of its fused logits in float64,
+    ``safe`` quantizing to floor(p * 3) / 2, times 255 clipped and cut to 8 bits, the padding cropped; 3 equal
+    channels."""
+    padded, th, tw = pad64(img, resolution, MAX_HED_PIXELS)
+    param = next(model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(padded)).to(param.device, torch.float32).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        logits = model(x)[0, 0].double().cpu().numpy()
+    edge = 1.0 / (1.0 + np.exp(-logits))
+    if safe:
+        edge = (edge.astype(np.float32) * 3.0).astype(np.int32).astype(np.float32) / 2.0
+    out = (edge * 255.0).clip(0, 255).astype(np.uint8)[:th, :tw]
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def _hed(pipe, near: Path | None):
+    """The HED network for the ``softedge_hed`` units (loaded once per file, float32 on the pipe's device)."""
+    from latentforge.models.hed_load import HEDNotFoundError, find_hed, load_hed
+
+    dirs = [*pipe.folders.annotators, *([near.parent] if near is not None else []), *pipe.folders.controlnet]
+    try:
+        path = find_hed(pipe.info and pipe.info.source, dirs)
+    except HEDNotFoundError as e:
+        raise RequestError(str(e)) from None
+    try:
+        return pipe.cached(f"hed {path.resolve()} {pipe.device}", lambda: load_hed(path, device=pipe.device))
+    except (CheckpointError, LoadError) as e:
+        raise RequestError(str(e)) from None
 
 
 def _depth(pipe, img: np.ndarray, resolution: int) -> np.ndarray:
@@ -110,8 +164,9 @@ def _depth(pipe, img: np.ndarray, resolution: int) -> np.ndarray:
     return np.repeat(out[:, :, None], 3, axis=2)
 
 
-def preprocess(pipe, unit: ControlUnit, image: Image.Image) -> np.ndarray:
-    """The unit's preprocessor on its control image -> (H, W, 3) uint8."""
+def preprocess(pipe, unit: ControlUnit, image: Image.Image, near: Path | None = None) -> np.ndarray:
+    """The unit's preprocessor on its control image -> (H, W, 3) uint8; ``near``: the unit's ControlNet
+    file, whose folder is searched for preprocessor models."""
     img = np.asarray(image.convert("RGB"))
     res = unit.processor_res if unit.processor_res > 0 else DEFAULT_RES
     if unit.module == "canny":
@@ -120,6 +175,8 @@ def preprocess(pipe, unit: ControlUnit, image: Image.Image) -> np.ndarray:
         return canny(img, low, high, res)
     if unit.module == "depth":
         return _depth(pipe, img, res)
+    if unit.module in HED_MODULES:
+        return soft_edges(_hed(pipe, near), img, res, safe=HED_MODULES[unit.module])
     return img
 
 
@@ -165,7 +222,11 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
         except (ControlNetError, CheckpointError) as e:
             raise RequestError(f"{where}: {e}") from None
         name = f"{Path(path).stem} [{legacy_model_hash(path)}]"
-        units.append(PreparedUnit(unit, net, name, preprocess(pipe, unit, image)))
+        try:
+            detected = preprocess(pipe, unit, image, Path(path))
+        except RequestError as e:
+            raise RequestError(f"{where}: {e}") from None
+        units.append(PreparedUnit(unit, net, name, detected))
     return units
 
 

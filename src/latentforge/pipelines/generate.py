@@ -21,7 +21,8 @@ from latentforge.pipelines.numerics import FiniteWatch, decode_checked
 from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
-from latentforge.sampling.noise import BrownianNoise, ImageNoise
+from latentforge.sampling.noise import COMFY_BATCH, BrownianNoise, ImageNoise
+from latentforge.threads import auto_threads
 
 
 class Interrupted(Exception):
@@ -109,6 +110,14 @@ def build_plan(
     return plan
 
 
+def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] | None) -> float:
+    """UNet parameters x latent pixels x batch: the measure of a generation's size that chooses its
+    thread count (``threads.auto_threads``)."""
+    width, height = output_size(req, init_images[0] if init_images else None, pipe.family.default_size)
+    params = sum(p.numel() for p in pipe.unet.parameters())
+    return float(params) * (width // 8) * (height // 8) * req.batch_size
+
+
 def output_size(req: GenerationRequest, init_image: Image.Image | None, default: int) -> tuple[int, int]:
     """The output size: the request's, else the init image's rounded down to multiples of 8 (A1111),
     else ``default``. A size taken from an image obeys the same limits as an explicit one."""
@@ -150,7 +159,8 @@ def run_pass(
         if p.sampler.brownian:
             positive = p.sigmas[p.sigmas > 0]
             lo, hi = p.noise_range or (positive.min(), positive.max())
-            draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device)
+            whole_batch = noise_opts is not None and noise_opts.source == COMFY_BATCH
+            draw = BrownianNoise(seeds, p.shape, lo, hi, out_device=device, whole_batch=whole_batch)
     if init is not None and not p.denoise:
         return watch.result(x), draw
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
@@ -173,6 +183,10 @@ def generate(
     img2img = init_images is not None
     x4 = req.x4 is not None
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
+    if req.cfg_scale is None:  # the sampler's or the model's default; the record and infotext carry the number
+        info, _ = resolve(req.sampler, req.schedule)
+        default = info.default_cfg if info.default_cfg is not None else pipe.family.default_cfg
+        req = dataclasses.replace(req, cfg_scale=default)
     if x4 and req.control:
         raise RequestError("ControlNet units cannot control the x4 upscaler; remove 'control' or 'x4'")
     if x4 and not init_images:
@@ -190,7 +204,7 @@ def generate(
     out_images: list[Image.Image] = []
     session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), auto_threads(work_size(pipe, req, images_in), pipe.device.type):
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
@@ -198,16 +212,33 @@ def generate(
     finally:
         session.close(pipe)
 
-    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
-    final = dataclasses.replace(req, seed=seed, subseed=subseed, width=plan.width, height=plan.height)
-    if hand_off is not None:  # the record names the refiner's source, also when a loaded pipeline was given
-        final.refiner = dataclasses.replace(req.refiner, checkpoint=hand_off.name)
     mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+    refiner_name = hand_off.name if hand_off is not None else None
+    return finish_result(pipe, req, plan, mode, seeds, (seed, subseed), out_images, start, refiner_name)
+
+
+def finish_result(
+    pipe,
+    req: GenerationRequest,
+    plan: Plan,
+    mode: str,
+    seeds: list[int],
+    chosen: tuple[int, int],
+    images: list[Image.Image],
+    start: float,
+    refiner_name: str | None = None,
+) -> GenerationResult:
+    """The result of a run: each image with its A1111 infotext and JSON record. ``chosen``: the seed and
+    subseed actually used; ``start``: the run's ``perf_counter`` at its beginning."""
+    # the record keeps the prompt as written (with its network tags), as A1111's infotext does
+    final = dataclasses.replace(req, seed=chosen[0], subseed=chosen[1], width=plan.width, height=plan.height)
+    if refiner_name is not None:  # the record names the refiner's source, also when a loaded pipeline was given
+        final.refiner = dataclasses.replace(req.refiner, checkpoint=refiner_name)
     texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext)
-    for image, text, s in zip(out_images, texts, seeds):
+    for image, text, s in zip(images, texts, seeds):
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, s, mode)
-    return GenerationResult(out_images, seeds, texts, final, time.perf_counter() - start)
+    return GenerationResult(images, seeds, texts, final, time.perf_counter() - start)
 
 
 def _run(pipe, plan: Plan, req: GenerationRequest, seeds: list[int], subseeds: list[int], progress, out_images):

@@ -41,7 +41,7 @@ from latentforge.pipelines.checks import (
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
-from latentforge.sampling.noise import RNG_SOURCES
+from latentforge.sampling.noise import COMFY_BATCH, RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -134,9 +134,10 @@ class ControlUnit:
 
     ``model``: a file path, or a file stem in the ControlNet folders (A1111's "name [hash]" accepted);
     ``image``: the control image (PIL image, path, or base64); ``module``: the preprocessor ("none",
-    "canny", "depth"); ``control_mode``: 0 balanced, 1 my prompt is more important, 2 ControlNet is more
-    important (or those names); ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or
-    names); ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
+    "canny", "depth", "softedge_hed", "softedge_hedsafe"; old names "hed", "hed_safe"); ``control_mode``:
+    0 balanced, 1 my prompt is more important, 2 ControlNet is more important (or those names);
+    ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or names);
+    ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
     default); ``processor_res``: the preprocessor's resolution (short side; -1: 512)."""
 
     model: str
@@ -189,7 +190,7 @@ class GenerationRequest:
     steps: int = 20
     sampler: str = "DPM++ 2M"  # A1111, ComfyUI or latentforge name; "DPM++ 2M Karras" style also works
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's default (Family.default_cfg: 7, demo 2; DDIM CFG++ 7)
     guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
     seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
@@ -197,7 +198,7 @@ class GenerationRequest:
     seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
     seed_resize_from_h: int = 0
     eta_noise_seed_delta: int = 0  # ENSD: later noise draws use seed + this
-    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere) or NV
+    rng: str = "CPU"  # noise source: CPU, GPU (CUDA's torch.randn, reproduced anywhere), NV, or "comfy batch"
     width: int | None = None  # None: the family's native size
     height: int | None = None
     batch_size: int = 1  # images per denoising pass
@@ -276,8 +277,10 @@ class GenerationRequest:
         except ValueError as e:
             raise RequestError(str(e)) from None
         need(
-            is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100,
-            f"cfg_scale must be a finite number from -100 to 100, got {show(self.cfg_scale)}",
+            self.cfg_scale is None
+            or (is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100),
+            f"cfg_scale must be a finite number from -100 to 100 (or none: the model's default), got "
+            f"{show(self.cfg_scale)}",
         )
         need(
             isinstance(self.s_min_uncond, (int, float)) and 0 <= self.s_min_uncond <= 1000,
@@ -318,6 +321,18 @@ class GenerationRequest:
             f"eta_noise_seed_delta must be a whole number from 0 to 2^32 - 1, got {show(self.eta_noise_seed_delta)}",
         )
         need(self.rng in RNG_SOURCES, f"rng must be one of {', '.join(RNG_SOURCES)}, got {show(self.rng)}")
+        if self.rng == COMFY_BATCH:  # ComfyUI's whole-batch noise has none of A1111's per-image settings
+            resized = self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0
+            for name, used in (
+                ("subseed_strength", self.subseed_strength != 0),
+                ("seed_resize_from_w/_h", resized),
+                ("eta_noise_seed_delta", self.eta_noise_seed_delta != 0),
+            ):
+                need(
+                    not used,
+                    f"{name} is A1111's per-image noise setting and does not apply to rng {COMFY_BATCH!r} "
+                    "(ComfyUI's whole-batch noise); remove it or choose rng CPU, GPU or NV",
+                )
         need(
             self.clip_skip is None or (is_int(self.clip_skip) and 1 <= self.clip_skip <= 12),
             f"clip_skip must be 1 to 12, got {show(self.clip_skip)}",
@@ -502,7 +517,7 @@ class GenerationOptions(TypedDict, total=False):
     steps: int
     sampler: str
     schedule: str
-    cfg_scale: float
+    cfg_scale: float | None
     guidance_rescale: float
     seed: int
     subseed: int

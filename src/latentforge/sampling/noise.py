@@ -6,6 +6,12 @@ the starting noise and every later draw of an ancestral/SDE sampler come from it
 seeds, seed resize and ENSD as A1111's ImageRNG.
 SDE samplers that A1111/ComfyUI drive with a Brownian tree (torchsde) get one tree per image seeded
 with the image's seed.
+
+ComfyUI's convention ("comfy batch", comfy/sample.py ``prepare_noise``): the starting noise of the whole
+batch is one ``torch.randn((B, C, H, W))`` from ``torch.manual_seed(seed)`` on the CPU; the later draws
+of ancestral samplers come from one generator on the latents' device seeded with seed (seed + 1 on the
+CPU), each draw also batch-shaped; the SDE samplers' noise from one Brownian tree over the whole batch
+(entropy = seed). Images after the first therefore depend on the batch size.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-RNG_SOURCES = ("CPU", "GPU", "NV")
+COMFY_BATCH = "comfy batch"
+RNG_SOURCES = ("CPU", "GPU", "NV", COMFY_BATCH)
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -69,7 +76,9 @@ class PhiloxGenerator:
 class NoiseOptions:
     """A1111's noise settings. ``source``: "CPU" (torch's CPU generator; latentforge's default), "GPU"
     (CUDA's torch.randn: real on a CUDA device, else computed as "NV"), "NV" (CUDA's generator computed on
-    the CPU). ``subseed_strength``: variation seeds, slerp from the seed's noise towards the subseed's.
+    the CPU), "comfy batch" (ComfyUI's KSampler: one generator for the whole batch, see the module text;
+    variation seeds, seed resize and ENSD do not apply to it). ``subseed_strength``: variation seeds, slerp
+    from the seed's noise towards the subseed's.
     ``seed_resize_from``: (width, height) in pixels whose noise is placed centred in this size's.
     ``eta_noise_seed_delta`` (ENSD): draws after the first come from generators seeded with seed + delta."""
 
@@ -118,8 +127,42 @@ class ImageNoise:
             raise ValueError(f"unknown noise source {self.options.source!r}; use one of {', '.join(RNG_SOURCES)}")
         self.seeds = [int(s) for s in seeds]
         self.subseeds = list(subseeds) if subseeds is not None else None
-        self.generators = [self._generator(s) for s in self.seeds]
         self.first = True
+        if self.options.source == COMFY_BATCH:
+            self._check_comfy()
+            self.generators = [torch.Generator(device="cpu").manual_seed(self.seeds[0])]
+            return
+        self.generators = [self._generator(s) for s in self.seeds]
+
+    def _check_comfy(self) -> None:
+        o = self.options
+        for name, used in (
+            ("subseed_strength", o.subseed_strength != 0),
+            ("seed_resize_from", o.seed_resize_from is not None),
+            ("eta_noise_seed_delta", o.eta_noise_seed_delta != 0),
+        ):
+            if used:
+                raise ValueError(
+                    f"{name} is A1111's per-image noise setting and does not apply to the noise source "
+                    f"{COMFY_BATCH!r} (ComfyUI's whole-batch noise); remove it or choose rng CPU, GPU or NV"
+                )
+        if not self.seeds:
+            raise ValueError(f"the noise source {COMFY_BATCH!r} needs the batch's first seed; no seeds were given")
+
+    def _comfy_next(self) -> Tensor:
+        """ComfyUI's draws: the batch's starting noise from torch.manual_seed(seed) on the CPU, later draws
+        from a generator on the output device seeded with seed (seed + 1 on the CPU)."""
+        shape = (len(self.seeds), *self.shape)
+        if self.first:
+            self.first = False
+            noise = torch.randn(shape, generator=self.generators[0], dtype=torch.float32)
+            later = self.out_device if self.out_device.type == "cuda" else torch.device("cpu")
+            offset = 0 if later.type == "cuda" else 1
+            self.generators = [torch.Generator(device=later).manual_seed(self.seeds[0] + offset)]
+        else:
+            gen = self.generators[0]
+            noise = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+        return noise.to(device=self.out_device, dtype=self.dtype)
 
     def _generator(self, seed: int):
         source = self.options.source
@@ -159,6 +202,8 @@ class ImageNoise:
         return draws
 
     def next(self) -> Tensor:
+        if self.options.source == COMFY_BATCH:
+            return self._comfy_next()
         if self.first:
             self.first = False
             draws = self._first()
@@ -179,7 +224,9 @@ class BrownianNoise:
     the increment W(sigma_next) - W(sigma) divided by sqrt(|sigma_next - sigma|).
 
     Brownian paths are rough: moving a query time by 1e-7 changes the increment by ~sqrt(1e-7). Times
-    are therefore rounded to float32, the precision A1111, ComfyUI and diffusers query the tree with."""
+    are therefore rounded to float32, the precision A1111, ComfyUI and diffusers query the tree with.
+    ``whole_batch``: ComfyUI's KSampler convention, one tree over the batch's shape seeded with the first
+    seed (its BrownianTreeNoiseSampler given one seed)."""
 
     def __init__(
         self,
@@ -190,16 +237,25 @@ class BrownianNoise:
         *,
         out_device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        whole_batch: bool = False,
     ):
         import torchsde
 
         self.out_device, self.dtype = torch.device(out_device), dtype
+        self.whole_batch = whole_batch
         t0, t1 = _f32(sigma_min), _f32(sigma_max)
-        w0 = torch.zeros(shape)
-        self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
+        if whole_batch:
+            w0 = torch.zeros((len(seeds), *shape))
+            self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(seeds[0]))]
+        else:
+            w0 = torch.zeros(shape)
+            self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
 
     def __call__(self, sigma, sigma_next) -> Tensor:
         a, b = _f32(sigma), _f32(sigma_next)
         lo, hi, sign = (a, b, 1.0) if a < b else (b, a, -1.0)
-        w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        if self.whole_batch:
+            w = self.trees[0](lo, hi) * sign
+        else:
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
         return (w / (b - a).abs().sqrt()).to(device=self.out_device, dtype=self.dtype)

@@ -28,6 +28,9 @@ class SamplerInfo:
     # DPM2 a, DPM++ SDE, DPM++ 2S a, Restart; Forge leaves it off for HeunPP2)
     second_order: bool = False
     evaluations: Callable[[int], int] = lambda steps: steps  # model calls for a schedule of `steps` (approx.)
+    # the CFG scale a request without one gets when the scale means something else for this sampler (A1111's
+    # DDIM CFG++: 12.5 x CFG++'s lambda, so A1111's 7); None: the model family's default_cfg
+    default_cfg: float | None = None
 
 
 def _twice(steps: int) -> int:
@@ -129,7 +132,7 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
         "restart", "Restart", s.sample_restart, "karras", stochastic=True, second_order=True, evaluations=_twice
     ),
     SamplerInfo("ddim", "DDIM", s.sample_ddim, "ddim_uniform"),
-    SamplerInfo("ddim_cfg_pp", "DDIM CFG++", cfgpp.sample_ddim_cfg_pp, "ddim_uniform"),
+    SamplerInfo("ddim_cfg_pp", "DDIM CFG++", cfgpp.sample_ddim_cfg_pp, "ddim_uniform", default_cfg=7.0),
     SamplerInfo("plms", "PLMS", s.sample_plms, "ddim_uniform", evaluations=lambda n: n + 1),
     # A1111's UniPC: variant bh1, order 3 (its defaults; ComfyUI's uni_pc is the same). Both step to sigma 0
     # over the schedule's sigmas; A1111's own UniPC uses its time-uniform timesteps under "Automatic".

@@ -19,6 +19,7 @@ class ServerConfig:
     max_image_pixels: int = 4096 * 4096  # input images above this are refused before decoding
     max_body_bytes: int = 64 << 20
     history: int = 32  # finished jobs kept for GET /latentforge/v1/jobs/{id}
+    max_batch: int = 4  # images of queued jobs run as one batch at most (server/batching.py); 1: each job alone
     device: str | None = None
     dtype: str | None = None
     upscaler_dirs: list[Path] = field(default_factory=list)  # ESRGAN-family files for hr_upscaler

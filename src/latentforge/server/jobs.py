@@ -5,7 +5,8 @@ is bounded (``QueueFull`` when full); every job has an id, a state, progress wit
 can be cancelled (queued: removed; running: stopped at the next step). A run of ``batch_count`` passes is
 executed pass by pass (each with ``batch_count=1`` and the seeds it would have had), so A1111's "skip"
 drops one pass and "interrupt" keeps the passes already finished. Models are loaded on the worker into the
-cache of ``models.py``.
+cache of ``models.py``. Queued jobs that can share a batch (same model, size, sampler settings; ``batching.py``)
+run together, up to ``max_batch`` images.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from typing import Any
 from PIL import Image
 
 from latentforge.io.images import next_free_names, save_png
-from latentforge.pipelines.generate import Interrupted, Progress, generate
+from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
 from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.server.batching import run_batch, take_batch
 from latentforge.server.config import ServerConfig
 from latentforge.server.models import ModelCache, ModelCatalog
+from latentforge.threads import reserve_cores
 
 log = logging.getLogger("latentforge.server")
 
@@ -75,6 +78,7 @@ class Job:
     skip_flag: bool = False
     stop_flag: bool = False
     version: int = 0  # bumped on every change, for event streams
+    batch: int = 1  # jobs that ran in its batch (server/batching.py), itself included
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _last_preview: float = 0.0
 
@@ -128,6 +132,7 @@ class Job:
             "seeds": self.seeds,
             "infotexts": self.infotexts,
             "version": self.version,
+            "batch": self.batch,
         }
         if preview:
             data["current_image"] = base64.b64encode(self.preview_png).decode() if self.preview_png else None
@@ -154,12 +159,15 @@ class JobQueue:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
-        self.current: Job | None = None
+        self.current: Job | None = None  # the oldest running job (the head of its batch)
+        self.running: list[Job] = []  # every job of the running batch
         self.last: Job | None = None
+        self.stats = {"batches": 0, "batched_jobs": 0}  # runs of more than one job, and their jobs
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="latentforge-worker", daemon=True)
 
     def start(self) -> JobQueue:
+        reserve_cores(1)  # the HTTP side keeps a core where there are 3 or more (threads.choose_threads)
         self._thread.start()
         return self
 
@@ -167,10 +175,10 @@ class JobQueue:
         with self._cond:
             self._closed = True
             for job in list(self._waiting):
-                self._finish(job, "cancelled", error="the server is shutting down")
+                self.finish(job, "cancelled", error="the server is shutting down")
             self._waiting.clear()
-            if self.current is not None:
-                self.current.stop_flag = True
+            for job in self.running:
+                job.stop_flag = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -200,39 +208,40 @@ class JobQueue:
     def pending(self) -> int:
         """Jobs waiting plus the one running (A1111's job_count)."""
         with self._cond:
-            return len(self._waiting) + (1 if self.current is not None else 0)
+            return len(self._waiting) + len(self.running)
 
     def cancel(self, job_id: str) -> Job | None:
-        """Remove a queued job, or stop a running one at its next step."""
+        """Remove a queued job, or stop a running one at its next step (in a batch: that job only)."""
         with self._cond:
             job = self.jobs.get(job_id)
             if job is None:
                 return None
             if job in self._waiting:
                 self._waiting.remove(job)
-                self._finish(job, "cancelled")
-            elif job is self.current:
+                self.finish(job, "cancelled")
+            elif job in self.running:
                 job.stop_flag = True
         return job
 
     def interrupt(self) -> None:
-        """A1111's interrupt: stop the running job, keeping the images it finished."""
+        """A1111's interrupt: stop the running job (every job of a batch), keeping the images it finished."""
         with self._cond:
-            if self.current is not None:
-                self.current.stop_flag = True
+            for job in self.running:
+                job.stop_flag = True
 
     def skip(self) -> None:
-        """A1111's skip: drop the running job's current pass and go on with the next."""
+        """A1111's skip: drop the running job's current pass (of every job in a batch) and go on with the next."""
         with self._cond:
-            if self.current is not None:
-                self.current.skip_flag = True
+            for job in self.running:
+                job.skip_flag = True
 
     def _trim(self) -> None:
         finished = [k for k, j in self.jobs.items() if j.done]
         for key in finished[: max(0, len(finished) - self.config.history)]:
             del self.jobs[key]
 
-    def _finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
+    def finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
+        """Set a job's final state (and error: ``kind`` "request" is the client's fault, "internal" ours)."""
         job.state = state
         job.error = error
         job.error_kind = kind
@@ -247,25 +256,41 @@ class JobQueue:
                 if self._closed:
                     return
                 job = self._waiting.popleft()
-                self.current = job
-                job.state = "running"
-                job.started = time.time()
-            job.touch()
+                batch = take_batch(self._waiting, job, self.config.max_batch, self.default_model)
+                self.current, self.running = job, batch
+                for j in batch:
+                    j.state = "running"
+                    j.started = time.time()
+            for j in batch:
+                j.touch()
             try:
+                if len(batch) > 1:
+                    run_batch(self, batch)
+                    continue
                 self._execute(job)
                 state = "interrupted" if job.stop_flag else "done"
                 if job.stop_flag and not job.images:
                     state = "cancelled"
-                self._finish(job, state)
+                self.finish(job, state)
             except RequestError as e:
-                self._finish(job, "failed", str(e), "request")
+                self.finish(job, "failed", str(e), "request")
             except Exception as e:  # a bug or a broken model file: logged here, a short message to the client
-                log.exception("job %s failed", job.id)
-                self._finish(job, "failed", f"{type(e).__name__}: {e}", "internal")
+                self.fail(job, e)
             finally:
                 with self._cond:
-                    self.current = None
+                    for j in batch:
+                        if not j.done:  # a bug in the batch runner: never leave a client waiting
+                            self.finish(j, "failed", "the batch stopped unexpectedly", "internal")
+                    self.current, self.running = None, []
                     self.last = job
+
+    def fail(self, job: Job, error: Exception) -> None:
+        """Finish a job with an error of ours (a bug, a broken model file): logged, a short message to the client."""
+        if isinstance(error, RequestError):
+            self.finish(job, "failed", str(error), "request")
+            return
+        log.error("job %s failed", job.id, exc_info=error)
+        self.finish(job, "failed", f"{type(error).__name__}: {error}", "internal")
 
     def _execute(self, job: Job) -> None:
         spec = job.spec
@@ -307,15 +332,22 @@ class JobQueue:
                 if job.stop_flag:
                     break
                 continue  # skipped
-            if spec.save_to is not None:  # numbered names made here: always inside --outdir
-                spec.save_to.mkdir(parents=True, exist_ok=True)
-                for image, path in zip(result.images, next_free_names(spec.save_to, result.seeds)):
-                    save_png(image, spec.save_to / path.name)
-            job.images.extend(result.images)
-            job.seeds.extend(result.seeds)
-            job.infotexts.extend(result.infotexts)
+            self.store(job, result)
             job.request = dataclasses.replace(result.request, seed=seed, batch_count=req.batch_count)
             job.touch()
+
+    def store(self, job: Job, result: GenerationResult) -> None:
+        """Add a run's images to a job (and write them to --outdir when the client asked)."""
+        spec = job.spec
+        if spec.save_to is not None:  # numbered names made here: always inside --outdir
+            spec.save_to.mkdir(parents=True, exist_ok=True)
+            for image, path in zip(result.images, next_free_names(spec.save_to, result.seeds)):
+                save_png(image, spec.save_to / path.name)
+        job.images.extend(result.images)
+        job.seeds.extend(result.seeds)
+        job.infotexts.extend(result.infotexts)
+        job.request = result.request
+        job.touch()
 
     def _progress(self, job: Job, p: Progress) -> None:
         if job.stop_flag or job.skip_flag:

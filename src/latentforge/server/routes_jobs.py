@@ -3,7 +3,8 @@ progress (Server-Sent Events) and cancel.
 
 - ``POST /latentforge/v1/jobs`` body ``{"mode": "txt2img" | "img2img", ...A1111 payload fields}`` ->
   202 ``{"id", "state", ...}`` (``force_task_id`` chooses the id).
-- ``GET /latentforge/v1/jobs/{id}?wait=S`` -> the job (state, progress, step, seeds, infotexts, error);
+- ``GET /latentforge/v1/jobs/{id}?wait=S`` -> the job (state, progress, step, seeds, infotexts, error, ``batch``:
+  how many queued jobs ran in its batch);
   ``wait`` blocks up to S seconds for it to finish; a finished job also carries A1111's response
   (``images``, ``parameters``, ``info``).
 - ``GET /latentforge/v1/jobs/{id}/events`` -> ``text/event-stream``: a ``progress`` event (the job as

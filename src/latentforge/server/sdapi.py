@@ -63,7 +63,7 @@ class _Payload(BaseModel):
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 50
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None  # None: the model's default (7 as A1111's API; the demo model 2)
     width: int = 512
     height: int = 512
     restore_faces: bool | None = None

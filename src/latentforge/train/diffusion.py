@@ -19,7 +19,7 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
-from latentforge.train import common
+from latentforge.train import common, distributed
 from latentforge.train.config import ConfigError, TrainConfig
 from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
 
@@ -150,16 +150,22 @@ def diffusion_loss(
     cfg: TrainConfig,
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
+    part: slice | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
-    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets)."""
+    ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets).
+    ``part``: compute only these examples (one rank's share, train/distributed.py): the draws are still
+    made for the whole batch, and the loss is their sum divided by the whole batch's size."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
     noise = torch.randn(x0.shape, generator=g)
     if cfg.model.noise_offset > 0:  # kohya's noise offset (Guttenberg 2023): a per-channel constant shift
         noise = noise + cfg.model.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+    whole = x0.shape[0]
+    if part is not None:
+        x0, t, noise, captions = x0[part], t[part], noise[part], captions[part]
     noise = noise.to(device)
     sigma = sigmas[t].to(device)[:, None, None, None]
     x = x0 + sigma * noise
@@ -175,7 +181,7 @@ def diffusion_loss(
         snr = 1 / sigma.flatten() ** 2
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
-    return per_sample.mean()
+    return per_sample.mean() if part is None else per_sample.sum() / whole
 
 
 def text_trains(cfg: TrainConfig) -> bool:
@@ -233,10 +239,17 @@ def _result_path(cfg: TrainConfig, out: Path, done: int | None) -> Path:
     return out / ("model.safetensors" if done is None else f"checkpoint{tail}.safetensors")
 
 
-def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
+def train_diffusion(
+    cfg: TrainConfig,
+    progress: Callable | None = None,
+    stop_after: int | None = None,
+    ctx: distributed.Distributed | None = None,
+) -> Path:
     """Train as ``cfg`` says; returns the path of the final checkpoint. ``stop_after`` ends the run
-    after that many steps of this call (used to test resuming)."""
-    device = torch.device(cfg.device)
+    after that many steps of this call (used to test resuming). ``ctx``: this process's rank in a
+    data-parallel run (train/distributed.py); None: one process."""
+    ctx = ctx or distributed.Distributed(device=torch.device(cfg.device))
+    device = ctx.device
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     pipe = build_pipeline(cfg, device)
@@ -252,8 +265,9 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
     ema = common.EMA(modules, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, {"opt": opt}, ema, cfg)
+        start, extra = common.load_state(out, modules, {"opt": opt}, ema, cfg)
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
+        distributed.check_resume(extra, ctx)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
     images, captions, _ = load_dataset(cfg.data)
     shapes = None
@@ -298,9 +312,14 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
                 caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
             if cfg.mode == "lora":
                 adapter.resample(g)
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels) / accum
+            part = None if ctx.world == 1 else ctx.part(len(caps))
+            if part is not None and part.start == part.stop:
+                continue  # a bucket's batch smaller than the number of ranks: nothing on this one
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part) / accum
             loss.backward()
             total += float(loss.detach())
+        ctx.sum_grads(params)  # the gradient of the global batch's mean loss on every rank
+        total = ctx.sum(total)
         common.check_step(step, total, common.grad_norm(params, cfg.grad_clip), cfg, out)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -312,16 +331,16 @@ def train_diffusion(cfg: TrainConfig, progress: Callable | None = None, stop_aft
         save = bool((cfg.save_every and done % cfg.save_every == 0) or done == end)
         if sample or save:  # nothing is written from non-finite weights
             common.check_weights(step, modules, ema, cfg, out)
-        if sample:
+        if sample and ctx.main:
             grid = out / "samples" / f"step-{done:06d}.png"
             _with_ema(ema, modules, lambda grid=grid: save_samples(pipe, cfg, grid))
-        if save:
-            common.save_state(out, done, modules, {"opt": opt}, ema, cfg)
+        if save and ctx.main:  # only rank 0 writes; every rank holds the same weights
+            common.save_state(out, done, modules, {"opt": opt}, ema, cfg, {"world_size": ctx.world})
             if done % max(cfg.save_every, 1) == 0 or done == cfg.steps:
                 path = _result_path(cfg, out, done)
                 _with_ema(ema, modules, lambda p=path, d=done: _save_result(cfg, pipe, adapter, p, d, n, captions))
     final = _result_path(cfg, out, None)
-    if end == cfg.steps:
+    if end == cfg.steps and ctx.main:
         final = _with_ema(ema, modules, lambda: _save_result(cfg, pipe, adapter, final, end, n, captions))
     elif cfg.mode == "embedding":
         final = out / f"{adapter.token}.safetensors"

@@ -19,7 +19,7 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.io.writer import write_safetensors
 from latentforge.models.vae import AutoencoderKL
-from latentforge.train import common
+from latentforge.train import common, distributed
 from latentforge.train.config import TrainConfig
 from latentforge.train.data import load_dataset, sample_order, to_model_range
 
@@ -43,9 +43,12 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per element, averaged."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+def kl_divergence(
+    mean: torch.Tensor, logvar: torch.Tensor, average: Callable[[torch.Tensor], torch.Tensor] = torch.mean
+) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per element, averaged (by ``average``: a rank's share of the
+    global batch's mean under torchrun)."""
+    return 0.5 * average(mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 @torch.no_grad()
@@ -64,8 +67,17 @@ def normalize_latents(vae: AutoencoderKL, images: torch.Tensor, scale: float, ba
     return a
 
 
-def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: int | None = None) -> Path:
-    device = torch.device(cfg.device)
+def train_vae(
+    cfg: TrainConfig,
+    progress: Callable | None = None,
+    stop_after: int | None = None,
+    ctx: distributed.Distributed | None = None,
+) -> Path:
+    """Train as ``cfg`` says; returns the VAE file. ``ctx``: this process's rank in a data-parallel run
+    (train/distributed.py: each rank encodes its slice of the global batch, the posterior noise is drawn
+    for the whole batch, every mean is taken over the whole batch); None: one process."""
+    ctx = ctx or distributed.Distributed(device=torch.device(cfg.device))
+    device = ctx.device
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     fam = get_family(cfg.model.family)
@@ -81,12 +93,18 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
     ema = common.EMA({"vae": vae}, cfg.ema_decay) if cfg.ema_decay > 0 else None
     start = 0
     if cfg.resume and common.has_state(out):
-        start, _ = common.load_state(out, modules, optimizers, ema, cfg)
+        start, extra = common.load_state(out, modules, optimizers, ema, cfg)
+        distributed.check_resume(extra, ctx)
     images, _, _ = load_dataset(cfg.data)  # after the state: a bad state is reported before the data is read
     n = len(images)
     amp = common.autocast_dtype(cfg, device)
     reporter = common.Reporter(progress, cfg.log_every, cfg.steps, cfg.batch_size)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    b, part = cfg.batch_size, ctx.part(cfg.batch_size)
+
+    def avg(t: torch.Tensor) -> torch.Tensor:  # the mean over the whole batch, of which t is a slice
+        return t.mean() if ctx.world == 1 else t.sum() / (b * t[0].numel())
+
     for step in range(start, end):
         vae.train()
         lr = common.lr_at(step, cfg)
@@ -94,38 +112,43 @@ def train_vae(cfg: TrainConfig, progress: Callable | None = None, stop_after: in
             for group in opt.param_groups:
                 group["lr"] = lr
         g = common.deterministic_generator(cfg.seed, step)
-        x = to_model_range(images[sample_order(n, cfg.seed, step * cfg.batch_size, cfg.batch_size)]).to(device)
+        x = to_model_range(images[sample_order(n, cfg.seed, step * b, b)[part]]).to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             mean, logvar = vae.encode_moments(x)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(device)
+            noise = torch.randn((b, *mean.shape[1:]), generator=g)[part]  # example i's noise on any rank
+            z = mean + torch.exp(0.5 * logvar) * noise.to(device)
             rec = vae.decoder(vae.post_quant_conv(z)).float()
-        loss = (rec - x).abs().mean() + cfg.vae.l2_weight * (rec - x).pow(2).mean()
-        loss = loss + cfg.vae.kl_weight * kl_divergence(mean.float(), logvar.float())
+        loss = avg((rec - x).abs()) + cfg.vae.l2_weight * avg((rec - x).pow(2))
+        loss = loss + cfg.vae.kl_weight * kl_divergence(mean.float(), logvar.float(), avg)
         gan_on = use_disc and step >= cfg.vae.disc_start
         if gan_on:
-            loss = loss - cfg.vae.disc_weight * disc(rec).mean()
+            loss = loss - cfg.vae.disc_weight * avg(disc(rec))
         loss.backward()
-        common.check_step(step, float(loss.detach()), common.grad_norm(list(vae.parameters()), cfg.grad_clip), cfg, out)
+        ctx.sum_grads(list(vae.parameters()))
+        total = ctx.sum(float(loss.detach()))
+        common.check_step(step, total, common.grad_norm(list(vae.parameters()), cfg.grad_clip), cfg, out)
         optimizers["vae"].step()
         optimizers["vae"].zero_grad(set_to_none=True)
         if use_disc:
             optimizers["disc"].zero_grad(set_to_none=True)
             if gan_on:  # hinge loss
-                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
+                d_loss = avg(F.relu(1 - disc(x))) + avg(F.relu(1 + disc(rec.detach())))
                 d_loss.backward()
+                ctx.sum_grads(list(disc.parameters()))
                 d_norm = common.grad_norm(list(disc.parameters()), 0.0)
-                common.check_step(step, float(d_loss.detach()), d_norm, cfg, out)
+                common.check_step(step, ctx.sum(float(d_loss.detach())), d_norm, cfg, out)
                 optimizers["disc"].step()
                 optimizers["disc"].zero_grad(set_to_none=True)
         if ema is not None:
             ema.update({"vae": vae}, step)
-        reporter.step(step, float(loss.detach()), lr)
+        reporter.step(step, total, lr)
         done = step + 1
         if (cfg.save_every and done % cfg.save_every == 0) or done == end:
             common.check_weights(step, modules, ema, cfg, out)  # nothing is written from non-finite weights
-            common.save_state(out, done, modules, optimizers, ema, cfg)
+            if ctx.main:  # only rank 0 writes; every rank holds the same weights
+                common.save_state(out, done, modules, optimizers, ema, cfg, {"world_size": ctx.world})
     final = out / "vae.safetensors"
-    if end == cfg.steps:
+    if end == cfg.steps and ctx.main:
         if ema is not None:
             ema.copy_to({"vae": vae})
         vae.eval()

@@ -1,0 +1,144 @@
+"""Convolution weights packed once (latentforge.nn.packed, ``Pipeline.pack_weights``; issue 16).
+
+References: the convolution written out from its definition in float64 (im2col + matrix product),
+PyTorch's own ``F.conv2d``, and the tiny SD1 pipeline's images without packing.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import latentforge
+from latentforge.nn import packed
+from latentforge.nn.packed import PackedConv2d, pack_convolutions, packed_count, unpack_convolutions
+from tiny import build_reference, save_folder
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
+
+
+def conv_by_definition(x, w, b, stride, padding, groups):
+    """out[n, o, i, j] = b[o] + sum_{c, u, v} w[o, c, u, v] x[n, g*C + c, i*s + u - p, j*s + v - p] in float64."""
+    x, w = x.double(), w.double()
+    n, _, h, wd = x.shape
+    cout, cg, kh, kw = w.shape
+    xp = F.pad(x, (padding, padding, padding, padding))
+    oh, ow = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    out = torch.zeros(n, cout, oh, ow, dtype=torch.float64)
+    per = cout // groups
+    for o in range(cout):
+        g = o // per
+        for u in range(kh):
+            for v in range(kw):
+                patch = xp[:, g * cg : (g + 1) * cg, u : u + stride * oh : stride, v : v + stride * ow : stride]
+                out[:, o] += torch.einsum("nchw,c->nhw", patch, w[o, :, u, v])
+    return out + (0 if b is None else b.double()[None, :, None, None])
+
+
+CASES = [  # cin, cout, kernel, stride, padding, groups, bias
+    (8, 16, 3, 1, 1, 1, True),
+    (16, 8, 1, 1, 0, 1, True),
+    (8, 8, 3, 2, 1, 1, False),
+    (8, 16, 3, 1, 1, 4, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_convolution_is_the_convolution(case, channels_last):
+    cin, cout, k, stride, padding, groups, bias = case
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=padding, groups=groups, bias=bias)
+    x = torch.randn(2, cin, 12, 10)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    expected = conv_by_definition(x, conv.weight, conv.bias, stride, padding, groups)
+    assert pack_convolutions(conv) == 1 and type(conv) is PackedConv2d
+    with torch.inference_mode():
+        got = conv(x)
+        again = conv(x)  # the packed weight reused
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
+
+
+def test_bf16_matches_pytorchs_convolution():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 16, 16, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        pack_convolutions(conv)
+        got = conv(x)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_weight_changes_are_followed():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    pack_convolutions(conv)
+    with torch.inference_mode():
+        before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # in place, as the patcher merges LoRAs
+        conv.bias.zero_()
+    with torch.inference_mode():
+        after = conv(x)
+        bigger = conv(torch.randn(1, 4, 12, 12))  # another input shape: packed again
+    torch.testing.assert_close(after, conv_by_definition(x, conv.weight, None, 1, 1, 1).float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+    assert bigger.shape == (1, 4, 12, 12)
+
+
+def test_gradients_copies_and_saving_use_the_plain_module():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    keys = list(conv.state_dict())
+    pack_convolutions(conv)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv(x).sum().backward()  # training path: PyTorch's own convolution, with gradients
+    assert conv.weight.grad is not None and x.grad is not None
+    twin = copy.deepcopy(conv)
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    assert list(twin.state_dict()) == keys
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x.detach()), conv(x.detach()))
+    assert unpack_convolutions(conv) == 1 and type(conv) is torch.nn.Conv2d
+    assert list(conv.state_dict()) == keys
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    return save_folder(build_reference("sd1"), tmp_path_factory.mktemp("packed") / "sd1")
+
+
+def test_pipeline_images_are_the_same(sd1_folder):
+    pipe = latentforge.load(sd1_folder)
+    args = dict(steps=3, seed=7, width=64, height=64, cfg_scale=5.0)
+    plain = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)
+    n = pipe.pack_weights()
+    assert n == packed_count(pipe.unet) + packed_count(pipe.vae) and n > 20
+    fast = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)
+    assert np.abs(fast - plain).max() <= 1  # float32: the same convolution, at most rounding apart
+    assert pipe.pack_weights(False) == n
+    assert np.array_equal(np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16), plain)
+
+
+def test_cli_pack_weights_flag(sd1_folder, tmp_path):
+    from PIL import Image
+
+    from latentforge.cli import main
+
+    args = ["txt2img", "a cube", "-m", str(sd1_folder), "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "--pack-weights", "-o", str(tmp_path / "packed.png")]) == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
+    fast = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
+    assert np.abs(fast - plain).max() <= 1
