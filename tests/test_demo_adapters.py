@@ -178,7 +178,7 @@ def _bundled(kind: str, name: str) -> Path:
     folder = bundled_adapters_folder()
     assert folder is not None, "assets/demo is missing (latentforge train-demo --adapters --install makes it)"
     path = folder / kind / name
-    assert path.is_file() and path.stat().st_size < 2 * 2**20, path  # small enough to ship in the wheel
+    assert path.is_file() and path.stat().st_size < 3 * 2**20, path  # small enough to ship in the wheel
     return path
 
 
@@ -233,6 +233,11 @@ def test_bundled_lora_is_a_kohya_file_for_the_demo_unet():
             assert t.shape == (shape[0], rank, *[1] * (len(shape) - 2)), key
     assert modules and all(v == {"lora_down.weight", "lora_up.weight", "alpha"} for v in modules.values())
     assert any("attn2_to_k" in k for k in modules) and any("resnets_0_conv1" in k for k in modules)
+
+
+def test_the_bundled_controlnet_is_found_by_name():
+    path = AdapterFolders().find_controlnet("demo_blob_controlnet")
+    assert path == _bundled("controlnet", "demo_blob_controlnet.safetensors")
 
 
 def test_bundled_embedding_is_an_a1111_file():

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names it."""
 
 
-MODES = ("diffusion", "vae", "lora", "embedding")
+MODES = ("diffusion", "vae", "lora", "embedding", "controlnet")
 LORA_MODULES = ("attention", "attention_ff", "locon")
 
 
@@ -102,6 +102,17 @@ class EmbeddingConfig:
 
 
 @dataclass
+class ControlNetTrainConfig:
+    """mode = "controlnet": a ControlNet (Zhang et al. 2023) trained on the frozen model (train/controlnet.py)."""
+
+    conditioning_path: str = ""  # folder data: control images named as the images (kohya's conditioning_data_dir)
+    hint_widths: list = field(default_factory=list)  # hint encoder widths; empty: (16, 32, 96, 256) cut to the VAE
+    output_name: str = "controlnet"  # the file is output/<output_name>.safetensors
+    holdout_centres: list = field(default_factory=list)  # synthetic: [x, y] blob centres (fractions) never drawn
+    holdout_radius: float = 0.06  # synthetic: no training centre lies this close to a held-out one
+
+
+@dataclass
 class VAETrainConfig:
     kl_weight: float = 1e-6
     l2_weight: float = 1.0  # plus L1 with weight 1
@@ -112,7 +123,7 @@ class VAETrainConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "diffusion"  # "diffusion" (UNet, optionally text encoder) or "vae"
+    mode: str = "diffusion"  # "diffusion" (UNet, optionally text encoder), "vae", "lora", "embedding", "controlnet"
     output: str = "runs/train"
     seed: int = 0
     steps: int = 1000
@@ -139,6 +150,7 @@ class TrainConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
 
     def validate(self) -> None:
         """Refuse values that cannot train: each message names the key, its value and what is allowed."""
@@ -186,7 +198,11 @@ class TrainConfig:
                 self.mode != "embedding" or bool(self.embedding.token.strip()),
                 "mode = 'embedding' needs embedding.token (the word prompts will use)",
             ),
-            (self.mode not in ("lora", "embedding") or bool(self.model.base), f"mode = '{self.mode}' needs model.base"),
+            (
+                self.mode not in ("lora", "embedding", "controlnet") or bool(self.model.base),
+                f"mode = '{self.mode}' needs model.base",
+            ),
+            (self.mode != "controlnet" or not self.data.buckets, "mode = 'controlnet' trains without data.buckets"),
         ]
         for ok, message in checks:
             if not ok:
@@ -214,6 +230,7 @@ _NUMBERS = [
     ("model.caption_dropout", (0.0, True), (1.0, True)),
     ("data.resolution", (16, True), (8192, True)),
     ("data.size", (1, True), (10**8, True)),
+    ("controlnet.holdout_radius", (0.0, True), (1.0, True)),
     ("vae.kl_weight", (0.0, True), _INF),
     ("vae.l2_weight", (0.0, True), _INF),
     ("vae.disc_weight", (0.0, True), _INF),

@@ -54,15 +54,12 @@ def build_pipeline(cfg: TrainConfig, device: torch.device) -> Pipeline:
     from latentforge.models import CLIPTextModel, CLIPTokenizer, UNet
     from latentforge.pipeline import LoadInfo
 
-    if cfg.model.base:
-        base = cfg.model.base
-        if base == "demo" and not Path(base).exists():  # the bundled demo model (recipes/demo_*_lora.toml ...)
-            from latentforge.demo import bundled_model_path
+    if cfg.model.base == "demo":  # the bundled demo model (the demo adapters' recipes train on it)
+        from latentforge.demo import bundled_model_path
 
-            base = bundled_model_path()
-            if base is None:
-                raise ConfigError("model.base = 'demo': this installation has no bundled demo model")
-        return latentforge.load(base, dtype=torch.float32, device=device)
+        return latentforge.load(bundled_model_path(), dtype=torch.float32, device=device)
+    if cfg.model.base:
+        return latentforge.load(cfg.model.base, dtype=torch.float32, device=device)
     fam = get_family(cfg.model.family)
     if not cfg.model.vae:
         raise ConfigError("a new model needs model.vae: train one first with mode = 'vae' (see recipes/)")
@@ -151,12 +148,15 @@ def diffusion_loss(
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
     part: slice | None = None,
+    control: Callable | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
     ``pixels``: the images' (width, height) when not square at ``data.resolution`` (buckets).
     ``part``: compute only these examples (one rank's share, train/distributed.py): the draws are still
-    made for the whole batch, and the loss is their sum divided by the whole batch's size."""
+    made for the whole batch, and the loss is their sum divided by the whole batch's size.
+    ``control``: a function (network input, timesteps, Cond) -> ``ControlResiduals`` for the UNet
+    (ControlNet training), for the examples computed (``part`` already applied)."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
@@ -174,7 +174,10 @@ def diffusion_loss(
         with torch.set_grad_enabled(text_trains(cfg) and torch.is_grad_enabled()):
             w, h = (cfg.data.resolution,) * 2 if pixels is None else pixels
             cond = encode_captions(pipe, captions, w, h)
-        pred = pipe.unet(x * c_in, t.float().to(device), cond.context, cond.vector)
+        inp, tt = x * c_in, t.float().to(device)
+        pred = pipe.unet(
+            inp, tt, cond.context, cond.vector, control=None if control is None else control(inp, tt, cond)
+        )
     target = denoiser.target(x0, x, sigma)
     per_sample = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
     if cfg.model.min_snr_gamma > 0:
@@ -210,6 +213,11 @@ def _trainables(cfg: TrainConfig, pipe: Pipeline):
         adapter = build_network(pipe, cfg.lora, cfg.seed)
         adapter.attach()
         return {"lora": adapter}, adapter
+    if cfg.mode == "controlnet":
+        from latentforge.train.controlnet import ControlNetTraining
+
+        adapter = ControlNetTraining(pipe, cfg)
+        return {"controlnet": adapter.net}, adapter
     from latentforge.train.embedding import EmbeddingVectors
 
     adapter = EmbeddingVectors(pipe, cfg.embedding)
@@ -224,6 +232,8 @@ def _save_result(cfg: TrainConfig, pipe: Pipeline, adapter, path: Path, step: in
         from latentforge.train.lora import lora_metadata, save_lora
 
         return save_lora(adapter, path, lora_metadata(pipe, cfg, step, n, tag_frequency(captions)))
+    if cfg.mode == "controlnet":
+        return adapter.save(path, pipe, cfg, step)
     if cfg.mode == "embedding":
         path.mkdir(parents=True, exist_ok=True)
         return adapter.save(path, step, cfg.model.base)[0]
@@ -234,6 +244,8 @@ def _result_path(cfg: TrainConfig, out: Path, done: int | None) -> Path:
     tail = "" if done is None else f"-{done:06d}"
     if cfg.mode == "lora":
         return out / f"{cfg.lora.output_name}{tail}.safetensors"
+    if cfg.mode == "controlnet":
+        return out / f"{cfg.controlnet.output_name}{tail}.safetensors"
     if cfg.mode == "embedding":
         return out if done is None else out / f"step{tail}"
     return out / ("model.safetensors" if done is None else f"checkpoint{tail}.safetensors")
@@ -269,7 +281,10 @@ def train_diffusion(
         log.info("resumed from %s at step %d", out / common.STATE_DIR, start)
         distributed.check_resume(extra, ctx)
     # the data after the state: a state that cannot be resumed is reported before minutes of encoding
-    images, captions, _ = load_dataset(cfg.data)
+    if cfg.mode == "controlnet":  # image / control image / caption triples; the control images stay in the adapter
+        images, captions = adapter.load_data(cfg)
+    else:
+        images, captions, _ = load_dataset(cfg.data)
     shapes = None
     if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
         latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
@@ -315,7 +330,10 @@ def train_diffusion(
             part = None if ctx.world == 1 else ctx.part(len(caps))
             if part is not None and part.start == part.stop:
                 continue  # a bucket's batch smaller than the number of ranks: nothing on this one
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part) / accum
+            control = None
+            if cfg.mode == "controlnet":
+                control = adapter.control(idx if part is None else idx[part], device)
+            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, control) / accum
             loss.backward()
             total += float(loss.detach())
         ctx.sum_grads(params)  # the gradient of the global batch's mean loss on every rank
