@@ -38,6 +38,9 @@ def _printer(quiet: bool, label: str):
     def report(p):
         if quiet:
             return
+        if p.message and p.step == 0:  # a note before training (DreamBooth's class images)
+            print(f"{label} {p.message}", file=sys.stderr, flush=True)
+            return
         eta = (p.steps - p.step) * p.seconds / max(p.step, 1)
         print(
             f"{label} step {p.step}/{p.steps}  loss {p.loss:.4f}  lr {p.lr:.2e}  {p.samples_per_second:.1f} img/s  "

@@ -74,26 +74,73 @@ def bucket_batch(shapes: list[tuple[int, ...]], batch: int, seed: int, k: int) -
     return batches[int(order[pos])]
 
 
-def scan_folder(folder: Path) -> tuple[list[tuple[Path, Path]], list[Problem]]:
-    """(image, caption) pairs and the problems found: images without a caption file."""
+def scan_folder(folder: Path, default_caption: str = "") -> tuple[list[tuple[Path, Path | None]], list[Problem]]:
+    """(image, caption file) pairs and the problems found: images without a caption file, unless a
+    ``default_caption`` stands in for it (then the pair's caption file is None)."""
     if not folder.is_dir():
-        raise ConfigError(f"data.path {folder} is not a folder")
-    pairs, problems = [], []
+        raise ConfigError(f"data.path {folder} is not a folder; point data.path at the folder of training images")
+    pairs: list[tuple[Path, Path | None]] = []
+    problems = []
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         caption = path.with_suffix(".txt")
         if caption.is_file():
             pairs.append((path, caption))
+        elif default_caption:
+            pairs.append((path, None))
         else:
             problems.append(Problem(path, f"no caption file {caption.name}"))
     return pairs, problems
 
 
+def check_folder(cfg: DataConfig) -> None:
+    """Refuse, before any model is loaded, a data folder that cannot train: missing, empty of images,
+    images none of which has a caption (and no default caption), or problems with ``on_bad = "error"``.
+    Only names are read here; unreadable images are found when the images are loaded."""
+    if cfg.kind != "folder":
+        return
+    pairs, problems = scan_folder(Path(cfg.path), cfg.default_caption)
+    if pairs and not (problems and cfg.on_bad == "error"):
+        return
+    if not pairs and not problems:
+        raise DataError(
+            f"no usable images in data.path {cfg.path}: it holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+            "put the training images there"
+        )
+    if cfg.on_bad == "error":
+        report_problems(cfg, problems)  # raises, listing them
+    raise DataError(_nothing_usable(cfg, problems))
+
+
+def _nothing_usable(cfg: DataConfig, problems: list[Problem]) -> str:
+    found = ""
+    if problems:
+        shown = "; ".join(f"{p.path.name}: {p.reason}" for p in problems[:3])
+        found = f" ({len(problems)} file(s) skipped: {shown}{'; ...' if len(problems) > 3 else ''})"
+    return (
+        f"no usable images with captions in data.path {cfg.path}{found}: put images ({', '.join(IMAGE_SUFFIXES)}) "
+        "there, each with a same-named .txt caption file, or set data.default_caption (with DreamBooth: "
+        "dreambooth.instance_prompt) to caption the images that have none"
+    )
+
+
+def report_problems(cfg: DataConfig, problems: list[Problem]) -> None:
+    """Refuse (``on_bad = "error"``) or log the problems found in the data folder."""
+    if not problems:
+        return
+    problems.sort(key=lambda p: str(p.path))
+    listing = "\n".join(f"  {p.path}: {p.reason}" for p in problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    if cfg.on_bad == "error":
+        raise DataError(f"{len(problems)} problem(s) in {cfg.path} (data.on_bad = 'error'):\n{listing}{more}")
+    log.warning("skipping %d file(s) of %s:\n%s%s", len(problems), cfg.path, listing, more)
+
+
 def load_folder(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], list[str], list[Problem]]:
     """All usable images (N, 3, R, R) uint8 (with ``buckets``: a list of (3, H, W), each at its bucket's
     size), their captions, and the problems (reported, then skipped or refused as ``on_bad`` says)."""
-    pairs, problems = scan_folder(Path(cfg.path))
+    pairs, problems = scan_folder(Path(cfg.path), cfg.default_caption)
     images, captions = [], []
     buckets = bucket_sizes(cfg.resolution, cfg.bucket_step) if cfg.buckets else None
     for image_path, caption_path in pairs:
@@ -110,19 +157,13 @@ def load_folder(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], lis
             problems.append(Problem(image_path, f"unreadable image ({e})"))
             continue
         images.append(np.asarray(image))
-        captions.append(caption_path.read_text(encoding="utf-8", errors="replace").strip())
-    problems.sort(key=lambda p: str(p.path))
-    if problems:
-        listing = "\n".join(f"  {p.path}: {p.reason}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        if cfg.on_bad == "error":
-            raise DataError(f"{len(problems)} problem(s) in {cfg.path} (data.on_bad = 'error'):\n{listing}{more}")
-        log.warning("skipping %d file(s) of %s:\n%s%s", len(problems), cfg.path, listing, more)
+        if caption_path is None:
+            captions.append(cfg.default_caption)
+        else:
+            captions.append(caption_path.read_text(encoding="utf-8", errors="replace").strip())
+    report_problems(cfg, problems)
     if not images:
-        raise DataError(
-            f"no usable images with captions in data.path {cfg.path}: put images ({', '.join(IMAGE_SUFFIXES)}) "
-            "there, each with a same-named .txt caption file"
-        )
+        raise DataError(_nothing_usable(cfg, problems))
     if buckets is not None:  # one (3, H, W) tensor per image: the sizes differ
         return [torch.from_numpy(im.copy()).permute(2, 0, 1).contiguous() for im in images], captions, problems
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

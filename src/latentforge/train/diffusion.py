@@ -19,9 +19,9 @@ from torch import nn
 from latentforge.families import get_family
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
-from latentforge.train import common, distributed
+from latentforge.train import common, distributed, dreambooth
 from latentforge.train.config import ConfigError, TrainConfig
-from latentforge.train.data import bucket_batch, load_dataset, sample_order, shuffle_tags, to_model_range
+from latentforge.train.data import bucket_batch, check_folder, load_dataset, sample_order, shuffle_tags, to_model_range
 
 log = logging.getLogger("latentforge")
 
@@ -149,6 +149,7 @@ def diffusion_loss(
     pixels: tuple[int, int] | None = None,
     part: slice | None = None,
     control: Callable | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
@@ -156,7 +157,9 @@ def diffusion_loss(
     ``part``: compute only these examples (one rank's share, train/distributed.py): the draws are still
     made for the whole batch, and the loss is their sum divided by the whole batch's size.
     ``control``: a function (network input, timesteps, Cond) -> ``ControlResiduals`` for the UNet
-    (ControlNet training), for the examples computed (``part`` already applied)."""
+    (ControlNet training), for the examples computed (``part`` already applied).
+    ``weights``: per-sample weights (whole batch) of a weighted sum instead of the mean (DreamBooth's
+    prior loss); with ``part``, that part's share of the sum."""
     device = x0.device
     sigmas = denoiser.schedule.sigmas.float()
     t = torch.randint(0, len(sigmas), (x0.shape[0],), generator=g)
@@ -184,6 +187,8 @@ def diffusion_loss(
         snr = 1 / sigma.flatten() ** 2
         weight = snr.clamp(max=cfg.model.min_snr_gamma) / (snr + 1 if denoiser.prediction == "v" else snr)
         per_sample = per_sample * weight
+    if weights is not None:
+        return (per_sample * (weights if part is None else weights[part]).to(per_sample.device)).sum()
     return per_sample.mean() if part is None else per_sample.sum() / whole
 
 
@@ -264,12 +269,16 @@ def train_diffusion(
     device = ctx.device
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    data = dreambooth.instance_data(cfg)
+    check_folder(data)  # an empty or uncaptioned folder is refused before any model is loaded
+    dreambooth.check(cfg)
     pipe = build_pipeline(cfg, device)
     if pipe.family.conditioner.concat_channels:
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
+    modules, adapter = _trainables(cfg, pipe)  # a LoRA rank that does not fit is refused here, before any work
+    dreambooth.ensure_class_images(cfg, pipe, progress, adapter, ctx)  # by the base model, before training
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
-    modules, adapter = _trainables(cfg, pipe)
     pipe.vae.requires_grad_(False).eval()
     pipe.unet.gradient_checkpointing = cfg.gradient_checkpointing
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -284,7 +293,7 @@ def train_diffusion(
     if cfg.mode == "controlnet":  # image / control image / caption triples; the control images stay in the adapter
         images, captions = adapter.load_data(cfg)
     else:
-        images, captions, _ = load_dataset(cfg.data)
+        images, captions, _ = load_dataset(data)
     shapes = None
     if isinstance(images, list):  # aspect-ratio buckets: latents of different sizes
         latents = [encode_images(pipe, im[None]).cpu()[0] for im in images]
@@ -293,6 +302,7 @@ def train_diffusion(
     else:
         latents = encode_images(pipe, images).cpu()
     del images
+    prior = dreambooth.load_prior(cfg, lambda x: encode_images(pipe, x).cpu())  # None without prior preservation
     n = len(captions)
     log.info("training on %d images (latents %s)", n, sorted(set(shapes)) if shapes else tuple(latents.shape[1:]))
     if cfg.mode == "embedding":
@@ -327,13 +337,18 @@ def train_diffusion(
                 caps = [shuffle_tags(c, cfg.data.keep_tokens, g) for c in caps]
             if cfg.mode == "lora":
                 adapter.resample(g)
+            weights = None
+            if prior is not None:  # DreamBooth: the class half of the batch and the weights of both halves
+                x0, caps, weights = prior.extend(x0, caps, step * accum + micro)
             part = None if ctx.world == 1 else ctx.part(len(caps))
             if part is not None and part.start == part.stop:
                 continue  # a bucket's batch smaller than the number of ranks: nothing on this one
             control = None
             if cfg.mode == "controlnet":
                 control = adapter.control(idx if part is None else idx[part], device)
-            loss = diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, control) / accum
+            loss = (
+                diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, control, weights) / accum
+            )
             loss.backward()
             total += float(loss.detach())
         ctx.sum_grads(params)  # the gradient of the global batch's mean loss on every rank
