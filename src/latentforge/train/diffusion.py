@@ -148,8 +148,9 @@ def diffusion_loss(
     amp: torch.dtype | None,
     pixels: tuple[int, int] | None = None,
     part: slice | None = None,
-    control: Callable | None = None,
     weights: torch.Tensor | None = None,
+    *,
+    control: Callable | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch: t ~ U{0..N-1}, x = x0 + sigma_t noise, network output against
     the denoiser's target (eps or v), optionally min-SNR weighted; all random draws from ``g``.
@@ -347,7 +348,8 @@ def train_diffusion(
             if cfg.mode == "controlnet":
                 control = adapter.control(idx if part is None else idx[part], device)
             loss = (
-                diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, control, weights) / accum
+                diffusion_loss(pipe, denoiser, x0.to(device), caps, g, cfg, amp, pixels, part, weights, control=control)
+                / accum
             )
             loss.backward()
             total += float(loss.detach())
