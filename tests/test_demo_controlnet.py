@@ -32,7 +32,7 @@ PROMPTS = [
 
 
 def controlnet_path() -> Path:
-    return Path(str(resources.files("latentforge.assets").joinpath("demo/demo_blob_controlnet.safetensors")))
+    return Path(str(resources.files("latentforge.assets").joinpath("demo/controlnet/demo_blob_controlnet.safetensors")))
 
 
 def disc(centre: tuple[float, float], radius: float = 0.15) -> Image.Image:

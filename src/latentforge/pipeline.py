@@ -82,6 +82,7 @@ class Pipeline:
         # where prompt tags and request networks find LoRAs and embeddings by name
         self.folders = AdapterFolders()
         self.text.embeddings.folders = lambda: self.folders.embeddings
+        self.text.embeddings.fallback = lambda: self.folders.bundled_for("embeddings")
         self.offloader: Offloader | None = None
         self.execution_device: torch.device | None = None  # where computation happens under offload
         self.caches: dict[str, object] = {}

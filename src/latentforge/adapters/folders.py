@@ -3,6 +3,12 @@
 A name is a file stem, searched in the given folders and their subfolders (A1111's rule); an unknown
 name is an error listing close matches. ``models_dir`` understands the two usual layouts: A1111's
 (``models/Lora``, ``models/LyCORIS``, ``embeddings``) and ComfyUI's (``models/loras``, ``models/embeddings``).
+
+Names found in none of the user's folders fall back to the ``bundled`` folders (the demo adapters in
+``assets/demo``, trained for the demo model: ``lora/``, ``embeddings/``, ``controlnet/``), so
+``<lora:demo_star:1>`` works out of the box; the user's files always win. Bundled embeddings are used
+only where they fit the model (``EmbeddingSet``), so they never reach a model of another width, as A1111
+skips embeddings of another width.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from latentforge.demo import bundled_adapters_folder
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -35,15 +43,27 @@ def files_by_stem(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, P
     return out
 
 
+def default_bundled() -> list[Path]:
+    """The bundled demo adapters' folder, when this installation has it."""
+    folder = bundled_adapters_folder()
+    return [folder] if folder is not None else []
+
+
 @dataclass
 class AdapterFolders:
-    """The folders searched for LoRA files (``lora``) and textual-inversion embeddings (``embeddings``)."""
+    """The folders searched for LoRA files (``lora``) and textual-inversion embeddings (``embeddings``);
+    ``bundled``: searched after them for LoRAs, embeddings and ControlNets (empty it to switch that off)."""
 
     lora: list[Path] = field(default_factory=list)
     embeddings: list[Path] = field(default_factory=list)
     hypernetworks: list[Path] = field(default_factory=list)
     controlnet: list[Path] = field(default_factory=list)
     annotators: list[Path] = field(default_factory=list)  # ControlNet preprocessor models (HED), models/hed_load.py
+    bundled: list[Path] = field(default_factory=default_bundled)
+
+    def bundled_for(self, kind: str) -> list[Path]:
+        """The bundled folders' subfolders of one kind ("lora", "embeddings", "controlnet")."""
+        return [Path(b) / kind for b in self.bundled if (Path(b) / kind).is_dir()]
 
     def add_models_dir(self, root: str | Path) -> None:
         """Add the LoRA and embedding folders of an A1111 or ComfyUI installation (or its models folder)."""
@@ -78,6 +98,7 @@ class AdapterFolders:
             CONTROLNET_SUFFIXES,
             "ControlNet",
             "--controlnet-dir or --models-dir (pipe.folders.controlnet)",
+            self.bundled_for("controlnet"),
         )
 
     def find_hypernetwork(self, name: str) -> Path:
@@ -92,7 +113,8 @@ class AdapterFolders:
 
     def find_lora(self, name: str) -> Path:
         """A LoRA by file stem (or a path to a file)."""
-        return find(name, self.lora, LORA_SUFFIXES, "LoRA", "--lora-dir or --models-dir (pipe.folders.lora in Python)")
+        how = "--lora-dir or --models-dir (pipe.folders.lora in Python)"
+        return find(name, self.lora, LORA_SUFFIXES, "LoRA", how, self.bundled_for("lora"))
 
     def find_embedding(self, name: str) -> Path:
         """An embedding by file stem (or a path to a file)."""
@@ -102,22 +124,32 @@ class AdapterFolders:
             EMBEDDING_SUFFIXES,
             "embedding",
             "--embeddings-dir or --models-dir (pipe.folders.embeddings)",
+            self.bundled_for("embeddings"),
         )
 
 
-def find(name: str, folders: list[Path], suffixes: tuple[str, ...], kind: str, how: str) -> Path:
+def find(
+    name: str, folders: list[Path], suffixes: tuple[str, ...], kind: str, how: str, fallback: list[Path] = ()
+) -> Path:
+    """A file by path, else by stem in ``folders`` (exact, then case-insensitive), else in ``fallback``."""
     path = Path(name)
     if path.suffix.lower() in suffixes and path.is_file():
         return path
     files = files_by_stem(folders, suffixes)
-    if name in files:
-        return files[name]
-    lower = {k.lower(): v for k, v in files.items()}
-    if name.lower() in lower:
-        return lower[name.lower()]
+    found = _by_name(name, files)
+    if found is None and fallback:
+        found = _by_name(name, files_by_stem(list(fallback), suffixes))
+    if found is not None:
+        return found
     if not folders:
         raise AdapterNotFound(f"{kind} {name!r}: no {kind} folder is set; give one with {how}, or a file path")
     close = difflib.get_close_matches(name, list(files), n=5, cutoff=0.5)
     where = ", ".join(str(f) for f in folders)
     hint = f"; close names: {', '.join(close)}" if close else f"; {len(files)} {kind} files are there"
     raise AdapterNotFound(f"{kind} {name!r} is not in {where}{hint}")
+
+
+def _by_name(name: str, files: dict[str, Path]) -> Path | None:
+    if name in files:
+        return files[name]
+    return {k.lower(): v for k, v in files.items()}.get(name.lower())

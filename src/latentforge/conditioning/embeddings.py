@@ -108,10 +108,14 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
 @dataclass
 class EmbeddingSet:
     """The embeddings a ``TextConditioner`` knows: those added by hand and those in the folders that
-    ``folders()`` gives (read when a prompt first names them; a file changed on disk is read again)."""
+    ``folders()`` gives (read when a prompt first names them; a file changed on disk is read again).
+    ``fallback()`` gives folders of bundled embeddings (the demo's): a name there counts only when no user
+    file has it, and only when the embedding fits the model; one that does not fit is skipped silently,
+    so a word such as "scarlet" stays plain text for any other model."""
 
     folders: Callable[[], list[Path]] = list
     added: dict[str, Embedding] = field(default_factory=dict)
+    fallback: Callable[[], list[Path]] = list
     _cache: dict[Path, tuple[int, Embedding]] = field(default_factory=dict, repr=False)
 
     def add(self, embedding: Embedding | str | Path) -> Embedding:
@@ -124,16 +128,25 @@ class EmbeddingSet:
         folders = self.folders()
         return files_by_stem(folders, EMBEDDING_SUFFIXES) if folders else {}
 
+    def _bundled(self) -> dict[str, Path]:
+        """Files of the fallback folders whose names no user file (nor added embedding) has."""
+        folders = self.fallback()
+        if not folders:
+            return {}
+        taken = {n.lower() for n in [*self._files(), *self.added]}
+        return {n: p for n, p in files_by_stem(folders, EMBEDDING_SUFFIXES).items() if n.lower() not in taken}
+
     def names(self) -> dict[str, str]:
         """Lower-cased name -> name of every known embedding."""
-        out = {n.lower(): n for n in self._files()}
+        out = {n.lower(): n for n in self._bundled()}
+        out.update({n.lower(): n for n in self._files()})
         out.update({n.lower(): n for n in self.added})
         return out
 
     def get(self, name: str) -> Embedding:
         if name in self.added:
             return self.added[name]
-        path = self._files()[name]
+        path = self._files().get(name) or self._bundled()[name]
         mtime = path.stat().st_mtime_ns
         cached = self._cache.get(path)
         if cached is None or cached[0] != mtime:
@@ -147,6 +160,7 @@ class EmbeddingSet:
         names = self.names()
         if not names or not text:
             return []
+        bundled = {p.resolve() for p in self._bundled().values()}
         pattern = _name_pattern(names)
         found: dict[str, Embedding] = {}
         for m in pattern.finditer(text.lower()):
@@ -154,6 +168,8 @@ class EmbeddingSet:
             if name in found:
                 continue
             emb = self.get(name)
+            if emb.for_encoders(slots) is None and emb.path is not None and emb.path.resolve() in bundled:
+                continue  # a bundled embedding for another model: the word stays plain text
             if emb.for_encoders(slots) is None:
                 widths = {k: v.shape[1] for k, v in emb.vectors.items()}
                 warnings.warn(

@@ -45,6 +45,11 @@ class DataConfig:
     size: int = 20000  # synthetic: number of scenes
     synthetic_seed: int = 0
     holdout: list = field(default_factory=list)  # synthetic: "colour shape" / "colour on background" never drawn
+    # synthetic: draw only these shapes / shape colours / backgrounds (may name the scenes' new "star" and
+    # "teal", which the demo model never saw); all empty: the demo model's own scene sequence
+    shapes: list = field(default_factory=list)
+    colours: list = field(default_factory=list)
+    backgrounds: list = field(default_factory=list)
     on_bad: str = "skip"  # unreadable image or missing caption: "skip" (reported) or "error"
     cache_latents: bool = True
     shuffle_tags: bool = False  # shuffle a caption's comma-separated tags each step (kohya shuffle_caption)
@@ -52,6 +57,26 @@ class DataConfig:
     default_caption: str = ""  # caption of images without a .txt file; empty: such images are problems
     buckets: bool = False  # aspect-ratio bucketing (folder data): each image at the nearest bucket's size
     bucket_step: int = 64  # bucket sides are multiples of this (pixels)
+
+    def check_synthetic_choices(self) -> None:
+        """``shapes``/``colours``/``backgrounds`` name known scene words, only for synthetic data."""
+        from latentforge.train.shapes import ALL_COLOURS, ALL_SHAPES, COLOURS, SHAPES, _check_choices
+
+        choices = {"shapes": self.shapes, "colours": self.colours, "backgrounds": self.backgrounds}
+        if not any(choices.values()):
+            return
+        if self.kind != "synthetic":
+            raise ConfigError("data.shapes, data.colours and data.backgrounds need data.kind = 'synthetic'")
+        for key, values in choices.items():
+            known = ALL_SHAPES if key == "shapes" else tuple(ALL_COLOURS)
+            bad = [v for v in values if v not in known]
+            if bad:
+                raise ConfigError(f"data.{key} has unknown names {bad!r}; known: {', '.join(known)}")
+        try:
+            holdout = frozenset(str(h).lower() for h in self.holdout)
+            _check_choices(self.shapes or SHAPES, self.colours or COLOURS, self.backgrounds or COLOURS, holdout)
+        except ValueError as e:
+            raise ConfigError(f"data.shapes/colours/backgrounds/holdout: {e}") from None
 
 
 @dataclass
@@ -204,6 +229,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.data.check_synthetic_choices()
 
 
 def _dreambooth_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:

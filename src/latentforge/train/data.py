@@ -173,7 +173,9 @@ def load_folder(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], lis
 def load_dataset(cfg: DataConfig) -> tuple[torch.Tensor | list[torch.Tensor], list[str], list[Problem]]:
     """(images uint8 (N, 3, R, R), captions, problems) for either kind of data."""
     if cfg.kind == "synthetic":
-        ds = SyntheticShapes(cfg.size, cfg.resolution, cfg.synthetic_seed, cfg.holdout)
+        ds = SyntheticShapes(
+            cfg.size, cfg.resolution, cfg.synthetic_seed, cfg.holdout, cfg.shapes, cfg.colours, cfg.backgrounds
+        )
         images, captions = [], []
         for i in range(len(ds)):
             image, caption = ds[i]
