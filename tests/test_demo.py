@@ -77,8 +77,9 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
-def analyse(image: Image.Image) -> tuple[str, str, str]:
-    """(foreground colour, shape, background colour) of a one-shape image."""
+def foreground(image: Image.Image) -> tuple[str, np.ndarray | None, str]:
+    """(foreground colour or "none", the largest blob's mask or None, background colour): the background is
+    the border's median colour, the shape the largest region that differs from it."""
     arr = np.asarray(image.convert("RGB")).astype(np.float32)
     border = np.concatenate(
         [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
@@ -86,12 +87,21 @@ def analyse(image: Image.Image) -> tuple[str, str, str]:
     bg = np.median(border, axis=0)
     blob = _largest_blob(np.linalg.norm(arr - bg, axis=-1) > 60)
     if blob.sum() < 12:
-        return "none", "none", colour_name(bg)
-    fg = np.median(arr[blob], axis=0)
+        return "none", None, colour_name(bg)
+    return colour_name(np.median(arr[blob], axis=0)), blob, colour_name(bg)
+
+
+def box_shape(blob: np.ndarray) -> str:
+    """Square, circle or triangle from how much of its bounding box the blob fills."""
     ys, xs = np.nonzero(blob)
     fill = blob.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.87 else "circle" if fill > 0.64 else "triangle"
-    return colour_name(fg), shape, colour_name(bg)
+    return "square" if fill > 0.87 else "circle" if fill > 0.64 else "triangle"
+
+
+def analyse(image: Image.Image) -> tuple[str, str, str]:
+    """(foreground colour, shape, background colour) of a one-shape image."""
+    fg, blob, bg = foreground(image)
+    return (fg, "none", bg) if blob is None else (fg, box_shape(blob), bg)
 
 
 def _article(word: str) -> str:

@@ -25,7 +25,7 @@ from latentforge.adapters.folders import AdapterFolders, AdapterNotFound
 from latentforge.conditioning.embeddings import EmbeddingSet
 from latentforge.demo import bundled_adapters_folder, bundled_model_path
 from latentforge.io.writer import write_safetensors
-from test_demo import _article, _largest_blob, colour_name
+from test_demo import _article, _largest_blob, box_shape, foreground
 
 LORA = "demo_star"
 TOKEN = "scarlet"
@@ -52,21 +52,10 @@ def star_solidity(blob: np.ndarray) -> float:
 
 def analyse(image: Image.Image) -> tuple[str, str, str]:
     """(foreground colour, shape, background colour), where the shape may also be "star"."""
-    arr = np.asarray(image.convert("RGB")).astype(np.float32)
-    border = np.concatenate(
-        [arr[:2].reshape(-1, 3), arr[-2:].reshape(-1, 3), arr[:, :2].reshape(-1, 3), arr[:, -2:].reshape(-1, 3)]
-    )
-    bg = np.median(border, axis=0)
-    blob = _largest_blob(np.linalg.norm(arr - bg, axis=-1) > 60)
-    if blob.sum() < 12:
-        return "none", "none", colour_name(bg)
-    fg = colour_name(np.median(arr[blob], axis=0))
-    if star_solidity(blob) < STAR_SOLIDITY:
-        return fg, "star", colour_name(bg)
-    ys, xs = np.nonzero(blob)
-    fill = blob.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.87 else "circle" if fill > 0.64 else "triangle"
-    return fg, shape, colour_name(bg)
+    fg, blob, bg = foreground(image)
+    if blob is None:
+        return fg, "none", bg
+    return fg, "star" if star_solidity(blob) < STAR_SOLIDITY else box_shape(blob), bg
 
 
 def test_star_area_formula():
