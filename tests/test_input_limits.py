@@ -130,7 +130,7 @@ def test_chunk_count_is_limited():
         ({"denoising_strength": 2}, "denoising_strength must be between 0 and 1"),
         ({"steps": "20"}, "steps must be a whole number, got str"),
         ({"steps": True}, "steps must be a whole number, got bool"),
-        ({"cfg_scale": "7"}, "cfg_scale must be a number, got str"),
+        ({"cfg_scale": "7"}, "cfg_scale must be a number or none, got str"),
         ({"width": 512.0}, "width must be a whole number or none"),
         ({"seed": [1]}, "seed must be a whole number, got list"),
         ({"sampler": 3}, "sampler must be text"),

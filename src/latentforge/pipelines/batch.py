@@ -38,6 +38,7 @@ from latentforge.pipelines.generate import (
     build_plan,
     finish_result,
     run_pass,
+    with_default_cfg,
     work_size,
 )
 from latentforge.pipelines.images import open_image, tensor_to_images
@@ -137,6 +138,8 @@ def _prepare(pipe, index: int, member: BatchMember, upscaler_dirs) -> _Prepared:
     req = member.request
     img2img = member.init_images is not None
     req.validate(img2img=img2img, upscaler_files=bool(upscaler_dirs))
+    req = with_default_cfg(pipe, req)
+    member = dataclasses.replace(member, request=req)  # the record and infotext carry the scale used
     if batch_key(req, img2img) is None:
         raise ValueError("this request cannot share a batch (see pipelines.batch.batch_key); run it with generate()")
     images_in = [open_image(i) for i in member.init_images] if img2img else None

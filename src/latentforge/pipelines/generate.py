@@ -113,9 +113,21 @@ def build_plan(
 def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] | None) -> float:
     """UNet parameters x latent pixels x batch: the measure of a generation's size that chooses its
     thread count (``threads.auto_threads``)."""
-    width, height = output_size(req, init_images[0] if init_images else None, pipe.family.default_size)
+    first = init_images[0] if init_images else None  # an estimate only: the size is checked where it is used
+    width = req.width or (first.width if first else pipe.family.default_size)
+    height = req.height or (first.height if first else pipe.family.default_size)
     params = sum(p.numel() for p in pipe.unet.parameters())
     return float(params) * (width // 8) * (height // 8) * req.batch_size
+
+
+def with_default_cfg(pipe, req: GenerationRequest) -> GenerationRequest:
+    """The request with ``cfg_scale`` filled in when it is None: the sampler's default, else the model
+    family's (``Family.default_cfg``); the record and infotext then carry the number used."""
+    if req.cfg_scale is not None:
+        return req
+    info, _ = resolve(req.sampler, req.schedule)
+    default = info.default_cfg if info.default_cfg is not None else pipe.family.default_cfg
+    return dataclasses.replace(req, cfg_scale=default)
 
 
 def output_size(req: GenerationRequest, init_image: Image.Image | None, default: int) -> tuple[int, int]:
@@ -185,10 +197,7 @@ def generate(
     img2img = init_images is not None
     x4 = req.x4 is not None
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
-    if req.cfg_scale is None:  # the sampler's or the model's default; the record and infotext carry the number
-        info, _ = resolve(req.sampler, req.schedule)
-        default = info.default_cfg if info.default_cfg is not None else pipe.family.default_cfg
-        req = dataclasses.replace(req, cfg_scale=default)
+    req = with_default_cfg(pipe, req)
     if x4 and req.control:
         raise RequestError("ControlNet units cannot control the x4 upscaler; remove 'control' or 'x4'")
     if x4 and not init_images:
