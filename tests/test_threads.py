@@ -105,9 +105,11 @@ def test_bad_counts_name_the_variable(no_fixed_threads, var, value):
         threads.fix_threads(0)
 
 
-def test_default_is_every_usable_core(no_fixed_threads):
-    assert threads.choose_threads(1.0)[0] == threads.usable_cores()
+def test_default_is_every_usable_core_but_one_for_tiny_work(no_fixed_threads):
+    assert threads.choose_threads(threads.TINY_WORK)[0] == threads.usable_cores()
     assert threads.choose_threads(1e15)[0] == threads.usable_cores()
+    # the demo model (2.5e6 parameters) at 64 px: 8 x 8 latent pixels
+    assert threads.choose_threads(2.5e6 * 8 * 8)[0] == 1
 
 
 def test_free_mode_runs_small_work_on_one_thread(no_fixed_threads):
@@ -178,7 +180,7 @@ def test_generation_runs_with_the_chosen_count_and_restores_it(no_fixed_threads)
     pipe.txt2img(
         "a red circle", steps=2, seed=1, width=64, height=64, progress=lambda p: seen.append(torch.get_num_threads())
     )
-    assert seen == [threads.usable_cores()] * 2
+    assert seen == [1] * 2  # tiny work: one thread
     assert torch.get_num_threads() == before
     threads.fix_threads(1 if threads.usable_cores() > 1 else 2)
     seen.clear()

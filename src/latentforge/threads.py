@@ -35,6 +35,10 @@ THREADS_ENV = "LATENTFORGE_THREADS"
 # LATENTFORGE_THREADS=free: UNet parameters x latent pixels x batch below which one thread is used (on an
 # idle machine the demo model, 2.5M parameters, was no faster on two threads than on one up to 256 px)
 SMALL_WORK = 2e10
+# below this every generation runs on one thread: quiet 2-core run of bench_load.py, the demo image at
+# 64 px (work 1.6e8) took 0.51 s on one PASSIVE thread and 1.47 s on two (spinning: 0.47 s); at 256 px
+# (2.6e9) two threads were 3x faster than one on a loaded machine
+TINY_WORK = 5e8
 SAMPLE_S = 0.1
 
 _fixed: int | None = None
@@ -150,6 +154,8 @@ def choose_threads(work: float, sample_s: float = SAMPLE_S) -> tuple[int, str]:
     n = usable_cores()
     keep = _reserved if n >= _reserved + 2 else 0
     kept = f", {keep} kept for the server" if keep else ""
+    if work < TINY_WORK:
+        return 1, "tiny model/image"
     if os.environ.get(THREADS_ENV, "").strip().lower() != "free":
         return n - keep, f"{n} usable cores{kept}"
     if work < SMALL_WORK:
