@@ -1,0 +1,204 @@
+"""latentforge's bf16 attention kernel (nn/fast_attention.py, nn/kernels/attention_bf16.cpp) against the
+attention formula computed here in float64, softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017),
+and PyTorch's SDPA as the yardstick of bf16 accuracy; plus the dispatch and the fallbacks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentforge.nn import fast_attention as fa
+from latentforge.nn.attention import attention
+
+HAS_BF16 = "avx512_bf16" in fa._cpu_flags()
+pytestmark = pytest.mark.skipif(not HAS_BF16 or fa._compiler() is None, reason="needs AVX512-BF16 and a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def kernel_env(monkeypatch, tmp_path_factory):
+    """The kernel forced on (also on AMX CPUs), built once into a test cache folder."""
+    cache = tmp_path_factory.getbasetemp() / "kernel-cache"
+    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("LATENTFORGE_ATTENTION", "kernel")
+    fa.reset()
+    yield
+    fa.reset()
+
+
+def exact(q, k, v, heads):
+    """The formula in float64 on the same (bf16) inputs, (B, N, C) layout."""
+    b, nq, c = q.shape
+    d = c // heads
+    qq, kk, vv = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    w = torch.softmax(qq @ kk.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (w @ vv).transpose(1, 2).reshape(b, nq, c)
+
+
+def sdpa(q, k, v, heads):
+    b, nq, c = q.shape
+    d = c // heads
+    qq, kk, vv = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2).reshape(b, nq, c)
+
+
+def rand(*shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).bfloat16()
+
+
+SHAPES = [
+    # (batch, queries, keys, heads, head width): SD's shapes and awkward ones (odd counts, partial blocks)
+    (2, 4096, 4096, 8, 40),  # SD1.5 UNet, first level at 512 px
+    (2, 1024, 77, 8, 80),  # cross-attention
+    (1, 1024, 1024, 1, 512),  # the VAE's mid-block attention
+    (2, 256, 256, 10, 64),  # SDXL/SD2 head width
+    (2, 64, 64, 8, 160),
+    (3, 333, 517, 3, 6),  # neither queries nor keys a multiple of the blocks (64 x 256), odd keys
+    (1, 1, 300, 2, 2),
+    (1, 70, 1, 4, 24),
+]
+
+
+@pytest.mark.parametrize("b,nq,nk,heads,d", SHAPES)
+def test_matches_the_formula_as_well_as_sdpa(b, nq, nk, heads, d):
+    c = heads * d
+    q, k, v = rand(b, nq, c, seed=1), rand(b, nk, c, seed=2), rand(b, nk, c, seed=3)
+    ref = exact(q, k, v, heads)
+    ours = fa.attention_bf16(q, k, v, heads)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (b, nq, c)
+    err = (ours.double() - ref).abs()
+    err_sdpa = (sdpa(q, k, v, heads).double() - ref).abs()
+    # bf16 output rounding dominates both: ours may not be worse than PyTorch's kernel
+    assert err.max() <= 1.5 * err_sdpa.max() + 1e-3
+    assert err.mean() <= 1.5 * err_sdpa.mean() + 1e-5
+
+
+def test_strided_inputs_and_broadcast_batch():
+    """q, k, v as slices of one fused projection, and keys/values expanded over the batch (stride 0)."""
+    heads, d, n = 4, 40, 300
+    fused = rand(2, n, 3 * heads * d, seed=4)
+    q, k, v = fused.split(heads * d, dim=-1)
+    ours = fa.attention_bf16(q, k, v, heads)
+    assert (ours.double() - exact(q, k, v, heads)).abs().max() < 2e-2
+    ctx_k, ctx_v = rand(1, 77, heads * d, seed=5).expand(2, -1, -1), rand(1, 77, heads * d, seed=6).expand(2, -1, -1)
+    ours = fa.attention_bf16(q, ctx_k, ctx_v, heads)
+    assert (ours.double() - exact(q, ctx_k, ctx_v, heads)).abs().max() < 2e-2
+
+
+def test_online_softmax_finds_a_late_maximum():
+    """Large scores whose maximum sits in the last block of keys: the running maximum and the rescaling
+    of the accumulated output must give that key's value (the formula: one weight near 1)."""
+    heads, d, nk = 1, 40, 1000
+    base = rand(1, 1, d, seed=6).float()
+    q = (base + rand(1, 64, d, scale=0.1, seed=7).float()).bfloat16()
+    k = rand(1, nk, d, seed=8).clone()
+    k[0, nk - 3] = (base[0, 0] * 3).bfloat16()  # aligned with every query (score ~ 3 |base|^2), 4th block
+    v = rand(1, nk, d, seed=9)
+    ours = fa.attention_bf16(q, k, v, heads).double()
+    ref = exact(q, k, v, heads)
+    assert (ours - ref).abs().max() < 2e-2
+    assert (ref[0] - v[0, nk - 3].double()).abs().max() < 0.05  # the case really is dominated by that key
+
+
+def test_same_result_with_any_thread_count():
+    q, k, v = rand(2, 700, 320, seed=10), rand(2, 700, 320, seed=11), rand(2, 700, 320, seed=12)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fa.attention_bf16(q, k, v, 8))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def count_kernel_calls(monkeypatch):
+    calls = []
+    real = fa.attention_bf16
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(fa, "attention_bf16", counting)
+    return calls
+
+
+def test_attention_dispatch(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    q = rand(2, 512, 320, seed=13)
+    out = attention(q, q, q, 8)
+    assert len(calls) == 1
+    assert (out.double() - exact(q, q, q, 8)).abs().max() < 2e-2
+    # SDPA for: fp32, causal, upcast, too small a problem, autograd, LATENTFORGE_ATTENTION=sdpa
+    attention(q.float(), q.float(), q.float(), 8)
+    attention(q, q, q, 8, causal=True)
+    attention(q, q, q, 8, upcast=True)
+    small = rand(1, 16, 64, seed=14)
+    attention(small, small, small, 2)
+    leaf = q.clone().requires_grad_()
+    attention(leaf, leaf, leaf, 8).float().sum().backward()
+    assert leaf.grad is not None
+    monkeypatch.setenv("LATENTFORGE_ATTENTION", "sdpa")
+    attention(q, q, q, 8)
+    assert len(calls) == 1
+
+
+def test_auto_mode_follows_the_cpu(monkeypatch):
+    monkeypatch.setenv("LATENTFORGE_ATTENTION", "auto")
+    fa._state["flags"] = {"avx512f", "avx512_bf16"}
+    assert fa.wanted()
+    fa._state["flags"] = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # PyTorch's kernel uses AMX
+    assert not fa.wanted()
+    fa._state["flags"] = {"avx2", "fma"}
+    assert not fa.wanted()
+    monkeypatch.setenv("LATENTFORGE_ATTENTION", "fast please")
+    with pytest.raises(ValueError, match=r"LATENTFORGE_ATTENTION.*auto, sdpa or kernel"):
+        fa.wanted()
+
+
+def test_a_failing_compiler_falls_back_to_sdpa(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    fa.reset()
+    q = rand(2, 512, 320, seed=15)
+    with caplog.at_level("WARNING"):
+        out = attention(q, q, q, 8)
+    assert "not available" in caplog.text and "/bin/false" in caplog.text
+    assert torch.equal(out, sdpa(q, q, q, 8))
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+
+
+def test_build_is_cached_and_atomic(tmp_path):
+    first = fa.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert fa.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_tiny_bf16_unet_as_close_as_with_sdpa(monkeypatch, tmp_path):
+    """A whole (tiny) UNet in bf16 with every attention through the kernel stays as close to the fp32
+    model as the same UNet on SDPA."""
+    import latentforge
+    from tiny import build_reference, save_folder
+
+    monkeypatch.setattr(fa, "MIN_SCORES", 0)
+    pipe = latentforge.load(save_folder(build_reference("sd1"), tmp_path / "sd1"), dtype="fp32")
+    unet = pipe.unet
+    ctx_dim = next(m for n, m in unet.named_modules() if n.endswith("attn2.to_k")).in_features
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, ctx_dim, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    with torch.inference_mode():
+        ref = unet(x, t, ctx).double()
+        unet.to(torch.bfloat16)
+        calls = count_kernel_calls(monkeypatch)
+        ours = unet(x.bfloat16(), t, ctx.bfloat16()).double()
+        assert calls
+        monkeypatch.setenv("LATENTFORGE_ATTENTION", "sdpa")
+        theirs = unet(x.bfloat16(), t, ctx.bfloat16()).double()
+    assert (ours - ref).abs().mean() <= 1.5 * (theirs - ref).abs().mean() + 1e-4
