@@ -142,3 +142,108 @@ def test_cli_pack_weights_flag(sd1_folder, tmp_path):
     plain = np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16)
     fast = np.asarray(Image.open(tmp_path / "packed.png"), dtype=np.int16)
     assert np.abs(fast - plain).max() <= 1
+
+
+# ----- packed_session: one copy of each weight, the default of full-size CPU generations -------------------
+
+
+def small_net(dtype=torch.float32):
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 8, 1), torch.nn.Conv2d(8, 8, 3, 2)
+    ).to(dtype)
+
+
+def by_definition(net, x):
+    """The same network evaluated with the float64 convolution written out above."""
+    y = x.double()
+    for m in net:
+        if isinstance(m, torch.nn.Conv2d):
+            y = conv_by_definition(y, m.weight, m.bias, m.stride[0], m.padding[0], m.groups)
+        else:
+            y = m(y)
+    return y
+
+
+def test_session_keeps_one_copy_and_gives_every_weight_back():
+    net = small_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 8, 12, 12)
+    with torch.inference_mode(), packed.packed_session(net) as n:
+        assert n == 3
+        out = net(x)
+        # once packed, the plain weights are swapped out: the packed copy is the only one
+        assert all(m.weight.numel() == 0 for m in net if isinstance(m, torch.nn.Conv2d))
+        again = net(x)
+        other = net(torch.randn(1, 8, 20, 20))  # another input shape: repacked from the packed copy
+    assert torch.equal(out, again)
+    torch.testing.assert_close(out.double(), by_definition(net, x), rtol=1e-4, atol=1e-4)
+    assert other.shape == (1, 8, 9, 9)
+    assert all(type(m) is not PackedConv2d and m not in packed._CACHE for m in net) and not packed._SWAPPED
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # the weights are ordinary parameters again: training works
+    net(x.requires_grad_()).sum().backward()
+    assert net[0].weight.grad is not None
+
+
+def test_session_weight_changes_through_materialize_and_the_patcher():
+    from latentforge.adapters.patcher import ModelPatcher
+
+    net = small_net()
+    patcher = ModelPatcher(lambda: {"unet": net})
+    x = torch.randn(1, 8, 12, 12)
+    with torch.inference_mode(), packed.packed_session(net):
+        net(x)
+        assert net[0].weight.numel() == 0
+        # a LoRA-style patch in the middle of a session: the weight comes back first, then is repacked
+        patcher.patch("lora:test", {"unet.0.weight": lambda w: w * 2.0})
+        assert net[0].weight.shape == (16, 8, 3, 3)
+        doubled = net(x)
+        patcher.remove("lora:test")
+        plain = net(x)
+    assert torch.equal(net[0].weight, small_net()[0].weight)  # back to the loaded value bit for bit
+    ref2 = small_net()
+    with torch.no_grad():
+        ref2[0].weight.mul_(2.0)
+    torch.testing.assert_close(doubled.double(), by_definition(ref2, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain.double(), by_definition(small_net(), x), rtol=1e-4, atol=1e-4)
+
+
+def test_session_falls_back_with_gradients():
+    net = small_net()
+    x = torch.randn(1, 8, 12, 12)
+    with packed.packed_session(net):
+        with torch.inference_mode():
+            net(x)
+        assert net[0].weight.numel() == 0
+        y = net(x.requires_grad_())  # autograd: PyTorch's own path, on the weight put back
+        y.sum().backward()
+    assert net[0].weight.grad is not None and net[0].weight.shape == (16, 8, 3, 3)
+
+
+def test_generate_packs_full_size_unets_without_a_second_copy(sd1_folder, monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("latentforge.pipelines.generate")  # the module, not the function
+
+    pipe = latentforge.load(sd1_folder)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    args = dict(steps=3, seed=7, width=64, height=64, cfg_scale=5.0)
+    plain = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)  # tiny: not packed
+    monkeypatch.setattr(gen, "PACK_MIN_UNET_PARAMS", 0)  # treat the tiny UNet as full-size
+    seen = []
+
+    def progress(p):
+        convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        seen.append((sum(m.weight.numel() for m in convs), sum(isinstance(m, PackedConv2d) for m in convs)))
+
+    fast = np.asarray(pipe.txt2img("a cat", progress=progress, **args).images[0], dtype=np.int16)
+    assert seen and all(numel == 0 and n > 20 for numel, n in seen)  # during sampling: packed copies only
+    assert np.abs(fast - plain).max() <= 1  # float32: the same convolutions, at most rounding apart
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before) and packed_count(pipe.unet) == 0
+    monkeypatch.setenv("LATENTFORGE_PACK", "0")
+    seen.clear()
+    off = np.asarray(pipe.txt2img("a cat", progress=progress, **args).images[0], dtype=np.int16)
+    assert np.array_equal(off, plain) and all(numel > 0 for numel, _ in seen)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from latentforge.models.unet import BasicTransformerBlock, TokenMerge
 from latentforge.nn import CrossAttention
+from latentforge.nn.packed import materialize
 
 WeightPatch = Callable[[Tensor], Tensor]  # float32 weight -> new float32 weight
 ContextHook = Callable[[CrossAttention, Tensor, Tensor], tuple[Tensor, Tensor]]  # (module, k_ctx, v_ctx)
@@ -83,6 +84,7 @@ class ModelPatcher:
             if name in src.patches:
                 raise ValueError(f"{source} already patches {name}; remove it first")
         for name, fn in patches.items():
+            materialize(params[name])  # a weight swapped out by a packed session comes back first
             if name not in self._backups:
                 self._backups[name] = params[name].detach().to("cpu", copy=True)
             src.patches[name] = fn
@@ -90,6 +92,7 @@ class ModelPatcher:
 
     @torch.no_grad()
     def _recompute(self, name: str, param: nn.Parameter) -> None:
+        materialize(param)
         original = self._backups[name]
         fns = [s.patches[name] for s in self._sources.values() if name in s.patches]
         if not fns:

@@ -49,7 +49,7 @@ FLAGS = [
     "-mfma",
 ]
 # below this many scores (batch x heads x queries x keys) SDPA's lower call overhead wins
-MIN_SCORES = 1 << 16
+MIN_SCORES = 1 << 20
 BUILD_TIMEOUT_S = 180
 
 _lock = threading.Lock()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge.nn.packed import packed_session
 from latentforge.pipelines import control, depth, fewer_flops, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
 from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
@@ -23,6 +26,10 @@ from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import resolve
 from latentforge.sampling.noise import COMFY_BATCH, BrownianNoise, ImageNoise
 from latentforge.threads import auto_threads
+
+# convolution weights packed once per generation (nn.packed.packed_session) for UNets at least this big:
+# full-size models on the CPU (measured in benchmarks/bench_packed.py); tiny ones keep PyTorch's path
+PACK_MIN_UNET_PARAMS = 100_000_000
 
 
 class Interrupted(Exception):
@@ -116,8 +123,20 @@ def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] |
     first = init_images[0] if init_images else None  # an estimate only: the size is checked where it is used
     width = req.width or (first.width if first else pipe.family.default_size)
     height = req.height or (first.height if first else pipe.family.default_size)
-    params = sum(p.numel() for p in pipe.unet.parameters())
-    return float(params) * (width // 8) * (height // 8) * req.batch_size
+    return float(unet_params(pipe)) * (width // 8) * (height // 8) * req.batch_size
+
+
+def unet_params(pipe) -> int:
+    return pipe.cached("unet_params", lambda: sum(p.numel() for p in pipe.unet.parameters()))
+
+
+def packing(pipe):
+    """``packed_session`` on the UNet for full-size generations on the CPU (no offloading), unless
+    ``LATENTFORGE_PACK=0``; otherwise nothing."""
+    off = os.environ.get("LATENTFORGE_PACK", "1").strip().lower() in ("0", "off", "no", "false")
+    if off or pipe.device.type != "cpu" or pipe.offloader is not None or unet_params(pipe) < PACK_MIN_UNET_PARAMS:
+        return contextlib.nullcontext(0)
+    return packed_session(pipe.unet)
 
 
 def with_default_cfg(pipe, req: GenerationRequest) -> GenerationRequest:
@@ -215,7 +234,8 @@ def generate(
     out_images: list[Image.Image] = []
     session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
     try:
-        with torch.inference_mode(), auto_threads(work_size(pipe, req, images_in), pipe.device.type):
+        threads = auto_threads(work_size(pipe, req, images_in), pipe.device.type)
+        with torch.inference_mode(), threads, packing(pipe):
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)

@@ -1,0 +1,144 @@
+"""latentforge's bf16 attention kernel (nn/fast_attention.py) against PyTorch's SDPA and OpenVINO's.
+
+    python benchmarks/bench_attention.py [--reps 5] [--threads N] [--unet] [--no-openvino]
+
+Every attention shape of an SD1.5 CFG step at 512x512 (self- and cross-attention at each level), the
+SDXL UNet's at 1024x1024 and the VAE's mid-block at 512x512, bf16, in one process: the kernel, SDPA
+(``LATENTFORGE_ATTENTION=sdpa``'s path) and OpenVINO's ScaledDotProductAttention op compiled alone with
+bf16 inference precision (``pip install -e '.[bench]'``; it is given fp32 inputs, its conversion
+included). Interleaved rounds, the minimum of ``--reps``; GFLOP/s counts 4*B*H*Nq*Nk*D. ``--unet``
+adds one CFG step of a full-size SD1.5-shaped UNet with random weights, kernel and SDPA in alternation,
+and the largest difference of their outputs. Results: stdout and benchmarks/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, save, table
+
+# (name, batch, queries, keys, heads, head width); cross-attention keys are the 77 context tokens
+SHAPES = [
+    ("sd15 64x64 self", 2, 4096, 4096, 8, 40),
+    ("sd15 64x64 cross", 2, 4096, 77, 8, 40),
+    ("sd15 32x32 self", 2, 1024, 1024, 8, 80),
+    ("sd15 16x16 self", 2, 256, 256, 8, 160),
+    ("sd15 8x8 self", 2, 64, 64, 8, 160),
+    ("sdxl 64x64 self", 2, 4096, 4096, 10, 64),
+    ("sdxl 32x32 self", 2, 1024, 1024, 20, 64),
+    ("vae 64x64 mid", 1, 4096, 4096, 1, 512),
+]
+
+
+def best(fn, reps: int) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return min(out)
+
+
+def openvino_sdpa(b: int, nq: int, nk: int, heads: int, d: int):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    params = [ops.parameter([b, heads, n, d], ov.Type.f32) for n in (nq, nk, nk)]
+    model = ov.Model([ops.scaled_dot_product_attention(*params, causal=False)], params)
+    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    return request
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--unet", action="store_true", help="also a full-size SD1.5 UNet CFG step, kernel vs SDPA")
+    ap.add_argument("--no-openvino", action="store_true")
+    args = ap.parse_args()
+    os.environ["LATENTFORGE_ATTENTION"] = "kernel"
+    import torch
+    import torch.nn.functional as F
+
+    from latentforge.nn import fast_attention
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not fast_attention.usable(*(torch.zeros(1, 256, 64, dtype=torch.bfloat16),) * 3, 1):
+        sys.exit("the kernel is not available here (needs AVX512-BF16 and a C++ compiler; see the log)")
+    ov_ok = not args.no_openvino
+    if ov_ok:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            ov_ok = False
+            print("openvino is not installed (pip install -e '.[bench]'): its column is left out")
+    rows = []
+    for name, b, nq, nk, heads, d in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(b, n, heads * d, generator=g).bfloat16() for n in (nq, nk, nk))
+        q4, k4, v4 = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        ours = lambda: fast_attention.attention_bf16(q, k, v, heads)  # noqa: E731
+        sdpa = lambda: F.scaled_dot_product_attention(q4, k4, v4).transpose(1, 2).reshape(b, nq, -1)  # noqa: E731
+        ref = sdpa().double()
+        row = {"shape": name, "B,H,Nq,Nk,D": f"{b},{heads},{nq},{nk},{d}"}
+        row["max diff vs sdpa"] = float((ours().double() - ref).abs().max())
+        gflop = 4 * b * heads * nq * nk * d / 1e9
+        row["latentforge ms"] = best(ours, args.reps) * 1e3
+        row["sdpa ms"] = best(sdpa, args.reps) * 1e3
+        if ov_ok:
+            request = openvino_sdpa(b, nq, nk, heads, d)
+            arrays = [t.float().contiguous().numpy() for t in (q4, k4, v4)]
+            row["openvino ms"] = best(lambda: request.infer(arrays), args.reps) * 1e3  # noqa: B023
+        row["latentforge GFLOP/s"] = gflop / row["latentforge ms"] * 1e3
+        row["sdpa / latentforge"] = row["sdpa ms"] / row["latentforge ms"]
+        if ov_ok:
+            row["openvino / latentforge"] = row["openvino ms"] / row["latentforge ms"]
+        rows.append(row)
+        print(table([row], list(row)), flush=True)
+    payload = {"machine": machine(), "threads": torch.get_num_threads(), "shapes": rows}
+    if args.unet:
+        payload["unet"] = unet_step(args.reps)
+    print(table(rows, list(rows[0])))
+    print(save("attention", payload))
+
+
+def unet_step(reps: int) -> dict:
+    """One CFG step of a random SD1.5-shaped UNet (bf16, channels-last), kernel and SDPA alternating."""
+    import torch
+
+    from latentforge.device import to_fast_layout
+    from latentforge.families import get_family
+    from latentforge.models import UNet
+
+    torch.manual_seed(0)
+    unet = to_fast_layout(UNet(get_family("sd1").unet).to(torch.bfloat16).eval())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    ctx, t = torch.randn(2, 77, 768, generator=g).bfloat16(), torch.tensor([500.0, 500.0])
+    seconds: dict[str, list[float]] = {"kernel": [], "sdpa": []}
+    outs = {}
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            for mode in seconds:
+                os.environ["LATENTFORGE_ATTENTION"] = mode
+                start = time.perf_counter()
+                outs[mode] = unet(x, t, ctx).float()
+                seconds[mode].append(time.perf_counter() - start)
+    result = {m: min(s[1:]) for m, s in seconds.items()}  # the first round warms up
+    result["sdpa / kernel"] = result["sdpa"] / result["kernel"]
+    result["max diff"] = float((outs["kernel"] - outs["sdpa"]).abs().max())
+    print(f"SD1.5 UNet CFG step: kernel {result['kernel']:.3f} s, SDPA {result['sdpa']:.3f} s, "
+          f"SDPA/kernel {result['sdpa / kernel']:.2f}x, max output difference {result['max diff']:.3g}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
