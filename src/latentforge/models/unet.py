@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import CrossAttention, GroupNorm32, timestep_embedding
+from latentforge.nn import CrossAttention, GroupNorm32, native, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,17 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        proj = self.proj
+        if x.dtype == torch.bfloat16 and not (proj._forward_hooks or proj._forward_pre_hooks) and native.ready():
+            # bf16 on CPUs with AVX512-BF16: the projection without its bias, then bias, GELU and product
+            # in one pass (nn.native); any hook on the projection keeps the plain path
+            h = F.linear(x, proj.weight)
+            if native.geglu_usable(h):
+                return native.geglu_bf16(h, proj.bias)
+            h = h if proj.bias is None else h + proj.bias
+        else:
+            h = proj(x)
+        value, gate = h.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 

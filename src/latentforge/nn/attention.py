@@ -1,5 +1,5 @@
 """The one attention path of latentforge: multi-head scaled dot-product attention, through PyTorch's SDPA
-or, for bf16 on CPUs with AVX512-BF16 and no AMX, latentforge's own kernel (``nn.fast_attention``)."""
+or, for bf16 on CPUs with AVX512-BF16 and no AMX, latentforge's own kernel (``nn.native``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import fast_attention
+from latentforge.nn import native
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = False, upcast: bool = False) -> Tensor:
@@ -25,8 +25,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = Fal
     # activations, C stride = HW) SDPA's CPU flash kernel falls back to the math path, which stores all
     # N x N scores (17 GB for the VAE at 2048 px). Already so for linear outputs and channels-last maps.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if not causal and not upcast and fast_attention.usable(q, k, v, heads):
-        return fast_attention.attention_bf16(q, k, v, heads)
+    if not causal and not upcast and native.usable(q, k, v, heads):
+        return native.attention_bf16(q, k, v, heads)
     # (B, N, C) -> (B, heads, N, d)
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     if upcast and dtype in (torch.float16, torch.bfloat16):

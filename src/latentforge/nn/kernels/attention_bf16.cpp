@@ -16,7 +16,7 @@
 //
 // Layout: q, k, v are bf16 with the channel dimension innermost (stride 1) and head h at channels
 // [h*D, (h+1)*D); batch and token strides are given in elements. out is (B, Nq, H*D) contiguous.
-// Built by latentforge.nn.fast_attention with -mavx512f -mavx512bf16 -mavx512bw -mavx512vl -mfma.
+// Built by latentforge.nn.native with -mavx512f -mavx512bf16 -mavx512bw -mavx512vl -mfma.
 
 #include <immintrin.h>
 

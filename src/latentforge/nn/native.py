@@ -1,20 +1,22 @@
-"""latentforge's own bf16 attention kernel for CPUs with AVX512-BF16 and no AMX (issue 16).
+"""latentforge's own bf16 CPU kernels (issue 16): attention, and GEGLU's elementwise half fused, for CPUs
+with AVX512-BF16 and no AMX.
 
 On such CPUs (AMD Zen 4, Intel Cooper Lake) PyTorch's flash-attention kernel runs SD's narrow heads
 (40 channels at the SD1.5 UNet's first level) at about a third of the bf16 matmul peak, and that
 attention is a third of a UNet step. ``kernels/attention_bf16.cpp`` computes the same attention with
 VDPBF16PS on K and V packed once per head and an online (flash) softmax in fp32: about 2x PyTorch's
 kernel on those shapes (``benchmarks/bench_attention.py``). On CPUs with AMX, PyTorch's kernel uses the
-tile unit and stays the choice.
+tile unit and stays the choice. ``kernels/geglu_bf16.cpp`` does the feed-forward's bias, exact GELU and
+product in one pass over the activations instead of three.
 
-The C++ source ships with the package and is compiled on first use with the system's C++ compiler
-(``$CXX``, else ``g++``/``c++``; PyTorch's own ``torch.compile`` needs the same) into
+The C++ sources (``kernels/*.cpp``, one library) ship with the package and are compiled on first use
+with the system's C++ compiler (``$CXX``, else ``g++``/``c++``; ``torch.compile`` needs the same) into
 ``$LATENTFORGE_CACHE_DIR`` (default ``~/.cache/latentforge``)/kernels, named by a hash of the source,
 flags and compiler, written atomically, then loaded with ctypes; nothing is downloaded. Where there is
 no compiler or the build fails, attention stays on SDPA (one warning says why).
 
-``LATENTFORGE_ATTENTION``: ``auto`` (default: the kernel on AVX512-BF16 CPUs without AMX), ``sdpa``
-(never the kernel), ``kernel`` (the kernel on any CPU with AVX512-BF16, e.g. to test it on an AMX CPU).
+``LATENTFORGE_KERNELS``: ``auto`` (default: the kernels on AVX512-BF16 CPUs without AMX), ``off``
+(PyTorch's ops only), ``on`` (the kernels on any CPU with AVX512-BF16, e.g. to test them on an AMX CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "attention_bf16.cpp"
+SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cpp"))
 FLAGS = [
     "-O3",
     "-std=c++17",
@@ -68,23 +70,23 @@ def _cpu_flags() -> set[str]:
 
 
 def mode() -> str:
-    value = os.environ.get("LATENTFORGE_ATTENTION", "auto").strip().lower() or "auto"
-    if value not in ("auto", "sdpa", "kernel"):
-        raise ValueError(f"LATENTFORGE_ATTENTION={value!r}: use auto, sdpa or kernel")
+    value = os.environ.get("LATENTFORGE_KERNELS", "auto").strip().lower() or "auto"
+    if value not in ("auto", "off", "on"):
+        raise ValueError(f"LATENTFORGE_KERNELS={value!r}: use auto, off or on")
     return value
 
 
 def wanted() -> bool:
-    """Whether this CPU and ``LATENTFORGE_ATTENTION`` call for the kernel (before building it)."""
+    """Whether this CPU and ``LATENTFORGE_KERNELS`` call for the kernels (before building them)."""
     m = mode()
-    if m == "sdpa":
+    if m == "off":
         return False
     flags = _state.get("flags")
     if flags is None:
         flags = _state["flags"] = _cpu_flags()
     if "avx512_bf16" not in flags:
         return False
-    return m == "kernel" or "amx_bf16" not in flags
+    return m == "on" or "amx_bf16" not in flags
 
 
 def cache_dir() -> Path:
@@ -103,15 +105,16 @@ def _compiler() -> str | None:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile the kernel (or find it already compiled) and return the shared library's path. Raises
+    """Compile the kernels (or find them already compiled) and return the shared library's path. Raises
     RuntimeError saying what failed."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *FLAGS, version]).encode()).hexdigest()[:16]
+    code = b"".join(p.name.encode() + p.read_bytes() for p in SOURCES)
+    digest = hashlib.sha256(code + " ".join([cxx, *FLAGS, version]).encode()).hexdigest()[:16]
     directory = directory or cache_dir()
-    target = directory / f"attention_bf16-{digest}.so"
+    target = directory / f"latentforge-bf16-{digest}.so"
     if target.exists():
         return target
     try:
@@ -124,10 +127,10 @@ def build(directory: Path | None = None) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cxx, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            [cxx, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cxx} failed on {SOURCES[0].parent}: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: other processes see the whole file or none
     finally:
         if os.path.exists(tmp):
@@ -135,24 +138,31 @@ def build(directory: Path | None = None) -> Path:
     return target
 
 
-def _function():
-    """The loaded kernel, or None (not wanted here, or the build failed: warned once)."""
-    if "fn" in _state:
-        return _state["fn"]
+def _library():
+    """The loaded kernels, or None (the build failed: warned once)."""
+    if "lib" in _state:
+        return _state["lib"]
     with _lock:
-        if "fn" in _state:
-            return _state["fn"]
-        fn = None
+        if "lib" in _state:
+            return _state["lib"]
+        lib = None
         try:
             lib = ctypes.CDLL(str(build()))
-            fn = lib.lf_attention_bf16
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
-            fn.restype = ctypes.c_int
+            lib.lf_attention_bf16.argtypes = (
+                [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
+            )
+            lib.lf_geglu_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+            lib.lf_attention_bf16.restype = lib.lf_geglu_bf16.restype = ctypes.c_int
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            log.warning("latentforge's bf16 attention kernel is not available (%s); using PyTorch's SDPA", exc)
-            fn = None
-        _state["fn"] = fn
-        return fn
+            log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
+            lib = None
+        _state["lib"] = lib
+        return lib
+
+
+def ready() -> bool:
+    """The kernels are wanted here and built."""
+    return wanted() and _library() is not None
 
 
 def reset() -> None:
@@ -177,7 +187,7 @@ def usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
         return False
     if b * heads * nq * k.shape[1] < MIN_SCORES:
         return False
-    return wanted() and _function() is not None
+    return ready()
 
 
 def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
@@ -186,11 +196,39 @@ def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     b, nq, c = q.shape
     nk, d = k.shape[1], c // heads
     out = torch.empty(b, nq, c, dtype=torch.bfloat16)
-    rc = _function()(
+    rc = _library().lf_attention_bf16(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, nq, nk, d,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         d**-0.5, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"attention kernel refused shape q={tuple(q.shape)} k={tuple(k.shape)} heads={heads}")
+    return out
+
+
+def geglu_usable(h: Tensor) -> bool:
+    """Whether ``geglu_bf16`` takes this projection output (bf16 CPU, contiguous, no autograd)."""
+    return (
+        h.dtype == torch.bfloat16
+        and h.device.type == "cpu"
+        and h.shape[-1] % 2 == 0
+        and h.is_contiguous()
+        and not (torch.is_grad_enabled() and h.requires_grad)
+        and ready()
+    )
+
+
+def geglu_bf16(h: Tensor, bias: Tensor | None) -> Tensor:
+    """GEGLU's elementwise half (Shazeer 2020) on ``h = x W^T`` (..., 2F) bf16 without its bias:
+    (h[..., :F] + b[:F]) * gelu(h[..., F:] + b[F:]) with the exact GELU, computed in fp32, one rounding to
+    bf16. Call only where ``geglu_usable`` said yes."""
+    f = h.shape[-1] // 2
+    if bias is not None:
+        bias = bias.to(torch.bfloat16).contiguous()
+    out = torch.empty(*h.shape[:-1], f, dtype=torch.bfloat16)
+    rows = h.numel() // (2 * f)
+    rc = _library().lf_geglu_bf16(h.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(), rows, f,
+                                  torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"GEGLU kernel refused shape {tuple(h.shape)}")
     return out

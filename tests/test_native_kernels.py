@@ -1,6 +1,7 @@
-"""latentforge's bf16 attention kernel (nn/fast_attention.py, nn/kernels/attention_bf16.cpp) against the
-attention formula computed here in float64, softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017),
-and PyTorch's SDPA as the yardstick of bf16 accuracy; plus the dispatch and the fallbacks."""
+"""latentforge's bf16 CPU kernels (nn/native.py, nn/kernels/*.cpp). Attention against the formula computed
+here in float64, softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017), with PyTorch's SDPA as the
+yardstick of bf16 accuracy; GEGLU against value * gelu(gate) in float64 (GELU from math.erf); the
+dispatch and the fallbacks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentforge.nn import fast_attention as fa
+from latentforge.nn import native as fa
 from latentforge.nn.attention import attention
 
 HAS_BF16 = "avx512_bf16" in fa._cpu_flags()
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.skipif(not HAS_BF16 or fa._compiler() is None, reason="
 
 @pytest.fixture(autouse=True)
 def kernel_env(monkeypatch, tmp_path_factory):
-    """The kernel forced on (also on AMX CPUs), built once into a test cache folder."""
+    """The kernels forced on (also on AMX CPUs), built once into a test cache folder."""
     cache = tmp_path_factory.getbasetemp() / "kernel-cache"
     monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(cache))
-    monkeypatch.setenv("LATENTFORGE_ATTENTION", "kernel")
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
     fa.reset()
     yield
     fa.reset()
@@ -134,7 +135,7 @@ def test_attention_dispatch(monkeypatch):
     out = attention(q, q, q, 8)
     assert len(calls) == 1
     assert (out.double() - exact(q, q, q, 8)).abs().max() < 2e-2
-    # SDPA for: fp32, causal, upcast, too small a problem, autograd, LATENTFORGE_ATTENTION=sdpa
+    # SDPA for: fp32, causal, upcast, too small a problem, autograd, LATENTFORGE_KERNELS=off
     attention(q.float(), q.float(), q.float(), 8)
     attention(q, q, q, 8, causal=True)
     attention(q, q, q, 8, upcast=True)
@@ -143,21 +144,21 @@ def test_attention_dispatch(monkeypatch):
     leaf = q.clone().requires_grad_()
     attention(leaf, leaf, leaf, 8).float().sum().backward()
     assert leaf.grad is not None
-    monkeypatch.setenv("LATENTFORGE_ATTENTION", "sdpa")
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
     attention(q, q, q, 8)
     assert len(calls) == 1
 
 
 def test_auto_mode_follows_the_cpu(monkeypatch):
-    monkeypatch.setenv("LATENTFORGE_ATTENTION", "auto")
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "auto")
     fa._state["flags"] = {"avx512f", "avx512_bf16"}
     assert fa.wanted()
     fa._state["flags"] = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}  # PyTorch's kernel uses AMX
     assert not fa.wanted()
     fa._state["flags"] = {"avx2", "fma"}
     assert not fa.wanted()
-    monkeypatch.setenv("LATENTFORGE_ATTENTION", "fast please")
-    with pytest.raises(ValueError, match=r"LATENTFORGE_ATTENTION.*auto, sdpa or kernel"):
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "fast please")
+    with pytest.raises(ValueError, match=r"LATENTFORGE_KERNELS.*auto, off or on"):
         fa.wanted()
 
 
@@ -199,6 +200,56 @@ def test_tiny_bf16_unet_as_close_as_with_sdpa(monkeypatch, tmp_path):
         calls = count_kernel_calls(monkeypatch)
         ours = unet(x.bfloat16(), t, ctx.bfloat16()).double()
         assert calls
-        monkeypatch.setenv("LATENTFORGE_ATTENTION", "sdpa")
+        monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
         theirs = unet(x.bfloat16(), t, ctx.bfloat16()).double()
     assert (ours - ref).abs().mean() <= 1.5 * (theirs - ref).abs().mean() + 1e-4
+
+
+def geglu_exact(h, bias):
+    h = h.double() + (0 if bias is None else bias.double())
+    value, gate = h.chunk(2, dim=-1)
+    gelu = gate * 0.5 * (1 + torch.special.erf(gate / math.sqrt(2)))  # GELU's definition (Hendrycks 2016)
+    return value * gelu
+
+
+@pytest.mark.parametrize("shape", [(2, 4096, 2 * 1280), (3, 7, 2 * 40), (1, 65, 2 * 7), (5, 2 * 16)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_geglu_matches_the_formula(shape, with_bias):
+    h = rand(*shape, scale=2.0, seed=20)
+    bias = rand(shape[-1], seed=21) if with_bias else None
+    ref = geglu_exact(h, bias)
+    ours = fa.geglu_bf16(h, bias)
+    value, gate = (h + (0 if bias is None else bias)).chunk(2, dim=-1)
+    torch_path = value * F.gelu(gate)  # PyTorch's unfused bf16 ops: the yardstick
+    err, err_torch = (ours.double() - ref).abs(), (torch_path.double() - ref).abs()
+    assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+    assert err.max() <= err_torch.max() + 1e-6
+    assert err.mean() <= err_torch.mean() + 1e-7
+
+
+def test_geglu_module_dispatch(monkeypatch):
+    from latentforge.models.unet import GEGLU
+
+    torch.manual_seed(0)
+    mod = GEGLU(64, 96).to(torch.bfloat16)
+    x = rand(2, 300, 64, seed=22)
+    calls = []
+    real = fa.geglu_bf16
+    monkeypatch.setattr(fa, "geglu_bf16", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        ours = mod(x)
+        assert len(calls) == 1
+        ref = geglu_exact((x.double() @ mod.proj.weight.double().T).bfloat16(), mod.proj.bias)
+        assert (ours.double() - ref).abs().max() < 0.05
+        handle = mod.proj.register_forward_hook(lambda m, i, o: o * 0)  # a hook: the plain path, hook honoured
+        assert torch.equal(mod(x), torch.zeros_like(ours))
+        handle.remove()
+        monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
+        off = mod(x)
+    assert len(calls) == 1
+    value, gate = mod.proj(x).chunk(2, dim=-1)
+    assert torch.equal(off, value * F.gelu(gate))  # off: exactly PyTorch's ops as before
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
+    y = mod(x.requires_grad_())  # autograd: PyTorch's ops
+    y.float().sum().backward()
+    assert mod.proj.weight.grad is not None and len(calls) == 1
