@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import TIMER, machine, run_child, save, table
+from common import TIMER, machine, random_sd15, run_child, save, table
 
 PROMPT = "a photograph of an astronaut riding a horse"
 PARTS = ("unet", "vae", "text", "image")
@@ -177,13 +177,7 @@ def prepare(workdir: Path, tiny: bool) -> tuple[Path, int, int]:
             )
             run_child(code)
         return folder, 64, 128
-    from bench_sd15 import MAKE
-
-    single, folder = workdir / "sd15-fp32.safetensors", workdir / "sd15-fp32-diffusers"
-    if not single.exists() or not folder.exists():
-        print("writing a random SD1.5-shaped checkpoint ...", flush=True)
-        run_child(MAKE.format(single=single, folder=folder))
-    return folder, 512, 768
+    return random_sd15(workdir)[1], 512, 768
 
 
 def convert_for_openvino(folder: Path, size: int, ctx_dim: int) -> dict[str, str]:

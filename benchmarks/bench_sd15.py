@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import TIMER, run_child, save, table
+from common import TIMER, random_sd15, run_child, save, table
 
 PEAK = """
 import torch, time, json
@@ -103,21 +103,6 @@ print(json.dumps(res))
 """
 )
 
-MAKE = """
-import torch, json
-from latentforge.families import get_family
-from latentforge.models import UNet, AutoencoderKL, CLIPTextModel, CLIPTokenizer
-from latentforge.pipeline import Pipeline
-torch.manual_seed(0)
-fam = get_family("sd1")
-spec = fam.text[0]
-pipe = Pipeline(fam, "eps", UNet(fam.unet), AutoencoderKL(fam.vae, fam.latent_scale), (CLIPTextModel(spec.config),),
-                (CLIPTokenizer(pad_id=spec.pad_id),))
-pipe.save("{single}", overwrite=True)
-pipe.save("{folder}", layout="diffusers", overwrite=True)
-print(json.dumps({{"ok": True}}))
-"""
-
 
 def psnr(a, b) -> float:
     import numpy as np
@@ -137,11 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     parts = ["unet", "vae", "text"] if args.quick else args.parts.split(",")
     reps = 1 if args.quick else args.reps
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    single, folder = args.workdir / "sd15-fp32.safetensors", args.workdir / "sd15-fp32-diffusers"
-    if not single.exists() or not folder.exists():
-        print("writing a random SD1.5-shaped checkpoint ...", flush=True)
-        run_child(MAKE.format(single=single, folder=folder))
+    single, folder = random_sd15(args.workdir)
     peak = run_child(PEAK)
     print(f"measured matmul peak: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
 

@@ -20,71 +20,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_child, save, table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import random_sd15, save, table
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serverproc import Server
 
 
-class _Server:
+class _Server(Server):
+    """``latentforge serve`` (tests/serverproc.py) with the environment's threads and dtype, a queue that
+    holds every client's requests, and the two calls the measurement makes."""
+
     def __init__(self, model: Path | None, max_batch: int, threads: int | None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, "-m", "latentforge.cli", "serve", "--port", str(self.port)]
-        cmd += ["--max-batch", str(max_batch), "--queue-size", "256"]
-        if model is not None:
-            cmd += ["-m", str(model)]
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        end = time.time() + 600
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the server exited:\n{self.log.read()[-3000:]}")
-            try:
-                if requests.get(self.url + "/sdapi/v1/progress", timeout=2).json()["state"]["job_count"] == 0:
-                    return
-            except (requests.RequestException, KeyError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the server did not start within 600 s")
+        args = ["--max-batch", str(max_batch), "--queue-size", "256", *(["-m", str(model)] if model else [])]
+        super().__init__(*args, env={"OMP_NUM_THREADS": str(threads)} if threads else {}, timeout=600)
 
     def txt2img(self, payload: dict) -> dict:
-        r = requests.post(self.url + "/sdapi/v1/txt2img", json=payload, timeout=3600)
+        r = self.post("/sdapi/v1/txt2img", json=payload, timeout=3600)
         r.raise_for_status()
         return r.json()
 
     def batch_of(self, job_id: str) -> int:
-        return requests.get(f"{self.url}/latentforge/v1/jobs/{job_id}", timeout=60).json().get("batch", 1)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        return self.get(f"/latentforge/v1/jobs/{job_id}", timeout=60).json().get("batch", 1)
 
 
 PROMPTS = ["a cat", "a red house by the sea", "a tree on a hill", "a dog", "mountains", "a boat", "a city", "fruit"]
@@ -127,21 +90,6 @@ def measure(server: _Server, clients: int, per_client: int, size: int, steps: in
     }
 
 
-MAKE = """
-import torch, json
-from latentforge.families import get_family
-from latentforge.models import UNet, AutoencoderKL, CLIPTextModel, CLIPTokenizer
-from latentforge.pipeline import Pipeline
-torch.manual_seed(0)
-fam = get_family("sd1")
-spec = fam.text[0]
-pipe = Pipeline(fam, "eps", UNet(fam.unet), AutoencoderKL(fam.vae, fam.latent_scale), (CLIPTextModel(spec.config),),
-                (CLIPTokenizer(pad_id=spec.pad_id),))
-pipe.save("{single}", overwrite=True)
-print(json.dumps({{"ok": True}}))
-"""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8)
@@ -157,11 +105,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is closed by ``finally``
     model = args.model
     if args.full:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        model = args.workdir / "sd15-fp32.safetensors"
-        if not model.exists():
-            print("writing a random SD1.5-shaped checkpoint ...", flush=True)
-            run_child(MAKE.format(single=model))
+        model = random_sd15(args.workdir, diffusers=False)[0]
     size = args.size or (512 if args.full else 64)
     rows = []
     for max_batch in [int(v) for v in args.max_batch.split(",")]:

@@ -52,6 +52,37 @@ def run_child(code: str, timeout: float = 3600, env: dict[str, str | None] | Non
     return result
 
 
+_WRITE_SD15 = """
+import torch, json
+from latentforge.families import get_family
+from latentforge.models import UNet, AutoencoderKL, CLIPTextModel, CLIPTokenizer
+from latentforge.pipeline import Pipeline
+torch.manual_seed(0)
+fam = get_family("sd1")
+dtype = getattr(torch, "{dtype}")
+spec = fam.text[0]
+pipe = Pipeline(fam, "eps", UNet(fam.unet).to(dtype), AutoencoderKL(fam.vae, fam.latent_scale).to(dtype),
+                (CLIPTextModel(spec.config).to(dtype),), (CLIPTokenizer(pad_id=spec.pad_id),))
+pipe.save("{single}", overwrite=True)
+if {diffusers}:
+    pipe.save("{folder}", layout="diffusers", overwrite=True)
+print(json.dumps({{"ok": True}}))
+"""
+
+
+def random_sd15(workdir: Path, dtype: str = "fp32", diffusers: bool = True) -> tuple[Path, Path]:
+    """The random-weight SD1.5-shaped model of the full-size benchmarks (torch seed 0; speed does not depend
+    on the weights): ``workdir/sd15-{dtype}.safetensors`` and, with ``diffusers``, the diffusers folder
+    ``workdir/sd15-{dtype}-diffusers``; written by a child process unless they are there already."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    single, folder = workdir / f"sd15-{dtype}.safetensors", workdir / f"sd15-{dtype}-diffusers"
+    if not single.exists() or (diffusers and not folder.exists()):
+        print(f"writing a random SD1.5-shaped checkpoint ({dtype}) to {workdir} ...", flush=True)
+        torch_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+        run_child(_WRITE_SD15.format(dtype=torch_dtype, single=single, folder=folder, diffusers=diffusers))
+    return single, folder
+
+
 # Measures peak resident memory of the child above its baseline after imports (ru_maxrss is in KiB).
 PEAK_RSS = """
 import resource, psutil, json

@@ -16,23 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PEAK_RSS, run_child, save, table
-
-MAKE = """
-import torch, json
-from latentforge.families import get_family
-from latentforge.models import UNet, AutoencoderKL, CLIPTextModel, CLIPTokenizer
-from latentforge.pipeline import Pipeline
-torch.manual_seed(0)
-fam = get_family("sd1")
-dtype = getattr(torch, "{dtype}")
-spec = fam.text[0]
-pipe = Pipeline(fam, "eps", UNet(fam.unet).to(dtype), AutoencoderKL(fam.vae, fam.latent_scale).to(dtype),
-                (CLIPTextModel(spec.config).to(dtype),), (CLIPTokenizer(pad_id=spec.pad_id),))
-pipe.save("{single}", overwrite=True)
-pipe.save("{folder}", layout="diffusers", overwrite=True)
-print(json.dumps({{"ok": True}}))
-"""
+from common import PEAK_RSS, random_sd15, run_child, save, table
 
 LOAD_OURS = (
     PEAK_RSS
@@ -73,12 +57,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     args = ap.parse_args()
     tdtype = {"fp16": "float16", "fp32": "float32"}[args.dtype]
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    single = args.workdir / f"sd15-{args.dtype}.safetensors"
-    folder = args.workdir / f"sd15-{args.dtype}-diffusers"
-    if not single.exists() or not folder.exists():
-        print(f"writing a random SD1.5-shaped checkpoint ({args.dtype}) to {args.workdir} ...", flush=True)
-        run_child(MAKE.format(dtype=tdtype, single=single, folder=folder))
+    single, folder = random_sd15(args.workdir, args.dtype)
     rows = []
     for name, code, path in [
         ("latentforge", LOAD_OURS, single),

@@ -1,4 +1,5 @@
-"""A real ``latentforge serve`` process on 127.0.0.1 and a free port, for the server tests."""
+"""A real ``latentforge serve`` process on 127.0.0.1 and a free port, for the server tests (and
+benchmarks/bench_server_batch.py)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import requests
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+# The tests' server: one thread and fp32, so that its pixels are those of the tests' own process.
+TEST_ENV = {"OMP_NUM_THREADS": "1", "LATENTFORGE_DTYPE": "fp32"}
 
 
 def free_port() -> int:
@@ -21,18 +25,32 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, auth: tuple[str, str] | None = None, tmp: Path | None = None):
+    """``latentforge serve --port PORT *args`` with this checkout's sources, started and ready (its progress
+    endpoint answers with an empty queue) or an error with its output. ``env``: variables set for it on top
+    of this process's (``TEST_ENV`` unless given); ``tmp``: a folder for its log and cache (else the log is
+    a temporary file); ``timeout``: seconds it may take to start."""
+
+    def __init__(
+        self,
+        *args: str,
+        auth: tuple[str, str] | None = None,
+        tmp: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.auth = auth
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LATENTFORGE_DTYPE": "fp32"}
+        env = {**os.environ, **(TEST_ENV if env is None else env)}
         env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
         if tmp is not None:
             env["XDG_CACHE_HOME"] = str(tmp / "cache")
-        self.log = open((tmp or Path("/tmp")) / f"server-{self.port}.log", "w+")  # noqa: SIM115
+            self.log = open(tmp / f"server-{self.port}.log", "w+")  # noqa: SIM115 - closed with the process
+        else:
+            self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed with the process
         cmd = [sys.executable, "-m", "latentforge.cli", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float = 120) -> None:
         end = time.time() + timeout
@@ -43,7 +61,7 @@ class Server:
                 r = requests.get(self.url + "/sdapi/v1/progress", auth=self.auth, timeout=2)
                 if r.status_code in (200, 401) and r.json()["state"]["job_count"] == 0:
                     return
-            except (requests.ConnectionError, requests.Timeout, KeyError, ValueError):
+            except (requests.RequestException, KeyError, ValueError):
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"the server did not start within {timeout} s:\n{self.output()}")

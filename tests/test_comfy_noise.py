@@ -8,13 +8,12 @@ both images from that noise."""
 from __future__ import annotations
 
 import importlib
-import json
 import math
 
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
 
+from comfygraph import comfy_png, comfy_txt2img
 from latentforge.cli import main
 from latentforge.demo import bundled_model_path
 from latentforge.pipelines.metadata import request_from_image
@@ -75,37 +74,21 @@ def test_brownian_noise_of_the_whole_batch_is_one_tree_seeded_with_the_seed():
 
 
 def _graph(batch: int) -> dict:
-    return {
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": 4242,
-                "steps": 3,
-                "cfg": 3.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "demo.safetensors"}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "6": {
-            "class_type": "CLIPTextEncode",
-            "inputs": {"text": "a red circle on a blue background", "clip": ["4", 1]},
-        },
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
-    }
+    return comfy_txt2img(
+        ckpt="demo.safetensors",
+        positive="a red circle on a blue background",
+        negative="",
+        seed=4242,
+        steps=3,
+        cfg=3.0,
+        width=64,
+        height=64,
+        batch=batch,
+    )
 
 
 def _comfy_png(path, graph: dict):
-    info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", json.dumps(graph))
-    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
-    return path
+    return comfy_png(path, graph, size=(64, 64))
 
 
 def test_comfy_graph_asks_for_whole_batch_noise(tmp_path):

@@ -157,33 +157,14 @@ def test_txt2img_matches_controlnet_pipeline(e2e):
         generator=torch.Generator().manual_seed(99),
         output_type="np",
     ).images
+    request = dict(negative_prompt=NEGATIVE, steps=8, cfg_scale=7.0, width=64, height=64, seed=99)
+    request.update(sampler="Euler", schedule="normal")
     unit = dict(model=str(path), image=image, weight=0.8)
-    result = ours.txt2img(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        steps=8,
-        cfg_scale=7.0,
-        width=64,
-        height=64,
-        seed=99,
-        sampler="Euler",
-        schedule="normal",
-        control=[unit],
-    )
+    result = ours.txt2img(PROMPT, **request, control=[unit])
     mine = np.asarray(result.images[0], dtype=np.float32) / 255.0
     diff = np.abs(mine - theirs[0])
     assert diff.max() <= 2 / 255 + 1e-6, diff.max() * 255
-    plain = ours.txt2img(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        steps=8,
-        cfg_scale=7.0,
-        width=64,
-        height=64,
-        seed=99,
-        sampler="Euler",
-        schedule="normal",
-    )
+    plain = ours.txt2img(PROMPT, **request)
     assert np.abs(np.asarray(plain.images[0], dtype=np.float32) / 255.0 - mine).max() > 4 / 255  # control acts
     text = result.infotexts[0]
     assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text

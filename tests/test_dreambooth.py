@@ -21,7 +21,7 @@ from latentforge.train import dreambooth as db
 from latentforge.train.common import deterministic_generator
 from latentforge.train.data import DataError
 from latentforge.train.diffusion import diffusion_loss, encode_images
-from tiny import build_reference, hf_tokenizer, save_folder
+from tiny import hf_tokenizer, quiet_train_config, tiny_sd1_file
 
 INSTANCE = "a photo of sks square"
 CLASS = "a photo of a square"
@@ -31,43 +31,38 @@ CLASS = "a photo of a square"
 def base(tmp_path_factory):
     """A tiny SD1 model (diffusers reference + our single file) and two uncaptioned instance images."""
     tmp = tmp_path_factory.mktemp("db")
-    ref = build_reference("sd1", seed=53)
-    path = latentforge.load(save_folder(ref, tmp / "m")).save(tmp / "base.safetensors")
-    data = tmp / "instance"
+    ref, path = tiny_sd1_file(tmp, seed=53)
+    return ref, path, _instance_images(tmp / "instance"), tmp
+
+
+def _instance_images(data):
+    """Two uncaptioned 64 px instance images in the new folder ``data``: a red and a blue square on grey."""
     data.mkdir()
     for i, colour in enumerate([(230, 30, 30), (30, 30, 230)]):
         image = Image.new("RGB", (64, 64), (240, 240, 240))
         image.paste(colour, (12 + 8 * i, 16, 44, 48))
         image.save(data / f"{i}.png")
-    return ref, path, data, tmp
+    return data
 
 
 def _cfg(out, base_file, data, classes, *extra):
-    return load_config(
-        None,
-        [
-            f'output="{out}"',
-            f'model.base="{base_file}"',
-            f'data.path="{data}"',
-            "batch_size=2",
-            "lr=2e-3",
-            "lr_warmup=0",
-            "ema_decay=0",
-            "save_every=0",
-            "sample_every=0",
-            'mixed_precision="no"',
-            "log_every=1000",
-            "model.caption_dropout=0",
-            "dreambooth.enabled=true",
-            f'dreambooth.instance_prompt="{INSTANCE}"',
-            f'dreambooth.class_prompt="{CLASS}"',
-            f'dreambooth.class_data_dir="{classes}"',
-            "dreambooth.num_class_images=3",
-            "dreambooth.class_steps=2",
-            'dreambooth.class_sampler="Euler"',
-            "dreambooth.class_seed=40",
-            *extra,
-        ],
+    return quiet_train_config(
+        out,
+        base_file,
+        f'data.path="{data}"',
+        "batch_size=2",
+        "lr=2e-3",
+        "ema_decay=0",
+        "model.caption_dropout=0",
+        "dreambooth.enabled=true",
+        f'dreambooth.instance_prompt="{INSTANCE}"',
+        f'dreambooth.class_prompt="{CLASS}"',
+        f'dreambooth.class_data_dir="{classes}"',
+        "dreambooth.num_class_images=3",
+        "dreambooth.class_steps=2",
+        'dreambooth.class_sampler="Euler"',
+        "dreambooth.class_seed=40",
+        *extra,
     )
 
 
@@ -347,12 +342,7 @@ def test_two_processes_equal_one(tmp_path):
     demo = bundled_model_path()
     if demo is None:
         pytest.skip("the bundled demo model is not installed")
-    data = tmp_path / "instance"
-    data.mkdir()
-    for i, colour in enumerate([(230, 30, 30), (30, 30, 230)]):
-        image = Image.new("RGB", (64, 64), (240, 240, 240))
-        image.paste(colour, (12 + 8 * i, 16, 44, 48))
-        image.save(data / f"{i}.png")
+    data = _instance_images(tmp_path / "instance")
 
     def overrides(name):
         cfg = [f'output="{tmp_path / name}"', f'model.base="{demo}"', f'data.path="{data}"', "data.resolution=64"]

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import latentforge
 from latentforge.adapters.folders import AdapterNotFound
 from latentforge.conditioning.embeddings import EmbeddingError, read_embedding
-from tiny import TEXT_WIDTH, build_reference, close, hf_tokenizer, save_folder
+from tiny import TEXT_WIDTH, build_reference, close, diffusers_sdxl, hf_tokenizer, save_folder
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +120,7 @@ def test_sdxl_pair_matches_diffusers(tmp_path):
     g = torch.Generator().manual_seed(2)
     pair = {"clip_l": torch.randn(2, TEXT_WIDTH, generator=g) * 0.02, "clip_g": torch.randn(2, TEXT_WIDTH, generator=g)}
     save_file(pair, tmp_path / "zqglow.safetensors")
-    pipe = D.StableDiffusionXLPipeline(
-        ref.vae,
-        ref.text_encoders[0],
-        ref.text_encoders[1],
-        hf_tokenizer("<|endoftext|>", tmp_path / "t1"),
-        hf_tokenizer("!", tmp_path / "t2"),
-        ref.unet,
-        D.EulerDiscreteScheduler(),
-    )
+    pipe = diffusers_sdxl(ref, D.EulerDiscreteScheduler(), tmp_path)
     pipe.load_textual_inversion(
         pair["clip_l"], token="zqglow", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
     )

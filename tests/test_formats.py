@@ -3,12 +3,11 @@ naming what it cannot reproduce."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from comfygraph import comfy_png, comfy_txt2img
 from latentforge.cli import main
 from latentforge.demo import bundled_model_path
 from latentforge.io.images import save_image
@@ -16,30 +15,17 @@ from latentforge.pipelines.metadata import read_png_metadata, request_from_image
 
 TEXT = 'a "cat", 猫\nNegative prompt: dog\nSteps: 12, Sampler: Euler a, CFG scale: 6, Seed: 42, Size: 64x64'
 
-# ComfyUI's default txt2img graph in its API format (the "prompt" chunk ComfyUI writes into PNGs)
-COMFY = {
-    "3": {
-        "class_type": "KSampler",
-        "inputs": {
-            "seed": 156680208700286,
-            "steps": 20,
-            "cfg": 8,
-            "sampler_name": "euler",
-            "scheduler": "normal",
-            "denoise": 1,
-            "model": ["4", 0],
-            "positive": ["6", 0],
-            "negative": ["7", 0],
-            "latent_image": ["5", 0],
-        },
-    },
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 768, "batch_size": 1}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "beautiful scenery", "clip": ["4", 1]}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "text, watermark", "clip": ["4", 1]}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-}
+# ComfyUI's default txt2img graph as ComfyUI writes it into PNGs
+COMFY = comfy_txt2img(
+    ckpt="v1-5-pruned-emaonly.safetensors",
+    positive="beautiful scenery",
+    negative="text, watermark",
+    seed=156680208700286,
+    steps=20,
+    cfg=8,
+    width=512,
+    height=768,
+)
 
 
 def _image():
@@ -67,11 +53,7 @@ def test_a1111_exif_built_independently_is_read(tmp_path):
 
 
 def test_comfyui_graph_is_read(tmp_path):
-    info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", json.dumps(COMFY))
-    info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
-    Image.new("RGB", (8, 8)).save(tmp_path / "comfy.png", pnginfo=info)
-    req, meta = request_from_image(tmp_path / "comfy.png")
+    req, meta = request_from_image(comfy_png(tmp_path / "comfy.png", COMFY, workflow={"nodes": [], "links": []}))
     assert (req.prompt, req.negative_prompt) == ("beautiful scenery", "text, watermark")
     assert (req.seed, req.steps, req.cfg_scale, req.sampler, req.schedule) == (
         156680208700286,

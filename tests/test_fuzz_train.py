@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import latentforge
 from latentforge.cli import main
 from latentforge.train import ConfigError, TrainingDiverged, load_config, train
-from tiny import build_reference, save_folder
+from tiny import quiet_train_config, tiny_sd1_file
 
 # --- training -------------------------------------------------------------------------------------------
 
@@ -23,28 +23,12 @@ from tiny import build_reference, save_folder
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny SD1 model to fine-tune, as in test_train.py."""
-    folder = save_folder(build_reference("sd1", seed=50), tmp_path_factory.mktemp("tb") / "m")
-    return latentforge.load(folder).save(tmp_path_factory.mktemp("tb2") / "base.safetensors")
+    return tiny_sd1_file(tmp_path_factory.mktemp("tb"), seed=50)[1]
 
 
 def _cfg(out, base, *extra):
-    return load_config(
-        None,
-        [
-            f'output="{out}"',
-            f'model.base="{base}"',
-            'data.kind="synthetic"',
-            "data.size=16",
-            "batch_size=4",
-            "lr=2e-3",
-            "lr_warmup=0",
-            "ema_decay=0.9",
-            "save_every=0",
-            "sample_every=0",
-            'mixed_precision="no"',
-            "log_every=1000",
-            *extra,
-        ],
+    return quiet_train_config(
+        out, base, 'data.kind="synthetic"', "data.size=16", "batch_size=4", "lr=2e-3", "ema_decay=0.9", *extra
     )
 
 

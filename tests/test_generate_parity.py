@@ -16,7 +16,7 @@ import torch
 import latentforge
 from latentforge.pipelines.plan import img2img_sigmas
 from latentforge.sampling import NoiseSchedule, get_sigmas
-from tiny import build_reference, hf_tokenizer, save_folder
+from tiny import build_reference, diffusers_sdxl, hf_tokenizer, save_folder
 
 BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SAMPLERS = {
@@ -139,15 +139,7 @@ def _init_image():
 def test_txt2img_matches_stable_diffusion_xl_pipeline(tmp_path, negative):
     ref = build_reference("sdxl-base", seed=31)
     ours = latentforge.load(save_folder(ref, tmp_path / "m"))
-    pipe = D.StableDiffusionXLPipeline(
-        ref.vae,
-        ref.text_encoders[0],
-        ref.text_encoders[1],
-        hf_tokenizer("<|endoftext|>", tmp_path / "t1"),
-        hf_tokenizer("!", tmp_path / "t2"),
-        ref.unet,
-        D.EulerDiscreteScheduler(**BASE, timestep_spacing="linspace"),
-    )
+    pipe = diffusers_sdxl(ref, D.EulerDiscreteScheduler(**BASE, timestep_spacing="linspace"), tmp_path)
     pipe.set_progress_bar_config(disable=True)
     # diffusers zeroes the unconditional text only when no negative prompt is given; the original
     # SDXL code (and latentforge) zeroes it for an empty negative prompt

@@ -16,7 +16,7 @@ from latentforge.pipelines.plan import conditioning
 from latentforge.pipelines.refiner import switch_step
 from latentforge.sampling import CFGDenoiser, ModelDenoiser, NoiseSchedule, get_sigmas, resolve
 from latentforge.sampling.noise import BrownianNoise, ImageNoise
-from tiny import build_reference, hf_tokenizer, save_folder
+from tiny import build_reference, diffusers_sdxl, hf_tokenizer, save_folder
 
 BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 PROMPT, NEGATIVE = "a photo of a red cube on a wooden table", "blurry, low quality"
@@ -37,14 +37,7 @@ def _np(image) -> np.ndarray:
 def test_matches_diffusers_denoising_end_and_start(models):
     base_ref, refiner_ref, base, refiner, _, tmp = models
     scheduler = lambda: D.EulerDiscreteScheduler(**BASE, timestep_spacing="linspace")  # noqa: E731
-    first = D.StableDiffusionXLPipeline(
-        base_ref.vae,
-        *base_ref.text_encoders,
-        hf_tokenizer("<|endoftext|>", tmp / "t1"),
-        hf_tokenizer("!", tmp / "t2"),
-        base_ref.unet,
-        scheduler(),
-    )
+    first = diffusers_sdxl(base_ref, scheduler(), tmp)
     second = D.StableDiffusionXLImg2ImgPipeline(
         refiner_ref.vae,
         None,

@@ -16,37 +16,18 @@ from latentforge.train.common import deterministic_generator
 from latentforge.train.data import DataError, load_folder
 from latentforge.train.diffusion import diffusion_loss, encode_images
 from latentforge.train.shapes import SyntheticShapes
-from tiny import build_reference, save_folder
+from tiny import quiet_train_config, tiny_sd1_file
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny SD1 model to fine-tune (its VAE is f=8: 64 px scenes give 8x8 latents)."""
-    return latentforge.load(save_folder(build_reference("sd1", seed=50), tmp_path_factory.mktemp("t") / "m")).save(
-        tmp_path_factory.mktemp("t2") / "base.safetensors"
-    )
+    return tiny_sd1_file(tmp_path_factory.mktemp("t"), seed=50)[1]
 
 
 def _cfg(tmp_path, base, *extra):
-    return load_config(
-        None,
-        [
-            f'output="{tmp_path / "run"}"',
-            f'model.base="{base}"',
-            'data.kind="synthetic"',
-            "data.size=48",
-            "batch_size=8",
-            "lr=2e-3",
-            "lr_warmup=0",
-            "ema_decay=0.9",
-            "save_every=0",
-            "sample_every=0",
-            'mixed_precision="no"',
-            "log_every=1000",
-            "model.train_text_encoder=true",
-            *extra,
-        ],
-    )
+    overrides = ['data.kind="synthetic"', "data.size=48", "batch_size=8", "lr=2e-3", "ema_decay=0.9"]
+    return quiet_train_config(tmp_path / "run", base, *overrides, "model.train_text_encoder=true", *extra)
 
 
 def test_unknown_config_keys_and_bad_values_are_named(tmp_path):

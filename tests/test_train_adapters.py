@@ -22,7 +22,7 @@ from latentforge.train.data import load_folder, shuffle_tags
 from latentforge.train.diffusion import diffusion_loss, encode_images
 from latentforge.train.lora import build_network
 from test_lora import _unet_io
-from tiny import build_reference, close, hf_tokenizer, save_folder
+from tiny import build_reference, close, hf_tokenizer, quiet_train_config, save_folder, tiny_sd1_file
 
 COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), "yellow": (230, 230, 30)}
 
@@ -31,8 +31,7 @@ COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), 
 def base(tmp_path_factory):
     """A tiny SD1 model (diffusers reference + our single file) and a small captioned folder."""
     tmp = tmp_path_factory.mktemp("ta")
-    ref = build_reference("sd1", seed=51)
-    path = latentforge.load(save_folder(ref, tmp / "m")).save(tmp / "base.safetensors")
+    ref, path = tiny_sd1_file(tmp, seed=51)
     data = tmp / "data"
     data.mkdir()
     for i, (name, colour) in enumerate(COLOURS.items()):
@@ -44,24 +43,8 @@ def base(tmp_path_factory):
 
 
 def _cfg(out, base_file, data, *extra):
-    return load_config(
-        None,
-        [
-            f'output="{out}"',
-            f'model.base="{base_file}"',
-            f'data.path="{data}"',
-            "batch_size=4",
-            "lr=1e-2",
-            "lr_warmup=0",
-            "ema_decay=0",
-            "save_every=0",
-            "sample_every=0",
-            'mixed_precision="no"',
-            "log_every=1000",
-            "model.caption_dropout=0",
-            *extra,
-        ],
-    )
+    overrides = [f'data.path="{data}"', "batch_size=4", "lr=1e-2", "ema_decay=0", "model.caption_dropout=0"]
+    return quiet_train_config(out, base_file, *overrides, *extra)
 
 
 def _loss(pipe, cfg, data_latents, captions) -> float:

@@ -24,7 +24,7 @@ from latentforge.train.controlnet import ControlNetTraining, load_control_data
 from latentforge.train.data import DataError
 from latentforge.train.diffusion import _trainables, diffusion_loss, encode_images
 from test_controlnet import _original_layout
-from tiny import build_reference, close, save_folder
+from tiny import close, quiet_train_config, tiny_sd1_file
 
 CORNERS = [(8, 8), (40, 8), (8, 40), (40, 40)]
 
@@ -34,8 +34,7 @@ def base(tmp_path_factory):
     """A tiny SD1 model and a folder of triples: a grey square at one of four corners, the control image
     a white square on black at the same place, one caption for all (only the control tells where)."""
     tmp = tmp_path_factory.mktemp("tcn")
-    ref = build_reference("sd1", seed=61)
-    path = latentforge.load(save_folder(ref, tmp / "m")).save(tmp / "base.safetensors")
+    ref, path = tiny_sd1_file(tmp, seed=61)
     data = tmp / "data"
     (data / "conditioning").mkdir(parents=True)
     for i, (x, y) in enumerate(CORNERS * 2):
@@ -50,25 +49,8 @@ def base(tmp_path_factory):
 
 
 def _cfg(out, base_file, data, *extra):
-    return load_config(
-        None,
-        [
-            'mode="controlnet"',
-            f'output="{out}"',
-            f'model.base="{base_file}"',
-            f'data.path="{data}"',
-            "batch_size=4",
-            "lr=2e-3",
-            "lr_warmup=0",
-            "ema_decay=0",
-            "save_every=0",
-            "sample_every=0",
-            'mixed_precision="no"',
-            "log_every=1000",
-            "model.caption_dropout=0",
-            *extra,
-        ],
-    )
+    overrides = [f'data.path="{data}"', "batch_size=4", "lr=2e-3", "ema_decay=0", "model.caption_dropout=0"]
+    return quiet_train_config(out, base_file, 'mode="controlnet"', *overrides, *extra)
 
 
 def test_initial_controlnet_is_the_unets_encoder_with_zero_convolutions(base):

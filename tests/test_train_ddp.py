@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ from latentforge.train import ConfigError, load_config, train
 from latentforge.train.common import deterministic_generator
 from latentforge.train.diffusion import diffusion_loss
 from latentforge.train.distributed import Distributed, launch_environment, setup
+from serverproc import free_port
+from tiny import QUIET_RUN
 
 TESTS = Path(__file__).parent
 SRC = Path(latentforge.__file__).parents[1]
@@ -46,11 +47,8 @@ COMMON = [
     "data.resolution=32",
     "batch_size=4",
     "lr=1e-3",
-    "lr_warmup=0",
-    "save_every=0",
-    "sample_every=0",
-    'mixed_precision="no"',
-    "log_every=1",
+    *QUIET_RUN,
+    "log_every=1",  # after QUIET_RUN: the resumed run's printed losses are compared
     "model.caption_dropout=0.25",
     "model.noise_offset=0.05",
     "model.min_snr_gamma=5",
@@ -88,17 +86,11 @@ def _overrides(out: Path, base: Path, mode: str) -> list[str]:
     return [f'output="{out}"', f'model.base="{base}"', *COMMON, *MODES[mode]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(n: int, *command: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run`` (what the torchrun script runs) on 127.0.0.1 with n processes."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--nnodes=1"]
-    args += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", *command]
+    args += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", *command]
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return done

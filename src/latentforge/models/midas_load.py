@@ -27,6 +27,7 @@ import torch
 
 from latentforge.io.components import Ref, build
 from latentforge.io.tensorfile import CheckpointError, TensorFile, open_tensor_file
+from latentforge.models.annotator_files import first_found, refuse_extra_tensors
 from latentforge.models.midas import DPTHybrid, MidasConfig
 
 MIDAS_FILE = "dpt_hybrid-midas-501f0c75.pt"
@@ -251,14 +252,14 @@ def _refs(
             if name in file.keys():
                 refs[key] = Ref(file, name, file.shape(name))
             used.add(name)
-    extra = sorted(set(file.keys()) - used)
-    if extra:
-        listed = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
-        raise CheckpointError(
-            f"{source} has tensors that are not part of MiDaS DPT-Hybrid ({layout} layout): {listed}. The file "
-            "is a different model (DPT-Large, MiDaS v2.1, a segmentation head?) or damaged; use "
-            f"{MIDAS_FILE} or a transformers Intel/dpt-hybrid-midas folder"
-        )
+    refuse_extra_tensors(
+        source,
+        sorted(set(file.keys()) - used),
+        what="MiDaS DPT-Hybrid",
+        layout=layout,
+        advice="The file is a different model (DPT-Large, MiDaS v2.1, a segmentation head?) or damaged; use "
+        f"{MIDAS_FILE} or a transformers Intel/dpt-hybrid-midas folder",
+    )
     return refs
 
 
@@ -339,12 +340,13 @@ def midas_candidates(model_path: str | Path | None = None, dirs: Iterable[str | 
 
 def find_midas(model_path: str | Path | None = None, dirs: Iterable[str | Path] = ()) -> Path:
     """The first existing place of ``midas_candidates``; MidasNotFoundError lists where it looked."""
-    places = midas_candidates(model_path, dirs)
-    for p in places:
-        if (p.is_dir() and (p / "config.json").is_file()) or p.is_file():
-            return p
-    looked = "\n".join(f"    {p}" for p in places) or "    (nowhere: no model path or folder given)"
-    raise MidasNotFoundError(f"the depth model was not found; looked in:\n{looked}\n{_where_to_get()}")
+    return first_found(
+        midas_candidates(model_path, dirs),
+        what="depth model",
+        how_to_get=_where_to_get(),
+        error=MidasNotFoundError,
+        found=lambda p: (p.is_dir() and (p / "config.json").is_file()) or p.is_file(),
+    )
 
 
 __all__ = [
