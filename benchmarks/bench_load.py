@@ -60,12 +60,14 @@ UNET = (
     """
 import latentforge
 from latentforge.threads import auto_threads
+from latentforge.nn.packed import packed_session
 pipe = latentforge.load(cfg["folder"])
 """
     + INPUTS
     + """
 work = sum(p.numel() for p in pipe.unet.parameters()) * H * H * 2
-with torch.inference_mode(), auto_threads(work) as n:
+# as a generation runs the UNet: automatic threads, convolution weights packed once
+with torch.inference_mode(), auto_threads(work) as n, packed_session(pipe.unet):
     res = {"times": times(lambda: pipe.unet(x, t, ctx), cfg["reps"]), "threads": n}
 print(json.dumps(res))
 """
