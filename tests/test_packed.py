@@ -247,3 +247,33 @@ def test_generate_packs_full_size_unets_without_a_second_copy(sd1_folder, monkey
     seen.clear()
     off = np.asarray(pipe.txt2img("a cat", progress=progress, **args).images[0], dtype=np.int16)
     assert np.array_equal(off, plain) and all(numel > 0 for numel, _ in seen)
+
+
+def test_sessions_on_one_module_take_turns_and_nest():
+    import threading
+
+    net = small_net()
+    x = torch.randn(1, 8, 12, 12)
+    ref = by_definition(net, x)
+    inside, order = threading.Event(), []
+
+    def second():
+        inside.wait()
+        with torch.inference_mode(), packed.packed_session(net):
+            order.append("second")
+            torch.testing.assert_close(net(x).double(), ref, rtol=1e-4, atol=1e-4)
+
+    t = threading.Thread(target=second)
+    t.start()
+    with torch.inference_mode(), packed.packed_session(net):
+        net(x)
+        with packed.packed_session(net) as nested:  # same thread: reentrant, takes nothing
+            assert nested == 0
+            torch.testing.assert_close(net(x).double(), ref, rtol=1e-4, atol=1e-4)
+        inside.set()
+        t.join(timeout=0.5)
+        assert t.is_alive()  # waiting for this session to end
+        order.append("first")
+    t.join(timeout=30)
+    assert order == ["first", "second"] and not t.is_alive()
+    assert net[0].weight.shape == (16, 8, 3, 3) and all(type(m) is not PackedConv2d for m in net)

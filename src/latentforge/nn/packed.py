@@ -21,6 +21,7 @@ patcher does); reading a swapped-out weight otherwise fails with a shape error, 
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
 # weight parameter id -> its convolution, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
+# one session at a time per module (generations on the same UNet from two threads take turns)
+_SESSION_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
 
 
 def available() -> bool:
@@ -126,18 +130,21 @@ def packed_session(module: nn.Module) -> Iterator[int]:
     if not available():
         yield 0
         return
-    taken = [m for m in module.modules() if type(m) is nn.Conv2d]
-    for m in taken:
-        m.__class__ = PackedConv2d
-        _SESSION[m] = None
-    try:
-        yield len(taken)
-    finally:
+    with _LOCKS_LOCK:
+        lock = _SESSION_LOCKS.setdefault(module, threading.RLock())
+    with lock:  # reentrant: a nested session on the same module takes no convolution and changes nothing
+        taken = [m for m in module.modules() if type(m) is nn.Conv2d]
         for m in taken:
-            _put_back(m)
-            _SESSION.pop(m, None)
-            _CACHE.pop(m, None)
-            m.__class__ = nn.Conv2d
+            m.__class__ = PackedConv2d
+            _SESSION[m] = None
+        try:
+            yield len(taken)
+        finally:
+            for m in taken:
+                _put_back(m)
+                _SESSION.pop(m, None)
+                _CACHE.pop(m, None)
+                m.__class__ = nn.Conv2d
 
 
 def pack_convolutions(module: nn.Module) -> int:
