@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import numpy as np
 from common import machine, save, table
 
 # (name, batch, queries, keys, heads, head width); cross-attention keys are the 77 context tokens
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--unet", action="store_true", help="also a full-size SD1.5 UNet CFG step, kernel vs SDPA")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--psnr", type=int, metavar="SIZE", help="also PSNR of a SIZE px image: kernels vs fp32, vs off")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     args = ap.parse_args()
     os.environ["LATENTFORGE_KERNELS"] = "on"
     import torch
@@ -112,6 +115,8 @@ def main() -> None:
     payload = {"machine": machine(), "threads": torch.get_num_threads(), "shapes": rows}
     if args.unet:
         payload["unet"] = unet_step(args.reps)
+    if args.psnr:
+        payload["psnr"] = image_psnr(args.workdir, args.psnr)
     print(table(rows, list(rows[0])))
     print(save("attention", payload))
 
@@ -145,6 +150,44 @@ def unet_step(reps: int) -> dict:
         f"SD1.5 UNet CFG step: kernels {result['on']:.3f} s, PyTorch's ops {result['off']:.3f} s, "
         f"ratio {result['off / on']:.2f}x, max output difference {result['max diff']:.3g}"
     )
+    return result
+
+
+def image_psnr(workdir: Path, size: int, steps: int = 10) -> dict:
+    """PSNR of a txt2img image of the random full-size SD1.5 model (bench_openvino's) on the default path
+    (bf16, the kernels, packed convolutions) against the fp32 image of the same seed and against bf16
+    with ``LATENTFORGE_KERNELS=off LATENTFORGE_PACK=0``. Each run in a fresh process."""
+    from common import random_sd15, run_child
+
+    _, folder = random_sd15(workdir)
+    code = (
+        "import json, numpy as np, latentforge\n"
+        f"pipe = latentforge.load({str(folder)!r}, dtype=DTYPE)\n"
+        f"im = pipe.txt2img('a photo of a cat', steps={steps}, seed=3, width={size}, height={size}).images[0]\n"
+        "np.save(OUT, np.asarray(im)); print(json.dumps({}))"
+    )
+    images = {}
+    for name, dtype, env in (
+        ("fp32", "fp32", {}),
+        ("default", None, {"LATENTFORGE_KERNELS": "auto"}),
+        ("off", None, {"LATENTFORGE_KERNELS": "off", "LATENTFORGE_PACK": "0"}),
+    ):
+        out = workdir / f"psnr-{name}.npy"
+        run_child(code.replace("DTYPE", repr(dtype)).replace("OUT", repr(str(out))), env=env)
+        images[name] = np.load(out).astype(np.float64)
+
+    def psnr(a, b):
+        mse = float(((a - b) ** 2).mean())
+        return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+    result = {
+        "size": size,
+        "steps": steps,
+        "default vs fp32 dB": psnr(images["default"], images["fp32"]),
+        "kernels off vs fp32 dB": psnr(images["off"], images["fp32"]),
+        "default vs kernels off dB": psnr(images["default"], images["off"]),
+    }
+    print(result)
     return result
 
 
