@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import numpy as np
-from common import machine, save, table
+from common import machine, save, table, times
 
 # (name, batch, queries, keys, heads, head width); cross-attention keys are the 77 context tokens
 SHAPES = [
@@ -38,13 +38,7 @@ SHAPES = [
 
 
 def best(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
+    return min(times(fn, reps))
 
 
 def openvino_sdpa(b: int, nq: int, nk: int, heads: int, d: int):

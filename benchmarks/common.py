@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -92,6 +93,18 @@ def peak():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 """
 
+
+def times(fn, reps):
+    """Seconds of each of ``reps`` calls of ``fn`` after one warm-up call (also sent to children)."""
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
 # Code for benchmark children: time `reps` runs after a warm-up (mean seconds), count FLOPs once.
 TIMER = (
     PEAK_RSS
@@ -104,14 +117,9 @@ def timed(fn, reps):
     for _ in range(reps):
         out = fn()
     return (time.perf_counter() - t) / reps, out
-def times(fn, reps):
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+"""
+    + inspect.getsource(times)
+    + """
 def flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()

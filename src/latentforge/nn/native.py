@@ -111,7 +111,8 @@ def build(directory: Path | None = None) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    code = b"".join(p.name.encode() + p.read_bytes() for p in SOURCES)
+    headers = sorted(SOURCES[0].parent.glob("*.h"))
+    code = b"".join(p.name.encode() + p.read_bytes() for p in [*SOURCES, *headers])
     digest = hashlib.sha256(code + " ".join([cxx, *FLAGS, version]).encode()).hexdigest()[:16]
     directory = directory or cache_dir()
     target = directory / f"latentforge-bf16-{digest}.so"

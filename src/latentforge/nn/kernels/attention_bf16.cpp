@@ -28,6 +28,8 @@
 #include <thread>
 #include <vector>
 
+#include "exp2.h"
+
 namespace {
 
 #ifndef LF_QB
@@ -108,20 +110,6 @@ inline void scores_4x4(const uint16_t *const *qrows, const uint32_t *kp, int64_t
     }
     for (int r = 0; r < 4; ++r)
         for (int c = 0; c < ngroups && c < 4; ++c) _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
-}
-
-// 2^x for x <= 0 (clamped at -127): a degree-4 polynomial for 2^f on the fraction f in [0, 1) (least
-// squares on Chebyshev nodes, relative error 2.7e-6, far below bf16's 3.9e-3), then VSCALEFPS for 2^n.
-inline __m512 exp2_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3520603e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.2037429e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4142750e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9300663e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025f));
-    return _mm512_scalef_ps(p, n);
 }
 
 // O[r][0:16*NV] += sum_j P[r][j] V[j][...] for R rows, over `pairs` key pairs.
@@ -215,7 +203,7 @@ void attend(const Problem &pr, int64_t task) {
                 const int64_t n = std::min<int64_t>(16, cols - c);
                 const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
                 __m512 x = _mm512_maskz_loadu_ps(mask, s + c);
-                __m512 e = _mm512_maskz_mov_ps(mask, exp2_neg(_mm512_fmsub_ps(x, scale, mv)));
+                __m512 e = _mm512_maskz_mov_ps(mask, lf_exp2_neg(_mm512_fmsub_ps(x, scale, mv)));
                 sum = _mm512_add_ps(sum, e);
                 __m256bh eb = _mm512_cvtneps_pbh(e);
                 const int64_t store = std::min<int64_t>(16, pcols - c);

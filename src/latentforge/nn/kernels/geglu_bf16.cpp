@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "exp2.h"
+
 namespace {
 
 inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
@@ -30,17 +32,8 @@ inline __m512 erf_pos(__m512 x) {
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
     p = _mm512_mul_ps(p, t);
-    // exp(-x^2) = 2^(-x^2 log2 e): the same exp2 construction as the attention kernel, degree 4
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-1.4426950408889634f));
-    y = _mm512_max_ps(y, _mm512_set1_ps(-127.0f));
-    __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(y, n);
-    __m512 e = _mm512_set1_ps(1.3520603e-2f);
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(5.2037429e-2f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(2.4142750e-1f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(6.9300663e-1f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0000025f));
-    e = _mm512_scalef_ps(e, n);
+    // exp(-x^2) = 2^(-x^2 log2 e)
+    __m512 e = lf_exp2_neg(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-1.4426950408889634f)));
     return _mm512_fnmadd_ps(p, e, one);  // 1 - p e
 }
 
