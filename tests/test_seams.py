@@ -205,4 +205,4 @@ def test_generation_sets_nothing_on_the_pipeline_from_outside(pipe):
     before = set(vars(pipe))
     result = pipe.txt2img("a cube", steps=2, width=64, height=64, seed=1, progress=lambda p: p.preview())
     assert set(vars(pipe)) == before
-    assert set(pipe.caches) == {"infotext model fields", "preview weights"} and result.images
+    assert set(pipe.caches) == {"infotext model fields", "preview weights", "unet_params"} and result.images
