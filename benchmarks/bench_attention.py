@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--unet", action="store_true", help="also a full-size SD1.5 UNet CFG step, kernel vs SDPA")
+    ap.add_argument("--unet", action="store_true", help="also a full-size SD1.5 UNet CFG step and VAE decode, on/off")
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--psnr", type=int, metavar="SIZE", help="also PSNR of a SIZE px image: kernels vs fp32, vs off")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
@@ -109,6 +109,7 @@ def main() -> None:
     payload = {"machine": machine(), "threads": torch.get_num_threads(), "shapes": rows}
     if args.unet:
         payload["unet"] = unet_step(args.reps)
+        payload["vae"] = vae_decode(args.reps)
     if args.psnr:
         payload["psnr"] = image_psnr(args.workdir, args.psnr)
     print(table(rows, list(rows[0])))
@@ -128,23 +129,44 @@ def unet_step(reps: int) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
     ctx, t = torch.randn(2, 77, 768, generator=g).bfloat16(), torch.tensor([500.0, 500.0])
+    with torch.inference_mode():
+        return on_off(lambda: unet(x, t, ctx), reps, "SD1.5 UNet CFG step")
+
+
+def on_off(run, reps: int, label: str) -> dict:
+    """``run()`` with the kernels on and off in alternation (the first round warms up): min seconds."""
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     outs = {}
-    with torch.inference_mode():
-        for _ in range(reps + 1):
-            for mode in seconds:
-                os.environ["LATENTFORGE_KERNELS"] = mode
-                start = time.perf_counter()
-                outs[mode] = unet(x, t, ctx).float()
-                seconds[mode].append(time.perf_counter() - start)
-    result = {m: min(s[1:]) for m, s in seconds.items()}  # the first round warms up
+    for _ in range(reps + 1):
+        for mode in seconds:
+            os.environ["LATENTFORGE_KERNELS"] = mode
+            start = time.perf_counter()
+            outs[mode] = run().float()
+            seconds[mode].append(time.perf_counter() - start)
+    result = {m: min(s[1:]) for m, s in seconds.items()}
     result["off / on"] = result["off"] / result["on"]
     result["max diff"] = float((outs["on"] - outs["off"]).abs().max())
     print(
-        f"SD1.5 UNet CFG step: kernels {result['on']:.3f} s, PyTorch's ops {result['off']:.3f} s, "
+        f"{label}: kernels {result['on']:.3f} s, PyTorch's ops {result['off']:.3f} s, "
         f"ratio {result['off / on']:.2f}x, max output difference {result['max diff']:.3g}"
     )
     return result
+
+
+def vae_decode(reps: int) -> dict:
+    """A 512x512 decode of a random SD VAE (bf16, channels-last), with and without the kernels."""
+    import torch
+
+    from latentforge.device import to_fast_layout
+    from latentforge.families import get_family
+    from latentforge.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    fam = get_family("sd1")
+    vae = to_fast_layout(AutoencoderKL(fam.vae, fam.latent_scale).to(torch.bfloat16).eval())
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.inference_mode():
+        return on_off(lambda: vae.decode(z), reps, "SD VAE decode 512x512")
 
 
 def image_psnr(workdir: Path, size: int, steps: int = 10) -> dict:

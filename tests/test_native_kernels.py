@@ -253,3 +253,62 @@ def test_geglu_module_dispatch(monkeypatch):
     y = mod(x.requires_grad_())  # autograd: PyTorch's ops
     y.float().sum().backward()
     assert mod.proj.weight.grad is not None and len(calls) == 1
+
+
+def group_norm_exact(x, groups, weight, bias, eps, silu):
+    """GroupNorm's definition (Wu & He 2018) in float64: biased variance over each group's channels and
+    all pixels, then the per-channel affine; SiLU(y) = y * sigmoid(y)."""
+    n, c, h, w = x.shape
+    xd = x.double().reshape(n, groups, -1)
+    mean = xd.mean(-1, keepdim=True)
+    var = ((xd - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xd - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
+    if weight is not None:
+        y = y * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]
+    return y * torch.sigmoid(y) if silu else y
+
+
+@pytest.mark.parametrize(
+    "shape,groups,offset",
+    [((1, 128, 64, 64), 32, 0.0), ((2, 320, 8, 8), 32, 0.0), ((1, 960, 5, 7), 32, 3.0), ((2, 40, 3, 3), 8, 50.0)],
+)
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches_the_definition(shape, groups, offset, silu, affine):
+    x = (rand(*shape, scale=2.0, seed=30).float() + offset).bfloat16().contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight, bias = (rand(c, seed=31), rand(c, seed=32)) if affine else (None, None)
+    ref = group_norm_exact(x, groups, weight, bias, 1e-6, silu)
+    ours = fa.group_norm_bf16(x, groups, weight, bias, 1e-6, silu=silu)
+    torch_path = F.group_norm(x, groups, weight, bias, 1e-6)
+    torch_path = F.silu(torch_path) if silu else torch_path
+    assert ours.shape == x.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    err, err_torch = (ours.double() - ref).abs(), (torch_path.double() - ref).abs()
+    assert err.max() <= err_torch.max() + 1e-6
+    assert err.mean() <= err_torch.mean() + 1e-7
+
+
+def test_group_norm_module_dispatch(monkeypatch):
+    from latentforge.nn import GroupNorm32
+
+    norm = GroupNorm32(8, 64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+        norm.bias.copy_(torch.randn(64))
+    calls = []
+    real = fa.group_norm_bf16
+    monkeypatch.setattr(fa, "group_norm_bf16", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x32 = torch.randn(2, 64, 16, 16)
+    with torch.inference_mode():
+        # fp32: exactly PyTorch's ops as before, with and without the SiLU
+        assert torch.equal(norm(x32, silu=True), F.silu(F.group_norm(x32, 8, norm.weight, norm.bias, 1e-5)))
+        norm.to(torch.bfloat16)
+        xb = x32.bfloat16().contiguous(memory_format=torch.channels_last)
+        ours = norm(xb, silu=True)
+        assert len(calls) == 1
+        ref = group_norm_exact(xb, 8, norm.weight, norm.bias, 1e-5, True)
+        assert (ours.double() - ref).abs().max() < 0.05
+        norm(xb.contiguous())  # NCHW memory: PyTorch's kernel
+        monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
+        norm(xb)
+    assert len(calls) == 1

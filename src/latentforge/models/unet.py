@@ -83,9 +83,12 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
+        # the Sequentials' GroupNorm + SiLU run as one call (fused where nn.native can), then the rest
+        norm, _, conv = self.in_layers
+        h = conv(norm(x, silu=True))
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.out_layers(h)
+        norm, _, dropout, conv = self.out_layers
+        h = conv(dropout(norm(h, silu=True)))
         return self.skip_connection(x) + h
 
 
@@ -412,7 +415,8 @@ class UNet(nn.Module):
             h = torch.cat([h, skip], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
             h = run(block, h, emb, context, size)
-        return self.out(h)
+        norm, _, conv = self.out
+        return conv(norm(h, silu=True))
 
     # recompute each block's activations in the backward pass instead of storing them (training memory)
     gradient_checkpointing = False

@@ -203,7 +203,7 @@ void attend(const Problem &pr, int64_t task) {
                 const int64_t n = std::min<int64_t>(16, cols - c);
                 const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
                 __m512 x = _mm512_maskz_loadu_ps(mask, s + c);
-                __m512 e = _mm512_maskz_mov_ps(mask, lf_exp2_neg(_mm512_fmsub_ps(x, scale, mv)));
+                __m512 e = _mm512_maskz_mov_ps(mask, lf_exp2(_mm512_fmsub_ps(x, scale, mv)));
                 sum = _mm512_add_ps(sum, e);
                 __m256bh eb = _mm512_cvtneps_pbh(e);
                 const int64_t store = std::min<int64_t>(16, pcols - c);

@@ -33,7 +33,7 @@ inline __m512 erf_pos(__m512 x) {
     p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
     p = _mm512_mul_ps(p, t);
     // exp(-x^2) = 2^(-x^2 log2 e)
-    __m512 e = lf_exp2_neg(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-1.4426950408889634f)));
+    __m512 e = lf_exp2(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-1.4426950408889634f)));
     return _mm512_fnmadd_ps(p, e, one);  // 1 - p e
 }
 
