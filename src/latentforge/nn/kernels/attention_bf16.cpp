@@ -28,7 +28,7 @@
 #include <thread>
 #include <vector>
 
-#include "exp2.h"
+#include "common.h"
 
 namespace {
 
@@ -50,19 +50,6 @@ struct Problem {
     int64_t Dp, groups, pairs;  // padded width, key groups of 16, key pairs
     uint32_t *kp, *vp;          // packed K and V of every (batch, head)
 };
-
-template <class F>
-void parallel(int64_t n, int threads, F fn) {
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    std::atomic<int64_t> next{0};
-    auto worker = [&]() {
-        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto &t : pool) t.join();
-}
 
 inline uint32_t pair_at(const uint16_t *p) {
     uint32_t x;
@@ -257,8 +244,8 @@ extern "C" int lf_attention_bf16(const uint16_t *q, const uint16_t *k, const uin
     pr.pairs = pairs_alloc;
     pr.kp = kp.data();
     pr.vp = vp.data();
-    parallel(B * H, threads, [&](int64_t bh) { pack_head(pr, bh); });
+    lf_parallel(B * H, threads, [&](int64_t bh) { pack_head(pr, bh); });
     const int64_t qblocks = (Nq + QB - 1) / QB;
-    parallel(B * H * qblocks, threads, [&](int64_t t) { attend(pr, t); });
+    lf_parallel(B * H * qblocks, threads, [&](int64_t t) { attend(pr, t); });
     return 0;
 }

@@ -13,14 +13,9 @@
 #include <thread>
 #include <vector>
 
-#include "exp2.h"
+#include "common.h"
 
 namespace {
-
-inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-    __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 // erf(x) for x >= 0 (A&S 7.1.26); the caller restores the sign
 inline __m512 erf_pos(__m512 x) {
@@ -45,11 +40,11 @@ void rows_range(const uint16_t *h, const uint16_t *bias, uint16_t *out, int64_t 
         uint16_t *dst = out + r * F;
         for (int64_t j = 0; j < F; j += 16) {
             const int64_t n = std::min<int64_t>(16, F - j);
-            const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-            __m512 v = load_bf16(value + j, m), g = load_bf16(gate + j, m);
+            const __mmask16 m = lf_tail(n);
+            __m512 v = lf_load_bf16(value + j, m), g = lf_load_bf16(gate + j, m);
             if (bias) {
-                v = _mm512_add_ps(v, load_bf16(bias + j, m));
-                g = _mm512_add_ps(g, load_bf16(bias + F + j, m));
+                v = _mm512_add_ps(v, lf_load_bf16(bias + j, m));
+                g = _mm512_add_ps(g, lf_load_bf16(bias + F + j, m));
             }
             __m512 z = _mm512_mul_ps(g, inv_sqrt2);
             __m512 az = _mm512_andnot_ps(sign, z);
@@ -67,16 +62,7 @@ extern "C" int lf_geglu_bf16(const uint16_t *h, const uint16_t *bias, uint16_t *
                              int threads) {
     if (rows < 0 || F <= 0) return 1;
     const int64_t chunk = 64;
-    const int64_t tasks = (rows + chunk - 1) / chunk;
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, tasks));
-    std::atomic<int64_t> next{0};
-    auto worker = [&]() {
-        for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1))
-            rows_range(h, bias, out, F, t * chunk, std::min(rows, (t + 1) * chunk));
-    };
-    std::vector<std::thread> pool;
-    for (int i = 1; i < threads; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto &t : pool) t.join();
+    lf_parallel((rows + chunk - 1) / chunk, threads,
+                [&](int64_t t) { rows_range(h, bias, out, F, t * chunk, std::min(rows, (t + 1) * chunk)); });
     return 0;
 }

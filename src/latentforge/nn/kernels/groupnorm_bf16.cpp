@@ -16,31 +16,11 @@
 #include <thread>
 #include <vector>
 
-#include "exp2.h"
+#include "common.h"
 
 namespace {
 
 constexpr int64_t PIXELS = 256;  // pixels per task
-
-inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-    __m256i raw = _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-inline __mmask16 tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-
-template <class F>
-void parallel(int64_t n, int threads, F fn) {
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    std::atomic<int64_t> next{0};
-    auto worker = [&]() {
-        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto &t : pool) t.join();
-}
 
 }  // namespace
 
@@ -49,14 +29,14 @@ extern "C" int lf_groupnorm_bf16(const uint16_t *x, const uint16_t *weight, cons
     if (N <= 0 || HW <= 0 || C <= 0 || G <= 0 || C % G != 0) return 1;
     const int64_t per_group = C / G, chunks = (HW + PIXELS - 1) / PIXELS, tasks = N * chunks;
     std::vector<double> partial((size_t)(tasks * G * 2), 0.0);  // [task][group][sum, sum of squares]
-    parallel(tasks, threads, [&](int64_t task) {
+    lf_parallel(tasks, threads, [&](int64_t task) {
         const int64_t n = task / chunks, p0 = (task % chunks) * PIXELS, p1 = std::min(HW, p0 + PIXELS);
         std::vector<float> s((size_t)C, 0.0f), q((size_t)C, 0.0f);
         for (int64_t p = p0; p < p1; ++p) {
             const uint16_t *row = x + (n * HW + p) * C;
             for (int64_t c = 0; c < C; c += 16) {
-                const __mmask16 m = tail(C - c);
-                __m512 v = load_bf16(row + c, m);
+                const __mmask16 m = lf_tail(C - c);
+                __m512 v = lf_load_bf16(row + c, m);
                 _mm512_mask_storeu_ps(s.data() + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s.data() + c), v));
                 _mm512_mask_storeu_ps(q.data() + c, m,
                                       _mm512_fmadd_ps(v, v, _mm512_maskz_loadu_ps(m, q.data() + c)));
@@ -92,15 +72,15 @@ extern "C" int lf_groupnorm_bf16(const uint16_t *x, const uint16_t *weight, cons
             }
         }
     const __m512 one = _mm512_set1_ps(1.0f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
-    parallel(tasks, threads, [&](int64_t task) {
+    lf_parallel(tasks, threads, [&](int64_t task) {
         const int64_t n = task / chunks, p0 = (task % chunks) * PIXELS, p1 = std::min(HW, p0 + PIXELS);
         const float *a = scale.data() + n * C, *s = shift.data() + n * C;
         for (int64_t p = p0; p < p1; ++p) {
             const uint16_t *row = x + (n * HW + p) * C;
             uint16_t *dst = out + (n * HW + p) * C;
             for (int64_t c = 0; c < C; c += 16) {
-                const __mmask16 m = tail(C - c);
-                __m512 y = _mm512_fmadd_ps(load_bf16(row + c, m), _mm512_maskz_loadu_ps(m, a + c),
+                const __mmask16 m = lf_tail(C - c);
+                __m512 y = _mm512_fmadd_ps(lf_load_bf16(row + c, m), _mm512_maskz_loadu_ps(m, a + c),
                                            _mm512_maskz_loadu_ps(m, s + c));
                 if (silu) y = _mm512_div_ps(y, _mm512_add_ps(one, lf_exp2(_mm512_mul_ps(y, neg_log2e))));
                 _mm256_mask_storeu_epi16(dst + c, m, (__m256i)_mm512_cvtneps_pbh(y));

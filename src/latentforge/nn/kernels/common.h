@@ -1,0 +1,48 @@
+// What latentforge's kernels share: 2^x on 16 floats (attention's softmax, GEGLU's erf, SiLU), bf16 loads,
+// tail masks and the thread pool that runs a kernel's tasks.
+// x is clamped to [-127, 127]; 2^f on the fraction f in [0, 1) is a degree-4 polynomial (least squares on
+// Chebyshev nodes, relative error 2.7e-6, far below bf16's 3.9e-3), and VSCALEFPS multiplies by 2^n.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+inline __m512 lf_exp2(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3520603e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.2037429e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4142750e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9300663e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 bf16 values (masked) widened to fp32
+inline __m512 lf_load_bf16(const uint16_t *p, __mmask16 m) {
+    __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// the mask of the first min(n, 16) lanes
+inline __mmask16 lf_tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// fn(i) for i in [0, n) on `threads` threads (this one included) taking tasks in turn; each task runs on
+// one thread from start to end, so results do not depend on the thread count
+template <class F>
+void lf_parallel(int64_t n, int threads, F fn) {
+    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    std::atomic<int64_t> next{0};
+    auto worker = [&]() {
+        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto &t : pool) t.join();
+}
