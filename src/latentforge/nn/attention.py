@@ -25,7 +25,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = Fal
     # activations, C stride = HW) SDPA's CPU flash kernel falls back to the math path, which stores all
     # N x N scores (17 GB for the VAE at 2048 px). Already so for linear outputs and channels-last maps.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if not causal and not upcast and native.usable(q, k, v, heads):
+    if not causal and not upcast and native.attention_usable(q, k, v, heads):
         return native.attention_bf16(q, k, v, heads)
     # (B, N, C) -> (B, heads, N, d)
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))

@@ -21,7 +21,7 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """GroupNorm of ``x``, then SiLU when ``silu`` (the ResBlocks' norm-activation pair): bf16
         channels-last activations on AVX512-BF16 CPUs take the fused kernel (``nn.native``)."""
-        if x.dtype == torch.bfloat16 and native.groupnorm_usable(x, self.num_groups):
+        if native.groupnorm_usable(x, self.num_groups):
             return native.group_norm_bf16(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
         if x.dtype in (torch.float32, torch.bfloat16):
             out = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)

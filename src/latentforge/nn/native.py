@@ -177,7 +177,7 @@ def reset() -> None:
         _state.clear()
 
 
-def usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
+def attention_usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
     """Whether ``attention_bf16`` takes these (B, N, C) inputs: bf16 CPU tensors, channels innermost,
     an even head width, no autograd, a problem big enough to pay off, and the kernel wanted here."""
     if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
@@ -198,7 +198,7 @@ def usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
 
 def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """softmax(q k^T / sqrt(d)) v per head for (B, N, C) bf16 inputs (C = heads * d); (B, Nq, C) out.
-    Call only where ``usable`` said yes."""
+    Call only where ``attention_usable`` said yes."""
     b, nq, c = q.shape
     nk, d = k.shape[1], c // heads
     out = torch.empty(b, nq, c, dtype=torch.bfloat16)
