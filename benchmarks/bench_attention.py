@@ -7,8 +7,9 @@ SDXL UNet's at 1024x1024 and the VAE's mid-block at 512x512, bf16, in one proces
 (``LATENTFORGE_KERNELS=off``'s path) and OpenVINO's ScaledDotProductAttention op compiled alone with
 bf16 inference precision (``pip install -e '.[bench]'``; it is given fp32 inputs, its conversion
 included). Interleaved rounds, the minimum of ``--reps``; GFLOP/s counts 4*B*H*Nq*Nk*D. ``--unet``
-adds one CFG step of a full-size SD1.5-shaped UNet with random weights, with the kernels (attention and
-GEGLU) and without (``LATENTFORGE_KERNELS=off``) in alternation, and the largest difference of the
+adds one CFG step of a full-size SD1.5-shaped UNet with random weights, with the kernels (attention,
+GroupNorm + SiLU, and GEGLU's fused matmuls of nn/fused.py) and without (``LATENTFORGE_KERNELS=off``) in
+alternation, and the largest difference of the
 outputs. Results: stdout and benchmarks/results/attention.json.
 """
 

@@ -3,10 +3,13 @@
     python benchmarks/profile_unet.py [--size 512] [--dtype bf16]
 
 Builds the full-size SD1.5 UNet with random weights on latentforge's fast path (channels-last), runs
-one warm-up and one profiled CFG step (batch 2) under torch.profiler, and groups the CPU time of the
-operators into attention (SDPA), convolution, linear/matmul and everything else. FLOPs come from the
-profiler for convolutions and matmuls and from the shapes for attention (4*B*H*L*S*D).
-Saves results/profile_unet.json.
+one warm-up and one profiled CFG step (batch 2) under torch.profiler inside ``packed_session`` (as a
+generation runs it), and groups the CPU time of the operators into attention (SDPA or latentforge's
+kernel), convolution, linear/matmul (with GEGLU's fused oneDNN matmuls), the GroupNorm + SiLU kernel and
+everything else. The native kernels are ctypes calls the profiler cannot see: this script labels them with
+``record_function``. FLOPs come from the profiler for convolutions and matmuls and from the shapes for
+attention (4*B*H*L*S*D). ``--vae`` profiles a VAE decode at the same size instead.
+Saves results/profile_unet.json (results/profile_vae.json).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from common import save, table
 
 KINDS = {
     "attention (SDPA)": ("scaled_dot_product", "flash_attention"),
-    "convolution": ("convolution", "mkldnn_convolution", "conv2d"),
-    "linear / matmul": ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention (native)": ("lf_attention",),
+    "GroupNorm + SiLU (native)": ("lf_groupnorm",),
+    "convolution": ("convolution", "mkldnn_convolution", "conv2d", "_convolution_pointwise"),
+    "linear / matmul": ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "_linear_pointwise"),
 }
 
 
@@ -43,44 +48,80 @@ def attention_flops(shapes) -> float:
     return 4.0 * b * h * L * k[2] * d
 
 
+NATIVE_ATTENTION_FLOPS = [0.0]  # counted by the labelled attention kernel while profiling
+
+
+def label_native_kernels() -> None:
+    """Wrap nn.native's kernel calls in profiler labels (lf_attention, lf_groupnorm); the
+    attention label also counts its FLOPs (4*B*Nq*Nk*C)."""
+    from latentforge.nn import native
+
+    def labelled(fn, name):
+        def call(*args, **kwargs):
+            if name == "lf_attention":
+                (b, nq, c), nk = args[0].shape, args[1].shape[1]
+                NATIVE_ATTENTION_FLOPS[0] += 4.0 * b * nq * nk * c
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
+
+        return call
+
+    for attr, name in (("attention_bf16", "lf_attention"), ("group_norm_bf16", "lf_groupnorm")):
+        setattr(native, attr, labelled(getattr(native, attr), name))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--vae", action="store_true", help="profile a VAE decode instead of a UNet step")
     args = ap.parse_args()
     from latentforge.device import to_fast_layout
     from latentforge.families import get_family
-    from latentforge.models import UNet
+    from latentforge.models import AutoencoderKL, UNet
+    from latentforge.nn.packed import packed_session
 
+    label_native_kernels()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    unet = to_fast_layout(UNet(get_family("sd1").unet).to(dtype).eval())
     n = args.size // 8
-    x = torch.randn(2, 4, n, n, dtype=dtype)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, dtype=dtype)
-    with torch.inference_mode():
-        unet(x, t, ctx)
+    if args.vae:
+        model = to_fast_layout(AutoencoderKL(get_family("sd1").vae).to(dtype).eval())
+        z = torch.randn(1, 4, n, n, dtype=dtype)
+        call, what = (lambda: model.decode(z)), "SD VAE decode"
+    else:
+        model = to_fast_layout(UNet(get_family("sd1").unet).to(dtype).eval())
+        x = torch.randn(2, 4, n, n, dtype=dtype)
+        t = torch.tensor([500.0, 500.0])
+        ctx = torch.randn(2, 77, 768, dtype=dtype)
+        call, what = (lambda: model(x, t, ctx)), "SD1.5 UNet, one CFG step (batch 2)"
+    with torch.inference_mode(), packed_session(model):
+        call()
+        NATIVE_ATTENTION_FLOPS[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
-            unet(x, t, ctx)
+            call()
     events = prof.key_averages(group_by_input_shape=True)
     total_us = sum(e.self_cpu_time_total for e in events)
     time_us = {k: 0.0 for k in [*KINDS, "other"]}
     flops = {k: 0.0 for k in time_us}
+    flops["attention (native)"] = NATIVE_ATTENTION_FLOPS[0]
     for e in events:
         kind = kind_of(e.key)
         time_us[kind] += e.self_cpu_time_total
         if "flash_attention" in e.key:  # the kernel itself (its parent SDPA call has the same shapes)
             flops[kind] += attention_flops(e.input_shapes) * e.count
-        elif kind not in ("attention (SDPA)", "other"):
+        elif kind in ("convolution", "linear / matmul"):
             flops[kind] += e.flops  # the profiler's own count (conv2d, addmm, mm, bmm); 0 for wrappers
     rows = []
     for kind, us in time_us.items():
         gflops = flops[kind] / (us / 1e6) / 1e9 if us and flops[kind] else None
         rows.append({"operation": kind, "seconds": us / 1e6, "share": us / total_us, "GFLOP/s": gflops})
-    print(f"SD1.5 UNet, one CFG step (batch 2) at {args.size}x{args.size}, {args.dtype}, channels-last")
+    print(f"{what} at {args.size}x{args.size}, {args.dtype}, channels-last, convolutions packed")
     print(table(rows, ["operation", "seconds", "share", "GFLOP/s"]))
-    print(f"saved {save('profile_unet', {'size': args.size, 'dtype': args.dtype, 'rows': rows})}")
+    others = sorted((e for e in events if kind_of(e.key) == "other"), key=lambda e: -e.self_cpu_time_total)[:8]
+    print("largest 'other':", ", ".join(f"{e.key} {e.self_cpu_time_total / 1e6:.3f}s" for e in others))
+    name = "profile_vae" if args.vae else "profile_unet"
+    print(f"saved {save(name, {'size': args.size, 'dtype': args.dtype, 'rows': rows})}")
 
 
 if __name__ == "__main__":

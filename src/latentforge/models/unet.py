@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import CrossAttention, GroupNorm32, native, timestep_embedding
+from latentforge.nn import CrossAttention, GroupNorm32, fused, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -101,16 +101,12 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         proj = self.proj
-        if x.dtype == torch.bfloat16 and not (proj._forward_hooks or proj._forward_pre_hooks) and native.ready():
-            # bf16 on CPUs with AVX512-BF16: the projection without its bias, then bias, GELU and product
-            # in one pass (nn.native); any hook on the projection keeps the plain path
-            h = F.linear(x, proj.weight)
-            if native.geglu_usable(h):
-                return native.geglu_bf16(h, proj.bias)
-            h = h if proj.bias is None else h + proj.bias
-        else:
-            h = proj(x)
-        value, gate = h.chunk(2, dim=-1)
+        hooked = proj._forward_hooks or proj._forward_pre_hooks
+        if not hooked and fused.linear_geglu_usable(x, proj.weight, proj.bias):
+            # bf16 on the CPU: GELU and the product as post-ops of two oneDNN matmuls (nn.fused); any hook
+            # on the projection keeps the plain path
+            return fused.linear_geglu(x, proj.weight, proj.bias)
+        value, gate = proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 

@@ -1,4 +1,4 @@
-"""latentforge's own bf16 CPU kernels (issue 16): attention, and GEGLU's elementwise half fused, for CPUs
+"""latentforge's own bf16 CPU kernels (issue 16): attention, and GroupNorm with the SiLU after it, for CPUs
 with AVX512-BF16 and no AMX.
 
 On such CPUs (AMD Zen 4, Intel Cooper Lake) PyTorch's flash-attention kernel runs SD's narrow heads
@@ -6,9 +6,9 @@ On such CPUs (AMD Zen 4, Intel Cooper Lake) PyTorch's flash-attention kernel run
 attention is a third of a UNet step. ``kernels/attention_bf16.cpp`` computes the same attention with
 VDPBF16PS on K and V packed once per head and an online (flash) softmax in fp32: about 2x PyTorch's
 kernel on those shapes (``benchmarks/bench_attention.py``). On CPUs with AMX, PyTorch's kernel uses the
-tile unit and stays the choice. ``kernels/geglu_bf16.cpp`` does the feed-forward's bias, exact GELU and
-product in one pass over the activations instead of three; ``kernels/groupnorm_bf16.cpp`` GroupNorm and the
-SiLU after it on channels-last activations in two passes instead of four.
+tile unit and stays the choice. ``kernels/groupnorm_bf16.cpp`` does GroupNorm and the SiLU after it on
+channels-last activations in two passes instead of four. (The feed-forward's GEGLU is fused differently:
+as post-ops of oneDNN's matmuls, ``nn/fused.py``.)
 
 The C++ sources (``kernels/*.cpp``, one library) ship with the package and are compiled on first use
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``; ``torch.compile`` needs the same) into
@@ -153,11 +153,10 @@ def _library():
             lib.lf_attention_bf16.argtypes = (
                 [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
             )
-            lib.lf_geglu_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
             lib.lf_groupnorm_bf16.argtypes = (
                 [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
             )
-            for fn in (lib.lf_attention_bf16, lib.lf_geglu_bf16, lib.lf_groupnorm_bf16):
+            for fn in (lib.lf_attention_bf16, lib.lf_groupnorm_bf16):
                 fn.restype = ctypes.c_int
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
@@ -209,34 +208,6 @@ def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"attention kernel refused shape q={tuple(q.shape)} k={tuple(k.shape)} heads={heads}")
-    return out
-
-
-def geglu_usable(h: Tensor) -> bool:
-    """Whether ``geglu_bf16`` takes this projection output (bf16 CPU, contiguous, no autograd)."""
-    return (
-        h.dtype == torch.bfloat16
-        and h.device.type == "cpu"
-        and h.shape[-1] % 2 == 0
-        and h.is_contiguous()
-        and not (torch.is_grad_enabled() and h.requires_grad)
-        and ready()
-    )
-
-
-def geglu_bf16(h: Tensor, bias: Tensor | None) -> Tensor:
-    """GEGLU's elementwise half (Shazeer 2020) on ``h = x W^T`` (..., 2F) bf16 without its bias:
-    (h[..., :F] + b[:F]) * gelu(h[..., F:] + b[F:]) with the exact GELU, computed in fp32, one rounding to
-    bf16. Call only where ``geglu_usable`` said yes."""
-    f = h.shape[-1] // 2
-    if bias is not None:
-        bias = bias.to(torch.bfloat16).contiguous()
-    out = torch.empty(*h.shape[:-1], f, dtype=torch.bfloat16)
-    rows = h.numel() // (2 * f)
-    rc = _library().lf_geglu_bf16(h.data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(), rows, f,
-                                  torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"GEGLU kernel refused shape {tuple(h.shape)}")
     return out
 
 
