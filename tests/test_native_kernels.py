@@ -104,6 +104,23 @@ def test_online_softmax_finds_a_late_maximum():
     assert (ref[0] - v[0, nk - 3].double()).abs().max() < 0.05  # the case really is dominated by that key
 
 
+@pytest.mark.parametrize("nk", [77, 517])
+def test_all_scores_far_below_zero_with_a_partial_group_of_keys(nk):
+    """Every score near -100 and a key count that leaves a partial group of 16: the zero-padded key lanes
+    must not count as the row's maximum (a maximum of 0 would underflow every probability and give the
+    mean of V instead of the softmax)."""
+    heads, d = 2, 40
+    base = rand(1, 1, heads * d, seed=13).float()
+    q = (4 * base + rand(1, 50, heads * d, scale=0.3, seed=14).float()).bfloat16()
+    k = (-4 * base + rand(1, nk, heads * d, scale=0.3, seed=15).float()).bfloat16()
+    v = rand(1, nk, heads * d, seed=16)
+    ref = exact(q, k, v, heads)
+    qq, kk = (t.double().reshape(1, -1, heads, d).transpose(1, 2) for t in (q, k))
+    assert (qq @ kk.transpose(-1, -2) / math.sqrt(d)).max() < -60  # the case really is far below zero
+    ours = fa.attention_bf16(q, k, v, heads).double()
+    assert (ours - ref).abs().max() < 2e-2
+
+
 def test_same_result_with_any_thread_count():
     q, k, v = rand(2, 700, 320, seed=10), rand(2, 700, 320, seed=11), rand(2, 700, 320, seed=12)
     before = torch.get_num_threads()

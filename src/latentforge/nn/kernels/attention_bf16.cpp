@@ -11,7 +11,9 @@
 //
 // and the softmax is the online one of flash attention (running max, exp2 with the scale folded in,
 // rescaling the fp32 output accumulator), in fp32, probabilities rounded to bf16 for the second product
-// as PyTorch does. One task = one (batch, head, block of query rows), computed start to end by one
+// as PyTorch does. The row maxima come from the score tiles' registers (no extra pass over the scores),
+// 2^x is a degree-3 polynomial (enough for bf16 probabilities), and a head width of 40 (SD1.5's first
+// level) runs its last 8 output channels 256 bits wide instead of padding them to 16. One task = one (batch, head, block of query rows), computed start to end by one
 // thread, so results do not depend on the number of threads.
 //
 // Layout: q, k, v are bf16 with the channel dimension innermost (stride 1) and head h at channels
@@ -80,65 +82,117 @@ void pack_head(const Problem &pr, int64_t bh) {
     }
 }
 
-// S[r][c] = q_r . k_c for 4 rows and 4 groups of 16 keys (64 columns): 16 accumulators.
-inline void scores_4x4(const uint16_t *const *qrows, const uint32_t *kp, int64_t half, int64_t ngroups,
-                       float *s, int64_t s_stride) {
-    __m512 acc[4][4];
+// S[r][c] = q_r . k_c for 4 rows and 4 groups of 16 keys (64 columns): 16 accumulators. The rows'
+// running maxima over this block of keys are kept in rmax (16 lanes each) from the accumulators, so the
+// softmax does not read S an extra time for them; `last` masks the key lanes past the end of the keys
+// in the tile's last group (they are zero padding, not scores).
+template <int NG>
+inline void scores_tile(const uint16_t *const *qrows, const uint32_t *kp, int64_t half, __mmask16 last, float *s,
+                        int64_t s_stride, __m512 *rmax) {
+    __m512 acc[4][NG];
     for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t p = 0; p < half; ++p) {
-        __m512i kv[4];
-        for (int c = 0; c < 4; ++c)
-            kv[c] = c < ngroups ? _mm512_loadu_si512(kp + (c * half + p) * 16) : _mm512_setzero_si512();
+        __m512i kv[NG];
+        for (int c = 0; c < NG; ++c) kv[c] = _mm512_loadu_si512(kp + (c * half + p) * 16);
         for (int r = 0; r < 4; ++r) {
             __m512bh qb = (__m512bh)_mm512_set1_epi32((int)pair_at(qrows[r] + 2 * p));
-            for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, (__m512bh)kv[c]);
+            for (int c = 0; c < NG; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, (__m512bh)kv[c]);
         }
     }
-    for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < ngroups && c < 4; ++c) _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < 4; ++r) {
+        __m512 mx = rmax[r];
+        for (int c = 0; c < NG; ++c) {
+            _mm512_storeu_ps(s + r * s_stride + c * 16, acc[r][c]);
+            mx = _mm512_max_ps(mx, c == NG - 1 ? _mm512_mask_mov_ps(neg_inf, last, acc[r][c]) : acc[r][c]);
+        }
+        rmax[r] = mx;
+    }
 }
 
-// O[r][0:16*NV] += sum_j P[r][j] V[j][...] for R rows, over `pairs` key pairs.
-template <int NV, int R>
+inline void scores_4x4(const uint16_t *const *qrows, const uint32_t *kp, int64_t half, int64_t ngroups,
+                       __mmask16 last, float *s, int64_t s_stride, __m512 *rmax) {
+    switch (ngroups) {
+        case 1: return scores_tile<1>(qrows, kp, half, last, s, s_stride, rmax);
+        case 2: return scores_tile<2>(qrows, kp, half, last, s, s_stride, rmax);
+        case 3: return scores_tile<3>(qrows, kp, half, last, s, s_stride, rmax);
+        default: return scores_tile<4>(qrows, kp, half, last, s, s_stride, rmax);
+    }
+}
+
+// 2^x for the softmax's x <= 0 (scores minus their running maximum): clamped below at -127 (e^-88: zero
+// after the rounding to bf16 and against the row's maximum, which is 1), a degree-3 polynomial on the
+// fraction (relative error 7.7e-5, a fiftieth of bf16's rounding of the probabilities) and VSCALEFPS.
+inline __m512 softmax_exp2(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(7.7907164e-2f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.2623319e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9577710e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992783e-1f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// O[r][0:16*NV] += sum_j P[r][j] V[j][...] for R rows, over `pairs` key pairs. HALF: the last of the NV
+// vectors holds at most 8 output channels (a head width of 40 = 16 + 16 + 8) and runs 256 bits wide,
+// half the work of a padded 512-bit vector.
+template <int NV, int R, bool HALF>
 inline void pv_tile(const uint16_t *P, int64_t p_stride, const uint32_t *vp, int64_t Dp, int64_t pairs, float *O,
                     int64_t o_stride) {
-    __m512 acc[R][NV];
-    for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(O + r * o_stride + v * 16);
+    constexpr int NF = HALF ? NV - 1 : NV;  // full-width vectors
+    __m512 acc[R][NF > 0 ? NF : 1];
+    __m256 acch[R];
+    for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_loadu_ps(O + r * o_stride + v * 16);
+        if (HALF) acch[r] = _mm256_loadu_ps(O + r * o_stride + NF * 16);
+    }
     for (int64_t jp = 0; jp < pairs; ++jp) {
-        __m512i vv[NV];
-        for (int v = 0; v < NV; ++v) vv[v] = _mm512_loadu_si512(vp + jp * Dp + v * 16);
+        __m512i vv[NF > 0 ? NF : 1];
+        for (int v = 0; v < NF; ++v) vv[v] = _mm512_loadu_si512(vp + jp * Dp + v * 16);
+        __m256i vh = HALF ? _mm256_loadu_si256((const __m256i *)(vp + jp * Dp + NF * 16)) : _mm256_setzero_si256();
         for (int r = 0; r < R; ++r) {
-            __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pair_at(P + r * p_stride + 2 * jp));
-            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pb, (__m512bh)vv[v]);
+            __m512i pb = _mm512_set1_epi32((int)pair_at(P + r * p_stride + 2 * jp));
+            for (int v = 0; v < NF; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)pb, (__m512bh)vv[v]);
+            if (HALF) acch[r] = _mm256_dpbf16_ps(acch[r], (__m256bh)_mm512_castsi512_si256(pb), (__m256bh)vh);
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(O + r * o_stride + v * 16, acc[r][v]);
+    for (int r = 0; r < R; ++r) {
+        for (int v = 0; v < NF; ++v) _mm512_storeu_ps(O + r * o_stride + v * 16, acc[r][v]);
+        if (HALF) _mm256_storeu_ps(O + r * o_stride + NF * 16, acch[r]);
+    }
 }
 
-template <int NV>
+template <int NV, bool HALF>
 void pv_rows(int64_t rows, const uint16_t *P, int64_t p_stride, const uint32_t *vp, int64_t Dp, int64_t pairs,
              float *O, int64_t o_stride) {
     constexpr int R = NV <= 3 ? 8 : (NV <= 4 ? 6 : (NV <= 6 ? 4 : 3));
     int64_t r = 0;
-    for (; r + R <= rows; r += R) pv_tile<NV, R>(P + r * p_stride, p_stride, vp, Dp, pairs, O + r * o_stride, o_stride);
-    for (; r < rows; ++r) pv_tile<NV, 1>(P + r * p_stride, p_stride, vp, Dp, pairs, O + r * o_stride, o_stride);
+    for (; r + R <= rows; r += R)
+        pv_tile<NV, R, HALF>(P + r * p_stride, p_stride, vp, Dp, pairs, O + r * o_stride, o_stride);
+    for (; r < rows; ++r) pv_tile<NV, 1, HALF>(P + r * p_stride, p_stride, vp, Dp, pairs, O + r * o_stride, o_stride);
 }
 
-void pv_chunk(int nv, int64_t rows, const uint16_t *P, int64_t p_stride, const uint32_t *vp, int64_t Dp,
-              int64_t pairs, float *O, int64_t o_stride) {
+template <bool HALF>
+void pv_chunk_t(int nv, int64_t rows, const uint16_t *P, int64_t p_stride, const uint32_t *vp, int64_t Dp,
+                int64_t pairs, float *O, int64_t o_stride) {
     switch (nv) {
-        case 1: return pv_rows<1>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 2: return pv_rows<2>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 3: return pv_rows<3>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 4: return pv_rows<4>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 5: return pv_rows<5>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 6: return pv_rows<6>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        case 7: return pv_rows<7>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
-        default: return pv_rows<8>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 1: return pv_rows<1, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 2: return pv_rows<2, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 3: return pv_rows<3, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 4: return pv_rows<4, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 5: return pv_rows<5, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 6: return pv_rows<6, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        case 7: return pv_rows<7, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+        default: return pv_rows<8, HALF>(rows, P, p_stride, vp, Dp, pairs, O, o_stride);
     }
+}
+
+void pv_chunk(int nv, bool half, int64_t rows, const uint16_t *P, int64_t p_stride, const uint32_t *vp, int64_t Dp,
+              int64_t pairs, float *O, int64_t o_stride) {
+    if (half) return pv_chunk_t<true>(nv, rows, P, p_stride, vp, Dp, pairs, O, o_stride);
+    pv_chunk_t<false>(nv, rows, P, p_stride, vp, Dp, pairs, O, o_stride);
 }
 
 void attend(const Problem &pr, int64_t task) {
@@ -156,6 +210,7 @@ void attend(const Problem &pr, int64_t task) {
     P.resize(QB * KB);
     O.assign(QB * Dp, 0.0f);
     float m[QB], l[QB];
+    __m512 rmax[QB];
     for (int r = 0; r < QB; ++r) m[r] = -INFINITY, l[r] = 0.0f;
 
     const uint16_t *qbase = pr.q + b * pr.q_sb + h * D;
@@ -163,34 +218,35 @@ void attend(const Problem &pr, int64_t task) {
     for (int64_t c0 = 0; c0 < pr.Nk; c0 += KB) {
         const int64_t cols = std::min<int64_t>(KB, pr.Nk - c0);
         const int64_t cgroups = (cols + 15) / 16;
-        // scores for this block of keys
+        const __mmask16 last = lf_tail(cols - (cgroups - 1) * 16);  // valid keys of the block's last group
+        // scores for this block of keys, and each row's maximum over them
         for (int64_t r = 0; r < rows4; r += 4) {
             const uint16_t *qrows[4];
-            for (int i = 0; i < 4; ++i) qrows[i] = qbase + (r0 + std::min<int64_t>(r + i, rows - 1)) * pr.q_sn;
-            for (int64_t g = 0; g < cgroups; g += 4)
-                scores_4x4(qrows, kp + (c0 / 16 + g) * half * 16, half, std::min<int64_t>(4, cgroups - g),
-                           S.data() + r * KB + g * 16, KB);
+            for (int i = 0; i < 4; ++i) {
+                qrows[i] = qbase + (r0 + std::min<int64_t>(r + i, rows - 1)) * pr.q_sn;
+                rmax[r + i] = _mm512_set1_ps(-INFINITY);
+            }
+            for (int64_t g = 0; g < cgroups; g += 4) {
+                const int64_t ng = std::min<int64_t>(4, cgroups - g);
+                scores_4x4(qrows, kp + (c0 / 16 + g) * half * 16, half, ng, g + ng == cgroups ? last : 0xFFFF,
+                           S.data() + r * KB + g * 16, KB, rmax + r);
+            }
         }
         // online softmax: probabilities (bf16) and the rescaled accumulator
         const int64_t pcols = (cols + 1) / 2 * 2;
         for (int64_t r = 0; r < rows; ++r) {
             float *s = S.data() + r * KB;
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            int64_t c = 0;
-            for (; c + 16 <= cols; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
-            float mrow = _mm512_reduce_max_ps(mx);
-            for (; c < cols; ++c) mrow = std::max(mrow, s[c]);
-            mrow *= pr.scale_log2;
+            const float mrow = _mm512_reduce_max_ps(rmax[r]) * pr.scale_log2;
             const float mnew = std::max(m[r], mrow);
             const float alpha = std::exp2(m[r] - mnew);  // 0 on the first block (m = -inf)
             const __m512 mv = _mm512_set1_ps(mnew);
             __m512 sum = _mm512_setzero_ps();
             uint16_t *p = P.data() + r * KB;
-            for (c = 0; c < pcols; c += 16) {
+            for (int64_t c = 0; c < pcols; c += 16) {
                 const int64_t n = std::min<int64_t>(16, cols - c);
                 const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
                 __m512 x = _mm512_maskz_loadu_ps(mask, s + c);
-                __m512 e = _mm512_maskz_mov_ps(mask, lf_exp2(_mm512_fmsub_ps(x, scale, mv)));
+                __m512 e = _mm512_maskz_mov_ps(mask, softmax_exp2(_mm512_fmsub_ps(x, scale, mv)));
                 sum = _mm512_add_ps(sum, e);
                 __m256bh eb = _mm512_cvtneps_pbh(e);
                 const int64_t store = std::min<int64_t>(16, pcols - c);
@@ -208,7 +264,8 @@ void attend(const Problem &pr, int64_t task) {
         const uint32_t *vblock = vp + (c0 / 2) * Dp;
         for (int64_t d0 = 0; d0 < Dp; d0 += 128) {
             const int nv = (int)std::min<int64_t>(8, (Dp - d0) / 16);
-            pv_chunk(nv, rows, P.data(), KB, vblock + d0, Dp, pcols / 2, O.data() + d0, Dp);
+            const bool half_last = d0 + 16 * nv == Dp && Dp - D >= 8;  // the last vector holds <= 8 channels
+            pv_chunk(nv, half_last, rows, P.data(), KB, vblock + d0, Dp, pcols / 2, O.data() + d0, Dp);
         }
     }
     // normalise and store bf16
