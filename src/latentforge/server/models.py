@@ -14,6 +14,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from latentforge import allocator
 from latentforge.pipelines.request import RequestError
 from latentforge.server.config import ServerConfig
 
@@ -133,6 +134,7 @@ class ModelCache:
         log.info("unloading model %s", name)
         del pipe
         gc.collect()
+        allocator.release()  # the model's memory back to the system (the heap keeps freed blocks otherwise)
 
     def total_bytes(self) -> int:
         return sum(_pipe_bytes(p) for p in self.loaded.values())
