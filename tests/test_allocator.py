@@ -1,6 +1,6 @@
-"""Freed CPU memory kept for reuse (latentforge/allocator.py): measured by the process's own minor page
-faults (getrusage) and resident size (/proc/self/statm), each case in a fresh interpreter so the
-process-wide malloc settings of one case cannot leak into another."""
+"""Freed CPU memory reused while the VAE runs (latentforge/allocator.py): measured by the process's own
+minor page faults (getrusage) and resident size (/proc/self/statm), each case in a fresh interpreter so
+the process-wide malloc settings of one case cannot leak into another."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 
@@ -29,7 +30,16 @@ def touch(mb):
     t.fill_(1)  # every page written, as an activation is
     return t
 
-out = {}
+def rounds(n, mb=64):
+    counts = []
+    for _ in range(n):
+        before = faults()
+        t = touch(mb)
+        del t
+        counts.append(faults() - before)
+    return counts
+
+out = {"glibc": allocator._glibc() is not None}
 """
 
 
@@ -38,51 +48,69 @@ def run_child(body: str, **env: str) -> dict:
     code = CHILD + textwrap.dedent(body) + "\nprint(json.dumps(out))\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if not out["glibc"]:
+        pytest.skip("not glibc")
+    return out
 
 
+# 64 MB = 16384 pages of 4 KiB
 REUSE = """
-out["kept"] = allocator.keep_freed_memory()
-for i in range(5):
-    before = faults()
-    t = touch(64)
-    del t
-    out[f"faults{i}"] = faults() - before
+with allocator.reusing() as on:
+    out["on"] = on
+    out["inside"] = rounds(5)
 """
 
 
-def test_a_freed_large_block_is_reused_without_page_faults():
+def test_freed_large_blocks_are_reused_inside():
     out = run_child(REUSE)
-    if not out["kept"]:
-        pytest.skip("not glibc")
-    # 64 MB = 16384 pages of 4 KiB: the first allocation faults them in; once the heap holds a free block
-    # of that size (a second one may be needed: a small object can sit after the first), no new faults
-    assert out["faults0"] > 8000
-    assert out["faults3"] < 500 and out["faults4"] < 500
+    assert out["on"] is True
+    # the first allocations fault their pages in (a second block may be needed: a small object can sit
+    # after the first); then the heap's free blocks serve them with no new faults
+    assert out["inside"][0] > 8000
+    assert max(out["inside"][3:]) < 500
 
 
 def test_system_setting_keeps_glibcs_behaviour():
     out = run_child(REUSE, LATENTFORGE_MALLOC="system")
-    assert out["kept"] is False
-    assert out["faults3"] > 8000 and out["faults4"] > 8000  # each 64 MB block mapped and faulted anew
+    assert out["on"] is False
+    assert min(out["inside"][1:]) > 8000  # each 64 MB block mapped and faulted anew
 
 
-def test_release_gives_the_memory_back():
+def test_leaving_gives_the_memory_back_and_nesting_holds_it_until_the_outer_exit():
     out = run_child(
         """
-        out["kept"] = allocator.keep_freed_memory()
         base = rss()
-        t = touch(256)
-        del t
-        out["kept_mb"] = (rss() - base) / 2**20
-        allocator.release()
+        with allocator.reusing():
+            with allocator.reusing():
+                t = touch(256)
+                del t
+            out["after_inner_mb"] = (rss() - base) / 2**20
+            out["inner_left_on"] = allocator.active()
+            out["reuse_after_inner"] = rounds(3, 256)[-1]
+        out["after_outer_mb"] = (rss() - base) / 2**20
+        out["on_after"] = allocator.active()
+        """
+    )
+    assert out["after_inner_mb"] > 200 and out["inner_left_on"]  # still kept for the outer context
+    assert out["reuse_after_inner"] < 2000  # the kept 256 MB block served the next one
+    assert out["after_outer_mb"] < 50 and not out["on_after"]  # malloc_trim handed it back
+
+
+def test_release_returns_free_heap_memory():
+    out = run_child(
+        """
+        base = rss()
+        ts = [torch.ones(64 << 10, dtype=torch.uint8) for _ in range(3000)]  # 64 KB blocks: from the heap
+        keep = torch.ones(64 << 10, dtype=torch.uint8)  # one after them: freeing them cannot shrink the top
+        del ts
+        out["freed_mb"] = (rss() - base) / 2**20
+        out["released"] = allocator.release()
         out["released_mb"] = (rss() - base) / 2**20
         """
     )
-    if not out["kept"]:
-        pytest.skip("not glibc")
-    assert out["kept_mb"] > 200  # freed, but kept for reuse
-    assert out["released_mb"] < 50
+    assert out["released"] is True
+    assert out["freed_mb"] - out["released_mb"] > 100
 
 
 def test_bad_setting_says_what_to_use(monkeypatch):
@@ -93,18 +121,24 @@ def test_bad_setting_says_what_to_use(monkeypatch):
         allocator.wanted()
 
 
-def test_loading_a_cpu_pipeline_turns_it_on(tmp_path):
-    from tiny import tiny_sd1_file
+def test_the_vae_runs_inside_it(monkeypatch):
+    from latentforge import allocator
+    from latentforge.families import get_family
+    from latentforge.models import AutoencoderKL
+    from latentforge.models import vae as vae_module
 
-    _, path = tiny_sd1_file(tmp_path, seed=0)
-    out = run_child(
-        f"""
-        import latentforge
-        out["before"] = bool(allocator._state.get("kept"))
-        latentforge.load({str(path)!r})
-        out["after"] = bool(allocator._state.get("kept"))
-        out["glibc"] = allocator._glibc() is not None
-        """
-    )
-    assert out["before"] is False
-    assert out["after"] is out["glibc"]
+    seen = []
+    real = allocator.reusing
+
+    def spy():
+        seen.append(True)
+        return real()
+
+    monkeypatch.setattr(vae_module.allocator, "reusing", spy)
+    cfg = get_family("sd1").vae
+    small = type(cfg)(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+    vae = AutoencoderKL(small).eval()
+    with torch.inference_mode():
+        z = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
+        vae.decode(z)
+    assert len(seen) == 2

@@ -1,40 +1,51 @@
-"""Freed CPU memory kept for reuse instead of page-faulted in anew (issue 16: the VAE decode).
+"""Freed CPU memory reused instead of page-faulted in anew, while the VAE runs (issue 16).
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves blocks above its mmap threshold
 (at most 32 MB) with a fresh ``mmap`` and unmaps them on ``free``, so each such tensor costs one page
-fault per 4 KiB page on first touch, the kernel zeroing every page. The VAE decoder's activations at 512
-px are 32-128 MB each: a decode allocated 2.2 GB of fresh pages (about 540,000 minor faults) and spent a
-tenth of its time faulting them in. ``keep_freed_memory`` asks glibc (``mallopt``) to serve every block
-from its heap (``M_MMAP_MAX`` = 0) and not to give the heap's free top back to the system
-(``M_TRIM_THRESHOLD`` at its largest), so a freed activation's pages serve the next one. Measured here
-(``benchmarks/profile_unet.py --vae`` machine, SD VAE decode at 512 px, bf16): 7.3 -> 6.2 s, faults per
-decode 574,000 -> 0, the process keeping its peak (about 0.25 GB above the default's peak, as freed blocks
-fragment the heap). A1111's launcher gets the same from preloading tcmalloc; a library cannot preload.
+fault per 4 KiB page on first touch, the kernel zeroing every page. The VAE's activations at 512 px are
+32-128 MB each: one SD VAE decode allocated 2.2 GB of fresh pages (about 574,000 minor faults) and spent
+a tenth of its time faulting them in. The UNet's activations at 512 px are below the threshold and
+fault nothing once the process is warm.
 
-``load`` calls it for CPU pipelines; ``LATENTFORGE_MALLOC=system`` leaves glibc's defaults. ``release``
-(``malloc_trim``) hands free heap memory back to the system, for after a model is unloaded (the server
-does). Elsewhere than glibc (macOS, Windows, musl) both do nothing.
+``reusing()`` (entered by ``AutoencoderKL.encode_moments`` and ``decode`` for CPU tensors) asks glibc
+(``mallopt``) to serve every block from its heap (``M_MMAP_MAX`` = 0) and not to trim the heap's free top
+(``M_TRIM_THRESHOLD`` at its largest), so a freed activation's pages serve the next one; on leaving, the
+settings return to what glibc's own adaptive thresholds reach in a warm PyTorch process (mmap above
+32 MB, trim above 64 MB) and ``malloc_trim`` hands the free heap back, so the process does not keep the
+decode's peak. Measured (docs/performance.md): the SD VAE decode at 512 px, bf16, 7.3 -> 6.2 s with no
+page faults after the process's first decode.
+Contexts nest and may be entered from several threads (a count; the last one out restores).
+
+``LATENTFORGE_MALLOC=system`` leaves glibc alone. ``release`` (``malloc_trim``) returns free heap memory
+after a model is unloaded (the server's model cache calls it). Elsewhere than glibc (macOS, Windows,
+musl) all of this does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 ENV = "LATENTFORGE_MALLOC"
-# mallopt parameters (glibc's malloc.h)
+# mallopt parameters (glibc's malloc.h) and the values restored on leaving: glibc's adaptive maximum for
+# the mmap threshold (32 MB on 64-bit) and the trim threshold it pairs with (twice that), the default
+# maximum count of mmapped blocks
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 INT_MAX = 2**31 - 1
+RESTORE = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20))
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}
+_state: dict[str, object] = {"depth": 0}
 
 
 def _glibc():
@@ -44,11 +55,7 @@ def _glibc():
         if sys.platform.startswith("linux"):
             try:
                 candidate = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                if (
-                    hasattr(candidate, "mallopt")
-                    and hasattr(candidate, "malloc_trim")
-                    and hasattr(candidate, "gnu_get_libc_version")
-                ):
+                if all(hasattr(candidate, f) for f in ("mallopt", "malloc_trim", "gnu_get_libc_version")):
                     lib = candidate
             except OSError:
                 lib = None
@@ -63,21 +70,35 @@ def wanted() -> bool:
     return value == "reuse"
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc to reuse freed memory for large blocks (once per process); True when it is so now."""
+def active() -> bool:
+    """Whether freed large blocks are being kept for reuse right now."""
+    return bool(_state["depth"])
+
+
+@contextlib.contextmanager
+def reusing() -> Iterator[bool]:
+    """Inside: large blocks come from the heap and freed ones are reused (yields whether it is so)."""
+    libc = _glibc() if wanted() else None
+    if libc is None:
+        yield False
+        return
     with _lock:
-        if _state.get("kept"):
-            return True
-        if not wanted():
-            return False
-        libc = _glibc()
-        if libc is None:
-            return False
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1
-        if not ok:
-            log.info("glibc refused the mallopt settings; large tensors keep their page faults")
-        _state["kept"] = ok
-        return ok
+        ok = _state["depth"] > 0 or bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX))
+        if ok:
+            _state["depth"] += 1
+    if not ok:
+        log.info("glibc refused the mallopt settings; large tensors keep their page faults")
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with _lock:
+            _state["depth"] -= 1
+            if _state["depth"] == 0:
+                for param, value in RESTORE:
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)
 
 
 def release() -> bool:
@@ -85,4 +106,5 @@ def release() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.malloc_trim(0))
+    with _lock:
+        return bool(libc.malloc_trim(0))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from latentforge import allocator
 from latentforge.convert.diffusers import vae_config_from_diffusers, vae_key_to_original
 from latentforge.device import auto_dtype, parse_dtype, to_fast_layout, vae_dtype
 from latentforge.families import Family, get_family
@@ -187,8 +186,6 @@ def load(
     torch_dtype = parse_dtype(dtype)
     dtype_reason = f"explicit dtype={dtype!r}" if torch_dtype is not None else ""
     dev = torch.device(device or "cpu")
-    if dev.type == "cpu":
-        allocator.keep_freed_memory()  # large activations reuse freed memory instead of page-faulting anew
     source = open_source(path)
     try:
         sig = source.signature()

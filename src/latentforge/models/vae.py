@@ -6,12 +6,14 @@ Module names equal the original checkpoint names (``first_stage_model.`` strippe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentforge import allocator
 from latentforge.nn import GroupNorm32, attention
 from latentforge.nn.tiling import tiled_apply
 
@@ -170,6 +172,12 @@ class Decoder(nn.Module):
         return self.conv_out(self.norm_out(h, silu=True))
 
 
+def reusing_memory(x: Tensor):
+    """On the CPU, the VAE's large activations reuse freed memory instead of page-faulting fresh pages
+    (``latentforge.allocator``); elsewhere nothing."""
+    return allocator.reusing() if x.device.type == "cpu" else contextlib.nullcontext(False)
+
+
 class AutoencoderKL(nn.Module):
     """VAE with ``encode`` (image in [-1, 1] -> scaled latent) and ``decode`` (scaled latent -> image).
 
@@ -207,11 +215,12 @@ class AutoencoderKL(nn.Module):
         def run(x: Tensor) -> Tensor:
             return self.quant_conv(self.encoder(x.to(self.dtype)))
 
-        if tile and (image.shape[-2] > tile * f or image.shape[-1] > tile * f):
-            overlap = min(self.tile_overlap, tile // 4)
-            moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f).to(self.dtype)
-        else:
-            moments = run(image)
+        with reusing_memory(image):
+            if tile and (image.shape[-2] > tile * f or image.shape[-1] > tile * f):
+                overlap = min(self.tile_overlap, tile // 4)
+                moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f).to(self.dtype)
+            else:
+                moments = run(image)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -238,6 +247,7 @@ class AutoencoderKL(nn.Module):
         def run(z: Tensor) -> Tensor:
             return self.decoder(self.post_quant_conv(z.to(self.dtype) / self.scale))
 
-        if tile and (latent.shape[-2] > tile or latent.shape[-1] > tile):
-            return tiled_apply(run, latent, tile, min(self.tile_overlap, tile // 4), up=self.config.downscale)
-        return run(latent)
+        with reusing_memory(latent):
+            if tile and (latent.shape[-2] > tile or latent.shape[-1] > tile):
+                return tiled_apply(run, latent, tile, min(self.tile_overlap, tile // 4), up=self.config.downscale)
+            return run(latent)
