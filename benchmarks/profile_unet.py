@@ -15,6 +15,7 @@ Saves results/profile_unet.json (results/profile_vae.json).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def main() -> None:
         time_us[kind] += e.self_cpu_time_total
         if "flash_attention" in e.key:  # the kernel itself (its parent SDPA call has the same shapes)
             flops[kind] += attention_flops(e.input_shapes) * e.count
+        elif "_linear_pointwise" in e.key:  # oneDNN's linear (nn/fused.py): no profiler count; x (.., K), w (N, K)
+            binary = len(e.input_shapes) == 5  # (x, other, w, b, attr) against (x, w, b, attr, scalars, algo)
+            x_shape, w_shape = e.input_shapes[0], e.input_shapes[2 if binary else 1]
+            if x_shape and len(w_shape) == 2:
+                flops[kind] += 2.0 * math.prod(x_shape) * w_shape[0] * e.count
         elif kind in ("convolution", "linear / matmul"):
             flops[kind] += e.flops  # the profiler's own count (conv2d, addmm, mm, bmm); 0 for wrappers
     rows = []
