@@ -124,15 +124,10 @@ inline void scores_4x4(const uint16_t *const *qrows, const uint32_t *kp, int64_t
 // 2^x for the softmax's x <= 0 (scores minus their running maximum): clamped below at -127 (e^-88: zero
 // after the rounding to bf16 and against the row's maximum, which is 1), a degree-3 polynomial on the
 // fraction (relative error 7.7e-5, a fiftieth of bf16's rounding of the probabilities) and VSCALEFPS.
+constexpr float SOFTMAX_EXP2[] = {7.7907164e-2f, 2.2623319e-1f, 6.9577710e-1f, 9.9992783e-1f};
+
 inline __m512 softmax_exp2(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(7.7907164e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.2623319e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9577710e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9992783e-1f));
-    return _mm512_scalef_ps(p, n);
+    return lf_exp2_in_range(_mm512_max_ps(x, _mm512_set1_ps(-127.0f)), SOFTMAX_EXP2);
 }
 
 // O[r][0:16*NV] += sum_j P[r][j] V[j][...] for R rows, over `pairs` key pairs. HALF: the last of the NV

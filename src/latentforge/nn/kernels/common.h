@@ -11,16 +11,22 @@
 #include <thread>
 #include <vector>
 
-inline __m512 lf_exp2(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+// 2^x for x in [-127, 127]: 2^f on the fraction f in [0, 1) by the polynomial with coefficients c (highest
+// degree first, Horner), times 2^n by VSCALEFPS
+template <int N>
+inline __m512 lf_exp2_in_range(__m512 x, const float (&c)[N]) {
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3520603e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.2037429e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4142750e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9300663e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025f));
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(p, n);
+}
+
+constexpr float LF_EXP2_DEGREE4[] = {1.3520603e-2f, 5.2037429e-2f, 2.4142750e-1f, 6.9300663e-1f, 1.0000025f};
+
+inline __m512 lf_exp2(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    return lf_exp2_in_range(x, LF_EXP2_DEGREE4);
 }
 
 // 16 bf16 values (masked) widened to fp32
