@@ -16,7 +16,8 @@ ROOT = Path(latentforge.__file__).parent
 # Lowest first. A unit is the first name under latentforge (a subpackage or a top-level module); in io/,
 # each module (the file readers and writers are leaves, the checkpoint sources know the families).
 LAYERS = [
-    {"_version", "device", "threads", "nn", "demo", "assets", "recipes", "io", "io.tensorfile", "io.writer"}
+    {"_version", "device", "threads", "allocator", "nn", "demo", "assets", "recipes", "io", "io.tensorfile"}
+    | {"io.writer"}
     | {"io.hashing", "io.folder_files", "io.h5file"},
     {"io.infotext", "io.images", "io.components", "models", "sampling", "convert"},
     {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"}
