@@ -16,13 +16,17 @@ autograd; ``LATENTFORGE_KERNELS=off`` keeps PyTorch's plain ops as for ``nn.nati
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from latentforge.nn import native
 
 
-def _onednn_bf16() -> bool:
+@functools.cache
+def available() -> bool:
+    """True where PyTorch's oneDNN linear op runs bf16 natively (checked once)."""
     ops = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
@@ -30,16 +34,6 @@ def _onednn_bf16() -> bool:
         and hasattr(ops, "_is_mkldnn_bf16_supported")
         and bool(ops._is_mkldnn_bf16_supported())
     )
-
-
-_AVAILABLE: list[bool] = []
-
-
-def available() -> bool:
-    """True where PyTorch's oneDNN linear op runs bf16 natively (checked once)."""
-    if not _AVAILABLE:
-        _AVAILABLE.append(_onednn_bf16())
-    return _AVAILABLE[0]
 
 
 def linear_geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
