@@ -1,4 +1,4 @@
-"""Convolution weights packed once (``Pipeline.pack_weights``) against PyTorch's per-call repacking.
+"""Convolution and linear weights packed once (``Pipeline.pack_weights``) against PyTorch's per-call repacking.
 
     python benchmarks/bench_packed.py [--tiny] [--threads N] [--reps 3] [--dtype bf16]
 
@@ -35,7 +35,7 @@ def main() -> None:
     from latentforge.device import to_fast_layout
     from latentforge.families import get_family
     from latentforge.models import AutoencoderKL, UNet
-    from latentforge.nn.packed import _CACHE, pack_convolutions, unpack_convolutions
+    from latentforge.nn.packed import _CACHE, pack_weights, unpack_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,17 +63,17 @@ def main() -> None:
             diff = 0.0
             for _ in range(args.reps):
                 for mode in ("plain", "packed"):
-                    (pack_convolutions if mode == "packed" else unpack_convolutions)(net)
+                    (pack_weights if mode == "packed" else unpack_weights)(net)
                     run()  # warm-up (packs)
                     c0, w0 = time.process_time(), time.perf_counter()
                     out = run()
                     timings[mode].append((time.perf_counter() - w0, time.process_time() - c0))
                     if mode == "packed":
                         diff = max(diff, (out.float() - ref.float()).abs().max().item())
-            pack_convolutions(net)
+            pack_weights(net)
             mods = set(net.modules())
             extra = sum(c["weight"].numel() * c["weight"].element_size() for m, c in _CACHE.items() if m in mods)
-            unpack_convolutions(net)
+            unpack_weights(net)
             row = {"part": name, "max_abs_diff": diff, "packed_extra_MB": extra / 1e6}
             for mode, v in timings.items():
                 row[f"{mode}_wall_s"] = min(w for w, _ in v)

@@ -117,7 +117,7 @@ def test_bad_setting_says_what_to_use(monkeypatch):
     from latentforge import allocator
 
     monkeypatch.setenv("LATENTFORGE_MALLOC", "tcmalloc")
-    with pytest.raises(ValueError, match="'reuse'.*'system'"):
+    with pytest.raises(ValueError, match=r"'reuse'.*'system'"):
         allocator.wanted()
 
 

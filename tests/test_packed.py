@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import latentforge
 from latentforge.nn import packed
-from latentforge.nn.packed import PackedConv2d, pack_convolutions, packed_count, unpack_convolutions
+from latentforge.nn.packed import PackedConv2d, pack_weights, packed_count, unpack_weights
 from tiny import build_reference, save_folder
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
@@ -58,7 +58,7 @@ def test_packed_convolution_is_the_convolution(case, channels_last):
     if channels_last:
         conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     expected = conv_by_definition(x, conv.weight, conv.bias, stride, padding, groups)
-    assert pack_convolutions(conv) == 1 and type(conv) is PackedConv2d
+    assert pack_weights(conv) == 1 and type(conv) is PackedConv2d
     with torch.inference_mode():
         got = conv(x)
         again = conv(x)  # the packed weight reused
@@ -73,7 +73,7 @@ def test_bf16_matches_pytorchs_convolution():
     x = torch.randn(2, 32, 16, 16, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
-        pack_convolutions(conv)
+        pack_weights(conv)
         got = conv(x)
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
@@ -82,7 +82,7 @@ def test_weight_changes_are_followed():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     x = torch.randn(1, 4, 8, 8)
-    pack_convolutions(conv)
+    pack_weights(conv)
     with torch.inference_mode():
         before = conv(x)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_gradients_copies_and_saving_use_the_plain_module():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)
     keys = list(conv.state_dict())
-    pack_convolutions(conv)
+    pack_weights(conv)
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
     conv(x).sum().backward()  # training path: PyTorch's own convolution, with gradients
     assert conv.weight.grad is not None and x.grad is not None
@@ -110,7 +110,7 @@ def test_gradients_copies_and_saving_use_the_plain_module():
     assert list(twin.state_dict()) == keys
     with torch.inference_mode():
         torch.testing.assert_close(twin(x.detach()), conv(x.detach()))
-    assert unpack_convolutions(conv) == 1 and type(conv) is torch.nn.Conv2d
+    assert unpack_weights(conv) == 1 and type(conv) is torch.nn.Conv2d
     assert list(conv.state_dict()) == keys
 
 
@@ -277,3 +277,86 @@ def test_sessions_on_one_module_take_turns_and_nest():
     t.join(timeout=30)
     assert order == ["first", "second"] and not t.is_alive()
     assert net[0].weight.shape == (16, 8, 3, 3) and all(type(m) is not PackedConv2d for m in net)
+
+
+# ----- linear layers: bf16 through oneDNN's linear with the weight packed once ---------------------------
+
+needs_bf16_linear = pytest.mark.skipif(
+    not packed._linear_available(), reason="oneDNN has no bf16 linear on this CPU (linears stay plain)"
+)
+
+
+def linear_by_definition(x, w, b):
+    """y[..., o] = b[o] + sum_k x[..., k] w[o, k] in float64."""
+    y = torch.einsum("...k,ok->...o", x.double(), w.double())
+    return y if b is None else y + b.double()
+
+
+def bf16_linear(k, n, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+
+
+@needs_bf16_linear
+@pytest.mark.parametrize("shape", [(3, 5, 64), (7, 64), (2, 1, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_is_the_linear(shape, bias):
+    lin = bf16_linear(64, 48, bias)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    expected = linear_by_definition(x, lin.weight, lin.bias)
+    assert pack_weights(lin) == 1 and type(lin) is packed.PackedLinear
+    with torch.inference_mode():
+        got = lin(x)
+        other_rows = lin(torch.randn(11, 64, dtype=torch.bfloat16))  # the row count packed for is a hint only
+        again = lin(x)
+    assert packed._CACHE[lin]["weight"].is_mkldnn  # the packed path ran, not nn.Linear's
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16 and other_rows.shape == (11, 48)
+    # fp32 accumulation, one rounding to bf16: within bf16's half-ulp of the float64 result (plus slack)
+    torch.testing.assert_close(got.double(), expected, rtol=8e-3, atol=1e-2)
+    assert torch.equal(got, again)
+
+
+@needs_bf16_linear
+def test_packed_linear_follows_weight_changes_and_leaves_other_inputs_to_pytorch():
+    lin = bf16_linear(32, 16)
+    pack_weights(lin)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(-3.0)  # in place, as the patcher merges LoRAs: repacked
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x).double(), linear_by_definition(x, lin.weight, lin.bias), rtol=8e-3, atol=3e-2)
+    # float32 input and weights: PyTorch's own linear (MKL), exactly nn.Linear's result
+    lin32 = torch.nn.Linear(32, 16)
+    pack_weights(lin32)
+    x32 = torch.randn(4, 32)
+    with torch.inference_mode():
+        assert torch.equal(lin32(x32), F.linear(x32, lin32.weight, lin32.bias)) and lin32 not in packed._CACHE
+    # autograd: the plain path, with gradients
+    y = lin(x.requires_grad_())
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and x.grad is not None
+
+
+@needs_bf16_linear
+def test_session_swaps_linear_weights_but_not_the_geglu_projection():
+    from latentforge.models.unet import FeedForward
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), FeedForward(32, mult=2), torch.nn.Linear(32, 8)).to(
+        torch.bfloat16
+    )
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 6, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = net(x)
+        with packed.packed_session(net) as n:
+            assert n == 3  # the two outer linears and the feed-forward's output; not GEGLU's projection
+            out = net(x)
+            assert net[0].weight.numel() == 0 and net[2].weight.numel() == 0
+            assert net[1].net[0].proj.weight.shape == (128, 32)  # GEGLU reads its halves: kept plain
+    assert type(net[0]) is torch.nn.Linear and not packed._SWAPPED
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(out.float(), plain.float(), rtol=2e-2, atol=2e-2)

@@ -196,7 +196,7 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pack-weights",
         action="store_true",
-        help="CPU: pack convolution weights once into oneDNN's layout (same images; more memory)",
+        help="CPU: pack convolution and bf16 linear weights once into oneDNN's layout (same images; more memory)",
     )
     p.add_argument(
         "--lora-dir", type=Path, action="append", default=[], help="folder of LoRA files named by <lora:name:w> tags"

@@ -136,12 +136,12 @@ class Pipeline:
         return self
 
     def pack_weights(self, enable: bool = True) -> int:
-        """Pack the UNet's and VAE's convolution weights once into oneDNN's layout instead of on every
-        call (CPU; the same results; costs a second copy of those weights in memory). ``False`` undoes
-        it. Returns the number of convolutions changed. See ``latentforge.nn.packed``."""
-        from latentforge.nn.packed import pack_convolutions, unpack_convolutions
+        """Pack the UNet's and VAE's convolution (and bf16 linear) weights once into oneDNN's layout
+        instead of on every call (CPU; the same results; costs a second copy of those weights in memory).
+        ``False`` undoes it. Returns the number of layers changed. See ``latentforge.nn.packed``."""
+        from latentforge.nn.packed import pack_weights, unpack_weights
 
-        change = pack_convolutions if enable else unpack_convolutions
+        change = pack_weights if enable else unpack_weights
         return change(self.unet) + change(self.vae)
 
     def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False) -> Offloader:

@@ -92,12 +92,18 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+class GEGLUProjection(nn.Linear):
+    """GEGLU's input projection: an ``nn.Linear`` in every respect (parameters, state-dict keys, adapters),
+    of its own class so that weight packing (``nn.packed``) leaves it plain: the fused GEGLU
+    (``nn.fused.linear_geglu``) reads the two halves of its weight."""
+
+
 class GEGLU(nn.Module):
     """Gated GELU projection (Shazeer 2020): Linear(d, 2h) split as value * gelu(gate)."""
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = GEGLUProjection(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         proj = self.proj

@@ -1,22 +1,29 @@
-"""Convolution weights packed once into oneDNN's blocked layout (issue 16, "weights prepared once").
+"""Convolution and linear weights packed once into oneDNN's blocked layout (issue 16, "weights prepared
+once").
 
 PyTorch's CPU convolution hands oneDNN the weight in the plain OIHW layout, and oneDNN reorders it into
-its blocked layout on every call (issue 16 traced all 98 SD1.5 UNet convolutions repacked every step).
-``pack_convolutions`` gives each ``nn.Conv2d`` a forward that calls the oneDNN convolution
+its blocked layout on every call (issue 16 traced all 98 SD1.5 UNet convolutions repacked every step);
+its bf16 linear layers likewise go through a GEMM that packs the weight matrix on every call.
+``pack_weights`` gives each ``nn.Conv2d`` a forward that calls the oneDNN convolution
 (``torch.ops.mkldnn._convolution_pointwise``, the op inductor's freezing pass emits) with a weight
-reordered once by ``torch.ops.mkldnn._reorder_convolution_weight`` for the input's shape; it is
-reordered again only when the weight changes (its version counter: LoRA merges through the patcher
-copy in place), is replaced (another dtype or device), or the input shape changes. The result is the
-same convolution (tested against ``nn.Conv2d``); the cost is a second copy of the packed weights in
-memory. Other inputs (GPU, gradients, mixed dtypes, string padding) use the module's own forward.
+reordered once by ``torch.ops.mkldnn._reorder_convolution_weight`` for the input's shape, and each
+``nn.Linear`` (bf16, where oneDNN has bf16) a forward that calls ``torch.ops.mkldnn._linear_pointwise``
+with a weight reordered once by ``torch.ops.mkldnn._reorder_linear_weight`` (the row count of the first
+input is only a hint: any input works with it). A weight is reordered again only when it changes (its
+version counter: LoRA merges through the patcher copy in place), is replaced (another dtype or device),
+or, for a convolution, the input shape changes. The result is the same convolution or product (tested
+against ``nn.Conv2d`` and ``nn.Linear``); the cost is a second copy of the packed weights in memory.
+Other inputs (GPU, gradients, mixed dtypes, string padding, fp32 linears, which PyTorch runs through MKL
+already) use the module's own forward. Subclasses of ``nn.Conv2d`` and ``nn.Linear`` are left alone (the
+UNet's GEGLU projection is one: its fused forward reads the two halves of the plain weight).
 
 ``packed_session(module)`` is the default during a full-size CPU generation (``pipelines/generate.py``)
-and costs no memory: inside it each convolution, once packed, swaps its plain weight out for an empty
-placeholder (the packed copy is the only one), repacks from the packed copy (``to_dense``) when the input
-shape changes, and on exit every plain weight is put back bit for bit and the modules are plain
-``nn.Conv2d`` again. Code that must read a weight inside a session calls ``materialize`` first (the
-patcher does); reading a swapped-out weight otherwise fails with a shape error, never silently.
-``pack_convolutions`` (``--pack-weights``) keeps both copies across generations instead.
+and costs no memory: inside it each layer, once packed, swaps its plain weight out for an empty
+placeholder (the packed copy is the only one), repacks from the packed copy (``to_dense``) when a
+convolution's input shape changes, and on exit every plain weight is put back bit for bit and the modules
+are plain ``nn.Conv2d`` / ``nn.Linear`` again. Code that must read a weight inside a session calls
+``materialize`` first (the patcher does); reading a swapped-out weight otherwise fails with a shape
+error, never silently. ``pack_weights`` (``--pack-weights``) keeps both copies across generations instead.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from latentforge.nn import fused
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-# convolutions inside a packed_session: None, or once their plain weight is swapped out for the packed
-# copy, that weight's (shape, strides) (a channels-last weight comes back channels-last)
+# layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
+# that weight's (shape, strides) (a channels-last weight comes back channels-last)
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
-# weight parameter id -> its convolution, for materialize(param)
+# weight parameter id -> its layer, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
 # one session at a time per module (generations on the same UNet from two threads take turns)
 _SESSION_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -49,93 +58,137 @@ def available() -> bool:
     )
 
 
-class PackedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (same parameters, state dict and pickling) whose CPU forward uses a weight
-    packed once. Made by ``pack_convolutions`` changing the module's class; the packed copy lives in a
-    module-level weak table, so copies and saved modules never carry it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w, b = self.weight, self.bias
-        swapped = _SESSION.get(self) is not None
-        if (
-            x.device.type != "cpu"
-            or w.device.type != "cpu"
-            or x.dim() != 4
-            or x.dtype != w.dtype
-            or (b is not None and b.dtype != w.dtype)
-            or isinstance(self.padding, str)
-            or self.padding_mode != "zeros"
-            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        ):
-            if swapped:
-                _put_back(self)
-            return super().forward(x)
-        cache = _CACHE.get(self)
-        if swapped:  # the packed copy is the only one: repack from it for another input shape
-            if cache["shape"] != tuple(x.shape):
-                cache = _pack(self, cache["weight"].to_dense(), x, cache["key"])
-        else:
-            key = (id(w), w._version, w.dtype)
-            if cache is None or cache["key"] != key or cache["shape"] != tuple(x.shape):
-                # one packed copy per convolution: for the latest weight and input shape
-                cache = _pack(self, w.detach(), x, key)
-            if self in _SESSION:
-                _swap_out(self)
-        padding, stride, dilation, groups = cache["args"]
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, cache["weight"], b, padding, stride, dilation, groups, "none", [], ""
-        )
+def _linear_available() -> bool:
+    """oneDNN's linear op with bf16 in hardware (the only linears packed)."""
+    return fused.available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _pack(conv: nn.Conv2d, weight: Tensor, x: Tensor, key: tuple) -> dict:
-    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
-    cache = _CACHE[conv] = {"key": key, "shape": tuple(x.shape), "weight": packed, "args": args}
+def _plain_path(layer: nn.Module, x: Tensor) -> bool:
+    """Inputs the packed forward leaves to the module's own: other devices, autograd, mixed dtypes."""
+    w, b = layer.weight, layer.bias
+    return (
+        x.device.type != "cpu"
+        or w.device.type != "cpu"
+        or x.dtype != w.dtype
+        or (b is not None and b.dtype != w.dtype)
+        or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+    )
+
+
+def _packed_weight(layer: nn.Module, x: Tensor, pack, repack_for_shape: bool) -> Tensor:
+    """The layer's packed weight for input ``x``: cached; packed again when the plain weight changed (or,
+    with ``repack_for_shape``, the input shape); inside a session the plain weight is then swapped out."""
+    cache = _CACHE.get(layer)
+    if _SESSION.get(layer) is not None:  # the packed copy is the only one: repack from it if needed
+        if repack_for_shape and cache["shape"] != tuple(x.shape):
+            cache = _store(layer, pack(cache["weight"].to_dense(), x), x, cache["key"])
+        return cache["weight"]
+    w = layer.weight
+    key = (id(w), w._version, w.dtype)
+    if cache is None or cache["key"] != key or (repack_for_shape and cache["shape"] != tuple(x.shape)):
+        # one packed copy per layer: for the latest weight (and input shape)
+        cache = _store(layer, pack(w.detach(), x), x, key)
+    if layer in _SESSION:
+        _swap_out(layer)
+    return cache["weight"]
+
+
+def _store(layer: nn.Module, packed: Tensor, x: Tensor, key: tuple) -> dict:
+    cache = _CACHE[layer] = {"key": key, "shape": tuple(x.shape), "weight": packed}
     return cache
 
 
-def _swap_out(conv: nn.Conv2d) -> None:
-    w = conv.weight
+class PackedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters, state dict and pickling) whose CPU forward uses a weight
+    packed once. Made by ``pack_weights`` or a session changing the module's class; the packed copy lives
+    in a module-level weak table, so copies and saved modules never carry it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            _put_back(self)
+            return super().forward(x)
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+
+        def pack(weight: Tensor, x: Tensor) -> Tensor:
+            return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
+
+        weight = _packed_weight(self, x, pack, repack_for_shape=True)
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose bf16 CPU forward uses a weight packed once by oneDNN (as ``PackedConv2d``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            _plain_path(self, x)
+            or x.dtype != torch.bfloat16
+            or x.dim() < 2
+            or x.numel() == 0
+            or not _linear_available()
+        ):
+            _put_back(self)
+            return super().forward(x)
+
+        def pack(weight: Tensor, x: Tensor) -> Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), x.numel() // x.shape[-1])
+
+        weight = _packed_weight(self, x, pack, repack_for_shape=False)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+
+_PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
+_PLAIN = {packed: plain for plain, packed in _PACKED.items()}
+
+
+def _swap_out(layer: nn.Module) -> None:
+    w = layer.weight
     layout = (w.shape, w.stride())
     with torch.inference_mode(False):  # a normal (not inference) tensor, as the parameter's data was
         w.data = torch.empty(0, dtype=w.dtype, device=w.device)
-    _SESSION[conv] = layout
-    _SWAPPED[id(w)] = conv
+    _SESSION[layer] = layout
+    _SWAPPED[id(w)] = layer
 
 
-def _put_back(conv: nn.Conv2d) -> None:
-    """The plain weight back from the packed copy (exact: a reorder), the packed copy kept."""
-    layout = _SESSION.get(conv)
+def _put_back(layer: nn.Module) -> None:
+    """The plain weight back from the packed copy (exact: a reorder), the packed copy kept; nothing
+    when the weight is not swapped out."""
+    layout = _SESSION.get(layer)
     if layout is None:
         return
     with torch.inference_mode(False):
-        plain = torch.empty_strided(*layout, dtype=conv.weight.dtype, device=conv.weight.device)
-        conv.weight.data = plain.copy_(_CACHE[conv]["weight"].to_dense())
-    _SESSION[conv] = None
-    _SWAPPED.pop(id(conv.weight), None)
+        plain = torch.empty_strided(*layout, dtype=layer.weight.dtype, device=layer.weight.device)
+        layer.weight.data = plain.copy_(_CACHE[layer]["weight"].to_dense())
+    _SESSION[layer] = None
+    _SWAPPED.pop(id(layer.weight), None)
 
 
 def materialize(param: Tensor) -> None:
-    """Put back a convolution weight that a ``packed_session`` swapped out (no-op for any other tensor);
-    the session repacks it on the next forward if it changes."""
-    conv = _SWAPPED.get(id(param))
-    if conv is not None and conv.weight is param:
-        _put_back(conv)
+    """Put back a weight that a ``packed_session`` swapped out (no-op for any other tensor); the session
+    repacks it on the next forward if it changes."""
+    layer = _SWAPPED.get(id(param))
+    if layer is not None and layer.weight is param:
+        _put_back(layer)
+
+
+def _packable(module: nn.Module) -> list[nn.Module]:
+    """The plain ``nn.Conv2d`` and ``nn.Linear`` layers of ``module`` (not subclasses, not packed ones)."""
+    return [m for m in module.modules() if type(m) in _PACKED]
 
 
 @contextmanager
 def packed_session(module: nn.Module) -> Iterator[int]:
-    """Pack the plain convolutions of ``module`` on first use with one copy of each weight in memory
-    (see the module docstring); yields how many convolutions take part (0 without oneDNN)."""
+    """Pack the plain convolution and linear layers of ``module`` on first use with one copy of each
+    weight in memory (see the module docstring); yields how many layers take part (0 without oneDNN)."""
     if not available():
         yield 0
         return
     with _LOCKS_LOCK:
         lock = _SESSION_LOCKS.setdefault(module, threading.RLock())
-    with lock:  # reentrant: a nested session on the same module takes no convolution and changes nothing
-        taken = [m for m in module.modules() if type(m) is nn.Conv2d]
+    with lock:  # reentrant: a nested session on the same module takes no layer and changes nothing
+        taken = _packable(module)
         for m in taken:
-            m.__class__ = PackedConv2d
+            m.__class__ = _PACKED[type(m)]
             _SESSION[m] = None
         try:
             yield len(taken)
@@ -144,32 +197,30 @@ def packed_session(module: nn.Module) -> Iterator[int]:
                 _put_back(m)
                 _SESSION.pop(m, None)
                 _CACHE.pop(m, None)
-                m.__class__ = nn.Conv2d
+                m.__class__ = _PLAIN[type(m)]
 
 
-def pack_convolutions(module: nn.Module) -> int:
-    """Make every plain ``nn.Conv2d`` in ``module`` a ``PackedConv2d``; returns how many (0 where
-    PyTorch has no oneDNN). Undo with ``unpack_convolutions``."""
+def pack_weights(module: nn.Module) -> int:
+    """Make every plain ``nn.Conv2d`` / ``nn.Linear`` in ``module`` a ``PackedConv2d`` / ``PackedLinear``;
+    returns how many (0 where PyTorch has no oneDNN). Undo with ``unpack_weights``."""
     if not available():
         return 0
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.Conv2d:
-            m.__class__ = PackedConv2d
-            count += 1
-    return count
+    taken = _packable(module)
+    for m in taken:
+        m.__class__ = _PACKED[type(m)]
+    return len(taken)
 
 
-def unpack_convolutions(module: nn.Module) -> int:
-    """Plain ``nn.Conv2d`` again, packed copies freed; returns how many."""
+def unpack_weights(module: nn.Module) -> int:
+    """Plain ``nn.Conv2d`` / ``nn.Linear`` again, packed copies freed; returns how many."""
     count = 0
     for m in module.modules():
-        if type(m) is PackedConv2d:
-            m.__class__ = nn.Conv2d
+        if type(m) in _PLAIN:
+            m.__class__ = _PLAIN[type(m)]
             _CACHE.pop(m, None)
             count += 1
     return count
 
 
 def packed_count(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if type(m) is PackedConv2d)
+    return sum(1 for m in module.modules() if type(m) in _PLAIN)
