@@ -1,5 +1,5 @@
-"""latentforge's own bf16 CPU kernels (issue 16): attention, and GroupNorm with the SiLU after it, for CPUs
-with AVX512-BF16 and no AMX.
+"""latentforge's own bf16 CPU kernels (issue 16): attention, GroupNorm with the SiLU after it, and 3x3
+convolutions by Winograd's F(2x2, 3x3) (``nn/winograd.py``), for CPUs with AVX512-BF16 and no AMX.
 
 On such CPUs (AMD Zen 4, Intel Cooper Lake) PyTorch's flash-attention kernel runs SD's narrow heads
 (40 channels at the SD1.5 UNet's first level) at about a third of the bf16 matmul peak, and that
@@ -7,8 +7,9 @@ attention is a third of a UNet step. ``kernels/attention_bf16.cpp`` computes the
 VDPBF16PS on K and V packed once per head and an online (flash) softmax in fp32: about 2x PyTorch's
 kernel on those shapes (``benchmarks/bench_attention.py``). On CPUs with AMX, PyTorch's kernel uses the
 tile unit and stays the choice. ``kernels/groupnorm_bf16.cpp`` does GroupNorm and the SiLU after it on
-channels-last activations in two passes instead of four. (The feed-forward's GEGLU is fused differently:
-as post-ops of oneDNN's matmuls, ``nn/fused.py``.)
+channels-last activations in two passes instead of four. ``kernels/winograd_bf16.cpp`` computes 3x3
+convolutions with 2.25x fewer multiplications (``nn/winograd.py``). (The feed-forward's GEGLU is fused
+differently: as post-ops of oneDNN's matmuls, ``nn/fused.py``.)
 
 The C++ sources (``kernels/*.cpp``, one library) ship with the package and are compiled on first use
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``; ``torch.compile`` needs the same) into
@@ -156,7 +157,9 @@ def _library():
             lib.lf_groupnorm_bf16.argtypes = (
                 [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
             )
-            for fn in (lib.lf_attention_bf16, lib.lf_groupnorm_bf16):
+            lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+            lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+            for fn in (lib.lf_attention_bf16, lib.lf_groupnorm_bf16, lib.lf_wino_input_bf16, lib.lf_wino_conv_bf16):
                 fn.restype = ctypes.c_int
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
@@ -241,4 +244,42 @@ def group_norm_bf16(
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"GroupNorm kernel refused shape {tuple(x.shape)} with {groups} groups")
+    return out
+
+
+WINOGRAD_GROUP = 14  # tiles per group in V's layout (RT in kernels/winograd_bf16.cpp)
+
+
+def winograd_input(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """The Winograd input transform of channels-last bf16 ``x`` (N, C, H, W): V (groups, 16, 14, C) bf16
+    for the ceil(H/2) x ceil(W/2) tiles of each image, 14 tiles to a group (``kernels/winograd_bf16.cpp``),
+    written into ``out`` (a bf16 buffer of at least that many elements) when given. Call only where
+    ``winograd.usable`` said yes."""
+    n, c, h, w = x.shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    shape = ((tiles + WINOGRAD_GROUP - 1) // WINOGRAD_GROUP, 16, WINOGRAD_GROUP, c)
+    numel = shape[0] * 16 * WINOGRAD_GROUP * c
+    if out is None:
+        v = torch.empty(shape, dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < numel:
+        raise ValueError(f"the Winograd buffer must be contiguous bf16 with at least {numel} elements")
+    else:
+        v = out.view(-1)[:numel].view(shape)
+    rc = _library().lf_wino_input_bf16(x.data_ptr(), v.data_ptr(), n, h, w, c, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"Winograd input transform refused shape {tuple(x.shape)}")
+    return v
+
+
+def winograd_conv(v: Tensor, u: Tensor, bias: Tensor | None, shape: tuple, cout: int) -> Tensor:
+    """The 3x3 convolution from V (``winograd_input``) and the packed filters U: (N, cout, H, W) bf16
+    channels-last, ``bias`` fp32 added. ``shape``: the input's (N, C, H, W)."""
+    n, c, h, w = shape
+    out = torch.empty(n, cout, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    rc = _library().lf_wino_conv_bf16(
+        v.data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, None, out.data_ptr(),
+        n, h, w, c, cout, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"Winograd convolution refused shape {shape} -> {cout} channels")
     return out

@@ -36,12 +36,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from latentforge.nn import fused
+from latentforge.nn import fused, winograd
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
 # that weight's (shape, strides) (a channels-last weight comes back channels-last)
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
+# convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters); their plain
+# weight stays in place (it cannot be recovered bit for bit from the transform)
+_WINO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 # weight parameter id -> its layer, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
 # one session at a time per module (generations on the same UNet from two threads take turns)
@@ -83,6 +86,7 @@ def _packed_weight(layer: nn.Module, x: Tensor, pack, repack_for_shape: bool) ->
         if repack_for_shape and cache["shape"] != tuple(x.shape):
             cache = _store(layer, pack(cache["weight"].to_dense(), x), x, cache["key"])
         return cache["weight"]
+    _WINO.pop(layer, None)  # one prepared form at a time
     w = layer.weight
     key = (id(w), w._version, w.dtype)
     if cache is None or cache["key"] != key or (repack_for_shape and cache["shape"] != tuple(x.shape)):
@@ -107,6 +111,8 @@ class PackedConv2d(nn.Conv2d):
         if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
             _put_back(self)
             return super().forward(x)
+        if winograd.usable(self, x):
+            return winograd.conv3x3(x, _winograd_filters(self), self.bias, self.out_channels)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
         def pack(weight: Tensor, x: Tensor) -> Tensor:
@@ -135,6 +141,19 @@ class PackedLinear(nn.Linear):
 
         weight = _packed_weight(self, x, pack, repack_for_shape=False)
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+
+def _winograd_filters(conv: nn.Conv2d) -> Tensor:
+    """The convolution's Winograd-transformed filters, made again when the weight changed; the plain weight
+    is put back first if a session swapped it out, and oneDNN's packed copy is dropped."""
+    _put_back(conv)
+    _CACHE.pop(conv, None)
+    w = conv.weight
+    key = (id(w), w._version, w.dtype)
+    entry = _WINO.get(conv)
+    if entry is None or entry[0] != key:
+        entry = _WINO[conv] = (key, winograd.transform(w))
+    return entry[1]
 
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
@@ -197,7 +216,9 @@ def packed_session(module: nn.Module) -> Iterator[int]:
                 _put_back(m)
                 _SESSION.pop(m, None)
                 _CACHE.pop(m, None)
+                _WINO.pop(m, None)
                 m.__class__ = _PLAIN[type(m)]
+            winograd.release()
 
 
 def pack_weights(module: nn.Module) -> int:
@@ -218,7 +239,9 @@ def unpack_weights(module: nn.Module) -> int:
         if type(m) in _PLAIN:
             m.__class__ = _PLAIN[type(m)]
             _CACHE.pop(m, None)
+            _WINO.pop(m, None)
             count += 1
+    winograd.release()
     return count
 
 

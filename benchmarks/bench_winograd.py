@@ -1,0 +1,169 @@
+"""Winograd F(2x2, 3x3) convolutions (nn/winograd.py) against oneDNN's direct bf16 convolution.
+
+    python benchmarks/bench_winograd.py [--reps 4] [--no-unet] [--psnr 512] [--steps 10]
+
+Three parts, one process each where it matters:
+- every 3x3 convolution shape of an SD1.5 CFG step at 512x512 (batch 2, bf16, channels-last): oneDNN with
+  its weight packed once (``LATENTFORGE_WINOGRAD=off``'s path) and Winograd, interleaved, the minimum of
+  ``--reps``, with each one's relative RMS error against the float64 convolution;
+- one CFG step of the full-size random SD1.5 UNet inside ``packed_session`` (as a generation runs it) with
+  Winograd off and on, alternating, and the relative RMS difference of the outputs from the fp32 UNet's;
+- ``--psnr SIZE``: a ``--steps``-step txt2img image of bench_openvino's random SD1.5 model at SIZE px, in
+  fresh processes: fp32, bf16 default (Winograd on) and bf16 with ``LATENTFORGE_WINOGRAD=off``; PSNR of
+  each bf16 image against the fp32 one (issue 16's bar for the default path: 40 dB).
+Results: stdout and benchmarks/results/winograd.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import random_sd15, run_child, save, table
+
+# (in, out, feature map side) of the SD1.5 UNet's 3x3 stride-1 convolutions at 512 px, with their count
+SHAPES = [
+    (320, 320, 64, 7), (640, 320, 64, 2), (960, 320, 64, 1), (640, 640, 64, 1),
+    (320, 640, 32, 1), (640, 640, 32, 6), (960, 640, 32, 1), (1280, 640, 32, 1), (1920, 640, 32, 1),
+    (1280, 1280, 32, 1), (1280, 1280, 16, 7), (2560, 1280, 16, 2),
+]  # fmt: skip
+
+
+def best(fn, reps):
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return min(out)
+
+
+def shapes(reps: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from latentforge.nn.packed import pack_weights
+
+    rows = []
+    for cin, cout, side, count in SHAPES:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        x = torch.randn(2, cin, side, side).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        pack_weights(conv)
+        with torch.inference_mode():
+            ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+            times, errs = {}, {}
+            for _ in range(2):
+                for mode in ("off", "on"):
+                    os.environ["LATENTFORGE_WINOGRAD"] = mode
+                    out = conv(x)
+                    errs[mode] = float((out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+                    times[mode] = min(times.get(mode, 1e9), best(lambda conv=conv, x=x: conv(x), reps))
+        os.environ.pop("LATENTFORGE_WINOGRAD")
+        flops = 2.0 * 2 * side * side * cin * cout * 9
+        rows.append({
+            "shape": f"{cin}->{cout} @{side}", "per step": count, "onednn ms": times["off"] * 1e3,
+            "winograd ms": times["on"] * 1e3, "speedup": times["off"] / times["on"],
+            "onednn GFLOP/s": flops / times["off"] / 1e9, "onednn err": errs["off"], "winograd err": errs["on"],
+        })  # fmt: skip
+    print(table(rows, list(rows[0])), flush=True)
+    total = {m: sum(r[f"{m} ms"] * r["per step"] for r in rows) for m in ("onednn", "winograd")}
+    print(f"per CFG step: oneDNN {total['onednn']:.0f} ms, Winograd {total['winograd']:.0f} ms", flush=True)
+    return rows
+
+
+def unet_step(reps: int) -> dict:
+    import torch
+
+    from latentforge.device import to_fast_layout
+    from latentforge.families import get_family
+    from latentforge.models import UNet
+    from latentforge.nn.packed import packed_session
+
+    torch.manual_seed(0)
+    model = to_fast_layout(UNet(get_family("sd1").unet).eval())
+    x = torch.randn(2, 4, 64, 64)
+    t = torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, 768)
+    res: dict = {}
+    with torch.inference_mode():
+        ref = model(x, t, ctx).double()
+        model.to(torch.bfloat16)
+        xb, cb = x.bfloat16(), ctx.bfloat16()
+        for _ in range(2):
+            for mode in ("off", "auto"):
+                os.environ["LATENTFORGE_WINOGRAD"] = mode
+                with packed_session(model):
+                    out = model(xb, t, cb)
+                    s = best(lambda: model(xb, t, cb), reps)
+                res[f"{mode} s"] = min(res.get(f"{mode} s", 1e9), s)
+                res[f"{mode} rel err vs fp32"] = float(
+                    (out.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()
+                )
+    os.environ.pop("LATENTFORGE_WINOGRAD")
+    res["speedup"] = res["off s"] / res["auto s"]
+    print("SD1.5 UNet CFG step 512:", {k: round(v, 4) for k, v in res.items()}, flush=True)
+    return res
+
+
+def image_psnr(workdir: Path, size: int, steps: int) -> dict:
+    _, folder = random_sd15(workdir)
+    code = (
+        "import json, numpy as np, latentforge\n"
+        f"pipe = latentforge.load({str(folder)!r}, dtype=DTYPE)\n"
+        f"im = pipe.txt2img('a photo of a cat', steps={steps}, seed=3, width={size}, height={size}).images[0]\n"
+        "np.save(OUT, np.asarray(im)); print(json.dumps({}))"
+    )
+    images = {}
+    for name, dtype, env in (
+        ("fp32", "fp32", {}),
+        ("winograd", None, {"LATENTFORGE_WINOGRAD": "auto"}),
+        ("direct", None, {"LATENTFORGE_WINOGRAD": "off"}),
+    ):
+        out = workdir / f"winograd-{name}.npy"
+        run_child(code.replace("DTYPE", repr(dtype)).replace("OUT", repr(str(out))), env=env)
+        images[name] = np.load(out).astype(np.float64)
+
+    def psnr(a, b):
+        mse = float(((a - b) ** 2).mean())
+        return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+    result = {
+        "size": size,
+        "steps": steps,
+        "bf16 Winograd (default) vs fp32 dB": psnr(images["winograd"], images["fp32"]),
+        "bf16 direct vs fp32 dB": psnr(images["direct"], images["fp32"]),
+        "Winograd vs direct dB": psnr(images["winograd"], images["direct"]),
+    }
+    print(result, flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--no-shapes", action="store_true")
+    ap.add_argument("--no-unet", action="store_true")
+    ap.add_argument("--psnr", type=int, metavar="SIZE")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
+    args = ap.parse_args()
+    payload: dict = {}
+    if not args.no_shapes:
+        payload["shapes"] = shapes(args.reps)
+    if not args.no_unet:
+        payload["unet"] = unet_step(max(2, args.reps // 2))
+    if args.psnr:
+        payload["psnr"] = image_psnr(args.workdir, args.psnr, args.steps)
+    print(f"saved {save('winograd', payload)}")
+
+
+if __name__ == "__main__":
+    main()

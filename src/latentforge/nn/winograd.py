@@ -1,0 +1,121 @@
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016; issue 16).
+
+On CPUs with AVX512-BF16 and no AMX, oneDNN already runs the UNet's 3x3 convolutions near the bf16
+matmul peak, and they are nearly half of a step; only fewer multiplications make them faster. F(2x2,
+3x3) turns each 4x4 input tile into 16 values (additions only), multiplies them channel by channel with
+the 16 values of the transformed 3x3 filter, U = G g G^T, and turns the 16 sums back into a 2x2 output
+block: 16 products per output pair where the direct convolution has 36, 2.25x fewer. The products run in
+latentforge's kernel (``kernels/winograd_bf16.cpp``, through ``nn.native``), 1.4-1.7x faster than oneDNN on
+SD's shapes (``benchmarks/bench_winograd.py``).
+
+Numerics: the transformed tiles and filters are rounded to bf16 (they are sums of bf16 values), so the
+result is not the direct convolution's to the last bit: measured relative RMS error 4.2e-3 against float64
+where oneDNN's bf16 convolution has 1.7e-3 (``tests/test_winograd.py``), and on whole images the PSNR
+against the fp32 image is reported by ``benchmarks/bench_winograd.py`` (issue 16's bar: 40 dB).
+
+Memory: U is 16/9 of the filter, and the plain filter stays (the packed session cannot give back a
+plain weight from U bit for bit), so Winograd is used where the activations are large next to the
+filters: feature maps of at least ``MIN_PIXELS`` pixels (SD1.5 at 512 px: the 64x64 and 32x32 levels,
+280 MB of transformed filters). ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run,
+``nn.native.ready``, and the map is that large), ``off`` (oneDNN's direct convolution), ``on`` (every
+map size).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from latentforge.nn import native
+
+MIN_PIXELS = 1024
+# F(2x2, 3x3)'s filter transform
+G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def mode() -> str:
+    value = os.environ.get("LATENTFORGE_WINOGRAD", "auto").strip().lower() or "auto"
+    if value not in ("auto", "off", "on"):
+        raise ValueError(f"LATENTFORGE_WINOGRAD={value!r}: use auto, off or on")
+    return value
+
+
+def usable(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether ``conv(x)`` may run by Winograd: a plain 3x3 convolution (stride 1, padding 1, no dilation
+    or groups, zero padding) of a bf16 channels-last CPU input without autograd, an even number of input
+    channels and a multiple of 32 output channels, a large enough map (``MIN_PIXELS`` unless
+    ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available."""
+    w = conv.weight
+    m = mode()
+    return (
+        m != "off"
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and x.dim() == 4
+        and x.dtype == torch.bfloat16
+        and w.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and w.device.type == "cpu"
+        and (conv.bias is None or conv.bias.device.type == "cpu")
+        and conv.in_channels % 2 == 0
+        and conv.out_channels % 32 == 0
+        and x.numel() > 0
+        and (m == "on" or x.shape[2] * x.shape[3] >= MIN_PIXELS)
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and native.ready()
+    )
+
+
+def transform(weight: Tensor) -> Tensor:
+    """U = G g G^T of the (Cout, C, 3, 3) filters, in float64, rounded once to bf16 and packed for the
+    kernel as (Cout/32, 16, C/2, 32, 2): for each block of 32 output channels and each of the 16 tile
+    positions, pairs of input channels per output-channel lane."""
+    cout, c = weight.shape[:2]
+    u = (G @ weight.detach().to("cpu", torch.float64) @ G.T).to(torch.bfloat16)  # (Cout, C, 4, 4)
+    u = u.view(cout // 32, 32, c // 2, 2, 4, 4).permute(0, 4, 5, 2, 1, 3)
+    return u.reshape(cout // 32, 16, c // 2, 32, 2).contiguous()  # reshape alone may give a strided view
+
+
+def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int) -> Tensor:
+    """The convolution of ``x`` with the filters whose transform is ``u`` (``transform``) plus ``bias``:
+    (N, out_channels, H, W) bf16 channels-last. Call where ``usable`` said yes."""
+    c = x.shape[1]
+    if u.dtype != torch.bfloat16 or not u.is_contiguous() or u.shape != (out_channels // 32, 16, c // 2, 32, 2):
+        raise ValueError(
+            f"filters of shape {tuple(u.shape)} are not the transform of {c} -> {out_channels} 3x3 filters"
+        )
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, _, h, w = x.shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    v = native.winograd_input(x, _workspace(-(-tiles // native.WINOGRAD_GROUP) * native.WINOGRAD_GROUP * 16 * c))
+    b = bias.detach().float().contiguous() if bias is not None else None
+    return native.winograd_conv(v, u, b, tuple(x.shape), out_channels)
+
+
+# One buffer per thread for the transformed input (V, 4x the input): allocated afresh, tens of MB would be
+# mapped and page-faulted on every call (glibc maps blocks over 32 MB). Grows to the largest V seen;
+# ``release`` frees them all (the packed session does on exit).
+_BUFFERS: dict[int, Tensor] = {}
+_BUFFERS_LOCK = threading.Lock()
+
+
+def _workspace(numel: int) -> Tensor:
+    key = threading.get_ident()
+    with _BUFFERS_LOCK:
+        buf = _BUFFERS.get(key)
+        if buf is None or buf.numel() < numel:
+            _BUFFERS[key] = buf = torch.empty(numel, dtype=torch.bfloat16)
+    return buf
+
+
+def release() -> None:
+    """Free the transformed-input buffers of every thread."""
+    with _BUFFERS_LOCK:
+        _BUFFERS.clear()
