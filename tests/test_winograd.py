@@ -181,3 +181,14 @@ def test_session_runs_large_maps_by_winograd_and_keeps_their_plain_weight(monkey
     assert not winograd._BUFFERS  # the transformed-input buffers freed with the session
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_native_filter_transform_equals_the_float64_one(monkeypatch):
+    w = torch.randn(96, 38, 3, 3).bfloat16()
+    native_u = winograd.transform(w.to(memory_format=torch.channels_last))  # the kernel, any strides
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
+    native.reset()
+    torch_u = winograd.transform(w)  # PyTorch in float64, rounded once
+    assert torch.equal(native_u, torch_u)
+    full = (G @ w.double() @ G.T).bfloat16()
+    assert torch.equal(torch_u[1, 4 * 2 + 1, 5, 17, 1], full[32 + 17, 11, 2, 1])

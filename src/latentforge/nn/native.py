@@ -159,7 +159,11 @@ def _library():
             )
             lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int]
             lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-            for fn in (lib.lf_attention_bf16, lib.lf_groupnorm_bf16, lib.lf_wino_input_bf16, lib.lf_wino_conv_bf16):
+            lib.lf_wino_filter_bf16.argtypes = (
+                [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+            )
+            kernels = ("lf_attention_bf16", "lf_groupnorm_bf16", "lf_wino_input_bf16", "lf_wino_conv_bf16")
+            for fn in [getattr(lib, name) for name in kernels] + [lib.lf_wino_filter_bf16]:
                 fn.restype = ctypes.c_int
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
@@ -283,3 +287,15 @@ def winograd_conv(v: Tensor, u: Tensor, bias: Tensor | None, shape: tuple, cout:
     if rc != 0:
         raise RuntimeError(f"Winograd convolution refused shape {shape} -> {cout} channels")
     return out
+
+
+def winograd_filters(weight: Tensor) -> Tensor:
+    """U = G g G^T of bf16 (Cout, C, 3, 3) filters (any strides), packed (Cout/32, 16, C/2, 32, 2) bf16."""
+    cout, c = weight.shape[:2]
+    u = torch.empty(cout // 32, 16, c // 2, 32, 2, dtype=torch.bfloat16)
+    rc = _library().lf_wino_filter_bf16(
+        weight.data_ptr(), *weight.stride(), u.data_ptr(), cout, c, torch.get_num_threads()
+    )
+    if rc != 0:
+        raise RuntimeError(f"Winograd filter transform refused shape {tuple(weight.shape)}")
+    return u

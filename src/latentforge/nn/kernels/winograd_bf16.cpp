@@ -201,4 +201,52 @@ int lf_wino_conv_bf16(const uint16_t *V, const uint32_t *U, const float *bias, c
     return 0;
 }
 
+// U = G g G^T of every 3x3 filter g (bf16, element strides so_, si, sh, sw: any layout), in double,
+// rounded to nearest-even bf16 and packed as U[Cout/32][k = 4i + j][C/2][32][2]: lane l of block ob is
+// output channel 32 ob + l, member e of pair p input channel 2p + e.     G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+int lf_wino_filter_bf16(const uint16_t *g, int64_t so_, int64_t si, int64_t sh, int64_t sw, uint16_t *U,
+                        int64_t Cout, int64_t C, int threads) {
+    if (Cout <= 0 || Cout % 32 || C <= 0 || C % 2) return 1;
+    const int64_t pairs = C / 2;
+    auto bf16 = [](double v) -> uint16_t {
+        float f = (float)v;
+        uint32_t b;
+        std::memcpy(&b, &f, 4);
+        if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return (uint16_t)((b >> 16) | 0x40);  // NaN
+        return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+    };
+    // a task fills whole 128-byte rows U[ob][k][p][0:32][0:2] for a run of channel pairs
+    constexpr int64_t PAIRS_PER_TASK = 8;
+    const int64_t runs = (pairs + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
+    lf_parallel((Cout / 32) * runs, threads, [&](int64_t task) {
+        const int64_t ob = task / runs, p_end = std::min(pairs, (task % runs + 1) * PAIRS_PER_TASK);
+        for (int64_t p = (task % runs) * PAIRS_PER_TASK; p < p_end; ++p)
+            for (int64_t lane = 0; lane < 32; ++lane)
+                for (int64_t e = 0; e < 2; ++e) {
+                    const int64_t oc = ob * 32 + lane, c = 2 * p + e;
+                    double w[3][3], t[4][3];
+                    for (int i = 0; i < 3; ++i)
+                        for (int j = 0; j < 3; ++j) {
+                            const uint32_t b = (uint32_t)g[oc * so_ + c * si + i * sh + j * sw] << 16;
+                            float f;
+                            std::memcpy(&f, &b, 4);
+                            w[i][j] = f;
+                        }
+                    for (int j = 0; j < 3; ++j) {  // G g
+                        t[0][j] = w[0][j];
+                        t[1][j] = 0.5 * (w[0][j] + w[1][j] + w[2][j]);
+                        t[2][j] = 0.5 * (w[0][j] - w[1][j] + w[2][j]);
+                        t[3][j] = w[2][j];
+                    }
+                    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+                        const double u[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]),
+                                             0.5 * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
+                        for (int j = 0; j < 4; ++j)
+                            U[(((ob * 16 + i * 4 + j) * pairs + p) * 32 + lane) * 2 + e] = bf16(u[j]);
+                    }
+                }
+    });
+    return 0;
+}
+
 }  // extern "C"
