@@ -94,9 +94,9 @@ def test_winograd_convolution_is_the_convolution(case):
     assert rel_rms(got, exact) < max(4 * rel_rms(direct, exact), 8e-3)
 
 
-def test_input_layout_and_threads_do_not_change_the_result():
+def test_input_layout_threads_and_bands_do_not_change_the_result(monkeypatch):
     conv = make(64, 64)
-    x = rand(2, 64, 12, 10)
+    x = rand(2, 64, 13, 10)
     u = winograd.transform(conv.weight)
     with torch.inference_mode():
         a = winograd.conv3x3(x, u, conv.bias, 64)
@@ -107,6 +107,10 @@ def test_input_layout_and_threads_do_not_change_the_result():
             c = winograd.conv3x3(x, u, conv.bias, 64)
         finally:
             torch.set_num_threads(old)
+        for limit in (1, 2 * 5 * 16 * 64 * 2 * 3):  # V in bands of one tile row, then of three (7 = 3 + 3 + 1)
+            monkeypatch.setattr(winograd, "BAND_BYTES", limit)
+            d = winograd.conv3x3(x, u, conv.bias, 64)
+            assert torch.equal(a, d)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -177,10 +181,21 @@ def test_session_runs_large_maps_by_winograd_and_keeps_their_plain_weight(monkey
                           + before["0.bias"].double()[None, :, None, None]),
                    net[2].weight.double(), net[2].bias.double(), padding=1)  # fmt: skip
     assert rel_rms(flipped, ref) < 1e-2
-    assert not packed._WINO and not packed._SWAPPED and type(net[0]) is torch.nn.Conv2d
+    assert not packed._SWAPPED and type(net[0]) is torch.nn.Conv2d
     assert not winograd._BUFFERS  # the transformed-input buffers freed with the session
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+    # the transformed filters stay for the next session (no transform per generation) while the weight
+    # is unchanged; a change makes them again; forget drops them
+    kept = packed._WINO[net[2]][1]
+    with torch.inference_mode(), packed.packed_session(net):
+        assert torch.equal(net(big), out) and packed._WINO[net[2]][1] is kept
+        with torch.no_grad():
+            net[2].weight.mul_(0.5)
+        net(big)
+        assert packed._WINO[net[2]][1] is not kept
+    packed.forget(net)
+    assert net[0] not in packed._WINO and net[2] not in packed._WINO
 
 
 def test_native_filter_transform_equals_the_float64_one(monkeypatch):

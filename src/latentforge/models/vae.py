@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from latentforge import allocator
 from latentforge.nn import GroupNorm32, attention
+from latentforge.nn.packed import packed_session
 from latentforge.nn.tiling import tiled_apply
 
 
@@ -172,10 +173,18 @@ class Decoder(nn.Module):
         return self.conv_out(self.norm_out(h, silu=True))
 
 
-def reusing_memory(x: Tensor):
+@contextlib.contextmanager
+def cpu_fast_path(vae: nn.Module, x: Tensor):
     """On the CPU, the VAE's large activations reuse freed memory instead of page-faulting fresh pages
-    (``latentforge.allocator``); elsewhere nothing."""
-    return allocator.reusing() if x.device.type == "cpu" else contextlib.nullcontext(False)
+    (``latentforge.allocator``), and in bf16 its weights are prepared once (``nn.packed.packed_session``:
+    3x3 convolutions by Winograd, ``nn/winograd.py``, whose transformed filters are kept between calls);
+    elsewhere nothing."""
+    if x.device.type != "cpu":
+        yield
+        return
+    bf16 = next(vae.parameters()).dtype == torch.bfloat16
+    with allocator.reusing(), packed_session(vae) if bf16 else contextlib.nullcontext():
+        yield
 
 
 class AutoencoderKL(nn.Module):
@@ -215,7 +224,7 @@ class AutoencoderKL(nn.Module):
         def run(x: Tensor) -> Tensor:
             return self.quant_conv(self.encoder(x.to(self.dtype)))
 
-        with reusing_memory(image):
+        with cpu_fast_path(self, image):
             if tile and (image.shape[-2] > tile * f or image.shape[-1] > tile * f):
                 overlap = min(self.tile_overlap, tile // 4)
                 moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f).to(self.dtype)
@@ -247,7 +256,7 @@ class AutoencoderKL(nn.Module):
         def run(z: Tensor) -> Tensor:
             return self.decoder(self.post_quant_conv(z.to(self.dtype) / self.scale))
 
-        with reusing_memory(latent):
+        with cpu_fast_path(self, latent):
             if tile and (latent.shape[-2] > tile or latent.shape[-1] > tile):
                 return tiled_apply(run, latent, tile, min(self.tile_overlap, tile // 4), up=self.config.downscale)
             return run(latent)

@@ -157,8 +157,8 @@ def _library():
             lib.lf_groupnorm_bf16.argtypes = (
                 [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
             )
-            lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-            lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+            lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+            lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]
             lib.lf_wino_filter_bf16.argtypes = (
                 [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
             )
@@ -254,13 +254,14 @@ def group_norm_bf16(
 WINOGRAD_GROUP = 14  # tiles per group in V's layout (RT in kernels/winograd_bf16.cpp)
 
 
-def winograd_input(x: Tensor, out: Tensor | None = None) -> Tensor:
+def winograd_input(x: Tensor, rows: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
     """The Winograd input transform of channels-last bf16 ``x`` (N, C, H, W): V (groups, 16, 14, C) bf16
-    for the ceil(H/2) x ceil(W/2) tiles of each image, 14 tiles to a group (``kernels/winograd_bf16.cpp``),
-    written into ``out`` (a bf16 buffer of at least that many elements) when given. Call only where
-    ``winograd.usable`` said yes."""
+    for the tiles of the tile rows ``rows`` = [ty0, ty1) of ceil(H/2) (default all) x ceil(W/2) of each
+    image, 14 tiles to a group (``kernels/winograd_bf16.cpp``), written into ``out`` (a bf16 buffer of at
+    least that many elements) when given. Call only where ``winograd.usable`` said yes."""
     n, c, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    ty0, ty1 = rows or (0, (h + 1) // 2)
+    tiles = n * (ty1 - ty0) * ((w + 1) // 2)
     shape = ((tiles + WINOGRAD_GROUP - 1) // WINOGRAD_GROUP, 16, WINOGRAD_GROUP, c)
     numel = shape[0] * 16 * WINOGRAD_GROUP * c
     if out is None:
@@ -269,23 +270,26 @@ def winograd_input(x: Tensor, out: Tensor | None = None) -> Tensor:
         raise ValueError(f"the Winograd buffer must be contiguous bf16 with at least {numel} elements")
     else:
         v = out.view(-1)[:numel].view(shape)
-    rc = _library().lf_wino_input_bf16(x.data_ptr(), v.data_ptr(), n, h, w, c, torch.get_num_threads())
+    rc = _library().lf_wino_input_bf16(x.data_ptr(), v.data_ptr(), n, h, w, c, ty0, ty1, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"Winograd input transform refused shape {tuple(x.shape)}")
     return v
 
 
-def winograd_conv(v: Tensor, u: Tensor, bias: Tensor | None, shape: tuple, cout: int) -> Tensor:
-    """The 3x3 convolution from V (``winograd_input``) and the packed filters U: (N, cout, H, W) bf16
-    channels-last, ``bias`` fp32 added. ``shape``: the input's (N, C, H, W)."""
-    n, c, h, w = shape
-    out = torch.empty(n, cout, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+def winograd_conv(
+    v: Tensor, u: Tensor, bias: Tensor | None, out: Tensor, in_channels: int, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """The 3x3 convolution from V (``winograd_input`` for the same tile ``rows``) and the packed filters U,
+    ``bias`` fp32 added, written into ``out`` ((N, Cout, H, W) bf16 channels-last: the output rows of
+    those tile rows)."""
+    n, cout, h, w = out.shape
+    ty0, ty1 = rows or (0, (h + 1) // 2)
     rc = _library().lf_wino_conv_bf16(
         v.data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, None, out.data_ptr(),
-        n, h, w, c, cout, torch.get_num_threads(),
+        n, h, w, in_channels, cout, ty0, ty1, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
-        raise RuntimeError(f"Winograd convolution refused shape {shape} -> {cout} channels")
+        raise RuntimeError(f"Winograd convolution refused {in_channels} -> {tuple(out.shape)}, tile rows {rows}")
     return out
 
 

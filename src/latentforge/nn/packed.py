@@ -43,7 +43,8 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # that weight's (shape, strides) (a channels-last weight comes back channels-last)
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
 # convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters); their plain
-# weight stays in place (it cannot be recovered bit for bit from the transform)
+# weight stays in place (it cannot be recovered bit for bit from the transform). Kept between sessions
+# while the layer lives and its weight is unchanged (no transform per generation); ``forget`` drops them.
 _WINO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 # weight parameter id -> its layer, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
@@ -216,7 +217,6 @@ def packed_session(module: nn.Module) -> Iterator[int]:
                 _put_back(m)
                 _SESSION.pop(m, None)
                 _CACHE.pop(m, None)
-                _WINO.pop(m, None)
                 m.__class__ = _PLAIN[type(m)]
             winograd.release()
 
@@ -243,6 +243,12 @@ def unpack_weights(module: nn.Module) -> int:
             count += 1
     winograd.release()
     return count
+
+
+def forget(module: nn.Module) -> None:
+    """Drop the Winograd filters kept for the convolutions of ``module`` (they are made again on use)."""
+    for m in module.modules():
+        _WINO.pop(m, None)
 
 
 def packed_count(module: nn.Module) -> int:

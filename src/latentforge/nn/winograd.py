@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from latentforge.nn import native
 
 MIN_PIXELS = 1024
+# the most memory the transformed input of one convolution takes (larger inputs go in bands of rows)
+BAND_BYTES = 64 << 20
 # F(2x2, 3x3)'s filter transform
 G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
@@ -96,10 +98,19 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int) -> Ten
         )
     x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    v = native.winograd_input(x, _workspace(-(-tiles // native.WINOGRAD_GROUP) * native.WINOGRAD_GROUP * 16 * c))
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    group = native.WINOGRAD_GROUP
+    # V holds 16 bf16 values per tile and input channel: in bands of tile rows of at most BAND_BYTES
+    per_row = n * tw * 16 * c * 2
+    band = max(1, min(th, BAND_BYTES // per_row))
+    buf = _workspace((-(-n * band * tw // group)) * group * 16 * c)
     b = bias.detach().float().contiguous() if bias is not None else None
-    return native.winograd_conv(v, u, b, tuple(x.shape), out_channels)
+    out = torch.empty(n, out_channels, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    for ty0 in range(0, th, band):
+        rows = (ty0, min(th, ty0 + band))
+        v = native.winograd_input(x, rows, buf)
+        native.winograd_conv(v, u, b, out, c, rows)
+    return out
 
 
 # One buffer per thread for the transformed input (V, 4x the input): allocated afresh, tens of MB would be

@@ -40,7 +40,7 @@ struct Wino {
     const float *bias;
     const uint16_t *residual;
     uint16_t *out;
-    int64_t N, H, W, C, Cout, TH, TW, T;
+    int64_t N, H, W, C, Cout, ty0, BT, TW, T;  // tile rows [ty0, ty0 + BT) of each image
 };
 
 inline uint32_t pair_at(const uint16_t *p) {
@@ -94,7 +94,7 @@ void product_any(int64_t R, const uint16_t *a, int64_t C, const uint32_t *u, flo
 // Y = A^T M A for the tiles t0 .. t0+R-1 and output channels [oc, oc+32): M from buf[k][r][32]
 void output_tiles(const Wino &w, int64_t t0, int64_t R, int64_t oc, const float *buf) {
     for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = t0 + r, n = t / (w.TH * w.TW), ty = (t / w.TW) % w.TH, tx = t % w.TW;
+        const int64_t t = t0 + r, n = t / (w.BT * w.TW), ty = w.ty0 + (t / w.TW) % w.BT, tx = t % w.TW;
         for (int v = 0; v < 2; ++v) {
             __m512 m[16];
             for (int k = 0; k < 16; ++k) m[k] = _mm512_loadu_ps(buf + (k * RT + r) * 32 + v * 16);
@@ -128,15 +128,16 @@ void output_tiles(const Wino &w, int64_t t0, int64_t R, int64_t oc, const float 
 extern "C" {
 
 // V[group][k][r][c] = (B^T d B)[k] for every 4x4 input tile d (rows 2ty-1 .. 2ty+2, columns 2tx-1 .. 2tx+2,
-// zero outside the image) of x (N, H, W, C) bf16 channels-last; tiles numbered (n, ty, tx), TH = ceil(H/2),
-// TW = ceil(W/2)
-int lf_wino_input_bf16(const uint16_t *x, uint16_t *V, int64_t N, int64_t H, int64_t W, int64_t C, int threads) {
-    if (N <= 0 || H <= 0 || W <= 0 || C <= 0) return 1;
-    const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2;
-    lf_parallel(N * TH, threads, [&](int64_t task) {
-        const int64_t n = task / TH, ty = task % TH;
+// zero outside the image) of x (N, H, W, C) bf16 channels-last, for the band of tile rows [ty0, ty1) of
+// ceil(H/2) (a band bounds V's size); tiles numbered (n, ty - ty0, tx), tx < TW = ceil(W/2)
+int lf_wino_input_bf16(const uint16_t *x, uint16_t *V, int64_t N, int64_t H, int64_t W, int64_t C, int64_t ty0,
+                       int64_t ty1, int threads) {
+    if (N <= 0 || H <= 0 || W <= 0 || C <= 0 || ty0 < 0 || ty1 <= ty0 || ty1 > (H + 1) / 2) return 1;
+    const int64_t BT = ty1 - ty0, TW = (W + 1) / 2;
+    lf_parallel(N * BT, threads, [&](int64_t task) {
+        const int64_t n = task / BT, ty = ty0 + task % BT;
         for (int64_t tx = 0; tx < TW; ++tx) {
-            const int64_t t = (n * TH + ty) * TW + tx;
+            const int64_t t = (n * BT + ty - ty0) * TW + tx;
             for (int64_t c = 0; c < C; c += 16) {
                 const __mmask16 mask = lf_tail(C - c);
                 __m512 d[4][4];
@@ -169,13 +170,16 @@ int lf_wino_input_bf16(const uint16_t *x, uint16_t *V, int64_t N, int64_t H, int
     return 0;
 }
 
-// out (N, H, W, Cout) bf16 channels-last = A^T (sum_c V U) A + bias + residual; V from lf_wino_input_bf16,
-// U the packed transformed filters (nn/winograd.py), bias fp32 (Cout) or null, residual like out or null
+// out (N, H, W, Cout) bf16 channels-last = A^T (sum_c V U) A + bias + residual for the output rows of the
+// tile rows [ty0, ty1); V from lf_wino_input_bf16 for the same band, U the packed transformed filters
+// (nn/winograd.py), bias fp32 (Cout) or null, residual like out or null
 int lf_wino_conv_bf16(const uint16_t *V, const uint32_t *U, const float *bias, const uint16_t *residual,
-                      uint16_t *out, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Cout, int threads) {
+                      uint16_t *out, int64_t N, int64_t H, int64_t W, int64_t C, int64_t Cout, int64_t ty0,
+                      int64_t ty1, int threads) {
     if (N <= 0 || H <= 0 || W <= 0 || C <= 0 || C % 2 || Cout <= 0 || Cout % 32) return 1;
-    const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
-    const Wino w{V, U, bias, residual, out, N, H, W, C, Cout, TH, TW, T};
+    if (ty0 < 0 || ty1 <= ty0 || ty1 > (H + 1) / 2) return 1;
+    const int64_t BT = ty1 - ty0, TW = (W + 1) / 2, T = N * BT * TW;
+    const Wino w{V, U, bias, residual, out, N, H, W, C, Cout, ty0, BT, TW, T};
     const int64_t groups = (T + RT - 1) / RT, blocks = Cout / 32, K = C / 2;
     // A task takes a run of tile groups whose V (16 x RT x C bf16 each) stays in the core's L2 while every
     // block of output channels in its share passes over it: V is read from memory once, the filters
