@@ -177,8 +177,10 @@ def _put_back(layer: nn.Module) -> None:
     if layout is None:
         return
     with torch.inference_mode(False):
-        plain = torch.empty_strided(*layout, dtype=layer.weight.dtype, device=layer.weight.device)
-        layer.weight.data = plain.copy_(_CACHE[layer]["weight"].to_dense())
+        dense = _CACHE[layer]["weight"].to_dense()
+        if (dense.shape, dense.stride()) != layout or dense.device != layer.weight.device:  # channels-last
+            dense = torch.empty_strided(*layout, dtype=layer.weight.dtype, device=layer.weight.device).copy_(dense)
+        layer.weight.data = dense
     _SESSION[layer] = None
     _SWAPPED.pop(id(layer.weight), None)
 
