@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import numpy as np
 from common import machine, save, table, times
 
 # (name, batch, queries, keys, heads, head width); cross-attention keys are the 77 context tokens
@@ -174,29 +173,18 @@ def image_psnr(workdir: Path, size: int, steps: int = 10) -> dict:
     """PSNR of a txt2img image of the random full-size SD1.5 model (bench_openvino's) on the default path
     (bf16, the kernels, packed convolutions) against the fp32 image of the same seed and against bf16
     with ``LATENTFORGE_KERNELS=off LATENTFORGE_PACK=0``. Each run in a fresh process."""
-    from common import random_sd15, run_child
+    from common import psnr, txt2img_images
 
-    _, folder = random_sd15(workdir)
-    code = (
-        "import json, numpy as np, latentforge\n"
-        f"pipe = latentforge.load({str(folder)!r}, dtype=DTYPE)\n"
-        f"im = pipe.txt2img('a photo of a cat', steps={steps}, seed=3, width={size}, height={size}).images[0]\n"
-        "np.save(OUT, np.asarray(im)); print(json.dumps({}))"
+    images = txt2img_images(
+        workdir,
+        size,
+        steps,
+        {
+            "fp32": ("fp32", {}),
+            "default": (None, {"LATENTFORGE_KERNELS": "auto"}),
+            "off": (None, {"LATENTFORGE_KERNELS": "off", "LATENTFORGE_PACK": "0"}),
+        },
     )
-    images = {}
-    for name, dtype, env in (
-        ("fp32", "fp32", {}),
-        ("default", None, {"LATENTFORGE_KERNELS": "auto"}),
-        ("off", None, {"LATENTFORGE_KERNELS": "off", "LATENTFORGE_PACK": "0"}),
-    ):
-        out = workdir / f"psnr-{name}.npy"
-        run_child(code.replace("DTYPE", repr(dtype)).replace("OUT", repr(str(out))), env=env)
-        images[name] = np.load(out).astype(np.float64)
-
-    def psnr(a, b):
-        mse = float(((a - b) ** 2).mean())
-        return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
     result = {
         "size": size,
         "steps": steps,

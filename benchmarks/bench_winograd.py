@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import random_sd15, run_child, save, table
+from common import psnr, save, table, times, txt2img_images
 
 # (in, out, feature map side) of the SD1.5 UNet's 3x3 stride-1 convolutions at 512 px, with their count
 SHAPES = [
@@ -36,13 +33,7 @@ SHAPES = [
 
 
 def best(fn, reps):
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
+    return min(times(fn, reps))
 
 
 def shapes(reps: int) -> list[dict]:
@@ -114,27 +105,16 @@ def unet_step(reps: int) -> dict:
 
 
 def image_psnr(workdir: Path, size: int, steps: int) -> dict:
-    _, folder = random_sd15(workdir)
-    code = (
-        "import json, numpy as np, latentforge\n"
-        f"pipe = latentforge.load({str(folder)!r}, dtype=DTYPE)\n"
-        f"im = pipe.txt2img('a photo of a cat', steps={steps}, seed=3, width={size}, height={size}).images[0]\n"
-        "np.save(OUT, np.asarray(im)); print(json.dumps({}))"
+    images = txt2img_images(
+        workdir,
+        size,
+        steps,
+        {
+            "fp32": ("fp32", {}),
+            "winograd": (None, {"LATENTFORGE_WINOGRAD": "auto"}),
+            "direct": (None, {"LATENTFORGE_WINOGRAD": "off"}),
+        },
     )
-    images = {}
-    for name, dtype, env in (
-        ("fp32", "fp32", {}),
-        ("winograd", None, {"LATENTFORGE_WINOGRAD": "auto"}),
-        ("direct", None, {"LATENTFORGE_WINOGRAD": "off"}),
-    ):
-        out = workdir / f"winograd-{name}.npy"
-        run_child(code.replace("DTYPE", repr(dtype)).replace("OUT", repr(str(out))), env=env)
-        images[name] = np.load(out).astype(np.float64)
-
-    def psnr(a, b):
-        mse = float(((a - b) ** 2).mean())
-        return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
-
     result = {
         "size": size,
         "steps": steps,

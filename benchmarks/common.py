@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import platform
 import subprocess
@@ -82,6 +83,33 @@ def random_sd15(workdir: Path, dtype: str = "fp32", diffusers: bool = True) -> t
         torch_dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
         run_child(_WRITE_SD15.format(dtype=torch_dtype, single=single, folder=folder, diffusers=diffusers))
     return single, folder
+
+
+def txt2img_images(workdir: Path, size: int, steps: int, variants: dict[str, tuple[str | None, dict]]) -> dict:
+    """A ``steps``-step txt2img image (seed 3, 'a photo of a cat', ``size`` px) of the random SD1.5 model
+    for each variant name -> (dtype or None for the default, environment), each in a fresh process; the
+    images as float64 arrays."""
+    import numpy as np
+
+    _, folder = random_sd15(workdir)
+    code = (
+        "import json, numpy as np, latentforge\n"
+        f"pipe = latentforge.load({str(folder)!r}, dtype=DTYPE)\n"
+        f"im = pipe.txt2img('a photo of a cat', steps={steps}, seed=3, width={size}, height={size}).images[0]\n"
+        "np.save(OUT, np.asarray(im)); print(json.dumps({}))"
+    )
+    images = {}
+    for name, (dtype, env) in variants.items():
+        out = workdir / f"psnr-{name}.npy"
+        run_child(code.replace("DTYPE", repr(dtype)).replace("OUT", repr(str(out))), env=env)
+        images[name] = np.load(out).astype(np.float64)
+    return images
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images (arrays), in dB."""
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * math.log10(255**2 / mse))
 
 
 # Measures peak resident memory of the child above its baseline after imports (ru_maxrss is in KiB).
