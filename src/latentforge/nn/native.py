@@ -254,22 +254,19 @@ def group_norm_bf16(
 WINOGRAD_GROUP = 14  # tiles per group in V's layout (RT in kernels/winograd_bf16.cpp)
 
 
-def winograd_input(x: Tensor, rows: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
-    """The Winograd input transform of channels-last bf16 ``x`` (N, C, H, W): V (groups, 16, 14, C) bf16
-    for the tiles of the tile rows ``rows`` = [ty0, ty1) of ceil(H/2) (default all) x ceil(W/2) of each
-    image, 14 tiles to a group (``kernels/winograd_bf16.cpp``), written into ``out`` (a bf16 buffer of at
-    least that many elements) when given. Call only where ``winograd.usable`` said yes."""
+def winograd_input(x: Tensor, rows: tuple[int, int], out: Tensor) -> Tensor:
+    """The Winograd input transform of channels-last bf16 ``x`` (N, C, H, W) for the tile rows ``rows`` =
+    [ty0, ty1) of ceil(H/2) x ceil(W/2) tiles per image: V (groups, 16, 14, C) bf16, 14 tiles to a group
+    (``kernels/winograd_bf16.cpp``), a view of ``out`` (a contiguous bf16 buffer at least that large).
+    Call only where ``winograd.usable`` said yes."""
     n, c, h, w = x.shape
-    ty0, ty1 = rows or (0, (h + 1) // 2)
+    ty0, ty1 = rows
     tiles = n * (ty1 - ty0) * ((w + 1) // 2)
     shape = ((tiles + WINOGRAD_GROUP - 1) // WINOGRAD_GROUP, 16, WINOGRAD_GROUP, c)
     numel = shape[0] * 16 * WINOGRAD_GROUP * c
-    if out is None:
-        v = torch.empty(shape, dtype=torch.bfloat16)
-    elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < numel:
+    if out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < numel:
         raise ValueError(f"the Winograd buffer must be contiguous bf16 with at least {numel} elements")
-    else:
-        v = out.view(-1)[:numel].view(shape)
+    v = out.view(-1)[:numel].view(shape)
     rc = _library().lf_wino_input_bf16(x.data_ptr(), v.data_ptr(), n, h, w, c, ty0, ty1, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"Winograd input transform refused shape {tuple(x.shape)}")
@@ -277,13 +274,13 @@ def winograd_input(x: Tensor, rows: tuple[int, int] | None = None, out: Tensor |
 
 
 def winograd_conv(
-    v: Tensor, u: Tensor, bias: Tensor | None, out: Tensor, in_channels: int, rows: tuple[int, int] | None = None
+    v: Tensor, u: Tensor, bias: Tensor | None, out: Tensor, in_channels: int, rows: tuple[int, int]
 ) -> Tensor:
     """The 3x3 convolution from V (``winograd_input`` for the same tile ``rows``) and the packed filters U,
     ``bias`` fp32 added, written into ``out`` ((N, Cout, H, W) bf16 channels-last: the output rows of
     those tile rows)."""
     n, cout, h, w = out.shape
-    ty0, ty1 = rows or (0, (h + 1) // 2)
+    ty0, ty1 = rows
     rc = _library().lf_wino_conv_bf16(
         v.data_ptr(), u.data_ptr(), bias.data_ptr() if bias is not None else None, None, out.data_ptr(),
         n, h, w, in_channels, cout, ty0, ty1, torch.get_num_threads(),

@@ -5,7 +5,7 @@ matmul peak, and they are nearly half of a step; only fewer multiplications make
 3x3) turns each 4x4 input tile into 16 values (additions only), multiplies them channel by channel with
 the 16 values of the transformed 3x3 filter, U = G g G^T, and turns the 16 sums back into a 2x2 output
 block: 16 products per output pair where the direct convolution has 36, 2.25x fewer. The products run in
-latentforge's kernel (``kernels/winograd_bf16.cpp``, through ``nn.native``), 1.4-1.7x faster than oneDNN on
+latentforge's kernel (``kernels/winograd_bf16.cpp``, through ``nn.native``), 1.4-1.9x faster than oneDNN on
 SD's shapes (``benchmarks/bench_winograd.py``).
 
 Numerics: the transformed tiles and filters are rounded to bf16 (they are sums of bf16 values), so the
