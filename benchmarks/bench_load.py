@@ -67,7 +67,7 @@ pipe = latentforge.load(cfg["folder"])
     + """
 work = sum(p.numel() for p in pipe.unet.parameters()) * H * H * 2
 # as a generation runs the UNet: automatic threads, convolution weights packed once
-with torch.inference_mode(), auto_threads(work) as n, packed_session(pipe.unet):
+with torch.inference_mode(), auto_threads(work) as n, packed_session(pipe.unet, repeated=True):
     res = {"times": times(lambda: pipe.unet(x, t, ctx), cfg["reps"]), "threads": n}
 print(json.dumps(res))
 """

@@ -53,7 +53,7 @@ with torch.inference_mode():
     if "unet" in cfg["parts"]:
         f = lambda: pipe.unet(x, t, ctx)
         from latentforge.nn.packed import packed_session
-        with packed_session(pipe.unet):  # as a generation runs the UNet (pipelines/generate.py)
+        with packed_session(pipe.unet, repeated=True):  # as a generation runs the UNet (pipelines/generate.py)
             res["unet"] = times(f, cfg["reps"])
         res["unet_flops"] = flops(f)
     if "vae" in cfg["parts"]:

@@ -96,7 +96,7 @@ def main() -> None:
         t = torch.tensor([500.0, 500.0])
         ctx = torch.randn(2, 77, 768, dtype=dtype)
         call, what = (lambda: model(x, t, ctx)), "SD1.5 UNet, one CFG step (batch 2)"
-    with torch.inference_mode(), packed_session(model):
+    with torch.inference_mode(), packed_session(model, repeated=True):
         call()
         NATIVE_ATTENTION_FLOPS[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:

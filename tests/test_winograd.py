@@ -207,3 +207,37 @@ def test_native_filter_transform_equals_the_float64_one(monkeypatch):
     assert torch.equal(native_u, torch_u)
     full = (G @ w.double() @ G.T).bfloat16()
     assert torch.equal(torch_u[1, 4 * 2 + 1, 5, 17, 1], full[32 + 17, 11, 2, 1])
+
+
+def test_repeated_session_runs_smaller_maps_by_winograd_with_filters_for_that_session(monkeypatch):
+    from latentforge.models.vae import cpu_fast_path
+
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
+    net = make(16, 32, seed=3)
+    mid, big = rand(1, 16, 16, 16, seed=4), rand(1, 16, 32, 32, seed=5)  # 256 and 1024 pixels
+    exact = F.conv2d(mid.double(), net.weight.double(), net.bias.double(), padding=1)
+    by_winograd = winograd.conv3x3(mid, winograd.transform(net.weight), net.bias, 32)
+    with torch.inference_mode():
+        with packed.packed_session(net):  # not repeated: a 16x16 map stays on oneDNN
+            direct = net(mid)
+            assert net not in packed._WINO
+        with packed.packed_session(net, repeated=True):
+            out = net(mid)
+            assert net in packed._WINO and not packed._WINO[net][2]
+            packed.shed()  # what the VAE does before it runs: the session-only filters go
+            assert net not in packed._WINO
+            with cpu_fast_path(torch.nn.Conv2d(4, 4, 1).bfloat16(), mid):
+                pass
+            again = net(mid)  # made again on use
+            with cpu_fast_path(torch.nn.Conv2d(4, 4, 1).bfloat16(), mid):
+                assert net not in packed._WINO
+            net(mid)
+        assert net not in packed._WINO  # dropped with the session
+        with packed.packed_session(net, repeated=True):
+            net(mid)
+            net(big)  # a large map asks for the same filters to be kept
+            packed.shed()
+        assert net in packed._WINO and packed._WINO[net][2]
+    packed.forget(net)
+    assert torch.equal(out, by_winograd) and torch.equal(again, out) and not torch.equal(direct, out)
+    assert rel_rms(out, exact) < 1e-2 and rel_rms(direct, exact) < 1e-2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge import allocator
-from latentforge.nn import GroupNorm32, attention
+from latentforge.nn import GroupNorm32, attention, packed
 from latentforge.nn.packed import packed_session
 from latentforge.nn.tiling import tiled_apply
 
@@ -178,11 +178,13 @@ def cpu_fast_path(vae: nn.Module, x: Tensor):
     """On the CPU, the VAE's large activations reuse freed memory instead of page-faulting fresh pages
     (``latentforge.allocator``), and in bf16 its weights are prepared once (``nn.packed.packed_session``:
     3x3 convolutions by Winograd, ``nn/winograd.py``, whose transformed filters are kept between calls);
-    elsewhere nothing."""
+    elsewhere nothing. The Winograd filters another session made for itself alone (the UNet's during
+    sampling) are dropped first: the decode is a generation's memory peak."""
     if x.device.type != "cpu":
         yield
         return
     bf16 = next(vae.parameters()).dtype == torch.bfloat16
+    packed.shed()  # another session's filters made only for it (the UNet's smaller maps): not through our peak
     with allocator.reusing(), packed_session(vae) if bf16 else contextlib.nullcontext():
         yield
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from latentforge import allocator
+
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cpp"))
@@ -293,7 +295,7 @@ def winograd_conv(
 def winograd_filters(weight: Tensor) -> Tensor:
     """U = G g G^T of bf16 (Cout, C, 3, 3) filters (any strides), packed (Cout/32, 16, C/2, 32, 2) bf16."""
     cout, c = weight.shape[:2]
-    u = torch.empty(cout // 32, 16, c // 2, 32, 2, dtype=torch.bfloat16)
+    u = allocator.mapped_empty((cout // 32, 16, c // 2, 32, 2), torch.bfloat16)  # long-lived: off the heap
     rc = _library().lf_wino_filter_bf16(
         weight.data_ptr(), *weight.stride(), u.data_ptr(), cout, c, torch.get_num_threads()
     )

@@ -17,7 +17,8 @@ Other inputs (GPU, gradients, mixed dtypes, string padding, fp32 linears, which 
 already) use the module's own forward. Subclasses of ``nn.Conv2d`` and ``nn.Linear`` are left alone (the
 UNet's GEGLU projection is one: its fused forward reads the two halves of the plain weight).
 
-``packed_session(module)`` is the default during a full-size CPU generation (``pipelines/generate.py``)
+``packed_session(module)`` is the default during a full-size CPU generation (``pipelines/generate.py``,
+with ``repeated=True``: smaller maps by Winograd too, see ``nn/winograd.py``)
 and costs no memory: inside it each layer, once packed, swaps its plain weight out for an empty
 placeholder (the packed copy is the only one), repacks from the packed copy (``to_dense``) when a
 convolution's input shape changes, and on exit every plain weight is put back bit for bit and the modules
@@ -42,10 +43,15 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
 # that weight's (shape, strides) (a channels-last weight comes back channels-last)
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
-# convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters); their plain
-# weight stays in place (it cannot be recovered bit for bit from the transform). Kept between sessions
-# while the layer lives and its weight is unchanged (no transform per generation); ``forget`` drops them.
+# convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters, kept); their
+# plain weight stays in place (it cannot be recovered bit for bit from the transform). Kept between
+# sessions while the layer lives and its weight is unchanged (no transform per generation; ``forget``
+# drops them), except those made for a repeated session's smaller maps (``winograd.worth_keeping``):
+# dropped when that session ends or by ``shed``.
 _WINO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_WINO_LOCK = threading.Lock()
+# layers inside a session opened with repeated=True
+_REPEATED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # weight parameter id -> its layer, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
 # one session at a time per module (generations on the same UNet from two threads take turns)
@@ -112,8 +118,9 @@ class PackedConv2d(nn.Conv2d):
         if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
             _put_back(self)
             return super().forward(x)
-        if winograd.usable(self, x):
-            return winograd.conv3x3(x, _winograd_filters(self), self.bias, self.out_channels)
+        if winograd.usable(self, x, repeated=self in _REPEATED):
+            u = _winograd_filters(self, keep=winograd.worth_keeping(x))
+            return winograd.conv3x3(x, u, self.bias, self.out_channels)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
         def pack(weight: Tensor, x: Tensor) -> Tensor:
@@ -144,17 +151,38 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
 
-def _winograd_filters(conv: nn.Conv2d) -> Tensor:
+def _winograd_filters(conv: nn.Conv2d, keep: bool) -> Tensor:
     """The convolution's Winograd-transformed filters, made again when the weight changed; the plain weight
-    is put back first if a session swapped it out, and oneDNN's packed copy is dropped."""
+    is put back first if a session swapped it out, and oneDNN's packed copy is dropped. ``keep``: kept
+    after the session (once any use asks for it)."""
     _put_back(conv)
     _CACHE.pop(conv, None)
     w = conv.weight
     key = (id(w), w._version, w.dtype)
     entry = _WINO.get(conv)
     if entry is None or entry[0] != key:
-        entry = _WINO[conv] = (key, winograd.transform(w))
+        entry = (key, winograd.transform(w), keep)
+    elif keep and not entry[2]:
+        entry = (key, entry[1], True)
+    else:
+        return entry[1]
+    with _WINO_LOCK:
+        _WINO[conv] = entry
     return entry[1]
+
+
+def _drop_transient(layers) -> None:
+    with _WINO_LOCK:
+        for m in [m for m in layers if m in _WINO and not _WINO[m][2]]:
+            del _WINO[m]
+
+
+def shed() -> None:
+    """Drop the Winograd filters made for repeated sessions' smaller maps, in every module (they are made
+    again on their next use): the VAE calls it before its decode or encode, a generation's memory peak."""
+    with _WINO_LOCK:
+        layers = list(_WINO.keys())
+    _drop_transient(layers)
 
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
@@ -199,9 +227,11 @@ def _packable(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def packed_session(module: nn.Module) -> Iterator[int]:
+def packed_session(module: nn.Module, repeated: bool = False) -> Iterator[int]:
     """Pack the plain convolution and linear layers of ``module`` on first use with one copy of each
-    weight in memory (see the module docstring); yields how many layers take part (0 without oneDNN)."""
+    weight in memory (see the module docstring); yields how many layers take part (0 without oneDNN).
+    ``repeated``: the module runs many times in this session (a sampler's steps), so smaller maps run by
+    Winograd too, with filters made for this session (``winograd.MIN_PIXELS_REPEATED``)."""
     if not available():
         yield 0
         return
@@ -212,6 +242,8 @@ def packed_session(module: nn.Module) -> Iterator[int]:
         for m in taken:
             m.__class__ = _PACKED[type(m)]
             _SESSION[m] = None
+            if repeated:
+                _REPEATED.add(m)
         try:
             yield len(taken)
         finally:
@@ -219,7 +251,9 @@ def packed_session(module: nn.Module) -> Iterator[int]:
                 _put_back(m)
                 _SESSION.pop(m, None)
                 _CACHE.pop(m, None)
+                _REPEATED.discard(m)
                 m.__class__ = _PLAIN[type(m)]
+            _drop_transient(taken)
             winograd.release()
 
 
@@ -249,8 +283,9 @@ def unpack_weights(module: nn.Module) -> int:
 
 def forget(module: nn.Module) -> None:
     """Drop the Winograd filters kept for the convolutions of ``module`` (they are made again on use)."""
-    for m in module.modules():
-        _WINO.pop(m, None)
+    with _WINO_LOCK:
+        for m in module.modules():
+            _WINO.pop(m, None)
 
 
 def packed_count(module: nn.Module) -> int:

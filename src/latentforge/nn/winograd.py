@@ -16,9 +16,12 @@ against the fp32 image is reported by ``benchmarks/bench_winograd.py`` (issue 16
 Memory: U is 16/9 of the filter, and the plain filter stays (the packed session cannot give back a
 plain weight from U bit for bit), so Winograd is used where the activations are large next to the
 filters: feature maps of at least ``MIN_PIXELS`` pixels (SD1.5 at 512 px: the 64x64 and 32x32 levels,
-280 MB of transformed filters). ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run,
-``nn.native.ready``, and the map is that large), ``off`` (oneDNN's direct convolution), ``on`` (every
-map size).
+280 MB of transformed filters, kept between generations). A session that runs its module many times
+(``packed_session(repeated=True)``: the UNet during sampling) also runs maps of ``MIN_PIXELS_REPEATED``
+pixels by Winograd (SD1.5's 16x16 level, 630 MB) with filters made for that session only and dropped
+when it ends or when the VAE, a generation's memory peak, starts (``nn.packed.shed``).
+``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run, ``nn.native.ready``, and the map
+is that large), ``off`` (oneDNN's direct convolution), ``on`` (every map size, filters kept).
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ import threading
 import torch
 from torch import Tensor, nn
 
+from latentforge import allocator
 from latentforge.nn import native
 
 MIN_PIXELS = 1024
+# in a session that runs the module many times (a sampler's steps: ``packed_session(repeated=True)``),
+# maps down to this size too, with filters made for the session and dropped after it (SD1.5's 16x16 level
+# at 512 px: 630 MB of transformed filters, 0.7 s to make, about 0.15 s saved per step)
+MIN_PIXELS_REPEATED = 256
 # the most memory the transformed input of one convolution takes (larger inputs go in bands of rows)
 BAND_BYTES = 64 << 20
 # F(2x2, 3x3)'s filter transform
@@ -45,10 +53,11 @@ def mode() -> str:
     return value
 
 
-def usable(conv: nn.Conv2d, x: Tensor) -> bool:
+def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
     """Whether ``conv(x)`` may run by Winograd: a plain 3x3 convolution (stride 1, padding 1, no dilation
     or groups, zero padding) of a bf16 channels-last CPU input without autograd, an even number of input
-    channels and a multiple of 32 output channels, a large enough map (``MIN_PIXELS`` unless
+    channels and a multiple of 32 output channels, a large enough map (``MIN_PIXELS``, or
+    ``MIN_PIXELS_REPEATED`` when the caller runs it ``repeated``ly; any size with
     ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available."""
     w = conv.weight
     m = mode()
@@ -69,10 +78,16 @@ def usable(conv: nn.Conv2d, x: Tensor) -> bool:
         and conv.in_channels % 2 == 0
         and conv.out_channels % 32 == 0
         and x.numel() > 0
-        and (m == "on" or x.shape[2] * x.shape[3] >= MIN_PIXELS)
+        and (m == "on" or x.shape[2] * x.shape[3] >= (MIN_PIXELS_REPEATED if repeated else MIN_PIXELS))
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and native.ready()
     )
+
+
+def worth_keeping(x: Tensor) -> bool:
+    """Whether filters used on ``x``'s map are worth keeping between sessions (``MIN_PIXELS`` or larger,
+    or every size with ``LATENTFORGE_WINOGRAD=on``): below it they cost more memory than they save time."""
+    return mode() == "on" or x.shape[2] * x.shape[3] >= MIN_PIXELS
 
 
 def transform(weight: Tensor) -> Tensor:
@@ -114,7 +129,8 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int) -> Ten
 
 
 # One buffer per thread for the transformed input (V, 4x the input): allocated afresh, tens of MB would be
-# mapped and page-faulted on every call (glibc maps blocks over 32 MB). Grows to the largest V seen;
+# mapped and page-faulted on every call (glibc maps blocks over 32 MB). Grows to the largest V seen, in its
+# own mapping (``allocator.mapped_empty``: in the VAE's heap mode a buffer on the heap splits it);
 # ``release`` frees them all (the packed session does on exit).
 _BUFFERS: dict[int, Tensor] = {}
 _BUFFERS_LOCK = threading.Lock()
@@ -125,7 +141,8 @@ def _workspace(numel: int) -> Tensor:
     with _BUFFERS_LOCK:
         buf = _BUFFERS.get(key)
         if buf is None or buf.numel() < numel:
-            _BUFFERS[key] = buf = torch.empty(numel, dtype=torch.bfloat16)
+            _BUFFERS[key] = None  # the old one freed before the larger one is mapped
+            _BUFFERS[key] = buf = allocator.mapped_empty((numel,), torch.bfloat16)
     return buf
 
 

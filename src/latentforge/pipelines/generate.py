@@ -136,7 +136,7 @@ def packing(pipe):
     off = os.environ.get("LATENTFORGE_PACK", "1").strip().lower() in ("0", "off", "no", "false")
     if off or pipe.device.type != "cpu" or pipe.offloader is not None or unet_params(pipe) < PACK_MIN_UNET_PARAMS:
         return contextlib.nullcontext(0)
-    return packed_session(pipe.unet)
+    return packed_session(pipe.unet, repeated=True)  # a sampler's steps: see nn/winograd.py
 
 
 def with_default_cfg(pipe, req: GenerationRequest) -> GenerationRequest:
