@@ -185,17 +185,25 @@ def test_session_runs_large_maps_by_winograd_and_keeps_their_plain_weight(monkey
     assert not winograd._BUFFERS  # the transformed-input buffers freed with the session
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
-    # the transformed filters stay for the next session (no transform per generation) while the weight
-    # is unchanged; a change makes them again; forget drops them
-    kept = packed._WINO[net[2]][1]
+    assert net[0] not in packed._WINO and net[2] not in packed._WINO  # dropped with the session
+    # inside a session the filters serve every call while the weight is unchanged; a change makes them again
     with torch.inference_mode(), packed.packed_session(net):
-        assert torch.equal(net(big), out) and packed._WINO[net[2]][1] is kept
+        assert torch.equal(net(big), out)
+        kept = packed._WINO[net[2]][1]
+        net(big)
+        assert packed._WINO[net[2]][1] is kept
         with torch.no_grad():
             net[2].weight.mul_(0.5)
         net(big)
         assert packed._WINO[net[2]][1] is not kept
+    # pack_weights (both copies kept, no session): the filters stay until forget
+    packed.pack_weights(net)
+    with torch.inference_mode():
+        net(big)
+    assert net[0] in packed._WINO and net[2] in packed._WINO
     packed.forget(net)
     assert net[0] not in packed._WINO and net[2] not in packed._WINO
+    packed.unpack_weights(net)
 
 
 def test_native_filter_transform_equals_the_float64_one(monkeypatch):
@@ -209,35 +217,48 @@ def test_native_filter_transform_equals_the_float64_one(monkeypatch):
     assert torch.equal(torch_u[1, 4 * 2 + 1, 5, 17, 1], full[32 + 17, 11, 2, 1])
 
 
-def test_repeated_session_runs_smaller_maps_by_winograd_with_filters_for_that_session(monkeypatch):
+def test_repeated_session_runs_smaller_maps_by_winograd_and_the_vae_sheds_session_filters(monkeypatch):
     from latentforge.models.vae import cpu_fast_path
 
     monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
     net = make(16, 32, seed=3)
-    mid, big = rand(1, 16, 16, 16, seed=4), rand(1, 16, 32, 32, seed=5)  # 256 and 1024 pixels
+    mid = rand(1, 16, 16, 16, seed=4)  # 256 pixels
     exact = F.conv2d(mid.double(), net.weight.double(), net.bias.double(), padding=1)
     by_winograd = winograd.conv3x3(mid, winograd.transform(net.weight), net.bias, 32)
+    vae_like = torch.nn.Conv2d(4, 4, 1).bfloat16()
     with torch.inference_mode():
         with packed.packed_session(net):  # not repeated: a 16x16 map stays on oneDNN
             direct = net(mid)
             assert net not in packed._WINO
         with packed.packed_session(net, repeated=True):
             out = net(mid)
-            assert net in packed._WINO and not packed._WINO[net][2]
-            packed.shed()  # what the VAE does before it runs: the session-only filters go
-            assert net not in packed._WINO
-            with cpu_fast_path(torch.nn.Conv2d(4, 4, 1).bfloat16(), mid):
-                pass
-            again = net(mid)  # made again on use
-            with cpu_fast_path(torch.nn.Conv2d(4, 4, 1).bfloat16(), mid):
+            assert net in packed._WINO
+            with cpu_fast_path(vae_like, mid):  # the VAE drops the open session's filters before it runs
                 assert net not in packed._WINO
-            net(mid)
+            again = net(mid)  # made again on use
+            assert net in packed._WINO
         assert net not in packed._WINO  # dropped with the session
-        with packed.packed_session(net, repeated=True):
-            net(mid)
-            net(big)  # a large map asks for the same filters to be kept
-            packed.shed()
-        assert net in packed._WINO and packed._WINO[net][2]
-    packed.forget(net)
     assert torch.equal(out, by_winograd) and torch.equal(again, out) and not torch.equal(direct, out)
     assert rel_rms(out, exact) < 1e-2 and rel_rms(direct, exact) < 1e-2
+
+
+def test_session_hands_the_swapped_out_weights_pages_back(monkeypatch):
+    from latentforge import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "release", lambda: calls.append(1) or True)
+    net = torch.nn.Sequential(make(16, 32, seed=1), torch.nn.SiLU(), make(32, 32, seed=2))
+    small = rand(1, 16, 8, 8)
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "off")
+    with torch.inference_mode(), packed.packed_session(net):
+        net(small)  # the first call swaps the plain weights out: their pages go back once
+        assert len(calls) == 1
+        net(small)  # nothing freed since
+        assert len(calls) == 1
+    assert len(calls) == 2  # and the packed copies' on exit
+    monkeypatch.setattr(packed, "RELEASE_BYTES", 32 * 16 * 9 * 2)  # the first weight's size: during the call
+    with torch.inference_mode(), packed.packed_session(net):
+        net(small)
+        assert len(calls) == 4  # after each swap-out (two weights); nothing left for the end of the call
+    assert len(calls) == 5
+    assert not net._forward_hooks

@@ -1,29 +1,31 @@
-"""Freed CPU memory reused instead of page-faulted in anew, while the VAE runs (issue 16).
+"""Freed CPU memory reused instead of page-faulted in anew, while the VAE runs (issue 16): an opt-in.
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves blocks above its mmap threshold
 (at most 32 MB) with a fresh ``mmap`` and unmaps them on ``free``, so each such tensor costs one page
 fault per 4 KiB page on first touch, the kernel zeroing every page. The VAE's activations at 512 px are
-32-128 MB each: one SD VAE decode allocated 2.2 GB of fresh pages (about 574,000 minor faults) and spent
-a tenth of its time faulting them in. The UNet's activations at 512 px are below the threshold and
-fault nothing once the process is warm.
+32-128 MB each: one SD VAE decode allocates about 2 GB of fresh pages (450,000-550,000 minor faults).
+The UNet's activations at 512 px are below the threshold and fault nothing once the process is warm.
 
-``reusing()`` (entered by ``AutoencoderKL.encode_moments`` and ``decode`` for CPU tensors) asks glibc
-(``mallopt``) to serve every block from its heap (``M_MMAP_MAX`` = 0) and not to trim the heap's free top
-(``M_TRIM_THRESHOLD`` at its largest), so a freed activation's pages serve the next one; on leaving, the
-settings return to what glibc's own adaptive thresholds reach in a warm PyTorch process (mmap above
-32 MB, trim above 64 MB) and ``malloc_trim`` hands the free heap back, so the process does not keep the
-decode's peak. Measured (docs/performance.md): the SD VAE decode at 512 px, bf16, 7.3 -> 6.2 s with no
-page faults after the process's first decode.
-Contexts nest and may be entered from several threads (a count; the last one out restores).
+``reusing()`` (entered by ``AutoencoderKL.encode_moments`` and ``decode`` for CPU tensors) does nothing
+unless ``LATENTFORGE_MALLOC=reuse``. Then it asks glibc (``mallopt``) to serve every block from its heap
+(``M_MMAP_MAX`` = 0) and not to trim the heap's free top (``M_TRIM_THRESHOLD`` at its largest), so a
+freed activation's pages serve the next one; on leaving, the settings return to what glibc's own
+adaptive thresholds reach in a warm PyTorch process (mmap above 32 MB, trim above 64 MB) and
+``malloc_trim`` hands the free heap back. It was the default until the decode's peak mattered more than
+its page faults: the 32-134 MB blocks of different sizes fragment the heap, so a decode's peak RSS is
+0.4-0.6 GB higher than with glibc's mappings (the generation's peak: issue 16's memory target), for a
+decode 6% faster (measured with ``benchmarks/bench_fused.py``: 4.23-4.28 s against 4.52 s, peak 1.87
+against 1.22-1.31 GB). Contexts nest and may be entered from several threads (a count; the last one out
+restores).
 
-Long-lived buffers made while the VAE runs (the Winograd filters and transform buffer of ``nn.winograd``)
-would sit in the middle of that heap and keep the freed activations around them from merging: the first
-decode of a process peaked 0.6 GB higher than later ones. ``mapped_empty`` gives such buffers their own
-anonymous mapping, outside the heap, whatever the mode.
+``mapped_empty`` gives long-lived buffers (the Winograd filters and transform buffer of ``nn.winograd``)
+their own anonymous mapping, outside the heap, whatever the mode: in the middle of the heap they would
+keep the freed blocks around them from merging.
 
-``LATENTFORGE_MALLOC=system`` leaves glibc alone. ``release`` (``malloc_trim``) returns free heap memory
-after a model is unloaded (the server's model cache calls it). Elsewhere than glibc (macOS, Windows,
-musl) all of this does nothing.
+``LATENTFORGE_MALLOC=system`` (the default) leaves glibc alone. ``release`` (``malloc_trim``) returns free
+heap memory after a model is unloaded (the server's model cache calls it) and after a packed session has
+swapped its weights out (``nn.packed``). Elsewhere than glibc (macOS, Windows, musl) all of this does
+nothing.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def _glibc():
 
 
 def wanted() -> bool:
-    value = os.environ.get(ENV, "reuse").strip().lower() or "reuse"
+    value = os.environ.get(ENV, "system").strip().lower() or "system"
     if value not in ("reuse", "system"):
-        raise ValueError(f"{ENV}={value!r}: use 'reuse' (the default) or 'system'")
+        raise ValueError(f"{ENV}={value!r}: use 'system' (the default) or 'reuse'")
     return value == "reuse"
 
 

@@ -37,21 +37,26 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from latentforge import allocator
 from latentforge.nn import fused, winograd
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
 # that weight's (shape, strides) (a channels-last weight comes back channels-last)
 _SESSION: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
-# convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters, kept); their
-# plain weight stays in place (it cannot be recovered bit for bit from the transform). Kept between
-# sessions while the layer lives and its weight is unchanged (no transform per generation; ``forget``
-# drops them), except those made for a repeated session's smaller maps (``winograd.worth_keeping``):
-# dropped when that session ends or by ``shed``.
+# convolutions run by Winograd (nn/winograd.py): layer -> (weight key, transformed filters, made in a
+# session); their plain weight stays in place (it cannot be recovered bit for bit from the transform).
+# Filters made in a session are dropped when it ends or by ``shed`` (the VAE's call): kept, they would
+# sit through the next memory peak (SD1.5's UNet: 0.96 GB, 1 s to make per generation). Those of
+# ``pack_weights``' layers outside sessions stay while the weight is unchanged (``forget`` drops them).
 _WINO: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 _WINO_LOCK = threading.Lock()
-# layers inside a session opened with repeated=True
-_REPEATED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+# layers inside a session -> whether it was opened with repeated=True
+_REPEATED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+# bytes of plain weights swapped out since a session last handed free heap pages back (allocator.release)
+_FREED = {"bytes": 0}
+# handed back during a call too once this much is free (the first call swaps out a whole UNet's weights)
+RELEASE_BYTES = 128 << 20
 # weight parameter id -> its layer, for materialize(param)
 _SWAPPED: dict[int, nn.Module] = {}
 # one session at a time per module (generations on the same UNet from two threads take turns)
@@ -118,8 +123,8 @@ class PackedConv2d(nn.Conv2d):
         if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
             _put_back(self)
             return super().forward(x)
-        if winograd.usable(self, x, repeated=self in _REPEATED):
-            u = _winograd_filters(self, keep=winograd.worth_keeping(x))
+        if winograd.usable(self, x, repeated=_REPEATED.get(self, False)):
+            u = _winograd_filters(self)
             return winograd.conv3x3(x, u, self.bias, self.out_channels)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
 
@@ -151,38 +156,46 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
 
 
-def _winograd_filters(conv: nn.Conv2d, keep: bool) -> Tensor:
+def _winograd_filters(conv: nn.Conv2d) -> Tensor:
     """The convolution's Winograd-transformed filters, made again when the weight changed; the plain weight
-    is put back first if a session swapped it out, and oneDNN's packed copy is dropped. ``keep``: kept
-    after the session (once any use asks for it)."""
+    is put back first if a session swapped it out, and oneDNN's packed copy is dropped."""
     _put_back(conv)
     _CACHE.pop(conv, None)
     w = conv.weight
     key = (id(w), w._version, w.dtype)
     entry = _WINO.get(conv)
     if entry is None or entry[0] != key:
-        entry = (key, winograd.transform(w), keep)
-    elif keep and not entry[2]:
-        entry = (key, entry[1], True)
-    else:
-        return entry[1]
-    with _WINO_LOCK:
-        _WINO[conv] = entry
+        entry = (key, winograd.transform(w), conv in _REPEATED)
+        with _WINO_LOCK:
+            _WINO[conv] = entry
     return entry[1]
 
 
-def _drop_transient(layers) -> None:
+def _drop_session_filters(layers) -> None:
     with _WINO_LOCK:
-        for m in [m for m in layers if m in _WINO and not _WINO[m][2]]:
+        for m in [m for m in layers if m in _WINO and _WINO[m][2]]:
             del _WINO[m]
 
 
 def shed() -> None:
-    """Drop the Winograd filters made for repeated sessions' smaller maps, in every module (they are made
-    again on their next use): the VAE calls it before its decode or encode, a generation's memory peak."""
+    """Drop the Winograd filters that open sessions made, in every module (made again on their next use):
+    the VAE calls it before it runs, a generation's memory peak, while the UNet's session is still open."""
     with _WINO_LOCK:
         layers = list(_WINO.keys())
-    _drop_transient(layers)
+    _drop_session_filters(layers)
+
+
+def _release_freed() -> None:
+    """The heap pages that swapped-out plain weights left free go back to the system; without it they
+    stay resident through the session (0.2-0.35 GB for SD1.5's UNet)."""
+    _FREED["bytes"] = 0
+    allocator.release()
+
+
+def _after_call(module: nn.Module, args, output) -> None:
+    """A session's forward hook: what the call swapped out and did not hand back yet, handed back."""
+    if _FREED["bytes"]:
+        _release_freed()
 
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
@@ -192,10 +205,14 @@ _PLAIN = {packed: plain for plain, packed in _PACKED.items()}
 def _swap_out(layer: nn.Module) -> None:
     w = layer.weight
     layout = (w.shape, w.stride())
+    freed = w.numel() * w.element_size()
     with torch.inference_mode(False):  # a normal (not inference) tensor, as the parameter's data was
         w.data = torch.empty(0, dtype=w.dtype, device=w.device)
     _SESSION[layer] = layout
     _SWAPPED[id(w)] = layer
+    _FREED["bytes"] += freed
+    if _FREED["bytes"] >= RELEASE_BYTES:
+        _release_freed()
 
 
 def _put_back(layer: nn.Module) -> None:
@@ -230,8 +247,9 @@ def _packable(module: nn.Module) -> list[nn.Module]:
 def packed_session(module: nn.Module, repeated: bool = False) -> Iterator[int]:
     """Pack the plain convolution and linear layers of ``module`` on first use with one copy of each
     weight in memory (see the module docstring); yields how many layers take part (0 without oneDNN).
-    ``repeated``: the module runs many times in this session (a sampler's steps), so smaller maps run by
-    Winograd too, with filters made for this session (``winograd.MIN_PIXELS_REPEATED``)."""
+    Winograd filters made in the session are dropped when it ends. ``repeated``: the module runs many
+    times in this session (a sampler's steps), so smaller maps run by Winograd too
+    (``winograd.MIN_PIXELS_REPEATED``)."""
     if not available():
         yield 0
         return
@@ -242,19 +260,23 @@ def packed_session(module: nn.Module, repeated: bool = False) -> Iterator[int]:
         for m in taken:
             m.__class__ = _PACKED[type(m)]
             _SESSION[m] = None
-            if repeated:
-                _REPEATED.add(m)
+            _REPEATED[m] = repeated
+        hook = module.register_forward_hook(_after_call) if taken else None
         try:
             yield len(taken)
         finally:
+            if hook is not None:
+                hook.remove()
             for m in taken:
                 _put_back(m)
                 _SESSION.pop(m, None)
                 _CACHE.pop(m, None)
-                _REPEATED.discard(m)
+                _REPEATED.pop(m, None)
                 m.__class__ = _PLAIN[type(m)]
-            _drop_transient(taken)
+            _drop_session_filters(taken)
             winograd.release()
+            if taken:
+                allocator.release()  # the packed copies' pages
 
 
 def pack_weights(module: nn.Module) -> int:

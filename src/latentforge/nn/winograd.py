@@ -16,12 +16,13 @@ against the fp32 image is reported by ``benchmarks/bench_winograd.py`` (issue 16
 Memory: U is 16/9 of the filter, and the plain filter stays (the packed session cannot give back a
 plain weight from U bit for bit), so Winograd is used where the activations are large next to the
 filters: feature maps of at least ``MIN_PIXELS`` pixels (SD1.5 at 512 px: the 64x64 and 32x32 levels,
-280 MB of transformed filters, kept between generations). A session that runs its module many times
-(``packed_session(repeated=True)``: the UNet during sampling) also runs maps of ``MIN_PIXELS_REPEATED``
-pixels by Winograd (SD1.5's 16x16 level, 630 MB) with filters made for that session only and dropped
-when it ends or when the VAE, a generation's memory peak, starts (``nn.packed.shed``).
+280 MB of transformed filters). A session that runs its module many times (``packed_session(repeated=
+True)``: the UNet during sampling) also runs maps of ``MIN_PIXELS_REPEATED`` pixels by Winograd (SD1.5's
+16x16 level, 680 MB more). Filters made in a session are dropped when it ends, or when the VAE, the
+other memory peak of a generation, starts (``nn.packed.shed``): made again per generation (SD1.5's UNet
+1 s, the VAE 0.2 s) rather than held through the peaks.
 ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run, ``nn.native.ready``, and the map
-is that large), ``off`` (oneDNN's direct convolution), ``on`` (every map size, filters kept).
+is that large), ``off`` (oneDNN's direct convolution), ``on`` (every map size).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from latentforge.nn import native
 
 MIN_PIXELS = 1024
 # in a session that runs the module many times (a sampler's steps: ``packed_session(repeated=True)``),
-# maps down to this size too, with filters made for the session and dropped after it (SD1.5's 16x16 level
-# at 512 px: 630 MB of transformed filters, 0.7 s to make, about 0.15 s saved per step)
+# maps down to this size too (SD1.5's 16x16 level at 512 px: 680 MB of transformed filters, 0.7 s to
+# make per generation, 0.15-0.3 s saved per step)
 MIN_PIXELS_REPEATED = 256
 # the most memory the transformed input of one convolution takes (larger inputs go in bands of rows)
 BAND_BYTES = 64 << 20
@@ -82,12 +83,6 @@ def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and native.ready()
     )
-
-
-def worth_keeping(x: Tensor) -> bool:
-    """Whether filters used on ``x``'s map are worth keeping between sessions (``MIN_PIXELS`` or larger,
-    or every size with ``LATENTFORGE_WINOGRAD=on``): below it they cost more memory than they save time."""
-    return mode() == "on" or x.shape[2] * x.shape[3] >= MIN_PIXELS
 
 
 def transform(weight: Tensor) -> Tensor:
