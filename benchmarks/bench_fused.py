@@ -7,7 +7,7 @@
    one process, alternating, the minimum of ``--reps``; and each one's largest error against the
    float64 definition.
 2. The SD VAE decode at ``--size`` px, bf16, channels-last, random weights, in fresh processes
-   alternating ``LATENTFORGE_MALLOC=reuse`` (the default) and ``system`` (``--rounds`` each): seconds
+   alternating ``LATENTFORGE_MALLOC=reuse`` and ``system`` (the default) (``--rounds`` each): seconds
    (minimum of ``--reps`` after a warm-up), minor page faults per decode and the process's peak RSS.
 Results: stdout and benchmarks/results/fused.json.
 """

@@ -144,3 +144,34 @@ def test_the_vae_runs_inside_it(monkeypatch):
         z = vae.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
         vae.decode(z)
     assert len(seen) == 2
+
+
+def test_mapped_empty_is_a_private_page_aligned_tensor_of_its_own():
+    out = run_child(
+        """
+        import gc
+        def shmem():
+            for line in open("/proc/self/status"):
+                if line.startswith("RssShmem"):
+                    return int(line.split()[1]) * 1024
+        t = allocator.mapped_empty((3, 5, 7), torch.bfloat16)
+        out["shape"], out["dtype"] = list(t.shape), str(t.dtype)
+        out["contiguous"], out["aligned"] = t.is_contiguous(), t.data_ptr() % 4096 == 0
+        view = t[1]
+        del t
+        gc.collect()
+        view.fill_(2.0)  # a view keeps the mapping alive
+        out["view_sum"] = float(view.float().sum())
+        out["empty"] = list(allocator.mapped_empty((0, 4), torch.float32).shape)
+        before = shmem()
+        big = allocator.mapped_empty((64 << 20,), torch.uint8)
+        big.fill_(1)
+        out["shmem_growth_mb"] = (shmem() - before) / 2**20
+        out["rss_growth_ok"] = int(big.sum()) == 64 << 20
+        """
+    )
+    assert out["shape"] == [3, 5, 7] and out["dtype"] == "torch.bfloat16"
+    assert out["contiguous"] and out["aligned"]
+    assert out["view_sum"] == 2.0 * 5 * 7
+    assert out["empty"] == [0, 4]
+    assert out["shmem_growth_mb"] < 1 and out["rss_growth_ok"]  # private memory, not shared (slower faults)

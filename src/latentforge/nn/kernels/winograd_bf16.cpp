@@ -123,6 +123,15 @@ void output_tiles(const Wino &w, int64_t t0, int64_t R, int64_t oc, const float 
     }
 }
 
+inline __m128i bf16_rne8(__m256 f) {  // 8 floats -> 8 bf16, nearest-even, NaN kept quiet
+    const __m256i b = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    const __mmask8 nan = _mm256_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    r = _mm256_mask_or_epi32(r, nan, _mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40));
+    return _mm256_cvtepi32_epi16(r);
+}
+
 }  // namespace
 
 extern "C" {
@@ -208,47 +217,51 @@ int lf_wino_conv_bf16(const uint16_t *V, const uint32_t *U, const float *bias, c
 // U = G g G^T of every 3x3 filter g (bf16, element strides so_, si, sh, sw: any layout), in double,
 // rounded to nearest-even bf16 and packed as U[Cout/32][k = 4i + j][C/2][32][2]: lane l of block ob is
 // output channel 32 ob + l, member e of pair p input channel 2p + e.     G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
+// Sums of at most nine bf16 values halved twice are exact in double; each is rounded to float, then to
+// bf16 (PyTorch's float64 -> bf16 conversion rounds the same two steps). For a pair p the 64 filters
+// (lane, e) are gathered as floats into S[tap][2 lane + e], then transformed eight at a time in AVX-512
+// doubles: their 16 outputs are rows of 8 contiguous bf16 in U.
 int lf_wino_filter_bf16(const uint16_t *g, int64_t so_, int64_t si, int64_t sh, int64_t sw, uint16_t *U,
                         int64_t Cout, int64_t C, int threads) {
     if (Cout <= 0 || Cout % 32 || C <= 0 || C % 2) return 1;
     const int64_t pairs = C / 2;
-    auto bf16 = [](double v) -> uint16_t {
-        float f = (float)v;
-        uint32_t b;
-        std::memcpy(&b, &f, 4);
-        if ((b & 0x7F800000u) == 0x7F800000u && (b & 0x007FFFFFu)) return (uint16_t)((b >> 16) | 0x40);  // NaN
-        return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-    };
     // a task fills whole 128-byte rows U[ob][k][p][0:32][0:2] for a run of channel pairs
     constexpr int64_t PAIRS_PER_TASK = 8;
     const int64_t runs = (pairs + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
     lf_parallel((Cout / 32) * runs, threads, [&](int64_t task) {
         const int64_t ob = task / runs, p_end = std::min(pairs, (task % runs + 1) * PAIRS_PER_TASK);
-        for (int64_t p = (task % runs) * PAIRS_PER_TASK; p < p_end; ++p)
+        alignas(64) float S[9][64];
+        for (int64_t p = (task % runs) * PAIRS_PER_TASK; p < p_end; ++p) {
             for (int64_t lane = 0; lane < 32; ++lane)
                 for (int64_t e = 0; e < 2; ++e) {
-                    const int64_t oc = ob * 32 + lane, c = 2 * p + e;
-                    double w[3][3], t[4][3];
+                    const uint16_t *f = g + (ob * 32 + lane) * so_ + (2 * p + e) * si;
                     for (int i = 0; i < 3; ++i)
                         for (int j = 0; j < 3; ++j) {
-                            const uint32_t b = (uint32_t)g[oc * so_ + c * si + i * sh + j * sw] << 16;
-                            float f;
-                            std::memcpy(&f, &b, 4);
-                            w[i][j] = f;
+                            const uint32_t b = (uint32_t)f[i * sh + j * sw] << 16;
+                            std::memcpy(&S[i * 3 + j][lane * 2 + e], &b, 4);
                         }
-                    for (int j = 0; j < 3; ++j) {  // G g
-                        t[0][j] = w[0][j];
-                        t[1][j] = 0.5 * (w[0][j] + w[1][j] + w[2][j]);
-                        t[2][j] = 0.5 * (w[0][j] - w[1][j] + w[2][j]);
-                        t[3][j] = w[2][j];
-                    }
-                    for (int i = 0; i < 4; ++i) {  // (G g) G^T
-                        const double u[4] = {t[i][0], 0.5 * (t[i][0] + t[i][1] + t[i][2]),
-                                             0.5 * (t[i][0] - t[i][1] + t[i][2]), t[i][2]};
-                        for (int j = 0; j < 4; ++j)
-                            U[(((ob * 16 + i * 4 + j) * pairs + p) * 32 + lane) * 2 + e] = bf16(u[j]);
-                    }
                 }
+            for (int f0 = 0; f0 < 64; f0 += 8) {
+                __m512d w[3][3], t[4][3];
+                for (int i = 0; i < 3; ++i)
+                    for (int j = 0; j < 3; ++j) w[i][j] = _mm512_cvtps_pd(_mm256_load_ps(&S[i * 3 + j][f0]));
+                const __m512d half = _mm512_set1_pd(0.5);
+                for (int j = 0; j < 3; ++j) {  // G g
+                    t[0][j] = w[0][j];
+                    t[1][j] = _mm512_mul_pd(half, _mm512_add_pd(_mm512_add_pd(w[0][j], w[1][j]), w[2][j]));
+                    t[2][j] = _mm512_mul_pd(half, _mm512_add_pd(_mm512_sub_pd(w[0][j], w[1][j]), w[2][j]));
+                    t[3][j] = w[2][j];
+                }
+                for (int i = 0; i < 4; ++i) {  // (G g) G^T
+                    const __m512d u[4] = {
+                        t[i][0], _mm512_mul_pd(half, _mm512_add_pd(_mm512_add_pd(t[i][0], t[i][1]), t[i][2])),
+                        _mm512_mul_pd(half, _mm512_add_pd(_mm512_sub_pd(t[i][0], t[i][1]), t[i][2])), t[i][2]};
+                    for (int j = 0; j < 4; ++j)
+                        _mm_storeu_si128((__m128i *)(U + ((ob * 16 + i * 4 + j) * pairs + p) * 64 + f0),
+                                         bf16_rne8(_mm512_cvtpd_ps(u[j])));
+                }
+            }
+        }
     });
     return 0;
 }
