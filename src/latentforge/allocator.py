@@ -13,9 +13,9 @@ freed activation's pages serve the next one; on leaving, the settings return to 
 adaptive thresholds reach in a warm PyTorch process (mmap above 32 MB, trim above 64 MB) and
 ``malloc_trim`` hands the free heap back. It was the default until the decode's peak mattered more than
 its page faults: the 32-134 MB blocks of different sizes fragment the heap, so a decode's peak RSS is
-0.4-0.6 GB higher than with glibc's mappings (the generation's peak: issue 16's memory target), for a
-decode 6% faster (measured with ``benchmarks/bench_fused.py``: 4.23-4.28 s against 4.52 s, peak 1.87
-against 1.22-1.31 GB). Contexts nest and may be entered from several threads (a count; the last one out
+0.6-0.8 GB higher than with glibc's mappings in a process that only decodes, for a decode at most 6%
+faster (``benchmarks/bench_fused.py``, two runs: 4.23-4.28 s against 4.52 s, then 5.22 against 5.25 s;
+peak 1.87-2.11 against 1.22-1.31 GB). Contexts nest and may be entered from several threads (a count; the last one out
 restores).
 
 ``mapped_empty`` gives long-lived buffers (the Winograd filters and transform buffer of ``nn.winograd``)
