@@ -18,13 +18,14 @@ already) use the module's own forward. Subclasses of ``nn.Conv2d`` and ``nn.Line
 UNet's GEGLU projection is one: its fused forward reads the two halves of the plain weight).
 
 ``packed_session(module)`` is the default during a full-size CPU generation (``pipelines/generate.py``,
-with ``repeated=True``: smaller maps by Winograd too, see ``nn/winograd.py``)
-and costs no memory: inside it each layer, once packed, swaps its plain weight out for an empty
-placeholder (the packed copy is the only one), repacks from the packed copy (``to_dense``) when a
-convolution's input shape changes, and on exit every plain weight is put back bit for bit and the modules
-are plain ``nn.Conv2d`` / ``nn.Linear`` again. Code that must read a weight inside a session calls
-``materialize`` first (the patcher does); reading a swapped-out weight otherwise fails with a shape
-error, never silently. ``pack_weights`` (``--pack-weights``) keeps both copies across generations instead.
+with ``repeated=True``: smaller maps by Winograd too, see ``nn/winograd.py``) and costs no memory for
+oneDNN's layers (Winograd's filters are extra): inside it each layer, once packed, swaps its plain weight
+out for an empty placeholder (the packed copy is the only one), repacks from the packed copy
+(``to_dense``) when a convolution's input shape changes, and on exit every plain weight is put back bit
+for bit and the modules are plain ``nn.Conv2d`` / ``nn.Linear`` again. Code that must read a weight
+inside a session calls ``materialize`` first (the patcher does); reading a swapped-out weight otherwise
+fails with a shape error, never silently. ``pack_weights`` (``--pack-weights``) keeps both copies across
+generations instead.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def _winograd_filters(conv: nn.Conv2d) -> Tensor:
     key = (id(w), w._version, w.dtype)
     entry = _WINO.get(conv)
     if entry is None or entry[0] != key:
-        entry = (key, winograd.transform(w), conv in _REPEATED)
+        entry = (key, winograd.transform(w), conv in _SESSION)
         with _WINO_LOCK:
             _WINO[conv] = entry
     return entry[1]
