@@ -1,7 +1,7 @@
 """Server throughput with and without batching of queued jobs (server/batching.py).
 
     python benchmarks/bench_server_batch.py [--clients 8] [--requests 4] [--max-batch 1,4,8] [--steps 20]
-                                            [--size 64] [--model FILE | --full]
+                                            [--size 64] [--model FILE | --full] [--device cuda]
 
 For each ``--max-batch`` value a fresh ``latentforge serve`` process is started on a free port (the demo
 model, ``--model``, or with ``--full`` a random-weight SD1.5-shaped checkpoint written once to --workdir, run
@@ -37,8 +37,9 @@ class _Server(Server):
     """``latentforge serve`` (tests/serverproc.py) with the environment's threads and dtype, a queue that
     holds every client's requests, and the two calls the measurement makes."""
 
-    def __init__(self, model: Path | None, max_batch: int, threads: int | None):
+    def __init__(self, model: Path | None, max_batch: int, threads: int | None, device: str | None = None):
         args = ["--max-batch", str(max_batch), "--queue-size", "256", *(["-m", str(model)] if model else [])]
+        args += ["--device", device] if device else []
         super().__init__(*args, env={"OMP_NUM_THREADS": str(threads)} if threads else {}, timeout=600)
 
     def txt2img(self, payload: dict) -> dict:
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="a random-weight SD1.5-shaped model at 512x512")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (default: the environment's)")
+    ap.add_argument("--device", help="the server's torch device (default: the server's, cpu)")
+    ap.add_argument("--out", type=Path, help="also write the results here (JSON)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the server is closed by ``finally``
     model = args.model
@@ -109,7 +112,7 @@ def main() -> None:
     size = args.size or (512 if args.full else 64)
     rows = []
     for max_batch in [int(v) for v in args.max_batch.split(",")]:
-        server = _Server(model, max_batch, args.threads)
+        server = _Server(model, max_batch, args.threads, args.device)
         try:
             row = {"max_batch": max_batch, **measure(server, args.clients, args.requests, size, args.steps)}
         finally:
@@ -119,10 +122,10 @@ def main() -> None:
     columns = ["max_batch", "one_at_a_time_img_s", "concurrent_img_s", "speedup", "mean_batch"]
     print(table(rows, columns))
     name = "full-sd15" if args.full else str(model or "demo")
-    path = save(
-        "server_batch_full" if args.full else "server_batch",
-        {"model": name, "size": size, "steps": args.steps, "clients": args.clients, "rows": rows},
-    )
+    payload = {"model": name, "size": size, "steps": args.steps, "clients": args.clients, "device": args.device}
+    path = save("server_batch_full" if args.full else "server_batch", {**payload, "rows": rows})
+    if args.out:
+        args.out.write_text(json.dumps({**payload, "rows": rows}, indent=2) + "\n")
     print(f"results: {path}")
 
 
