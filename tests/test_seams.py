@@ -149,6 +149,33 @@ def test_compiled_unet_sees_hooks_added_after_compiling(pipe, ref):
     torch.testing.assert_close(pipe.unet(x, t, ctx), plain)
 
 
+def test_cuda_graph_modes_copy_the_output_out_of_the_graph(pipe, monkeypatch):
+    """A CUDA graph replay writes its output into the same memory on every call; with the modes that replay
+    graphs the compiled UNet hands out copies, so a sampler's earlier results survive the next call."""
+    replays = torch.zeros(3)
+
+    def graph_like_compile(fn, **options):
+        def replay(*args, **kwargs):
+            replays.add_(1)
+            return replays
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", graph_like_compile)
+    x, t, ctx = _inputs(8)
+    for options in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"options": {"triton.cudagraphs": True}}):
+        pipe.compile(**options)
+        first, second = pipe.unet(x, t, ctx), pipe.unet(x, t, ctx)
+        assert second.tolist() == [first[0].item() + 1] * 3 and first is not replays and second is not replays
+    for options in (
+        {},
+        {"mode": "max-autotune-no-cudagraphs"},
+        {"mode": "reduce-overhead", "options": {"triton.cudagraphs": False}},
+    ):
+        pipe.compile(**options)
+        assert pipe.unet(x, t, ctx) is replays  # no copy where no graph is replayed
+
+
 @torch.no_grad()
 def test_offload_hooks_live_in_the_patcher_and_patches_survive_offload(ref):
     x, t, ctx = _inputs(7)

@@ -182,11 +182,13 @@ class ModelPatcher:
 
     # ----- compile -------------------------------------------------------------------------------------
     def compile(self, network: str, **options) -> None:
-        """Compile ``network``'s forward with torch.compile; traced again whenever hooks change."""
+        """Compile ``network``'s forward with torch.compile; traced again whenever hooks change. Modes that
+        replay CUDA graphs (``mode="reduce-overhead"``, fixed shapes on a GPU) get their output copied out
+        of the graph's memory, which the next call overwrites (samplers keep earlier steps' results)."""
         module = self._networks()[network]
         original = self._compiled[network][0] if network in self._compiled else module.forward
         self._compiled[network] = (original, options)
-        module.forward = torch.compile(original, **options)
+        module.forward = _compiled_forward(original, options)
 
     @property
     def compiled(self) -> list[str]:
@@ -198,7 +200,34 @@ class ModelPatcher:
         # Traced graphs do not guard on module hooks: drop them, so the next call traces the new hooks.
         torch._dynamo.reset()
         for network, (original, options) in self._compiled.items():
-            self._networks()[network].forward = torch.compile(original, **options)
+            self._networks()[network].forward = _compiled_forward(original, options)
+
+
+def _uses_cuda_graphs(options: dict) -> bool:
+    """Whether ``torch.compile(**options)`` replays CUDA graphs (inductor's ``triton.cudagraphs``)."""
+    inductor = options.get("options") or {}
+    if "triton.cudagraphs" in inductor:
+        return bool(inductor["triton.cudagraphs"])
+    return options.get("mode") in ("reduce-overhead", "max-autotune")
+
+
+def _copy_out(out):
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copy_out(o) for o in out)
+    return out
+
+
+def _compiled_forward(original: Callable, options: dict) -> Callable:
+    compiled = torch.compile(original, **options)
+    if not _uses_cuda_graphs(options):
+        return compiled
+
+    def forward(*args, **kwargs):
+        return _copy_out(compiled(*args, **kwargs))
+
+    return forward
 
 
 def _compose(module: CrossAttention, hooks: list[ContextHook]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
