@@ -47,6 +47,10 @@ OPTIONS = [
     ("DeepCache 3 depth 3", {"deepcache_interval": 3, "deepcache_depth": 3}),
     ("ToMe 0.3 (md 2)", {"token_merging_ratio": 0.3, "token_merging_max_downsample": 2}),
     ("ToMe 0.5 (md 2)", {"token_merging_ratio": 0.5, "token_merging_max_downsample": 2}),
+    # the few-step presets set their own sampler, steps, CFG and schedule; the demo model is not distilled for
+    # few steps (no LCM-LoRA or Turbo weights exist here), so these rows show the cost of using them without one
+    ("preset lcm (not distilled)", {"preset": "lcm"}),
+    ("preset turbo (not distilled)", {"preset": "turbo"}),
 ]
 
 
@@ -69,7 +73,8 @@ def demo_rows(seeds: int, steps: int) -> list[dict]:
         seconds, quality, correct = [], [], 0
         for prompt, want, seed in jobs:
             start = time.perf_counter()
-            image = pipe.txt2img(prompt, seed=seed, steps=steps, **options).images[0]
+            given = options if "preset" in options else {"steps": steps, **options}
+            image = pipe.txt2img(prompt, seed=seed, **given).images[0]
             seconds.append(time.perf_counter() - start)
             pixels = np.asarray(image)
             reference.setdefault(seed, pixels)
