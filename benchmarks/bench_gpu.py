@@ -71,14 +71,18 @@ Pipeline(fam, "eps", unet, vae, encoders, tokenizers).save(cfg["folder"], layout
 print(json.dumps({{}}))
 """
 
-# The tests' tiny models of the same families (tests/tiny.py), for --tiny.
+# The tests' tiny models of the same families (tests/tiny.py), for --tiny, written again by latentforge as
+# the full-size run writes its models (so diffusers reads latentforge's folders here too).
 WRITE_TINY = """
-import json, sys
+import json, sys, tempfile
 sys.path.insert(0, {tests!r})
 from pathlib import Path
+import latentforge
 from tiny import build_reference, save_folder
 cfg = json.loads('''{cfg}''')
-save_folder(build_reference(cfg["family"]), Path(cfg["folder"]))
+with tempfile.TemporaryDirectory() as tmp:
+    pipe = latentforge.load(save_folder(build_reference(cfg["family"]), Path(tmp) / "m"))
+    pipe.save(cfg["folder"], layout="diffusers", dtype=cfg["dtype"])
 print(json.dumps({{}}))
 """
 
