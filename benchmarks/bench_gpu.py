@@ -110,6 +110,13 @@ def image_run(call):
     total = time.perf_counter() - t
     its = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     return total, its, img
+def images(call):  # the first image (warm-up, compiling), then cfg["images"] timed; returns the last
+    runs = [image_run(call) for _ in range(1 + cfg["images"])]
+    res["first_image_s"] = runs[0][0]
+    if len(runs) > 1:
+        res["image_s"] = statistics.median(r[0] for r in runs[1:])
+        res["its"] = statistics.median(r[1] for r in runs[1:])
+    return runs[-1][2]
 def unet_inputs(dtype):
     g = torch.Generator().manual_seed(0)
     lat = cfg["size"] // 8
@@ -149,12 +156,7 @@ if cfg["compile"]:
 call = lambda: pipe.txt2img(PROMPT, steps=cfg["steps"], seed=1, sampler="Euler", width=cfg["size"],
                             height=cfg["size"], cfg_scale=7.0, progress=lambda p: stamp()).images[0]
 with torch.inference_mode():
-    runs = [image_run(call) for _ in range(1 + cfg["images"])]
-    res["first_image_s"] = runs[0][0]
-    if len(runs) > 1:
-        res["image_s"] = statistics.median(r[0] for r in runs[1:])
-        res["its"] = statistics.median(r[1] for r in runs[1:])
-    np.save(cfg["image_out"], np.asarray(runs[-1][2]))
+    np.save(cfg["image_out"], np.asarray(images(call)))
     if cfg["reps"]:
         from latentforge.conditioning.vectors import sdxl_vector
         x, ts, ctx, sdxl, z = unet_inputs(pipe.unet.dtype)
@@ -190,11 +192,7 @@ call = lambda: pipe(PROMPT, num_inference_steps=cfg["steps"], guidance_scale=7.0
                     width=cfg["size"], generator=torch.Generator().manual_seed(1),
                     callback_on_step_end=on_step).images[0]
 with torch.inference_mode():
-    runs = [image_run(call) for _ in range(1 + cfg["images"])]
-    res["first_image_s"] = runs[0][0]
-    if len(runs) > 1:
-        res["image_s"] = statistics.median(r[0] for r in runs[1:])
-        res["its"] = statistics.median(r[1] for r in runs[1:])
+    images(call)
     if cfg["reps"]:
         x, ts, ctx, sdxl, z = unet_inputs(dtype)
         added = {{"text_embeds": sdxl[0], "time_ids": sdxl[1]}} if sdxl else None
