@@ -5,7 +5,8 @@
 On the random full-size SD1.5-shaped model (``common.random_sd15``, the automatic dtype), each image is
 timed in phases: start to the end of the first step (text encoding, the session packing the UNet's weights
 and making Winograd filters, the first UNet call), the later steps (and how much of them the UNet calls
-take), the VAE decode, and the session's exit (plain weights put back). Then, in the same process, UNet
+take), the VAE decode, and the session's exit (plain weights put back); the seconds spent making Winograd
+filters and oneDNN's packed weights, and the minor page faults of each UNet call. Then, in the same process, UNet
 calls inside a session alone (what the benchmarks' "UNet step" times, after a warm-up call), for comparison.
 The first image also pays one-time costs (kernels built, first touches); compare the later ones.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import resource
 import statistics
 import sys
 import time
@@ -35,7 +37,7 @@ def main() -> None:
     import torch
 
     import latentforge
-    from latentforge.nn import packed
+    from latentforge.nn import packed, winograd
 
     generate = importlib.import_module("latentforge.pipelines.generate")  # the module, not the function
 
@@ -43,14 +45,33 @@ def main() -> None:
     pipe = latentforge.load(folder)
     marks: dict[str, float] = {}
     unet_s: list[float] = []
+    faults: list[int] = []  # minor page faults of each UNet call
+    prep = {"winograd": 0.0, "reorder": 0.0}  # seconds making Winograd filters and oneDNN's packed weights
+
+    def minflt() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     forward = pipe.unet.forward
 
     def timed_forward(*a, **k):
-        t = time.perf_counter()
+        f, t = minflt(), time.perf_counter()
         out = forward(*a, **k)
         unet_s.append(time.perf_counter() - t)
+        faults.append(minflt() - f)
         return out
+
+    def timed(fn, what):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            prep[what] += time.perf_counter() - t
+            return out
+
+        return wrapper
+
+    winograd.transform = timed(winograd.transform, "winograd")
+    for name in ("_reorder_convolution_weight", "_reorder_linear_weight"):  # looked up on every call
+        setattr(torch.ops.mkldnn, name, timed(getattr(torch.ops.mkldnn, name), "reorder"))
 
     pipe.unet.forward = timed_forward
     decode = pipe.vae.decode
@@ -76,7 +97,9 @@ def main() -> None:
     for i in range(args.images):
         marks.clear()
         unet_s.clear()
+        faults.clear()
         stamps.clear()
+        prep.update(winograd=0.0, reorder=0.0)
         t0 = time.perf_counter()
         pipe.txt2img(
             "a photograph of an astronaut riding a horse",
@@ -94,7 +117,9 @@ def main() -> None:
             f"image {i}: total {total:.2f} s; start to step 1 {stamps[0] - t0:.2f} (first UNet call {unet_s[0]:.2f}); "
             f"steps 2-{len(stamps)} {later:.2f} ({later / max(1, len(stamps) - 1):.2f} per step, UNet calls "
             f"{sum(unet_s[1:]):.2f}); decode {marks['decode end'] - marks['decode start']:.2f}; "
-            f"session exit {marks.get('exit end', 0) - marks.get('exit start', 0):.2f}",
+            f"session exit {marks.get('exit end', 0) - marks.get('exit start', 0):.2f}; making Winograd filters "
+            f"{prep['winograd']:.2f} s and oneDNN's packed weights {prep['reorder']:.2f} s (UNet and VAE); page "
+            f"faults: first UNet call {faults[0]}, later calls at most {max(faults[1:], default=0)}",
             flush=True,
         )
     generate.packed_session = session
