@@ -1,8 +1,8 @@
 """Winograd F(2x2, 3x3) convolutions (nn/winograd.py) against oneDNN's direct bf16 convolution.
 
-    python benchmarks/bench_winograd.py [--reps 4] [--no-unet] [--psnr 512] [--steps 10]
+    python benchmarks/bench_winograd.py [--reps 4] [--no-unet] [--psnr 512] [--steps 10] [--loops]
 
-Three parts, one process each where it matters:
+Three parts, one process each where it matters (and a fourth on request):
 - every 3x3 convolution shape of an SD1.5 CFG step at 512x512 (batch 2, bf16, channels-last): oneDNN with
   its weight packed once (``LATENTFORGE_WINOGRAD=off``'s path) and Winograd, interleaved, the minimum of
   ``--reps``, with each one's relative RMS error against the float64 convolution;
@@ -10,7 +10,11 @@ Three parts, one process each where it matters:
   Winograd off and on, alternating, and the relative RMS difference of the outputs from the fp32 UNet's;
 - ``--psnr SIZE``: a ``--steps``-step txt2img image of bench_openvino's random SD1.5 model at SIZE px, in
   fresh processes: fp32, bf16 default (Winograd on) and bf16 with ``LATENTFORGE_WINOGRAD=off``; PSNR of
-  each bf16 image against the fp32 one (issue 16's bar for the default path: 40 dB).
+  each bf16 image against the fp32 one (issue 16's bar for the default path: 40 dB);
+- ``--loops``: the kernel's two loop orders (``kernels/winograd_bf16.cpp``: few tiles and many filters, or
+  many tiles) and its automatic choice on every shape, with the caches evicted before each call (a 96 MB
+  buffer written), as inside a UNet step where the filters were last read a step ago; the median of
+  ``--reps`` + 3 interleaved calls, the results checked to be the same bits, and the totals per CFG step.
 Results: stdout and benchmarks/results/winograd.json.
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,7 +34,7 @@ from common import psnr, save, table, times, txt2img_images
 SHAPES = [
     (320, 320, 64, 7), (640, 320, 64, 2), (960, 320, 64, 1), (640, 640, 64, 1),
     (320, 640, 32, 1), (640, 640, 32, 6), (960, 640, 32, 1), (1280, 640, 32, 1), (1920, 640, 32, 1),
-    (1280, 1280, 32, 1), (1280, 1280, 16, 7), (2560, 1280, 16, 2),
+    (1280, 1280, 32, 1), (640, 1280, 16, 1), (1280, 1280, 16, 7), (1920, 1280, 16, 1), (2560, 1280, 16, 2),
 ]  # fmt: skip
 
 
@@ -67,6 +73,43 @@ def shapes(reps: int) -> list[dict]:
     print(table(rows, list(rows[0])), flush=True)
     total = {m: sum(r[f"{m} ms"] * r["per step"] for r in rows) for m in ("onednn", "winograd")}
     print(f"per CFG step: oneDNN {total['onednn']:.0f} ms, Winograd {total['winograd']:.0f} ms", flush=True)
+    return rows
+
+
+def loops(reps: int) -> list[dict]:
+    import torch
+
+    from latentforge.nn import native, winograd
+
+    names = list(native.WINOGRAD_LOOPS)
+    evict = torch.empty(96 << 20, dtype=torch.uint8)
+    rows = []
+    for cin, cout, side, count in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(2, cin, side, side).to(torch.bfloat16).to(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, 3, 3) / (3 * cin**0.5)).to(torch.bfloat16)
+        bias = torch.randn(cout).to(torch.bfloat16)
+        u = winograd.transform(w)
+        seconds: dict[str, list[float]] = {n: [] for n in names}
+        outs = {}
+        with torch.inference_mode():
+            for rep in range(reps + 3):
+                for name in names:
+                    native.winograd_loop(name)
+                    evict.fill_(rep)
+                    t = time.perf_counter()
+                    outs[name] = winograd.conv3x3(x, u, bias, cout)
+                    seconds[name].append(time.perf_counter() - t)
+        native.winograd_loop("auto")
+        if not all(torch.equal(outs[n], outs["auto"]) for n in names):
+            raise SystemExit(f"the loops differ on {cin}->{cout} @{side}")
+        row = {"shape": f"{cin}->{cout} @{side}", "per step": count}
+        row.update({f"{n} ms": statistics.median(seconds[n]) * 1e3 for n in names})
+        row["auto / many-tiles"] = row["auto ms"] / row["many-tiles ms"]
+        rows.append(row)
+    print(table(rows, list(rows[0])), flush=True)
+    total = {n: sum(r[f"{n} ms"] * r["per step"] for r in rows) for n in names}
+    print("per CFG step, caches cold:", ", ".join(f"{n} {v:.0f} ms" for n, v in total.items()), flush=True)
     return rows
 
 
@@ -134,12 +177,15 @@ def main() -> None:
     ap.add_argument("--psnr", type=int, metavar="SIZE")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
+    ap.add_argument("--loops", action="store_true", help="time the kernel's two loop orders, caches cold")
     args = ap.parse_args()
     payload: dict = {}
     if not args.no_shapes:
         payload["shapes"] = shapes(args.reps)
     if not args.no_unet:
         payload["unet"] = unet_step(max(2, args.reps // 2))
+    if args.loops:
+        payload["loops"] = loops(args.reps)
     if args.psnr:
         payload["psnr"] = image_psnr(args.workdir, args.psnr, args.steps)
     print(f"saved {save('winograd', payload)}")

@@ -5,10 +5,11 @@
 Builds the full-size SD1.5 UNet with random weights on latentforge's fast path (channels-last), runs
 one warm-up and one profiled CFG step (batch 2) under torch.profiler inside ``packed_session`` (as a
 generation runs it), and groups the CPU time of the operators into attention (SDPA or latentforge's
-kernel), convolution, linear/matmul (with GEGLU's fused oneDNN matmuls), the GroupNorm + SiLU kernel and
-everything else. The native kernels are ctypes calls the profiler cannot see: this script labels them with
-``record_function``. FLOPs come from the profiler for convolutions and matmuls and from the shapes for
-attention (4*B*H*L*S*D). ``--vae`` profiles a VAE decode at the same size instead.
+kernel), convolution, linear/matmul (with GEGLU's fused oneDNN matmuls), the GroupNorm + SiLU kernel, the
+Winograd convolutions (input transform and products; GFLOP/s counted as the direct convolution's) and
+everything else. The native kernels are ctypes calls the profiler cannot see: this script labels them
+with ``record_function``. FLOPs come from the profiler for convolutions and matmuls and from the shapes
+for attention (4*B*H*L*S*D). ``--vae`` profiles a VAE decode at the same size instead.
 Saves results/profile_unet.json (results/profile_vae.json).
 """
 
@@ -29,6 +30,7 @@ KINDS = {
     "attention (SDPA)": ("scaled_dot_product", "flash_attention"),
     "attention (native)": ("lf_attention",),
     "GroupNorm + SiLU (native)": ("lf_groupnorm",),
+    "convolution (Winograd, native)": ("lf_winograd",),
     "convolution": ("convolution", "mkldnn_convolution", "conv2d", "_convolution_pointwise"),
     "linear / matmul": ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "_linear_pointwise"),
 }
@@ -50,11 +52,14 @@ def attention_flops(shapes) -> float:
 
 
 NATIVE_ATTENTION_FLOPS = [0.0]  # counted by the labelled attention kernel while profiling
+# the Winograd convolutions' FLOPs counted as the direct convolution's (2 * N*H*W * Cout * C * 9): the
+# products it saves count as done, as for the GFLOP/s of a whole step
+WINOGRAD_FLOPS = [0.0]
 
 
 def label_native_kernels() -> None:
-    """Wrap nn.native's kernel calls in profiler labels (lf_attention, lf_groupnorm); the
-    attention label also counts its FLOPs (4*B*Nq*Nk*C)."""
+    """Wrap nn.native's kernel calls in profiler labels (lf_attention, lf_groupnorm, lf_winograd_*); the
+    attention label also counts its FLOPs (4*B*Nq*Nk*C), the Winograd convolution its direct FLOPs."""
     from latentforge.nn import native
 
     def labelled(fn, name):
@@ -62,12 +67,23 @@ def label_native_kernels() -> None:
             if name == "lf_attention":
                 (b, nq, c), nk = args[0].shape, args[1].shape[1]
                 NATIVE_ATTENTION_FLOPS[0] += 4.0 * b * nq * nk * c
+            elif name == "lf_winograd_conv":  # (v, u, bias, out, in_channels, rows): out rows 2*(ty1 - ty0)
+                out, c, (ty0, ty1) = args[3], args[4], args[5]
+                n, cout, h, w = out.shape
+                rows = min(h, 2 * ty1) - 2 * ty0
+                WINOGRAD_FLOPS[0] += 2.0 * n * rows * w * cout * c * 9
             with torch.profiler.record_function(name):
                 return fn(*args, **kwargs)
 
         return call
 
-    for attr, name in (("attention_bf16", "lf_attention"), ("group_norm_bf16", "lf_groupnorm")):
+    for attr, name in (
+        ("attention_bf16", "lf_attention"),
+        ("group_norm_bf16", "lf_groupnorm"),
+        ("winograd_input", "lf_winograd_input"),
+        ("winograd_conv", "lf_winograd_conv"),
+        ("winograd_filters", "lf_winograd_filters"),
+    ):
         setattr(native, attr, labelled(getattr(native, attr), name))
 
 
@@ -98,7 +114,7 @@ def main() -> None:
         call, what = (lambda: model(x, t, ctx)), "SD1.5 UNet, one CFG step (batch 2)"
     with torch.inference_mode(), packed_session(model, repeated=True):
         call()
-        NATIVE_ATTENTION_FLOPS[0] = 0.0
+        NATIVE_ATTENTION_FLOPS[0] = WINOGRAD_FLOPS[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
             call()
     events = prof.key_averages(group_by_input_shape=True)
@@ -106,6 +122,7 @@ def main() -> None:
     time_us = {k: 0.0 for k in [*KINDS, "other"]}
     flops = {k: 0.0 for k in time_us}
     flops["attention (native)"] = NATIVE_ATTENTION_FLOPS[0]
+    flops["convolution (Winograd, native)"] = WINOGRAD_FLOPS[0]
     for e in events:
         kind = kind_of(e.key)
         time_us[kind] += e.self_cpu_time_total

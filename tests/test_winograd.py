@@ -94,6 +94,34 @@ def test_winograd_convolution_is_the_convolution(case):
     assert rel_rms(got, exact) < max(4 * rel_rms(direct, exact), 8e-3)
 
 
+@pytest.mark.parametrize("loop", ["few-tiles", "many-tiles"])
+@pytest.mark.parametrize(
+    "case",
+    [*CASES, (2, 32, 64, 32, 30, True), (1, 16, 1024, 6, 6, True)],  # 35 groups: 3 uneven batches; 4 T < Cout
+)
+def test_both_loops_are_the_convolution_to_the_bit(case, loop):
+    """The kernel's two loop orders (few tiles and many filters, or the other way round) compute the same
+    products in the same order: each matches F(2x2, 3x3) in float64 and the automatic choice bit for bit."""
+    n, cin, cout, h, w, bias = case
+    conv = make(cin, cout, bias)
+    x = rand(n, cin, h, w)
+    u = winograd.transform(conv.weight)
+    with torch.inference_mode():
+        auto = winograd.conv3x3(x, u, conv.bias, cout)
+        native.winograd_loop(loop)
+        try:
+            forced = winograd.conv3x3(x, u, conv.bias, cout)
+        finally:
+            native.winograd_loop("auto")
+    torch.testing.assert_close(forced.double(), winograd_in_float64(x, conv.weight, conv.bias), rtol=8e-3, atol=1e-2)
+    assert torch.equal(forced, auto)
+
+
+def test_unknown_loop_is_refused():
+    with pytest.raises(ValueError, match="few-tiles"):
+        native.winograd_loop("fast")
+
+
 def test_input_layout_threads_and_bands_do_not_change_the_result(monkeypatch):
     conv = make(64, 64)
     x = rand(2, 64, 13, 10)

@@ -161,6 +161,7 @@ def _library():
             )
             lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
             lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]
+            lib.lf_wino_set_loop.argtypes = [ctypes.c_int]
             lib.lf_wino_filter_bf16.argtypes = (
                 [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
             )
@@ -302,3 +303,14 @@ def winograd_filters(weight: Tensor) -> Tensor:
     if rc != 0:
         raise RuntimeError(f"Winograd filter transform refused shape {tuple(weight.shape)}")
     return u
+
+
+WINOGRAD_LOOPS = {"auto": 0, "few-tiles": 1, "many-tiles": 2}
+
+
+def winograd_loop(name: str) -> None:
+    """Which loop the Winograd convolution takes (``kernels/winograd_bf16.cpp``): ``auto`` (by shape, the
+    default), ``few-tiles`` or ``many-tiles``; all give the same bits (for benchmarks and tests)."""
+    if name not in WINOGRAD_LOOPS:
+        raise ValueError(f"Winograd loop {name!r}: use one of {', '.join(WINOGRAD_LOOPS)}")
+    _library().lf_wino_set_loop(WINOGRAD_LOOPS[name])

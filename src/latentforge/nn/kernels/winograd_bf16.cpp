@@ -34,6 +34,10 @@ namespace {
 
 constexpr int RT = 14;  // tiles per register tile (14 x 2 accumulators)
 
+// which loop lf_wino_conv_bf16 takes: 0 chosen by shape, 1 the few-tiles loop, 2 the many-tiles loop (set
+// by lf_wino_set_loop for benchmarks/bench_winograd.py --loops and the tests; both give the same bits)
+std::atomic<int> wino_loop{0};
+
 struct Wino {
     const uint16_t *V;
     const uint32_t *U;
@@ -136,6 +140,8 @@ inline __m128i bf16_rne8(__m256 f) {  // 8 floats -> 8 bf16, nearest-even, NaN k
 
 extern "C" {
 
+void lf_wino_set_loop(int loop) { wino_loop.store(loop, std::memory_order_relaxed); }
+
 // V[group][k][r][c] = (B^T d B)[k] for every 4x4 input tile d (rows 2ty-1 .. 2ty+2, columns 2tx-1 .. 2tx+2,
 // zero outside the image) of x (N, H, W, C) bf16 channels-last, for the band of tile rows [ty0, ty1) of
 // ceil(H/2) (a band bounds V's size); tiles numbered (n, ty - ty0, tx), tx < TW = ceil(W/2)
@@ -190,6 +196,34 @@ int lf_wino_conv_bf16(const uint16_t *V, const uint32_t *U, const float *bias, c
     const int64_t BT = ty1 - ty0, TW = (W + 1) / 2, T = N * BT * TW;
     const Wino w{V, U, bias, residual, out, N, H, W, C, Cout, ty0, BT, TW, T};
     const int64_t groups = (T + RT - 1) / RT, blocks = Cout / 32, K = C / 2;
+    const int loop = wino_loop.load(std::memory_order_relaxed);
+    if (loop == 1 || (loop == 0 && 4 * T < Cout)) {
+        // Few tiles, many filters (SD1.5's 16x16 level at batch 2: 128 tiles, 1280 output channels; the
+        // filters 52 MB, V 5 MB): the loop below would stream every block's filters once per tile group
+        // from memory. Here a task is one block of 32 output channels and a batch of up to GB groups: for
+        // each position k the block's U[ob][k] (64 C bytes) stays in L2 while the batch's groups pass over
+        // it, so the filters are read once per batch and V once per block; the 16 partial results of each
+        // group wait in bufs (GB x 28 KB on the stack). The products and their order are the same, so the
+        // result is bit for bit the loop's below. With caches cold, as inside a UNet step
+        // (benchmarks/bench_winograd.py --loops): 10-20% faster on those shapes, and up to 5% slower where
+        // the tiles are as many as the output channels, hence the condition.
+        constexpr int64_t GB = 16;
+        const int64_t batches = (groups + GB - 1) / GB, per_batch = (groups + batches - 1) / batches;
+        lf_parallel(blocks * batches, threads, [&](int64_t task) {
+            const int64_t ob = task / batches, g0 = (task % batches) * per_batch;
+            const int64_t g1 = std::min(groups, g0 + per_batch);
+            alignas(64) float bufs[GB][16 * RT * 32];
+            for (int k = 0; k < 16; ++k) {
+                const uint32_t *u = U + (ob * 16 + k) * K * 32;
+                for (int64_t g = g0; g < g1; ++g)
+                    product_any(std::min<int64_t>(RT, T - g * RT), V + (g * 16 + k) * RT * C, C, u,
+                                bufs[g - g0] + k * RT * 32);
+            }
+            for (int64_t g = g0; g < g1; ++g)
+                output_tiles(w, g * RT, std::min<int64_t>(RT, T - g * RT), ob * 32, bufs[g - g0]);
+        });
+        return 0;
+    }
     // A task takes a run of tile groups whose V (16 x RT x C bf16 each) stays in the core's L2 while every
     // block of output channels in its share passes over it: V is read from memory once, the filters
     // (smaller per block) from the shared cache. With few groups the output channels are split too.
