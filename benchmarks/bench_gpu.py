@@ -161,7 +161,8 @@ with torch.inference_mode():
         from latentforge.conditioning.vectors import sdxl_vector
         x, ts, ctx, sdxl, z = unet_inputs(pipe.unet.dtype)
         y = sdxl_vector(*sdxl, cfg["time_dim"]) if sdxl else None
-        step = lambda: pipe.unet(x, ts, ctx, y=y)
+        xf = x.float()  # the samplers give the UNet fp32 latents: the same call, so torch.compile does not recompile
+        step = lambda: pipe.unet(xf, ts, ctx, y)
         res["unet_step_s"] = median_s(step, cfg["reps"])
         np.save(cfg["unet_out"], step().float().cpu().numpy())
         res["vae_decode_s"] = median_s(lambda: pipe.vae.decode(z.to(pipe.vae.dtype)), cfg["reps"])
@@ -196,7 +197,9 @@ with torch.inference_mode():
     if cfg["reps"]:
         x, ts, ctx, sdxl, z = unet_inputs(dtype)
         added = {{"text_embeds": sdxl[0], "time_ids": sdxl[1]}} if sdxl else None
-        step = lambda: pipe.unet(x, ts, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+        # called as the pipeline calls it (one timestep, the same keywords), so torch.compile does not recompile
+        step = lambda: pipe.unet(x, ts[0], encoder_hidden_states=ctx, timestep_cond=None, cross_attention_kwargs=None,
+                                 added_cond_kwargs=added, return_dict=False)[0]
         res["unet_step_s"] = median_s(step, cfg["reps"])
         np.save(cfg["unet_out"], step().float().cpu().numpy())
         res["vae_decode_s"] = median_s(lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample, cfg["reps"])
@@ -370,6 +373,7 @@ def main() -> None:
         if run.left() <= 0:
             run.results["skipped"].append(part)
             print(f"{part}: skipped (budget spent)", flush=True)
+            run.write()  # --out's gpu.json is all that comes back from the device: it says what was skipped
             continue
         t = time.perf_counter()
         try:
