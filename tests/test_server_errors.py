@@ -189,3 +189,143 @@ def test_broken_model_is_a_500_without_internals_and_the_server_goes_on(env):
     assert "zz-broken" not in body["detail"] and "/" not in body["detail"]
     _err(s.get("/latentforge/v1/jobs/nope"), 404, "nope")
     assert s.post("/sdapi/v1/txt2img", OK).status_code == 200
+
+
+def _raw(s, path: str, data: bytes, **headers) -> requests.Response:
+    return requests.post(s.url + path, data=data, auth=AUTH, timeout=60, headers={**JSON, **headers})
+
+
+def test_bodies_are_checked_in_one_place_for_every_endpoint(env):
+    """Guard's check_json: the same clear error on every route, before any handler runs."""
+    s, _ = env
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/png-info", "/sdapi/v1/options"):
+        _err(_raw(s, path, b'{"steps": 2,}'), 422, "not valid JSON", "line 1")
+        _err(_raw(s, path, b'{"prompt": "\xff"}'), 400, "UTF-8")
+        _err(_raw(s, path, b'{"seed": 1' + b"0" * 5000 + b"}"), 422, "thousands of digits")
+        # deep nesting used to pass the parser and fail (500) when the response echoed it
+        deep = b'{"zzz": ' + b"[" * 100 + b"]" * 100 + b"}"
+        _err(_raw(s, path, deep), 422, "zzz[0][0]", "nested more than 32 levels")
+        _err(_raw(s, path, b'{"zzz": ' + b"[" * 5000 + b"]" * 5000 + b"}"), 422, "nested")
+        # a body of many small values: millions of objects from a few MB (here 400 kB, under the 1 MB limit)
+        _err(_raw(s, path, b'{"zzz": [' + b"0," * 200_000 + b"0]}"), 413, "100000 JSON values")
+        body = _err(_raw(s, path, b'{"prompt": "a \\ud800 b"}'), 422, "prompt", "unpaired surrogate")
+        assert body["field"] == "prompt"
+    _err(_raw(s, "/latentforge/v1/jobs", b'{"zzz": ' + b"[" * 100 + b"]" * 100 + b"}"), 422, "nested")
+    # the options stay readable (a deep value stored there used to make every GET a 500)
+    assert s.get("/sdapi/v1/options").status_code == 200
+    # commas and brackets inside strings are not values; surrogate pairs (emoji) are valid text
+    r = s.post("/sdapi/v1/txt2img", {**OK, "prompt": "cat \U0001f600" + ", [x]" * 60_000})
+    _err(r, 400, "prompt is", "characters long")
+    assert s.post("/sdapi/v1/txt2img", {**OK, "prompt": "cat \U0001f600"}).status_code == 200
+
+
+def test_unknown_routes_and_methods_have_the_error_shape(env):
+    s, _ = env
+    body = _err(s.post("/sdapi/v1/nope", {}), 404, "/sdapi/v1/nope")
+    assert body["error"] == "NotFound"
+    _err(s.get("/sdapi/v1/txt2img"), 405, "GET", "POST")
+    r = requests.post(s.url + "/sdapi/v1/txt2img", data=json.dumps(OK), auth=AUTH, timeout=30,
+                      headers={"Content-Type": "text/plain"})  # fmt: skip
+    _err(r, 422, "JSON object", "Content-Type: application/json")
+
+
+def test_json_problem_keeps_no_traceback():
+    """Raised from the parsing thread into the middleware's coroutine, the error kept the body and its
+    decoded text in a reference cycle: about 2x the body size of memory per bad request until a full GC."""
+    from latentforge.server.errors import json_problem
+
+    e = json_problem(b'{"prompt": "' + b"x" * 1000, None)
+    assert e is not None and e.status == 422 and "Unterminated string" in e.message
+    assert e.__traceback__ is None and e.__context__ is None
+    assert json_problem(b'{"prompt": "x"}', None) is None
+    assert json_problem(b"not json at all", b"text/plain") is None  # left to the route (FastAPI's 422)
+
+
+def test_option_values_are_checked(env):
+    s, _ = env
+    _err(s.post("/sdapi/v1/options", {"samples_format": 5}), 400, "samples_format")  # was a 500
+    _err(_raw(s, "/sdapi/v1/options", b'{"my_option": NaN}'), 400, "my_option", "NaN")
+    _err(s.post("/sdapi/v1/options", {"my_option": "x" * 100_000}), 400, "my_option", "65536")
+    _err(s.post("/sdapi/v1/options", {f"opt{i}": i for i in range(600)}), 400, "512")
+    assert s.post("/sdapi/v1/options", {"my_option": "fine"}).status_code == 200
+    r = s.get("/sdapi/v1/options")
+    assert r.status_code == 200 and r.json()["my_option"] == "fine" and "opt599" not in r.json()
+
+
+def test_script_junk_is_a_400(env):
+    s, _ = env
+    for scripts in ({"adetailer": {"args": 5}}, {"adetailer": 5}, {"adetailer": {"args": "on"}}):
+        body = _err(s.post("/sdapi/v1/txt2img", {**OK, "alwayson_scripts": scripts}), 400, "adetailer")
+        assert body["field"] == "alwayson_scripts.adetailer"
+    assert s.post("/sdapi/v1/txt2img", {**OK, "alwayson_scripts": {"x": {"args": None}}}).status_code == 200
+
+
+def test_client_errors_found_while_generating_are_400s(env):
+    s, _ = env
+    # over the text encoder's chunk limit (under the 20000 characters of the request check): was a 500
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "prompt": "a " * 9999}), 400, "chunks of 75 tokens")
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "prompt": "<lora:nope:1>"}), 400, "LoRA 'nope'")
+
+
+def test_no_file_paths_from_clients(env):
+    s, _ = env
+    path = str(bundled_model_path())  # a real file: it used to be read, its tensor names sent back
+    hires = {**OK, "enable_hr": True}
+    for name in (path, "demo.safetensors", "../x.pth", "sub\\x"):
+        _err(s.post("/sdapi/v1/txt2img", {**hires, "hr_upscaler": name}), 400, "hr_upscaler", "is a path")
+    for tag in (f"<lora:{path}:1>", "<lora:../../x:1>", "<hypernet:/etc/x.pt:1>"):
+        _err(s.post("/sdapi/v1/txt2img", {**OK, "prompt": tag}), 400, "by name, not by path")
+        _err(s.post("/sdapi/v1/txt2img", {**OK, "negative_prompt": tag}), 400, "negative_prompt")
+    assert s.post("/sdapi/v1/txt2img", {**hires, "hr_upscaler": "Latent (bicubic)"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"width": 8192, "height": 4096}, "width"),  # within MAX_SIDE: minutes and gigabytes on a CPU
+        ({"width": 1024, "height": 1024, "batch_size": 64}, "width"),
+        ({"width": 4096, "height": 4096, "enable_hr": True}, "hr_scale"),
+        ({"width": 512, "height": 512, "enable_hr": True, "hr_resize_x": 8192, "hr_resize_y": 8192}, "hr_scale"),
+    ],
+)
+def test_output_size_limit(env, change, field):
+    s, _ = env
+    t = __import__("time").time()
+    body = _err(s.post("/sdapi/v1/txt2img", {**OK, **change}), 400, "--max-output-pixels", "16777216")
+    assert body["field"] == field and __import__("time").time() - t < 10
+    r = s.post("/latentforge/v1/jobs", {**OK, **change})
+    _err(r, 400, "--max-output-pixels")
+
+
+def test_init_image_count_and_pixel_budget(env):
+    s, _ = env
+    small = _b64(Image.new("RGB", (64, 64), (9, 9, 9)))
+    # every init image was VAE-encoded on every pass: 10000 tiny images took the server out of memory
+    body = _err(s.post("/sdapi/v1/img2img", {**OK, "init_images": [small] * 3}), 400, "3 images", "batch_size of 1")
+    assert body["field"] == "init_images"
+    assert s.post("/sdapi/v1/img2img", {**OK, "init_images": [small] * 2, "batch_size": 2}).status_code == 200
+    full = _b64(Image.new("RGB", (256, 256), (9, 9, 9)))  # the server's limit for one image (256x256)
+    r = s.post("/sdapi/v1/img2img", {**OK, "init_images": [full] * 8, "batch_size": 8, "mask": full})
+    _err(r, 400, "together", "524288")
+    # a header claiming 2^34 pixels: PIL's own bomb check, with the server's limit in the message
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1 << 17, 1 << 17, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    bomb = base64.b64encode(png).decode()
+    _err(s.post("/sdapi/v1/img2img", {**OK, "init_images": [bomb]}), 400, "init_images[0]", "65536")
+    _err(s.post("/sdapi/v1/png-info", {"image": bomb}), 400, "--max-image-pixels")
+
+
+def test_force_task_id_and_long_messages_are_bounded(env):
+    s, _ = env
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "force_task_id": "x" * 1000}), 400, "force_task_id", "128")
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "force_task_id": "a\nb"}), 400, "force_task_id")
+    body = _err(s.post("/sdapi/v1/txt2img", {**OK, "sampler_name": "x" * 100_000}), 400, "unknown sampler", "(cut)")
+    assert len(body["detail"]) <= 2000
+    body = _err(s.post("/sdapi/v1/txt2img", {**OK, "steps": int("9" * 1000)}), 400, "steps must be at most 1000")
+    assert len(body["detail"]) < 200

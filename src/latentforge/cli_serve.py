@@ -49,6 +49,12 @@ def add_serve_parser(sub) -> None:
     p.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="largest input image in pixels (default 4096x4096)"
     )
+    p.add_argument(
+        "--max-output-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest width x height x batch_size of one pass, after hires (default 4096x4096)",
+    )
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="where save_images writes (default outputs/)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: automatic)")
     p.add_argument("--device", help="torch device (default cpu)")
@@ -102,6 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_model_bytes=args.max_model_memory_mb << 20,
         max_image_pixels=args.max_image_pixels,
+        max_output_pixels=args.max_output_pixels,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         device=args.device,
         dtype=args.dtype,

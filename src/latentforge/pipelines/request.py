@@ -254,7 +254,7 @@ class GenerationRequest:
             if isinstance(value, group):
                 check_types(group, asdict(value), f"{name}.")
         need(is_int(self.steps) and self.steps >= 1, f"steps must be a whole number >= 1, got {show(self.steps)}")
-        need(self.steps <= MAX_STEPS, f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        need(self.steps <= MAX_STEPS, f"steps must be at most {MAX_STEPS}, got {show(self.steps)}")
         for name in ("prompt", "negative_prompt", "sampler", "schedule", "prompt_syntax"):
             value = getattr(self, name)
             need(isinstance(value, str), f"{name} must be text, got {type(value).__name__} {show(value)}")
@@ -308,7 +308,7 @@ class GenerationRequest:
                     is_int(value) and value >= 64 and value % 8 == 0,
                     f"{name} must be a multiple of 8 and at least 64 pixels, got {show(value)}",
                 )
-                need(value <= MAX_SIDE, f"{name} must be at most {MAX_SIDE} pixels, got {value}")
+                need(value <= MAX_SIDE, f"{name} must be at most {MAX_SIDE} pixels, got {show(value)}")
         need(is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
         need(is_int(self.batch_count) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
         need(

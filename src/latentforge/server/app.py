@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.metadata import SCHEDULE_TITLES
@@ -90,6 +91,19 @@ def create_app(
     async def _invalid(request: Request, e: RequestValidationError):
         return validation_response(e.errors())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
+        kinds = {404: "NotFound", 405: "MethodNotAllowed"}
+        message = str(e.detail)
+        if e.status_code == 404:
+            message = f"no such endpoint {request.url.path!r}; the API is under /sdapi/v1 (see /docs)"
+        elif e.status_code == 405:
+            allowed = {k.lower(): v for k, v in (e.headers or {}).items()}.get("allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+        elif e.status_code == 400 and "parsing the body" in message:
+            message = "the request body could not be read as JSON; send a JSON object in UTF-8"
+        return error_response(e.status_code, kinds.get(e.status_code, "RequestError"), message, headers=e.headers)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
@@ -97,14 +111,7 @@ def create_app(
 
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:
-        req, init, model = sdapi.to_request(
-            payload,
-            img2img=img2img,
-            options=options,
-            max_pixels=config.max_image_pixels,
-            upscaler_files=bool(config.upscaler_dirs),
-            controlnets=config.controlnets(),
-        )
+        req, init, model = sdapi.server_request(payload, img2img=img2img, options=options, config=config)
         spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
         spec.save_to = outdir if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
@@ -222,7 +229,8 @@ def create_app(
         values = dict(values)
         if "sd_vae" in values:
             sdapi._check_vae(values["sd_vae"], "sd_vae")
-        if values.get("samples_format", "png").lower() != "png":
+        fmt = values.get("samples_format", "png")
+        if not isinstance(fmt, str) or fmt.lower() != "png":
             raise ApiError(400, "samples_format: latentforge writes PNG only", "samples_format")
         clip = values.get("CLIP_stop_at_last_layers", 1)
         if not isinstance(clip, int) or isinstance(clip, bool) or not 1 <= clip <= 12:
@@ -230,6 +238,7 @@ def create_app(
         for key in ("outdir_samples", "sd_checkpoint_hash"):
             values.pop(key, None)  # never a way for a client to choose where files go
         name = values.pop("sd_model_checkpoint", None)
+        _check_option_values(values, options)  # before the model switch: a refused request changes nothing
         if name:
             name = catalog.resolve(name)
             job = queue.submit(JobSpec("load", model=name))
@@ -349,6 +358,27 @@ def create_app(
         return FileResponse(str(STATIC.joinpath(name)), media_type=allowed[name])
 
     return app
+
+
+MAX_OPTIONS = 512  # option names kept (A1111's settings are about 400)
+MAX_OPTION_BYTES = 64 << 10  # one option's value as JSON
+
+
+def _check_option_values(values: dict, options: dict) -> None:
+    """Options are kept for the server's life and sent back by GET /sdapi/v1/options: each value must be
+    plain JSON (no NaN or infinity) of at most MAX_OPTION_BYTES, and the names at most MAX_OPTIONS."""
+    import json
+
+    for key, value in values.items():
+        try:
+            size = len(json.dumps(value, allow_nan=False))
+        except (TypeError, ValueError):
+            raise ApiError(400, f"{key}: the value must be plain JSON without NaN or infinity", key) from None
+        if size > MAX_OPTION_BYTES:
+            message = f"{key}: the value is {size} bytes as JSON; options take at most {MAX_OPTION_BYTES}"
+            raise ApiError(400, message, key)
+    if len(set(options) | set(values)) > MAX_OPTIONS:
+        raise ApiError(400, f"too many options: the server keeps at most {MAX_OPTIONS} option names")
 
 
 def _ram() -> dict:

@@ -1,12 +1,22 @@
 """The server's error type, A1111's error shape ``{"error", "detail", "body", "errors"}``, and the guard in
-front of every route: HTTP Basic authentication and the request body limit."""
+front of every route: HTTP Basic authentication, the request body limit and the shared JSON check
+(``check_json``: well-formed UTF-8 JSON, nested at most ``MAX_JSON_DEPTH`` levels, at most
+``MAX_JSON_ITEMS`` values, no unpaired surrogates), so that every endpoint gets the same limits."""
 
 from __future__ import annotations
 
 import base64
 import hmac
+import json
+import re
+from typing import Any
 
 from fastapi.responses import JSONResponse
+
+MAX_JSON_DEPTH = 32  # A1111's deepest payloads (ControlNet units in alwayson_scripts) nest about 5 levels
+MAX_JSON_ITEMS = 100_000  # values (numbers, strings, lists, objects) in one request body
+MAX_MESSAGE_CHARS = 2000  # an error message is cut here (it may quote what the client sent)
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # JSON strings (unrolled: fast on long ones)
 
 
 class ApiError(Exception):
@@ -18,6 +28,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, kind: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+    if len(message) > MAX_MESSAGE_CHARS:  # messages quote values the client sent: keep them short
+        message = message[: MAX_MESSAGE_CHARS - 12] + " ... (cut)"
     body = {"error": kind, "detail": message, "body": "", "errors": message}
     if field:
         body["field"] = field
@@ -66,8 +78,111 @@ class Guard:
                 return await error_response(413, "PayloadTooLarge", message)(scope, receive, send)
             if not message.get("more_body", False):
                 break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        data = b"".join(chunks)
+        if data and scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
+            kind = headers.get(b"content-type")
+            if len(data) > 1 << 20:  # parsing a large body takes a while: not on the event loop
+                import anyio.to_thread
+
+                problem = await anyio.to_thread.run_sync(json_problem, data, kind)
+            else:
+                problem = json_problem(data, kind)
+            if problem is not None:
+                del data, chunks  # the response does not need them
+                response = error_response(problem.status, problem.kind, problem.message, problem.field)
+                return await response(scope, receive, send)
+        body = {"type": "http.request", "body": data, "more_body": False}
         return await self.app(scope, _replay([body], receive), send)
+
+
+def json_problem(data: bytes, content_type: bytes | None) -> ApiError | None:
+    """``check_json``'s error, returned rather than raised and holding no traceback or context: raised
+    across a thread into a coroutine, it would keep the body (and the decoded text) in a reference cycle
+    until the next full garbage collection."""
+    try:
+        check_json(data, content_type)
+    except ApiError as e:
+        e.__traceback__ = e.__context__ = e.__cause__ = None
+        return e
+    return None
+
+
+def check_json(data: bytes, content_type: bytes | None) -> None:
+    """ApiError unless ``data``, sent as JSON (or with no Content-Type), is a body every route can take in
+    bounded time and memory: UTF-8, well-formed, at most ``MAX_JSON_ITEMS`` values nested at most
+    ``MAX_JSON_DEPTH`` deep, with text that can be written back out (no unpaired surrogates such as
+    ``"\\ud800"``)."""
+    kind = (content_type or b"application/json").decode("latin-1").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        return  # not read as JSON by any route (validation_response says to send JSON where one is needed)
+    # count the values before parsing: a body of "[[],[],...]" is millions of Python objects
+    items = data.count(b"[") + data.count(b"{") + data.count(b",")
+    if items > MAX_JSON_ITEMS:
+        items = sum(_STRINGS.sub(b'""', data).count(c) for c in (b"[", b"{", b","))
+        if items > MAX_JSON_ITEMS:
+            message = f"the request body holds more than {MAX_JSON_ITEMS} JSON values; send fewer"
+            raise ApiError(413, message, kind="PayloadTooLarge")
+    try:
+        value = json.loads(data)
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not UTF-8 text (byte {e.start}); send JSON in UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            422, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}, char {e.pos})",
+            kind="RequestValidationError",
+        ) from None  # fmt: skip
+    except RecursionError:
+        raise ApiError(422, _too_deep("body"), kind="RequestValidationError") from None
+    except ValueError:  # a number with more digits than Python converts (4300)
+        message = "the request body holds a number with thousands of digits; no field takes one"
+        raise ApiError(422, message, kind="RequestValidationError") from None
+    _walk(value)
+
+
+def _too_deep(where: str) -> str:
+    return f"{where}: the JSON is nested more than {MAX_JSON_DEPTH} levels deep; the limit is {MAX_JSON_DEPTH}"
+
+
+def _walk(value: Any) -> None:
+    """Depth and text checks, without recursion (the item count above bounds the work); a value's place
+    is kept as a tuple of keys and indexes, made into a name only for a message."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            _check_text(v, path)
+            continue
+        if not isinstance(v, (dict, list)):
+            continue
+        if len(path) >= MAX_JSON_DEPTH:
+            raise ApiError(422, _too_deep(_name(path)), _name(path), "RequestValidationError")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                _check_text(k, path)
+                stack.append((x, (*path, k)))
+        else:
+            stack.extend((x, (*path, i)) for i, x in enumerate(v))
+
+
+def _name(path: tuple) -> str:
+    """A value's place as a field name (``override_settings.x``, ``init_images[0]``), cut short."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if len(text) > 80:
+            return text[:77] + "..."
+    return text or "body"
+
+
+def _check_text(text: str, path: tuple) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = _name(path)
+        raise ApiError(
+            422, f"{where}: the text holds an unpaired surrogate {text[e.start]!r} at {e.start}; send valid Unicode",
+            where, "RequestValidationError",
+        ) from None  # fmt: skip
 
 
 def _replay(messages: list[dict], then=None):
@@ -87,9 +202,17 @@ def _replay(messages: list[dict], then=None):
 def validation_response(errors: list[dict]) -> JSONResponse:
     parts, fields = [], []
     for err in errors:
+        if err.get("type") == "json_invalid":  # normally refused by check_json already
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the request body is not valid JSON: {reason}".rstrip(": "))
+            fields.append("body")
+            continue
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         name = ".".join(loc) or "body"
         fields.append(name)
+        if not loc and isinstance(err.get("input"), (bytes, str, list, int, float)):
+            parts.append("body: the request body must be a JSON object sent with Content-Type: application/json")
+            continue
         parts.append(f"{name}: {err.get('msg', 'invalid')}")
     message = "; ".join(parts) or "the request body is not valid JSON for this endpoint"
     body = {"error": "RequestValidationError", "detail": message, "body": "", "errors": message}

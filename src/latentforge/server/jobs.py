@@ -37,6 +37,17 @@ from latentforge.threads import reserve_cores
 log = logging.getLogger("latentforge.server")
 
 
+def _client_errors() -> tuple[type[Exception], ...]:
+    from latentforge.adapters.folders import AdapterNotFound
+    from latentforge.conditioning.prompt import PromptError
+    from latentforge.upscalers import UpscalerNotFound
+
+    return (RequestError, PromptError, AdapterNotFound, UpscalerNotFound)
+
+
+_CLIENT_ERRORS = _client_errors()
+
+
 class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting jobs; the client should retry later."""
 
@@ -272,8 +283,6 @@ class JobQueue:
                 if job.stop_flag and not job.images:
                     state = "cancelled"
                 self.finish(job, state)
-            except RequestError as e:
-                self.finish(job, "failed", str(e), "request")
             except Exception as e:  # a bug or a broken model file: logged here, a short message to the client
                 self.fail(job, e)
             finally:
@@ -285,8 +294,10 @@ class JobQueue:
                     self.last = job
 
     def fail(self, job: Job, error: Exception) -> None:
-        """Finish a job with an error of ours (a bug, a broken model file): logged, a short message to the client."""
-        if isinstance(error, RequestError):
+        """Finish a job with an error of ours (a bug, a broken model file): logged, a short message to the client.
+        Errors about what the client sent (a prompt over the token limit, a LoRA or upscaler name that is not
+        there) are the client's: a 400 with their message."""
+        if isinstance(error, _CLIENT_ERRORS):
             self.finish(job, "failed", str(error), "request")
             return
         log.error("job %s failed", job.id, exc_info=error)

@@ -61,14 +61,7 @@ def add_job_routes(
             payload = model_cls.model_validate(body)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        req, init, model = sdapi.to_request(
-            payload,
-            img2img=mode == "img2img",
-            options=options,
-            max_pixels=config.max_image_pixels,
-            upscaler_files=bool(config.upscaler_dirs),
-            controlnets=config.controlnets(),
-        )
+        req, init, model = sdapi.server_request(payload, img2img=mode == "img2img", options=options, config=config)
         spec = make_spec(catalog, mode, req, init, model, payload)
         spec.save_to = Path(config.outdir).resolve() if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)

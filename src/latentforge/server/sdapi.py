@@ -132,9 +132,29 @@ class PngInfoPayload(BaseModel):
 _HANDLED = set(Img2ImgPayload.model_fields) | set(Txt2ImgPayload.model_fields)
 
 
-def decode_image(data: Any, field: str, max_pixels: int) -> Image.Image:
+class PixelBudget:
+    """The decoded pixels of one request's images together (init images, mask, ControlNet images): each
+    image at most ``max_pixels``, all of them at most ``IMAGES_PER_REQUEST`` times that."""
+
+    IMAGES_PER_REQUEST = 8  # a batch of init images, a mask and ControlNet images at the largest size
+
+    def __init__(self, max_pixels: int):
+        self.max_pixels, self.left = max_pixels, max_pixels * self.IMAGES_PER_REQUEST
+
+    def take(self, field: str, w: int, h: int) -> None:
+        if w * h > self.left:
+            raise FieldError(
+                field,
+                f"the images of this request hold more than {self.max_pixels * self.IMAGES_PER_REQUEST} pixels "
+                f"together ({self.IMAGES_PER_REQUEST} times the limit of one image); send fewer or smaller images",
+            )
+        self.left -= w * h
+
+
+def decode_image(data: Any, field: str, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
     """A base64 image (raw or a ``data:`` URL) -> a loaded PIL image. The header is read first: images
-    above ``max_pixels`` (decompression bombs) are refused before their pixels are decoded."""
+    above ``max_pixels`` (decompression bombs) are refused before their pixels are decoded, and so are
+    images past the request's ``budget``."""
     if not isinstance(data, str) or not data:
         raise FieldError(field, "expected a base64-encoded image (raw or a data: URL)")
     if data.startswith("data:"):
@@ -143,17 +163,23 @@ def decode_image(data: Any, field: str, max_pixels: int) -> Image.Image:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
         raise FieldError(field, "is not valid base64") from None
+    too_large = f"at most {max_pixels} pixels are accepted (--max-image-pixels)"
     try:
         im = Image.open(io.BytesIO(raw))
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise FieldError(field, "is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise FieldError(field, f"the image declares more pixels than PIL will decode; {too_large}") from None
+    except (OSError, ValueError) as e:
+        why = "" if isinstance(e, Image.UnidentifiedImageError) else f" ({str(e)[:120]})"
+        raise FieldError(field, f"is not an image PIL can read (PNG, JPEG, WebP, ...){why}") from None
     w, h = im.size
     if w * h > max_pixels or w < 1 or h < 1:
-        raise FieldError(field, f"the image is {w}x{h}; at most {max_pixels} pixels are accepted")
+        raise FieldError(field, f"the image is {w}x{h}; {too_large}")
+    if budget is not None:
+        budget.take(field, w, h)
     try:
         im.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise FieldError(field, f"the image cannot be decoded: {e}") from None
+        raise FieldError(field, f"the image cannot be decoded: {str(e)[:120]}") from None
     return im
 
 
@@ -187,7 +213,9 @@ CONTROL_FIELDS = (
 )
 
 
-def control_units(p: dict, controlnets: dict[str, Path], max_pixels: int) -> list[dict]:
+def control_units(
+    p: dict, controlnets: dict[str, Path], max_pixels: int, budget: PixelBudget | None = None
+) -> list[dict]:
     """The A1111 ControlNet extension's units (``alwayson_scripts.controlnet.args``) as ``control`` units.
     A unit's model must be one of the server's ControlNet files, named as /controlnet/model_list lists
     them (a trailing " [hash]" is ignored): nothing a client sends is used as a path."""
@@ -215,9 +243,8 @@ def control_units(p: dict, controlnets: dict[str, Path], max_pixels: int) -> lis
         if not image:
             _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
-        units.append(
-            {"model": str(controlnets[name]), "image": decode_image(image, f"{where}.image", max_pixels), **fields}
-        )
+        image = decode_image(image, f"{where}.image", max_pixels, budget)
+        units.append({"model": str(controlnets[name]), "image": image, **fields})
     return units
 
 
@@ -229,11 +256,18 @@ def to_request(
     max_pixels: int,
     upscaler_files: bool = False,
     controlnets: dict[str, Path] | None = None,
+    max_output_pixels: int | None = None,
 ) -> tuple[GenerationRequest, list[Image.Image] | None, str | None]:
-    """(request, init images or None, model name from override_settings or None)."""
+    """(request, init images or None, model name from override_settings or None). The server's limits
+    on what one request may cost are checked here, for every endpoint that generates: ``max_pixels`` per
+    input image (and ``PixelBudget`` for all of them), ``max_output_pixels`` for the images of one pass
+    (width x height x batch_size, after hires), at most batch_size init images, and no file paths in
+    the names of upscalers and prompt networks."""
     p = payload.model_dump()
     extra = {k: v for k, v in (payload.model_extra or {}).items()}
+    budget = PixelBudget(max_pixels)
     _check_unsupported(p)
+    _check_names(p)
     overrides = p.get("override_settings") or {}
     if not isinstance(overrides, dict):
         _refuse("override_settings", "must be an object of option names and values")
@@ -268,7 +302,7 @@ def to_request(
         data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
         data.update(seed_resize_from_w=p["seed_resize_from_w"], seed_resize_from_h=p["seed_resize_from_h"])
-    control = control_units(p, controlnets or {}, max_pixels)
+    control = control_units(p, controlnets or {}, max_pixels, budget)
     if control:
         data["control"] = control
     if img2img:
@@ -277,7 +311,7 @@ def to_request(
         if p.get("mask"):
             blur = p["mask_blur"]
             data.update(
-                mask=decode_image(p["mask"], "mask", max_pixels),
+                mask=decode_image(p["mask"], "mask", max_pixels, budget),
                 mask_blur=blur if blur is not None else 4,
                 inpainting_fill=p["inpainting_fill"],
                 inpaint_full_res=bool(p["inpaint_full_res"]),
@@ -289,7 +323,13 @@ def to_request(
         images = p.get("init_images")
         if not images:
             _refuse("init_images", "img2img needs at least one init image (base64 PNG/JPEG)")
-        init = [decode_image(im, f"init_images[{i}]", max_pixels) for i, im in enumerate(images)]
+        if len(images) > max(1, p["batch_size"]):
+            _refuse(
+                "init_images",
+                f"got {len(images)} images for a batch_size of {p['batch_size']}; send at most batch_size images "
+                "(one image is used for the whole batch), as A1111",
+            )
+        init = [decode_image(im, f"init_images[{i}]", max_pixels, budget) for i, im in enumerate(images)]
     else:
         init = None
         if p["enable_hr"]:
@@ -319,7 +359,64 @@ def to_request(
         raise _a1111_field(str(e)) from None
     except (TypeError, ValueError) as e:
         raise RequestError(f"the request does not fit: {e}") from None
+    if max_output_pixels:
+        _check_output_size(req, img2img, max_output_pixels)
     return req, init, model
+
+
+def server_request(payload: _Payload, *, img2img: bool, options: dict, config) -> tuple:
+    """``to_request`` with the limits of a server's ``ServerConfig``: every generating endpoint calls this."""
+    return to_request(
+        payload,
+        img2img=img2img,
+        options=options,
+        max_pixels=config.max_image_pixels,
+        upscaler_files=bool(config.upscaler_dirs),
+        controlnets=config.controlnets(),
+        max_output_pixels=config.max_output_pixels,
+    )
+
+
+def _check_output_size(req: GenerationRequest, img2img: bool, limit: int) -> None:
+    """Refuse a pass whose images (after hires) hold more than ``limit`` pixels together: the server's
+    bound on the memory and time one job takes (--max-output-pixels)."""
+    from latentforge.pipelines.hires import target_size
+
+    w, h = req.width, req.height
+    field = "width"
+    if req.hires is not None and not img2img:
+        w, h = target_size(req, w, h)
+        field = "hr_scale"
+    total = w * h * req.batch_size
+    if total > limit:
+        raise FieldError(
+            field,
+            f"{w}x{h} x batch_size {req.batch_size} is {total} pixels in one pass; this server takes at most "
+            f"{limit} (--max-output-pixels): lower width/height, hr_scale or batch_size",
+        )
+
+
+_PATHLIKE = re.compile(r"[/\\]|^\.|\.(pth|pt|safetensors|ckpt|bin)$", re.IGNORECASE)
+
+
+def _check_names(p: dict) -> None:
+    """Upscalers and prompt networks (``<lora:name>``, ``<hypernet:name>``) by name only: the library
+    reads a path there, but a client of the server never chooses a file on the server."""
+    from latentforge.conditioning.prompt import extract_network_tags
+
+    upscaler = p.get("hr_upscaler")
+    if p.get("enable_hr") and isinstance(upscaler, str) and _PATHLIKE.search(upscaler.strip()):
+        _refuse("hr_upscaler", f"{upscaler[:80]!r} is a path; give an upscaler name as /sdapi/v1/upscalers lists")
+    for name in ("prompt", "negative_prompt"):
+        text = p.get(name)
+        if not isinstance(text, str) or "<" not in text:
+            continue
+        for kind, items in extract_network_tags(text)[1]:
+            if items and _PATHLIKE.search(items[0].strip()):
+                _refuse(name, f"<{kind}:{items[0][:80]}>: networks are given by name, not by path")
+    task = p.get("force_task_id")
+    if task and (len(task) > 128 or not task.isprintable()):
+        _refuse("force_task_id", "must be at most 128 printable characters")
 
 
 # latentforge's own request fields a client may set by name (numbers, flags, names: no paths, no images)
@@ -388,7 +485,9 @@ def _check_unsupported(p: dict) -> None:
         if name.lower() == "controlnet":
             continue  # read by control_units
         args = script.get("args") if isinstance(script, dict) else script
-        enabled = [a for a in (args or []) if not (isinstance(a, dict) and a.get("enabled") is False)]
+        if not isinstance(args, (list, tuple)):  # {"args": 5}, 5, "text": something meant to run
+            args = [] if args in (None, "", {}) else [args]
+        enabled = [a for a in args if not (isinstance(a, dict) and a.get("enabled") is False)]
         if enabled:
             _refuse(f"alwayson_scripts.{name}", f"the always-on script {name!r} cannot run in latentforge")
     if p.get("styles"):
