@@ -14,7 +14,11 @@ Three parts, one process each where it matters (and a fourth on request):
 - ``--loops``: the kernel's two loop orders (``kernels/winograd_bf16.cpp``: few tiles and many filters, or
   many tiles) and its automatic choice on every shape, with the caches evicted before each call (a 96 MB
   buffer written), as inside a UNet step where the filters were last read a step ago; the median of
-  ``--reps`` + 3 interleaved calls, the results checked to be the same bits, and the totals per CFG step.
+  ``--reps`` + 3 interleaved calls, the results checked to be the same bits, and the totals per CFG step;
+- ``--tile-sizes``: why the kernel stays at F(2x2, 3x3): the relative RMS error against float64 of
+  F(m x m, 3x3) for m = 2, 3, 4 (Cook-Toom matrices from the interpolation points, B^T solved for exactly)
+  with the transformed tiles and filters rounded to bf16 as the kernel would, in float64 otherwise, on
+  SiLU-like activations, next to oneDNN-like direct bf16 (fp32 sums, one rounding).
 Results: stdout and benchmarks/results/winograd.json.
 """
 
@@ -113,6 +117,67 @@ def loops(reps: int) -> list[dict]:
     return rows
 
 
+def cook_toom(m: int, points: list[float]):
+    """(B^T, G, A^T) of F(m, 3) from m + 1 finite interpolation points and infinity (Lavin & Gray 2016):
+    A^T and G from the points, B^T the solution of sum_j A^T[i,j] G[j,k] B^T[j,s] = [s == i + k]."""
+    import math
+
+    import torch
+
+    n, r = m + 2, 3
+    at = torch.zeros(m, n, dtype=torch.float64)
+    g = torch.zeros(n, r, dtype=torch.float64)
+    for j, p in enumerate(points):
+        f = math.prod(p - q for q in points if q != p)
+        at[:, j] = torch.tensor([p**i for i in range(m)], dtype=torch.float64)
+        g[j] = torch.tensor([p**k / f for k in range(r)], dtype=torch.float64)
+    at[m - 1, n - 1] = g[n - 1, r - 1] = 1.0
+    rows = torch.zeros(m * r * n, n * n, dtype=torch.float64)
+    rhs = torch.zeros(m * r * n, dtype=torch.float64)
+    for e, (i, k, s) in enumerate((i, k, s) for i in range(m) for k in range(r) for s in range(n)):
+        rows[e, torch.arange(n) * n + s] = at[i] * g[:, k]
+        rhs[e] = float(s == i + k)
+    bt = torch.linalg.lstsq(rows, rhs).solution.view(n, n)
+    if (rows @ bt.flatten() - rhs).abs().max() > 1e-9:
+        raise RuntimeError(f"no exact F({m}, 3) for the points {points}")
+    return bt, g, at
+
+
+def tile_sizes() -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    def winograd_conv(x, w, bt, g, at, rounded=True):
+        m, a = at.shape[0], bt.shape[0]
+        n, _, h, wd = x.shape
+        th, tw = -(-h // m), -(-wd // m)
+        tiles = F.pad(x.double(), (1, a - 2 + m * tw - wd, 1, a - 2 + m * th - h)).unfold(2, a, m).unfold(3, a, m)
+        v, u = bt @ tiles @ bt.T, g @ w.double() @ g.T
+        if rounded:
+            v, u = v.bfloat16().double(), u.bfloat16().double()
+        y = at @ torch.einsum("nctsij,ocij->notsij", v, u) @ at.T
+        return y.permute(0, 1, 2, 4, 3, 5).reshape(n, w.shape[0], m * th, m * tw)[:, :, :h, :wd]
+
+    def rel(a, b):
+        return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+    torch.manual_seed(0)
+    x = F.silu(torch.randn(2, 128, 24, 24)).bfloat16()
+    w = (torch.randn(64, 128, 3, 3) / (3 * 128**0.5)).bfloat16()
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    rows = [{"method": "direct bf16 (fp32 sums)", "products per output": 9.0,
+             "rel RMS error": rel(F.conv2d(x.float(), w.float(), padding=1).bfloat16().double(), exact)}]  # fmt: skip
+    for m, points in [(2, [0, 1, -1]), (3, [0, 1, -1, 2]), (3, [0, 1, -1, 0.5]), (4, [0, 1, -1, 2, -2]),
+                      (4, [0, 1, -1, 2, -0.5]), (4, [0, 1, -1, 0.5, -0.5])]:  # fmt: skip
+        bt, g, at = cook_toom(m, points)
+        if rel(winograd_conv(x, w, bt, g, at, rounded=False), exact) > 1e-12:
+            raise RuntimeError(f"F({m}, 3) on {points} is not the convolution")
+        rows.append({"method": f"F({m}x{m}, 3x3) points {points}, inf", "products per output": (m + 2) ** 2 / m**2,
+                     "rel RMS error": rel(winograd_conv(x, w, bt, g, at), exact)})  # fmt: skip
+    print(table(rows, list(rows[0])), flush=True)
+    return rows
+
+
 def unet_step(reps: int) -> dict:
     import torch
 
@@ -178,6 +243,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     ap.add_argument("--loops", action="store_true", help="time the kernel's two loop orders, caches cold")
+    ap.add_argument("--tile-sizes", action="store_true", help="bf16 error of F(2x2), F(3x3), F(4x4) tiles")
     args = ap.parse_args()
     payload: dict = {}
     if not args.no_shapes:
@@ -186,6 +252,8 @@ def main() -> None:
         payload["unet"] = unet_step(max(2, args.reps // 2))
     if args.loops:
         payload["loops"] = loops(args.reps)
+    if args.tile_sizes:
+        payload["tile sizes"] = tile_sizes()
     if args.psnr:
         payload["psnr"] = image_psnr(args.workdir, args.psnr, args.steps)
     print(f"saved {save('winograd', payload)}")
