@@ -275,3 +275,39 @@ def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):
     assert main([*args, "--hires-upscaler", "tiny-x2", "--upscaler-dir", str(folder), "-o", str(out)]) == 0
     assert Image.open(out).size == (128, 128)
     assert main([*args, "--hires-upscaler", "nope", "--upscaler-dir", str(folder), "-o", str(out), "--overwrite"]) == 2
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (10_000, 10_000)])  # above PIL's own limit, above ours
+def test_upscale_command_refuses_oversized_images_in_one_line(tmp_path, capsys, size):
+    save_file(_random(SRVGGNetCompact(features=8, convs=2, scale=2), seed=7), tmp_path / "tiny-x2.safetensors")
+    _png_header_only(tmp_path / "bomb.png", *size)
+    out = tmp_path / "out.png"
+    code = main(
+        ["upscale", str(tmp_path / "bomb.png"), "-u", "tiny-x2", "--upscaler-dir", str(tmp_path), "-o", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("latentforge: error: image ") and "resize it first" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_upscale_command_keeps_the_levels_of_16_bit_grey_images(tmp_path):
+    save_file(_random(SRVGGNetCompact(features=8, convs=2, scale=2), seed=7), tmp_path / "tiny-x2.safetensors")
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(tmp_path / "grey16.png")
+    Image.new("L", (16, 16), round(40000 / 257)).save(tmp_path / "grey8.png")
+    for name in ("grey16", "grey8"):
+        args = ["upscale", str(tmp_path / f"{name}.png"), "-u", "tiny-x2", "--upscaler-dir", str(tmp_path)]
+        assert main([*args, "-o", str(tmp_path / f"{name}-up.png")]) == 0
+    with Image.open(tmp_path / "grey16-up.png") as a, Image.open(tmp_path / "grey8-up.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # as the 8-bit image, not clipped to white

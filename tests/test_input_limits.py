@@ -143,6 +143,12 @@ def test_chunk_count_is_limited():
         ({"extra": []}, "extra must be a mapping"),
         ({"prompt": "(a:500)"}, "prompt: emphasis weight 500"),
         ({"negative_prompt": "[" * 99}, "negative_prompt nests 99 brackets"),
+        ({"prompt": "a \udcff b"}, "prompt is not valid text: character 2"),
+        ({"negative_prompt": "\udcc3"}, "negative_prompt is not valid text"),
+        ({"networks": [{"name": "x", "strength": math.nan}]}, "strength must be a finite number from -100 to 100"),
+        ({"networks": [{"name": "x", "text_strength": 1e308}]}, "text_strength must be a finite number"),
+        ({"prompt": "x <lora:demo_star:1e308>"}, "prompt: <lora:demo_star>: strength must be a finite number"),
+        ({"prompt": "x <lora:demo_star:nan>"}, "prompt: <lora:demo_star>: strength must be a finite number"),
     ],
 )
 def test_bad_request_fields_are_request_errors_naming_the_field(fields, message):
@@ -246,6 +252,31 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     Image.new("1", (9000, 7500)).save(big)  # under PIL's own limit, over ours (8192 x 8192)
     with pytest.raises(RequestError, match="is 9000x7500 pixels; images of more than 67108864 pixels"):
         open_image(big)
+
+
+def test_sixteen_bit_grey_images_keep_their_levels(tmp_path):
+    import numpy as np
+
+    for level in (1000, 20000, 40000):
+        Image.fromarray(np.full((8, 8), level, np.uint16)).save(tmp_path / "g16.png")
+        image = open_image(tmp_path / "g16.png")
+        assert image.mode == "L" and image.getpixel((0, 0)) == round(level / 257)
+    assert open_image(tmp_path / "g16.png", keep_depth=True).getpixel((0, 0)) == 40000  # depth maps
+
+
+def test_an_init_image_of_another_type_is_named_briefly():
+    import numpy as np
+
+    with pytest.raises(RequestError, match=r"^init image must be a PIL image or a file path, got ndarray$"):
+        open_image(np.zeros((512, 512, 3), np.uint8))
+
+
+def test_invalid_utf8_prompt_from_argv_is_refused_before_loading(tmp_path, capsys):
+    prompt = b"\xff\xfe abc".decode("utf-8", "surrogateescape")  # as Python reads such bytes from argv
+    assert main(["txt2img", prompt, "--steps", "1", "-q", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt is not valid text" in err and "UTF-8" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_output_size_from_an_init_image_obeys_the_size_limits(tmp_path, capsys):

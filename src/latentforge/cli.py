@@ -114,10 +114,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from latentforge import upscalers
     from latentforge.io.images import FORMATS, read_user_comment, save_image
+    from latentforge.pipelines.images import open_image
 
     dirs = upscalers.search_dirs(args.upscaler_dir or ())
     upscaler = upscalers.load(args.upscaler, dirs, device=args.device or "cpu")
@@ -126,10 +125,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    # the shared reader: its pixel limit is checked from the header (a decompression bomb is refused
+    # with a message, not a traceback), and 16-bit grey images keep their levels
+    im = open_image(args.image, "image")
     try:
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")  # an alpha channel is dropped, as A1111's Extras does
-            parameters = im.info.get("parameters") or read_user_comment(im)
+        image = im.convert("RGB")  # an alpha channel is dropped, as A1111's Extras does
+        parameters = im.info.get("parameters") or read_user_comment(im)
     except OSError as e:
         raise ValueError(f"cannot read image {args.image}: {e}") from None
     result = upscalers.upscale_image(image, upscaler, args.scale)

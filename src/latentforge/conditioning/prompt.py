@@ -50,6 +50,9 @@ def nesting_depth(text: str) -> int:
     return deepest
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def check_prompt(text: str, what: str = "prompt") -> None:
     """Refuse a prompt the parsers should not run on: not a string, over ``MAX_PROMPT_CHARS`` characters
     or nested deeper than ``MAX_NESTING`` brackets. Cheap (one pass); called before any parsing."""
@@ -57,6 +60,12 @@ def check_prompt(text: str, what: str = "prompt") -> None:
         raise PromptError(f"{what} must be text, got {type(text).__name__}")
     if len(text) > MAX_PROMPT_CHARS:
         raise PromptError(f"{what} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS} (shorten it)")
+    bad = _SURROGATE.search(text)
+    if bad is not None:  # bytes that were not UTF-8 (argv, surrogateescape): no encoder or file can take them
+        raise PromptError(
+            f"{what} is not valid text: character {bad.start()} ({bad.group(0)!a}) comes from bytes that are "
+            "not UTF-8; write the prompt in UTF-8"
+        )
     depth = nesting_depth(text)
     if depth > MAX_NESTING:
         raise PromptError(

@@ -187,6 +187,23 @@ def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int
     raise RequestError(f"{field_name} must be 0 to {len(names) - 1} or one of {', '.join(names)}, got {value!r}")
 
 
+MAX_NETWORK_WEIGHT = 100.0  # |LoRA/hypernetwork strength|; beyond it the weights overflow to NaN/Inf
+
+
+def validate_network(where: str, ref, need: Callable[[bool, str], None]) -> None:
+    """A network ref's strengths: finite numbers within +-``MAX_NETWORK_WEIGHT`` (a NaN or huge strength
+    would only show up as NaN latents after the model ran, blamed on the checkpoint)."""
+    for name in ("strength", "text_strength"):
+        value = getattr(ref, name)
+        if value is None and name == "text_strength":
+            continue
+        need(
+            is_number(value) and math.isfinite(value) and abs(value) <= MAX_NETWORK_WEIGHT,
+            f"{where}: {name} must be a finite number from -{MAX_NETWORK_WEIGHT:g} to {MAX_NETWORK_WEIGHT:g}, "
+            f"got {show(value)}",
+        )
+
+
 def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
     """A ControlNet unit's fields (the A1111 ControlNet extension's API ranges)."""
     where = f"control unit {i}"

@@ -23,7 +23,7 @@ def depth_from_input(value) -> Tensor:
     """(1, 1, H, W) float depth from an image (grey level; 16-bit images keep their range), a path, or an
     array/tensor (H, W)."""
     if isinstance(value, (str, Path, Image.Image)):
-        image = open_image(value, what="depth map")
+        image = open_image(value, what="depth map", keep_depth=True)
         arr = np.asarray(image if image.mode in ("I", "I;16", "F", "L") else image.convert("L"), dtype=np.float32)
     else:
         arr = np.asarray(value, dtype=np.float32)

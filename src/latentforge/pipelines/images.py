@@ -3,6 +3,7 @@ resize modes), and conversion between PIL images and tensors in [-1, 1]."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -27,13 +28,30 @@ def check_pixels(size: tuple[int, int], what: str) -> None:
         raise RequestError(f"{what} is {w}x{h} pixels: it holds no pixels")
 
 
-def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image (PNG/TIFF: mode I;16 or I) as 8-bit grey (L), by its high byte. PIL's own
+    conversion to RGB or L clips at 255, which turns all but the darkest 16-bit images white."""
+    if image.mode not in _HIGH_DEPTH:
+        return image
+    arr = np.asarray(image, dtype=np.float64) / 257.0
+    out = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    out.info = dict(image.info)  # the parameters a PNG carries
+    return out
+
+
+def open_image(image: Image.Image | str | Path, what: str = "init image", *, keep_depth: bool = False) -> Image.Image:
     """A PIL image as given, or read from a path (``what`` names it in errors). Its size is checked
-    before its pixels are decoded; an unreadable, truncated or oversized file is a RequestError."""
+    before its pixels are decoded; an unreadable, truncated or oversized file is a RequestError.
+    16-bit grey images become 8-bit (``to_8bit``) unless ``keep_depth`` (depth maps keep their range)."""
+    if not isinstance(image, (Image.Image, str, bytes, os.PathLike)) and not hasattr(image, "read"):
+        raise RequestError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
     name = what if isinstance(image, Image.Image) else f"{what} {image}"
     if isinstance(image, Image.Image):
         check_pixels(image.size, name)
-        return image
+        return image if keep_depth else to_8bit(image)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
@@ -41,7 +59,7 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
         with im:
             check_pixels(im.size, name)
             im.load()
-            return im.copy()
+            return im.copy() if keep_depth else to_8bit(im.copy())
     except RequestError:
         raise
     except Image.DecompressionBombError as e:

@@ -16,7 +16,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention, split_and
+from latentforge.conditioning.prompt import (
+    PromptError,
+    check_prompt,
+    extract_network_tags,
+    parse_attention,
+    split_and,
+)
 from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
 from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
 from latentforge.pipelines.checks import CONTROL_MODULES as CONTROL_MODULES
@@ -37,6 +43,7 @@ from latentforge.pipelines.checks import (
     validate_control,
     validate_hires,
     validate_inpaint,
+    validate_network,
 )
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
@@ -375,6 +382,12 @@ class GenerationRequest:
                 isinstance(value, list) and all(isinstance(x, item) for x in value),
                 f"{name} must be a list of {item.__name__} entries, got {show(value)}",
             )
+        for i, ref in enumerate(self.networks):
+            validate_network(f"networks[{i}] ({show(ref.name)})", ref, need)
+        from latentforge.pipelines.networks import refs_from_tags  # (networks.py imports this module)
+
+        for ref in refs_from_tags(extract_network_tags(self.prompt)[1]):  # <lora:name:w> tags, before loading
+            validate_network(f"prompt: <{ref.kind}:{ref.name}>", ref, need)
         if self.hires is not None and not img2img:
             validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
