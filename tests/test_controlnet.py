@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 import latentforge
 from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, load_controlnet, round_trip_ok
 from latentforge.convert.diffusers import unet_config_from_diffusers
+from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.controlnet import ControlNetConfig
 from latentforge.models.unet import ControlResiduals, UNetConfig
 from latentforge.pipelines.control import canny, fit
@@ -401,3 +402,16 @@ def test_absurd_sizes_are_refused_before_building(reference):
     shapes["input_hint_block.0.weight"] = (99999, 3, 3, 3)
     with pytest.raises(ControlNetError, match=r"big\.safetensors: widths .* outside latentforge's limits"):
         infer_config(shapes, target, "big.safetensors")
+
+
+def test_controlnet_holding_nan_is_refused_by_tensor_name(e2e, tmp_path):
+    from safetensors.torch import load_file
+
+    ours, path = e2e[2], e2e[3]
+    sd = load_file(path)
+    key = sorted(k for k in sd if k.endswith(".weight") and sd[k].is_floating_point())[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=rf"nan\.safetensors: tensor '{re.escape(key)}' holds NaN or Inf"):
+        load_controlnet(tmp_path / "nan.safetensors", ours.unet.config)

@@ -149,3 +149,27 @@ def test_cli_inspect_tells_an_embedding(sd1, capsys):
     out = capsys.readouterr().out
     assert "textual-inversion embedding 'shiny'" in out and "vectors:     3 (*: width 128)" in out
     assert "(sd1): fits" in out
+
+
+def test_hostile_embedding_files_are_refused_by_name(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.pt")  # torch.load would block on it forever
+    with pytest.raises(EmbeddingError, match=r"pipe\.pt is not a regular file"):
+        read_embedding(tmp_path / "pipe.pt")
+    cases = {
+        "scalar": (torch.tensor(1.0), r"has shape \[\]; an embedding holds vectors"),
+        "empty": (torch.zeros(0, 0), r"has shape \[0, 0\]"),
+        "ints": (torch.zeros(2, 8, dtype=torch.int64), "is stored as int64"),
+        "nan": (torch.full((2, 8), float("nan")), "holds NaN or Inf"),
+    }
+    for name, (tensor, message) in cases.items():
+        save_file({"emb_params": tensor}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(EmbeddingError, match=rf"{name}\.safetensors: tensor 'emb_params' {message}"):
+            read_embedding(tmp_path / f"{name}.safetensors")
+    torch.save({"string_to_param": {"*": torch.tensor(1.0)}}, tmp_path / "a1111.pt")
+    with pytest.raises(EmbeddingError, match=r"a1111\.pt: tensor 'string_to_param\.\*' has shape \[\]"):
+        read_embedding(tmp_path / "a1111.pt")
+    torch.save({1: 2, 3: 4}, tmp_path / "ints.pt")
+    with pytest.raises(EmbeddingError, match=r"ints\.pt is not a textual-inversion embedding: .* found 1, 3"):
+        read_embedding(tmp_path / "ints.pt")

@@ -280,3 +280,19 @@ def test_probe_reads_the_output_mean():
         assert probe_prediction(unet)[0] == "v"
         unet.out[2].bias.fill_(0.2)
         assert probe_prediction(unet)[0] == "eps"
+
+
+@pytest.mark.parametrize("cache", ["[1, 2]", '"text"', "{not json", '{"KEY": 5}', '{"KEY": "abc"}'])
+def test_damaged_hash_cache_is_rebuilt(tmp_path, monkeypatch, cache):
+    import hashlib
+
+    from latentforge.io.hashing import sha256_of
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "m.safetensors"
+    f.write_bytes(b"weights")
+    st = f.stat()
+    (tmp_path / "cache" / "latentforge").mkdir(parents=True)
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    (tmp_path / "cache" / "latentforge" / "hashes.json").write_text(cache.replace("KEY", key))
+    assert sha256_of(f) == hashlib.sha256(b"weights").hexdigest()

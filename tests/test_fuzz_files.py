@@ -404,3 +404,79 @@ def test_hostile_upscaler_files(tmp_path, state, message):
 
     save_file(state, tmp_path / "u.safetensors")
     refused(load_upscaler, tmp_path / "u.safetensors", match=message)
+
+
+# --- regressions: hostile files that escaped the shared readers -------------------------------------
+
+
+def test_empty_tensor_whose_sizes_overflow_strides_is_refused_by_name(tmp_path):
+    # zero elements (so zero bytes, matching its offsets), but torch cannot compute its strides
+    path = write_st(tmp_path / "x.safetensors", one(shape=(0, 2**62, 2**62), offsets=(0, 0)))
+    err = refused(SafetensorsFile, path, match="whose sizes multiply past 2^63")
+    assert str(path) in str(err) and "'x'" in str(err)
+
+
+def test_symlink_loop_is_reported_as_a_loop_not_as_missing(tmp_path):
+    import os
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    os.symlink(b, a)
+    os.symlink(a, b)
+    err = refused(latentforge.load, a, match="Too many levels of symbolic links")
+    assert str(a) in str(err) and "does not exist" not in str(err)
+
+
+def _legacy_claiming(tmp_path: Path, numel: int) -> Path:
+    """A legacy-format (pre-zip) torch.save whose pickle says its one storage holds ``numel`` floats."""
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    raw = bytearray((tmp_path / "legacy.pt").read_bytes())
+    at = raw.find(b"K\x04", raw.find(b"X\x03\x00\x00\x00cpu"))  # numel 4 in the persistent id
+    raw[at : at + 2] = b"J" + struct.pack("<i", numel)
+    (tmp_path / "big.pt").write_bytes(bytes(raw))
+    return tmp_path / "big.pt"
+
+
+def test_legacy_pickle_claiming_gigabytes_is_refused_before_allocating(tmp_path):
+    torch.save({"state_dict": {"w": torch.arange(4.0)}}, tmp_path / "ok.pt", _use_new_zipfile_serialization=False)
+    assert TorchFile(tmp_path / "ok.pt").read("w").tolist() == [0, 1, 2, 3]  # the legacy format still loads
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()  # an OrderedDict
+    torch.save(sd, tmp_path / "module.pt", _use_new_zipfile_serialization=False)
+    assert all(torch.equal(TorchFile(tmp_path / "module.pt").read(k), v) for k, v in sd.items())
+    big = _legacy_claiming(tmp_path, 2**31 - 1)  # 8 GB of float32 claimed by a 400-byte file
+    err = refused(TorchFile, big, match="its pickle declares tensors of 8589934588 bytes")
+    assert str(big) in str(err)
+    refused(latentforge.load, big, match="declares tensors of")
+    # a pickle length field (BINUNICODE) claiming 4 GB: the reads are bounded by the file
+    (tmp_path / "len.pt").write_bytes(b"\x80\x02X" + struct.pack("<I", 2**32 - 1) + b"abc")
+    refused(TorchFile, tmp_path / "len.pt", match="could not be read as a PyTorch checkpoint")
+
+
+def test_plain_pickle_with_reduce_is_refused_naming_the_callable(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": Evil()}, protocol=2))
+    err = refused(latentforge.load, tmp_path / "evil.ckpt", match="needs unsafe unpickling")
+    assert "system" in str(err) and "Weights only load failed" not in str(err)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_pickles_too_long_for_the_pure_python_unpickler_are_refused_quickly(tmp_path):
+    from latentforge.io.tensorfile import MAX_PICKLE_BYTES
+
+    # 1.5 million memo lookups: not written by torch.save; torch.load's unpickler would take about 5 s
+    (tmp_path / "ops.pt").write_bytes(b"\x80\x02]q\x00" + b"h\x00" * 1_500_000 + b".")
+    refused(TorchFile, tmp_path / "ops.pt", match="is a pickle but not a PyTorch checkpoint")
+    (tmp_path / "long.pt").write_bytes(b"\x80\x02]q\x00" + b"h\x00" * MAX_PICKLE_BYTES + b".")
+    refused(TorchFile, tmp_path / "long.pt", match="its pickle (the description of its tensors) is longer than")
+    # the same opcodes as the data.pkl of a zip checkpoint, past the limit
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.zeros(1)}, good)
+    ops = b"\x80\x02]q\x00" + b"h\x00" * (MAX_PICKLE_BYTES // 2) + b"."
+    big = _rezip(good, tmp_path / "long.ckpt", change=lambda n, d: ops if n.endswith("data.pkl") else d)
+    err = refused(TorchFile, big, match="MAX_PICKLE_BYTES")
+    assert f"is {len(ops)} bytes long" in str(err) and str(big) in str(err)

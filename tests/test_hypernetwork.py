@@ -99,3 +99,28 @@ def test_bad_hypernetwork_files(setup, tmp_path):
     with pytest.raises(CheckpointError, match="do not chain"):
         pipe.apply_hypernetwork(tmp_path / "broken.pt")
     assert pipe.patcher.sources == []
+
+
+def test_hostile_hypernetwork_files_are_refused_by_name(setup, tmp_path):
+    import os
+
+    pipe, module, _ = setup
+    from latentforge.adapters.hypernetwork import read_hypernetwork
+
+    os.mkfifo(tmp_path / "pipe.pt")  # torch.load would block on it forever
+    with pytest.raises(CheckpointError, match=r"pipe\.pt is not a regular file"):
+        read_hypernetwork(tmp_path / "pipe.pt")
+
+    def bad(name: str, change, message: str) -> None:
+        m = OrderedDict(module)
+        change(m)
+        torch.save({WIDTH: [m, m]}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            pipe.apply_hypernetwork(tmp_path / name)
+
+    bad("name.pt", lambda m: m.update({"linear.x.weight": torch.zeros(2, 2)}), r"has a layer named 'linear\.x\.weight'")
+    bad("key.pt", lambda m: m.update({5: torch.zeros(2)}), "has a key 5 that is not a name")
+    bad("bias.pt", lambda m: m.update({"linear.0.bias": torch.zeros(3)}), r"linear\.0 .* bias \(3,\)")
+    bad("norm.pt", lambda m: m.update({"linear.2.weight": torch.zeros(5)}), r"linear\.2 .* weight \(5,\)")
+    bad("nan.pt", lambda m: m["linear.0.weight"].fill_(float("nan")), r"linear\.0 .* holds NaN or Inf")
+    assert pipe.patcher.sources == []

@@ -434,3 +434,30 @@ def test_lokr_and_tucker_loha_on_convolutions(sd1, tmp_path):
     w1 = tucker(t1, loha["hada_w1_a"], loha["hada_w1_b"])
     w2 = tucker(t2, loha["hada_w2_a"], loha["hada_w2_b"])
     torch.testing.assert_close(got[loha_conv], w1 * w2 * (2.0 / 4), atol=1e-5, rtol=1e-4)
+
+
+def test_damaged_lora_factors_are_refused_and_change_nothing(sd1, tmp_path):
+    _, ours, _ = sd1
+    original = _pipe_state(ours)
+    name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    other = "lora_unet_input_blocks_2_1_transformer_blocks_0_attn2_to_k"
+    w = ours.unet.get_parameter("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    out, width = w.shape
+
+    def good(n: str) -> dict[str, torch.Tensor]:
+        return {f"{n}.lora_down.weight": torch.ones(4, width), f"{n}.lora_up.weight": torch.ones(out, 4)}
+
+    cases = {
+        "nan": ({**good(name), f"{name}.lora_down.weight": torch.full((4, width), float("nan"))}, "holds NaN or Inf"),
+        "alpha": ({**good(name), f"{name}.alpha": torch.ones(3)}, r"\.alpha' has shape \[3\]; an alpha is one number"),
+        "flat": ({f"{name}.lora_down.weight": torch.ones(4), f"{name}.lora_up.weight": torch.ones(4)}, "does not fit"),
+        "nodown": ({f"{name}.lora_up.weight": torch.ones(out, 4)}, "it has no 'down' factor"),
+        # the bad module comes second: the first must not stay applied
+        "dora": ({**good(other), **good(name), f"{name}.dora_scale": torch.ones(7)}, f"{name} does not fit"),
+    }
+    for case, (sd, message) in cases.items():
+        save_file(sd, tmp_path / f"{case}.safetensors")
+        with pytest.raises(LoraError, match=rf"{case}\.safetensors: .*{message}"):
+            ours.apply_lora(tmp_path / f"{case}.safetensors")
+    after = _pipe_state(ours)
+    assert ours.patcher.sources == [] and all(torch.equal(original[k], after[k]) for k in original)

@@ -35,7 +35,7 @@ def open_source(path: str | Path):
         if (path / "unet" / "config.json").is_file():
             return DiffusersSource(path)
         raise CheckpointError(f"{path} is a folder but not a diffusers model folder (no unet/config.json)")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a broken or looping link: the reader says which
         raise CheckpointError(f"{path} does not exist")
     return SingleFileSource(path)
 

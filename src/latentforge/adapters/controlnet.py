@@ -26,6 +26,7 @@ from torch import Tensor
 
 from latentforge.convert.diffusers import _RESNET
 from latentforge.families.infer import ArchitectureError, unet_layout
+from latentforge.io.components import all_finite
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.controlnet import ControlNet, ControlNetConfig, diffusers_key
 from latentforge.models.limits import MAX_IO_CHANNELS, MAX_MULT, MAX_TRANSFORMER_DEPTH, MAX_WIDTH
@@ -192,7 +193,15 @@ def load_controlnet(
                 f"{source}: the tensors do not form a ControlNet: missing {missing[:5]}, unexpected {extra[:5]}, "
                 f"wrong shapes {[(k, shapes[k], expected[k]) for k in wrong[:5]]}"
             )
-        state = {k: file.read(names[k], dtype).to(device) for k in expected}
+        state = {}
+        for k in expected:
+            t = file.read(names[k], dtype)
+            if not all_finite(t):  # a damaged file would turn every controlled image into NaN
+                raise ControlNetError(
+                    f"{source}: tensor {names[k]!r} holds NaN or Inf values (as "
+                    f"{str(t.dtype).removeprefix('torch.')}); the file is damaged: re-download it"
+                )
+            state[k] = t.to(device)
     finally:
         file.close()
     net.load_state_dict(state, assign=True)

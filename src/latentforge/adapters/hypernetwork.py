@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from latentforge.io.tensorfile import CheckpointError
+from latentforge.io.tensorfile import CheckpointError, load_pickle, short
 
 ACTIVATIONS = {
     "linear": lambda x: x,
@@ -71,22 +71,40 @@ class Hypernetwork:
 def _module(sd: dict, width: int, settings: dict, where: str) -> HyperModule:
     if not isinstance(sd, dict):
         raise CheckpointError(f"{where}: expected a state dict for width {width}, found {type(sd).__name__}")
+    bad_keys = [k for k in sd if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(
+            f"{where}: the module for width {width} has a key {short(bad_keys[0])} that is not a name"
+        )
     # the old layout: linear1/linear2
     sd = {k.replace("linear1.", "linear.0.").replace("linear2.", "linear.1."): v for k, v in sd.items()}
-    indices = sorted({int(k.split(".")[1]) for k in sd if k.startswith("linear.") and k.endswith(".weight")})
+    indices = set()
+    for k in sd:
+        if k.startswith("linear.") and k.endswith(".weight"):
+            index = k[len("linear.") : -len(".weight")]
+            if not index.isdecimal() or len(index) > 4:
+                raise CheckpointError(f"{where}: the module for width {width} has a layer named {short(k)}")
+            indices.add(int(index))
     linears, norms = [], []
-    for i in indices:
+    for i in sorted(indices):
         w, b = sd.get(f"linear.{i}.weight"), sd.get(f"linear.{i}.bias")
         if not isinstance(w, Tensor) or not isinstance(b, Tensor):
             raise CheckpointError(f"{where}: layer linear.{i} of width {width} lacks a weight or bias tensor")
-        if w.ndim == 2:
+        if not w.is_floating_point() or not b.is_floating_point():
+            raise CheckpointError(f"{where}: layer linear.{i} of width {width} is not stored as floating point")
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise CheckpointError(
+                f"{where}: layer linear.{i} of width {width} holds NaN or Inf values; the file is damaged"
+            )
+        if w.ndim == 2 and tuple(b.shape) == (w.shape[0],):
             linears.append((w.float(), b.float()))
             norms.append(None)
-        elif w.ndim == 1 and linears:
+        elif w.ndim == 1 and linears and tuple(b.shape) == tuple(w.shape) == (linears[-1][0].shape[0],):
             norms[-1] = (w.float(), b.float())
         else:
             raise CheckpointError(
-                f"{where}: layer linear.{i} of width {width} has an unexpected shape {tuple(w.shape)}"
+                f"{where}: layer linear.{i} of width {width} has unexpected shapes: weight {tuple(w.shape)}, "
+                f"bias {tuple(b.shape)}"
             )
     if not linears:
         raise CheckpointError(f"{where}: no linear layers for width {width}")
@@ -109,16 +127,14 @@ def read_hypernetwork(path: str | Path) -> Hypernetwork:
     try:
         if path.suffix.lower() == ".safetensors":
             raise CheckpointError(f"{where}: hypernetworks are A1111 .pt files; a .safetensors file is not one")
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:  # weights_only refuses code; anything else is a damaged or foreign file
+        data = load_pickle(path)  # weights_only, after the checks every pickle gets
+    except CheckpointError as e:
         raise CheckpointError(f"{where} is not a readable hypernetwork file: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{where} is not an A1111 hypernetwork (no dictionary of layers)")
     layers = {}
     for width, pair in data.items():
-        if not isinstance(width, int):
+        if type(width) is not int:  # settings have names; bool is no width
             continue
         if not 1 <= width <= 16384 or not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise CheckpointError(f"{where}: width {width} must hold a (keys, values) pair of modules")

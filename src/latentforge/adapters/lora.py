@@ -31,7 +31,7 @@ from torch import Tensor
 
 from latentforge.adapters.keys import Target, model_index, split_key
 from latentforge.io.hashing import addnet_hash
-from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+from latentforge.io.tensorfile import CheckpointError, open_tensor_file, short
 
 
 class LoraError(ValueError):
@@ -72,7 +72,7 @@ def read_lora(path: str | Path) -> LoraFile:
                 unknown.append(key)
                 continue
             module, part = split
-            modules.setdefault(module, {})[part] = f.read(key, torch.float32)
+            modules.setdefault(module, {})[part] = _checked(path, key, part, f.read(key, torch.float32))
         metadata = dict(f.metadata)
     finally:
         f.close()
@@ -84,6 +84,21 @@ def read_lora(path: str | Path) -> LoraFile:
             + (f"; its first keys are {', '.join(unknown[:3])}" if unknown else "")
         )
     return LoraFile(path, modules, metadata, unknown)
+
+
+def _checked(path: Path, key: str, part: str, t: Tensor) -> Tensor:
+    """A LoRA tensor that cannot poison the model: finite, and an alpha holds one number."""
+    if part == "alpha" and t.numel() != 1:
+        raise LoraError(
+            f"{path}: {short(key)} has shape {list(t.shape)}; an alpha is one number. The file is damaged or not "
+            "a LoRA; nothing was applied"
+        )
+    if not bool(torch.isfinite(t).all()):
+        raise LoraError(
+            f"{path}: tensor {short(key)} holds NaN or Inf values; merging it would ruin the model's weights. The "
+            "file is damaged (or was saved from a diverged training run); nothing was applied"
+        )
+    return t
 
 
 def module_kind(parts: dict[str, Tensor]) -> str:
@@ -246,12 +261,17 @@ def apply_lora(
             continue
         weight_shape = tuple(nets[net].get_parameter(target[0][1]).shape)
         full = (weight_shape[0] * len(target), *weight_shape[1:])
-        try:
-            shape = delta({k: v if k == "alpha" else v.to("meta") for k, v in parts.items()}, full).shape
-        except (RuntimeError, LoraError) as e:
+        try:  # on the meta device: shapes only, nothing computed or allocated
+            meta = {k: v if k == "alpha" else v.to("meta") for k, v in parts.items()}
+            shape = delta(meta, full).shape
+            if "dora_scale" in parts and tuple(shape) == full:
+                weight = torch.empty(full, device="meta")
+                shape = dora(weight, weight, meta["dora_scale"], 1.0).shape
+        except (RuntimeError, LoraError, IndexError, KeyError, ValueError) as e:  # factors of the wrong rank or kind
+            why = f"it has no {e.args[0]!r} factor" if isinstance(e, KeyError) else short(str(e), 200)
             raise LoraError(
                 f"{path}: module {name} does not fit {net}.{target[0][1]} {list(weight_shape)} "
-                f"({e}); the file is for another model; nothing was applied"
+                f"({why}); the file is for another model; nothing was applied"
             ) from None
         if "dora_scale" in parts and len(target) > 1:
             raise LoraError(f"{path}: module {name} is DoRA on a fused q/k/v projection, which is not supported")

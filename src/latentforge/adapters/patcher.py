@@ -83,12 +83,20 @@ class ModelPatcher:
         for name in patches:
             if name in src.patches:
                 raise ValueError(f"{source} already patches {name}; remove it first")
-        for name, fn in patches.items():
-            materialize(params[name])  # a weight swapped out by a packed session comes back first
-            if name not in self._backups:
-                self._backups[name] = params[name].detach().to("cpu", copy=True)
-            src.patches[name] = fn
-            self._recompute(name, params[name])
+        done: list[str] = []
+        try:
+            for name, fn in patches.items():
+                materialize(params[name])  # a weight swapped out by a packed session comes back first
+                if name not in self._backups:
+                    self._backups[name] = params[name].detach().to("cpu", copy=True)
+                src.patches[name] = fn
+                done.append(name)
+                self._recompute(name, params[name])
+        except BaseException:  # a patch that fails leaves every weight as it was before this call
+            for name in done:
+                src.patches.pop(name, None)
+                self._recompute(name, params[name])
+            raise
 
     @torch.no_grad()
     def _recompute(self, name: str, param: nn.Parameter) -> None:

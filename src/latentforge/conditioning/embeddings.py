@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from latentforge.adapters.folders import EMBEDDING_SUFFIXES, files_by_stem
-from latentforge.io.tensorfile import CheckpointError, open_tensor_file
+from latentforge.io.tensorfile import CheckpointError, load_pickle, open_tensor_file, short
 
 # our encoder names (TextEncoderSpec.name) -> the key of SDXL embedding pairs
 _PAIR_KEYS = {"clip-l": "clip_l", "openclip-g": "clip_g"}
@@ -63,8 +63,21 @@ class Embedding:
         return rows
 
 
-def _as_rows(t: Tensor) -> Tensor:
+def _as_rows(t: Tensor, path: Path, key: str) -> Tensor:
+    """[width] or [..., n, width] vectors as [n, width] float32; an EmbeddingError naming the file and the
+    tensor for one that holds no vectors, is not floating point, or holds NaN/Inf."""
+    if t.dim() == 0 or t.numel() == 0:
+        raise EmbeddingError(
+            f"{path}: tensor {short(key)} has shape {list(t.shape)}; an embedding holds vectors, [n, width]"
+        )
+    if not t.is_floating_point():
+        raise EmbeddingError(
+            f"{path}: tensor {short(key)} is stored as {str(t.dtype).removeprefix('torch.')}; an embedding's "
+            "vectors are floating point, so the file is damaged or not an embedding"
+        )
     t = t.detach().float()
+    if not torch.isfinite(t).all():
+        raise EmbeddingError(f"{path}: tensor {short(key)} holds NaN or Inf values; the file is damaged")
     return t[None] if t.dim() == 1 else t.reshape(-1, t.shape[-1])
 
 
@@ -83,22 +96,20 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
             f.close()
     else:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unpickling failure means the same to the user
-            raise EmbeddingError(
-                f"{path} could not be read as an embedding ({type(e).__name__}: {str(e)[:200]}); "
-                "it may be corrupt, or not a textual-inversion file"
-            ) from None
+            data = load_pickle(path)  # weights_only, after the checks every pickle gets
+        except CheckpointError as e:
+            raise EmbeddingError(f"{e} (reading it as a textual-inversion embedding)") from None
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
-        params = [v for v in data["string_to_param"].values() if isinstance(v, Tensor)]
+        params = [(k, v) for k, v in data["string_to_param"].items() if isinstance(v, Tensor)]
         if params:
-            return Embedding(name, path, {"*": _as_rows(params[0])})
+            return Embedding(name, path, {"*": _as_rows(params[0][1], path, f"string_to_param.{params[0][0]}")})
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)} if isinstance(data, dict) else {}
     if "clip_l" in tensors or "clip_g" in tensors:
-        return Embedding(name, path, {k: _as_rows(tensors[k]) for k in ("clip_l", "clip_g") if k in tensors})
+        return Embedding(name, path, {k: _as_rows(tensors[k], path, k) for k in ("clip_l", "clip_g") if k in tensors})
     if len(tensors) == 1:
-        return Embedding(name, path, {"*": _as_rows(next(iter(tensors.values())))})
-    keys = ", ".join(list(data)[:5]) if isinstance(data, dict) else type(data).__name__
+        key, tensor = next(iter(tensors.items()))
+        return Embedding(name, path, {"*": _as_rows(tensor, path, str(key))})
+    keys = ", ".join(short(k, 40) for k in list(data)[:5]) if isinstance(data, dict) else type(data).__name__
     raise EmbeddingError(
         f"{path} is not a textual-inversion embedding: expected string_to_param, one tensor, or clip_l/clip_g; "
         f"found {keys}"

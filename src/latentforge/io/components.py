@@ -59,7 +59,7 @@ def check(expected: Mapping[str, tuple[int, ...]], refs: Mapping[str, Ref], what
         raise LoadError("\n".join(parts))
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """True when ``t`` holds no NaN/Inf: one min/max reduction (NaN propagates through both, an Inf is
     one of them). It only reads the tensor, so it costs a fraction of the copy out of the file."""
     if not t.is_floating_point() or t.numel() == 0:
@@ -69,6 +69,9 @@ def _all_finite(t: Tensor) -> bool:
     except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8)
         lo, hi = torch.aminmax(t.float())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+_all_finite = all_finite
 
 
 def _non_finite_message(ref: Ref, t: Tensor, what: str, source: str) -> str:

@@ -26,8 +26,11 @@ def sha256_of(path: str | Path) -> str:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
-        return cache[key]
+    if not isinstance(cache, dict):  # a damaged cache is rebuilt, never a reason to fail
+        cache = {}
+    cached = cache.get(key)
+    if isinstance(cached, str) and len(cached) == 64 and all(c in "0123456789abcdef" for c in cached):
+        return cached
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -13,16 +13,22 @@ at once, so resident memory grows by the loaded weights only.
 training-framework objects that old SD1 files carry next to the weights (and that hold no weights) are
 replaced by inert stand-ins; anything else that needs unsafe unpickling is refused with an explanation.
 Zip checkpoints are checked first: every member must be stored uncompressed (as ``torch.save`` writes
-them) and lie inside the file, so a small file cannot claim or inflate to gigabytes.
+them) and lie inside the file, so a small file cannot claim or inflate to gigabytes. Legacy (pre-zip)
+pickles are parsed first by an unpickler that builds nothing, so the storage sizes they declare (which
+torch.load allocates before reading) must fit in the file, and a pickle not written by ``torch.save`` is
+refused before torch.load sees it. Every pickle, of either kind, is at most ``MAX_PICKLE_BYTES``. Every
+pickle reader (checkpoints, LoRAs, embeddings, hypernetworks, upscalers) goes through ``load_pickle``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import mmap
 import os
 import pickle
+import re
 import stat
 import struct
 import zipfile
@@ -163,6 +169,11 @@ def parse_safetensors_header(raw: bytes, data_size: int, path: str | Path) -> tu
         if nbytes != end - begin:
             held = f"{nbytes} bytes" if nbytes <= 2**64 else "more than 2^64 bytes"
             raise bad(f"{name} has shape {short(shape)} of {info['dtype']} ({held}) but data offsets [{begin}, {end})")
+        span = 1  # an empty tensor still gets strides: the product of its other sizes must fit in int64
+        for s in shape:
+            span *= max(s, 1)
+            if span >= 2**63:
+                raise bad(f"{name} has shape {short(shape)}, whose sizes multiply past 2^63")
         entries[key] = (dtype, tuple(shape), begin, end)
     pos, prev = 0, None
     for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
@@ -269,12 +280,16 @@ def _safe_globals() -> list:
     return allowed
 
 
-def _unsafe_message(path: Path, error: Exception) -> str:
+def _unsafe_message(path: Path, error: Exception, seen: list[str] = ()) -> str:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:
         names = []
-    listed = ", ".join(n for n in names if n not in _INERT_GLOBALS) or str(error).splitlines()[0]
+    listed = ", ".join(n for n in names if n not in _INERT_GLOBALS)
+    if not listed:  # not a zip file: torch's message names the first global it refused
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        unsafe = [n for n in seen if not n.startswith(("torch.", "collections.OrderedDict", "numpy."))]
+        listed = found.group(1) if found else ", ".join(unsafe[:5]) or "objects other than tensors"
     return (
         f"{path} is a pickle that needs unsafe unpickling to open: it refers to {listed}. A pickle can "
         "run arbitrary code when opened, so latentforge only opens .ckpt/.pt files with "
@@ -307,6 +322,15 @@ def _flatten_state_dict(obj, path: Path) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
+def _pickle_too_big(path: Path, n: int | None) -> str:
+    length = f"is {n} bytes long, more than" if n is not None else "is longer than"
+    return (
+        f"{path} is not a usable PyTorch checkpoint: its pickle (the description of its tensors) {length} "
+        f"latentforge's limit of {MAX_PICKLE_BYTES} bytes (MAX_PICKLE_BYTES; a model's is well under 1 MB); the "
+        "file is damaged, or holds far more than weights: convert it to .safetensors"
+    )
+
+
 def _check_zip(path: Path, size: int) -> None:
     """A zip checkpoint's members must be stored (``torch.save`` never compresses) and lie inside the file,
     so that no member can claim or inflate to more bytes than the file holds."""
@@ -329,6 +353,151 @@ def _check_zip(path: Path, size: int) -> None:
                 f"{path} is truncated or not a valid PyTorch checkpoint: zip member {short(m.filename)} claims "
                 f"{m.file_size} bytes at offset {m.header_offset} of a {size}-byte file; re-download it"
             )
+        if m.filename.endswith("/data.pkl") and m.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(_pickle_too_big(path, m.file_size))
+
+
+# element sizes of the legacy (pre-zip) format's storage classes, by class name
+_LEGACY_ITEMSIZE = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# The pickle of a checkpoint (``data.pkl`` in a zip, the leading pickles of the legacy format) describes
+# the tensors, about 100 bytes each: SDXL with an EMA copy is well under 1 MB. torch.load parses it with a
+# pure-Python unpickler (a few microseconds per opcode), so a hostile multi-megabyte opcode stream would
+# take minutes; 4 MiB is room for 40,000 tensors.
+MAX_PICKLE_BYTES = 4 * 2**20
+
+
+class _Scanned:
+    """What a pickle's globals become while it is scanned: accepts anything, runs nothing."""
+
+    name = ""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:  # SETITEM(S) into an OrderedDict (every state_dict)
+        pass
+
+    def append(self, value) -> None:  # APPEND(S) into a list subclass
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _Scanner(pickle.Unpickler):
+    """Parses a legacy-format pickle without building any of its objects, noting the storages it claims
+    (``('storage', type, key, location, numel, ...)`` persistent ids)."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.claims: dict[object, int] = {}
+        self.globals: list[str] = []
+
+    def find_class(self, module: str, name: str):
+        if len(self.globals) < 100:
+            self.globals.append(f"{module}.{name}")
+        return type("_Scanned", (_Scanned,), {"name": name})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            numel, kind = pid[4], getattr(pid[1], "name", "")
+            if type(numel) is not int or numel < 0:
+                raise CheckpointError(f"storage {short(pid[2])} claims {short(numel)} elements")
+            key = pid[2] if isinstance(pid[2], (str, int)) else id(pid)
+            self.claims[key] = max(self.claims.get(key, 0), numel * _LEGACY_ITEMSIZE.get(kind, 1))
+        return None
+
+
+def _check_legacy(path: Path, size: int) -> list[str]:
+    """A pickle in PyTorch's legacy (pre-1.6, not zip) format declares each storage's size in the pickle
+    and the loader allocates it before reading the data: the claims must fit in the file. The pickles are
+    parsed first from the file's first MAX_PICKLE_BYTES in memory, so no length field (BINUNICODE,
+    BINBYTES) can ask for more memory than that. Returns the globals the pickles name (for the message if
+    torch.load refuses one)."""
+    with open(path, "rb") as f:
+        buf = io.BytesIO(f.read(MAX_PICKLE_BYTES))
+    scanner = _Scanner(buf)
+    try:
+        magic = scanner.load()
+        if magic == _LEGACY_MAGIC:
+            for _ in range(3):  # protocol version, system info, the object with its storages
+                scanner.load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is not a valid PyTorch checkpoint: {e}") from None
+    except Exception as e:  # hostile bytes: any parse failure means a damaged file
+        if size > MAX_PICKLE_BYTES and buf.tell() >= MAX_PICKLE_BYTES:
+            raise CheckpointError(_pickle_too_big(path, None)) from None
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {short(str(e), 200)}); "
+            "the file may be truncated or corrupt: re-download it"
+        ) from None
+    if magic != _LEGACY_MAGIC:  # a plain pickle, not written by torch.save: torch.load would refuse it too
+        unsafe = [n for n in scanner.globals if not n.startswith(("torch.", "collections.OrderedDict"))]
+        if unsafe:
+            raise CheckpointError(_unsafe_message(path, ValueError(""), unsafe))
+        raise CheckpointError(
+            f"{path} is a pickle but not a PyTorch checkpoint (torch.save writes a zip file, or a pickle "
+            "starting with its magic number); the file is damaged or another kind of file"
+        )
+    claimed = sum(scanner.claims.values())
+    if claimed > size:
+        raise CheckpointError(
+            f"{path} is truncated or not a valid PyTorch checkpoint: its pickle declares tensors of {claimed} "
+            f"bytes but the file is {size} bytes long; re-download it"
+        )
+    return scanner.globals
+
+
+def load_pickle(path: str | Path) -> object:
+    """The object in a ``.ckpt``/``.pt``/``.pth``/``.bin`` pickle, read with ``torch.load(weights_only=True)``
+    after the checks every pickle gets (a regular file; a zip with stored members inside the file, or a
+    legacy pickle whose declared storages fit in it). Any failure is a CheckpointError naming the file."""
+    path = Path(path)
+    size = regular_file(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    seen: list[str] = []
+    if is_zip:
+        _check_zip(path, size)
+    else:
+        seen = _check_legacy(path, size)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(_unsafe_message(path, e, seen)) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e}); it may be truncated") from None
+    except Exception as e:  # torch.load parses hostile bytes: any failure means the file is not a checkpoint
+        raise CheckpointError(
+            f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {short(str(e), 200)}); "
+            "the file may be truncated or corrupt: re-download it"
+        ) from None
 
 
 class TorchFile:
@@ -337,28 +506,7 @@ class TorchFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
-        size = regular_file(self.path)
-        with open(self.path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":
-                _check_zip(self.path, size)
-        try:
-            with torch.serialization.safe_globals(_safe_globals()):
-                try:
-                    obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:
-                    if "mmap" not in str(e):
-                        raise
-                    obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" in str(e):
-                raise CheckpointError(_unsafe_message(self.path, e)) from None
-            raise CheckpointError(f"{self.path} is not a readable checkpoint ({e}); it may be truncated") from None
-        except Exception as e:  # torch.load parses hostile bytes: any failure means the file is not a checkpoint
-            raise CheckpointError(
-                f"{self.path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {short(str(e), 200)}); "
-                "the file may be truncated or corrupt: re-download it"
-            ) from None
-        self._tensors = _flatten_state_dict(obj, self.path)
+        self._tensors = _flatten_state_dict(load_pickle(self.path), self.path)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -385,7 +533,7 @@ def open_tensor_file(path: str | Path, suffix: str | None = None) -> TensorFile:
     """Open a weights file by its suffix (``.safetensors`` or a pickle suffix); ``suffix`` overrides the
     path's own (a Hugging Face cache blob has none: the link to it has)."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a broken or looping link: regular_file says which
         raise CheckpointError(f"{path} does not exist")
     regular_file(path)
     suffix = (suffix or path.suffix).lower()
