@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,16 @@ def test_compact_net_detection_and_errors(tmp_path):
     small = dataclasses.replace(up, max_pixels=250)
     with pytest.raises(ValueError, match="enlarged 2x would be 16x16, above the limit of 250 output pixels"):
         small(x)
+
+
+def test_upscaler_holding_nan_is_refused_by_tensor_name(tmp_path):
+    sd = _random(SRVGGNetCompact(features=8, convs=2, scale=2), seed=11)
+    key = sorted(sd)[1]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[-1] = float("inf")
+    save_file(sd, tmp_path / "broken-x2.safetensors")
+    with pytest.raises(CheckpointError, match=rf"broken-x2\.safetensors: tensor '{re.escape(key)}' holds NaN or Inf"):
+        upscalers.load(tmp_path / "broken-x2.safetensors")
 
 
 def test_upscale_command_runs_the_network_then_lanczos(tmp_path):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentforge.io.components import all_finite
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.limits import check_size
 from latentforge.nn.tiling import tiled_apply
@@ -272,11 +273,19 @@ class ImageUpscaler:
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of an upscaler file (``.pth`` with ``weights_only=True``, or ``.safetensors``) in
-    BasicSR names; BasicSR's ``params_ema``/``params`` wrappers are unwrapped by the file reader."""
+    BasicSR names; BasicSR's ``params_ema``/``params`` wrappers are unwrapped by the file reader. A tensor
+    holding NaN or Inf (a damaged file: every upscaled image would be black) is refused by name."""
     f = open_tensor_file(path)
     try:
         names = basicsr_names(f.keys(), str(path))
-        return {names[k]: f.read(k, torch.float32) for k in f.keys()}
+        state = {}
+        for k in f.keys():
+            state[names[k]] = t = f.read(k, torch.float32)
+            if not all_finite(t):
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} holds NaN or Inf values; the file is damaged: re-download it"
+                )
+        return state
     finally:
         f.close()
 
