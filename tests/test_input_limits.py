@@ -279,6 +279,19 @@ def test_invalid_utf8_prompt_from_argv_is_refused_before_loading(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_mask_is_found_before_loading_the_model(tmp_path, capsys):
+    init = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(init)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    missing_model = str(tmp_path / "no-model")  # loading would fail: the mask must be checked first
+    for mask in (tmp_path / "junk.png", tmp_path / "absent.png"):
+        args = ["img2img", str(init), "x", "-m", missing_model, "--mask", str(mask), "-o", str(tmp_path / "o.png")]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"mask {mask}" in err and "no-model" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "junk.png"]
+
+
 def test_output_size_from_an_init_image_obeys_the_size_limits(tmp_path, capsys):
     wide = tmp_path / "wide.png"
     Image.new("RGB", (8500, 64)).save(wide)

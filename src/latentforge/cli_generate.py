@@ -508,6 +508,8 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
         init = open_image(args.init_image, "input image" if x4 else "init image")
         if not x4:  # the x4 output is 4x the image (checked by its task)
             output_size(req, init, 0)
+        if req.inpaint is not None and isinstance(req.inpaint.mask, (str, os.PathLike)):
+            open_image(req.inpaint.mask, "mask")  # read again by the task: a bad file is found before loading
     adapter_dirs = (*args.lora_dir, *args.embeddings_dir, *args.hypernetwork_dir, *args.controlnet_dir)
     for folder in (*adapter_dirs, *args.annotator_dir):
         if not folder.is_dir():
