@@ -229,3 +229,39 @@ def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
         need(
             isinstance(v, (int, float)) and -1 <= v <= 1000, f"{where}: {name} must be -1 (default) to 1000, got {v!r}"
         )
+
+
+def given(value) -> bool:
+    """A value set: not None and not the empty string."""
+    return value is not None and not (isinstance(value, str) and not value)
+
+
+def validate_refiner(r, need: Callable[[bool, str], None]) -> None:
+    """The refiner group's fields (``RefinerOptions``)."""
+    need(
+        isinstance(r.switch_at, (int, float)) and math.isfinite(r.switch_at) and 0.0 <= r.switch_at <= 1.0,
+        f"refiner_switch_at must be between 0 and 1, got {r.switch_at!r}",
+    )
+    need(
+        given(r.checkpoint),
+        "refiner_checkpoint must name the refiner's checkpoint file or folder (or be a loaded Pipeline)",
+    )
+    need(
+        isinstance(r.switch_by_steps, bool), f"refiner_switch_by_steps must be true or false, got {r.switch_by_steps!r}"
+    )
+
+
+def validate_x4(x, need: Callable[[bool, str], None]) -> None:
+    """The x4 upscaler group's fields (``X4Options``)."""
+    need(
+        isinstance(x.noise_level, int) and 0 <= x.noise_level <= 350,
+        f"x4 noise_level must be a whole number from 0 to 350, got {x.noise_level!r}",
+    )
+    need(
+        x.tile is None or (isinstance(x.tile, int) and (x.tile == 0 or (x.tile >= 32 and x.tile % 8 == 0))),
+        f"x4 tile must be None (automatic), 0 (never) or a multiple of 8 of at least 32 pixels, got {x.tile!r}",
+    )
+    need(
+        isinstance(x.tile_overlap, int) and x.tile_overlap >= 0 and x.tile_overlap % 8 == 0,
+        f"x4 tile_overlap must be a non-negative multiple of 8, got {x.tile_overlap!r}",
+    )

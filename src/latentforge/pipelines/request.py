@@ -36,6 +36,7 @@ from latentforge.pipelines.checks import (
     RANGES,
     RequestError,
     check_types,
+    given,
     is_int,
     is_number,
     optional,
@@ -44,6 +45,8 @@ from latentforge.pipelines.checks import (
     validate_hires,
     validate_inpaint,
     validate_network,
+    validate_refiner,
+    validate_x4,
 )
 from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
@@ -391,9 +394,9 @@ class GenerationRequest:
         if self.hires is not None and not img2img:
             validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
-            _validate_refiner(self.refiner, need)
+            validate_refiner(self.refiner, need)
         if self.x4 is not None:
-            _validate_x4(self.x4, need)
+            validate_x4(self.x4, need)
         if self.inpaint is not None:
             validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
@@ -467,7 +470,7 @@ def _fold_flat(data: dict) -> dict:
         if dataclasses.is_dataclass(current):
             current = _plain(current)
         switch = _SWITCH[group]
-        if current is not None or (group == "hires" and enable_hr) or (switch and _given(values.get(switch))):
+        if current is not None or (group == "hires" and enable_hr) or (switch and given(values.get(switch))):
             data[group] = {**(current or {}), **values}
     return data
 
@@ -487,10 +490,6 @@ def _plain(value):
     return value
 
 
-def _given(value) -> bool:
-    return value is not None and not (isinstance(value, str) and not value)
-
-
 def _make(cls, values: dict, where: str):
     allowed = {f.name for f in fields(cls)}
     if not all(isinstance(k, str) for k in values):
@@ -503,35 +502,6 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
-
-
-def _validate_refiner(r: RefinerOptions, need) -> None:
-    need(
-        isinstance(r.switch_at, (int, float)) and math.isfinite(r.switch_at) and 0.0 <= r.switch_at <= 1.0,
-        f"refiner_switch_at must be between 0 and 1, got {r.switch_at!r}",
-    )
-    need(
-        _given(r.checkpoint),
-        "refiner_checkpoint must name the refiner's checkpoint file or folder (or be a loaded Pipeline)",
-    )
-    need(
-        isinstance(r.switch_by_steps, bool), f"refiner_switch_by_steps must be true or false, got {r.switch_by_steps!r}"
-    )
-
-
-def _validate_x4(x: X4Options, need) -> None:
-    need(
-        isinstance(x.noise_level, int) and 0 <= x.noise_level <= 350,
-        f"x4 noise_level must be a whole number from 0 to 350, got {x.noise_level!r}",
-    )
-    need(
-        x.tile is None or (isinstance(x.tile, int) and (x.tile == 0 or (x.tile >= 32 and x.tile % 8 == 0))),
-        f"x4 tile must be None (automatic), 0 (never) or a multiple of 8 of at least 32 pixels, got {x.tile!r}",
-    )
-    need(
-        isinstance(x.tile_overlap, int) and x.tile_overlap >= 0 and x.tile_overlap % 8 == 0,
-        f"x4 tile_overlap must be a non-negative multiple of 8, got {x.tile_overlap!r}",
-    )
 
 
 class GenerationOptions(TypedDict, total=False):
