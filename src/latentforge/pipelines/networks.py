@@ -18,33 +18,12 @@ from latentforge.adapters.hypernetwork import apply_hypernetwork
 from latentforge.adapters.lora import apply_lora
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import sha256_of
-from latentforge.pipelines.request import GenerationRequest, NetworkRef, RequestError
+from latentforge.pipelines.request import HYPERNET_KINDS as HYPERNET_KINDS
+from latentforge.pipelines.request import LORA_KINDS as LORA_KINDS
+from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.pipelines.request import refs_from_tags as refs_from_tags  # re-exported (tests, users)
 
-LORA_KINDS = ("lora", "lyco")
 EMBEDDING_KIND = "embedding"
-HYPERNET_KINDS = ("hypernet", "hypernetwork")
-
-
-def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
-    """Prompt tags (kind, items) -> NetworkRefs, by A1111's reading of positional and named items."""
-    refs = []
-    for kind, items in tags:
-        if kind not in (*LORA_KINDS, *HYPERNET_KINDS):
-            raise RequestError(f"<{kind}:...> prompt tags are not available in this version of latentforge")
-        positional = [i for i in items if "=" not in i]
-        named = dict(i.split("=", 1) for i in items if "=" in i)
-        if not positional or not positional[0].strip():
-            raise RequestError(f"a <{kind}:...> tag needs a name, e.g. <{kind}:name:0.8>")
-        try:
-            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
-            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
-        except ValueError:
-            raise RequestError(f"<{kind}:{':'.join(items)}>: the weights must be numbers") from None
-        if kind in HYPERNET_KINDS:  # <hypernet:name:multiplier>
-            refs.append(NetworkRef(positional[0].strip(), "hypernet", strength=te))
-            continue
-        refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te))
-    return refs
 
 
 @dataclass

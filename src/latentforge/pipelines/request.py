@@ -16,13 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from latentforge.conditioning.prompt import (
-    PromptError,
-    check_prompt,
-    extract_network_tags,
-    parse_attention,
-    split_and,
-)
+from latentforge.conditioning.prompt import PromptError, check_prompt, extract_network_tags, parse_attention, split_and
 from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
 from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
 from latentforge.pipelines.checks import CONTROL_MODULES as CONTROL_MODULES
@@ -165,6 +159,10 @@ class ControlUnit:
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)
+LORA_KINDS = ("lora", "lyco")  # prompt tags <lora:...>, <lyco:...>
+HYPERNET_KINDS = ("hypernet", "hypernetwork")
+
+
 _FLAT = {
     "hr_scale": ("hires", "scale"),
     "hr_upscaler": ("hires", "upscaler"),
@@ -387,8 +385,6 @@ class GenerationRequest:
             )
         for i, ref in enumerate(self.networks):
             validate_network(f"networks[{i}] ({show(ref.name)})", ref, need)
-        from latentforge.pipelines.networks import refs_from_tags  # (networks.py imports this module)
-
         for ref in refs_from_tags(extract_network_tags(self.prompt)[1]):  # <lora:name:w> tags, before loading
             validate_network(f"prompt: <{ref.kind}:{ref.name}>", ref, need)
         if self.hires is not None and not img2img:
@@ -449,6 +445,28 @@ class GenerationRequest:
                 data[name] = [_make(item, x, name) if isinstance(x, dict) else x for x in data[name] or []]
         check_types(cls, data)
         return cls(**data)
+
+
+def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
+    """Prompt tags (kind, items) -> NetworkRefs, by A1111's reading of positional and named items."""
+    refs = []
+    for kind, items in tags:
+        if kind not in (*LORA_KINDS, *HYPERNET_KINDS):
+            raise RequestError(f"<{kind}:...> prompt tags are not available in this version of latentforge")
+        positional = [i for i in items if "=" not in i]
+        named = dict(i.split("=", 1) for i in items if "=" in i)
+        if not positional or not positional[0].strip():
+            raise RequestError(f"a <{kind}:...> tag needs a name, e.g. <{kind}:name:0.8>")
+        try:
+            te = float(named.get("te", positional[1] if len(positional) > 1 else 1.0))
+            unet = float(named.get("unet", positional[2] if len(positional) > 2 else te))
+        except ValueError:
+            raise RequestError(f"<{kind}:{':'.join(items)}>: the weights must be numbers") from None
+        if kind in HYPERNET_KINDS:  # <hypernet:name:multiplier>
+            refs.append(NetworkRef(positional[0].strip(), "hypernet", strength=te))
+            continue
+        refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te))
+    return refs
 
 
 def _fold_flat(data: dict) -> dict:
