@@ -26,7 +26,7 @@ from torch import Tensor
 
 from latentforge.convert.diffusers import _RESNET
 from latentforge.families.infer import ArchitectureError, unet_layout
-from latentforge.io.components import all_finite
+from latentforge.io.components import require_finite
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.controlnet import ControlNet, ControlNetConfig, diffusers_key
 from latentforge.models.limits import MAX_IO_CHANNELS, MAX_MULT, MAX_TRANSFORMER_DEPTH, MAX_WIDTH
@@ -194,13 +194,8 @@ def load_controlnet(
                 f"wrong shapes {[(k, shapes[k], expected[k]) for k in wrong[:5]]}"
             )
         state = {}
-        for k in expected:
-            t = file.read(names[k], dtype)
-            if not all_finite(t):  # a damaged file would turn every controlled image into NaN
-                raise ControlNetError(
-                    f"{source}: tensor {names[k]!r} holds NaN or Inf values (as "
-                    f"{str(t.dtype).removeprefix('torch.')}); the file is damaged: re-download it"
-                )
+        for k in expected:  # a damaged file would turn every controlled image into NaN
+            t = require_finite(file.read(names[k], dtype), f"{source}: tensor {names[k]!r}", ControlNetError)
             state[k] = t.to(device)
     finally:
         file.close()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from latentforge.io.components import require_finite
 from latentforge.io.tensorfile import CheckpointError, load_pickle, short
 
 ACTIVATIONS = {
@@ -92,10 +93,8 @@ def _module(sd: dict, width: int, settings: dict, where: str) -> HyperModule:
             raise CheckpointError(f"{where}: layer linear.{i} of width {width} lacks a weight or bias tensor")
         if not w.is_floating_point() or not b.is_floating_point():
             raise CheckpointError(f"{where}: layer linear.{i} of width {width} is not stored as floating point")
-        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
-            raise CheckpointError(
-                f"{where}: layer linear.{i} of width {width} holds NaN or Inf values; the file is damaged"
-            )
+        for t in (w, b):
+            require_finite(t, f"{where}: layer linear.{i} of width {width}")
         if w.ndim == 2 and tuple(b.shape) == (w.shape[0],):
             linears.append((w.float(), b.float()))
             norms.append(None)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from latentforge.adapters.keys import Target, model_index, split_key
+from latentforge.io.components import require_finite
 from latentforge.io.hashing import addnet_hash
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file, short
 
@@ -93,12 +94,11 @@ def _checked(path: Path, key: str, part: str, t: Tensor) -> Tensor:
             f"{path}: {short(key)} has shape {list(t.shape)}; an alpha is one number. The file is damaged or not "
             "a LoRA; nothing was applied"
         )
-    if not bool(torch.isfinite(t).all()):
-        raise LoraError(
-            f"{path}: tensor {short(key)} holds NaN or Inf values; merging it would ruin the model's weights. The "
-            "file is damaged (or was saved from a diverged training run); nothing was applied"
-        )
-    return t
+    why = (
+        "merging it would ruin the model's weights. The file is damaged (or was saved from a diverged training "
+        "run); nothing was applied"
+    )
+    return require_finite(t, f"{path}: tensor {short(key)}", LoraError, why)
 
 
 def module_kind(parts: dict[str, Tensor]) -> str:

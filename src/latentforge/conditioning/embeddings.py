@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from latentforge.adapters.folders import EMBEDDING_SUFFIXES, files_by_stem
+from latentforge.io.components import require_finite
 from latentforge.io.tensorfile import CheckpointError, load_pickle, open_tensor_file, short
 
 # our encoder names (TextEncoderSpec.name) -> the key of SDXL embedding pairs
@@ -75,9 +75,7 @@ def _as_rows(t: Tensor, path: Path, key: str) -> Tensor:
             f"{path}: tensor {short(key)} is stored as {str(t.dtype).removeprefix('torch.')}; an embedding's "
             "vectors are floating point, so the file is damaged or not an embedding"
         )
-    t = t.detach().float()
-    if not torch.isfinite(t).all():
-        raise EmbeddingError(f"{path}: tensor {short(key)} holds NaN or Inf values; the file is damaged")
+    t = require_finite(t.detach().float(), f"{path}: tensor {short(key)}", EmbeddingError)
     return t[None] if t.dim() == 1 else t.reshape(-1, t.shape[-1])
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from latentforge.io.tensorfile import TensorFile
+from latentforge.io.tensorfile import CheckpointError, TensorFile
 
 
 class LoadError(ValueError):
@@ -69,6 +69,15 @@ def all_finite(t: Tensor) -> bool:
     except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8)
         lo, hi = torch.aminmax(t.float())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def require_finite(t: Tensor, where: str, error: type[Exception] = CheckpointError, then: str = "") -> Tensor:
+    """``t`` when it holds no NaN/Inf; else ``error`` saying ``where`` (a file and tensor name) holds them,
+    then ``then`` (what it means; by default: the file is damaged). The one check of every adapter and
+    upscaler reader: a non-finite weight would turn every image it touches black."""
+    if not all_finite(t):
+        raise error(f"{where} holds NaN or Inf values; {then or 'the file is damaged: re-download it'}")
+    return t
 
 
 _all_finite = all_finite

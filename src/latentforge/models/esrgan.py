@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.io.components import all_finite
+from latentforge.io.components import require_finite
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
 from latentforge.models.limits import check_size
 from latentforge.nn.tiling import tiled_apply
@@ -278,14 +278,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     f = open_tensor_file(path)
     try:
         names = basicsr_names(f.keys(), str(path))
-        state = {}
-        for k in f.keys():
-            state[names[k]] = t = f.read(k, torch.float32)
-            if not all_finite(t):
-                raise CheckpointError(
-                    f"{path}: tensor {k!r} holds NaN or Inf values; the file is damaged: re-download it"
-                )
-        return state
+        return {names[k]: require_finite(f.read(k, torch.float32), f"{path}: tensor {k!r}") for k in f.keys()}
     finally:
         f.close()
 
