@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import math
 import re
 from typing import Any
 
@@ -162,6 +163,23 @@ def _walk(value: Any) -> None:
                 stack.append((x, (*path, k)))
         else:
             stack.extend((x, (*path, i)) for i, x in enumerate(v))
+
+
+def non_finite(value: Any) -> str | None:
+    """The place (``hr_scale``, ``override_settings.x``, ``extra[2]``) of a NaN or infinite number in a parsed
+    body, or None. ``json.loads`` accepts ``NaN`` and ``Infinity``, but JSON has no such numbers and
+    the A1111 routes echo the request: such a value is refused before the job runs. The walk is bounded as
+    ``_walk``'s is (by the body's item count)."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return _name(path)
+        if isinstance(v, dict):
+            stack.extend((x, (*path, k)) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, (*path, i)) for i, x in enumerate(v))
+    return None
 
 
 def _name(path: tuple) -> str:

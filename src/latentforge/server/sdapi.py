@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from latentforge._version import __version__
 from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.server.errors import non_finite
 
 
 class FieldError(RequestError):
@@ -268,6 +269,7 @@ def to_request(
     budget = PixelBudget(max_pixels)
     _check_unsupported(p)
     _check_names(p)
+    _check_numbers(p, img2img)
     overrides = p.get("override_settings") or {}
     if not isinstance(overrides, dict):
         _refuse("override_settings", "must be an object of option names and values")
@@ -359,6 +361,9 @@ def to_request(
         raise _a1111_field(str(e)) from None
     except (TypeError, ValueError) as e:
         raise RequestError(f"the request does not fit: {e}") from None
+    where = non_finite(p)  # after validate, whose messages say more for the fields it knows
+    if where is not None:
+        _refuse(where, "NaN and Infinity are not numbers a request can take; send a finite number")
     if max_output_pixels:
         _check_output_size(req, img2img, max_output_pixels)
     return req, init, model
@@ -394,6 +399,27 @@ def _check_output_size(req: GenerationRequest, img2img: bool, limit: int) -> Non
             f"{w}x{h} x batch_size {req.batch_size} is {total} pixels in one pass; this server takes at most "
             f"{limit} (--max-output-pixels): lower width/height, hr_scale or batch_size",
         )
+
+
+def _check_numbers(p: dict, img2img: bool) -> None:
+    """Numbers are checked even where the request does not use them. Without enable_hr, the hr_* fields and
+    denoising_strength of txt2img get the hires pass's checks (A1111's pydantic refuses wrong types whatever
+    enable_hr says). NaN and Infinity (json.loads reads them) are refused in every field by ``to_request``,
+    other tools' too: the response echoes the request, where they became null, and the jobs event stream
+    sent them as ``NaN``, which is not JSON (browsers' JSON.parse fails)."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise _a1111_field(f"{message} (checked although enable_hr is false)")
+
+    if not img2img and not p["enable_hr"]:
+        from latentforge.pipelines.checks import validate_hires
+        from latentforge.pipelines.request import HiresOptions
+
+        steps, x, y = p["hr_second_pass_steps"], p["hr_resize_x"], p["hr_resize_y"]
+        validate_hires(HiresOptions(p["hr_scale"], "Latent", steps, x, y), need)
+        ds = p["denoising_strength"]
+        need(ds is None or 0 <= ds <= 1, f"denoising_strength must be between 0 and 1, got {ds!r}")
 
 
 _PATHLIKE = re.compile(r"[/\\]|^\.|\.(pth|pt|safetensors|ckpt|bin)$", re.IGNORECASE)
@@ -446,6 +472,9 @@ _A1111_NAMES = {
     "schedule": "scheduler",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "hr_scale": "hr_scale",
+    "hr_second_pass_steps": "hr_second_pass_steps",
+    "hr_resize_x": "hr_resize_x",
+    "hr_resize_y": "hr_resize_y",
     "width": "width",
     "height": "height",
     "steps": "steps",

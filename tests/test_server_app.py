@@ -1,0 +1,121 @@
+"""The server's request checks in process (FastAPI's TestClient, no model, no worker): a stub queue
+finishes every job at once with no images, so a test sees what a request would cost and what the
+response to it is, in milliseconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient
+
+from latentforge.server.app import create_app
+from latentforge.server.config import ServerConfig
+from latentforge.server.jobs import Job
+
+OK = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1}
+JSON = {"Content-Type": "application/json"}
+
+
+class StubQueue:
+    """What the routes use of ``JobQueue``: every job submitted is done at once (no images)."""
+
+    default_model = None
+    current = last = None
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, spec, job_id=None):
+        self.submitted.append(spec)
+        return Job(job_id or f"job{len(self.submitted)}", spec, state="done")
+
+    def pending(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def client():
+    queue = StubQueue()
+    c = TestClient(create_app(ServerConfig(), queue=queue), raise_server_exceptions=False)
+    c.queue = queue
+    return c
+
+
+def _post(c, path: str, body: dict | bytes):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return c.post(path, content=data, headers=JSON)
+
+
+def _error(r, status: int, field: str, *words: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field, body
+    for w in words:
+        assert w in body["detail"], body["detail"]
+    return body["detail"]
+
+
+# (field, JSON text of the value, words the message holds): values the hires pass refuses
+HIRES_FIELDS = [
+    ("hr_scale", "NaN", "hr_scale must be above 0 and at most 8"),
+    ("hr_scale", '"nan"', "hr_scale must be above 0 and at most 8"),  # pydantic reads the string as a float
+    ("hr_scale", "Infinity", "hr_scale must be above 0 and at most 8"),
+    ("hr_scale", '"-Infinity"', "hr_scale must be above 0 and at most 8"),
+    ("hr_scale", "1e308", "hr_scale must be above 0 and at most 8"),
+    ("hr_second_pass_steps", "1" + "0" * 30, "hr_second_pass_steps must be 0 (same as steps) to 1000"),
+    ("hr_resize_x", "100000000000000000000", "hr_resize_x must be 0 (unused) or 64 to 8192"),
+    ("hr_resize_y", "-5", "hr_resize_y must be 0 (unused) or 64 to 8192"),
+    ("denoising_strength", "NaN", "denoising_strength must be between 0 and 1"),
+    ("denoising_strength", "5", "denoising_strength must be between 0 and 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, words", HIRES_FIELDS)
+def test_hires_fields_are_checked_with_hires_off_as_with_it_on(client, field, value, words):
+    """NaN and huge numbers there were taken unchecked and the job ran (the echoed NaN came back as null,
+    and as non-JSON ``NaN`` in the jobs event stream). Now they get the 400 the hires pass gives, and no
+    job runs."""
+    base = json.dumps({**OK, "enable_hr": False})[:-1]
+    off = _error(_post(client, "/sdapi/v1/txt2img", f'{base}, "{field}": {value}}}'.encode()), 400, field, words)
+    assert "enable_hr is false" in off
+    on = base.replace('"enable_hr": false', '"enable_hr": true')
+    _error(_post(client, "/sdapi/v1/txt2img", f'{on}, "{field}": {value}}}'.encode()), 400, field, words)
+    # the jobs extension shares the check
+    jobs = f'{base}, "mode": "txt2img", "{field}": {value}}}'.encode()
+    _error(_post(client, "/latentforge/v1/jobs", jobs), 400, field, words)
+    assert client.queue.submitted == []
+
+
+def test_hires_fields_of_the_wrong_type_are_a_422_either_way(client):
+    for hr in (False, True):
+        r = _post(client, "/sdapi/v1/txt2img", {**OK, "enable_hr": hr, "hr_scale": "twice"})
+        assert r.status_code == 422 and "hr_scale" in r.json()["detail"], r.text
+    assert client.queue.submitted == []
+
+
+def test_values_ignored_with_hires_off_stay_ignored(client):
+    """In range, the hr_* fields of a request without enable_hr change nothing (A1111 ignores them)."""
+    body = {**OK, "hr_scale": 8, "hr_upscaler": "anything", "hr_resize_x": 64, "denoising_strength": 0.0}
+    r = _post(client, "/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["hr_scale"] == 8
+    (spec,) = client.queue.submitted
+    assert spec.request.hires is None
+
+
+@pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/sdapi/v1/img2img"])
+def test_nan_in_any_field_is_a_400_before_the_job_runs(client, path):
+    """Fields the request does not use (other tools', img2img's image_cfg_scale) are echoed in the response:
+    a NaN there was taken, the job ran, and the echo was null (or non-JSON ``NaN`` in the event stream)."""
+    image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVQI12P4DwABAQEAG7buVgAAAABJRU5ErkJggg=="
+    base = json.dumps({**OK, "init_images": [image]} if "img2img" in path else OK)[:-1]
+    r = _post(client, path, f'{base}, "my_tool": {{"ratio": [1, NaN]}}}}'.encode())
+    _error(r, 400, "my_tool.ratio[1]", "NaN and Infinity", "finite number")
+    if "img2img" in path:
+        r = _post(client, path, f'{base}, "image_cfg_scale": -Infinity}}'.encode())
+        _error(r, 400, "image_cfg_scale", "finite number")
+    assert client.queue.submitted == []
