@@ -119,3 +119,53 @@ def test_nan_in_any_field_is_a_400_before_the_job_runs(client, path):
         r = _post(client, path, f'{base}, "image_cfg_scale": -Infinity}}'.encode())
         _error(r, 400, "image_cfg_scale", "finite number")
     assert client.queue.submitted == []
+
+
+ORIGIN = "https://ui.example"
+
+
+class BrokenQueue(StubQueue):
+    def submit(self, spec, job_id=None):
+        raise RuntimeError("a bug in the worker")
+
+
+@pytest.fixture
+def cors():
+    config = ServerConfig(max_body_bytes=4096)
+    app = create_app(config, users=[("u", "pw")], cors_origins=[ORIGIN], queue=BrokenQueue())
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _cors_error(r, status: int, *words: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers.get("access-control-allow-origin") == ORIGIN, dict(r.headers)
+    for w in words:
+        assert w in r.json()["detail"]
+
+
+def test_cors_headers_on_the_guards_errors_and_500s(cors):
+    """The Guard sat outside the CORS middleware, and Starlette's 500 handler outside both: a browser
+    client got these errors without Access-Control-Allow-Origin and could not read them."""
+    auth = {"Origin": ORIGIN, "Authorization": "Basic dTpwdw==", **JSON}  # u:pw
+    _cors_error(cors.get("/sdapi/v1/options", headers={"Origin": ORIGIN}), 401, "authentication required")
+    big = json.dumps({**OK, "prompt": "x" * 5000}).encode()
+    _cors_error(cors.post("/sdapi/v1/txt2img", content=big, headers=auth), 413, "4096 bytes")
+    _cors_error(cors.post("/sdapi/v1/txt2img", content=b'{"steps": 2,}', headers=auth), 422, "not valid JSON")
+    _cors_error(cors.post("/sdapi/v1/txt2img", content=b'{"prompt": "\xff"}', headers=auth), 400, "UTF-8")
+    r = cors.post("/sdapi/v1/txt2img", content=json.dumps(OK).encode(), headers=auth)
+    _cors_error(r, 500, "server log")
+    assert "a bug in the worker" not in r.text
+    # the routes' own errors had them already, and still do; other origins get none
+    _cors_error(cors.post("/sdapi/v1/txt2img", content=b'{"steps": "many"}', headers=auth), 422, "steps")
+    r = cors.get("/sdapi/v1/options", headers={**auth, "Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_cors_preflight_needs_no_password(cors):
+    headers = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    r = cors.options("/sdapi/v1/txt2img", headers=headers)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN

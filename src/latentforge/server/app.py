@@ -28,7 +28,7 @@ from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, Req
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.server import sdapi
 from latentforge.server.config import ServerConfig
-from latentforge.server.errors import ApiError, Guard, error_response, validation_response
+from latentforge.server.errors import INTERNAL_MESSAGE, ApiError, Guard, error_response, validation_response
 from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull, make_spec
 from latentforge.server.models import ModelCatalog
 
@@ -71,9 +71,10 @@ def create_app(
 
     app = FastAPI(title="latentforge", version=sdapi.__version__, lifespan=lifespan)
     app.state.queue = queue
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(Guard, users=users or [], max_body=config.max_body_bytes)
+    if cors_origins:  # added last, so outermost: the Guard's own errors (401, 413, bad JSON) and 500s carry
+        # the CORS headers too, and a browser client can read them
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -105,9 +106,9 @@ def create_app(
         return error_response(e.status_code, kinds.get(e.status_code, "RequestError"), message, headers=e.headers)
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
+    async def _internal(request: Request, e: Exception):  # Starlette's last resort: Guard answers first
         log.exception("internal error on %s", request.url.path)
-        return error_response(500, "InternalError", "the server failed on this request; the server log has the details")
+        return error_response(500, "InternalError", INTERNAL_MESSAGE)
 
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -38,7 +39,9 @@ def error_response(status: int, kind: str, message: str, field: str | None = Non
 
 
 class Guard:
-    """ASGI middleware: HTTP Basic authentication (constant-time comparison) and the body size limit."""
+    """ASGI middleware: HTTP Basic authentication (constant-time comparison), the body size limit, and the
+    500 of an unhandled error (``internal_error``): inside the CORS middleware, unlike Starlette's own
+    last-resort handler, so that every error a browser client gets carries the CORS headers."""
 
     def __init__(self, app, users: list[tuple[str, str]], max_body: int):
         self.app, self.max_body = app, max_body
@@ -93,7 +96,29 @@ class Guard:
                 response = error_response(problem.status, problem.kind, problem.message, problem.field)
                 return await response(scope, receive, send)
         body = {"type": "http.request", "body": data, "more_body": False}
-        return await self.app(scope, _replay([body], receive), send)
+        return await internal_error(self.app, scope, _replay([body], receive), send)
+
+
+INTERNAL_MESSAGE = "the server failed on this request; the server log has the details"
+
+
+async def internal_error(app, scope, receive, send) -> None:
+    """``app``, with an error it raises before its response started logged (traceback and all) and answered
+    with a 500 that names no internals; after the start, the error goes on up (the response is cut)."""
+    started = False
+
+    async def watch(message):
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, watch)
+    except Exception:
+        if started:
+            raise
+        logging.getLogger("latentforge.server").exception("internal error on %s", scope.get("path"))
+        await error_response(500, "InternalError", INTERNAL_MESSAGE)(scope, receive, send)
 
 
 def json_problem(data: bytes, content_type: bytes | None) -> ApiError | None:
