@@ -3,6 +3,8 @@ naming what it cannot reproduce."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
@@ -12,6 +14,7 @@ from latentforge.cli import main
 from latentforge.demo import bundled_model_path
 from latentforge.io.images import save_image
 from latentforge.pipelines.metadata import read_png_metadata, request_from_image
+from latentforge.pipelines.request import RequestError
 
 TEXT = 'a "cat", 猫\nNegative prompt: dog\nSteps: 12, Sampler: Euler a, CFG scale: 6, Seed: 42, Size: 64x64'
 
@@ -66,6 +69,62 @@ def test_comfyui_graph_is_read(tmp_path):
     assert req.sgm_noise_multiplier and req.quantize_timesteps  # ComfyUI's conventions
     assert meta["model"]["name"] == "v1-5-pruned-emaonly.safetensors" and meta["source"] == "comfyui"
     req.validate()
+
+
+def _with_seed(seed, **nodes) -> dict:
+    graph = {**copy.deepcopy(COMFY), **nodes}
+    graph["3"]["inputs"]["seed"] = seed
+    return graph
+
+
+@pytest.mark.parametrize(
+    "seed, nodes, words",
+    [
+        ("156680208700286", {}, "a seed is a whole number from 0 to 2^64 - 1 in ComfyUI, got '156680208700286'"),
+        (1.5, {}, "got 1.5"),
+        (True, {}, "got True"),
+        (-3, {}, "got -3"),
+        (2**64, {}, "got 18446744073709551616"),
+        (2**63, {}, "seed 9223372036854775808 is above 2^63 - 1"),  # ComfyUI's range, not ours
+        (None, {}, "the sampler has no seed"),
+        (["6", 0], {}, "links to node '6' (CLIPTextEncode), which is not a seed"),  # a prompt text node
+        (["99", 0], {}, "links to node '99', which is not in the graph"),
+        ([], {}, "got []"),
+        (["20", 0], {"20": {"class_type": "PrimitiveInt", "inputs": {"value": "x"}}}, "node '20' (PrimitiveInt)"),
+        (["20", 0], {"20": {"class_type": "Seed", "inputs": {"seed": ["21", 0]}},
+                     "21": {"class_type": "Seed", "inputs": {"seed": ["20", 0]}}}, "go round in a circle"),
+    ],
+)  # fmt: skip
+def test_comfyui_seeds_that_cannot_be_read_are_errors(tmp_path, seed, nodes, words):
+    """These used to leave the seed at -1: --from silently made an image from a random seed. ComfyUI's
+    graph holds the seed that ran (control_after_generate is an editor widget, not part of it)."""
+    path = comfy_png(tmp_path / "c.png", _with_seed(seed, **nodes))
+    with pytest.raises(RequestError) as e:
+        request_from_image(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ComfyUI graph: ") and words in message, message
+    assert "cannot be reproduced from this graph (run without --from)" in message
+
+
+def test_comfyui_seeds_passed_on_by_primitive_and_seed_nodes(tmp_path):
+    primitive = {"20": {"class_type": "PrimitiveInt", "inputs": {"value": 77}}}
+    assert request_from_image(comfy_png(tmp_path / "a.png", _with_seed(["20", 0], **primitive)))[0].seed == 77
+    chain = {"20": {"class_type": "Seed (rgthree)", "inputs": {"seed": ["21", 0]}},
+             "21": {"class_type": "Int Literal", "inputs": {"int": 2**63 - 1}}}  # fmt: skip
+    assert request_from_image(comfy_png(tmp_path / "b.png", _with_seed(["20", 0], **chain)))[0].seed == 2**63 - 1
+    advanced = copy.deepcopy(COMFY)
+    inputs = advanced["3"]["inputs"]
+    advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {**inputs, "noise_seed": 0}}
+    del advanced["3"]["inputs"]["seed"]
+    assert request_from_image(comfy_png(tmp_path / "c.png", advanced))[0].seed == 0
+
+
+def test_cli_from_a_comfyui_graph_with_an_unreadable_seed_stops_before_loading(tmp_path, capsys):
+    path = comfy_png(tmp_path / "c.png", _with_seed("random"))
+    assert main(["txt2img", "--from", str(path), "-m", str(tmp_path / "none"), "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "KSampler input 'seed': a seed is a whole number" in err and "got 'random'" in err
+    assert "Traceback" not in err
 
 
 @pytest.fixture

@@ -6,15 +6,20 @@ EmptyLatentImage and CheckpointLoaderSimple) this recovers prompt, negative prom
 scheduler, steps, CFG, size, batch size, denoise and the model name. ComfyUI's conventions are set on
 the request: pure-noise starts scaled by sqrt(1 + sigma^2), integer timesteps, and the whole batch's
 noise from one generator seeded with the seed (rng "comfy batch", sampling/noise.py), so every image
-of a batch is reproduced, not only the first.
+of a batch is reproduced, not only the first. A seed that cannot be read (missing, not a whole number,
+out of range, linked to a node that is not a seed) is an error, never a random seed (``_seed``).
 """
 
 from __future__ import annotations
 
+from latentforge.pipelines.checks import is_int, show
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling.noise import COMFY_BATCH
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+MAX_COMFY_SEED = 2**64 - 1  # ComfyUI's KSampler: seed and noise_seed are INT from 0 to 0xffffffffffffffff
+MAX_SEED = 2**63 - 1  # latentforge's (GenerationRequest.validate)
+SEED_INPUTS = ("seed", "noise_seed", "value", "int")  # of the nodes that pass a seed on
 TEXT_INPUTS = ("text", "text_g", "text_l", "string", "value")
 
 
@@ -77,6 +82,46 @@ def _follow(graph: dict, ref, key: str, depth: int = 0, seen: set | None = None)
     return None
 
 
+def _unreadable(message: str) -> RequestError:
+    return RequestError(f"{message}; the image cannot be reproduced from this graph (run without --from)")
+
+
+def _seed(graph: dict, node: dict, inputs: dict) -> int:
+    """The seed the sampler ran with: its ``seed`` (KSampler) or ``noise_seed`` (KSamplerAdvanced) input, a
+    literal or a link to a node that passes a seed on (a primitive or seed node: its ``seed``,
+    ``noise_seed``, ``value`` or ``int`` input). The prompt graph holds the values that ran: ComfyUI's
+    "control after generate" (fixed, increment, decrement, randomize) is an editor widget, kept only in the
+    "workflow" chunk and applied to the widget before or after queueing, never sent as the seed. So a seed
+    that cannot be read has no legitimate meaning, and is a RequestError rather than a random seed."""
+    name = "seed" if "seed" in inputs else "noise_seed"
+    where = f"{node.get('class_type')} input {name!r}"
+    value, seen = inputs.get(name), set()
+    while isinstance(value, list) and value:  # [node id, output index]
+        source = _node(graph, value)
+        label = f"node {str(value[0])[:40]!r}"
+        if source is None:
+            raise _unreadable(f"{where} links to {label}, which is not in the graph")
+        kind = str(source.get("class_type"))[:60]
+        given = source.get("inputs")
+        key = next((k for k in SEED_INPUTS if k in given), None) if isinstance(given, dict) else None
+        if str(value[0]) in seen:
+            raise _unreadable(f"{where} links to {label} again: the seed's links go round in a circle")
+        if key is None:
+            raise _unreadable(
+                f"{where} links to {label} ({kind}), which is not a seed: it has no input "
+                f"{', '.join(SEED_INPUTS)} to read the seed from"
+            )
+        seen.add(str(value[0]))
+        where, value = f"{label} ({kind}) input {key!r}", given[key]
+    if value is None:
+        raise _unreadable(f"{where}: the sampler has no seed; ComfyUI records the seed that ran")
+    if not is_int(value) or not 0 <= value <= MAX_COMFY_SEED:
+        raise _unreadable(f"{where}: a seed is a whole number from 0 to 2^64 - 1 in ComfyUI, got {show(value)}")
+    if value > MAX_SEED:
+        raise _unreadable(f"{where}: seed {value} is above 2^63 - 1, the largest latentforge can reproduce")
+    return value
+
+
 def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
     """The request of a ComfyUI prompt graph; RequestError when it has no sampler node to read."""
     samplers = [n for n in graph.values() if isinstance(n, dict) and n.get("class_type") in SAMPLER_NODES]
@@ -91,9 +136,7 @@ def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
         quantize_timesteps=True,
         rng=COMFY_BATCH,
     )
-    seed = _value(graph, inputs.get("seed", inputs.get("noise_seed")))
-    if isinstance(seed, int):
-        req.seed = seed
+    req.seed = _seed(graph, samplers[0], inputs)
     for ours, theirs, kind in (("steps", "steps", int), ("cfg_scale", "cfg", float)):
         value = _value(graph, inputs.get(theirs))
         if isinstance(value, (int, float)):
