@@ -264,6 +264,60 @@ def test_sixteen_bit_grey_images_keep_their_levels(tmp_path):
     assert open_image(tmp_path / "g16.png", keep_depth=True).getpixel((0, 0)) == 40000  # depth maps
 
 
+def _levels(image) -> list:
+    return list(image.getdata())[:8]
+
+
+def test_float_tiffs_are_scaled_from_0_to_1(tmp_path):
+    """A 32-bit float TIFF (mode F) went through PIL's own conversion, which clips at 0-255: every
+    value of [0, 1] became level 0 or 1, a black image."""
+    import numpy as np
+
+    from latentforge.pipelines.images import prepare_image
+
+    values = np.array([[0.0, 0.2, 0.6, 1.0, 1.5, -0.5, np.inf, -np.inf]] * 4, np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "f.tif")
+    image = open_image(tmp_path / "f.tif")
+    # 0.2 * 255 = 51, 0.6 * 255 = 153; beyond [0, 1] (infinities too) clipped
+    assert image.mode == "L" and _levels(image) == [0, 51, 153, 255, 255, 0, 255, 0]
+    init = prepare_image(image, 8, 4, 0)  # what generation encodes
+    assert np.asarray(init.convert("RGB"))[0, :, 0].tolist() == [0, 51, 153, 255, 255, 0, 255, 0]
+    # a PIL image given directly (the library, the server) gets the same rule
+    assert _levels(open_image(Image.fromarray(values, mode="F"))) == [0, 51, 153, 255, 255, 0, 255, 0]
+    assert open_image(tmp_path / "f.tif", keep_depth=True).mode == "F"  # depth maps keep their values
+
+
+def test_float_images_with_nan_are_refused_by_name(tmp_path, capsys):
+    import numpy as np
+
+    values = np.full((8, 8), 0.5, np.float32)
+    values[2, 3] = values[5, 5] = np.nan
+    Image.fromarray(values, mode="F").save(tmp_path / "nan.tif")
+    for what in ("init image", "mask"):
+        with pytest.raises(RequestError, match=rf"^{what} .*nan.tif is a floating-point image with 2 NaN pixels"):
+            open_image(tmp_path / "nan.tif", what)
+    args = ["img2img", str(tmp_path / "nan.tif"), "x", "-m", str(tmp_path / "no-model"), "-o", str(tmp_path / "o.png")]
+    assert main(args) == 2  # found before the model is loaded
+    err = capsys.readouterr().err
+    assert "nan.tif is a floating-point image with 2 NaN pixels" in err and "no-model" not in err
+    assert "Traceback" not in err
+
+
+def test_32_bit_integer_images_use_16_bit_levels_or_are_refused(tmp_path):
+    import numpy as np
+
+    values = np.array([[0, 1000, 20000, 40000, 65535, 128, 129, 385]] * 4, np.int32)
+    Image.fromarray(values, mode="I").save(tmp_path / "i.tif")
+    image = open_image(tmp_path / "i.tif")
+    # round(v / 257): 1000 -> 3.89 -> 4, 20000 -> 77.8 -> 78, 40000 -> 155.6 -> 156, 128 -> 0.498 -> 0
+    assert image.mode == "L" and _levels(image) == [0, 4, 78, 156, 255, 0, 1, 1]
+    for bad, shown in ((70000, "0 to 70000"), (-1, "-1 to 65535")):
+        values[0, 0] = bad
+        Image.fromarray(values, mode="I").save(tmp_path / "bad.tif")
+        with pytest.raises(RequestError, match=f"32-bit integer image with values from {shown}; only 0 to 65535"):
+            open_image(tmp_path / "bad.tif")
+
+
 def test_an_init_image_of_another_type_is_named_briefly():
     import numpy as np
 

@@ -28,16 +28,41 @@ def check_pixels(size: tuple[int, int], what: str) -> None:
         raise RequestError(f"{what} is {w}x{h} pixels: it holds no pixels")
 
 
-_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+MAX_16BIT = 65535
 
 
-def to_8bit(image: Image.Image) -> Image.Image:
-    """A 16-bit grey image (PNG/TIFF: mode I;16 or I) as 8-bit grey (L), by its high byte. PIL's own
-    conversion to RGB or L clips at 255, which turns all but the darkest 16-bit images white."""
-    if image.mode not in _HIGH_DEPTH:
+def to_8bit(image: Image.Image, what: str = "image") -> Image.Image:
+    """A grey image of more than 8 bits as 8-bit grey (L), by a fixed rule; other modes are returned as
+    they are. PIL's own conversion to RGB or L clips at 255: it turns all but the darkest 16-bit images
+    white, and float images black.
+
+    - 16-bit (I;16, I;16L, I;16B, I;16N): level v becomes round(v / 257), 65535 -> 255.
+    - 32-bit integer (I): the same rule when every value is 0 to 65535 (16-bit data: older Pillows open
+      16-bit PNGs as I); other values have no agreed scale, and the image is a RequestError.
+    - 32-bit float (F, float TIFFs): round(v * 255) of v clipped to [0, 1] (so -inf is 0 and inf 255).
+      NaN has no grey level: an image holding NaN is a RequestError.
+    """
+    if image.mode not in (*_SIXTEEN_BIT, "I", "F"):
         return image
-    arr = np.asarray(image, dtype=np.float64) / 257.0
-    out = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        arr = np.asarray(image, dtype=np.float32)
+        bad = int(np.isnan(arr).sum())
+        if bad:
+            raise RequestError(
+                f"{what} is a floating-point image with {bad} NaN pixels, which have no grey level; "
+                "replace them (0 to 1 is black to white) and try again"
+            )
+        levels = np.round(np.clip(arr, 0.0, 1.0) * np.float32(255)).astype(np.uint8)
+    else:
+        arr = np.asarray(image)
+        if image.mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > MAX_16BIT):
+            raise RequestError(
+                f"{what} is a 32-bit integer image with values from {int(arr.min())} to {int(arr.max())}; only "
+                f"0 to {MAX_16BIT} (16-bit levels) have an agreed grey scale: convert it to 8 or 16 bits first"
+            )
+        levels = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257): never a tie
+    out = Image.fromarray(levels, mode="L")
     out.info = dict(image.info)  # the parameters a PNG carries
     return out
 
@@ -45,13 +70,14 @@ def to_8bit(image: Image.Image) -> Image.Image:
 def open_image(image: Image.Image | str | Path, what: str = "init image", *, keep_depth: bool = False) -> Image.Image:
     """A PIL image as given, or read from a path (``what`` names it in errors). Its size is checked
     before its pixels are decoded; an unreadable, truncated or oversized file is a RequestError.
-    16-bit grey images become 8-bit (``to_8bit``) unless ``keep_depth`` (depth maps keep their range)."""
+    16-bit, 32-bit integer and float grey images become 8-bit (``to_8bit`` says how) unless
+    ``keep_depth`` (depth maps keep their range)."""
     if not isinstance(image, (Image.Image, str, bytes, os.PathLike)) and not hasattr(image, "read"):
         raise RequestError(f"{what} must be a PIL image or a file path, got {type(image).__name__}")
     name = what if isinstance(image, Image.Image) else f"{what} {image}"
     if isinstance(image, Image.Image):
         check_pixels(image.size, name)
-        return image if keep_depth else to_8bit(image)
+        return image if keep_depth else to_8bit(image, name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our limit
@@ -59,7 +85,7 @@ def open_image(image: Image.Image | str | Path, what: str = "init image", *, kee
         with im:
             check_pixels(im.size, name)
             im.load()
-            return im.copy() if keep_depth else to_8bit(im.copy())
+            return im.copy() if keep_depth else to_8bit(im.copy(), name)
     except RequestError:
         raise
     except Image.DecompressionBombError as e:
