@@ -246,6 +246,76 @@ def test_upscale_command_runs_the_network_then_lanczos(tmp_path):
         assert got.size == (120, 90) and "Postprocess upscale by: 3" in read_user_comment(got)
 
 
+def _tiny_upscaler(folder: Path, scale: int) -> str:
+    save_file(_random(SRVGGNetCompact(features=8, convs=2, scale=scale), seed=7), folder / f"tiny-x{scale}.safetensors")
+    return f"tiny-x{scale}"
+
+
+def test_upscale_sizes_follow_the_passes_then_lanczos():
+    # an x2 network asked for 3x runs twice (4x) then Lanczos goes down; asked for 16x, three times then up
+    assert upscalers.upscale_sizes((40, 30), 2, 3) == [(80, 60), (160, 120), (120, 90)]
+    assert upscalers.upscale_sizes((40, 30), 2, 16) == [(80, 60), (160, 120), (320, 240), (640, 480)]
+    assert upscalers.upscale_sizes((40, 30), 2, 4) == [(80, 60), (160, 120)]  # no resize: exactly 4x
+    assert upscalers.upscale_sizes((40, 30), 2, 2) == [(80, 60)]  # the network's own factor: one pass
+    assert upscalers.upscale_sizes((40, 30), 1, 2) == [(40, 30)] * 3 + [(80, 60)]  # an x1 network grows nothing
+    assert upscalers.upscale_sizes((40, 30), 2, 0.5) == [(20, 15)]  # only Lanczos
+    for bad in (0, -1, 17, float("nan")):
+        with pytest.raises(ValueError, match="above 0 and at most 16"):
+            upscalers.upscale_sizes((40, 30), 2, bad)
+
+
+def test_upscale_image_refuses_a_lanczos_result_over_the_limit(tmp_path):
+    """The limit was checked on the network's passes only: an x1 network (or three passes that fall short)
+    left the final Lanczos resize unbounded, e.g. 40x30 by 16 with an x1 model made 640x480 under a limit
+    of 10000 pixels."""
+    up = upscalers.load(tmp_path / f"{_tiny_upscaler(tmp_path, 1)}.safetensors")
+    image = Image.new("RGB", (40, 30))
+    with pytest.raises(ValueError, match=r"makes 640x480: 307200 pixels, over the limit of 10000 \(max_pixels\)"):
+        upscalers.upscale_image(image, dataclasses.replace(up, max_pixels=10_000), 16)
+    with pytest.raises(ValueError, match="over the limit of 10000"):
+        upscalers.upscale_image(image, up, 16, max_pixels=10_000)
+    assert upscalers.upscale_image(image, up, 2, max_pixels=10_000).size == (80, 60)
+
+
+def test_upscale_command_refuses_large_outputs_before_decoding(tmp_path, monkeypatch, capsys):
+    """``latentforge upscale --scale`` had no limit on the result: a 1000x800 image by 16 was a 16000x12800
+    Lanczos resize (600 MB of pixels, more while resizing) after three passes of the network."""
+    import latentforge.pipelines.images as images
+
+    name = _tiny_upscaler(tmp_path, 2)
+    Image.new("RGB", (1000, 800)).save(tmp_path / "big.png")
+    Image.new("RGB", (1100, 1000)).save(tmp_path / "wide.png")
+    decoded = []
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: decoded.append(a) or pytest.fail("decoded"))
+    base = ["upscale", "-u", name, "--upscaler-dir", str(tmp_path), "-o", str(tmp_path / "out.png")]
+    assert main([*base, str(tmp_path / "big.png"), "--scale", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "upscaling 1000x800 by 16 with tiny-x2 (x2) makes 16000x12800: 204800000 pixels" in err
+    assert (
+        "over the limit of 67108864 (--max-output-pixels)" in err and "raise the limit with --max-output-pixels" in err
+    )
+    # 5x with an x2 network runs it three times (8x) before Lanczos goes down: the passes count too
+    assert main([*base, str(tmp_path / "wide.png"), "--scale", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "makes 5500x5000, through 8800x8000 from the network: 70400000 pixels" in err
+    assert decoded == [] and not (tmp_path / "out.png").exists()
+
+
+def test_upscale_command_limit_flag(tmp_path, capsys):
+    name = _tiny_upscaler(tmp_path, 2)
+    Image.new("RGB", (40, 30), (200, 100, 50)).save(tmp_path / "small.png")
+    args = ["upscale", str(tmp_path / "small.png"), "-u", name, "--upscaler-dir", str(tmp_path), "--scale", "3"]
+    out = tmp_path / "out.png"
+    # 3x with an x2 network passes through 160x120 (19200 pixels)
+    assert main([*args, "--max-output-pixels", "19199", "-o", str(out)]) == 2
+    assert "through 160x120 from the network: 19200 pixels, over the limit of 19199" in capsys.readouterr().err
+    assert main([*args, "--max-output-pixels", "19200", "-o", str(out)]) == 0
+    with Image.open(out) as got:
+        assert got.size == (120, 90)
+    assert main([*args, "--max-output-pixels", "0", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--max-output-pixels must be 1 or more" in capsys.readouterr().err
+
+
 def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):
     import latentforge
     from latentforge.pipelines import RequestError, hires

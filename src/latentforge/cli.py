@@ -116,15 +116,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from latentforge import upscalers
     from latentforge.io.images import FORMATS, read_user_comment, save_image
-    from latentforge.pipelines.images import open_image
+    from latentforge.pipelines.images import check_pixels, open_image
 
+    if args.max_output_pixels < 1:
+        raise ValueError(f"--max-output-pixels must be 1 or more, got {args.max_output_pixels}")
     dirs = upscalers.search_dirs(args.upscaler_dir or ())
     upscaler = upscalers.load(args.upscaler, dirs, device=args.device or "cpu")
+    upscaler.max_pixels = args.max_output_pixels  # the network's own check of each pass too
     out = args.output or args.image.with_name(f"{args.image.stem}-{upscaler.name}.png")
     if out.suffix.lower() not in FORMATS:
         raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    size = _header_size(args.image)
+    if size is not None:  # the input's and the output's size from the header: before any pixel is decoded
+        check_pixels(size, f"image {args.image}")
+        upscalers.check_upscale(size, upscaler, args.scale, args.max_output_pixels, "--max-output-pixels")
     # the shared reader: its pixel limit is checked from the header (a decompression bomb is refused
     # with a message, not a traceback), and 16-bit grey images keep their levels
     im = open_image(args.image, "image")
@@ -140,6 +147,24 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     save_image(result, out, overwrite=args.overwrite)
     print(out)
     return 0
+
+
+UPSCALE_MAX_PIXELS = 8192 * 8192  # models.esrgan.ImageUpscaler.max_pixels (not imported here: torch)
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """An image's size from its header, or None when PIL cannot read it (``open_image`` says why)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels has our limit
+            with Image.open(path) as im:
+                return im.size
+    except Exception:  # any failure of a decoder on a hostile file: the shared reader's message follows
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-u", "--upscaler", required=True, help="a .pth/.safetensors file, or its name (file stem) in the folders"
     )
     p.add_argument("--scale", type=float, help="factor (default: the model's own; others are Lanczos-resized)")
+    p.add_argument(
+        "--max-output-pixels",
+        type=int,
+        default=UPSCALE_MAX_PIXELS,
+        metavar="N",
+        help=f"refuse outputs (and the network's passes) over N pixels (default {UPSCALE_MAX_PIXELS}: "
+        "8192x8192, about 800 MB while upscaling)",
+    )
     p.add_argument(
         "--upscaler-dir",
         type=Path,

@@ -9,6 +9,7 @@ once and is resized down). The networks are in ``models/esrgan.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,14 +127,58 @@ def upscale_to(image: Image.Image, upscaler: ImageUpscaler, size: tuple[int, int
     return image
 
 
-def upscale_image(image: Image.Image, upscaler: ImageUpscaler | str | Path, scale: float | None = None) -> Image.Image:
+def upscale_sizes(size: tuple[int, int], net_scale: float, scale: float) -> list[tuple[int, int]]:
+    """The sizes ``upscale_image`` makes from an image of ``size`` (width, height): after each pass of a
+    network of factor ``net_scale`` (``upscale_to``: until the image is at least the target, three passes
+    at most), then the target itself, which Lanczos gives when the passes missed it. No pixel is made."""
+    if not 0 < scale <= 16:  # also NaN
+        raise ValueError(f"upscale factor must be above 0 and at most 16, got {scale}")
+    w, h = size
+    if scale == net_scale:
+        return [(round(w * scale), round(h * scale))]
+    target = (max(1, round(w * scale)), max(1, round(h * scale)))
+    sizes = []
+    for _ in range(3):
+        if w >= target[0] and h >= target[1]:
+            break
+        w, h = round(w * net_scale), round(h * net_scale)
+        sizes.append((w, h))
+    return sizes if sizes and sizes[-1] == target else [*sizes, target]
+
+
+def check_upscale(
+    size: tuple[int, int], upscaler: ImageUpscaler, scale: float | None, max_pixels: int, flag: str
+) -> None:
+    """ValueError, before any pixel is made, when upscaling an image of ``size`` by ``scale`` (None: the
+    network's own factor) would make an image of more than ``max_pixels`` pixels, the network's passes
+    included; the message names the sizes and ``flag``, the way to raise the limit."""
+    scale = upscaler.scale if scale is None else scale
+    sizes = upscale_sizes(size, upscaler.scale, scale)
+    w, h = max(sizes, key=lambda s: s[0] * s[1])
+    if w * h <= max_pixels:
+        return
+    final = sizes[-1]
+    made = f"{final[0]}x{final[1]}" if (w, h) == final else f"{final[0]}x{final[1]}, through {w}x{h} from the network"
+    raise ValueError(
+        f"upscaling {size[0]}x{size[1]} by {scale:g} with {upscaler.name} (x{upscaler.scale:g}) makes {made}: "
+        f"{w * h} pixels, over the limit of {max_pixels} ({flag}); choose a smaller --scale or a smaller image, "
+        f"or raise the limit with {flag}"
+    )
+
+
+def upscale_image(
+    image: Image.Image, upscaler: ImageUpscaler | str | Path, scale: float | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Upscale by ``scale`` (None: the network's own factor), e.g. ``upscale_image(im, "4x-UltraSharp.pth", 2)``.
-    ``upscaler`` is a loaded ``ImageUpscaler``, a file path, or a name in the usual folders (``search_dirs``)."""
+    ``upscaler`` is a loaded ``ImageUpscaler``, a file path, or a name in the usual folders (``search_dirs``).
+    Images over ``max_pixels`` (default the upscaler's ``max_pixels``), at any pass or at the end, are
+    refused before any pixel is made (``check_upscale``)."""
     if not isinstance(upscaler, ImageUpscaler):
         upscaler = load(upscaler, search_dirs())
+    if max_pixels is not None:  # the network's own check of each pass too
+        upscaler = dataclasses.replace(upscaler, max_pixels=max_pixels)
+    check_upscale(image.size, upscaler, scale, upscaler.max_pixels, "max_pixels")
     scale = upscaler.scale if scale is None else scale
-    if not 0 < scale <= 16:
-        raise ValueError(f"upscale factor must be above 0 and at most 16, got {scale}")
     if scale == upscaler.scale:
         return run(image, upscaler)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
