@@ -1,6 +1,6 @@
 """Winograd F(2x2, 3x3) convolutions (nn/winograd.py) against oneDNN's direct bf16 convolution.
 
-    python benchmarks/bench_winograd.py [--reps 4] [--no-unet] [--psnr 512] [--steps 10] [--loops]
+    python benchmarks/bench_winograd.py [--reps 4] [--no-unet] [--psnr 512] [--steps 10] [--loops] [--filters]
 
 Three parts, one process each where it matters (and a fourth on request):
 - every 3x3 convolution shape of an SD1.5 CFG step at 512x512 (batch 2, bf16, channels-last): oneDNN with
@@ -18,7 +18,9 @@ Three parts, one process each where it matters (and a fourth on request):
 - ``--tile-sizes``: why the kernel stays at F(2x2, 3x3): the relative RMS error against float64 of
   F(m x m, 3x3) for m = 2, 3, 4 (Cook-Toom matrices from the interpolation points, B^T solved for exactly)
   with the transformed tiles and filters rounded to bf16 as the kernel would, in float64 otherwise, on
-  SiLU-like activations, next to oneDNN-like direct bf16 (fp32 sums, one rounding).
+  SiLU-like activations, next to oneDNN-like direct bf16 (fp32 sums, one rounding);
+- ``--filters``: making the transformed filters of all those convolutions into fresh memory, as each
+  generation does: seconds and minor page faults against the number of 4 KiB pages written.
 Results: stdout and benchmarks/results/winograd.json.
 """
 
@@ -212,6 +214,36 @@ def unet_step(reps: int) -> dict:
     return res
 
 
+def filters(reps: int) -> dict:
+    """Making the transformed filters of every SHAPES convolution into fresh memory, as each generation
+    does (``nn.native.winograd_filters``): seconds (median of ``reps``), minor page faults, GB written."""
+    import resource
+
+    import torch
+
+    from latentforge.nn import native
+
+    torch.manual_seed(0)
+    weights = [
+        torch.randn(cout, cin, 3, 3).to(torch.bfloat16, memory_format=torch.channels_last)
+        for cin, cout, _, count in SHAPES
+        for _ in range(count)
+    ]
+    seconds, faults = [], []
+    for _ in range(reps + 1):  # the first builds or loads the kernels
+        minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        us = [native.winograd_filters(w) for w in weights]
+        seconds.append(time.perf_counter() - t)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt)
+        gb = sum(u.numel() * u.element_size() for u in us) / 1e9
+        del us
+    res = {"filters GB": gb, "median s": statistics.median(seconds[1:]), "page faults": faults[-1]}
+    res["pages of 4 KiB"] = int(gb * 1e9 / 4096)
+    print("Winograd filters of an SD1.5 step's 3x3 convolutions:", {k: round(v, 3) for k, v in res.items()})
+    return res
+
+
 def image_psnr(workdir: Path, size: int, steps: int) -> dict:
     images = txt2img_images(
         workdir,
@@ -244,6 +276,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     ap.add_argument("--loops", action="store_true", help="time the kernel's two loop orders, caches cold")
     ap.add_argument("--tile-sizes", action="store_true", help="bf16 error of F(2x2), F(3x3), F(4x4) tiles")
+    ap.add_argument("--filters", action="store_true", help="seconds and page faults of making the filters")
     args = ap.parse_args()
     payload: dict = {}
     if not args.no_shapes:
@@ -254,6 +287,8 @@ def main() -> None:
         payload["loops"] = loops(args.reps)
     if args.tile_sizes:
         payload["tile sizes"] = tile_sizes()
+    if args.filters:
+        payload["filters"] = filters(args.reps)
     if args.psnr:
         payload["psnr"] = image_psnr(args.workdir, args.psnr, args.steps)
     print(f"saved {save('winograd', payload)}")

@@ -259,8 +259,10 @@ int lf_wino_filter_bf16(const uint16_t *g, int64_t so_, int64_t si, int64_t sh, 
                         int64_t Cout, int64_t C, int threads) {
     if (Cout <= 0 || Cout % 32 || C <= 0 || C % 2) return 1;
     const int64_t pairs = C / 2;
-    // a task fills whole 128-byte rows U[ob][k][p][0:32][0:2] for a run of channel pairs
-    constexpr int64_t PAIRS_PER_TASK = 8;
+    // a task fills whole 128-byte rows U[ob][k][p][0:32][0:2] for a run of channel pairs: 32 pairs are one
+    // 4 KiB page per position k (U is page-aligned and SD's pair counts are multiples of 32), so no two
+    // threads fault on the same fresh page (with 8 pairs they did: 1.8x the faults, 1.5x the time)
+    constexpr int64_t PAIRS_PER_TASK = 32;
     const int64_t runs = (pairs + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
     lf_parallel((Cout / 32) * runs, threads, [&](int64_t task) {
         const int64_t ob = task / runs, p_end = std::min(pairs, (task % runs + 1) * PAIRS_PER_TASK);
