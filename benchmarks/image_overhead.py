@@ -1,12 +1,13 @@
 """Where a whole txt2img's time goes beyond its components: the packed session's start and exit.
 
-    python benchmarks/image_overhead.py [--images 2] [--steps 20] [--size 512]
+    python benchmarks/image_overhead.py [--images 2] [--steps 20] [--size 512] [--no-keep]
 
 On the random full-size SD1.5-shaped model (``common.random_sd15``, the automatic dtype), each image is
 timed in phases: start to the end of the first step (text encoding, the session packing the UNet's weights
 and making Winograd filters, the first UNet call), the later steps (and how much of them the UNet calls
-take), the VAE decode, and the session's exit (plain weights put back); the seconds spent making Winograd
-filters and oneDNN's packed weights, and the minor page faults of each UNet call. Then, in the same process, UNet
+take), the VAE decode, and the session's exit (with ``--no-keep``, the plain weights put back; by default
+the packed copies stay for the next image, ``nn/packed.py``); the seconds spent making Winograd filters
+and oneDNN's packed weights, and the minor page faults of each UNet call. Then, in the same process, UNet
 calls inside a session alone (what the benchmarks' "UNet step" times, after a warm-up call), for comparison.
 The first image also pays one-time costs (kernels built, first touches); compare the later ones.
 """
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument(
+        "--no-keep", action="store_true", help="put the plain weights back after each image (no packed weights kept)"
+    )
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     args = ap.parse_args()
 
@@ -86,8 +90,8 @@ def main() -> None:
     session = packed.packed_session
 
     @contextlib.contextmanager
-    def timed_session(module, repeated=False):
-        with session(module, repeated) as n:
+    def timed_session(module, repeated=False, keep=False):
+        with session(module, repeated, keep and not args.no_keep) as n:
             yield n
             marks["exit start"] = time.perf_counter()
         marks["exit end"] = time.perf_counter()

@@ -132,6 +132,9 @@ class Pipeline:
         """Compile the UNet's forward with torch.compile (optional: it pays off over many steps, mostly on
         GPUs; the first call compiles for minutes on a CPU). The module itself is unchanged, so saving
         and inspection keep working; patches and hooks added later are traced again."""
+        from latentforge.nn.packed import settle
+
+        settle(self.unet)  # weights a generation left packed (nn/packed.py): plain again before tracing
         self.patcher.compile("unet", **options)
         return self
 

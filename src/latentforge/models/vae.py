@@ -186,7 +186,7 @@ def cpu_fast_path(vae: nn.Module, x: Tensor):
         return
     bf16 = next(vae.parameters()).dtype == torch.bfloat16
     packed.shed()  # another session's filters made only for it (the UNet's smaller maps): not through our peak
-    with allocator.reusing(), packed_session(vae) if bf16 else contextlib.nullcontext():
+    with allocator.reusing(), packed_session(vae, keep=True) if bf16 else contextlib.nullcontext():
         yield
 
 

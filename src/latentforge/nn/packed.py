@@ -26,10 +26,21 @@ for bit and the modules are plain ``nn.Conv2d`` / ``nn.Linear`` again. Code that
 inside a session calls ``materialize`` first (the patcher does); reading a swapped-out weight otherwise
 fails with a shape error, never silently. ``pack_weights`` (``--pack-weights``) keeps both copies across
 generations instead.
+
+``packed_session(module, keep=True)`` (what generations open on the UNet and the VAE) leaves the layers it
+swapped out that way when it ends: between sessions the packed copy stays the only copy (the same memory
+as the plain weights), so the next session starts with the weights packed instead of paying the reorders
+and the exit's copies back (0.6-0.9 s and 0.5-0.6 s per SD1.5 image, ``benchmarks/image_overhead.py``).
+Such a dormant layer turns back into a plain ``nn.Conv2d`` / ``nn.Linear`` with its plain weight, bit for
+bit, as soon as anything outside a session uses it: reading ``layer.weight``, calling it, ``state_dict``,
+``load_state_dict``, ``.to()`` and the other ``_apply`` methods, pickling and ``copy.deepcopy``.
+Iterating ``parameters()`` sees the empty placeholder: callers that need every weight (training, sizes)
+call ``settle(module)`` first, or ``numel(module)`` for the size.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -58,11 +69,15 @@ _REPEATED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionar
 _FREED = {"bytes": 0}
 # handed back during a call too once this much is free (the first call swaps out a whole UNet's weights)
 RELEASE_BYTES = 128 << 20
-# weight parameter id -> its layer, for materialize(param)
-_SWAPPED: dict[int, nn.Module] = {}
+# weight parameter id -> its layer, for materialize(param) (weak: a dormant layer's model may be unloaded)
+_SWAPPED: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 # one session at a time per module (generations on the same UNet from two threads take turns)
 _SESSION_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
+# layers a session with keep=True left swapped out (the packed copy the only one) until the next session
+# adopts them or something outside a session wakes them (``_wake``)
+_DORMANT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_DORMANT_LOCK = threading.RLock()
 
 
 def available() -> bool:
@@ -115,12 +130,44 @@ def _store(layer: nn.Module, packed: Tensor, x: Tensor, key: tuple) -> dict:
     return cache
 
 
-class PackedConv2d(nn.Conv2d):
+class _Wakes:
+    """What wakes a dormant layer (see the module docstring): every way of reading its weights outside a
+    session. Each wakes the layer (its class becomes the plain one) and then runs the plain method."""
+
+    def __getattr__(self, name: str):
+        if name == "weight" and _wake(self):
+            return getattr(self, name)
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse=True):
+        if _wake(self):
+            return self._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if _wake(self):
+            return self._save_to_state_dict(destination, prefix, keep_vars)
+        return super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        if _wake(self):
+            return self._load_from_state_dict(*args, **kwargs)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        if _wake(self):
+            return self.__reduce_ex__(protocol)
+        return super().__reduce_ex__(protocol)
+
+
+class PackedConv2d(_Wakes, nn.Conv2d):
     """An ``nn.Conv2d`` (same parameters, state dict and pickling) whose CPU forward uses a weight
     packed once. Made by ``pack_weights`` or a session changing the module's class; the packed copy lives
     in a module-level weak table, so copies and saved modules never carry it."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _wake(self):  # dormant and called outside a session: a plain convolution again
+            return self.forward(x)
         if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
             _put_back(self)
             return super().forward(x)
@@ -136,10 +183,12 @@ class PackedConv2d(nn.Conv2d):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(_Wakes, nn.Linear):
     """An ``nn.Linear`` whose bf16 CPU forward uses a weight packed once by oneDNN (as ``PackedConv2d``)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _wake(self):
+            return self.forward(x)
         if (
             _plain_path(self, x)
             or x.dtype != torch.bfloat16
@@ -235,8 +284,48 @@ def materialize(param: Tensor) -> None:
     """Put back a weight that a ``packed_session`` swapped out (no-op for any other tensor); the session
     repacks it on the next forward if it changes."""
     layer = _SWAPPED.get(id(param))
-    if layer is not None and layer.weight is param:
+    if layer is not None and not _wake(layer) and layer.weight is param:
         _put_back(layer)
+
+
+def _wake(layer: nn.Module) -> bool:
+    """A dormant layer (left packed by a kept session) made a plain layer with its plain weight again;
+    False (nothing done) for any other."""
+    if layer not in _DORMANT:
+        return False
+    with _DORMANT_LOCK:
+        if layer not in _DORMANT:  # another thread woke it, or a session adopted it
+            return False
+        _DORMANT.discard(layer)
+        _settle(layer)
+    return True
+
+
+def _settle(layer: nn.Module) -> None:
+    """The end of a layer's part in sessions: plain weight back, packed copy dropped, plain class."""
+    _put_back(layer)
+    _SESSION.pop(layer, None)
+    _CACHE.pop(layer, None)
+    _REPEATED.pop(layer, None)
+    layer.__class__ = _PLAIN[type(layer)]
+
+
+def settle(module: nn.Module) -> int:
+    """Wake every dormant layer of ``module`` (plain weights back, packed copies freed): before code that
+    iterates its parameters (training); returns how many."""
+    return sum(_wake(m) for m in list(module.modules()))
+
+
+def numel(module: nn.Module, nbytes: bool = False) -> int:
+    """The number of ``module``'s parameter values (``nbytes``: their bytes), a swapped-out weight counted
+    at its plain size (its packed copy holds as much)."""
+    total = 0
+    for m in module.modules():
+        layout = _SESSION.get(m)
+        for name, p in m.named_parameters(recurse=False):
+            count = math.prod(layout[0]) if layout is not None and name == "weight" else p.numel()
+            total += count * (p.element_size() if nbytes else 1)
+    return total
 
 
 def _packable(module: nn.Module) -> list[nn.Module]:
@@ -245,22 +334,29 @@ def _packable(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def packed_session(module: nn.Module, repeated: bool = False) -> Iterator[int]:
+def packed_session(module: nn.Module, repeated: bool = False, keep: bool = False) -> Iterator[int]:
     """Pack the plain convolution and linear layers of ``module`` on first use with one copy of each
     weight in memory (see the module docstring); yields how many layers take part (0 without oneDNN).
     Winograd filters made in the session are dropped when it ends. ``repeated``: the module runs many
     times in this session (a sampler's steps), so smaller maps run by Winograd too
-    (``winograd.MIN_PIXELS_REPEATED``)."""
+    (``winograd.MIN_PIXELS_REPEATED``). ``keep``: the layers swapped out stay so after the session (dormant,
+    see the module docstring), for the next session to start with."""
     if not available():
         yield 0
         return
     with _LOCKS_LOCK:
         lock = _SESSION_LOCKS.setdefault(module, threading.RLock())
     with lock:  # reentrant: a nested session on the same module takes no layer and changes nothing
+        with _DORMANT_LOCK:  # adopted: no longer woken by reads, as any layer inside a session
+            dormant = [m for m in module.modules() if m in _DORMANT]
+            for m in dormant:
+                _DORMANT.discard(m)
         taken = _packable(module)
         for m in taken:
             m.__class__ = _PACKED[type(m)]
             _SESSION[m] = None
+        taken += dormant
+        for m in taken:
             _REPEATED[m] = repeated
         hook = module.register_forward_hook(_after_call) if taken else None
         try:
@@ -269,11 +365,12 @@ def packed_session(module: nn.Module, repeated: bool = False) -> Iterator[int]:
             if hook is not None:
                 hook.remove()
             for m in taken:
-                _put_back(m)
-                _SESSION.pop(m, None)
-                _CACHE.pop(m, None)
-                _REPEATED.pop(m, None)
-                m.__class__ = _PLAIN[type(m)]
+                if keep and _SESSION.get(m) is not None:  # swapped out: stays so until woken or adopted
+                    _REPEATED.pop(m, None)
+                    with _DORMANT_LOCK:
+                        _DORMANT.add(m)
+                else:
+                    _settle(m)
             _drop_session_filters(taken)
             winograd.release()
             if taken:
@@ -285,6 +382,7 @@ def pack_weights(module: nn.Module) -> int:
     returns how many (0 where PyTorch has no oneDNN). Undo with ``unpack_weights``."""
     if not available():
         return 0
+    settle(module)
     taken = _packable(module)
     for m in taken:
         m.__class__ = _PACKED[type(m)]
@@ -293,7 +391,7 @@ def pack_weights(module: nn.Module) -> int:
 
 def unpack_weights(module: nn.Module) -> int:
     """Plain ``nn.Conv2d`` / ``nn.Linear`` again, packed copies freed; returns how many."""
-    count = 0
+    count = settle(module)
     for m in module.modules():
         if type(m) in _PLAIN:
             m.__class__ = _PLAIN[type(m)]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge.nn import packed
 from latentforge.nn.packed import packed_session
 from latentforge.pipelines import control, depth, fewer_flops, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
@@ -127,7 +128,7 @@ def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] |
 
 
 def unet_params(pipe) -> int:
-    return pipe.cached("unet_params", lambda: sum(p.numel() for p in pipe.unet.parameters()))
+    return pipe.cached("unet_params", lambda: packed.numel(pipe.unet))  # weights left packed counted too
 
 
 def packing(pipe):
@@ -136,7 +137,8 @@ def packing(pipe):
     off = os.environ.get("LATENTFORGE_PACK", "1").strip().lower() in ("0", "off", "no", "false")
     if off or pipe.device.type != "cpu" or pipe.offloader is not None or unet_params(pipe) < PACK_MIN_UNET_PARAMS:
         return contextlib.nullcontext(0)
-    return packed_session(pipe.unet, repeated=True)  # a sampler's steps: see nn/winograd.py
+    # a sampler's steps (nn/winograd.py); the packed weights kept for the next generation (nn/packed.py)
+    return packed_session(pipe.unet, repeated=True, keep=True)
 
 
 def with_default_cfg(pipe, req: GenerationRequest) -> GenerationRequest:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import allocator
+from latentforge.nn import packed
 from latentforge.pipelines.request import RequestError
 from latentforge.server.config import ServerConfig
 
@@ -145,4 +146,4 @@ class ModelCache:
 
 
 def _pipe_bytes(pipe) -> int:
-    return sum(t.numel() * t.element_size() for net in pipe.networks().values() for t in net.parameters())
+    return sum(packed.numel(net, nbytes=True) for net in pipe.networks().values())  # packed weights too

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from latentforge.families import get_family
+from latentforge.nn import packed
 from latentforge.pipeline import Pipeline
 from latentforge.sampling import Cond, ModelDenoiser
 from latentforge.train import common, distributed, dreambooth
@@ -278,6 +279,8 @@ def train_diffusion(
         raise ConfigError(f"training {pipe.family.name} models (extra input channels) is not supported yet")
     modules, adapter = _trainables(cfg, pipe)  # a LoRA rank that does not fit is refused here, before any work
     dreambooth.ensure_class_images(cfg, pipe, progress, adapter, ctx)  # by the base model, before training
+    for net in pipe.networks().values():  # weights the class images' generations left packed: plain again
+        packed.settle(net)
     if cfg.model.objective:
         pipe.prediction = cfg.model.objective
     pipe.vae.requires_grad_(False).eval()
