@@ -17,7 +17,7 @@ ROOT = Path(latentforge.__file__).parent
 # each module (the file readers and writers are leaves, the checkpoint sources know the families).
 LAYERS = [
     {"_version", "device", "threads", "allocator", "nn", "demo", "assets", "recipes", "io", "io.tensorfile"}
-    | {"io.writer"}
+    | {"io.safetensors_header", "io.writer"}
     | {"io.hashing", "io.folder_files", "io.h5file"},
     {"io.infotext", "io.images", "io.components", "models", "sampling", "convert"},
     {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"}

@@ -6,8 +6,9 @@ little-endian header length, a UTF-8 JSON object ``{name: {dtype, shape, data_of
 parsed as the format describes and every entry checked (known dtype, non-negative integer shape, offsets
 inside the data section whose length matches the shape, no duplicate names); sorted by offset, the
 tensors must cover the data section exactly, without overlaps or gaps, as the reference library also
-requires. Tensors are memory-mapped; each is copied out of the mapping and the mapped pages are released
-at once, so resident memory grows by the loaded weights only.
+requires (``io/safetensors_header.py``, linear in the header's size). Tensors are memory-mapped; each
+is copied out of the mapping and the mapped pages are released at once, so resident memory grows by the
+loaded weights only.
 
 ``.ckpt``/``.pt``/``.bin`` pickles are opened only with ``torch.load(weights_only=True)``; a few
 training-framework objects that old SD1 files carry next to the weights (and that hold no weights) are
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import mmap
 import os
 import pickle
@@ -37,38 +37,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-# Real Stable Diffusion headers are well under 1 MB (SDXL: about 200 KB); 32 MiB is room for 400,000
-# tensors. The safetensors library allows 100 MB, but parsing that much JSON takes over a gigabyte.
-MAX_HEADER_BYTES = 32 * 2**20
+from latentforge.io.safetensors_header import MAX_HEADER_BYTES, CheckpointError, parse_safetensors_header, short
+from latentforge.io.safetensors_header import SAFETENSORS_DTYPES as SAFETENSORS_DTYPES  # re-exported (writer)
+
 _PAGE = mmap.PAGESIZE
-_Entry = tuple[torch.dtype, tuple[int, ...], int, int]
-
-
-class CheckpointError(ValueError):
-    """A file cannot be read as a checkpoint; the message says why and what to do."""
-
-
-def short(value: object, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: hostile names and numbers can be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def regular_file(path: Path) -> int:
@@ -85,109 +57,6 @@ def regular_file(path: Path) -> int:
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass a weights file")
     return st.st_size
-
-
-class _Duplicate(Exception):
-    def __init__(self, key: str):
-        self.key = key
-
-
-def _object(pairs: list[tuple[str, object]]) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _Duplicate(k)
-            seen.add(k)
-    return out
-
-
-def _is_int(v: object) -> bool:
-    return type(v) is int and 0 <= v < 2**63
-
-
-def parse_safetensors_header(raw: bytes, data_size: int, path: str | Path) -> tuple[dict[str, str], dict[str, _Entry]]:
-    """Validate a safetensors header (the JSON bytes) against a data section of ``data_size`` bytes.
-
-    Returns (metadata, {name: (dtype, shape, begin, end)}); raises CheckpointError naming the file, the
-    tensor and the problem. Reads no tensor data; O(n log n) in the number of tensors."""
-
-    def bad(problem: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path} is not a valid safetensors file: {problem}; the file is damaged or not a safetensors file"
-        )
-
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
-    except _Duplicate as e:
-        raise bad(f"the header names {short(e.key)} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(
-            f"{path} has a corrupt safetensors header ({short(str(e), 160)}); the file is damaged or not a "
-            "safetensors file: re-download it"
-        ) from None
-    if not isinstance(header, dict):
-        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
-    meta = header.pop("__metadata__", None)
-    if meta is None:
-        meta = {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise bad("'__metadata__' must map strings to strings")
-    entries: dict[str, _Entry] = {}
-    for key, info in header.items():
-        name = f"tensor {short(key)}"
-        if not isinstance(info, dict):
-            raise bad(f"the entry of {name} is a JSON {type(info).__name__}, not an object")
-        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
-        if missing:
-            raise bad(f"the entry of {name} has no {', '.join(missing)}")
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
-        if dtype is None:
-            raise bad(
-                f"{name} has unknown or unsupported dtype {short(info['dtype'])} "
-                f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
-            )
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_int(s) for s in shape):
-            raise bad(f"{name} has shape {short(shape)}; a shape is a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-            raise bad(f"{name} has data offsets {short(offsets)}; they must be two non-negative integers")
-        begin, end = offsets
-        if end < begin:
-            raise bad(f"{name} has reversed data offsets [{begin}, {end})")
-        if end > data_size:
-            raise CheckpointError(
-                f"{path} is truncated or not a valid safetensors file: {name} has data offsets [{begin}, {end}) "
-                f"but the data section holds only {data_size} bytes; re-download or re-save the file"
-            )
-        nbytes = 0 if 0 in shape else dtype.itemsize
-        for s in shape:
-            nbytes *= s
-            if nbytes > 2**64:  # stop before a hostile shape makes a huge integer
-                break
-        if nbytes != end - begin:
-            held = f"{nbytes} bytes" if nbytes <= 2**64 else "more than 2^64 bytes"
-            raise bad(f"{name} has shape {short(shape)} of {info['dtype']} ({held}) but data offsets [{begin}, {end})")
-        span = 1  # an empty tensor still gets strides: the product of its other sizes must fit in int64
-        for s in shape:
-            span *= max(s, 1)
-            if span >= 2**63:
-                raise bad(f"{name} has shape {short(shape)}, whose sizes multiply past 2^63")
-        entries[key] = (dtype, tuple(shape), begin, end)
-    pos, prev = 0, None
-    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if begin < pos:
-            _, _, pb, pe = entries[prev]
-            raise bad(
-                f"tensor {short(key)} has data offsets [{begin}, {end}) that overlap tensor {short(prev)} [{pb}, {pe})"
-            )
-        if begin > pos:
-            raise bad(f"bytes [{pos}, {begin}) of the data section, before tensor {short(key)}, belong to no tensor")
-        pos, prev = end, key
-    if pos != data_size:
-        raise bad(f"the data section holds {data_size} bytes but the tensors cover only the first {pos}")
-    return meta, entries
 
 
 class SafetensorsFile:
