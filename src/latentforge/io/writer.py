@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -157,24 +158,60 @@ def write_numbered(folder: str | Path, write: Callable[[Path], None], next_name:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it takes ``path``'s place."""
+    """Yield a new temporary folder beside ``path``; on success it takes ``path``'s place. Without
+    ``overwrite`` an existing ``path`` is refused, also one that appeared while the folder was written.
+
+    With ``overwrite`` the old ``path`` is first moved into a fresh folder made for it
+    (``.NAME.old.XXXXXXXX``, by ``tempfile.mkdtemp``, so no name of the user's is ever reused or removed),
+    then the new folder is renamed to ``path`` (each step one rename), and only then is the old copy
+    deleted. Should the second rename fail, the old copy is put back; should that fail too, the error says
+    where it is. Only what this function made is ever deleted."""
     path = Path(path)
     refuse_existing(path, overwrite)
     _make_folder(path.parent, "output location")
-    tmp = path.parent / f".{path.name[:200]}.{secrets.token_hex(6)}.partial"
-    tmp.mkdir(mode=0o777)  # 0777 minus the umask, as any normal folder (mkdtemp would give 0700)
+    tmp = _new_folder(path.parent, f".{path.name[:200]}.", ".partial")
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it")
+        if not os.path.lexists(path):
+            os.replace(tmp, path)
+            return
+        holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name[:200]}.old."))
+        old = holder / "old"
+        try:
             os.replace(path, old)
+        except OSError:
+            holder.rmdir()
+            raise
+        try:
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                os.replace(old, path)
+            except OSError:
+                raise OutputError(
+                    f"cannot replace {path} ({e.strerror or e}), and its previous content could not be moved "
+                    f"back: it is in {old}"
+                ) from e
+            holder.rmdir()
+            raise
+        shutil.rmtree(holder, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder with a random name, made exclusively with mode 0777 minus the umask (as any normal
+    folder; ``tempfile.mkdtemp`` would give 0700, and the rename keeps the mode)."""
+    for _ in range(100):
+        folder = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            folder.mkdir(mode=0o777)
+            return folder
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot create a temporary folder in {parent}: every random name was taken")
 
 
 def _raw_bytes(t: Tensor) -> memoryview:

@@ -1,0 +1,116 @@
+"""``io.writer.atomic_dir``: a folder written beside its target takes the target's place; nothing of the
+user's is removed or replaced unasked, and the old content is never lost before the new is in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import latentforge.io.writer as writer
+from latentforge.io.writer import OutputError, atomic_dir
+
+
+def _tree(folder) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) -> its text."""
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _model(folder, text: str) -> None:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "weights.txt").write_text(text)
+
+
+def test_a_users_own_dot_old_files_and_folders_are_kept(tmp_path):
+    """The old copy was moved to .NAME.old after deleting whatever had that name: a user's folder or
+    file called .model.old was destroyed."""
+    target = tmp_path / "model"
+    _model(target, "old weights")
+    (tmp_path / ".model.old").mkdir()
+    (tmp_path / ".model.old" / "mine.txt").write_text("the user's own notes")
+    (tmp_path / ".other.old").write_text("a file of the user's")
+    with atomic_dir(target, overwrite=True) as tmp:
+        _model(tmp, "new weights")
+    assert _tree(tmp_path) == {
+        ".model.old/mine.txt": "the user's own notes",
+        ".other.old": "a file of the user's",
+        "model/unet/weights.txt": "new weights",
+    }
+    # and with .model.old a file
+    (tmp_path / ".model.old" / "mine.txt").unlink()
+    (tmp_path / ".model.old").rmdir()
+    (tmp_path / ".model.old").write_text("a file named like the old copy")
+    with atomic_dir(target, overwrite=True) as tmp:
+        _model(tmp, "newer weights")
+    assert _tree(tmp_path)[".model.old"] == "a file named like the old copy"
+    assert _tree(tmp_path)["model/unet/weights.txt"] == "newer weights"
+    assert sorted(os.listdir(tmp_path)) == [".model.old", ".other.old", "model"]
+
+
+def test_the_old_content_comes_back_when_the_new_cannot_take_its_place(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    _model(target, "old weights")
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append((os.path.basename(src), os.path.basename(dst)))
+        if str(src).endswith(".partial"):  # the new folder's rename into place
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    with pytest.raises(PermissionError), atomic_dir(target, overwrite=True) as tmp:
+        _model(tmp, "new weights")
+    monkeypatch.undo()
+    assert len(calls) == 3  # old aside, new in (refused), old back
+    assert _tree(tmp_path) == {"model/unet/weights.txt": "old weights"}
+    assert os.listdir(tmp_path) == ["model"]  # nothing left behind
+
+
+def test_when_the_old_content_cannot_come_back_the_error_says_where_it_is(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    _model(target, "old weights")
+    real = os.replace
+    seen = []
+
+    def replace(src, dst):
+        seen.append(src)
+        if len(seen) > 1:  # the new folder's rename, then the way back
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(writer.os, "replace", replace)
+    with (
+        pytest.raises(OutputError, match="previous content could not be moved back: it is in ") as e,
+        atomic_dir(target, overwrite=True) as tmp,
+    ):
+        _model(tmp, "new weights")
+    monkeypatch.undo()
+    kept = Path(str(e.value).rsplit("it is in ", 1)[1])
+    assert kept.parent.parent == tmp_path and kept.parent.name.startswith(".model.old.")
+    assert (kept / "unet" / "weights.txt").read_text() == "old weights"
+
+
+def test_without_overwrite_a_folder_that_appears_meanwhile_is_not_replaced(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(FileExistsError, match="appeared while writing"), atomic_dir(target) as tmp:
+        _model(tmp, "new weights")
+        _model(target, "another process's weights")
+    assert _tree(tmp_path) == {"model/unet/weights.txt": "another process's weights"}
+    with pytest.raises(FileExistsError, match="already exists"), atomic_dir(target):
+        pass
+
+
+def test_a_failure_while_writing_leaves_the_target_and_no_partial_folder(tmp_path):
+    target = tmp_path / "model"
+    _model(target, "old weights")
+    with pytest.raises(RuntimeError), atomic_dir(target, overwrite=True) as tmp:
+        _model(tmp, "half")
+        raise RuntimeError("disk full")
+    assert _tree(tmp_path) == {"model/unet/weights.txt": "old weights"}
+    with atomic_dir(tmp_path / "fresh") as tmp:
+        _model(tmp, "first")
+    assert _tree(tmp_path / "fresh") == {"unet/weights.txt": "first"}
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "model"]
