@@ -73,6 +73,10 @@ def test_short_training_lowers_the_loss_and_the_checkpoint_generates(tmp_path, b
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, base):
     full = train(_cfg(tmp_path / "a", base, "steps=6", "grad_accum=2", "model.min_snr_gamma=5"))
     interrupted = _cfg(tmp_path / "b", base, "steps=6", "grad_accum=2", "model.min_snr_gamma=5")
+    mine = [tmp_path / "b" / "run" / name / "mine.txt" for name in (".state.old", ".state.partial")]
+    for f in mine:  # a user's own folders with the names the state swap once used: never deleted
+        f.parent.mkdir(parents=True)
+        f.write_text("keep me")
     train(interrupted, stop_after=3)
     assert not (tmp_path / "b" / "run" / "model.safetensors").exists()
     resumed = train(interrupted)  # picks up output/state at step 3
@@ -80,6 +84,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, base):
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert all(f.read_text() == "keep me" for f in mine)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(base):

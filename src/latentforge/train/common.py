@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 
 from latentforge.device import supports_bf16
-from latentforge.io.writer import write_safetensors
+from latentforge.io.writer import atomic_dir, write_safetensors
 from latentforge.pipelines.numerics import NonFiniteError
 from latentforge.train.config import TrainConfig, config_to_dict
 from latentforge.train.resume import read_state, refuse
@@ -114,18 +112,12 @@ def save_state(
             meta["optimizers"][oname]["state_keys"][str(idx)] = sorted(st)
             for k, v in st.items():
                 tensors[f"opt.{oname}.{idx}.{k}"] = torch.as_tensor(v).contiguous()
-    tmp = out / f".{STATE_DIR}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_safetensors(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     final = out / STATE_DIR
-    old = out / f".{STATE_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    # written beside it and swapped in whole; the old state is removed only once the new one is in place,
+    # and no fixed name (a user's ".state.old") is ever deleted (io/writer.atomic_dir)
+    with atomic_dir(final, overwrite=True) as tmp:
+        write_safetensors(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
     return final
 
 
