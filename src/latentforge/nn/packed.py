@@ -30,7 +30,7 @@ generations instead.
 ``packed_session(module, keep=True)`` (what generations open on the UNet and the VAE) leaves the layers it
 swapped out that way when it ends: between sessions the packed copy stays the only copy (the same memory
 as the plain weights), so the next session starts with the weights packed instead of paying the reorders
-and the exit's copies back (0.6-0.9 s and 0.5-0.6 s per SD1.5 image, ``benchmarks/image_overhead.py``).
+and the exit's copies back (0.5-0.7 s and 0.55 s per SD1.5 image, ``benchmarks/image_overhead.py``).
 Such a dormant layer turns back into a plain ``nn.Conv2d`` / ``nn.Linear`` with its plain weight, bit for
 bit, as soon as anything outside a session uses it: reading ``layer.weight``, calling it, ``state_dict``,
 ``load_state_dict``, ``.to()`` and the other ``_apply`` methods, pickling and ``copy.deepcopy``.
