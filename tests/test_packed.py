@@ -234,14 +234,28 @@ def test_generate_packs_full_size_unets_without_a_second_copy(sd1_folder, monkey
     monkeypatch.setattr(gen, "PACK_MIN_UNET_PARAMS", 0)  # treat the tiny UNet as full-size
     seen = []
 
+    seen_convs = set()
+
     def progress(p):
         convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        seen_convs.update(m for m in convs if isinstance(m, PackedConv2d))
         seen.append((sum(m.weight.numel() for m in convs), sum(isinstance(m, PackedConv2d) for m in convs)))
 
+    reorders = []
+    real = torch.ops.mkldnn._reorder_convolution_weight  # looked up on every call by nn/packed.py
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight", lambda *a: reorders.append(1) or real(*a))
     fast = np.asarray(pipe.txt2img("a cat", progress=progress, **args).images[0], dtype=np.int16)
     assert seen and all(numel == 0 and n > 20 for numel, n in seen)  # during sampling: packed copies only
     assert np.abs(fast - plain).max() <= 1  # float32: the same convolutions, at most rounding apart
-    after = pipe.unet.state_dict()
+    # the packed copies stay for the next generation (nn/packed.py, keep=True), counted at full size
+    packed_once = len(reorders)
+    assert packed_once > 20 and all(
+        m._parameters["weight"].numel() == 0 for m in pipe.unet.modules() if m in seen_convs
+    )
+    assert packed.numel(pipe.unet, nbytes=True) == sum(v.numel() * v.element_size() for v in before.values())
+    again = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)
+    assert len(reorders) == packed_once and np.array_equal(again, fast)  # packed nothing, the same image
+    after = pipe.unet.state_dict()  # wakes every layer: the loaded weights, bit for bit
     assert all(torch.equal(after[k], before[k]) for k in before) and packed_count(pipe.unet) == 0
     monkeypatch.setenv("LATENTFORGE_PACK", "0")
     seen.clear()

@@ -1,9 +1,9 @@
 """Weights left packed between generations (``packed_session(keep=True)``, latentforge.nn.packed; issue 16).
 
 A kept session leaves the layers it swapped out dormant: the packed copy the only copy, the next session
-starting from it. References: the float64 convolution written out from its definition (test_packed), the
-module's own weights cloned before any session (bit for bit), and the tiny SD1 pipeline's images without
-packing.
+starting from it. References: the float64 convolution written out from its definition (test_packed) and
+the module's own weights cloned before any session (bit for bit). A pipeline's second image starting from
+the packed weights: test_packed.test_generate_packs_full_size_unets_without_a_second_copy.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ import gc
 import io
 import weakref
 
-import numpy as np
 import pytest
 import torch
 
-import latentforge
 from latentforge.nn import packed
 from latentforge.nn.packed import PackedConv2d
-from test_packed import by_definition, sd1_folder, small_net  # noqa: F401 (sd1_folder: a fixture)
+from test_packed import by_definition, small_net
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
 
@@ -129,25 +127,3 @@ def test_an_unloaded_model_with_packed_weights_is_freed():
     del net
     gc.collect()
     assert layer() is None  # no table of packed.py keeps a dormant layer (or its packed copy) alive
-
-
-def test_second_generation_starts_from_the_packed_weights(sd1_folder, monkeypatch, reorders):  # noqa: F811
-    import importlib
-
-    gen = importlib.import_module("latentforge.pipelines.generate")  # the module, not the function
-
-    pipe = latentforge.load(sd1_folder)
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    args = dict(steps=3, seed=7, width=64, height=64, cfg_scale=5.0)
-    plain = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)  # tiny: not packed
-    monkeypatch.setattr(gen, "PACK_MIN_UNET_PARAMS", 0)  # treat the tiny UNet as full-size
-    first = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)
-    packed_once = reorders["n"]
-    assert packed_once > 20 and all(n == 0 for n in placeholder_sizes(pipe.unet))  # left packed
-    second = np.asarray(pipe.txt2img("a cat", **args).images[0], dtype=np.int16)
-    assert reorders["n"] == packed_once  # the second image packed nothing
-    assert np.array_equal(second, first) and np.abs(first - plain).max() <= 1
-    unet_bytes = sum(v.numel() * v.element_size() for v in before.values())
-    assert packed.numel(pipe.unet, nbytes=True) == unet_bytes
-    after = pipe.unet.state_dict()  # wakes every layer: the loaded weights, bit for bit
-    assert all(torch.equal(after[k], before[k]) for k in before) and packed.packed_count(pipe.unet) == 0
