@@ -169,25 +169,30 @@ def _too_deep(where: str) -> str:
     return f"{where}: the JSON is nested more than {MAX_JSON_DEPTH} levels deep; the limit is {MAX_JSON_DEPTH}"
 
 
-def _walk(value: Any) -> None:
-    """Depth and text checks, without recursion (the item count above bounds the work); a value's place
-    is kept as a tuple of keys and indexes, made into a name only for a message."""
+def _values(value: Any):
+    """Every value of a parsed body with its place (a tuple of keys and indexes, made into a name only for
+    a message), depth first, without recursion; a container's items come after it, so a consumer that
+    raises on a container stops the walk before it goes deeper."""
     stack: list[tuple[Any, tuple]] = [(value, ())]
     while stack:
         v, path = stack.pop()
+        yield v, path
+        if isinstance(v, dict):
+            stack.extend((x, (*path, k)) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, (*path, i)) for i, x in enumerate(v))
+
+
+def _walk(value: Any) -> None:
+    """Depth and text checks (the item count above bounds the work)."""
+    for v, path in _values(value):
         if isinstance(v, str):
             _check_text(v, path)
-            continue
-        if not isinstance(v, (dict, list)):
-            continue
-        if len(path) >= MAX_JSON_DEPTH:
-            raise ApiError(422, _too_deep(_name(path)), _name(path), "RequestValidationError")
-        if isinstance(v, dict):
-            for k, x in v.items():
+        elif isinstance(v, (dict, list)):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise ApiError(422, _too_deep(_name(path)), _name(path), "RequestValidationError")
+            for k in v if isinstance(v, dict) else ():
                 _check_text(k, path)
-                stack.append((x, (*path, k)))
-        else:
-            stack.extend((x, (*path, i)) for i, x in enumerate(v))
 
 
 def non_finite(value: Any) -> str | None:
@@ -195,16 +200,8 @@ def non_finite(value: Any) -> str | None:
     body, or None. ``json.loads`` accepts ``NaN`` and ``Infinity``, but JSON has no such numbers and
     the A1111 routes echo the request: such a value is refused before the job runs. The walk is bounded as
     ``_walk``'s is (by the body's item count)."""
-    stack: list[tuple[Any, tuple]] = [(value, ())]
-    while stack:
-        v, path = stack.pop()
-        if isinstance(v, float) and not math.isfinite(v):
-            return _name(path)
-        if isinstance(v, dict):
-            stack.extend((x, (*path, k)) for k, x in v.items())
-        elif isinstance(v, (list, tuple)):
-            stack.extend((x, (*path, i)) for i, x in enumerate(v))
-    return None
+    bad = (path for v, path in _values(value) if isinstance(v, float) and not math.isfinite(v))
+    return next((_name(path) for path in bad), None)
 
 
 def _name(path: tuple) -> str:
