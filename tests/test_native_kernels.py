@@ -6,6 +6,7 @@ fallbacks."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +280,52 @@ def test_group_norm_module_dispatch(monkeypatch):
         monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
         norm(xb)
     assert len(calls) == 1
+
+
+def _libgomp_mappings() -> set[str]:
+    return {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+
+
+def test_kernels_run_on_torchs_own_openmp_threads():
+    """With g++ the kernels are built with OpenMP and share the libgomp torch loaded: one runtime and one
+    pool of threads, not a second OpenMP runtime nor threads started per call."""
+    if "g++" not in Path(fa._compiler()).name:
+        pytest.skip("the OpenMP build is checked with g++ (libgomp ships with it)")
+    assert fa.runtime() == "openmp"
+    torch_gomp = {p for p in _libgomp_mappings() if Path(p).parent == Path(torch.__file__).parent / "lib"}
+    assert torch_gomp, "this PyTorch build is expected to bring its own libgomp"
+    assert _libgomp_mappings() == torch_gomp  # the kernels' library did not load the system's copy
+
+
+def test_either_runtime_gives_the_same_bits(monkeypatch, tmp_path):
+    """The fallback build (threads started per call, chosen where the compiler refuses OpenMP) computes the
+    same outputs as the OpenMP build: tasks are split the same way and each runs on one thread."""
+    from latentforge.nn import winograd
+
+    q, k, v = rand(2, 700, 320, seed=40), rand(2, 513, 320, seed=41), rand(2, 513, 320, seed=42)
+    x = rand(2, 64, 24, 20, seed=43).contiguous(memory_format=torch.channels_last)
+    w, bias = rand(96, 64, 3, 3, scale=0.05, seed=44), rand(96, seed=45).float()
+    u = winograd.transform(w)
+
+    def outputs():
+        return [
+            fa.attention_bf16(q, k, v, 8),
+            fa.group_norm_bf16(x, 8, None, None, 1e-6, silu=True),
+            winograd.conv3x3(x, u, bias, 96),
+        ]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert fa.runtime() == "openmp" or "g++" not in Path(fa._compiler()).name
+        with_openmp = outputs()
+        monkeypatch.setattr(fa, "OPENMP_FLAGS", ["-fno-such-openmp-flag"])  # a compiler without OpenMP
+        fa.reset()
+        monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path))
+        assert fa.runtime() == "threads"
+        assert len(list((tmp_path / "kernels").glob("*.so"))) == 1  # the failed OpenMP build left nothing
+        with_threads = outputs()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(with_openmp, with_threads):
+        assert torch.equal(a, b)

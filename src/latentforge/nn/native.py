@@ -15,7 +15,11 @@ The C++ sources (``kernels/*.cpp``, one library) ship with the package and are c
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``; ``torch.compile`` needs the same) into
 ``$LATENTFORGE_CACHE_DIR`` (default ``~/.cache/latentforge``)/kernels, named by a hash of the source,
 flags and compiler, written atomically, then loaded with ctypes; nothing is downloaded. Where there is
-no compiler or the build fails, attention stays on SDPA (one warning says why).
+no compiler or the build fails, attention stays on SDPA (one warning says why). The kernels split their
+work over PyTorch's own OpenMP threads: built with ``-fopenmp``, the library needs ``libgomp.so.1`` and
+the dynamic loader hands it the copy torch already loaded, so there is one pool of threads, started once
+(``runtime()``). Threads started per call, the fallback where the compiler has no OpenMP, cost a
+full-size SD1.5 UNet step 10% (each start also had to wake the other core).
 
 ``LATENTFORGE_KERNELS``: ``auto`` (default: the kernels on AVX512-BF16 CPUs without AMX), ``off``
 (PyTorch's ops only), ``on`` (the kernels on any CPU with AVX512-BF16, e.g. to test them on an AMX CPU).
@@ -54,6 +58,9 @@ FLAGS = [
     "-mavx512bf16",
     "-mfma",
 ]
+# the kernels' parallel loops on OpenMP: the library then needs libgomp.so.1, and the dynamic loader gives
+# it the copy PyTorch already loaded (one runtime, one pool of threads; tests/test_native_kernels.py)
+OPENMP_FLAGS = ["-fopenmp"]
 # below this many scores (batch x heads x queries x keys) SDPA's lower call overhead wins
 MIN_SCORES = 1 << 20
 BUILD_TIMEOUT_S = 180
@@ -108,20 +115,36 @@ def _compiler() -> str | None:
     return None
 
 
-def build(directory: Path | None = None) -> Path:
+def build(directory: Path | None = None, openmp: bool = True) -> Path:
     """Compile the kernels (or find them already compiled) and return the shared library's path. Raises
-    RuntimeError saying what failed."""
+    RuntimeError saying what failed. ``openmp``: first try the build whose parallel loops run on OpenMP
+    (``OPENMP_FLAGS``: PyTorch's own thread pool, see the module's text); where the compiler has no
+    OpenMP, or with ``openmp=False``, the build that starts threads per call."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     headers = sorted(SOURCES[0].parent.glob("*.h"))
     code = b"".join(p.name.encode() + p.read_bytes() for p in [*SOURCES, *headers])
-    digest = hashlib.sha256(code + " ".join([cxx, *FLAGS, version]).encode()).hexdigest()[:16]
     directory = directory or cache_dir()
-    target = directory / f"latentforge-bf16-{digest}.so"
-    if target.exists():
-        return target
+    variants = [[*FLAGS, *OPENMP_FLAGS], FLAGS] if openmp else [FLAGS]
+    names = []
+    for flags in variants:
+        digest = hashlib.sha256(code + " ".join([cxx, *flags, version]).encode()).hexdigest()[:16]
+        names.append(f"latentforge-bf16-{digest}.so")
+    for name in names:  # built before (the plain one only where OpenMP failed, or asked for)
+        if (directory / name).exists():
+            return directory / name
+    for flags, name in zip(variants[:-1], names[:-1]):
+        try:
+            return _compile(cxx, flags, directory, name)
+        except RuntimeError as exc:
+            log.info("building latentforge's kernels with OpenMP failed (%s); building them without", exc)
+    return _compile(cxx, variants[-1], directory, names[-1])
+
+
+def _compile(cxx: str, flags: list[str], directory: Path, name: str) -> Path:
+    target = directory / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
@@ -132,7 +155,7 @@ def build(directory: Path | None = None) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cxx, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            [cxx, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
         )
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed on {SOURCES[0].parent}: {result.stderr.strip()[-2000:]}")
@@ -152,27 +175,41 @@ def _library():
             return _state["lib"]
         lib = None
         try:
-            lib = ctypes.CDLL(str(build()))
-            lib.lf_attention_bf16.argtypes = (
-                [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
-            )
-            lib.lf_groupnorm_bf16.argtypes = (
-                [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-            )
-            lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
-            lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]
-            lib.lf_wino_set_loop.argtypes = [ctypes.c_int]
-            lib.lf_wino_filter_bf16.argtypes = (
-                [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
-            )
-            kernels = ("lf_attention_bf16", "lf_groupnorm_bf16", "lf_wino_input_bf16", "lf_wino_conv_bf16")
-            for fn in [getattr(lib, name) for name in kernels] + [lib.lf_wino_filter_bf16]:
-                fn.restype = ctypes.c_int
+            lib = load(build())
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
             lib = None
         _state["lib"] = lib
         return lib
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` (``build``'s) loaded, its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
+    lib.lf_attention_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
+    lib.lf_groupnorm_bf16.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    )
+    lib.lf_wino_input_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    lib.lf_wino_conv_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_int]
+    lib.lf_wino_set_loop.argtypes = [ctypes.c_int]
+    lib.lf_wino_filter_bf16.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    )
+    kernels = ("lf_attention_bf16", "lf_groupnorm_bf16", "lf_wino_input_bf16", "lf_wino_conv_bf16")
+    for fn in [getattr(lib, name) for name in kernels] + [lib.lf_wino_filter_bf16, lib.lf_parallel_runtime]:
+        fn.restype = ctypes.c_int
+    lib.lf_parallel_runtime.argtypes = []
+    return lib
+
+
+def runtime() -> str | None:
+    """Where the kernels' parallel loops run: ``"openmp"`` (OpenMP's threads: PyTorch's pool),
+    ``"threads"`` (threads started per call) or None (no kernels)."""
+    lib = _library()
+    if lib is None:
+        return None
+    return "openmp" if lib.lf_parallel_runtime() == 1 else "threads"
 
 
 def ready() -> bool:
