@@ -229,15 +229,24 @@ void attend(const Problem &pr, int64_t task) {
         }
         // online softmax: probabilities (bf16) and the rescaled accumulator
         const int64_t pcols = (cols + 1) / 2 * 2;
+        const int64_t full = cols / 32 * 32;  // columns taken 32 at a time: no masks, one conversion
         for (int64_t r = 0; r < rows; ++r) {
             float *s = S.data() + r * KB;
             const float mrow = _mm512_reduce_max_ps(rmax[r]) * pr.scale_log2;
             const float mnew = std::max(m[r], mrow);
             const float alpha = std::exp2(m[r] - mnew);  // 0 on the first block (m = -inf)
             const __m512 mv = _mm512_set1_ps(mnew);
-            __m512 sum = _mm512_setzero_ps();
+            __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
             uint16_t *p = P.data() + r * KB;
-            for (int64_t c = 0; c < pcols; c += 16) {
+            int64_t c = 0;
+            for (; c < full; c += 32) {
+                const __m512 e0 = softmax_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), scale, mv));
+                const __m512 e1 = softmax_exp2(_mm512_fmsub_ps(_mm512_loadu_ps(s + c + 16), scale, mv));
+                sum = _mm512_add_ps(sum, e0);
+                sum2 = _mm512_add_ps(sum2, e1);
+                _mm512_storeu_si512(p + c, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            }
+            for (; c < pcols; c += 16) {
                 const int64_t n = std::min<int64_t>(16, cols - c);
                 const __mmask16 mask = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
                 __m512 x = _mm512_maskz_loadu_ps(mask, s + c);
@@ -247,7 +256,7 @@ void attend(const Problem &pr, int64_t task) {
                 const int64_t store = std::min<int64_t>(16, pcols - c);
                 _mm256_mask_storeu_epi16(p + c, (__mmask16)((1u << store) - 1), (__m256i)eb);
             }
-            l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(sum, sum2));
             m[r] = mnew;
             if (alpha != 1.0f) {
                 float *o = O.data() + r * Dp;
