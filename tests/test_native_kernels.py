@@ -286,11 +286,13 @@ def _libgomp_mappings() -> set[str]:
     return {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
 
 
-def test_kernels_run_on_torchs_own_openmp_threads():
+def test_kernels_run_on_torchs_own_openmp_threads(tmp_path):
     """With g++ the kernels are built with OpenMP and share the libgomp torch loaded: one runtime and one
     pool of threads, not a second OpenMP runtime nor threads started per call."""
     if "g++" not in Path(fa._compiler()).name:
         pytest.skip("the OpenMP build is checked with g++ (libgomp ships with it)")
+    plain = fa.build(tmp_path, openmp=False)  # a plain build in the cache does not shadow the OpenMP one
+    assert fa.build(tmp_path) != plain
     assert fa.runtime() == "openmp"
     torch_gomp = {p for p in _libgomp_mappings() if Path(p).parent == Path(torch.__file__).parent / "lib"}
     assert torch_gomp, "this PyTorch build is expected to bring its own libgomp"
@@ -325,6 +327,11 @@ def test_either_runtime_gives_the_same_bits(monkeypatch, tmp_path):
         assert fa.runtime() == "threads"
         assert len(list((tmp_path / "kernels").glob("*.so"))) == 1  # the failed OpenMP build left nothing
         with_threads = outputs()
+        compiles = []
+        real_compile = fa._compile
+        monkeypatch.setattr(fa, "_compile", lambda *a: compiles.append(a) or real_compile(*a))
+        fa.reset()
+        assert fa.runtime() == "threads" and not compiles  # the refusal was remembered: no second try
     finally:
         torch.set_num_threads(before)
     for a, b in zip(with_openmp, with_threads):

@@ -27,6 +27,7 @@ full-size SD1.5 UNet step 10% (each start also had to wake the other core).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -132,14 +133,19 @@ def build(directory: Path | None = None, openmp: bool = True) -> Path:
     for flags in variants:
         digest = hashlib.sha256(code + " ".join([cxx, *flags, version]).encode()).hexdigest()[:16]
         names.append(f"latentforge-bf16-{digest}.so")
-    for name in names:  # built before (the plain one only where OpenMP failed, or asked for)
-        if (directory / name).exists():
-            return directory / name
-    for flags, name in zip(variants[:-1], names[:-1]):
-        try:
-            return _compile(cxx, flags, directory, name)
-        except RuntimeError as exc:
-            log.info("building latentforge's kernels with OpenMP failed (%s); building them without", exc)
+    if (directory / names[0]).exists():
+        return directory / names[0]
+    if len(variants) == 2:
+        failed = directory / f"{names[0]}.failed"  # this compiler refused OpenMP before: not tried again
+        if not failed.exists():
+            try:
+                return _compile(cxx, variants[0], directory, names[0])
+            except RuntimeError as exc:
+                log.info("building latentforge's kernels with OpenMP failed (%s); building them without", exc)
+                with contextlib.suppress(OSError):
+                    failed.write_text(str(exc)[-2000:] + "\n")
+        if (directory / names[1]).exists():
+            return directory / names[1]
     return _compile(cxx, variants[-1], directory, names[-1])
 
 
