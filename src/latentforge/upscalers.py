@@ -114,35 +114,38 @@ def run(image: Image.Image, upscaler: ImageUpscaler) -> Image.Image:
     return _to_image(upscaler(_to_tensor(image)))
 
 
-def upscale_to(image: Image.Image, upscaler: ImageUpscaler, size: tuple[int, int]) -> Image.Image:
-    """``image`` at ``size`` (width, height): the network until it is at least that large (three passes
-    at most, as A1111), then Lanczos to the exact size."""
+def _passes(size: tuple[int, int], net_scale: float, target: tuple[int, int]) -> list[tuple[int, int]]:
+    """The sizes after each pass of a network of factor ``net_scale`` from ``size`` toward ``target``
+    (width, height): passes until the image is at least the target, three at most (as A1111)."""
     w, h = size
-    for _ in range(3):
-        if image.width >= w and image.height >= h:
-            break
+    sizes: list[tuple[int, int]] = []
+    while len(sizes) < 3 and (w < target[0] or h < target[1]):
+        w, h = round(w * net_scale), round(h * net_scale)
+        sizes.append((w, h))
+    return sizes
+
+
+def upscale_to(image: Image.Image, upscaler: ImageUpscaler, size: tuple[int, int]) -> Image.Image:
+    """``image`` at ``size`` (width, height): the network's passes (``_passes``), then Lanczos to the
+    exact size."""
+    for _ in _passes(image.size, upscaler.scale, size):
         image = run(image, upscaler)
-    if image.size != (w, h):
-        image = image.resize((w, h), Image.Resampling.LANCZOS)
+    if image.size != tuple(size):
+        image = image.resize(tuple(size), Image.Resampling.LANCZOS)
     return image
 
 
 def upscale_sizes(size: tuple[int, int], net_scale: float, scale: float) -> list[tuple[int, int]]:
-    """The sizes ``upscale_image`` makes from an image of ``size`` (width, height): after each pass of a
-    network of factor ``net_scale`` (``upscale_to``: until the image is at least the target, three passes
-    at most), then the target itself, which Lanczos gives when the passes missed it. No pixel is made."""
+    """The sizes ``upscale_image`` makes from an image of ``size`` (width, height): after each of the
+    network's passes (``_passes``), then the target itself, which Lanczos gives when the passes missed it.
+    No pixel is made."""
     if not 0 < scale <= 16:  # also NaN
         raise ValueError(f"upscale factor must be above 0 and at most 16, got {scale}")
     w, h = size
     if scale == net_scale:
         return [(round(w * scale), round(h * scale))]
     target = (max(1, round(w * scale)), max(1, round(h * scale)))
-    sizes = []
-    for _ in range(3):
-        if w >= target[0] and h >= target[1]:
-            break
-        w, h = round(w * net_scale), round(h * net_scale)
-        sizes.append((w, h))
+    sizes = _passes(size, net_scale, target)
     return sizes if sizes and sizes[-1] == target else [*sizes, target]
 
 
