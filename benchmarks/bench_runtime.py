@@ -13,7 +13,6 @@ same output bits. Results: stdout and benchmarks/results/runtime.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -57,7 +56,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in ("threads", "openmp") if r % 2 == 0 else ("openmp", "threads"):
             cfg = {"openmp": name == "openmp", "reps": args.reps, "size": args.size}
-            res = run_child(f"cfg = {json.dumps(cfg)}\n" + CHILD)
+            res = run_child(f"cfg = {cfg!r}\n" + CHILD)
             if res["runtime"] != name:
                 raise RuntimeError(f"asked for the {name} build, got {res['runtime']!r} (no OpenMP in the compiler?)")
             print(f"round {r + 1}: {name}: median {statistics.median(res['wall']):.3f} s", flush=True)
