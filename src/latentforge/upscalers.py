@@ -128,10 +128,11 @@ def _passes(size: tuple[int, int], net_scale: float, target: tuple[int, int]) ->
 def upscale_to(image: Image.Image, upscaler: ImageUpscaler, size: tuple[int, int]) -> Image.Image:
     """``image`` at ``size`` (width, height): the network's passes (``_passes``), then Lanczos to the
     exact size."""
-    for _ in _passes(image.size, upscaler.scale, size):
+    w, h = size
+    for _ in _passes(image.size, upscaler.scale, (w, h)):
         image = run(image, upscaler)
-    if image.size != tuple(size):
-        image = image.resize(tuple(size), Image.Resampling.LANCZOS)
+    if image.size != (w, h):
+        image = image.resize((w, h), Image.Resampling.LANCZOS)
     return image
 
 

@@ -135,18 +135,22 @@ def build(directory: Path | None = None, openmp: bool = True) -> Path:
         names.append(f"latentforge-bf16-{digest}.so")
     if (directory / names[0]).exists():
         return directory / names[0]
-    if len(variants) == 2:
+    refused = None  # why the OpenMP build failed, remembered once the plain one has built
+    if openmp:
         failed = directory / f"{names[0]}.failed"  # this compiler refused OpenMP before: not tried again
         if not failed.exists():
             try:
                 return _compile(cxx, variants[0], directory, names[0])
             except RuntimeError as exc:
                 log.info("building latentforge's kernels with OpenMP failed (%s); building them without", exc)
-                with contextlib.suppress(OSError):
-                    failed.write_text(str(exc)[-2000:] + "\n")
+                refused = exc
         if (directory / names[1]).exists():
             return directory / names[1]
-    return _compile(cxx, variants[-1], directory, names[-1])
+    target = _compile(cxx, FLAGS, directory, names[-1])
+    if refused is not None:  # the plain build worked: it was OpenMP the compiler refused
+        with contextlib.suppress(OSError):
+            (target.parent / f"{names[0]}.failed").write_text(str(refused)[-2000:] + "\n")
+    return target
 
 
 def _compile(cxx: str, flags: list[str], directory: Path, name: str) -> Path:
@@ -181,7 +185,7 @@ def _library():
             return _state["lib"]
         lib = None
         try:
-            lib = load(build())
+            lib = _load(build())
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
             lib = None
@@ -189,7 +193,7 @@ def _library():
         return lib
 
 
-def load(path: Path) -> ctypes.CDLL:
+def _load(path: Path) -> ctypes.CDLL:
     """The library at ``path`` (``build``'s) loaded, its functions' signatures declared."""
     lib = ctypes.CDLL(str(path))
     lib.lf_attention_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
