@@ -46,6 +46,31 @@ def test_later_draws_come_from_a_cpu_generator_seeded_with_seed_plus_one():
         assert torch.equal(noise(1.0, 0.5), torch.randn((2, *SHAPE), generator=later))
 
 
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 2, 2**64 - 1])
+def test_seeds_up_to_2_to_the_64_as_comfyui_draws_them(seed):
+    """ComfyUI's seed widget goes to 0xffffffffffffffff; its seeds pass straight to torch.manual_seed. Its
+    later draws on the CPU use seed + 1, which for the largest seed is past torch's range: latentforge
+    wraps it to 0 (ComfyUI itself stops there with an overflow error)."""
+    with torch.random.fork_rng():
+        expected = torch.randn((2, *SHAPE), generator=torch.manual_seed(seed), device="cpu")
+    noise = ImageNoise([seed, seed], SHAPE, options=COMFY)
+    assert torch.equal(noise.next(), expected)
+    later = torch.Generator().manual_seed((seed + 1) % 2**64)
+    assert torch.equal(noise(1.0, 0.5), torch.randn((2, *SHAPE), generator=later))
+    GenerationRequest(prompt="x", rng="comfy batch", seed=seed).validate()
+
+
+def test_the_last_image_of_a_run_must_have_a_seed_below_2_to_the_64():
+    GenerationRequest(prompt="x", seed=2**64 - 4, batch_size=2, batch_count=2).validate()
+    with pytest.raises(RequestError, match=r"last image would use seed 18446744073709551612 \+ 4, above 2\^64 - 1"):
+        GenerationRequest(prompt="x", seed=2**64 - 4, batch_size=5).validate()
+    with pytest.raises(RequestError, match=r"subseed .* above 2\^64 - 1"):
+        GenerationRequest(prompt="x", subseed=2**64 - 1, batch_count=2, subseed_strength=0.5).validate()
+    for bad in (2**64, -2):
+        with pytest.raises(RequestError, match="seed must be -1 \\(random\\) or a whole number from 0 to 2\\^64 - 1"):
+            GenerationRequest(prompt="x", seed=bad).validate()
+
+
 def test_a1111_per_image_settings_are_refused_with_comfy_batch():
     for options in (
         NoiseOptions(source="comfy batch", subseed_strength=0.5),

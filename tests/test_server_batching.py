@@ -79,7 +79,10 @@ def _close(a, b) -> None:
     x, y = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
     assert x.shape == y.shape
     diff = np.abs(x - y)
-    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # float order only: a batch of 4 and of 2 take different GEMM blockings. Through a hires pass the
+    # first pass's rounding flips up to 1.1% of the 96 px image's values by one level on AVX2-only CPUs
+    # (0.04% with AVX-512); a wrong seed, prompt or schedule moves most values by far more than 2
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), (diff > 0).mean())
 
 
 def test_compatible_jobs_share_one_batch_and_equal_their_images_alone(queue_factory, pipe):

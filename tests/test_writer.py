@@ -114,3 +114,49 @@ def test_a_failure_while_writing_leaves_the_target_and_no_partial_folder(tmp_pat
         _model(tmp, "first")
     assert _tree(tmp_path / "fresh") == {"unet/weights.txt": "first"}
     assert sorted(os.listdir(tmp_path)) == ["fresh", "model"]
+
+
+def test_an_empty_folder_made_after_the_last_check_is_not_replaced(tmp_path, monkeypatch):
+    """A plain rename() replaces an empty folder at the target: one made by another process between the
+    last existence check and the rename was silently taken over. renameat2(RENAME_NOREPLACE) refuses."""
+    target = tmp_path / "model"
+    monkeypatch.setattr(writer.os.path, "lexists", lambda p: False)  # every check ran before it appeared
+    with pytest.raises(FileExistsError, match="appeared while writing"), atomic_dir(target) as tmp:
+        _model(tmp, "new weights")
+        target.mkdir()
+        inode = target.stat().st_ino
+    monkeypatch.undo()
+    assert target.stat().st_ino == inode and os.listdir(target) == []  # the other process's folder, untouched
+    assert os.listdir(tmp_path) == ["model"]  # and no partial folder left
+
+
+def test_without_renameat2_a_folder_with_content_is_still_never_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "_renameat2", lambda: None)  # macOS, old glibc
+    target = tmp_path / "model"
+    with pytest.raises(FileExistsError, match="appeared while writing"), atomic_dir(target) as tmp:
+        _model(tmp, "new weights")
+        _model(target, "another process's weights")
+    assert _tree(tmp_path) == {"model/unet/weights.txt": "another process's weights"}
+    with atomic_dir(tmp_path / "fresh") as tmp:
+        _model(tmp, "first")
+    assert _tree(tmp_path / "fresh") == {"unet/weights.txt": "first"}
+
+
+def test_safetensors_with_non_ascii_names_are_byte_for_byte_the_safetensors_librarys(tmp_path):
+    """The header was written with JSON's \\u escapes: readable, but not the bytes the safetensors library
+    writes for the same tensors (UTF-8), so the same weights saved by both tools differed."""
+    import safetensors.torch
+    import torch
+
+    from latentforge.io.tensorfile import open_tensor_file
+    from latentforge.io.writer import write_safetensors
+
+    tensors = {"naïve.ß.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    metadata = {"title": "Ünïcode ✓ 猫"}  # one key: the library orders several by a hash map
+    path = write_safetensors(tensors, tmp_path / "x.safetensors", metadata=metadata)
+    assert path.read_bytes() == safetensors.torch.save(tensors, metadata=metadata)
+    f = open_tensor_file(path)  # and latentforge reads its own file back
+    assert list(f.keys()) == ["naïve.ß.weight"] and f.metadata == metadata
+    with pytest.raises(ValueError, match=r"not valid Unicode .* rename it"):
+        write_safetensors({"bad\udcff": tensors["naïve.ß.weight"]}, tmp_path / "y.safetensors")
+    assert not (tmp_path / "y.safetensors").exists() and os.listdir(tmp_path) == ["x.safetensors"]

@@ -8,11 +8,13 @@ file behind. Files and folders get the usual mode (0666/0777 minus the umask).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import secrets
 import shutil
-import tempfile
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -162,7 +164,7 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     ``overwrite`` an existing ``path`` is refused, also one that appeared while the folder was written.
 
     With ``overwrite`` the old ``path`` is first moved into a fresh folder made for it
-    (``.NAME.old.XXXXXXXX``, by ``tempfile.mkdtemp``, so no name of the user's is ever reused or removed),
+    (``.NAME.old.XXXXXXXXXXXX``, made exclusively, so no name of the user's is ever reused or removed),
     then the new folder is renamed to ``path`` (each step one rename), and only then is the old copy
     deleted. Should the second rename fail, the old copy is put back; should that fail too, the error says
     where it is. Only what this function made is ever deleted."""
@@ -172,12 +174,11 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = _new_folder(path.parent, f".{path.name[:200]}.", ".partial")
     try:
         yield tmp
-        if not overwrite and os.path.lexists(path):
-            raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it")
-        if not os.path.lexists(path):
-            os.replace(tmp, path)
+        if _rename_noreplace(tmp, path):
             return
-        holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name[:200]}.old."))
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it")
+        holder = _new_folder(path.parent, f".{path.name[:200]}.old.", "")
         old = holder / "old"
         try:
             os.replace(path, old)
@@ -199,6 +200,49 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(holder, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _renameat2() -> Callable[..., int] | None:
+    """glibc's ``renameat2`` (2.28 and later, on Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename the folder ``src`` to ``dst`` unless ``dst`` exists; False (nothing moved) if it does. One
+    system call where the kernel and file system know ``RENAME_NOREPLACE``: a plain rename would replace an
+    empty folder made at ``dst`` after the last check. Elsewhere, a check and then a rename (which never
+    replaces a file or a folder that is not empty)."""
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not a missing feature: a real failure
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            return False
+        raise
+    return True
 
 
 def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
@@ -239,7 +283,13 @@ def write_safetensors(
         size = t.numel() * t.element_size()
         header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    try:  # UTF-8 as the safetensors library writes it (not \u escapes)
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"a tensor name or metadata text holds {e.object[e.start : e.end]!r}, which is not valid Unicode "
+            "(a lone surrogate); safetensors headers are UTF-8: rename it"
+        ) from None
     raw += b" " * (-len(raw) % 8)
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:

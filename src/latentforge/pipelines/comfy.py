@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from latentforge.pipelines.checks import is_int, show
 from latentforge.pipelines.request import GenerationRequest, RequestError
-from latentforge.sampling.noise import COMFY_BATCH
+from latentforge.sampling.noise import COMFY_BATCH, MAX_SEED
 
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
-MAX_COMFY_SEED = 2**64 - 1  # ComfyUI's KSampler: seed and noise_seed are INT from 0 to 0xffffffffffffffff
-MAX_SEED = 2**63 - 1  # latentforge's (GenerationRequest.validate)
 SEED_INPUTS = ("seed", "noise_seed", "value", "int")  # of the nodes that pass a seed on
 TEXT_INPUTS = ("text", "text_g", "text_l", "string", "value")
 
@@ -115,10 +113,8 @@ def _seed(graph: dict, node: dict, inputs: dict) -> int:
         where, value = f"{label} ({kind}) input {key!r}", given[key]
     if value is None:
         raise _unreadable(f"{where}: the sampler has no seed; ComfyUI records the seed that ran")
-    if not is_int(value) or not 0 <= value <= MAX_COMFY_SEED:
+    if not is_int(value) or not 0 <= value <= MAX_SEED:  # ComfyUI's KSampler: INT from 0 to 0xffffffffffffffff
         raise _unreadable(f"{where}: a seed is a whole number from 0 to 2^64 - 1 in ComfyUI, got {show(value)}")
-    if value > MAX_SEED:
-        raise _unreadable(f"{where}: seed {value} is above 2^63 - 1, the largest latentforge can reproduce")
     return value
 
 

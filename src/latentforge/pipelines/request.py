@@ -46,7 +46,7 @@ from latentforge.pipelines.checks import builtin_upscaler as builtin_upscaler
 from latentforge.pipelines.checks import mode_index as mode_index
 from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.pipelines.presets import validate_fewer_flops, with_preset
-from latentforge.sampling.noise import COMFY_BATCH, RNG_SOURCES
+from latentforge.sampling.noise import COMFY_BATCH, MAX_SEED, RNG_SOURCES
 from latentforge.sampling.registry import resolve
 from latentforge.sampling.schedules import schedule_name
 
@@ -319,14 +319,18 @@ class GenerationRequest:
                 need(value <= MAX_SIDE, f"{name} must be at most {MAX_SIDE} pixels, got {show(value)}")
         need(is_int(self.batch_size) and 1 <= self.batch_size <= 64, "batch_size must be 1 to 64")
         need(is_int(self.batch_count) and 1 <= self.batch_count <= 1000, "batch_count must be 1 to 1000")
-        need(
-            is_int(self.seed) and -1 <= self.seed < 2**63,
-            f"seed must be -1 or a non-negative whole number, got {show(self.seed)}",
-        )
-        need(
-            is_int(self.subseed) and -1 <= self.subseed < 2**63,
-            f"subseed must be -1 or a non-negative whole number, got {show(self.subseed)}",
-        )
+        images = self.batch_size * self.batch_count
+        for name in ("seed", "subseed"):
+            value = getattr(self, name)
+            need(
+                is_int(value) and -1 <= value <= MAX_SEED,
+                f"{name} must be -1 (random) or a whole number from 0 to 2^64 - 1, got {show(value)}",
+            )
+            need(
+                value + images - 1 <= MAX_SEED,
+                f"{name} {value}: the run's last image would use {name} {value} + {images - 1}, above 2^64 - 1, "
+                f"the largest seed; use a smaller {name} or fewer images",
+            )
         s = self.subseed_strength
         need(
             is_number(s) and math.isfinite(s) and 0 <= s <= 1,

@@ -24,6 +24,7 @@ from latentforge.pipelines.plan import Pass, Plan, conditioning, pass_sigmas, sa
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import ModelDenoiser, NoiseSchedule, resolve
 from latentforge.sampling.denoisers import Cond
+from latentforge.sampling.noise import seed_bits
 
 MAX_INPUT = 2048  # low-res pixels per side: the output is at most 8192, the request's limit
 AUTO_TILE_ABOVE = 256  # automatic tiling when a side of the input (= the latent) is larger
@@ -91,7 +92,7 @@ def low_res_inputs(pipe, low_res: Tensor, noise_level: int, batch: int):
         picked = low_res[[(iteration * batch + b) % len(low_res) for b in range(batch)]]
         noise = torch.stack(
             [
-                torch.randn(picked.shape[1:], generator=torch.Generator().manual_seed(int(s) + SEED_OFFSET))
+                torch.randn(picked.shape[1:], generator=torch.Generator().manual_seed(seed_bits(int(s) + SEED_OFFSET)))
                 for s in seeds
             ]
         )

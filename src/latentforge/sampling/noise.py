@@ -25,6 +25,14 @@ from torch import Tensor
 
 COMFY_BATCH = "comfy batch"
 RNG_SOURCES = ("CPU", "GPU", "NV", COMFY_BATCH)
+MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds (A1111 and ComfyUI pass theirs straight on)
+
+
+def seed_bits(seed: int) -> int:
+    """The 64-bit seed a generator gets: torch's own reading of a negative seed (-1 is 2^64 - 1), carried on
+    past 2^64 - 1 so that an offset (ENSD, ComfyUI's + 1, the x4 upscaler's - 10) cannot overflow."""
+    return int(seed) % (MAX_SEED + 1)
+
 
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -53,7 +61,7 @@ class PhiloxGenerator:
     first two words of each block into one normal number by the Box-Muller transform in float32."""
 
     def __init__(self, seed: int):
-        self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        self.seed = seed_bits(seed)
         self.offset = 0
 
     def randn(self, shape: Sequence[int]) -> Tensor:
@@ -158,7 +166,7 @@ class ImageNoise:
             noise = torch.randn(shape, generator=self.generators[0], dtype=torch.float32)
             later = self.out_device if self.out_device.type == "cuda" else torch.device("cpu")
             offset = 0 if later.type == "cuda" else 1
-            self.generators = [torch.Generator(device=later).manual_seed(self.seeds[0] + offset)]
+            self.generators = [torch.Generator(device=later).manual_seed(seed_bits(self.seeds[0] + offset))]
         else:
             gen = self.generators[0]
             noise = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
@@ -198,7 +206,7 @@ class ImageNoise:
                 noise = full
             draws.append(noise)
         if o.eta_noise_seed_delta:
-            self.generators = [self._generator(s + o.eta_noise_seed_delta) for s in self.seeds]
+            self.generators = [self._generator(seed_bits(s + o.eta_noise_seed_delta)) for s in self.seeds]
         return draws
 
     def next(self) -> Tensor:
