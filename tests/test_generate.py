@@ -16,6 +16,7 @@ from latentforge.io.infotext import format_infotext, parse_infotext
 from latentforge.pipelines import GenerationRequest, RequestError
 from latentforge.pipelines.metadata import read_png_metadata, request_from_infotext
 from latentforge.sampling.noise import ImageNoise
+from latentforge.sampling.schedules import SCHEDULES, schedule_name
 from tiny import build_reference, save_folder
 
 SMALL = dict(width=64, height=64, steps=4)
@@ -51,6 +52,15 @@ def test_same_seed_same_image_and_batch_position_does_not_matter(pipe):
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() <= 1  # same seed in another batch position: same image up to float order
     assert np.abs(a - d).max() > 10
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_every_schedule_generates_and_is_read_back_from_its_infotext(pipe, name):
+    """linear_quadratic was accepted by validation and ran every step, then the infotext had no title
+    for it: a KeyError after the work (a 500 from the server)."""
+    result = pipe.txt2img("a cube", seed=3, schedule=name, **SMALL)
+    again = request_from_infotext(result.infotexts[0])[0]
+    assert schedule_name(again.schedule) == name, result.infotexts[0]
 
 
 def test_align_your_steps_is_named_in_the_infotext_and_read_back(pipe):

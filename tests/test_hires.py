@@ -51,6 +51,16 @@ def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(p
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
 
 
+def test_upscaler_none_is_a1111s_lanczos_resize(pipe):
+    """A1111 lists "None" among the hires upscalers: its UpscalerNone returns the image unchanged and
+    images.resize_image then brings it to the target size with Lanczos. It was refused as unknown."""
+    lanczos = pipe.txt2img("a cube", enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", **BASE)
+    none = pipe.txt2img("a cube", enable_hr=True, hr_scale=1.5, hr_upscaler="None", **BASE)
+    assert np.array_equal(np.asarray(none.images[0]), np.asarray(lanczos.images[0]))
+    assert "Hires upscaler: None" in none.infotexts[0]
+    assert request_from_infotext(none.infotexts[0])[0].hires.upscaler == "None"
+
+
 def test_latent_upscalers_interpolate_the_latents():
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     up = hires.upscale(None, latents, "latent (nearest)", (4, 16, 16))

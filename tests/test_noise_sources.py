@@ -3,6 +3,8 @@ and ENSD, against published values and A1111's documented formulas."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,34 @@ def test_infotext_fields_round_trip_and_from_reproduces(tmp_path):
     )
     # an A1111 infotext without an RNG field was made with A1111's default, the GPU source
     assert request_from_infotext("a cat\nSteps: 20, Seed: 1, Size: 512x512")[0].rng == "GPU"
+
+
+def test_variation_seeds_of_a_batch_share_the_seed_and_count_up_the_subseed(tmp_path):
+    """A1111 (processing.py): ``all_seeds = [seed + (x if subseed_strength == 0 else 0) ...]`` and
+    ``all_subseeds = [subseed + x ...]``: with variation seeds the batch is variations of one image. Every
+    image had seed + i, as without variations, so a batch was not the variations A1111 makes."""
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("no bundled demo model")
+    pipe = latentforge.load(path)
+    options = dict(seed=9, subseed=40, subseed_strength=0.3, steps=3, sampler="Euler")
+    batch = pipe.txt2img("a red circle", batch_size=2, batch_count=2, **options)
+    assert batch.seeds == [9, 9, 9, 9]
+    for i, (image, text) in enumerate(zip(batch.images, batch.infotexts)):
+        assert "Seed: 9," in text and f"Variation seed: {40 + i}," in text, text
+        alone = pipe.txt2img("a red circle", **{**options, "subseed": 40 + i})
+        assert _diff(image, alone.images[0]) <= 1, i  # a batch of 2 against 1: float order only
+        again = pipe.txt2img(request=request_from_infotext(text)[0])  # --from an image of the batch
+        assert np.array_equal(np.asarray(again.images[0]), np.asarray(alone.images[0])), i
+    assert _diff(batch.images[0], batch.images[1]) > 1  # variations of one image, not the same image
+    # the exact record of image 3 names its pass (seed 9, subseed 42) and its place in it
+    record = json.loads(batch.images[3].info["latentforge"])
+    assert record["batch_index"] == 1 and (record["request"]["seed"], record["request"]["subseed"]) == (9, 42)
+    plain = pipe.txt2img("a red circle", batch_size=2, seed=9, steps=3)
+    assert plain.seeds == [9, 10]
+    record = json.loads(plain.images[1].info["latentforge"])
+    assert record["request"]["seed"] == 9 and record["request"]["subseed"] == -1
+
+
+def _diff(a, b) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())

@@ -63,6 +63,24 @@ def test_webuiapi_txt2img_same_pixels_as_python_api(api, pipe):
         assert np.array_equal(pixels(got), pixels(want))
 
 
+def test_webuiapi_variation_seeds_are_reported_as_a1111_reports_them(api, pipe):
+    """info said subseed_strength 0.0, all_subseeds = the seeds and seed_resize -1 whatever was asked, and a
+    random subseed differed between the run's batches: a client could not make the image again."""
+    fields = dict(seed=7, subseed_strength=0.5, seed_resize_from_w=96, seed_resize_from_h=80, width=64, height=64)
+    r = api.txt2img(prompt="a red circle", subseed=-1, steps=3, cfg_scale=5, batch_size=1, n_iter=2, **fields)
+    info = r.info
+    subseed = info["subseed"]
+    assert info["all_seeds"] == [7, 7] and info["all_subseeds"] == [subseed, subseed + 1]
+    assert info["subseed_strength"] == 0.5 and (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (96, 80)
+    for i, text in enumerate(info["infotexts"]):
+        assert f"Variation seed: {subseed + i}," in text and "Seed resize from: 96x80" in text, text
+    ref = pipe.txt2img(
+        "a red circle", subseed=subseed, steps=3, cfg_scale=5, sampler="Euler a", batch_count=2, **fields
+    )
+    for got, want in zip(r.images, ref.images):
+        assert np.array_equal(pixels(got), pixels(want))
+
+
 def test_webuiapi_img2img_with_mask_keeps_unmasked_pixels(api, pipe):
     init = Image.new("RGB", (64, 64), (200, 40, 40))
     ImageDraw.Draw(init).ellipse((8, 8, 40, 40), fill=(20, 60, 220))

@@ -103,6 +103,13 @@ def test_wrong_types_and_unknown_names(env):
     r = requests.post(s.url + "/sdapi/v1/txt2img", data="{not json", auth=AUTH, timeout=30)
     _err(r, 422)
     _err(s.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": "two"}), 400, "CLIP_stop_at_last_layers")
+    # the demo model's text encoder has 4 layers: a deeper clip skip was a 500 ("generation failed")
+    body = {**OK, "override_settings": {"CLIP_stop_at_last_layers": 5}}
+    _err(s.post("/sdapi/v1/txt2img", body), 400, "clip_skip 5 is more than the 4 layers", "use 1 (the last layer) to 4")
+    body = {**OK, "override_settings": {"CLIP_stop_at_last_layers": 4}}
+    assert s.post("/sdapi/v1/txt2img", body).status_code == 200
+    r = s.post("/sdapi/v1/txt2img", {**OK, "scheduler": "Linear Quadratic"})  # was a KeyError after the work
+    assert r.status_code == 200 and "Schedule type: Linear Quadratic" in json.loads(r.json()["info"])["infotexts"][0]
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,8 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
             dest="hr_upscaler",
             default=None,
             help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
-            "Latent (nearest), Latent (nearest-exact), Lanczos, Nearest, or an ESRGAN-family model by path or name",
+            "Latent (nearest), Latent (nearest-exact), None (as Lanczos), Lanczos, Nearest, or an ESRGAN-family model "
+            "by path or name",
         )
         p.add_argument(
             "--upscaler-dir",

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from latentforge.conditioning.embeddings import Embedding, EmbeddingSet, split_on_embeddings
-from latentforge.conditioning.prompt import chunk_prompt
+from latentforge.conditioning.prompt import PromptError, chunk_prompt
 
 EMBEDDING_BASE = 1 << 24  # placeholder ids of embedding rows while chunking (never a vocabulary id)
 
@@ -67,6 +67,13 @@ class TextConditioner:
             prompts = [prompts]
         if clip_skip is not None and clip_skip < 1:
             raise ValueError(f"clip_skip must be 1 or more (1 = last layer), got {clip_skip}")
+        for spec, enc in zip(self.specs, self.encoders):
+            layers = enc.config.layers + enc.config.dropped_layers  # the layers the file had
+            if clip_skip is not None and spec.layer == -1 and clip_skip > layers:
+                raise PromptError(
+                    f"clip_skip {clip_skip} is more than the {layers} layers of this model's text encoder; "
+                    f"use 1 (the last layer) to {layers}"
+                )
         if device is None:
             device = next(self.encoders[0].parameters()).device
         first = self.tokenizers[0]

@@ -19,7 +19,6 @@ chosen from the error of the whole batch) never share a batch: ``batch_key`` ret
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from latentforge.pipelines.generate import (
     Progress,
     build_plan,
     finish_result,
+    pick_seeds,
     run_pass,
     with_default_cfg,
     work_size,
@@ -145,10 +145,7 @@ def _prepare(pipe, index: int, member: BatchMember, upscaler_dirs) -> _Prepared:
     images_in = [open_image(i) for i in member.init_images] if img2img else None
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
-    seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
-    subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
-    seeds = [seed + i for i in range(req.batch_size)]
-    subseeds = [subseed + i for i in range(req.batch_size)]
+    seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size)
     session = networks.activate(pipe, req)  # no LoRAs here (batch_key); the embeddings' hashes for the infotext
     try:
         with torch.inference_mode():

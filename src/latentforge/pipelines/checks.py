@@ -92,7 +92,11 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-IMAGE_UPSCALERS = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+IMAGE_UPSCALERS = {
+    "None": Image.Resampling.LANCZOS,  # A1111's UpscalerNone keeps the image; resize_image then uses Lanczos
+    "Lanczos": Image.Resampling.LANCZOS,
+    "Nearest": Image.Resampling.NEAREST,
+}
 
 
 def builtin_upscaler(name: str) -> str | None:

@@ -229,10 +229,7 @@ def generate(
     hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
     control_units = control.prepare(pipe, req)  # ControlNets loaded, images preprocessed, before any sampling
 
-    seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
-    seeds = [seed + i for i in range(req.batch_size * req.batch_count)]
-    subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
-    subseeds = [subseed + i for i in range(len(seeds))]
+    seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
     out_images: list[Image.Image] = []
     session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
     try:
@@ -250,6 +247,16 @@ def generate(
     mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
     refiner_name = hand_off.name if hand_off is not None else None
     return finish_result(pipe, req, plan, mode, seeds, (seed, subseed), out_images, start, refiner_name)
+
+
+def pick_seeds(req: GenerationRequest, count: int) -> tuple[int, int, list[int], list[int]]:
+    """The run's seed and subseed (-1: random) and those of its ``count`` images, as A1111 (processing.py
+    ``all_seeds``, ``all_subseeds``): image i has seed + i; with variation seeds (``subseed_strength``) every
+    image has the seed itself and subseed + i, so the variations are of one image."""
+    seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
+    subseed = req.subseed if req.subseed != -1 or not req.subseed_strength else secrets.randbelow(2**32)
+    step = 0 if req.subseed_strength else 1
+    return seed, subseed, [seed + i * step for i in range(count)], [subseed + i for i in range(count)]
 
 
 def finish_result(
@@ -270,9 +277,9 @@ def finish_result(
     if refiner_name is not None:  # the record names the refiner's source, also when a loaded pipeline was given
         final.refiner = dataclasses.replace(req.refiner, checkpoint=refiner_name)
     texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext)
-    for image, text, s in zip(images, texts, seeds):
+    for i, (image, text) in enumerate(zip(images, texts)):
         image.info["parameters"] = text
-        image.info["latentforge"] = request_json(pipe, final, s, mode)
+        image.info["latentforge"] = request_json(pipe, final, i, mode)
     return GenerationResult(images, seeds, texts, final, time.perf_counter() - start)
 
 

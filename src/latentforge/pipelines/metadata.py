@@ -33,6 +33,7 @@ SCHEDULE_TITLES = {
     "kl_optimal": "KL Optimal",
     "lcm": "LCM",
     "align_your_steps": "Align Your Steps",
+    "linear_quadratic": "Linear Quadratic",  # Forge's title (ComfyUI: linear_quadratic)
 }
 
 
@@ -66,6 +67,7 @@ def infotext_params(
     mode: str | bool,
     refiner: dict | None = None,
     extra: dict | None = None,
+    subseed: int | None = None,
 ) -> dict:
     from latentforge._version import __version__
 
@@ -80,7 +82,7 @@ def infotext_params(
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         **_model_fields(pipe),
-        "Variation seed": req.subseed + (seed - req.seed) if req.subseed_strength else None,
+        "Variation seed": (req.subseed if subseed is None else subseed) if req.subseed_strength else None,
         "Variation seed strength": _num(req.subseed_strength) if req.subseed_strength else None,
         "Seed resize from": _resize_from(req),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
@@ -140,25 +142,31 @@ def _num(x: float) -> str:
 def infotexts_for(
     pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, mode: str | bool, extra: dict | None = None
 ) -> list[str]:
-    """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...)."""
+    """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...). Image i
+    has the variation seed ``req.subseed + i``."""
     refiner = _refiner_fields(req.refiner) if req.refiner else None  # hashed once for the batch
     return [
         format_infotext(
-            req.prompt, req.negative_prompt, infotext_params(pipe, req, s, info, schedule, mode, refiner, extra)
+            req.prompt,
+            req.negative_prompt,
+            infotext_params(pipe, req, s, info, schedule, mode, refiner, extra, subseed=req.subseed + i),
         )
-        for s in seeds
+        for i, s in enumerate(seeds)
     ]
 
 
-def request_json(pipe, req: GenerationRequest, seed: int, mode: str | bool) -> str:
-    """Our exact record of one image: the request of the pass that made it (its first seed, its batch
-    size) and the image's index in that pass, so the same pixels can be made again."""
-    index = (seed - req.seed) % req.batch_size
+def request_json(pipe, req: GenerationRequest, image: int, mode: str | bool) -> str:
+    """Our exact record of image ``image`` of the run ``req``: the request of the pass that made it (its
+    first seed and subseed, its batch size) and the image's index in that pass, so the same pixels can be
+    made again."""
+    index = image % req.batch_size
+    start = image - index  # the pass's first image
+    seed, subseed = (req.seed, req.subseed + start) if req.subseed_strength else (req.seed + start, req.subseed)
     data = {
         "latentforge": 1,
         "mode": _mode(mode),
         "batch_index": index,
-        "request": {**req.to_dict(), "seed": seed - index, "batch_count": 1},
+        "request": {**req.to_dict(), "seed": seed, "subseed": subseed, "batch_count": 1},
         "model": {
             "family": pipe.family.name,
             "prediction": pipe.prediction,

@@ -201,7 +201,7 @@ class GenerationRequest:
     schedule: str = "automatic"  # automatic = the sampler's usual schedule, as A1111
     cfg_scale: float | None = None  # None: the model's default (Family.default_cfg: 7, demo 2; DDIM CFG++ 7)
     guidance_rescale: float = 0.0  # CFG rescale phi (Lin et al.; diffusers' guidance_rescale), 0: off
-    seed: int = -1  # -1: random, reported in the result; image i of the run uses seed + i
+    seed: int = -1  # -1: random, reported; image i uses seed + i (with subseed_strength: seed, and subseed + i)
     subseed: int = -1  # variation seed (-1: random when subseed_strength > 0); image i uses subseed + i
     subseed_strength: float = 0.0  # 0: no variation; 1: the subseed's noise
     seed_resize_from_w: int = 0  # > 0 with _h: the noise of this size, centred (A1111's "Seed resize from")
@@ -326,8 +326,9 @@ class GenerationRequest:
                 is_int(value) and -1 <= value <= MAX_SEED,
                 f"{name} must be -1 (random) or a whole number from 0 to 2^64 - 1, got {show(value)}",
             )
+            counts = (name == "subseed") == bool(self.subseed_strength)  # which one goes up per image (A1111)
             need(
-                value + images - 1 <= MAX_SEED,
+                not counts or value + images - 1 <= MAX_SEED,
                 f"{name} {value}: the run's last image would use {name} {value} + {images - 1}, above 2^64 - 1, "
                 f"the largest seed; use a smaller {name} or fewer images",
             )

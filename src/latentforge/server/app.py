@@ -269,7 +269,7 @@ def create_app(
 
         rows = [
             {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
-            for n in ["None", *IMAGE_UPSCALERS]
+            for n in IMAGE_UPSCALERS
         ]
         for name in available(config.upscaler_dirs):  # names only: paths stay on the server
             rows.append({"name": name, "model_name": "ESRGAN", "model_path": None, "model_url": None, "scale": 4.0})

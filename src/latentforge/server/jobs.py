@@ -15,7 +15,6 @@ import base64
 import dataclasses
 import io
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -27,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from latentforge.io.images import next_free_names, save_png
-from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
+from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate, pick_seeds
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.batching import run_batch, take_batch
 from latentforge.server.config import ServerConfig
@@ -320,13 +319,14 @@ class JobQueue:
             refiner = self.cache.get(spec.refiner_model)
             pipe = self.cache.get(name)
             req = dataclasses.replace(req, refiner=dataclasses.replace(req.refiner, checkpoint=refiner))
-        seed = req.seed if req.seed != -1 else secrets.randbelow(2**32)
+        seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
         job.iterations = req.batch_count
         for it in range(req.batch_count):
             if job.stop_flag:
                 break
             job.iteration, job.step, job.skip_flag = it, 0, False
-            part = dataclasses.replace(req, seed=seed + it * req.batch_size, batch_count=1)
+            first = it * req.batch_size
+            part = dataclasses.replace(req, seed=seeds[first], subseed=subseeds[first], batch_count=1)
             images = spec.init_images
             if images:  # the init images cycle over the whole run as generate() does
                 shift = (it * req.batch_size) % len(images)
@@ -344,7 +344,7 @@ class JobQueue:
                     break
                 continue  # skipped
             self.store(job, result)
-            job.request = dataclasses.replace(result.request, seed=seed, batch_count=req.batch_count)
+            job.request = dataclasses.replace(result.request, seed=seed, subseed=subseed, batch_count=req.batch_count)
             job.touch()
 
     def store(self, job: Job, result: GenerationResult) -> None:

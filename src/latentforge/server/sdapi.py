@@ -539,6 +539,7 @@ def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
     req = job.request or job.spec.request
     n = len(job.images)
     seed = req.seed
+    subseed = req.subseed if req.subseed != -1 else seed  # A1111 draws one even without variations; ours is unused
     info = {
         "prompt": req.prompt,
         "all_prompts": [req.prompt] * n,
@@ -546,9 +547,9 @@ def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
         "all_negative_prompts": [req.negative_prompt] * n,
         "seed": seed,
         "all_seeds": list(job.seeds),
-        "subseed": payload.subseed if payload.subseed != -1 else seed,
-        "all_subseeds": list(job.seeds),
-        "subseed_strength": 0.0,
+        "subseed": subseed,
+        "all_subseeds": [subseed + i for i in range(n)],  # A1111: subseed + i, also without variations
+        "subseed_strength": req.subseed_strength,
         "width": req.width or 0,
         "height": req.height or 0,
         "sampler_name": _sampler_title(req),
@@ -561,8 +562,8 @@ def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
         "sd_model_hash": model_hash or "",
         "sd_vae_name": None,
         "sd_vae_hash": None,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": req.seed_resize_from_w or -1,
+        "seed_resize_from_h": req.seed_resize_from_h or -1,
         "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
