@@ -220,3 +220,79 @@ def test_concurrent_clients_each_get_their_own_image(server, pipe):
         # (a larger batch may sum in another order on a CPU), far from any other client's image
         diff = np.abs(got[i].astype(np.int16) - pixels(ref.images[0]).astype(np.int16))
         assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def _image(response) -> np.ndarray:
+    import base64
+    import io
+
+    assert response.status_code == 200, response.text
+    return pixels(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+
+
+def _info(response) -> dict:
+    import json
+
+    return json.loads(response.json()["info"])
+
+
+def test_infotext_field_fills_what_the_request_leaves_out(server, pipe):
+    """A1111 1.8+ applies the ``infotext`` field (Api.apply_infotext): its parameters fill the request's
+    unset fields, its settings (Clip skip, ENSD, RNG) the override_settings; fields sent win. It was
+    accepted and ignored: the request ran with A1111's defaults."""
+    made = pipe.txt2img("a red circle", negative_prompt="blur", seed=11, steps=3, cfg_scale=5, sampler="Euler a",
+                        width=64, height=64, eta_noise_seed_delta=31337, rng="NV")  # fmt: skip
+    text = made.infotexts[0]
+    assert "ENSD: 31337" in text and "RNG: NV" in text
+    r = server.post("/sdapi/v1/txt2img", {"infotext": text})
+    assert np.array_equal(_image(r), pixels(made.images[0]))
+    info = _info(r)
+    assert (info["seed"], info["steps"], info["negative_prompt"], info["sampler_name"]) == (11, 3, "blur", "Euler a")
+    assert info["infotexts"][0] == text
+    r = server.post("/sdapi/v1/txt2img", {"infotext": text, "seed": 12, "steps": 2})  # sent fields win
+    assert (_info(r)["seed"], _info(r)["steps"]) == (12, 2) and "ENSD: 31337" in _info(r)["infotexts"][0]
+    r = server.post("/sdapi/v1/txt2img", {"infotext": text, "override_settings": {"randn_source": "CPU"}})
+    assert "RNG: CPU" in _info(r)["infotexts"][0]
+    r = server.post("/sdapi/v1/txt2img", {"infotext": "x\nSteps: 3, Seed: many, Size: 64x64"})
+    assert r.status_code == 400 and "infotext" in r.json()["detail"]
+
+
+def test_a1111_settings_that_change_images_apply_from_options_and_override_settings(server, pipe):
+    """ENSD, the noise source and token merging are A1111 settings: POST /sdapi/v1/options sets them for
+    the requests that follow, override_settings for one. They were stored and echoed but not used."""
+    body = {"prompt": "a red circle", "seed": 4, "steps": 3, "cfg_scale": 5, "sampler_name": "Euler a",
+            "width": 64, "height": 64}  # fmt: skip
+    want = pipe.txt2img("a red circle", seed=4, steps=3, cfg_scale=5, sampler="Euler a", width=64, height=64,
+                        eta_noise_seed_delta=31337, rng="NV")  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", {**body, "override_settings": {"eta_noise_seed_delta": 31337,
+                                                                         "randn_source": "NV"}})  # fmt: skip
+    assert np.array_equal(_image(r), pixels(want.images[0]))
+    plain = server.post("/sdapi/v1/txt2img", body)
+    assert "ENSD" not in _info(plain)["infotexts"][0]  # override_settings held for that request only
+    try:
+        assert server.post("/sdapi/v1/options", {"eta_noise_seed_delta": 31337, "randn_source": "NV"}).ok
+        r = server.post("/sdapi/v1/txt2img", body)
+        assert np.array_equal(_image(r), pixels(want.images[0]))
+        assert server.post("/sdapi/v1/options", {"randn_source": "Dice"}).ok  # A1111 keeps any value ...
+        r = server.post("/sdapi/v1/txt2img", body)  # ... and the request that uses it says what is wrong
+        assert r.status_code == 400 and "randn_source" in r.json()["detail"], r.text
+    finally:
+        server.post("/sdapi/v1/options", {"eta_noise_seed_delta": 0, "randn_source": "CPU"})
+    assert np.array_equal(_image(server.post("/sdapi/v1/txt2img", body)), _image(plain))
+
+
+def test_a1111_fields_that_cannot_run_are_refused_not_dropped(server):
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+    r = server.post("/sdapi/v1/txt2img", {**body, "enable_hr": True, "hr_scheduler": "Karras"})
+    assert r.status_code == 400 and "hr_scheduler" in r.json()["detail"]
+    r = server.post("/sdapi/v1/txt2img", {**body, "enable_hr": True, "hr_scheduler": "Use same scheduler"})
+    assert r.status_code == 200
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    img = {**body, "init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.5}
+    r = server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 0.8})
+    assert r.status_code == 400 and "initial_noise_multiplier" in r.json()["detail"]
+    assert server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 1, "image_cfg_scale": 1.5}).ok

@@ -22,6 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from latentforge._version import __version__
 from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
@@ -69,7 +70,7 @@ def create_app(
         yield
         queue.close()
 
-    app = FastAPI(title="latentforge", version=sdapi.__version__, lifespan=lifespan)
+    app = FastAPI(title="latentforge", version=__version__, lifespan=lifespan)
     app.state.queue = queue
     app.add_middleware(Guard, users=users or [], max_body=config.max_body_bytes)
     if cors_origins:  # added last, so outermost: the Guard's own errors (401, 413, bad JSON) and 500s carry

@@ -15,10 +15,20 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from latentforge.pipelines.request import RequestError
+
 MAX_JSON_DEPTH = 32  # A1111's deepest payloads (ControlNet units in alwayson_scripts) nest about 5 levels
 MAX_JSON_ITEMS = 100_000  # values (numbers, strings, lists, objects) in one request body
 MAX_MESSAGE_CHARS = 2000  # an error message is cut here (it may quote what the client sent)
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # JSON strings (unrolled: fast on long ones)
+
+
+class FieldError(RequestError):
+    """A request error about one field (its A1111 name is in ``field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class ApiError(Exception):

@@ -2,10 +2,15 @@
 
 Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` models (defaults as there);
 ``sampler_name``/``sampler_index`` and ``scheduler`` become ``sampler``/``schedule``, ``n_iter`` becomes
-``batch_count``, ``override_settings`` may switch the model (``sd_model_checkpoint``) and clip skip
-(``CLIP_stop_at_last_layers``). Fields we cannot honour (restore_faces, tiling, variation seeds, scripts,
-ControlNet units, styles) are refused with a message naming them, never silently dropped; fields of other
-tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(..., lenient=True)``).
+``batch_count``. A1111's settings that change images (``_SETTING_FIELDS``: clip skip, ENSD, the noise
+source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
+request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
+``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
+honour (restore_faces, tiling, scripts, styles, a hires pass with another sampler, schedule, model or
+prompt, img2img's noise multiplier) are refused with a message naming them, never silently dropped;
+fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
+lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
+instruct-pix2pix.
 """
 
 from __future__ import annotations
@@ -14,27 +19,17 @@ import base64
 import binascii
 import dataclasses
 import io
-import json
 import math
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from latentforge._version import __version__
 from latentforge.pipelines.request import GenerationRequest, RequestError
-from latentforge.server.errors import non_finite
-
-
-class FieldError(RequestError):
-    """A request error about one field (its A1111 name is in ``field``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+from latentforge.server.errors import FieldError, non_finite
+from latentforge.server.sdapi_meta import apply_infotext, echo_parameters, info_json  # noqa: F401 (app.py)
 
 
 class _Payload(BaseModel):
@@ -270,11 +265,14 @@ def to_request(
     _check_unsupported(p)
     _check_names(p)
     _check_numbers(p, img2img)
-    overrides = p.get("override_settings") or {}
-    if not isinstance(overrides, dict):
+    raw = p.get("override_settings") or {}
+    if not isinstance(raw, dict):
         _refuse("override_settings", "must be an object of option names and values")
+    overrides = dict(raw)  # the infotext may add settings for this request
+    apply_infotext(p, payload.model_fields_set, overrides, img2img)
     model = overrides.get("sd_model_checkpoint") or None
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    settings = {**options, **overrides}  # A1111: the server's settings, override_settings win for this request
+    clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
     _check_vae(overrides.get("sd_vae"), "override_settings.sd_vae")
     sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
     data: dict[str, Any] = {
@@ -299,7 +297,7 @@ def to_request(
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
-    data.update({k: overrides[k] for k in _OVERRIDE_FIELDS if overrides.get(k)})
+    data.update({ours: settings[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in settings})
     if p.get("subseed_strength"):  # A1111's variation seeds
         data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
@@ -462,8 +460,16 @@ _PLAIN_FIELDS = {
     "deepcache_depth",
     "deepcache_schedule",
 }
-# A1111 settings in override_settings that are request fields here (token merging: A1111's names)
-_OVERRIDE_FIELDS = ("token_merging_ratio", "token_merging_ratio_hr", "token_merging_ratio_img2img")
+# A1111 settings (POST /sdapi/v1/options, or per request in override_settings) -> request fields here
+_SETTING_FIELDS = {
+    "token_merging_ratio": "token_merging_ratio",
+    "token_merging_ratio_hr": "token_merging_ratio_hr",
+    "token_merging_ratio_img2img": "token_merging_ratio_img2img",
+    "eta_noise_seed_delta": "eta_noise_seed_delta",  # ENSD
+    "randn_source": "rng",  # "Random number generator source": GPU, CPU or NV
+    "sgm_noise_multiplier": "sgm_noise_multiplier",
+    "s_min_uncond_all": "s_min_uncond_all",
+}
 
 # our field names -> A1111's, for messages of GenerationRequest.validate
 _A1111_NAMES = {
@@ -471,6 +477,9 @@ _A1111_NAMES = {
     "sampler": "sampler_name",
     "schedule": "scheduler",
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "rng": "override_settings.randn_source",
+    "eta_noise_seed_delta": "override_settings.eta_noise_seed_delta",
+    "sgm_noise_multiplier": "override_settings.sgm_noise_multiplier",
     "hr_scale": "hr_scale",
     "hr_second_pass_steps": "hr_second_pass_steps",
     "hr_resize_x": "hr_resize_x",
@@ -527,71 +536,14 @@ def _check_unsupported(p: dict) -> None:
     hr_sampler = p.get("hr_sampler_name")
     if p.get("enable_hr") and hr_sampler and hr_sampler not in ("Use same sampler", p.get("sampler_name")):
         _refuse("hr_sampler_name", "a different sampler for the hires pass is not available; leave it empty")
+    hr_scheduler = p.get("hr_scheduler")
+    if p.get("enable_hr") and hr_scheduler and hr_scheduler not in ("Use same scheduler", p.get("scheduler")):
+        _refuse("hr_scheduler", "a different schedule for the hires pass is not available; leave it empty")
+    multiplier = p.get("initial_noise_multiplier")
+    if multiplier is not None and multiplier != 1:  # A1111 scales img2img's starting noise by it
+        _refuse("initial_noise_multiplier", "img2img's noise multiplier is not available in latentforge; send 1")
 
 
 def _check_vae(value: Any, field: str) -> None:
     if value not in (None, "", "Automatic", "None"):
         _refuse(field, f"only the checkpoint's own VAE is available through the API (got {value!r}); use 'Automatic'")
-
-
-def info_json(job, payload: _Payload, *, model_hash: str | None) -> str:
-    """A1111's ``info`` string of a finished job (every field sd-backend-client validates)."""
-    req = job.request or job.spec.request
-    n = len(job.images)
-    seed = req.seed
-    subseed = req.subseed if req.subseed != -1 else seed  # A1111 draws one even without variations; ours is unused
-    info = {
-        "prompt": req.prompt,
-        "all_prompts": [req.prompt] * n,
-        "negative_prompt": req.negative_prompt,
-        "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": seed,
-        "all_seeds": list(job.seeds),
-        "subseed": subseed,
-        "all_subseeds": [subseed + i for i in range(n)],  # A1111: subseed + i, also without variations
-        "subseed_strength": req.subseed_strength,
-        "width": req.width or 0,
-        "height": req.height or 0,
-        "sampler_name": _sampler_title(req),
-        "cfg_scale": req.cfg_scale,
-        "steps": req.steps,
-        "batch_size": req.batch_size,
-        "restore_faces": False,
-        "face_restoration_model": None,
-        "sd_model_name": (job.model_name or "").rsplit(".", 1)[0],
-        "sd_model_hash": model_hash or "",
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
-        "seed_resize_from_w": req.seed_resize_from_w or -1,
-        "seed_resize_from_h": req.seed_resize_from_h or -1,
-        "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
-        "extra_generation_params": {},
-        "index_of_first_image": 0,
-        "infotexts": list(job.infotexts),
-        "styles": [],
-        "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
-        "clip_skip": req.clip_skip or 1,
-        "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
-        "version": f"latentforge {__version__}",
-        "job_id": job.id,
-        "interrupted": bool(job.stop_flag),
-    }
-    return json.dumps(info)
-
-
-def _sampler_title(req: GenerationRequest) -> str:
-    from latentforge.sampling.registry import resolve_sampler
-
-    try:
-        return resolve_sampler(req.sampler)[0].title
-    except ValueError:
-        return req.sampler
-
-
-def echo_parameters(payload: _Payload) -> dict:
-    """The request as A1111 echoes it in ``parameters`` (images left out)."""
-    data = payload.model_dump()
-    for key in ("init_images", "mask"):
-        if key in data:
-            data[key] = None
-    return data

@@ -1,0 +1,135 @@
+"""What the A1111 generation routes read and send beside the images: the ``infotext`` field (A1111 1.8 and
+later: an image's parameters fill the fields a request leaves out), and the ``info`` and ``parameters``
+of the response."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from latentforge._version import __version__
+from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.server.errors import FieldError
+
+# infotext labels -> (payload field, request attribute) for A1111's ``infotext`` field
+_INFOTEXT_FIELDS = {
+    "Steps": ("steps", "steps"),
+    "CFG scale": ("cfg_scale", "cfg_scale"),
+    "Seed": ("seed", "seed"),
+    "Denoising strength": ("denoising_strength", "denoising_strength"),
+    "Variation seed": ("subseed", "subseed"),
+    "Variation seed strength": ("subseed_strength", "subseed_strength"),
+    "NGMS": ("s_min_uncond", "s_min_uncond"),
+    "Sampler": ("sampler_name", "sampler"),
+}
+# infotext labels -> (A1111 setting, request attribute): settings the infotext sets for this request
+_INFOTEXT_SETTINGS = {
+    "Clip skip": ("CLIP_stop_at_last_layers", "clip_skip"),
+    "ENSD": ("eta_noise_seed_delta", "eta_noise_seed_delta"),
+    "RNG": ("randn_source", "rng"),
+    "Token merging ratio": ("token_merging_ratio", "token_merging_ratio"),
+    "Token merging ratio hr": ("token_merging_ratio_hr", "token_merging_ratio_hr"),
+}
+
+
+def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> None:
+    """A1111's ``infotext`` field (1.8+, ``Api.apply_infotext``): an image's parameters fill the fields the
+    request did not send (those it sends win), and its settings (Clip skip, ENSD, RNG, token merging) the
+    ``override_settings`` it does not name. Values are checked afterwards like sent ones."""
+    text = p.get("infotext")
+    if not text:
+        return
+    from latentforge.io.infotext import parse_infotext
+    from latentforge.pipelines.metadata import request_from_infotext
+
+    try:
+        req, _ = request_from_infotext(text)
+        labels = parse_infotext(text)[2]
+    except (RequestError, ValueError) as e:
+        raise FieldError("infotext", f"cannot be read: {e}") from None
+    found: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
+    for label, (field, attr) in _INFOTEXT_FIELDS.items():
+        if label in labels:
+            found[field] = getattr(req, attr)
+    if "Size" in labels:
+        found.update(width=req.width, height=req.height)
+    if "Seed resize from" in labels:
+        found.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
+    if req.schedule.lower() != "automatic":  # "Schedule type", or a sampler title that names one
+        found["scheduler"] = req.schedule
+    h = req.hires
+    if h is not None and not img2img and "Denoising strength" in labels:  # A1111's test for enable_hr
+        found.update(enable_hr=True, hr_scale=h.scale, hr_upscaler=h.upscaler, hr_second_pass_steps=h.second_pass_steps)
+        found.update(hr_resize_x=h.resize_x, hr_resize_y=h.resize_y)
+    for field, value in found.items():
+        if field in p and field not in given:
+            p[field] = value
+    for label, (setting, attr) in _INFOTEXT_SETTINGS.items():
+        if label in labels:
+            overrides.setdefault(setting, getattr(req, attr))
+
+
+def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
+    """A1111's ``info`` string of a finished job (every field sd-backend-client validates)."""
+    req = job.request or job.spec.request
+    n = len(job.images)
+    seed = req.seed
+    subseed = req.subseed if req.subseed != -1 else seed  # A1111 draws one even without variations; ours is unused
+    info = {
+        "prompt": req.prompt,
+        "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": seed,
+        "all_seeds": list(job.seeds),
+        "subseed": subseed,
+        "all_subseeds": [subseed + i for i in range(n)],  # A1111: subseed + i, also without variations
+        "subseed_strength": req.subseed_strength,
+        "width": req.width or 0,
+        "height": req.height or 0,
+        "sampler_name": _sampler_title(req),
+        "cfg_scale": req.cfg_scale,
+        "steps": req.steps,
+        "batch_size": req.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": (job.model_name or "").rsplit(".", 1)[0],
+        "sd_model_hash": model_hash or "",
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": req.seed_resize_from_w or -1,
+        "seed_resize_from_h": req.seed_resize_from_h or -1,
+        "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": list(job.infotexts),
+        "styles": [],
+        "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
+        "clip_skip": req.clip_skip or 1,
+        "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
+        "version": f"latentforge {__version__}",
+        "job_id": job.id,
+        "interrupted": bool(job.stop_flag),
+    }
+    return json.dumps(info)
+
+
+def _sampler_title(req: GenerationRequest) -> str:
+    from latentforge.sampling.registry import resolve_sampler
+
+    try:
+        return resolve_sampler(req.sampler)[0].title
+    except ValueError:
+        return req.sampler
+
+
+def echo_parameters(payload: BaseModel) -> dict:
+    """The request as A1111 echoes it in ``parameters`` (images left out)."""
+    data = payload.model_dump()
+    for key in ("init_images", "mask"):
+        if key in data:
+            data[key] = None
+    return data
