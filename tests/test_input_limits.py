@@ -428,3 +428,18 @@ def test_info_prints_no_escape_sequences(tmp_path, capsys):
     assert main(["info", str(png)]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "hi \\x1b]0;owned\\x07\\x1b[2J" in out
+
+
+def test_transparent_init_images_show_a1111s_white_background(tmp_path):
+    """A1111 flattens an RGBA init image onto img2img_background_color (#ffffff) before encoding it;
+    convert("RGB") dropped the alpha, so a transparent black image was encoded as black."""
+    import numpy as np
+
+    from latentforge.pipelines.images import prepare_image
+
+    clear = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    assert np.asarray(prepare_image(clear, 8, 4, 0)).tolist() == np.full((4, 8, 3), 255).tolist()
+    half = Image.new("RGBA", (8, 4), (255, 0, 0, 128))  # red at alpha 128 over white: 255, 127, 127
+    assert np.asarray(prepare_image(half, 8, 4, 0))[0, 0].tolist() == [255, 127, 127]
+    solid = Image.new("RGBA", (8, 4), (10, 20, 30, 255))
+    assert np.asarray(prepare_image(solid, 8, 4, 0))[0, 0].tolist() == [10, 20, 30]

@@ -160,3 +160,30 @@ def test_safetensors_with_non_ascii_names_are_byte_for_byte_the_safetensors_libr
     with pytest.raises(ValueError, match=r"not valid Unicode .* rename it"):
         write_safetensors({"bad\udcff": tensors["naïve.ß.weight"]}, tmp_path / "y.safetensors")
     assert not (tmp_path / "y.safetensors").exists() and os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_names_are_counted_in_bytes_and_dangling_links_are_taken_names(tmp_path, monkeypatch, capsys):
+    """The temporary name beside a target took its first 200 characters: 80 CJK characters (240 bytes, a
+    valid name) made a 262-byte temporary name, refused by the file system after the whole generation.
+    A dangling symbolic link as the target passed the up-front check and was refused only at the end."""
+    from latentforge.cli import main
+    from latentforge.io.writer import atomic_path
+
+    name = tmp_path / ("画" * 80 + ".png")  # 244 bytes
+    with atomic_path(name) as tmp:
+        tmp.write_bytes(b"image")
+    assert name.read_bytes() == b"image" and os.listdir(tmp_path) == [name.name]
+    with (
+        pytest.raises(OutputError, match="the file name is 304 bytes, more than file systems take"),
+        atomic_path(tmp_path / ("画" * 100 + ".png")),
+    ):
+        raise AssertionError("not reached: refused before any work")
+    link = tmp_path / "link.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    loads = []
+    monkeypatch.setattr("latentforge.load", lambda *a, **k: loads.append(a))  # must not get this far
+    assert main(["txt2img", "a red circle", "-o", str(link)]) != 0
+    assert "already exists" in capsys.readouterr().err and loads == []
+    assert link.is_symlink() and not (tmp_path / "nowhere.png").exists()
+    assert main(["txt2img", "a red circle", "-o", str(tmp_path / ("画" * 100 + ".png"))]) != 0
+    assert "304 bytes" in capsys.readouterr().err and loads == []

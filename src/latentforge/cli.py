@@ -116,6 +116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from latentforge import upscalers
     from latentforge.io.images import FORMATS, read_user_comment, save_image
+    from latentforge.io.writer import refuse_existing
     from latentforge.pipelines.images import check_pixels, open_image
 
     if args.max_output_pixels < 1:
@@ -126,8 +127,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     out = args.output or args.image.with_name(f"{args.image.stem}-{upscaler.name}.png")
     if out.suffix.lower() not in FORMATS:
         raise ValueError(f"{out}: unknown image format; use a name ending in {', '.join(FORMATS)}")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose another -o or pass --overwrite")
+    refuse_existing(out, args.overwrite)
     size = _header_size(args.image)
     if size is not None:  # the input's and the output's size from the header: before any pixel is decoded
         check_pixels(size, f"image {args.image}")

@@ -482,7 +482,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     import latentforge
     from latentforge import upscalers
     from latentforge.io.images import output_paths, save_image, save_numbered
-    from latentforge.io.writer import OutputError, check_writable_folder
+    from latentforge.io.writer import OutputError, check_writable_folder, refuse_existing
     from latentforge.pipelines.generate import output_size
     from latentforge.pipelines.images import open_image
     from latentforge.pipelines.request import builtin_upscaler
@@ -497,10 +497,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)
     if args.output is not None:
         for p in paths:
-            if p.is_dir():
+            if os.path.isdir(p):
                 raise OutputError(f"{p} is a folder; -o/--output takes an image file name (--outdir takes a folder)")
-            if p.exists() and not args.overwrite:
-                raise FileExistsError(f"{p} already exists; choose another --output or pass --overwrite")
+            refuse_existing(p, args.overwrite)
         check_writable_folder(args.output.parent, "-o/--output location")
     else:
         check_writable_folder(args.outdir, "--outdir")

@@ -30,8 +30,24 @@ class OutputError(ValueError):
     """An output location that cannot be written; the message names it and what to choose instead."""
 
 
+def _stem(path: Path) -> str:
+    """``path``'s name cut to at most 200 bytes as the file system counts them (names are limited to 255
+    bytes, not characters: 80 CJK characters are 240 bytes), for the temporary names made beside it."""
+    raw = os.fsencode(path.name)[:200]
+    return os.fsdecode(raw.decode("utf-8", "ignore").encode("utf-8")) if len(raw) == 200 else path.name
+
+
+NAME_MAX = 255  # bytes of one file name on Linux, macOS and Windows file systems
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+    """Before any work: a name the file system cannot take, or (unless ``overwrite``) a name that is
+    taken, also by a dangling symbolic link, is an error."""
+    size = len(os.fsencode(path.name))
+    if size > NAME_MAX:
+        raise OutputError(f"{path.name[:40]}...: the file name is {size} bytes, more than file systems take "
+                          f"({NAME_MAX}); choose a shorter name")  # fmt: skip
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
             f"{path} already exists; choose another name or pass overwrite (--overwrite) to replace it"
         )
@@ -107,7 +123,7 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     refuse_existing(path, overwrite)
     _make_folder(path.parent, "output location")
-    tmp = _new_file(path.parent, f".{path.name[:200]}.", ".partial")
+    tmp = _new_file(path.parent, f".{_stem(path)}.", ".partial")
     try:
         yield tmp
         _fsync(tmp)
@@ -171,14 +187,14 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     refuse_existing(path, overwrite)
     _make_folder(path.parent, "output location")
-    tmp = _new_folder(path.parent, f".{path.name[:200]}.", ".partial")
+    tmp = _new_folder(path.parent, f".{_stem(path)}.", ".partial")
     try:
         yield tmp
         if _rename_noreplace(tmp, path):
             return
         if not overwrite:
             raise FileExistsError(f"{path} already exists (it appeared while writing); not replacing it")
-        holder = _new_folder(path.parent, f".{path.name[:200]}.old.", "")
+        holder = _new_folder(path.parent, f".{_stem(path)}.old.", "")
         old = holder / "old"
         try:
             os.replace(path, old)

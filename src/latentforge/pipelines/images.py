@@ -97,11 +97,18 @@ def open_image(image: Image.Image | str | Path, what: str = "init image", *, kee
         raise RequestError(f"cannot read {name}: {type(e).__name__}: {e}") from None
 
 
+BACKGROUND = "#ffffff"  # what shows through an init image's transparent pixels (A1111's default setting)
+
+
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
     """Fit an init image (or a mask, mode L) to the output size: 0 resize, 1 crop and resize, 2 resize
-    and fill (A1111)."""
+    and fill (A1111). Transparent pixels of an RGBA image show white, as A1111 flattens them."""
     try:
         image = ImageOps.exif_transpose(image)
+        if image.mode == "RGBA":  # A1111's images.flatten: onto img2img_background_color, white by default
+            base = Image.new("RGBA", image.size, BACKGROUND)
+            base.paste(image, mask=image)
+            image = base
         image = image if image.mode == "L" else image.convert("RGB")
     except Exception as e:  # broken EXIF or a mode PIL cannot convert: refused, never a traceback
         raise RequestError(f"cannot use an input image of mode {image.mode}: {type(e).__name__}: {e}") from None
