@@ -136,6 +136,29 @@ def test_webuiapi_png_info_reads_the_infotext(api):
     info = api.png_info(r.images[0])
     assert info.info.startswith("a blue sky\nSteps: 2, Sampler: Euler a")
     assert info.json["parameters"]["Seed"] == "11"
+    # A1111's parse_generation_parameters: a size as KEY-1/KEY-2; the text is not repeated in items
+    params, items = info.json["parameters"], info.json["items"]
+    assert (params["Size-1"], params["Size-2"]) == ("64", "64") and "Size" not in params, params
+    assert params["Prompt"] == "a blue sky" and "parameters" not in items
+
+
+def test_png_info_reads_jpeg_and_webp_exif_as_a1111(server, tmp_path):
+    """JPEG and WebP carry the parameters in their EXIF UserComment (A1111 writes them there); png-info
+    read only PNG text chunks and answered info "" for them. A request without an image is a 422."""
+    import base64
+
+    from latentforge.io.images import save_image
+
+    image = Image.new("RGB", (64, 48), "blue")
+    image.info["parameters"] = "a blue wall\nNegative prompt: dust\nSteps: 3, Seed: 5, Size: 64x48"
+    for name in ("x.jpg", "x.webp"):
+        path = save_image(image, tmp_path / name)
+        r = server.post("/sdapi/v1/png-info", {"image": base64.b64encode(path.read_bytes()).decode()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["info"] == image.info["parameters"], (name, body)
+        assert body["parameters"]["Negative prompt"] == "dust" and body["parameters"]["Size-2"] == "48"
+    assert server.post("/sdapi/v1/png-info", {}).status_code == 422
 
 
 def test_webuiapi_progress_and_interrupt(api, server):

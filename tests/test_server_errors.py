@@ -332,6 +332,8 @@ def test_force_task_id_and_long_messages_are_bounded(env):
     s, _ = env
     _err(s.post("/sdapi/v1/txt2img", {**OK, "force_task_id": "x" * 1000}), 400, "force_task_id", "128")
     _err(s.post("/sdapi/v1/txt2img", {**OK, "force_task_id": "a\nb"}), 400, "force_task_id")
+    for bad in ("a/b", "a b", "a?b", "a#b", "a%2Fb", "..\\x"):  # a job id is a URL path segment
+        _err(s.post("/sdapi/v1/txt2img", {**OK, "force_task_id": bad}), 400, "force_task_id", "without spaces")
     body = _err(s.post("/sdapi/v1/txt2img", {**OK, "sampler_name": "x" * 100_000}), 400, "unknown sampler", "(cut)")
     assert len(body["detail"]) <= 2000
     body = _err(s.post("/sdapi/v1/txt2img", {**OK, "steps": int("9" * 1000)}), 400, "steps must be at most 1000")

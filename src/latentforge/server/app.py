@@ -27,7 +27,7 @@ from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
-from latentforge.server import sdapi
+from latentforge.server import sdapi, sdapi_meta
 from latentforge.server.config import ServerConfig
 from latentforge.server.errors import INTERNAL_MESSAGE, ApiError, Guard, error_response, validation_response
 from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull, make_spec
@@ -155,18 +155,10 @@ def create_app(
 
     @app.post("/sdapi/v1/png-info")
     def png_info(payload: sdapi.PngInfoPayload) -> dict:
-        from latentforge.io.infotext import parse_infotext
-
-        if not payload.image:
+        if not payload.image.strip():
             return {"info": "", "items": {}, "parameters": {}}
         im = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
-        items = {k: v for k, v in im.info.items() if isinstance(v, str)}
-        text = items.get("parameters", "")
-        params: dict = {}
-        if text:
-            prompt, negative, settings = parse_infotext(text)
-            params = {"Prompt": prompt, "Negative prompt": negative, **settings}
-        return {"info": text, "items": items, "parameters": params}
+        return sdapi_meta.png_info(im)
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict:

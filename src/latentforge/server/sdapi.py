@@ -121,7 +121,7 @@ class Img2ImgPayload(_Payload):
 
 
 class PngInfoPayload(BaseModel):
-    image: str = ""
+    image: str  # required, as in A1111's PNGInfoRequest
 
 
 # A1111 fields that are handled here (so they do not end up in ``extra``)
@@ -439,9 +439,14 @@ def _check_names(p: dict) -> None:
             if items and _PATHLIKE.search(items[0].strip()):
                 _refuse(name, f"<{kind}:{items[0][:80]}>: networks are given by name, not by path")
     task = p.get("force_task_id")
-    if task and (len(task) > 128 or not task.isprintable()):
-        _refuse("force_task_id", "must be at most 128 printable characters")
+    if task and (len(task) > 128 or not task.isprintable() or _NOT_IN_A_PATH.search(task)):
+        _refuse(
+            "force_task_id",
+            "must be at most 128 printable characters without spaces or / \\ ? # % (it names the job in URLs)",
+        )
 
+
+_NOT_IN_A_PATH = re.compile(r"[\s/\\?#%]")  # characters a job id cannot have in /latentforge/v1/jobs/{id}
 
 # latentforge's own request fields a client may set by name (numbers, flags, names: no paths, no images)
 _PLAIN_FIELDS = {

@@ -5,9 +5,11 @@ of the response."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel
 
 from latentforge._version import __version__
@@ -133,3 +135,36 @@ def echo_parameters(payload: BaseModel) -> dict:
         if key in data:
             data[key] = None
     return data
+
+
+# image.info keys A1111's read_info_from_image leaves out of png-info's items
+_IGNORED_INFO = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
+                 "timestamp", "duration", "progressive", "progression", "icc_profile", "chromaticity",
+                 "photoshop"}  # fmt: skip
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def png_info(image: Image.Image) -> dict:
+    """``POST /sdapi/v1/png-info`` as A1111 answers it: ``info`` the parameters text (a PNG's
+    ``parameters`` chunk, or a JPEG's or WebP's EXIF UserComment), ``items`` the image's other text
+    entries, ``parameters`` the text parsed, prompts included, a size ``WxH`` as ``KEY-1`` and ``KEY-2``."""
+    from latentforge.io.images import read_user_comment
+    from latentforge.io.infotext import parse_infotext
+
+    items = {k: v for k, v in image.info.items() if isinstance(v, str) and k not in _IGNORED_INFO}
+    text = items.pop("parameters", None)
+    comment = read_user_comment(image) if "exif" in image.info else None
+    if comment:
+        text = comment  # A1111: the EXIF comment wins
+        items["exif comment"] = comment
+    params: dict[str, str] = {}
+    if text:
+        prompt, negative, settings = parse_infotext(text)
+        params = {"Prompt": prompt, "Negative prompt": negative}
+        for key, value in settings.items():
+            size = _SIZE.match(value.strip()) if isinstance(value, str) else None
+            if size:
+                params[f"{key}-1"], params[f"{key}-2"] = size.group(1), size.group(2)
+            else:
+                params[key] = value
+    return {"info": text or "", "items": items, "parameters": params}
