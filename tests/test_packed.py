@@ -78,6 +78,24 @@ def test_bf16_matches_pytorchs_convolution():
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_layers_run_plain_where_the_cpus_onednn_cannot(dtype, monkeypatch):
+    """Without AVX-512 oneDNN's weight reorder refuses bf16 and fp16 ("bf16 path needs the cpu support
+    avx_ne_convert or avx512bw, ..."): a bf16 model crashed at its first convolution on AVX2 CPUs. Such
+    layers now run PyTorch's own convolution, bit for bit."""
+    from latentforge.nn import packed
+
+    monkeypatch.setattr(packed, "_half_packable", lambda dt: False)  # as on an AVX2-only CPU
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(dtype)
+    x = torch.randn(1, 8, 8, 8, dtype=dtype)
+    with torch.inference_mode():
+        expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        pack_weights(conv)
+        got = conv(x)
+    assert torch.equal(got, expected) and conv.weight.numel() == 8 * 8 * 9
+
+
 def test_weight_changes_are_followed():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 4, 3, padding=1)

@@ -40,6 +40,7 @@ call ``settle(module)`` first, or ``numel(module)`` for the size.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -94,8 +95,18 @@ def _linear_available() -> bool:
     return fused.available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
+def _half_packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs this 16-bit dtype on this CPU: without AVX-512 (or AVX-NE-CONVERT) its weight
+    reorders refuse bf16 and fp16, which PyTorch's own convolution still runs."""
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    fn = getattr(torch.ops.mkldnn, check, None)
+    return bool(fn is not None and fn())
+
+
 def _plain_path(layer: nn.Module, x: Tensor) -> bool:
-    """Inputs the packed forward leaves to the module's own: other devices, autograd, mixed dtypes."""
+    """Inputs the packed forward leaves to the module's own: other devices, autograd, mixed dtypes, 16-bit
+    dtypes the CPU's oneDNN cannot run."""
     w, b = layer.weight, layer.bias
     return (
         x.device.type != "cpu"
@@ -103,6 +114,7 @@ def _plain_path(layer: nn.Module, x: Tensor) -> bool:
         or x.dtype != w.dtype
         or (b is not None and b.dtype != w.dtype)
         or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+        or (x.dtype in (torch.bfloat16, torch.float16) and not _half_packable(x.dtype))
     )
 
 

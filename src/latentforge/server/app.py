@@ -27,7 +27,7 @@ from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.metadata import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
-from latentforge.server import sdapi, sdapi_meta
+from latentforge.server import extras, sdapi, sdapi_meta
 from latentforge.server.config import ServerConfig
 from latentforge.server.errors import INTERNAL_MESSAGE, ApiError, Guard, error_response, validation_response
 from latentforge.server.jobs import Job, JobQueue, JobSpec, QueueFull, make_spec
@@ -159,6 +159,24 @@ def create_app(
             return {"info": "", "items": {}, "parameters": {}}
         im = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
         return sdapi_meta.png_info(im)
+
+    @app.post("/sdapi/v1/extra-single-image")
+    def extra_single_image(payload: extras.ExtrasSingle) -> dict:
+        image = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
+        scale = extras.scale_of(payload, image.size)
+        out = extras.postprocess(image, payload, config.upscaler_dirs, config.max_output_pixels)
+        return {"html_info": extras.html_info(payload, scale), "image": sdapi.encode_png(out)}
+
+    @app.post("/sdapi/v1/extra-batch-images")
+    def extra_batch_images(payload: extras.ExtrasBatch) -> dict:
+        budget = sdapi.PixelBudget(config.max_image_pixels)
+        images = [
+            sdapi.decode_image(f.data, f"imageList[{i}].data", config.max_image_pixels, budget)
+            for i, f in enumerate(payload.imageList)
+        ]
+        out = [extras.postprocess(im, payload, config.upscaler_dirs, config.max_output_pixels) for im in images]
+        scale = extras.scale_of(payload, images[0].size) if images else payload.upscaling_resize
+        return {"html_info": extras.html_info(payload, scale), "images": [sdapi.encode_png(im) for im in out]}
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict:
