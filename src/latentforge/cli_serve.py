@@ -21,6 +21,18 @@ def add_serve_parser(sub) -> None:
         default=[],
         help="folder of ControlNet files that alwayson_scripts.controlnet units may name (repeatable)",
     )
+    for flag, what in (
+        ("--lora-dir", "LoRA files that <lora:name:w> tags name"),
+        ("--embeddings-dir", "textual-inversion embeddings that prompts name"),
+        ("--hypernetwork-dir", "A1111 hypernetworks that <hypernet:name:w> tags name"),
+    ):
+        p.add_argument(
+            flag,
+            type=Path,
+            action="append",
+            default=[],
+            help=f"folder of {what} (repeatable; also found beside --models-dir in an A1111 or ComfyUI installation)",
+        )
     p.add_argument(
         "--api-auth",
         metavar="USER:PASS[,USER2:PASS2]",
@@ -95,6 +107,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--models-dir: {args.models_dir} is not a folder")
     if model is None and args.models_dir is None:
         raise ValueError("no model: give -m/--model or --models-dir (this installation has no demo model)")
+    for flag in ("lora_dir", "embeddings_dir", "hypernetwork_dir", "controlnet_dir"):
+        for folder in getattr(args, flag):
+            if not folder.is_dir():
+                raise ValueError(f"--{flag.replace('_', '-')}: {folder} is not a folder")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be 1 or more, got {args.max_batch}")
     from latentforge import upscalers
@@ -114,6 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         upscaler_dirs=upscalers.search_dirs(near=args.models_dir / "x" if args.models_dir else model),
         controlnet_dirs=list(args.controlnet_dir),
+        lora_dirs=list(args.lora_dir),
+        embedding_dirs=list(args.embeddings_dir),
+        hypernetwork_dirs=list(args.hypernetwork_dir),
     )
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     app = create_app(config, users=parse_users(args.api_auth), cors_origins=origins)

@@ -328,19 +328,40 @@ def create_app(
 
     for path in ("/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-embeddings"):
         app.post(path)(lambda: {})
+
+    def _networks(kind: str) -> dict[str, Path]:
+        from latentforge.adapters import folders as f
+
+        found = config.network_folders()
+        where = {"lora": found.lora, "embeddings": found.embeddings, "hypernetworks": found.hypernetworks}[kind]
+        suffixes = {
+            "lora": f.LORA_SUFFIXES,
+            "embeddings": f.EMBEDDING_SUFFIXES,
+            "hypernetworks": f.HYPERNETWORK_SUFFIXES,
+        }
+        bundled = found.bundled_for(kind) if kind != "hypernetworks" else []
+        return f.files_by_stem([*where, *bundled], suffixes[kind])
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict]:  # names only: paths stay on the server
+        return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in _networks("lora")]
+
+    @app.get("/sdapi/v1/hypernetworks")
+    def hypernetworks() -> list[dict]:
+        return [{"name": n, "path": None} for n in _networks("hypernetworks")]
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict:
+        blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
+        return {"loaded": {n: dict(blank) for n in _networks("embeddings")}, "skipped": {}}
+
     for path in (
         "/sdapi/v1/sd-vae",
-        "/sdapi/v1/loras",
-        "/sdapi/v1/hypernetworks",
         "/sdapi/v1/prompt-styles",
         "/sdapi/v1/face-restorers",
         "/sdapi/v1/sd-modules",
     ):
         app.get(path)(lambda: [])
-
-    @app.get("/sdapi/v1/embeddings")
-    def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {}}
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,24 @@ class ServerConfig:
     dtype: str | None = None
     upscaler_dirs: list[Path] = field(default_factory=list)  # ESRGAN-family files for hr_upscaler
     controlnet_dirs: list[Path] = field(default_factory=list)  # ControlNet files units may name
+    lora_dirs: list[Path] = field(default_factory=list)  # LoRA files <lora:name:w> may name
+    embedding_dirs: list[Path] = field(default_factory=list)  # textual-inversion embeddings
+    hypernetwork_dirs: list[Path] = field(default_factory=list)  # A1111 hypernetworks
+
+    def network_folders(self):
+        """The folders prompts' networks are found in (``AdapterFolders``): the ones given, then those of the
+        A1111 or ComfyUI installation that ``models_dir`` belongs to (its ``models/Stable-diffusion`` or
+        ``models/checkpoints``: ``models/Lora``, ``embeddings``, ``models/loras``, ...), then the bundled ones."""
+        from latentforge.adapters.folders import AdapterFolders
+
+        folders = AdapterFolders(
+            lora=list(self.lora_dirs), embeddings=list(self.embedding_dirs), hypernetworks=list(self.hypernetwork_dirs)
+        )
+        if self.models_dir is not None and Path(self.models_dir).resolve().parent.name.lower() == "models":
+            with contextlib.suppress(FileNotFoundError):  # an installation without network folders
+                folders.add_models_dir(Path(self.models_dir).resolve().parent.parent)
+        folders.controlnet = []  # units name ControlNets through controlnet_dirs (controlnets())
+        return folders
 
     def controlnets(self) -> dict[str, Path]:
         """ControlNet files by name (file stem), as /controlnet/model_list lists them."""

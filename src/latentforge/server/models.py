@@ -124,6 +124,7 @@ class ModelCache:
         while len(self.loaded) >= max(1, self.config.max_models):
             self._evict()
         pipe = latentforge.load(self.catalog.path(name), dtype=self.config.dtype, device=self.config.device)
+        pipe.folders = self.config.network_folders()
         self.loaded[name] = pipe
         limit = self.config.max_model_bytes
         while limit and len(self.loaded) > 1 and self.total_bytes() > limit:

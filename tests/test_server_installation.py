@@ -1,4 +1,7 @@
-"""A1111's Extras routes, /sdapi/v1/extra-single-image and extra-batch-images, as A1111's Upscaler.upscale
+"""A server started on an A1111 installation (--models-dir models/Stable-diffusion): its LoRAs and
+embeddings are found and listed, and A1111's Extras routes upscale with its models/ESRGAN.
+
+/sdapi/v1/extra-single-image and extra-batch-images work as A1111's Upscaler.upscale
 does them (modules/upscaler.py): the target is the scaled size rounded down to a multiple of 8; a
 network runs until the image is at least that large, then Lanczos gives the exact size. Expected
 images are made here with PIL and the network's own forward, step by step as A1111 describes."""
@@ -7,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,11 +36,16 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("inst")
     (root / "models" / "Stable-diffusion").mkdir(parents=True)
     (root / "models" / "ESRGAN").mkdir()
-    (root / "models" / "Stable-diffusion" / "demo.safetensors").symlink_to(bundled_model_path())
+    shutil.copy(bundled_model_path(), root / "models" / "Stable-diffusion" / "demo.safetensors")
     net = SRVGGNetCompact(features=8, convs=2, scale=2)
     g = torch.Generator().manual_seed(3)
     save_file({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in net.state_dict().items()},
               root / "models" / "ESRGAN" / "tiny-x2.safetensors")  # fmt: skip
+    demo = Path(bundled_model_path()).parent
+    (root / "models" / "Lora").mkdir()
+    (root / "embeddings").mkdir()
+    shutil.copy(demo / "demo" / "lora" / "demo_star.safetensors", root / "models" / "Lora" / "mystar.safetensors")
+    shutil.copy(demo / "demo" / "embeddings" / "scarlet.safetensors", root / "embeddings" / "myred.safetensors")
     s = Server("--models-dir", str(root / "models" / "Stable-diffusion"), tmp=root)
     yield s, root
     s.close()
@@ -112,3 +123,41 @@ def test_webuiapi_extra_single_image(env):
     api = webuiapi.WebUIApi(host="127.0.0.1", port=s.port)
     result = api.extra_single_image(image=_photo(), upscaler_1="Lanczos", upscaling_resize=2)
     assert result.image.size == (96, 56)
+
+
+def test_loras_and_embeddings_of_the_installation_are_found_and_listed(env):
+    """serve had no LoRA folders: with --models-dir in an A1111 installation, <lora:mystar:1> from its
+    models/Lora was refused ("use --lora-dir or --models-dir", neither of which did it), and /loras and
+    /embeddings listed nothing, not even the bundled ones that worked."""
+    s, _ = env
+    loras = [x["name"] for x in s.get("/sdapi/v1/loras").json()]
+    assert {"mystar", "demo_star"} <= set(loras), loras
+    assert all(x["path"] is None for x in s.get("/sdapi/v1/loras").json())  # no server paths
+    assert {"myred", "scarlet"} <= set(s.get("/sdapi/v1/embeddings").json()["loaded"])
+    body = {"steps": 3, "width": 64, "height": 64, "seed": 3, "cfg_scale": 7}
+    mine = s.post("/sdapi/v1/txt2img", {**body, "prompt": "a large red star <lora:mystar:1>"})
+    bundled = s.post("/sdapi/v1/txt2img", {**body, "prompt": "a large red star <lora:demo_star:1>"})
+    plain = s.post("/sdapi/v1/txt2img", {**body, "prompt": "a large red star"})
+    assert mine.status_code == 200, mine.text
+    assert np.array_equal(_image(mine.json()["images"][0]), _image(bundled.json()["images"][0]))  # same file
+    assert not np.array_equal(_image(mine.json()["images"][0]), _image(plain.json()["images"][0]))
+    assert 'Lora hashes: "mystar: ' in json.loads(mine.json()["info"])["infotexts"][0]
+    word = s.post("/sdapi/v1/txt2img", {**body, "prompt": "a myred triangle"})
+    assert 'TI hashes: "myred: ' in json.loads(word.json()["info"])["infotexts"][0]
+
+
+def test_serve_network_folder_flags(monkeypatch, capsys, tmp_path):
+    uvicorn = pytest.importorskip("uvicorn")
+    from latentforge.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    assert main(["serve", "--lora-dir", str(tmp_path / "nowhere")]) == 2
+    assert "--lora-dir" in capsys.readouterr().err and not apps
+    (tmp_path / "loras").mkdir()
+    save_file({"x": torch.zeros(1)}, tmp_path / "loras" / "ink.safetensors")
+    assert main(["serve", "--lora-dir", str(tmp_path / "loras"), "--embeddings-dir", str(tmp_path)]) == 0
+    from fastapi.testclient import TestClient
+
+    names = [x["name"] for x in TestClient(apps[0]).get("/sdapi/v1/loras").json()]
+    assert "ink" in names
