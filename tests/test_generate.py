@@ -222,3 +222,30 @@ def test_every_sampler_runs_through_the_pipeline(pipe):
     for info in SAMPLERS:
         image = pipe.txt2img("a cube", sampler=info.title, seed=1, **SMALL).images[0]
         assert np.asarray(image).std() > 0, info.title
+
+
+def test_an_interrupted_run_can_return_the_image_being_made(pipe):
+    """A1111's interrupt and skip keep the image being made: the sampler's last denoised estimate,
+    decoded. ``generate(..., partial=True)`` does that (the server uses it); without it Interrupted
+    propagates as before."""
+    from latentforge.pipelines.generate import Interrupted, generate
+    from latentforge.pipelines.images import tensor_to_images
+
+    seen = []
+
+    def stop_at_3(p):
+        seen.append(p.denoised.clone())
+        if p.step == 3:
+            raise Interrupted()
+
+    req = GenerationRequest(prompt="a cube", seed=5, batch_size=2, batch_count=2, steps=6, width=64, height=64)
+    with pytest.raises(Interrupted):
+        generate(pipe, req, progress=stop_at_3)
+    seen.clear()
+    result = generate(pipe, req, progress=stop_at_3, partial=True)
+    assert len(seen) == 3 and len(result.images) == 2 and result.seeds == [5, 6]  # the first batch only
+    with torch.inference_mode():
+        expected = tensor_to_images(pipe.vae.decode(seen[-1]))
+    for got, want in zip(result.images, expected):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert len(result.infotexts) == 2 and "Seed: 6," in result.infotexts[1]

@@ -210,10 +210,13 @@ def generate(
     init_images: Sequence[Image.Image | str | Path] | None = None,
     progress: Callable[[Progress], None] | None = None,
     upscaler_dirs: Sequence[str | Path] | None = None,
+    partial: bool = False,
 ) -> GenerationResult:
     """Run ``req`` on ``pipe``: txt2img, or img2img when ``init_images`` are given (cycled over the batch);
     with ``req.x4`` the images are the x4 upscaler's low-res inputs. ``upscaler_dirs``: folders of
-    ESRGAN-family models (``upscalers.search_dirs``) for ``hr_upscaler``."""
+    ESRGAN-family models (``upscalers.search_dirs``) for ``hr_upscaler``. When ``progress`` raises
+    ``Interrupted`` the run stops; with ``partial`` it returns the batch being made as A1111 does (its last
+    denoised estimate, decoded; later passes and batches left out) instead of raising."""
     start = time.perf_counter()
     img2img = init_images is not None
     x4 = req.x4 is not None
@@ -239,7 +242,7 @@ def generate(
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
             fewer_flops.apply(plan, pipe, session.request, img2img)  # DeepCache, token merging: hooks
-            _run(pipe, plan, session.request, seeds, subseeds, progress, out_images)
+            _run(pipe, plan, session.request, seeds, subseeds, progress, out_images, partial)
     finally:
         fewer_flops.remove(pipe)
         session.close(pipe)
@@ -276,6 +279,7 @@ def finish_result(
     final = dataclasses.replace(req, seed=chosen[0], subseed=chosen[1], width=plan.width, height=plan.height)
     if refiner_name is not None:  # the record names the refiner's source, also when a loaded pipeline was given
         final.refiner = dataclasses.replace(req.refiner, checkpoint=refiner_name)
+    seeds = seeds[: len(images)]  # fewer when an interrupted run returned what it had
     texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext)
     for i, (image, text) in enumerate(zip(images, texts)):
         image.info["parameters"] = text
@@ -283,20 +287,31 @@ def finish_result(
     return GenerationResult(images, seeds, texts, final, time.perf_counter() - start)
 
 
-def _run(pipe, plan: Plan, req: GenerationRequest, seeds: list[int], subseeds: list[int], progress, out_images):
-    """Every batch through every pass of the plan, decoded (and post-processed) into ``out_images``."""
+def _run(pipe, plan: Plan, req: GenerationRequest, seeds, subseeds, progress, out_images, partial=False):
+    """Every batch through every pass of the plan, decoded (and post-processed) into ``out_images``. With
+    ``partial``, an ``Interrupted`` from ``progress`` ends the run with the current batch's last denoised
+    estimate decoded (post-processed only when it came from the last pass), as A1111's interrupt and skip."""
     total = plan.total_steps
     for it in range(req.batch_count):
         batch = slice(it * req.batch_size, (it + 1) * req.batch_size)
         batch_seeds = seeds[batch]
-        x, offset, stream = None, 0, None
-        for p in plan.passes:
+        x, offset, stream, last = None, 0, None, [None]
+        for k, p in enumerate(plan.passes):
 
-            def callback(i, x_i, sigma, denoised, offset=offset, it=it):
+            def callback(i, x_i, sigma, denoised, offset=offset, it=it, last=last):
+                last[0] = denoised
                 if progress is not None:
                     progress(Progress(offset + i + 1, total, it, req.batch_count, float(sigma), denoised, pipe))
 
-            x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
+            try:
+                x, stream = run_pass(p, x, it, batch_seeds, subseeds[batch], plan.noise, pipe.device, callback, stream)
+            except Interrupted:
+                if not partial or last[0] is None:
+                    raise
+                images = tensor_to_images(decode_checked(plan.decode, last[0]))
+                final = k == len(plan.passes) - 1 and plan.postprocess
+                out_images.extend(plan.postprocess(images, it) if final else images)
+                return
             offset += p.steps
         images = tensor_to_images(decode_checked(plan.decode, x))
         out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)

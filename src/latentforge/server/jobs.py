@@ -87,6 +87,7 @@ class Job:
     model_name: str | None = None
     skip_flag: bool = False
     stop_flag: bool = False
+    cancel_flag: bool = False  # stopped by DELETE: the image being made is dropped, not kept as by interrupt
     version: int = 0  # bumped on every change, for event streams
     batch: int = 1  # jobs that ran in its batch (server/batching.py), itself included
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -230,7 +231,7 @@ class JobQueue:
                 self._waiting.remove(job)
                 self.finish(job, "cancelled")
             elif job in self.running:
-                job.stop_flag = True
+                job.stop_flag = job.cancel_flag = True
         return job
 
     def interrupt(self) -> None:
@@ -279,7 +280,7 @@ class JobQueue:
                     continue
                 self._execute(job)
                 state = "interrupted" if job.stop_flag else "done"
-                if job.stop_flag and not job.images:
+                if job.stop_flag and (job.cancel_flag or not job.images):
                     state = "cancelled"
                 self.finish(job, state)
             except Exception as e:  # a bug or a broken model file: logged here, a short message to the client
@@ -338,14 +339,19 @@ class JobQueue:
                     init_images=images,
                     progress=lambda p: self._progress(job, p),
                     upscaler_dirs=self.config.upscaler_dirs,
+                    partial=True,  # interrupt and skip keep the image being made, as A1111
                 )
-            except Interrupted:
+            except Interrupted:  # stopped before its first step: nothing to keep
                 if job.stop_flag:
                     break
                 continue  # skipped
+            if job.cancel_flag:
+                break
             self.store(job, result)
             job.request = dataclasses.replace(result.request, seed=seed, subseed=subseed, batch_count=req.batch_count)
             job.touch()
+            if job.stop_flag:
+                break
 
     def store(self, job: Job, result: GenerationResult) -> None:
         """Add a run's images to a job (and write them to --outdir when the client asked)."""
