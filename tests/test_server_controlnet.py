@@ -71,3 +71,13 @@ def test_unit_model_names_cannot_be_paths(server, tmp_path):
         assert r.status_code in (400, 422) and "unknown ControlNet model" in r.text
     r = _txt2img(server, [{"model": "blobs"}])
     assert r.status_code in (400, 422) and "needs an image" in r.text
+
+
+def test_version_and_unit_masks(server):
+    """webuiapi's controlnet_version() read /controlnet/version (a 404); a unit's own mask was ignored."""
+    assert server.get("/controlnet/version").json() == {"version": 2}
+    hint = _b64(Image.new("RGB", (64, 64)))
+    for unit in ({"image": hint, "mask": hint}, {"image": {"image": hint, "mask": hint}}):
+        r = _txt2img(server, [{**unit, "model": "blobs"}])
+        assert r.status_code == 400 and "own mask is not available" in r.text, r.text
+    assert _txt2img(server, [{"image": {"image": hint, "mask": None}, "model": "blobs"}]).status_code == 200

@@ -96,6 +96,8 @@ def test_wrong_types_and_unknown_names(env):
     s, _ = env
     body = _err(s.post("/sdapi/v1/txt2img", {**OK, "steps": "many"}), 422, "steps")
     assert body["field"] == "steps"
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "steps": True}), 422, "steps must be a number, got True")
+    _err(s.post("/sdapi/v1/img2img", {**OK, "init_images": [], "denoising_strength": False}), 422, "denoising_strength")
     body = _err(s.post("/sdapi/v1/txt2img", {**OK, "sampler_name": "Warp Drive"}), 400, "unknown sampler", "Euler a")
     assert body["field"] == "sampler_name"
     _err(s.post("/sdapi/v1/txt2img", {**OK, "scheduler": "wobbly"}), 400, "unknown schedule")

@@ -286,6 +286,10 @@ def create_app(
             rows.append({"name": name, "model_name": "ESRGAN", "model_path": None, "model_url": None, "scale": 4.0})
         return rows
 
+    @app.get("/controlnet/version")
+    def controlnet_version() -> dict:
+        return {"version": 2}  # the A1111 ControlNet extension's API version whose unit fields are read
+
     @app.get("/controlnet/model_list")
     def controlnet_models() -> dict:
         from latentforge.io.hashing import legacy_model_hash

@@ -40,8 +40,13 @@ class _Payload(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        """Clients send ``null`` for fields they leave at the default (webuiapi, sd-backend-client)."""
+        """Clients send ``null`` for fields they leave at the default (webuiapi, sd-backend-client). A
+        bool is not a number (``"steps": true`` would run 1 step); numbers written as strings are read
+        as A1111's own models read them."""
         if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, bool) and k in _NUMBER_FIELDS.get(cls, ()):
+                    raise ValueError(f"{k} must be a number, got {v!r}")
             return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
         return data
 
@@ -123,6 +128,12 @@ class Img2ImgPayload(_Payload):
 class PngInfoPayload(BaseModel):
     image: str  # required, as in A1111's PNGInfoRequest
 
+
+def _number_fields(model: type[BaseModel]) -> set[str]:
+    return {k for k, f in model.model_fields.items() if any(t in str(f.annotation) for t in ("int", "float"))}
+
+
+_NUMBER_FIELDS = {m: _number_fields(m) for m in (Txt2ImgPayload, Img2ImgPayload)}
 
 # A1111 fields that are handled here (so they do not end up in ``extra``)
 _HANDLED = set(Img2ImgPayload.model_fields) | set(Txt2ImgPayload.model_fields)
@@ -234,8 +245,11 @@ def control_units(
             known = ", ".join(controlnets) or "none: start the server with --controlnet-dir"
             _refuse(f"{where}.model", f"unknown ControlNet model {unit.get('model')!r}; known: {known}")
         image = unit.get("image") or unit.get("input_image")
+        mask = unit.get("mask") or unit.get("mask_image")
         if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
-            image = image.get("image")
+            image, mask = image.get("image"), mask or image.get("mask")
+        if mask:
+            _refuse(f"{where}.mask", "a ControlNet unit's own mask is not available in latentforge; leave it empty")
         if not image:
             _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
