@@ -119,3 +119,29 @@ def test_skip_drops_one_pass_and_interrupt_keeps_finished_passes(server):
     # A1111: a skipped or interrupted pass still gives its image, its last denoised estimate decoded
     assert j["state"] == "interrupted" and j["seeds"] == [10, 11, 12]  # pass 0 skipped, pass 2 interrupted
     assert len(j["images"]) == 3 and [f"Seed: {s}," in t for s, t in zip((10, 11, 12), j["infotexts"])] == [True] * 3
+
+
+def test_many_waiting_clients_do_not_starve_the_other_routes(server):
+    """GET /jobs/{id}?wait=S held a worker thread for up to S seconds: with more waiting clients than the
+    server's threads (--queue-size 2: 26), /sdapi/v1/progress waited for them."""
+    job = server.post("/latentforge/v1/jobs", SLOW).json()["id"]
+    _wait_running(server, job)
+    done = []
+
+    def wait():
+        r = requests.get(f"{server.url}/latentforge/v1/jobs/{job}", params={"wait": 20}, timeout=60)
+        done.append(r.status_code)
+
+    waiters = [threading.Thread(target=wait) for _ in range(40)]
+    for t in waiters:
+        t.start()
+    time.sleep(1.0)  # every waiter is in
+    start = time.monotonic()
+    assert server.get("/sdapi/v1/progress").status_code == 200
+    assert server.get("/sdapi/v1/options").status_code == 200
+    took = time.monotonic() - start
+    server.delete(f"/latentforge/v1/jobs/{job}")
+    for t in waiters:
+        t.join(60)
+    assert done == [200] * 40
+    assert took < 10, f"the other routes waited {took:.1f} s behind the long polls"

@@ -14,10 +14,14 @@ progress (Server-Sent Events) and cancel.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
@@ -30,6 +34,18 @@ from latentforge.server.jobs import Job, JobQueue, make_spec
 from latentforge.server.models import ModelCatalog
 
 MAX_WAIT = 600.0
+KEEP_ALIVE = 15.0  # seconds between an event stream's comments while nothing changes
+POLL = 0.05  # seconds between looks at a job a client waits on (the worker changes it from its thread)
+
+
+async def _until(ready: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``ready()`` became true within ``timeout`` seconds, looked at every POLL without a thread."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(POLL)
+    return True
 
 
 def add_job_routes(
@@ -68,11 +84,12 @@ def add_job_routes(
         return job.summary(preview=False)
 
     @app.get("/latentforge/v1/jobs/{job_id}")
-    def get(job_id: str, wait: float = 0.0) -> dict:
+    async def get(job_id: str, wait: float = 0.0) -> dict:
+        # async: a waiting client holds no worker thread (a hundred long polls starved every other route)
         job = find(job_id)
         if wait > 0:
-            job.wait(min(wait, MAX_WAIT))
-        return view(job)
+            await _until(lambda: job.done, min(wait, MAX_WAIT))
+        return await anyio.to_thread.run_sync(view, job)  # images to base64 off the event loop
 
     @app.delete("/latentforge/v1/jobs/{job_id}")
     def cancel(job_id: str) -> dict:
@@ -84,17 +101,18 @@ def add_job_routes(
     def events(job_id: str):
         job = find(job_id)
 
-        def stream():
-            version = None
+        async def stream():  # async, as ``get``: an open stream holds no worker thread
+            version = -1
             while True:
-                changed = job.wait(15.0, after_version=version if version is not None else -1)
-                if not changed and not job.done:
+                changed = await _until(lambda v=version: job.version != v or job.done, KEEP_ALIVE)
+                if not changed:
                     yield ": keep-alive\n\n"
                     continue
                 data = job.summary(preview=True)
                 version = data["version"]
                 if job.done:
-                    yield f"event: done\ndata: {json.dumps(view(job))}\n\n"
+                    done = await anyio.to_thread.run_sync(view, job)
+                    yield f"event: done\ndata: {json.dumps(done)}\n\n"
                     return
                 yield f"event: progress\ndata: {json.dumps(data)}\n\n"
 

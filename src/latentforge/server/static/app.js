@@ -236,7 +236,7 @@ function applyParameters(p) {
   set("steps", p.Steps);
   set("cfg_scale", p["CFG scale"]);
   set("seed", p.Seed);
-  if (p.Size) { const [w, h] = p.Size.split("x"); set("width", w); set("height", h); }
+  set("width", p["Size-1"]); set("height", p["Size-2"]);  // png-info splits sizes as A1111 does
   if (p.Sampler) set("sampler_name", p.Sampler);
   if (p["Schedule type"]) {
     const opt = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
