@@ -12,6 +12,7 @@ run together, up to ``max_batch`` images.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import logging
@@ -92,6 +93,7 @@ class Job:
     batch: int = 1  # jobs that ran in its batch (server/batching.py), itself included
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _last_preview: float = 0.0
+    _watchers: list = field(default_factory=list, repr=False)  # called (from the worker's thread) on changes
 
     @property
     def done(self) -> bool:
@@ -115,6 +117,18 @@ class Job:
         with self._cond:
             self.version += 1
             self._cond.notify_all()
+            watchers = list(self._watchers)
+        for notify in watchers:
+            notify()
+
+    def watch(self, notify) -> None:
+        """Call ``notify()`` at every change until ``unwatch`` (async waiters: no thread blocks on the job)."""
+        with self._cond:
+            self._watchers.append(notify)
+
+    def unwatch(self, notify) -> None:
+        with self._cond, contextlib.suppress(ValueError):
+            self._watchers.remove(notify)
 
     def wait(self, timeout: float | None = None, after_version: int | None = None) -> bool:
         """Wait until the job is done (or, with ``after_version``, until anything changed)."""

@@ -15,8 +15,8 @@ progress (Server-Sent Events) and cancel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,17 +35,30 @@ from latentforge.server.models import ModelCatalog
 
 MAX_WAIT = 600.0
 KEEP_ALIVE = 15.0  # seconds between an event stream's comments while nothing changes
-POLL = 0.05  # seconds between looks at a job a client waits on (the worker changes it from its thread)
 
 
-async def _until(ready: Callable[[], bool], timeout: float) -> bool:
-    """Whether ``ready()`` became true within ``timeout`` seconds, looked at every POLL without a thread."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(POLL)
-    return True
+async def _until(job: Job, ready: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``ready()`` became true within ``timeout`` seconds: woken by the job's changes (the worker
+    calls back into this event loop), no thread waits."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def notify() -> None:
+        loop.call_soon_threadsafe(changed.set)
+
+    job.watch(notify)
+    try:
+        deadline = loop.time() + timeout
+        while not ready():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+            changed.clear()
+        return True
+    finally:
+        job.unwatch(notify)
 
 
 def add_job_routes(
@@ -88,7 +101,7 @@ def add_job_routes(
         # async: a waiting client holds no worker thread (a hundred long polls starved every other route)
         job = find(job_id)
         if wait > 0:
-            await _until(lambda: job.done, min(wait, MAX_WAIT))
+            await _until(job, lambda: job.done, min(wait, MAX_WAIT))
         return await anyio.to_thread.run_sync(view, job)  # images to base64 off the event loop
 
     @app.delete("/latentforge/v1/jobs/{job_id}")
@@ -104,7 +117,7 @@ def add_job_routes(
         async def stream():  # async, as ``get``: an open stream holds no worker thread
             version = -1
             while True:
-                changed = await _until(lambda v=version: job.version != v or job.done, KEEP_ALIVE)
+                changed = await _until(job, lambda v=version: job.version != v or job.done, KEEP_ALIVE)
                 if not changed:
                     yield ": keep-alive\n\n"
                     continue
