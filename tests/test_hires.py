@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 import latentforge
 from latentforge.cli import main
-from latentforge.pipelines import HiresOptions, RequestError, hires
+from latentforge.pipelines import GenerationRequest, HiresOptions, RequestError, hires, plan
 from latentforge.pipelines.images import tensor_to_images
 from latentforge.pipelines.metadata import request_from_infotext
 from tiny import build_reference, save_folder
@@ -110,3 +112,51 @@ def test_bad_hires_settings_are_refused(pipe, options, message):
 def test_resize_to_one_side_keeps_the_aspect_ratio(pipe):
     image = pipe.txt2img("a cube", enable_hr=True, hr_resize_x=128, **{**BASE, "height": 96}).images[0]
     assert image.size == (128, 96 * 2)
+
+
+def test_hires_pass_prompt_editing_goes_on_from_the_first_pass(pipe, monkeypatch):
+    """A1111 1.7+ lays the hires pass's schedules on the first pass's timeline (prompt_parser with
+    hires_steps): a step number counts on from the first pass's steps (when - 4 here), a fraction from 1.0
+    ((when - 1) * 6). Expected schedules worked out by hand from those formulas."""
+    schedules = []
+    original = plan.prompt_schedule
+
+    def spy(text, steps, *args):
+        entries = original(text, steps, *args)
+        schedules.append((steps, entries))
+        return entries
+
+    monkeypatch.setattr(plan, "prompt_schedule", spy)
+    prompt = "[a:b:0.5] [c:d:1.5] [e:f:6] [g:h:3] [i:j:1.0]"
+    options = {**BASE, "cfg_scale": 1.0}  # no negative prompt: one schedule a pass
+    pipe.txt2img(prompt, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=6, **options)
+    first = [(2, "a c e g i"), (3, "b c e g i"), (4, "b c e h i")]  # 0.5*4=2, 1.5*4 and 6 past 4, 3, 1.0*4=4
+    # hires: (0.5-1)*6 < 1: b; (1.5-1)*6 = 3; 6-4 = 2; 3-4 < 1: h; (1.0-1)*6 = 0: j
+    second = [(2, "b c e h j"), (3, "b c f h j"), (6, "b d f h j")]
+    assert schedules == [(4, first), (6, second)]
+
+
+def test_hires_pass_calls_count_both_calls_of_second_order_steps():
+    req = GenerationRequest(prompt="a", steps=4, sampler="Heun", hires=HiresOptions(second_pass_steps=6))
+    assert hires.pass_calls(req) == (8, 12)
+    assert hires.pass_calls(dataclasses.replace(req, sampler="Euler", hires=HiresOptions())) == (4, 4)
+
+
+def test_hires_pass_prompt_limits_are_checked_before_any_step(pipe):
+    # 100 edits past the 2 first-pass steps: one text in the first pass, 101 in a hires pass of 150 steps
+    prompt = "a red circle " + " ".join(f"[x:y:{n}]" for n in range(3, 103))
+    req = GenerationRequest(prompt=prompt, steps=2, hires=HiresOptions(second_pass_steps=150))
+    with pytest.raises(RequestError, match=r"prompt \(hires pass\): .*more than 100 different prompts over 150 steps"):
+        req.validate()  # text only: no model needed
+    dataclasses.replace(req, hires=HiresOptions(second_pass_steps=99)).validate()  # 100 texts
+    dataclasses.replace(req, hires=HiresOptions(second_pass_steps=150)).validate(img2img=True)  # no hires pass
+    steps = []
+    with pytest.raises(RequestError, match=r"hires pass"):
+        pipe.txt2img(
+            prompt,
+            enable_hr=True,
+            hr_second_pass_steps=150,
+            progress=lambda p: steps.append(p),
+            **{**BASE, "steps": 2},
+        )
+    assert steps == []

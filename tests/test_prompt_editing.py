@@ -7,11 +7,15 @@ entry whose step is >= k, over twice the steps for second-order samplers.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import latentforge
+from latentforge.conditioning.prompt import MAX_PROMPT_CHARS
 from latentforge.conditioning.schedule import prompt_schedule
+from latentforge.pipelines.checks import MAX_STEPS
 from latentforge.sampling import Cond, CondSchedule
 from tiny import build_reference, save_folder
 
@@ -44,6 +48,43 @@ def test_when_is_a_fraction_only_with_a_decimal_point_and_is_capped_at_the_steps
     assert prompt_schedule("[a:b:50]", 20) == [(20, "a")]
     assert prompt_schedule("[a:b:0]", 20) == [(20, "b")]
     assert prompt_schedule("a | b", 20) == [(20, "a | b")]  # does not parse: used as written
+
+
+def test_a_when_below_any_float_is_before_the_first_step():
+    assert prompt_schedule("[a:b:-1e999]", 10) == [(10, "b")]
+    assert prompt_schedule("[a:b:-" + "9" * 400 + ".5]", 10) == [(10, "b")]
+
+
+# A1111 1.7+ (prompt_parser.get_learned_conditioning_prompt_schedules with hires_steps, the new timeline):
+# in the hires pass a step number counts on from the first pass's steps (when - base) and a fraction from
+# 1.0 ((when - 1) * hires steps); capped at the hires steps, and below 1: the edit already happened
+HIRES_TIMELINE = [  # (prompt, first pass steps, hires steps, schedule of the hires pass)
+    ("a [b:.5] c", 10, 10, [(10, "a b c")]),  # A1111's doctest
+    ("a [b:1.5] c", 10, 10, [(5, "a  c"), (10, "a b c")]),  # A1111's doctest
+    ("[a:b:10]", 20, 10, [(10, "b")]),  # step 10 of the first pass: long done
+    ("[a:b:25]", 20, 10, [(5, "a"), (10, "b")]),  # 25 - 20 = step 5 of the hires pass
+    ("[a:b:40]", 20, 10, [(10, "a")]),  # 40 - 20 = 20: after the hires pass
+    ("[a:b:1.0]", 20, 10, [(10, "b")]),  # the end of the first pass
+    ("[a:b:1.25]", 20, 8, [(2, "a"), (8, "b")]),  # 0.25 * 8
+    ("[a:b:2.0]", 20, 8, [(8, "a")]),
+    ("[a:[b:c:1.5]:21]", 20, 10, [(1, "a"), (5, "b"), (10, "c")]),
+    ("[a|b]", 20, 3, [(1, "a"), (2, "b"), (3, "a")]),  # alternation is by the pass's own steps
+]
+
+
+@pytest.mark.parametrize("prompt, first, steps, expected", HIRES_TIMELINE)
+def test_hires_pass_schedules_go_on_from_the_first_pass(prompt, first, steps, expected):
+    assert prompt_schedule(prompt, steps, first) == expected
+
+
+def test_schedules_take_time_in_the_edits_not_the_length_times_the_steps():
+    calls = 2 * MAX_STEPS  # second-order samplers: two model calls a step
+    for prompt in ("[a|b]" + "()" * 9997, "[a|b|c|d][e|f|g|h|i]" + "(x)" * 6600, "[a:b:0.5]" + " " * 19990):
+        prompt = prompt[:MAX_PROMPT_CHARS]
+        start = time.perf_counter()
+        entries = prompt_schedule(prompt, calls)
+        assert time.perf_counter() - start < 2.0  # documented: about 0.2 s at the limits
+        assert entries[-1][0] == calls
 
 
 def test_cond_schedule_picks_the_first_entry_not_yet_passed():

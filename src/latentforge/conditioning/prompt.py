@@ -1,10 +1,11 @@
 """A1111 prompt syntax: emphasis weights, BREAK, and 75-token chunks.
 
 ``(text)`` multiplies the attention weight by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)`` sets it;
-nesting multiplies; ``\\(`` and ``\\)`` are literal brackets; unclosed brackets apply to the end of the
-prompt. Long prompts are cut into chunks of 75 tokens, each encoded on its own and concatenated;
-a full chunk moves the text after its last comma to the next chunk when that comma is within the last
-20 tokens; ``BREAK`` starts a new chunk.
+nesting multiplies; ``\\(`` and ``\\)`` are literal brackets (``\\\\`` a backslash; a backslash before
+any other character is dropped, as by A1111); unclosed brackets apply to the end of the prompt. Long
+prompts are cut into chunks of 75 tokens, each encoded on its own and concatenated; a full chunk moves
+the text after its last comma to the next chunk when that comma is within the last 20 tokens (checked
+before a textual-inversion embedding too, as A1111 does); ``BREAK`` starts a new chunk.
 
 Prompts come from users and from image files, so the parsers check limits before any work
 (``check_prompt``): length in characters, bracket nesting depth, and later the number of chunks and
@@ -74,18 +75,19 @@ def check_prompt(text: str, what: str = "prompt") -> None:
         )
 
 
-_TOKENS = re.compile(
-    r"""
-    \\\( | \\\) | \\\[ | \\\] | \\\\ | \\      # escapes and a lone backslash
+_TOKENS = re.compile(  # A1111's re_attention; group 1 the whole token (for findall), group 2 a weight
+    r"""(
+    \\\( | \\\) | \\\[ | \\\] | \\\\ | \\      # escapes, and a lone backslash (dropped, as by A1111)
     | \( | \[                                 # openers
     | :\s*([+-]?[.\d]+)\s*\)                  # explicit weight closing a round bracket
     | \) | \]                                 # closers
     | [^\\()\[\]:]+                           # plain text
     | :                                       # a colon that is just text
-    """,
+    )""",
     re.X,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+_SPACES = re.compile(r"\s*")
 _NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 
 
@@ -96,58 +98,95 @@ def extract_network_tags(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
     return _NETWORK_TAG.sub("", text), tags
 
 
+def split_break(text: str) -> list[str]:
+    r"""``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's ``re_break``) in linear time: that pattern retries
+    its leading ``\s*`` at every blank of a long run of blanks (13 s for 20,000 spaces). Each ``BREAK``
+    found as a word takes the blanks before it (back to the previous split) and after it."""
+    parts: list[str] = []
+    start = 0
+    for m in _BREAK_WORD.finditer(text):
+        parts.append(text[start : m.start()].rstrip())  # rstrip() drops what \s matches (str.isspace)
+        start = _SPACES.match(text, m.end()).end()
+    parts.append(text[start:])
+    return parts
+
+
 def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Split a prompt into (text, weight) runs; BREAK becomes ("BREAK", -1).
+    r"""Split a prompt into (text, weight) runs, as A1111's ``parse_prompt_attention``: BREAK becomes
+    ("BREAK", -1), and brackets around it multiply that -1 too (so there it is the word BREAK, as in
+    A1111); neighbouring runs of equal weight merge, empty ones included; a backslash that escapes none
+    of ``( ) [ ] \`` is dropped (``a\b`` is ``ab``).
 
     Explicit weights must be finite numbers within +-``MAX_WEIGHT`` (``PromptError`` otherwise)."""
     check_prompt(text)
+    # [parts, weight]; text that follows text with no bracket or BREAK between joins its run: A1111 makes
+    # a run of each and merges them at the end, as the same brackets scale them (so 18,000 ":" and "a"
+    # inside 50 brackets are one run to scale, not 18,000)
     runs: list[list] = []
+    joinable = False  # the last run takes more text
     round_open: list[int] = []
     square_open: list[int] = []
 
     def scale(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
+        for i in range(start, len(runs)):
+            runs[i][1] *= factor
 
-    for m in _TOKENS.finditer(text):
-        tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\") and len(tok) == 2:
-            runs.append([tok[1], 1.0])
-        elif tok == "(":
+    for tok, weight in _TOKENS.findall(text):  # weight: "" unless tok is ":1.5)"
+        if tok == "(":
             round_open.append(len(runs))
-        elif tok == "[":
+            joinable = False
+            continue
+        if tok == "[":
             square_open.append(len(runs))
-        elif weight is not None and round_open:
-            scale(round_open.pop(), _weight(weight, text))
-        elif tok == ")" and round_open:
-            scale(round_open.pop(), ROUND)
-        elif tok == "]" and square_open:
+            joinable = False
+            continue
+        if round_open and (weight or tok == ")"):
+            scale(round_open.pop(), _weight(weight, text) if weight else ROUND)
+            joinable = False
+            continue
+        if tok == "]" and square_open:
             scale(square_open.pop(), SQUARE)
+            joinable = False
+            continue
+        if tok[0] == "\\":
+            pieces = [tok[1:]]  # a lone backslash: ""
+        elif "BREAK" in tok:
+            pieces = split_break(tok)
         else:
-            for i, part in enumerate(_BREAK.split(tok)):
-                if i:
-                    runs.append(["BREAK", -1.0])
-                runs.append([part, 1.0])
+            pieces = [tok]
+        for i, piece in enumerate(pieces):
+            if i:
+                runs.append([["BREAK"], -1.0])
+                joinable = False
+            if joinable:
+                runs[-1][0].append(piece)
+            else:
+                runs.append([[piece], 1.0])
+                joinable = True
     for start in round_open:
         scale(start, ROUND)
     for start in square_open:
         scale(start, SQUARE)
 
-    for run in runs:
-        if not abs(run[1]) <= MAX_EFFECTIVE_WEIGHT:
+    for parts, weight in runs:
+        if not abs(weight) <= MAX_EFFECTIVE_WEIGHT:
             raise PromptError(
-                f"emphasis of {run[0][:40]!r} multiplies to {run[1]:g}; nested weights may reach at most "
+                f"emphasis of {''.join(parts)[:40]!r} multiplies to {weight:g}; nested weights may reach at most "
                 f"{MAX_EFFECTIVE_WEIGHT:g} (use fewer or smaller weights)"
             )
-    merged: list[list] = []
-    for run in runs:
-        if run[0] == "" and run[1] != -1:
-            continue
-        if merged and merged[-1][1] == run[1] and run[1] != -1:
-            merged[-1][0] += run[0]
+    merged: list[list] = []  # A1111 merges equal neighbours, empty runs included
+    for parts, weight in runs:
+        if merged and merged[-1][1] == weight:
+            merged[-1][0].extend(parts)
         else:
-            merged.append(run)
-    return [(t, w) for t, w in merged] or [("", 1.0)]
+            merged.append([parts, weight])
+    return [("".join(parts), weight) for parts, weight in merged] or [("", 1.0)]
+
+
+def is_break(piece: str, weight: float) -> bool:
+    """Whether a run of ``parse_attention`` starts a new chunk: A1111's test, the text BREAK at weight -1
+    (not any run at weight -1, such as ``(red:-1)``)."""
+    return piece == "BREAK" and weight == -1
 
 
 def _short(number: str) -> str:
@@ -197,19 +236,17 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
         chunk, last_comma = Chunk(), -1
 
     for piece, weight in parse_attention(text):
-        if weight == -1:
+        if is_break(piece, weight):
             close()
             continue
         for token in encode(piece):
-            if isinstance(token, tuple):  # an embedding's rows
-                if len(token) > CHUNK:
-                    raise ValueError(f"an embedding of {len(token)} vectors does not fit in a {CHUNK}-token chunk")
-                if len(chunk.tokens) + len(token) > CHUNK:
-                    close()
-                chunk.tokens.extend(token)
-                chunk.weights.extend([weight] * len(token))
-                continue
-            if token == comma_id:
+            rows = token if isinstance(token, tuple) else None  # an embedding's rows
+            if rows is not None and len(rows) > CHUNK:
+                raise ValueError(f"an embedding of {len(rows)} vectors does not fit in a {CHUNK}-token chunk")
+            # A1111's order (sd_hijack_clip.tokenize_line), embeddings included: note a comma; else move
+            # the text after a comma within the last 20 tokens of a full chunk to the next; then close a
+            # full chunk
+            if rows is None and token == comma_id:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK and last_comma != -1 and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
@@ -219,8 +256,14 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
                 chunk = moved
             if len(chunk.tokens) == CHUNK:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            if rows is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+                continue
+            if len(chunk.tokens) + len(rows) > CHUNK:  # an embedding's rows stay in one chunk
+                close()
+            chunk.tokens.extend(rows)
+            chunk.weights.extend([weight] * len(rows))
     if chunk.tokens or not chunks:
         close()
     return chunks

@@ -16,7 +16,10 @@ both bounded by ``prompt.check_prompt`` before parsing. The number of edit/alter
 are limited too; a prompt over a limit raises ``PromptError``.
 
 ``prompt_schedule(text, steps)`` returns ``[(last_step, text), ...]``: ``text`` applies to steps up to
-and including ``last_step`` (1-based boundaries, as A1111's schedules).
+and including ``last_step`` (1-based boundaries, as A1111's schedules). Each step's text is put together
+from the parsed prompt with its fixed text joined beforehand, so a schedule takes time in the number of
+steps times the number of edits, not times the prompt's length. A hires pass goes on with the first
+pass's timeline (``first_pass_steps``), as A1111 1.7+ does.
 """
 
 from __future__ import annotations
@@ -178,44 +181,83 @@ class _Parser:
             )
 
 
-def _when(number: str, steps: int) -> int:
-    value = float(number) * steps if "." in number else float(number)
-    return steps if value >= steps else int(value)  # compared first: a huge number is inf
+@dataclass
+class _At:
+    """An edit or alternation with its step resolved: ``when`` for an edit, None for an alternation;
+    ``options`` are compiled node lists (an edit's: before, after)."""
+
+    when: int | None
+    options: list[list]
 
 
-def _walk(nodes: list, steps: int, boundaries: set[int]) -> None:
-    for node in nodes:
-        if isinstance(node, _Edit):
-            when = _when(node.when, steps)
-            if when >= 1:
-                boundaries.add(when)
-            _walk(node.before or [], steps, boundaries)
-            _walk(node.after, steps, boundaries)
-        elif isinstance(node, _Alternate):
-            boundaries.update(range(1, steps + 1))
-            for option in node.options:
-                _walk(option, steps, boundaries)
-        elif isinstance(node, list):
-            _walk(node, steps, boundaries)
+def _when(number: str, steps: int, first_pass_steps: int | None) -> int:
+    """A1111's step of ``[a:b:when]`` (prompt_parser.get_learned_conditioning_prompt_schedules, the
+    timeline of 1.7+): a fraction of the steps with a ".", else a step number; in a hires pass (after
+    ``first_pass_steps``) fractions count from 1.0 and step numbers from the first pass's steps. Capped at
+    ``steps``; anything below 1 is 0 (after the edit from the first step)."""
+    value = float(number)
+    if "." in number:
+        value = (value - (0.0 if first_pass_steps is None else 1.0)) * steps
+    elif first_pass_steps is not None:
+        value -= first_pass_steps
+    if value >= steps:  # compared first: a huge number is inf
+        return steps
+    return int(value) if value >= 1 else 0  # also -inf, which int() refuses
 
 
-def _text_at(nodes: list, step: int, steps: int) -> str:
-    parts = []
+def _compile(nodes: list, steps: int, first: int | None, boundaries: set[int]) -> list:
+    """The tree with each edit's step resolved (its boundary added to ``boundaries``), each alternation's
+    boundaries (every step) added, and neighbouring fixed text joined into one string: a step's text
+    then takes time in the number of edits and alternations, not the prompt's length."""
+    out: list = []
+    text: list[str] = []
+
+    def add(item) -> None:
+        if isinstance(item, str):
+            text.append(item)
+            return
+        if text:
+            out.append("".join(text))
+            text.clear()
+        out.append(item)
+
     for node in nodes:
         if isinstance(node, str):
-            parts.append(node)
+            add(node)
         elif isinstance(node, _Edit):
-            chosen = (node.before or []) if step <= _when(node.when, steps) else node.after
-            parts.append(_text_at(chosen, step, steps))
+            when = _when(node.when, steps, first)
+            if when >= 1:
+                boundaries.add(when)
+            before = _compile(node.before or [], steps, first, boundaries)
+            add(_At(when, [before, _compile(node.after, steps, first, boundaries)]))
         elif isinstance(node, _Alternate):
-            parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+            boundaries.update(range(1, steps + 1))
+            add(_At(None, [_compile(option, steps, first, boundaries) for option in node.options]))
+        else:  # brackets: their items join the surrounding text
+            for item in _compile(node, steps, first, boundaries):
+                add(item)
+    if text:
+        out.append("".join(text))
+    return out
+
+
+def _text_at(items: list, step: int, out: list[str]) -> None:
+    for item in items:
+        if isinstance(item, str):
+            out.append(item)
+        elif item.when is None:
+            _text_at(item.options[(step - 1) % len(item.options)], step, out)
         else:
-            parts.append(_text_at(node, step, steps))
-    return "".join(parts)
+            _text_at(item.options[0 if step <= item.when else 1], step, out)
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(text: str, steps: int, first_pass_steps: int | None = None) -> list[tuple[int, str]]:
     """[(last_step, prompt text)] over ``steps`` steps; one entry when nothing is edited.
+
+    ``first_pass_steps``: this is the hires pass after a first pass of that many steps, where A1111 (1.7+)
+    goes on with the first pass's timeline: ``[a:b:25]`` after 20 steps switches after step 5 of the
+    hires pass, ``[a:b:1.5]`` halfway through it, and ``[a:b:10]`` or ``[a:b:0.5]`` shows ``b`` all along.
+    None: a first pass.
 
     Raises ``PromptError`` for a prompt over a limit (``check_prompt``, ``MAX_ALTERNATIVES``,
     ``MAX_SCHEDULE_TEXTS``)."""
@@ -225,12 +267,14 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     except _NoParse:
         return [(steps, text)]
     boundaries = {steps}
-    _walk(tree, steps, boundaries)
+    items = _compile(tree, steps, first_pass_steps, boundaries)
     schedule = []
-    texts: set[str] = set()
+    texts: dict[str, str] = {}  # one string object per different text
     for b in sorted(boundaries):
-        entry = _text_at(tree, b, steps)
-        texts.add(entry)
+        parts: list[str] = []
+        _text_at(items, b, parts)
+        joined = "".join(parts)
+        entry = texts.setdefault(joined, joined)
         if len(texts) > MAX_SCHEDULE_TEXTS:
             raise PromptError(
                 f"prompt editing/alternation gives more than {MAX_SCHEDULE_TEXTS} different prompts over "

@@ -2,6 +2,9 @@
 
 The second pass uses the same seeds (fresh noise at the new size, A1111's rule), the request's
 ``denoising_strength`` and ``hr_second_pass_steps`` (0: the same steps), with img2img's step rule.
+Prompt editing goes on with the first pass's timeline, as in A1111 1.7+: ``[a:b:when]`` with a step
+number counts on from the first pass's steps, a fraction from 1.0 (``1.5``: halfway through the hires
+pass; ``0.5`` happened in the first pass), see ``conditioning.schedule.prompt_schedule``.
 Upscalers: the latent ones interpolate the latents directly; the image ones decode, resize the
 8-bit image and encode again, as A1111 does. An ESRGAN-family model file (``upscalers.py``, by path, or
 by name in the upscaler folders given to ``generate``) is an image upscaler too: the network enlarges
@@ -33,6 +36,7 @@ from latentforge.pipelines.request import (
     builtin_upscaler,
     upscaler_name,
 )
+from latentforge.sampling.registry import resolve
 
 
 def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
@@ -91,6 +95,14 @@ def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch
         raise RequestError(f"hr_upscaler: {e}") from None
 
 
+def pass_calls(req: GenerationRequest) -> tuple[int, int]:
+    """(model calls of the first pass, of the hires pass): the steps over which A1111 lays out each
+    pass's prompt schedules (second-order samplers call the model twice a step)."""
+    sampler, _ = resolve(req.sampler, req.schedule)
+    per_step = 2 if sampler.second_order else 1
+    return req.steps * per_step, (req.hires.second_pass_steps or req.steps) * per_step
+
+
 def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[str | Path] | None = None) -> Pass:
     """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
     then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength.
@@ -99,8 +111,9 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[s
     width, height = target_size(req, plan.width, plan.height)
     steps = req.hires.second_pass_steps or req.steps
     sigmas = pass_sigmas(first.sampler, plan.schedule, first.model.schedule, steps)
-    calls = steps * (2 if first.sampler.second_order else 1)
-    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, calls)
+    first_calls, calls = pass_calls(req)
+    # A1111 1.7+: the hires pass's prompt editing goes on from the first pass's timeline
+    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, calls, first_pass_calls=first_calls)
     down = pipe.vae.config.downscale
     shape = (first.shape[0], height // down, width // down)
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)

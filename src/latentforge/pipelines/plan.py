@@ -142,13 +142,15 @@ def conditioning(
     total_calls: int | None = None,
     concat: Tensor | None = None,
     inputs: dict | None = None,
+    first_pass_calls: int | None = None,
 ) -> tuple[CondSchedule, CondSchedule | None]:
     """Both sides of CFG for one pass of ``batch`` images (the prompt is the same for each), as
     schedules over ``total_calls`` model calls: A1111's prompt editing ``[a:b:when]`` and alternation
     ``[a|b]`` give several entries (conditioning/schedule.py), a plain prompt one. The family's
     conditioner turns the encoded text into ``Cond`` (vector, extra channels: ``concat`` when the task
     made them, else the conditioner's default); ``inputs`` are the task's own keyword inputs for a
-    conditioner that needs them (the x4 upscaler's ``noise_level``)."""
+    conditioner that needs them (the x4 upscaler's ``noise_level``). ``first_pass_calls``: this is a
+    hires pass, whose prompt editing goes on from a first pass of that many calls (A1111 1.7+)."""
     conditioner = pipe.family.conditioner
     if conditioner.needs and concat is None and inputs is None:
         raise RequestError(
@@ -179,7 +181,9 @@ def conditioning(
         )
 
     def schedule(text: str, aesthetic: float, negative: bool) -> CondSchedule:
-        entries = prompt_schedule(text, total) if req.prompt_syntax == "a1111" else [(total, text)]
+        if req.prompt_syntax != "a1111":
+            return CondSchedule([(total, make(text, aesthetic, negative))])
+        entries = prompt_schedule(text, total, first_pass_calls)
         return CondSchedule([(end, make(t, aesthetic, negative)) for end, t in entries])
 
     parts = split_and(req.prompt) if req.prompt_syntax == "a1111" else [(req.prompt, 1.0)]

@@ -192,6 +192,33 @@ _GROUPS = {
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
 
 
+def check_schedules(req, calls: int, first_pass_calls: int | None = None, parsed: set | None = None) -> None:
+    """The prompt parsers' limits over one pass of ``calls`` model calls (a hires pass: after a first pass
+    of ``first_pass_calls``, on A1111's one timeline): each AND part of the prompt has a schedule and every
+    different text is encoded (pipelines/plan.py), so at most ``MAX_SCHEDULE_TEXTS`` of them, each with
+    emphasis in bounds (each text parsed once: ``parsed`` holds those already checked). A ``RequestError``
+    names the prompt (and the hires pass)."""
+    parsed = set() if parsed is None else parsed
+    where = "" if first_pass_calls is None else " (hires pass)"
+    for name in ("prompt", "negative_prompt"):
+        try:
+            parts = split_and(req.prompt) if name == "prompt" else [(req.negative_prompt, 1.0)]
+            texts = {
+                (i, t) for i, (part, _) in enumerate(parts) for _, t in prompt_schedule(part, calls, first_pass_calls)
+            }
+            if len(texts) > MAX_SCHEDULE_TEXTS:
+                raise PromptError(
+                    f"its AND parts, prompt editing and alternation give {len(texts)} different prompts "
+                    f"over the steps; the limit is {MAX_SCHEDULE_TEXTS} (each is encoded)"
+                )
+            for _, text in texts:
+                if text not in parsed:
+                    parse_attention(text)
+                    parsed.add(text)
+        except PromptError as e:
+            raise RequestError(f"{name}{where}: {e}") from None
+
+
 @dataclass
 class GenerationRequest:
     prompt: str = ""
@@ -277,20 +304,13 @@ class GenerationRequest:
             raise RequestError(str(e)) from None
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
         if self.prompt_syntax == "a1111":  # the parsers' limits, checked before any model work
-            calls = self.steps * (2 if sampler.second_order else 1)
-            for name in ("prompt", "negative_prompt"):
-                try:  # the prompt's AND parts each have a schedule (pipelines/plan.py); all are encoded
-                    parts = split_and(self.prompt) if name == "prompt" else [(self.negative_prompt, 1.0)]
-                    texts = {(i, t) for i, (part, _) in enumerate(parts) for _, t in prompt_schedule(part, calls)}
-                    if len(texts) > MAX_SCHEDULE_TEXTS:
-                        raise PromptError(
-                            f"its AND parts, prompt editing and alternation give {len(texts)} different prompts "
-                            f"over the steps; the limit is {MAX_SCHEDULE_TEXTS} (each is encoded)"
-                        )
-                    for _, text in texts:
-                        parse_attention(text)
-                except PromptError as e:
-                    raise RequestError(f"{name}: {e}") from None
+            per_step = 2 if sampler.second_order else 1
+            parsed: set[str] = set()
+            check_schedules(self, self.steps * per_step, parsed=parsed)
+            if self.hires is not None and not img2img and isinstance(self.hires, HiresOptions):
+                steps = self.hires.second_pass_steps
+                if is_int(steps) and 0 <= steps <= MAX_STEPS:  # (its range is checked with the group)
+                    check_schedules(self, (steps or self.steps) * per_step, self.steps * per_step, parsed)
         try:
             schedule_name(self.schedule)
         except ValueError as e:
