@@ -16,8 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict
 
-from latentforge.conditioning.prompt import PromptError, check_prompt, extract_network_tags, parse_attention, split_and
-from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
+from latentforge.conditioning.prompt import PromptError, check_prompt, extract_network_tags
 from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
 from latentforge.pipelines.checks import CONTROL_MODULES as CONTROL_MODULES
 from latentforge.pipelines.checks import CONTROL_RESIZE_MODES as CONTROL_RESIZE_MODES
@@ -29,6 +28,7 @@ from latentforge.pipelines.checks import (
     MAX_STEPS,
     RANGES,
     RequestError,
+    check_schedules,
     check_types,
     given,
     is_int,
@@ -190,33 +190,6 @@ _GROUPS = {
     "x4": X4Options,
 }
 _LISTS = {"networks": NetworkRef, "control": ControlUnit}
-
-
-def check_schedules(req, calls: int, first_pass_calls: int | None = None, parsed: set | None = None) -> None:
-    """The prompt parsers' limits over one pass of ``calls`` model calls (a hires pass: after a first pass
-    of ``first_pass_calls``, on A1111's one timeline): each AND part of the prompt has a schedule and every
-    different text is encoded (pipelines/plan.py), so at most ``MAX_SCHEDULE_TEXTS`` of them, each with
-    emphasis in bounds (each text parsed once: ``parsed`` holds those already checked). A ``RequestError``
-    names the prompt (and the hires pass)."""
-    parsed = set() if parsed is None else parsed
-    where = "" if first_pass_calls is None else " (hires pass)"
-    for name in ("prompt", "negative_prompt"):
-        try:
-            parts = split_and(req.prompt) if name == "prompt" else [(req.negative_prompt, 1.0)]
-            texts = {
-                (i, t) for i, (part, _) in enumerate(parts) for _, t in prompt_schedule(part, calls, first_pass_calls)
-            }
-            if len(texts) > MAX_SCHEDULE_TEXTS:
-                raise PromptError(
-                    f"its AND parts, prompt editing and alternation give {len(texts)} different prompts "
-                    f"over the steps; the limit is {MAX_SCHEDULE_TEXTS} (each is encoded)"
-                )
-            for _, text in texts:
-                if text not in parsed:
-                    parse_attention(text)
-                    parsed.add(text)
-        except PromptError as e:
-            raise RequestError(f"{name}{where}: {e}") from None
 
 
 @dataclass
