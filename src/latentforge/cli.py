@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +32,18 @@ def _adapter_kind(path: Path) -> str | None:
     return None
 
 
+def _say(line: str) -> None:
+    """Print a line of ``inspect``'s report. Tensor, module and file names come from the file: control
+    characters (ESC, CSI, bidi overrides) are escaped as ``latentforge info`` escapes infotext, and so are
+    lone surrogates (a pickle's names may hold them), which a strict UTF-8 stdout cannot write."""
+    from latentforge.cli_generate import terminal_safe
+
+    print(_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", terminal_safe(line, newlines=False)))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def cmd_inspect_adapter(args: argparse.Namespace, kind: str) -> int:
     import latentforge
 
@@ -41,38 +54,36 @@ def cmd_inspect_adapter(args: argparse.Namespace, kind: str) -> int:
 
         lora = read_lora(args.file)
         text = sum(1 for n in lora.modules if n.startswith(("lora_te", "text_encoder")))
-        print(f"{args.file}  (LoRA/LyCORIS adapter)")
-        print(f"  modules:     {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
-        print(f"  kinds:       {', '.join(f'{k} {n}' for k, n in lora.kinds.items())}")
-        print(f"  made for:    {guess_family(lora) or 'unknown (no cross-attention layer to tell by)'}")
+        _say(f"{args.file}  (LoRA/LyCORIS adapter)")
+        _say(f"  modules:     {len(lora.modules)} ({len(lora.modules) - text} UNet, {text} text encoder)")
+        _say(f"  kinds:       {', '.join(f'{k} {n}' for k, n in lora.kinds.items())}")
+        _say(f"  made for:    {guess_family(lora) or 'unknown (no cross-attention layer to tell by)'}")
         if pipe is not None:
             found, _ = match(lora, model_index(pipe.networks(), pipe.unet.config.num_res_blocks))
-            print(
-                f"  model:       {args.model} ({pipe.family.name}): {len(found)} of {len(lora.modules)} modules match"
-            )
+            _say(f"  model:       {args.model} ({pipe.family.name}): {len(found)} of {len(lora.modules)} modules match")
             try:
                 apply_lora(pipe, args.file, source="inspect")
-                print("               fits: yes (names and shapes)")
+                _say("               fits: yes (names and shapes)")
             except LoraError as e:
-                print(f"               fits: no: {e}")
+                _say(f"               fits: no: {e}")
             pipe.patcher.remove("inspect")
         return 0
     from latentforge.conditioning.embeddings import read_embedding
 
     emb = read_embedding(args.file)
     widths = {k: tuple(v.shape) for k, v in emb.vectors.items()}
-    print(f"{args.file}  (textual-inversion embedding {emb.name!r})")
-    print(f"  vectors:     {emb.count} ({', '.join(f'{k}: width {s[1]}' for k, s in widths.items())})")
+    _say(f"{args.file}  (textual-inversion embedding {emb.name!r})")
+    _say(f"  vectors:     {emb.count} ({', '.join(f'{k}: width {s[1]}' for k, s in widths.items())})")
     fits = {768: "sd1 (CLIP-L)", 1024: "sd2 (OpenCLIP-H)", 1280: "sdxl-refiner (bigG)"}
     family = (
         "sdxl-base (CLIP-L + bigG)"
         if "clip_l" in emb.vectors
         else fits.get(emb.vectors.get("*", emb.vectors.get("clip_g")).shape[1])
     )
-    print(f"  made for:    {family or 'unknown width'}")
+    _say(f"  made for:    {family or 'unknown width'}")
     if pipe is not None:
         ok = emb.for_encoders(pipe.text.slots) is not None
-        print(f"  model:       {args.model} ({pipe.family.name}): {'fits' if ok else 'does not fit (other widths)'}")
+        _say(f"  model:       {args.model} ({pipe.family.name}): {'fits' if ok else 'does not fit (other widths)'}")
     return 0
 
 
@@ -85,22 +96,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return cmd_inspect_adapter(args, kind)
 
     info = inspect_checkpoint(args.file, probe=args.probe)
-    print(f"{info['path']}  ({info['layout']})")
-    print(f"  family:      {info['family']} - {info['title']}")
-    print(f"  detected by: {describe_signature(info['signature'])}")
-    print(f"               matching families: {', '.join(info['candidates'])}")
-    print(f"  prediction:  {info['prediction']} ({info['prediction_reason']})")
-    print(f"  native size: {info['default_size']} px, latent scale {info['latent_scale']}")
+    _say(f"{info['path']}  ({info['layout']})")
+    _say(f"  family:      {info['family']} - {info['title']}")
+    _say(f"  detected by: {describe_signature(info['signature'])}")
+    _say(f"               matching families: {', '.join(info['candidates'])}")
+    _say(f"  prediction:  {info['prediction']} ({info['prediction_reason']})")
+    _say(f"  native size: {info['default_size']} px, latent scale {info['latent_scale']}")
     total = 0
     for name, comp in info["components"].items():
         total += comp["parameters"]
-        print(f"  {name:<24} {_human(comp['parameters']):>8} parameters  dtype {', '.join(comp['dtypes'])}")
-    print(f"  {'total':<24} {_human(total):>8} parameters")
+        _say(f"  {name:<24} {_human(comp['parameters']):>8} parameters  dtype {', '.join(comp['dtypes'])}")
+    _say(f"  {'total':<24} {_human(total):>8} parameters")
     if info["extras"]:
         shown = ", ".join(info["extras"][:4]) + (" ..." if len(info["extras"]) > 4 else "")
-        print(f"  other tensors kept aside ({len(info['extras'])}): {shown}")
+        _say(f"  other tensors kept aside ({len(info['extras'])}): {shown}")
     if info["dropped"]:
-        print(f"  ignored EMA copy: {len(info['dropped'])} tensors under model_ema.")
+        _say(f"  ignored EMA copy: {len(info['dropped'])} tensors under model_ema.")
     return 0
 
 

@@ -84,6 +84,14 @@ def read_lora(path: str | Path) -> LoraFile:
             f"{path} holds no LoRA/LyCORIS weights (no lora_down/lora_up, lora_A/lora_B, hada_, lokr_ tensors)"
             + (f"; its first keys are {', '.join(unknown[:3])}" if unknown else "")
         )
+    for name, parts in modules.items():
+        for part, t in parts.items():
+            if part != "alpha" and t.numel() == 0:
+                raise LoraError(
+                    f"{path}: module {short(name)} has an empty {part} factor (shape {list(t.shape)}: rank 0), "
+                    "which changes nothing and cannot be scaled by alpha / rank; the file is damaged; nothing was "
+                    "applied"
+                )
     return LoraFile(path, modules, metadata, unknown)
 
 
@@ -120,6 +128,8 @@ def _tucker(t: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def _alpha_scale(parts: dict[str, Tensor], rank: int) -> float:
     alpha = parts.get("alpha")
+    if alpha is not None and rank <= 0:  # read_lora refuses empty factors; this is for other callers
+        raise LoraError(f"a factor has rank {rank}; alpha / rank is undefined")
     return 1.0 if alpha is None else float(alpha) / rank
 
 

@@ -90,13 +90,15 @@ def read_sidecar(checkpoint: Path) -> SidecarConfig | None:
         )
     text = path.read_text(encoding="utf-8", errors="replace")
 
+    # each pattern stays within a line ([ \t]*, not \s*, which crossed newlines and backtracked: quadratic
+    # in the number of blank lines, hours for a hostile 1 MiB file)
     def number(name: str) -> int | None:
-        m = re.search(rf"^\s*{name}:\s*(-?\d+)", text, re.M)
+        m = re.search(rf"^[ \t]*{name}:[ \t]*(-?\d+)", text, re.M)
         if m and len(m.group(1)) > 6:
             raise CheckpointError(f"{path}: {name} is {short(m.group(1))}, far above any real model")
         return int(m.group(1)) if m and int(m.group(1)) > 0 else None  # -1 means unset in these files
 
-    m = re.search(r"^\s*parameterization:\s*(\S+)", text, re.M)
+    m = re.search(r"^[ \t]*parameterization:[ \t]*(\S+)", text, re.M)
     try:
         prediction = parse_prediction(m.group(1)) if m else None
     except ValueError as e:

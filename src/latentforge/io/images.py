@@ -1,15 +1,16 @@
 """Image output: PNG, JPEG or WebP written atomically with their parameters, never over another file.
 
 PNG keeps A1111's ``parameters`` text and latentforge's JSON as text chunks; JPEG and WebP keep the
-infotext as A1111 writes it there: the EXIF UserComment, "UNICODE\\0" + UTF-16 (piexif's encoding).
+infotext as A1111 writes it there: the EXIF UserComment, "UNICODE\\0" + UTF-16 (piexif's encoding),
+written with piexif and read back by a small bounded EXIF reader of our own (``user_comment_from_exif``).
 Numbered names are claimed atomically among concurrent processes (``save_numbered``).
 """
 
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
-from struct import error as struct_error
 
 from PIL import Image, PngImagePlugin
 
@@ -76,18 +77,71 @@ def exif_user_comment(text: str) -> bytes:
 def read_user_comment(image: Image.Image) -> str | None:
     """The EXIF UserComment of a JPEG or WebP image (A1111's parameters there), or None."""
     raw = image.info.get("exif")
-    if not raw:
-        return None
-    import piexif
-    import piexif.helper
+    return user_comment_from_exif(raw) if isinstance(raw, bytes) and raw else None
 
-    try:
-        comment = piexif.load(raw).get("Exif", {}).get(piexif.ExifIFD.UserComment)
-        if isinstance(comment, tuple):  # stored with type BYTE instead of UNDEFINED (e.g. by Pillow)
-            comment = bytes(comment)
-        return piexif.helper.UserComment.load(comment) if comment else None
-    except (ValueError, KeyError, TypeError, struct_error):
+
+# The EXIF reader: A1111's infotext is the UserComment (tag 0x9286) of the Exif sub-IFD (pointer tag
+# 0x8769 in IFD0), "UNICODE\0" + UTF-16 big-endian (piexif.helper.UserComment, also on little-endian
+# files), or "ASCII\0\0\0" / "JIS\0\0\0\0\0" + text. Only those two tags are read, from the bytes
+# given: every offset and count is checked against their length before it is used, an IFD may hold
+# at most _MAX_IFD_ENTRIES entries and a comment at most MAX_USER_COMMENT_BYTES, so a hostile EXIF
+# block costs time and memory in proportion to its size, never more; bytes are never taken for a
+# file name (piexif.load opens a path when its input has no TIFF header, and allocates whatever
+# count an entry declares). Anything malformed reads as "no comment".
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
+_MAX_IFD_ENTRIES = 1024  # a camera's Exif IFD has under 100; A1111 writes one entry in each
+MAX_USER_COMMENT_BYTES = 2**20  # as PIL's limit on a PNG text chunk (ImageFile's MAX_TEXT_CHUNK)
+_COMMENT_ENCODINGS = {b"UNICODE\0": "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+
+
+def _ifd_value(data: memoryview, order: str, ifd: int, tag: int, types: tuple[int, ...]) -> bytes | None:
+    """The value bytes of ``tag`` in the IFD at offset ``ifd`` of a TIFF block, when its type is one of
+    ``types`` and it lies inside ``data``; else None."""
+    if not 8 <= ifd <= len(data) - 2:
         return None
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    if count > _MAX_IFD_ENTRIES or ifd + 2 + 12 * count > len(data):
+        return None
+    for i in range(count):
+        entry = ifd + 2 + 12 * i
+        found, kind, n = struct.unpack_from(order + "HHI", data, entry)
+        if found != tag:
+            continue
+        if kind not in types:
+            return None
+        size = _TYPE_SIZES[kind] * n  # a Python int: a hostile count is only compared, never allocated
+        if size <= 4:
+            return bytes(data[entry + 8 : entry + 8 + size])
+        (offset,) = struct.unpack_from(order + "I", data, entry + 8)
+        if size > MAX_USER_COMMENT_BYTES or offset + size > len(data):
+            return None
+        return bytes(data[offset : offset + size])
+    return None
+
+
+def user_comment_from_exif(raw: bytes) -> str | None:
+    """The UserComment text of an EXIF block (with or without JPEG's ``Exif\\0\\0`` prefix), or None
+    when it has none or is malformed. Bounded by the block's size; reads no file (see above)."""
+    data = memoryview(raw)
+    if raw[:6] == b"Exif\0\0":
+        data = data[6:]
+    head = bytes(data[:4])
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(head)
+    if order is None or len(data) < 8:
+        return None
+    (ifd0,) = struct.unpack_from(order + "I", data, 4)
+    pointer = _ifd_value(data, order, ifd0, _EXIF_IFD, (4, 13))  # LONG or IFD, one of them
+    if pointer is None or len(pointer) != 4:
+        return None
+    (exif_ifd,) = struct.unpack(order + "I", pointer)
+    comment = _ifd_value(data, order, exif_ifd, _USER_COMMENT, (1, 2, 7))  # BYTE, ASCII or UNDEFINED
+    if not comment:
+        return None
+    encoding = _COMMENT_ENCODINGS.get(comment[:8])
+    if encoding is None:  # A1111 (images.read_info_from_image): no known prefix, the bytes as UTF-8
+        return comment.decode("utf-8", errors="ignore").strip("\0") or None  # (an UNDEFINED prefix: NULs)
+    return comment[8:].decode(encoding, errors="replace")
 
 
 def next_free_names(folder: str | Path, seeds: list[int], suffix: str = ".png") -> list[Path]:

@@ -5,7 +5,8 @@ A header (format: https://github.com/huggingface/safetensors, "Format" section) 
 checks it completely against the size of the data section (``io/tensorfile.py`` reads the length and the
 bytes): no name twice (in any object), a known dtype, a shape of non-negative integers, two integer
 offsets inside the data section whose length equals the shape's bytes, and, sorted by offset, tensors
-that cover the data section exactly.
+that cover the data section exactly. JSON that Python's ``json`` reads but the library's parser refuses
+(lone surrogate escapes, NaN/Infinity, numbers past a double's range, nesting deeper than 127) is refused.
 
 The work is linear in the header's size (plus a sort of the offsets). A 32 MiB header (the most
 accepted) of 480,000 small entries took 7-9 s: json built millions of objects, a Python hook ran for
@@ -87,11 +88,46 @@ def parse_safetensors_header(raw: bytes, data_size: int, path: str | Path) -> tu
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _corrupt(path, e) from None
+        _no_lone_surrogates(text, bad)
         found = _compact(text, data_size, bad, path)
         return found if found is not None else _general(text, data_size, bad, path)
     finally:
         if collecting:
             gc.enable()
+
+
+# JSON that Python's json module reads but the safetensors library (serde_json) refuses, refused here too:
+# escapes of half a UTF-16 surrogate pair (json makes them lone surrogates, which are not text), NaN and
+# (-)Infinity, numbers beyond a double's range (1e400), and containers nested more than 127 deep.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# a high-surrogate escape not followed by a low one, or a low one not preceded by a high one
+_LONE_SURROGATE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_MAX_DEPTH = 127  # the header object is at depth 1
+
+
+def _no_lone_surrogates(text: str, bad) -> None:
+    if _SURROGATE_ESCAPE.search(text) is None:  # the usual case: one scan in C
+        return
+    # escaped backslashes blanked out (read left to right, as JSON reads them; the length kept), every
+    # backslash left starts an escape: "\\\\ud800" is a backslash and "ud800", not an escape
+    m = _LONE_SURROGATE.search(text.replace("\\\\", "__"))
+    if m is not None:
+        raise bad(
+            f"its JSON escape {m.group()} (character {m.start()}) is half of a UTF-16 surrogate pair, not a character"
+        )
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _corrupt(path: str | Path, e: Exception) -> CheckpointError:
@@ -136,11 +172,15 @@ def _mapping(pairs: tuple, bad) -> dict:
 _OBJECT, _ARRAY = {tuple}.__contains__, {list}.__contains__
 
 
-def _no_duplicates(level: list, bad) -> None:
+def _no_duplicates(level: list, bad, depth: int) -> None:
     """Refuse a key given twice in any object inside the values of ``level`` (objects as tuples of
-    pairs), level by level with C-level maps: linear in the number of values, fast for millions."""
+    pairs), and containers nested deeper than _MAX_DEPTH (``depth``: that of a container in ``level``),
+    level by level with C-level maps: linear in the number of values, fast for millions."""
     while level:
         kinds = set(map(type, level))
+        if depth > _MAX_DEPTH and kinds & {tuple, list}:
+            raise bad(f"its JSON is nested more than {_MAX_DEPTH} deep (the safetensors library's limit)")
+        depth += 1
         objects = list(filter(None, compress(level, map(_OBJECT, map(type, level))))) if tuple in kinds else []
         arrays = list(filter(None, compress(level, map(_ARRAY, map(type, level))))) if list in kinds else []
         dicts = list(map(dict, objects))
@@ -239,11 +279,11 @@ def _general(text: str, data_size: int, bad, path) -> tuple[dict[str, str], dict
     """Any JSON layout: objects come as tuples of pairs (``object_pairs_hook=tuple``, no Python call per
     object), so that a key given twice is still there to be refused, before anything else."""
     try:
-        header = json.loads(text, object_pairs_hook=tuple)
+        header = json.loads(text, object_pairs_hook=tuple, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as e:
         raise _corrupt(path, e) from None
     if type(header) is not tuple:
-        _no_duplicates([header], bad)
+        _no_duplicates([header], bad, 1)
         raise bad(f"the header is a JSON {_kind(header)}, not an object")
     top = _mapping(header, bad)
     meta = top.pop("__metadata__", None)
@@ -257,11 +297,12 @@ def _general(text: str, data_size: int, bad, path) -> tuple[dict[str, str], dict
     # proves it for the others), in lists given as entries, and in the metadata
     wide = compress(dicts, map((3).__lt__, map(len, dicts)))
     arrays = compress(values, map(_ARRAY, map(type, values)))
-    _no_duplicates([*chain.from_iterable(map(dict.values, wide)), *arrays, meta], bad)
+    _no_duplicates([*arrays, meta], bad, 2)
+    _no_duplicates(list(chain.from_iterable(map(dict.values, wide))), bad, 3)
     meta = _metadata(meta, bad)
 
     def one_by_one(start: int = 0) -> None:  # the first entry at fault, named
-        _no_duplicates(list(chain.from_iterable(map(dict.values, dicts))), bad)  # a key twice comes first
+        _no_duplicates(list(chain.from_iterable(map(dict.values, dicts))), bad, 3)  # a key twice comes first
         infos = dict(zip(compress(names, objects), dicts))
         for key in names[start:]:
             if key not in infos:
@@ -314,7 +355,7 @@ _ENTRY = re.compile(  # an entry and the comma after it (the body gets one at it
 )
 _SHAPE = re.compile(rf"(?:{_NUM}(?:,{_NUM})*)?")
 _META = '{"__metadata__":'
-_DECODER = json.JSONDecoder(object_pairs_hook=tuple)
+_DECODER = json.JSONDecoder(object_pairs_hook=tuple, parse_constant=_no_constant, parse_float=_finite)
 
 
 def _compact(text: str, data_size: int, bad, path) -> tuple[dict[str, str], dict[str, Entry]] | None:
@@ -352,7 +393,7 @@ def _compact(text: str, data_size: int, bad, path) -> tuple[dict[str, str], dict
     entries = dict(zip(names, zip(torch_dtypes, map(shape_of.__getitem__, shapes), begins, ends)))
     if len(entries) != n:
         raise bad(f"the header names {short(_first_duplicate(names))} twice")
-    _no_duplicates([meta], bad)
+    _no_duplicates([meta], bad, 2)
     meta = _metadata(meta, bad)
 
     def one_by_one(start: int) -> None:

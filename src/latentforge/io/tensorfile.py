@@ -299,18 +299,21 @@ class _Scanner(pickle.Unpickler):
 
 def _check_legacy(path: Path, size: int) -> list[str]:
     """A pickle in PyTorch's legacy (pre-1.6, not zip) format declares each storage's size in the pickle
-    and the loader allocates it before reading the data: the claims must fit in the file. The pickles are
-    parsed first from the file's first MAX_PICKLE_BYTES in memory, so no length field (BINUNICODE,
-    BINBYTES) can ask for more memory than that. Returns the globals the pickles name (for the message if
-    torch.load refuses one)."""
+    and the loader allocates it before reading the data: the claims must fit in the file. The five pickles
+    torch.load reads (magic number, protocol, system info, the object, the storage keys) are parsed first
+    from the file's first MAX_PICKLE_BYTES in memory: together they must end within them (so torch's slow
+    unpickler never sees more), and no length field (BINUNICODE, BINBYTES) can ask for more memory than
+    that. Returns the globals the pickles name (for the message if torch.load refuses one)."""
     with open(path, "rb") as f:
         buf = io.BytesIO(f.read(MAX_PICKLE_BYTES))
     scanner = _Scanner(buf)
     try:
         magic = scanner.load()
         if magic == _LEGACY_MAGIC:
-            for _ in range(3):  # protocol version, system info, the object with its storages
-                scanner.load()
+            # protocol version, system info, the object with its storages, then the list of storage
+            # keys: torch.load unpickles all five, each with its pure-Python unpickler
+            for _ in range(4):
+                keys = scanner.load()
     except CheckpointError as e:
         raise CheckpointError(f"{path} is not a valid PyTorch checkpoint: {e}") from None
     except Exception as e:  # hostile bytes: any parse failure means a damaged file
@@ -327,6 +330,14 @@ def _check_legacy(path: Path, size: int) -> list[str]:
         raise CheckpointError(
             f"{path} is a pickle but not a PyTorch checkpoint (torch.save writes a zip file, or a pickle "
             "starting with its magic number); the file is damaged or another kind of file"
+        )
+    # torch.save writes the storages' names (text); the message names a type, as the list can be huge
+    odd = [type(k).__name__ for k in keys if not isinstance(k, str)][:1] if isinstance(keys, list) else None
+    if odd != []:
+        found = f"a list holding a value of type {odd[0]}" if odd else f"of type {type(keys).__name__}"
+        raise CheckpointError(
+            f"{path} is not a valid PyTorch checkpoint: its last pickle must list the names of its storages, "
+            f"but it is {found}; the file is damaged or was not written by torch.save"
         )
     claimed = sum(scanner.claims.values())
     if claimed > size:

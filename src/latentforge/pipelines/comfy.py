@@ -12,6 +12,8 @@ out of range, linked to a node that is not a seed) is an error, never a random s
 
 from __future__ import annotations
 
+import math
+
 from latentforge.pipelines.checks import is_int, show
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling.noise import COMFY_BATCH, MAX_SEED
@@ -133,10 +135,14 @@ def request_from_comfy(graph: dict) -> tuple[GenerationRequest, dict]:
         rng=COMFY_BATCH,
     )
     req.seed = _seed(graph, samplers[0], inputs)
-    for ours, theirs, kind in (("steps", "steps", int), ("cfg_scale", "cfg", float)):
-        value = _value(graph, inputs.get(theirs))
-        if isinstance(value, (int, float)):
-            setattr(req, ours, kind(value))
+    steps, cfg = _value(graph, inputs.get("steps")), _value(graph, inputs.get("cfg"))
+    if isinstance(steps, float) and not (math.isfinite(steps) and steps.is_integer()):
+        # json.loads reads Infinity and NaN: int() of them would raise OverflowError/ValueError
+        raise _unreadable(f"{node.get('class_type')} input 'steps': steps must be a whole number, got {show(steps)}")
+    if isinstance(steps, (int, float)):
+        req.steps = int(steps)
+    if isinstance(cfg, (int, float)):
+        req.cfg_scale = float(cfg)  # a non-finite one is refused by the request's own check
     sampler, scheduler = _value(graph, inputs.get("sampler_name")), _value(graph, inputs.get("scheduler"))
     if isinstance(sampler, str):
         req.sampler = sampler

@@ -271,6 +271,9 @@ def _from_record(record) -> tuple[GenerationRequest, dict]:
     model = record.get("model", {})
     if not isinstance(model, dict):
         raise RequestError(f"model must be a JSON object, got {show(model)}")
+    for key in ("name", "hash"):  # compared and shown after the model loads: checked now
+        if model.get(key) is not None and not isinstance(model[key], str):
+            raise RequestError(f"model.{key} must be text or null, got {show(model[key])}")
     data = dict(record["request"])
     if data.get("s_tmax") == "inf":
         data["s_tmax"] = float("inf")
@@ -405,10 +408,12 @@ def unreproduced_fields(req: GenerationRequest) -> list[str]:
 def model_differences(pipe, meta: dict) -> list[str]:
     """How the loaded model differs from the one an image names (hash, else name), as sentences."""
     fields = _model_fields(pipe)
-    want = meta.get("model") or {}
-    have_hash, want_hash = fields.get("Model hash"), want.get("hash")
+    want = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    # from a file: a name or hash that is not text counts as absent
+    want_hash, want_name = (v if isinstance(v, str) else None for v in (want.get("hash"), want.get("name")))
+    have_hash = fields.get("Model hash")
     if want_hash and have_hash and want_hash.lower() != have_hash.lower():
-        return [f"the image was made with model {want.get('name') or '?'} [{want_hash}], not the loaded "
+        return [f"the image was made with model {want_name or '?'} [{want_hash}], not the loaded "
                 f"{fields.get('Model')} [{have_hash}]"]  # fmt: skip
     return []
 
