@@ -145,3 +145,31 @@ def test_many_waiting_clients_do_not_starve_the_other_routes(server):
         t.join(60)
     assert done == [200] * 40
     assert took < 10, f"the other routes waited {took:.1f} s behind the long polls"
+
+
+def test_queued_input_images_are_bounded_and_let_go(tmp_path):
+    """Each request may bring 8 images at --max-image-pixels, and up to --queue-size jobs wait: their
+    decoded images were held until the job left the history (a full queue: about 32 GB at the
+    defaults). Unfinished jobs now hold at most two requests' worth; finished ones hold none."""
+    s = Server("--queue-size", "64", "--max-image-pixels", str(64 * 64), tmp=tmp_path)
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+        image = base64.b64encode(buf.getvalue()).decode()
+        body = {**FAST, "mode": "img2img", "init_images": [image] * 8, "batch_size": 8}
+        running = s.post("/latentforge/v1/jobs", SLOW).json()["id"]
+        _wait_running(s, running)
+        queued = [s.post("/latentforge/v1/jobs", body) for _ in range(3)]
+        assert [r.status_code for r in queued] == [202, 202, 503], [r.text for r in queued]
+        assert "input images already hold 65536 of the 65536 pixels" in queued[2].json()["detail"]
+        assert int(queued[2].headers["Retry-After"]) > 0
+        for r in queued[:2]:
+            s.delete(f"/latentforge/v1/jobs/{r.json()['id']}")
+        s.delete(f"/latentforge/v1/jobs/{running}")
+        again = s.post("/latentforge/v1/jobs", body)  # the cancelled jobs let their images go
+        assert again.status_code == 202, again.text
+        done = s.get(f"/latentforge/v1/jobs/{again.json()['id']}", params={"wait": 120}).json()
+        assert done["state"] == "done" and len(done["images"]) == 8
+        assert s.post("/latentforge/v1/jobs", body).status_code == 202  # and so did the finished one
+    finally:
+        s.close()

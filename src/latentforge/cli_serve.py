@@ -124,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_model_bytes=args.max_model_memory_mb << 20,
         max_image_pixels=args.max_image_pixels,
+        max_queued_pixels=2 * 8 * args.max_image_pixels,  # two requests with all their images at the limit
         max_output_pixels=args.max_output_pixels,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         device=args.device,

@@ -19,6 +19,7 @@ class ServerConfig:
     max_model_bytes: int = 0  # 0: no limit besides max_models
     max_image_pixels: int = 4096 * 4096  # input images above this are refused before decoding
     max_output_pixels: int = 4096 * 4096  # width x height x batch_size of one pass (after hires) at most
+    max_queued_pixels: int = 2 * 8 * 4096 * 4096  # decoded input pixels held by unfinished jobs (two full requests)
     max_body_bytes: int = 64 << 20
     history: int = 32  # finished jobs kept for GET /latentforge/v1/jobs/{id}
     max_batch: int = 4  # images of queued jobs run as one batch at most (server/batching.py); 1: each job alone

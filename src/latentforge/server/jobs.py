@@ -1,11 +1,13 @@
 """The job queue behind the server: one worker thread owns the loaded pipelines and runs jobs in order.
 
 HTTP handlers never touch torch: they submit a ``JobSpec`` and wait on (or stream) the ``Job``. The queue
-is bounded (``QueueFull`` when full); every job has an id, a state, progress with a cheap preview, and
-can be cancelled (queued: removed; running: stopped at the next step). A run of ``batch_count`` passes is
-executed pass by pass (each with ``batch_count=1`` and the seeds it would have had), so A1111's "skip"
-drops one pass and "interrupt" keeps the passes already finished. Models are loaded on the worker into the
-cache of ``models.py``. Queued jobs that can share a batch (same model, size, sampler settings; ``batching.py``)
+is bounded (``QueueFull`` when full: ``queue_size`` jobs, or input images of more than
+``max_queued_pixels`` pixels held by the jobs not yet finished; a finished job lets its input images go);
+every job has an id, a state, progress with a cheap preview, and can be cancelled (queued: removed;
+running: stopped at the next step). A run of ``batch_count`` passes is executed pass by pass (each with
+``batch_count=1`` and the seeds it would have had), so A1111's "skip" and "interrupt" keep the image being
+made and "interrupt" the passes already finished. Models are loaded on the worker into the cache of
+``models.py``. Queued jobs that can share a batch (same model, size, sampler settings; ``batching.py``)
 run together, up to ``max_batch`` images.
 """
 
@@ -46,6 +48,17 @@ def _client_errors() -> tuple[type[Exception], ...]:
 
 
 _CLIENT_ERRORS = _client_errors()
+
+
+def input_pixels(spec: JobSpec) -> int:
+    """The decoded pixels a job holds while it waits: init images, the inpainting mask, ControlNet images."""
+    req = spec.request
+    images = list(spec.init_images or [])
+    if req is not None:
+        mask = req.inpaint.mask if req.inpaint is not None else None
+        images += [mask] if isinstance(mask, Image.Image) else []
+        images += [u.get("image") if isinstance(u, dict) else getattr(u, "image", None) for u in req.control or []]
+    return sum(im.width * im.height for im in images if isinstance(im, Image.Image))
 
 
 class QueueFull(Exception):
@@ -188,6 +201,8 @@ class JobQueue:
         self.running: list[Job] = []  # every job of the running batch
         self.last: Job | None = None
         self.stats = {"batches": 0, "batched_jobs": 0}  # runs of more than one job, and their jobs
+        self.held_pixels = 0  # decoded input pixels of the jobs not yet finished
+        self._held: dict[str, int] = {}
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="latentforge-worker", daemon=True)
 
@@ -218,7 +233,15 @@ class JobQueue:
                 raise RequestError(f"force_task_id: a job with id {job_id!r} is already queued or running")
             if len(self._waiting) >= self.config.queue_size:
                 raise QueueFull(f"the queue is full ({self.config.queue_size} waiting jobs); retry later")
+            pixels, limit = input_pixels(spec), self.config.max_queued_pixels
+            if self.held_pixels and self.held_pixels + pixels > limit:
+                raise QueueFull(
+                    f"the queued jobs' input images already hold {self.held_pixels} of the {limit} pixels the server "
+                    f"keeps at once (this request brings {pixels}); retry later"
+                )
             job = Job(job_id, spec)
+            self.held_pixels += pixels
+            self._held[job_id] = pixels
             self.jobs.pop(job_id, None)
             self.jobs[job_id] = job
             self._waiting.append(job)
@@ -271,6 +294,9 @@ class JobQueue:
         job.error = error
         job.error_kind = kind
         job.finished = time.time()
+        with self._cond:  # its input images are let go (the history keeps results, not inputs)
+            self.held_pixels -= self._held.pop(job.id, 0)
+            job.spec.init_images = None
         job.touch()
 
     # ---- the worker
