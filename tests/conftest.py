@@ -16,3 +16,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The CLIP tokenizer (the bundled vocabulary), for the prompt parser's tests."""
+    from latentforge.models import CLIPTokenizer
+
+    return CLIPTokenizer()

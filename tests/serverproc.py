@@ -90,3 +90,13 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def b64_png(image) -> str:
+    """A PIL image as the base64 PNG the A1111 API takes."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()

@@ -7,7 +7,6 @@ import torch
 
 import latentforge
 from latentforge.conditioning import chunk_prompt, parse_attention
-from latentforge.models import CLIPTokenizer
 from tiny import build_reference, save_folder
 
 
@@ -30,11 +29,6 @@ def test_parse_attention(text, expected):
     got = parse_attention(text)
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return CLIPTokenizer()
 
 
 def test_chunks_of_75_and_comma_backtrack(tok):

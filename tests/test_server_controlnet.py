@@ -15,12 +15,7 @@ from safetensors.torch import save_file
 from latentforge.families import get_family
 from latentforge.models.controlnet import ControlNet, ControlNetConfig
 from serverproc import Server
-
-
-def _b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+from serverproc import b64_png as _b64
 
 
 @pytest.fixture(scope="module")

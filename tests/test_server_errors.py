@@ -6,7 +6,6 @@ bodies, path tricks in model names, wrong passwords, features that cannot run; a
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ pytest.importorskip("fastapi")
 
 from latentforge.demo import bundled_model_path
 from serverproc import Server
+from serverproc import b64_png as _b64
 
 pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
 AUTH = ("alice", "s3cret:with-colon")
@@ -44,12 +44,6 @@ def env(tmp_path_factory):
     )  # fmt: skip
     yield s, outdir
     s.close()
-
-
-def _b64(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _err(r: requests.Response, status: int, *words: str) -> dict:

@@ -26,6 +26,7 @@ from latentforge import upscalers
 from latentforge.demo import bundled_model_path
 from latentforge.models.esrgan import SRVGGNetCompact
 from serverproc import Server
+from serverproc import b64_png as _b64
 
 pytestmark = pytest.mark.skipif(bundled_model_path() is None, reason="no bundled demo model")
 LANCZOS = Image.Resampling.LANCZOS
@@ -49,12 +50,6 @@ def env(tmp_path_factory):
     s = Server("--models-dir", str(root / "models" / "Stable-diffusion"), tmp=root)
     yield s, root
     s.close()
-
-
-def _b64(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def _image(data: str) -> np.ndarray:
