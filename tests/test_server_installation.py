@@ -156,3 +156,10 @@ def test_serve_network_folder_flags(monkeypatch, capsys, tmp_path):
 
     names = [x["name"] for x in TestClient(apps[0]).get("/sdapi/v1/loras").json()]
     assert "ink" in names
+
+
+def test_sd_backend_client_upscale(env):
+    sbc = pytest.importorskip("sd_backend_client")
+    s, _ = env
+    result = sbc.A1111Webservice(s.url).upscale(_photo(), 128, 128)  # resize_mode 1 with its first upscaler
+    assert [im.size for im in result["images"]] == [(128, 128)]
