@@ -321,3 +321,19 @@ def test_a1111_fields_that_cannot_run_are_refused_not_dropped(server):
     r = server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 0.8})
     assert r.status_code == 400 and "initial_noise_multiplier" in r.json()["detail"]
     assert server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 1, "image_cfg_scale": 1.5}).ok
+
+
+def test_include_init_images_echoes_them_in_parameters_as_a1111(server):
+    """A1111's img2img API keeps the init images (as sent) in ``parameters`` when include_init_images is
+    set, and leaves ``images`` to the results; they were appended to ``images`` instead."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    sent = base64.b64encode(buf.getvalue()).decode()
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "init_images": [sent], "denoising_strength": 0.5}
+    r = server.post("/sdapi/v1/img2img", {**body, "include_init_images": True}).json()
+    assert len(r["images"]) == 1 and r["parameters"]["init_images"] == [sent]
+    r = server.post("/sdapi/v1/img2img", body).json()
+    assert len(r["images"]) == 1 and r["parameters"]["init_images"] is None

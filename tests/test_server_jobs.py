@@ -173,3 +173,21 @@ def test_queued_input_images_are_bounded_and_let_go(tmp_path):
         assert s.post("/latentforge/v1/jobs", body).status_code == 202  # and so did the finished one
     finally:
         s.close()
+
+
+def test_a_finished_job_keeps_no_decoded_inputs():
+    """Only the init images were dropped when a job finished: the decoded mask and ControlNet images of
+    every job in the history stayed, uncounted by the queue's pixel budget."""
+    from latentforge.pipelines.request import ControlUnit, GenerationRequest, InpaintOptions
+    from latentforge.server.jobs import Job, JobSpec, input_pixels, let_go_of_inputs
+
+    mask, hint = Image.new("L", (64, 64)), Image.new("RGB", (32, 32))
+    req = GenerationRequest(prompt="x", inpaint=InpaintOptions(mask=mask), control=[ControlUnit(model="m", image=hint)])
+    job = Job("j", JobSpec("img2img", request=req, init_images=[Image.new("RGB", (64, 64))]))
+    job.request = req
+    assert input_pixels(job.spec) == 64 * 64 * 2 + 32 * 32
+    let_go_of_inputs(job)
+    for r in (job.spec.request, job.request):
+        assert r.inpaint is not None and r.inpaint.mask is None and r.control[0].image is None
+        assert r.control[0].model == "m" and r.prompt == "x"
+    assert job.spec.init_images is None and input_pixels(job.spec) == 0

@@ -131,8 +131,6 @@ def create_app(
 
     def _response(job: Job, payload: sdapi._Payload) -> dict:
         images = [sdapi.encode_png(im) for im in job.images] if payload.send_images else []
-        if getattr(payload, "include_init_images", False) and job.spec.init_images:
-            images += [sdapi.encode_png(im) for im in job.spec.init_images]
         return {
             "images": images,
             "parameters": sdapi.echo_parameters(payload),
@@ -160,12 +158,19 @@ def create_app(
         im = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
         return sdapi_meta.png_info(im)
 
+    def _extras(payload: extras.ExtrasOptions, images: list) -> list[str]:
+        """Upscale on the worker, in queue order, as any job (the pixel budget counts its images)."""
+        extras.check(payload, images, config)  # before queueing: a bad option is a 400 at once
+        job = queue.submit(JobSpec("extras", init_images=images, payload=payload))
+        job.wait()
+        _raise_failed(job)
+        return [sdapi.encode_png(im) for im in job.images]
+
     @app.post("/sdapi/v1/extra-single-image")
     def extra_single_image(payload: extras.ExtrasSingle) -> dict:
         image = sdapi.decode_image(payload.image, "image", config.max_image_pixels)
-        scale = extras.scale_of(payload, image.size)
-        out = extras.postprocess(image, payload, config.upscaler_dirs, config.max_output_pixels)
-        return {"html_info": extras.html_info(payload, scale), "image": sdapi.encode_png(out)}
+        out = _extras(payload, [image])
+        return {"html_info": extras.html_info(payload, extras.scale_of(payload, image.size)), "image": out[0]}
 
     @app.post("/sdapi/v1/extra-batch-images")
     def extra_batch_images(payload: extras.ExtrasBatch) -> dict:
@@ -174,9 +179,9 @@ def create_app(
             sdapi.decode_image(f.data, f"imageList[{i}].data", config.max_image_pixels, budget)
             for i, f in enumerate(payload.imageList)
         ]
-        out = [extras.postprocess(im, payload, config.upscaler_dirs, config.max_output_pixels) for im in images]
+        out = _extras(payload, images)
         scale = extras.scale_of(payload, images[0].size) if images else payload.upscaling_resize
-        return {"html_info": extras.html_info(payload, scale), "images": [sdapi.encode_png(im) for im in out]}
+        return {"html_info": extras.html_info(payload, scale), "images": out}
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict:
@@ -251,6 +256,7 @@ def create_app(
             values.pop(key, None)  # never a way for a client to choose where files go
         name = values.pop("sd_model_checkpoint", None)
         _check_option_values(values, options)  # before the model switch: a refused request changes nothing
+        sdapi.check_settings(values)
         if name:
             name = catalog.resolve(name)
             job = queue.submit(JobSpec("load", model=name))

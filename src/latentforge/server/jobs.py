@@ -61,13 +61,32 @@ def input_pixels(spec: JobSpec) -> int:
     return sum(im.width * im.height for im in images if isinstance(im, Image.Image))
 
 
+def let_go_of_inputs(job: Job) -> None:
+    """Drop a finished job's decoded inputs: init images, the inpainting mask, ControlNet images (the
+    request keeps its other fields, for the response's ``info``)."""
+    job.spec.init_images = None
+    for owner, name in ((job.spec, "request"), (job, "request")):
+        req = getattr(owner, name)
+        if req is None:
+            continue
+        inpaint = req.inpaint
+        if inpaint is not None and isinstance(inpaint.mask, Image.Image):
+            inpaint = dataclasses.replace(inpaint, mask=None)
+        control = [
+            {**u, "image": None} if isinstance(u, dict) else dataclasses.replace(u, image=None)
+            for u in req.control or []
+        ]
+        setattr(owner, name, dataclasses.replace(req, inpaint=inpaint, control=control))
+
+
 class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting jobs; the client should retry later."""
 
 
 @dataclass
 class JobSpec:
-    """What a job runs: ``kind`` is "txt2img", "img2img" or "load" (switch the default model)."""
+    """What a job runs: ``kind`` is "txt2img", "img2img", "load" (switch the default model) or "extras"
+    (upscale ``init_images`` with the Extras options in ``payload``)."""
 
     kind: str
     request: GenerationRequest | None = None
@@ -102,6 +121,7 @@ class Job:
     skip_flag: bool = False
     stop_flag: bool = False
     cancel_flag: bool = False  # stopped by DELETE: the image being made is dropped, not kept as by interrupt
+    held: int = 0  # decoded input pixels counted in JobQueue.held_pixels until the job finishes
     version: int = 0  # bumped on every change, for event streams
     batch: int = 1  # jobs that ran in its batch (server/batching.py), itself included
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -131,8 +151,11 @@ class Job:
             self.version += 1
             self._cond.notify_all()
             watchers = list(self._watchers)
-        for notify in watchers:
-            notify()
+        for notify in watchers:  # a failing waiter (its event loop gone) must not stop the worker
+            try:
+                notify()
+            except Exception:
+                log.debug("a job watcher failed", exc_info=True)
 
     def watch(self, notify) -> None:
         """Call ``notify()`` at every change until ``unwatch`` (async waiters: no thread blocks on the job)."""
@@ -201,8 +224,7 @@ class JobQueue:
         self.running: list[Job] = []  # every job of the running batch
         self.last: Job | None = None
         self.stats = {"batches": 0, "batched_jobs": 0}  # runs of more than one job, and their jobs
-        self.held_pixels = 0  # decoded input pixels of the jobs not yet finished
-        self._held: dict[str, int] = {}
+        self.held_pixels = 0  # decoded input pixels of the jobs not yet finished (each job's in Job.held)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="latentforge-worker", daemon=True)
 
@@ -241,7 +263,7 @@ class JobQueue:
                 )
             job = Job(job_id, spec)
             self.held_pixels += pixels
-            self._held[job_id] = pixels
+            job.held = pixels
             self.jobs.pop(job_id, None)
             self.jobs[job_id] = job
             self._waiting.append(job)
@@ -290,13 +312,14 @@ class JobQueue:
 
     def finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
         """Set a job's final state (and error: ``kind`` "request" is the client's fault, "internal" ours)."""
-        job.state = state
-        job.error = error
-        job.error_kind = kind
-        job.finished = time.time()
-        with self._cond:  # its input images are let go (the history keeps results, not inputs)
-            self.held_pixels -= self._held.pop(job.id, 0)
-            job.spec.init_images = None
+        with self._cond:  # done and its pixels given back at once: a resubmitted id finds both settled
+            job.state = state
+            job.error = error
+            job.error_kind = kind
+            job.finished = time.time()
+            self.held_pixels -= job.held
+            job.held = 0
+            let_go_of_inputs(job)  # the history keeps results, not inputs
         job.touch()
 
     # ---- the worker
@@ -345,6 +368,15 @@ class JobQueue:
 
     def _execute(self, job: Job) -> None:
         spec = job.spec
+        if spec.kind == "extras":  # the Extras tab's upscaling (server/extras.py): no model needed
+            from latentforge.server import extras
+
+            for image in spec.init_images or []:
+                if job.stop_flag:
+                    break
+                job.images.append(extras.postprocess(image, spec.payload, self.config))
+                job.touch()
+            return
         name = spec.model or self.default_model
         if name is None:
             raise RequestError("no model is loaded: start the server with -m or --models-dir")

@@ -53,7 +53,7 @@ async def _until(job: Job, ready: Callable[[], bool], timeout: float) -> bool:
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # (not the builtin one before 3.11)
                 await asyncio.wait_for(changed.wait(), left)
             changed.clear()
         return True

@@ -129,11 +129,15 @@ class PngInfoPayload(BaseModel):
     image: str  # required, as in A1111's PNGInfoRequest
 
 
-def _number_fields(model: type[BaseModel]) -> set[str]:
-    return {k for k, f in model.model_fields.items() if any(t in str(f.annotation) for t in ("int", "float"))}
-
-
-_NUMBER_FIELDS = {m: _number_fields(m) for m in (Txt2ImgPayload, Img2ImgPayload)}
+# quantities, where a bool is a client's mistake; A1111's 0/1 choices (inpainting_mask_invert,
+# inpainting_fill, resize_mode, ...) take false and true, as A1111's own test payloads send them
+_QUANTITIES = {
+    "steps", "width", "height", "batch_size", "n_iter", "cfg_scale", "seed", "subseed", "subseed_strength",
+    "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "eta", "s_churn", "s_tmax", "s_tmin",
+    "s_noise", "s_min_uncond", "refiner_switch_at", "hr_scale", "hr_second_pass_steps", "hr_resize_x",
+    "hr_resize_y", "mask_blur", "mask_blur_x", "mask_blur_y", "inpaint_full_res_padding",
+}  # fmt: skip
+_NUMBER_FIELDS = {m: _QUANTITIES & set(m.model_fields) for m in (Txt2ImgPayload, Img2ImgPayload)}
 
 # A1111 fields that are handled here (so they do not end up in ``extra``)
 _HANDLED = set(Img2ImgPayload.model_fields) | set(Txt2ImgPayload.model_fields)
@@ -489,6 +493,21 @@ _SETTING_FIELDS = {
     "sgm_noise_multiplier": "sgm_noise_multiplier",
     "s_min_uncond_all": "s_min_uncond_all",
 }
+
+
+def check_settings(values: dict) -> None:
+    """The A1111 settings among ``values`` that change images (``_SETTING_FIELDS``), checked as a request
+    checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on."""
+    fields = {ours: values[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in values}
+    if not fields:
+        return
+    try:
+        GenerationRequest.from_dict({"prompt": "", **fields}).validate()
+    except (RequestError, TypeError, ValueError) as e:
+        theirs = {ours: theirs for theirs, ours in _SETTING_FIELDS.items()}
+        first = str(e).split(" ", 1)[0].rstrip(":")
+        raise FieldError(theirs.get(first, "options"), str(e)) from None
+
 
 # our field names -> A1111's, for messages of GenerationRequest.validate
 _A1111_NAMES = {

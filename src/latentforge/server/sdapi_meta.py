@@ -37,6 +37,9 @@ _INFOTEXT_SETTINGS = {
 }
 
 
+_HIRES_OWN = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint")
+
+
 def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> None:
     """A1111's ``infotext`` field (1.8+, ``Api.apply_infotext``): an image's parameters fill the fields the
     request did not send (those it sends win), and its settings (Clip skip, ENSD, RNG, token merging) the
@@ -52,6 +55,13 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
         labels = parse_infotext(text)[2]
     except (RequestError, ValueError) as e:
         raise FieldError("infotext", f"cannot be read: {e}") from None
+    other = [
+        k for k in ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type") if k in labels
+    ]
+    if other:  # A1111 writes them only when the hires pass had its own: that cannot run here (as the fields)
+        raise FieldError(
+            "infotext", f"its {', '.join(other)} (a hires pass of its own) is not available in latentforge"
+        )
     found: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
     for label, (field, attr) in _INFOTEXT_FIELDS.items():
         if label in labels:
@@ -129,11 +139,13 @@ def _sampler_title(req: GenerationRequest) -> str:
 
 
 def echo_parameters(payload: BaseModel) -> dict:
-    """The request as A1111 echoes it in ``parameters`` (images left out)."""
+    """The request as A1111 echoes it in ``parameters``: the init images and mask left out unless
+    ``include_init_images`` (A1111's img2img API keeps them there then, as sent)."""
     data = payload.model_dump()
-    for key in ("init_images", "mask"):
-        if key in data:
-            data[key] = None
+    if not data.get("include_init_images"):
+        for key in ("init_images", "mask"):
+            if key in data:
+                data[key] = None
     return data
 
 
