@@ -298,9 +298,9 @@ def test_a1111_settings_that_change_images_apply_from_options_and_override_setti
         assert server.post("/sdapi/v1/options", {"eta_noise_seed_delta": 31337, "randn_source": "NV"}).ok
         r = server.post("/sdapi/v1/txt2img", body)
         assert np.array_equal(_image(r), pixels(want.images[0]))
-        assert server.post("/sdapi/v1/options", {"randn_source": "Dice"}).ok  # A1111 keeps any value ...
-        r = server.post("/sdapi/v1/txt2img", body)  # ... and the request that uses it says what is wrong
+        r = server.post("/sdapi/v1/options", {"randn_source": "Dice"})  # refused when set, not at every request
         assert r.status_code == 400 and "randn_source" in r.json()["detail"], r.text
+        assert np.array_equal(_image(server.post("/sdapi/v1/txt2img", body)), pixels(want.images[0]))
     finally:
         server.post("/sdapi/v1/options", {"eta_noise_seed_delta": 0, "randn_source": "CPU"})
     assert np.array_equal(_image(server.post("/sdapi/v1/txt2img", body)), _image(plain))
