@@ -168,6 +168,27 @@ def test_cancelling_every_job_of_a_batch_stops_it(queue_factory):
     assert [j.state for j in jobs] == ["cancelled", "cancelled"] and len(calls) < 500
 
 
+def test_an_interrupted_batch_keeps_each_jobs_image_being_made(queue_factory):
+    """As a job run alone (A1111's interrupt): every job of the batch keeps its last denoised estimate,
+    decoded; they were finished as "cancelled" with no image."""
+    q = queue_factory(max_batch=4)
+    calls, handle = _count_unet_calls(q)
+    jobs = [q.submit(_spec(prompt=p, seed=s, steps=500)) for p, _, s in PROMPTS[:2]]
+    q.start()
+    for _ in range(2000):
+        if jobs[0].step >= 3:
+            break
+        time.sleep(0.01)
+    q.interrupt()
+    for j in jobs:
+        assert j.wait(120)
+    handle.remove()
+    assert [j.state for j in jobs] == ["interrupted", "interrupted"] and len(calls) < 500
+    assert [len(j.images) for j in jobs] == [1, 1] and jobs[0].images[0].size == (64, 64)
+    assert [j.seeds for j in jobs] == [[s] for _, _, s in PROMPTS[:2]]
+    assert not np.array_equal(np.asarray(jobs[0].images[0]), np.asarray(jobs[1].images[0]))
+
+
 def test_an_invalid_job_fails_alone(queue_factory, pipe):
     from latentforge.conditioning.prompt import MAX_NESTING
 

@@ -84,11 +84,13 @@ def _hashable(value):
 @dataclass
 class BatchMember:
     """One request of a batch: its init images (img2img) and its own progress callback. The callback may
-    raise ``Interrupted``: that request is dropped (its images are not made) and the others go on."""
+    raise ``Interrupted``: that request is dropped and the others go on; its images are not made, or with
+    ``partial`` they are the images being made (its last denoised estimate, as ``generate(partial=True)``)."""
 
     request: GenerationRequest
     init_images: Sequence[Image.Image | str | Path] | None = None
     progress: Callable[[Progress], None] | None = None
+    partial: bool = False
 
 
 @dataclass
@@ -169,6 +171,7 @@ def _run_group(pipe, group: list[_Prepared]) -> list[GenerationResult | Exceptio
     seeds = [s for p in group for s in p.seeds]
     subseeds = [s for p in group for s in p.subseeds]
     live = [True] * len(group)
+    saved: dict[int, Tensor] = {}  # the last denoised rows of members stopped with ``partial``
     total = plan.total_steps
     first = group[0]
     work = work_size(pipe, first.member.request, None) * sum(sizes) / max(1, first.member.request.batch_size)
@@ -187,31 +190,32 @@ def _run_group(pipe, group: list[_Prepared]) -> list[GenerationResult | Exceptio
                             )
                         except Interrupted:
                             live[j] = False  # dropped: its rows still run with the others, its image is not made
+                            if member.member.partial:
+                                saved[j] = denoised[rows[j]].clone()
                     if not any(live):
                         raise Interrupted()
 
                 x, stream = run_pass(p, x, 0, seeds, subseeds, plan.noise, pipe.device, callback, stream)
                 offset += p.steps
-            outcomes: list[GenerationResult | Exception] = []
-            for j, member in enumerate(group):
-                if not live[j]:
-                    outcomes.append(Interrupted())
-                    continue
-                try:  # each request's rows decoded on their own, as alone (the VAE's batch is its batch)
-                    images = tensor_to_images(decode_checked(member.plan.decode, x[rows[j]]))
-                    outcomes.append(
-                        finish_result(
-                            pipe, member.member.request, member.plan, member.mode, member.seeds, member.chosen,
-                            images, member.start,
-                        )
-                    )  # fmt: skip
-                except Exception as e:  # this member's decode only
-                    outcomes.append(e)
-            return outcomes
+            return [_outcome(pipe, m, x[rows[j]] if live[j] else saved.get(j)) for j, m in enumerate(group)]
     except Interrupted:
-        return [Interrupted() for _ in group]
+        return [_outcome(pipe, m, saved.get(j)) for j, m in enumerate(group)]
     except Exception as e:  # sampling failed for the whole batch (a NaN, a broken model)
         return [e for _ in group]
+
+
+def _outcome(pipe, member: _Prepared, latents: Tensor | None) -> GenerationResult | Exception:
+    """A member's result from its rows' latents (decoded on their own, as alone: the VAE's batch is its
+    batch), or ``Interrupted`` when it was stopped without keeping them; a decode error is its alone."""
+    if latents is None:
+        return Interrupted()
+    try:
+        with torch.inference_mode():
+            images = tensor_to_images(decode_checked(member.plan.decode, latents))
+        m = member
+        return finish_result(pipe, m.member.request, m.plan, m.mode, m.seeds, m.chosen, images, m.start)
+    except Exception as e:
+        return e
 
 
 def merge_plans(plans: Sequence[Plan], sizes: Sequence[int]) -> Plan | None:

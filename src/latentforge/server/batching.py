@@ -83,13 +83,20 @@ def run_batch(queue: JobQueue, jobs: list[Job]) -> None:
         job.iteration, job.iterations, job.step = 0, 1, 0
         job.batch = len(jobs)
         members.append(
-            BatchMember(job.spec.request, job.spec.init_images, progress=lambda p, job=job: queue._progress(job, p))
+            BatchMember(
+                job.spec.request,
+                job.spec.init_images,
+                progress=lambda p, job=job: queue._progress(job, p),
+                partial=True,  # interrupt and skip keep the image being made, as a job run alone
+            )
         )
     queue.stats["batches"] += 1
     queue.stats["batched_jobs"] += len(jobs)
     results = generate_batch(pipe, members, upscaler_dirs=queue.config.upscaler_dirs)
     for job, result in zip(jobs, results):
-        if isinstance(result, GenerationResult):
+        if isinstance(result, GenerationResult) and job.cancel_flag:  # DELETE: the image is dropped
+            queue.finish(job, "cancelled")
+        elif isinstance(result, GenerationResult):
             queue.store(job, result)
             queue.finish(job, "interrupted" if job.stop_flag else "done")
         elif isinstance(result, Interrupted):  # cancelled (or skipped: its only pass dropped)
