@@ -249,3 +249,42 @@ def test_an_interrupted_run_can_return_the_image_being_made(pipe):
     for got, want in zip(result.images, expected):
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert len(result.infotexts) == 2 and "Seed: 6," in result.infotexts[1]
+
+
+def test_sigma_settings_sgm_noise_and_ddim_eta_are_in_the_infotext_as_a1111_writes_them(pipe):
+    """A1111 writes "Sigma churn/tmin/tmax/noise" when not their defaults, "SGM noise multiplier: True",
+    and DDIM's eta as "Eta DDIM" (sd_samplers_kdiffusion / sd_samplers_timesteps). latentforge left the
+    first two out, so an image made with them came back different from its infotext alone, and
+    refused A1111's own fields."""
+    made = pipe.txt2img("a cube", seed=4, sampler="Euler", s_churn=0.5, s_noise=0.9, sgm_noise_multiplier=True,
+                        **SMALL)  # fmt: skip
+    text = made.infotexts[0]
+    for field in ("Sigma churn: 0.5", "Sigma noise: 0.9", "SGM noise multiplier: True"):
+        assert field in text, text
+    assert "Sigma tmin" not in text and "Sigma tmax" not in text  # their defaults
+    again = pipe.txt2img(request=request_from_infotext(text)[0])
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(made.images[0]))
+    ddim = pipe.txt2img("a cube", seed=4, sampler="DDIM", eta=0.3, **SMALL)
+    assert "Eta DDIM: 0.3" in ddim.infotexts[0] and "Eta: " not in ddim.infotexts[0]
+    req = request_from_infotext("a cube\nSteps: 4, Sampler: DDIM, Eta DDIM: 0.3, Seed: 4, Size: 64x64")[0]
+    assert req.eta == 0.3 and not req.extra
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(tmp_path, capsys):
+    """--device cuda on a CPU build ended in torch's AssertionError traceback (exit 1)."""
+    from latentforge.device import parse_device
+
+    assert parse_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'foo'"):
+        parse_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' is not available with this PyTorch build on this machine"):
+            latentforge.load(tmp_path / "nothing.safetensors", device="cuda")  # before any file is read
+        assert main(["txt2img", "x", "--device", "cuda", "-o", str(tmp_path / "a.png")]) == 2
+        assert "not available" in capsys.readouterr().err
+
+
+def test_save_image_keeps_the_infotext_as_the_readme_shows(pipe, tmp_path):
+    result = pipe.txt2img("a cube", seed=2, **SMALL)
+    path = latentforge.save_image(result.images[0], tmp_path / "out.png")
+    assert read_png_metadata(path)["parameters"] == result.infotexts[0]

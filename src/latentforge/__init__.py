@@ -1,6 +1,7 @@
 """latentforge: Stable Diffusion in Python, loading the checkpoint files users already have.
 
-Public API: ``load(path, ...) -> Pipeline``; ``families()`` lists the model families.
+Public API: ``load(path, ...) -> Pipeline``; ``families()`` lists the model families; ``save_image(image,
+path)`` writes a result as PNG, JPEG or WebP with its parameters.
 """
 
 # Before anything imports torch: idle OpenMP threads sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE,
@@ -13,7 +14,8 @@ prefer_passive_waiting()
 
 from latentforge._version import __version__  # noqa: E402
 from latentforge.families import Family, families, get_family  # noqa: E402
+from latentforge.io.images import save_image  # noqa: E402
 from latentforge.loading import load  # noqa: E402
 from latentforge.pipeline import Pipeline, PromptEmbedding  # noqa: E402
 
-__all__ = ["Family", "Pipeline", "PromptEmbedding", "__version__", "families", "get_family", "load"]
+__all__ = ["Family", "Pipeline", "PromptEmbedding", "__version__", "families", "get_family", "load", "save_image"]

@@ -38,6 +38,23 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 @functools.lru_cache(maxsize=1)
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (default cpu); ValueError, saying what to use instead, for a name torch does
+    not know or a device this PyTorch build or machine does not have (``--device cuda`` on a CPU build)."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+        "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
+    if not available.get(dev.type, lambda: False)():
+        raise ValueError(f"device {str(dev)!r} is not available with this PyTorch build on this machine; use cpu")
+    return dev
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from latentforge.convert.diffusers import vae_config_from_diffusers, vae_key_to_original
-from latentforge.device import auto_dtype, parse_dtype, to_fast_layout, vae_dtype
+from latentforge.device import auto_dtype, parse_device, parse_dtype, to_fast_layout, vae_dtype
 from latentforge.families import Family, get_family
 from latentforge.families.detect import candidates, probe_prediction, resolve_prediction
 from latentforge.families.infer import infer_vae_config
@@ -185,7 +185,7 @@ def load(
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     dtype_reason = f"explicit dtype={dtype!r}" if torch_dtype is not None else ""
-    dev = torch.device(device or "cpu")
+    dev = parse_device(device)  # a clear ValueError for a device this machine lacks, before any file work
     source = open_source(path)
     try:
         sig = source.signature()

@@ -96,7 +96,9 @@ def find(name: str | Path, dirs: Iterable[str | Path]) -> Path:
 
 def load(name: str | Path, dirs: Iterable[str | Path] = (), device: str | torch.device = "cpu") -> ImageUpscaler:
     """Find and load an upscaler by name or path (see ``find``)."""
-    return load_upscaler(find(name, dirs), device=device)
+    from latentforge.device import parse_device
+
+    return load_upscaler(find(name, dirs), device=parse_device(device))
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +21,8 @@ from latentforge.pipelines.request import (
     X4Options,
 )
 from latentforge.sampling.registry import SAMPLERS, resolve
+
+_ETA_DDIM = {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
 
 SCHEDULE_TITLES = {
     "normal": "Normal",
@@ -91,7 +94,14 @@ def infotext_params(
         **(_x4_fields(req.x4) if req.x4 else {}),
         **(extra or {}),
         "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
-        "Eta": _num(req.eta) if req.eta is not None else None,
+        # A1111's samplers over timesteps (DDIM, DDIM CFG++, PLMS, UniPC) name their eta "Eta DDIM"
+        ("Eta DDIM" if info.title in _ETA_DDIM else "Eta"): _num(req.eta) if req.eta is not None else None,
+        # A1111's k-diffusion settings, written when not their defaults (sd_samplers_kdiffusion.initialize)
+        "Sigma churn": _num(req.s_churn) if req.s_churn else None,
+        "Sigma tmin": _num(req.s_tmin) if req.s_tmin else None,
+        "Sigma tmax": _num(req.s_tmax) if req.s_tmax is not None and math.isfinite(req.s_tmax) else None,
+        "Sigma noise": _num(req.s_noise) if req.s_noise != 1 else None,
+        "SGM noise multiplier": True if req.sgm_noise_multiplier else None,
         "ENSD": req.eta_noise_seed_delta or None,
         "NGMS": _num(req.s_min_uncond) if req.s_min_uncond else None,
         "NGMS all steps": True if req.s_min_uncond and req.s_min_uncond_all else None,
@@ -319,6 +329,11 @@ _SCALAR_FIELDS = (
     ("Denoising strength", "denoising_strength", float),
     ("Clip skip", "clip_skip", int),
     ("Eta", "eta", float),
+    ("Eta DDIM", "eta", float),
+    ("Sigma churn", "s_churn", float),
+    ("Sigma tmin", "s_tmin", float),
+    ("Sigma tmax", "s_tmax", float),
+    ("Sigma noise", "s_noise", float),
     ("Variation seed", "subseed", int),
     ("Variation seed strength", "subseed_strength", float),
     ("ENSD", "eta_noise_seed_delta", int),
@@ -360,6 +375,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     if "Schedule type" in s:
         req.schedule = s["Schedule type"]
     req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
+    req.sgm_noise_multiplier = str(s.get("SGM noise multiplier", "")).lower() == "true"
     req.token_merging_random = str(s.get("Token merging random", "")).lower() == "true"
     req.deepcache_schedule = s.get("DeepCache schedule", req.deepcache_schedule)
     # A1111 writes no RNG field for its default source, the GPU's
@@ -385,7 +401,8 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.x4 = X4Options(noise_level=_value(s, "X4 noise level", int, "a whole number"), tile=tile)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {key for key, _, _ in _SCALAR_FIELDS} | {"Size", "Seed resize from", "Sampler", "Schedule type"}
-    known |= {"RNG", "NGMS all steps", "Token merging random", "DeepCache schedule"} | hires | inpaint_fields
+    known |= {"RNG", "NGMS all steps", "SGM noise multiplier", "Token merging random", "DeepCache schedule"}
+    known |= hires | inpaint_fields
     known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}
     mode = "upscale-x4" if req.x4 else "img2img" if "Denoising strength" in s and not req.hires else "txt2img"
