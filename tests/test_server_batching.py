@@ -150,15 +150,21 @@ def test_cancelling_one_job_of_a_batch_keeps_the_others(queue_factory, pipe):
     _close(jobs[2].images[0], ref.images[0])
 
 
-def test_cancelling_every_job_of_a_batch_stops_it(queue_factory):
+def _slow_batch(queue_factory, step: int):
+    """Two 500-step jobs running as one batch, past ``step``: (queue, UNet calls, hook, jobs)."""
     q = queue_factory(max_batch=4)
     calls, handle = _count_unet_calls(q)
     jobs = [q.submit(_spec(prompt=p, seed=s, steps=500)) for p, _, s in PROMPTS[:2]]
     q.start()
     for _ in range(2000):
-        if jobs[0].step >= 2:
+        if jobs[0].step >= step:
             break
         time.sleep(0.01)
+    return q, calls, handle, jobs
+
+
+def test_cancelling_every_job_of_a_batch_stops_it(queue_factory):
+    q, calls, handle, jobs = _slow_batch(queue_factory, step=2)
     assert q.pending() == 2  # both jobs of the batch are running (A1111's job_count)
     for j in jobs:
         q.cancel(j.id)
@@ -171,14 +177,7 @@ def test_cancelling_every_job_of_a_batch_stops_it(queue_factory):
 def test_an_interrupted_batch_keeps_each_jobs_image_being_made(queue_factory):
     """As a job run alone (A1111's interrupt): every job of the batch keeps its last denoised estimate,
     decoded; they were finished as "cancelled" with no image."""
-    q = queue_factory(max_batch=4)
-    calls, handle = _count_unet_calls(q)
-    jobs = [q.submit(_spec(prompt=p, seed=s, steps=500)) for p, _, s in PROMPTS[:2]]
-    q.start()
-    for _ in range(2000):
-        if jobs[0].step >= 3:
-            break
-        time.sleep(0.01)
+    q, calls, handle, jobs = _slow_batch(queue_factory, step=3)
     q.interrupt()
     for j in jobs:
         assert j.wait(120)

@@ -18,10 +18,12 @@ import functools
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from latentforge.pipelines.checks import IMAGE_UPSCALERS
 from latentforge.server.errors import FieldError
 
 LANCZOS = Image.Resampling.LANCZOS
-BUILT_IN = {"None": None, "Lanczos": LANCZOS, "Nearest": Image.Resampling.NEAREST}
+# the built-in upscalers (the hires fix's, pipelines/checks.py); "None" runs no step here (A1111's UpscalerNone)
+BUILT_IN = {**IMAGE_UPSCALERS, "None": None}
 MAX_PASSES = 3
 MAX_TOTAL_OUTPUTS = 8  # one request's results together: at most this many times max_output_pixels
 
