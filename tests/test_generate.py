@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 
@@ -288,3 +289,37 @@ def test_save_image_keeps_the_infotext_as_the_readme_shows(pipe, tmp_path):
     result = pipe.txt2img("a cube", seed=2, **SMALL)
     path = latentforge.save_image(result.images[0], tmp_path / "out.png")
     assert read_png_metadata(path)["parameters"] == result.infotexts[0]
+
+
+def test_img2img_noise_multiplier_scales_the_starting_noise_as_a1111(pipe, model, monkeypatch, tmp_path):
+    """A1111 (processing.py, img2img ``sample``): the noise is multiplied by ``initial_noise_multiplier``
+    before the sampler adds it, so the start is init + m * noise * sigma_0; "Noise multiplier" is written
+    in the infotext when it is not 1 and read back. It was refused before."""
+    gen = importlib.import_module("latentforge.pipelines.generate")  # the module, not the function
+    starts = []
+    original = gen.starting_latent
+
+    def spy(p, init, noise):
+        x = original(p, init, noise)
+        starts.append((init.clone(), x.clone()))
+        return x
+
+    monkeypatch.setattr(gen, "starting_latent", spy)
+    image = Image.new("RGB", (64, 64), (200, 60, 30))
+    options = dict(seed=3, steps=4, sampler="Euler", denoising_strength=0.6, width=64, height=64)
+    runs = {m: pipe.img2img(image, "a cube", initial_noise_multiplier=m, **options) for m in (1.0, 0.5, 0.0)}
+    (init, x1), (_, x_half), (_, x0) = starts
+    torch.testing.assert_close(x_half - init, 0.5 * (x1 - init), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x0, init)
+    assert "Noise multiplier" not in runs[1.0].infotexts[0]
+    text = runs[0.5].infotexts[0]
+    assert "Noise multiplier: 0.5" in text
+    assert request_from_infotext(text)[0].initial_noise_multiplier == 0.5
+    assert not np.array_equal(np.asarray(runs[0.5].images[0]), np.asarray(runs[1.0].images[0]))
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    image.save(source)
+    args = ["img2img", str(source), "a cube", "-m", str(model), "--seed", "3", "--steps", "4", "-q"]
+    assert main([*args, "--sampler", "Euler", "--strength", "0.6", "--noise-multiplier", "0.5", "-o", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(runs[0.5].images[0]))
+    with pytest.raises(RequestError, match="initial_noise_multiplier must be between 0 and 10"):
+        pipe.img2img(image, "a cube", initial_noise_multiplier=-1, **options)

@@ -13,7 +13,7 @@ import latentforge
 from latentforge.cli import main
 from latentforge.pipelines import GenerationRequest, HiresOptions, RequestError, hires, plan
 from latentforge.pipelines.images import tensor_to_images
-from latentforge.pipelines.metadata import request_from_infotext
+from latentforge.pipelines.metadata import request_from_infotext, unreproduced_fields
 from tiny import build_reference, save_folder
 
 BASE = dict(seed=21, steps=4, width=64, height=64, sampler="Euler", denoising_strength=0.5)
@@ -160,3 +160,70 @@ def test_hires_pass_prompt_limits_are_checked_before_any_step(pipe):
             **{**BASE, "steps": 2},
         )
     assert steps == []
+
+
+def test_hires_pass_of_its_own_is_img2img_with_its_prompts_sampler_and_schedule(pipe, monkeypatch):
+    """A1111 1.6+: hr_prompt, hr_negative_prompt, hr_sampler_name and hr_scheduler apply to the second
+    pass only. Expected: the first pass as plain txt2img, then the Python API's img2img of the resized
+    image with the hires pass's own settings."""
+    seen = {}
+    original = hires.upscale
+
+    def spy(p, latents, upscaler, shape):
+        seen["first"] = latents.clone()
+        return original(p, latents, upscaler, shape)
+
+    monkeypatch.setattr(hires, "upscale", spy)
+    own = dict(hr_prompt="a sphere", hr_negative_prompt="blurry", hr_sampler_name="Euler a", hr_scheduler="Karras")
+    options = {**BASE, "cfg_scale": 4.0}
+    result = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **own, **options)
+    plain = pipe.txt2img("a cube", **options).images[0]
+    assert np.array_equal(np.asarray(tensor_to_images(pipe.vae.decode(seen["first"]))[0]), np.asarray(plain))
+    decoded = ((pipe.vae.decode(seen["first"]).float()[0] + 1) / 2).clamp(0, 1)
+    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
+    resized = Image.fromarray(pixels).resize((128, 128), Image.Resampling.LANCZOS)
+    second = {**options, "width": 128, "height": 128, "sampler": "Euler a", "schedule": "Karras"}
+    expected = pipe.img2img(resized, "a sphere", negative_prompt="blurry", **second).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+    same = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **options).images[0]
+    assert not np.array_equal(np.asarray(same), np.asarray(expected))
+
+    # A1111's infotext fields, written where they differ from the first pass's, and read back
+    text = result.infotexts[0]
+    for field in ("Hires prompt: a sphere", "Hires negative prompt: blurry", "Hires sampler: Euler a"):
+        assert field in text
+    assert "Hires schedule type: Karras" in text and "Schedule type: Normal" in text  # Euler's own
+    req, _ = request_from_infotext(text)
+    assert (req.hires.prompt, req.hires.negative_prompt) == ("a sphere", "blurry")
+    assert (req.hires.sampler, req.hires.schedule) == ("Euler a", "Karras")
+    assert unreproduced_fields(req) == []  # --from makes the same image without a warning
+    again = pipe.txt2img(**{**req.to_dict(), "width": 64, "height": 64})
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+    for name in ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type"):
+        assert name not in pipe.txt2img("a cube", enable_hr=True, hr_prompt="a cube", **options).infotexts[0]
+
+
+def test_hires_pass_sampler_sets_its_calls_and_bad_names_are_refused(pipe):
+    req = GenerationRequest(prompt="a", steps=4, sampler="Euler", hires=HiresOptions(sampler="Heun"))
+    assert hires.pass_calls(req) == (4, 8)
+    req = dataclasses.replace(req, sampler="Heun", hires=HiresOptions(sampler="Use same sampler"))
+    assert hires.pass_calls(req) == (8, 8)
+    for options, message in (
+        (dict(hr_sampler_name="Euler z"), "hr_sampler_name: unknown sampler 'Euler z'"),
+        (dict(hr_scheduler="Karras-ish"), "hr_scheduler: unknown schedule 'Karras-ish'"),
+        (dict(hr_prompt="(" * 500), "hr_prompt"),
+        (dict(hr_prompt="a cube <lora:other:1>"), "hr_prompt names other networks"),
+    ):
+        with pytest.raises(RequestError, match=message.replace("(", r"\(")):
+            pipe.txt2img("a cube", **{**BASE, "enable_hr": True, **options})
+
+
+def test_cli_hires_pass_of_its_own_round_trips(model, tmp_path):
+    out, again = tmp_path / "hr.png", tmp_path / "again.png"
+    args = ["txt2img", "a cube", "-m", str(model), "--seed", "4", "--steps", "3", "-W", "64", "-H", "64", "-q"]
+    own = ["--hires-prompt", "a sphere, red", "--hires-sampler", "Euler a", "--hires-schedule", "exponential"]
+    assert main([*args, "--hires", "1.5", *own, "-o", str(out)]) == 0
+    text = Image.open(out).info["parameters"]
+    assert 'Hires prompt: "a sphere, red"' in text and "Hires schedule type: Exponential" in text
+    assert main(["txt2img", "--from", str(out), "-m", str(model), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

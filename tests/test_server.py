@@ -306,21 +306,42 @@ def test_a1111_settings_that_change_images_apply_from_options_and_override_setti
     assert np.array_equal(_image(server.post("/sdapi/v1/txt2img", body)), _image(plain))
 
 
-def test_a1111_fields_that_cannot_run_are_refused_not_dropped(server):
-    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
-    r = server.post("/sdapi/v1/txt2img", {**body, "enable_hr": True, "hr_scheduler": "Karras"})
-    assert r.status_code == 400 and "hr_scheduler" in r.json()["detail"]
-    r = server.post("/sdapi/v1/txt2img", {**body, "enable_hr": True, "hr_scheduler": "Use same scheduler"})
-    assert r.status_code == 200
+def test_hires_pass_of_its_own_and_noise_multiplier_as_the_python_api(server, pipe):
+    """A1111's hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler and img2img's
+    initial_noise_multiplier (a field, and a setting) run as the Python API runs them; they were refused.
+    A second model for the hires pass is still refused."""
+    body = {"prompt": "a red circle", "steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+            "cfg_scale": 5}  # fmt: skip
+    hr = {"enable_hr": True, "hr_scale": 1.5, "hr_prompt": "a blue square", "hr_negative_prompt": "blur",
+          "hr_sampler_name": "Euler a", "hr_scheduler": "Karras", "denoising_strength": 0.6}  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", {**body, **hr})
+    want = pipe.txt2img("a red circle", steps=3, width=64, height=64, seed=5, sampler="Euler", cfg_scale=5, **hr)
+    assert np.array_equal(_image(r), pixels(want.images[0]))
+    text = _info(r)["infotexts"][0]
+    assert "Hires prompt: a blue square" in text and "Hires sampler: Euler a" in text
+    assert np.array_equal(_image(server.post("/sdapi/v1/txt2img", {"infotext": text})), _image(r))
+    same = {"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler", "hr_prompt": ""}
+    r = server.post("/sdapi/v1/txt2img", {**body, **hr, **same})
+    assert r.ok and "Hires sampler" not in _info(r)["infotexts"][0]
+    r = server.post("/sdapi/v1/txt2img", {**body, **hr, "hr_checkpoint_name": "other.safetensors"})
+    assert r.status_code == 400 and "hr_checkpoint_name" in r.json()["detail"]
+    r = server.post("/sdapi/v1/txt2img", {**body, **hr, "hr_prompt": "<lora:../x:1>"})
+    assert r.status_code == 400 and "by name, not by path" in r.json()["detail"]
     import base64
     import io
 
     buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    image = Image.new("RGB", (64, 64), "red")
+    image.save(buf, format="PNG")
     img = {**body, "init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.5}
+    want = pipe.img2img(image, "a red circle", steps=3, seed=5, sampler="Euler", cfg_scale=5,
+                        denoising_strength=0.5, initial_noise_multiplier=0.8).images[0]  # fmt: skip
     r = server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 0.8})
-    assert r.status_code == 400 and "initial_noise_multiplier" in r.json()["detail"]
-    assert server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 1, "image_cfg_scale": 1.5}).ok
+    assert np.array_equal(_image(r), pixels(want)) and "Noise multiplier: 0.8" in _info(r)["infotexts"][0]
+    r = server.post("/sdapi/v1/img2img", {**img, "override_settings": {"initial_noise_multiplier": 0.8}})
+    assert np.array_equal(_image(r), pixels(want))
+    plain = server.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 1, "image_cfg_scale": 1.5})
+    assert plain.ok and not np.array_equal(_image(plain), pixels(want))
 
 
 def test_include_init_images_echoes_them_in_parameters_as_a1111(server):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from latentforge.cli_inpaint import add_inpaint_options, inpaint_group
+
 # request fields settable from the command line: (option, field, type, help)
 GEN_OPTIONS = [
     (("-n", "--negative-prompt"), "negative_prompt", str, "what the image should not show"),
@@ -129,6 +131,13 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
             default=None,
             help="0 resize (default), 1 crop and resize, 2 resize and fill",
         )
+        p.add_argument(
+            "--noise-multiplier",
+            dest="initial_noise_multiplier",
+            type=float,
+            default=None,
+            help="A1111's img2img noise multiplier: scale the noise added to the image (default 1)",
+        )
         add_inpaint_options(p)
         p.add_argument("--depth-map", type=Path, help="depth models: the depth map (an image, brighter = nearer)")
         p.add_argument("--depth-model", type=Path, help="depth models: the MiDaS file that estimates the depth map")
@@ -158,6 +167,13 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument(
             "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
         )
+        for flag, dest, what in (
+            ("--hires-prompt", "hr_prompt", "prompt"),
+            ("--hires-negative-prompt", "hr_negative_prompt", "negative prompt"),
+            ("--hires-sampler", "hr_sampler_name", "sampler"),
+            ("--hires-schedule", "hr_scheduler", "schedule"),
+        ):
+            p.add_argument(flag, dest=dest, default=None, help=f"the second pass's own {what} (default: the same)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -255,70 +271,6 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-FILL_NAMES = {"fill": 0, "original": 1, "latent-noise": 2, "latent-nothing": 3}
-# inpainting options: (flags, field of InpaintOptions, argparse keywords)
-INPAINT_OPTIONS = [
-    (("--mask",), "mask", dict(type=Path, help="inpaint: mask image, white = repaint (an RGBA image's alpha counts)")),
-    (("--mask-blur",), "mask_blur", dict(type=float, help="inpaint: blur the mask by this many pixels (default 4)")),
-    (
-        ("--inpaint-fill",),
-        "inpainting_fill",
-        dict(
-            choices=list(FILL_NAMES),
-            help="inpaint: masked content: original (default), fill, latent-noise, latent-nothing",
-        ),
-    ),
-    (
-        ("--only-masked",),
-        "inpaint_full_res",
-        dict(action="store_true", help="inpaint only the masked region, at full size"),
-    ),
-    (
-        ("--padding",),
-        "inpaint_full_res_padding",
-        dict(type=int, help="with --only-masked: pixels around the mask (32)"),
-    ),
-    (("--invert-mask",), "inpainting_mask_invert", dict(action="store_true", help="repaint what is NOT masked")),
-    (("--mask-weight",), "inpainting_mask_weight", dict(type=float, help="inpainting models: conditional mask weight")),
-]
-
-
-def add_inpaint_options(p: argparse.ArgumentParser) -> None:
-    for flags, dest, kwargs in INPAINT_OPTIONS:
-        p.add_argument(*flags, dest=f"inpaint_{dest}", default=None, **kwargs)
-    p.add_argument(
-        "--outpaint",
-        metavar="PIXELS",
-        help="extend the canvas and paint the new area: one number for every side, or LEFT,TOP,RIGHT,BOTTOM "
-        "(multiples of 8; masked content defaults to fill)",
-    )
-
-
-def _inpaint_group(args: argparse.Namespace, current: dict | None) -> dict | None:
-    """The inpaint group from --mask and friends, over the group of a --from record."""
-    given = {}
-    for _, dest, _ in INPAINT_OPTIONS:
-        value = getattr(args, f"inpaint_{dest}", None)
-        if value is not None and value is not False:
-            given[dest] = FILL_NAMES[value] if dest == "inpainting_fill" else value
-    if "mask" in given:
-        given["mask"] = str(given["mask"])
-    outpaint = getattr(args, "outpaint", None)
-    if outpaint:
-        try:
-            sides = [int(v) for v in outpaint.split(",")]
-        except ValueError:
-            sides = []
-        if len(sides) not in (1, 4):
-            raise ValueError(f"--outpaint takes one number or LEFT,TOP,RIGHT,BOTTOM, got {outpaint!r}")
-        sides = sides * 4 if len(sides) == 1 else sides
-        given.update(zip(("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"), sides))
-        given.setdefault("inpainting_fill", 0)
-    if not given:
-        return current
-    return {**(current or {}), **given}
-
-
 # C0 controls except tab and newline, DEL, C1 controls (ESC and CSI start terminal sequences), and the
 # bidirectional overrides that reorder what a terminal shows
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -413,7 +365,8 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
         options["prompt"] = args.prompt
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
-    dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random"]
+    dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random", "initial_noise_multiplier"]
+    dests += ["hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:
@@ -429,7 +382,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
     if img2img and not x4:
-        group = _inpaint_group(args, req.to_dict()["inpaint"])
+        group = inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:
             options["inpaint"] = group
         if args.depth_map is not None or args.depth_model is not None:

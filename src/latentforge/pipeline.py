@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
     from latentforge.offload import Offloader
     from latentforge.pipelines.generate import GenerationResult, Progress
-    from latentforge.pipelines.request import GenerationOptions, GenerationRequest
+    from latentforge.pipelines.options import GenerationOptions
+    from latentforge.pipelines.request import GenerationRequest
 
 __all__ = ["LoadInfo", "Pipeline", "PromptEmbedding"]
 

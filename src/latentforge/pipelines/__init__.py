@@ -3,9 +3,9 @@ that build passes (hires.py, refiner.py, upscale_x4.py; images.py for image inpu
 
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate
 from latentforge.pipelines.numerics import NonFiniteError
+from latentforge.pipelines.options import GenerationOptions
 from latentforge.pipelines.request import (
     ControlUnit,
-    GenerationOptions,
     GenerationRequest,
     HiresOptions,
     InpaintOptions,

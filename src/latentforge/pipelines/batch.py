@@ -62,8 +62,10 @@ def batch_key(req: GenerationRequest, img2img: bool = False) -> tuple | None:
         return None  # (DeepCache and token merging hook the UNet per request: generate runs them)
     if any(g is not None for g in (req.inpaint, req.depth, req.refiner, req.x4)):
         return None
-    if not isinstance(req.prompt, str) or extract_network_tags(req.prompt)[1]:
-        return None
+    hires_prompt = getattr(req.hires, "prompt", "")
+    for text in (req.prompt, hires_prompt):
+        if not isinstance(text, str) or extract_network_tags(text)[1]:
+            return None
     try:
         info, _ = resolve(req.sampler, req.schedule)
     except (ValueError, RequestError):

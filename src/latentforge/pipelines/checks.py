@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from PIL import Image
 
-from latentforge.conditioning.prompt import PromptError, parse_attention, split_and
+from latentforge.conditioning.prompt import PromptError, check_prompt, parse_attention, split_and
 from latentforge.conditioning.schedule import MAX_SCHEDULE_TEXTS, prompt_schedule
 
 
@@ -27,6 +27,7 @@ MAX_INPUT_PIXELS = 8192 * 8192  # pixels of an image file read as input (checked
 # numeric fields that are finite numbers within a range (s_tmax may be infinite: "no upper bound")
 RANGES = {
     "denoising_strength": (0.0, 1.0),
+    "initial_noise_multiplier": (0.0, 10.0),
     "eta": (0.0, 10.0),
     "s_churn": (0.0, 100.0),
     "s_tmin": (0.0, 1e4),
@@ -126,6 +127,25 @@ def upscaler_name(name: str, *, model_files: bool = False) -> str:
     )
 
 
+# A1111's "same as the first pass" choices of the hires pass's sampler and schedule
+SAME_SAMPLER = ("", "Use same sampler")
+SAME_SCHEDULE = ("", "Use same scheduler")
+
+
+def hires_request(req):
+    """The request as the hires pass sees it (A1111 1.6+): its own prompt, negative prompt, sampler and
+    schedule where ``req.hires`` gives them (hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler),
+    the first pass's otherwise."""
+    h = req.hires
+    return replace(
+        req,
+        prompt=h.prompt or req.prompt,
+        negative_prompt=h.negative_prompt or req.negative_prompt,
+        sampler=req.sampler if h.sampler in SAME_SAMPLER else h.sampler,
+        schedule=req.schedule if h.schedule in SAME_SCHEDULE else h.schedule,
+    )
+
+
 def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = False) -> None:
     """The hires group's fields (``HiresOptions``), with A1111's flat names in the messages."""
     need(
@@ -143,6 +163,11 @@ def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = 
             isinstance(value, int) and (value == 0 or 64 <= value <= 8192),
             f"hr_{name} must be 0 (unused) or 64 to 8192 pixels, got {value!r}",
         )
+    for name in ("prompt", "negative_prompt"):
+        try:
+            check_prompt(getattr(h, name), f"hr_{name}")
+        except PromptError as e:
+            need(False, str(e))
     upscaler_name(h.upscaler, model_files=upscaler_files)
 
 

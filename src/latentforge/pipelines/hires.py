@@ -25,6 +25,7 @@ from torch import Tensor
 from latentforge import upscalers
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.esrgan import ImageUpscaler
+from latentforge.pipelines.checks import hires_request
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
 from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
@@ -99,21 +100,26 @@ def pass_calls(req: GenerationRequest) -> tuple[int, int]:
     """(model calls of the first pass, of the hires pass): the steps over which A1111 lays out each
     pass's prompt schedules (second-order samplers call the model twice a step)."""
     sampler, _ = resolve(req.sampler, req.schedule)
-    per_step = 2 if sampler.second_order else 1
-    return req.steps * per_step, (req.hires.second_pass_steps or req.steps) * per_step
+    second = hires_request(req)
+    hires_sampler, _ = resolve(second.sampler, second.schedule)
+    steps = req.hires.second_pass_steps or req.steps
+    return req.steps * (2 if sampler.second_order else 1), steps * (2 if hires_sampler.second_order else 1)
 
 
 def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[str | Path] | None = None) -> Pass:
     """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
-    then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength.
+    then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength, and
+    the hires pass's own prompts, sampler and schedule where the request gives them (``hires_request``).
     ``upscaler_dirs``: the folders where an upscaler model named by the request is looked up."""
     first = plan.passes[-1]
     width, height = target_size(req, plan.width, plan.height)
     steps = req.hires.second_pass_steps or req.steps
-    sigmas = pass_sigmas(first.sampler, plan.schedule, first.model.schedule, steps)
+    second = hires_request(req)
+    sampler, schedule = resolve(second.sampler, second.schedule)
+    sigmas = pass_sigmas(sampler, schedule, first.model.schedule, steps)
     first_calls, calls = pass_calls(req)
     # A1111 1.7+: the hires pass's prompt editing goes on from the first pass's timeline
-    cond, uncond = conditioning(pipe, req, width, height, req.batch_size, calls, first_pass_calls=first_calls)
+    cond, uncond = conditioning(pipe, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
     down = pipe.vae.config.downscale
     shape = (first.shape[0], height // down, width // down)
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
@@ -124,7 +130,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[s
     hires_pass = Pass(
         "hires",
         first.model,
-        first.sampler,
+        sampler,
         img2img_sigmas(sigmas, steps, req.denoising_strength),
         shape,
         cond,

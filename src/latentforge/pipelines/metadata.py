@@ -10,7 +10,7 @@ from pathlib import Path
 
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.checks import is_int, show
+from latentforge.pipelines.checks import hires_request, is_int, show
 from latentforge.pipelines.request import (
     INPAINT_FILL,
     GenerationRequest,
@@ -75,6 +75,7 @@ def infotext_params(
     from latentforge._version import __version__
 
     img2img = _mode(mode) == "img2img"
+    noise = req.initial_noise_multiplier
 
     params = {
         "Steps": req.steps,
@@ -89,7 +90,8 @@ def infotext_params(
         "Variation seed strength": _num(req.subseed_strength) if req.subseed_strength else None,
         "Seed resize from": _resize_from(req),
         "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
-        **(_hires_fields(req.hires) if req.hires and not img2img else {}),
+        **(_hires_fields(req, info, schedule) if req.hires and not img2img else {}),
+        "Noise multiplier": _num(noise) if img2img and noise != 1 else None,
         **(refiner if refiner is not None else _refiner_fields(req.refiner) if req.refiner else {}),
         **(_x4_fields(req.x4) if req.x4 else {}),
         **(extra or {}),
@@ -117,10 +119,18 @@ def _resize_from(req: GenerationRequest) -> str | None:
     return None
 
 
-def _hires_fields(h: HiresOptions) -> dict:
-    """A1111's names for the hires fix settings."""
+def _hires_fields(req: GenerationRequest, info, schedule: str) -> dict:
+    """A1111's names for the hires fix settings; the hires pass's own prompts, sampler and schedule are
+    written only where they differ from the first pass's (as A1111 does)."""
+    h = req.hires
     resize = h.resize_x or h.resize_y
+    second = hires_request(req)
+    hires_info, hires_schedule = resolve(second.sampler, second.schedule)
     return {
+        "Hires prompt": second.prompt if second.prompt != req.prompt else None,
+        "Hires negative prompt": second.negative_prompt if second.negative_prompt != req.negative_prompt else None,
+        "Hires sampler": hires_info.title if hires_info.name != info.name else None,
+        "Hires schedule type": SCHEDULE_TITLES[hires_schedule] if hires_schedule != schedule else None,
         "Hires upscale": None if resize else _num(h.scale),
         "Hires resize": f"{h.resize_x}x{h.resize_y}" if resize else None,
         "Hires steps": h.second_pass_steps or None,
@@ -327,6 +337,7 @@ _SCALAR_FIELDS = (
     ("RescaleCFG", "guidance_rescale", float),
     ("Seed", "seed", int),
     ("Denoising strength", "denoising_strength", float),
+    ("Noise multiplier", "initial_noise_multiplier", float),
     ("Clip skip", "clip_skip", int),
     ("Eta", "eta", float),
     ("Eta DDIM", "eta", float),
@@ -344,6 +355,15 @@ _SCALAR_FIELDS = (
     ("DeepCache interval", "deepcache_interval", int),
     ("DeepCache depth", "deepcache_depth", int),
 )
+
+
+# the hires pass's own settings: infotext label -> HiresOptions field
+_HIRES_OWN = {
+    "Hires prompt": "prompt",
+    "Hires negative prompt": "negative_prompt",
+    "Hires sampler": "sampler",
+    "Hires schedule type": "schedule",
+}
 
 
 def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
@@ -380,7 +400,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     req.deepcache_schedule = s.get("DeepCache schedule", req.deepcache_schedule)
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
-    hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler"}
+    hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", *_HIRES_OWN}
     if hires & set(s):
         h = req.hires = HiresOptions()
         if "Hires upscale" in s:
@@ -390,6 +410,8 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         if "Hires steps" in s:
             h.second_pass_steps = _value(s, "Hires steps", int, "a whole number")
         h.upscaler = s.get("Hires upscaler", h.upscaler)
+        for label, attr in _HIRES_OWN.items():
+            setattr(h, attr, s.get(label, getattr(h, attr)))
     if "Refiner" in s:
         name = s["Refiner"].rsplit(" [", 1)[0] if s["Refiner"].endswith("]") else s["Refiner"]
         req.refiner = RefinerOptions(checkpoint=name)

@@ -47,7 +47,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
     """Apply the request's LoRAs and embeddings; on any error everything applied so far is taken back."""
     prompt, tags = extract_network_tags(req.prompt)
     refs = [*req.networks, *refs_from_tags(tags)]
-    session = Session(dataclasses.replace(req, prompt=prompt, networks=[]))
+    session = Session(dataclasses.replace(req, prompt=prompt, networks=[], hires=_hires_without_tags(req, tags)))
     hashes, hypernets = [], []
     try:
         for i, ref in enumerate(refs):
@@ -79,8 +79,27 @@ def activate(pipe, req: GenerationRequest) -> Session:
         session.infotext["Lora hashes"] = ", ".join(hashes)
     if hypernets:
         session.infotext["Hypernet hashes"] = ", ".join(hypernets)
-    used = pipe.text.embeddings.find(f"{prompt}\n{req.negative_prompt}", pipe.text.slots)
+    texts = [prompt, req.negative_prompt]
+    if session.request.hires is not None:
+        texts += [session.request.hires.prompt, session.request.hires.negative_prompt]
+    used = pipe.text.embeddings.find("\n".join(texts), pipe.text.slots)
     ti = [f"{e.name}: {sha256_of(e.path)[:12]}" for e in used if e.path is not None]
     if ti:
         session.infotext["TI hashes"] = ", ".join(ti)
     return session
+
+
+def _hires_without_tags(req: GenerationRequest, tags: list) -> object:
+    """The hires group with the network tags cut out of its own prompt. A1111 switches to the hires
+    prompt's networks for the hires pass; here both passes run with the prompt's, so a hires prompt that
+    names other networks (or none while the prompt names some) is refused."""
+    h = req.hires
+    if h is None or not isinstance(h.prompt, str) or not h.prompt:
+        return h
+    text, own = extract_network_tags(h.prompt)
+    if sorted(map(repr, refs_from_tags(own))) != sorted(map(repr, refs_from_tags(tags))):
+        raise RequestError(
+            "hr_prompt names other networks (<lora:...>, <hypernet:...>) than the prompt; switching networks "
+            "between the passes is not available: put the same tags in both prompts, or leave hr_prompt empty"
+        )
+    return dataclasses.replace(h, prompt=text)

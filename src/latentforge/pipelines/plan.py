@@ -51,6 +51,7 @@ class Pass:
     min_uncond_all: bool = False
     denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
+    noise_multiplier: float = 1.0  # a start from init latents adds this times the noise (A1111's img2img)
     sampler_options: dict = field(default_factory=dict)
     wrappers: list[Callable[[Denoiser], Denoiser]] = field(default_factory=list)  # around the CFG denoiser
     finish: Callable[[Tensor], Tensor] | None = None  # applied to the pass's result (inpainting's blend)
@@ -240,6 +241,7 @@ def first_pass(
         min_uncond_sigma=req.s_min_uncond,
         min_uncond_all=req.s_min_uncond_all,
         sgm_noise=req.sgm_noise_multiplier,
+        noise_multiplier=1.0 if init_latents is None else req.initial_noise_multiplier,
         sampler_options=sampler_options(req),
     )
 
@@ -267,5 +269,5 @@ def starting_latent(p: Pass, init: Tensor | None, first_noise: Tensor | None) ->
     continuing pass starts from the previous latents as they are."""
     s0 = float(p.sigmas[0])
     if init is not None:
-        return init + first_noise * s0 if p.denoise and not p.continues else init
+        return init + first_noise * (p.noise_multiplier * s0) if p.denoise and not p.continues else init
     return first_noise * (math.sqrt(1 + s0**2) if p.sgm_noise else s0)

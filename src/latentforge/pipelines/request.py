@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypedDict
+from typing import Any
 
 from latentforge.conditioning.prompt import PromptError, check_prompt, extract_network_tags
 from latentforge.pipelines.checks import CONTROL_MODES as CONTROL_MODES  # re-exported (control.py, users)
@@ -31,6 +31,7 @@ from latentforge.pipelines.checks import (
     check_schedules,
     check_types,
     given,
+    hires_request,
     is_int,
     is_number,
     optional,
@@ -48,7 +49,6 @@ from latentforge.pipelines.checks import upscaler_name as upscaler_name
 from latentforge.pipelines.presets import validate_fewer_flops, with_preset
 from latentforge.sampling.noise import COMFY_BATCH, MAX_SEED, RNG_SOURCES
 from latentforge.sampling.registry import resolve
-from latentforge.sampling.schedules import schedule_name
 
 
 @dataclass
@@ -61,6 +61,11 @@ class HiresOptions:
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0
+    # the hires pass's own (A1111's hr_prompt, ...; empty: the first pass's, see checks.hires_request)
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler: str = ""
+    schedule: str = ""
 
 
 @dataclass
@@ -169,6 +174,10 @@ _FLAT = {
     "hr_second_pass_steps": ("hires", "second_pass_steps"),
     "hr_resize_x": ("hires", "resize_x"),
     "hr_resize_y": ("hires", "resize_y"),
+    "hr_prompt": ("hires", "prompt"),
+    "hr_negative_prompt": ("hires", "negative_prompt"),
+    "hr_sampler_name": ("hires", "sampler"),
+    "hr_scheduler": ("hires", "schedule"),
     "refiner_checkpoint": ("refiner", "checkpoint"),
     "refiner_switch_at": ("refiner", "switch_at"),
     "refiner_switch_by_steps": ("refiner", "switch_by_steps"),
@@ -214,6 +223,7 @@ class GenerationRequest:
     batch_count: int = 1  # passes, one after another
     clip_skip: int | None = None
     denoising_strength: float = 0.75  # img2img, and the hires second pass
+    initial_noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier" of the starting noise
     resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill
     eta: float | None = None  # ancestral / DDIM noise (None: the sampler's default)
     s_churn: float = 0.0
@@ -271,23 +281,29 @@ class GenerationRequest:
                 check_prompt(getattr(self, name), name)
             except PromptError as e:
                 raise RequestError(str(e)) from None
+        hires = self.hires is not None and not img2img and isinstance(self.hires, HiresOptions)
+        if hires:
+            validate_hires(self.hires, need, upscaler_files)
+        second = hires_request(self) if hires else None
         try:
             sampler, _ = resolve(self.sampler, self.schedule)
         except ValueError as e:
             raise RequestError(str(e)) from None
+        hires_sampler = sampler
+        if second is not None:
+            for name, schedule in (("hr_sampler_name", None), ("hr_scheduler", second.schedule)):
+                try:
+                    hires_sampler = resolve(second.sampler, schedule)[0]
+                except ValueError as e:
+                    raise RequestError(f"{name}: {e}") from None
         need(self.prompt_syntax in ("a1111", "plain"), "prompt_syntax must be 'a1111' or 'plain'")
         if self.prompt_syntax == "a1111":  # the parsers' limits, checked before any model work
-            per_step = 2 if sampler.second_order else 1
+            calls = self.steps * (2 if sampler.second_order else 1)
             parsed: set[str] = set()
-            check_schedules(self, self.steps * per_step, parsed=parsed)
-            if self.hires is not None and not img2img and isinstance(self.hires, HiresOptions):
-                steps = self.hires.second_pass_steps
-                if is_int(steps) and 0 <= steps <= MAX_STEPS:  # (its range is checked with the group)
-                    check_schedules(self, (steps or self.steps) * per_step, self.steps * per_step, parsed)
-        try:
-            schedule_name(self.schedule)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+            check_schedules(self, calls, parsed=parsed)
+            if second is not None:  # the hires pass goes on from the first pass's timeline (A1111 1.7+)
+                per_step = 2 if hires_sampler.second_order else 1
+                check_schedules(second, (self.hires.second_pass_steps or self.steps) * per_step, calls, parsed)
         need(
             self.cfg_scale is None
             or (is_number(self.cfg_scale) and math.isfinite(self.cfg_scale) and abs(self.cfg_scale) <= 100),
@@ -385,8 +401,6 @@ class GenerationRequest:
             validate_network(f"networks[{i}] ({show(ref.name)})", ref, need)
         for ref in refs_from_tags(extract_network_tags(self.prompt)[1]):  # <lora:name:w> tags, before loading
             validate_network(f"prompt: <{ref.kind}:{ref.name}>", ref, need)
-        if self.hires is not None and not img2img:
-            validate_hires(self.hires, need, upscaler_files)
         if self.refiner is not None:
             validate_refiner(self.refiner, need)
         if self.x4 is not None:
@@ -518,77 +532,3 @@ def _make(cls, values: dict, where: str):
         return cls(**values)
     except TypeError as e:
         raise RequestError(f"{where}: {e}") from None
-
-
-class GenerationOptions(TypedDict, total=False):
-    """The keyword options of ``Pipeline.txt2img``/``img2img``: the request's fields and A1111's flat
-    names of the group fields (for editors; ``GenerationRequest`` documents each)."""
-
-    prompt: str
-    negative_prompt: str
-    steps: int
-    sampler: str
-    schedule: str
-    cfg_scale: float | None
-    guidance_rescale: float
-    seed: int
-    subseed: int
-    subseed_strength: float
-    seed_resize_from_w: int
-    seed_resize_from_h: int
-    eta_noise_seed_delta: int
-    rng: str
-    width: int | None
-    height: int | None
-    batch_size: int
-    batch_count: int
-    clip_skip: int | None
-    denoising_strength: float
-    resize_mode: int
-    eta: float | None
-    s_churn: float
-    s_tmin: float
-    s_tmax: float
-    s_noise: float
-    s_min_uncond: float
-    s_min_uncond_all: bool
-    sgm_noise_multiplier: bool
-    quantize_timesteps: bool
-    prompt_syntax: str
-    aesthetic_score: float
-    negative_aesthetic_score: float
-    preset: str
-    token_merging_ratio: float
-    token_merging_ratio_hr: float
-    token_merging_ratio_img2img: float
-    token_merging_random: bool
-    token_merging_max_downsample: int
-    deepcache_interval: int
-    deepcache_depth: int
-    deepcache_schedule: str
-    hires: HiresOptions | None
-    inpaint: InpaintOptions | None
-    depth: DepthOptions | None
-    refiner: RefinerOptions | None
-    x4: X4Options | None
-    networks: list[NetworkRef]
-    control: list[ControlUnit]
-    extra: dict
-    enable_hr: bool
-    hr_scale: float
-    hr_upscaler: str
-    hr_second_pass_steps: int
-    hr_resize_x: int
-    hr_resize_y: int
-    refiner_checkpoint: str
-    refiner_switch_at: float
-    refiner_switch_by_steps: bool
-    mask: Any
-    mask_blur: float
-    mask_blur_x: float | None
-    mask_blur_y: float | None
-    inpainting_mask_weight: float
-    inpainting_fill: int
-    inpaint_full_res: bool
-    inpaint_full_res_padding: int
-    inpainting_mask_invert: bool

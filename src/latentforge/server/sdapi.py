@@ -6,8 +6,8 @@ Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` m
 source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
 request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
 ``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
-honour (restore_faces, tiling, scripts, styles, a hires pass with another sampler, schedule, model or
-prompt, img2img's noise multiplier) are refused with a message naming them, never silently dropped;
+honour (restore_faces, tiling, scripts, styles, a hires pass with another model) are refused with a
+message naming them, never silently dropped;
 fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
 lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
 instruct-pix2pix.
@@ -326,6 +326,8 @@ def to_request(
     if img2img:
         data["denoising_strength"] = 0.75 if p["denoising_strength"] is None else p["denoising_strength"]
         data["resize_mode"] = p["resize_mode"]
+        if p["initial_noise_multiplier"] is not None:  # else the setting's (options, override_settings)
+            data["initial_noise_multiplier"] = p["initial_noise_multiplier"]
         if p.get("mask"):
             blur = p["mask_blur"]
             data.update(
@@ -358,6 +360,10 @@ def to_request(
                 hr_second_pass_steps=p["hr_second_pass_steps"],
                 hr_resize_x=p["hr_resize_x"],
                 hr_resize_y=p["hr_resize_y"],
+                hr_prompt=p["hr_prompt"] or "",
+                hr_negative_prompt=p["hr_negative_prompt"] or "",
+                hr_sampler_name=p["hr_sampler_name"] or "",
+                hr_scheduler=p["hr_scheduler"] or "",
                 denoising_strength=0.7 if p["denoising_strength"] is None else p["denoising_strength"],
             )
     ours = {f.name for f in dataclasses.fields(GenerationRequest)}
@@ -449,7 +455,7 @@ def _check_names(p: dict) -> None:
     upscaler = p.get("hr_upscaler")
     if p.get("enable_hr") and isinstance(upscaler, str) and _PATHLIKE.search(upscaler.strip()):
         _refuse("hr_upscaler", f"{upscaler[:80]!r} is a path; give an upscaler name as /sdapi/v1/upscalers lists")
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
         text = p.get(name)
         if not isinstance(text, str) or "<" not in text:
             continue
@@ -492,6 +498,7 @@ _SETTING_FIELDS = {
     "randn_source": "rng",  # "Random number generator source": GPU, CPU or NV
     "sgm_noise_multiplier": "sgm_noise_multiplier",
     "s_min_uncond_all": "s_min_uncond_all",
+    "initial_noise_multiplier": "initial_noise_multiplier",  # img2img's "Noise multiplier"
 }
 
 
@@ -522,6 +529,11 @@ _A1111_NAMES = {
     "hr_second_pass_steps": "hr_second_pass_steps",
     "hr_resize_x": "hr_resize_x",
     "hr_resize_y": "hr_resize_y",
+    "hr_prompt": "hr_prompt",
+    "hr_negative_prompt": "hr_negative_prompt",
+    "hr_sampler_name": "hr_sampler_name",
+    "hr_scheduler": "hr_scheduler",
+    "initial_noise_multiplier": "initial_noise_multiplier",
     "width": "width",
     "height": "height",
     "steps": "steps",
@@ -568,18 +580,9 @@ def _check_unsupported(p: dict) -> None:
             _refuse(f"alwayson_scripts.{name}", f"the always-on script {name!r} cannot run in latentforge")
     if p.get("styles"):
         _refuse("styles", "latentforge has no saved prompt styles; put the text in the prompt")
-    for name in ("hr_checkpoint_name", "hr_prompt", "hr_negative_prompt"):
-        if p.get("enable_hr") and p.get(name):
-            _refuse(name, "a different model or prompt for the hires pass is not available; leave it empty")
-    hr_sampler = p.get("hr_sampler_name")
-    if p.get("enable_hr") and hr_sampler and hr_sampler not in ("Use same sampler", p.get("sampler_name")):
-        _refuse("hr_sampler_name", "a different sampler for the hires pass is not available; leave it empty")
-    hr_scheduler = p.get("hr_scheduler")
-    if p.get("enable_hr") and hr_scheduler and hr_scheduler not in ("Use same scheduler", p.get("scheduler")):
-        _refuse("hr_scheduler", "a different schedule for the hires pass is not available; leave it empty")
-    multiplier = p.get("initial_noise_multiplier")
-    if multiplier is not None and multiplier != 1:  # A1111 scales img2img's starting noise by it
-        _refuse("initial_noise_multiplier", "img2img's noise multiplier is not available in latentforge; send 1")
+    name = p.get("hr_checkpoint_name")
+    if p.get("enable_hr") and name and name != "Use same checkpoint":
+        _refuse("hr_checkpoint_name", "a second model for the hires pass is not available; leave it empty")
 
 
 def _check_vae(value: Any, field: str) -> None:

@@ -37,9 +37,6 @@ _INFOTEXT_SETTINGS = {
 }
 
 
-_HIRES_OWN = ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Hires checkpoint")
-
-
 def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> None:
     """A1111's ``infotext`` field (1.8+, ``Api.apply_infotext``): an image's parameters fill the fields the
     request did not send (those it sends win), and its settings (Clip skip, ENSD, RNG, token merging) the
@@ -55,13 +52,8 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
         labels = parse_infotext(text)[2]
     except (RequestError, ValueError) as e:
         raise FieldError("infotext", f"cannot be read: {e}") from None
-    other = [
-        k for k in ("Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type") if k in labels
-    ]
-    if other:  # A1111 writes them only when the hires pass had its own: that cannot run here (as the fields)
-        raise FieldError(
-            "infotext", f"its {', '.join(other)} (a hires pass of its own) is not available in latentforge"
-        )
+    if "Hires checkpoint" in labels:  # A1111 writes it only when the hires pass ran another model
+        raise FieldError("infotext", "its Hires checkpoint (a second model for the hires pass) is not available")
     found: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
     for label, (field, attr) in _INFOTEXT_FIELDS.items():
         if label in labels:
@@ -76,6 +68,8 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
     if h is not None and not img2img and "Denoising strength" in labels:  # A1111's test for enable_hr
         found.update(enable_hr=True, hr_scale=h.scale, hr_upscaler=h.upscaler, hr_second_pass_steps=h.second_pass_steps)
         found.update(hr_resize_x=h.resize_x, hr_resize_y=h.resize_y)
+        found.update(hr_prompt=h.prompt, hr_negative_prompt=h.negative_prompt)
+        found.update(hr_sampler_name=h.sampler or None, hr_scheduler=h.schedule or None)
     for field, value in found.items():
         if field in p and field not in given:
             p[field] = value
