@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 def _human(n: int) -> str:
@@ -124,6 +125,53 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """An image's A1111 infotext (and with --json our record), as ``cli_generate.print_stored_info`` prints them; for
+    an image that carries only a ComfyUI graph, the parameters ``--from`` reads from it, by the same reader
+    (``request_from_image``), or why the graph cannot be turned into a request."""
+    from latentforge.cli_generate import print_stored_info as print_stored
+    from latentforge.cli_generate import terminal_safe
+    from latentforge.pipelines.metadata import read_png_metadata, request_from_image
+    from latentforge.pipelines.request import RequestError
+
+    meta = read_png_metadata(args.image)
+    if meta["parameters"] or meta["latentforge"] or not meta["comfy"]:
+        return print_stored(args)
+    graph = f"{args.image}: a ComfyUI graph (its 'prompt' text chunk)"
+    try:
+        req, about = request_from_image(args.image)
+    except RequestError as e:
+        reason = str(e).removeprefix(f"{args.image}: ").removeprefix("ComfyUI graph: ")
+        message = f"{graph}, but it cannot be turned into generation parameters: {reason}"
+        print(terminal_safe(message, newlines=False), file=sys.stderr)
+        return 1
+    command = "img2img INIT_IMAGE" if about["mode"] == "img2img" else "txt2img"
+    print(terminal_safe(f"{graph}; `latentforge {command} --from` reads these parameters from it:", newlines=False))
+    print(terminal_safe(_comfy_infotext(req, about)))
+    return 0
+
+
+def _comfy_infotext(req, about: dict) -> str:
+    """What ``request_from_comfy`` read, in A1111's infotext form and names (the samplers and schedules as
+    ComfyUI names them, which latentforge takes too)."""
+    from latentforge.io.infotext import format_infotext
+
+    params = {
+        "Steps": req.steps,
+        "Sampler": req.sampler,
+        "Schedule type": req.schedule,
+        "CFG scale": f"{req.cfg_scale:g}",
+        "Seed": req.seed,
+        "Size": f"{req.width}x{req.height}",
+        "Batch size": req.batch_size if req.batch_size != 1 else None,
+        "Model": about["model"]["name"],
+        "Denoising strength": f"{req.denoising_strength:g}" if about["mode"] == "img2img" else None,
+        "SGM noise multiplier": True if req.sgm_noise_multiplier else None,
+        "RNG": req.rng,
+    }
+    return format_infotext(req.prompt, req.negative_prompt, params)
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
     from latentforge import upscalers
     from latentforge.io.images import FORMATS, read_user_comment, save_image
@@ -178,10 +226,34 @@ def _header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors of one line and a hint: the usage block argparse prints first (dozens of lines
+    for txt2img) would hide the error. The command parsers are of this class too (``add_subparsers``)."""
+
+    def error(self, message: str) -> NoReturn:
+        from latentforge.cli_generate import terminal_safe
+
+        message = terminal_safe(f"{self.prog}: error: {message}", newlines=False)
+        self.exit(2, f"{message}\nrun `{self.prog} --help` to see the options\n")
+
+    def add_subparsers(self, **kwargs):
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, with unknown arguments reported by the command's parser, whose --help lists the
+        options that command takes (argparse reports them from the top-level parser)."""
+        namespace, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = getattr(self, "_commands", None)
+            name = getattr(namespace, commands.dest, None) if commands is not None else None
+            owner = commands.choices.get(name, self) if commands is not None else self
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="latentforge", description="Stable Diffusion with the files you already have."
-    )
+    parser = _Parser(prog="latentforge", description="Stable Diffusion with the files you already have.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what loading and generation do")
     parser.add_argument(
         "--threads",
@@ -189,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="CPU threads per generation (default: every usable core; also OMP_NUM_THREADS, LATENTFORGE_THREADS)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "inspect",
@@ -222,10 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upscale-x4", help="upscale an image 4x with an x4 upscaler model, guided by a prompt")
     gen.add_generation_options(p, img2img=True, x4=True)
     p.set_defaults(func=lambda a: gen.cmd_generate(a, img2img=True, x4=True))
-    p = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    p = sub.add_parser(
+        "info", help="print the generation parameters stored in an image (A1111, latentforge or ComfyUI)"
+    )
     p.add_argument("image", type=Path)
     p.add_argument("--json", action="store_true", help="also print latentforge's exact JSON record")
-    p.set_defaults(func=gen.cmd_info)
+    p.set_defaults(func=cmd_info)
     p = sub.add_parser("upscale", help="enlarge an image with an ESRGAN-family model (A1111's Extras tab)")
     p.add_argument("image", type=Path)
     p.add_argument(

