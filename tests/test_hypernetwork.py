@@ -3,6 +3,7 @@ context, applied per request from <hypernet:name:w> tags and taken back."""
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import numpy as np
@@ -83,6 +84,23 @@ def test_prompt_tag_applies_for_the_request_only(setup):
     assert 'Hypernet hashes: "style: ' in tagged.infotexts[0] and "<hypernet:style:0.8>" in tagged.infotexts[0]
     again = pipe.txt2img("a cube", **opts)
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(again.images[0]))
+    # A1111's tag equals the hypernetwork applied to the pipeline, which the infotext and record name too
+    from latentforge.pipelines.metadata import request_from_infotext, unreproduced_fields
+
+    source = pipe.apply_hypernetwork(root / "hn" / "style.pt", strength=0.8)
+    try:
+        applied = pipe.txt2img("a cube", **opts)
+    finally:
+        pipe.patcher.remove(source)
+    assert np.array_equal(np.asarray(applied.images[0]), np.asarray(tagged.images[0]))
+    digest = tagged.infotexts[0].split('Hypernet hashes: "style: ', 1)[1][:12]
+    assert f'Hypernet hashes: "style: {digest}"' in applied.infotexts[0]
+    assert unreproduced_fields(request_from_infotext(applied.infotexts[0])[0]) == ["Hypernet hashes"]
+    assert unreproduced_fields(request_from_infotext(tagged.infotexts[0])[0]) == []
+    record = json.loads(applied.images[0].info["latentforge"])
+    assert (
+        record["request"]["networks"][0]["kind"] == "hypernet" and record["request"]["networks"][0]["strength"] == 0.8
+    )
 
 
 def test_bad_hypernetwork_files(setup, tmp_path):

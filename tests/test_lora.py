@@ -295,6 +295,48 @@ def test_prompt_tag_applies_for_the_request_only(sd1, tmp_path):
     ours.folders.lora = []
 
 
+def test_a_lora_applied_to_the_pipeline_is_recorded_in_each_image(sd1, tmp_path):
+    """``pipe.apply_lora`` (not a prompt tag): the infotext names its hash as A1111 does, the JSON record
+    lists it (by path, with its strengths) so ``--from`` on a fresh pipeline makes the same pixels, and an
+    infotext alone, which cannot say how strongly it was applied, makes ``--from`` refuse instead of
+    silently making another image. Taken back, it is no longer recorded."""
+    from latentforge import save_image
+    from latentforge.cli import main
+    from latentforge.pipelines.metadata import read_png_metadata, request_from_infotext, unreproduced_fields
+
+    ref, ours, tmp = sd1
+    path = tmp_path / "ink.safetensors"
+    save_file(kohya_and_peft(ref, ours, "kohya-diffusers", seed=12), path)
+    options = dict(steps=2, width=64, height=64, seed=5, sampler="Euler")
+    ours.apply_lora(path, strength=0.7, text_strength=0.4)
+    try:
+        made = ours.txt2img("a red circle", **options)
+    finally:
+        ours.remove_lora()
+    text = made.infotexts[0]
+    assert f'Lora hashes: "ink: {_tensor_data_sha256(path)[:12]}"' in text
+    png = tmp_path / "made.png"
+    save_image(made.images[0], png)
+    record = read_png_metadata(png)["latentforge"]
+    assert record["request"]["networks"] == [
+        {"name": str(path.resolve()), "kind": "lora", "strength": 0.7, "text_strength": 0.4}
+    ]
+    again = tmp_path / "again.png"
+    assert main(["txt2img", "--from", str(png), "-m", str(tmp / "m"), "-q", "-o", str(again)]) == 0
+    assert _png_pixels(again) == made.images[0].convert("RGB").tobytes()
+    assert unreproduced_fields(request_from_infotext(text)[0]) == ["Lora hashes"]
+    tagged = text.replace("a red circle", "a red circle <lora:ink:0.4:0.7>", 1)
+    assert unreproduced_fields(request_from_infotext(tagged)[0]) == []
+    assert "Lora hashes" not in ours.txt2img("a red circle", **options).infotexts[0]
+
+
+def _png_pixels(path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
 def test_files_that_do_not_fit_are_refused_whole(sd1, sdxl, tmp_path):
     ref, ours, _ = sd1
     xl_ref = sdxl[0]

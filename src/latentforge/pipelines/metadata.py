@@ -8,6 +8,7 @@ import re
 import warnings
 from pathlib import Path
 
+from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
 from latentforge.pipelines.checks import hires_request, is_int, show
@@ -178,15 +179,19 @@ def infotexts_for(
 def request_json(pipe, req: GenerationRequest, image: int, mode: str | bool) -> str:
     """Our exact record of image ``image`` of the run ``req``: the request of the pass that made it (its
     first seed and subseed, its batch size) and the image's index in that pass, so the same pixels can be
-    made again."""
+    made again. Adapters applied to the pipeline for good (``Pipeline.apply_lora``) are in its networks, by
+    path, before the request's own: a fresh pipeline applies them for that request."""
     index = image % req.batch_size
     start = image - index  # the pass's first image
     seed, subseed = (req.seed, req.subseed + start) if req.subseed_strength else (req.seed + start, req.subseed)
+    applied = [ref for ref, _ in pipe.applied_networks()] if hasattr(pipe, "applied_networks") else []
+    request = {**req.to_dict(), "seed": seed, "subseed": subseed, "batch_count": 1}
+    request["networks"] = [*(_plain_ref(r) for r in applied), *request["networks"]]
     data = {
         "latentforge": 1,
         "mode": _mode(mode),
         "batch_index": index,
-        "request": {**req.to_dict(), "seed": seed, "subseed": subseed, "batch_count": 1},
+        "request": request,
         "model": {
             "family": pipe.family.name,
             "prediction": pipe.prediction,
@@ -195,6 +200,10 @@ def request_json(pipe, req: GenerationRequest, image: int, mode: str | bool) -> 
         },
     }
     return json.dumps(data, default=_jsonable)
+
+
+def _plain_ref(ref) -> dict:
+    return {"name": ref.name, "kind": ref.kind, "strength": ref.strength, "text_strength": ref.text_strength}
 
 
 def _jsonable(x):
@@ -434,14 +443,24 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
 
 # infotext fields that do not change the pixels latentforge makes (the rest are read into the request,
 # or named by unreproduced_fields)
-INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "Lora hashes", "TI hashes", "Hashes", "RNG"}
+INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "TI hashes", "Hashes", "RNG"}
+INFORMATIONAL |= {"Lora hashes", "Hypernet hashes"}  # (unless no prompt tag names one: unreproduced_fields)
 HARMLESS_VALUES = {"Emphasis": "Original", "Schedule type": "Automatic", "Pad conds": "False"}
 
 
 def unreproduced_fields(req: GenerationRequest) -> list[str]:
     """The settings of an image (kept in ``req.extra`` when its infotext was read) that latentforge
-    cannot reproduce and that may change the image: named so that ``--from`` refuses or warns."""
-    return sorted(k for k, v in req.extra.items() if k not in INFORMATIONAL and HARMLESS_VALUES.get(k) != str(v))
+    cannot reproduce and that may change the image: named so that ``--from`` refuses or warns. Lora and
+    Hypernet hashes of networks that no prompt tag names (applied to the model, not by the prompt: the
+    infotext cannot say how strongly) count too."""
+    missing = [k for k, v in req.extra.items() if k not in INFORMATIONAL and HARMLESS_VALUES.get(k) != str(v)]
+    tags = extract_network_tags(req.prompt)[1] if isinstance(req.prompt, str) else []
+    for label, kinds in (("Lora hashes", ("lora", "lyco")), ("Hypernet hashes", ("hypernet", "hypernetwork"))):
+        named = {re.sub("[:,]", "", items[0]).strip() for kind, items in tags if kind in kinds and items}
+        listed = [e.rsplit(":", 1)[0].strip() for e in str(req.extra.get(label, "")).strip('"').split(",") if e]
+        if any(name and name not in named for name in listed):
+            missing.append(label)
+    return sorted(missing)
 
 
 def model_differences(pipe, meta: dict) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from latentforge.adapters.hypernetwork import apply_hypernetwork
 from latentforge.adapters.lora import apply_lora
@@ -49,6 +50,9 @@ def activate(pipe, req: GenerationRequest) -> Session:
     refs = [*req.networks, *refs_from_tags(tags)]
     session = Session(dataclasses.replace(req, prompt=prompt, networks=[], hires=_hires_without_tags(req, tags)))
     hashes, hypernets = [], []
+    for ref, digest in pipe.applied_networks() if hasattr(pipe, "applied_networks") else ():  # pipe.apply_lora
+        entry = f"{re.sub('[:,]', '', Path(ref.name).stem)}: {digest}"
+        (hypernets if ref.kind in HYPERNET_KINDS else hashes).append(entry)
     try:
         for i, ref in enumerate(refs):
             if ref.kind == EMBEDDING_KIND:
