@@ -225,6 +225,49 @@ def test_controlnet_more_important_controls_the_conditional_rows_only():
     assert float(res.middle[0]) == pytest.approx(13.0) and float(res.middle[1]) == 0.0
 
 
+class _SizedStubNet(_StubNet):
+    """Residuals of ones at 8x8 (the first output) and 4x4 / 2x2 (the others)."""
+
+    def __call__(self, x, t, context, hint, y=None):
+        sizes = [8] + [4] * 6 + [2] * 5
+        outs = [torch.ones(x.shape[0], 1, s, s) for s in sizes]
+        return ControlResiduals(output=outs, middle=torch.ones(x.shape[0], 1, 2, 2))
+
+
+def test_effective_region_mask_scales_each_residual_resized_bilinearly():
+    """The extension's ``apply_effective_region_mask``: residual * interpolate(mask, residual size,
+    bilinear, align_corners=False). Expected values by hand: halving a size samples at 2j + 0.5, the mean
+    of two neighbouring pixels; quartering at 4j + 1.5, between pixels 4j + 1 and 4j + 2."""
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1.0  # left half
+    mask[..., 0:4:2] = 0.0  # columns 0 and 2 off: pairs (0, 1) and (2, 3) average 0.5
+    sigmas = torch.cat([torch.linspace(10, 1, 4), torch.zeros(1)])
+    active = ActiveUnit(_SizedStubNet(), torch.zeros(1, 3, 8, 8), weight=0.5, region=mask)
+    res = ControlledDenoiser(None, [active], sigmas).residuals(
+        torch.zeros(1, 4, 8, 8), torch.zeros(1), Cond(torch.zeros(1, 2, 3)), float(sigmas[0])
+    )
+    assert torch.equal(res.output[0][0, 0], 0.5 * mask[0, 0])  # same size: the mask itself
+    half = torch.tensor([0.5, 0.5, 0.0, 0.0]).expand(4, 4) * 0.5
+    assert torch.allclose(res.output[1][0, 0], half)
+    quarter = torch.tensor([0.5, 0.0]).expand(2, 2) * 0.5  # 1.5: between pixels 1 (on) and 2 (off); 5.5: off
+    assert torch.allclose(res.output[7][0, 0], quarter) and torch.allclose(res.middle[0, 0], quarter)
+
+
+def test_effective_region_mask_white_is_the_unit_and_black_no_control(e2e):
+    _, _, ours, path, _ = e2e
+    request = dict(negative_prompt=NEGATIVE, steps=3, cfg_scale=7.0, width=64, height=64, seed=9, sampler="Euler")
+    unit = dict(model=str(path), image=_control_image(), weight=0.8)
+    full = ours.txt2img(PROMPT, **request, control=[unit]).images[0]
+    plain = ours.txt2img(PROMPT, **request).images[0]
+    white, black = Image.new("L", (32, 48), 255), Image.new("RGB", (64, 64), (0, 255, 255))  # first channel
+    for mask, expected in ((white, full), (black, plain)):
+        made = ours.txt2img(PROMPT, **request, control=[{**unit, "effective_region_mask": mask}]).images[0]
+        assert np.array_equal(np.asarray(made), np.asarray(expected))
+    assert not np.array_equal(np.asarray(full), np.asarray(plain))
+    with pytest.raises(RequestError, match="control unit 0 effective_region_mask"):
+        ours.txt2img(PROMPT, **request, control=[{**unit, "effective_region_mask": "/nonexistent/mask.png"}])
+
+
 # --- preprocessors and resize modes -----------------------------------------------------------------------
 
 
@@ -293,6 +336,14 @@ def test_cli_control_by_name_in_controlnet_dir(e2e, tmp_path):
     assert main(args) == 0
     text = Image.open(out).info["parameters"]
     assert 'ControlNet 0: "Module: none, Model: control_tiny [' in text and "Weight: 0.5," in text
+    # --control-region: a black mask leaves the image as without the unit
+    black, masked, plain = tmp_path / "black.png", tmp_path / "masked.png", tmp_path / "plain.png"
+    Image.new("RGB", (8, 8), "black").save(black)
+    assert main([*args[:-2], "--control-region", str(black), "-o", str(masked)]) == 0
+    assert main([*args[:-6], "-o", str(plain)]) == 0
+    assert np.array_equal(np.asarray(Image.open(masked)), np.asarray(Image.open(plain)))
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(plain)))
+    assert main([*args[:-6], "--control-region", str(black), "-o", str(tmp_path / "x.png")]) == 2
 
 
 def test_parse_control():

@@ -69,10 +69,30 @@ def test_unit_model_names_cannot_be_paths(server, tmp_path):
 
 
 def test_version_and_unit_masks(server):
-    """webuiapi's controlnet_version() read /controlnet/version (a 404); a unit's own mask was ignored."""
+    """webuiapi's controlnet_version() read /controlnet/version (a 404); a unit's inpaint mask was ignored
+    (now refused), and so was its effective_region_mask (now applied: white everywhere is the unit as it is,
+    black everywhere no control at all)."""
     assert server.get("/controlnet/version").json() == {"version": 2}
     hint = _b64(Image.new("RGB", (64, 64)))
     for unit in ({"image": hint, "mask": hint}, {"image": {"image": hint, "mask": hint}}):
         r = _txt2img(server, [{**unit, "model": "blobs"}])
-        assert r.status_code == 400 and "own mask is not available" in r.text, r.text
+        assert r.status_code == 400 and "inpaint mask is not available" in r.text, r.text
     assert _txt2img(server, [{"image": {"image": hint, "mask": None}, "model": "blobs"}]).status_code == 200
+    ramp = Image.fromarray((np.indices((64, 64)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB")
+    unit = {"image": _b64(ramp), "model": "blobs", "weight": 1.0}
+
+    def pixels(units):
+        r = _txt2img(server, units)
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+    full, plain = pixels([unit]), pixels(None)
+    white, black = _b64(Image.new("RGB", (16, 16), "white")), _b64(Image.new("RGB", (64, 64), "black"))
+    assert np.array_equal(pixels([{**unit, "effective_region_mask": white}]), full)
+    assert np.array_equal(pixels([{**unit, "effective_region_mask": black}]), plain)
+    left = np.zeros((64, 64, 3), np.uint8)
+    left[:, :32] = 255
+    half = pixels([{**unit, "effective_region_mask": _b64(Image.fromarray(left))}])
+    assert not np.array_equal(half, full) and not np.array_equal(half, plain)
+    r = _txt2img(server, [{**unit, "effective_region_mask": "not an image"}])
+    assert r.status_code == 400 and "effective_region_mask" in r.text

@@ -242,6 +242,14 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         default="none",
         help="preprocessor of the --control images (default none: the image is the control map)",
     )
+    p.add_argument(
+        "--control-region",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="MASK",
+        help="where the n-th --control unit acts: a mask image, white = fully (the extension's effective region)",
+    )
     p.add_argument("--controlnet-dir", type=Path, action="append", default=[], help="folder of ControlNet models")
     p.add_argument(
         "--annotator-dir",
@@ -391,6 +399,11 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
             options["depth"] = {**current, **{k: v for k, v in given.items() if v}}
     if getattr(args, "control", None):
         options["control"] = [parse_control(v, args.control_module) for v in args.control]
+    regions = getattr(args, "control_region", None) or []
+    if len(regions) > len(options.get("control", [])):
+        raise ValueError(f"{len(regions)} --control-region masks for {len(options.get('control', []))} --control units")
+    for unit, region in zip(options.get("control", []), regions):
+        unit["effective_region_mask"] = str(region)
     if getattr(args, "seed_resize_from", None):
         try:
             w, h = (int(v) for v in args.seed_resize_from.lower().split("x"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from latentforge.convert.diffusers import _RESNET
@@ -222,6 +223,7 @@ class ActiveUnit:
     guidance_end: float = 1.0
     control_mode: int = 0
     soft: bool = False  # soft weights also in the balanced mode
+    region: Tensor | None = None  # (1, 1, h, w) in [0, 1]: each residual is scaled by it, resized (bilinear)
 
     def scales(self, count: int) -> list[float]:
         if self.soft or self.control_mode != 0:
@@ -279,7 +281,12 @@ class ControlledDenoiser:
             mark = None
             if unit.control_mode == 2:
                 mark = self._cond_rows(cond.context).to(device=x.device, dtype=outs[0].dtype)[:, None, None, None]
-            outs = [o * s if mark is None else o * s * mark for o, s in zip(outs, scales)]
+            outs = [o * s for o, s in zip(outs, scales)]
+            if unit.region is not None:  # the extension's effective region mask, at each residual's size
+                region = unit.region.to(device=x.device, dtype=torch.float32)
+                outs = [o * F.interpolate(region, size=o.shape[-2:], mode="bilinear").to(o.dtype) for o in outs]
+            if mark is not None:
+                outs = [o * mark for o in outs]
             if total is None:
                 total = ControlResiduals(output=outs[:-1], middle=outs[-1])
             else:

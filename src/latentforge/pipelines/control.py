@@ -13,6 +13,8 @@ download folder (models/hed_load.py). ``apply`` fits each detected map to every 
 unit's resize mode (Just Resize; Crop and Resize: cover then centre crop; Resize and Fill: fit, then pad
 with the median colour of the map's border) and wraps the pass's model denoiser (``ControlledDenoiser``);
 in a hires pass canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
+A unit's ``effective_region_mask`` (the image's first channel over 255) scales each of its residuals,
+resized to the residual's size (bilinear), as the extension's ``apply_effective_region_mask``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class PreparedUnit:
     net: ControlNet
     name: str  # "stem [hash]" as the extension writes it
     detected: np.ndarray  # (H, W, 3) uint8, the preprocessor's output
+    region: Tensor | None = None  # the effective region mask (1, 1, h, w) in [0, 1], or None
 
     @property
     def control_mode(self) -> int:
@@ -226,7 +229,11 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
             detected = preprocess(pipe, unit, image, Path(path))
         except RequestError as e:
             raise RequestError(f"{where}: {e}") from None
-        units.append(PreparedUnit(unit, net, name, detected))
+        region = None
+        if unit.effective_region_mask is not None:  # the extension: the image's first channel / 255
+            mask = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
+            region = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
+        units.append(PreparedUnit(unit, net, name, detected, region))
     return units
 
 
@@ -248,6 +255,7 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
                 float(u.unit.guidance_end),
                 u.control_mode,
                 soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
+                region=u.region,
             )
             for u in units
         ]

@@ -148,7 +148,9 @@ class ControlUnit:
     0 balanced, 1 my prompt is more important, 2 ControlNet is more important (or those names);
     ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill (or names);
     ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
-    default); ``processor_res``: the preprocessor's resolution (short side; -1: 512)."""
+    default); ``processor_res``: the preprocessor's resolution (short side; -1: 512);
+    ``effective_region_mask``: where the unit acts (an image or path: its first channel, white = fully),
+    as the extension scales each residual by it."""
 
     model: str
     image: Any = None
@@ -161,6 +163,7 @@ class ControlUnit:
     threshold_a: float = -1
     threshold_b: float = -1
     processor_res: int = -1
+    effective_region_mask: Any = None
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)

@@ -253,11 +253,18 @@ def control_units(
         if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
             image, mask = image.get("image"), mask or image.get("mask")
         if mask:
-            _refuse(f"{where}.mask", "a ControlNet unit's own mask is not available in latentforge; leave it empty")
+            _refuse(
+                f"{where}.mask",
+                "a ControlNet unit's inpaint mask is not available in latentforge (no inpaint preprocessors); leave it "
+                "empty (effective_region_mask, where the unit acts, is)",
+            )
         if not image:
             _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
         image = decode_image(image, f"{where}.image", max_pixels, budget)
+        region = unit.get("effective_region_mask")
+        if region:  # where the unit acts (the extension's 1.1.44x field)
+            fields["effective_region_mask"] = decode_image(region, f"{where}.effective_region_mask", max_pixels, budget)
         units.append({"model": str(controlnets[name]), "image": image, **fields})
     return units
 
