@@ -403,6 +403,50 @@ def test_hires_pass_is_controlled_soft_weights_for_canny(e2e, module, soft):
     assert hires.model.units[0].hint.shape == (1, 3, 96, 96)
 
 
+def _plan_with_units(ours, **request):
+    from latentforge.pipelines import control
+    from latentforge.pipelines.generate import build_plan
+    from latentforge.pipelines.request import GenerationRequest
+
+    req = GenerationRequest.from_dict(dict(prompt="x", steps=2, width=64, height=64, **request))
+    units = control.prepare(ours, req)
+    with torch.inference_mode():
+        plan = build_plan(ours, req, None)
+        control.apply(plan, ours, units)
+    return plan
+
+
+@pytest.mark.parametrize("option,first_on,hires_on", [("Both", 1, 1), ("Low res only", 1, 0), ("High res only", 0, 1)])
+def test_hr_option_picks_the_passes_a_unit_controls(e2e, option, first_on, hires_on):
+    _, _, ours, path, _ = e2e
+    unit = dict(model=str(path), image=_control_image(), hr_option=option)
+    plan = _plan_with_units(ours, enable_hr=True, hr_scale=1.5, control=[unit])
+    assert [isinstance(p.model, ControlledDenoiser) for p in plan.passes] == [bool(first_on), bool(hires_on)]
+    plain = _plan_with_units(ours, control=[unit])  # no hires pass: every unit controls the one pass
+    assert isinstance(plain.passes[0].model, ControlledDenoiser)
+    with pytest.raises(RequestError, match="hr_option must be"):
+        _plan_with_units(ours, control=[{**unit, "hr_option": "Sometimes"}])
+
+
+def test_pixel_perfect_resolution_is_the_extensions_rule(e2e):
+    """The extension's pixel_perfect_resolution: the image's short side times the scale that covers the
+    target (Resize and Fill: that fits it), rounded. A 96x64 image for a 64x64 pass, Resize and Fill:
+    min(64/64, 64/96) * 64 = 42.67 -> 43; for the 96x96 hires pass: min(96/64, 96/96) * 64 = 64."""
+    from latentforge.pipelines.control import hint_tensor
+
+    _, _, ours, path, _ = e2e
+    image = _control_image(96).crop((0, 0, 96, 64))
+    unit = dict(model=str(path), image=image, module="canny", resize_mode=2, pixel_perfect=True)
+    plan = _plan_with_units(ours, enable_hr=True, hr_scale=1.5, control=[unit])
+    arr = np.asarray(image)
+    first, hires = (p.model.units[0].hint for p in plan.passes)
+    assert torch.equal(first, hint_tensor(canny(arr, 100, 200, 43), 64, 64, 2).to(first.dtype))
+    assert torch.equal(hires, hint_tensor(canny(arr, 100, 200, 64), 96, 96, 2).to(hires.dtype))
+    assert (
+        "Processor Res: 43," in plan.infotext["ControlNet 0"] and "Pixel Perfect: True" in plan.infotext["ControlNet 0"]
+    )
+
+
 def test_sdxl_residuals_equal_diffusers(tmp_path):
     """SDXL: linear projections, per-level depths, heads by channel width and the vector input (pooled text
     and the size numbers' sinusoids, made here with diffusers' own add_time_proj)."""

@@ -96,3 +96,12 @@ def test_version_and_unit_masks(server):
     assert not np.array_equal(half, full) and not np.array_equal(half, plain)
     r = _txt2img(server, [{**unit, "effective_region_mask": "not an image"}])
     assert r.status_code == 400 and "effective_region_mask" in r.text
+    # the extension's pixel_perfect and hr_option reach the unit; fields that would change the image and
+    # cannot run are refused, not dropped
+    r = _txt2img(server, [{**unit, "module": "canny", "pixel_perfect": True, "hr_option": "Both"}])
+    assert r.status_code == 200 and "Pixel Perfect: True" in r.json()["info"], r.text
+    r = _txt2img(server, [{**unit, "hr_option": "Now and then"}])
+    assert r.status_code == 400 and "hr_option" in r.text
+    for key in ("advanced_weighting", "ipadapter_input"):
+        r = _txt2img(server, [{**unit, key: [0.5] * 13}])
+        assert r.status_code == 400 and key in r.text

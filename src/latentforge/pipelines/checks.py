@@ -202,6 +202,7 @@ def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> Non
 # the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_HR_OPTIONS = ("Both", "Low res only", "High res only")  # the passes of a hires fix a unit controls
 # the A1111 ControlNet extension's module names; "hed" and "hed_safe" are its old names of the HED ones
 CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe")
 
@@ -251,6 +252,8 @@ def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
     )
     mode_index(u.control_mode, CONTROL_MODES, f"{where}: control_mode")
     mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
+    mode_index(u.hr_option, CONTROL_HR_OPTIONS, f"{where}: hr_option")
+    need(isinstance(u.pixel_perfect, bool), f"{where}: pixel_perfect must be true or false, got {u.pixel_perfect!r}")
     r = u.processor_res
     need(
         isinstance(r, int) and (r == -1 or 64 <= r <= 4096),

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from latentforge.io.components import LoadError
 from latentforge.io.hashing import legacy_model_hash
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.controlnet import ControlNet
+from latentforge.pipelines.checks import CONTROL_HR_OPTIONS
 from latentforge.pipelines.images import open_image
 from latentforge.pipelines.plan import Plan
 from latentforge.pipelines.request import (
@@ -60,8 +62,25 @@ class PreparedUnit:
     unit: ControlUnit
     net: ControlNet
     name: str  # "stem [hash]" as the extension writes it
-    detected: np.ndarray  # (H, W, 3) uint8, the preprocessor's output
+    detected: np.ndarray | None  # (H, W, 3) uint8, the preprocessor's output (pixel perfect: per pass size)
     region: Tensor | None = None  # the effective region mask (1, 1, h, w) in [0, 1], or None
+    image: np.ndarray | None = None  # the control image (H, W, 3) uint8, for pixel perfect
+    near: Path | None = None  # the ControlNet file (its folder is searched for preprocessor models)
+    maps: dict = field(default_factory=dict)  # pixel perfect: processor resolution -> detected map
+
+    def detected_at(self, pipe, width: int, height: int) -> tuple[np.ndarray, int]:
+        """The detected map for a pass of ``width`` x ``height`` and the preprocessor resolution it used:
+        with pixel perfect, the extension's ``pixel_perfect_resolution`` (the image's short side times the
+        scale that covers the pass, or fits it for Resize and Fill)."""
+        if not self.unit.pixel_perfect:
+            return self.detected, int(self.unit.processor_res)
+        h, w = self.image.shape[:2]
+        k = (min if self.resize_mode == 2 else max)(height / h, width / w)
+        res = int(np.round(k * min(h, w)))
+        if res not in self.maps:
+            unit = dataclasses.replace(self.unit, processor_res=max(res, 1))
+            self.maps[res] = preprocess(pipe, unit, Image.fromarray(self.image), self.near)
+        return self.maps[res], res
 
     @property
     def control_mode(self) -> int:
@@ -225,46 +244,60 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
         except (ControlNetError, CheckpointError) as e:
             raise RequestError(f"{where}: {e}") from None
         name = f"{Path(path).stem} [{legacy_model_hash(path)}]"
-        try:
-            detected = preprocess(pipe, unit, image, Path(path))
+        try:  # pixel perfect: per pass size (``apply``)
+            detected = None if unit.pixel_perfect else preprocess(pipe, unit, image, Path(path))
         except RequestError as e:
             raise RequestError(f"{where}: {e}") from None
         region = None
         if unit.effective_region_mask is not None:  # the extension: the image's first channel / 255
             mask = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
             region = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
-        units.append(PreparedUnit(unit, net, name, detected, region))
+        units.append(PreparedUnit(unit, net, name, detected, region, np.asarray(image), Path(path)))
     return units
 
 
 def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
-    """Wrap the model denoiser of each pass that runs the loaded UNet with the units' control."""
+    """Wrap the model denoiser of each pass that runs the loaded UNet with the units' control (with a hires
+    pass, each unit's ``hr_option`` says which passes it controls)."""
     if not units:
         return
     down = pipe.vae.config.downscale
+    hires = any(p.name == "hires" for p in plan.passes)
+    resolutions: dict[int, int] = {}  # unit index -> the preprocessor resolution of its first pass
     for p in plan.passes:
         if p.model.unet is not pipe.unet:
             continue
         height, width = p.shape[1] * down, p.shape[2] * down
-        active = [
-            ActiveUnit(
-                u.net,
-                hint_tensor(u.detected, width, height, u.resize_mode).to(pipe.dtype),
-                float(u.unit.weight),
-                float(u.unit.guidance_start),
-                float(u.unit.guidance_end),
-                u.control_mode,
-                soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
-                region=u.region,
+        active = []
+        for i, u in enumerate(units):
+            option = mode_index(u.unit.hr_option, CONTROL_HR_OPTIONS, "hr_option")
+            if hires and option == (1 if p.name == "hires" else 2):  # "Low res only" / "High res only"
+                continue
+            try:
+                detected, res = u.detected_at(pipe, width, height)
+            except RequestError as e:
+                raise RequestError(f"control unit {i}: {e}") from None
+            resolutions.setdefault(i, res)
+            active.append(
+                ActiveUnit(
+                    u.net,
+                    hint_tensor(detected, width, height, u.resize_mode).to(pipe.dtype),
+                    float(u.unit.weight),
+                    float(u.unit.guidance_start),
+                    float(u.unit.guidance_end),
+                    u.control_mode,
+                    soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
+                    region=u.region,
+                )
             )
-            for u in units
-        ]
+        if not active:
+            continue
         uncond = [] if p.uncond is None else [c.context for _, c in p.uncond.entries]
         p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond)
-    plan.infotext.update(infotext(units))
+    plan.infotext.update(infotext(units, resolutions))
 
 
-def infotext(units: list[PreparedUnit]) -> dict[str, str]:
+def infotext(units: list[PreparedUnit], resolutions: dict[int, int] | None = None) -> dict[str, str]:
     """``ControlNet N`` fields as the extension writes them: "Name: value" in its field order, numbers as
     Python prints floats, fields left at -1 (unused by the preprocessor) left out; canny's thresholds and
     the processor resolution are written as they ran."""
@@ -272,6 +305,8 @@ def infotext(units: list[PreparedUnit]) -> dict[str, str]:
     for i, u in enumerate(units):
         unit = u.unit
         low, high, res = float(unit.threshold_a), float(unit.threshold_b), int(unit.processor_res)
+        if unit.pixel_perfect and resolutions and i in resolutions:
+            res = resolutions[i]  # as the extension writes it: the resolution pixel perfect chose
         if unit.module == "canny":
             low = low if low >= 0 else CANNY_DEFAULTS[0]
             high = high if high >= 0 else CANNY_DEFAULTS[1]
@@ -287,7 +322,7 @@ def infotext(units: list[PreparedUnit]) -> dict[str, str]:
             "Threshold B": high,
             "Guidance Start": float(unit.guidance_start),
             "Guidance End": float(unit.guidance_end),
-            "Pixel Perfect": False,
+            "Pixel Perfect": bool(unit.pixel_perfect),
             "Control Mode": CONTROL_MODES[u.control_mode],
         }
         out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items() if v != -1)

@@ -150,7 +150,9 @@ class ControlUnit:
     ``threshold_a``/``threshold_b``: the preprocessor's parameters (canny: low/high threshold; -1 its
     default); ``processor_res``: the preprocessor's resolution (short side; -1: 512);
     ``effective_region_mask``: where the unit acts (an image or path: its first channel, white = fully),
-    as the extension scales each residual by it."""
+    as the extension scales each residual by it; ``pixel_perfect``: the preprocessor's resolution from the
+    image and each pass's size (the extension's rule, ``processor_res`` unused); ``hr_option``: "Both",
+    "Low res only" or "High res only" (the passes of a hires fix the unit controls)."""
 
     model: str
     image: Any = None
@@ -164,6 +166,8 @@ class ControlUnit:
     threshold_b: float = -1
     processor_res: int = -1
     effective_region_mask: Any = None
+    pixel_perfect: bool = False
+    hr_option: str = "Both"
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)

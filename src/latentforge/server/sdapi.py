@@ -211,17 +211,8 @@ def _refuse(field: str, message: str) -> None:
     raise FieldError(field, message)
 
 
-CONTROL_FIELDS = (
-    "module",
-    "weight",
-    "guidance_start",
-    "guidance_end",
-    "control_mode",
-    "resize_mode",
-    "threshold_a",
-    "threshold_b",
-    "processor_res",
-)
+CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_start", "guidance_end", "control_mode",
+                  "resize_mode", "threshold_a", "threshold_b", "processor_res")  # fmt: skip
 
 
 def control_units(
@@ -260,6 +251,9 @@ def control_units(
             )
         if not image:
             _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
+        for key in ("advanced_weighting", "ipadapter_input"):  # they change the image: never dropped
+            if unit.get(key) is not None:
+                _refuse(f"{where}.{key}", "is not available in latentforge; leave it null")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
         image = decode_image(image, f"{where}.image", max_pixels, budget)
         region = unit.get("effective_region_mask")
