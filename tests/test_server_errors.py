@@ -6,10 +6,12 @@ bodies, path tricks in model names, wrong passwords, features that cannot run; a
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -148,6 +150,30 @@ def test_features_that_cannot_run_are_refused(env):
     # empty script entries and unknown fields of other tools are fine
     r = s.post("/sdapi/v1/txt2img", {**OK, "alwayson_scripts": {"controlnet": {"args": []}}, "my_tool_field": 3})
     assert r.status_code == 200
+    # A1111 fields outside its payload models that change the image: refused, or run (never dropped)
+    small = _b64(Image.new("RGB", (64, 64), (90, 40, 9)))
+    _err(s.post("/sdapi/v1/img2img", {**OK, "init_images": [small], "latent_mask": small}), 400, "latent_mask")
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "enable_hr": True, "firstpass_image": small}), 400, "firstpass_image")
+    tagged = {**OK, "prompt": "x <lora:not_there:0.7>"}
+    _err(s.post("/sdapi/v1/txt2img", tagged), 400, "not_there")
+    r = s.post("/sdapi/v1/txt2img", {**tagged, "disable_extra_networks": True})  # A1111: tags cut, none applied
+    plain = s.post("/sdapi/v1/txt2img", OK).json()["images"][0]
+    assert r.status_code == 200 and np.array_equal(_pixels(r.json()["images"][0]), _pixels(plain))
+    masked = _b64(_box(64, 64))
+    inpaint = {**OK, "init_images": [small], "mask": masked, "mask_blur": 8, "denoising_strength": 0.8}
+    rounded, kept_grey = (s.post("/sdapi/v1/img2img", {**inpaint, "mask_round": v}).json() for v in (True, False))
+    assert not np.array_equal(_pixels(rounded["images"][0]), _pixels(kept_grey["images"][0]))
+    assert "Mask rounding: False" in kept_grey["info"]
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _box(w: int, h: int) -> Image.Image:
+    m = Image.new("L", (w, h), 0)
+    m.paste(255, (16, 16, 48, 48))
+    return m
 
 
 def test_images_missing_broken_or_too_large(env):

@@ -14,7 +14,8 @@ The steps follow A1111's img2img processing:
    colours before encoding; "latent noise" replaces it in latent space by the image's own seeded noise;
    "latent nothing" by zeros.
 4. Sampling holds the unmasked latents to the original: each denoised estimate is blended,
-   ``denoised = init * keep + denoised * repaint`` with the mask at latent size (resized, rounded), and
+   ``denoised = init * keep + denoised * repaint`` with the mask at latent size (resized, rounded unless
+   ``mask_round`` is off), and
    so are the final latents. Inpainting models also get the rounded mask and the latent of the image
    with the masked area cleared (``lerp(image, image * (1 - mask), weight)``, A1111's "conditional mask
    weight") as their 5 extra input channels.
@@ -189,7 +190,11 @@ def prepare(
     cond = torch.from_numpy(np.asarray(work_mask, dtype=np.float32) / 255.0)[None, None].round()
     # A1111: the latent mask is the work mask resized (PIL's default filter) to latent size, rounded
     small = work_mask.convert("RGB").resize((width // down, height // down))
-    latent = torch.from_numpy(np.asarray(small, dtype=np.float32)[..., 0] / 255.0)[None, None].round()
+    latent = torch.from_numpy(np.asarray(small, dtype=np.float32)[..., 0] / 255.0)[None, None]
+    if opts.mask_round:  # A1111 1.8+'s mask_round (its default); off, the blend keeps the grey levels
+        latent = latent.round()
+    else:
+        info["Mask rounding"] = False  # (Forge's label)
     info = {k: v for k, v in info.items() if v is not None}
     return InpaintJob(prepared, cond, latent, overlays, paste_to, opts.inpainting_fill, info)
 

@@ -484,6 +484,7 @@ INPAINT_FIELDS = {
     "Mask mode",
     "Conditional mask weight",
     "Outpaint",
+    "Mask rounding",
 }
 
 
@@ -506,6 +507,7 @@ def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
         names = {v: k for k, v in INPAINT_FILL.items()}
         o.inpainting_fill = names.get(s["Masked content"], 1)
     o.inpainting_mask_invert = s.get("Mask mode") == "Inpaint not masked"
+    o.mask_round = str(s.get("Mask rounding", "True")).lower() != "false"
     if "Conditional mask weight" in s:
         o.inpainting_mask_weight = _value(s, "Conditional mask weight", float, "a number")
     if "Outpaint" in s:

@@ -93,3 +93,4 @@ class GenerationOptions(TypedDict, total=False):
     inpaint_full_res: bool
     inpaint_full_res_padding: int
     inpainting_mask_invert: bool
+    mask_round: bool

@@ -85,6 +85,7 @@ class InpaintOptions:
     outpaint_top: int = 0
     outpaint_right: int = 0
     outpaint_bottom: int = 0
+    mask_round: bool = True  # A1111 1.8+: round the latent mask to 0/1 (false: keep the blur's grey levels)
 
     @property
     def outpaint(self) -> tuple[int, int, int, int]:
@@ -197,6 +198,7 @@ _FLAT = {
     "inpaint_full_res": ("inpaint", "inpaint_full_res"),
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
     "inpainting_mask_invert": ("inpaint", "inpainting_mask_invert"),
+    "mask_round": ("inpaint", "mask_round"),
 }
 _GROUPS = {
     "hires": HiresOptions,

@@ -123,6 +123,7 @@ class Img2ImgPayload(_Payload):
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     include_init_images: bool = False
+    mask_round: bool = True
 
 
 class PngInfoPayload(BaseModel):
@@ -294,6 +295,12 @@ def to_request(
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
     _check_vae(overrides.get("sd_vae"), "override_settings.sd_vae")
     sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
+    if extra.get("disable_extra_networks"):  # A1111: the prompts' <lora:...> tags cut out, nothing applied
+        from latentforge.conditioning.prompt import extract_network_tags
+
+        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            if isinstance(p.get(name), str):
+                p[name] = extract_network_tags(p[name])[0]
     data: dict[str, Any] = {
         "prompt": p["prompt"],
         "negative_prompt": p["negative_prompt"],
@@ -338,6 +345,7 @@ def to_request(
                 inpaint_full_res=bool(p["inpaint_full_res"]),
                 inpaint_full_res_padding=p["inpaint_full_res_padding"],
                 inpainting_mask_invert=bool(p["inpainting_mask_invert"]),
+                mask_round=p["mask_round"],
             )
             if blur is None:
                 data.update(mask_blur_x=p["mask_blur_x"], mask_blur_y=p["mask_blur_y"])
@@ -579,6 +587,9 @@ def _check_unsupported(p: dict) -> None:
         enabled = [a for a in args if not (isinstance(a, dict) and a.get("enabled") is False)]
         if enabled:
             _refuse(f"alwayson_scripts.{name}", f"the always-on script {name!r} cannot run in latentforge")
+    for name in ("latent_mask", "firstpass_image"):  # (not payload fields: read from the extra ones)
+        if p.get(name):
+            _refuse(name, "is not available in latentforge; leave it out")
     if p.get("styles"):
         _refuse("styles", "latentforge has no saved prompt styles; put the text in the prompt")
     name = p.get("hr_checkpoint_name")
