@@ -1,5 +1,5 @@
 """models/annotator_files.py, what hed_load.py and midas_load.py share: the first place found, in order, or an
-error listing every place; a file's unused tensors named (8 at most, the rest counted)."""
+error naming no place (they are logged); a file's unused tensors named (8 at most, the rest counted)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def test_first_found_is_the_first_accepted_place_in_order(tmp_path):
     assert first_found([a, c, b], what="w", how_to_get="h", error=_Missing, found=lambda p: p.exists()) == c
 
 
-def test_nothing_found_lists_every_place_then_how_to_get_it(tmp_path):
+def test_nothing_found_says_how_to_get_it_and_logs_the_places(tmp_path, caplog):
+    """The message reaches HTTP clients of the server: it names no folder of the machine; the places looked
+    in go to the log, in order."""
     places = [tmp_path / "x" / "one.pth", tmp_path / "two.pth"]
-    with pytest.raises(_Missing) as e:
+    with caplog.at_level("INFO", logger="latentforge.models.annotator_files"), pytest.raises(_Missing) as e:
         first_found(places, what="edge model", how_to_get="Download it.", error=_Missing)
-    assert str(e.value) == (f"the edge model was not found; looked in:\n    {places[0]}\n    {places[1]}\nDownload it.")
-    with pytest.raises(_Missing, match=r"looked in:\n    \(nowhere: no model path or folder given\)\nGet it"):
+    assert str(e.value) == "the edge model was not found (latentforge -v logs the folders searched). Download it."
+    assert f"looked in: {places[0]}, {places[1]}" in caplog.text
+    with pytest.raises(_Missing, match=r"the depth model was not found .*\. Get it"):
         first_found([], what="depth model", how_to_get="Get it", error=_Missing)
 
 

@@ -227,3 +227,55 @@ def test_cli_hires_pass_of_its_own_round_trips(model, tmp_path):
     assert 'Hires prompt: "a sphere, red"' in text and "Hires schedule type: Exponential" in text
     assert main(["txt2img", "--from", str(out), "-m", str(model), "-q", "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+@pytest.mark.parametrize(
+    "sampler, schedule, expected",
+    [
+        ("DPM++ 2M SDE Karras", "automatic", "karras"),  # named, and not that sampler's default: kept
+        ("Euler Karras", "automatic", "karras"),
+        ("DPM++ 2M Karras", "automatic", "normal"),  # Karras is DPM++ 2M's default: Automatic, Euler a's own
+        ("DPM++ 2M", "exponential", "exponential"),  # the request's schedule
+    ],
+)
+def test_hires_pass_keeps_the_schedule_a1111s_api_keeps(sampler, schedule, expected):
+    """A1111 1.9+'s API splits "DPM++ 2M SDE Karras" into sampler and scheduler (get_sampler_and_scheduler,
+    which turns a sampler's own default back into Automatic), and the hires pass takes that scheduler
+    when hr_scheduler is unset; here with hr_sampler_name "Euler a" (default schedule: normal)."""
+    from latentforge.pipelines.checks import hires_request
+    from latentforge.sampling.registry import resolve
+
+    req = GenerationRequest(sampler=sampler, schedule=schedule, hires=HiresOptions(sampler="Euler a"))
+    second = hires_request(req)
+    assert resolve(second.sampler, second.schedule) == (resolve("Euler a")[0], expected)
+
+
+def test_hires_fields_none_is_the_first_pass_and_a_prompt_of_tags_is_empty(pipe):
+    """A1111's Python defaults are None (the first pass's); an hr_prompt of network tags alone is the empty
+    prompt once the tags are cut, as A1111 conditions on it."""
+    none = dict(hr_prompt=None, hr_negative_prompt=None, hr_sampler_name=None, hr_scheduler=None)
+    req = GenerationRequest.from_dict({"prompt": "a cube", "enable_hr": True, **none})
+    assert (req.hires.prompt, req.hires.sampler) == ("", "")
+    options = {**BASE, "enable_hr": True, "hr_scale": 1.5}
+    same = pipe.txt2img("a cube", **none, **options).images[0]
+    assert np.array_equal(np.asarray(same), np.asarray(pipe.txt2img("a cube", **options).images[0]))
+    empty = pipe.txt2img("a cube", hr_prompt=" ", **options).images[0]
+    assert not np.array_equal(np.asarray(empty), np.asarray(same))
+    with pytest.raises(RequestError, match="hr_prompt names other networks"):  # checked before any loading
+        GenerationRequest(prompt="a", hires=HiresOptions(prompt="b <lora:x:1>")).validate()
+    tagged = GenerationRequest(prompt="a <lora:x:1>", hires=HiresOptions(prompt="<lora:x:1>"))
+    assert hires_prompt_without_tags(tagged) == " "  # the empty prompt, not "the same as the first pass"
+
+
+def hires_prompt_without_tags(req):
+    from latentforge.conditioning.prompt import extract_network_tags
+    from latentforge.pipelines.networks import _hires_without_tags
+
+    return _hires_without_tags(req, extract_network_tags(req.prompt)[1]).prompt
+
+
+def test_cli_hires_options_without_hires_are_an_error(model, tmp_path, capsys):
+    args = ["txt2img", "a cube", "-m", str(model), "--steps", "1", "-W", "64", "-H", "64", "-q"]
+    assert main([*args, "--hires-prompt", "a sphere", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--hires-prompt set(s) the hires pass; add --hires FACTOR" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -302,6 +302,7 @@ def test_a_lora_applied_to_the_pipeline_is_recorded_in_each_image(sd1, tmp_path)
     silently making another image. Taken back, it is no longer recorded."""
     from latentforge import save_image
     from latentforge.cli import main
+    from latentforge.pipelines import GenerationRequest
     from latentforge.pipelines.metadata import read_png_metadata, request_from_infotext, unreproduced_fields
 
     ref, ours, tmp = sd1
@@ -327,7 +328,21 @@ def test_a_lora_applied_to_the_pipeline_is_recorded_in_each_image(sd1, tmp_path)
     assert unreproduced_fields(request_from_infotext(text)[0]) == ["Lora hashes"]
     tagged = text.replace("a red circle", "a red circle <lora:ink:0.4:0.7>", 1)
     assert unreproduced_fields(request_from_infotext(tagged)[0]) == []
+    twice = tagged.replace('Lora hashes: "ink: ', 'Lora hashes: "ink: 0123456789ab, ink: ', 1)  # applied + tag
+    assert unreproduced_fields(request_from_infotext(twice)[0]) == ["Lora hashes"]
     assert "Lora hashes" not in ours.txt2img("a red circle", **options).infotexts[0]
+    # the record run again while the LoRA is still applied: not applied twice, named once, by its stem
+    again_req = GenerationRequest.from_dict(record["request"])
+    ours.apply_lora(path, strength=0.7, text_strength=0.4)
+    try:
+        rerun = ours.txt2img(request=again_req)
+    finally:
+        ours.remove_lora()
+    assert rerun.images[0].tobytes() == made.images[0].tobytes()
+    assert rerun.infotexts[0].count("ink: ") == 1 and str(tmp_path) not in rerun.infotexts[0]
+    by_path = ours.txt2img("a red circle", networks=[record["request"]["networks"][0]], **options)
+    assert by_path.images[0].tobytes() == made.images[0].tobytes()
+    assert f'Lora hashes: "ink: {_tensor_data_sha256(path)[:12]}"' in by_path.infotexts[0]  # the stem, no path
 
 
 def _png_pixels(path) -> bytes:

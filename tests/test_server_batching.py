@@ -330,3 +330,24 @@ def test_max_batch_flag(monkeypatch, capsys):
     assert main(["serve", "--max-batch", "0"]) == 2 and "--max-batch" in capsys.readouterr().err
     assert main(["serve"]) == 0 and main(["serve", "--max-batch", "8"]) == 0
     assert [a.state.queue.config.max_batch for a in apps] == [4, 8]
+
+
+def test_batching_keeps_requests_whose_samplers_or_noise_would_differ_apart(pipe):
+    """DPM adaptive's steps depend on the whole batch: a hires pass with it runs alone, as a first pass
+    with it does. Two img2img requests with different noise multipliers never share a pass (merged, one
+    of them would start from the other's noise)."""
+    from PIL import Image
+
+    from latentforge.pipelines.batch import BatchMember, batch_key, generate_batch
+    from latentforge.pipelines.generate import generate
+    from latentforge.pipelines.request import GenerationRequest, HiresOptions
+
+    adaptive = GenerationRequest(**{**BASE, "prompt": "a", "hires": HiresOptions(scale=1.5, sampler="DPM adaptive")})
+    assert batch_key(adaptive) is None and batch_key(GenerationRequest(**{**BASE, "prompt": "a"})) is not None
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    reqs = [GenerationRequest(**{**BASE, "prompt": "a", "seed": 3, "initial_noise_multiplier": m}) for m in (1.0, 0.0)]
+    results = generate_batch(pipe, [BatchMember(r, [init]) for r in reqs])
+    for got, req in zip(results, reqs):
+        ref = generate(pipe, req, init_images=[init])
+        assert got.infotexts == ref.infotexts
+        _close(got.images[0], ref.images[0])

@@ -164,6 +164,17 @@ def test_features_that_cannot_run_are_refused(env):
     rounded, kept_grey = (s.post("/sdapi/v1/img2img", {**inpaint, "mask_round": v}).json() for v in (True, False))
     assert not np.array_equal(_pixels(rounded["images"][0]), _pixels(kept_grey["images"][0]))
     assert "Mask rounding: False" in kept_grey["info"]
+    # img2img's noise multiplier: a number (not a bool), also from an infotext (A1111 maps it to its setting)
+    img = {**OK, "init_images": [small], "denoising_strength": 0.6}
+    _err(s.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": False}), 422, "initial_noise_multiplier")
+    sent = s.post("/sdapi/v1/img2img", {**img, "initial_noise_multiplier": 0.5}).json()
+    text = json.loads(sent["info"])["infotexts"][0]
+    assert "Noise multiplier: 0.5" in text
+    read = s.post("/sdapi/v1/img2img", {"init_images": [small], "infotext": text}).json()
+    assert np.array_equal(_pixels(read["images"][0]), _pixels(sent["images"][0]))
+    # a network path inside the infotext is refused as in the prompt field
+    path_tag = "x <lora:/etc/secret/ink.safetensors:1>\nSteps: 2, Seed: 1, Size: 64x64"
+    _err(s.post("/sdapi/v1/txt2img", {"infotext": path_tag}), 400, "by name, not by path")
 
 
 def _pixels(b64: str) -> np.ndarray:

@@ -69,6 +69,17 @@ def test_info_of_a_comfyui_img2img_batch_names_img2img_and_the_strength(tmp_path
     assert "Denoising strength: 0.6" in out and "Batch size: 3" in out
 
 
+def test_info_of_a_comfyui_img2img_from_an_encoded_image_has_no_size(tmp_path, capsys):
+    """Latents from VAEEncode (no EmptyLatentImage): the size is the init image's, so none is printed."""
+    graph = copy.deepcopy(COMFY)
+    graph["3"]["inputs"]["denoise"] = 0.5
+    graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "in.png"}}
+    assert main(["info", str(comfy_png(tmp_path / "enc.png", graph))]) == 0
+    out = capsys.readouterr().out
+    assert "Denoising strength: 0.5" in out and "None" not in out and "Size" not in out
+
+
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -161,7 +172,10 @@ def test_hed_not_found_names_what_is_missing_and_no_folders(monkeypatch, caplog)
     from latentforge.models import hed_load
 
     monkeypatch.setattr(hed_load, "hed_candidates", _lookup_in_secret_places)
-    with caplog.at_level("INFO", logger="latentforge.models.hed_load"), pytest.raises(hed_load.HEDNotFoundError) as e:
+    with (
+        caplog.at_level("INFO", logger="latentforge.models.annotator_files"),
+        pytest.raises(hed_load.HEDNotFoundError) as e,
+    ):
         hed_load.find_hed(Path(SECRET) / "model.safetensors", [Path(SECRET)])
     message = str(e.value)
     _assert_no_paths(message)

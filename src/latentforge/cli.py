@@ -162,7 +162,7 @@ def _comfy_infotext(req, about: dict) -> str:
         "Schedule type": req.schedule,
         "CFG scale": f"{req.cfg_scale:g}",
         "Seed": req.seed,
-        "Size": f"{req.width}x{req.height}",
+        "Size": f"{req.width}x{req.height}" if req.width and req.height else None,  # (img2img: the init image's)
         "Batch size": req.batch_size if req.batch_size != 1 else None,
         "Model": about["model"]["name"],
         "Denoising strength": f"{req.denoising_strength:g}" if about["mode"] == "img2img" else None,

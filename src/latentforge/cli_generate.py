@@ -389,6 +389,14 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
         options["x4"] = group
     if getattr(args, "hr_scale", None) is not None:
         options.update(enable_hr=True, hr_scale=args.hr_scale)
+    elif req.hires is None:  # the second pass's options mean nothing without one
+        flags = [f"--hires-{f}" for f in ("upscaler", "steps", "prompt", "negative-prompt", "sampler", "schedule")]
+        hr_dests = ["hr_upscaler", "hr_second_pass_steps", "hr_prompt", "hr_negative_prompt", "hr_sampler_name"]
+        given = [
+            flag for flag, dest in zip(flags, [*hr_dests, "hr_scheduler"]) if getattr(args, dest, None) is not None
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} set(s) the hires pass; add --hires FACTOR (e.g. --hires 2)")
     if img2img and not x4:
         group = inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:

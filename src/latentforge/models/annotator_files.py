@@ -1,12 +1,16 @@
 """What the annotator loaders (hed_load.py for HED, midas_load.py for MiDaS) share: finding the file in the
-places they search, and refusing a file that holds tensors the network does not have."""
+places they search (a missing file named without the folders), and refusing a file that holds tensors the
+network does not have."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from latentforge.io.tensorfile import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 
 def first_found(
@@ -17,13 +21,15 @@ def first_found(
     error: type[FileNotFoundError],
     found: Callable[[Path], bool] = Path.is_file,
 ) -> Path:
-    """The first of ``places`` that ``found`` accepts; otherwise ``error`` naming ``what`` was not found,
-    every place looked in (in order), then ``how_to_get``."""
+    """The first of ``places`` that ``found`` accepts; otherwise ``error`` saying ``what`` was not found and
+    ``how_to_get`` it, naming no folder: the server passes the message to HTTP clients, to whom the
+    machine's paths are neither useful nor theirs to see. The places looked in (in order) are logged at
+    INFO for whoever runs it (``latentforge -v``)."""
     for p in places:
         if found(p):
             return p
-    looked = "\n".join(f"    {p}" for p in places) or "    (nowhere: no model path or folder given)"
-    raise error(f"the {what} was not found; looked in:\n{looked}\n{how_to_get}")
+    logger.info("the %s was not found; looked in: %s", what, ", ".join(map(str, places)) or "no folder")
+    raise error(f"the {what} was not found (latentforge -v logs the folders searched). {how_to_get}")
 
 
 def refuse_extra_tensors(source: str, extra: Sequence[str], *, what: str, layout: str, advice: str) -> None:

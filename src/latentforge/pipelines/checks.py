@@ -142,8 +142,24 @@ def hires_request(req):
         prompt=h.prompt or req.prompt,
         negative_prompt=h.negative_prompt or req.negative_prompt,
         sampler=req.sampler if h.sampler in SAME_SAMPLER else h.sampler,
-        schedule=req.schedule if h.schedule in SAME_SCHEDULE else h.schedule,
+        schedule=_first_pass_schedule(req) if h.schedule in SAME_SCHEDULE else h.schedule,
     )
+
+
+def _first_pass_schedule(req) -> str:
+    """The first pass's schedule as A1111's API keeps it for the hires pass: the request's, or the one its
+    sampler name holds ("DPM++ 2M SDE Karras": Karras) unless that is the sampler's own default (A1111's
+    ``get_sampler_and_scheduler`` turns it back into Automatic)."""
+    from latentforge.sampling.registry import resolve_sampler
+    from latentforge.sampling.schedules import schedule_name
+
+    try:
+        if schedule_name(req.schedule) != "automatic":
+            return req.schedule
+        info, named = resolve_sampler(req.sampler)
+    except (ValueError, AttributeError):
+        return req.schedule  # (refused by the request's own checks)
+    return named if named and named != info.schedule else req.schedule
 
 
 def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = False) -> None:

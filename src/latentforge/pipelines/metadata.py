@@ -6,6 +6,7 @@ import json
 import math
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from latentforge.conditioning.prompt import extract_network_tags
@@ -456,9 +457,9 @@ def unreproduced_fields(req: GenerationRequest) -> list[str]:
     missing = [k for k, v in req.extra.items() if k not in INFORMATIONAL and HARMLESS_VALUES.get(k) != str(v)]
     tags = extract_network_tags(req.prompt)[1] if isinstance(req.prompt, str) else []
     for label, kinds in (("Lora hashes", ("lora", "lyco")), ("Hypernet hashes", ("hypernet", "hypernetwork"))):
-        named = {re.sub("[:,]", "", items[0]).strip() for kind, items in tags if kind in kinds and items}
-        listed = [e.rsplit(":", 1)[0].strip() for e in str(req.extra.get(label, "")).strip('"').split(",") if e]
-        if any(name and name not in named for name in listed):
+        named = Counter(re.sub("[:,]", "", items[0]).strip() for kind, items in tags if kind in kinds and items)
+        listed = Counter(e.rsplit(":", 1)[0].strip() for e in str(req.extra.get(label, "")).strip('"').split(",") if e)
+        if any(name and count > named[name] for name, count in listed.items()):  # (applied, or twice)
             missing.append(label)
     return sorted(missing)
 

@@ -19,9 +19,9 @@ from latentforge.adapters.hypernetwork import apply_hypernetwork
 from latentforge.adapters.lora import apply_lora
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import sha256_of
+from latentforge.pipelines.request import HIRES_NETWORKS, GenerationRequest, RequestError, hires_networks_differ
 from latentforge.pipelines.request import HYPERNET_KINDS as HYPERNET_KINDS
 from latentforge.pipelines.request import LORA_KINDS as LORA_KINDS
-from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.pipelines.request import refs_from_tags as refs_from_tags  # re-exported (tests, users)
 
 EMBEDDING_KIND = "embedding"
@@ -50,11 +50,13 @@ def activate(pipe, req: GenerationRequest) -> Session:
     refs = [*req.networks, *refs_from_tags(tags)]
     session = Session(dataclasses.replace(req, prompt=prompt, networks=[], hires=_hires_without_tags(req, tags)))
     hashes, hypernets = [], []
-    for ref, digest in pipe.applied_networks() if hasattr(pipe, "applied_networks") else ():  # pipe.apply_lora
-        entry = f"{re.sub('[:,]', '', Path(ref.name).stem)}: {digest}"
-        (hypernets if ref.kind in HYPERNET_KINDS else hashes).append(entry)
+    applied = pipe.applied_networks() if hasattr(pipe, "applied_networks") else []  # pipe.apply_lora
+    for ref, digest in applied:
+        (hypernets if ref.kind in HYPERNET_KINDS else hashes).append(f"{_hash_name(ref.name)}: {digest}")
     try:
         for i, ref in enumerate(refs):
+            if _already_applied(ref, applied):
+                continue  # a record of an image made with it applied, run again while it still is
             if ref.kind == EMBEDDING_KIND:
                 path = pipe.folders.find_embedding(ref.name)
                 pipe.text.embeddings.add(path)
@@ -65,7 +67,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
                 source = f"request:{i}:{ref.name}"
                 session.sources.append(source)
                 apply_hypernetwork(pipe, path, strength=ref.strength, source=source)
-                hypernets.append(f"{re.sub('[:,]', '', ref.name)}: {sha256_of(path)[:12]}")
+                hypernets.append(f"{_hash_name(ref.name)}: {sha256_of(path)[:12]}")
                 continue
             if ref.kind not in LORA_KINDS:
                 raise RequestError(
@@ -74,8 +76,8 @@ def activate(pipe, req: GenerationRequest) -> Session:
             path = pipe.folders.find_lora(ref.name)
             source = f"request:{i}:{ref.name}"
             session.sources.append(source)
-            applied = apply_lora(pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source)
-            hashes.append(f"{re.sub('[:,]', '', ref.name)}: {applied.hash[:12]}")
+            done = apply_lora(pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source)
+            hashes.append(f"{_hash_name(ref.name)}: {done.hash[:12]}")
     except BaseException:
         session.close(pipe)
         raise
@@ -93,17 +95,40 @@ def activate(pipe, req: GenerationRequest) -> Session:
     return session
 
 
+def _hash_name(name: str) -> str:
+    """A network's name in the infotext's hashes, as A1111 writes it (':' and ',' removed); a path is
+    written by its file stem (A1111 names networks by stem, and the infotext never shows a path)."""
+    if "/" in name or "\\" in name or Path(name).suffix.lower() in (".safetensors", ".pt", ".ckpt", ".bin", ".pth"):
+        name = Path(name).stem
+    return re.sub("[:,]", "", name)
+
+
+def _already_applied(ref, applied: list) -> bool:
+    """The request names a network by path that ``Pipeline.apply_lora``/``apply_hypernetwork`` applied with
+    the same strengths: applying it again would double it (the JSON record lists those networks)."""
+    if ref.kind not in (*LORA_KINDS, *HYPERNET_KINDS) or not applied:
+        return False
+    try:
+        path = Path(ref.name).resolve()
+    except (OSError, ValueError):
+        return False
+    return any(
+        Path(a.name) == path
+        and (a.kind in HYPERNET_KINDS) == (ref.kind in HYPERNET_KINDS)
+        and a.strength == ref.strength
+        and (a.text_strength == ref.text_strength or a.kind in HYPERNET_KINDS)
+        for a, _ in applied
+    )
+
+
 def _hires_without_tags(req: GenerationRequest, tags: list) -> object:
     """The hires group with the network tags cut out of its own prompt. A1111 switches to the hires
     prompt's networks for the hires pass; here both passes run with the prompt's, so a hires prompt that
-    names other networks (or none while the prompt names some) is refused."""
+    names other networks (or none while the prompt names some) is refused. A hires prompt of tags alone
+    is the empty prompt (a space: the empty string means "the prompt's")."""
     h = req.hires
     if h is None or not isinstance(h.prompt, str) or not h.prompt:
         return h
-    text, own = extract_network_tags(h.prompt)
-    if sorted(map(repr, refs_from_tags(own))) != sorted(map(repr, refs_from_tags(tags))):
-        raise RequestError(
-            "hr_prompt names other networks (<lora:...>, <hypernet:...>) than the prompt; switching networks "
-            "between the passes is not available: put the same tags in both prompts, or leave hr_prompt empty"
-        )
-    return dataclasses.replace(h, prompt=text)
+    if hires_networks_differ(req):
+        raise RequestError(HIRES_NETWORKS)
+    return dataclasses.replace(h, prompt=extract_network_tags(h.prompt)[0] or " ")

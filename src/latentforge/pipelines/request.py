@@ -293,6 +293,7 @@ class GenerationRequest:
         hires = self.hires is not None and not img2img and isinstance(self.hires, HiresOptions)
         if hires:
             validate_hires(self.hires, need, upscaler_files)
+            need(not hires_networks_differ(self), HIRES_NETWORKS)
         second = hires_request(self) if hires else None
         try:
             sampler, _ = resolve(self.sampler, self.schedule)
@@ -497,7 +498,10 @@ def _fold_flat(data: dict) -> dict:
     flat: dict[str, dict] = {}
     for name in [k for k in data if k in _FLAT]:
         group, key = _FLAT[name]
-        flat.setdefault(group, {})[key] = data.pop(name)
+        value = data.pop(name)
+        if value is None and name in _SAME_WHEN_NONE:  # A1111's default None: the first pass's
+            value = ""
+        flat.setdefault(group, {})[key] = value
     enable_hr = data.pop("enable_hr", None)
     if enable_hr is not None and not enable_hr:
         data["hires"] = None
@@ -512,6 +516,23 @@ def _fold_flat(data: dict) -> dict:
         if current is not None or (group == "hires" and enable_hr) or (switch and given(values.get(switch))):
             data[group] = {**(current or {}), **values}
     return data
+
+
+HIRES_NETWORKS = (
+    "hr_prompt names other networks (<lora:...>, <hypernet:...>) than the prompt; switching networks between "
+    "the passes is not available: put the same tags in both prompts, or leave hr_prompt empty"
+)
+_SAME_WHEN_NONE = ("hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler")
+
+
+def hires_networks_differ(req) -> bool:
+    """The hires prompt names other networks than the prompt (A1111 switches networks between the passes;
+    here both passes run with the prompt's, so such a request is refused)."""
+    h = req.hires
+    if h is None or not isinstance(h.prompt, str) or not h.prompt or not isinstance(req.prompt, str):
+        return False
+    ours, theirs = (refs_from_tags(extract_network_tags(t)[1]) for t in (req.prompt, h.prompt))
+    return sorted(map(repr, ours)) != sorted(map(repr, theirs))
 
 
 # the field inside each group whose value switches the group on (hires: enable_hr)

@@ -134,6 +134,7 @@ class PngInfoPayload(BaseModel):
 # inpainting_fill, resize_mode, ...) take false and true, as A1111's own test payloads send them
 _QUANTITIES = {
     "steps", "width", "height", "batch_size", "n_iter", "cfg_scale", "seed", "subseed", "subseed_strength",
+    "initial_noise_multiplier",
     "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "eta", "s_churn", "s_tmax", "s_tmin",
     "s_noise", "s_min_uncond", "refiner_switch_at", "hr_scale", "hr_second_pass_steps", "hr_resize_x",
     "hr_resize_y", "mask_blur", "mask_blur_x", "mask_blur_y", "inpaint_full_res_padding",
@@ -290,6 +291,7 @@ def to_request(
         _refuse("override_settings", "must be an object of option names and values")
     overrides = dict(raw)  # the infotext may add settings for this request
     apply_infotext(p, payload.model_fields_set, overrides, img2img)
+    _check_names(p)  # again: the infotext may have filled the prompts
     model = overrides.get("sd_model_checkpoint") or None
     settings = {**options, **overrides}  # A1111: the server's settings, override_settings win for this request
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)

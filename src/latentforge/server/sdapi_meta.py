@@ -34,6 +34,7 @@ _INFOTEXT_SETTINGS = {
     "RNG": ("randn_source", "rng"),
     "Token merging ratio": ("token_merging_ratio", "token_merging_ratio"),
     "Token merging ratio hr": ("token_merging_ratio_hr", "token_merging_ratio_hr"),
+    "Noise multiplier": ("initial_noise_multiplier", "initial_noise_multiplier"),
 }
 
 
