@@ -172,6 +172,13 @@ def test_features_that_cannot_run_are_refused(env):
     assert "Noise multiplier: 0.5" in text
     read = s.post("/sdapi/v1/img2img", {"init_images": [small], "infotext": text}).json()
     assert np.array_equal(_pixels(read["images"][0]), _pixels(sent["images"][0]))
+    # A1111's legacy firstphase_width/height: the image is made at that size (hires goes on from it)
+    r = s.post("/sdapi/v1/txt2img", {**OK, "width": 128, "height": 96, "firstphase_width": 64, "firstphase_height": 64})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (64, 64)
+    hr = {**OK, "width": 256, "height": 256, "firstphase_width": 64, "firstphase_height": 96, "enable_hr": True}
+    r = s.post("/sdapi/v1/txt2img", {**hr, "hr_scale": 1.5})
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).size == (96, 144)
+    _err(s.post("/sdapi/v1/txt2img", {**OK, "firstphase_width": 64}), 400, "firstphase_height")
     # a network path inside the infotext is refused as in the prompt field
     path_tag = "x <lora:/etc/secret/ink.safetensors:1>\nSteps: 2, Seed: 1, Size: 64x64"
     _err(s.post("/sdapi/v1/txt2img", {"infotext": path_tag}), 400, "by name, not by path")

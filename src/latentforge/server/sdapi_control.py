@@ -1,0 +1,73 @@
+"""The A1111 ControlNet extension's units in an API payload (``alwayson_scripts.controlnet.args``) ->
+latentforge's ``control`` units: models by the names ``/controlnet/model_list`` gives (never paths), images
+decoded within the request's pixel budget, and the fields that would change the image but cannot run
+refused (never dropped)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latentforge.server.errors import FieldError
+
+if TYPE_CHECKING:
+    from latentforge.server.sdapi import PixelBudget
+
+
+def _refuse(field: str, message: str) -> None:
+    raise FieldError(field, message)
+
+
+CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_start", "guidance_end", "control_mode",
+                  "resize_mode", "threshold_a", "threshold_b", "processor_res")  # fmt: skip
+
+
+def control_units(
+    p: dict, controlnets: dict[str, Path], max_pixels: int, budget: PixelBudget | None = None
+) -> list[dict]:
+    """The A1111 ControlNet extension's units (``alwayson_scripts.controlnet.args``) as ``control`` units.
+    A unit's model must be one of the server's ControlNet files, named as /controlnet/model_list lists
+    them (a trailing " [hash]" is ignored): nothing a client sends is used as a path."""
+    from latentforge.server.sdapi import decode_image  # (sdapi imports this module)
+
+    scripts = {k.lower(): v for k, v in (p.get("alwayson_scripts") or {}).items()}
+    script = scripts.get("controlnet")
+    if script is None:
+        return []
+    args = script.get("args") if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        _refuse("alwayson_scripts.controlnet.args", "must be a list of ControlNet units")
+    units = []
+    for i, unit in enumerate(args):
+        where = f"alwayson_scripts.controlnet.args[{i}]"
+        if not isinstance(unit, dict):
+            _refuse(where, "must be an object (a ControlNet unit)")
+        if unit.get("enabled") is False:
+            continue
+        name = re.sub(r" \[[0-9a-fA-F]{8,10}\]$", "", str(unit.get("model") or ""))
+        if name not in controlnets:
+            known = ", ".join(controlnets) or "none: start the server with --controlnet-dir"
+            _refuse(f"{where}.model", f"unknown ControlNet model {unit.get('model')!r}; known: {known}")
+        image = unit.get("image") or unit.get("input_image")
+        mask = unit.get("mask") or unit.get("mask_image")
+        if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+            image, mask = image.get("image"), mask or image.get("mask")
+        if mask:
+            _refuse(
+                f"{where}.mask",
+                "a ControlNet unit's inpaint mask is not available in latentforge (no inpaint preprocessors); leave it "
+                "empty (effective_region_mask, where the unit acts, is)",
+            )
+        if not image:
+            _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
+        for key in ("advanced_weighting", "ipadapter_input"):  # they change the image: never dropped
+            if unit.get(key) is not None:
+                _refuse(f"{where}.{key}", "is not available in latentforge; leave it null")
+        fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
+        image = decode_image(image, f"{where}.image", max_pixels, budget)
+        region = unit.get("effective_region_mask")
+        if region:  # where the unit acts (the extension's 1.1.44x field)
+            fields["effective_region_mask"] = decode_image(region, f"{where}.effective_region_mask", max_pixels, budget)
+        units.append({"model": str(controlnets[name]), "image": image, **fields})
+    return units
