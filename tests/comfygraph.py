@@ -54,6 +54,19 @@ def comfy_txt2img(
     }
 
 
+# ComfyUI's default graph as it ships (its checkpoint, prompts, seed, steps and size)
+DEFAULT_GRAPH = dict(
+    ckpt="v1-5-pruned-emaonly.safetensors",
+    positive="beautiful scenery",
+    negative="text, watermark",
+    seed=156680208700286,
+    steps=20,
+    cfg=8,
+    width=512,
+    height=768,
+)
+
+
 def comfy_png(path: Path, graph: dict, *, workflow: dict | None = None, size: tuple[int, int] = (8, 8)) -> Path:
     """A black PNG at ``path`` carrying ``graph`` as ComfyUI does (the "prompt" chunk; the editor's
     "workflow" chunk too when given)."""

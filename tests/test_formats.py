@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from comfygraph import comfy_png, comfy_txt2img
+from comfygraph import DEFAULT_GRAPH, comfy_png, comfy_txt2img
 from latentforge.cli import main
 from latentforge.demo import bundled_model_path
 from latentforge.io.images import save_image
@@ -19,16 +19,7 @@ from latentforge.pipelines.request import RequestError
 TEXT = 'a "cat", 猫\nNegative prompt: dog\nSteps: 12, Sampler: Euler a, CFG scale: 6, Seed: 42, Size: 64x64'
 
 # ComfyUI's default txt2img graph as ComfyUI writes it into PNGs
-COMFY = comfy_txt2img(
-    ckpt="v1-5-pruned-emaonly.safetensors",
-    positive="beautiful scenery",
-    negative="text, watermark",
-    seed=156680208700286,
-    steps=20,
-    cfg=8,
-    width=512,
-    height=768,
-)
+COMFY = comfy_txt2img(**DEFAULT_GRAPH)
 
 
 def _image():

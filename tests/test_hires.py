@@ -29,7 +29,8 @@ def pipe(model):
     return latentforge.load(model)
 
 
-def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(pipe, monkeypatch):
+def _spy_first_pass(monkeypatch) -> dict:
+    """Catches the first pass's latents on their way to the hires upscaler (``seen["first"]``)."""
     seen = {}
     original = hires.upscale
 
@@ -38,6 +39,18 @@ def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(p
         return original(p, latents, upscaler, shape)
 
     monkeypatch.setattr(hires, "upscale", spy)
+    return seen
+
+
+def _a1111_lanczos_input(pipe, latents, size: int) -> Image.Image:
+    """A1111's image upscaler input: decode, to 8 bits by truncation, resize (Lanczos here)."""
+    decoded = ((pipe.vae.decode(latents).float()[0] + 1) / 2).clamp(0, 1)
+    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
+    return Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(pipe, monkeypatch):
+    seen = _spy_first_pass(monkeypatch)
     result = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **BASE)
     assert result.images[0].size == (128, 128)
 
@@ -45,10 +58,8 @@ def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(p
     first_image = tensor_to_images(pipe.vae.decode(seen["first"]))[0]
     assert np.array_equal(np.asarray(first_image), np.asarray(plain))
 
-    # A1111: decode, to 8 bits by truncation, resize with the upscaler, then img2img with the same seed
-    decoded = ((pipe.vae.decode(seen["first"]).float()[0] + 1) / 2).clamp(0, 1)
-    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
-    resized = Image.fromarray(pixels).resize((128, 128), Image.Resampling.LANCZOS)
+    # then img2img of the resized image with the same seed
+    resized = _a1111_lanczos_input(pipe, seen["first"], 128)
     expected = pipe.img2img(resized, "a cube", **{**BASE, "width": 128, "height": 128}).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
 
@@ -166,22 +177,13 @@ def test_hires_pass_of_its_own_is_img2img_with_its_prompts_sampler_and_schedule(
     """A1111 1.6+: hr_prompt, hr_negative_prompt, hr_sampler_name and hr_scheduler apply to the second
     pass only. Expected: the first pass as plain txt2img, then the Python API's img2img of the resized
     image with the hires pass's own settings."""
-    seen = {}
-    original = hires.upscale
-
-    def spy(p, latents, upscaler, shape):
-        seen["first"] = latents.clone()
-        return original(p, latents, upscaler, shape)
-
-    monkeypatch.setattr(hires, "upscale", spy)
+    seen = _spy_first_pass(monkeypatch)
     own = dict(hr_prompt="a sphere", hr_negative_prompt="blurry", hr_sampler_name="Euler a", hr_scheduler="Karras")
     options = {**BASE, "cfg_scale": 4.0}
     result = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **own, **options)
     plain = pipe.txt2img("a cube", **options).images[0]
     assert np.array_equal(np.asarray(tensor_to_images(pipe.vae.decode(seen["first"]))[0]), np.asarray(plain))
-    decoded = ((pipe.vae.decode(seen["first"]).float()[0] + 1) / 2).clamp(0, 1)
-    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
-    resized = Image.fromarray(pixels).resize((128, 128), Image.Resampling.LANCZOS)
+    resized = _a1111_lanczos_input(pipe, seen["first"], 128)
     second = {**options, "width": 128, "height": 128, "sampler": "Euler a", "schedule": "Karras"}
     expected = pipe.img2img(resized, "a sphere", negative_prompt="blurry", **second).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))

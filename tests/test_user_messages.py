@@ -13,24 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from comfygraph import comfy_png, comfy_txt2img
+from comfygraph import DEFAULT_GRAPH, comfy_png, comfy_txt2img
 from latentforge.cli import main
 from latentforge.pipelines.metadata import request_from_image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-COMFY = comfy_txt2img(
-    ckpt="v1-5-pruned-emaonly.safetensors",
-    positive="beautiful scenery",
-    negative="text, watermark",
-    seed=156680208700286,
-    steps=20,
-    cfg=7.5,
-    width=512,
-    height=768,
-    sampler="dpmpp_2m",
-    scheduler="karras",
-)
+COMFY = comfy_txt2img(**{**DEFAULT_GRAPH, "cfg": 7.5, "sampler": "dpmpp_2m", "scheduler": "karras"})
 
 
 # --- 1. latentforge info of a ComfyUI image -----------------------------------------------------------------
