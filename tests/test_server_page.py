@@ -142,3 +142,50 @@ def test_generate_inpaint_and_reuse_parameters(server, browser, tmp_path):
     assert overflow <= 0
     gallery, form = d.find_element(By.ID, "gallery"), d.find_element(By.ID, "form")
     assert gallery.location["y"] > form.location["y"] + form.size["height"] - 1
+
+
+def test_hires_fix_from_the_page_and_reused_from_an_image(server, browser, tmp_path):
+    """The txt2img form's Hires. fix panel (A1111's): its fields reach the request (the infotext says so)
+    and a PNG's Hires fields fill them again; img2img hides the panel."""
+    d = browser
+    wait = WebDriverWait(d, 120)
+    d.get(server.url + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#hr_upscaler option[value='Lanczos']"))
+    for name, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 3), ("hr_scale", 1.5)):
+        _set(d, name, value)
+    _set(d, "hr_second_pass_steps", 2)
+    _set(d, "hr_denoising_strength", 0.45)
+    _set(d, "hr_prompt", "a blue square")
+    d.find_element(By.ID, "enable_hr").click()
+    d.find_element(By.ID, "hr_upscaler").send_keys("Lanczos")
+    d.find_element(By.ID, "prompt").send_keys("a red circle")
+    before = len(_cards(d))
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(_cards(d)) == before + 1)
+    text = _cards(d)[0].find_element(By.CSS_SELECTOR, "pre").text
+    for field in ("Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Lanczos", "Denoising strength: 0.45",
+                  "Hires prompt: a blue square"):  # fmt: skip
+        assert field in text, text
+    assert _cards(d)[0].find_element(By.CSS_SELECTOR, "img").get_attribute("naturalWidth") == "96"
+
+    png = tmp_path / "hires.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a tower\nSteps: 5, Seed: 9, Size: 64x64, Denoising strength: 0.3, Hires upscale: 2, "
+                  "Hires steps: 3, Hires upscaler: Latent, Hires prompt: a tall tower")  # fmt: skip
+    Image.new("RGB", (128, 128)).save(png, pnginfo=info)
+    d.find_element(By.ID, "enable_hr").click()  # off: the image turns it on again
+    d.find_element(By.ID, "png-file").send_keys(str(png))
+    wait.until(
+        lambda d: (
+            d.find_element(By.ID, "pnginfo-reuse").is_enabled() and "tower" in d.find_element(By.ID, "pnginfo").text
+        )
+    )
+    d.find_element(By.ID, "pnginfo-reuse").click()
+    fields = ("hr_scale", "hr_second_pass_steps", "hr_denoising_strength", "hr_prompt", "hr_upscaler")
+    values = {k: d.find_element(By.ID, k).get_attribute("value") for k in fields}
+    assert values == {"hr_scale": "2", "hr_second_pass_steps": "3", "hr_denoising_strength": "0.3",
+                      "hr_prompt": "a tall tower", "hr_upscaler": "Latent"}  # fmt: skip
+    assert d.find_element(By.ID, "enable_hr").is_selected()
+    d.find_element(By.ID, "tab-img2img").click()
+    assert not d.find_element(By.ID, "hires-panel").is_displayed()
+    d.find_element(By.ID, "tab-txt2img").click()

@@ -26,12 +26,15 @@ function fillSelect(select, items, current) {
 
 async function loadLists() {
   try {
-    const [models, samplers, schedulers, options] = await Promise.all([
+    const [models, samplers, schedulers, options, latent, upscalers] = await Promise.all([
       api("/sdapi/v1/sd-models"), api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"),
+      api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers"),
     ]);
     fillSelect($("model"), models.map((m) => [m.title, m.title]), options.sd_model_checkpoint);
     fillSelect($("sampler_name"), samplers.map((s) => [s.name, s.name]), "Euler a");
     fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
+    const hires = [...latent, ...upscalers].map((u) => [u.name, u.name]);
+    fillSelect($("hr_upscaler"), hires.filter(([n], i) => hires.findIndex(([m]) => m === n) === i), "Latent");
   } catch (e) {
     status(`cannot reach the server: ${e.message}`, true);
   }
@@ -41,6 +44,7 @@ function setMode(mode) {
   state.mode = mode;
   for (const b of document.querySelectorAll("nav button")) b.setAttribute("aria-selected", String(b.dataset.mode === mode));
   $("img2img-panel").hidden = mode !== "img2img";
+  $("hires-panel").hidden = mode !== "txt2img";  // A1111's Hires. fix is a txt2img pass
 }
 
 // ---- init image and mask
@@ -135,6 +139,11 @@ function payload() {
     seed: num("seed"), batch_size: num("batch_size"), n_iter: num("n_iter"),
     override_settings: { sd_model_checkpoint: $("model").value },
   };
+  if (state.mode === "txt2img" && $("enable_hr").checked) {
+    Object.assign(body, { enable_hr: true, hr_scale: num("hr_scale"), hr_upscaler: $("hr_upscaler").value,
+      hr_second_pass_steps: num("hr_second_pass_steps"), denoising_strength: num("hr_denoising_strength"),
+      hr_prompt: $("hr_prompt").value });
+  }
   if (state.mode === "img2img") {
     if (!state.initData) throw new Error("img2img needs an init image: choose one or use 'Send to img2img'");
     body.init_images = [state.initData];
@@ -242,7 +251,16 @@ function applyParameters(p) {
     const opt = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
     if (opt) $("scheduler").value = opt.value;
   }
-  if (p["Denoising strength"]) set("denoising_strength", p["Denoising strength"]);
+  const hires = p["Hires upscale"] !== undefined || p["Hires upscaler"] !== undefined;  // A1111: hires was on
+  $("enable_hr").checked = hires;
+  if (hires) {
+    set("hr_scale", p["Hires upscale"]);
+    set("hr_second_pass_steps", p["Hires steps"] || 0);
+    set("hr_denoising_strength", p["Denoising strength"]);
+    set("hr_prompt", p["Hires prompt"] || "");
+    const opt = [...$("hr_upscaler").options].find((o) => o.value === p["Hires upscaler"]);
+    if (opt) $("hr_upscaler").value = opt.value;
+  } else if (p["Denoising strength"]) set("denoising_strength", p["Denoising strength"]);
   status("parameters reused");
   $("prompt").focus();
 }
