@@ -340,6 +340,15 @@ def test_a_lora_applied_to_the_pipeline_is_recorded_in_each_image(sd1, tmp_path)
         ours.remove_lora()
     assert rerun.images[0].tobytes() == made.images[0].tobytes()
     assert rerun.infotexts[0].count("ink: ") == 1 and str(tmp_path) not in rerun.infotexts[0]
+    # what is recorded follows the patcher: taken back, or applied again by the adapter function itself
+    ours.apply_lora(path, strength=0.7)
+    ours.patcher.remove("lora:ink")
+    apply_lora(ours, path, strength=0.2)
+    try:
+        assert [(r.strength, r.kind) for r, _ in ours.applied_networks()] == [(0.2, "lora")]
+    finally:
+        ours.remove_lora()
+    assert ours.applied_networks() == []
     by_path = ours.txt2img("a red circle", networks=[record["request"]["networks"][0]], **options)
     assert by_path.images[0].tobytes() == made.images[0].tobytes()
     assert f'Lora hashes: "ink: {_tensor_data_sha256(path)[:12]}"' in by_path.infotexts[0]  # the stem, no path

@@ -80,9 +80,6 @@ class Pipeline:
         self.extras = extras or {}
         self.info = info
         self.patcher = ModelPatcher(self.networks)
-        # adapters applied until taken back (apply_lora, apply_hypernetwork): patcher source -> (NetworkRef by
-        # path, the hash A1111's infotext names), recorded in every image's metadata while applied
-        self.applied: dict[str, tuple] = {}
         # where prompt tags and request networks find LoRAs and embeddings by name
         self.folders = AdapterFolders()
         self.text.embeddings.folders = lambda: self.folders.embeddings
@@ -168,13 +165,9 @@ class Pipeline:
         and the text encoders with ``text_strength`` (default ``strength``) until ``remove_lora``; applying
         the same file again replaces it. Returns the patcher source name. See ``adapters.lora``."""
         from latentforge.adapters.lora import apply_lora
-        from latentforge.pipelines.request import NetworkRef
 
         path = self.folders.find_lora(str(path))
-        applied = apply_lora(self, path, strength=strength, text_strength=text_strength)
-        ref = NetworkRef(str(path.resolve()), "lora", strength=strength, text_strength=text_strength)
-        self.applied[applied.source] = (ref, applied.hash[:12])
-        return applied.source
+        return apply_lora(self, path, strength=strength, text_strength=text_strength).source
 
     def remove_lora(self, path_or_source: str | Path | None = None) -> None:
         """Take back a LoRA applied with ``apply_lora`` (by path, file stem or source), or all of them; the
@@ -193,19 +186,21 @@ class Pipeline:
         """Apply an A1111 hypernetwork (a path, or a name in ``folders.hypernetworks``) to the attention
         layers' context until ``patcher.remove(source)``; returns the source. See ``adapters.hypernetwork``."""
         from latentforge.adapters.hypernetwork import apply_hypernetwork
-        from latentforge.io.hashing import sha256_of
-        from latentforge.pipelines.request import NetworkRef
 
-        path = self.folders.find_hypernetwork(str(path))
-        source = apply_hypernetwork(self, path, strength=strength)
-        self.applied[source] = (NetworkRef(str(path.resolve()), "hypernet", strength=strength), sha256_of(path)[:12])
-        return source
+        return apply_hypernetwork(self, self.folders.find_hypernetwork(str(path)), strength=strength)
 
     def applied_networks(self) -> list[tuple]:
-        """(NetworkRef by path, hash) of the adapters applied with ``apply_lora``/``apply_hypernetwork`` and
-        not taken back, in the order applied: every image's infotext hashes and JSON record name them."""
-        live = set(self.patcher.sources)
-        return [entry for source, entry in self.applied.items() if source in live]
+        """(NetworkRef by path, hash) of the LoRAs and hypernetworks applied to this pipeline and not taken
+        back (``apply_lora``, ``apply_hypernetwork``, or the adapter functions themselves), in the order
+        applied: every image's infotext hashes and JSON record name them. A request's own networks
+        (sources ``request:...``) are not among them."""
+        from latentforge.pipelines.request import NetworkRef
+
+        return [
+            (NetworkRef(str(r.path), r.kind, strength=r.strength, text_strength=r.text_strength), r.hash)
+            for source, r in self.patcher.records()
+            if not source.startswith("request:")
+        ]
 
     def load_embedding(self, path: str | Path):
         """Make a textual-inversion file usable in prompts by its file stem (see ``conditioning.embeddings``)."""

@@ -159,4 +159,9 @@ def apply_hypernetwork(pipe, path: str | Path, *, strength: float = 1.0, source:
     if count == 0:
         pipe.patcher.remove(source)
         raise CheckpointError(f"{path}: this model has no attention layers for a hypernetwork")
+    from latentforge.adapters.lora import AdapterRecord
+    from latentforge.io.hashing import sha256_of
+
+    path = Path(path).resolve()
+    pipe.patcher.describe(source, AdapterRecord("hypernet", path, strength, None, sha256_of(path)[:12]))
     return source

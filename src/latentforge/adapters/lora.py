@@ -295,7 +295,21 @@ def apply_lora(
     source = source or f"lora:{path.stem}"
     pipe.patcher.remove(source)
     pipe.patcher.patch(source, patches)
-    return AppliedLora(source, path, counts["unet"], counts["text"], addnet_hash(path))
+    applied = AppliedLora(source, path, counts["unet"], counts["text"], addnet_hash(path))
+    pipe.patcher.describe(source, AdapterRecord("lora", path.resolve(), strength, text_strength, applied.hash[:12]))
+    return applied
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What an adapter applied under a patcher source (``ModelPatcher.describe``): the images' infotext
+    hashes and JSON record name the ones applied to the pipeline for good (``Pipeline.applied_networks``)."""
+
+    kind: str  # "lora" or "hypernet"
+    path: Path
+    strength: float
+    text_strength: float | None
+    hash: str  # 12 hex digits, as the infotext writes it
 
 
 # cross-attention context width (input of attn2.to_k) -> family

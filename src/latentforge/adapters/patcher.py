@@ -40,6 +40,7 @@ class _Source:
     handles: list = field(default_factory=list)
     context_hooks: dict[str, ContextHook] = field(default_factory=dict)  # attention module name -> hook
     token_merges: dict[str, TokenMerge] = field(default_factory=dict)  # transformer block name -> merge
+    record: object = None  # what the adapter says it applied (``describe``), for the images' metadata
 
 
 class ModelPatcher:
@@ -56,6 +57,16 @@ class ModelPatcher:
     @property
     def sources(self) -> list[str]:
         return list(self._sources)
+
+    def describe(self, source: str, record: object) -> None:
+        """Say what ``source`` applied (an adapter's file and strengths): kept while the source is, dropped
+        with it, replaced when the source is applied again."""
+        if source in self._sources:
+            self._sources[source].record = record
+
+    def records(self) -> list[tuple[str, object]]:
+        """(source, record) of the sources that have one, in the order they were applied."""
+        return [(name, s.record) for name, s in self._sources.items() if s.record is not None]
 
     def patched(self) -> list[str]:
         """Names of the parameters whose value differs from the loaded weights."""
