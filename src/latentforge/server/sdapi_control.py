@@ -6,13 +6,10 @@ refused (never dropped)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from latentforge.server.errors import FieldError
-
-if TYPE_CHECKING:
-    from latentforge.server.sdapi import PixelBudget
 
 
 def _refuse(field: str, message: str) -> None:
@@ -24,13 +21,12 @@ CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_st
 
 
 def control_units(
-    p: dict, controlnets: dict[str, Path], max_pixels: int, budget: PixelBudget | None = None
+    p: dict, controlnets: dict[str, Path], max_pixels: int, budget: object, decode_image: Callable
 ) -> list[dict]:
     """The A1111 ControlNet extension's units (``alwayson_scripts.controlnet.args``) as ``control`` units.
     A unit's model must be one of the server's ControlNet files, named as /controlnet/model_list lists
-    them (a trailing " [hash]" is ignored): nothing a client sends is used as a path."""
-    from latentforge.server.sdapi import decode_image  # (sdapi imports this module)
-
+    them (a trailing " [hash]" is ignored): nothing a client sends is used as a path. ``decode_image`` (sdapi's)
+    reads each image within ``max_pixels`` and the request's pixel ``budget``."""
     scripts = {k.lower(): v for k, v in (p.get("alwayson_scripts") or {}).items()}
     script = scripts.get("controlnet")
     if script is None:
