@@ -25,6 +25,7 @@ def add_serve_parser(sub) -> None:
         ("--lora-dir", "LoRA files that <lora:name:w> tags name"),
         ("--embeddings-dir", "textual-inversion embeddings that prompts name"),
         ("--hypernetwork-dir", "A1111 hypernetworks that <hypernet:name:w> tags name"),
+        ("--vae-dir", "standalone VAEs that the sd_vae setting names"),
     ):
         p.add_argument(
             flag,
@@ -134,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lora_dirs=list(args.lora_dir),
         embedding_dirs=list(args.embeddings_dir),
         hypernetwork_dirs=list(args.hypernetwork_dir),
+        vae_dirs=list(args.vae_dir),
     )
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     app = create_app(config, users=parse_users(args.api_auth), cors_origins=origins)

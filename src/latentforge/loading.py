@@ -270,6 +270,7 @@ def load(
         extras=extras,
         info=info,
         open_model=lambda other: open_like(other, dtype=torch_dtype, device=dev),
+        open_vae=_vae_opener(path, fam, vdtype, dev),
     )
     pipe.zero_terminal_snr = ztsnr
     return pipe
@@ -284,6 +285,24 @@ def _says_zero_terminal_snr(source, extras: dict) -> bool:
     if folder is not None and folder.is_dir() and (folder / "scheduler" / "scheduler_config.json").is_file():
         return bool(read_json(folder, "scheduler/scheduler_config.json").get("rescale_betas_zero_snr", False))
     return False
+
+
+def _vae_opener(path: str | Path, family: Family, dtype: torch.dtype, device) -> Callable[[object], AutoencoderKL]:
+    """How a pipeline loads another VAE (``Pipeline.set_vae``): a standalone VAE file or folder, or (None)
+    the checkpoint's own again, in the dtype and on the device the pipeline's VAE was loaded with."""
+
+    def open_vae(vae: str | Path | None) -> AutoencoderKL:
+        if vae is not None:
+            return to_fast_layout(load_vae(vae, family, dtype=dtype, device=device))
+        source = open_source(path)
+        try:
+            cfg, refs = source.vae(family)
+            check_vae_fits(cfg, family, source.name)
+            return to_fast_layout(_build_vae(cfg, refs, family, dtype, device, source.name))
+        finally:
+            source.close()
+
+    return open_vae
 
 
 def open_like(path: str | Path, *, dtype: torch.dtype, device) -> tuple[Family, Callable[[], object]]:

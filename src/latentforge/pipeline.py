@@ -71,6 +71,7 @@ class Pipeline:
         extras: dict[str, Tensor] | None = None,
         info: LoadInfo | None = None,
         open_model: Callable[[str], tuple[Family, Callable[[], Pipeline]]] | None = None,
+        open_vae: Callable[[str | Path | None], AutoencoderKL] | None = None,
     ):
         self.family = family
         self.prediction = prediction
@@ -89,6 +90,8 @@ class Pipeline:
         self.caches: dict[str, object] = {}
         # another checkpoint (the refiner) -> (its family from names and shapes, a loader like this one)
         self.open_model = open_model
+        self.open_vae = open_vae  # a standalone VAE path (None: the checkpoint's own) -> a loaded VAE
+        self._own_vae: AutoencoderKL | None = None  # the checkpoint's VAE while another one is in use
         self.zero_terminal_snr = False  # trained with a zero-terminal-SNR schedule (v-prediction SDXL models)
 
     def noise_schedule(self):
@@ -147,6 +150,34 @@ class Pipeline:
 
         change = pack_weights if enable else unpack_weights
         return change(self.unet) + change(self.vae)
+
+    def set_vae(self, vae: str | Path | None = None) -> None:
+        """Decode and encode with another VAE from now on: a standalone VAE file or diffusers VAE folder, or
+        a name in ``folders.vae`` (file name or stem); None: the checkpoint's own again (kept in memory
+        while another is in use). A VAE that does not fit the model is refused (``load_vae``) and the
+        current one stays. Images record the VAE in their infotext ("VAE", "VAE hash")."""
+        current = self.info.vae_source if self.info else "checkpoint"
+        path = None if vae is None else self.folders.find_vae(str(vae))
+        wanted = "checkpoint" if path is None else str(path)
+        if wanted == current or (path is not None and current != "checkpoint" and Path(current) == path):
+            return
+        if self.offloader is not None or "vae" in self.patcher.compiled:
+            raise RuntimeError("set_vae: the VAE is offloaded or compiled; set the VAE before enable_offload/compile")
+        if any(name.startswith("vae.") for name in self.patcher.patched()):
+            raise RuntimeError("set_vae: patches are applied to the VAE; remove them first (pipe.patcher.remove)")
+        if path is None and self._own_vae is not None:
+            model, self._own_vae = self._own_vae, None
+        else:
+            if self.open_vae is None:
+                raise RuntimeError("set_vae: this pipeline was not loaded from a file (latentforge.load)")
+            model = self.open_vae(path)
+            if current == "checkpoint":
+                self._own_vae = self.vae
+        self.vae = model
+        if self.info is not None:
+            self.info.vae_source = wanted
+        for key in ("infotext model fields", "preview weights"):  # derived from the VAE
+            self.caches.pop(key, None)
 
     def enable_offload(self, device: str | torch.device = "cuda", *, sequential: bool = False) -> Offloader:
         """Keep the weights in CPU memory and compute on ``device`` (a GPU with little memory): whole

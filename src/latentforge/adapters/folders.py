@@ -24,6 +24,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 HYPERNETWORK_SUFFIXES = (".pt",)
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # A1111's models/VAE
 
 
 class AdapterNotFound(LookupError):
@@ -59,6 +60,7 @@ class AdapterFolders:
     hypernetworks: list[Path] = field(default_factory=list)
     controlnet: list[Path] = field(default_factory=list)
     annotators: list[Path] = field(default_factory=list)  # ControlNet preprocessor models (HED), models/hed_load.py
+    vae: list[Path] = field(default_factory=list)  # standalone VAEs (Pipeline.set_vae by name)
     bundled: list[Path] = field(default_factory=default_bundled)
 
     def bundled_for(self, kind: str) -> list[Path]:
@@ -66,7 +68,8 @@ class AdapterFolders:
         return [Path(b) / kind for b in self.bundled if (Path(b) / kind).is_dir()]
 
     def add_models_dir(self, root: str | Path) -> None:
-        """Add the LoRA and embedding folders of an A1111 or ComfyUI installation (or its models folder)."""
+        """Add the LoRA, embedding, hypernetwork, ControlNet and VAE folders of an A1111 or ComfyUI installation
+        (or its models folder)."""
         root = Path(root)
         lora = ["models/Lora", "models/LyCORIS", "models/loras", "Lora", "LyCORIS", "loras"]
         emb = ["embeddings", "models/embeddings"]
@@ -76,10 +79,11 @@ class AdapterFolders:
         found_hyper = [root / p for p in hyper if (root / p).is_dir()]
         control = ["models/ControlNet", "models/controlnet", "ControlNet", "controlnet"]
         found_control = [root / p for p in control if (root / p).is_dir()]
+        found_vae = [root / p for p in ("models/VAE", "models/vae", "VAE", "vae") if (root / p).is_dir()]
         annotators = root / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads"
         if annotators.is_dir() and annotators not in self.annotators:
             self.annotators.append(annotators)
-        if not found_lora and not found_emb and not found_hyper and not found_control:
+        if not found_lora and not found_emb and not found_hyper and not found_control and not found_vae:
             raise FileNotFoundError(
                 f"{root} has none of the folders of an A1111 ({', '.join(lora[:2])}, embeddings) or ComfyUI "
                 "(models/loras, models/embeddings) installation; give the installation's root folder"
@@ -88,6 +92,21 @@ class AdapterFolders:
         self.embeddings += [p for p in found_emb if p not in self.embeddings]
         self.hypernetworks += [p for p in found_hyper if p not in self.hypernetworks]
         self.controlnet += [p for p in found_control if p not in self.controlnet]
+        self.vae += [p for p in found_vae if p not in self.vae]
+
+    def vae_files(self) -> dict[str, Path]:
+        """The standalone VAEs of ``vae`` by file name (A1111's names: "vae-ft-mse.safetensors")."""
+        return {p.name: p for p in files_by_stem(self.vae, VAE_SUFFIXES).values()}
+
+    def find_vae(self, name: str) -> Path:
+        """A standalone VAE by file name or stem (or a path to a file or diffusers VAE folder)."""
+        path = Path(name)
+        if path.is_dir() or (path.suffix.lower() in VAE_SUFFIXES and path.is_file()):
+            return path
+        files = self.vae_files()
+        if name in files:
+            return files[name]
+        return find(name, self.vae, VAE_SUFFIXES, "VAE", "--vae-dir or --models-dir (pipe.folders.vae)")
 
     def find_controlnet(self, name: str) -> Path:
         """A ControlNet model by file stem (or a path to a file); A1111's " [hash]" suffix is ignored."""

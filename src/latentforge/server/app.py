@@ -113,8 +113,8 @@ def create_app(
 
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:
-        req, init, model = sdapi.server_request(payload, img2img=img2img, options=options, config=config)
-        spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload)
+        req, init, model, vae = sdapi.server_request(payload, img2img=img2img, options=options, config=config)
+        spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload, vae)
         spec.save_to = outdir if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         job.wait()
@@ -245,7 +245,7 @@ def create_app(
     def set_options(values: dict[str, Any]) -> dict:
         values = dict(values)
         if "sd_vae" in values:
-            sdapi._check_vae(values["sd_vae"], "sd_vae")
+            values["sd_vae"] = sdapi.vae_choice(values["sd_vae"], "sd_vae", config.vaes())
         fmt = values.get("samples_format", "png")
         if not isinstance(fmt, str) or fmt.lower() != "png":
             raise ApiError(400, "samples_format: latentforge writes PNG only", "samples_format")
@@ -337,7 +337,11 @@ def create_app(
         return {}
 
     for path in ("/sdapi/v1/refresh-vae", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-embeddings"):
-        app.post(path)(lambda: {})
+        app.post(path)(lambda: {})  # the folders are read afresh on every request
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict]:  # A1111's rows; the file name for a path (paths stay on the server)
+        return [{"model_name": name, "filename": name} for name in config.vaes()]
 
     def _networks(kind: str) -> dict[str, Path]:
         from latentforge.adapters import folders as f

@@ -28,7 +28,7 @@ log = logging.getLogger("latentforge.server")
 
 
 def job_key(job: Job, default_model: str | None) -> tuple | None:
-    """What jobs must share to run together (None: this job runs alone): the model it will use, the task
+    """What jobs must share to run together (None: this job runs alone): the model and VAE it will use, the task
     and every request setting but the per-image ones (``pipelines.batch.batch_key``)."""
     spec = job.spec
     if spec.kind not in ("txt2img", "img2img") or spec.request is None or spec.refiner_model is not None:
@@ -41,7 +41,7 @@ def job_key(job: Job, default_model: str | None) -> tuple | None:
     except Exception:  # the worker must not die on a request it cannot compare: it runs alone
         log.exception("job %s: no batch key", job.id)
         return None
-    return None if key is None else (model, key)
+    return None if key is None else (model, spec.vae, key)
 
 
 def take_batch(waiting: deque[Job], head: Job, max_images: int, default_model: str | None) -> list[Job]:
@@ -72,14 +72,15 @@ def run_batch(queue: JobQueue, jobs: list[Job]) -> None:
     """Run ``jobs`` (from ``take_batch``) as one batch and finish each with its own state."""
     name = jobs[0].spec.model or queue.default_model
     try:
-        pipe = queue.cache.get(name)
+        pipe = queue.cache.get(name, jobs[0].spec.vae)  # the same VAE for all (job_key)
     except Exception as e:  # the model is every job's: each fails with it
         for job in jobs:
             queue.fail(job, e)
         return
     members = []
+    vae = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
     for job in jobs:
-        job.model_name = name
+        job.model_name, job.vae_path = name, vae
         job.iteration, job.iterations, job.step = 0, 1, 0
         job.batch = len(jobs)
         members.append(

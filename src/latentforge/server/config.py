@@ -6,6 +6,8 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+VAE_BESIDE = (".vae.pt", ".vae.ckpt", ".vae.safetensors")  # a checkpoint's own VAE file, beside it
+
 
 @dataclass
 class ServerConfig:
@@ -30,21 +32,37 @@ class ServerConfig:
     lora_dirs: list[Path] = field(default_factory=list)  # LoRA files <lora:name:w> may name
     embedding_dirs: list[Path] = field(default_factory=list)  # textual-inversion embeddings
     hypernetwork_dirs: list[Path] = field(default_factory=list)  # A1111 hypernetworks
+    vae_dirs: list[Path] = field(default_factory=list)  # standalone VAEs the sd_vae setting may name
 
     def network_folders(self):
         """The folders prompts' networks are found in (``AdapterFolders``): the ones given, then those of the
         A1111 or ComfyUI installation that ``models_dir`` belongs to (its ``models/Stable-diffusion`` or
-        ``models/checkpoints``: ``models/Lora``, ``embeddings``, ``models/loras``, ...), then the bundled ones."""
+        ``models/checkpoints``: ``models/Lora``, ``embeddings``, ``models/loras``, ``models/VAE``, ...), then the
+        bundled ones."""
         from latentforge.adapters.folders import AdapterFolders
 
         folders = AdapterFolders(
-            lora=list(self.lora_dirs), embeddings=list(self.embedding_dirs), hypernetworks=list(self.hypernetwork_dirs)
+            lora=list(self.lora_dirs),
+            embeddings=list(self.embedding_dirs),
+            hypernetworks=list(self.hypernetwork_dirs),
+            vae=list(self.vae_dirs),
         )
         if self.models_dir is not None and Path(self.models_dir).resolve().parent.name.lower() == "models":
             with contextlib.suppress(FileNotFoundError):  # an installation without network folders
                 folders.add_models_dir(Path(self.models_dir).resolve().parent.parent)
         folders.controlnet = []  # units name ControlNets through controlnet_dirs (controlnets())
         return folders
+
+    def vaes(self) -> dict[str, Path]:
+        """Standalone VAEs by file name, as /sdapi/v1/sd-vae lists them and ``sd_vae`` names them: the VAE
+        folders' files, then those beside the checkpoints named like one (``*.vae.safetensors``, A1111's)."""
+        found = self.network_folders().vae_files()
+        places = [Path(self.models_dir)] if self.models_dir else []
+        for folder in places:
+            for path in sorted(folder.rglob("*")):
+                if path.name.lower().endswith(VAE_BESIDE) and path.is_file():
+                    found.setdefault(path.name, path)
+        return {k: v.resolve() for k, v in found.items()}
 
     def controlnets(self) -> dict[str, Path]:
         """ControlNet files by name (file stem), as /controlnet/model_list lists them."""

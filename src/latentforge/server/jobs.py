@@ -96,6 +96,7 @@ class JobSpec:
     payload: Any = None  # what the client sent (for the response), not used by the worker
     save_to: Path | None = None  # the server's --outdir when the client asked for save_images
     refiner_model: str | None = None  # a catalog name: the worker puts the loaded refiner in the request
+    vae: str | None = None  # "Automatic", "None" or a VAE file name (ServerConfig.vaes); None: leave it as is
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Job:
     iterations: int = 0
     preview_png: bytes | None = None
     model_name: str | None = None
+    vae_path: str | None = None  # the standalone VAE the job decoded with (None: the checkpoint's own)
     skip_flag: bool = False
     stop_flag: bool = False
     cancel_flag: bool = False  # stopped by DELETE: the image being made is dropped, not kept as by interrupt
@@ -200,10 +202,14 @@ class Job:
         return data
 
 
-def make_spec(catalog: ModelCatalog, kind: str, req: GenerationRequest, init, model: str | None, payload) -> JobSpec:
-    """A job for the worker; model names (the checkpoint, the refiner) resolve through the catalog only."""
+def make_spec(
+    catalog: ModelCatalog, kind: str, req: GenerationRequest, init, model: str | None, payload, vae: str | None = None
+) -> JobSpec:
+    """A job for the worker; model names (the checkpoint, the refiner) resolve through the catalog only, VAE
+    names through ``ServerConfig.vaes`` (``sdapi.vae_choice``)."""
     spec = JobSpec(kind, req, init, catalog.resolve(model, "override_settings.sd_model_checkpoint") if model else None)
     spec.payload = payload
+    spec.vae = vae
     if getattr(req, "refiner", None) is not None and isinstance(req.refiner.checkpoint, str):
         spec.refiner_model = catalog.resolve(req.refiner.checkpoint, "refiner_checkpoint")
     return spec
@@ -381,7 +387,8 @@ class JobQueue:
         if name is None:
             raise RequestError("no model is loaded: start the server with -m or --models-dir")
         job.model_name = name
-        pipe = self.cache.get(name)
+        pipe = self.cache.get(name, spec.vae)
+        job.vae_path = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
         if spec.kind == "load":
             self.default_model = name
             return
@@ -390,7 +397,7 @@ class JobQueue:
             if self.config.max_models < 2:
                 raise RequestError("refiner_checkpoint: the refiner needs two loaded models; start with --max-models 2")
             refiner = self.cache.get(spec.refiner_model)
-            pipe = self.cache.get(name)
+            pipe = self.cache.get(name, spec.vae)
             req = dataclasses.replace(req, refiner=dataclasses.replace(req.refiner, checkpoint=refiner))
         seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
         job.iterations = req.batch_count

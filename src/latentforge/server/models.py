@@ -17,7 +17,7 @@ from typing import Any
 from latentforge import allocator
 from latentforge.nn import packed
 from latentforge.pipelines.request import RequestError
-from latentforge.server.config import ServerConfig
+from latentforge.server.config import VAE_BESIDE, ServerConfig
 
 log = logging.getLogger("latentforge.server")
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
@@ -48,7 +48,8 @@ class ModelCatalog:
             found[_name_of(self.default_path, self.default_path.parent)] = self.default_path
         if self.models_dir is not None and self.models_dir.is_dir():
             for p in sorted(self.models_dir.rglob("*")):
-                is_model = (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (
+                is_vae = p.name.lower().endswith(VAE_BESIDE)  # A1111 lists these as VAEs, not models
+                is_model = (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES and not is_vae) or (
                     p.is_dir() and (p / "model_index.json").is_file()
                 )
                 if is_model and self._inside(p):
@@ -115,7 +116,36 @@ class ModelCache:
         self.config = config
         self.loaded: OrderedDict[str, Any] = OrderedDict()
 
-    def get(self, name: str):
+    def get(self, name: str, vae: str | None = None):
+        """The loaded pipeline of catalog entry ``name``; with ``vae`` ("Automatic", "None" or a file name
+        of the VAE folders, as ``sdapi.vae_choice`` gives) its VAE set to that one first."""
+        pipe = self._get(name)
+        if vae is not None:
+            path = self.vae_path(name, vae)
+            try:
+                pipe.set_vae(path)
+            except (ValueError, OSError) as e:  # a VAE that does not fit this model, or a damaged file
+                raise RequestError(f"sd_vae: {vae} cannot be used with {name}: {e}") from None
+        return pipe
+
+    def vae_path(self, name: str, vae: str) -> Path | None:
+        """The VAE file ``vae`` means for model ``name`` (None: the checkpoint's own). "Automatic" is A1111's
+        rule: a VAE beside the checkpoint named like it (``model.vae.safetensors``, ``.vae.pt``,
+        ``.vae.ckpt``), else the checkpoint's own."""
+        if vae == "None":
+            return None
+        if vae == "Automatic":
+            path = self.catalog.path(name)
+            if not path.is_file():
+                return None
+            near = [path.with_name(path.stem + ext) for ext in VAE_BESIDE]
+            return next((p for p in near if p.is_file()), None)
+        found = self.config.vaes().get(vae)
+        if found is None:
+            raise RequestError(f"sd_vae: the VAE {vae!r} is no longer in the VAE folders; see /sdapi/v1/sd-vae")
+        return found
+
+    def _get(self, name: str):
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self.loaded[name]
@@ -147,4 +177,5 @@ class ModelCache:
 
 
 def _pipe_bytes(pipe) -> int:
-    return sum(packed.numel(net, nbytes=True) for net in pipe.networks().values())  # packed weights too
+    nets = [*pipe.networks().values(), *([pipe._own_vae] if getattr(pipe, "_own_vae", None) is not None else [])]
+    return sum(packed.numel(net, nbytes=True) for net in nets)  # packed weights too; a VAE kept aside too

@@ -90,8 +90,8 @@ def add_job_routes(
             payload = model_cls.model_validate(body)
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        req, init, model = sdapi.server_request(payload, img2img=mode == "img2img", options=options, config=config)
-        spec = make_spec(catalog, mode, req, init, model, payload)
+        req, init, model, vae = sdapi.server_request(payload, img2img=mode == "img2img", options=options, config=config)
+        spec = make_spec(catalog, mode, req, init, model, payload, vae)
         spec.save_to = Path(config.outdir).resolve() if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         return job.summary(preview=False)

@@ -223,8 +223,10 @@ def to_request(
     upscaler_files: bool = False,
     controlnets: dict[str, Path] | None = None,
     max_output_pixels: int | None = None,
-) -> tuple[GenerationRequest, list[Image.Image] | None, str | None]:
-    """(request, init images or None, model name from override_settings or None). The server's limits
+    vaes: dict[str, Path] | None = None,
+) -> tuple[GenerationRequest, list[Image.Image] | None, str | None, str]:
+    """(request, init images or None, model name from override_settings or None, the VAE: "Automatic",
+    "None" or a name of ``vaes``, from the settings, override_settings or the infotext). The server's limits
     on what one request may cost are checked here, for every endpoint that generates: ``max_pixels`` per
     input image (and ``PixelBudget`` for all of them), ``max_output_pixels`` for the images of one pass
     (width x height x batch_size, after hires), at most batch_size init images, and no file paths in
@@ -244,7 +246,8 @@ def to_request(
     model = overrides.get("sd_model_checkpoint") or None
     settings = {**options, **overrides}  # A1111: the server's settings, override_settings win for this request
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
-    _check_vae(overrides.get("sd_vae"), "override_settings.sd_vae")
+    vae_field = "override_settings.sd_vae" if "sd_vae" in overrides else "sd_vae"
+    vae = vae_choice(settings.get("sd_vae"), vae_field, vaes or {})
     sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
     if extra.get("disable_extra_networks"):  # A1111: the prompts' <lora:...> tags cut out, nothing applied
         from latentforge.conditioning.prompt import extract_network_tags
@@ -353,7 +356,7 @@ def to_request(
         _refuse(where, "NaN and Infinity are not numbers a request can take; send a finite number")
     if max_output_pixels:
         _check_output_size(req, img2img, max_output_pixels)
-    return req, init, model
+    return req, init, model, vae
 
 
 def server_request(payload: _Payload, *, img2img: bool, options: dict, config) -> tuple:
@@ -366,6 +369,7 @@ def server_request(payload: _Payload, *, img2img: bool, options: dict, config) -
         upscaler_files=bool(config.upscaler_dirs),
         controlnets=config.controlnets(),
         max_output_pixels=config.max_output_pixels,
+        vaes=config.vaes(),
     )
 
 
@@ -553,6 +557,22 @@ def _check_unsupported(p: dict) -> None:
         _refuse("hr_checkpoint_name", "a second model for the hires pass is not available; leave it empty")
 
 
-def _check_vae(value: Any, field: str) -> None:
-    if value not in (None, "", "Automatic", "None"):
-        _refuse(field, f"only the checkpoint's own VAE is available through the API (got {value!r}); use 'Automatic'")
+def vae_choice(value: Any, field: str, vaes: dict[str, Path]) -> str:
+    """A1111's ``sd_vae`` setting as the worker takes it: "Automatic" (a VAE beside the checkpoint named
+    like it, else the checkpoint's own), "None" (the checkpoint's own) or a VAE file name of ``vaes`` (a
+    stem is accepted); never a path."""
+    if value in (None, "", "Automatic"):
+        return "Automatic"
+    if value == "None":
+        return "None"
+    if not isinstance(value, str):
+        _refuse(field, f"must be a VAE name from /sdapi/v1/sd-vae, 'Automatic' or 'None', got {value!r}")
+    if "/" in value or "\\" in value or ".." in value:
+        _refuse(field, f"{value[:80]!r} is a path; give a VAE name as /sdapi/v1/sd-vae lists")
+    if value in vaes:
+        return value
+    stems = [name for name in vaes if Path(name).stem == value]
+    if len(stems) == 1:
+        return stems[0]
+    known = ", ".join(sorted(vaes)[:20]) or "none (give --vae-dir, or models/VAE beside --models-dir)"
+    _refuse(field, f"unknown VAE {value[:80]!r}; known: {known}, or 'Automatic' or 'None' (files are listed as added)")

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from pydantic import BaseModel
 
 from latentforge._version import __version__
+from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.errors import FieldError
 
@@ -41,7 +43,7 @@ _INFOTEXT_SETTINGS = {
 def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> None:
     """A1111's ``infotext`` field (1.8+, ``Api.apply_infotext``): an image's parameters fill the fields the
     request did not send (those it sends win), and its settings (Clip skip, ENSD, RNG, token merging) the
-    ``override_settings`` it does not name. Values are checked afterwards like sent ones."""
+    ``override_settings`` it does not name (also the VAE). Values are checked afterwards like sent ones."""
     text = p.get("infotext")
     if not text:
         return
@@ -77,6 +79,8 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
     for label, (setting, attr) in _INFOTEXT_SETTINGS.items():
         if label in labels:
             overrides.setdefault(setting, getattr(req, attr))
+    if labels.get("VAE"):  # A1111's sd_vae setting carries infotext "VAE" (a file name of the VAE folders)
+        overrides.setdefault("sd_vae", labels["VAE"])
 
 
 def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
@@ -105,8 +109,8 @@ def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
         "face_restoration_model": None,
         "sd_model_name": (job.model_name or "").rsplit(".", 1)[0],
         "sd_model_hash": model_hash or "",
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": Path(job.vae_path).name if job.vae_path else None,
+        "sd_vae_hash": sha256_of(job.vae_path)[:10] if job.vae_path and Path(job.vae_path).is_file() else None,
         "seed_resize_from_w": req.seed_resize_from_w or -1,
         "seed_resize_from_h": req.seed_resize_from_h or -1,
         "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
