@@ -163,3 +163,20 @@ def test_sd_backend_client_upscale(env):
     s, _ = env
     result = sbc.A1111Webservice(s.url).upscale(_photo(), 128, 128)  # resize_mode 1 with its first upscaler
     assert [im.size for im in result["images"]] == [(128, 128)]
+
+
+def test_a1111_model_routes_unload_reload_and_lists(env):
+    """/unload-checkpoint frees the loaded model (sd-models gives a hash only for loaded ones) and the next
+    request loads it again with the same pixels; the lists clients read on connect answer in A1111's shape."""
+    s, _ = env
+    body = {"prompt": "a blue square", "steps": 3, "width": 64, "height": 64, "seed": 11}
+    before = s.post("/sdapi/v1/txt2img", body).json()["images"][0]
+    hashes = lambda: {m["title"]: m["hash"] for m in s.get("/sdapi/v1/sd-models").json()}  # noqa: E731
+    assert hashes()["demo.safetensors"]  # listed with a hash while loaded
+    assert s.post("/sdapi/v1/unload-checkpoint").json() == {}
+    assert hashes()["demo.safetensors"] is None  # no longer loaded
+    after = s.post("/sdapi/v1/txt2img", body)
+    assert after.status_code == 200 and np.array_equal(_image(after.json()["images"][0]), _image(before))
+    assert s.post("/sdapi/v1/reload-checkpoint").json() == {}
+    assert s.get("/sdapi/v1/realesrgan-models").json() == [{"name": "tiny-x2", "path": None, "scale": None}]
+    assert s.get("/sdapi/v1/face-restorers").json() == [] and s.get("/sdapi/v1/sd-modules").json() == []

@@ -292,6 +292,35 @@ def create_app(
             rows.append({"name": name, "model_name": "ESRGAN", "model_path": None, "model_url": None, "scale": 4.0})
         return rows
 
+    @app.get("/sdapi/v1/realesrgan-models")
+    def realesrgan_models() -> list[dict]:  # the ESRGAN-family files of the upscaler folders, by name
+        from latentforge.upscalers import available
+
+        return [{"name": n, "path": None, "scale": None} for n in available(config.upscaler_dirs)]
+
+    @app.get("/sdapi/v1/face-restorers")
+    def face_restorers() -> list[dict]:
+        return []  # none: restore_faces is refused
+
+    @app.get("/sdapi/v1/sd-modules")
+    def sd_modules() -> list[dict]:
+        return []  # no separate text encoder modules (A1111's list for SD3 and Flux)
+
+    @app.post("/sdapi/v1/unload-checkpoint")
+    def unload_checkpoint() -> dict:  # A1111: frees the model's memory; the next job loads it again
+        job = queue.submit(JobSpec("unload"))
+        job.wait()
+        _raise_failed(job)
+        return {}
+
+    @app.post("/sdapi/v1/reload-checkpoint")
+    def reload_checkpoint() -> dict:
+        if queue.default_model is not None:
+            job = queue.submit(JobSpec("load", model=queue.default_model))
+            job.wait()
+            _raise_failed(job)
+        return {}
+
     @app.get("/controlnet/version")
     def controlnet_version() -> dict:
         return {"version": 2}  # the A1111 ControlNet extension's API version whose unit fields are read

@@ -53,7 +53,7 @@ def take_batch(waiting: deque[Job], head: Job, max_images: int, default_model: s
         return batch
     images = head.spec.request.batch_size
     for job in list(waiting):
-        if job.spec.kind == "load":
+        if job.spec.kind in ("load", "unload"):
             break  # a barrier: jobs behind it may mean another default model
         if job.stop_flag or job_key(job, default_model) != key:
             continue

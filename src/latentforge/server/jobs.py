@@ -85,7 +85,8 @@ class QueueFull(Exception):
 
 @dataclass
 class JobSpec:
-    """What a job runs: ``kind`` is "txt2img", "img2img", "load" (switch the default model) or "extras"
+    """What a job runs: ``kind`` is "txt2img", "img2img", "load" (switch the default model), "unload" (free
+    every loaded model; the next job loads its model again) or "extras"
     (upscale ``init_images`` with the Extras options in ``payload``)."""
 
     kind: str
@@ -382,6 +383,9 @@ class JobQueue:
                     break
                 job.images.append(extras.postprocess(image, spec.payload, self.config))
                 job.touch()
+            return
+        if spec.kind == "unload":
+            self.cache.clear()
             return
         name = spec.model or self.default_model
         if name is None:

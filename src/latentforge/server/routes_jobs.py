@@ -76,7 +76,7 @@ def add_job_routes(
 
     def view(job: Job, preview: bool = False) -> dict:
         data = job.summary(preview=preview)
-        if job.done and job.spec.kind != "load" and job.state != "failed":
+        if job.done and job.spec.kind not in ("load", "unload") and job.state != "failed":
             data.update(respond(job, job.spec.payload))
         return data
 
