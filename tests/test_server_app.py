@@ -107,6 +107,15 @@ def test_values_ignored_with_hires_off_stay_ignored(client):
     assert spec.request.hires is None
 
 
+def test_the_img2img_noise_multiplier_setting_stays_out_of_txt2img_records(client):
+    """A1111 applies initial_noise_multiplier in img2img's sample only: a txt2img job's request (and so its
+    JSON record) does not carry the server setting."""
+    assert _post(client, "/sdapi/v1/options", {"initial_noise_multiplier": 0.5}).status_code == 200
+    assert _post(client, "/sdapi/v1/txt2img", OK).status_code == 200
+    (spec,) = client.queue.submitted
+    assert spec.request.initial_noise_multiplier == 1.0
+
+
 @pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/sdapi/v1/img2img"])
 def test_nan_in_any_field_is_a_400_before_the_job_runs(client, path):
     """Fields the request does not use (other tools', img2img's image_cfg_scale) are echoed in the response:

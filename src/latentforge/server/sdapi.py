@@ -277,7 +277,8 @@ def to_request(
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
-    data.update({ours: settings[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in settings})
+    img2img_only = () if img2img else ("initial_noise_multiplier",)  # A1111 reads it in img2img's sample only
+    data.update({b: settings[a] for a, b in _SETTING_FIELDS.items() if a in settings and b not in img2img_only})
     if p.get("subseed_strength"):  # A1111's variation seeds
         data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
