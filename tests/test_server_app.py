@@ -178,3 +178,57 @@ def test_cors_preflight_needs_no_password(cors):
     }
     r = cors.options("/sdapi/v1/txt2img", headers=headers)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+
+
+STYLES_CSV = (
+    "name,prompt,negative_prompt\n"
+    'oil,"{prompt}, oil painting",blurry\n'
+    "sig,signature,\n"
+    '"far off","<lora:/etc/passwd:1>",\n'
+)
+
+
+@pytest.fixture
+def styled(tmp_path):
+    (tmp_path / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
+    queue = StubQueue()
+    config = ServerConfig(styles_files=[tmp_path / "styles.csv"])
+    c = TestClient(create_app(config, queue=queue), raise_server_exceptions=False)
+    c.queue = queue
+    return c
+
+
+def test_saved_styles_apply_in_order_as_a1111(styled):
+    """A1111's rules (modules/styles.py): a style with {prompt} puts the prompt there, one without is
+    appended after ", "; styles apply in the order named, to the negative prompt too, and to the hires
+    pass's own prompt. The expected texts are written out by hand from those rules."""
+    listed = styled.get("/sdapi/v1/prompt-styles").json()
+    assert listed[0] == {"name": "oil", "prompt": "{prompt}, oil painting", "negative_prompt": "blurry"}
+    assert [s["name"] for s in listed] == ["oil", "sig", "far off"]
+    body = {**OK, "prompt": "a cat", "negative_prompt": "", "styles": ["oil", "sig"]}
+    body.update(enable_hr=True, hr_prompt="a dog", denoising_strength=0.5)
+    r = _post(styled, "/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    (spec,) = styled.queue.submitted
+    assert spec.request.prompt == "a cat, oil painting, signature"
+    assert spec.request.negative_prompt == "blurry"
+    assert spec.request.hires.prompt == "a dog, oil painting, signature"
+    assert json.loads(r.json()["info"])["styles"] == ["oil", "sig"]
+    _post(styled, "/sdapi/v1/txt2img", {**OK, "prompt": "a cat", "styles": ["sig", "oil"]})
+    assert styled.queue.submitted[-1].request.prompt == "a cat, signature, oil painting"
+
+
+def test_unknown_styles_and_styles_naming_paths_are_refused(styled, client):
+    _error(_post(styled, "/sdapi/v1/txt2img", {**OK, "styles": ["oill"]}), 400, "styles", "unknown style", "oil")
+    r = _post(styled, "/sdapi/v1/txt2img", {**OK, "styles": ["far off"]})
+    assert r.status_code == 400 and "path" in r.json()["detail"], r.text
+    _error(_post(client, "/sdapi/v1/txt2img", {**OK, "styles": ["oil"]}), 400, "styles", "no styles")
+    assert styled.queue.submitted == [] and client.queue.submitted == []
+
+
+def test_styles_csv_of_an_a1111_installation_is_read_by_default(tmp_path):
+    (tmp_path / "models" / "Stable-diffusion").mkdir(parents=True)
+    config = ServerConfig(models_dir=tmp_path / "models" / "Stable-diffusion")
+    assert config.styles() == {}  # a fresh installation has no styles.csv
+    (tmp_path / "styles.csv").write_text(STYLES_CSV, encoding="utf-8-sig")  # A1111 writes a BOM
+    assert list(config.styles()) == ["oil", "sig", "far off"]

@@ -35,6 +35,13 @@ def add_serve_parser(sub) -> None:
             help=f"folder of {what} (repeatable; also found beside --models-dir in an A1111 or ComfyUI installation)",
         )
     p.add_argument(
+        "--styles-file",
+        action="append",
+        default=[],
+        help="an A1111 styles.csv that requests' styles name (repeatable, wildcards allowed; default: the "
+        "styles.csv of the A1111 installation around --models-dir)",
+    )
+    p.add_argument(
         "--api-auth",
         metavar="USER:PASS[,USER2:PASS2]",
         help="require HTTP Basic authentication with one of these users (for the API and the page)",
@@ -136,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedding_dirs=list(args.embeddings_dir),
         hypernetwork_dirs=list(args.hypernetwork_dir),
         vae_dirs=list(args.vae_dir),
+        styles_files=[Path(f) for f in args.styles_file],
     )
     origins = [o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip()]
     app = create_app(config, users=parse_users(args.api_auth), cors_origins=origins)

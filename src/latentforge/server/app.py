@@ -298,6 +298,16 @@ def create_app(
 
         return [{"name": n, "path": None, "scale": None} for n in available(config.upscaler_dirs)]
 
+    @app.get("/sdapi/v1/prompt-styles")
+    def prompt_styles() -> list[dict]:
+        from latentforge.conditioning.styles import StylesFileError
+
+        try:
+            found = config.styles()
+        except StylesFileError as e:  # the server's own file is damaged: say so, as a request would hear it
+            raise ApiError(500, str(e), kind="StylesFileError") from None
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in found.values()]
+
     @app.get("/sdapi/v1/face-restorers")
     def face_restorers() -> list[dict]:
         return []  # none: restore_faces is refused

@@ -33,6 +33,7 @@ class ServerConfig:
     embedding_dirs: list[Path] = field(default_factory=list)  # textual-inversion embeddings
     hypernetwork_dirs: list[Path] = field(default_factory=list)  # A1111 hypernetworks
     vae_dirs: list[Path] = field(default_factory=list)  # standalone VAEs the sd_vae setting may name
+    styles_files: list[Path] = field(default_factory=list)  # A1111 styles.csv files (wildcards allowed)
 
     def network_folders(self):
         """The folders prompts' networks are found in (``AdapterFolders``): the ones given, then those of the
@@ -63,6 +64,17 @@ class ServerConfig:
                 if path.name.lower().endswith(VAE_BESIDE) and path.is_file():
                     found.setdefault(path.name, path)
         return {k: v.resolve() for k, v in found.items()}
+
+    def styles(self) -> dict:
+        """The saved prompt styles by name (``conditioning.styles``), read afresh: the --styles-file files,
+        else the ``styles.csv`` of the A1111 installation around ``models_dir`` (missing files: none)."""
+        from latentforge.conditioning.styles import read_styles
+
+        files = list(self.styles_files)
+        models = Path(self.models_dir).resolve().parent if self.models_dir is not None else None
+        if not files and models is not None and models.name.lower() == "models":
+            files = [models.parent / "styles.csv"]
+        return read_styles(files, missing_ok=True)
 
     def controlnets(self) -> dict[str, Path]:
         """ControlNet files by name (file stem), as /controlnet/model_list lists them."""

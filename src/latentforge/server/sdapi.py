@@ -6,7 +6,7 @@ Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` m
 source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
 request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
 ``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
-honour (restore_faces, tiling, scripts, styles, a hires pass with another model) are refused with a
+honour (restore_faces, tiling, scripts, a hires pass with another model) are refused with a
 message naming them, never silently dropped;
 fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
 lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
@@ -21,6 +21,7 @@ import dataclasses
 import io
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,7 @@ def to_request(
     controlnets: dict[str, Path] | None = None,
     max_output_pixels: int | None = None,
     vaes: dict[str, Path] | None = None,
+    styles: Callable[[], dict] | None = None,
 ) -> tuple[GenerationRequest, list[Image.Image] | None, str | None, str]:
     """(request, init images or None, model name from override_settings or None, the VAE: "Automatic",
     "None" or a name of ``vaes``, from the settings, override_settings or the infotext). The server's limits
@@ -249,6 +251,9 @@ def to_request(
     vae_field = "override_settings.sd_vae" if "sd_vae" in overrides else "sd_vae"
     vae = vae_choice(settings.get("sd_vae"), vae_field, vaes or {})
     sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
+    if p.get("styles"):
+        _apply_styles(p, styles)
+        _check_names(p)  # the styles' text may name networks
     if extra.get("disable_extra_networks"):  # A1111: the prompts' <lora:...> tags cut out, nothing applied
         from latentforge.conditioning.prompt import extract_network_tags
 
@@ -371,6 +376,7 @@ def server_request(payload: _Payload, *, img2img: bool, options: dict, config) -
         controlnets=config.controlnets(),
         max_output_pixels=config.max_output_pixels,
         vaes=config.vaes(),
+        styles=config.styles,
     )
 
 
@@ -551,11 +557,30 @@ def _check_unsupported(p: dict) -> None:
     for name in ("latent_mask", "firstpass_image"):  # (not payload fields: read from the extra ones)
         if p.get(name):
             _refuse(name, "is not available in latentforge; leave it out")
-    if p.get("styles"):
-        _refuse("styles", "latentforge has no saved prompt styles; put the text in the prompt")
     name = p.get("hr_checkpoint_name")
     if p.get("enable_hr") and name and name != "Use same checkpoint":
         _refuse("hr_checkpoint_name", "a second model for the hires pass is not available; leave it empty")
+
+
+def _apply_styles(p: dict, styles: Callable[[], dict] | None) -> None:
+    """A1111's saved styles (``styles``: names of the server's styles.csv) applied in order to the prompt,
+    the negative prompt and the hires pass's own ones (``conditioning.styles``; an empty hr_prompt is the
+    styled prompt), before the networks are taken out of the text, as A1111's ``setup_prompts``."""
+    from latentforge.conditioning.prompt import PromptError
+    from latentforge.conditioning.styles import StylesFileError, UnknownStyleError, apply_styles
+
+    names = p["styles"]
+    try:
+        known = styles() if styles is not None else {}
+        p["prompt"], p["negative_prompt"] = apply_styles(p["prompt"] or "", p["negative_prompt"] or "", names, known)
+        if p.get("enable_hr") and (p.get("hr_prompt") or p.get("hr_negative_prompt")):
+            hr = apply_styles(p.get("hr_prompt") or "", p.get("hr_negative_prompt") or "", names, known)
+            p["hr_prompt"] = hr[0] if p.get("hr_prompt") else p["hr_prompt"]
+            p["hr_negative_prompt"] = hr[1] if p.get("hr_negative_prompt") else p["hr_negative_prompt"]
+    except UnknownStyleError as e:
+        _refuse("styles", f"{e.args[0]} (/sdapi/v1/prompt-styles lists them)")
+    except (StylesFileError, PromptError, TypeError, ValueError) as e:
+        _refuse("styles", str(e))
 
 
 def vae_choice(value: Any, field: str, vaes: dict[str, Path]) -> str:

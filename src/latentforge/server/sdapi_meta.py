@@ -117,7 +117,7 @@ def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": list(job.infotexts),
-        "styles": [],
+        "styles": list(getattr(payload, "styles", None) or []),
         "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
         "clip_skip": req.clip_skip or 1,
         "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
