@@ -20,7 +20,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from latentforge.demo import bundled_model_path  # noqa: E402
 from serverproc import Server  # noqa: E402
@@ -189,3 +189,149 @@ def test_hires_fix_from_the_page_and_reused_from_an_image(server, browser, tmp_p
     d.find_element(By.ID, "tab-img2img").click()
     assert not d.find_element(By.ID, "hires-panel").is_displayed()
     d.find_element(By.ID, "tab-txt2img").click()
+
+
+STYLES_CSV = 'name,prompt,negative_prompt\nframed,"{prompt}, in a golden frame",\nink,ink drawing,colour\n'
+
+
+@pytest.fixture(scope="module")
+def styled_server(tmp_path_factory):
+    """A server with a VAE folder (the demo model's VAE, its weights scaled) and a styles.csv."""
+    from safetensors.torch import save_file
+
+    import latentforge
+
+    root = tmp_path_factory.mktemp("srv-styles")
+    (root / "VAE").mkdir()
+    vae = latentforge.load(bundled_model_path(), dtype="fp32").vae
+    save_file({k: (v * 0.9).contiguous() for k, v in vae.state_dict().items()}, root / "VAE" / "soft.safetensors")
+    del vae
+    styles = root / "styles.csv"
+    styles.write_text(STYLES_CSV)
+    s = Server("--vae-dir", str(root / "VAE"), "--styles-file", str(styles), tmp=root)
+    s.styles_csv = styles
+    yield s
+    s.close()
+
+
+def _options(driver, element_id: str) -> list[str]:
+    return [o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, f"#{element_id} option")]
+
+
+def _error(driver) -> str:
+    """The status line's text once it shows an error."""
+    WebDriverWait(driver, 60).until(lambda d: "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    return driver.find_element(By.ID, "status").text
+
+
+def test_vae_and_styles_from_the_page(styled_server, browser):
+    """A1111's SD VAE choice and saved styles: chosen on the page, they reach the request (the infotext
+    names the VAE, the prompts carry the styles' text in the order picked); Reuse parameters sets the VAE
+    again; a refused VAE or style is shown in the status line and marks its control."""
+    d = browser
+    d.set_window_size(1200, 1100)
+    wait = WebDriverWait(d, 120)
+    d.get(styled_server.url + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#styles input") and _options(d, "sd_vae"))
+    assert _options(d, "sd_vae") == ["Automatic", "None", "soft.safetensors"]
+    assert d.find_element(By.ID, "sd_vae").get_attribute("value") == "Automatic"  # the server's sd_vae
+    assert d.find_element(By.ID, "styles-panel").is_displayed()
+    boxes = {b.get_attribute("value"): b for b in d.find_elements(By.CSS_SELECTOR, "#styles input[type=checkbox]")}
+    assert list(boxes) == ["framed", "ink"]
+    framed_label = boxes["framed"].find_element(By.XPATH, "..")
+    assert "in a golden frame" in framed_label.get_attribute("title")
+
+    # picked from the keyboard: framed, ink, framed off and on again -> applied as ink, then framed
+    for name in ("framed", "ink", "framed", "framed"):
+        boxes[name].send_keys(Keys.SPACE)
+    assert d.find_element(By.ID, "styles-order").text == "applied in this order: ink, framed"
+    Select(d.find_element(By.ID, "sd_vae")).select_by_value("soft.safetensors")
+    for name, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 5)):
+        _set(d, name, value)
+    d.find_element(By.ID, "prompt").send_keys("a cat")
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(_cards(d)) == 1)
+    text = _cards(d)[0].find_element(By.CSS_SELECTOR, "pre").text
+    assert text.startswith("a cat, ink drawing, in a golden frame\nNegative prompt: colour\n"), text
+    assert "VAE: soft.safetensors" in text, text
+
+    # Reuse parameters of that image: the VAE select again
+    Select(d.find_element(By.ID, "sd_vae")).select_by_value("None")
+    _cards(d)[0].find_element(By.XPATH, ".//button[text()='Reuse parameters']").click()
+    wait.until(lambda d: d.find_element(By.ID, "sd_vae").get_attribute("value") == "soft.safetensors")
+    assert not d.find_element(By.ID, "tiling").is_selected()
+
+    # a VAE the server does not have (its file gone since the page loaded): the 400 in the status line
+    d.execute_script(
+        "const s = document.getElementById('sd_vae'); s.add(new Option('gone.safetensors', 'gone.safetensors'));"
+        "s.value = 'gone.safetensors';"
+    )
+    _set(d, "prompt", "a cat")
+    d.find_element(By.ID, "generate").click()
+    message = _error(d)
+    assert "sd_vae" in message and "gone.safetensors" in message, message
+    assert d.find_element(By.ID, "sd_vae").get_attribute("aria-invalid") == "true"
+    assert len(_cards(d)) == 1
+
+    # a style taken out of styles.csv since the page loaded: the same
+    Select(d.find_element(By.ID, "sd_vae")).select_by_value("soft.safetensors")
+    styled_server.styles_csv.write_text("name,prompt,negative_prompt\nink,ink drawing,colour\n")
+    try:
+        d.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "framed" in d.find_element(By.ID, "status").text)
+        message = _error(d)
+        assert message.startswith("styles:") and "framed" in message, message
+        assert d.find_element(By.ID, "styles-panel").get_attribute("aria-invalid") == "true"
+        assert d.find_element(By.ID, "sd_vae").get_attribute("aria-invalid") is None
+    finally:
+        styled_server.styles_csv.write_text(STYLES_CSV)
+    assert len(_cards(d)) == 1
+
+
+def test_tiling_checkbox_and_no_styles(server, browser, tmp_path):
+    """Without VAEs or styles the VAE select has A1111's two choices and the styles are hidden; Tiling sends
+    ``tiling: true`` only when checked, and Reuse parameters checks it for an infotext's "Tiling: True"."""
+    d = browser
+    d.set_window_size(1200, 1100)
+    wait = WebDriverWait(d, 120)
+    d.get(server.url + "/")
+    wait.until(lambda d: _options(d, "sd_vae") and _options(d, "model"))
+    assert _options(d, "sd_vae") == ["Automatic", "None"]
+    assert not d.find_element(By.ID, "styles-panel").is_displayed()
+
+    body = d.execute_script("return payload()")  # the request the page would send
+    assert "tiling" not in body and "styles" not in body
+    assert body["override_settings"] == {"sd_model_checkpoint": "demo.safetensors", "sd_vae": "Automatic"}
+    d.find_element(By.ID, "tiling").click()
+    assert d.execute_script("return payload()")["tiling"] is True
+
+    # Reuse parameters: "Tiling: True" checks the box, an image without it clears it; a VAE this server
+    # does not have leaves the select as it is
+    for tiling in (False, True):
+        png = tmp_path / f"tiling-{tiling}.png"
+        info = PngImagePlugin.PngInfo()
+        extra = ", Tiling: True" if tiling else ""
+        info.add_text(
+            "parameters", f"a brick wall {tiling}\nSteps: 3, Seed: 4, Size: 64x64, VAE: gone.safetensors{extra}"
+        )
+        Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+        d.find_element(By.ID, "png-file").send_keys(str(png))
+        wait.until(lambda d, t=tiling: f"a brick wall {t}" in d.find_element(By.ID, "pnginfo").text)
+        wait.until(lambda d: d.find_element(By.ID, "pnginfo-reuse").is_enabled())
+        d.find_element(By.ID, "pnginfo-reuse").click()
+        assert d.find_element(By.ID, "tiling").is_selected() == tiling
+        assert d.find_element(By.ID, "sd_vae").get_attribute("value") == "Automatic"
+        assert "gone.safetensors is not on this server" in d.find_element(By.ID, "status").text
+
+    # a tiled image from the server (last: the server may not have seamless tiling yet)
+    for name, value in (("steps", 2), ("width", 64), ("height", 64)):
+        _set(d, name, value)
+    before = len(_cards(d))
+    d.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(_cards(d)) > before or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    if len(_cards(d)) == before:
+        message = d.find_element(By.ID, "status").text
+        assert message.startswith("tiling:") and "not available" in message, message
+        assert d.find_element(By.ID, "tiling").get_attribute("aria-invalid") == "true"
+        pytest.skip(f"the server refuses tiling so far ({message}); the page sent tiling: true")
+    assert "Tiling: True" in _cards(d)[0].find_element(By.CSS_SELECTOR, "pre").text

@@ -408,14 +408,6 @@ def create_app(
         blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
         return {"loaded": {n: dict(blank) for n in _networks("embeddings")}, "skipped": {}}
 
-    for path in (
-        "/sdapi/v1/sd-vae",
-        "/sdapi/v1/prompt-styles",
-        "/sdapi/v1/face-restorers",
-        "/sdapi/v1/sd-modules",
-    ):
-        app.get(path)(lambda: [])
-
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict:
         return {"txt2img": [], "img2img": []}

@@ -1,16 +1,21 @@
 // latentforge's page: txt2img, img2img and inpainting through the jobs extension (/latentforge/v1/jobs),
-// live progress over Server-Sent Events, a gallery with infotext, PNG info, reuse parameters. No libraries.
+// live progress over Server-Sent Events, a gallery with infotext, PNG info, reuse parameters; A1111's SD VAE
+// choice, saved styles and Tiling. No libraries.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { mode: "txt2img", job: null, source: null, initData: null, maskDirty: false };
+const state = { mode: "txt2img", job: null, source: null, initData: null, maskDirty: false, styles: [] };
 
 async function api(path, options = {}) {
   const init = { ...options, headers: { "Content-Type": "application/json" } };
   if (options.body !== undefined) init.body = JSON.stringify(options.body);
   const r = await fetch(path, init);
   const data = await r.json().catch(() => ({}));
-  if (!r.ok) throw new Error(data.detail || `${r.status} ${r.statusText}`);
+  if (!r.ok) {
+    const error = new Error(data.detail || `${r.status} ${r.statusText}`);
+    error.field = data.field;  // the request field at fault, when one is
+    throw error;
+  }
   return data;
 }
 
@@ -25,12 +30,20 @@ function fillSelect(select, items, current) {
 }
 
 async function loadLists() {
+  // the VAEs and styles on their own: a damaged styles.csv must not take the other lists down
+  const optional = (path) => api(path).catch((e) => { status(`${path}: ${e.message}`, true); return []; });
   try {
-    const [models, samplers, schedulers, options, latent, upscalers] = await Promise.all([
+    const [models, samplers, schedulers, options, latent, upscalers, vaes, styles] = await Promise.all([
       api("/sdapi/v1/sd-models"), api("/sdapi/v1/samplers"), api("/sdapi/v1/schedulers"), api("/sdapi/v1/options"),
       api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers"),
+      optional("/sdapi/v1/sd-vae"), optional("/sdapi/v1/prompt-styles"),
     ]);
     fillSelect($("model"), models.map((m) => [m.title, m.title]), options.sd_model_checkpoint);
+    const vaeNames = ["Automatic", "None", ...vaes.map((v) => v.model_name)];
+    const vae = options.sd_vae || "Automatic";
+    if (!vaeNames.includes(vae)) vaeNames.push(vae);  // the server's setting, even if its file is gone
+    fillSelect($("sd_vae"), vaeNames.map((n) => [n, n]), vae);
+    fillStyles(styles);
     fillSelect($("sampler_name"), samplers.map((s) => [s.name, s.name]), "Euler a");
     fillSelect($("scheduler"), schedulers.map((s) => [s.name, s.label]), "automatic");
     const hires = [...latent, ...upscalers].map((u) => [u.name, u.name]);
@@ -38,6 +51,45 @@ async function loadLists() {
   } catch (e) {
     status(`cannot reach the server: ${e.message}`, true);
   }
+}
+
+// ---- saved styles (A1111's styles.csv): checkboxes, applied in the order they were picked
+function fillStyles(styles) {
+  state.styles = state.styles.filter((name) => styles.some((s) => s.name === name));
+  $("styles").replaceChildren(...styles.map((s) => {
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.value = s.name;
+    input.checked = state.styles.includes(s.name);
+    input.addEventListener("change", () => pickStyle(s.name, input.checked));
+    const order = document.createElement("span");
+    order.className = "order";
+    order.setAttribute("aria-hidden", "true");  // the live line below says the order in words
+    const label = document.createElement("label");
+    label.className = "check";
+    const text = [s.prompt && `prompt: ${s.prompt}`, s.negative_prompt && `negative prompt: ${s.negative_prompt}`];
+    label.title = text.filter(Boolean).join("\n") || "(no text)";
+    label.append(input, ` ${s.name} `, order);
+    return label;
+  }));
+  $("styles-panel").hidden = styles.length === 0;
+  showStyleOrder();
+}
+
+function pickStyle(name, on) {
+  state.styles = state.styles.filter((n) => n !== name);
+  if (on) state.styles.push(name);
+  showStyleOrder();
+}
+
+function showStyleOrder() {
+  for (const input of $("styles").querySelectorAll("input")) {
+    const i = state.styles.indexOf(input.value);
+    input.parentElement.querySelector(".order").textContent = i < 0 ? "" : String(i + 1);
+  }
+  const line = $("styles-order");
+  line.textContent = state.styles.length ? `applied in this order: ${state.styles.join(", ")}` : "";
+  line.hidden = !state.styles.length;
 }
 
 function setMode(mode) {
@@ -139,6 +191,9 @@ function payload() {
     seed: num("seed"), batch_size: num("batch_size"), n_iter: num("n_iter"),
     override_settings: { sd_model_checkpoint: $("model").value },
   };
+  if ($("sd_vae").value) body.override_settings.sd_vae = $("sd_vae").value;
+  if (state.styles.length) body.styles = [...state.styles];
+  if ($("tiling").checked) body.tiling = true;
   if (state.mode === "txt2img" && $("enable_hr").checked) {
     Object.assign(body, { enable_hr: true, hr_scale: num("hr_scale"), hr_upscaler: $("hr_upscaler").value,
       hr_second_pass_steps: num("hr_second_pass_steps"), denoising_strength: num("hr_denoising_strength"),
@@ -160,10 +215,12 @@ async function generate(event) {
   if (event) event.preventDefault();
   if (state.job) return;
   let job;
+  markInvalid(null);
   try {
     job = await api("/latentforge/v1/jobs", { method: "POST", body: payload() });
   } catch (e) {
     status(e.message, true);
+    markInvalid(e.field);
     return;
   }
   state.job = job.id;
@@ -182,6 +239,23 @@ async function generate(event) {
   });
   source.addEventListener("done", (e) => { finish(JSON.parse(e.data)); });
   source.onerror = () => { if (state.job === job.id) { status("lost the connection to the server", true); finish(null); } };
+}
+
+// the control of a request field the server refused (its 400's "field"), marked until the next try
+const FIELD_CONTROLS = {
+  "override_settings.sd_model_checkpoint": "model", sd_model_checkpoint: "model",
+  "override_settings.sd_vae": "sd_vae", styles: "styles-panel",
+};
+
+function markInvalid(field) {
+  for (const el of $("form").querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
+  if (!field) return;
+  let id = FIELD_CONTROLS[field] || field;
+  if (id === "denoising_strength" && state.mode === "txt2img") id = "hr_denoising_strength";
+  const el = document.getElementById(id);
+  if (el && $("form").contains(el) && el.matches("input, select, textarea, fieldset")) {
+    el.setAttribute("aria-invalid", "true");
+  }
 }
 
 function finish(j) {
@@ -261,7 +335,16 @@ function applyParameters(p) {
     const opt = [...$("hr_upscaler").options].find((o) => o.value === p["Hires upscaler"]);
     if (opt) $("hr_upscaler").value = opt.value;
   } else if (p["Denoising strength"]) set("denoising_strength", p["Denoising strength"]);
-  status("parameters reused");
+  $("tiling").checked = String(p.Tiling).toLowerCase() === "true";
+  let note = "";
+  if (p.VAE) {  // A1111 writes the VAE's file name; a name without its suffix is taken too
+    const stem = (n) => n.replace(/\.[^.]*$/, "");
+    const options = [...$("sd_vae").options];
+    const opt = options.find((o) => o.value === p.VAE) || options.find((o) => stem(o.value) === p.VAE);
+    if (opt) $("sd_vae").value = opt.value;
+    else note = ` (VAE ${p.VAE} is not on this server: kept ${$("sd_vae").value})`;
+  }
+  status(`parameters reused${note}`);
   $("prompt").focus();
 }
 
