@@ -136,14 +136,15 @@ def test_cli_writes_jpeg_and_from_reads_it(model, tmp_path, capsys):
 
 def test_from_refuses_what_it_cannot_reproduce_and_warns_about_another_model(model, tmp_path, capsys):
     image = Image.new("RGB", (8, 8))
-    text = "a cube\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Model hash: 0123456789, Model: other, Tiling: True"
+    text = "a cube\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Model hash: 0123456789, Model: other"
+    text += ", Face restoration: CodeFormer"
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text)
     image.save(tmp_path / "in.png", pnginfo=info)
     args = ["txt2img", "--from", str(tmp_path / "in.png"), "-m", model, "-q", "-o", str(tmp_path / "o.png")]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "cannot reproduce (Tiling: True)" in err and not (tmp_path / "o.png").exists()
+    assert "cannot reproduce (Face restoration: CodeFormer)" in err and not (tmp_path / "o.png").exists()
     assert main([*args, "--allow-differences"]) == 0
     err = capsys.readouterr().err
-    assert "not reproduced: Tiling: True" in err and "model other [0123456789]" in err
+    assert "not reproduced: Face restoration: CodeFormer" in err and "model other [0123456789]" in err

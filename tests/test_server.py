@@ -358,3 +358,22 @@ def test_include_init_images_echoes_them_in_parameters_as_a1111(server):
     assert len(r["images"]) == 1 and r["parameters"]["init_images"] == [sent]
     r = server.post("/sdapi/v1/img2img", body).json()
     assert len(r["images"]) == 1 and r["parameters"]["init_images"] is None
+
+
+def test_tiling_runs_as_the_python_api_and_from_an_infotext(server, pipe):
+    """A1111's ``tiling`` was refused; it now makes the same seamless image as the Python API's
+    ``tiling=True`` (itself checked against diffusers with circular convolutions in tests/test_tiling.py),
+    and an infotext's "Tiling: True" turns it on."""
+    body = {"prompt": "a red circle", "seed": 6, "steps": 3, "cfg_scale": 5, "width": 64, "height": 64,
+            "sampler_name": "Euler a"}  # fmt: skip
+    want = pipe.txt2img("a red circle", seed=6, steps=3, cfg_scale=5, width=64, height=64, sampler="Euler a",
+                        tiling=True)  # fmt: skip
+    r = server.post("/sdapi/v1/txt2img", {**body, "tiling": True})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(_image(r), pixels(want.images[0]))
+    text = _info(r)["infotexts"][0]
+    assert "Tiling: True" in text
+    plain = server.post("/sdapi/v1/txt2img", body)
+    assert not np.array_equal(_image(plain), _image(r)) and "Tiling" not in _info(plain)["infotexts"][0]
+    again = server.post("/sdapi/v1/txt2img", {"infotext": text})
+    assert np.array_equal(_image(again), _image(r))

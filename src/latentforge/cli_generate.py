@@ -185,6 +185,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         help="start from sqrt(1 + sigma^2) * noise (SGM/ComfyUI/diffusers) instead of sigma * noise (A1111)",
     )
     p.add_argument(
+        "--tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="A1111's Tiling: a seamless image that tiles (the model's convolutions pad circularly)",
+    )
+    p.add_argument(
         "--token-merging-random",
         dest="token_merging_random",
         action="store_true",
@@ -374,7 +380,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
     dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random", "initial_noise_multiplier"]
-    dests += ["hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler"]
+    dests += ["hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "tiling"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from latentforge import allocator
 from latentforge.nn import GroupNorm32, attention, packed
+from latentforge.nn.circular import is_circular
 from latentforge.nn.packed import packed_session
 from latentforge.nn.tiling import tiled_apply
 
@@ -230,7 +231,8 @@ class AutoencoderKL(nn.Module):
         with cpu_fast_path(self, image):
             if tile and (image.shape[-2] > tile * f or image.shape[-1] > tile * f):
                 overlap = min(self.tile_overlap, tile // 4)
-                moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f).to(self.dtype)
+                wrap = is_circular(self)  # tiling: the tiles go round (nn/tiling.py)
+                moments = tiled_apply(run, image, tile * f, overlap * f, up=1, down=f, wrap=wrap).to(self.dtype)
             else:
                 moments = run(image)
         mean, logvar = moments.chunk(2, dim=1)
@@ -253,7 +255,8 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latent: Tensor, tile: int | None = None) -> Tensor:
         """Image in (about) [-1, 1] from a scaled latent (B, embed_dim, h, w). Large latents are decoded
-        in blended tiles (``tile``: None automatic, 0 never, n latent pixels per tile)."""
+        in blended tiles (``tile``: None automatic, 0 never, n latent pixels per tile), which go round the
+        edges while the convolutions pad circularly (tiling, ``nn/circular.py``)."""
         tile = self._tile_for(latent.shape[-2], latent.shape[-1], tile)
 
         def run(z: Tensor) -> Tensor:
@@ -261,5 +264,6 @@ class AutoencoderKL(nn.Module):
 
         with cpu_fast_path(self, latent):
             if tile and (latent.shape[-2] > tile or latent.shape[-1] > tile):
-                return tiled_apply(run, latent, tile, min(self.tile_overlap, tile // 4), up=self.config.downscale)
+                overlap = min(self.tile_overlap, tile // 4)
+                return tiled_apply(run, latent, tile, overlap, up=self.config.downscale, wrap=is_circular(self))
             return run(latent)

@@ -13,8 +13,10 @@ input is only a hint: any input works with it). A weight is reordered again only
 version counter: LoRA merges through the patcher copy in place), is replaced (another dtype or device),
 or, for a convolution, the input shape changes. The result is the same convolution or product (tested
 against ``nn.Conv2d`` and ``nn.Linear``); the cost is a second copy of the packed weights in memory.
-Other inputs (GPU, gradients, mixed dtypes, string padding, fp32 linears, which PyTorch runs through MKL
-already) use the module's own forward. Subclasses of ``nn.Conv2d`` and ``nn.Linear`` are left alone (the
+A convolution with circular padding (tiling, ``nn/circular.py``) gets its input padded as ``nn.Conv2d``
+pads it and runs with padding 0 (Winograd's: ``winograd.conv3x3(wraps=True)``). Other inputs (GPU,
+gradients, mixed dtypes, string padding, other padding modes, fp32 linears, which PyTorch runs through
+MKL already) use the module's own forward. Subclasses of ``nn.Conv2d`` and ``nn.Linear`` are left alone (the
 UNet's GEGLU projection is one: its fused forward reads the two halves of the plain weight).
 
 ``packed_session(module)`` is the default during a full-size CPU generation (``pipelines/generate.py``,
@@ -51,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from latentforge import allocator
-from latentforge.nn import fused, winograd
+from latentforge.nn import circular, fused, winograd
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
@@ -118,27 +120,29 @@ def _plain_path(layer: nn.Module, x: Tensor) -> bool:
     )
 
 
-def _packed_weight(layer: nn.Module, x: Tensor, pack, repack_for_shape: bool) -> Tensor:
+def _packed_weight(layer: nn.Module, x: Tensor, pack, repack_for_shape: bool, shape: tuple | None = None) -> Tensor:
     """The layer's packed weight for input ``x``: cached; packed again when the plain weight changed (or,
-    with ``repack_for_shape``, the input shape); inside a session the plain weight is then swapped out."""
+    with ``repack_for_shape``, the input shape, or ``shape``: what else the packing depends on with it);
+    inside a session the plain weight is then swapped out."""
+    shape = tuple(x.shape) if shape is None else shape
     cache = _CACHE.get(layer)
     if _SESSION.get(layer) is not None:  # the packed copy is the only one: repack from it if needed
-        if repack_for_shape and cache["shape"] != tuple(x.shape):
-            cache = _store(layer, pack(cache["weight"].to_dense(), x), x, cache["key"])
+        if repack_for_shape and cache["shape"] != shape:
+            cache = _store(layer, pack(cache["weight"].to_dense(), x), shape, cache["key"])
         return cache["weight"]
     _WINO.pop(layer, None)  # one prepared form at a time
     w = layer.weight
     key = (id(w), w._version, w.dtype)
-    if cache is None or cache["key"] != key or (repack_for_shape and cache["shape"] != tuple(x.shape)):
+    if cache is None or cache["key"] != key or (repack_for_shape and cache["shape"] != shape):
         # one packed copy per layer: for the latest weight (and input shape)
-        cache = _store(layer, pack(w.detach(), x), x, key)
+        cache = _store(layer, pack(w.detach(), x), shape, key)
     if layer in _SESSION:
         _swap_out(layer)
     return cache["weight"]
 
 
-def _store(layer: nn.Module, packed: Tensor, x: Tensor, key: tuple) -> dict:
-    cache = _CACHE[layer] = {"key": key, "shape": tuple(x.shape), "weight": packed}
+def _store(layer: nn.Module, packed: Tensor, shape: tuple, key: tuple) -> dict:
+    cache = _CACHE[layer] = {"key": key, "shape": shape, "weight": packed}
     return cache
 
 
@@ -180,18 +184,28 @@ class PackedConv2d(_Wakes, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if _wake(self):  # dormant and called outside a session: a plain convolution again
             return self.forward(x)
-        if _plain_path(self, x) or x.dim() != 4 or isinstance(self.padding, str) or self.padding_mode != "zeros":
+        wraps = self.padding_mode == circular.CIRCULAR  # tiling (nn/circular.py)
+        if (
+            _plain_path(self, x)
+            or x.dim() != 4
+            or isinstance(self.padding, str)
+            or not (self.padding_mode == "zeros" or wraps)
+        ):
             _put_back(self)
             return super().forward(x)
         if winograd.usable(self, x, repeated=_REPEATED.get(self, False)):
             u = _winograd_filters(self)
-            return winograd.conv3x3(x, u, self.bias, self.out_channels)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            return winograd.conv3x3(x, u, self.bias, self.out_channels, wraps=wraps)
+        padding = list(self.padding)
+        if wraps:  # padded here as nn.Conv2d pads, then convolved with padding 0
+            x, padding = circular.pad(self, x), [0, 0]
+        args = (padding, list(self.stride), list(self.dilation), self.groups)
 
         def pack(weight: Tensor, x: Tensor) -> Tensor:
             return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape))
 
-        weight = _packed_weight(self, x, pack, repack_for_shape=True)
+        # oneDNN packs for the whole problem: the input's shape and the padding
+        weight = _packed_weight(self, x, pack, repack_for_shape=True, shape=(*x.shape, *padding))
         return torch.ops.mkldnn._convolution_pointwise(x, weight, self.bias, *args, "none", [], "")
 
 

@@ -31,6 +31,7 @@ import os
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge import allocator
@@ -56,7 +57,7 @@ def mode() -> str:
 
 def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
     """Whether ``conv(x)`` may run by Winograd: a plain 3x3 convolution (stride 1, padding 1, no dilation
-    or groups, zero padding) of a bf16 channels-last CPU input without autograd, an even number of input
+    or groups; zero or circular padding) of a bf16 channels-last CPU input without autograd, an even number of input
     channels and a multiple of 32 output channels, a large enough map (``MIN_PIXELS``, or
     ``MIN_PIXELS_REPEATED`` when the caller runs it ``repeated``ly; any size with
     ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available."""
@@ -69,7 +70,7 @@ def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and conv.padding_mode in ("zeros", "circular")
         and x.dim() == 4
         and x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16
@@ -98,14 +99,21 @@ def transform(weight: Tensor) -> Tensor:
     return u.reshape(cout // 32, 16, c // 2, 32, 2).contiguous()  # reshape alone may give a strided view
 
 
-def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int) -> Tensor:
+def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int, wraps: bool = False) -> Tensor:
     """The convolution of ``x`` with the filters whose transform is ``u`` (``transform``) plus ``bias``:
-    (N, out_channels, H, W) bf16 channels-last. Call where ``usable`` said yes."""
+    (N, out_channels, H, W) bf16 channels-last. Call where ``usable`` said yes. ``wraps``: circular padding
+    (tiling, ``nn/circular.py``) instead of zeros: the kernel pads with zeros, so it convolves the input
+    padded circularly by one pixel and the result is the inside of its output (the border pixels, computed
+    from the zeros beyond, are dropped; (H + 2)(W + 2) / HW of the work)."""
     c = x.shape[1]
     if u.dtype != torch.bfloat16 or not u.is_contiguous() or u.shape != (out_channels // 32, 16, c // 2, 32, 2):
         raise ValueError(
             f"filters of shape {tuple(u.shape)} are not the transform of {c} -> {out_channels} 3x3 filters"
         )
+    if wraps:
+        padded = F.pad(x, (1, 1, 1, 1), mode="circular")
+        out = conv3x3(padded, u, bias, out_channels)
+        return out[..., 1:-1, 1:-1].contiguous(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2

@@ -10,8 +10,8 @@ once over the merged batch. Each request's rows are decoded on their own, as a r
 What stays apart: on a CPU a batched matmul or convolution may sum in another order than the same rows in a
 smaller batch, so an image equals its image alone within float rounding (differences of ~1e-6 in the UNet's
 output; in pixels at most a few 8-bit levels), not always bit for bit. Requests that change the model (LoRA,
-hypernetwork tags or ``networks``), need per-request wrappers (ControlNet, inpainting masks, DeepCache and
-token merging), several passes
+hypernetwork tags or ``networks``; tiling, which pads its convolutions circularly), need per-request
+wrappers (ControlNet, inpainting masks, DeepCache and token merging), several passes
 per request (``batch_count`` > 1), the refiner or the x4 upscaler, or an adaptive sampler (whose step size is
 chosen from the error of the whole batch) never share a batch: ``batch_key`` returns None for them.
 """
@@ -59,8 +59,8 @@ BATCH_DEPENDENT_SAMPLERS = frozenset({"dpm_adaptive"})
 def batch_key(req: GenerationRequest, img2img: bool = False) -> tuple | None:
     """What two requests must share to run in one batch (compare with ``==``); None: this request always
     runs alone (see the module docstring for which)."""
-    if req.batch_count != 1 or req.networks or req.control or fewer_flops.wanted(req):
-        return None  # (DeepCache and token merging hook the UNet per request: generate runs them)
+    if req.batch_count != 1 or req.networks or req.control or fewer_flops.wanted(req) or req.tiling:
+        return None  # (DeepCache and token merging hook the UNet per request, tiling pads its convolutions)
     if any(g is not None for g in (req.inpaint, req.depth, req.refiner, req.x4)):
         return None
     hires_prompt = getattr(req.hires, "prompt", "")

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from latentforge.nn import packed
+from latentforge.nn.circular import circular_padding
 from latentforge.nn.packed import packed_session
 from latentforge.pipelines import control, depth, fewer_flops, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
@@ -237,8 +238,13 @@ def generate(
     session = networks.activate(pipe, req)  # LoRAs and embeddings for this request only
     try:
         threads = auto_threads(work_size(pipe, req, images_in), pipe.device.type)
-        with torch.inference_mode(), threads, packing(pipe):
+        # tiling (A1111's): the UNet's and VAE's convolutions pad circularly for the whole run, also the
+        # img2img encode and the hires pass; ControlNets and text encoders do not (nn/circular.py)
+        tiling = circular_padding(req.tiling, pipe.unet, pipe.vae)
+        with torch.inference_mode(), threads, tiling as circular, packing(pipe):
             plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
+            if hand_off is not None and hand_off.loaded is not None:  # the refiner, loaded by the plan
+                circular.add(hand_off.loaded.unet, hand_off.loaded.vae)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
             fewer_flops.apply(plan, pipe, session.request, img2img)  # DeepCache, token merging: hooks

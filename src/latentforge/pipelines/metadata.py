@@ -110,6 +110,7 @@ def infotext_params(
         "NGMS": _num(req.s_min_uncond) if req.s_min_uncond else None,
         "NGMS all steps": True if req.s_min_uncond and req.s_min_uncond_all else None,
         "RNG": req.rng,
+        "Tiling": True if req.tiling else None,  # (A1111 writes it after RNG)
         "Version": f"latentforge {__version__}",
     }
     return params
@@ -406,6 +407,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.schedule = s["Schedule type"]
     req.s_min_uncond_all = str(s.get("NGMS all steps", "")).lower() == "true"
     req.sgm_noise_multiplier = str(s.get("SGM noise multiplier", "")).lower() == "true"
+    req.tiling = str(s.get("Tiling", "")).lower() == "true"
     req.token_merging_random = str(s.get("Token merging random", "")).lower() == "true"
     req.deepcache_schedule = s.get("DeepCache schedule", req.deepcache_schedule)
     # A1111 writes no RNG field for its default source, the GPU's
@@ -433,7 +435,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         req.x4 = X4Options(noise_level=_value(s, "X4 noise level", int, "a whole number"), tile=tile)
     inpaint_fields = _inpaint_from_infotext(req, s)
     known = {key for key, _, _ in _SCALAR_FIELDS} | {"Size", "Seed resize from", "Sampler", "Schedule type"}
-    known |= {"RNG", "NGMS all steps", "SGM noise multiplier", "Token merging random", "DeepCache schedule"}
+    known |= {"RNG", "NGMS all steps", "SGM noise multiplier", "Token merging random", "DeepCache schedule", "Tiling"}
     known |= hires | inpaint_fields
     known |= {"Refiner", "Refiner switch at", "Refiner switch by sampling steps", "X4 noise level", "X4 tile"}
     req.extra = {k: v for k, v in s.items() if k not in known}

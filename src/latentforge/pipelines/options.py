@@ -51,6 +51,7 @@ class GenerationOptions(TypedDict, total=False):
     s_min_uncond_all: bool
     sgm_noise_multiplier: bool
     quantize_timesteps: bool
+    tiling: bool
     prompt_syntax: str
     aesthetic_score: float
     negative_aesthetic_score: float

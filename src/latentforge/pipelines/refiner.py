@@ -42,6 +42,7 @@ class HandOff:
     name: str  # what the user gave: a path, or the loaded pipeline's source
     family: object
     load: Callable[[], object]
+    loaded: object = None  # the refiner's pipeline once ``add_pass`` has loaded it
 
 
 def prepare(pipe, req: GenerationRequest) -> HandOff:
@@ -107,7 +108,7 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
     k = switch_step(full, base.model.schedule, req.refiner.switch_at, req.refiner.switch_by_steps)
     if k >= base.steps:
         return None
-    refiner = hand_off.load()
+    refiner = hand_off.loaded = hand_off.load()
     check_family(pipe.family, refiner.family, hand_off.name)
     positive = full[full > 0]
     base.noise_range = (float(positive.min()), float(positive.max()))  # one Brownian tree over both passes

@@ -243,6 +243,7 @@ class GenerationRequest:
     s_min_uncond_all: bool = False  # ... at every step
     sgm_noise_multiplier: bool = False  # start txt2img at sqrt(1 + sigma^2) * noise (SGM, ComfyUI, diffusers)
     quantize_timesteps: bool = False  # round the UNet's timestep to an integer step (ComfyUI's convention)
+    tiling: bool = False  # A1111's Tiling: seamless, tileable images (UNet and VAE pad circularly, nn/circular.py)
     prompt_syntax: str = "a1111"  # "plain": no emphasis, truncate at 77 tokens
     aesthetic_score: float = 6.0  # SDXL refiner conditioning
     negative_aesthetic_score: float = 2.5
@@ -386,7 +387,7 @@ class GenerationRequest:
                 continue
             ok = is_number(value) and low <= value <= high and (math.isfinite(value) or name == "s_tmax")
             need(ok, f"{name} must be between {low:g} and {high:g}, got {show(value)}")
-        for name in ("sgm_noise_multiplier", "quantize_timesteps"):
+        for name in ("sgm_noise_multiplier", "quantize_timesteps", "tiling"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {show(value)}")
         need(

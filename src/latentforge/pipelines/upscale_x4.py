@@ -9,7 +9,7 @@ generator seeded with its seed - 10 (ComfyUI's choice), so it is independent of 
 
 Large inputs are denoised in overlapping latent tiles at every step, blended linearly (``TiledModel``,
 the MultiDiffusion scheme of Bar-Tal et al. 2023 over ``nn/tiling.py``): memory is that of one tile, and
-the VAE decodes in tiles of its own.
+the VAE decodes in tiles of its own. With ``tiling`` (seamless images) both go round the edges.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class TiledModel:
     """A model denoiser evaluated over overlapping latent tiles (with the matching crop of the extra input
     channels), blended linearly in the overlaps at every call: MultiDiffusion (Bar-Tal et al. 2023)."""
 
-    def __init__(self, model: ModelDenoiser, tile: int, overlap: int):
-        self.model, self.tile, self.overlap = model, tile, overlap
+    def __init__(self, model: ModelDenoiser, tile: int, overlap: int, wrap: bool = False):
+        self.model, self.tile, self.overlap, self.wrap = model, tile, overlap, wrap  # wrap: tiling's tiles go round
         self.schedule, self.prediction = model.schedule, model.prediction
 
     def __call__(self, x: Tensor, sigma, cond: Cond) -> Tensor:
@@ -80,7 +80,7 @@ class TiledModel:
             extra = piece[:, c:] if cond.concat is not None else None
             return self.model(piece[:, :c], sigma, Cond(cond.context, cond.vector, extra))
 
-        return tiled_apply(run, joined, self.tile, self.overlap).to(x.dtype)
+        return tiled_apply(run, joined, self.tile, self.overlap, wrap=self.wrap).to(x.dtype)
 
 
 def low_res_inputs(pipe, low_res: Tensor, noise_level: int, batch: int):
@@ -125,7 +125,7 @@ def build_plan(pipe, req: GenerationRequest, images: list[Image.Image]) -> Plan:
     model = ModelDenoiser(pipe.unet, schedule, pipe.prediction, quantize_timesteps=req.quantize_timesteps)
     tile = tile_size(opts.tile, w, h)
     if tile and (w > tile or h > tile):
-        model = TiledModel(model, tile, min(opts.tile_overlap, tile // 16 * 8))
+        model = TiledModel(model, tile, min(opts.tile_overlap, tile // 16 * 8), wrap=req.tiling)
     p = Pass(
         "upscale-x4",
         model,

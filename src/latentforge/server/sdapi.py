@@ -6,7 +6,7 @@ Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` m
 source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
 request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
 ``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
-honour (restore_faces, tiling, scripts, a hires pass with another model) are refused with a
+honour (restore_faces, scripts, a hires pass with another model) are refused with a
 message naming them, never silently dropped;
 fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
 lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
@@ -279,6 +279,7 @@ def to_request(
         "s_noise": 1.0 if p["s_noise"] is None else p["s_noise"],
         "eta": p["eta"],
         "refiner_checkpoint": p["refiner_checkpoint"],
+        "tiling": bool(p["tiling"]),
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
@@ -541,8 +542,6 @@ def _a1111_field(message: str) -> RequestError:
 def _check_unsupported(p: dict) -> None:
     if p.get("restore_faces"):
         _refuse("restore_faces", "face restoration is not available in latentforge; send false")
-    if p.get("tiling"):
-        _refuse("tiling", "seamless tiling is not available in latentforge; send false")
     if p.get("script_name"):
         _refuse("script_name", f"scripts are not available in latentforge (got {p['script_name']!r})")
     for name, script in (p.get("alwayson_scripts") or {}).items():

@@ -28,6 +28,7 @@ _INFOTEXT_FIELDS = {
     "Variation seed strength": ("subseed_strength", "subseed_strength"),
     "NGMS": ("s_min_uncond", "s_min_uncond"),
     "Sampler": ("sampler_name", "sampler"),
+    "Tiling": ("tiling", "tiling"),
 }
 # infotext labels -> (A1111 setting, request attribute): settings the infotext sets for this request
 _INFOTEXT_SETTINGS = {
