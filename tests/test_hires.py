@@ -34,9 +34,9 @@ def _spy_first_pass(monkeypatch) -> dict:
     seen = {}
     original = hires.upscale
 
-    def spy(p, latents, upscaler, shape):
+    def spy(p, latents, upscaler, shape, vae=None):
         seen["first"] = latents.clone()
-        return original(p, latents, upscaler, shape)
+        return original(p, latents, upscaler, shape, vae)
 
     monkeypatch.setattr(hires, "upscale", spy)
     return seen

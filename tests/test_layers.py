@@ -24,7 +24,8 @@ LAYERS = [
     | {"upscalers"},
     {"pipelines"},
     {"pipeline", "loading"},
-    {"train", "cli", "cli_generate", "cli_inpaint", "cli_train", "cli_serve", "server", "__init__", "__main__"},
+    {"train", "cli", "cli_generate", "cli_inpaint", "cli_hires", "cli_train", "cli_serve", "server"}
+    | {"__init__", "__main__"},
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

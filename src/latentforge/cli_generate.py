@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from latentforge.cli_hires import add_hires_options, hires_options
 from latentforge.cli_inpaint import add_inpaint_options, inpaint_group
 
 # request fields settable from the command line: (option, field, type, help)
@@ -142,38 +143,7 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
         p.add_argument("--depth-map", type=Path, help="depth models: the depth map (an image, brighter = nearer)")
         p.add_argument("--depth-model", type=Path, help="depth models: the MiDaS file that estimates the depth map")
     if not img2img:
-        p.add_argument(
-            "--hires",
-            dest="hr_scale",
-            type=float,
-            default=None,
-            help="A1111's Hires. fix: upscale by this factor (e.g. 2) and run a second img2img pass at that size",
-        )
-        p.add_argument(
-            "--hires-upscaler",
-            dest="hr_upscaler",
-            default=None,
-            help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
-            "Latent (nearest), Latent (nearest-exact), None (as Lanczos), Lanczos, Nearest, or an ESRGAN-family model "
-            "by path or name",
-        )
-        p.add_argument(
-            "--upscaler-dir",
-            type=Path,
-            action="append",
-            help="folder of upscaler models for --hires-upscaler (repeatable; models/ESRGAN, models/RealESRGAN "
-            "and models/upscale_models here and beside the checkpoint's folder are searched too)",
-        )
-        p.add_argument(
-            "--hires-steps", dest="hr_second_pass_steps", type=int, default=None, help="steps of the second pass"
-        )
-        for flag, dest, what in (
-            ("--hires-prompt", "hr_prompt", "prompt"),
-            ("--hires-negative-prompt", "hr_negative_prompt", "negative prompt"),
-            ("--hires-sampler", "hr_sampler_name", "sampler"),
-            ("--hires-schedule", "hr_scheduler", "schedule"),
-        ):
-            p.add_argument(flag, dest=dest, default=None, help=f"the second pass's own {what} (default: the same)")
+        add_hires_options(p)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -378,9 +348,9 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
     if args.prompt is not None:
         options["prompt"] = args.prompt
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
-    dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode", "hr_upscaler", "hr_second_pass_steps"]
+    dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode"]
     dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random", "initial_noise_multiplier"]
-    dests += ["hr_prompt", "hr_negative_prompt", "hr_sampler_name", "hr_scheduler", "tiling"]
+    dests += ["tiling"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:
@@ -393,16 +363,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
             if getattr(args, name, None) is not None:
                 group[name] = getattr(args, name)
         options["x4"] = group
-    if getattr(args, "hr_scale", None) is not None:
-        options.update(enable_hr=True, hr_scale=args.hr_scale)
-    elif req.hires is None:  # the second pass's options mean nothing without one
-        flags = [f"--hires-{f}" for f in ("upscaler", "steps", "prompt", "negative-prompt", "sampler", "schedule")]
-        hr_dests = ["hr_upscaler", "hr_second_pass_steps", "hr_prompt", "hr_negative_prompt", "hr_sampler_name"]
-        given = [
-            flag for flag, dest in zip(flags, [*hr_dests, "hr_scheduler"]) if getattr(args, dest, None) is not None
-        ]
-        if given:
-            raise ValueError(f"{', '.join(given)} set(s) the hires pass; add --hires FACTOR (e.g. --hires 2)")
+    options.update(hires_options(args, req.hires is not None))
     if img2img and not x4:
         group = inpaint_group(args, req.to_dict()["inpaint"])
         if group is not None:

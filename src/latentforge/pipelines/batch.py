@@ -30,7 +30,7 @@ from torch import Tensor
 
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.pipelines import fewer_flops, networks
-from latentforge.pipelines.checks import hires_request
+from latentforge.pipelines.checks import hires_checkpoint, hires_request
 from latentforge.pipelines.generate import (
     GenerationResult,
     Interrupted,
@@ -63,6 +63,8 @@ def batch_key(req: GenerationRequest, img2img: bool = False) -> tuple | None:
         return None  # (DeepCache and token merging hook the UNet per request, tiling pads its convolutions)
     if any(g is not None for g in (req.inpaint, req.depth, req.refiner, req.x4)):
         return None
+    if req.hires is not None and hires_checkpoint(req.hires) is not None:
+        return None  # another model for the hires pass: generate loads and runs it
     hires_prompt = getattr(req.hires, "prompt", "")
     for text in (req.prompt, hires_prompt):
         if not isinstance(text, str) or extract_network_tags(text)[1]:

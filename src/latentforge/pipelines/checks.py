@@ -185,6 +185,19 @@ def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = 
         except PromptError as e:
             need(False, str(e))
     upscaler_name(h.upscaler, model_files=upscaler_files)
+    need(
+        isinstance(h.checkpoint, str) or (hasattr(h.checkpoint, "unet") and hasattr(h.checkpoint, "family")),
+        "hr_checkpoint_name must name a checkpoint file or folder (or be a loaded Pipeline; empty: the same model)",
+    )
+
+
+SAME_CHECKPOINT = ("", "Use same checkpoint")  # A1111's hr_checkpoint_name for "this model"
+
+
+def hires_checkpoint(h) -> object | None:
+    """The hires pass's other model (a path or a loaded Pipeline), or None for the first pass's."""
+    c = getattr(h, "checkpoint", "")
+    return None if isinstance(c, str) and c.strip() in SAME_CHECKPOINT else c
 
 
 # A1111's "Masked content" names of inpainting_fill

@@ -76,10 +76,12 @@ def build_plan(
     init_images: list[Image.Image] | None,
     hand_off: refiner.HandOff | None = None,
     upscaler_dirs: Sequence[str | Path] | None = None,
+    hires_model: refiner.HandOff | None = None,
 ) -> Plan:
     """The passes a request asks for: txt2img or img2img (with a mask: inpainting; or the x4 upscaler's
     pass), then the passes of its option groups (hires; the refiner's hand-off, checked beforehand by
-    ``refiner.prepare``). ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name."""
+    ``refiner.prepare``). ``upscaler_dirs``: folders of upscaler models that a hires upscaler may name;
+    ``hires_model``: the hires pass's other model (``hires.prepare``)."""
     if req.x4 is not None:
         return upscale_x4.build_plan(pipe, req, init_images or [])
     fam = pipe.family
@@ -113,7 +115,7 @@ def build_plan(
     if job is not None:
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
-        hires.add_pass(plan, pipe, req, upscaler_dirs)
+        hires.add_pass(plan, pipe, req, upscaler_dirs, hires_model)
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
@@ -231,6 +233,7 @@ def generate(
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
     hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
+    hires_model = hires.prepare(pipe, req) if not img2img else None  # (hires is txt2img's)
     control_units = control.prepare(pipe, req)  # ControlNets loaded, images preprocessed, before any sampling
 
     seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
@@ -242,9 +245,10 @@ def generate(
         # img2img encode and the hires pass; ControlNets and text encoders do not (nn/circular.py)
         tiling = circular_padding(req.tiling, pipe.unet, pipe.vae)
         with torch.inference_mode(), threads, tiling as circular, packing(pipe):
-            plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs)
-            if hand_off is not None and hand_off.loaded is not None:  # the refiner, loaded by the plan
-                circular.add(hand_off.loaded.unet, hand_off.loaded.vae)
+            plan = build_plan(pipe, session.request, images_in, hand_off, upscaler_dirs, hires_model)
+            for other in (hand_off, hires_model):  # the refiner, the hires pass's model: loaded by the plan
+                if other is not None and other.loaded is not None:
+                    circular.add(other.loaded.unet, other.loaded.vae)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
             fewer_flops.apply(plan, pipe, session.request, img2img)  # DeepCache, token merging: hooks
@@ -252,8 +256,12 @@ def generate(
     finally:
         fewer_flops.remove(pipe)
         session.close(pipe)
+        if hires_model is not None and hires_model.session is not None:
+            hires_model.session.close(hires_model.loaded)
 
     mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
+    if hires_model is not None:  # the record names the model's source, also when a loaded pipeline was given
+        req = dataclasses.replace(req, hires=dataclasses.replace(req.hires, checkpoint=hires_model.name))
     refiner_name = hand_off.name if hand_off is not None else None
     return finish_result(pipe, req, plan, mode, seeds, (seed, subseed), out_images, start, refiner_name)
 

@@ -25,10 +25,12 @@ from torch import Tensor
 from latentforge import upscalers
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.esrgan import ImageUpscaler
-from latentforge.pipelines.checks import hires_request
+from latentforge.pipelines import networks
+from latentforge.pipelines.checks import hires_checkpoint, hires_request
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
 from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
+from latentforge.pipelines.refiner import HandOff, check_family, open_other
 from latentforge.pipelines.request import (
     IMAGE_UPSCALERS,
     LATENT_UPSCALERS,
@@ -37,6 +39,7 @@ from latentforge.pipelines.request import (
     builtin_upscaler,
     upscaler_name,
 )
+from latentforge.sampling import ModelDenoiser
 from latentforge.sampling.registry import resolve
 
 
@@ -63,9 +66,10 @@ def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, i
     return w, h
 
 
-def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int]) -> Tensor:
+def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int], vae=None) -> Tensor:
     """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass. ``upscaler``: a built-in
-    name, or a loaded ESRGAN-family model (``resolve_upscaler``)."""
+    name, or a loaded ESRGAN-family model (``resolve_upscaler``). An image upscaler decodes with ``pipe``'s
+    VAE and encodes with ``vae`` (the hires pass's model's; default the same)."""
     name = upscaler if isinstance(upscaler, ImageUpscaler) else upscaler_name(upscaler)
     size = shape[-2:]
     if not isinstance(name, ImageUpscaler) and name in LATENT_UPSCALERS:
@@ -82,7 +86,8 @@ def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[i
         else:
             resized = Image.fromarray(pixels).resize(target, IMAGE_UPSCALERS[name])
         images.append(image_to_tensor(resized))
-    return pipe.vae.encode(torch.cat(images).to(pipe.device)).float()
+    vae = vae if vae is not None else pipe.vae
+    return vae.encode(torch.cat(images).to(next(vae.parameters()).device)).float()
 
 
 def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:
@@ -106,30 +111,70 @@ def pass_calls(req: GenerationRequest) -> tuple[int, int]:
     return req.steps * (2 if sampler.second_order else 1), steps * (2 if hires_sampler.second_order else 1)
 
 
-def add_pass(plan: Plan, pipe, req: GenerationRequest, upscaler_dirs: Sequence[str | Path] | None = None) -> Pass:
+def prepare(pipe, req: GenerationRequest) -> HandOff | None:
+    """The hires pass's other model (A1111's hr_checkpoint_name), checked before any work: its family is
+    read from names and shapes. A latent upscaler hands it the first pass's latents as they are, so it must
+    share their latent space (``refiner.check_family``); image upscalers decode with this model's VAE and
+    encode with its. None: the hires pass runs this model."""
+    given = hires_checkpoint(req.hires) if req.hires is not None else None
+    if given is None:
+        return None
+    if req.control:
+        raise RequestError(
+            "ControlNet units with another model for the hires pass (hr_checkpoint_name) are not available; "
+            "leave one of them out"
+        )
+    hand = open_other(pipe, given, "hr_checkpoint_name")
+    if builtin_upscaler(req.hires.upscaler) in LATENT_UPSCALERS:
+        check_family(pipe.family, hand.family, hand.name, "hr_checkpoint_name")
+    hand.request = req  # as given (with its network tags): they are applied to the other model too
+    return hand
+
+
+def add_pass(
+    plan: Plan,
+    pipe,
+    req: GenerationRequest,
+    upscaler_dirs: Sequence[str | Path] | None = None,
+    other: HandOff | None = None,
+) -> Pass:
     """Append the hires pass to a txt2img plan: the previous pass's latents upscaled to the target size,
     then img2img over ``hr_second_pass_steps`` (or ``steps``) with the request's denoising strength, and
     the hires pass's own prompts, sampler and schedule where the request gives them (``hires_request``).
-    ``upscaler_dirs``: the folders where an upscaler model named by the request is looked up."""
+    ``upscaler_dirs``: the folders where an upscaler model named by the request is looked up. ``other``
+    (``prepare``): another model runs the hires pass, loaded here, with the request's networks applied
+    (``other.session``, closed by the caller), its own conditioning and noise schedule; its VAE encodes
+    the upscaled image and decodes the result, as A1111 switches models before the hires pass."""
     first = plan.passes[-1]
     width, height = target_size(req, plan.width, plan.height)
     steps = req.hires.second_pass_steps or req.steps
     second = hires_request(req)
     sampler, schedule = resolve(second.sampler, second.schedule)
-    sigmas = pass_sigmas(sampler, schedule, first.model.schedule, steps)
+    runner, model = pipe, first.model
+    if other is not None:
+        runner = other.loaded = other.load()
+        if other.opened:
+            runner.folders = pipe.folders  # a checkpoint loaded here finds networks where this one does
+        other.session = networks.activate(runner, other.request)
+        model = ModelDenoiser(
+            runner.unet, runner.noise_schedule(), runner.prediction, quantize_timesteps=req.quantize_timesteps
+        )
+    sigmas = pass_sigmas(sampler, schedule, model.schedule, steps)
     first_calls, calls = pass_calls(req)
     # A1111 1.7+: the hires pass's prompt editing goes on from the first pass's timeline
-    cond, uncond = conditioning(pipe, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
-    down = pipe.vae.config.downscale
-    shape = (first.shape[0], height // down, width // down)
+    cond, uncond = conditioning(runner, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
+    down = runner.vae.config.downscale
+    shape = (first.shape[0] if other is None else runner.unet.config.out_channels, height // down, width // down)
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
 
     def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
-        return upscale(pipe, previous, upscaler, shape)
+        return upscale(pipe, previous, upscaler, shape, runner.vae)
 
+    if other is not None:
+        plan.decode = runner.vae.decode
     hires_pass = Pass(
         "hires",
-        first.model,
+        model,
         sampler,
         img2img_sigmas(sigmas, steps, req.denoising_strength),
         shape,

@@ -12,7 +12,7 @@ from pathlib import Path
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import model_hash
 from latentforge.io.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.checks import hires_request, is_int, show
+from latentforge.pipelines.checks import hires_checkpoint, hires_request, is_int, show
 from latentforge.pipelines.request import (
     INPAINT_FILL,
     GenerationRequest,
@@ -129,9 +129,11 @@ def _hires_fields(req: GenerationRequest, info, schedule: str) -> dict:
     resize = h.resize_x or h.resize_y
     second = hires_request(req)
     hires_info, hires_schedule = resolve(second.sampler, second.schedule)
+    other = hires_checkpoint(h)
     return {
         "Hires prompt": second.prompt if second.prompt != req.prompt else None,
         "Hires negative prompt": second.negative_prompt if second.negative_prompt != req.negative_prompt else None,
+        "Hires checkpoint": _short_title(other) if other is not None else None,
         "Hires sampler": hires_info.title if hires_info.name != info.name else None,
         "Hires schedule type": SCHEDULE_TITLES[hires_schedule] if hires_schedule != schedule else None,
         "Hires upscale": None if resize else _num(h.scale),
@@ -141,14 +143,24 @@ def _hires_fields(req: GenerationRequest, info, schedule: str) -> dict:
     }
 
 
+def _short_title(checkpoint) -> str:
+    """A1111's short title of a checkpoint: "name [hash]" (file stem, 10 hex digits of its SHA-256); a
+    folder by its name alone."""
+    path = Path(str(checkpoint))
+    name = path.stem if path.is_file() else path.name
+    digest = model_hash(path) if path.is_file() else None
+    return f"{name} [{digest}]" if digest else name
+
+
+def _without_hash(title: str) -> str:
+    return title.rsplit(" [", 1)[0] if title.endswith("]") else title
+
+
 def _refiner_fields(r: RefinerOptions) -> dict:
     """A1111's fields: "Refiner: name [hash]" (its short title), "Refiner switch at", and "Refiner switch by
     sampling steps: True" when that rule was used."""
-    path = Path(str(r.checkpoint))
-    name = path.stem if path.is_file() else path.name
-    digest = model_hash(path) if path.is_file() else None
     return {
-        "Refiner": f"{name} [{digest}]" if digest else name,
+        "Refiner": _short_title(r.checkpoint),
         "Refiner switch at": _num(r.switch_at),
         "Refiner switch by sampling steps": True if r.switch_by_steps else None,
     }
@@ -412,7 +424,7 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
     req.deepcache_schedule = s.get("DeepCache schedule", req.deepcache_schedule)
     # A1111 writes no RNG field for its default source, the GPU's
     req.rng = s.get("RNG", "GPU")
-    hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", *_HIRES_OWN}
+    hires = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires checkpoint", *_HIRES_OWN}
     if hires & set(s):
         h = req.hires = HiresOptions()
         if "Hires upscale" in s:
@@ -424,9 +436,10 @@ def request_from_infotext(text: str) -> tuple[GenerationRequest, dict]:
         h.upscaler = s.get("Hires upscaler", h.upscaler)
         for label, attr in _HIRES_OWN.items():
             setattr(h, attr, s.get(label, getattr(h, attr)))
+        if "Hires checkpoint" in s:  # a name: the CLI and the server find the file
+            h.checkpoint = _without_hash(s["Hires checkpoint"])
     if "Refiner" in s:
-        name = s["Refiner"].rsplit(" [", 1)[0] if s["Refiner"].endswith("]") else s["Refiner"]
-        req.refiner = RefinerOptions(checkpoint=name)
+        req.refiner = RefinerOptions(checkpoint=_without_hash(s["Refiner"]))
         if "Refiner switch at" in s:
             req.refiner.switch_at = _value(s, "Refiner switch at", float, "a number")
         req.refiner.switch_by_steps = str(s.get("Refiner switch by sampling steps", "")).lower() == "true"

@@ -37,32 +37,39 @@ from latentforge.sampling import CondSchedule, ModelDenoiser, NoiseSchedule
 
 @dataclass
 class HandOff:
-    """A checked refiner: its family (known before any weight is read) and how to get the model."""
+    """A checked other model (the refiner, the hires pass's): its family (known before any weight is read)
+    and how to get the model."""
 
     name: str  # what the user gave: a path, or the loaded pipeline's source
     family: object
     load: Callable[[], object]
-    loaded: object = None  # the refiner's pipeline once ``add_pass`` has loaded it
+    loaded: object = None  # the model's pipeline once the pass that runs it has loaded it
+    opened: bool = True  # loaded from a path here (False: a loaded Pipeline the caller gave)
+    request: object = None  # the hires pass's: the request whose networks are applied to the model
+    session: object = None  # those networks, applied (``networks.Session``): closed when the run ends
+
+
+def open_other(pipe, given, field: str) -> HandOff:
+    """Another model for a pass, before any work: a loaded pipeline, or a checkpoint whose family is read
+    from its key names and shapes (``pipe.open_model``), loaded only when ``HandOff.load`` is called."""
+    if hasattr(given, "unet") and hasattr(given, "family"):
+        source = given.info.source if getattr(given, "info", None) else repr(given)
+        return HandOff(str(source), given.family, lambda: given, opened=False)
+    opener = getattr(pipe, "open_model", None)
+    if opener is None:
+        raise RequestError(
+            f"{field} {given!r}: this pipeline cannot open other checkpoints; "
+            "pass the model as a loaded Pipeline (latentforge.load(path))"
+        )
+    if not Path(str(given)).exists():
+        raise RequestError(f"{field} {given!r} does not exist; give a checkpoint file or folder")
+    family, load = opener(str(given))
+    return HandOff(str(given), family, load)
 
 
 def prepare(pipe, req: GenerationRequest) -> HandOff:
-    """Check the requested refiner before any work: a loaded pipeline, or a checkpoint whose family is read
-    from its key names and shapes (``pipe.open_model``); it must share the base's latent space."""
-    given = req.refiner.checkpoint
-    if hasattr(given, "unet") and hasattr(given, "family"):
-        source = given.info.source if getattr(given, "info", None) else repr(given)
-        hand_off = HandOff(str(source), given.family, lambda: given)
-    else:
-        opener = getattr(pipe, "open_model", None)
-        if opener is None:
-            raise RequestError(
-                f"refiner_checkpoint {given!r}: this pipeline cannot open other checkpoints; "
-                "pass the refiner as a loaded Pipeline (latentforge.load(path))"
-            )
-        if not Path(str(given)).exists():
-            raise RequestError(f"refiner_checkpoint {given!r} does not exist; give a checkpoint file or folder")
-        family, load = opener(str(given))
-        hand_off = HandOff(str(given), family, load)
+    """Check the requested refiner before any work (``open_other``); it must share the base's latent space."""
+    hand_off = open_other(pipe, req.refiner.checkpoint, "refiner_checkpoint")
     check_family(pipe.family, hand_off.family, hand_off.name)
     if req.hires is not None:
         raise RequestError("the refiner together with Hires. fix is not available; use one of them")
@@ -71,9 +78,10 @@ def prepare(pipe, req: GenerationRequest) -> HandOff:
     return hand_off
 
 
-def check_family(base, refiner, name: str) -> None:
+def check_family(base, refiner, name: str, field: str = "refiner_checkpoint") -> None:
     """The refiner continues the base's latents, so it must share its latent space (VAE scale and shape,
-    noise schedule) and take no input of its own: for an SDXL base, an SDXL refiner or SDXL base."""
+    noise schedule) and take no input of its own: for an SDXL base, an SDXL refiner or SDXL base. (Also the
+    hires pass's other model when it takes the latents as they are: ``field`` hr_checkpoint_name.)"""
     same_space = (
         refiner.latent_scale == base.latent_scale
         and refiner.vae.downscale == base.vae.downscale
@@ -82,8 +90,8 @@ def check_family(base, refiner, name: str) -> None:
     )
     if not same_space or refiner.conditioner.needs or refiner.conditioner.concat_channels:
         raise RequestError(
-            f"refiner_checkpoint {name}: a {refiner.name} model ({refiner.title}) cannot continue the latents of "
-            f"a {base.name} model; choose a refiner of the same latent space (for SDXL: an SDXL refiner or base)"
+            f"{field} {name}: a {refiner.name} model ({refiner.title}) cannot continue the latents of "
+            f"a {base.name} model; choose a model of the same latent space (for SDXL: an SDXL refiner or base)"
         )
 
 

@@ -66,6 +66,9 @@ class HiresOptions:
     negative_prompt: str = ""
     sampler: str = ""
     schedule: str = ""
+    # A1111's hr_checkpoint_name: another model for the hires pass (a checkpoint path, or in Python a loaded
+    # Pipeline; "" or "Use same checkpoint": this one), see pipelines/hires.py
+    checkpoint: Any = ""
 
 
 @dataclass
@@ -186,6 +189,7 @@ _FLAT = {
     "hr_negative_prompt": ("hires", "negative_prompt"),
     "hr_sampler_name": ("hires", "sampler"),
     "hr_scheduler": ("hires", "schedule"),
+    "hr_checkpoint_name": ("hires", "checkpoint"),
     "refiner_checkpoint": ("refiner", "checkpoint"),
     "refiner_switch_at": ("refiner", "switch_at"),
     "refiner_switch_by_steps": ("refiner", "switch_by_steps"),
