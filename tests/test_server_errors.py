@@ -100,9 +100,9 @@ def test_wrong_types_and_unknown_names(env):
     # a setting every later request would fail on is refused when it is set
     _err(s.post("/sdapi/v1/options", {"randn_source": "gpu"}), 400, "randn_source", "CPU, GPU, NV")
     assert s.post("/sdapi/v1/txt2img", OK).status_code == 200
-    # an infotext whose hires pass ran another model cannot run here: refused, not dropped
+    # an infotext whose hires pass ran a model this server does not list: refused, not dropped
     text = "a cat\nSteps: 2, Seed: 1, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, Hires checkpoint: b"
-    _err(s.post("/sdapi/v1/txt2img", {"infotext": text}), 400, "Hires checkpoint")
+    _err(s.post("/sdapi/v1/txt2img", {"infotext": text}), 400, "hr_checkpoint_name", "unknown model 'b'")
     _err(s.post("/sdapi/v1/img2img", {**OK, "init_images": [], "denoising_strength": False}), 422, "denoising_strength")
     body = _err(s.post("/sdapi/v1/txt2img", {**OK, "sampler_name": "Warp Drive"}), 400, "unknown sampler", "Euler a")
     assert body["field"] == "sampler_name"

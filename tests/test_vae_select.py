@@ -110,7 +110,7 @@ def server(vaes, tmp_path_factory):
     shutil.copy(bundled_model_path(), models / "demo.safetensors")
     shutil.copy(bundled_model_path(), models / "twin.safetensors")
     shutil.copy(vaes["other"], models / "twin.vae.safetensors")  # A1111's VAE beside a checkpoint
-    s = Server("--models-dir", str(models), tmp=root)
+    s = Server("--models-dir", str(models), "--max-models", "2", tmp=root)
     yield s
     s.close()
 
@@ -188,3 +188,23 @@ def test_server_refuses_unknown_vaes_and_paths(server, value, words):
         assert r.status_code == 400 and words in r.text, r.text
         assert "sd_vae" in r.text
     assert server.get("/sdapi/v1/options").status_code == 200
+
+
+def test_server_hires_checkpoint_runs_the_other_model_with_its_vae(server, vaes):
+    """hr_checkpoint_name names a listed model; the hires pass runs it with the VAE sd_vae gives it
+    (Automatic: twin's own twin.vae.safetensors), as the Python API given that model loaded with that VAE."""
+    body = {**BODY, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "denoising_strength": 0.5}
+    auto = {"override_settings": {"sd_vae": "Automatic"}}
+    r = server.post("/sdapi/v1/txt2img", {**body, **auto, "hr_checkpoint_name": "twin.safetensors"})
+    assert r.status_code == 200, r.text
+    pipe = latentforge.load(bundled_model_path(), dtype="fp32")
+    twin = latentforge.load(bundled_model_path(), dtype="fp32", vae=vaes["other"])
+    want = pipe.txt2img("a red circle", enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_checkpoint_name=twin,
+                        **{**GEN, "denoising_strength": 0.5})  # fmt: skip
+    assert np.array_equal(_image(r.json()["images"][0]), _pixels(want))
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert "Hires checkpoint: twin [" in text
+    again = server.post("/sdapi/v1/txt2img", {"infotext": text, **auto})  # the name from the infotext
+    assert again.status_code == 200 and np.array_equal(_image(again.json()["images"][0]), _pixels(want))
+    bad = server.post("/sdapi/v1/txt2img", {**body, "hr_checkpoint_name": "../elsewhere.safetensors"})
+    assert bad.status_code == 400 and "hr_checkpoint_name" in bad.text

@@ -82,6 +82,7 @@ class GenerationOptions(TypedDict, total=False):
     hr_negative_prompt: str
     hr_sampler_name: str
     hr_scheduler: str
+    hr_checkpoint_name: Any  # another model for the hires pass: a path or a loaded Pipeline
     refiner_checkpoint: str
     refiner_switch_at: float
     refiner_switch_by_steps: bool

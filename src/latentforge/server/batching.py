@@ -31,7 +31,9 @@ def job_key(job: Job, default_model: str | None) -> tuple | None:
     """What jobs must share to run together (None: this job runs alone): the model and VAE it will use, the task
     and every request setting but the per-image ones (``pipelines.batch.batch_key``)."""
     spec = job.spec
-    if spec.kind not in ("txt2img", "img2img") or spec.request is None or spec.refiner_model is not None:
+    if spec.kind not in ("txt2img", "img2img") or spec.request is None:
+        return None
+    if spec.refiner_model is not None or spec.hires_model is not None:  # another model: generate loads it
         return None
     model = spec.model or default_model
     if model is None:

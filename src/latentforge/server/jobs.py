@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from latentforge.io.images import next_free_names, save_png
+from latentforge.pipelines.checks import hires_checkpoint
 from latentforge.pipelines.generate import GenerationResult, Interrupted, Progress, generate, pick_seeds
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.batching import run_batch, take_batch
@@ -97,6 +98,7 @@ class JobSpec:
     payload: Any = None  # what the client sent (for the response), not used by the worker
     save_to: Path | None = None  # the server's --outdir when the client asked for save_images
     refiner_model: str | None = None  # a catalog name: the worker puts the loaded refiner in the request
+    hires_model: str | None = None  # a catalog name: the worker puts the loaded hires pass's model in the request
     vae: str | None = None  # "Automatic", "None" or a VAE file name (ServerConfig.vaes); None: leave it as is
 
 
@@ -213,6 +215,9 @@ def make_spec(
     spec.vae = vae
     if getattr(req, "refiner", None) is not None and isinstance(req.refiner.checkpoint, str):
         spec.refiner_model = catalog.resolve(req.refiner.checkpoint, "refiner_checkpoint")
+    other = hires_checkpoint(req.hires) if getattr(req, "hires", None) is not None else None
+    if isinstance(other, str):
+        spec.hires_model = catalog.resolve(other, "hr_checkpoint_name")
     return spec
 
 
@@ -403,6 +408,17 @@ class JobQueue:
             refiner = self.cache.get(spec.refiner_model)
             pipe = self.cache.get(name, spec.vae)
             req = dataclasses.replace(req, refiner=dataclasses.replace(req.refiner, checkpoint=refiner))
+        if spec.hires_model is not None:  # the same, for the hires pass's model
+            other: object = ""  # the job's own model: the hires pass runs it
+            if spec.hires_model != name:
+                if self.config.max_models < 2:
+                    raise RequestError(
+                        "hr_checkpoint_name: another model for the hires pass needs two loaded models; "
+                        "start with --max-models 2"
+                    )
+                other = self.cache.get(spec.hires_model, spec.vae)  # sd_vae applies to it too, as in A1111
+                pipe = self.cache.get(name, spec.vae)
+            req = dataclasses.replace(req, hires=dataclasses.replace(req.hires, checkpoint=other))
         seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
         job.iterations = req.batch_count
         for it in range(req.batch_count):

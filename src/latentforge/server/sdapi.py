@@ -6,7 +6,7 @@ Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` m
 source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
 request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
 ``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
-honour (restore_faces, scripts, a hires pass with another model) are refused with a
+honour (restore_faces, scripts) are refused with a
 message naming them, never silently dropped;
 fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
 lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
@@ -339,6 +339,7 @@ def to_request(
                 hr_negative_prompt=p["hr_negative_prompt"] or "",
                 hr_sampler_name=p["hr_sampler_name"] or "",
                 hr_scheduler=p["hr_scheduler"] or "",
+                hr_checkpoint_name=p["hr_checkpoint_name"] or "",  # a catalog name (jobs.make_spec)
                 denoising_strength=0.7 if p["denoising_strength"] is None else p["denoising_strength"],
             )
     ours = {f.name for f in dataclasses.fields(GenerationRequest)}
@@ -556,9 +557,6 @@ def _check_unsupported(p: dict) -> None:
     for name in ("latent_mask", "firstpass_image"):  # (not payload fields: read from the extra ones)
         if p.get(name):
             _refuse(name, "is not available in latentforge; leave it out")
-    name = p.get("hr_checkpoint_name")
-    if p.get("enable_hr") and name and name != "Use same checkpoint":
-        _refuse("hr_checkpoint_name", "a second model for the hires pass is not available; leave it empty")
 
 
 def _apply_styles(p: dict, styles: Callable[[], dict] | None) -> None:

@@ -56,8 +56,6 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
         labels = parse_infotext(text)[2]
     except (RequestError, ValueError) as e:
         raise FieldError("infotext", f"cannot be read: {e}") from None
-    if "Hires checkpoint" in labels:  # A1111 writes it only when the hires pass ran another model
-        raise FieldError("infotext", "its Hires checkpoint (a second model for the hires pass) is not available")
     found: dict[str, Any] = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}
     for label, (field, attr) in _INFOTEXT_FIELDS.items():
         if label in labels:
@@ -74,6 +72,7 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
         found.update(hr_resize_x=h.resize_x, hr_resize_y=h.resize_y)
         found.update(hr_prompt=h.prompt, hr_negative_prompt=h.negative_prompt)
         found.update(hr_sampler_name=h.sampler or None, hr_scheduler=h.schedule or None)
+        found.update(hr_checkpoint_name=h.checkpoint or None)  # a name: resolved in the catalog
     for field, value in found.items():
         if field in p and field not in given:
             p[field] = value
