@@ -355,3 +355,29 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
         read_styles_file(fifo)
     with pytest.raises(StylesFileError, match="not a file"):
         read_styles(fifo)
+
+
+def test_cli_style_applies_to_the_prompt_and_hires_prompt(tmp_path, capsys):
+    """latentforge txt2img --style NAME --styles-file F: the infotext holds the styled prompts, written
+    out by hand from A1111's rules ({prompt} replaced; otherwise appended after ", ")."""
+    from PIL import Image
+
+    from latentforge.cli import main
+    from latentforge.demo import bundled_model_path
+
+    if bundled_model_path() is None:
+        pytest.skip("no bundled demo model")
+    csv_path = tmp_path / "styles.csv"
+    csv_path.write_text('name,prompt,negative_prompt\nframed,"{prompt}, in a frame",blurry\nink,ink drawing,\n')
+    out = tmp_path / "a.png"
+    common = ["txt2img", "a cat", "--steps", "1", "-W", "64", "-H", "64", "-o", str(out), "-n", "x"]
+    args = [*common, "--style", "ink", "--style", "framed", "--styles-file", str(csv_path)]
+    assert main([*args, "--hires", "1.5", "--hires-prompt", "a dog"]) == 0, capsys.readouterr().err
+    text = Image.open(out).info["parameters"]
+    assert text.startswith("a cat, ink drawing, in a frame\nNegative prompt: x, blurry\n")
+    assert 'Hires prompt: "a dog, ink drawing, in a frame"' in text
+    out.unlink()
+    assert main([*common, "--style", "inkk", "--styles-file", str(csv_path)]) == 2
+    assert "unknown style 'inkk'" in capsys.readouterr().err
+    assert main([*common, "--style", "ink"]) == 2
+    assert "--style needs --styles-file" in capsys.readouterr().err

@@ -148,6 +148,19 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--style",
+        action="append",
+        default=[],
+        help="apply a saved A1111 prompt style by name (repeatable, in order; from --styles-file)",
+    )
+    p.add_argument(
+        "--styles-file",
+        action="append",
+        default=[],
+        help="an A1111 styles.csv (repeatable, wildcards allowed; default: the styles.csv of the A1111 "
+        "installation the model is in)",
+    )
+    p.add_argument(
         "--sgm-noise",
         dest="sgm_noise_multiplier",
         action="store_true",
@@ -386,10 +399,31 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
             raise ValueError(f"--seed-resize-from takes WIDTHxHEIGHT, got {args.seed_resize_from!r}") from None
         options.update(seed_resize_from_w=w, seed_resize_from_h=h)
     req = req.with_options(**options)
+    if getattr(args, "style", None):
+        req = _styled(req, args)
     if args.seed is not None or args.batch_size is not None or args.batch_count is not None:
         pick = None  # the user asked for other images than the stored one
     req.validate(img2img=img2img and not x4, upscaler_files=bool(upscaler_dirs))
     return req, pick, meta
+
+
+def _styled(req, args: argparse.Namespace):
+    """The request with the --style styles applied (A1111's rules, conditioning/styles.py) to its prompts."""
+    import dataclasses
+
+    from latentforge.conditioning.styles import apply_styles_to_passes, read_styles
+
+    files = list(args.styles_file)
+    if not files and args.model is not None and Path(args.model).resolve().parent.parent.name.lower() == "models":
+        files = [Path(args.model).resolve().parent.parent.parent / "styles.csv"]  # models/Stable-diffusion/x
+    if not files:
+        raise ValueError("--style needs --styles-file (an A1111 styles.csv)")
+    h = req.hires
+    texts = (req.prompt, req.negative_prompt, h.prompt if h else "", h.negative_prompt if h else "")
+    prompt, negative, hr_prompt, hr_negative = apply_styles_to_passes(texts, args.style, read_styles(files))
+    if h is not None:
+        h = dataclasses.replace(h, prompt=hr_prompt, negative_prompt=hr_negative)
+    return dataclasses.replace(req, prompt=prompt, negative_prompt=negative, hires=h)
 
 
 def parse_control(value: str, module: str = "none") -> dict:

@@ -176,6 +176,20 @@ def apply_styles(
     return prompt, negative_prompt
 
 
+def apply_styles_to_passes(
+    prompts: tuple[str, str, str, str], names: Iterable[str], styles: Mapping[str, PromptStyle]
+) -> tuple[str, str, str, str]:
+    """``apply_styles`` on a txt2img request's (prompt, negative prompt, hires prompt, hires negative
+    prompt), as A1111's ``setup_prompts`` styles all of them. An empty hires prompt means the first pass's
+    (its styled text) and stays empty."""
+    prompt, negative, hr_prompt, hr_negative = prompts
+    prompt, negative = apply_styles(prompt, negative, names, styles)
+    if hr_prompt or hr_negative:
+        styled = apply_styles(hr_prompt, hr_negative, names, styles)
+        hr_prompt, hr_negative = (styled[0] if hr_prompt else hr_prompt), (styled[1] if hr_negative else hr_negative)
+    return prompt, negative, hr_prompt, hr_negative
+
+
 # ------------------------------------------------------------------------------------------- recognising
 
 

@@ -564,16 +564,17 @@ def _apply_styles(p: dict, styles: Callable[[], dict] | None) -> None:
     the negative prompt and the hires pass's own ones (``conditioning.styles``; an empty hr_prompt is the
     styled prompt), before the networks are taken out of the text, as A1111's ``setup_prompts``."""
     from latentforge.conditioning.prompt import PromptError
-    from latentforge.conditioning.styles import StylesFileError, UnknownStyleError, apply_styles
+    from latentforge.conditioning.styles import StylesFileError, UnknownStyleError, apply_styles_to_passes
 
-    names = p["styles"]
     try:
         known = styles() if styles is not None else {}
-        p["prompt"], p["negative_prompt"] = apply_styles(p["prompt"] or "", p["negative_prompt"] or "", names, known)
-        if p.get("enable_hr") and (p.get("hr_prompt") or p.get("hr_negative_prompt")):
-            hr = apply_styles(p.get("hr_prompt") or "", p.get("hr_negative_prompt") or "", names, known)
-            p["hr_prompt"] = hr[0] if p.get("hr_prompt") else p["hr_prompt"]
-            p["hr_negative_prompt"] = hr[1] if p.get("hr_negative_prompt") else p["hr_negative_prompt"]
+        texts = [p.get(k) or "" for k in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")]
+        if not p.get("enable_hr"):
+            texts[2:] = ["", ""]
+        styled = apply_styles_to_passes(tuple(texts), p["styles"], known)
+        p["prompt"], p["negative_prompt"] = styled[:2]
+        if p.get("enable_hr"):
+            p["hr_prompt"], p["hr_negative_prompt"] = styled[2:]
     except UnknownStyleError as e:
         _refuse("styles", f"{e.args[0]} (/sdapi/v1/prompt-styles lists them)")
     except (StylesFileError, PromptError, TypeError, ValueError) as e:
