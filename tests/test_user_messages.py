@@ -58,6 +58,22 @@ def test_info_of_a_comfyui_img2img_batch_names_img2img_and_the_strength(tmp_path
     assert "Denoising strength: 0.6" in out and "Batch size: 3" in out
 
 
+def test_info_json_of_a_comfyui_png_is_the_request_from_runs(tmp_path, capsys):
+    """--json gave nothing more for a ComfyUI image; it now prints the request --from would run (the same
+    reader: request_from_image), as JSON."""
+    import json
+
+    graph = copy.deepcopy(COMFY)
+    graph["3"]["inputs"]["denoise"] = 0.6
+    png = comfy_png(tmp_path / "j.png", graph)
+    assert main(["info", str(png), "--json"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[out.index("\n{") + 1 :])
+    req, about = request_from_image(png)
+    assert record["source"] == "comfyui" and record["mode"] == "img2img" == about["mode"]
+    assert record["request"]["seed"] == req.seed and record["request"]["denoising_strength"] == 0.6
+
+
 def test_info_of_a_comfyui_img2img_from_an_encoded_image_has_no_size(tmp_path, capsys):
     """Latents from VAEEncode (no EmptyLatentImage): the size is the init image's, so none is printed."""
     graph = copy.deepcopy(COMFY)

@@ -148,6 +148,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     command = "img2img INIT_IMAGE" if about["mode"] == "img2img" else "txt2img"
     print(terminal_safe(f"{graph}; `latentforge {command} --from` reads these parameters from it:", newlines=False))
     print(terminal_safe(_comfy_infotext(req, about)))
+    if getattr(args, "json", False):  # the request --from would run, as our record's "request" holds one
+        import json
+
+        record = {"source": "comfyui", "mode": about["mode"], "model": about.get("model"), "request": req.to_dict()}
+        print(terminal_safe(json.dumps(record, indent=2, default=str)))
     return 0
 
 
