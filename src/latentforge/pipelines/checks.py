@@ -233,7 +233,15 @@ CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more 
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_HR_OPTIONS = ("Both", "Low res only", "High res only")  # the passes of a hires fix a unit controls
 # the A1111 ControlNet extension's module names; "hed" and "hed_safe" are its old names of the HED ones
-CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe")
+CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe", "inpaint",
+                   "inpaint_global_harmonious")  # fmt: skip
+# the extension's modules that latentforge refuses by name, with why
+CONTROL_REFUSED_MODULES = {
+    "inpaint_only": "keeps the unmasked area from the original latents while sampling, which latentforge does not "
+    "do for ControlNet units; use inpaint_global_harmonious (or img2img inpainting with its mask)",
+    "inpaint_only+lama": "needs the LaMa inpainting model (big-lama), which latentforge does not have; use "
+    "inpaint_global_harmonious",
+}
 
 
 def mode_index(value: int | str, names: tuple[str, ...], field_name: str) -> int:
@@ -271,6 +279,8 @@ def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
     where = f"control unit {i}"
     need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
     need(u.image is not None, f"{where}: no control image was given ('image')")
+    refused = CONTROL_REFUSED_MODULES.get(u.module) if isinstance(u.module, str) else None
+    need(refused is None, f"{where}: module {u.module!r} is not available in latentforge: it {refused}")
     need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")
     w = u.weight
     need(isinstance(w, (int, float)) and math.isfinite(w) and 0 <= w <= 2, f"{where}: weight must be 0 to 2, got {w!r}")

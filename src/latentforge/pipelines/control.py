@@ -15,6 +15,15 @@ with the median colour of the map's border) and wraps the pass's model denoiser 
 in a hires pass canny units use the soft weights, as the extension forces them there. The refiner's pass is left alone.
 A unit's ``effective_region_mask`` (the image's first channel over 255) scales each of its residuals,
 resized to the residual's size (bilinear), as the extension's ``apply_effective_region_mask``.
+
+Inpaint units ("inpaint", labelled "inpaint_global_harmonious"; control_v11p_sd15_inpaint) take their image
+and mask as the extension's ``{"image": ..., "mask": ...}`` dict (or an ``(image, mask)`` pair) in ``image``;
+the mask is the first channel of the mask image (an RGBA mask composited over white first, as the extension's
+``HWC3``), white = repaint, and must have the image's size; no mask masks nothing. As the extension's
+``detectmap_proc``, image and mask are fitted to each pass together in float32 (nearest when the image has
+3 to 199 colours, else area down / cubic up; Resize and Fill pads with the border's median colour and a
+masked pad), the mask is then thresholded at > 127, and the hint is the image over 255 with the masked
+pixels set to -1 (the extension's ``c * (1 - m) - m`` in hook.py, diffusers' ``make_inpaint_condition``).
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hire
 MAX_PREPROCESS_PIXELS = 4096 * 4096  # the padded control image of the pad64 preprocessors (canny)
 MAX_HED_PIXELS = 4096 * 2048  # HED keeps two 64-channel float32 maps of this size: about 4 GB
 HED_MODULES = {"softedge_hed": False, "hed": False, "softedge_hedsafe": True, "hed_safe": True}  # name -> safe
+INPAINT_MODULES = ("inpaint", "inpaint_global_harmonious")  # the extension's name and label
+MASK_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
 @dataclass
@@ -67,6 +78,13 @@ class PreparedUnit:
     image: np.ndarray | None = None  # the control image (H, W, 3) uint8, for pixel perfect
     near: Path | None = None  # the ControlNet file (its folder is searched for preprocessor models)
     maps: dict = field(default_factory=dict)  # pixel perfect: processor resolution -> detected map
+    mask: np.ndarray | None = None  # inpaint units: the mask (H, W) uint8 at the image's size, white = repaint
+
+    def perfect_res(self, width: int, height: int) -> int:
+        """The extension's ``pixel_perfect_resolution`` for a pass of ``width`` x ``height``."""
+        h, w = self.image.shape[:2]
+        k = (min if self.resize_mode == 2 else max)(height / h, width / w)
+        return int(np.round(k * min(h, w)))
 
     def detected_at(self, pipe, width: int, height: int) -> tuple[np.ndarray, int]:
         """The detected map for a pass of ``width`` x ``height`` and the preprocessor resolution it used:
@@ -74,9 +92,7 @@ class PreparedUnit:
         scale that covers the pass, or fits it for Resize and Fill)."""
         if not self.unit.pixel_perfect:
             return self.detected, int(self.unit.processor_res)
-        h, w = self.image.shape[:2]
-        k = (min if self.resize_mode == 2 else max)(height / h, width / w)
-        res = int(np.round(k * min(h, w)))
+        res = self.perfect_res(width, height)
         if res not in self.maps:
             unit = dataclasses.replace(self.unit, processor_res=max(res, 1))
             self.maps[res] = preprocess(pipe, unit, Image.fromarray(self.image), self.near)
@@ -101,6 +117,49 @@ def read_control_image(value, where: str) -> Image.Image:
             raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
         return open_image(io.BytesIO(raw), where).convert("RGB")  # the shared reader's checks
     return open_image(value, where).convert("RGB")
+
+
+def read_inpaint_mask(value, size: tuple[int, int], where: str) -> np.ndarray:
+    """An inpaint unit's mask -> (H, W) uint8, white = repaint: the first channel of the image, an image
+    with transparency composited over white first (the extension's ``HWC3``); it must have ``size``."""
+    if isinstance(value, Image.Image):
+        image = open_image(value, where)
+    elif isinstance(value, str) and not Path(value).exists() and len(value) > 256:
+        data = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            image = open_image(io.BytesIO(base64.b64decode(data, validate=True)), where)
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
+    else:
+        image = open_image(value, where)
+    if image.mode not in MASK_MODES:
+        raise RequestError(f"{where}: a mask must be a grey, RGB or RGBA 8-bit image, got mode {image.mode!r}")
+    if image.size != size:
+        raise RequestError(
+            f"{where}: the mask is {image.size[0]}x{image.size[1]} but the unit's image is {size[0]}x{size[1]}; "
+            "they must have the same size"
+        )
+    if image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        first = rgba[:, :, 0] * (rgba[:, :, 3] / 255.0) + 255.0 * (1.0 - rgba[:, :, 3] / 255.0)
+        return first.clip(0, 255).astype(np.uint8)
+    return np.asarray(image.convert("RGB"))[:, :, 0].copy()
+
+
+def split_inpaint_image(value, where: str) -> tuple[object, object]:
+    """The extension's inpaint forms of ``image``: ``{"image": ..., "mask": ...}`` or ``(image, mask)``;
+    anything else is the image alone (no mask)."""
+    if isinstance(value, dict):
+        unknown = set(value) - {"image", "mask"}
+        if unknown or value.get("image") is None:
+            keys = sorted(map(str, value))
+            raise RequestError(f"{where}: an image dict must be {{'image': ..., 'mask': ...}}, got keys {keys}")
+        return value["image"], value.get("mask")
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise RequestError(f"{where}: an (image, mask) pair must have 2 items, got {len(value)}")
+        return value[0], value[1]
+    return value, None
 
 
 def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -221,6 +280,56 @@ def fit(detected: np.ndarray, width: int, height: int, mode: int) -> np.ndarray:
     return out
 
 
+def _inpaint_resize(rgba: np.ndarray, width: int, height: int, colours: int) -> np.ndarray:
+    """The extension's ``high_quality_resize`` of an inpaint map (float32 RGB + mask): nearest for 3 to 199
+    colours, else area when shrinking and cubic otherwise; the mask then thresholded at > 127."""
+    import cv2
+
+    h, w = rgba.shape[:2]
+    out = rgba
+    if (h, w) != (height, width):
+        if 2 < colours < 200:
+            interpolation = cv2.INTER_NEAREST
+        elif width * height < w * h:
+            interpolation = cv2.INTER_AREA
+        else:
+            interpolation = cv2.INTER_CUBIC
+        out = cv2.resize(rgba, (width, height), interpolation=interpolation)
+    out = out.copy()
+    out[:, :, 3] = np.where(out[:, :, 3] > 127, 255.0, 0.0)
+    return out
+
+
+def inpaint_hint(image: np.ndarray, mask: np.ndarray | None, width: int, height: int, mode: int) -> Tensor:
+    """An inpaint unit's hint (1, 3, height, width): the image and mask fitted as the extension's
+    ``detectmap_proc`` does, the image over 255 with the masked pixels (mask > 0.5) at -1."""
+    if mask is None:
+        mask = np.zeros(image.shape[:2], np.uint8)
+    rgba = np.concatenate([image, mask[:, :, None]], axis=2).astype(np.float32)
+    packed = (image[:, :, 0].astype(np.int32) << 16) | (image[:, :, 1].astype(np.int32) << 8) | image[:, :, 2]
+    colours = len(np.unique(packed))
+    h, w = image.shape[:2]
+    if mode == 0:
+        out = _inpaint_resize(rgba, width, height, colours)
+    elif mode == 1:
+        k = max(height / h, width / w)
+        nh, nw = max(1, round(h * k)), max(1, round(w * k))
+        top, left = max(0, (nh - height) // 2), max(0, (nw - width) // 2)
+        out = _inpaint_resize(rgba, nw, nh, colours)[top : top + height, left : left + width]
+    else:
+        k = min(height / h, width / w)
+        nh, nw = max(1, round(h * k)), max(1, round(w * k))
+        border = np.concatenate([rgba[0], rgba[-1], rgba[:, 0], rgba[:, -1]], axis=0)
+        colour = np.median(border, axis=0).astype(np.float32)
+        colour[3] = 255.0  # the pad is masked: outpainting
+        out = np.tile(colour[None, None], (height, width, 1))
+        top, left = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
+        out[top : top + nh, left : left + nw] = _inpaint_resize(rgba, nw, nh, colours)
+    x = torch.from_numpy(np.ascontiguousarray(out) / 255.0).float().permute(2, 0, 1)[None]
+    c, m = x[:, :3], (x[:, 3:] > 0.5).float()
+    return (c * (1 - m) - m).contiguous()
+
+
 def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Tensor:
     """(1, 3, height, width) in [0, 1], as the extension and diffusers give ControlNets their image."""
     arr = fit(detected, width, height, mode)
@@ -237,7 +346,10 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
             path = pipe.folders.find_controlnet(unit.model)
         except AdapterNotFound as e:
             raise RequestError(f"{where}: {e}") from None
-        image = read_control_image(unit.image, f"{where} image")
+        inpaint = unit.module in INPAINT_MODULES
+        value, mask_value = split_inpaint_image(unit.image, f"{where} image") if inpaint else (unit.image, None)
+        image = read_control_image(value, f"{where} image")
+        mask = None if mask_value is None else read_inpaint_mask(mask_value, image.size, f"{where} mask")
         key = f"controlnet {Path(path).resolve()} {pipe.dtype}"
         try:
             net = pipe.cached(key, lambda p=path: load_controlnet(p, pipe.unet.config, pipe.dtype, pipe.device))
@@ -245,14 +357,14 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
             raise RequestError(f"{where}: {e}") from None
         name = f"{Path(path).stem} [{legacy_model_hash(path)}]"
         try:  # pixel perfect: per pass size (``apply``)
-            detected = None if unit.pixel_perfect else preprocess(pipe, unit, image, Path(path))
+            detected = None if unit.pixel_perfect or inpaint else preprocess(pipe, unit, image, Path(path))
         except RequestError as e:
             raise RequestError(f"{where}: {e}") from None
         region = None
         if unit.effective_region_mask is not None:  # the extension: the image's first channel / 255
-            mask = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
-            region = torch.from_numpy(mask[:, :, 0].astype(np.float32) / 255.0)[None, None]
-        units.append(PreparedUnit(unit, net, name, detected, region, np.asarray(image), Path(path)))
+            area = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
+            region = torch.from_numpy(area[:, :, 0].astype(np.float32) / 255.0)[None, None]
+        units.append(PreparedUnit(unit, net, name, detected, region, np.asarray(image), Path(path), mask=mask))
     return units
 
 
@@ -273,15 +385,20 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
             option = mode_index(u.unit.hr_option, CONTROL_HR_OPTIONS, "hr_option")
             if hires and option == (1 if p.name == "hires" else 2):  # "Low res only" / "High res only"
                 continue
-            try:
-                detected, res = u.detected_at(pipe, width, height)
-            except RequestError as e:
-                raise RequestError(f"control unit {i}: {e}") from None
+            if u.unit.module in INPAINT_MODULES:  # no preprocessor: the image and its mask
+                hint = inpaint_hint(u.image, u.mask, width, height, u.resize_mode)
+                res = u.perfect_res(width, height) if u.unit.pixel_perfect else int(u.unit.processor_res)
+            else:
+                try:
+                    detected, res = u.detected_at(pipe, width, height)
+                except RequestError as e:
+                    raise RequestError(f"control unit {i}: {e}") from None
+                hint = hint_tensor(detected, width, height, u.resize_mode)
             resolutions.setdefault(i, res)
             active.append(
                 ActiveUnit(
                     u.net,
-                    hint_tensor(detected, width, height, u.resize_mode).to(pipe.dtype),
+                    hint.to(pipe.dtype),
                     float(u.unit.weight),
                     float(u.unit.guidance_start),
                     float(u.unit.guidance_end),
@@ -310,7 +427,11 @@ def infotext(units: list[PreparedUnit], resolutions: dict[int, int] | None = Non
         if unit.module == "canny":
             low = low if low >= 0 else CANNY_DEFAULTS[0]
             high = high if high >= 0 else CANNY_DEFAULTS[1]
-        if unit.module != "none" and res <= 0:
+        if unit.module in INPAINT_MODULES:  # hidden sliders of range 0..1: outside it, their default 0.5
+            low, high = (v if 0 <= v <= 1 else 0.5 for v in (low, high))
+            if not (unit.pixel_perfect and resolutions and i in resolutions) and not 0 <= res <= 1:
+                res = 0.5
+        elif unit.module != "none" and res <= 0:
             res = DEFAULT_RES
         fields = {
             "Module": unit.module,

@@ -1,6 +1,7 @@
 """The A1111 ControlNet extension's units in an API payload (``alwayson_scripts.controlnet.args``) ->
 latentforge's ``control`` units: models by the names ``/controlnet/model_list`` gives (never paths), images
-decoded within the request's pixel budget, and the fields that would change the image but cannot run
+decoded within the request's pixel budget (an inpaint unit's mask too, then carried with its image in the
+extension's ``{"image": ..., "mask": ...}`` form), and the fields that would change the image but cannot run
 refused (never dropped)."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from latentforge.pipelines.checks import CONTROL_REFUSED_MODULES
+from latentforge.pipelines.control import INPAINT_MODULES, MASK_MODES
 from latentforge.server.errors import FieldError
 
 
@@ -49,11 +52,16 @@ def control_units(
         mask = unit.get("mask") or unit.get("mask_image")
         if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
             image, mask = image.get("image"), mask or image.get("mask")
-        if mask:
+        module = unit.get("module")
+        if isinstance(module, str) and module in CONTROL_REFUSED_MODULES:
+            why = CONTROL_REFUSED_MODULES[module]
+            _refuse(f"{where}.module", f"{module!r} is not available in latentforge: it {why}")
+        inpaint = module in INPAINT_MODULES
+        if mask and not inpaint:
             _refuse(
                 f"{where}.mask",
-                "a ControlNet unit's inpaint mask is not available in latentforge (no inpaint preprocessors); leave it "
-                "empty (effective_region_mask, where the unit acts, is)",
+                f"a ControlNet unit's inpaint mask is not available for module {module or 'none'!r}; it needs an "
+                f"inpaint module ({', '.join(INPAINT_MODULES)}). effective_region_mask says where a unit acts",
             )
         if not image:
             _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
@@ -62,6 +70,14 @@ def control_units(
                 _refuse(f"{where}.{key}", "is not available in latentforge; leave it null")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
         image = decode_image(image, f"{where}.image", max_pixels, budget)
+        if mask:  # the unit carries the extension's {"image", "mask"} form (pipelines/control.py reads it)
+            field = f"{where}.mask"
+            mask = decode_image(mask, field, max_pixels, budget)
+            if mask.size != image.size:
+                _refuse(field, f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
+            if mask.mode not in MASK_MODES:
+                _refuse(field, f"a mask must be a grey, RGB or RGBA 8-bit image, got mode {mask.mode!r}")
+            image = {"image": image, "mask": mask}
         region = unit.get("effective_region_mask")
         if region:  # where the unit acts (the extension's 1.1.44x field)
             fields["effective_region_mask"] = decode_image(region, f"{where}.effective_region_mask", max_pixels, budget)
