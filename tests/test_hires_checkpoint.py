@@ -88,6 +88,9 @@ def test_the_same_model_from_its_file_gives_the_plain_hires_image(pipe, models):
     )
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(same.images[0]))
     assert "Hires checkpoint" not in same.infotexts[0]
+    itself = pipe.txt2img("a cube", enable_hr=True, hr_upscaler="Latent", hr_checkpoint_name=pipe, **BASE)
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(itself.images[0]))
+    assert "Hires checkpoint" not in itself.infotexts[0] and itself.request.hires.checkpoint == ""
 
 
 def test_latents_go_only_to_a_model_of_the_same_latent_space(pipe, models):
@@ -155,3 +158,18 @@ def test_cli_hires_checkpoint_writes_the_infotext_and_needs_hires(models, tmp_pa
     assert "--hires-checkpoint set(s) the hires pass" in capsys.readouterr().err
     assert main([*common, "--hires", "1.5", "--hires-checkpoint", str(models["other"])]) == 0
     assert "Hires checkpoint: other [" in Image.open(out).info["parameters"]
+
+
+def test_token_merging_of_the_hires_pass_runs_on_the_other_model(pipe, models, monkeypatch):
+    """A1111's sample_hr_pass applies token merging (the hr ratio) to the model it switched to: here the
+    hires pass's ratio reached only the first model's UNet, so the other model ran unmerged."""
+    seen = _spy(monkeypatch)
+    options = dict(enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=str(models["other"]), **BASE)
+    merged = pipe.txt2img("a cube", token_merging_ratio_hr=0.9, **options)
+    other = latentforge.load(models["other"])
+    size = {**BASE, "width": 128, "height": 128}
+    expected = other.img2img(_lanczos_input(pipe, seen["first"], 128), "a cube", token_merging_ratio=0.9, **size)
+    assert np.array_equal(np.asarray(merged.images[0]), np.asarray(expected.images[0]))
+    plain = pipe.txt2img("a cube", **options)
+    assert not np.array_equal(np.asarray(merged.images[0]), np.asarray(plain.images[0]))
+    assert other.patcher.sources == []

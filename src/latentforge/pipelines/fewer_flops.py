@@ -175,21 +175,25 @@ def wanted(req: GenerationRequest) -> bool:
     )
 
 
-def apply(plan: Plan, pipe, req: GenerationRequest, img2img: bool) -> bool:
-    """Put the request's DeepCache and token merging on the passes that run the loaded UNet, and their
-    hooks on it (call ``remove`` afterwards). Returns whether anything was applied."""
+def apply(plan: Plan, pipe, req: GenerationRequest, img2img: bool, others=()) -> bool:
+    """Put the request's DeepCache and token merging on the passes that run the loaded UNet (or the UNet of
+    one of ``others``: the hires pass's model, as A1111 applies token merging to the model it switched
+    to), and their hooks on those UNets (call ``remove`` on each afterwards). Returns whether anything was
+    applied. The refiner's pass is left alone."""
     if not wanted(req):
         return False
-    blocks = len(pipe.unet.input_blocks)
-    if req.deepcache_interval and req.deepcache_depth >= blocks:
-        raise RequestError(
-            f"deepcache_depth must be 0 to {blocks - 1} for {pipe.family.name} (its UNet has {blocks} input "
-            f"blocks), got {req.deepcache_depth}"
-        )
+    runners = [pipe, *(o for o in others if o is not None and o is not pipe)]
+    for runner in runners:
+        blocks = len(runner.unet.input_blocks)
+        if req.deepcache_interval and req.deepcache_depth >= blocks:
+            raise RequestError(
+                f"deepcache_depth must be 0 to {blocks - 1} for {runner.family.name} (its UNet has {blocks} "
+                f"input blocks), got {req.deepcache_depth}"
+            )
     first_ratio, hr_ratio = ratios(req, img2img)
     flops = FewerFlops()
     for p in plan.passes:
-        if p.model.unet is not pipe.unet:
+        if not any(p.model.unet is runner.unet for runner in runners):
             continue
         steps = cache_steps(p.steps, req.deepcache_interval, req.deepcache_schedule)
         state = PassFlops(
@@ -202,9 +206,10 @@ def apply(plan: Plan, pipe, req: GenerationRequest, img2img: bool) -> bool:
         )
         p.wrappers.append(flops.wrapper(state))
         p.before_batch.append(state.start_batch)
-    pipe.patcher.add_hook(SOURCE, pipe.unet, pre=flops.pre_forward, with_kwargs=True)
-    if first_ratio or hr_ratio:
-        pipe.patcher.add_token_merge(SOURCE, flops.token_merge)
+    for runner in runners:
+        runner.patcher.add_hook(SOURCE, runner.unet, pre=flops.pre_forward, with_kwargs=True)
+        if first_ratio or hr_ratio:
+            runner.patcher.add_token_merge(SOURCE, flops.token_merge)
     plan.infotext.update(infotext(req, img2img, any(p.name == "hires" for p in plan.passes)))
     return True
 

@@ -234,6 +234,8 @@ def generate(
         raise RequestError("img2img needs at least one init image")
     hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
     hires_model = hires.prepare(pipe, req) if not img2img else None  # (hires is txt2img's)
+    if req.hires is not None and hires_model is None and req.hires.checkpoint is pipe:  # itself: no other model
+        req = dataclasses.replace(req, hires=dataclasses.replace(req.hires, checkpoint=""))
     control_units = control.prepare(pipe, req)  # ControlNets loaded, images preprocessed, before any sampling
 
     seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
@@ -251,13 +253,16 @@ def generate(
                     circular.add(other.loaded.unet, other.loaded.vae)
             control.apply(plan, pipe, control_units)
             plan.infotext.update(session.infotext)
-            fewer_flops.apply(plan, pipe, session.request, img2img)  # DeepCache, token merging: hooks
+            others = [hires_model.loaded] if hires_model is not None else []
+            fewer_flops.apply(plan, pipe, session.request, img2img, others)  # DeepCache, token merging: hooks
             _run(pipe, plan, session.request, seeds, subseeds, progress, out_images, partial)
     finally:
         fewer_flops.remove(pipe)
         session.close(pipe)
-        if hires_model is not None and hires_model.session is not None:
-            hires_model.session.close(hires_model.loaded)
+        if hires_model is not None and hires_model.loaded is not None:
+            fewer_flops.remove(hires_model.loaded)
+            if hires_model.session is not None:
+                hires_model.session.close(hires_model.loaded)
 
     mode = "upscale-x4" if x4 else "img2img" if img2img else "txt2img"
     if hires_model is not None:  # the record names the model's source, also when a loaded pipeline was given

@@ -117,7 +117,7 @@ def prepare(pipe, req: GenerationRequest) -> HandOff | None:
     share their latent space (``refiner.check_family``); image upscalers decode with this model's VAE and
     encode with its. None: the hires pass runs this model."""
     given = hires_checkpoint(req.hires) if req.hires is not None else None
-    if given is None:
+    if given is None or given is pipe:  # this very pipeline: no other model (A1111 writes no field then)
         return None
     if req.control:
         raise RequestError(
