@@ -232,3 +232,22 @@ def test_styles_csv_of_an_a1111_installation_is_read_by_default(tmp_path):
     assert config.styles() == {}  # a fresh installation has no styles.csv
     (tmp_path / "styles.csv").write_text(STYLES_CSV, encoding="utf-8-sig")  # A1111 writes a BOM
     assert list(config.styles()) == ["oil", "sig", "far off"]
+
+
+def test_a_damaged_styles_file_is_named_without_the_servers_folders(tmp_path):
+    (tmp_path / "styles.csv").write_text('name,prompt\nbad,"unclosed\n', encoding="utf-8")
+    queue = StubQueue()
+    c = TestClient(create_app(ServerConfig(styles_files=[tmp_path / "styles.csv"]), queue=queue))
+    for r in (c.get("/sdapi/v1/prompt-styles"), _post(c, "/sdapi/v1/txt2img", {**OK, "styles": ["bad"]})):
+        assert r.status_code in (400, 500) and "styles.csv" in r.json()["detail"], r.text
+        assert str(tmp_path) not in r.text
+    assert queue.submitted == []
+
+
+def test_refiner_with_hires_is_refused_before_any_model_loads(client):
+    """Review finding: the worker loaded (and evicted) up to three models before the refiner refused Hires.
+    fix; the request's own checks refuse the pair now, before a job exists."""
+    body = {**OK, "enable_hr": True, "refiner_checkpoint": "x.safetensors", "refiner_switch_at": 0.8}
+    r = _post(client, "/sdapi/v1/txt2img", body)
+    assert r.status_code == 400 and "refiner together with Hires. fix" in r.json()["detail"], r.text
+    assert client.queue.submitted == []

@@ -208,3 +208,37 @@ def test_server_hires_checkpoint_runs_the_other_model_with_its_vae(server, vaes)
     assert again.status_code == 200 and np.array_equal(_image(again.json()["images"][0]), _pixels(want))
     bad = server.post("/sdapi/v1/txt2img", {**body, "hr_checkpoint_name": "../elsewhere.safetensors"})
     assert bad.status_code == 400 and "hr_checkpoint_name" in bad.text
+
+
+def test_an_infotexts_vae_the_server_lacks_falls_back_to_the_checkpoints_own(server):
+    """A1111 ("Couldn't find VAE named ...; using None instead"): an infotext's VAE that is not here is not
+    a reason to refuse the request, unlike an override_settings.sd_vae the client sends."""
+    text = "a red circle\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 5, Size: 64x64, VAE: vae-ft-mse.safetensors"
+    r = server.post("/sdapi/v1/txt2img", {"infotext": text, "override_settings": {"sd_model_checkpoint": "demo"}})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(_image(r.json()["images"][0]), _python())
+    assert json.loads(r.json()["info"])["sd_vae_name"] is None
+
+
+def test_automatic_is_a1111s_prefix_rule_and_vaes_are_named_by_file(tmp_path):
+    """A1111's find_vae_near_checkpoint: the first listed VAE (VAE folders and *.vae.* beside checkpoints,
+    by name) whose file name starts with the checkpoint's stem; x.pt and x.safetensors are two VAEs."""
+    from latentforge.server.config import ServerConfig
+    from latentforge.server.models import ModelCache, ModelCatalog
+
+    models = tmp_path / "models" / "Stable-diffusion"
+    (tmp_path / "models" / "VAE").mkdir(parents=True)
+    models.mkdir()
+    for name in ("alpha.safetensors", "beta.safetensors"):
+        (models / name).write_bytes(b"x")
+    for name in ("alpha-vae.pt", "alpha-vae.safetensors", "zeta.safetensors"):
+        (tmp_path / "models" / "VAE" / name).write_bytes(b"x")
+    (models / "beta.vae.ckpt").write_bytes(b"x")
+    config = ServerConfig(models_dir=models)
+    assert list(config.vaes()) == ["alpha-vae.pt", "alpha-vae.safetensors", "beta.vae.ckpt", "zeta.safetensors"]
+    cache = ModelCache(ModelCatalog(None, models), config)
+    assert cache.vae_path("alpha.safetensors", "Automatic").name == "alpha-vae.pt"
+    assert cache.vae_path("beta.safetensors", "Automatic").name == "beta.vae.ckpt"
+    assert cache.vae_path("beta.safetensors", "None") is None
+    assert cache.vae_path("alpha.safetensors", "zeta.safetensors").name == "zeta.safetensors"
+    assert "beta.vae.ckpt" not in ModelCatalog(None, models).names()

@@ -187,6 +187,8 @@ class Pipeline:
         if self.offloader is not None:
             self.offloader.remove()
         nets = [*self.text.encoders, self.unet, self.vae]
+        if self._own_vae is not None:  # the checkpoint's VAE kept aside by set_vae: in CPU memory too
+            self._own_vae.to("cpu")
         self.offloader = make_offloader(nets, self.patcher, device, sequential=sequential)
         self.execution_device = self.offloader.device
         return self.offloader

@@ -95,8 +95,14 @@ class AdapterFolders:
         self.vae += [p for p in found_vae if p not in self.vae]
 
     def vae_files(self) -> dict[str, Path]:
-        """The standalone VAEs of ``vae`` by file name (A1111's names: "vae-ft-mse.safetensors")."""
-        return {p.name: p for p in files_by_stem(self.vae, VAE_SUFFIXES).values()}
+        """The standalone VAEs of ``vae`` by file name (A1111's names: "vae-ft-mse.safetensors"; x.pt and
+        x.safetensors are two VAEs), the first folder winning a name."""
+        out: dict[str, Path] = {}
+        for folder in self.vae:
+            for path in sorted(Path(folder).rglob("*")):
+                if path.suffix.lower() in VAE_SUFFIXES and path.is_file():
+                    out.setdefault(path.name, path)
+        return out
 
     def find_vae(self, name: str) -> Path:
         """A standalone VAE by file name or stem (or a path to a file or diffusers VAE folder)."""

@@ -70,6 +70,9 @@ MAX_STYLES_FILES = 256  # files one call reads (wildcards included)
 MAX_STYLES_PER_REQUEST = 64  # style names one request may apply
 CSV_FIELD_LIMIT = 131072  # Python's csv.field_size_limit() default, which A1111 does not change
 _SHOWN_NAMES = 40  # known names listed in an unknown-style message
+_SUGGESTED = 3  # unknown names given close matches in that message
+_SUGGEST_MAX_CHARS = 100  # ... when at most this long
+_SUGGEST_MAX_STYLES = 2000  # ... against at most this many known styles
 
 
 class StylesFileError(ValueError):
@@ -134,8 +137,11 @@ def unknown_style_message(unknown: Sequence[str], styles: Mapping[str, PromptSty
     """'unknown style 'x'' with close matches and the known names (the first ``_SHOWN_NAMES``)."""
     known = list(styles)
     parts = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    for i, name in enumerate(unknown):
+        # close matches for the first few short names only: difflib is quadratic in the lengths, and a
+        # request may name 64 unknown styles against a file of thousands (bounded time, hostile input)
+        searchable = i < _SUGGESTED and len(name) <= _SUGGEST_MAX_CHARS and len(known) <= _SUGGEST_MAX_STYLES
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6) if searchable else []
         hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
         parts.append(f"{name!r:.200}{hint}")
     what = "unknown style" if len(unknown) == 1 else "unknown styles"

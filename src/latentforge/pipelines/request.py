@@ -418,6 +418,7 @@ class GenerationRequest:
             validate_network(f"prompt: <{ref.kind}:{ref.name}>", ref, need)
         if self.refiner is not None:
             validate_refiner(self.refiner, need)
+            need(self.hires is None, "the refiner together with Hires. fix is not available; use one of them")
         if self.x4 is not None:
             validate_x4(self.x4, need)
         if self.inpaint is not None:

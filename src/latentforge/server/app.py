@@ -305,7 +305,8 @@ def create_app(
         try:
             found = config.styles()
         except StylesFileError as e:  # the server's own file is damaged: say so, as a request would hear it
-            raise ApiError(500, str(e), kind="StylesFileError") from None
+            log.warning("styles: %s", e)
+            raise ApiError(500, sdapi.without_folders(str(e)), kind="StylesFileError") from None
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in found.values()]
 
     @app.get("/sdapi/v1/face-restorers")

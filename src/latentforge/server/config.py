@@ -58,12 +58,13 @@ class ServerConfig:
         """Standalone VAEs by file name, as /sdapi/v1/sd-vae lists them and ``sd_vae`` names them: the VAE
         folders' files, then those beside the checkpoints named like one (``*.vae.safetensors``, A1111's)."""
         found = self.network_folders().vae_files()
-        places = [Path(self.models_dir)] if self.models_dir else []
-        for folder in places:
-            for path in sorted(folder.rglob("*")):
-                if path.name.lower().endswith(VAE_BESIDE) and path.is_file():
-                    found.setdefault(path.name, path)
-        return {k: v.resolve() for k, v in found.items()}
+        beside = [p for p in sorted(Path(self.models_dir).rglob("*"))] if self.models_dir else []
+        if self.model is not None and Path(self.model).is_file():  # the startup model's folder too
+            beside += sorted(Path(self.model).resolve().parent.glob("*"))
+        for path in beside:
+            if path.name.lower().endswith(VAE_BESIDE) and path.is_file():
+                found.setdefault(path.name, path)
+        return {k: v.resolve() for k, v in sorted(found.items())}
 
     def styles(self) -> dict:
         """The saved prompt styles by name (``conditioning.styles``), read afresh: the --styles-file files,

@@ -125,21 +125,20 @@ class ModelCache:
             try:
                 pipe.set_vae(path)
             except (ValueError, OSError) as e:  # a VAE that does not fit this model, or a damaged file
-                raise RequestError(f"sd_vae: {vae} cannot be used with {name}: {e}") from None
+                log.warning("sd_vae %s for %s: %s", vae, name, e)
+                reason = str(e).replace(str(path), Path(path).name) if path is not None else str(e)
+                raise RequestError(f"sd_vae: {vae} cannot be used with {name}: {reason}") from None
         return pipe
 
     def vae_path(self, name: str, vae: str) -> Path | None:
         """The VAE file ``vae`` means for model ``name`` (None: the checkpoint's own). "Automatic" is A1111's
-        rule: a VAE beside the checkpoint named like it (``model.vae.safetensors``, ``.vae.pt``,
-        ``.vae.ckpt``), else the checkpoint's own."""
+        rule: the first VAE of ``ServerConfig.vaes`` (the VAE folders and ``*.vae.*`` beside checkpoints, by
+        name) whose file name starts with the checkpoint's (``model.vae.safetensors``), else its own."""
         if vae == "None":
             return None
-        if vae == "Automatic":
-            path = self.catalog.path(name)
-            if not path.is_file():
-                return None
-            near = [path.with_name(path.stem + ext) for ext in VAE_BESIDE]
-            return next((p for p in near if p.is_file()), None)
+        if vae == "Automatic":  # A1111's find_vae_near_checkpoint: the first listed VAE named like the model
+            stem = Path(self.catalog.path(name)).name.rsplit(".", 1)[0]
+            return next((p for n, p in self.config.vaes().items() if n.startswith(stem)), None)
         found = self.config.vaes().get(vae)
         if found is None:
             raise RequestError(f"sd_vae: the VAE {vae!r} is no longer in the VAE folders; see /sdapi/v1/sd-vae")

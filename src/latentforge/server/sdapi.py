@@ -19,6 +19,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.errors import FieldError, non_finite
 from latentforge.server.sdapi_control import control_units
 from latentforge.server.sdapi_meta import apply_infotext, echo_parameters, info_json  # noqa: F401 (app.py)
+
+log = logging.getLogger("latentforge.server")
 
 
 class _Payload(BaseModel):
@@ -248,8 +251,7 @@ def to_request(
     model = overrides.get("sd_model_checkpoint") or None
     settings = {**options, **overrides}  # A1111: the server's settings, override_settings win for this request
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
-    vae_field = "override_settings.sd_vae" if "sd_vae" in overrides else "sd_vae"
-    vae = vae_choice(settings.get("sd_vae"), vae_field, vaes or {})
+    vae = _request_vae(settings.get("sd_vae"), "sd_vae" in raw, vaes or {})
     sampler = p["sampler_name"] or p["sampler_index"] or "Euler"
     if p.get("styles"):
         _apply_styles(p, styles)
@@ -577,15 +579,40 @@ def _apply_styles(p: dict, styles: Callable[[], dict] | None) -> None:
             p["hr_prompt"], p["hr_negative_prompt"] = styled[2:]
     except UnknownStyleError as e:
         _refuse("styles", f"{e.args[0]} (/sdapi/v1/prompt-styles lists them)")
-    except (StylesFileError, PromptError, TypeError, ValueError) as e:
+    except StylesFileError as e:  # the server's own file: the client hears its name, the log the rest
+        log.warning("styles: %s", e)
+        _refuse("styles", f"the server's styles file cannot be read: {without_folders(str(e))}")
+    except (PromptError, TypeError, ValueError) as e:
         _refuse("styles", str(e))
+
+
+_FOLDERS = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s,:;'\"]+)+[\\/]")
+
+
+def without_folders(message: str) -> str:
+    """``message`` with the folders of the paths in it taken out (file names stay): server paths are not
+    for clients."""
+    return _FOLDERS.sub("", message)
+
+
+def _request_vae(value: Any, sent: bool, vaes: dict[str, Path]) -> str:
+    """The VAE of one request: an unknown ``override_settings.sd_vae`` the client sent is a 400; one that
+    came from an infotext's "VAE" or the server's stored setting (whose file may be gone) falls back to the
+    checkpoint's own, as A1111 ("Couldn't find VAE named ...; using None instead"), logged."""
+    if sent:
+        return vae_choice(value, "override_settings.sd_vae", vaes)
+    try:
+        return vae_choice(value, "sd_vae", vaes)
+    except FieldError as e:
+        log.warning("%s; the checkpoint's own VAE is used", e)
+        return "None"
 
 
 def vae_choice(value: Any, field: str, vaes: dict[str, Path]) -> str:
     """A1111's ``sd_vae`` setting as the worker takes it: "Automatic" (a VAE beside the checkpoint named
     like it, else the checkpoint's own), "None" (the checkpoint's own) or a VAE file name of ``vaes`` (a
     stem is accepted); never a path."""
-    if value in (None, "", "Automatic"):
+    if value in (None, "", "Automatic", "auto"):  # "auto": A1111's name before 1.0
         return "Automatic"
     if value == "None":
         return "None"
