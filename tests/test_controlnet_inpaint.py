@@ -215,3 +215,55 @@ def test_server_hostile_masks(server):
     for name, (mask, message) in cases.items():
         r = _txt2img(server, [{**unit, "mask": mask}])
         assert r.status_code == 400 and "args[0].mask" in r.text and message in r.text, (name, r.text)
+
+
+def _img2img_plan(ours, unit, init: Image.Image, **request):
+    from latentforge.pipelines.generate import build_plan
+    from latentforge.pipelines.request import GenerationRequest
+
+    req = GenerationRequest.from_dict(dict(prompt="x", steps=2, width=64, height=64, control=[unit], **request))
+    req.validate(img2img=True)
+    units = control.prepare(ours, req, [init])
+    with torch.inference_mode():
+        plan = build_plan(ours, req, [init])
+        control.apply(plan, ours, units)
+    return plan
+
+
+def test_a_unit_without_image_takes_the_img2img_image_and_mask_as_the_extension(e2e):
+    """sd-webui-controlnet's choose_input_image: with no unit image in img2img, the first init image (RGBA
+    over white), img2img's resize mode, and for inpaint units A1111's mask through prepare_mask: grey,
+    inverted with inpainting_mask_invert, blurred by mask_blur_x then mask_blur_y with cv2's Gaussian of
+    kernel 2 * int(2.5 * blur + 0.5) + 1. Written out here from that description."""
+    import cv2
+
+    _, _, ours, path = e2e
+    image, mask = _image(), _mask()
+    init = Image.fromarray(image)
+    plain = {"model": str(path), "module": "none"}
+    wide = Image.fromarray(image[:48])  # 64x48: the resize modes differ
+
+    def hint(unit, **request):
+        return _img2img_plan(ours, unit, wide, **request).passes[0].model.units[0].hint
+
+    fallback = hint(plain, resize_mode=2)  # img2img's Resize and fill
+    assert torch.equal(fallback, hint({**plain, "image": wide, "resize_mode": 2}, resize_mode=0))
+    assert not torch.equal(fallback, hint({**plain, "image": wide, "resize_mode": 1}, resize_mode=0))
+
+    blurred = cv2.GaussianBlur(255 - mask, (2 * int(2.5 * 3 + 0.5) + 1, 1), 3)  # inverted, mask_blur_x 3
+    blurred = cv2.GaussianBlur(blurred, (1, 2 * int(2.5 * 2 + 0.5) + 1), 2)  # mask_blur_y 2
+    inpaint = {"model": str(path), "module": "inpaint_global_harmonious"}
+    plan = _img2img_plan(
+        ours,
+        inpaint,
+        init,
+        mask=Image.fromarray(mask),
+        mask_blur_x=3,
+        mask_blur_y=2,
+        inpainting_mask_invert=True,
+        denoising_strength=0.5,
+    )
+    hints = [p.model.units[0].hint.float() for p in plan.passes if isinstance(p.model, ControlledDenoiser)]
+    assert hints and torch.equal(hints[0], _make_inpaint_condition(image, blurred))
+    with pytest.raises(RequestError, match="no control image"):
+        _plan(ours, plain)  # txt2img has no init image to take

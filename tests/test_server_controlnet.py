@@ -105,3 +105,22 @@ def test_version_and_unit_masks(server):
     for key in ("advanced_weighting", "ipadapter_input"):
         r = _txt2img(server, [{**unit, key: [0.5] * 13}])
         assert r.status_code == 400 and key in r.text
+
+
+def test_img2img_unit_without_image_takes_the_init_image(server):
+    """The extension's choose_input_image: an img2img unit with no image of its own controls with the init
+    image and img2img's resize mode: the same pixels as sending that image with that mode."""
+    models = server.get("/controlnet/model_list").json()["model_list"]
+    init = Image.fromarray((np.indices((48, 64)).sum(0) % 16 * 16).astype(np.uint8)).convert("RGB")
+    body = {"prompt": "a red circle", "steps": 4, "seed": 3, "width": 64, "height": 64, "cfg_scale": 4}
+    body.update(init_images=[_b64(init)], denoising_strength=0.6, resize_mode=2)
+
+    def run(unit):
+        r = server.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+    unit = {"module": "none", "model": models[0], "weight": 1.0}
+    taken = run(unit)
+    assert np.array_equal(taken, run({**unit, "image": _b64(init), "resize_mode": 2}))
+    assert not np.array_equal(taken, run({**unit, "image": _b64(init), "resize_mode": 1}))

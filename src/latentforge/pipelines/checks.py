@@ -274,11 +274,12 @@ def validate_network(where: str, ref, need: Callable[[bool, str], None]) -> None
         )
 
 
-def validate_control(i: int, u, need: Callable[[bool, str], None]) -> None:
-    """A ControlNet unit's fields (the A1111 ControlNet extension's API ranges)."""
+def validate_control(i: int, u, need: Callable[[bool, str], None], img2img: bool = False) -> None:
+    """A ControlNet unit's fields (the A1111 ControlNet extension's API ranges); in img2img a unit without
+    an image takes the init image (``control.prepare``)."""
     where = f"control unit {i}"
     need(isinstance(u.model, str) and bool(u.model), f"{where}: 'model' must name a ControlNet file")
-    need(u.image is not None, f"{where}: no control image was given ('image')")
+    need(u.image is not None or img2img, f"{where}: no control image was given ('image')")
     refused = CONTROL_REFUSED_MODULES.get(u.module) if isinstance(u.module, str) else None
     need(refused is None, f"{where}: module {u.module!r} is not available in latentforge: it {refused}")
     need(u.module in CONTROL_MODULES, f"{where}: module must be one of {', '.join(CONTROL_MODULES)}, got {u.module!r}")

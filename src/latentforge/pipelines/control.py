@@ -336,9 +336,42 @@ def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Ten
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
-def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
+def img2img_input(init: Image.Image, req: GenerationRequest, unit: ControlUnit, where: str):
+    """The extension's input for a unit without an image in img2img (``choose_input_image``): the first
+    init image (transparency over white, ``HWC3``), img2img's resize mode (3, latent upscale: Just
+    Resize), and for inpaint units A1111's mask as ``prepare_mask`` makes it (grey, inverted with
+    ``inpainting_mask_invert``, blurred by ``mask_blur_x`` then ``mask_blur_y``: cv2's Gaussian with a
+    kernel of 2 * int(2.5 * blur + 0.5) + 1) or none -> (image, mask or None, unit)."""
+    import cv2
+
+    image = init.convert("RGBA")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, image).convert("RGB")
+    unit = dataclasses.replace(unit, resize_mode=req.resize_mode if req.resize_mode in (0, 1, 2) else 0)
+    m = req.inpaint.mask if req.inpaint is not None else None
+    if unit.module not in INPAINT_MODULES or m is None:
+        return image, None, unit
+    mask = np.asarray(open_image(m, f"{where}: the img2img mask").convert("L"))
+    if (mask.shape[1], mask.shape[0]) != image.size:
+        raise RequestError(
+            f"{where}: takes the init image and the img2img mask, which have other sizes "
+            f"({image.size[0]}x{image.size[1]} and {mask.shape[1]}x{mask.shape[0]}); give the unit its own image"
+        )
+    if req.inpaint.inpainting_mask_invert:
+        mask = 255 - mask
+    o = req.inpaint
+    for blur, axis in ((o.mask_blur_x, 0), (o.mask_blur_y, 1)):  # None: mask_blur (InpaintOptions)
+        blur = o.mask_blur if blur is None else blur
+        if blur > 0:
+            k = 2 * int(2.5 * blur + 0.5) + 1
+            mask = cv2.GaussianBlur(mask, (k, 1) if axis == 0 else (1, k), blur)
+    return image, np.ascontiguousarray(mask), unit
+
+
+def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> list[PreparedUnit]:
     """Load every unit's ControlNet and preprocess its image; any problem is a ``RequestError`` naming the
-    unit, before any sampling work."""
+    unit, before any sampling work. In img2img (``init_images``) a unit without an image takes the first
+    init image (``img2img_input``)."""
     units = []
     for i, unit in enumerate(req.control):
         where = f"control unit {i}"
@@ -347,9 +380,14 @@ def prepare(pipe, req: GenerationRequest) -> list[PreparedUnit]:
         except AdapterNotFound as e:
             raise RequestError(f"{where}: {e}") from None
         inpaint = unit.module in INPAINT_MODULES
-        value, mask_value = split_inpaint_image(unit.image, f"{where} image") if inpaint else (unit.image, None)
-        image = read_control_image(value, f"{where} image")
-        mask = None if mask_value is None else read_inpaint_mask(mask_value, image.size, f"{where} mask")
+        if unit.image is None:
+            if not init_images:
+                raise RequestError(f"{where}: no control image was given ('image')")
+            image, mask, unit = img2img_input(init_images[0], req, unit, where)
+        else:
+            value, mask_value = split_inpaint_image(unit.image, f"{where} image") if inpaint else (unit.image, None)
+            image = read_control_image(value, f"{where} image")
+            mask = None if mask_value is None else read_inpaint_mask(mask_value, image.size, f"{where} mask")
         key = f"controlnet {Path(path).resolve()} {pipe.dtype}"
         try:
             net = pipe.cached(key, lambda p=path: load_controlnet(p, pipe.unet.config, pipe.dtype, pipe.device))

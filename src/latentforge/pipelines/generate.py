@@ -236,7 +236,7 @@ def generate(
     hires_model = hires.prepare(pipe, req) if not img2img else None  # (hires is txt2img's)
     if req.hires is not None and hires_model is None and req.hires.checkpoint is pipe:  # itself: no other model
         req = dataclasses.replace(req, hires=dataclasses.replace(req.hires, checkpoint=""))
-    control_units = control.prepare(pipe, req)  # ControlNets loaded, images preprocessed, before any sampling
+    control_units = control.prepare(pipe, req, images_in)  # ControlNets loaded, images preprocessed, before work
 
     seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
     out_images: list[Image.Image] = []

@@ -425,7 +425,7 @@ class GenerationRequest:
             validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
         for i, unit in enumerate(self.control):
-            validate_control(i, unit, need)
+            validate_control(i, unit, need, img2img)
         validate_fewer_flops(self, need)
 
     def to_dict(self) -> dict:

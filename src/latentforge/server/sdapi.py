@@ -291,7 +291,7 @@ def to_request(
         data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
         data.update(seed_resize_from_w=p["seed_resize_from_w"], seed_resize_from_h=p["seed_resize_from_h"])
-    control = control_units(p, controlnets or {}, max_pixels, budget, decode_image)
+    control = control_units(p, controlnets or {}, max_pixels, budget, decode_image, img2img)
     if control:
         data["control"] = control
     if img2img:

@@ -24,7 +24,12 @@ CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_st
 
 
 def control_units(
-    p: dict, controlnets: dict[str, Path], max_pixels: int, budget: object, decode_image: Callable
+    p: dict,
+    controlnets: dict[str, Path],
+    max_pixels: int,
+    budget: object,
+    decode_image: Callable,
+    img2img: bool = False,
 ) -> list[dict]:
     """The A1111 ControlNet extension's units (``alwayson_scripts.controlnet.args``) as ``control`` units.
     A unit's model must be one of the server's ControlNet files, named as /controlnet/model_list lists
@@ -63,13 +68,13 @@ def control_units(
                 f"a ControlNet unit's inpaint mask is not available for module {module or 'none'!r}; it needs an "
                 f"inpaint module ({', '.join(INPAINT_MODULES)}). effective_region_mask says where a unit acts",
             )
-        if not image:
-            _refuse(f"{where}.image", "a ControlNet unit needs an image (base64)")
+        if not image and (mask or not img2img):  # img2img: the init image (and mask), as the extension
+            _refuse(f"{where}.image", "a ControlNet unit needs an image (base64; in img2img the init image is taken)")
         for key in ("advanced_weighting", "ipadapter_input"):  # they change the image: never dropped
             if unit.get(key) is not None:
                 _refuse(f"{where}.{key}", "is not available in latentforge; leave it null")
         fields = {k: unit[k] for k in CONTROL_FIELDS if unit.get(k) is not None}
-        image = decode_image(image, f"{where}.image", max_pixels, budget)
+        image = decode_image(image, f"{where}.image", max_pixels, budget) if image else None
         if mask:  # the unit carries the extension's {"image", "mask"} form (pipelines/control.py reads it)
             field = f"{where}.mask"
             mask = decode_image(mask, field, max_pixels, budget)
