@@ -27,3 +27,17 @@ def tok():
     from latentforge.models import CLIPTokenizer
 
     return CLIPTokenizer()
+
+
+@pytest.fixture
+def forced_kernels(monkeypatch, tmp_path_factory):
+    """latentforge's native kernels forced on (also on AMX CPUs), built once into a test cache folder, and
+    Winograd at every map size (tests of the fast convolution paths)."""
+    from latentforge.nn import native
+
+    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
+    native.reset()
+    yield
+    native.reset()

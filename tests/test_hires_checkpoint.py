@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import latentforge
-from latentforge.pipelines import RequestError, hires
+from latentforge.pipelines import RequestError
 from latentforge.pipelines.images import tensor_to_images
 from latentforge.pipelines.metadata import request_from_infotext, unreproduced_fields
+from test_hires import _a1111_lanczos_input, _spy_first_pass
 from test_lora import kohya_and_peft
 from tiny import build_reference, save_folder
 
@@ -40,27 +41,8 @@ def pipe(models):
     return latentforge.load(models["base"])
 
 
-def _spy(monkeypatch) -> dict:
-    seen = {}
-    original = hires.upscale
-
-    def spy(p, latents, upscaler, shape, vae=None):
-        seen["first"] = latents.clone()
-        return original(p, latents, upscaler, shape, vae)
-
-    monkeypatch.setattr(hires, "upscale", spy)
-    return seen
-
-
-def _lanczos_input(pipe, latents, size: int) -> Image.Image:
-    """A1111's image upscaler input: the first model decodes, 8 bits by truncation, Lanczos."""
-    decoded = ((pipe.vae.decode(latents).float()[0] + 1) / 2).clamp(0, 1)
-    pixels = (255.0 * decoded.permute(1, 2, 0).numpy()).astype(np.uint8)
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
-
-
 def test_the_hires_pass_is_the_other_models_img2img_of_the_resized_image(pipe, models, monkeypatch):
-    seen = _spy(monkeypatch)
+    seen = _spy_first_pass(monkeypatch)
     result = pipe.txt2img(
         "a cube", enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=str(models["other"]), **BASE
     )
@@ -70,7 +52,7 @@ def test_the_hires_pass_is_the_other_models_img2img_of_the_resized_image(pipe, m
     assert np.array_equal(np.asarray(first_image), np.asarray(first.images[0]))
     other = latentforge.load(models["other"])
     expected = other.img2img(
-        _lanczos_input(pipe, seen["first"], 128), "a cube", **{**BASE, "width": 128, "height": 128}
+        _a1111_lanczos_input(pipe, seen["first"], 128), "a cube", **{**BASE, "width": 128, "height": 128}
     )
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected.images[0]))
     same = pipe.txt2img("a cube", enable_hr=True, hr_upscaler="Lanczos", **BASE)  # without: another image
@@ -128,14 +110,13 @@ def test_a_loaded_pipeline_gets_the_requests_lora_for_the_pass_only(pipe, models
     save_file(kohya_and_peft(models["ref"], pipe, "kohya-diffusers", seed=11), folder / "ink.safetensors")
     pipe.folders.lora = other.folders.lora = [folder]
     before = {k: v.clone() for k, v in other.unet.state_dict().items()}
-    seen = _spy(monkeypatch)
+    seen = _spy_first_pass(monkeypatch)
     try:
         result = pipe.txt2img(
             "a cube <lora:ink:0.8>", enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=other, **BASE
         )
-        expected = other.img2img(
-            _lanczos_input(pipe, seen["first"], 128), "a cube <lora:ink:0.8>", **{**BASE, "width": 128, "height": 128}
-        )
+        resized = _a1111_lanczos_input(pipe, seen["first"], 128)
+        expected = other.img2img(resized, "a cube <lora:ink:0.8>", **{**BASE, "width": 128, "height": 128})
     finally:
         pipe.folders.lora = other.folders.lora = []
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected.images[0]))
@@ -163,12 +144,12 @@ def test_cli_hires_checkpoint_writes_the_infotext_and_needs_hires(models, tmp_pa
 def test_token_merging_of_the_hires_pass_runs_on_the_other_model(pipe, models, monkeypatch):
     """A1111's sample_hr_pass applies token merging (the hr ratio) to the model it switched to: here the
     hires pass's ratio reached only the first model's UNet, so the other model ran unmerged."""
-    seen = _spy(monkeypatch)
+    seen = _spy_first_pass(monkeypatch)
     options = dict(enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=str(models["other"]), **BASE)
     merged = pipe.txt2img("a cube", token_merging_ratio_hr=0.9, **options)
     other = latentforge.load(models["other"])
     size = {**BASE, "width": 128, "height": 128}
-    expected = other.img2img(_lanczos_input(pipe, seen["first"], 128), "a cube", token_merging_ratio=0.9, **size)
+    expected = other.img2img(_a1111_lanczos_input(pipe, seen["first"], 128), "a cube", token_merging_ratio=0.9, **size)
     assert np.array_equal(np.asarray(merged.images[0]), np.asarray(expected.images[0]))
     plain = pipe.txt2img("a cube", **options)
     assert not np.array_equal(np.asarray(merged.images[0]), np.asarray(plain.images[0]))

@@ -37,14 +37,9 @@ def modes(*modules) -> set[str]:
 
 
 @pytest.fixture
-def kernels(monkeypatch, tmp_path_factory):
-    """latentforge's kernels forced on and Winograd at every map size (as tests/test_winograd.py)."""
-    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
-    monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
-    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
-    native.reset()
+def kernels(forced_kernels):
+    """latentforge's kernels forced on and Winograd at every map size (conftest.py)."""
     yield
-    native.reset()
 
 
 # ----- the switch ------------------------------------------------------------------------------------------

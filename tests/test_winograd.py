@@ -21,15 +21,9 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def kernel_env(monkeypatch, tmp_path_factory):
-    """The kernels forced on (also on AMX CPUs), built once into a test cache folder; Winograd at every
-    map size unless a test says otherwise."""
-    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
-    monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
-    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
-    native.reset()
+def kernel_env(forced_kernels):
+    """The kernels forced on, Winograd at every map size unless a test says otherwise (conftest.py)."""
     yield
-    native.reset()
 
 
 def make(cin, cout, bias=True, seed=0, channels_last=True):
