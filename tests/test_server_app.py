@@ -251,3 +251,8 @@ def test_refiner_with_hires_is_refused_before_any_model_loads(client):
     r = _post(client, "/sdapi/v1/txt2img", body)
     assert r.status_code == 400 and "refiner together with Hires. fix" in r.json()["detail"], r.text
     assert client.queue.submitted == []
+
+
+def test_interrogate_says_it_is_not_available(client):
+    r = _post(client, "/sdapi/v1/interrogate", {"image": "", "model": "clip"})
+    assert r.status_code == 501 and "interrogate" in r.json()["detail"] and "png-info" in r.json()["detail"]

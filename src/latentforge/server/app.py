@@ -309,6 +309,15 @@ def create_app(
             raise ApiError(500, sdapi.without_folders(str(e)), kind="StylesFileError") from None
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in found.values()]
 
+    @app.post("/sdapi/v1/interrogate")
+    def interrogate() -> dict:  # A1111's CLIP/DeepDanbooru captioning: no such models here, said plainly
+        raise ApiError(
+            501,
+            "image captioning (interrogate) is not available in latentforge: it needs the BLIP/CLIP interrogator "
+            "or DeepDanbooru models; read a generated image's parameters with /sdapi/v1/png-info instead",
+            kind="NotImplemented",
+        )
+
     @app.get("/sdapi/v1/face-restorers")
     def face_restorers() -> list[dict]:
         return []  # none: restore_faces is refused
