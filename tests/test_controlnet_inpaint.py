@@ -267,3 +267,17 @@ def test_a_unit_without_image_takes_the_img2img_image_and_mask_as_the_extension(
     assert hints and torch.equal(hints[0], _make_inpaint_condition(image, blurred))
     with pytest.raises(RequestError, match="no control image"):
         _plan(ours, plain)  # txt2img has no init image to take
+
+
+def test_cli_img2img_inpaint_unit_without_image_takes_the_init_image_and_mask(e2e, tmp_path):
+    from latentforge.cli import main
+
+    _, _, ours, path = e2e
+    Image.fromarray(_image()).save(tmp_path / "in.png")
+    Image.fromarray(_mask()).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    common = ["img2img", str(tmp_path / "in.png"), "x", "-m", ours.info.source, "--steps", "2", "--strength", "0.5"]
+    unit = ["--control", str(path), "--control-module", "inpaint_global_harmonious"]
+    assert main([*common, "--mask", str(tmp_path / "mask.png"), *unit, "-o", str(out)]) == 0
+    assert "Module: inpaint_global_harmonious" in Image.open(out).info["parameters"]
+    assert main(["txt2img", "x", "-m", ours.info.source, *unit, "-o", str(tmp_path / "t.png")]) == 2  # no image

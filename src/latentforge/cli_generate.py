@@ -146,6 +146,11 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
         add_hires_options(p)
 
 
+# pipelines.checks.CONTROL_MODULES, written out here so the parser imports no torch (tests/test_hed.py)
+CONTROL_MODULE_CHOICES = ["none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe"]
+CONTROL_MODULE_CHOICES += ["inpaint", "inpaint_global_harmonious"]
+
+
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--style",
@@ -221,13 +226,13 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "--control",
         action="append",
         default=[],
-        metavar="MODEL:IMAGE[:WEIGHT]",
+        metavar="MODEL[:IMAGE[:WEIGHT]]",
         help="a ControlNet unit (repeatable): a ControlNet file path or name in --controlnet-dir, its control image, "
-        "its weight (default 1)",
+        "its weight (default 1); in img2img without an image it takes the init image (and --mask for inpaint units)",
     )
     p.add_argument(
         "--control-module",
-        choices=["none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe"],  # CONTROL_MODULES
+        choices=CONTROL_MODULE_CHOICES,
         default="none",
         help="preprocessor of the --control images (default none: the image is the control map)",
     )
@@ -427,7 +432,9 @@ def _styled(req, args: argparse.Namespace):
 
 
 def parse_control(value: str, module: str = "none") -> dict:
-    """``MODEL:IMAGE[:WEIGHT]`` -> a ControlNet unit (the weight is the last part when it is a number)."""
+    """``MODEL[:IMAGE[:WEIGHT]]`` -> a ControlNet unit (the weight is the last part when it is a number)."""
+    if ":" not in value and value:  # no image: img2img's init image (control.img2img_input)
+        return {"model": value, "weight": 1.0, "module": module}
     parts = value.split(":")
     weight = 1.0
     if len(parts) >= 3:
