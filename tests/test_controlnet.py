@@ -349,8 +349,9 @@ def test_cli_control_by_name_in_controlnet_dir(e2e, tmp_path):
 def test_parse_control():
     from latentforge.cli_generate import parse_control
 
+    assert "image" not in parse_control("only_a_model")  # img2img: the init image (control.img2img_input)
     with pytest.raises(ValueError, match="MODEL:IMAGE"):
-        parse_control("only_a_model")
+        parse_control("a_model:")
     with pytest.raises(ValueError, match="does not exist"):
         parse_control("m:/nonexistent/image.png:0.5")
 

@@ -190,7 +190,14 @@ def test_server_inpaint_units(server):
     flat = _pixels(_txt2img(server, [{**unit, "image": image, "mask": mask}]))
     nested = _pixels(_txt2img(server, [{**unit, "image": {"image": image, "mask": mask}}]))
     alias = _pixels(_txt2img(server, [{**unit, "input_image": image, "mask_image": mask, "module": "inpaint"}]))
-    assert np.array_equal(flat, nested) and np.array_equal(flat, alias)
+    pair = _pixels(_txt2img(server, [{**unit, "image": [image, mask]}]))  # the extension's [image, mask]
+    assert np.array_equal(flat, nested) and np.array_equal(flat, alias) and np.array_equal(flat, pair)
+    for twice in (
+        {"image": image, "mask": mask, "mask_image": mask},
+        {"image": {"image": image, "mask": mask}, "mask": mask},
+    ):
+        r = _txt2img(server, [{**unit, **twice}])
+        assert r.status_code == 400 and "args[0].mask" in r.text, r.text
     unmasked = _pixels(_txt2img(server, [{**unit, "image": image}]))
     assert not np.array_equal(flat, unmasked)
     r = _txt2img(server, [{**unit, "image": image, "mask": mask}])
@@ -281,3 +288,36 @@ def test_cli_img2img_inpaint_unit_without_image_takes_the_init_image_and_mask(e2
     assert main([*common, "--mask", str(tmp_path / "mask.png"), *unit, "-o", str(out)]) == 0
     assert "Module: inpaint_global_harmonious" in Image.open(out).info["parameters"]
     assert main(["txt2img", "x", "-m", ours.info.source, *unit, "-o", str(tmp_path / "t.png")]) == 2  # no image
+
+
+def test_unit_inputs_refused_or_read_as_the_extension(e2e, tmp_path):
+    """Review findings: 'only masked' inpainting would need the unit's image cropped as the extension crops
+    it (refused, not run misaligned); outpainting grows the canvas the init image no longer covers; an
+    inpainting model with an inpaint unit; more units than the extension allows. Transparent pixels of a
+    unit's image are white (HWC3) and its EXIF orientation is applied; base64 longer than a file name works."""
+    _, _, ours, path = e2e
+    init = Image.fromarray(_image())
+    unit = {"model": str(path), "module": "inpaint_global_harmonious"}
+    mask = Image.fromarray(_mask())
+    with pytest.raises(RequestError, match="only masked"):
+        _img2img_plan(ours, unit, init, mask=mask, inpaint_full_res=True)
+    with pytest.raises(RequestError, match="outpainting"):
+        _img2img_plan(ours, unit, init, inpaint={"outpaint_right": 32})
+    with pytest.raises(RequestError, match="at most 10 ControlNet units"):
+        from latentforge.pipelines.request import GenerationRequest
+
+        GenerationRequest.from_dict(dict(prompt="x", control=[{**unit, "image": init}] * 11)).validate()
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[:, :32] = (10, 20, 30, 255)  # left opaque, right fully transparent
+    image = control.read_control_image(Image.fromarray(rgba, "RGBA"), "unit")
+    assert np.asarray(image)[0, 0].tolist() == [10, 20, 30] and np.asarray(image)[0, 63].tolist() == [255, 255, 255]
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: 90 degrees clockwise to show upright
+    Image.new("RGB", (64, 32), (200, 0, 0)).save(buf, format="JPEG", exif=exif.tobytes())
+    data = base64.b64encode(buf.getvalue()).decode()
+    assert len(data) > 300 and control.read_control_image(data, "unit").size == (32, 64)
+    long_name = "A" * 5000  # not a file name the system can hold, not base64 of an image either
+    with pytest.raises(RequestError, match="unit"):
+        control.read_control_image(long_name, "unit")

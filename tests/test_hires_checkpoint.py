@@ -145,12 +145,12 @@ def test_token_merging_of_the_hires_pass_runs_on_the_other_model(pipe, models, m
     """A1111's sample_hr_pass applies token merging (the hr ratio) to the model it switched to: here the
     hires pass's ratio reached only the first model's UNet, so the other model ran unmerged."""
     seen = _spy_first_pass(monkeypatch)
-    options = dict(enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=str(models["other"]), **BASE)
+    other = latentforge.load(models["other"])  # given loaded, as the server gives its cached pipeline
+    options = dict(enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=other, **BASE)
     merged = pipe.txt2img("a cube", token_merging_ratio_hr=0.9, **options)
-    other = latentforge.load(models["other"])
+    assert other.patcher.sources == [] and pipe.patcher.sources == []  # the hooks are off both again
     size = {**BASE, "width": 128, "height": 128}
     expected = other.img2img(_a1111_lanczos_input(pipe, seen["first"], 128), "a cube", token_merging_ratio=0.9, **size)
     assert np.array_equal(np.asarray(merged.images[0]), np.asarray(expected.images[0]))
     plain = pipe.txt2img("a cube", **options)
     assert not np.array_equal(np.asarray(merged.images[0]), np.asarray(plain.images[0]))
-    assert other.patcher.sources == []

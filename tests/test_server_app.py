@@ -235,12 +235,14 @@ def test_styles_csv_of_an_a1111_installation_is_read_by_default(tmp_path):
 
 
 def test_a_damaged_styles_file_is_named_without_the_servers_folders(tmp_path):
+    tmp_path = tmp_path / "My Styles"  # a folder name with a space
+    tmp_path.mkdir()
     (tmp_path / "styles.csv").write_text('name,prompt\nbad,"unclosed\n', encoding="utf-8")
     queue = StubQueue()
     c = TestClient(create_app(ServerConfig(styles_files=[tmp_path / "styles.csv"]), queue=queue))
     for r in (c.get("/sdapi/v1/prompt-styles"), _post(c, "/sdapi/v1/txt2img", {**OK, "styles": ["bad"]})):
         assert r.status_code in (400, 500) and "styles.csv" in r.json()["detail"], r.text
-        assert str(tmp_path) not in r.text
+        assert str(tmp_path) not in r.text and "My Styles" not in r.text
     assert queue.submitted == []
 
 

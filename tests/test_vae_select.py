@@ -221,8 +221,9 @@ def test_an_infotexts_vae_the_server_lacks_falls_back_to_the_checkpoints_own(ser
 
 
 def test_automatic_is_a1111s_prefix_rule_and_vaes_are_named_by_file(tmp_path):
-    """A1111's find_vae_near_checkpoint: the first listed VAE (VAE folders and *.vae.* beside checkpoints,
-    by name) whose file name starts with the checkpoint's stem; x.pt and x.safetensors are two VAEs."""
+    """A1111's find_vae_near_checkpoint: the first listed VAE whose file name starts with the checkpoint's
+    stem, listed as refresh_vae_list does (*.vae.* beside the checkpoints, then the VAE folders, each by
+    extension: ckpt, pt, safetensors); x.pt and x.safetensors are two VAEs."""
     from latentforge.server.config import ServerConfig
     from latentforge.server.models import ModelCache, ModelCatalog
 
@@ -234,8 +235,10 @@ def test_automatic_is_a1111s_prefix_rule_and_vaes_are_named_by_file(tmp_path):
     for name in ("alpha-vae.pt", "alpha-vae.safetensors", "zeta.safetensors"):
         (tmp_path / "models" / "VAE" / name).write_bytes(b"x")
     (models / "beta.vae.ckpt").write_bytes(b"x")
+    (tmp_path / "models" / "VAE" / "beta-anime.pt").write_bytes(b"x")  # after the one beside beta
     config = ServerConfig(models_dir=models)
-    assert list(config.vaes()) == ["alpha-vae.pt", "alpha-vae.safetensors", "beta.vae.ckpt", "zeta.safetensors"]
+    listed = ["beta.vae.ckpt", "alpha-vae.pt", "beta-anime.pt", "alpha-vae.safetensors", "zeta.safetensors"]
+    assert list(config.vaes()) == listed
     cache = ModelCache(ModelCatalog(None, models), config)
     assert cache.vae_path("alpha.safetensors", "Automatic").name == "alpha-vae.pt"
     assert cache.vae_path("beta.safetensors", "Automatic").name == "beta.vae.ckpt"

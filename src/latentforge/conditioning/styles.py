@@ -76,7 +76,10 @@ _SUGGEST_MAX_STYLES = 2000  # ... against at most this many known styles
 
 
 class StylesFileError(ValueError):
-    """A styles file that cannot be read; the message names the file, the line where known, and the fix."""
+    """A styles file that cannot be read; the message names the file, the line where known, and the fix.
+    ``path``: that file, when ``read_styles`` read it."""
+
+    path: Path | None = None
 
 
 class UnknownStyleError(KeyError, ValueError):
@@ -396,7 +399,11 @@ def read_styles(
     styles.csv); a pattern that matches nothing reads nothing."""
     styles: dict[str, PromptStyle] = {}
     for path in _expand(paths, missing_ok):
-        styles.update(read_styles_file(path, max_bytes=max_bytes))
+        try:
+            styles.update(read_styles_file(path, max_bytes=max_bytes))
+        except StylesFileError as e:
+            e.path = Path(path)  # the file the message names (a server shows its name only)
+            raise
     return styles
 
 

@@ -231,6 +231,7 @@ def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> Non
 # the A1111 ControlNet extension's names of its control and resize modes (the API takes index or name)
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+MAX_CONTROL_UNITS = 10  # units in one request (the extension's largest unit count setting)
 CONTROL_HR_OPTIONS = ("Both", "Low res only", "High res only")  # the passes of a hires fix a unit controls
 # the A1111 ControlNet extension's module names; "hed" and "hed_safe" are its old names of the HED ones
 CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe", "inpaint",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, ControlNetError, load_controlnet
@@ -79,6 +79,8 @@ class PreparedUnit:
     near: Path | None = None  # the ControlNet file (its folder is searched for preprocessor models)
     maps: dict = field(default_factory=dict)  # pixel perfect: processor resolution -> detected map
     mask: np.ndarray | None = None  # inpaint units: the mask (H, W) uint8 at the image's size, white = repaint
+    fit_mode: int | None = None  # img2img's resize mode when the unit took the init image (the infotext keeps its own)
+    colours: int | None = None  # inpaint units: colours of the image (the extension's resize picks by it)
 
     def perfect_res(self, width: int, height: int) -> int:
         """The extension's ``pixel_perfect_resolution`` for a pass of ``width`` x ``height``."""
@@ -104,34 +106,52 @@ class PreparedUnit:
 
     @property
     def resize_mode(self) -> int:
+        """How the image is fitted to a pass: the unit's, or img2img's for the init image it took."""
+        if self.fit_mode is not None:
+            return self.fit_mode
         return mode_index(self.unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")
 
 
-def read_control_image(value, where: str) -> Image.Image:
-    """A PIL image, a path, or base64 (optionally a ``data:`` URL) as the extension's API sends it."""
-    if isinstance(value, str) and not Path(value).exists() and len(value) > 256:
+def _is_base64(value) -> bool:
+    """A long string that names no file (a path too long for the system is no file either)."""
+    if not isinstance(value, str) or len(value) <= 256:
+        return False
+    try:
+        return not Path(value).exists()
+    except (OSError, ValueError):
+        return True
+
+
+def _open_any(value, where: str) -> Image.Image:
+    """A PIL image, a path, or base64 (optionally a ``data:`` URL), upright (EXIF orientation applied)."""
+    if _is_base64(value):
         data = value.split(",", 1)[1] if value.startswith("data:") else value
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError) as e:
             raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
-        return open_image(io.BytesIO(raw), where).convert("RGB")  # the shared reader's checks
-    return open_image(value, where).convert("RGB")
+        value = io.BytesIO(raw)
+    return ImageOps.exif_transpose(open_image(value, where))  # the shared reader's checks
+
+
+def over_white(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited over white (the extension's ``HWC3``)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_control_image(value, where: str) -> Image.Image:
+    """A PIL image, a path, or base64 (optionally a ``data:`` URL) as the extension's API sends it: RGB,
+    transparency over white."""
+    return over_white(_open_any(value, where))
 
 
 def read_inpaint_mask(value, size: tuple[int, int], where: str) -> np.ndarray:
     """An inpaint unit's mask -> (H, W) uint8, white = repaint: the first channel of the image, an image
     with transparency composited over white first (the extension's ``HWC3``); it must have ``size``."""
-    if isinstance(value, Image.Image):
-        image = open_image(value, where)
-    elif isinstance(value, str) and not Path(value).exists() and len(value) > 256:
-        data = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            image = open_image(io.BytesIO(base64.b64decode(data, validate=True)), where)
-        except (binascii.Error, ValueError) as e:
-            raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
-    else:
-        image = open_image(value, where)
+    image = _open_any(value, where)
     if image.mode not in MASK_MODES:
         raise RequestError(f"{where}: a mask must be a grey, RGB or RGBA 8-bit image, got mode {image.mode!r}")
     if image.size != size:
@@ -300,14 +320,22 @@ def _inpaint_resize(rgba: np.ndarray, width: int, height: int, colours: int) -> 
     return out
 
 
-def inpaint_hint(image: np.ndarray, mask: np.ndarray | None, width: int, height: int, mode: int) -> Tensor:
+def _colours(image: np.ndarray) -> int:
+    """The number of different RGB colours of ``image`` (a sort, not ``np.unique``'s slower path)."""
+    packed = (image[:, :, 0].astype(np.int32) << 16) | (image[:, :, 1].astype(np.int32) << 8) | image[:, :, 2]
+    ordered = np.sort(packed.ravel())
+    return int(np.count_nonzero(np.diff(ordered))) + 1 if ordered.size else 0
+
+
+def inpaint_hint(
+    image: np.ndarray, mask: np.ndarray | None, width: int, height: int, mode: int, colours: int | None = None
+) -> Tensor:
     """An inpaint unit's hint (1, 3, height, width): the image and mask fitted as the extension's
     ``detectmap_proc`` does, the image over 255 with the masked pixels (mask > 0.5) at -1."""
     if mask is None:
         mask = np.zeros(image.shape[:2], np.uint8)
     rgba = np.concatenate([image, mask[:, :, None]], axis=2).astype(np.float32)
-    packed = (image[:, :, 0].astype(np.int32) << 16) | (image[:, :, 1].astype(np.int32) << 8) | image[:, :, 2]
-    colours = len(np.unique(packed))
+    colours = _colours(image) if colours is None else colours
     h, w = image.shape[:2]
     if mode == 0:
         out = _inpaint_resize(rgba, width, height, colours)
@@ -338,20 +366,17 @@ def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Ten
 
 def img2img_input(init: Image.Image, req: GenerationRequest, unit: ControlUnit, where: str):
     """The extension's input for a unit without an image in img2img (``choose_input_image``): the first
-    init image (transparency over white, ``HWC3``), img2img's resize mode (3, latent upscale: Just
-    Resize), and for inpaint units A1111's mask as ``prepare_mask`` makes it (grey, inverted with
-    ``inpainting_mask_invert``, blurred by ``mask_blur_x`` then ``mask_blur_y``: cv2's Gaussian with a
-    kernel of 2 * int(2.5 * blur + 0.5) + 1) or none -> (image, mask or None, unit)."""
+    init image (upright, transparency over white, ``HWC3``), and for inpaint units A1111's mask as
+    ``prepare_mask`` makes it (grey, inverted with ``inpainting_mask_invert``, blurred by ``mask_blur_x``
+    then ``mask_blur_y``: cv2's Gaussian with a kernel of 2 * int(2.5 * blur + 0.5) + 1) or none ->
+    (image, mask or None). The unit is then fitted with img2img's resize mode (``PreparedUnit.fit_mode``)."""
     import cv2
 
-    image = init.convert("RGBA")
-    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(white, image).convert("RGB")
-    unit = dataclasses.replace(unit, resize_mode=req.resize_mode if req.resize_mode in (0, 1, 2) else 0)
+    image = over_white(ImageOps.exif_transpose(init))
     m = req.inpaint.mask if req.inpaint is not None else None
     if unit.module not in INPAINT_MODULES or m is None:
-        return image, None, unit
-    mask = np.asarray(open_image(m, f"{where}: the img2img mask").convert("L"))
+        return image, None
+    mask = np.asarray(_open_any(m, f"{where}: the img2img mask").convert("L"))
     if (mask.shape[1], mask.shape[0]) != image.size:
         raise RequestError(
             f"{where}: takes the init image and the img2img mask, which have other sizes "
@@ -365,7 +390,7 @@ def img2img_input(init: Image.Image, req: GenerationRequest, unit: ControlUnit, 
         if blur > 0:
             k = 2 * int(2.5 * blur + 0.5) + 1
             mask = cv2.GaussianBlur(mask, (k, 1) if axis == 0 else (1, k), blur)
-    return image, np.ascontiguousarray(mask), unit
+    return image, np.ascontiguousarray(mask)
 
 
 def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> list[PreparedUnit]:
@@ -373,6 +398,12 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
     unit, before any sampling work. In img2img (``init_images``) a unit without an image takes the first
     init image (``img2img_input``)."""
     units = []
+    job = req.inpaint
+    if req.control and init_images and job is not None and job.mask is not None and job.inpaint_full_res:
+        raise RequestError(
+            "ControlNet units with 'only masked' inpainting (inpaint_full_res) are not available: the extension "
+            "crops each unit's image to the masked region, which latentforge does not; send inpaint_full_res false"
+        )
     for i, unit in enumerate(req.control):
         where = f"control unit {i}"
         try:
@@ -380,10 +411,19 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
         except AdapterNotFound as e:
             raise RequestError(f"{where}: {e}") from None
         inpaint = unit.module in INPAINT_MODULES
+        if inpaint and pipe.family.conditioner.kind == "inpaint":
+            raise RequestError(
+                f"{where}: an inpaint unit with an inpainting model is not available (the extension rewrites the "
+                "model's mask channels from the unit); use a plain model with the inpaint ControlNet"
+            )
+        fit_mode = None
         if unit.image is None:
             if not init_images:
                 raise RequestError(f"{where}: no control image was given ('image')")
-            image, mask, unit = img2img_input(init_images[0], req, unit, where)
+            if req.inpaint is not None and any(req.inpaint.outpaint):
+                raise RequestError(f"{where}: with outpainting, give the unit its own image (the canvas grows)")
+            image, mask = img2img_input(init_images[0], req, unit, where)
+            fit_mode = req.resize_mode if req.resize_mode in (0, 1, 2) else 0  # 3 (latent upscale): Just Resize
         else:
             value, mask_value = split_inpaint_image(unit.image, f"{where} image") if inpaint else (unit.image, None)
             image = read_control_image(value, f"{where} image")
@@ -402,7 +442,11 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
         if unit.effective_region_mask is not None:  # the extension: the image's first channel / 255
             area = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
             region = torch.from_numpy(area[:, :, 0].astype(np.float32) / 255.0)[None, None]
-        units.append(PreparedUnit(unit, net, name, detected, region, np.asarray(image), Path(path), mask=mask))
+        pixels = np.asarray(image)
+        colours = _colours(pixels) if inpaint else None
+        prepared = PreparedUnit(unit, net, name, detected, region, pixels, Path(path), mask=mask, fit_mode=fit_mode)
+        prepared.colours = colours
+        units.append(prepared)
     return units
 
 
@@ -424,7 +468,7 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
             if hires and option == (1 if p.name == "hires" else 2):  # "Low res only" / "High res only"
                 continue
             if u.unit.module in INPAINT_MODULES:  # no preprocessor: the image and its mask
-                hint = inpaint_hint(u.image, u.mask, width, height, u.resize_mode)
+                hint = inpaint_hint(u.image, u.mask, width, height, u.resize_mode, u.colours)
                 res = u.perfect_res(width, height) if u.unit.pixel_perfect else int(u.unit.processor_res)
             else:
                 try:
@@ -467,15 +511,15 @@ def infotext(units: list[PreparedUnit], resolutions: dict[int, int] | None = Non
             high = high if high >= 0 else CANNY_DEFAULTS[1]
         if unit.module in INPAINT_MODULES:  # hidden sliders of range 0..1: outside it, their default 0.5
             low, high = (v if 0 <= v <= 1 else 0.5 for v in (low, high))
-            if not (unit.pixel_perfect and resolutions and i in resolutions) and not 0 <= res <= 1:
-                res = 0.5
+            res = float(unit.processor_res) if 0 <= float(unit.processor_res) <= 1 else 0.5  # written before
+            # pixel perfect runs (the extension's write_infotext); inpaint units use no resolution
         elif unit.module != "none" and res <= 0:
             res = DEFAULT_RES
         fields = {
             "Module": unit.module,
             "Model": u.name,
             "Weight": float(unit.weight),
-            "Resize Mode": CONTROL_RESIZE_MODES[u.resize_mode],
+            "Resize Mode": CONTROL_RESIZE_MODES[mode_index(unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")],
             "Processor Res": res,
             "Threshold A": low,
             "Threshold B": high,

@@ -24,6 +24,7 @@ from latentforge.pipelines.checks import IMAGE_UPSCALERS as IMAGE_UPSCALERS  # r
 from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
 from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
 from latentforge.pipelines.checks import (
+    MAX_CONTROL_UNITS,
     MAX_SIDE,
     MAX_STEPS,
     RANGES,
@@ -424,6 +425,8 @@ class GenerationRequest:
         if self.inpaint is not None:
             validate_inpaint(self.inpaint, need, img2img)
         need(self.depth is None or img2img, "depth-to-image needs an init image (img2img) besides the depth map")
+        count = len(self.control) if isinstance(self.control, list) else 0
+        need(count <= MAX_CONTROL_UNITS, f"at most {MAX_CONTROL_UNITS} ControlNet units, got {count}")
         for i, unit in enumerate(self.control):
             validate_control(i, unit, need, img2img)
         validate_fewer_flops(self, need)

@@ -306,7 +306,7 @@ def create_app(
             found = config.styles()
         except StylesFileError as e:  # the server's own file is damaged: say so, as a request would hear it
             log.warning("styles: %s", e)
-            raise ApiError(500, sdapi.without_folders(str(e)), kind="StylesFileError") from None
+            raise ApiError(500, sdapi.styles_error(e), kind="StylesFileError") from None
         return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in found.values()]
 
     @app.post("/sdapi/v1/interrogate")

@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VAE_BESIDE = (".vae.pt", ".vae.ckpt", ".vae.safetensors")  # a checkpoint's own VAE file, beside it
+VAE_BESIDE = (".vae.ckpt", ".vae.pt", ".vae.safetensors")  # a checkpoint's own VAE file, beside it
 
 
 @dataclass
@@ -55,16 +55,22 @@ class ServerConfig:
         return folders
 
     def vaes(self) -> dict[str, Path]:
-        """Standalone VAEs by file name, as /sdapi/v1/sd-vae lists them and ``sd_vae`` names them: the VAE
-        folders' files, then those beside the checkpoints named like one (``*.vae.safetensors``, A1111's)."""
-        found = self.network_folders().vae_files()
-        beside = [p for p in sorted(Path(self.models_dir).rglob("*"))] if self.models_dir else []
-        if self.model is not None and Path(self.model).is_file():  # the startup model's folder too
+        """Standalone VAEs by file name, as /sdapi/v1/sd-vae lists them and ``sd_vae`` names them, in A1111's
+        order (``refresh_vae_list``): the ``*.vae.ckpt``, ``*.vae.pt``, ``*.vae.safetensors`` files beside the
+        checkpoints (--models-dir, the startup model's folder), then the VAE folders' ``.ckpt``, ``.pt``,
+        ``.safetensors`` files; the first of a name wins. "Automatic" takes the first whose name starts
+        with the checkpoint's (``ModelCache.vae_path``)."""
+        beside = sorted(Path(self.models_dir).rglob("*")) if self.models_dir else []
+        if self.model is not None and Path(self.model).is_file():
             beside += sorted(Path(self.model).resolve().parent.glob("*"))
-        for path in beside:
-            if path.name.lower().endswith(VAE_BESIDE) and path.is_file():
-                found.setdefault(path.name, path)
-        return {k: v.resolve() for k, v in sorted(found.items())}
+        folders = [p for folder in self.network_folders().vae for p in sorted(Path(folder).rglob("*"))]
+        found: dict[str, Path] = {}
+        for files, suffixes in ((beside, VAE_BESIDE), (folders, (".ckpt", ".pt", ".safetensors"))):
+            for suffix in suffixes:
+                for path in files:
+                    if path.name.lower().endswith(suffix) and path.is_file():
+                        found.setdefault(path.name, path.resolve())
+        return found
 
     def styles(self) -> dict:
         """The saved prompt styles by name (``conditioning.styles``), read afresh: the --styles-file files,

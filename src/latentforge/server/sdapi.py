@@ -581,9 +581,16 @@ def _apply_styles(p: dict, styles: Callable[[], dict] | None) -> None:
         _refuse("styles", f"{e.args[0]} (/sdapi/v1/prompt-styles lists them)")
     except StylesFileError as e:  # the server's own file: the client hears its name, the log the rest
         log.warning("styles: %s", e)
-        _refuse("styles", f"the server's styles file cannot be read: {without_folders(str(e))}")
+        _refuse("styles", f"the server's styles file cannot be read: {styles_error(e)}")
     except (PromptError, TypeError, ValueError) as e:
         _refuse("styles", str(e))
+
+
+def styles_error(e: Exception) -> str:
+    """A styles file's error for a client: the file by its name, not its place on the server."""
+    path = getattr(e, "path", None)
+    text = str(e)
+    return text.replace(str(path), path.name) if path is not None else without_folders(text)
 
 
 _FOLDERS = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\\/\s,:;'\"]+)+[\\/]")

@@ -54,8 +54,14 @@ def control_units(
             known = ", ".join(controlnets) or "none: start the server with --controlnet-dir"
             _refuse(f"{where}.model", f"unknown ControlNet model {unit.get('model')!r}; known: {known}")
         image = unit.get("image") or unit.get("input_image")
+        if unit.get("mask") and unit.get("mask_image"):  # the extension: "Cannot specify both"
+            _refuse(f"{where}.mask", "give the mask as 'mask' or as 'mask_image', not both")
         mask = unit.get("mask") or unit.get("mask_image")
+        if isinstance(image, list) and len(image) == 2 and all(isinstance(x, str) for x in image):
+            image = {"image": image[0], "mask": image[1]}  # the extension's [image, mask] pair
         if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...} form
+            if mask and image.get("mask"):
+                _refuse(f"{where}.mask", "the image object carries a mask already; give it in one place")
             image, mask = image.get("image"), mask or image.get("mask")
         module = unit.get("module")
         if isinstance(module, str) and module in CONTROL_REFUSED_MODULES:
