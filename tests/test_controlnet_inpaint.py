@@ -18,13 +18,11 @@ from safetensors.torch import save_file
 import latentforge
 from latentforge.adapters.controlnet import ControlledDenoiser, load_controlnet
 from latentforge.convert.diffusers import unet_config_from_diffusers
-from latentforge.families import get_family
-from latentforge.models.controlnet import ControlNet, ControlNetConfig
 from latentforge.pipelines import control
 from latentforge.pipelines.request import RequestError
 from serverproc import Server
 from serverproc import b64_png as _b64
-from tiny import build_reference, close, perturb, save_folder
+from tiny import build_reference, close, perturb, save_folder, write_demo_controlnet
 
 
 def _image(size: int = 64, seed: int = 3) -> np.ndarray:
@@ -159,15 +157,7 @@ def test_bad_masks_and_refused_modules(e2e, tmp_path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cn-inpaint-server")
-    torch.manual_seed(0)
-    net = ControlNet(ControlNetConfig(unet=get_family("demo").unet, hint_widths=(8, 16, 32)))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    (tmp / "cn").mkdir()
-    save_file(
-        {f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, tmp / "cn" / "inp.safetensors"
-    )
+    write_demo_controlnet(tmp / "cn" / "inp.safetensors")
     srv = Server("--controlnet-dir", str(tmp / "cn"), "--max-image-pixels", str(256 * 256), tmp=tmp)
     yield srv
     srv.close()

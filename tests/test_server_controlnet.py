@@ -8,29 +8,17 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from latentforge.families import get_family
-from latentforge.models.controlnet import ControlNet, ControlNetConfig
 from serverproc import Server
 from serverproc import b64_png as _b64
+from tiny import write_demo_controlnet
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cn-server")
-    # a ControlNet for the demo model (f=4 latents: two stride-2 convolutions in the hint encoder)
-    torch.manual_seed(0)
-    net = ControlNet(ControlNetConfig(unet=get_family("demo").unet, hint_widths=(8, 16, 32)))
-    with torch.no_grad():
-        for p in net.parameters():  # zero convolutions start at zero: make this one do something
-            p.add_(torch.randn_like(p) * 0.05)
-    (tmp / "cn").mkdir()
-    save_file(
-        {f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, tmp / "cn" / "blobs.safetensors"
-    )
+    write_demo_controlnet(tmp / "cn" / "blobs.safetensors")
     srv = Server("--controlnet-dir", str(tmp / "cn"), tmp=tmp)
     yield srv
     srv.close()

@@ -273,3 +273,21 @@ def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> tuple[boo
     diff = float((ours.float() - ref.float()).abs().max())
     scale = float(ref.float().abs().max())
     return diff <= rel * scale, diff, scale
+
+
+def write_demo_controlnet(path: Path) -> Path:
+    """A random ControlNet for the bundled demo model (f=4 latents: two stride-2 convolutions in the hint
+    encoder), its zero convolutions moved off zero so it changes the image; saved in the original layout."""
+    from safetensors.torch import save_file
+
+    from latentforge.families import get_family
+    from latentforge.models.controlnet import ControlNet, ControlNetConfig
+
+    torch.manual_seed(0)
+    net = ControlNet(ControlNetConfig(unet=get_family("demo").unet, hint_widths=(8, 16, 32)))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, path)
+    return Path(path)

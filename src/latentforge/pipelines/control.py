@@ -444,9 +444,11 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             region = torch.from_numpy(area[:, :, 0].astype(np.float32) / 255.0)[None, None]
         pixels = np.asarray(image)
         colours = _colours(pixels) if inpaint else None
-        prepared = PreparedUnit(unit, net, name, detected, region, pixels, Path(path), mask=mask, fit_mode=fit_mode)
-        prepared.colours = colours
-        units.append(prepared)
+        units.append(
+            PreparedUnit(
+                unit, net, name, detected, region, pixels, Path(path), mask=mask, fit_mode=fit_mode, colours=colours
+            )
+        )
     return units
 
 

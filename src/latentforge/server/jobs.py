@@ -209,7 +209,7 @@ def make_spec(
     catalog: ModelCatalog, kind: str, req: GenerationRequest, init, model: str | None, payload, vae: str | None = None
 ) -> JobSpec:
     """A job for the worker; model names (the checkpoint, the refiner) resolve through the catalog only, VAE
-    names through ``ServerConfig.vaes`` (``sdapi.vae_choice``)."""
+    names through ``ServerConfig.vaes`` (``sdapi_settings.vae_choice``)."""
     spec = JobSpec(kind, req, init, catalog.resolve(model, "override_settings.sd_model_checkpoint") if model else None)
     spec.payload = payload
     spec.vae = vae

@@ -118,7 +118,7 @@ class ModelCache:
 
     def get(self, name: str, vae: str | None = None):
         """The loaded pipeline of catalog entry ``name``; with ``vae`` ("Automatic", "None" or a file name
-        of the VAE folders, as ``sdapi.vae_choice`` gives) its VAE set to that one first."""
+        of the VAE folders, as ``sdapi_settings.vae_choice`` gives) its VAE set to that one first."""
         pipe = self._get(name)
         if vae is not None:
             path = self.vae_path(name, vae)

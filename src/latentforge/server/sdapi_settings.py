@@ -74,9 +74,9 @@ def request_vae(value: Any, sent: bool, vaes: dict[str, Path]) -> str:
 
 
 def vae_choice(value: Any, field: str, vaes: dict[str, Path]) -> str:
-    """A1111's ``sd_vae`` setting as the worker takes it: "Automatic" (a VAE beside the checkpoint named
-    like it, else the checkpoint's own), "None" (the checkpoint's own) or a VAE file name of ``vaes`` (a
-    stem is accepted); never a path."""
+    """A1111's ``sd_vae`` setting as the worker takes it: "Automatic" (A1111's rule, ``ModelCache.vae_path``:
+    the first listed VAE named like the checkpoint, else its own), "None" (the checkpoint's own) or a VAE
+    file name of ``vaes`` (a stem is accepted); never a path."""
     if value in (None, "", "Automatic", "auto"):  # "auto": A1111's name before 1.0
         return "Automatic"
     if value == "None":
