@@ -112,20 +112,39 @@ def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Ima
         image = image if image.mode == "L" else image.convert("RGB")
     except Exception as e:  # broken EXIF or a mode PIL cannot convert: refused, never a traceback
         raise RequestError(f"cannot use an input image of mode {image.mode}: {type(e).__name__}: {e}") from None
+    return fit_image(image, width, height, mode)
+
+
+def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """A1111's ``images.resize_image`` without an upscaler: Lanczos to ``width`` x ``height`` (0); or
+    scaled so the image covers (1, Crop and Resize) or fits inside (2, Resize and Fill) the output, the
+    scaled side computed with floor division and centred at ``size // 2 - scaled // 2``; Resize and Fill
+    then fills each side band by stretching the edge with PIL's default filter over an empty source box
+    (a bicubic extrapolation of the last two rows or columns, not a plain copy)."""
     if mode == 0:
         return image.resize((width, height), Image.Resampling.LANCZOS)
-    if mode == 1:
-        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    scale = min(width / image.width, height / image.height)
-    fitted = image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS
-    )
-    arr = np.asarray(fitted)
-    top = (height - arr.shape[0]) // 2
-    left = (width - arr.shape[1]) // 2
-    pad = ((top, height - arr.shape[0] - top), (left, width - arr.shape[1] - left), (0, 0))[: arr.ndim]
-    arr = np.pad(arr, pad, mode="edge")
-    return Image.fromarray(arr)
+    ratio, src_ratio = width / height, image.width / image.height
+    cover = mode == 1
+    wide = ratio > src_ratio if cover else ratio < src_ratio  # width is the side that fits exactly
+    tall = ratio <= src_ratio if cover else ratio >= src_ratio
+    sw = width if wide else image.width * height // image.height
+    sh = height if tall else image.height * width // image.width
+    scaled = image.resize((max(sw, 1), max(sh, 1)), Image.Resampling.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    out.paste(scaled, (width // 2 - sw // 2, height // 2 - sh // 2))
+    if cover:
+        return out
+    if ratio < src_ratio:  # bands above and below
+        band = height // 2 - sh // 2
+        if band > 0:
+            out.paste(scaled.resize((width, band), box=(0, 0, width, 0)), (0, 0))
+            out.paste(scaled.resize((width, band), box=(0, sh, width, sh)), (0, band + sh))
+    elif ratio > src_ratio:  # bands left and right
+        band = width // 2 - sw // 2
+        if band > 0:
+            out.paste(scaled.resize((band, height), box=(0, 0, 0, height)), (0, 0))
+            out.paste(scaled.resize((band, height), box=(sw, 0, sw, height)), (band + sw, 0))
+    return out
 
 
 def image_to_tensor(image: Image.Image) -> Tensor:
