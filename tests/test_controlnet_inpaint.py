@@ -281,16 +281,12 @@ def test_cli_img2img_inpaint_unit_without_image_takes_the_init_image_and_mask(e2
 
 
 def test_unit_inputs_refused_or_read_as_the_extension(e2e, tmp_path):
-    """Review findings: 'only masked' inpainting would need the unit's image cropped as the extension crops
-    it (refused, not run misaligned); outpainting grows the canvas the init image no longer covers; an
+    """Review findings: outpainting grows the canvas the init image no longer covers; an
     inpainting model with an inpaint unit; more units than the extension allows. Transparent pixels of a
     unit's image are white (HWC3) and its EXIF orientation is applied; base64 longer than a file name works."""
     _, _, ours, path = e2e
     init = Image.fromarray(_image())
     unit = {"model": str(path), "module": "inpaint_global_harmonious"}
-    mask = Image.fromarray(_mask())
-    with pytest.raises(RequestError, match="only masked"):
-        _img2img_plan(ours, unit, init, mask=mask, inpaint_full_res=True)
     with pytest.raises(RequestError, match="outpainting"):
         _img2img_plan(ours, unit, init, inpaint={"outpaint_right": 32})
     with pytest.raises(RequestError, match="at most 10 ControlNet units"):

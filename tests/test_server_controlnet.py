@@ -112,3 +112,30 @@ def test_img2img_unit_without_image_takes_the_init_image(server):
     taken = run(unit)
     assert np.array_equal(taken, run({**unit, "image": _b64(init), "resize_mode": 2}))
     assert not np.array_equal(taken, run({**unit, "image": _b64(init), "resize_mode": 1}))
+
+
+def test_img2img_only_masked_inpainting_with_a_unit(server):
+    """The A1111 API's img2img defaults to "only masked" (inpaint_full_res true): a unit runs, its input cut to
+    the masked area (tests/test_controlnet_masked_area.py checks the pixels), or whole with the extension's
+    inpaint_crop_input_image false."""
+    models = server.get("/controlnet/model_list").json()["model_list"]
+    init = Image.fromarray((np.indices((64, 96)).sum(0) % 32 * 8).astype(np.uint8)).convert("RGB")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[20:36, 50:80] = 255
+    body = {"prompt": "a red circle", "steps": 3, "seed": 3, "width": 64, "height": 64, "cfg_scale": 4}
+    body.update(init_images=[_b64(init)], mask=_b64(Image.fromarray(mask)), denoising_strength=0.6)
+
+    def run(unit):
+        r = server.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert r.status_code == 200, r.text
+        assert "Inpaint area: Only masked" in r.json()["info"]
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+    unit = {"module": "none", "model": models[0], "weight": 1.0}
+    cut, whole = run(unit), run({**unit, "inpaint_crop_input_image": False})
+    assert cut.shape == (64, 96, 3) and not np.array_equal(cut, whole)
+    r = server.post(
+        "/sdapi/v1/img2img",
+        json={**body, "alwayson_scripts": {"controlnet": {"args": [{**unit, "inpaint_crop_input_image": "no"}]}}},
+    )
+    assert r.status_code == 400 and "inpaint_crop_input_image" in r.text, r.text

@@ -295,6 +295,8 @@ def validate_control(i: int, u, need: Callable[[bool, str], None], img2img: bool
     mode_index(u.resize_mode, CONTROL_RESIZE_MODES, f"{where}: resize_mode")
     mode_index(u.hr_option, CONTROL_HR_OPTIONS, f"{where}: hr_option")
     need(isinstance(u.pixel_perfect, bool), f"{where}: pixel_perfect must be true or false, got {u.pixel_perfect!r}")
+    crop = u.inpaint_crop_input_image
+    need(isinstance(crop, bool), f"{where}: inpaint_crop_input_image must be true or false, got {crop!r}")
     r = u.processor_res
     need(
         isinstance(r, int) and (r == -1 or 64 <= r <= 4096),

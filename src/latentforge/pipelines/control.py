@@ -28,16 +28,13 @@ pixels set to -1 (the extension's ``c * (1 - m) - m`` in hook.py, diffusers' ``m
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, ControlNetError, load_controlnet
@@ -47,7 +44,15 @@ from latentforge.io.hashing import legacy_model_hash
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.controlnet import ControlNet
 from latentforge.pipelines.checks import CONTROL_HR_OPTIONS
-from latentforge.pipelines.images import open_image
+from latentforge.pipelines.control_input import (
+    INPAINT_MODULES,
+    crop_to_area,
+    img2img_input,
+    masked_area,
+    read_control_image,
+    read_inpaint_mask,
+    split_inpaint_image,
+)
 from latentforge.pipelines.plan import Plan
 from latentforge.pipelines.request import (
     CONTROL_MODES,
@@ -64,8 +69,6 @@ HIRES_SOFT_MODULES = ("canny",)  # the extension forces soft weights in the hire
 MAX_PREPROCESS_PIXELS = 4096 * 4096  # the padded control image of the pad64 preprocessors (canny)
 MAX_HED_PIXELS = 4096 * 2048  # HED keeps two 64-channel float32 maps of this size: about 4 GB
 HED_MODULES = {"softedge_hed": False, "hed": False, "softedge_hedsafe": True, "hed_safe": True}  # name -> safe
-INPAINT_MODULES = ("inpaint", "inpaint_global_harmonious")  # the extension's name and label
-MASK_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
 @dataclass
@@ -110,76 +113,6 @@ class PreparedUnit:
         if self.fit_mode is not None:
             return self.fit_mode
         return mode_index(self.unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")
-
-
-def _is_base64(value) -> bool:
-    """A long string that names no file (a path too long for the system is no file either)."""
-    if not isinstance(value, str) or len(value) <= 256:
-        return False
-    try:
-        return not Path(value).exists()
-    except (OSError, ValueError):
-        return True
-
-
-def _open_any(value, where: str) -> Image.Image:
-    """A PIL image, a path, or base64 (optionally a ``data:`` URL), upright (EXIF orientation applied)."""
-    if _is_base64(value):
-        data = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise RequestError(f"{where}: the image is neither a file nor base64 ({e})") from None
-        value = io.BytesIO(raw)
-    return ImageOps.exif_transpose(open_image(value, where))  # the shared reader's checks
-
-
-def over_white(image: Image.Image) -> Image.Image:
-    """RGB, transparency composited over white (the extension's ``HWC3``)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_control_image(value, where: str) -> Image.Image:
-    """A PIL image, a path, or base64 (optionally a ``data:`` URL) as the extension's API sends it: RGB,
-    transparency over white."""
-    return over_white(_open_any(value, where))
-
-
-def read_inpaint_mask(value, size: tuple[int, int], where: str) -> np.ndarray:
-    """An inpaint unit's mask -> (H, W) uint8, white = repaint: the first channel of the image, an image
-    with transparency composited over white first (the extension's ``HWC3``); it must have ``size``."""
-    image = _open_any(value, where)
-    if image.mode not in MASK_MODES:
-        raise RequestError(f"{where}: a mask must be a grey, RGB or RGBA 8-bit image, got mode {image.mode!r}")
-    if image.size != size:
-        raise RequestError(
-            f"{where}: the mask is {image.size[0]}x{image.size[1]} but the unit's image is {size[0]}x{size[1]}; "
-            "they must have the same size"
-        )
-    if image.mode in ("LA", "PA", "RGBA") or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
-        first = rgba[:, :, 0] * (rgba[:, :, 3] / 255.0) + 255.0 * (1.0 - rgba[:, :, 3] / 255.0)
-        return first.clip(0, 255).astype(np.uint8)
-    return np.asarray(image.convert("RGB"))[:, :, 0].copy()
-
-
-def split_inpaint_image(value, where: str) -> tuple[object, object]:
-    """The extension's inpaint forms of ``image``: ``{"image": ..., "mask": ...}`` or ``(image, mask)``;
-    anything else is the image alone (no mask)."""
-    if isinstance(value, dict):
-        unknown = set(value) - {"image", "mask"}
-        if unknown or value.get("image") is None:
-            keys = sorted(map(str, value))
-            raise RequestError(f"{where}: an image dict must be {{'image': ..., 'mask': ...}}, got keys {keys}")
-        return value["image"], value.get("mask")
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise RequestError(f"{where}: an (image, mask) pair must have 2 items, got {len(value)}")
-        return value[0], value[1]
-    return value, None
 
 
 def _resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -364,46 +297,20 @@ def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Ten
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
-def img2img_input(init: Image.Image, req: GenerationRequest, unit: ControlUnit, where: str):
-    """The extension's input for a unit without an image in img2img (``choose_input_image``): the first
-    init image (upright, transparency over white, ``HWC3``), and for inpaint units A1111's mask as
-    ``prepare_mask`` makes it (grey, inverted with ``inpainting_mask_invert``, blurred by ``mask_blur_x``
-    then ``mask_blur_y``: cv2's Gaussian with a kernel of 2 * int(2.5 * blur + 0.5) + 1) or none ->
-    (image, mask or None). The unit is then fitted with img2img's resize mode (``PreparedUnit.fit_mode``)."""
-    import cv2
-
-    image = over_white(ImageOps.exif_transpose(init))
-    m = req.inpaint.mask if req.inpaint is not None else None
-    if unit.module not in INPAINT_MODULES or m is None:
-        return image, None
-    mask = np.asarray(_open_any(m, f"{where}: the img2img mask").convert("L"))
-    if (mask.shape[1], mask.shape[0]) != image.size:
-        raise RequestError(
-            f"{where}: takes the init image and the img2img mask, which have other sizes "
-            f"({image.size[0]}x{image.size[1]} and {mask.shape[1]}x{mask.shape[0]}); give the unit its own image"
-        )
-    if req.inpaint.inpainting_mask_invert:
-        mask = 255 - mask
-    o = req.inpaint
-    for blur, axis in ((o.mask_blur_x, 0), (o.mask_blur_y, 1)):  # None: mask_blur (InpaintOptions)
-        blur = o.mask_blur if blur is None else blur
-        if blur > 0:
-            k = 2 * int(2.5 * blur + 0.5) + 1
-            mask = cv2.GaussianBlur(mask, (k, 1) if axis == 0 else (1, k), blur)
-    return image, np.ascontiguousarray(mask)
-
-
 def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> list[PreparedUnit]:
     """Load every unit's ControlNet and preprocess its image; any problem is a ``RequestError`` naming the
     unit, before any sampling work. In img2img (``init_images``) a unit without an image takes the first
     init image (``img2img_input``)."""
     units = []
     job = req.inpaint
-    if req.control and init_images and job is not None and job.mask is not None and job.inpaint_full_res:
+    area = None  # "only masked" img2img: the units' inputs are cut to the masked area (control_input.py)
+    if req.control and init_images and job is not None and job.inpaint_full_res and any(job.outpaint):
         raise RequestError(
-            "ControlNet units with 'only masked' inpainting (inpaint_full_res) are not available: the extension "
-            "crops each unit's image to the masked region, which latentforge does not; send inpaint_full_res false"
+            "ControlNet units with outpainting and 'only masked' (inpaint_full_res) are not available: the "
+            "masked area is the grown canvas's border; send inpaint_full_res false"
         )
+    if req.control and init_images and job is not None and job.mask is not None:
+        area = masked_area(req, init_images[0], "control units")
     for i, unit in enumerate(req.control):
         where = f"control unit {i}"
         try:
@@ -428,6 +335,11 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             value, mask_value = split_inpaint_image(unit.image, f"{where} image") if inpaint else (unit.image, None)
             image = read_control_image(value, f"{where} image")
             mask = None if mask_value is None else read_inpaint_mask(mask_value, image.size, f"{where} mask")
+        if area is not None and unit.inpaint_crop_input_image:
+            mode = (
+                fit_mode if fit_mode is not None else mode_index(unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")
+            )
+            image, mask = crop_to_area(image, mask, area, mode, req.width, req.height)
         key = f"controlnet {Path(path).resolve()} {pipe.dtype}"
         try:
             net = pipe.cached(key, lambda p=path: load_controlnet(p, pipe.unet.config, pipe.dtype, pipe.device))

@@ -157,7 +157,9 @@ class ControlUnit:
     ``effective_region_mask``: where the unit acts (an image or path: its first channel, white = fully),
     as the extension scales each residual by it; ``pixel_perfect``: the preprocessor's resolution from the
     image and each pass's size (the extension's rule, ``processor_res`` unused); ``hr_option``: "Both",
-    "Low res only" or "High res only" (the passes of a hires fix the unit controls)."""
+    "Low res only" or "High res only" (the passes of a hires fix the unit controls);
+    ``inpaint_crop_input_image``: in "only masked" img2img inpainting, cut the unit's input to the masked
+    area as the generation is (the extension's default); off, the whole input is fitted to the crop."""
 
     model: str
     image: Any = None
@@ -173,6 +175,7 @@ class ControlUnit:
     effective_region_mask: Any = None
     pixel_perfect: bool = False
     hr_option: str = "Both"
+    inpaint_crop_input_image: bool = True
 
 
 # A1111's flat names of the groups' fields: flat name -> (group, field)

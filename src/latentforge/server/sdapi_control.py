@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from latentforge.pipelines.checks import CONTROL_REFUSED_MODULES
-from latentforge.pipelines.control import INPAINT_MODULES, MASK_MODES
+from latentforge.pipelines.control_input import INPAINT_MODULES, MASK_MODES
 from latentforge.server.errors import FieldError
 
 
@@ -20,7 +20,7 @@ def _refuse(field: str, message: str) -> None:
 
 
 CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_start", "guidance_end", "control_mode",
-                  "resize_mode", "threshold_a", "threshold_b", "processor_res")  # fmt: skip
+                  "resize_mode", "threshold_a", "threshold_b", "processor_res", "inpaint_crop_input_image")  # fmt: skip
 
 
 def control_units(
