@@ -96,7 +96,7 @@ def test_hint_is_make_inpaint_condition_and_residuals_equal_diffusers(e2e, form)
 def test_hint_resize_modes_as_the_extension():
     image, mask = _image(32), _mask(32)
     # Just Resize at twice the size (many colours: cubic), the mask thresholded after the resize
-    hint = control.inpaint_hint(image, mask, 64, 64, 0)
+    hint = control.inpaint_hint(control.inpaint_feed(image, mask, 64, 64, 0))
     assert hint.shape == (1, 3, 64, 64)
     import cv2
 
@@ -106,11 +106,11 @@ def test_hint_resize_modes_as_the_extension():
     expected[m] = -1.0
     assert torch.allclose(hint[0].permute(1, 2, 0), torch.from_numpy(expected).float(), atol=1e-6)
     # Resize and Fill: the pad is masked (-1), outpainting
-    filled = control.inpaint_hint(image, None, 64, 32, 2)
+    filled = control.inpaint_hint(control.inpaint_feed(image, None, 64, 32, 2))
     assert (filled[..., :16] == -1).all() and (filled[..., 48:] == -1).all()
     assert (filled[..., 16:48] >= 0).all()
     # no mask: the image as a plain hint
-    plain = control.inpaint_hint(image, None, 32, 32, 1)
+    plain = control.inpaint_hint(control.inpaint_feed(image, None, 32, 32, 1))
     assert torch.equal(plain, torch.from_numpy(image / 255.0).float().permute(2, 0, 1)[None])
 
 
@@ -141,7 +141,7 @@ def test_bad_masks_and_refused_modules(e2e, tmp_path):
         _plan(ours, {**unit, "image": {"image": image, "mask": Image.new("CMYK", (64, 64))}})
     with pytest.raises(RequestError, match="an image dict must be"):
         _plan(ours, {**unit, "image": {"img": image}})
-    for module, why in (("inpaint_only", "original latents"), ("inpaint_only+lama", "LaMa")):
+    for module, why in (("inpaint_only+lama", "LaMa"),):
         with pytest.raises(RequestError, match=f"module '{re.escape(module)}' is not available.*{why}"):
             ours.txt2img("x", steps=1, width=64, height=64, control=[{**unit, "module": module, "image": image}])
     # an RGBA mask is composited over white first (the extension's HWC3): transparent = masked
@@ -193,7 +193,7 @@ def test_server_inpaint_units(server):
     r = _txt2img(server, [{**unit, "image": image, "mask": mask}])
     assert "Module: inpaint_global_harmonious" in r.json()["info"]
     # refused: unknown and unavailable modules, a mask on a unit that is not inpaint
-    for module, field in (("inpaint_only", ".module"), ("inpaint_only+lama", ".module"), ("inpaint_magic", "module")):
+    for module, field in (("inpaint_only+lama", ".module"), ("inpaint_magic", "module")):
         r = _txt2img(server, [{**unit, "module": module, "image": image, "mask": mask}])
         assert r.status_code == 400 and field in r.text and module in r.text, r.text
     r = _txt2img(server, [{**unit, "module": "canny", "image": image, "mask": mask}])

@@ -231,6 +231,37 @@ class ActiveUnit:
         return [self.weight] * count
 
 
+@dataclass
+class Restore:
+    """The ControlNet extension's "inpaint_only" hold on the unmasked area (its restore step in hook.py):
+    after each UNet call the prediction becomes ``x0``, with ``a`` the model's alphas_cumprod at the call's
+    timestep rounded (eps: ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``, the extension's formula), ``x0``
+    keeps the unit image's latent outside the mask, and the prediction is made back from it, blended with
+    the UNet's by ``weight`` clipped to [0, 1]. Every call of the pass, whatever the unit's guidance range.
+    A v-prediction output goes through the same steps with v's relations (``x0 = sqrt(a) x_t - sqrt(1 - a)
+    v``; the extension applies the eps formula to any output)."""
+
+    latent: Tensor  # (1, C, h, w) the VAE latent of the unit's image at the pass's size
+    mask: Tensor  # (1, 1, h, w) 1 = repaint: the pixel mask max-pooled (10 x 10, stride 8, padding 1)
+    weight: float
+
+    def __call__(self, out: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str) -> Tensor:
+        index = t.round().long().clamp(0, alphas_cumprod.numel() - 1).to(alphas_cumprod.device)
+        a = alphas_cumprod[index].to(device=out.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        x_t, pred = x_t.float(), out.float()
+        mask, latent = self.mask.to(x_t), self.latent.to(x_t)
+        if prediction == "eps":  # in 1 / sqrt(a) terms, as the extension computes
+            r, r1 = (1 / a).sqrt(), (1 / a - 1).sqrt()
+            x0 = (r * x_t - r1 * pred) * mask + latent * (1 - mask)
+            held = (r * x_t - x0) / r1
+        else:
+            sa, s1 = a.sqrt(), (1 - a).sqrt()
+            x0 = (sa * x_t - s1 * pred) * mask + latent * (1 - mask)
+            held = (sa * x_t - x0) / s1
+        w = min(max(float(self.weight), 0.0), 1.0)
+        return (held * w + pred * (1 - w)).to(out.dtype)
+
+
 class ControlledDenoiser:
     """A ``ModelDenoiser`` whose UNet gets the units' summed residuals on each call. ``sigmas``: the pass's
     schedule (the step of a call is found from its sigma); ``uncond``: contexts of the unconditional side
@@ -242,8 +273,10 @@ class ControlledDenoiser:
         units: Sequence[ActiveUnit],
         sigmas: Tensor,
         uncond: Sequence[Tensor] = (),
+        restores: Sequence[Restore] = (),
     ):
         self.inner, self.units = inner, list(units)
+        self.restores = list(restores)
         self.sigmas = sigmas.double().cpu()
         self.uncond = list(uncond)
 
@@ -300,5 +333,7 @@ class ControlledDenoiser:
         inp, t = inner.network_input(x, sigma, cond)
         control = self.residuals(inp, t, cond, float(sigma[0]))
         out = inner.unet(inp, t, cond.context, cond.vector, control=control).to(x.dtype)
+        for restore in self.restores:  # inpaint_only units: on the UNet's own output, every row
+            out = restore(out, inp[:, : x.shape[1]], t, inner.schedule.alphas_cumprod, inner.prediction)
         c_skip, c_out, _ = inner.scalings(sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None])
         return c_skip * x + c_out * out

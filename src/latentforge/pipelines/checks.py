@@ -235,11 +235,9 @@ MAX_CONTROL_UNITS = 10  # units in one request (the extension's largest unit cou
 CONTROL_HR_OPTIONS = ("Both", "Low res only", "High res only")  # the passes of a hires fix a unit controls
 # the A1111 ControlNet extension's module names; "hed" and "hed_safe" are its old names of the HED ones
 CONTROL_MODULES = ("none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe", "inpaint",
-                   "inpaint_global_harmonious")  # fmt: skip
+                   "inpaint_global_harmonious", "inpaint_only")  # fmt: skip
 # the extension's modules that latentforge refuses by name, with why
 CONTROL_REFUSED_MODULES = {
-    "inpaint_only": "keeps the unmasked area from the original latents while sampling, which latentforge does not "
-    "do for ControlNet units; use inpaint_global_harmonious (or img2img inpainting with its mask)",
     "inpaint_only+lama": "needs the LaMa inpainting model (big-lama), which latentforge does not have; use "
     "inpaint_global_harmonious",
 }

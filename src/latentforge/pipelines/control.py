@@ -24,6 +24,9 @@ the mask is the first channel of the mask image (an RGBA mask composited over wh
 3 to 199 colours, else area down / cubic up; Resize and Fill pads with the border's median colour and a
 masked pad), the mask is then thresholded at > 127, and the hint is the image over 255 with the masked
 pixels set to -1 (the extension's ``c * (1 - m) - m`` in hook.py, diffusers' ``make_inpaint_condition``).
+"inpaint_only" outside img2img inpainting also holds the unmasked area (``Restore`` in adapters/controlnet.py,
+on every pass of the loaded UNet, and ``restored_decode`` on the decoded images); with A1111's own img2img
+mask it runs as "inpaint", as the extension falls back.
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from latentforge.adapters.controlnet import ActiveUnit, ControlledDenoiser, ControlNetError, load_controlnet
+from latentforge.adapters.controlnet import (
+    ActiveUnit,
+    ControlledDenoiser,
+    ControlNetError,
+    Restore,
+    load_controlnet,
+)
 from latentforge.adapters.folders import AdapterNotFound
 from latentforge.io.components import LoadError
 from latentforge.io.hashing import legacy_model_hash
@@ -84,6 +94,7 @@ class PreparedUnit:
     mask: np.ndarray | None = None  # inpaint units: the mask (H, W) uint8 at the image's size, white = repaint
     fit_mode: int | None = None  # img2img's resize mode when the unit took the init image (the infotext keeps its own)
     colours: int | None = None  # inpaint units: colours of the image (the extension's resize picks by it)
+    restore: bool = False  # inpaint_only outside img2img inpainting: the unmasked area is held (``apply``)
 
     def perfect_res(self, width: int, height: int) -> int:
         """The extension's ``pixel_perfect_resolution`` for a pass of ``width`` x ``height``."""
@@ -260,11 +271,12 @@ def _colours(image: np.ndarray) -> int:
     return int(np.count_nonzero(np.diff(ordered))) + 1 if ordered.size else 0
 
 
-def inpaint_hint(
+def inpaint_feed(
     image: np.ndarray, mask: np.ndarray | None, width: int, height: int, mode: int, colours: int | None = None
 ) -> Tensor:
-    """An inpaint unit's hint (1, 3, height, width): the image and mask fitted as the extension's
-    ``detectmap_proc`` does, the image over 255 with the masked pixels (mask > 0.5) at -1."""
+    """An inpaint unit's input at a pass's size (1, 4, height, width): the image and mask fitted together as
+    the extension's ``detectmap_proc`` does, over 255 (the colours unclipped, as its float resize leaves
+    them; the mask 0 or 1)."""
     if mask is None:
         mask = np.zeros(image.shape[:2], np.uint8)
     rgba = np.concatenate([image, mask[:, :, None]], axis=2).astype(np.float32)
@@ -286,8 +298,13 @@ def inpaint_hint(
         out = np.tile(colour[None, None], (height, width, 1))
         top, left = max(0, (height - nh) // 2), max(0, (width - nw) // 2)
         out[top : top + nh, left : left + nw] = _inpaint_resize(rgba, nw, nh, colours)
-    x = torch.from_numpy(np.ascontiguousarray(out) / 255.0).float().permute(2, 0, 1)[None]
-    c, m = x[:, :3], (x[:, 3:] > 0.5).float()
+    return torch.from_numpy(np.ascontiguousarray(out) / 255.0).float().permute(2, 0, 1)[None].contiguous()
+
+
+def inpaint_hint(feed: Tensor) -> Tensor:
+    """An inpaint unit's hint (1, 3, H, W) from its ``inpaint_feed``: the image with the masked pixels
+    (mask > 0.5) at -1, the extension's ``c * (1 - m) - m``."""
+    c, m = feed[:, :3], (feed[:, 3:] > 0.5).float()
     return (c * (1 - m) - m).contiguous()
 
 
@@ -323,6 +340,8 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
                 f"{where}: an inpaint unit with an inpainting model is not available (the extension rewrites the "
                 "model's mask channels from the unit); use a plain model with the inpaint ControlNet"
             )
+        # inpaint_only: in img2img inpainting the extension runs it as "inpaint" (A1111 holds the area itself)
+        restore = unit.module == "inpaint_only" and not (init_images and job is not None and job.mask is not None)
         fit_mode = None
         if unit.image is None:
             if not init_images:
@@ -358,7 +377,17 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
         colours = _colours(pixels) if inpaint else None
         units.append(
             PreparedUnit(
-                unit, net, name, detected, region, pixels, Path(path), mask=mask, fit_mode=fit_mode, colours=colours
+                unit,
+                net,
+                name,
+                detected,
+                region,
+                pixels,
+                Path(path),
+                mask=mask,
+                fit_mode=fit_mode,
+                colours=colours,
+                restore=restore,
             )
         )
     return units
@@ -372,24 +401,32 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
     down = pipe.vae.config.downscale
     hires = any(p.name == "hires" for p in plan.passes)
     resolutions: dict[int, int] = {}  # unit index -> the preprocessor resolution of its first pass
+    finals: dict[int, Tensor] = {}  # inpaint_only units: the feed of the last pass, for the decoded images
     for p in plan.passes:
         if p.model.unet is not pipe.unet:
             continue
         height, width = p.shape[1] * down, p.shape[2] * down
-        active = []
+        active, restores = [], []
         for i, u in enumerate(units):
             option = mode_index(u.unit.hr_option, CONTROL_HR_OPTIONS, "hr_option")
-            if hires and option == (1 if p.name == "hires" else 2):  # "Low res only" / "High res only"
-                continue
+            skip = hires and option == (1 if p.name == "hires" else 2)  # "Low res only" / "High res only"
             if u.unit.module in INPAINT_MODULES:  # no preprocessor: the image and its mask
-                hint = inpaint_hint(u.image, u.mask, width, height, u.resize_mode, u.colours)
+                feed = inpaint_feed(u.image, u.mask, width, height, u.resize_mode, u.colours)
+                if u.restore:  # the extension holds the area in every pass, whatever hr_option says
+                    restores.append(_restore(pipe, feed, float(u.unit.weight), down))
+                    finals[i] = feed
+                hint = inpaint_hint(feed)
                 res = u.perfect_res(width, height) if u.unit.pixel_perfect else int(u.unit.processor_res)
+            elif skip:
+                continue
             else:
                 try:
                     detected, res = u.detected_at(pipe, width, height)
                 except RequestError as e:
                     raise RequestError(f"control unit {i}: {e}") from None
                 hint = hint_tensor(detected, width, height, u.resize_mode)
+            if skip:
+                continue
             resolutions.setdefault(i, res)
             active.append(
                 ActiveUnit(
@@ -403,11 +440,45 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
                     region=u.region,
                 )
             )
-        if not active:
+        if not active and not restores:
             continue
         uncond = [] if p.uncond is None else [c.context for _, c in p.uncond.entries]
-        p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond)
+        p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond, restores)
+    if finals:
+        plan.decode = restored_decode(plan.decode, [finals[i] for i in sorted(finals)])
     plan.infotext.update(infotext(units, resolutions))
+
+
+def _restore(pipe, feed: Tensor, weight: float, down: int) -> Restore:
+    """inpaint_only's hold for one pass (adapters/controlnet.py ``Restore``): the latent of the feed's
+    image (its posterior mean, as latentforge encodes init images) and the mask max-pooled to latent size."""
+    image = (feed[:, :3] * 2 - 1).to(pipe.device)
+    latent = pipe.vae.encode(image).float()
+    mask = F.max_pool2d(feed[:, 3:], (down + 2, down + 2), stride=(down, down), padding=1)
+    return Restore(latent, mask, weight)
+
+
+def restored_decode(decode, feeds: list[Tensor]):
+    """The extension's inpaint_only post-processing of each decoded image (in [0, 1]): the unit's image
+    outside its mask, dilated by a 7 x 7 square and box-blurred 7 x 7 (its "ControlNet inpainting Gaussian
+    blur sigma" setting, 7), ``y = m * x + (1 - m) * image`` clipped to [0, 1]; an image of another size
+    (a hires pass's first decode) is left alone, as the extension does."""
+    import cv2
+
+    blends = []
+    for feed in feeds:
+        m = cv2.dilate(feed[0, 3].numpy().astype(np.float32), np.ones((7, 7), np.uint8))
+        blends.append((feed[:, :3].float(), torch.from_numpy(cv2.blur(m, (7, 7)))[None, None]))
+
+    def decoded(latents: Tensor) -> Tensor:
+        x = decode(latents)
+        y = ((x.float() + 1) / 2).clamp(0, 1)  # A1111's decoded samples, what postprocess_batch gets
+        for image, m in blends:
+            if y.shape[-2:] == image.shape[-2:]:
+                y = (m.to(y.device) * y.clamp(0, 1) + (1 - m.to(y.device)) * image.to(y.device)).clamp(0, 1)
+        return (y * 2 - 1).to(x.dtype)
+
+    return decoded
 
 
 def infotext(units: list[PreparedUnit], resolutions: dict[int, int] | None = None) -> dict[str, str]:

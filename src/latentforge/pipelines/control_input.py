@@ -17,7 +17,9 @@ from latentforge.pipelines.images import fit_image, open_image
 from latentforge.pipelines.inpaint import crop_region
 from latentforge.pipelines.request import ControlUnit, GenerationRequest, RequestError
 
-INPAINT_MODULES = ("inpaint", "inpaint_global_harmonious")  # the extension's name and label
+# the extension's inpaint preprocessors: "inpaint" (labelled "inpaint_global_harmonious") and "inpaint_only",
+# which also holds the unmasked area to the unit's image (control.py: restore)
+INPAINT_MODULES = ("inpaint", "inpaint_global_harmonious", "inpaint_only")
 MASK_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
