@@ -148,7 +148,7 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
 
 # pipelines.checks.CONTROL_MODULES, written out here so the parser imports no torch (tests/test_hed.py)
 CONTROL_MODULE_CHOICES = ["none", "canny", "depth", "softedge_hed", "softedge_hedsafe", "hed", "hed_safe"]
-CONTROL_MODULE_CHOICES += ["inpaint", "inpaint_global_harmonious"]
+CONTROL_MODULE_CHOICES += ["inpaint", "inpaint_global_harmonious", "inpaint_only"]  # as checks.CONTROL_MODULES
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
