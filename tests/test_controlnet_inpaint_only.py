@@ -150,7 +150,7 @@ def test_inpaint_only_with_img2img_mask_runs_as_inpaint(setup):
         units[module] = [p.model for p in plan.passes if isinstance(p.model, ControlledDenoiser)]
     (only,), (harmonious,) = units["inpaint_only"], units["inpaint_global_harmonious"]
     assert not only.restores and torch.equal(only.units[0].hint, harmonious.units[0].hint)
-    plan = _img2img_plan(ours, {"model": str(path), "module": "inpaint_only", "image": (Image.fromarray(image), Image.fromarray(mask))},
-                         Image.fromarray(image), denoising_strength=0.5)  # fmt: skip
+    own = {"model": str(path), "module": "inpaint_only", "image": (Image.fromarray(image), Image.fromarray(mask))}
+    plan = _img2img_plan(ours, own, Image.fromarray(image), denoising_strength=0.5)
     held = [p.model for p in plan.passes if isinstance(p.model, ControlledDenoiser)]
     assert held and held[0].restores  # img2img without a mask: the hold runs

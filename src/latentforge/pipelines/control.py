@@ -63,6 +63,7 @@ from latentforge.pipelines.control_input import (
     read_inpaint_mask,
     split_inpaint_image,
 )
+from latentforge.pipelines.control_resize import count_colours, resize_map
 from latentforge.pipelines.plan import Plan
 from latentforge.pipelines.request import (
     CONTROL_MODES,
@@ -226,13 +227,14 @@ def preprocess(pipe, unit: ControlUnit, image: Image.Image, near: Path | None = 
 
 
 def fit(detected: np.ndarray, width: int, height: int, mode: int) -> np.ndarray:
-    """A detected map at ``width`` x ``height``: 0 Just Resize, 1 Crop and Resize, 2 Resize and Fill."""
+    """A detected map at ``width`` x ``height``: 0 Just Resize, 1 Crop and Resize, 2 Resize and Fill; each
+    resize as the extension's ``high_quality_resize`` (control_resize.py)."""
     h, w = detected.shape[:2]
     if mode == 0:
-        return _resize(detected, width, height)
+        return resize_map(detected, width, height)
     k = max(height / h, width / w) if mode == 1 else min(height / h, width / w)
     nh, nw = max(1, round(h * k)), max(1, round(w * k))
-    scaled = _resize(detected, nw, nh)
+    scaled = resize_map(detected, nw, nh)
     if mode == 1:
         top, left = (nh - height) // 2, (nw - width) // 2
         return scaled[top : top + height, left : left + width]
@@ -264,13 +266,6 @@ def _inpaint_resize(rgba: np.ndarray, width: int, height: int, colours: int) -> 
     return out
 
 
-def _colours(image: np.ndarray) -> int:
-    """The number of different RGB colours of ``image`` (a sort, not ``np.unique``'s slower path)."""
-    packed = (image[:, :, 0].astype(np.int32) << 16) | (image[:, :, 1].astype(np.int32) << 8) | image[:, :, 2]
-    ordered = np.sort(packed.ravel())
-    return int(np.count_nonzero(np.diff(ordered))) + 1 if ordered.size else 0
-
-
 def inpaint_feed(
     image: np.ndarray, mask: np.ndarray | None, width: int, height: int, mode: int, colours: int | None = None
 ) -> Tensor:
@@ -280,7 +275,7 @@ def inpaint_feed(
     if mask is None:
         mask = np.zeros(image.shape[:2], np.uint8)
     rgba = np.concatenate([image, mask[:, :, None]], axis=2).astype(np.float32)
-    colours = _colours(image) if colours is None else colours
+    colours = count_colours(image) if colours is None else colours
     h, w = image.shape[:2]
     if mode == 0:
         out = _inpaint_resize(rgba, width, height, colours)
@@ -374,7 +369,7 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             area = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
             region = torch.from_numpy(area[:, :, 0].astype(np.float32) / 255.0)[None, None]
         pixels = np.asarray(image)
-        colours = _colours(pixels) if inpaint else None
+        colours = count_colours(pixels) if inpaint else None
         units.append(
             PreparedUnit(
                 unit,
