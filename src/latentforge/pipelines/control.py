@@ -395,7 +395,6 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
         return
     down = pipe.vae.config.downscale
     hires = any(p.name == "hires" for p in plan.passes)
-    resolutions: dict[int, int] = {}  # unit index -> the preprocessor resolution of its first pass
     finals: dict[int, Tensor] = {}  # inpaint_only units: the feed of the last pass, for the decoded images
     for p in plan.passes:
         if p.model.unet is not pipe.unet:
@@ -411,18 +410,16 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
                     restores.append(_restore(pipe, feed, float(u.unit.weight), down))
                     finals[i] = feed
                 hint = inpaint_hint(feed)
-                res = u.perfect_res(width, height) if u.unit.pixel_perfect else int(u.unit.processor_res)
             elif skip:
                 continue
             else:
                 try:
-                    detected, res = u.detected_at(pipe, width, height)
+                    detected, _ = u.detected_at(pipe, width, height)
                 except RequestError as e:
                     raise RequestError(f"control unit {i}: {e}") from None
                 hint = hint_tensor(detected, width, height, u.resize_mode)
             if skip:
                 continue
-            resolutions.setdefault(i, res)
             active.append(
                 ActiveUnit(
                     u.net,
@@ -441,7 +438,7 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
         p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond, restores)
     if finals:
         plan.decode = restored_decode(plan.decode, [finals[i] for i in sorted(finals)])
-    plan.infotext.update(infotext(units, resolutions))
+    plan.infotext.update(infotext(units))
 
 
 def _restore(pipe, feed: Tensor, weight: float, down: int) -> Restore:
@@ -476,16 +473,15 @@ def restored_decode(decode, feeds: list[Tensor]):
     return decoded
 
 
-def infotext(units: list[PreparedUnit], resolutions: dict[int, int] | None = None) -> dict[str, str]:
+def infotext(units: list[PreparedUnit]) -> dict[str, str]:
     """``ControlNet N`` fields as the extension writes them: "Name: value" in its field order, numbers as
     Python prints floats, fields left at -1 (unused by the preprocessor) left out; canny's thresholds and
-    the processor resolution are written as they ran."""
+    the processor resolution with their defaults for -1. Written as the unit was sent: the extension
+    serializes units before pixel perfect picks a resolution (get_enabled_units runs before get_control)."""
     out = {}
     for i, u in enumerate(units):
         unit = u.unit
         low, high, res = float(unit.threshold_a), float(unit.threshold_b), int(unit.processor_res)
-        if unit.pixel_perfect and resolutions and i in resolutions:
-            res = resolutions[i]  # as the extension writes it: the resolution pixel perfect chose
         if unit.module == "canny":
             low = low if low >= 0 else CANNY_DEFAULTS[0]
             high = high if high >= 0 else CANNY_DEFAULTS[1]
