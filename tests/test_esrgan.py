@@ -348,7 +348,9 @@ def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):
     net = upscalers.load(folder / "tiny-x2.safetensors")
     enlarged = upscalers.run(Image.fromarray(pixels), net)
     img2img = {k: v for k, v in base.items() if k != "enable_hr"}
-    expected = pipe.img2img(enlarged, "a cube", **{**img2img, "width": 128, "height": 128}).images[0]
+    # A1111's hires steps: the last 3 of int(3 / 0.5) = 6 (img2img with 6 steps, strength 2.5 / 6: t_enc 2)
+    img2img.update(width=128, height=128, steps=6, denoising_strength=2.5 / 6)
+    expected = pipe.img2img(enlarged, "a cube", **img2img).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
 
     args = ["txt2img", "a cube", "-m", str(model), "-W", "64", "-H", "64", "--steps", "2", "-q", "--hires", "2"]

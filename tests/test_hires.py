@@ -58,10 +58,35 @@ def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(p
     first_image = tensor_to_images(pipe.vae.decode(seen["first"]))[0]
     assert np.array_equal(np.asarray(first_image), np.asarray(plain))
 
-    # then img2img of the resized image with the same seed
+    # then img2img of the resized image with the same seed, as A1111's sample_hr_pass runs it: it passes
+    # steps (4) to sample_img2img, so setup_img2img_steps makes a schedule of int(4 / 0.5) = 8 steps and
+    # runs its last 4 (t_enc = 3); plain img2img runs int(strength * steps) + 1 of its steps: with 8 steps
+    # and strength 3.5 / 8, t_enc = 3 too
     resized = _a1111_lanczos_input(pipe, seen["first"], 128)
-    expected = pipe.img2img(resized, "a cube", **{**BASE, "width": 128, "height": 128}).images[0]
+    same = {**BASE, "width": 128, "height": 128, "steps": 8, "denoising_strength": 3.5 / 8}
+    expected = pipe.img2img(resized, "a cube", **same).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
+    plain_rule = pipe.img2img(resized, "a cube", **{**BASE, "width": 128, "height": 128}).images[0]
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain_rule))
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "sampler"), [(20, 0.7, "Euler a"), (20, 0.5, "DPM++ 2M"), (7, 0.3, "DPM2")]
+)
+def test_hires_pass_runs_its_steps_from_a_longer_schedule(steps, strength, sampler):
+    """A1111's setup_img2img_steps with steps given (its hires pass): steps = int(N / min(strength, 0.999)),
+    t_enc = N - 1, sigma_sched = sigmas[steps - t_enc - 1:]: exactly N steps, the schedule's last."""
+    from latentforge.pipelines.hires import hires_sigmas
+    from latentforge.pipelines.plan import pass_sigmas
+    from latentforge.sampling import NoiseSchedule
+    from latentforge.sampling.registry import resolve
+
+    info, schedule = resolve(sampler)
+    noise = NoiseSchedule()
+    total = int(steps / min(strength, 0.999))
+    full = pass_sigmas(info, schedule, noise, total)
+    got = hires_sigmas(info, schedule, noise, steps, strength)
+    assert len(got) == steps + 1 and torch.equal(got, full[total - (steps - 1) - 1 :])
 
 
 def test_upscaler_none_is_a1111s_lanczos_resize(pipe):
@@ -185,6 +210,7 @@ def test_hires_pass_of_its_own_is_img2img_with_its_prompts_sampler_and_schedule(
     assert np.array_equal(np.asarray(tensor_to_images(pipe.vae.decode(seen["first"]))[0]), np.asarray(plain))
     resized = _a1111_lanczos_input(pipe, seen["first"], 128)
     second = {**options, "width": 128, "height": 128, "sampler": "Euler a", "schedule": "Karras"}
+    second.update(steps=8, denoising_strength=3.5 / 8)  # A1111's hires steps rule (see the first test)
     expected = pipe.img2img(resized, "a sphere", negative_prompt="blurry", **second).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     same = pipe.txt2img("a cube", enable_hr=True, hr_scale=2, hr_upscaler="Lanczos", **options).images[0]

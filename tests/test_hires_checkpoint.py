@@ -23,6 +23,9 @@ from test_lora import kohya_and_peft
 from tiny import build_reference, save_folder
 
 BASE = dict(seed=21, steps=4, width=64, height=64, sampler="Euler", denoising_strength=0.5)
+# the hires pass as the Python API's img2img: A1111 runs the last 4 steps of a schedule of int(4 / 0.5) = 8
+# (setup_img2img_steps with steps given); img2img with 8 steps and strength 3.5 / 8 runs the same
+SECOND = {**BASE, "width": 128, "height": 128, "steps": 8, "denoising_strength": 3.5 / 8}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +54,7 @@ def test_the_hires_pass_is_the_other_models_img2img_of_the_resized_image(pipe, m
     first_image = tensor_to_images(pipe.vae.decode(seen["first"]))[0]
     assert np.array_equal(np.asarray(first_image), np.asarray(first.images[0]))
     other = latentforge.load(models["other"])
-    expected = other.img2img(
-        _a1111_lanczos_input(pipe, seen["first"], 128), "a cube", **{**BASE, "width": 128, "height": 128}
-    )
+    expected = other.img2img(_a1111_lanczos_input(pipe, seen["first"], 128), "a cube", **SECOND)
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected.images[0]))
     same = pipe.txt2img("a cube", enable_hr=True, hr_upscaler="Lanczos", **BASE)  # without: another image
     assert not np.array_equal(np.asarray(result.images[0]), np.asarray(same.images[0]))
@@ -116,7 +117,7 @@ def test_a_loaded_pipeline_gets_the_requests_lora_for_the_pass_only(pipe, models
             "a cube <lora:ink:0.8>", enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=other, **BASE
         )
         resized = _a1111_lanczos_input(pipe, seen["first"], 128)
-        expected = other.img2img(resized, "a cube <lora:ink:0.8>", **{**BASE, "width": 128, "height": 128})
+        expected = other.img2img(resized, "a cube <lora:ink:0.8>", **SECOND)
     finally:
         pipe.folders.lora = other.folders.lora = []
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected.images[0]))
@@ -149,7 +150,7 @@ def test_token_merging_of_the_hires_pass_runs_on_the_other_model(pipe, models, m
     options = dict(enable_hr=True, hr_upscaler="Lanczos", hr_checkpoint_name=other, **BASE)
     merged = pipe.txt2img("a cube", token_merging_ratio_hr=0.9, **options)
     assert other.patcher.sources == [] and pipe.patcher.sources == []  # the hooks are off both again
-    size = {**BASE, "width": 128, "height": 128}
+    size = SECOND
     expected = other.img2img(_a1111_lanczos_input(pipe, seen["first"], 128), "a cube", token_merging_ratio=0.9, **size)
     assert np.array_equal(np.asarray(merged.images[0]), np.asarray(expected.images[0]))
     plain = pipe.txt2img("a cube", **options)

@@ -90,6 +90,17 @@ def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[i
     return vae.encode(torch.cat(images).to(next(vae.parameters()).device)).float()
 
 
+def hires_sigmas(sampler, schedule: str, noise_schedule, steps: int, strength: float) -> Tensor:
+    """The hires pass's sigmas as A1111 runs them: ``sample_hr_pass`` hands ``steps`` (hr_second_pass_steps
+    or steps) to ``sample_img2img``, so ``setup_img2img_steps`` takes its fixed-steps branch: a schedule of
+    ``int(steps / min(strength, 0.999))`` steps whose last ``steps`` run (t_enc = steps - 1), not the
+    plain img2img rule's ``int(strength * steps) + 1``. Strength 0: no step runs (the pass only upscales)."""
+    if strength <= 0:
+        return img2img_sigmas(pass_sigmas(sampler, schedule, noise_schedule, steps), steps, strength)
+    total = int(steps / min(strength, 0.999))
+    return pass_sigmas(sampler, schedule, noise_schedule, total)[total - steps :]  # sigmas[total - t_enc - 1:]
+
+
 def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:
     """A built-in upscaler's name, or the ESRGAN-family model of that name or path loaded from ``dirs``."""
     known = builtin_upscaler(name)
@@ -159,7 +170,6 @@ def add_pass(
         model = ModelDenoiser(
             runner.unet, runner.noise_schedule(), runner.prediction, quantize_timesteps=req.quantize_timesteps
         )
-    sigmas = pass_sigmas(sampler, schedule, model.schedule, steps)
     first_calls, calls = pass_calls(req)
     # A1111 1.7+: the hires pass's prompt editing goes on from the first pass's timeline
     cond, uncond = conditioning(runner, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
@@ -176,7 +186,7 @@ def add_pass(
         "hires",
         model,
         sampler,
-        img2img_sigmas(sigmas, steps, req.denoising_strength),
+        hires_sigmas(sampler, schedule, model.schedule, steps, req.denoising_strength),
         shape,
         cond,
         uncond,
