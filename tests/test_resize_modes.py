@@ -77,3 +77,20 @@ def test_resize_and_fill_bands_extrapolate_the_edge_not_copy_it():
     out = np.asarray(prepare_image(Image.fromarray(rows, "L"), 128, 192, 2)).astype(int)
     assert (out[64:128] == rows).all()
     assert (out[:64] == 110).all() and (out[128:] == 110).all()
+
+
+def test_decoded_images_become_8_bit_as_a1111_truncates():
+    """A1111's process_images_inner: x = clamp((x + 1) / 2, 0, 1); 255. * x (float32 numpy), then
+    astype(np.uint8), a truncation (ComfyUI's SaveImage the same); diffusers rounds."""
+    import torch
+
+    from latentforge.pipelines.images import tensor_to_images
+
+    x = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 0.7
+    x[0, 0, 0, :4] = torch.tensor([-1.5, 1.5, 0.0, 1.0])
+    ours = np.stack([np.asarray(im) for im in tensor_to_images(x)])
+    unit = torch.clamp((x + 1.0) / 2.0, min=0.0, max=1.0).numpy()
+    a1111 = (255.0 * np.moveaxis(unit, 1, 3)).astype(np.uint8)
+    assert np.array_equal(ours, a1111)
+    rounded = np.round(255.0 * np.moveaxis(unit, 1, 3)).astype(np.uint8)
+    assert not np.array_equal(ours, rounded)  # half the values sit one level lower than rounding's

@@ -103,6 +103,12 @@ BACKGROUND = "#ffffff"  # what shows through an init image's transparent pixels 
 def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
     """Fit an init image (or a mask, mode L) to the output size: 0 resize, 1 crop and resize, 2 resize
     and fill (A1111). Transparent pixels of an RGBA image show white, as A1111 flattens them."""
+    return fit_image(flatten_image(image), width, height, mode)
+
+
+def flatten_image(image: Image.Image) -> Image.Image:
+    """An init image (or a mask, mode L) as it is encoded, at its own size: turned by its EXIF orientation,
+    transparent pixels white (A1111's ``images.flatten``), RGB (a mask stays L)."""
     try:
         image = ImageOps.exif_transpose(image)
         if image.mode == "RGBA":  # A1111's images.flatten: onto img2img_background_color, white by default
@@ -112,7 +118,7 @@ def prepare_image(image: Image.Image, width: int, height: int, mode: int) -> Ima
         image = image if image.mode == "L" else image.convert("RGB")
     except Exception as e:  # broken EXIF or a mode PIL cannot convert: refused, never a traceback
         raise RequestError(f"cannot use an input image of mode {image.mode}: {type(e).__name__}: {e}") from None
-    return fit_image(image, width, height, mode)
+    return image
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
@@ -154,6 +160,8 @@ def image_to_tensor(image: Image.Image) -> Tensor:
 
 
 def tensor_to_images(x: Tensor) -> list[Image.Image]:
-    """Decoded images in [-1, 1] -> 8-bit PIL images (rounded)."""
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """Decoded images in [-1, 1] -> 8-bit PIL images as A1111, Forge and ComfyUI make them: ``(x + 1) / 2``
+    clipped to [0, 1], times 255 in float32, truncated (``astype(np.uint8)``); diffusers rounds instead."""
+    unit = ((x.float() + 1) / 2).clamp(0, 1)
+    arr = (255.0 * unit).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
