@@ -307,3 +307,26 @@ def test_cli_hires_options_without_hires_are_an_error(model, tmp_path, capsys):
     assert main([*args, "--hires-prompt", "a sphere", "-o", str(tmp_path / "x.png")]) == 2
     assert "--hires-prompt set(s) the hires pass; add --hires FACTOR" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sde_hires_pass_draws_from_trees_over_the_whole_schedule(pipe, monkeypatch):
+    """A1111's sample_img2img gives create_noise_sampler the whole schedule (sigmas, not sigma_sched): the
+    Brownian trees span its smallest positive sigma to its largest, not only the steps that run."""
+    import sys
+
+    from latentforge.sampling import NoiseSchedule
+
+    generate = sys.modules["latentforge.pipelines.generate"]  # (the package exports a function of that name)
+    ranges = []
+    original = generate.BrownianNoise
+
+    def spy(seeds, shape, lo, hi, **kwargs):
+        ranges.append((float(lo), float(hi)))
+        return original(seeds, shape, lo, hi, **kwargs)
+
+    monkeypatch.setattr(generate, "BrownianNoise", spy)
+    pipe.txt2img("a cube", enable_hr=True, hr_scale=1.5, **{**BASE, "sampler": "DPM++ 2M SDE", "schedule": "Karras"})
+    full = NoiseSchedule().sigmas  # the model's training sigmas: Karras spans their ends
+    (first_lo, first_hi), (hires_lo, hires_hi) = ranges
+    assert hires_hi == pytest.approx(float(full.max()), rel=1e-4) and hires_lo == pytest.approx(first_lo)
+    assert first_hi == pytest.approx(hires_hi)

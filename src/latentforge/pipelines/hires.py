@@ -95,10 +95,18 @@ def hires_sigmas(sampler, schedule: str, noise_schedule, steps: int, strength: f
     or steps) to ``sample_img2img``, so ``setup_img2img_steps`` takes its fixed-steps branch: a schedule of
     ``int(steps / min(strength, 0.999))`` steps whose last ``steps`` run (t_enc = steps - 1), not the
     plain img2img rule's ``int(strength * steps) + 1``. Strength 0: no step runs (the pass only upscales)."""
+    return hires_schedule(sampler, schedule, noise_schedule, steps, strength)[1]
+
+
+def hires_schedule(sampler, schedule: str, noise_schedule, steps: int, strength: float) -> tuple[Tensor, Tensor]:
+    """(the whole schedule, the sigmas that run) of the hires pass (``hires_sigmas``). The whole one sets the
+    range of the SDE samplers' Brownian trees, as A1111's ``create_noise_sampler(x, sigmas, p)`` is given it."""
     if strength <= 0:
-        return img2img_sigmas(pass_sigmas(sampler, schedule, noise_schedule, steps), steps, strength)
+        full = pass_sigmas(sampler, schedule, noise_schedule, steps)
+        return full, img2img_sigmas(full, steps, strength)
     total = int(steps / min(strength, 0.999))
-    return pass_sigmas(sampler, schedule, noise_schedule, total)[total - steps :]  # sigmas[total - t_enc - 1:]
+    full = pass_sigmas(sampler, schedule, noise_schedule, total)
+    return full, full[total - steps :]  # sigmas[total - t_enc - 1:]
 
 
 def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:
@@ -170,6 +178,7 @@ def add_pass(
         model = ModelDenoiser(
             runner.unet, runner.noise_schedule(), runner.prediction, quantize_timesteps=req.quantize_timesteps
         )
+    full, sigmas = hires_schedule(sampler, schedule, model.schedule, steps, req.denoising_strength)
     first_calls, calls = pass_calls(req)
     # A1111 1.7+: the hires pass's prompt editing goes on from the first pass's timeline
     cond, uncond = conditioning(runner, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
@@ -186,7 +195,7 @@ def add_pass(
         "hires",
         model,
         sampler,
-        hires_sigmas(sampler, schedule, model.schedule, steps, req.denoising_strength),
+        sigmas,
         shape,
         cond,
         uncond,
@@ -198,5 +207,8 @@ def add_pass(
         min_uncond_all=first.min_uncond_all,
         sampler_options=first.sampler_options,
     )
+    if sampler.brownian:  # the trees span the whole schedule, not only the steps that run
+        positive = full[full > 0]
+        hires_pass.noise_range = (float(positive.min()), float(full.max()))
     plan.passes.append(hires_pass)
     return hires_pass
