@@ -226,9 +226,10 @@ def test_loha_lokr_dora_and_tucker_locon_follow_their_formulas(sd1, tmp_path):
         32, 128
     )
     torch.testing.assert_close(got[ff], W[ff] + 0.5 * kron * (1.0 / 2))
-    # DoRA: magnitude times the direction of W + delta (per output row); strength blends from W
+    # DoRA with an [out, 1] dora_scale (LyCORIS wd_on_out): A1111's apply_weight_decompose still divides by
+    # the per-input-column norm, the [out, 1] scale broadcasting against it; strength blends from W
     merged = W[k2] + dora["lora_up.weight"] @ dora["lora_down.weight"] * (4.0 / 4)
-    direction = merged / merged.norm(dim=1, keepdim=True)
+    direction = merged / merged.norm(dim=0, keepdim=True)
     torch.testing.assert_close(got[k2], W[k2] + 0.5 * (dora["dora_scale"] * direction - W[k2]))
     # DoRA with a [1, in] magnitude (LyCORIS without wd_on_out): normalised per input column
     merged = W[v2] + dora_in["lora_up.weight"] @ dora_in["lora_down.weight"] * (2.0 / 4)

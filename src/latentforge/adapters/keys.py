@@ -12,6 +12,10 @@ LoRA-style files name the *module* a delta belongs to, in one of several schemes
 - OpenCLIP paths for the bigG / ViT-H encoders (``transformer_resblocks_0_attn_in_proj``): the fused
   q/k/v projection lands on thirds of our separate ``q_proj``/``k_proj``/``v_proj`` (``convert/openclip.py``).
 
+Besides Linear/Conv2d layers the index names the GroupNorm/LayerNorm layers (``..._resnets_0_norm1``,
+``..._transformer_blocks_0_norm1``, ``lora_te_text_model_encoder_layers_0_layer_norm1``, OpenCLIP
+``ln_1``), which LyCORIS norm modules (``w_norm``/``b_norm``) change.
+
 Our UNet keeps the original module names and our text encoders Hugging Face names, so each scheme is a
 function of our own module list plus the shared UNet table of ``convert/diffusers.py``.
 """
@@ -40,8 +44,8 @@ _SUFFIXES = (
     (".lora.up.weight", "up"),
     (".lora_linear_layer.down.weight", "down"),
     (".lora_linear_layer.up.weight", "up"),
-    (".lora_magnitude_vector.weight", "dora_scale"),
-    (".lora_magnitude_vector", "dora_scale"),
+    (".lora_magnitude_vector.weight", "magnitude"),  # PEFT's DoRA: a per-output-row magnitude
+    (".lora_magnitude_vector", "magnitude"),
     (".alpha", "alpha"),
     (".dora_scale", "dora_scale"),
     (".hada_w1_a", "hada_w1_a"),
@@ -58,6 +62,9 @@ _SUFFIXES = (
     (".lokr_w2_b", "lokr_w2_b"),
     (".lokr_t2", "lokr_t2"),
     (".diff", "diff"),
+    (".diff_b", "diff_b"),
+    (".w_norm", "w_norm"),
+    (".b_norm", "b_norm"),
 )
 # the attention-processor spelling of old diffusers files: attn1.processor.to_q_lora.down.weight
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -78,8 +85,17 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
+# the layers adapter files change: LoRA-style factors target Linear/Conv2d, LyCORIS norm modules (w_norm,
+# b_norm) GroupNorm/LayerNorm (A1111 patches all four)
+_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+
+
 def _weighted_modules(module: nn.Module) -> list[str]:
-    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, _LAYERS) and isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
 
 
 def unet_index(unet: nn.Module, num_res_blocks: int) -> dict[str, Target]:
@@ -109,7 +125,7 @@ def text_index(encoder: nn.Module, network: str, kohya_prefix: str) -> dict[str,
             index[n] = target
     layers = sorted({int(m.group(1)) for n in index if (m := re.search(r"encoder\.layers\.(\d+)\.", n))})
     for i in layers:
-        for module in ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
+        for module in ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj", "ln_1", "ln_2"):
             suffix = "_weight" if module == "attn.in_proj" else ".weight"
             parts = openclip.to_hf(f"transformer.resblocks.{i}.{module}{suffix}")
             target = tuple((network, key, third) for key, third in parts)

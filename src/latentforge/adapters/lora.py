@@ -1,28 +1,27 @@
 """LoRA and LyCORIS files merged into a loaded model through the ``ModelPatcher``.
 
-Formats (per module of the file; names translated by ``adapters.keys``):
-
-- LoRA (Hu et al. 2021, kohya / diffusers / PEFT files): delta = up @ down * alpha / rank, alpha missing
-  means alpha = rank; LoCon applies the same to convolutions (down a k x k conv, up a 1x1 conv) and its
-  Tucker form adds ``lora_mid`` (delta[p, r, k, l] = sum up[p, i] mid[i, j, k, l] down[j, r]).
-- LoHa (LyCORIS, Hadamard product): delta = (w1a @ w1b) * (w2a @ w2b) * alpha / rank, rank = w1b rows;
-  with ``hada_t1``/``hada_t2`` each factor is the Tucker product t x_0 w_a x_1 w_b.
-- LoKr (LyCORIS, Kronecker product): delta = kron(w1, w2) with each factor given whole or as a low-rank
-  a @ b (``lokr_t2``: Tucker); the alpha / rank scale applies only when a factor is low-rank, else 1.
-- DoRA (Liu et al. 2024, ``dora_scale`` or PEFT's ``lora_magnitude_vector``): the merged weight
-  W + delta is renormalised to the stored magnitude, per output channel when the magnitude has the
-  output's length (PEFT, LyCORIS ``wd_on_out``), per input channel otherwise; a strength s gives
-  W + s * (DoRA(W) - W).
-- LyCORIS ``diff``: a full weight difference.
+The formats and their math (LoRA/LoCon, LoHa, LoKr, DoRA, LyCORIS full ``diff``/``diff_b`` and norm
+``w_norm``/``b_norm``, A1111's ``dyn``) are in ``adapters.lora_kinds``; module names are translated by
+``adapters.keys``.
 
 Deltas are computed in float32 from the file's factors inside the patch function, so a remove restores
-the loaded weights bit for bit (the patcher keeps the backup). A file whose modules do not all match the
-model is refused before anything is changed.
+the loaded weights bit for bit (the patcher keeps the backup). As A1111 (which applies the modules it
+finds and leaves the others, ``keys_failed_to_match``), a file whose modules mostly match the model
+(at least half; tensors of kinds latentforge does not know, such as IA3 or OFT, count as modules that do
+not match) is applied without the others, with a warning naming them; a file of which fewer match (a
+LoRA for another family) is refused before anything is changed, with what it looks made for. A module
+that matches by name but whose factors do not fit its layer refuses the whole file. A 4-channel
+``conv_in`` change on an inpainting model's 9-channel ``conv_in`` is zero-padded, as A1111 does.
+
+Textual-inversion embeddings bundled in the file (``bundle_emb.<name>.string_to_param.*``,
+``bundle_emb.<name>.clip_l``/``clip_g``) are read into ``LoraFile.bundled``; ``pipelines.networks``
+registers them while the LoRA is active.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +29,16 @@ import torch
 from torch import Tensor
 
 from latentforge.adapters.keys import Target, model_index, split_key
+from latentforge.adapters.lora_kinds import BIAS_PARTS, DORA_PARTS, LoraError, bias_delta, bias_patch, weight_patch
+from latentforge.adapters.lora_kinds import delta as delta  # re-exported (train.lora, users)
+from latentforge.adapters.lora_kinds import dora as dora
+from latentforge.adapters.lora_kinds import module_kind as module_kind
 from latentforge.io.components import require_finite
 from latentforge.io.hashing import addnet_hash
 from latentforge.io.tensorfile import CheckpointError, open_tensor_file, short
 
-
-class LoraError(ValueError):
-    """An adapter file does not fit the model or cannot be read; the message names the file."""
+log = logging.getLogger(__name__)
+__all__ = ["AdapterRecord", "AppliedLora", "LoraError", "LoraFile", "apply_lora", "delta", "dora", "read_lora"]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LoraFile:
     modules: dict[str, dict[str, Tensor]]
     metadata: dict[str, str] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)  # tensor names of no known format
+    bundled: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # embedding name -> {vector name: tensor}
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -65,9 +68,14 @@ def read_lora(path: str | Path) -> LoraFile:
     except CheckpointError as e:
         raise LoraError(str(e)) from None
     modules: dict[str, dict[str, Tensor]] = {}
-    unknown = []
+    unknown, bundled = [], {}
     try:
         for key in f.keys():
+            head, _, rest = key.partition(".")
+            if head == "bundle_emb" and "." in rest:  # A1111: bundle_emb.<embedding>.<vector name>
+                emb, _, vec = rest.partition(".")
+                bundled.setdefault(emb, {})[vec] = f.read(key)
+                continue
             split = split_key(key)
             if split is None:
                 unknown.append(key)
@@ -79,7 +87,7 @@ def read_lora(path: str | Path) -> LoraFile:
         f.close()
     # modules holding only an alpha carry nothing to apply (kohya writes them for dropped layers)
     modules = {m: p for m, p in modules.items() if set(p) - {"alpha"}}
-    if not modules:
+    if not modules and not bundled:
         raise LoraError(
             f"{path} holds no LoRA/LyCORIS weights (no lora_down/lora_up, lora_A/lora_B, hada_, lokr_ tensors)"
             + (f"; its first keys are {', '.join(unknown[:3])}" if unknown else "")
@@ -92,7 +100,7 @@ def read_lora(path: str | Path) -> LoraFile:
                     "which changes nothing and cannot be scaled by alpha / rank; the file is damaged; nothing was "
                     "applied"
                 )
-    return LoraFile(path, modules, metadata, unknown)
+    return LoraFile(path, modules, metadata, unknown, bundled)
 
 
 def _checked(path: Path, key: str, part: str, t: Tensor) -> Tensor:
@@ -109,106 +117,19 @@ def _checked(path: Path, key: str, part: str, t: Tensor) -> Tensor:
     return require_finite(t, f"{path}: tensor {short(key)}", LoraError, why)
 
 
-def module_kind(parts: dict[str, Tensor]) -> str:
-    if "up" in parts:
-        return "dora" if "dora_scale" in parts else ("locon-tucker" if "mid" in parts else "lora")
-    if "hada_w1_a" in parts:
-        return "loha"
-    if any(p.startswith("lokr_") for p in parts):
-        return "lokr"
-    if "diff" in parts:
-        return "diff"
-    return "unknown"
-
-
-def _tucker(t: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    # t (r1, r2, k, l) contracted with a (r1, out) and b (r2, in) -> (out, in, k, l)
-    return torch.einsum("ijkl,ip,jr->prkl", t, a, b)
-
-
-def _alpha_scale(parts: dict[str, Tensor], rank: int) -> float:
-    alpha = parts.get("alpha")
-    if alpha is not None and rank <= 0:  # read_lora refuses empty factors; this is for other callers
-        raise LoraError(f"a factor has rank {rank}; alpha / rank is undefined")
-    return 1.0 if alpha is None else float(alpha) / rank
-
-
-def delta(parts: dict[str, Tensor], shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """The weight difference a module's factors describe (float32, reshaped to ``shape``), without DoRA
-    and without the user's strength. Works on the meta device too (to check shapes)."""
-    if "up" in parts:
-        up, down = parts["up"].flatten(1), parts["down"]
-        rank = down.shape[0]
-        if "mid" in parts:
-            d = torch.einsum("ijkl,jr,pi->prkl", parts["mid"], down.flatten(1), up)
-        else:
-            d = up @ down.flatten(1)
-        return d.reshape(shape) * _alpha_scale(parts, rank)
-    if "hada_w1_a" in parts:
-        w1a, w1b, w2a, w2b = (parts[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-        if "hada_t1" in parts:
-            w1, w2 = _tucker(parts["hada_t1"], w1a, w1b), _tucker(parts["hada_t2"], w2a, w2b)
-        else:
-            w1, w2 = w1a @ w1b, w2a @ w2b
-        return (w1 * w2).reshape(shape) * _alpha_scale(parts, w1b.shape[0])
-    if any(p.startswith("lokr_") for p in parts):
-        rank = None
-        if "lokr_w1" in parts:
-            w1 = parts["lokr_w1"]
-        else:
-            w1, rank = parts["lokr_w1_a"] @ parts["lokr_w1_b"], parts["lokr_w1_b"].shape[0]
-        if "lokr_w2" in parts:
-            w2 = parts["lokr_w2"]
-        elif "lokr_t2" in parts:
-            w2, rank = _tucker(parts["lokr_t2"], parts["lokr_w2_a"], parts["lokr_w2_b"]), parts["lokr_w2_b"].shape[0]
-        else:
-            w2, rank = parts["lokr_w2_a"] @ parts["lokr_w2_b"], parts["lokr_w2_b"].shape[0]
-        if w2.dim() == 4 and w1.dim() == 2:
-            w1 = w1[:, :, None, None]
-        scale = 1.0 if rank is None else _alpha_scale(parts, rank)
-        return torch.kron(w1, w2).reshape(shape) * scale
-    if "diff" in parts:
-        return parts["diff"].reshape(shape)
-    raise LoraError(f"module with parts {sorted(parts)} is no LoRA, LoHa, LoKr or diff module")
-
-
-def dora(weight: Tensor, merged: Tensor, magnitude: Tensor, strength: float) -> Tensor:
-    """DoRA: ``merged`` (W + delta) rescaled to ``magnitude`` per output (or input) channel; the strength
-    interpolates between W and that. The magnitude's shape tells the axis: [out] or [out, 1, ...] per output
-    channel (PEFT, LyCORIS ``wd_on_out``), [1, in, ...] per input channel."""
-    per_input = magnitude.dim() > 1 and magnitude.shape[0] == 1 and merged.shape[0] != 1
-    if not per_input:
-        norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
-        scaled = merged * (magnitude.reshape(-1) / norm).reshape(-1, *[1] * (merged.dim() - 1))
-    else:
-        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
-        scaled = merged * (magnitude.reshape(-1) / norm).reshape(1, -1, *[1] * (merged.dim() - 2))
-    return weight + strength * (scaled - weight)
-
-
-def _patch_fn(parts: dict[str, Tensor], full_shape: tuple[int, ...], third: int | None, strength: float):
-    def fn(weight: Tensor) -> Tensor:
-        on = {k: v if k == "alpha" else v.to(weight.device) for k, v in parts.items()}
-        d = delta(on, full_shape)
-        if third is not None:
-            rows = full_shape[0] // 3
-            d = d[third * rows : (third + 1) * rows]
-        if "dora_scale" in on:
-            return dora(weight, weight + d, on["dora_scale"], strength)
-        return weight + strength * d
-
-    return fn
-
-
 @dataclass
 class AppliedLora:
-    """What ``apply_lora`` did: the patcher source, the file's hash and how many modules it changed."""
+    """What ``apply_lora`` did: the patcher source, the file's hash, how many modules it changed, the file
+    modules it left out (no such layer in the model, or a kind latentforge does not know) and the
+    embeddings bundled in the file (name -> {vector name: tensor}, for ``pipelines.networks``)."""
 
     source: str
     path: Path
     unet_modules: int
     text_modules: int
     hash: str
+    skipped: list[str] = field(default_factory=list)
+    bundled: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def match(lora: LoraFile, index: dict[str, Target]) -> tuple[dict[str, Target], list[str]]:
@@ -222,18 +143,142 @@ def match(lora: LoraFile, index: dict[str, Target]) -> tuple[dict[str, Target], 
     return found, missing
 
 
-def _mismatch_message(lora: LoraFile, found: dict, missing: list[str], index: dict, family: str) -> str:
-    total = len(lora.modules)
+def unknown_modules(lora: LoraFile) -> dict[str, list[str]]:
+    """The tensors of no known format by the module they belong to: a module of the file (which then has
+    parts latentforge cannot apply) or, for the others, the name before the tensor's part (kohya names hold
+    no dot; others end in ``.<part>``)."""
+    out: dict[str, list[str]] = {}
+    for key in lora.unknown:
+        dots = [i for i, c in enumerate(key) if c == "."]
+        owner = next((key[:i] for i in reversed(dots) if key[:i] in lora.modules), None)
+        if owner is None:
+            owner = key.split(".", 1)[0] if key.startswith(("lora_", "lycoris_", "oft_")) else key.rpartition(".")[0]
+        out.setdefault(owner or key, []).append(key)
+    return out
+
+
+def _usable(lora: LoraFile, index: dict, family: str) -> tuple[dict[str, Target], list[str]]:
+    """The modules to apply and the names of those left out, with the file refused (LoraError) when fewer
+    than half of its modules can be applied."""
+    found, missing = match(lora, index)
+    odd = unknown_modules(lora)
+    found = {n: t for n, t in found.items() if n not in odd}
+    left = [*missing, *(n for n in odd if n not in missing)]
+    total = len(found) + len(left)
+    if left and (not found or 2 * len(found) < total):
+        raise LoraError(_mismatch_message(lora, found, missing, odd, index, family, total))
+    if left:
+        log.warning(
+            "%s: %d of %d modules were not applied (%s); %d were (A1111 also applies the modules it finds)",
+            lora.path,
+            len(left),
+            total,
+            _examples(missing, odd, index),
+            len(found),
+        )
+    return found, left
+
+
+def _examples(missing: list[str], odd: dict[str, list[str]], index: dict) -> str:
     examples = []
     for name in missing[:3]:
         close = difflib.get_close_matches(name, index.keys(), n=1, cutoff=0.8)
-        examples.append(name + (f" (closest in the model: {close[0]})" if close else ""))
+        examples.append("no " + name + (f" (closest in the model: {close[0]})" if close else ""))
+    tensors = [t for ts in odd.values() for t in ts]
+    if tensors:
+        examples.append(
+            f"tensors of no known LoRA/LyCORIS format: {', '.join(short(t) for t in tensors[:3])}"
+            + (" ..." if len(tensors) > 3 else "")
+        )
+    return "; ".join(examples)
+
+
+def _mismatch_message(lora, found: dict, missing: list[str], odd: dict, index: dict, family: str, total: int) -> str:
     guess = guess_family(lora)
-    hint = f" The file looks like a LoRA for {guess}." if guess and guess != family else ""
+    hint = f" The file looks like a LoRA for {guess}." if guess and guess != family and missing else ""
+    if missing:
+        what, use = f"match this {family} model", f" Use a LoRA made for {family};"
+    else:
+        what, use = "are of a kind latentforge can apply", " IA3, OFT and GLoRA modules are not supported;"
     return (
-        f"{lora.path}: only {len(found)} of {total} LoRA modules match this {family} model, e.g. no "
-        f"{'; no '.join(examples)}.{hint} Use a LoRA made for {family}; nothing was applied."
+        f"{lora.path}: only {len(found)} of {total} LoRA modules {what}, e.g. {_examples(missing, odd, index)}."
+        f"{hint}{use} nothing was applied."
     )
+
+
+def _does_not_fit(path: Path, name: str, where: str, why: str) -> LoraError:
+    return LoraError(
+        f"{path}: module {name} does not fit {where} ({why}); the file is for another model; nothing was applied"
+    )
+
+
+def _change_shape(parts: dict[str, Tensor], full: tuple[int, ...], dyn: int | None) -> tuple[int, ...]:
+    """The shape of the weight change, checked on the meta device: ``full``, or for a 9-channel conv_in
+    (inpainting) the 4 channels of an ordinary model's conv_in. Raises what the factors raise."""
+    meta = {k: v if k == "alpha" else v.to("meta") for k, v in parts.items()}
+    shapes = [full]
+    if len(full) == 4 and full[1] == 9:
+        shapes.append((full[0], 4, *full[2:]))
+    for i, shape in enumerate(shapes):
+        try:
+            d = delta(meta, shape, dyn)
+        except RuntimeError:
+            if i + 1 == len(shapes):
+                raise
+            continue
+        for part in DORA_PARTS:
+            if part in meta:
+                weight = torch.empty(shape, device="meta")
+                d = dora(weight, weight + d, meta[part], 1.0, per_output=part == "magnitude")
+        return tuple(d.shape)
+    raise AssertionError("unreachable")
+
+
+def _module_patches(path: Path, name: str, parts, target: Target, nets, strength: float, dyn: int | None) -> dict:
+    """The patcher's patches ({"<network>.<param>": fn}) of one file module on its layer (or q/k/v thirds)."""
+    net, param = target[0][0], target[0][1]
+    weight_shape = tuple(nets[net].get_parameter(param).shape)
+    full = (weight_shape[0] * len(target), *weight_shape[1:])
+    where = f"{net}.{param} {list(weight_shape)}"
+    try:
+        shape = _change_shape(parts, full, dyn)
+    except (RuntimeError, LoraError, IndexError, KeyError, ValueError) as e:  # factors of the wrong rank or kind
+        raise _does_not_fit(
+            path, name, where, f"it has no {e.args[0]!r} factor" if isinstance(e, KeyError) else short(str(e), 200)
+        ) from None
+    dora_parts = [p for p in DORA_PARTS if p in parts]
+    if dora_parts and len(target) > 1:
+        raise LoraError(f"{path}: module {name} is DoRA on a fused q/k/v projection, which is not supported")
+    padded = shape != full and len(full) == 4 and full[1] == 9 and shape == (full[0], 4, *full[2:])
+    if dora_parts and padded:
+        raise LoraError(
+            f"{path}: module {name} is DoRA on an inpainting model's 9-channel conv_in, which is not supported"
+        )
+    if shape != full and not padded:
+        raise LoraError(
+            f"{path}: module {name} gives a {list(shape)} change for {where}; the file is for another model; "
+            "nothing was applied"
+        )
+    patches = {f"{network}.{p}": weight_patch(parts, shape, third, strength, dyn) for network, p, third in target}
+    bias = bias_delta(parts)
+    if bias is not None:
+        bias_name = param.removesuffix("weight") + "bias"
+        try:
+            layer_bias = nets[net].get_parameter(bias_name)
+        except AttributeError:
+            raise LoraError(
+                f"{path}: module {name} changes the bias ({BIAS_PARTS[module_kind(parts)]}) of "
+                f"{net}.{param.removesuffix('.weight')}, which has none; nothing was applied"
+            ) from None
+        if bias.numel() != layer_bias.numel() * len(target):
+            raise _does_not_fit(
+                path, name, f"{net}.{bias_name} {list(layer_bias.shape)}", f"a bias change of {bias.numel()} values"
+            )
+        for network, p, third in target:
+            patches[f"{network}.{p.removesuffix('weight')}bias"] = bias_patch(bias, third, strength)
+    elif "diff_b" in parts:
+        log.info("%s: module %s: diff_b ignored next to %s factors, as A1111 does", path, name, module_kind(parts))
+    return patches
 
 
 def apply_lora(
@@ -243,60 +288,32 @@ def apply_lora(
     strength: float = 1.0,
     text_strength: float | None = None,
     source: str | None = None,
+    dyn: int | None = None,
 ) -> AppliedLora:
     """Merge a LoRA/LyCORIS file into ``pipe``'s UNet (``strength``) and text encoders (``text_strength``,
     default ``strength``) through ``pipe.patcher`` under ``source`` (default ``lora:<file stem>``); an
-    earlier application under the same source is replaced. Undo with ``pipe.patcher.remove(source)``."""
+    earlier application under the same source is replaced. ``dyn``: A1111's ``dyn`` (the first ranks of each
+    LoRA/LoCon module). Undo with ``pipe.patcher.remove(source)``."""
     path = Path(path)
     lora = read_lora(path)
     text_strength = strength if text_strength is None else text_strength
     nets = pipe.networks()
     index = model_index(nets, pipe.unet.config.num_res_blocks)
-    found, missing = match(lora, index)
-    if missing or lora.unknown:
-        if not missing:
-            raise LoraError(
-                f"{path}: tensors of no known LoRA/LyCORIS format: {', '.join(lora.unknown[:3])}"
-                f"{' ...' if len(lora.unknown) > 3 else ''}; nothing was applied"
-            )
-        raise LoraError(_mismatch_message(lora, found, missing, index, pipe.family.name))
+    found, skipped = _usable(lora, index, pipe.family.name) if lora.modules or lora.unknown else ({}, [])
     patches: dict[str, object] = {}
     counts = {"unet": 0, "text": 0}
     for name, target in found.items():
-        parts = lora.modules[name]
         net = target[0][0]
         s = strength if net == "unet" else text_strength
         counts["unet" if net == "unet" else "text"] += 1
-        if s == 0:
-            continue
-        weight_shape = tuple(nets[net].get_parameter(target[0][1]).shape)
-        full = (weight_shape[0] * len(target), *weight_shape[1:])
-        try:  # on the meta device: shapes only, nothing computed or allocated
-            meta = {k: v if k == "alpha" else v.to("meta") for k, v in parts.items()}
-            shape = delta(meta, full).shape
-            if "dora_scale" in parts and tuple(shape) == full:
-                weight = torch.empty(full, device="meta")
-                shape = dora(weight, weight, meta["dora_scale"], 1.0).shape
-        except (RuntimeError, LoraError, IndexError, KeyError, ValueError) as e:  # factors of the wrong rank or kind
-            why = f"it has no {e.args[0]!r} factor" if isinstance(e, KeyError) else short(str(e), 200)
-            raise LoraError(
-                f"{path}: module {name} does not fit {net}.{target[0][1]} {list(weight_shape)} "
-                f"({why}); the file is for another model; nothing was applied"
-            ) from None
-        if "dora_scale" in parts and len(target) > 1:
-            raise LoraError(f"{path}: module {name} is DoRA on a fused q/k/v projection, which is not supported")
-        if len(shape) != len(full) or tuple(shape) != full:
-            raise LoraError(
-                f"{path}: module {name} gives a {list(shape)} change for {net}.{target[0][1]} {list(weight_shape)}; "
-                "the file is for another model; nothing was applied"
-            )
-        for network, param, third in target:
-            patches[f"{network}.{param}"] = _patch_fn(parts, full, third, s)
+        if s != 0:
+            patches.update(_module_patches(path, name, lora.modules[name], target, nets, s, dyn))
     source = source or f"lora:{path.stem}"
     pipe.patcher.remove(source)
     pipe.patcher.patch(source, patches)
-    applied = AppliedLora(source, path, counts["unet"], counts["text"], addnet_hash(path))
-    pipe.patcher.describe(source, AdapterRecord("lora", path.resolve(), strength, text_strength, applied.hash[:12]))
+    digest = addnet_hash(path)
+    applied = AppliedLora(source, path, counts["unet"], counts["text"], digest, skipped, lora.bundled)
+    pipe.patcher.describe(source, AdapterRecord("lora", path.resolve(), strength, text_strength, digest[:12]))
     return applied
 
 

@@ -6,12 +6,15 @@ File formats read (all without running pickled code):
   ``weights_only=True``);
 - ``.safetensors`` with one tensor (A1111 writes ``emb_params``);
 - diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{token: Tensor[width] or [n, width]}``;
-- SDXL pairs: ``clip_l`` [n, 768] for CLIP-L and ``clip_g`` [n, 1280] for OpenCLIP bigG.
+- SDXL pairs: ``clip_l`` [n, 768] for CLIP-L and ``clip_g`` [n, 1280] for OpenCLIP bigG;
+- embeddings bundled in a LoRA file (``bundle_emb.<name>.*``, ``bundled_embedding``), in the same layouts.
 
 As in A1111, an embedding is referenced by its file stem (case-insensitive, as a whole word) in the
 prompt and the negative prompt; its n vectors take n token positions, stay together in one 75-token
 chunk and take the emphasis weight of the text around them. An embedding whose width does not fit the
-model's text encoders is skipped with a warning and its name stays ordinary text.
+model's text encoders is skipped with a warning and its name stays ordinary text: as in A1111, whose
+embedding width (clip_l + clip_g for a pair) must equal the model's, an SDXL pair does not fit an SD1
+model (nor the SDXL refiner), though its clip_l part has CLIP-L's width.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Embedding:
     name: str
     path: Path | None
     vectors: dict[str, Tensor]  # "*" for a one-encoder embedding, else "clip_l"/"clip_g"
+    hash: str | None = None  # the infotext's TI hash when not the file's (bundled: the LoRA's name, as A1111)
 
     @property
     def count(self) -> int:
@@ -55,8 +59,8 @@ class Embedding:
             rows = [self.vectors["*"]]
         else:
             keys = [_PAIR_KEYS.get(name) for name, _ in slots]
-            if any(k not in self.vectors for k in keys):
-                return None
+            if any(k not in self.vectors for k in keys) or set(self.vectors) - set(keys):
+                return None  # every part is for one of the model's encoders (A1111: the widths add up)
             rows = [self.vectors[k] for k in keys]
         if any(r.shape[1] != width for r, (_, width) in zip(rows, slots)):
             return None
@@ -97,21 +101,37 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
             data = load_pickle(path)  # weights_only, after the checks every pickle gets
         except CheckpointError as e:
             raise EmbeddingError(f"{e} (reading it as a textual-inversion embedding)") from None
+    return _from_data(data, name, path)
+
+
+def _from_data(data, name: str, path: Path, hash: str | None = None) -> Embedding:
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
         params = [(k, v) for k, v in data["string_to_param"].items() if isinstance(v, Tensor)]
         if params:
-            return Embedding(name, path, {"*": _as_rows(params[0][1], path, f"string_to_param.{params[0][0]}")})
+            rows = _as_rows(params[0][1], path, f"string_to_param.{params[0][0]}")
+            return Embedding(name, path, {"*": rows}, hash)
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)} if isinstance(data, dict) else {}
     if "clip_l" in tensors or "clip_g" in tensors:
-        return Embedding(name, path, {k: _as_rows(tensors[k], path, k) for k in ("clip_l", "clip_g") if k in tensors})
+        pair = {k: _as_rows(tensors[k], path, k) for k in ("clip_l", "clip_g") if k in tensors}
+        return Embedding(name, path, pair, hash)
     if len(tensors) == 1:
         key, tensor = next(iter(tensors.items()))
-        return Embedding(name, path, {"*": _as_rows(tensor, path, str(key))})
+        return Embedding(name, path, {"*": _as_rows(tensor, path, str(key))}, hash)
     keys = ", ".join(short(k, 40) for k in list(data)[:5]) if isinstance(data, dict) else type(data).__name__
     raise EmbeddingError(
         f"{path} is not a textual-inversion embedding: expected string_to_param, one tensor, or clip_l/clip_g; "
         f"found {keys}"
     )
+
+
+def bundled_embedding(name: str, tensors: dict[str, Tensor], lora: Path, lora_name: str) -> Embedding:
+    """An embedding bundled in LoRA file ``lora`` (its tensors ``bundle_emb.<name>.<vector name>``, given here
+    by vector name: ``string_to_param.<token>``, ``clip_l``/``clip_g`` or one tensor), as A1111's
+    ``networks.load_network`` reads it; its TI hash in the infotext is the LoRA's name (A1111's
+    ``BundledTIHash``)."""
+    params = {k.removeprefix("string_to_param."): v for k, v in tensors.items() if k.startswith("string_to_param.")}
+    data = {"string_to_param": params} if params else dict(tensors)
+    return _from_data(data, name, lora, hash=lora_name)
 
 
 @dataclass

@@ -6,17 +6,25 @@ work) is cut out of the text sent to the text encoders; the infotext keeps the p
 ``Lora hashes: "name: <12 hex>"`` (the first 12 hex digits of the addnet hash, which is the SHA-256 of
 a ``.safetensors`` file's tensor data, as A1111 writes) and ``TI hashes`` (12 hex digits of the SHA-256
 of the embedding file, as A1111).
+
+A tag's ``dyn`` (4th positional item or ``dyn=``, A1111's ``extra_networks_lora``) keeps the first ``dyn``
+ranks of each LoRA/LoCon module (``adapters.lora_kinds``). Embeddings bundled in a LoRA file
+(``bundle_emb.<name>.*``) are usable in the prompts while the LoRA is applied, unless an embedding of that
+name is already known (A1111: the embeddings folder's wins) or they do not fit the model (left out
+silently, as A1111 lists them as skipped); the infotext's TI hashes give the LoRA's name for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentforge.adapters.hypernetwork import apply_hypernetwork
 from latentforge.adapters.lora import apply_lora
+from latentforge.conditioning.embeddings import bundled_embedding
 from latentforge.conditioning.prompt import extract_network_tags
 from latentforge.io.hashing import sha256_of
 from latentforge.pipelines.request import HIRES_NETWORKS, GenerationRequest, RequestError, hires_networks_differ
@@ -25,6 +33,7 @@ from latentforge.pipelines.request import LORA_KINDS as LORA_KINDS
 from latentforge.pipelines.request import refs_from_tags as refs_from_tags  # re-exported (tests, users)
 
 EMBEDDING_KIND = "embedding"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +57,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
     """Apply the request's LoRAs and embeddings; on any error everything applied so far is taken back."""
     prompt, tags = extract_network_tags(req.prompt)
     refs = [*req.networks, *refs_from_tags(tags)]
+    dyns = [None] * len(req.networks) + [_dyn(kind, items) for kind, items in tags]
     session = Session(dataclasses.replace(req, prompt=prompt, networks=[], hires=_hires_without_tags(req, tags)))
     hashes, hypernets = [], []
     applied = pipe.applied_networks() if hasattr(pipe, "applied_networks") else []  # pipe.apply_lora
@@ -76,8 +86,11 @@ def activate(pipe, req: GenerationRequest) -> Session:
             path = pipe.folders.find_lora(ref.name)
             source = f"request:{i}:{ref.name}"
             session.sources.append(source)
-            done = apply_lora(pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source)
+            done = apply_lora(
+                pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source, dyn=dyns[i]
+            )
             hashes.append(f"{_hash_name(ref.name)}: {done.hash[:12]}")
+            _add_bundled(pipe, session, done, _hash_name(ref.name))
     except BaseException:
         session.close(pipe)
         raise
@@ -89,10 +102,43 @@ def activate(pipe, req: GenerationRequest) -> Session:
     if session.request.hires is not None:
         texts += [session.request.hires.prompt, session.request.hires.negative_prompt]
     used = pipe.text.embeddings.find("\n".join(texts), pipe.text.slots)
-    ti = [f"{e.name}: {sha256_of(e.path)[:12]}" for e in used if e.path is not None]
+    ti = [f"{e.name}: {e.hash or sha256_of(e.path)[:12]}" for e in used if e.hash or e.path is not None]
     if ti:
         session.infotext["TI hashes"] = ", ".join(ti)
     return session
+
+
+def _dyn(kind: str, items: list[str]) -> int | None:
+    """A ``<lora:...>`` tag's ``dyn``: its 4th positional item or ``dyn=``, an integer (A1111's ``int()``)."""
+    if kind not in LORA_KINDS:
+        return None
+    positional = [i for i in items if "=" not in i]
+    named = dict(i.split("=", 1) for i in items if "=" in i)
+    value = named.get("dyn", positional[3] if len(positional) > 3 else None)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise RequestError(f"<{kind}:{':'.join(items)}>: dyn must be a whole number (a rank), not {value!r}") from None
+
+
+def _add_bundled(pipe, session: Session, done, lora_name: str) -> None:
+    """Make the embeddings bundled in an applied LoRA usable until the session closes (A1111's
+    ``load_networks``): not one whose name is known already, nor one that does not fit the model."""
+    known = pipe.text.embeddings.names()
+    for name, tensors in done.bundled.items():
+        emb = bundled_embedding(name, tensors, done.path, lora_name)
+        if name.lower() in known:
+            log.warning(
+                "%s: bundled embedding %s skipped: an embedding of that name is already loaded", done.path, name
+            )
+            continue
+        if emb.for_encoders(pipe.text.slots) is None:
+            log.info("%s: bundled embedding %s does not fit this model's text encoders; skipped", done.path, name)
+            continue
+        pipe.text.embeddings.added[name] = emb
+        session.embeddings.append(name)
 
 
 def _hash_name(name: str) -> str:
