@@ -34,9 +34,9 @@ def _spy_first_pass(monkeypatch) -> dict:
     seen = {}
     original = hires.upscale
 
-    def spy(p, latents, upscaler, shape, vae=None):
+    def spy(p, latents, upscaler, shape, vae=None, pixels=None):
         seen["first"] = latents.clone()
-        return original(p, latents, upscaler, shape, vae)
+        return original(p, latents, upscaler, shape, vae, pixels)
 
     monkeypatch.setattr(hires, "upscale", spy)
     return seen
@@ -330,3 +330,60 @@ def test_sde_hires_pass_draws_from_trees_over_the_whole_schedule(pipe, monkeypat
     (first_lo, first_hi), (hires_lo, hires_hi) = ranges
     assert hires_hi == pytest.approx(float(full.max()), rel=1e-4) and hires_lo == pytest.approx(first_lo)
     assert first_hi == pytest.approx(hires_hi)
+
+
+def _a1111_resize_image(image: Image.Image, upscale_step, w: int, h: int) -> Image.Image:
+    """A1111's images.resize_image(0, im, w, h, upscaler_name) with an upscaler whose do_upscale is
+    ``upscale_step(img, scale)``: Upscaler.upscale (dest = the scaled size // 8 * 8, at most 3 steps while
+    smaller, Lanczos to dest), then Lanczos to (w, h)."""
+    lanczos = Image.Resampling.LANCZOS
+    scale = max(w / image.width, h / image.height)
+    if scale > 1.0:
+        dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
+        for _ in range(3):
+            if image.width >= dest_w and image.height >= dest_h:
+                break
+            shape = (image.width, image.height)
+            image = upscale_step(image, scale)
+            if shape == (image.width, image.height):
+                break
+        if image.width != dest_w or image.height != dest_h:
+            image = image.resize((dest_w, dest_h), resample=lanczos)
+    if image.width != w or image.height != h:
+        image = image.resize((w, h), resample=lanczos)
+    return image
+
+
+@pytest.mark.parametrize(
+    ("name", "filt"), [("Lanczos", Image.Resampling.LANCZOS), ("Nearest", Image.Resampling.NEAREST)]
+)
+@pytest.mark.parametrize("target", [(83, 83), (128, 96), (676, 665), (60, 60)])
+def test_image_upscalers_resize_as_a1111(name, filt, target):
+    """For a target that is not a multiple of 8, A1111's Lanczos upscaler makes three resizes (by the scale,
+    to the multiple of 8 below, to the target) and the nearest one ends with Lanczos; no enlargement is
+    Lanczos alone."""
+    from latentforge.pipelines.hires import a1111_resize
+
+    rng = np.random.default_rng(sum(target))
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def step(img, scale):  # A1111's UpscalerLanczos / UpscalerNearest do_upscale
+        return img.resize((int(img.width * scale), int(img.height * scale)), resample=filt)
+
+    expected = _a1111_resize_image(image, step, *target)
+    assert np.array_equal(np.asarray(a1111_resize(image, name, *target)), np.asarray(expected))
+
+
+def test_hires_encodes_the_unrounded_target_as_a1111(pipe, monkeypatch):
+    """hr_scale 1.3 from 64 px: A1111's target is int(64 * 1.3) = 83 px; its image upscaler's result is
+    encoded at 83x83 (the latent is 10x10, as for the 80 px the output has)."""
+    seen = []
+    original = pipe.vae.encode
+
+    def spy(image, *args, **kwargs):
+        seen.append(tuple(image.shape[-2:]))
+        return original(image, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "encode", spy)
+    result = pipe.txt2img("a cube", enable_hr=True, hr_scale=1.3, hr_upscaler="Lanczos", **BASE)
+    assert seen == [(83, 83)] and result.images[0].size == (80, 80)

@@ -43,30 +43,62 @@ from latentforge.sampling import ModelDenoiser
 from latentforge.sampling.registry import resolve
 
 
-def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
-    """A1111's target: width and height times ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of
-    them keeps the aspect ratio; both must keep it too, since cropping is not supported)."""
+def target_pixels(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """A1111's hires target before any rounding (``calculate_target_resolution``): width and height times
+    ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of them keeps the aspect ratio; both must keep it
+    too, since cropping is not supported). An image upscaler's result has this size when it is encoded."""
     x, y = req.hires.resize_x, req.hires.resize_y
     if not x and not y:
-        w, h = int(width * req.hires.scale), int(height * req.hires.scale)
-    elif not y:
-        w, h = x, x * height // width
-    elif not x:
-        w, h = y * width // height, y
-    else:
-        if abs(x / y - width / height) > 0.01:
-            raise RequestError(
-                f"hires size {x}x{y} has another aspect ratio than {width}x{height}; give only hr_resize_x or "
-                "hr_resize_y (the other follows), or use hr_scale"
-            )
-        w, h = x, y
+        return int(width * req.hires.scale), int(height * req.hires.scale)
+    if not y:
+        return x, x * height // width
+    if not x:
+        return y * width // height, y
+    if abs(x / y - width / height) > 0.01:
+        raise RequestError(
+            f"hires size {x}x{y} has another aspect ratio than {width}x{height}; give only hr_resize_x or "
+            "hr_resize_y (the other follows), or use hr_scale"
+        )
+    return x, y
+
+
+def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """The hires pass's size: ``target_pixels`` down to multiples of 8 (its latent's size times 8)."""
+    w, h = target_pixels(req, width, height)
     w, h = w // 8 * 8, h // 8 * 8
     if w < 64 or h < 64 or w > 8192 or h > 8192:
         raise RequestError(f"hires size {w}x{h} is outside 64 to 8192 pixels")
     return w, h
 
 
-def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int], vae=None) -> Tensor:
+def a1111_resize(image: Image.Image, name: str | ImageUpscaler, w: int, h: int) -> Image.Image:
+    """A1111's ``images.resize_image(0, image, w, h, upscaler_name)``: "None" (or no enlargement) is Lanczos
+    to (w, h); otherwise ``Upscaler.upscale`` to ``dest`` = the scaled size floored to multiples of 8 (up to
+    three of the upscaler's own steps while the image is smaller: the network, or a Lanczos / nearest
+    resize by the scale, then Lanczos to ``dest``), and Lanczos to (w, h) when that differs."""
+    lanczos = Image.Resampling.LANCZOS
+    scale = max(w / image.width, h / image.height)
+    if name == "None" or scale <= 1.0:
+        return image if image.size == (w, h) else image.resize((w, h), lanczos)
+    dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
+    for _ in range(3):
+        if image.width >= dest[0] and image.height >= dest[1]:
+            break
+        before = image.size
+        if isinstance(name, ImageUpscaler):
+            image = upscalers.run(image, name)
+        else:  # A1111's UpscalerLanczos / UpscalerNearest: the image times the scale
+            image = image.resize((int(image.width * scale), int(image.height * scale)), IMAGE_UPSCALERS[name])
+        if image.size == before:
+            break
+    if image.size != dest:
+        image = image.resize(dest, lanczos)
+    return image if image.size == (w, h) else image.resize((w, h), lanczos)
+
+
+def upscale(
+    pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int], vae=None, pixels=None
+) -> Tensor:
     """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass. ``upscaler``: a built-in
     name, or a loaded ESRGAN-family model (``resolve_upscaler``). An image upscaler decodes with ``pipe``'s
     VAE and encodes with ``vae`` (the hires pass's model's; default the same)."""
@@ -77,16 +109,14 @@ def upscale(pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[i
         return F.interpolate(latents.float(), size=size, mode=mode, antialias=antialias)
     f = pipe.vae.config.downscale
     decoded = ((decode_checked(pipe.vae.decode, latents).float() + 1) / 2).clamp(0, 1)
+    w, h = pixels or (size[1] * f, size[0] * f)  # A1111 encodes the image at the unrounded target size
+    vae = vae if vae is not None else pipe.vae
+    if (w % f or h % f) and (w // f) * (h // f) > getattr(vae, "auto_tile_above", 0):
+        w, h = w // f * f, h // f * f  # tiles need whole latent pixels: the rounded size then
     images = []
     for sample in decoded:
-        pixels = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
-        target = (size[1] * f, size[0] * f)
-        if isinstance(name, ImageUpscaler):
-            resized = upscalers.upscale_to(Image.fromarray(pixels), name, target)
-        else:
-            resized = Image.fromarray(pixels).resize(target, IMAGE_UPSCALERS[name])
-        images.append(image_to_tensor(resized))
-    vae = vae if vae is not None else pipe.vae
+        eight_bit = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
+        images.append(image_to_tensor(a1111_resize(Image.fromarray(eight_bit), name, w, h)))
     return vae.encode(torch.cat(images).to(next(vae.parameters()).device)).float()
 
 
@@ -166,6 +196,7 @@ def add_pass(
     the upscaled image and decodes the result, as A1111 switches models before the hires pass."""
     first = plan.passes[-1]
     width, height = target_size(req, plan.width, plan.height)
+    pixels = target_pixels(req, plan.width, plan.height)
     steps = req.hires.second_pass_steps or req.steps
     second = hires_request(req)
     sampler, schedule = resolve(second.sampler, second.schedule)
@@ -187,7 +218,7 @@ def add_pass(
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
 
     def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
-        return upscale(pipe, previous, upscaler, shape, runner.vae)
+        return upscale(pipe, previous, upscaler, shape, runner.vae, pixels)
 
     if other is not None:
         plan.decode = runner.vae.decode
