@@ -20,7 +20,13 @@ from latentforge.nn.circular import circular_padding
 from latentforge.nn.packed import packed_session
 from latentforge.pipelines import control, depth, fewer_flops, hires, inpaint, networks, refiner, upscale_x4
 from latentforge.pipelines.checks import MAX_SIDE
-from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image, tensor_to_images
+from latentforge.pipelines.images import (
+    flatten_image,
+    image_to_tensor,
+    open_image,
+    prepare_image,
+    tensor_to_images,
+)
 from latentforge.pipelines.metadata import infotexts_for, request_json
 from latentforge.pipelines.numerics import FiniteWatch, decode_checked
 from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
@@ -103,7 +109,14 @@ def build_plan(
         init_images = job.images
         if fam.conditioner.concat_channels:
             concat = inpaint.model_concat(pipe, job, req.inpaint)
-    if init_images:
+    if init_images and req.resize_mode == LATENT_RESIZE:
+        if fam.conditioner.kind == "depth":
+            raise RequestError(
+                "resize_mode 3 (just resize, latent upscale) is not available for depth-to-image models: the depth "
+                "map is made from the image in pixels; use resize_mode 0, 1 or 2"
+            )
+        init_latents = latent_resized(pipe, init_images, width, height)
+    elif init_images:
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
         init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
         if fam.conditioner.kind == "depth":  # depth-to-image: the depth of the (first) init image
@@ -112,6 +125,7 @@ def build_plan(
             concat = depth.depth_concat(pipe, req.depth, prepared[0], width, height)
     first = first_pass(pipe, req, info, schedule_name, width, height, init_latents, concat)
     plan = Plan([first], width, height, pipe.vae.decode, info, schedule_name, noise_options(req, down))
+    plan.infotext.update(inpaint.conditioning_infotext(pipe, req))  # inpainting models: A1111's mask weight
     if job is not None:
         inpaint.apply(plan, first, job, init_latents, pipe, req.inpaint)
     if req.hires is not None and init_images is None:
@@ -119,6 +133,31 @@ def build_plan(
     if hand_off is not None:
         refiner.add_pass(plan, pipe, req, hand_off)
     return plan
+
+
+LATENT_RESIZE = 3  # A1111's img2img resize mode "Just resize (latent upscale)"
+
+
+def latent_resized(pipe, images: Sequence[Image.Image], width: int, height: int) -> Tensor:
+    """A1111's resize mode 3, "Just resize (latent upscale)": each init image is encoded at its own size (no
+    resize in pixels), then its latent is resized bilinearly to the output's latent size
+    (``interpolate(init_latent, size=(height // f, width // f), mode="bilinear")``). Sides that are not
+    multiples of the VAE's factor f are floored by the encoder as by diffusers' and A1111's; an image large
+    enough to be encoded in tiles is first cut to multiples of f (from its top left), as tiles need."""
+    down = pipe.vae.config.downscale
+    size = (height // down, width // down)
+    tiled_above = getattr(pipe.vae, "auto_tile_above", 0)
+    latents = []
+    for image in images:
+        flat = flatten_image(image).convert("RGB")
+        w, h = flat.size
+        if (w % down or h % down) and (w // down) * (h // down) > tiled_above:
+            flat = flat.crop((0, 0, w // down * down, h // down * down))
+        if flat.width < down or flat.height < down:
+            raise RequestError(f"an init image of {w}x{h} pixels is too small to encode (at least {down}x{down})")
+        latent = pipe.vae.encode(image_to_tensor(flat).to(pipe.device)).float()
+        latents.append(torch.nn.functional.interpolate(latent, size=size, mode="bilinear"))
+    return torch.cat(latents)
 
 
 def work_size(pipe, req: GenerationRequest, init_images: Sequence[Image.Image] | None) -> float:

@@ -3,22 +3,26 @@ final overlay, for inpainting models (9 input channels) and ordinary models alik
 
 The steps follow A1111's img2img processing:
 1. The mask: white = repaint. An RGBA mask with transparency uses its alpha channel (thresholded at
-   128), anything else its grey level; ``inpainting_mask_invert`` swaps the sides; ``mask_blur_x/y``
-   blur it with a Gaussian of kernel 2 * int(2.5 * sigma + 0.5) + 1 (OpenCV's GaussianBlur, reflect-101
-   borders), first along x, then along y.
+   128; as it is when ``mask_round`` is off), anything else its grey level; ``inpainting_mask_invert``
+   swaps the sides; ``mask_blur_x/y`` blur it with a Gaussian of kernel 2 * int(2.5 * sigma + 0.5) + 1
+   (OpenCV's GaussianBlur, reflect-101 borders), first along x, then along y.
 2. "Whole picture": image and mask are fitted to the output size with the request's resize mode, and
    the overlay mask is the blurred mask doubled (clipped at 255). "Only masked" (``inpaint_full_res``):
    the mask's bounding box, grown by the padding and then to the output's aspect ratio, is cut out of
-   the image and the mask, processed at the output size, and pasted back.
+   the image and the mask, processed at the output size, and pasted back. An empty mask there makes
+   the run a plain img2img of the whole picture (no mask, no overlay), as A1111 does. The init image
+   is flattened onto white first (A1111's ``images.flatten``: an RGBA image's transparency shows white).
 3. Masked content: "original" keeps the image; "fill" replaces the masked area by blurred surrounding
    colours before encoding; "latent noise" replaces it in latent space by the image's own seeded noise;
-   "latent nothing" by zeros.
-4. Sampling holds the unmasked latents to the original: each denoised estimate is blended,
-   ``denoised = init * keep + denoised * repaint`` with the mask at latent size (resized, rounded unless
-   ``mask_round`` is off), and
-   so are the final latents. Inpainting models also get the rounded mask and the latent of the image
-   with the masked area cleared (``lerp(image, image * (1 - mask), weight)``, A1111's "conditional mask
-   weight") as their 5 extra input channels.
+   "latent nothing" by zeros (A1111 draws that noise once per run, from the first batch's seeds, and
+   every batch reuses it).
+4. Sampling holds the unmasked latents to A1111's ``init_latent`` (the init latents after the masked
+   content above): each denoised estimate is blended, ``denoised = init * keep + denoised * repaint``
+   with the mask at latent size (resized, rounded unless ``mask_round`` is off), through every pass that
+   continues the sampling (the refiner's), and the final latents once after the last of them. Inpainting
+   models also get the mask (rounded unless ``mask_round`` is off) and the latent of the image with the
+   masked area cleared (``lerp(image, image * (1 - mask), weight)``, A1111's "conditional mask weight")
+   as their 5 extra input channels.
 5. The decoded image is pasted over by the original wherever the overlay mask is 0, so unmasked pixels
    are unchanged byte for byte.
 
@@ -28,7 +32,9 @@ outwards), masks exactly the new area and inpaints it; the original pixels are n
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,18 +42,32 @@ import torch
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 from torch import Tensor
 
-from latentforge.pipelines.images import image_to_tensor, open_image, prepare_image
+from latentforge.pipelines.images import BACKGROUND, image_to_tensor, open_image, prepare_image
 from latentforge.pipelines.plan import Pass, Plan
 from latentforge.pipelines.request import INPAINT_FILL, InpaintOptions, RequestError
 from latentforge.sampling.noise import ImageNoise, NoiseOptions
 
+EMPTY_MASK = 'Unable to perform "Inpaint Only mask" because mask is blank, switch to img2img mode.'  # A1111's
 
-def binary_mask(mask: Image.Image) -> Image.Image:
-    """A1111's mask reading: the alpha channel of an RGBA image that has transparency (thresholded at
-    128), else the grey level (mode L)."""
+
+def flatten(image: Image.Image) -> Image.Image:
+    """A1111's ``images.flatten`` of an init image: an RGBA image is laid over the background colour (white,
+    A1111's default ``img2img_background_color``; images.py's rule), then RGB."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGBA":
+        base = Image.new("RGBA", image.size, BACKGROUND)
+        base.paste(image, mask=image)
+        image = base
+    return image.convert("RGB")
+
+
+def binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:
+    """A1111's ``create_binary_mask``: the alpha channel of an RGBA image that has transparency
+    (thresholded at 128 when ``round``, else as it is), else the grey level (mode L)."""
     mask = ImageOps.exif_transpose(mask)
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
-        return mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+        alpha = mask.getchannel("A")
+        return alpha.point(lambda v: 255 if v > 128 else 0) if round else alpha
     return mask.convert("L")
 
 
@@ -123,8 +143,8 @@ class InpaintJob:
     """Everything an inpainting run needs beyond an img2img run, per init image."""
 
     images: list[Image.Image]  # what is encoded as the init images (cropped, fitted, filled)
-    condition_mask: Tensor  # (1, 1, H, W) rounded mask at the output size (1 = repaint)
-    latent_mask: Tensor  # (1, 1, h, w) rounded mask at latent size
+    condition_mask: Tensor  # (1, 1, H, W) mask at the output size (1 = repaint; rounded unless mask_round off)
+    latent_mask: Tensor | None  # (1, 1, h, w) mask at latent size; None: no mask (plain img2img)
     overlays: list[Image.Image]  # RGBA originals, opaque where pixels are kept
     paste_to: tuple[int, int, int, int] | None  # "only masked": where the result goes (x, y, w, h)
     fill: int
@@ -147,7 +167,7 @@ def prepare(
         raise RequestError("inpainting needs a mask image (white = repaint): pass mask=... or --mask FILE")
     if len(images) != 1:
         raise RequestError(f"inpainting takes one init image, got {len(images)}")
-    mask = binary_mask(open_image(opts.mask, what="mask"))
+    mask = binary_mask(open_image(opts.mask, what="mask"), opts.mask_round)
     if opts.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
     bx, by = _blur_amounts(opts)
@@ -157,11 +177,15 @@ def prepare(
     info: dict = {"Mask blur": _blur_text(bx, by), "Outpaint": ",".join(map(str, opts.outpaint)) if protect else None}
     if opts.inpainting_mask_invert:
         info["Mask mode"] = "Inpaint not masked"
-    if opts.inpainting_fill != 1:
-        info["Masked content"] = INPAINT_FILL[opts.inpainting_fill]
+    rounding = {} if opts.mask_round else {"Mask rounding": False}  # (Forge's label)
     region = None
     if opts.inpaint_full_res:
         region = crop_region(mask, opts.inpaint_full_res_padding, width, height)
+        if region is None:  # A1111: no mask, no overlay, no masked content: img2img of the whole picture
+            logging.getLogger(__name__).info(EMPTY_MASK)
+            return _whole_picture(images, width, height, resize_mode, {**info, **rounding})
+    if opts.inpainting_fill != 1:
+        info["Masked content"] = INPAINT_FILL[opts.inpainting_fill]
     if region is not None:
         overlay_mask = mask
         work_mask = prepare_image(mask.crop(region), width, height, 2)
@@ -175,7 +199,7 @@ def prepare(
         paste_to = None
     prepared, overlays = [], []
     for img in images:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = flatten(img)
         if region is None:
             img = prepare_image(img, width, height, resize_mode)
         om = overlay_mask if overlay_mask.size == img.size else prepare_image(overlay_mask, *img.size, resize_mode)
@@ -187,16 +211,23 @@ def prepare(
         if opts.inpainting_fill != 1:
             img = fill_masked(img, work_mask)
         prepared.append(img)
-    cond = torch.from_numpy(np.asarray(work_mask, dtype=np.float32) / 255.0)[None, None].round()
+    cond = torch.from_numpy(np.asarray(work_mask, dtype=np.float32) / 255.0)[None, None]
     # A1111: the latent mask is the work mask resized (PIL's default filter) to latent size, rounded
     small = work_mask.convert("RGB").resize((width // down, height // down))
     latent = torch.from_numpy(np.asarray(small, dtype=np.float32)[..., 0] / 255.0)[None, None]
-    if opts.mask_round:  # A1111 1.8+'s mask_round (its default); off, the blend keeps the grey levels
-        latent = latent.round()
-    else:
-        info["Mask rounding"] = False  # (Forge's label)
-    info = {k: v for k, v in info.items() if v is not None}
+    if opts.mask_round:  # A1111 1.8+'s mask_round (its default); off, the blend and the model keep grey levels
+        latent, cond = latent.round(), cond.round()
+    info = {k: v for k, v in {**info, **rounding}.items() if v is not None}
     return InpaintJob(prepared, cond, latent, overlays, paste_to, opts.inpainting_fill, info)
+
+
+def _whole_picture(images: list[Image.Image], width: int, height: int, resize_mode: int, info: dict) -> InpaintJob:
+    """The job of A1111's fallback to img2img ("only masked" with an empty mask): the flattened images
+    fitted with the request's resize mode, no latent mask, no overlay; an inpainting model sees the whole
+    picture masked (A1111's ``inpainting_image_conditioning`` without a mask)."""
+    prepared = [prepare_image(flatten(img), width, height, resize_mode) for img in images]
+    info = {k: v for k, v in info.items() if v is not None}
+    return InpaintJob(prepared, torch.ones(1, 1, height, width), None, [], None, 1, info)
 
 
 def _blur_amounts(opts: InpaintOptions) -> tuple[float, float]:
@@ -209,16 +240,19 @@ def _blur_amounts(opts: InpaintOptions) -> tuple[float, float]:
 
 
 def _blur_text(bx: float, by: float):
-    return (f"{bx:g}" if bx == by else f"{bx:g}x{by:g}") if (bx or by) else None
+    """A1111 writes its ``mask_blur`` property: the blur when x and y are the same, else None (left out)."""
+    return f"{bx:g}" if bx == by and bx else None
 
 
-def masked_denoiser(init: Tensor, repaint: Tensor):
+def masked_denoiser(init: Tensor | Callable[[], Tensor], repaint: Tensor):
     """The wrapper that holds the unmasked latents to the original: every denoised estimate becomes
-    ``init * (1 - repaint) + denoised * repaint`` (A1111's CFGDenoiser with a mask)."""
+    ``init * (1 - repaint) + denoised * repaint`` (A1111's CFGDenoiser with a mask). ``init``: the latents
+    held, or a function giving those of the batch being sampled."""
+    held = init if callable(init) else lambda: init
 
     def wrap(denoise):
         def blended(x: Tensor, sigma) -> Tensor:
-            return init * (1 - repaint) + denoise(x, sigma) * repaint
+            return held() * (1 - repaint) + denoise(x, sigma) * repaint
 
         return blended
 
@@ -254,33 +288,48 @@ def outpaint_request(images: list[Image.Image], opts: InpaintOptions) -> tuple[l
 def model_concat(pipe, job: InpaintJob, opts: InpaintOptions) -> Tensor:
     """An inpainting model's extra channels for this job (the family's conditioner builds them)."""
     source = image_to_tensor(job.images[0]).to(pipe.device)
-    if opts.inpainting_mask_weight != 1.0:
-        job.infotext["Conditional mask weight"] = opts.inpainting_mask_weight
     return pipe.family.conditioner.masked_image_concat(
         pipe.vae, source, job.condition_mask.to(pipe.device), opts.inpainting_mask_weight
     )
 
 
+def conditioning_infotext(pipe, req) -> dict:
+    """A1111's "Conditional mask weight": written whenever the run uses an inpainting model's image
+    conditioning (``p.is_using_inpainting_conditioning``: every txt2img and img2img run of an SD1/SD2
+    inpainting model, with a mask or without), as the weight's ``str`` (a float: "1.0" by default)."""
+    if pipe.family.conditioner.kind != "inpaint":
+        return {}
+    weight = req.inpaint.inpainting_mask_weight if req.inpaint is not None else 1.0
+    return {"Conditional mask weight": str(float(weight))}
+
+
 def apply(plan: Plan, first: Pass, job: InpaintJob, init_latents: Tensor, pipe, opts: InpaintOptions) -> None:
-    """Turn the img2img pass into an inpainting pass: the masked denoiser, the masked content of the
-    starting latent, the final latent blend, and the overlay of the kept pixels."""
-    repaint = job.latent_mask.to(init_latents.device)
-    init = init_latents[:1]
-    first.name = "inpaint"
-    first.wrappers.append(masked_denoiser(init, repaint))
-    first.finish = lambda x: init * (1 - repaint) + x * repaint
-    if job.fill in (2, 3):  # latent noise: the image's own seeded noise; latent nothing: zeros
-        base = first.start
-
-        def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
-            x = base(iteration, previous, seeds)
-            if job.fill == 2:
-                options = NoiseOptions(source=plan.noise.source)  # A1111: the seeds' plain noise
-                filler = ImageNoise(seeds, first.shape, options=options, out_device=x.device).next()
-            else:
-                filler = torch.zeros_like(x)
-            return x * (1 - repaint) + filler * repaint
-
-        first.start = start
-    plan.postprocess = lambda images, iteration: [overlay_result(im, job, i) for i, im in enumerate(images)]
+    """Turn the img2img pass into an inpainting pass: the masked content of the starting latent, the
+    masked denoiser, the final latent blend, and the overlay of the kept pixels. A job without a latent
+    mask (A1111's fallback to img2img) only adds its infotext. The refiner's pass (refiner.add_pass)
+    takes over the blend and the final blend."""
     plan.infotext.update(job.infotext)
+    if job.latent_mask is None:
+        return
+    repaint = job.latent_mask.to(init_latents.device)
+    held = [init_latents[:1]]  # A1111's init_latent of the batch being sampled (after the masked content)
+    base = first.start
+    step = 0 if plan.noise.subseed_strength else 1  # generate.pick_seeds: seed + i, or the seed itself
+
+    def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
+        x = base(iteration, previous, seeds)
+        if job.fill == 2:  # latent noise: plain noise of A1111's all_seeds[0:batch], the same for every batch
+            first_seeds = [s - iteration * len(seeds) * step for s in seeds]
+            options = NoiseOptions(source=plan.noise.source)
+            filler = ImageNoise(first_seeds, first.shape, options=options, out_device=x.device).next()
+            x = x * (1 - repaint) + filler * repaint
+        elif job.fill == 3:  # latent nothing
+            x = x * (1 - repaint)
+        held[0] = x
+        return x
+
+    first.name = "inpaint"
+    first.start = start
+    first.wrappers.append(masked_denoiser(lambda: held[0], repaint))
+    first.finish = lambda x: held[0] * (1 - repaint) + x * repaint
+    plan.postprocess = lambda images, iteration: [overlay_result(im, job, i) for i, im in enumerate(images)]

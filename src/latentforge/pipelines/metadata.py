@@ -506,9 +506,11 @@ INPAINT_FIELDS = {
 
 def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
     """A1111's inpainting fields (and latentforge's "Outpaint: left,top,right,bottom") -> req.inpaint;
-    the mask itself is not in the text. Returns the field names it read."""
+    the mask itself is not in the text ("Mask blur" is left out where A1111's x and y blurs differ: read
+    as 0). "Conditional mask weight" alone (any run of an inpainting model) makes no inpainting request.
+    Returns the field names it read."""
     found = INPAINT_FIELDS & set(s)
-    if not found:
+    if not found - {"Conditional mask weight"}:  # A1111 writes it for every run of an inpainting model
         return found
     o = req.inpaint = InpaintOptions(mask_blur=0)
     if "Mask blur" in s:

@@ -49,7 +49,7 @@ class Pass:
     cfg_rescale: float = 0.0  # CFG rescale phi
     min_uncond_sigma: float = 0.0  # A1111's NGMS (s_min_uncond)
     min_uncond_all: bool = False
-    denoise: bool = True  # False: the starting latents are the result (denoising strength 0)
+    denoise: bool = True  # False: the starting latents are the result (the hires pass at denoising strength 0)
     sgm_noise: bool = False  # pure-noise start at sqrt(1 + sigma^2) * noise instead of sigma * noise
     noise_multiplier: float = 1.0  # a start from init latents adds this times the noise (A1111's img2img)
     sampler_options: dict = field(default_factory=dict)
@@ -114,7 +114,9 @@ def pass_sigmas(info: SamplerInfo, schedule_name: str, schedule: NoiseSchedule, 
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
-    """A1111's rule: t_enc = int(min(strength, 0.999) * steps) steps, starting at sigmas[steps - t_enc - 1]."""
+    """A1111's rule (``setup_img2img_steps``): t_enc = int(min(strength, 0.999) * steps), and the sampler runs
+    from sigmas[steps - t_enc - 1], i.e. t_enc + 1 steps: strength 0 still makes one step, from the last
+    nonzero sigma."""
     t_enc = int(min(strength, 0.999) * steps)
     return sigmas[steps - t_enc - 1 :]
 
@@ -222,11 +224,15 @@ def first_pass(
     if init_latents is None:
         start: Start = _no_start
         name = "txt2img"
-    else:
+    noise_range = None
+    if init_latents is not None:
+        if info.brownian:  # A1111's create_noise_sampler(x, sigmas, p): the whole schedule's range
+            positive = sigmas[sigmas > 0]
+            noise_range = (float(positive.min()), float(sigmas.max()))
         sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
         start = _cycled(init_latents, req.batch_size)
         name = "img2img"
-    return Pass(
+    step = Pass(
         name,
         model,
         info,
@@ -236,7 +242,6 @@ def first_pass(
         uncond,
         req.cfg_scale,
         start,
-        denoise=init_latents is None or req.denoising_strength > 0,
         cfg_rescale=req.guidance_rescale,
         min_uncond_sigma=req.s_min_uncond,
         min_uncond_all=req.s_min_uncond_all,
@@ -244,6 +249,8 @@ def first_pass(
         noise_multiplier=1.0 if init_latents is None else req.initial_noise_multiplier,
         sampler_options=sampler_options(req),
     )
+    step.noise_range = noise_range
+    return step
 
 
 def _with_concat(schedule, concat: Tensor):

@@ -4,6 +4,9 @@ The base samples the first part of the sigma schedule; at the switch step the re
 same schedule from the base's latents (not from a decoded image), with no new noise and the same noise
 stream (A1111 switches models inside one sampler run), conditioned by its own conditioner (size numbers
 and an aesthetic score, ``RefinerConditioner``); the refiner's VAE decodes, as A1111 and diffusers do.
+For the same reason an inpainting run's mask blend goes on through the refiner's steps and its final
+blend comes after them; an inpainting base's extra input channels stay the base's (A1111 hands them on,
+but only a 9-channel UNet concatenates them, so a plain refiner sees the latents alone).
 
 Where the switch falls (``switch_step``), for a pass of n steps over sigmas s_0 > ... > s_n:
 
@@ -119,7 +122,8 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
     refiner = hand_off.loaded = hand_off.load()
     check_family(pipe.family, refiner.family, hand_off.name)
     positive = full[full > 0]
-    base.noise_range = (float(positive.min()), float(positive.max()))  # one Brownian tree over both passes
+    # one Brownian tree over both passes (an img2img pass's already spans its whole schedule)
+    base.noise_range = base.noise_range or (float(positive.min()), float(positive.max()))
     base.sigmas = full[: k + 1]
     calls_per_step = 2 if base.sampler.second_order else 1
     total = len(full) - 1
@@ -146,6 +150,10 @@ def add_pass(plan: Plan, pipe, req: GenerationRequest, hand_off: HandOff) -> Pas
         sampler_options=base.sampler_options,
         continues=True,
     )
+    # A1111 switches models inside one CFGDenoiser: its wrappers so far (inpainting's mask blend) go on
+    # through the refiner's steps, and the final blend (inpainting's) happens once, after the refiner
+    refine.wrappers = list(base.wrappers)
+    refine.finish, base.finish = base.finish, None
     plan.passes.append(refine)
     plan.decode = refiner.vae.decode
     return refine
