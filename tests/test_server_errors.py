@@ -85,7 +85,8 @@ def test_models_dir_listing_and_path_tricks(env):
     assert r.status_code == 200, r.text
     assert "Mask blur" not in json.loads(r.json()["info"])["infotexts"][0]
     r = s.post("/sdapi/v1/txt2img", {**OK, "override_settings": {"sd_model_checkpoint": "copy"}})
-    assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "sub/copy"
+    # A1111's name_for_extra: os.path.splitext(os.path.basename(filename))[0], no folders
+    assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "copy"
 
 
 def test_wrong_types_and_unknown_names(env):

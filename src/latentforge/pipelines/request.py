@@ -241,7 +241,7 @@ class GenerationRequest:
     clip_skip: int | None = None
     denoising_strength: float = 0.75  # img2img, and the hires second pass
     initial_noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier" of the starting noise
-    resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill
+    resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (no mask)
     eta: float | None = None  # ancestral / DDIM noise (None: the sampler's default)
     s_churn: float = 0.0
     s_tmin: float = 0.0
@@ -399,9 +399,13 @@ class GenerationRequest:
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {show(value)}")
         need(
-            is_int(self.resize_mode) and self.resize_mode in (0, 1, 2),
-            f"resize_mode must be 0 (resize), 1 (crop and resize) or 2 (resize and fill), got {show(self.resize_mode)}",
+            is_int(self.resize_mode) and self.resize_mode in (0, 1, 2, 3),
+            "resize_mode must be 0 (resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, latent "
+            f"upscale), got {show(self.resize_mode)}",
         )
+        latent_resize = "resize_mode 3 (latent upscale) cannot be used with"  # (A1111 fits masks in pixels)
+        need(self.resize_mode != 3 or self.inpaint is None, f"{latent_resize} a mask or outpainting; use 0, 1 or 2")
+        need(self.resize_mode != 3 or self.x4 is None, f"{latent_resize} the x4 upscaler; use 0, 1 or 2")
         need(isinstance(self.extra, dict), f"extra must be a mapping of names to values, got {show(self.extra)}")
         for name, group in _GROUPS.items():
             value = getattr(self, name)

@@ -114,12 +114,20 @@ def create_app(
     # ---- generation
     def _generate(payload: sdapi._Payload, img2img: bool) -> dict:
         req, init, model, vae = sdapi.server_request(payload, img2img=img2img, options=options, config=config)
+        kept = None  # A1111: override_settings_restore_afterwards false keeps every overridden setting
+        if not payload.override_settings_restore_afterwards:  # (those of the infotext too), checked as POST options
+            kept = dict(payload.override_settings or {})
+            if "sd_vae" in kept:  # the VAE the request runs with (an infotext's unknown VAE fell back to "None")
+                kept["sd_vae"] = vae
+            kept = _option_values(kept)
         spec = make_spec(catalog, "img2img" if img2img else "txt2img", req, init, model, payload, vae)
         spec.save_to = outdir if payload.save_images else None
         job = queue.submit(spec, payload.force_task_id or None)
         job.wait()
+        if kept is not None:  # set before the run and not restored, whatever its outcome (A1111's process_images)
+            options.update(kept)
         _raise_failed(job)
-        if spec.model and not payload.override_settings_restore_afterwards:
+        if spec.model and kept is not None:
             queue.default_model = spec.model
         return _response(job, payload)
 
@@ -134,8 +142,14 @@ def create_app(
         return {
             "images": images,
             "parameters": sdapi.echo_parameters(payload),
-            "info": sdapi.info_json(job, payload, model_hash=_hash(job.model_name)),
+            "info": sdapi.info_json(job, payload, model_hash=_hash(job.model_name), model_path=_path(job.model_name)),
         }
+
+    def _path(name: str | None) -> Path | None:
+        try:
+            return catalog.path(name) if name else None
+        except KeyError:  # gone from the catalog since (refresh-checkpoints)
+            return None
 
     def _hash(name: str | None) -> str | None:
         if not name:
@@ -244,6 +258,20 @@ def create_app(
     @app.post("/sdapi/v1/options")
     def set_options(values: dict[str, Any]) -> dict:
         values = dict(values)
+        name = values.pop("sd_model_checkpoint", None)
+        values = _option_values(values)  # before the model switch: a refused request changes nothing
+        if name:
+            name = catalog.resolve(name)
+            job = queue.submit(JobSpec("load", model=name))
+            job.wait()
+            _raise_failed(job)
+        options.update(values)
+        return {}
+
+    def _option_values(values: dict[str, Any]) -> dict[str, Any]:
+        """Options as the server keeps them, checked (a 400 for a value a request would fail on), without
+        the model (``sd_model_checkpoint``: the default model) and what a client may not choose."""
+        values.pop("sd_model_checkpoint", None)
         if "sd_vae" in values:
             values["sd_vae"] = sdapi.vae_choice(values["sd_vae"], "sd_vae", config.vaes())
         fmt = values.get("samples_format", "png")
@@ -254,16 +282,9 @@ def create_app(
             raise ApiError(400, f"CLIP_stop_at_last_layers must be 1 to 12, got {clip!r}", "CLIP_stop_at_last_layers")
         for key in ("outdir_samples", "sd_checkpoint_hash"):
             values.pop(key, None)  # never a way for a client to choose where files go
-        name = values.pop("sd_model_checkpoint", None)
-        _check_option_values(values, options)  # before the model switch: a refused request changes nothing
+        _check_option_values(values, options)
         sdapi.check_settings(values)
-        if name:
-            name = catalog.resolve(name)
-            job = queue.submit(JobSpec("load", model=name))
-            job.wait()
-            _raise_failed(job)
-        options.update(values)
-        return {}
+        return values
 
     @app.get("/sdapi/v1/samplers")
     def samplers() -> list[dict]:

@@ -83,6 +83,7 @@ def run_batch(queue: JobQueue, jobs: list[Job]) -> None:
     vae = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
     for job in jobs:
         job.model_name, job.vae_path = name, vae
+        job.inpainting_model = pipe.family.conditioner.kind == "inpaint"  # (jobs.is_inpainting_model)
         job.iteration, job.iterations, job.step = 0, 1, 0
         job.batch = len(jobs)
         members.append(

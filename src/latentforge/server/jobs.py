@@ -123,6 +123,7 @@ class Job:
     preview_png: bytes | None = None
     model_name: str | None = None
     vae_path: str | None = None  # the standalone VAE the job decoded with (None: the checkpoint's own)
+    inpainting_model: bool = False  # its model is an inpainting model (A1111's is_using_inpainting_conditioning)
     skip_flag: bool = False
     stop_flag: bool = False
     cancel_flag: bool = False  # stopped by DELETE: the image being made is dropped, not kept as by interrupt
@@ -203,6 +204,11 @@ class Job:
         if preview:
             data["current_image"] = base64.b64encode(self.preview_png).decode() if self.preview_png else None
         return data
+
+
+def is_inpainting_model(pipe) -> bool:
+    """An inpainting model (9 input channels): A1111 reports ``is_using_inpainting_conditioning`` for its jobs."""
+    return getattr(getattr(getattr(pipe, "family", None), "conditioner", None), "kind", None) == "inpaint"
 
 
 def make_spec(
@@ -398,6 +404,7 @@ class JobQueue:
         job.model_name = name
         pipe = self.cache.get(name, spec.vae)
         job.vae_path = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
+        job.inpainting_model = is_inpainting_model(pipe)
         if spec.kind == "load":
             self.default_model = name
             return

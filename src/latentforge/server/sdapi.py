@@ -3,10 +3,11 @@
 Field names follow A1111's ``StableDiffusionTxt2ImgProcessingAPI``/``Img2Img`` models (defaults as there);
 ``sampler_name``/``sampler_index`` and ``scheduler`` become ``sampler``/``schedule``, ``n_iter`` becomes
 ``batch_count``. A1111's settings that change images (``_SETTING_FIELDS``: clip skip, ENSD, the noise
-source, token merging, ...) come from the server's options (``POST /sdapi/v1/options``) with the
-request's ``override_settings`` winning, which may also switch the model (``sd_model_checkpoint``); the
-``infotext`` field fills what the request leaves out (``sdapi_meta.apply_infotext``). Fields we cannot
-honour (restore_faces, scripts) are refused with a
+source, token merging, ...; the sampler settings s_churn, s_tmin, s_tmax, s_noise, s_min_uncond,
+eta_ancestral and eta_ddim, ``sdapi_settings.sampler_fields``) come from the server's options
+(``POST /sdapi/v1/options``) with the request's ``override_settings`` winning, which may also switch the
+model (``sd_model_checkpoint``); the ``infotext`` field fills what the request leaves out
+(``sdapi_meta.apply_infotext``). Fields we cannot honour (restore_faces, scripts) are refused with a
 message naming them, never silently dropped;
 fields of other tools are kept in the request's ``extra`` (``GenerationRequest.from_dict(...,
 lenient=True)``). ``image_cfg_scale`` is accepted and unused, as A1111 does for models other than
@@ -19,8 +20,8 @@ import base64
 import binascii
 import dataclasses
 import io
-import math
 import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.server.errors import FieldError, non_finite
 from latentforge.server.sdapi_control import control_units
-from latentforge.server.sdapi_meta import apply_infotext, echo_parameters, info_json  # noqa: F401 (app.py)
-from latentforge.server.sdapi_settings import apply_styles, request_vae
+from latentforge.server.sdapi_meta import apply_infotext, echo_parameters, info_json, public_record  # noqa: F401
+from latentforge.server.sdapi_settings import (
+    apply_styles,
+    check_sampler_settings,
+    img2img_settings,
+    request_vae,
+    sampler_fields,
+)
 from latentforge.server.sdapi_settings import styles_error as styles_error  # re-exported (app.py)
 from latentforge.server.sdapi_settings import vae_choice as vae_choice
 
@@ -202,13 +209,15 @@ def decode_image(data: Any, field: str, max_pixels: int, budget: PixelBudget | N
 
 
 def encode_png(image: Image.Image) -> str:
-    """Raw base64 (no prefix) of a PNG carrying the image's ``parameters`` and ``latentforge`` text."""
+    """Raw base64 (no prefix) of a PNG carrying the image's ``parameters`` and ``latentforge`` text (the
+    latter without the server's paths: ``sdapi_meta.public_record``)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    for key in ("parameters", "latentforge"):
-        if image.info.get(key):
-            info.add_text(key, str(image.info[key]))
+    if image.info.get("parameters"):
+        info.add_text("parameters", str(image.info["parameters"]))
+    if image.info.get("latentforge"):  # the server's paths cut to file names
+        info.add_text("latentforge", public_record(str(image.info["latentforge"])))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -246,7 +255,12 @@ def to_request(
     if not isinstance(raw, dict):
         _refuse("override_settings", "must be an object of option names and values")
     overrides = dict(raw)  # the infotext may add settings for this request
-    apply_infotext(p, payload.model_fields_set, overrides, img2img)
+    check_sampler_settings(overrides, "override_settings.")
+    filled = apply_infotext(p, payload.model_fields_set, overrides, img2img)
+    for name in filled:  # A1111 writes them onto the request: the response's `parameters` shows them
+        setattr(payload, name, p[name])
+    if p.get("infotext"):
+        payload.override_settings = overrides
     _check_names(p)  # again: the infotext may have filled the prompts
     model = overrides.get("sd_model_checkpoint") or None
     settings = {**options, **overrides}  # A1111: the server's settings, override_settings win for this request
@@ -275,20 +289,20 @@ def to_request(
         "width": p["width"],
         "height": p["height"],
         "clip_skip": None if clip_skip in (None, 0, 1) else clip_skip,
-        "s_churn": p["s_churn"] or 0.0,
-        "s_tmin": p["s_tmin"] or 0.0,
-        "s_tmax": p["s_tmax"] or math.inf,  # A1111: 0 or unset means no upper bound
-        "s_noise": 1.0 if p["s_noise"] is None else p["s_noise"],
-        "eta": p["eta"],
-        "refiner_checkpoint": p["refiner_checkpoint"],
+        **sampler_fields(p, settings, sampler),  # with the sampler settings (s_churn, eta_ancestral, ...)
+        # A1111 (process_images_inner): these names mean no refiner
+        "refiner_checkpoint": None if p["refiner_checkpoint"] in ("", "None", "none") else p["refiner_checkpoint"],
         "tiling": bool(p["tiling"]),
     }
     if p["refiner_switch_at"] is not None:
         data["refiner_switch_at"] = p["refiner_switch_at"]
     img2img_only = () if img2img else ("initial_noise_multiplier",)  # A1111 reads it in img2img's sample only
     data.update({b: settings[a] for a, b in _SETTING_FIELDS.items() if a in settings and b not in img2img_only})
-    if p.get("subseed_strength"):  # A1111's variation seeds
-        data.update(subseed=p.get("subseed", -1), subseed_strength=p["subseed_strength"])
+    data["subseed"] = p.get("subseed", -1)
+    if p.get("subseed_strength"):  # A1111's variation seeds (a subseed of -1: random, drawn by the run)
+        data["subseed_strength"] = p["subseed_strength"]
+    elif not 0 <= data["subseed"] < 2**64:  # unused; -1 drawn and reported as A1111 does (get_fixed_seed)
+        data["subseed"] = secrets.randbelow(4294967294)
     if (p.get("seed_resize_from_w") or 0) > 0 and (p.get("seed_resize_from_h") or 0) > 0:
         data.update(seed_resize_from_w=p["seed_resize_from_w"], seed_resize_from_h=p["seed_resize_from_h"])
     control = control_units(p, controlnets or {}, max_pixels, budget, decode_image, img2img)
@@ -312,6 +326,7 @@ def to_request(
             )
             if blur is None:
                 data.update(mask_blur_x=p["mask_blur_x"], mask_blur_y=p["mask_blur_y"])
+        data.update(img2img_settings(settings, bool(p.get("mask"))))  # inpainting_mask_weight; the refused ones
         images = p.get("init_images")
         if not images:
             _refuse("init_images", "img2img needs at least one init image (base64 PNG/JPEG)")
@@ -345,11 +360,6 @@ def to_request(
                 denoising_strength=0.7 if p["denoising_strength"] is None else p["denoising_strength"],
             )
     ours = {f.name for f in dataclasses.fields(GenerationRequest)}
-    for name in ("s_min_uncond",):  # A1111 fields that only some versions of latentforge can run
-        if p.get(name):
-            if name not in ours:
-                _refuse(name, "is not available in this version of latentforge; send 0")
-            data[name] = p[name]
     # fields of other tools are kept in `extra`; only our plain settings pass by name, never an option
     # group (those hold images and paths: the API fills them from A1111's fields above)
     passed = {k: v for k, v in extra.items() if k in _PLAIN_FIELDS and k in ours}
@@ -484,7 +494,9 @@ _SETTING_FIELDS = {
 
 def check_settings(values: dict) -> None:
     """The A1111 settings among ``values`` that change images (``_SETTING_FIELDS``), checked as a request
-    checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on."""
+    checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on (the
+    sampler settings too: ``sdapi_settings.SAMPLER_SETTINGS``)."""
+    check_sampler_settings(values)
     fields = {ours: values[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in values}
     if not fields:
         return

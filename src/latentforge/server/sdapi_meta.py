@@ -5,6 +5,7 @@ of the response."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -41,13 +42,14 @@ _INFOTEXT_SETTINGS = {
 }
 
 
-def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> None:
+def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> list[str]:
     """A1111's ``infotext`` field (1.8+, ``Api.apply_infotext``): an image's parameters fill the fields the
     request did not send (those it sends win), and its settings (Clip skip, ENSD, RNG, token merging) the
-    ``override_settings`` it does not name (also the VAE). Values are checked afterwards like sent ones."""
+    ``override_settings`` it does not name (also the VAE). Values are checked afterwards like sent ones.
+    Returns the fields filled (A1111 writes them onto the request, whose echo then shows them)."""
     text = p.get("infotext")
     if not text:
-        return
+        return []
     from latentforge.io.infotext import parse_infotext
     from latentforge.pipelines.metadata import request_from_infotext
 
@@ -62,6 +64,12 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
             found[field] = getattr(req, attr)
     if "Size" in labels:
         found.update(width=req.width, height=req.height)
+    if "Batch size" in labels:  # a paste field of A1111 1.10's txt2img and img2img tabs
+        try:
+            found["batch_size"] = int(labels["Batch size"])
+        except (TypeError, ValueError):
+            message = f"cannot be read: Batch size {labels['Batch size']!r} is not a whole number"
+            raise FieldError("infotext", message) from None
     if "Seed resize from" in labels:
         found.update(seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h)
     if req.schedule.lower() != "automatic":  # "Schedule type", or a sampler title that names one
@@ -73,22 +81,25 @@ def apply_infotext(p: dict, given: set[str], overrides: dict, img2img: bool) -> 
         found.update(hr_prompt=h.prompt, hr_negative_prompt=h.negative_prompt)
         found.update(hr_sampler_name=h.sampler or None, hr_scheduler=h.schedule or None)
         found.update(hr_checkpoint_name=h.checkpoint or None)  # a name: resolved in the catalog
-    for field, value in found.items():
-        if field in p and field not in given:
-            p[field] = value
+    filled = [field for field in found if field in p and field not in given]
+    for field in filled:
+        p[field] = found[field]
     for label, (setting, attr) in _INFOTEXT_SETTINGS.items():
         if label in labels:
             overrides.setdefault(setting, getattr(req, attr))
     if labels.get("VAE"):  # A1111's sd_vae setting carries infotext "VAE" (a file name of the VAE folders)
         overrides.setdefault("sd_vae", labels["VAE"])
+    return filled
 
 
-def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
-    """A1111's ``info`` string of a finished job (every field sd-backend-client validates)."""
+def info_json(job, payload: BaseModel, *, model_hash: str | None, model_path: Path | None = None) -> str:
+    """A1111's ``info`` string of a finished job (every field sd-backend-client validates); ``model_path``: the
+    file or folder of the job's model."""
     req = job.request or job.spec.request
     n = len(job.images)
     seed = req.seed
-    subseed = req.subseed if req.subseed != -1 else seed  # A1111 draws one even without variations; ours is unused
+    subseed = req.subseed if req.subseed != -1 else seed  # (the request carries the subseed drawn: sdapi.py)
+    txt2img_only = job.spec.kind != "img2img" and not req.hires
     info = {
         "prompt": req.prompt,
         "all_prompts": [req.prompt] * n,
@@ -107,25 +118,36 @@ def info_json(job, payload: BaseModel, *, model_hash: str | None) -> str:
         "batch_size": req.batch_size,
         "restore_faces": False,
         "face_restoration_model": None,
-        "sd_model_name": (job.model_name or "").rsplit(".", 1)[0],
+        "sd_model_name": model_name_for_info(job.model_name, model_path),
         "sd_model_hash": model_hash or "",
         "sd_vae_name": Path(job.vae_path).name if job.vae_path else None,
         "sd_vae_hash": sha256_of(job.vae_path)[:10] if job.vae_path and Path(job.vae_path).is_file() else None,
-        "seed_resize_from_w": req.seed_resize_from_w or -1,
-        "seed_resize_from_h": req.seed_resize_from_h or -1,
-        "denoising_strength": req.denoising_strength if (job.spec.kind == "img2img" or req.hires) else None,
+        # A1111 reports these as the client sent them (0 stays 0, the default is -1)
+        "seed_resize_from_w": getattr(payload, "seed_resize_from_w", req.seed_resize_from_w),
+        "seed_resize_from_h": getattr(payload, "seed_resize_from_h", req.seed_resize_from_h),
+        # A1111 (Processed: getattr(p, "denoising_strength")): txt2img without hires reports what was sent
+        "denoising_strength": getattr(payload, "denoising_strength", None) if txt2img_only else req.denoising_strength,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": list(job.infotexts),
         "styles": list(getattr(payload, "styles", None) or []),
         "job_timestamp": datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
         "clip_skip": req.clip_skip or 1,
-        "is_using_inpainting_conditioning": bool(job.spec.kind == "img2img" and req.inpaint is not None),
+        # A1111: set by the inpainting models' conditioning (txt2img and img2img), whether a mask was given or not
+        "is_using_inpainting_conditioning": bool(getattr(job, "inpainting_model", False)),
         "version": f"latentforge {__version__}",
         "job_id": job.id,
         "interrupted": bool(job.stop_flag),
     }
     return json.dumps(info)
+
+
+def model_name_for_info(name: str | None, path: Path | None) -> str:
+    """A1111's ``sd_model_name`` (``CheckpointInfo.name_for_extra``): the checkpoint file's name without its
+    folders and extension; a diffusers folder's name as it is."""
+    if path is not None and path.is_dir():
+        return path.name
+    return os.path.splitext(os.path.basename(str(path) if path is not None else name or ""))[0]
 
 
 def _sampler_title(req: GenerationRequest) -> str:
@@ -179,3 +201,24 @@ def png_info(image: Image.Image) -> dict:
             else:
                 params[key] = value
     return {"info": text or "", "items": items, "parameters": params}
+
+
+def public_record(text: str) -> str:
+    """An image's ``latentforge`` record (pipelines/metadata.py ``request_json``) as the server hands it to
+    clients: every absolute path in it (the model's source, networks, a hires or refiner model, ControlNet
+    files) cut to its file name, so no client learns where the server keeps its files."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str) and os.path.isabs(value):
+            return Path(value).name
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data))

@@ -1,10 +1,12 @@
 """The A1111 settings of a request that name server files: saved prompt styles (``styles``, from the
 server's styles.csv) and the VAE (``sd_vae``); names only, never paths, and errors about the server's own
-files without its folders (used by ``sdapi.to_request`` and the routes of ``app.py``)."""
+files without its folders (used by ``sdapi.to_request`` and the routes of ``app.py``). Also A1111's sampler
+settings (s_churn, s_tmin, s_tmax, s_noise, s_min_uncond, eta_ancestral, eta_ddim: ``sampler_fields``)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -92,3 +94,116 @@ def vae_choice(value: Any, field: str, vaes: dict[str, Path]) -> str:
         return stems[0]
     known = ", ".join(sorted(vaes)[:20]) or "none (give --vae-dir, or models/VAE beside --models-dir)"
     _refuse(field, f"unknown VAE {value[:80]!r}; known: {known}, or 'Automatic' or 'None' (files are listed as added)")
+
+
+# A1111's sampler settings (POST /sdapi/v1/options, override_settings) -> the request field each fills
+SAMPLER_SETTINGS = {
+    "s_churn": "s_churn",
+    "s_tmin": "s_tmin",
+    "s_tmax": "s_tmax",  # 0: no upper bound
+    "s_noise": "s_noise",
+    "s_min_uncond": "s_min_uncond",  # NGMS
+    "eta_ancestral": "eta",  # eta of the ancestral (k-diffusion) samplers
+    "eta_ddim": "eta",  # eta of A1111's samplers over timesteps (DDIM, DDIM CFG++)
+}
+# A1111's Sampler defaults of the sigma settings, and the samplers it passes them to (sd_samplers_kdiffusion's
+# sampler_extra_params: a setting other than the default wins over the request's value there, initialize())
+_SIGMA_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+_CHURN_SAMPLERS = {"Euler", "Heun", "DPM2"}
+_NOISE_SAMPLERS = _CHURN_SAMPLERS | {"DPM fast", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"}
+_NOISE_SAMPLERS |= {"DPM++ 2M SDE Heun"}
+_ETA_DDIM = {"DDIM", "DDIM CFG++"}  # CompVisSampler's eta_option_field "eta_ddim" (PLMS, UniPC take no eta)
+
+
+def check_sampler_settings(values: dict, prefix: str = "") -> None:
+    """The A1111 sampler settings among ``values``, checked as the request fields they fill are checked."""
+    from latentforge.pipelines.request import GenerationRequest, RequestError
+
+    for theirs, ours in SAMPLER_SETTINGS.items():
+        if theirs not in values:
+            continue
+        value = values[theirs]
+        if theirs == "s_tmax" and value == 0 and not isinstance(value, bool):
+            value = math.inf
+        try:
+            GenerationRequest.from_dict({"prompt": "", ours: value}).validate()
+        except (RequestError, TypeError, ValueError) as e:
+            _refuse(prefix + theirs, f"{prefix}{theirs}: {e}")
+
+
+def sampler_fields(p: dict, settings: dict, sampler: str) -> dict[str, Any]:
+    """The request's sampler fields (s_churn, s_tmin, s_tmax, s_noise, s_min_uncond, eta) with A1111's settings
+    applied as A1111 1.10 does:
+
+    - ``fill_fields_from_opts``: s_min_uncond and the sigma settings are the request's, else the setting's;
+    - ``Sampler.initialize``: for a sampler A1111 passes a sigma setting to (``sampler_extra_params``), a setting
+      other than the sampler's default wins over the request's value; other samplers ignore the setting;
+    - eta, when the request gives none: ``eta_ddim`` for DDIM samplers, ``eta_ancestral`` for the others that
+      take an eta (A1111's k-diffusion ones, whose default eta is 1); set only where it differs from the
+      sampler's default, as A1111 writes "Eta" to the infotext only then.
+
+    A value A1111 would pass to a sampler that latentforge's version of it cannot take is refused, not dropped."""
+    import inspect
+
+    from latentforge.sampling.registry import resolve_sampler
+
+    try:
+        info = resolve_sampler(sampler)[0]
+        params = inspect.signature(info.fn).parameters
+    except (ValueError, TypeError):  # an unknown sampler: the request's own check names it
+        info, params = None, {}
+    title = info.title if info is not None else ""
+    out: dict[str, Any] = {}
+    for name, default in _SIGMA_DEFAULTS.items():
+        sent = p.get(name)
+        value = default if sent is None else sent
+        if name == "s_tmax":
+            value = value or math.inf  # A1111: 0 or unset means no upper bound
+        takes = title in (_NOISE_SAMPLERS if name == "s_noise" else _CHURN_SAMPLERS)
+        setting = settings.get(name)
+        if takes and setting is not None:
+            setting = (setting or math.inf) if name == "s_tmax" else setting
+            if setting != default:
+                value = setting
+        if takes and value != default and name not in params:
+            _refuse(name, f"{title} in latentforge does not take {name} (A1111 passes it); leave it at {default}")
+        out[name] = value
+    ngms = p.get("s_min_uncond")
+    ngms = settings.get("s_min_uncond") if ngms is None else ngms
+    if ngms:
+        out["s_min_uncond"] = ngms
+    eta = p.get("eta")
+    if eta is None and "eta" in params:
+        option = "eta_ddim" if title in _ETA_DDIM else "eta_ancestral"
+        default = params["eta"].default
+        value = settings.get(option)
+        if value is not None and (option == "eta_ddim" or default == 1.0) and value != default:
+            eta = value
+    out["eta"] = eta
+    return out
+
+
+# A1111's img2img settings that change images and that latentforge does not reproduce: refused by name when a
+# request would run with a value other than A1111's default (never silently dropped)
+_IMG2IMG_UNSUPPORTED = {
+    "img2img_color_correction": (False, "colour correction of img2img results"),
+    "img2img_background_color": ("#ffffff", "another colour behind transparent init pixels"),
+    "upscaler_for_img2img": (None, "an upscaler for img2img's resize"),
+    "img2img_extra_noise": (0.0, "extra noise added to img2img's starting latent"),
+    "img2img_fix_steps": (False, "img2img running exactly the given steps"),
+}
+
+
+def img2img_settings(settings: dict, masked: bool) -> dict[str, Any]:
+    """The request fields A1111's img2img settings give (``inpainting_mask_weight``: the "Conditional mask
+    weight" of inpainting models, readable only from the settings in A1111; used with a mask, as
+    latentforge's inpainting group carries it), and a refusal for a setting latentforge cannot run at a value
+    other than A1111's default."""
+    for name, (default, what) in _IMG2IMG_UNSUPPORTED.items():
+        value = settings.get(name, default)
+        white = name == "img2img_background_color" and str(value).lower() in ("#ffffff", "#fff", "white")
+        if white or value in (default, None, "None", ""):
+            continue
+        _refuse(name, f"{what} ({name} = {value!r}) is not available in latentforge; set it back to {default!r}")
+    weight = settings.get("inpainting_mask_weight")
+    return {"inpainting_mask_weight": weight} if masked and weight is not None else {}
