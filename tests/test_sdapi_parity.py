@@ -24,30 +24,13 @@ from fastapi.testclient import TestClient
 
 from latentforge.server.app import create_app
 from latentforge.server.config import ServerConfig
-from latentforge.server.jobs import Job
+from test_server_app import StubQueue
 
 OK = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1}
 
 
-class StubQueue:
-    """What the routes use of ``JobQueue``: every job submitted is done at once (no images)."""
-
-    default_model = None
-    current = last = None
-
-    def __init__(self):
-        self.submitted = []
-
-    def submit(self, spec, job_id=None):
-        self.submitted.append(spec)
-        return Job(job_id or f"job{len(self.submitted)}", spec, state="done")
-
-    def pending(self) -> int:
-        return 0
-
-
 @pytest.fixture
-def client():
+def client():  # the app on a queue that records each job and runs nothing
     queue = StubQueue()
     c = TestClient(create_app(ServerConfig(), queue=queue), raise_server_exceptions=False)
     c.queue = queue
