@@ -178,6 +178,13 @@ def test_cli_img2img(model, tmp_path):
     image = Image.open(out)
     assert image.size == (80, 72)  # the init image's size, rounded down to multiples of 8
     assert "Denoising strength: 0.5" in image.info["parameters"]
+    common = ["img2img", str(init), "a blue cube", "-m", str(model), "--steps", "2", "--seed", "3", "-q"]
+    latent = tmp_path / "latent.png"  # resize mode 3: the latent resized (A1111's "Just resize (latent upscale)")
+    assert main([*common, "--resize-mode", "3", "-W", "64", "-H", "64", "-o", str(latent)]) == 0
+    plain = tmp_path / "plain.png"
+    assert main([*common, "--resize-mode", "0", "-W", "64", "-H", "64", "-o", str(plain)]) == 0
+    assert Image.open(latent).size == (64, 64)
+    assert not np.array_equal(np.asarray(Image.open(latent)), np.asarray(Image.open(plain)))
 
 
 @pytest.mark.parametrize(

@@ -128,9 +128,9 @@ def _add_strength(p: argparse.ArgumentParser, img2img: bool) -> None:
             "--resize-mode",
             dest="resize_mode",
             type=int,
-            choices=[0, 1, 2],
+            choices=[0, 1, 2, 3],
             default=None,
-            help="0 resize (default), 1 crop and resize, 2 resize and fill",
+            help="0 resize (default), 1 crop and resize, 2 resize and fill, 3 resize the latent (no mask)",
         )
         p.add_argument(
             "--noise-multiplier",
