@@ -135,7 +135,6 @@ def test_cli_hires_and_from_reproduce_the_pixels(model, tmp_path):
     [
         (dict(hr_upscaler="ESRGAN_4x"), "unknown hires upscaler 'ESRGAN_4x'; choose one of: Latent"),
         (dict(hr_scale=0), "hr_scale must be above 0"),
-        (dict(hr_resize_x=200, hr_resize_y=100), "another aspect ratio"),
         (dict(hr_second_pass_steps=-1), "hr_second_pass_steps must be 0"),
         (dict(denoising_strength=1.5), "denoising_strength must be between 0 and 1"),
     ],
@@ -387,3 +386,40 @@ def test_hires_encodes_the_unrounded_target_as_a1111(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "encode", spy)
     result = pipe.txt2img("a cube", enable_hr=True, hr_scale=1.3, hr_upscaler="Lanczos", **BASE)
     assert seen == [(83, 83)] and result.images[0].size == (80, 80)
+
+
+@pytest.mark.parametrize(
+    ("size", "resize", "upscale_to", "final"),
+    [((512, 512), (1024, 768), (1024, 1024), (1024, 768)), ((512, 768), (1000, 1000), (1000, 1500), (1000, 1000)),
+     ((768, 512), (800, 800), (1200, 800), (800, 800)), ((512, 512), (1024, 0), (1024, 1024), (1024, 1024))],
+)  # fmt: skip
+def test_both_hires_sizes_cover_then_crop_as_a1111(size, resize, upscale_to, final):
+    """A1111's calculate_target_resolution with hr_resize_x and hr_resize_y: ``if src_ratio < dst_ratio:
+    hr_upscale_to_x = hr_resize_x; hr_upscale_to_y = hr_resize_x * height // width`` (else the other way),
+    ``truncate_x = (hr_upscale_to_x - target_w) // opt_f`` (and y); the latents are cut by those after the
+    upscale, half on each side. (1000 is not a multiple of 8: the 125-column latent keeps 1000 px.)"""
+    from latentforge.pipelines.hires import crop, target_pixels, target_size
+
+    req = GenerationRequest(prompt="a", hires=HiresOptions(resize_x=resize[0], resize_y=resize[1]))
+    assert target_pixels(req, *size) == upscale_to
+    tx, ty = crop(req, *size)
+    if resize[1]:
+        assert (tx, ty) == ((upscale_to[0] - resize[0]) // 8, (upscale_to[1] - resize[1]) // 8)
+    assert target_size(req, *size) == ((upscale_to[0] // 8 - tx) * 8, (upscale_to[1] // 8 - ty) * 8) == final
+
+
+def test_both_hires_sizes_crop_the_upscaled_latents(pipe, monkeypatch):
+    """64x64 to hr 128x96: the latents are upscaled to 16x16 (covering), then rows 2..14 kept (truncate_y 4)."""
+    seen = _spy_first_pass(monkeypatch)
+    hires_input = []
+    original = hires.upscale
+
+    def keep(*args, **kwargs):
+        out = original(*args, **kwargs)
+        hires_input.append(out)
+        return out
+
+    monkeypatch.setattr(hires, "upscale", keep)
+    result = pipe.txt2img("a cube", enable_hr=True, hr_resize_x=128, hr_resize_y=96, **BASE)
+    assert result.images[0].size == (128, 96) and "Hires resize: 128x96" in result.infotexts[0]
+    assert hires_input[0].shape[-2:] == (16, 16) and seen["first"].shape[-2:] == (8, 8)

@@ -44,28 +44,36 @@ from latentforge.sampling.registry import resolve
 
 
 def target_pixels(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
-    """A1111's hires target before any rounding (``calculate_target_resolution``): width and height times
-    ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of them keeps the aspect ratio; both must keep it
-    too, since cropping is not supported). An image upscaler's result has this size when it is encoded."""
+    """A1111's size to upscale to before any rounding (``calculate_target_resolution``'s hr_upscale_to):
+    width and height times ``hr_scale``, or ``hr_resize_x``/``hr_resize_y`` (one of them keeps the aspect
+    ratio; both: the image covers that size, ``crop`` then cuts the rest). An image upscaler's result has
+    this size when it is encoded."""
     x, y = req.hires.resize_x, req.hires.resize_y
     if not x and not y:
         return int(width * req.hires.scale), int(height * req.hires.scale)
     if not y:
         return x, x * height // width
-    if not x:
+    if not x or width / height >= x / y:
         return y * width // height, y
-    if abs(x / y - width / height) > 0.01:
-        raise RequestError(
-            f"hires size {x}x{y} has another aspect ratio than {width}x{height}; give only hr_resize_x or "
-            "hr_resize_y (the other follows), or use hr_scale"
-        )
-    return x, y
+    return x, x * height // width
+
+
+def crop(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """Latent columns and rows A1111 cuts after upscaling when both ``hr_resize_x`` and ``hr_resize_y`` are
+    given (``truncate_x``, ``truncate_y``: the covering size's excess // 8), half on each side."""
+    x, y = req.hires.resize_x, req.hires.resize_y
+    if not x or not y:
+        return 0, 0
+    w, h = target_pixels(req, width, height)
+    return (w - x) // 8, (h - y) // 8
 
 
 def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
-    """The hires pass's size: ``target_pixels`` down to multiples of 8 (its latent's size times 8)."""
+    """The hires pass's size: ``target_pixels`` down to multiples of 8 (its latent's size times 8), less
+    ``crop``."""
     w, h = target_pixels(req, width, height)
-    w, h = w // 8 * 8, h // 8 * 8
+    cx, cy = crop(req, width, height)
+    w, h = (w // 8 - cx) * 8, (h // 8 - cy) * 8
     if w < 64 or h < 64 or w > 8192 or h > 8192:
         raise RequestError(f"hires size {w}x{h} is outside 64 to 8192 pixels")
     return w, h
@@ -217,8 +225,13 @@ def add_pass(
     shape = (first.shape[0] if other is None else runner.unet.config.out_channels, height // down, width // down)
     upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
 
+    cx, cy = crop(req, plan.width, plan.height)
+    covering = (*shape[:-2], shape[-2] + cy, shape[-1] + cx)
+
     def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
-        return upscale(pipe, previous, upscaler, shape, runner.vae, pixels)
+        latents = upscale(pipe, previous, upscaler, covering, runner.vae, pixels)
+        rows, cols = latents.shape[-2:]  # A1111: samples[:, :, ty//2 : H - (ty+1)//2, tx//2 : W - (tx+1)//2]
+        return latents[..., cy // 2 : rows - (cy + 1) // 2, cx // 2 : cols - (cx + 1) // 2]
 
     if other is not None:
         plan.decode = runner.vae.decode
