@@ -528,3 +528,21 @@ def test_damaged_lora_factors_are_refused_and_change_nothing(sd1, tmp_path):
             ours.apply_lora(tmp_path / f"{case}.safetensors")
     after = _pipe_state(ours)
     assert ours.patcher.sources == [] and all(torch.equal(original[k], after[k]) for k in original)
+
+
+def test_prompt_tags_find_a_lora_by_its_alias_as_a1111(sd1, tmp_path):
+    """A1111 (networks.load_networks): a name that is no file stem is looked up among the aliases, each file's
+    ``ss_output_name`` metadata; A1111 writes aliases into prompts by default, so infotexts carry them."""
+    ref, ours, _ = sd1
+    folder = tmp_path / "aliased"
+    folder.mkdir()
+    sd = kohya_and_peft(ref, ours, "kohya-diffusers", seed=11)
+    save_file(sd, folder / "ink_style_v2-000010.safetensors", metadata={"ss_output_name": "inkstyle"})
+    ours.folders.lora = [folder]
+    options = dict(steps=2, width=64, height=64, seed=5, sampler="Euler")
+    by_alias = ours.txt2img("a red circle <lora:inkstyle:0.7>", **options)
+    by_stem = ours.txt2img("a red circle <lora:ink_style_v2-000010:0.7>", **options)
+    assert by_alias.images[0].tobytes() == by_stem.images[0].tobytes()
+    assert by_alias.images[0].tobytes() != ours.txt2img("a red circle", **options).images[0].tobytes()
+    with pytest.raises(Exception, match="LoRA 'nostyle' is not in"):  # AdapterNotFound or RequestError
+        ours.txt2img("a red circle <lora:nostyle:0.7>", **options)

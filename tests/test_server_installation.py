@@ -128,6 +128,8 @@ def test_loras_and_embeddings_of_the_installation_are_found_and_listed(env):
     loras = [x["name"] for x in s.get("/sdapi/v1/loras").json()]
     assert {"mystar", "demo_star"} <= set(loras), loras
     assert all(x["path"] is None for x in s.get("/sdapi/v1/loras").json())  # no server paths
+    # A1111's alias: the file's ss_output_name (mystar is a copy of the bundled demo_star)
+    assert {x["name"]: x["alias"] for x in s.get("/sdapi/v1/loras").json()}["mystar"] == "demo_star"
     assert {"myred", "scarlet"} <= set(s.get("/sdapi/v1/embeddings").json()["loaded"])
     body = {"steps": 3, "width": 64, "height": 64, "seed": 3, "cfg_scale": 7}
     mine = s.post("/sdapi/v1/txt2img", {**body, "prompt": "a large red star <lora:mystar:1>"})

@@ -44,6 +44,45 @@ def files_by_stem(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, P
     return out
 
 
+_ALIASES: dict[Path, tuple[float, int, str | None]] = {}  # file -> (mtime, size, ss_output_name): headers read once
+
+
+def lora_aliases(folders: list[Path]) -> dict[str, Path]:
+    """A1111's aliases of the ``.safetensors`` LoRA files under ``folders`` (``lora_alias``). As A1111 fills
+    its alias map file by file, a later file with the same alias wins."""
+    out: dict[str, Path] = {}
+    for path in files_by_stem(folders, (".safetensors",)).values():
+        alias = lora_alias(path)
+        if alias:
+            out[alias] = path
+    return out
+
+
+def lora_alias(path: Path) -> str | None:
+    """A LoRA file's alias in A1111: the ``ss_output_name`` of a ``.safetensors`` file's metadata (its header
+    only, validated, read once per file version; a file that cannot be read has none)."""
+    from latentforge.io.tensorfile import CheckpointError, SafetensorsFile
+
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    known = _ALIASES.get(path)
+    if known is None or known[:2] != (stat.st_mtime, stat.st_size):
+        alias = None
+        if path.suffix.lower() == ".safetensors":
+            try:
+                f = SafetensorsFile(path)
+                try:
+                    alias = f.metadata.get("ss_output_name") or None
+                finally:
+                    f.close()
+            except (CheckpointError, OSError, ValueError):
+                pass
+        known = _ALIASES[path] = (stat.st_mtime, stat.st_size, alias)
+    return known[2]
+
+
 def default_bundled() -> list[Path]:
     """The bundled demo adapters' folder, when this installation has it."""
     folder = bundled_adapters_folder()
@@ -137,9 +176,17 @@ class AdapterFolders:
         )
 
     def find_lora(self, name: str) -> Path:
-        """A LoRA by file stem (or a path to a file)."""
+        """A LoRA by file stem (or a path to a file), else by its alias: the ``ss_output_name`` in a
+        ``.safetensors`` file's metadata, as A1111 looks networks up by name, then by alias (its default is
+        to write the alias into prompts, so infotexts name LoRAs that way)."""
         how = "--lora-dir or --models-dir (pipe.folders.lora in Python)"
-        return find(name, self.lora, LORA_SUFFIXES, "LoRA", how, self.bundled_for("lora"))
+        try:
+            return find(name, self.lora, LORA_SUFFIXES, "LoRA", how, self.bundled_for("lora"))
+        except AdapterNotFound:
+            aliased = lora_aliases([*self.lora, *self.bundled_for("lora")]).get(name)
+            if aliased is None:
+                raise
+            return aliased
 
     def find_embedding(self, name: str) -> Path:
         """An embedding by file stem (or a path to a file)."""

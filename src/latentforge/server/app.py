@@ -427,8 +427,11 @@ def create_app(
         return f.files_by_stem([*where, *bundled], suffixes[kind])
 
     @app.get("/sdapi/v1/loras")
-    def loras() -> list[dict]:  # names only: paths stay on the server
-        return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in _networks("lora")]
+    def loras() -> list[dict]:  # names only: paths stay on the server; the alias is ss_output_name, as A1111
+        from latentforge.adapters.folders import lora_alias
+
+        files = _networks("lora")
+        return [{"name": n, "alias": lora_alias(p) or n, "path": None, "metadata": {}} for n, p in files.items()]
 
     @app.get("/sdapi/v1/hypernetworks")
     def hypernetworks() -> list[dict]:
