@@ -330,3 +330,18 @@ def test_img2img_noise_multiplier_scales_the_starting_noise_as_a1111(pipe, model
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(runs[0.5].images[0]))
     with pytest.raises(RequestError, match="initial_noise_multiplier must be between 0 and 10"):
         pipe.img2img(image, "a cube", initial_noise_multiplier=-1, **options)
+
+
+def test_several_init_images_make_the_batch_as_a1111(pipe):
+    """A1111's img2img init: one image is repeated over the batch; several (at most batch_size) make the batch,
+    ``self.batch_size = len(imgs)``; more is an error ("bad number of images passed")."""
+    rng = np.random.default_rng(4)
+    a, b, c = (Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(3))
+    options = dict(steps=2, width=64, height=64, seed=9, denoising_strength=0.6)
+    both = pipe.img2img([a, b], "a cube", batch_size=4, **options)
+    assert len(both.images) == 2 and both.seeds == [9, 10] and both.request.batch_size == 2
+    alone = pipe.img2img(b, "a cube", **{**options, "seed": 10}).images[0]
+    diff = np.abs(np.asarray(both.images[1], dtype=int) - np.asarray(alone, dtype=int))
+    assert diff.max() <= 1  # image 1: the second init image with seed + 1 (batched arithmetic aside)
+    with pytest.raises(RequestError, match="3 init images for a batch_size of 2"):
+        pipe.img2img([a, b, c], "a cube", batch_size=2, **options)

@@ -271,6 +271,13 @@ def generate(
     images_in = [open_image(i) for i in init_images] if img2img else None
     if img2img and not images_in:
         raise RequestError("img2img needs at least one init image")
+    if img2img and not x4 and len(images_in) > 1:  # A1111's img2img init: one image serves the whole batch,
+        if len(images_in) > req.batch_size:  # several make the batch (at most batch_size of them)
+            raise RequestError(
+                f"got {len(images_in)} init images for a batch_size of {req.batch_size}: give at most batch_size "
+                "images (one image serves the whole batch), as A1111"
+            )
+        req = dataclasses.replace(req, batch_size=len(images_in))
     hand_off = refiner.prepare(pipe, req) if req.refiner is not None else None
     hires_model = hires.prepare(pipe, req) if not img2img else None  # (hires is txt2img's)
     if req.hires is not None and hires_model is None and req.hires.checkpoint is pipe:  # itself: no other model
