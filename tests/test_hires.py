@@ -423,3 +423,14 @@ def test_both_hires_sizes_crop_the_upscaled_latents(pipe, monkeypatch):
     result = pipe.txt2img("a cube", enable_hr=True, hr_resize_x=128, hr_resize_y=96, **BASE)
     assert result.images[0].size == (128, 96) and "Hires resize: 128x96" in result.infotexts[0]
     assert hires_input[0].shape[-2:] == (16, 16) and seen["first"].shape[-2:] == (8, 8)
+
+
+def test_a_crop_from_an_oversized_cover_is_refused():
+    """512x1024 to hr 8000x64: A1111 would upscale to 8000x16000 and cut 64 rows; over 8192 px a side is
+    refused before any work (the server's pixel limit counts the cover too)."""
+    from latentforge.pipelines.hires import target_size
+
+    req = GenerationRequest(prompt="a", hires=HiresOptions(resize_x=8000, resize_y=64))
+    with pytest.raises(RequestError, match="cut from 8000x16000"):
+        target_size(req, 512, 1024)
+    assert target_size(req, 8000, 64) == (8000, 64)

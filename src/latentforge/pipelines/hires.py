@@ -71,11 +71,16 @@ def crop(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
 def target_size(req: GenerationRequest, width: int, height: int) -> tuple[int, int]:
     """The hires pass's size: ``target_pixels`` down to multiples of 8 (its latent's size times 8), less
     ``crop``."""
-    w, h = target_pixels(req, width, height)
+    cover_w, cover_h = target_pixels(req, width, height)
     cx, cy = crop(req, width, height)
-    w, h = (w // 8 - cx) * 8, (h // 8 - cy) * 8
+    w, h = (cover_w // 8 - cx) * 8, (cover_h // 8 - cy) * 8
     if w < 64 or h < 64 or w > 8192 or h > 8192:
         raise RequestError(f"hires size {w}x{h} is outside 64 to 8192 pixels")
+    if cover_w > 8192 or cover_h > 8192:  # the upscaled image before the crop
+        raise RequestError(
+            f"hires size {w}x{h} is cut from {cover_w}x{cover_h} (the first pass's aspect ratio), which is over "
+            "8192 pixels: give hr_resize_x and hr_resize_y closer to it"
+        )
     return w, h
 
 

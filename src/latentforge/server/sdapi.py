@@ -397,12 +397,13 @@ def server_request(payload: _Payload, *, img2img: bool, options: dict, config) -
 def _check_output_size(req: GenerationRequest, img2img: bool, limit: int) -> None:
     """Refuse a pass whose images (after hires) hold more than ``limit`` pixels together: the server's
     bound on the memory and time one job takes (--max-output-pixels)."""
-    from latentforge.pipelines.hires import target_size
+    from latentforge.pipelines.hires import target_pixels, target_size
 
     w, h = req.width, req.height
     field = "width"
     if req.hires is not None and not img2img:
-        w, h = target_size(req, w, h)
+        target_size(req, w, h)  # its own limits first
+        w, h = target_pixels(req, w, h)  # the upscaled image, before any crop
         field = "hr_scale"
     total = w * h * req.batch_size
     if total > limit:
