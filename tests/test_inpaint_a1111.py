@@ -18,19 +18,8 @@ from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.metadata import request_from_infotext
 from latentforge.pipelines.request import InpaintOptions
 from latentforge.sampling.noise import ImageNoise, NoiseOptions
+from test_inpaint import _box_mask, _photo
 from tiny import build_reference, save_folder
-
-
-def _photo(w: int = 64, h: int = 64) -> Image.Image:
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([(x * 3.5) % 256, (y * 2.5) % 256, ((x * y) // 7) % 256], axis=-1).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def _box_mask(w=64, h=64, box=(24, 16, 48, 40)) -> Image.Image:
-    m = Image.new("L", (w, h), 0)
-    m.paste(255, box)
-    return m
 
 
 def _settings(text: str) -> dict:
