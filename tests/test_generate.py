@@ -345,3 +345,15 @@ def test_several_init_images_make_the_batch_as_a1111(pipe):
     assert diff.max() <= 1  # image 1: the second init image with seed + 1 (batched arithmetic aside)
     with pytest.raises(RequestError, match="3 init images for a batch_size of 2"):
         pipe.img2img([a, b, c], "a cube", batch_size=2, **options)
+
+
+def test_img2img_fix_steps_runs_exactly_the_steps_as_a1111(pipe):
+    """A1111's img2img_fix_steps setting: setup_img2img_steps' fixed branch, a schedule of int(4 / 0.5) = 8
+    steps whose last 4 run; plain img2img with 8 steps and strength 3.5 / 8 (t_enc 3) runs the same."""
+    init = Image.fromarray((np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8))
+    options = dict(width=64, height=64, seed=5, sampler="Euler")
+    fixed = pipe.img2img(init, "a cube", steps=4, denoising_strength=0.5, img2img_fix_steps=True, **options)
+    same = pipe.img2img(init, "a cube", steps=8, denoising_strength=3.5 / 8, **options)
+    plain = pipe.img2img(init, "a cube", steps=4, denoising_strength=0.5, **options)
+    assert np.array_equal(np.asarray(fixed.images[0]), np.asarray(same.images[0]))
+    assert not np.array_equal(np.asarray(fixed.images[0]), np.asarray(plain.images[0]))

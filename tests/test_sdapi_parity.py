@@ -345,7 +345,8 @@ def test_img2img_settings_apply_or_are_refused_by_name(client):
     """A1111 reads inpainting_mask_weight only from its settings (``getattr(self, "inpainting_mask_weight",
     shared.opts.inpainting_mask_weight)``): it reaches a masked request. Colour correction, another background
     colour, an img2img upscaler, extra noise and fixed img2img steps change A1111's images; latentforge runs none
-    of them, so a value other than A1111's default is a 400 naming the setting, never dropped."""
+    of them, so a value other than A1111's default is a 400 naming the setting, never dropped; fixed img2img
+    steps run."""
     init = [_b64(_gradient(64, 64))]
     mask = _b64(Image.new("L", (64, 64), 255))
     body = {**OK, "init_images": init, "mask": mask, "override_settings": {"inpainting_mask_weight": 0.4}}
@@ -358,8 +359,10 @@ def test_img2img_settings_apply_or_are_refused_by_name(client):
         ("img2img_background_color", "#000000"),
         ("upscaler_for_img2img", "R-ESRGAN 4x+"),
         ("img2img_extra_noise", 0.2),
-        ("img2img_fix_steps", True),
     ):
         r = client.post("/sdapi/v1/img2img", json={**OK, "init_images": init, "override_settings": {name: value}})
         assert r.status_code == 400 and name in r.text, (name, r.text)
-    _ok(client.post("/sdapi/v1/txt2img", json={**OK, "override_settings": {"img2img_fix_steps": True}}))  # unused
+    _ok(client.post("/sdapi/v1/txt2img", json={**OK, "override_settings": {"img2img_extra_noise": 0.2}}))  # unused
+    fixed = {**OK, "init_images": init, "override_settings": {"img2img_fix_steps": True}}
+    _ok(client.post("/sdapi/v1/img2img", json=fixed))  # "With img2img, do exactly the amount of steps ..."
+    assert client.queue.submitted[-1].request.img2img_fix_steps is True

@@ -29,7 +29,7 @@ from latentforge.pipelines import networks
 from latentforge.pipelines.checks import hires_checkpoint, hires_request
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
-from latentforge.pipelines.plan import Pass, Plan, conditioning, img2img_sigmas, pass_sigmas
+from latentforge.pipelines.plan import Pass, Plan, conditioning, fixed_steps_schedule, img2img_sigmas, pass_sigmas
 from latentforge.pipelines.refiner import HandOff, check_family, open_other
 from latentforge.pipelines.request import (
     IMAGE_UPSCALERS,
@@ -147,9 +147,9 @@ def hires_schedule(sampler, schedule: str, noise_schedule, steps: int, strength:
     if strength <= 0:
         full = pass_sigmas(sampler, schedule, noise_schedule, steps)
         return full, img2img_sigmas(full, steps, strength)
-    total = int(steps / min(strength, 0.999))
+    total, first = fixed_steps_schedule(steps, strength)
     full = pass_sigmas(sampler, schedule, noise_schedule, total)
-    return full, full[total - steps :]  # sigmas[total - t_enc - 1:]
+    return full, full[first:]  # sigmas[total - t_enc - 1:], t_enc = steps - 1
 
 
 def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:

@@ -41,6 +41,7 @@ class GenerationOptions(TypedDict, total=False):
     clip_skip: int | None
     denoising_strength: float
     initial_noise_multiplier: float
+    img2img_fix_steps: bool
     resize_mode: int
     eta: float | None
     s_churn: float

@@ -113,6 +113,14 @@ def pass_sigmas(info: SamplerInfo, schedule_name: str, schedule: NoiseSchedule, 
     return get_sigmas(schedule_name, schedule, steps)
 
 
+def fixed_steps_schedule(steps: int, strength: float) -> tuple[int, int]:
+    """A1111's ``setup_img2img_steps`` fixed-steps branch (its hires pass, and img2img with the
+    ``img2img_fix_steps`` setting): (schedule steps ``int(steps / min(strength, 0.999))``, first index
+    ``schedule - steps``): exactly ``steps`` run, the schedule's last."""
+    total = int(steps / min(strength, 0.999))
+    return total, total - steps
+
+
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
     """A1111's rule (``setup_img2img_steps``): t_enc = int(min(strength, 0.999) * steps), and the sampler runs
     from sigmas[steps - t_enc - 1], i.e. t_enc + 1 steps: strength 0 still makes one step, from the last
@@ -215,7 +223,9 @@ def first_pass(
     batch), the img2img pass with A1111's step rule. ``concat``: the model's extra input channels made
     by the task (one image)."""
     schedule = pipe.noise_schedule()
-    sigmas = pass_sigmas(info, schedule_name, schedule, req.steps)
+    fixed = init_latents is not None and req.img2img_fix_steps and req.denoising_strength > 0
+    total, first = fixed_steps_schedule(req.steps, req.denoising_strength) if fixed else (req.steps, 0)
+    sigmas = pass_sigmas(info, schedule_name, schedule, total)
     calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
     cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step, concat)
     down = pipe.vae.config.downscale
@@ -229,7 +239,7 @@ def first_pass(
         if info.brownian:  # A1111's create_noise_sampler(x, sigmas, p): the whole schedule's range
             positive = sigmas[sigmas > 0]
             noise_range = (float(positive.min()), float(sigmas.max()))
-        sigmas = img2img_sigmas(sigmas, req.steps, req.denoising_strength)
+        sigmas = sigmas[first:] if fixed else img2img_sigmas(sigmas, req.steps, req.denoising_strength)
         start = _cycled(init_latents, req.batch_size)
         name = "img2img"
     step = Pass(

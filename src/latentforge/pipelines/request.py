@@ -241,6 +241,7 @@ class GenerationRequest:
     clip_skip: int | None = None
     denoising_strength: float = 0.75  # img2img, and the hires second pass
     initial_noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier" of the starting noise
+    img2img_fix_steps: bool = False  # img2img runs exactly `steps` (of int(steps / strength)): A1111's setting
     resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (no mask)
     eta: float | None = None  # ancestral / DDIM noise (None: the sampler's default)
     s_churn: float = 0.0
@@ -395,7 +396,7 @@ class GenerationRequest:
                 continue
             ok = is_number(value) and low <= value <= high and (math.isfinite(value) or name == "s_tmax")
             need(ok, f"{name} must be between {low:g} and {high:g}, got {show(value)}")
-        for name in ("sgm_noise_multiplier", "quantize_timesteps", "tiling"):
+        for name in ("sgm_noise_multiplier", "quantize_timesteps", "tiling", "img2img_fix_steps"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be true or false, got {show(value)}")
         need(
