@@ -205,9 +205,10 @@ def test_dora_scale_is_always_divided_by_the_per_input_norm(sd1, tmp_path):
     torch.testing.assert_close(got[CONV + ".weight"], W[CONV + ".weight"] + 0.6 * (want - W[CONV + ".weight"]))
 
 
-@pytest.mark.parametrize("tag", ["<lora:dynfile:0.9:0.9:2>", "<lora:dynfile:0.9:dyn=2>"])
+@pytest.mark.parametrize("tag", ["<lora:dynfile:0.9:0.9:2>", "<lora:dynfile:0.9:dyn=2>", "group"])
 def test_dyn_keeps_the_first_ranks_with_the_full_rank_scale(sd1, tmp_path, tag):
-    """lyco_helpers.rebuild_conventional: up[:, :dyn] @ down[:dyn], scaled by alpha / the file's rank."""
+    """lyco_helpers.rebuild_conventional: up[:, :dyn] @ down[:dyn], scaled by alpha / the file's rank; the
+    request's networks group takes ``dyn`` too."""
     unet = sd1.unet
     g = torch.Generator().manual_seed(5)
     sd = _lora(_kohya(Q), 32, 32, g, rank=4, alpha=3.0)
@@ -216,7 +217,12 @@ def test_dyn_keeps_the_first_ranks_with_the_full_rank_scale(sd1, tmp_path, tag):
     save_file(sd, folder / "dynfile.safetensors")
     sd1.folders.lora = [folder]
     W = _params(unet, [Q + ".weight"])[Q + ".weight"]
-    session = networks.activate(sd1, GenerationRequest(prompt=f"a cat {tag}"))
+    if tag == "group":
+        group = [{"name": "dynfile", "strength": 0.9, "dyn": 2}]
+        req = GenerationRequest.from_dict({"prompt": "a cat", "networks": group})
+    else:
+        req = GenerationRequest(prompt=f"a cat {tag}")
+    session = networks.activate(sd1, req)
     try:
         got = unet.get_parameter(Q + ".weight").detach().clone()
     finally:

@@ -271,6 +271,8 @@ def validate_network(where: str, ref, need: Callable[[bool, str], None]) -> None
             f"{where}: {name} must be a finite number from -{MAX_NETWORK_WEIGHT:g} to {MAX_NETWORK_WEIGHT:g}, "
             f"got {show(value)}",
         )
+    dyn = getattr(ref, "dyn", None)
+    need(dyn is None or (isinstance(dyn, int) and not isinstance(dyn, bool)), f"{where}: dyn must be a whole number")
 
 
 def validate_control(i: int, u, need: Callable[[bool, str], None], img2img: bool = False) -> None:

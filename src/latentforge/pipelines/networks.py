@@ -57,7 +57,6 @@ def activate(pipe, req: GenerationRequest) -> Session:
     """Apply the request's LoRAs and embeddings; on any error everything applied so far is taken back."""
     prompt, tags = extract_network_tags(req.prompt)
     refs = [*req.networks, *refs_from_tags(tags)]
-    dyns = [None] * len(req.networks) + [_dyn(kind, items) for kind, items in tags]
     session = Session(dataclasses.replace(req, prompt=prompt, networks=[], hires=_hires_without_tags(req, tags)))
     hashes, hypernets = [], []
     applied = pipe.applied_networks() if hasattr(pipe, "applied_networks") else []  # pipe.apply_lora
@@ -87,7 +86,7 @@ def activate(pipe, req: GenerationRequest) -> Session:
             source = f"request:{i}:{ref.name}"
             session.sources.append(source)
             done = apply_lora(
-                pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source, dyn=dyns[i]
+                pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source, dyn=ref.dyn
             )
             hashes.append(f"{_hash_name(ref.name)}: {done.hash[:12]}")
             _add_bundled(pipe, session, done, _hash_name(ref.name))
@@ -106,21 +105,6 @@ def activate(pipe, req: GenerationRequest) -> Session:
     if ti:
         session.infotext["TI hashes"] = ", ".join(ti)
     return session
-
-
-def _dyn(kind: str, items: list[str]) -> int | None:
-    """A ``<lora:...>`` tag's ``dyn``: its 4th positional item or ``dyn=``, an integer (A1111's ``int()``)."""
-    if kind not in LORA_KINDS:
-        return None
-    positional = [i for i in items if "=" not in i]
-    named = dict(i.split("=", 1) for i in items if "=" in i)
-    value = named.get("dyn", positional[3] if len(positional) > 3 else None)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise RequestError(f"<{kind}:{':'.join(items)}>: dyn must be a whole number (a rank), not {value!r}") from None
 
 
 def _add_bundled(pipe, session: Session, done, lora_name: str) -> None:

@@ -141,6 +141,7 @@ class NetworkRef:
     kind: str = "lora"  # "lora" or "embedding" (hypernetworks: not yet available)
     strength: float = 1.0  # UNet strength
     text_strength: float | None = None  # text-encoder strength (None: the same)
+    dyn: int | None = None  # LoRA: keep the first dyn ranks (A1111's <lora:name:te:unet:dyn>)
 
 
 @dataclass
@@ -504,7 +505,12 @@ def refs_from_tags(tags: list[tuple[str, list[str]]]) -> list[NetworkRef]:
         if kind in HYPERNET_KINDS:  # <hypernet:name:multiplier>
             refs.append(NetworkRef(positional[0].strip(), "hypernet", strength=te))
             continue
-        refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te))
+        dyn = named.get("dyn", positional[3] if len(positional) > 3 else None)  # A1111's extra_networks_lora
+        try:
+            dyn = None if dyn is None else int(dyn)
+        except ValueError:
+            raise RequestError(f"<{kind}:{':'.join(items)}>: dyn must be a whole number, not {dyn!r}") from None
+        refs.append(NetworkRef(positional[0].strip(), "lora", strength=unet, text_strength=te, dyn=dyn))
     return refs
 
 
