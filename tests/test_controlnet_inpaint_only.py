@@ -110,7 +110,8 @@ def test_txt2img_inpaint_only_matches_the_extension_on_diffusers(setup):
     )  # fmt: skip
     outside = post[0, 0].numpy() == 0
     far = np.abs(np.asarray(plain.images[0], dtype=np.float32) / 255 - image / 255)[outside].mean()
-    assert np.abs(mine - image / 255)[outside].max() <= 1 / 255 + 1e-6 < far
+    # outside the blurred mask the unit's image comes back byte for byte (the blend runs before the truncation)
+    assert np.array_equal(np.asarray(result.images[0])[outside], image[outside]) and far > 1 / 255
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

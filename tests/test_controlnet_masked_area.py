@@ -168,3 +168,23 @@ def test_only_masked_generation_with_a_unit_keeps_the_pixels_outside_the_area(se
     assert np.array_equal(out[far], init[far])
     assert not np.array_equal(out[30:46, 52:80], init[30:46, 52:80])
     assert "Inpaint area: Only masked" in result.infotexts[0] and "ControlNet 0" in result.infotexts[0]
+
+
+def test_review_findings_region_masks_sizes_and_masks_of_another_size(setup):
+    """Review findings: a unit's effective_region_mask overwrote the masked area the next unit is cut to; the
+    output size left to the init image (the Python API's default) failed; a mask of another size than the
+    init image was refused with units, where the extension fits each input to the mask's size."""
+    ours, path = setup
+    init, mask = _init(), _mask()
+    plain = {"model": str(path), "module": "none", "image": Image.fromarray(init)}
+    acts = Image.fromarray(np.full((80, 96), 255, np.uint8))
+    two = [{**plain, "effective_region_mask": acts}, plain]
+    result = ours.txt2img("x", control=two, steps=1, width=64, height=64, seed=1)
+    assert len(result.images) == 1
+    only = dict(mask=Image.fromarray(mask), inpaint_full_res=True, mask_blur=0, denoising_strength=0.5)
+    result = ours.img2img(Image.fromarray(init), "x", control=two, steps=1, seed=1, **only)  # size: the init's
+    assert result.images[0].size == (96, 80)
+    big_mask = Image.fromarray(mask).resize((192, 160), Image.Resampling.NEAREST)
+    result = ours.img2img(Image.fromarray(init), "x", control=[plain], steps=1, seed=1, width=64, height=64,
+                          **{**only, "mask": big_mask})  # fmt: skip
+    assert result.images[0].size == (96, 80)

@@ -434,3 +434,17 @@ def test_a_crop_from_an_oversized_cover_is_refused():
     with pytest.raises(RequestError, match="cut from 8000x16000"):
         target_size(req, 512, 1024)
     assert target_size(req, 8000, 64) == (8000, 64)
+
+
+def test_fixed_steps_are_bounded_and_fit_short_schedules():
+    """A tiny strength would make a vast schedule (1000 steps at 1e-9: 10^12 sigmas): refused. Schedules that
+    make fewer sigmas than asked (LCM's at most 50 steps) run all they have rather than none."""
+    from latentforge.pipelines.hires import hires_schedule
+    from latentforge.sampling import NoiseSchedule
+    from latentforge.sampling.registry import resolve
+
+    info, _ = resolve("Euler")
+    with pytest.raises(RequestError, match="schedule of 999999999999 steps; at most 10000"):
+        hires_schedule(info, "normal", NoiseSchedule(), 1000, 1e-9)
+    full, running = hires_schedule(info, "lcm", NoiseSchedule(), 8, 0.1)
+    assert len(full) - 1 < 80 and len(running) == 9 and torch.equal(running, full[-9:])

@@ -94,3 +94,20 @@ def test_decoded_images_become_8_bit_as_a1111_truncates():
     assert np.array_equal(ours, a1111)
     rounded = np.round(255.0 * np.moveaxis(unit, 1, 3)).astype(np.uint8)
     assert not np.array_equal(ours, rounded)  # half the values sit one level lower than rounding's
+
+
+def test_crop_and_resize_of_a_thin_image_scales_only_what_shows():
+    """Review finding: a 1 x 65536 image cropped and resized to 1024 x 1024 made a 1024 x 67108864 cover
+    (206 GB) before cutting it. Above COVER_PIXELS only the visible part is resampled (A1111 itself could not
+    make such a cover)."""
+    from latentforge.pipelines import images
+
+    rng = np.random.default_rng(7)
+    thin = Image.fromarray(rng.integers(0, 256, (4000, 3, 3), dtype=np.uint8))  # 3 x 4000
+    ours = np.asarray(prepare_image(thin, 256, 256, 1)).astype(int)  # cover 256 x 341333: 87 MP
+    theirs = np.asarray(a1111_resize_image(1, thin, 256, 256)).astype(int)
+    assert ours.shape == theirs.shape == (256, 256, 3)
+    diff = np.abs(ours - theirs)  # the same picture: PIL's box resize rounds its taps differently
+    assert diff.mean() < 0.5 and diff.max() <= 8
+    huge = Image.new("RGB", (1, 65536), (10, 20, 30))
+    assert np.asarray(images.fit_image(huge, 1024, 1024, 1)).shape == (1024, 1024, 3)

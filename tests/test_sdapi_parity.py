@@ -362,7 +362,9 @@ def test_img2img_settings_apply_or_are_refused_by_name(client):
     ):
         r = client.post("/sdapi/v1/img2img", json={**OK, "init_images": init, "override_settings": {name: value}})
         assert r.status_code == 400 and name in r.text, (name, r.text)
-    _ok(client.post("/sdapi/v1/txt2img", json={**OK, "override_settings": {"img2img_extra_noise": 0.2}}))  # unused
+        r = client.post("/sdapi/v1/options", json={name: value})  # not kept, to fail every img2img later
+        assert r.status_code == 400 and name in r.text, (name, r.text)
+    _ok(client.post("/sdapi/v1/options", json=defaults))
     fixed = {**OK, "init_images": init, "override_settings": {"img2img_fix_steps": True}}
     _ok(client.post("/sdapi/v1/img2img", json=fixed))  # "With img2img, do exactly the amount of steps ..."
     assert client.queue.submitted[-1].request.img2img_fix_steps is True

@@ -219,7 +219,7 @@ def _outcome(pipe, member: _Prepared, latents: Tensor | None) -> GenerationResul
         return Interrupted()
     try:
         with torch.inference_mode():
-            images = tensor_to_images(decode_checked(member.plan.decode, latents))
+            images = tensor_to_images(decode_checked(member.plan.decode, latents), member.plan.finish_pixels)
         m = member
         return finish_result(pipe, m.member.request, m.plan, m.mode, m.seeds, m.chosen, images, m.start)
     except Exception as e:
@@ -233,7 +233,7 @@ def merge_plans(plans: Sequence[Plan], sizes: Sequence[int]) -> Plan | None:
     tensors that cannot be concatenated (prompts of different chunk counts)."""
     base = plans[0]
     for p in plans:
-        if p.postprocess is not None or len(p.passes) != len(base.passes):
+        if p.postprocess is not None or p.finish_pixels is not None or len(p.passes) != len(base.passes):
             return None
         if (p.width, p.height, p.sampler.name, p.schedule, p.noise) != (
             base.width,

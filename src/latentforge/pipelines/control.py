@@ -25,7 +25,7 @@ the mask is the first channel of the mask image (an RGBA mask composited over wh
 masked pad), the mask is then thresholded at > 127, and the hint is the image over 255 with the masked
 pixels set to -1 (the extension's ``c * (1 - m) - m`` in hook.py, diffusers' ``make_inpaint_condition``).
 "inpaint_only" outside img2img inpainting also holds the unmasked area (``Restore`` in adapters/controlnet.py,
-on every pass of the loaded UNet, and ``restored_decode`` on the decoded images); with A1111's own img2img
+on every pass of the loaded UNet, and ``restored_pixels`` on the decoded images); with A1111's own img2img
 mask it runs as "inpaint", as the extension falls back.
 """
 
@@ -309,10 +309,12 @@ def hint_tensor(detected: np.ndarray, width: int, height: int, mode: int) -> Ten
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
-def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> list[PreparedUnit]:
+def prepare(
+    pipe, req: GenerationRequest, init_images: list | None = None, size: tuple[int, int] | None = None
+) -> list[PreparedUnit]:
     """Load every unit's ControlNet and preprocess its image; any problem is a ``RequestError`` naming the
     unit, before any sampling work. In img2img (``init_images``) a unit without an image takes the first
-    init image (``img2img_input``)."""
+    init image (``img2img_input``). ``size``: the output's (width, height) when the request leaves it out."""
     units = []
     job = req.inpaint
     area = None  # "only masked" img2img: the units' inputs are cut to the masked area (control_input.py)
@@ -321,8 +323,9 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             "ControlNet units with outpainting and 'only masked' (inpaint_full_res) are not available: the "
             "masked area is the grown canvas's border; send inpaint_full_res false"
         )
-    if req.control and init_images and job is not None and job.mask is not None:
-        area = masked_area(req, init_images[0], "control units")
+    cut = any(u.inpaint_crop_input_image is True for u in req.control)
+    if cut and init_images and job is not None and job.mask is not None:
+        area = masked_area(req, size or (req.width, req.height), "control units")
     for i, unit in enumerate(req.control):
         where = f"control unit {i}"
         try:
@@ -353,7 +356,7 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             mode = (
                 fit_mode if fit_mode is not None else mode_index(unit.resize_mode, CONTROL_RESIZE_MODES, "resize_mode")
             )
-            image, mask = crop_to_area(image, mask, area, mode, req.width, req.height)
+            image, mask = crop_to_area(image, mask, area, mode, *(size or (req.width, req.height)))
         key = f"controlnet {Path(path).resolve()} {pipe.dtype}"
         try:
             net = pipe.cached(key, lambda p=path: load_controlnet(p, pipe.unet.config, pipe.dtype, pipe.device))
@@ -366,8 +369,8 @@ def prepare(pipe, req: GenerationRequest, init_images: list | None = None) -> li
             raise RequestError(f"{where}: {e}") from None
         region = None
         if unit.effective_region_mask is not None:  # the extension: the image's first channel / 255
-            area = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
-            region = torch.from_numpy(area[:, :, 0].astype(np.float32) / 255.0)[None, None]
+            acts = np.asarray(read_control_image(unit.effective_region_mask, f"{where} effective_region_mask"))
+            region = torch.from_numpy(acts[:, :, 0].astype(np.float32) / 255.0)[None, None]
         pixels = np.asarray(image)
         colours = count_colours(pixels) if inpaint else None
         units.append(
@@ -437,7 +440,7 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
         uncond = [] if p.uncond is None else [c.context for _, c in p.uncond.entries]
         p.model = ControlledDenoiser(p.model, active, p.sigmas, uncond, restores)
     if finals:
-        plan.decode = restored_decode(plan.decode, [finals[i] for i in sorted(finals)])
+        plan.finish_pixels = restored_pixels([finals[i] for i in sorted(finals)])
     plan.infotext.update(infotext(units))
 
 
@@ -450,11 +453,11 @@ def _restore(pipe, feed: Tensor, weight: float, down: int) -> Restore:
     return Restore(latent, mask, weight)
 
 
-def restored_decode(decode, feeds: list[Tensor]):
-    """The extension's inpaint_only post-processing of each decoded image (in [0, 1]): the unit's image
-    outside its mask, dilated by a 7 x 7 square and box-blurred 7 x 7 (its "ControlNet inpainting Gaussian
-    blur sigma" setting, 7), ``y = m * x + (1 - m) * image`` clipped to [0, 1]; an image of another size
-    (a hires pass's first decode) is left alone, as the extension does."""
+def restored_pixels(feeds: list[Tensor]):
+    """The extension's inpaint_only post-processing of each decoded image in [0, 1] (``postprocess_batch``,
+    before the 8-bit truncation): the unit's image outside its mask, dilated by a 7 x 7 square and
+    box-blurred 7 x 7 (its "ControlNet inpainting Gaussian blur sigma" setting, 7), ``y = m * x + (1 - m) *
+    image`` clipped to [0, 1]; an image of another size is left alone, as the extension does."""
     import cv2
 
     blends = []
@@ -462,15 +465,14 @@ def restored_decode(decode, feeds: list[Tensor]):
         m = cv2.dilate(feed[0, 3].numpy().astype(np.float32), np.ones((7, 7), np.uint8))
         blends.append((feed[:, :3].float(), torch.from_numpy(cv2.blur(m, (7, 7)))[None, None]))
 
-    def decoded(latents: Tensor) -> Tensor:
-        x = decode(latents)
-        y = ((x.float() + 1) / 2).clamp(0, 1)  # A1111's decoded samples, what postprocess_batch gets
+    def finish(y: Tensor) -> Tensor:
         for image, m in blends:
             if y.shape[-2:] == image.shape[-2:]:
-                y = (m.to(y.device) * y.clamp(0, 1) + (1 - m.to(y.device)) * image.to(y.device)).clamp(0, 1)
-        return (y * 2 - 1).to(x.dtype)
+                m = m.to(y.device)
+                y = (m * y.clamp(0, 1) + (1 - m) * image.to(y.device)).clamp(0, 1)
+        return y
 
-    return decoded
+    return finish
 
 
 def infotext(units: list[PreparedUnit]) -> dict[str, str]:

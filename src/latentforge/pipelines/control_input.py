@@ -93,15 +93,15 @@ def split_inpaint_image(value, where: str) -> tuple[object, object]:
     return value, None
 
 
-def prepared_mask(req: GenerationRequest, size: tuple[int, int], where: str) -> np.ndarray:
+def prepared_mask(req: GenerationRequest, size: tuple[int, int] | None, where: str) -> np.ndarray:
     """A1111's img2img mask as the extension's ``prepare_mask`` makes it, before A1111 itself reads it:
     grey (``convert("L")``, no alpha threshold), inverted with ``inpainting_mask_invert``, blurred by
     ``mask_blur_x`` then ``mask_blur_y`` (cv2's Gaussian, kernel 2 * int(2.5 * blur + 0.5) + 1); (H, W)
-    uint8 at the init image's ``size``."""
+    uint8 at its own size, which must be ``size`` (the init image's) when given."""
     import cv2
 
     mask = np.asarray(_open_any(req.inpaint.mask, f"{where}: the img2img mask").convert("L"))
-    if (mask.shape[1], mask.shape[0]) != size:
+    if size is not None and (mask.shape[1], mask.shape[0]) != size:
         raise RequestError(
             f"{where}: takes the init image and the img2img mask, which have other sizes "
             f"({size[0]}x{size[1]} and {mask.shape[1]}x{mask.shape[0]}); give the unit its own image"
@@ -128,19 +128,18 @@ def img2img_input(init: Image.Image, req: GenerationRequest, unit: ControlUnit, 
     return image, prepared_mask(req, image.size, where)
 
 
-def masked_area(req: GenerationRequest, init: Image.Image, where: str) -> tuple[tuple, tuple[int, int]] | None:
+def masked_area(req: GenerationRequest, output: tuple[int, int], where: str) -> tuple[tuple, tuple[int, int]] | None:
     """Where "only masked" img2img (``inpaint_full_res``) works, as the extension computes it for the units'
-    inputs: the region of ``prepared_mask`` (its nonzero pixels' box grown by the padding, then to the
-    output's aspect ratio: A1111's ``get_crop_region`` and ``expand_crop_region``) and the mask's size;
-    None when the request is no "only masked" inpainting or the mask is empty (A1111 then inpaints the
-    whole picture)."""
+    inputs: the region of ``prepared_mask`` at the mask's own size (its nonzero pixels' box grown by the
+    padding, then to the ``output`` size's aspect ratio: A1111's ``get_crop_region`` and
+    ``expand_crop_region``) and the mask's size; None when the request is no "only masked" inpainting or
+    the mask is empty (A1111 then inpaints the whole picture)."""
     o = req.inpaint
     if o is None or o.mask is None or not o.inpaint_full_res:
         return None
-    size = ImageOps.exif_transpose(init).size
-    mask = Image.fromarray(prepared_mask(req, size, where), "L")
-    region = crop_region(mask, o.inpaint_full_res_padding, req.width, req.height)
-    return None if region is None else (region, size)
+    mask = Image.fromarray(prepared_mask(req, None, where), "L")
+    region = crop_region(mask, o.inpaint_full_res_padding, *output)
+    return None if region is None else (region, mask.size)
 
 
 def crop_to_area(image: Image.Image, mask: np.ndarray | None, area: tuple, mode: int, width: int, height: int):

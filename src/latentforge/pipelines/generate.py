@@ -282,7 +282,8 @@ def generate(
     hires_model = hires.prepare(pipe, req) if not img2img else None  # (hires is txt2img's)
     if req.hires is not None and hires_model is None and req.hires.checkpoint is pipe:  # itself: no other model
         req = dataclasses.replace(req, hires=dataclasses.replace(req.hires, checkpoint=""))
-    control_units = control.prepare(pipe, req, images_in)  # ControlNets loaded, images preprocessed, before work
+    size = output_size(req, images_in[0] if images_in else None, pipe.family.default_size) if req.control else None
+    control_units = control.prepare(pipe, req, images_in, size)  # ControlNets loaded, images preprocessed
 
     seed, subseed, seeds, subseeds = pick_seeds(req, req.batch_size * req.batch_count)
     out_images: list[Image.Image] = []
@@ -373,10 +374,10 @@ def _run(pipe, plan: Plan, req: GenerationRequest, seeds, subseeds, progress, ou
             except Interrupted:
                 if not partial or last[0] is None:
                     raise
-                images = tensor_to_images(decode_checked(plan.decode, last[0]))
+                images = tensor_to_images(decode_checked(plan.decode, last[0]), plan.finish_pixels)
                 final = k == len(plan.passes) - 1 and plan.postprocess
                 out_images.extend(plan.postprocess(images, it) if final else images)
                 return
             offset += p.steps
-        images = tensor_to_images(decode_checked(plan.decode, x))
+        images = tensor_to_images(decode_checked(plan.decode, x), plan.finish_pixels)
         out_images.extend(plan.postprocess(images, it) if plan.postprocess else images)

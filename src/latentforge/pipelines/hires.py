@@ -1,7 +1,8 @@
 """A1111's "Hires. fix": txt2img at the requested size, upscaled, then an img2img pass at the larger size.
 
 The second pass uses the same seeds (fresh noise at the new size, A1111's rule), the request's
-``denoising_strength`` and ``hr_second_pass_steps`` (0: the same steps), with img2img's step rule.
+``denoising_strength`` and ``hr_second_pass_steps`` (0: the same steps): A1111's fixed-steps rule, the
+last N steps of a schedule of int(N / strength) (``hires_schedule``).
 Prompt editing goes on with the first pass's timeline, as in A1111 1.7+: ``[a:b:when]`` with a step
 number counts on from the first pass's steps, a fraction from 1.0 (``1.5``: halfway through the hires
 pass; ``0.5`` happened in the first pass), see ``conditioning.schedule.prompt_schedule``.
@@ -29,7 +30,15 @@ from latentforge.pipelines import networks
 from latentforge.pipelines.checks import hires_checkpoint, hires_request
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
-from latentforge.pipelines.plan import Pass, Plan, conditioning, fixed_steps_schedule, img2img_sigmas, pass_sigmas
+from latentforge.pipelines.plan import (
+    Pass,
+    Plan,
+    conditioning,
+    fixed_steps,
+    fixed_steps_schedule,
+    img2img_sigmas,
+    pass_sigmas,
+)
 from latentforge.pipelines.refiner import HandOff, check_family, open_other
 from latentforge.pipelines.request import (
     IMAGE_UPSCALERS,
@@ -147,9 +156,8 @@ def hires_schedule(sampler, schedule: str, noise_schedule, steps: int, strength:
     if strength <= 0:
         full = pass_sigmas(sampler, schedule, noise_schedule, steps)
         return full, img2img_sigmas(full, steps, strength)
-    total, first = fixed_steps_schedule(steps, strength)
-    full = pass_sigmas(sampler, schedule, noise_schedule, total)
-    return full, full[first:]  # sigmas[total - t_enc - 1:], t_enc = steps - 1
+    full = pass_sigmas(sampler, schedule, noise_schedule, fixed_steps_schedule(steps, strength))
+    return full, fixed_steps(full, steps)
 
 
 def resolve_upscaler(name: str, dirs: Sequence[str | Path] | None, device: torch.device | str) -> str | ImageUpscaler:

@@ -121,6 +121,9 @@ def flatten_image(image: Image.Image) -> Image.Image:
     return image
 
 
+COVER_PIXELS = 4_000_000  # Crop and Resize scales a cover this large only when it shows most of it
+
+
 def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
     """A1111's ``images.resize_image`` without an upscaler: Lanczos to ``width`` x ``height`` (0); or
     scaled so the image covers (1, Crop and Resize) or fits inside (2, Resize and Fill) the output, the
@@ -135,6 +138,11 @@ def fit_image(image: Image.Image, width: int, height: int, mode: int) -> Image.I
     tall = ratio <= src_ratio if cover else ratio >= src_ratio
     sw = width if wide else image.width * height // image.height
     sh = height if tall else image.height * width // image.width
+    if cover and sw * sh > max(16 * width * height, COVER_PIXELS):  # a thin image: only the part that shows
+        dx, dy = sw // 2 - width // 2, sh // 2 - height // 2  # (near the full path; no huge cover made)
+        kx, ky = image.width / sw, image.height / sh
+        box = (dx * kx, dy * ky, (dx + width) * kx, (dy + height) * ky)
+        return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
     scaled = image.resize((max(sw, 1), max(sh, 1)), Image.Resampling.LANCZOS)
     out = Image.new(image.mode, (width, height))
     out.paste(scaled, (width // 2 - sw // 2, height // 2 - sh // 2))
@@ -159,9 +167,12 @@ def image_to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
-def tensor_to_images(x: Tensor) -> list[Image.Image]:
+def tensor_to_images(x: Tensor, finish=None) -> list[Image.Image]:
     """Decoded images in [-1, 1] -> 8-bit PIL images as A1111, Forge and ComfyUI make them: ``(x + 1) / 2``
-    clipped to [0, 1], times 255 in float32, truncated (``astype(np.uint8)``); diffusers rounds instead."""
+    clipped to [0, 1], times 255 in float32, truncated (``astype(np.uint8)``); diffusers rounds instead.
+    ``finish``: applied to the [0, 1] images first (A1111's ``postprocess_batch`` scripts see them there)."""
     unit = ((x.float() + 1) / 2).clamp(0, 1)
+    if finish is not None:
+        unit = finish(unit)
     arr = (255.0 * unit).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]

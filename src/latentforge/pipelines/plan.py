@@ -20,6 +20,7 @@ from torch import Tensor
 
 from latentforge.conditioning.prompt import split_and
 from latentforge.conditioning.schedule import prompt_schedule
+from latentforge.pipelines.checks import MAX_STEPS
 from latentforge.pipelines.request import GenerationRequest, RequestError
 from latentforge.sampling import CFGDenoiser, CondSchedule, ModelDenoiser, NoiseSchedule, get_sigmas
 from latentforge.sampling.denoisers import Denoiser, WrappedDenoiser
@@ -98,6 +99,8 @@ class Plan:
     noise: NoiseOptions = field(default_factory=NoiseOptions)  # noise source, variation seeds, ENSD
     # decoded 8-bit images of one batch (and the batch's index) -> the output images (inpainting's overlay)
     postprocess: Callable[[list[Image.Image], int], list[Image.Image]] | None = None
+    # the decoded images in [0, 1] before they become 8-bit (ControlNet inpaint_only's blend), or None
+    finish_pixels: Callable[[Tensor], Tensor] | None = None
     infotext: dict = field(default_factory=dict)  # further infotext fields the tasks add (A1111's names)
 
     @property
@@ -113,12 +116,27 @@ def pass_sigmas(info: SamplerInfo, schedule_name: str, schedule: NoiseSchedule, 
     return get_sigmas(schedule_name, schedule, steps)
 
 
-def fixed_steps_schedule(steps: int, strength: float) -> tuple[int, int]:
+MAX_FIXED_SCHEDULE = 10 * MAX_STEPS  # the fixed-steps rule's whole schedule (steps / strength) at most
+
+
+def fixed_steps_schedule(steps: int, strength: float) -> int:
     """A1111's ``setup_img2img_steps`` fixed-steps branch (its hires pass, and img2img with the
-    ``img2img_fix_steps`` setting): (schedule steps ``int(steps / min(strength, 0.999))``, first index
-    ``schedule - steps``): exactly ``steps`` run, the schedule's last."""
+    ``img2img_fix_steps`` setting): the schedule has ``int(steps / min(strength, 0.999))`` steps and its last
+    ``steps`` run (``fixed_steps``). A tiny strength would ask for a vast schedule: refused above
+    ``MAX_FIXED_SCHEDULE``."""
     total = int(steps / min(strength, 0.999))
-    return total, total - steps
+    if total > MAX_FIXED_SCHEDULE:
+        raise RequestError(
+            f"{steps} steps at denoising strength {strength:g} run from a schedule of {total} steps; at most "
+            f"{MAX_FIXED_SCHEDULE} are made: raise the strength or lower the steps"
+        )
+    return total
+
+
+def fixed_steps(full: Tensor, steps: int) -> Tensor:
+    """The last ``steps`` steps of a whole schedule (sigmas[total - t_enc - 1:] with t_enc = steps - 1); a
+    schedule that made fewer sigmas than asked (lcm, ddim_uniform, beta's merged steps) runs all it has."""
+    return full[max(0, len(full) - 1 - steps) :]
 
 
 def img2img_sigmas(sigmas: Tensor, steps: int, strength: float) -> Tensor:
@@ -224,7 +242,7 @@ def first_pass(
     by the task (one image)."""
     schedule = pipe.noise_schedule()
     fixed = init_latents is not None and req.img2img_fix_steps and req.denoising_strength > 0
-    total, first = fixed_steps_schedule(req.steps, req.denoising_strength) if fixed else (req.steps, 0)
+    total = fixed_steps_schedule(req.steps, req.denoising_strength) if fixed else req.steps
     sigmas = pass_sigmas(info, schedule_name, schedule, total)
     calls_per_step = 2 if info.second_order else 1  # A1111 lays prompt schedules over model calls
     cond, uncond = conditioning(pipe, req, width, height, req.batch_size, req.steps * calls_per_step, concat)
@@ -239,7 +257,7 @@ def first_pass(
         if info.brownian:  # A1111's create_noise_sampler(x, sigmas, p): the whole schedule's range
             positive = sigmas[sigmas > 0]
             noise_range = (float(positive.min()), float(sigmas.max()))
-        sigmas = sigmas[first:] if fixed else img2img_sigmas(sigmas, req.steps, req.denoising_strength)
+        sigmas = fixed_steps(sigmas, req.steps) if fixed else img2img_sigmas(sigmas, req.steps, req.denoising_strength)
         start = _cycled(init_latents, req.batch_size)
         name = "img2img"
     step = Pass(

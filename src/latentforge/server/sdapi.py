@@ -498,6 +498,7 @@ def check_settings(values: dict) -> None:
     checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on (the
     sampler settings too: ``sdapi_settings.SAMPLER_SETTINGS``)."""
     check_sampler_settings(values)
+    img2img_settings(values, masked=False)  # the img2img settings latentforge cannot run: refused here already
     fields = {ours: values[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in values}
     if not fields:
         return
