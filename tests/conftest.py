@@ -29,6 +29,18 @@ def tok():
     return CLIPTokenizer()
 
 
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled demo model in float32 (modules may define their own ``demo``, which wins)."""
+    import latentforge
+    from latentforge.demo import bundled_model_path
+
+    path = bundled_model_path()
+    if path is None:
+        pytest.skip("no bundled demo model")
+    return latentforge.load(path, dtype="fp32")
+
+
 @pytest.fixture
 def forced_kernels(monkeypatch, tmp_path_factory):
     """latentforge's native kernels forced on (also on AMX CPUs), built once into a test cache folder, and

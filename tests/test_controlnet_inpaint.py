@@ -11,9 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
 from PIL import Image
-from safetensors.torch import save_file
 
 import latentforge
 from latentforge.adapters.controlnet import ControlledDenoiser, load_controlnet
@@ -22,7 +20,7 @@ from latentforge.pipelines import control
 from latentforge.pipelines.request import RequestError
 from serverproc import Server
 from serverproc import b64_png as _b64
-from tiny import build_reference, close, perturb, save_folder, write_demo_controlnet
+from tiny import build_reference, close, diffusers_controlnet, save_folder, write_demo_controlnet
 
 
 def _image(size: int = 64, seed: int = 3) -> np.ndarray:
@@ -48,9 +46,7 @@ def _make_inpaint_condition(image: np.ndarray, mask: np.ndarray) -> torch.Tensor
 def e2e(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cn_inpaint")
     ref = build_reference("sd1")
-    net = perturb(ControlNetModel.from_unet(ref.unet), 11)
-    path = tmp / "control_v11p_tiny_inpaint.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    net, path = diffusers_controlnet(ref, tmp)
     ours = latentforge.load(save_folder(ref, tmp / "m"))
     return ref, net, ours, path
 

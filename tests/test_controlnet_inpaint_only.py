@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel
 from PIL import Image
-from safetensors.torch import save_file
 
 import latentforge
 from latentforge.adapters.controlnet import ControlledDenoiser, Restore
 from test_controlnet_inpaint import _img2img_plan
-from tiny import build_reference, hf_tokenizer, perturb, save_folder
+from tiny import build_reference, diffusers_controlnet, hf_tokenizer, save_folder
 
 BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -32,9 +30,7 @@ BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cn_inpaint_only")
     ref = build_reference("sd1", seed=21)
-    net = perturb(ControlNetModel.from_unet(ref.unet), 11)
-    path = tmp / "control_v11p_tiny_inpaint.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    net, path = diffusers_controlnet(ref, tmp)
     return ref, net, latentforge.load(save_folder(ref, tmp / "m")), path, hf_tokenizer("<|endoftext|>", tmp)
 
 

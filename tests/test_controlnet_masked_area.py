@@ -12,16 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel
 from PIL import Image
-from safetensors.torch import save_file
 
 import latentforge
 from latentforge.adapters.controlnet import ControlledDenoiser
 from latentforge.pipelines.request import RequestError
 from test_controlnet_inpaint import _img2img_plan, _make_inpaint_condition
 from test_resize_modes import a1111_resize_image
-from tiny import build_reference, perturb, save_folder
+from tiny import build_reference, diffusers_controlnet, save_folder
 
 
 def get_crop_region(mask: np.ndarray, pad: int) -> tuple[int, int, int, int]:
@@ -81,9 +79,7 @@ def prepare_mask(mask: np.ndarray, blur: float) -> np.ndarray:
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cn_area")
     ref = build_reference("sd1")
-    net = perturb(ControlNetModel.from_unet(ref.unet), 11)
-    path = tmp / "control_v11p_tiny_inpaint.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    _, path = diffusers_controlnet(ref, tmp)
     return latentforge.load(save_folder(ref, tmp / "m")), path
 
 

@@ -76,7 +76,7 @@ def test_first_pass_is_txt2img_and_second_pass_is_img2img_of_the_resized_image(p
 def test_hires_pass_runs_its_steps_from_a_longer_schedule(steps, strength, sampler):
     """A1111's setup_img2img_steps with steps given (its hires pass): steps = int(N / min(strength, 0.999)),
     t_enc = N - 1, sigma_sched = sigmas[steps - t_enc - 1:]: exactly N steps, the schedule's last."""
-    from latentforge.pipelines.hires import hires_sigmas
+    from latentforge.pipelines.hires import hires_schedule
     from latentforge.pipelines.plan import pass_sigmas
     from latentforge.sampling import NoiseSchedule
     from latentforge.sampling.registry import resolve
@@ -85,7 +85,7 @@ def test_hires_pass_runs_its_steps_from_a_longer_schedule(steps, strength, sampl
     noise = NoiseSchedule()
     total = int(steps / min(strength, 0.999))
     full = pass_sigmas(info, schedule, noise, total)
-    got = hires_sigmas(info, schedule, noise, steps, strength)
+    got = hires_schedule(info, schedule, noise, steps, strength)[1]
     assert len(got) == steps + 1 and torch.equal(got, full[total - (steps - 1) - 1 :])
 
 

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import latentforge
-from latentforge.demo import bundled_model_path
 from latentforge.pipelines import RequestError
 from latentforge.pipelines.inpaint import binary_mask, blur_mask, crop_region
 from tiny import build_reference, hf_tokenizer, save_folder
@@ -28,14 +27,6 @@ def _box_mask(w=64, h=64, box=(24, 16, 48, 40)) -> Image.Image:
     m = Image.new("L", (w, h), 0)
     m.paste(255, box)
     return m
-
-
-@pytest.fixture(scope="module")
-def demo():
-    path = bundled_model_path()
-    if path is None:
-        pytest.skip("no bundled demo model")
-    return latentforge.load(path, dtype="fp32")
 
 
 @pytest.mark.parametrize("sigma_x, sigma_y", [(4, 4), (1.5, 0), (0, 7), (10, 3)])

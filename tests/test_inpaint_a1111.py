@@ -27,14 +27,6 @@ def _settings(text: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def demo():
-    path = bundled_model_path()
-    if path is None:
-        pytest.skip("no bundled demo model")
-    return latentforge.load(path, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("a1111_inpaint")
     made = {}
@@ -276,7 +268,6 @@ def test_sde_img2img_draws_from_trees_over_the_whole_schedule(monkeypatch):
     import sys
 
     import latentforge
-    from latentforge.demo import bundled_model_path
 
     path = bundled_model_path()
     if path is None:

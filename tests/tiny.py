@@ -275,6 +275,18 @@ def close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> tuple[boo
     return diff <= rel * scale, diff, scale
 
 
+def diffusers_controlnet(ref: Reference, folder: Path, seed: int = 11):
+    """diffusers' ControlNetModel made from the reference's UNet, its zero convolutions moved off zero
+    (``perturb``), and saved in ``folder`` in the diffusers layout -> (net, path of the file)."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    net = perturb(ControlNetModel.from_unet(ref.unet), seed)
+    path = Path(folder) / "control_v11p_tiny_inpaint.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return net, path
+
+
 def write_demo_controlnet(path: Path) -> Path:
     """A random ControlNet for the bundled demo model (f=4 latents: two stride-2 convolutions in the hint
     encoder), its zero convolutions moved off zero so it changes the image; saved in the original layout."""

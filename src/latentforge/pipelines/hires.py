@@ -142,17 +142,12 @@ def upscale(
     return vae.encode(torch.cat(images).to(next(vae.parameters()).device)).float()
 
 
-def hires_sigmas(sampler, schedule: str, noise_schedule, steps: int, strength: float) -> Tensor:
-    """The hires pass's sigmas as A1111 runs them: ``sample_hr_pass`` hands ``steps`` (hr_second_pass_steps
-    or steps) to ``sample_img2img``, so ``setup_img2img_steps`` takes its fixed-steps branch: a schedule of
-    ``int(steps / min(strength, 0.999))`` steps whose last ``steps`` run (t_enc = steps - 1), not the
-    plain img2img rule's ``int(strength * steps) + 1``. Strength 0: no step runs (the pass only upscales)."""
-    return hires_schedule(sampler, schedule, noise_schedule, steps, strength)[1]
-
-
 def hires_schedule(sampler, schedule: str, noise_schedule, steps: int, strength: float) -> tuple[Tensor, Tensor]:
-    """(the whole schedule, the sigmas that run) of the hires pass (``hires_sigmas``). The whole one sets the
-    range of the SDE samplers' Brownian trees, as A1111's ``create_noise_sampler(x, sigmas, p)`` is given it."""
+    """(the whole schedule, the sigmas that run) of the hires pass as A1111 runs it: ``sample_hr_pass``
+    hands ``steps`` to ``sample_img2img``, so ``setup_img2img_steps`` takes its fixed-steps branch (the last
+    ``steps`` of ``int(steps / strength)``: plan.py ``fixed_steps``); strength 0: no step runs. The whole
+    schedule sets the range of the SDE samplers' Brownian trees, as A1111's ``create_noise_sampler(x,
+    sigmas, p)`` is given it."""
     if strength <= 0:
         full = pass_sigmas(sampler, schedule, noise_schedule, steps)
         return full, img2img_sigmas(full, steps, strength)
