@@ -34,9 +34,9 @@ def _spy_first_pass(monkeypatch) -> dict:
     seen = {}
     original = hires.upscale
 
-    def spy(p, latents, upscaler, shape, vae=None, pixels=None):
+    def spy(p, latents, *args, **kwargs):
         seen["first"] = latents.clone()
-        return original(p, latents, upscaler, shape, vae, pixels)
+        return original(p, latents, *args, **kwargs)
 
     monkeypatch.setattr(hires, "upscale", spy)
     return seen

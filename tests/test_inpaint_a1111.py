@@ -95,7 +95,7 @@ def test_mask_round_off_gives_an_inpainting_model_the_unrounded_mask(tiny):
     expected = torch.from_numpy(blurred.astype(np.float32) / 255)[None, None]
     assert torch.equal(job.condition_mask, expected)
     with torch.inference_mode():
-        concat = inpaint.model_concat(pipe, job, options)
+        concat = inpaint.model_concat(pipe, job, 1.0)
         source = image_to_tensor(_photo())
         cleared = pipe.vae.encode(torch.lerp(source, source * (1 - expected), 1.0)).float()
     torch.testing.assert_close(concat[:, :1], torch.nn.functional.interpolate(expected, size=(8, 8)))
@@ -247,6 +247,71 @@ def test_conditional_mask_weight_is_written_for_every_inpainting_model_run(demo,
     again, _ = request_from_infotext(runs["txt2img"].infotexts[0])  # no inpainting request: txt2img again
     assert again.inpaint is None
     assert np.array_equal(np.asarray(pipe.txt2img(request=again).images[0]), np.asarray(runs["txt2img"].images[0]))
+
+
+# 9b. inpainting_image_conditioning without a mask (plain img2img; the hires pass): conditioning_mask = ones,
+# conditioning_image = lerp(source, source * (1 - 1), weight), encoded; the hires pass of a latent upscaler
+# decodes the upscaled latents for it only when the weight is below 1 (sample_hr_pass)
+
+
+def _expected_concat(pipe, source: torch.Tensor, weight: float) -> torch.Tensor:
+    with torch.inference_mode():
+        latent = pipe.vae.encode(torch.lerp(source, source * 0.0, weight)).float()
+    return torch.cat([torch.ones_like(latent[:, :1]), latent], dim=1)
+
+
+def test_mask_weight_clears_the_init_image_of_a_plain_img2img(tiny):
+    pipe = tiny("sd1-inpaint")
+    for weight in (0.4, 1.0):
+        req = GenerationRequest.from_dict(
+            dict(prompt="a cube", width=64, height=64, steps=3, inpainting_mask_weight=weight)
+        )
+        req.validate(img2img=True)
+        with torch.inference_mode():
+            plan = build_plan(pipe, req, [_photo()])
+        got = plan.passes[0].cond.entries[0][1].concat
+        want = _expected_concat(pipe, image_to_tensor(_photo()), weight)
+        assert torch.allclose(got.float(), want, atol=1e-5), weight
+    weighted = pipe.img2img(_photo(), "a cube", steps=2, seed=1, inpainting_mask_weight=0.4)
+    assert _settings(weighted.infotexts[0])["Conditional mask weight"] == "0.4"
+    again, _ = request_from_infotext(weighted.infotexts[0])
+    assert again.inpainting_mask_weight == 0.4 and again.inpaint is None
+    plain = pipe.img2img(_photo(), "a cube", steps=2, seed=1)
+    assert not np.array_equal(np.asarray(weighted.images[0]), np.asarray(plain.images[0]))
+
+
+def test_cli_mask_weight_reaches_a_plain_img2img(tmp_path):
+    from latentforge.cli import main
+
+    folder = save_folder(build_reference("sd1-inpaint", seed=81), tmp_path / "m")
+    _photo().save(tmp_path / "in.png")
+    args = ["img2img", str(tmp_path / "in.png"), "a cube", "-m", str(folder), "--steps", "2", "-q"]
+    assert main([*args, "--mask-weight", "0.4", "-o", str(tmp_path / "a.png")]) == 0
+    assert _settings(Image.open(tmp_path / "a.png").info["parameters"])["Conditional mask weight"] == "0.4"
+
+
+def test_mask_weight_conditions_the_hires_pass_on_the_upscaled_image(tiny):
+    pipe = tiny("sd1-inpaint")
+    first = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for upscaler in ("Latent", "Lanczos"):
+        options = dict(prompt="a cube", width=64, height=64, steps=2, enable_hr=True, hr_scale=2, hr_upscaler=upscaler)
+        req = GenerationRequest.from_dict({**options, "inpainting_mask_weight": 0.25})
+        req.validate()
+        with torch.inference_mode():
+            plan = build_plan(pipe, req, None)
+            hires_pass = plan.passes[1]
+            start = hires_pass.start(0, first, [1])
+            got = hires_pass.batch_concat(0, [1])
+            if upscaler == "Latent":  # decode_first_stage of the upscaled latents
+                source = pipe.vae.decode(start).float()
+            else:  # the resized 8-bit image (truncated, A1111), in [-1, 1]
+                low = ((pipe.vae.decode(first).float() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+                image = Image.fromarray((255.0 * low).astype(np.uint8)).resize((128, 128), Image.LANCZOS)
+                source = image_to_tensor(image)
+        assert torch.allclose(got.float(), _expected_concat(pipe, source, 0.25), atol=1e-4), upscaler
+        default = GenerationRequest.from_dict(options)
+        with torch.inference_mode():
+            assert build_plan(pipe, default, None).passes[1].batch_concat is None  # weight 1: the grey default
 
 
 # 10. Denoising strength 0: t_enc = int(0 * steps) = 0, and the sampler runs over sigmas[steps - 1:] (one step)

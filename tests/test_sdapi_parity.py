@@ -343,15 +343,18 @@ def test_images_carry_no_server_paths(live, tmp_path_factory):
 
 def test_img2img_settings_apply_or_are_refused_by_name(client):
     """A1111 reads inpainting_mask_weight only from its settings (``getattr(self, "inpainting_mask_weight",
-    shared.opts.inpainting_mask_weight)``): it reaches a masked request. Colour correction, another background
-    colour, an img2img upscaler, extra noise and fixed img2img steps change A1111's images; latentforge runs none
-    of them, so a value other than A1111's default is a 400 naming the setting, never dropped; fixed img2img
-    steps run."""
+    shared.opts.inpainting_mask_weight)``): it reaches every img2img request, masked or not. Colour correction,
+    another background colour, an img2img upscaler, extra noise and fixed img2img steps change A1111's images;
+    latentforge runs none of them, so a value other than A1111's default is a 400 naming the setting, never
+    dropped; fixed img2img steps run."""
     init = [_b64(_gradient(64, 64))]
     mask = _b64(Image.new("L", (64, 64), 255))
     body = {**OK, "init_images": init, "mask": mask, "override_settings": {"inpainting_mask_weight": 0.4}}
     _ok(client.post("/sdapi/v1/img2img", json=body))
-    assert client.queue.submitted[-1].request.inpaint.inpainting_mask_weight == 0.4
+    assert client.queue.submitted[-1].request.inpainting_mask_weight == 0.4
+    body = {**OK, "init_images": init, "override_settings": {"inpainting_mask_weight": 0.3}}
+    _ok(client.post("/sdapi/v1/img2img", json=body))  # without a mask too (A1111: any inpainting-model img2img)
+    assert client.queue.submitted[-1].request.inpainting_mask_weight == 0.3
     defaults = {"img2img_color_correction": False, "img2img_background_color": "#ffffff", "img2img_fix_steps": False}
     _ok(client.post("/sdapi/v1/img2img", json={**OK, "init_images": init, "override_settings": defaults}))
     for name, value in (

@@ -368,7 +368,7 @@ def build_request(args: argparse.Namespace, img2img: bool, x4: bool = False, ups
     dests = [dest for _, dest, _, _ in GEN_OPTIONS]
     dests += ["sgm_noise_multiplier", "denoising_strength", "resize_mode"]
     dests += ["refiner_switch_at", "refiner_switch_by_steps", "token_merging_random", "initial_noise_multiplier"]
-    dests += ["tiling"]
+    dests += ["tiling", "inpainting_mask_weight"]
     for dest in dests:
         value = getattr(args, dest, None)
         if value is not None:

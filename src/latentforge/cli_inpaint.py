@@ -29,13 +29,19 @@ INPAINT_OPTIONS = [
         dict(type=int, help="with --only-masked: pixels around the mask (32)"),
     ),
     (("--invert-mask",), "inpainting_mask_invert", dict(action="store_true", help="repaint what is NOT masked")),
-    (("--mask-weight",), "inpainting_mask_weight", dict(type=float, help="inpainting models: conditional mask weight")),
 ]
 
 
 def add_inpaint_options(p: argparse.ArgumentParser) -> None:
     for flags, dest, kwargs in INPAINT_OPTIONS:
         p.add_argument(*flags, dest=f"inpaint_{dest}", default=None, **kwargs)
+    p.add_argument(
+        "--mask-weight",
+        dest="inpainting_mask_weight",
+        type=float,
+        help="inpainting models: how much of the init image (with --mask: of the masked area) they see cleared, "
+        "0 to 1 (A1111's conditional mask weight; default 1)",
+    )
     p.add_argument(
         "--outpaint",
         metavar="PIXELS",

@@ -28,6 +28,7 @@ MAX_INPUT_PIXELS = 8192 * 8192  # pixels of an image file read as input (checked
 RANGES = {
     "denoising_strength": (0.0, 1.0),
     "initial_noise_multiplier": (0.0, 10.0),
+    "inpainting_mask_weight": (0.0, 1.0),
     "eta": (0.0, 10.0),
     "s_churn": (0.0, 100.0),
     "s_tmin": (0.0, 1e4),
@@ -217,8 +218,6 @@ def validate_inpaint(o, need: Callable[[bool, str], None], img2img: bool) -> Non
         need(ok, f"{name} must be between 0 and 256 pixels, got {show(v)}")
     pad = o.inpaint_full_res_padding
     need(isinstance(pad, int) and 0 <= pad <= 1024, f"inpaint_full_res_padding must be 0 to 1024 pixels, got {pad!r}")
-    w = o.inpainting_mask_weight
-    need(isinstance(w, (int, float)) and 0 <= w <= 1, f"inpainting_mask_weight must be between 0 and 1, got {w!r}")
     for name in ("outpaint_left", "outpaint_top", "outpaint_right", "outpaint_bottom"):
         v = getattr(o, name)
         need(

@@ -108,7 +108,7 @@ def build_plan(
         job = inpaint.prepare(init_images, req.inpaint, width, height, req.resize_mode, down, protect)
         init_images = job.images
         if fam.conditioner.concat_channels:
-            concat = inpaint.model_concat(pipe, job, req.inpaint)
+            concat = inpaint.model_concat(pipe, job, req.inpainting_mask_weight)
     if init_images and req.resize_mode == LATENT_RESIZE:
         if fam.conditioner.kind == "depth":
             raise RequestError(
@@ -118,7 +118,10 @@ def build_plan(
         init_latents = latent_resized(pipe, init_images, width, height)
     elif init_images:
         prepared = [prepare_image(img, width, height, req.resize_mode) for img in init_images]
-        init_latents = pipe.vae.encode(torch.cat([image_to_tensor(p) for p in prepared]).to(pipe.device)).float()
+        pixels = torch.cat([image_to_tensor(p) for p in prepared])
+        init_latents = pipe.vae.encode(pixels.to(pipe.device)).float()
+        if job is None:  # an inpainting model without a mask: the init images, cleared by the mask weight
+            concat = inpaint.unmasked_concat(pipe, pixels, req.inpainting_mask_weight)
         if fam.conditioner.kind == "depth":  # depth-to-image: the depth of the (first) init image
             if len(prepared) != 1:
                 raise RequestError(f"depth-to-image takes one init image, got {len(prepared)}")

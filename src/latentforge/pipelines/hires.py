@@ -26,7 +26,7 @@ from torch import Tensor
 from latentforge import upscalers
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.esrgan import ImageUpscaler
-from latentforge.pipelines import networks
+from latentforge.pipelines import inpaint, networks
 from latentforge.pipelines.checks import hires_checkpoint, hires_request
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
@@ -119,11 +119,18 @@ def a1111_resize(image: Image.Image, name: str | ImageUpscaler, w: int, h: int) 
 
 
 def upscale(
-    pipe, latents: Tensor, upscaler: str | ImageUpscaler, shape: tuple[int, int, int], vae=None, pixels=None
+    pipe,
+    latents: Tensor,
+    upscaler: str | ImageUpscaler,
+    shape: tuple[int, int, int],
+    vae=None,
+    pixels=None,
+    keep: list | None = None,
 ) -> Tensor:
     """First-pass latents -> latents of ``shape`` (C, h, w) for the second pass. ``upscaler``: a built-in
     name, or a loaded ESRGAN-family model (``resolve_upscaler``). An image upscaler decodes with ``pipe``'s
-    VAE and encodes with ``vae`` (the hires pass's model's; default the same)."""
+    VAE and encodes with ``vae`` (the hires pass's model's; default the same); ``keep`` receives the
+    upscaled images it encoded (B, 3, H, W in [-1, 1])."""
     name = upscaler if isinstance(upscaler, ImageUpscaler) else upscaler_name(upscaler)
     size = shape[-2:]
     if not isinstance(name, ImageUpscaler) and name in LATENT_UPSCALERS:
@@ -139,6 +146,8 @@ def upscale(
     for sample in decoded:
         eight_bit = (255.0 * sample.permute(1, 2, 0).cpu().numpy()).astype(np.uint8)  # truncation, as A1111
         images.append(image_to_tensor(a1111_resize(Image.fromarray(eight_bit), name, w, h)))
+    if keep is not None:
+        keep.append(torch.cat(images))
     return vae.encode(torch.cat(images).to(next(vae.parameters()).device)).float()
 
 
@@ -236,10 +245,20 @@ def add_pass(
     cx, cy = crop(req, plan.width, plan.height)
     covering = (*shape[:-2], shape[-2] + cy, shape[-1] + cx)
 
+    weight = req.inpainting_mask_weight if runner.family.conditioner.kind == "inpaint" else 1
+    concat: list[Tensor | None] = [None]  # an inpainting model's channels from this batch's upscaled image
+
     def start(iteration: int, previous: Tensor | None, seeds: list[int]) -> Tensor:
-        latents = upscale(pipe, previous, upscaler, covering, runner.vae, pixels)
+        keep: list[Tensor] = []
+        latents = upscale(pipe, previous, upscaler, covering, runner.vae, pixels, keep=keep if weight < 1 else None)
+        if weight < 1:  # A1111 decodes a latent upscaler's latents for this
+            image = keep[0] if keep else decode_checked(runner.vae.decode, latents).float()
+            concat[0] = inpaint.unmasked_concat(runner, image, weight)
         rows, cols = latents.shape[-2:]  # A1111: samples[:, :, ty//2 : H - (ty+1)//2, tx//2 : W - (tx+1)//2]
-        return latents[..., cy // 2 : rows - (cy + 1) // 2, cx // 2 : cols - (cx + 1) // 2]
+        window = (..., slice(cy // 2, rows - (cy + 1) // 2), slice(cx // 2, cols - (cx + 1) // 2))
+        if concat[0] is not None:
+            concat[0] = concat[0][window]
+        return latents[window]
 
     if other is not None:
         plan.decode = runner.vae.decode
@@ -258,6 +277,7 @@ def add_pass(
         min_uncond_sigma=first.min_uncond_sigma,
         min_uncond_all=first.min_uncond_all,
         sampler_options=first.sampler_options,
+        batch_concat=(lambda iteration, seeds: concat[0]) if weight < 1 else None,
     )
     if sampler.brownian:  # the trees span the whole schedule, not only the steps that run
         positive = full[full > 0]

@@ -285,12 +285,22 @@ def outpaint_request(images: list[Image.Image], opts: InpaintOptions) -> tuple[l
     return [canvas], mask
 
 
-def model_concat(pipe, job: InpaintJob, opts: InpaintOptions) -> Tensor:
+def model_concat(pipe, job: InpaintJob, weight: float) -> Tensor:
     """An inpainting model's extra channels for this job (the family's conditioner builds them)."""
     source = image_to_tensor(job.images[0]).to(pipe.device)
-    return pipe.family.conditioner.masked_image_concat(
-        pipe.vae, source, job.condition_mask.to(pipe.device), opts.inpainting_mask_weight
-    )
+    return pipe.family.conditioner.masked_image_concat(pipe.vae, source, job.condition_mask.to(pipe.device), weight)
+
+
+def unmasked_concat(pipe, images: Tensor, weight: float) -> Tensor | None:
+    """An inpainting model's extra channels when no mask is given (plain img2img, the hires pass), as A1111's
+    ``inpainting_image_conditioning`` without a mask: a mask of ones and the latent of ``lerp(image, 0,
+    weight)`` for ``images`` (B, 3, H, W) in [-1, 1]. None at weight 1 (the image all cleared: the
+    conditioner's default, the latent of a grey image) and for other models."""
+    conditioner = pipe.family.conditioner
+    if conditioner.kind != "inpaint" or weight == 1:
+        return None
+    ones = torch.ones(1, 1, *images.shape[-2:], device=pipe.device)
+    return conditioner.masked_image_concat(pipe.vae, images.to(pipe.device), ones, weight)
 
 
 def conditioning_infotext(pipe, req) -> dict:
@@ -299,8 +309,7 @@ def conditioning_infotext(pipe, req) -> dict:
     inpainting model, with a mask or without), as the weight's ``str`` (a float: "1.0" by default)."""
     if pipe.family.conditioner.kind != "inpaint":
         return {}
-    weight = req.inpaint.inpainting_mask_weight if req.inpaint is not None else 1.0
-    return {"Conditional mask weight": str(float(weight))}
+    return {"Conditional mask weight": str(float(req.inpainting_mask_weight))}
 
 
 def apply(plan: Plan, first: Pass, job: InpaintJob, init_latents: Tensor, pipe, opts: InpaintOptions) -> None:

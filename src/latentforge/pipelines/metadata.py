@@ -507,9 +507,11 @@ INPAINT_FIELDS = {
 def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
     """A1111's inpainting fields (and latentforge's "Outpaint: left,top,right,bottom") -> req.inpaint;
     the mask itself is not in the text ("Mask blur" is left out where A1111's x and y blurs differ: read
-    as 0). "Conditional mask weight" alone (any run of an inpainting model) makes no inpainting request.
-    Returns the field names it read."""
+    as 0). "Conditional mask weight" (any run of an inpainting model: a general field) alone makes no
+    inpainting request. Returns the field names it read."""
     found = INPAINT_FIELDS & set(s)
+    if "Conditional mask weight" in s:
+        req.inpainting_mask_weight = _value(s, "Conditional mask weight", float, "a number")
     if not found - {"Conditional mask weight"}:  # A1111 writes it for every run of an inpainting model
         return found
     o = req.inpaint = InpaintOptions(mask_blur=0)
@@ -526,8 +528,6 @@ def _inpaint_from_infotext(req: GenerationRequest, s: dict) -> set[str]:
         o.inpainting_fill = names.get(s["Masked content"], 1)
     o.inpainting_mask_invert = s.get("Mask mode") == "Inpaint not masked"
     o.mask_round = str(s.get("Mask rounding", "True")).lower() != "false"
-    if "Conditional mask weight" in s:
-        o.inpainting_mask_weight = _value(s, "Conditional mask weight", float, "a number")
     if "Outpaint" in s:
         o.outpaint_left, o.outpaint_top, o.outpaint_right, o.outpaint_bottom = _value(
             s, "Outpaint", _four_ints, "four whole numbers left,top,right,bottom"

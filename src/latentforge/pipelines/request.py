@@ -84,7 +84,6 @@ class InpaintOptions:
     inpaint_full_res: bool = False  # "only masked": work on the mask's region at full resolution
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False  # repaint what is NOT masked
-    inpainting_mask_weight: float = 1.0  # inpainting models: how much of the masked image they see cleared
     outpaint_left: int = 0  # outpainting: extend the canvas by these many pixels (multiples of 8)
     outpaint_top: int = 0
     outpaint_right: int = 0
@@ -202,7 +201,6 @@ _FLAT = {
     "mask_blur": ("inpaint", "mask_blur"),
     "mask_blur_x": ("inpaint", "mask_blur_x"),
     "mask_blur_y": ("inpaint", "mask_blur_y"),
-    "inpainting_mask_weight": ("inpaint", "inpainting_mask_weight"),
     "inpainting_fill": ("inpaint", "inpainting_fill"),
     "inpaint_full_res": ("inpaint", "inpaint_full_res"),
     "inpaint_full_res_padding": ("inpaint", "inpaint_full_res_padding"),
@@ -243,6 +241,9 @@ class GenerationRequest:
     denoising_strength: float = 0.75  # img2img, and the hires second pass
     initial_noise_multiplier: float = 1.0  # img2img: A1111's "Noise multiplier" of the starting noise
     img2img_fix_steps: bool = False  # img2img runs exactly `steps` (of int(steps / strength)): A1111's setting
+    # inpainting models' "Conditional mask weight" (A1111's setting): how much of the init image (masked area;
+    # no mask: all of it; hires pass: the upscaled image) they see cleared; 1: all, 0: the image as it is
+    inpainting_mask_weight: float = 1.0
     resize_mode: int = 0  # img2img: 0 resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (no mask)
     eta: float | None = None  # ancestral / DDIM noise (None: the sampler's default)
     s_churn: float = 0.0
@@ -531,6 +532,11 @@ def _fold_flat(data: dict) -> dict:
         flat.pop("hires", None)
     elif enable_hr:
         flat.setdefault("hires", {})
+    inpaint = data.get("inpaint")
+    if isinstance(inpaint, dict) and "inpainting_mask_weight" in inpaint:  # its earlier place (saved records)
+        inpaint = data["inpaint"] = dict(inpaint)
+        weight = inpaint.pop("inpainting_mask_weight")
+        data.setdefault("inpainting_mask_weight", weight)
     for group, values in flat.items():
         current = data.get(group)
         if dataclasses.is_dataclass(current):

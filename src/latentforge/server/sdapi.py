@@ -326,7 +326,7 @@ def to_request(
             )
             if blur is None:
                 data.update(mask_blur_x=p["mask_blur_x"], mask_blur_y=p["mask_blur_y"])
-        data.update(img2img_settings(settings, bool(p.get("mask"))))  # inpainting_mask_weight; the refused ones
+        data.update(img2img_settings(settings))  # img2img_fix_steps; the refused ones
         images = p.get("init_images")
         if not images:
             _refuse("init_images", "img2img needs at least one init image (base64 PNG/JPEG)")
@@ -490,6 +490,7 @@ _SETTING_FIELDS = {
     "sgm_noise_multiplier": "sgm_noise_multiplier",
     "s_min_uncond_all": "s_min_uncond_all",
     "initial_noise_multiplier": "initial_noise_multiplier",  # img2img's "Noise multiplier"
+    "inpainting_mask_weight": "inpainting_mask_weight",  # inpainting models' "Conditional mask weight"
 }
 
 
@@ -498,7 +499,7 @@ def check_settings(values: dict) -> None:
     checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on (the
     sampler settings too: ``sdapi_settings.SAMPLER_SETTINGS``)."""
     check_sampler_settings(values)
-    img2img_settings(values, masked=False)  # the img2img settings latentforge cannot run: refused here already
+    img2img_settings(values)  # the img2img settings latentforge cannot run: refused here already
     fields = {ours: values[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in values}
     if not fields:
         return

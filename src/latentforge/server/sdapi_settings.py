@@ -193,19 +193,14 @@ _IMG2IMG_UNSUPPORTED = {
 }
 
 
-def img2img_settings(settings: dict, masked: bool) -> dict[str, Any]:
-    """The request fields A1111's img2img settings give: ``img2img_fix_steps``, and ``inpainting_mask_weight``
-    (the "Conditional mask weight" of inpainting models, readable only from the settings in A1111; used with a
-    mask, as latentforge's inpainting group carries it); and a refusal for a setting latentforge cannot run at
-    a value other than A1111's default."""
+def img2img_settings(settings: dict) -> dict[str, Any]:
+    """The request field A1111's img2img settings give (``img2img_fix_steps``; ``inpainting_mask_weight`` is
+    one of sdapi's ``_SETTING_FIELDS``, read by txt2img too), and a refusal for a setting latentforge cannot
+    run at a value other than A1111's default."""
     for name, (default, what) in _IMG2IMG_UNSUPPORTED.items():
         value = settings.get(name, default)
         white = name == "img2img_background_color" and str(value).lower() in ("#ffffff", "#fff", "white")
         if white or value in (default, None, "None", ""):
             continue
         _refuse(name, f"{what} ({name} = {value!r}) is not available in latentforge; set it back to {default!r}")
-    out: dict[str, Any] = {"img2img_fix_steps": True} if settings.get("img2img_fix_steps") is True else {}
-    weight = settings.get("inpainting_mask_weight")
-    if masked and weight is not None:
-        out["inpainting_mask_weight"] = weight
-    return out
+    return {"img2img_fix_steps": True} if settings.get("img2img_fix_steps") is True else {}
