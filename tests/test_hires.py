@@ -219,7 +219,8 @@ def test_hires_pass_of_its_own_is_img2img_with_its_prompts_sampler_and_schedule(
     text = result.infotexts[0]
     for field in ("Hires prompt: a sphere", "Hires negative prompt: blurry", "Hires sampler: Euler a"):
         assert field in text
-    assert "Hires schedule type: Karras" in text and "Schedule type: Normal" in text  # Euler's own
+    # A1111: "Automatic" for Euler (its config names no scheduler), the hires pass's Karras written apart
+    assert "Hires schedule type: Karras" in text and "Schedule type: Automatic" in text
     req, _ = request_from_infotext(text)
     assert (req.hires.prompt, req.hires.negative_prompt) == ("a sphere", "blurry")
     assert (req.hires.sampler, req.hires.schedule) == ("Euler a", "Karras")

@@ -192,14 +192,15 @@ def test_cli_refiner_options(models, tmp_path):
     args += ["--refiner", str(refiner_path), "--refiner-switch-at", "0.5", "--refiner-switch-by-steps", "-q"]
     assert main([*args, "-o", str(out)]) == 0
     text = Image.open(out).info["parameters"]
-    assert "Refiner: refiner, Refiner switch at: 0.5, Refiner switch by sampling steps: True" in text
+    # A1111's apply_refiner writes "switch by sampling steps" on every call, before it switches
+    assert "Refiner switch by sampling steps: True, Refiner: refiner, Refiner switch at: 0.5" in text
 
 
 def test_infotext_names_a_refiner_file_as_a1111_does(tmp_path):
     """A1111: "Refiner: <file name without extension> [<first 10 hex digits of its sha256>]"."""
     import hashlib
 
-    from latentforge.pipelines.metadata import _refiner_fields
+    from latentforge.pipelines.infotext_fields import _refiner_fields
     from latentforge.pipelines.request import RefinerOptions
 
     path = tmp_path / "sd_xl_refiner_1.0.safetensors"

@@ -21,7 +21,8 @@ from latentforge.nn import native, packed, winograd
 from latentforge.nn.circular import circular_padding, is_circular
 from latentforge.nn.tiling import tiled_apply, wrapped_starts
 from latentforge.pipelines import GenerationRequest
-from latentforge.pipelines.metadata import infotext_params, request_from_image, request_from_infotext
+from latentforge.pipelines.infotext_fields import infotext_params
+from latentforge.pipelines.metadata import request_from_image, request_from_infotext
 from tiny import build_reference, close, save_folder
 
 HAS_WINOGRAD = "avx512_bf16" in native._cpu_flags() and native._compiler() is not None

@@ -35,13 +35,14 @@ def unquote(text: str) -> str:
 
 def format_infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     """The text A1111 stores in a PNG's ``parameters`` chunk. ``params`` in A1111's key order;
-    None values are left out."""
+    None values are left out. Stripped as A1111's ``create_infotext`` strips it (an empty prompt leaves no
+    empty first line)."""
     settings = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
     lines.append(settings)
-    return "\n".join(lines)
+    return "\n".join(lines).strip()
 
 
 def _pairs(line: str) -> dict[str, str]:

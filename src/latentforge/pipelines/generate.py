@@ -27,7 +27,8 @@ from latentforge.pipelines.images import (
     prepare_image,
     tensor_to_images,
 )
-from latentforge.pipelines.metadata import infotexts_for, request_json
+from latentforge.pipelines.infotext_fields import infotexts_for
+from latentforge.pipelines.metadata import request_json
 from latentforge.pipelines.numerics import FiniteWatch, decode_checked
 from latentforge.pipelines.plan import Pass, Plan, first_pass, noise_options, starting_latent
 from latentforge.pipelines.request import GenerationRequest, RequestError

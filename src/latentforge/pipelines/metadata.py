@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 import warnings
 from collections import Counter
 from pathlib import Path
 
 from latentforge.conditioning.prompt import extract_network_tags
-from latentforge.io.hashing import model_hash
-from latentforge.io.infotext import format_infotext, parse_infotext
-from latentforge.pipelines.checks import hires_checkpoint, hires_request, is_int, show
+from latentforge.io.infotext import parse_infotext
+from latentforge.pipelines.checks import is_int, show
+from latentforge.pipelines.infotext_fields import _mode, _model_fields, _without_hash, infotexts_for
 from latentforge.pipelines.request import (
     INPAINT_FILL,
     GenerationRequest,
@@ -23,171 +22,6 @@ from latentforge.pipelines.request import (
     X4Options,
 )
 from latentforge.sampling.registry import SAMPLERS, resolve
-
-_ETA_DDIM = {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
-
-SCHEDULE_TITLES = {
-    "normal": "Normal",
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "polyexponential": "Polyexponential",
-    "sgm_uniform": "SGM Uniform",
-    "simple": "Simple",
-    "ddim_uniform": "DDIM",
-    "beta": "Beta",
-    "kl_optimal": "KL Optimal",
-    "lcm": "LCM",
-    "align_your_steps": "Align Your Steps",
-    "linear_quadratic": "Linear Quadratic",  # Forge's title (ComfyUI: linear_quadratic)
-}
-
-
-def _model_fields(pipe) -> dict:
-    def make() -> dict:
-        source = Path(pipe.info.source) if pipe.info else None
-        vae = pipe.info.vae_source if pipe.info and pipe.info.vae_source != "checkpoint" else None
-        return {
-            "Model hash": model_hash(source) if source and source.is_file() else None,
-            "Model": source.stem if source and source.is_file() else (source.name if source else None),
-            "VAE hash": model_hash(vae) if vae and Path(vae).is_file() else None,
-            "VAE": Path(vae).name if vae else None,
-        }
-
-    return pipe.cached("infotext model fields", make)
-
-
-def _mode(mode: str | bool) -> str:
-    """ "txt2img", "img2img" or "upscale-x4" (a bool: img2img or not)."""
-    if isinstance(mode, bool):
-        return "img2img" if mode else "txt2img"
-    return mode
-
-
-def infotext_params(
-    pipe,
-    req: GenerationRequest,
-    seed: int,
-    info,
-    schedule: str,
-    mode: str | bool,
-    refiner: dict | None = None,
-    extra: dict | None = None,
-    subseed: int | None = None,
-) -> dict:
-    from latentforge._version import __version__
-
-    img2img = _mode(mode) == "img2img"
-    noise = req.initial_noise_multiplier
-
-    params = {
-        "Steps": req.steps,
-        "Sampler": info.title,
-        "Schedule type": SCHEDULE_TITLES[schedule],
-        "CFG scale": _num(req.cfg_scale),
-        "CFG rescale": _num(req.guidance_rescale) if req.guidance_rescale else None,
-        "Seed": seed,
-        "Size": f"{req.width}x{req.height}",
-        **_model_fields(pipe),
-        "Variation seed": (req.subseed if subseed is None else subseed) if req.subseed_strength else None,
-        "Variation seed strength": _num(req.subseed_strength) if req.subseed_strength else None,
-        "Seed resize from": _resize_from(req),
-        "Denoising strength": _num(req.denoising_strength) if img2img or req.hires else None,
-        **(_hires_fields(req, info, schedule) if req.hires and not img2img else {}),
-        "Noise multiplier": _num(noise) if img2img and noise != 1 else None,
-        **(refiner if refiner is not None else _refiner_fields(req.refiner) if req.refiner else {}),
-        **(_x4_fields(req.x4) if req.x4 else {}),
-        **(extra or {}),
-        "Clip skip": req.clip_skip if req.clip_skip and req.clip_skip > 1 else None,
-        # A1111's samplers over timesteps (DDIM, DDIM CFG++, PLMS, UniPC) name their eta "Eta DDIM"
-        ("Eta DDIM" if info.title in _ETA_DDIM else "Eta"): _num(req.eta) if req.eta is not None else None,
-        # A1111's k-diffusion settings, written when not their defaults (sd_samplers_kdiffusion.initialize)
-        "Sigma churn": _num(req.s_churn) if req.s_churn else None,
-        "Sigma tmin": _num(req.s_tmin) if req.s_tmin else None,
-        "Sigma tmax": _num(req.s_tmax) if req.s_tmax is not None and math.isfinite(req.s_tmax) else None,
-        "Sigma noise": _num(req.s_noise) if req.s_noise != 1 else None,
-        "SGM noise multiplier": True if req.sgm_noise_multiplier else None,
-        "ENSD": req.eta_noise_seed_delta or None,
-        "NGMS": _num(req.s_min_uncond) if req.s_min_uncond else None,
-        "NGMS all steps": True if req.s_min_uncond and req.s_min_uncond_all else None,
-        "RNG": req.rng,
-        "Tiling": True if req.tiling else None,  # (A1111 writes it after RNG)
-        "Version": f"latentforge {__version__}",
-    }
-    return params
-
-
-def _resize_from(req: GenerationRequest) -> str | None:
-    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
-        return f"{req.seed_resize_from_w}x{req.seed_resize_from_h}"
-    return None
-
-
-def _hires_fields(req: GenerationRequest, info, schedule: str) -> dict:
-    """A1111's names for the hires fix settings; the hires pass's own prompts, sampler and schedule are
-    written only where they differ from the first pass's (as A1111 does)."""
-    h = req.hires
-    resize = h.resize_x or h.resize_y
-    second = hires_request(req)
-    hires_info, hires_schedule = resolve(second.sampler, second.schedule)
-    other = hires_checkpoint(h)
-    return {
-        "Hires prompt": second.prompt if second.prompt != req.prompt else None,
-        "Hires negative prompt": second.negative_prompt if second.negative_prompt != req.negative_prompt else None,
-        "Hires checkpoint": _short_title(other) if other is not None else None,
-        "Hires sampler": hires_info.title if hires_info.name != info.name else None,
-        "Hires schedule type": SCHEDULE_TITLES[hires_schedule] if hires_schedule != schedule else None,
-        "Hires upscale": None if resize else _num(h.scale),
-        "Hires resize": f"{h.resize_x}x{h.resize_y}" if resize else None,
-        "Hires steps": h.second_pass_steps or None,
-        "Hires upscaler": h.upscaler,
-    }
-
-
-def _short_title(checkpoint) -> str:
-    """A1111's short title of a checkpoint: "name [hash]" (file stem, 10 hex digits of its SHA-256); a
-    folder by its name alone."""
-    path = Path(str(checkpoint))
-    name = path.stem if path.is_file() else path.name
-    digest = model_hash(path) if path.is_file() else None
-    return f"{name} [{digest}]" if digest else name
-
-
-def _without_hash(title: str) -> str:
-    return title.rsplit(" [", 1)[0] if title.endswith("]") else title
-
-
-def _refiner_fields(r: RefinerOptions) -> dict:
-    """A1111's fields: "Refiner: name [hash]" (its short title), "Refiner switch at", and "Refiner switch by
-    sampling steps: True" when that rule was used."""
-    return {
-        "Refiner": _short_title(r.checkpoint),
-        "Refiner switch at": _num(r.switch_at),
-        "Refiner switch by sampling steps": True if r.switch_by_steps else None,
-    }
-
-
-def _x4_fields(x: X4Options) -> dict:
-    return {"X4 noise level": x.noise_level, "X4 tile": x.tile}
-
-
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
-def infotexts_for(
-    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, mode: str | bool, extra: dict | None = None
-) -> list[str]:
-    """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...). Image i
-    has the variation seed ``req.subseed + i``."""
-    refiner = _refiner_fields(req.refiner) if req.refiner else None  # hashed once for the batch
-    return [
-        format_infotext(
-            req.prompt,
-            req.negative_prompt,
-            infotext_params(pipe, req, s, info, schedule, mode, refiner, extra, subseed=req.subseed + i),
-        )
-        for i, s in enumerate(seeds)
-    ]
 
 
 def request_json(pipe, req: GenerationRequest, image: int, mode: str | bool) -> str:

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latentforge._version import __version__
 from latentforge.io.hashing import sha256_of
-from latentforge.pipelines.metadata import SCHEDULE_TITLES
+from latentforge.pipelines.infotext_fields import SCHEDULE_TITLES
 from latentforge.pipelines.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, RequestError
 from latentforge.sampling.registry import SAMPLERS
 from latentforge.server import extras, sdapi, sdapi_meta
