@@ -6,7 +6,8 @@ LoRA-style files name the *module* a delta belongs to, in one of several schemes
   (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``), SDXL files the original SGM
   paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); text encoders ``lora_te_`` (one
   encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL) + the Hugging Face path (``text_model_encoder_layers_0_
-  self_attn_q_proj``).
+  self_attn_q_proj``). kohya's OFT files say ``oft_unet_`` instead of ``lora_unet_``. The part after the
+  module name is one of ``_SUFFIXES``, or IA3's bare ``.weight`` after a dotless ``lora_`` name.
 - diffusers / PEFT: ``unet.<diffusers path>``, ``text_encoder.<HF path>``, ``text_encoder_2.<HF path>``;
   older files spell attention processors (``attn1.processor.to_q_lora``), which ``split_key`` rewrites.
 - OpenCLIP paths for the bigG / ViT-H encoders (``transformer_resblocks_0_attn_in_proj``): the fused
@@ -65,6 +66,14 @@ _SUFFIXES = (
     (".diff_b", "diff_b"),
     (".w_norm", "w_norm"),
     (".b_norm", "b_norm"),
+    (".on_input", "on_input"),  # IA3: whether its "weight" scales the input channels
+    (".oft_blocks", "oft_blocks"),  # OFT (kohya, LyCORIS) and, 4-d, LyCORIS BOFT
+    (".oft_diag", "oft_diag"),  # old LyCORIS OFT: the rotation blocks themselves
+    (".rescale", "rescale"),  # LyCORIS (B)OFT's per-output-channel rescale
+    (".a1.weight", "a1.weight"),  # GLoRA: A1111 keeps these part names
+    (".a2.weight", "a2.weight"),
+    (".b1.weight", "b1.weight"),
+    (".b2.weight", "b2.weight"),
 )
 # the attention-processor spelling of old diffusers files: attn1.processor.to_q_lora.down.weight
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -78,6 +87,11 @@ def split_key(key: str) -> tuple[str, str] | None:
     for suffix, part in _SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], part
+    # IA3's scale is the bare part "weight" (A1111 splits a name at its first dot); only a kohya-style module
+    # name (no dot, "lora_" prefix) is taken, so no checkpoint or upscaler tensor reads as an IA3 module
+    module, _, part = key.partition(".")
+    if part == "weight" and module.startswith("lora_"):
+        return module, "weight"
     return None
 
 
@@ -107,9 +121,10 @@ def unet_index(unet: nn.Module, num_res_blocks: int) -> dict[str, Target]:
             diffusers = unet_key(f"{name}.weight", num_res_blocks).removesuffix(".weight")
         except KeyError:
             diffusers = None
-        names = [f"lora_unet_{_flat(name)}", f"unet.{name}"]
+        # kohya's OFT files say oft_unet_ (A1111 matches their original names)
+        names = [f"lora_unet_{_flat(name)}", f"oft_unet_{_flat(name)}", f"unet.{name}"]
         if diffusers is not None:
-            names += [f"lora_unet_{_flat(diffusers)}", f"unet.{diffusers}", diffusers]
+            names += [f"lora_unet_{_flat(diffusers)}", f"oft_unet_{_flat(diffusers)}", f"unet.{diffusers}", diffusers]
         for n in names:
             index[n] = target
     return index

@@ -1,17 +1,19 @@
 """LoRA and LyCORIS files merged into a loaded model through the ``ModelPatcher``.
 
 The formats and their math (LoRA/LoCon, LoHa, LoKr, DoRA, LyCORIS full ``diff``/``diff_b`` and norm
-``w_norm``/``b_norm``, A1111's ``dyn``) are in ``adapters.lora_kinds``; module names are translated by
-``adapters.keys``.
+``w_norm``/``b_norm``, A1111's ``dyn``, and the kinds whose change is a function of the layer's weight: IA3,
+OFT/BOFT, GLoRA) are in ``adapters.lora_kinds``; module names are translated by ``adapters.keys``.
 
 Deltas are computed in float32 from the file's factors inside the patch function, so a remove restores
 the loaded weights bit for bit (the patcher keeps the backup). As A1111 (which applies the modules it
 finds and leaves the others, ``keys_failed_to_match``), a file whose modules mostly match the model
-(at least half; tensors of kinds latentforge does not know, such as IA3 or OFT, count as modules that do
-not match) is applied without the others, with a warning naming them; a file of which fewer match (a
-LoRA for another family) is refused before anything is changed, with what it looks made for. A module
-that matches by name but whose factors do not fit its layer refuses the whole file. A 4-channel
-``conv_in`` change on an inpainting model's 9-channel ``conv_in`` is zero-padded, as A1111 does.
+(at least half; tensors of no format latentforge knows count as modules that do not match) is applied
+without the others, with a warning naming them; a file of which fewer match (a LoRA for another family)
+is refused before anything is changed, with what it looks made for. A module that matches by name but
+whose factors do not fit its layer refuses the whole file. A 4-channel ``conv_in`` change on an
+inpainting model's 9-channel ``conv_in`` is zero-padded, as A1111 does. IA3, OFT and GLoRA modules on a
+fused q/k/v projection or on a 9-channel ``conv_in`` refuse the file (A1111 cannot apply them there
+either), and so do their parts when they do not fit the layer's weight.
 
 Textual-inversion embeddings bundled in the file (``bundle_emb.<name>.string_to_param.*``,
 ``bundle_emb.<name>.clip_l``/``clip_g``) are read into ``LoraFile.bundled``; ``pipelines.networks``
@@ -29,7 +31,17 @@ import torch
 from torch import Tensor
 
 from latentforge.adapters.keys import Target, model_index, split_key
-from latentforge.adapters.lora_kinds import BIAS_PARTS, DORA_PARTS, LoraError, bias_delta, bias_patch, weight_patch
+from latentforge.adapters.lora_kinds import (
+    BIAS_PARTS,
+    DORA_PARTS,
+    SCALAR_PARTS,
+    WEIGHT_KINDS,
+    LoraError,
+    bias_delta,
+    bias_patch,
+    weight_change,
+    weight_patch,
+)
 from latentforge.adapters.lora_kinds import delta as delta  # re-exported (train.lora, users)
 from latentforge.adapters.lora_kinds import dora as dora
 from latentforge.adapters.lora_kinds import module_kind as module_kind
@@ -89,8 +101,8 @@ def read_lora(path: str | Path) -> LoraFile:
     modules = {m: p for m, p in modules.items() if set(p) - {"alpha"}}
     if not modules and not bundled:
         raise LoraError(
-            f"{path} holds no LoRA/LyCORIS weights (no lora_down/lora_up, lora_A/lora_B, hada_, lokr_ tensors)"
-            + (f"; its first keys are {', '.join(unknown[:3])}" if unknown else "")
+            f"{path} holds no LoRA/LyCORIS weights (no lora_down/lora_up, lora_A/lora_B, hada_, lokr_, oft_blocks, "
+            "IA3 or GLoRA tensors)" + (f"; its first keys are {', '.join(unknown[:3])}" if unknown else "")
         )
     for name, parts in modules.items():
         for part, t in parts.items():
@@ -104,10 +116,10 @@ def read_lora(path: str | Path) -> LoraFile:
 
 
 def _checked(path: Path, key: str, part: str, t: Tensor) -> Tensor:
-    """A LoRA tensor that cannot poison the model: finite, and an alpha holds one number."""
-    if part == "alpha" and t.numel() != 1:
+    """A LoRA tensor that cannot poison the model: finite, and an alpha (IA3's on_input) holds one number."""
+    if part in SCALAR_PARTS and t.numel() != 1:
         raise LoraError(
-            f"{path}: {short(key)} has shape {list(t.shape)}; an alpha is one number. The file is damaged or not "
+            f"{path}: {short(key)} has shape {list(t.shape)}; an {part} is one number. The file is damaged or not "
             "a LoRA; nothing was applied"
         )
     why = (
@@ -173,17 +185,19 @@ def _usable(lora: LoraFile, index: dict, family: str) -> tuple[dict[str, Target]
             lora.path,
             len(left),
             total,
-            _examples(missing, odd, index),
+            _examples(missing, odd, index, lora.modules),
             len(found),
         )
     return found, left
 
 
-def _examples(missing: list[str], odd: dict[str, list[str]], index: dict) -> str:
+def _examples(missing: list[str], odd: dict[str, list[str]], index: dict, modules: dict) -> str:
     examples = []
     for name in missing[:3]:
         close = difflib.get_close_matches(name, index.keys(), n=1, cutoff=0.8)
-        examples.append("no " + name + (f" (closest in the model: {close[0]})" if close else ""))
+        kind = module_kind(modules[name]) if name in modules else "lora"  # say which parts an IA3/OFT/GLoRA has
+        what = f" ({WEIGHT_KINDS[kind]}: {', '.join(sorted(modules[name]))})" if kind in WEIGHT_KINDS else ""
+        examples.append("no " + name + what + (f" (closest in the model: {close[0]})" if close else ""))
     tensors = [t for ts in odd.values() for t in ts]
     if tensors:
         examples.append(
@@ -199,9 +213,10 @@ def _mismatch_message(lora, found: dict, missing: list[str], odd: dict, index: d
     if missing:
         what, use = f"match this {family} model", f" Use a LoRA made for {family};"
     else:
-        what, use = "are of a kind latentforge can apply", " IA3, OFT and GLoRA modules are not supported;"
+        what, use = "are of a kind latentforge can apply", " its other tensors are of no LoRA/LyCORIS format;"
     return (
-        f"{lora.path}: only {len(found)} of {total} LoRA modules {what}, e.g. {_examples(missing, odd, index)}."
+        f"{lora.path}: only {len(found)} of {total} LoRA modules {what}, e.g. "
+        f"{_examples(missing, odd, index, lora.modules)}."
         f"{hint}{use} nothing was applied."
     )
 
@@ -215,7 +230,7 @@ def _does_not_fit(path: Path, name: str, where: str, why: str) -> LoraError:
 def _change_shape(parts: dict[str, Tensor], full: tuple[int, ...], dyn: int | None) -> tuple[int, ...]:
     """The shape of the weight change, checked on the meta device: ``full``, or for a 9-channel conv_in
     (inpainting) the 4 channels of an ordinary model's conv_in. Raises what the factors raise."""
-    meta = {k: v if k == "alpha" else v.to("meta") for k, v in parts.items()}
+    meta = {k: v if k in SCALAR_PARTS else v.to("meta") for k, v in parts.items()}
     shapes = [full]
     if len(full) == 4 and full[1] == 9:
         shapes.append((full[0], 4, *full[2:]))
@@ -234,12 +249,42 @@ def _change_shape(parts: dict[str, Tensor], full: tuple[int, ...], dyn: int | No
     raise AssertionError("unreachable")
 
 
+def _check_weight_kind(path: Path, name: str, parts, target: Target, full: tuple[int, ...], where: str) -> None:
+    """Refuse (LoraError) an IA3/OFT/GLoRA module that cannot be applied as A1111 applies it: on a fused
+    q/k/v projection, on a 9-channel (inpainting) conv_in, or with parts that do not fit the weight (checked
+    on the meta device, DoRA included)."""
+    label = WEIGHT_KINDS[module_kind(parts)]
+    if len(target) > 1:
+        raise LoraError(
+            f"{path}: module {name} is {label} on a fused q/k/v projection ({where} x {len(target)}); A1111 "
+            f"applies {label} only to a layer's own weight, so latentforge does not support it; nothing was applied"
+        )
+    if len(full) == 4 and full[1] == 9:
+        raise LoraError(
+            f"{path}: module {name} is {label} on an inpainting model's 9-channel conv_in ({where}), which A1111 "
+            "cannot apply either (it pads every conv_in change from 4 channels); not supported; nothing was applied"
+        )
+    meta = {k: v if k in SCALAR_PARTS else v.to("meta") for k, v in parts.items()}
+    weight = torch.empty(full, device="meta")
+    try:
+        d = weight_change(meta, weight)
+        for part in DORA_PARTS:
+            if part in meta:
+                dora(weight, weight + d, meta[part], 1.0, per_output=part == "magnitude")
+    except (LoraError, RuntimeError, IndexError, ValueError) as e:  # our messages hold only shapes
+        why = str(e) if isinstance(e, LoraError) else short(str(e), 300)
+        raise LoraError(f"{path}: module {name} ({label}) does not fit {where}: {why}; nothing was applied") from None
+
+
 def _module_patches(path: Path, name: str, parts, target: Target, nets, strength: float, dyn: int | None) -> dict:
     """The patcher's patches ({"<network>.<param>": fn}) of one file module on its layer (or q/k/v thirds)."""
     net, param = target[0][0], target[0][1]
     weight_shape = tuple(nets[net].get_parameter(param).shape)
     full = (weight_shape[0] * len(target), *weight_shape[1:])
     where = f"{net}.{param} {list(weight_shape)}"
+    if module_kind(parts) in WEIGHT_KINDS:
+        _check_weight_kind(path, name, parts, target, full, where)
+        return {f"{network}.{p}": weight_patch(parts, full, None, strength) for network, p, _ in target}
     try:
         shape = _change_shape(parts, full, dyn)
     except (RuntimeError, LoraError, IndexError, KeyError, ValueError) as e:  # factors of the wrong rank or kind
@@ -350,6 +395,6 @@ def guess_family(lora: LoraFile) -> str | None:
     names = list(lora.modules)
     if any(n.startswith(("lora_te2_", "text_encoder_2.")) for n in names):
         return "sdxl-base"
-    if any(n.startswith("lora_unet_input_blocks") for n in names):
+    if any(n.startswith(("lora_unet_input_blocks", "oft_unet_input_blocks")) for n in names):
         return "sdxl-base"
     return None
