@@ -56,6 +56,24 @@ def test_nested_brackets_parse_in_linear_time_at_the_depth_limit():
     assert time.perf_counter() - start < 5
 
 
+def test_network_tags_are_found_in_linear_time_and_as_a1111s_pattern_finds_them():
+    # from each "<" with no ">" after it, A1111's pattern scans to the end: 100,000 chars took 27 s, and the
+    # server ran it on the prompt before the length check
+    import re
+
+    from latentforge.conditioning.prompt import extract_network_tags
+
+    a1111 = re.compile(r"<(\w+):([^>]+)>")  # extra_networks.re_extra_net
+    start = time.perf_counter()
+    assert extract_network_tags("<a:" * 100_000) == ("<a:" * 100_000, [])
+    text, tags = extract_network_tags("<a:" * 100_000 + ">")  # one tag: its text runs to the ">"
+    assert text == "" and len(tags) == 1 and tags[0][1] == ["<a"] * 99_999 + [""]
+    assert time.perf_counter() - start < 5
+    for text in ("x <lora:a:1> y <hypernet:b:0.5>z <lora:c> <d:", "<<lora:a:1>>", "<a:>b<c:d>e<f", "a>b<c"):
+        tags = [(m.group(1), m.group(2).split(":")) for m in a1111.finditer(text)]
+        assert extract_network_tags(text) == (a1111.sub("", text), tags)
+
+
 def test_nesting_length_and_option_limits_are_refused_with_the_limit_named():
     with pytest.raises(PromptError, match=f"nests {MAX_NESTING + 1} brackets"):
         prompt_schedule("(" * (MAX_NESTING + 1) + "a", 10)

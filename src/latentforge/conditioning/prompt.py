@@ -93,9 +93,13 @@ _NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
 
 def extract_network_tags(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
     """A1111's extra-network tags ``<kind:item:item...>`` (``<lora:name:0.8>``): the text without them,
-    and (kind, items) for each, in order."""
-    tags = [(m.group(1), m.group(2).split(":")) for m in _NETWORK_TAG.finditer(text)]
-    return _NETWORK_TAG.sub("", text), tags
+    and (kind, items) for each, in order. Linear in the text's length: no tag ends after the last ``>``, so
+    the pattern only sees the text up to it (from each ``<`` past it, ``[^>]+`` would scan to the end: 27 s
+    for 100,000 characters of ``<a:``)."""
+    end = text.rfind(">") + 1
+    head = text[:end]
+    tags = [(m.group(1), m.group(2).split(":")) for m in _NETWORK_TAG.finditer(head)]
+    return _NETWORK_TAG.sub("", head) + text[end:], tags
 
 
 def split_break(text: str) -> list[str]:
