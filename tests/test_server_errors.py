@@ -287,6 +287,31 @@ def test_unknown_routes_and_methods_have_the_error_shape(env):
     _err(r, 422, "JSON object", "Content-Type: application/json")
 
 
+def test_a_repeated_content_type_cannot_slip_past_the_json_checks(env):
+    """Starlette reads the first Content-Type; the checks read the last: with "application/json" then
+    "text/plain" a lone surrogate reached the options, and every GET /sdapi/v1/options was a 500."""
+    import http.client
+
+    s, _ = env
+    host, port = s.url.split("//")[1].split(":")
+    for path, body in (
+        ("/sdapi/v1/options", b'{"my_option": "\\ud800"}'),
+        ("/sdapi/v1/txt2img", json.dumps(OK).encode()),
+    ):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.putrequest("POST", path)
+        conn.putheader("Authorization", "Basic " + base64.b64encode(":".join(AUTH).encode()).decode())
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Type", "text/plain")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        detail = json.loads(r.read())["detail"]
+        assert r.status == 400 and "repeats a Content-Type" in detail, detail
+        conn.close()
+    assert s.get("/sdapi/v1/options").status_code == 200
+
+
 def test_json_problem_keeps_no_traceback():
     """Raised from the parsing thread into the middleware's coroutine, the error kept the body and its
     decoded text in a reference cycle: about 2x the body size of memory per bad request until a full GC."""
@@ -305,6 +330,8 @@ def test_option_values_are_checked(env):
     _err(_raw(s, "/sdapi/v1/options", b'{"my_option": NaN}'), 400, "my_option", "NaN")
     _err(s.post("/sdapi/v1/options", {"my_option": "x" * 100_000}), 400, "my_option", "65536")
     _err(s.post("/sdapi/v1/options", {f"opt{i}": i for i in range(600)}), 400, "512")
+    # names are kept too: one of 50 MB per request grew the server by as much, for good
+    _err(s.post("/sdapi/v1/options", {"k" * 200_000: 1}), 400, "not a setting name", "at most 128")
     assert s.post("/sdapi/v1/options", {"my_option": "fine"}).status_code == 200
     r = s.get("/sdapi/v1/options")
     assert r.status_code == 200 and r.json()["my_option"] == "fine" and "opt599" not in r.json()

@@ -474,23 +474,40 @@ def create_app(
 
 MAX_OPTIONS = 512  # option names kept (A1111's settings are about 400)
 MAX_OPTION_BYTES = 64 << 10  # one option's value as JSON
+MAX_OPTION_NAME = 128  # characters of an option's name (A1111's are under 64)
 
 
 def _check_option_values(values: dict, options: dict) -> None:
-    """Options are kept for the server's life and sent back by GET /sdapi/v1/options: each value must be
-    plain JSON (no NaN or infinity) of at most MAX_OPTION_BYTES, and the names at most MAX_OPTIONS."""
+    """Options are kept for the server's life and sent back by GET /sdapi/v1/options: each name at most
+    MAX_OPTION_NAME characters, each value plain JSON (no NaN or infinity) of at most MAX_OPTION_BYTES, both
+    writable as UTF-8 (no unpaired surrogates), and the names at most MAX_OPTIONS."""
     import json
 
     for key, value in values.items():
+        shown = key[:40] + "..." if len(key) > 40 else key
+        if len(key) > MAX_OPTION_NAME or not _utf8(key):
+            message = f"option name {shown!r} is not a setting name ({len(key)} characters; at most {MAX_OPTION_NAME})"
+            raise ApiError(400, message, shown)
         try:
-            size = len(json.dumps(value, allow_nan=False))
+            text = json.dumps(value, allow_nan=False, ensure_ascii=False)
         except (TypeError, ValueError):
             raise ApiError(400, f"{key}: the value must be plain JSON without NaN or infinity", key) from None
+        size = len(text)
+        if not _utf8(text):
+            raise ApiError(400, f"{key}: the value holds text that is not valid Unicode (a lone surrogate)", key)
         if size > MAX_OPTION_BYTES:
             message = f"{key}: the value is {size} bytes as JSON; options take at most {MAX_OPTION_BYTES}"
             raise ApiError(400, message, key)
     if len(set(options) | set(values)) > MAX_OPTIONS:
         raise ApiError(400, f"too many options: the server keeps at most {MAX_OPTIONS} option names")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ram() -> dict:

@@ -48,6 +48,9 @@ def error_response(status: int, kind: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_SINGLE_HEADERS = (b"content-type", b"content-length")  # headers whose repeats could split what is checked
+
+
 class Guard:
     """ASGI middleware: HTTP Basic authentication (constant-time comparison), the body size limit, and the
     500 of an unhandled error (``internal_error``): inside the CORS middleware, unlike Starlette's own
@@ -60,7 +63,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
+        raw = scope.get("headers") or []
+        headers = dict(raw)  # (the last of a repeated header)
+        if sum(1 for k, _ in raw if k in _SINGLE_HEADERS) > len({k for k, _ in raw if k in _SINGLE_HEADERS}):
+            # Starlette reads the first Content-Type: the JSON checks below must see the one the routes read
+            message = "the request repeats a Content-Type or Content-Length header; send each once"
+            return await error_response(400, "BadRequest", message)(scope, receive, send)
         if self.tokens and scope.get("method") != "OPTIONS":
             given = headers.get(b"authorization", b"").decode("latin-1")
             token = given[6:].strip() if given[:6].lower() == "basic " else ""
