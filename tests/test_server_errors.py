@@ -210,6 +210,26 @@ def test_images_missing_broken_or_too_large(env):
     assert r.status_code == 200
 
 
+def test_only_client_image_formats_are_decoded():
+    """PIL opens any format it knows: an EPS went to Ghostscript (client PostScript run on the server; a
+    500 when it failed) and a 4 kB DDS raised NotImplementedError (a 500)."""
+    import struct
+
+    from latentforge.server.errors import FieldError
+    from latentforge.server.sdapi import decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\nshowpage\n%%EOF\n"
+    dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 32, 32, 0, 0, 0) + b"\0" * 44 + struct.pack("<2I", 32, 0)
+    dds += b"\0" * 20 + struct.pack("<I", 0x1000) + b"\0" * 16 + b"\0" * 4096
+    for raw in (eps, dds):
+        with pytest.raises(FieldError, match="not an image in a format the server reads"):
+            decode_image(base64.b64encode(raw).decode(), "init_images[0]", 1 << 20)
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 8), (200, 10, 10)).save(buf, format=fmt)
+        assert decode_image(base64.b64encode(buf.getvalue()).decode(), "image", 1 << 20).size == (16, 8)
+
+
 def test_body_size_limit(env):
     s, _ = env
     big = {**OK, "prompt": "x" * (2 << 20)}

@@ -176,6 +176,11 @@ class PixelBudget:
         self.left -= w * h
 
 
+# the image formats a client sends (A1111's page and clients: PNG, JPEG, WebP; photos, scans, GIFs): never
+# PostScript/EPS (PIL hands it to Ghostscript) or the rarer decoders
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # (JPEG includes MPO photos)
+
+
 def decode_image(data: Any, field: str, max_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
     """A base64 image (raw or a ``data:`` URL) -> a loaded PIL image. The header is read first: images
     above ``max_pixels`` (decompression bombs) are refused before their pixels are decoded, and so are
@@ -190,12 +195,15 @@ def decode_image(data: Any, field: str, max_pixels: int, budget: PixelBudget | N
         raise FieldError(field, "is not valid base64") from None
     too_large = f"at most {max_pixels} pixels are accepted (--max-image-pixels)"
     try:
-        im = Image.open(io.BytesIO(raw))
+        im = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise FieldError(field, f"the image declares more pixels than PIL will decode; {too_large}") from None
-    except (OSError, ValueError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # any decoder's error (a DDS's NotImplementedError too): the client's data
         why = "" if isinstance(e, Image.UnidentifiedImageError) else f" ({str(e)[:120]})"
-        raise FieldError(field, f"is not an image PIL can read (PNG, JPEG, WebP, ...){why}") from None
+        formats = ", ".join(IMAGE_FORMATS)
+        raise FieldError(field, f"is not an image in a format the server reads ({formats}){why}") from None
     w, h = im.size
     if w * h > max_pixels or w < 1 or h < 1:
         raise FieldError(field, f"the image is {w}x{h}; {too_large}")
@@ -203,8 +211,10 @@ def decode_image(data: Any, field: str, max_pixels: int, budget: PixelBudget | N
         budget.take(field, w, h)
     try:
         im.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise FieldError(field, f"the image cannot be decoded: {str(e)[:120]}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # any decoder's error: the client's data
+        raise FieldError(field, f"the image cannot be decoded: {type(e).__name__}: {str(e)[:120]}") from None
     return im
 
 
