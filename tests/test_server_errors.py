@@ -35,13 +35,20 @@ def env(tmp_path_factory):
     (models / "sub").mkdir(parents=True)
     shutil.copy(bundled_model_path(), models / "sub" / "copy.safetensors")
     (models / "zz-broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    loras = root / "loras"
+    loras.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
+    nan = {"lora_unet_x.lora_up.weight": torch.zeros(4, 2), "lora_unet_x.lora_down.weight": torch.zeros(2, 4)}
+    save_file({**nan, "lora_unet_x.alpha": torch.tensor(float("nan"))}, loras / "nan_alpha.safetensors")
     outside = root / "outside.safetensors"
     shutil.copy(bundled_model_path(), outside)
     os.symlink(outside, models / "escape.safetensors")  # points out of the folder: never listed
     outdir = root / "out"
     s = Server(
         "-m", str(bundled_model_path()), "--models-dir", str(models), "--api-auth", f"bob:pw,{AUTH[0]}:{AUTH[1]}",
-        "--max-body-mb", "1", "--max-image-pixels", str(256 * 256), "--outdir", str(outdir),
+        "--max-body-mb", "1", "--max-image-pixels", str(256 * 256), "--outdir", str(outdir), "--lora-dir", str(loras),
         auth=AUTH, tmp=root,
     )  # fmt: skip
     yield s, outdir
@@ -260,11 +267,18 @@ def test_save_images_only_inside_outdir(env, tmp_path):
     assert "Seed: 42" in Image.open(outdir / saved[-1]).info["parameters"]
 
 
-def test_broken_model_is_a_500_without_internals_and_the_server_goes_on(env):
+def test_broken_files_are_a_500_saying_which_and_why_without_paths_and_the_server_goes_on(env):
+    """A model or LoRA the request chose that cannot be used: the library's message (which file, what is
+    wrong), the server's folders cut from it; it used to be "generation failed; the server log has the
+    details" for every one."""
     s, _ = env
     r = s.post("/sdapi/v1/txt2img", {**OK, "override_settings": {"sd_model_checkpoint": "zz-broken"}})
-    body = _err(r, 500)
-    assert "zz-broken" not in body["detail"] and "/" not in body["detail"]
+    body = _err(r, 500, "zz-broken.safetensors")
+    assert body["error"] == "FileError" and "/" not in body["detail"] and "Traceback" not in body["detail"]
+    body = _err(s.post("/sdapi/v1/options", {"sd_model_checkpoint": "zz-broken"}), 500, "zz-broken.safetensors")
+    assert "/" not in body["detail"]
+    body = _err(s.post("/sdapi/v1/txt2img", {**OK, "prompt": "x <lora:nan_alpha:1>"}), 500, "nan_alpha", "NaN")
+    assert body["error"] == "FileError" and "/" not in body["detail"]
     _err(s.get("/latentforge/v1/jobs/nope"), 404, "nope")
     assert s.post("/sdapi/v1/txt2img", OK).status_code == 200
 

@@ -246,7 +246,10 @@ def chunk_prompt(text: str, encode, comma_id: int, syntax: str = "a1111") -> lis
         for token in encode(piece):
             rows = token if isinstance(token, tuple) else None  # an embedding's rows
             if rows is not None and len(rows) > CHUNK:
-                raise ValueError(f"an embedding of {len(rows)} vectors does not fit in a {CHUNK}-token chunk")
+                raise PromptError(
+                    f"the prompt names an embedding of {len(rows)} vectors, which does not fit in a {CHUNK}-token "
+                    "chunk (A1111 cannot use it either); use an embedding of at most 75 vectors"
+                )
             # A1111's order (sd_hijack_clip.tokenize_line), embeddings included: note a comma; else move
             # the text after a comma within the last 20 tokens of a full chunk to the next; then close a
             # full chunk

@@ -135,7 +135,10 @@ def create_app(
         if job.state == "failed":
             if job.error_kind == "request":
                 raise ApiError(400, job.error or "the request cannot run")
-            raise ApiError(500, "generation failed; the server log has the details", kind="InternalError")
+            if job.error_kind == "file":  # a file on the server the request chose: which one, and why
+                raise ApiError(500, job.error or "a file the request chose cannot be used", kind="FileError")
+            what = "loading the model" if job.spec.kind == "load" else "generation"
+            raise ApiError(500, f"{what} failed; the server log has the details", kind="InternalError")
 
     def _response(job: Job, payload: sdapi._Payload) -> dict:
         images = [sdapi.encode_png(im) for im in job.images] if payload.send_images else []

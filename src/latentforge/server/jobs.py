@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import re
 import threading
 import time
 import uuid
@@ -49,6 +50,33 @@ def _client_errors() -> tuple[type[Exception], ...]:
 
 
 _CLIENT_ERRORS = _client_errors()
+
+
+def _file_errors() -> tuple[type[Exception], ...]:
+    """A file the request chose (a model, LoRA, embedding, hypernetwork, ControlNet, upscaler, annotator) that
+    cannot be used, or a model whose numbers overflow: the library's message says which file and why."""
+    from latentforge.adapters.lora_kinds import LoraError
+    from latentforge.conditioning.embeddings import EmbeddingError
+    from latentforge.families.detect import DetectionError
+    from latentforge.io.components import LoadError
+    from latentforge.io.safetensors_header import CheckpointError
+    from latentforge.models.hed_load import HEDNotFoundError
+    from latentforge.models.midas_load import MidasNotFoundError
+    from latentforge.pipelines.numerics import NonFiniteError
+
+    return (LoraError, EmbeddingError, CheckpointError, LoadError, DetectionError, NonFiniteError,
+            HEDNotFoundError, MidasNotFoundError)  # fmt: skip
+
+
+_FILE_ERRORS = _file_errors()
+# the directories of an absolute path in a message: a client learns the file's name, not where it lives
+_DIRECTORIES = re.compile(r"(?<![\w.~-])/(?:[^\s/:'\",;()\[\]]+/)+")
+
+
+def public_message(text: str) -> str:
+    """A library error for a client: paths cut to file names, at most 1000 characters."""
+    text = _DIRECTORIES.sub("", text)
+    return text if len(text) <= 1000 else text[:990] + " ... (cut)"
 
 
 def input_pixels(spec: JobSpec) -> int:
@@ -115,7 +143,7 @@ class Job:
     seeds: list[int] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
     error: str | None = None
-    error_kind: str | None = None  # "request" (the client's fault) or "internal"
+    error_kind: str | None = None  # "request" (the client's fault), "file" (a file it chose is unusable), "internal"
     step: int = 0
     steps: int = 0
     iteration: int = 0
@@ -381,8 +409,12 @@ class JobQueue:
         if isinstance(error, _CLIENT_ERRORS):
             self.finish(job, "failed", str(error), "request")
             return
+        if isinstance(error, _FILE_ERRORS):
+            log.error("job %s failed: %s", job.id, error)
+            self.finish(job, "failed", public_message(f"{error}"), "file")
+            return
         log.error("job %s failed", job.id, exc_info=error)
-        self.finish(job, "failed", f"{type(error).__name__}: {error}", "internal")
+        self.finish(job, "failed", public_message(f"{type(error).__name__}: {error}"), "internal")
 
     def _execute(self, job: Job) -> None:
         spec = job.spec
