@@ -74,6 +74,17 @@ def test_network_tags_are_found_in_linear_time_and_as_a1111s_pattern_finds_them(
         assert extract_network_tags(text) == (a1111.sub("", text), tags)
 
 
+def test_networks_per_request_are_limited():
+    from latentforge.pipelines.checks import MAX_NETWORKS
+
+    GenerationRequest.from_dict({"prompt": "<lora:a:0.1>" * MAX_NETWORKS}).validate()
+    with pytest.raises(RequestError, match=f"applies {MAX_NETWORKS + 1} networks .*at most {MAX_NETWORKS}"):
+        GenerationRequest.from_dict({"prompt": "<lora:a:0.1>" * (MAX_NETWORKS + 1)}).validate()
+    with pytest.raises(RequestError, match="at most"):
+        networks = [{"name": "b", "kind": "lora"}] * 10
+        GenerationRequest.from_dict({"prompt": "<lora:a:1>" * (MAX_NETWORKS - 9), "networks": networks}).validate()
+
+
 def test_nesting_length_and_option_limits_are_refused_with_the_limit_named():
     with pytest.raises(PromptError, match=f"nests {MAX_NESTING + 1} brackets"):
         prompt_schedule("(" * (MAX_NESTING + 1) + "a", 10)

@@ -22,6 +22,7 @@ class RequestError(ValueError):
 
 
 MAX_STEPS = 1000
+MAX_NETWORKS = 64  # LoRAs, hypernetworks and embeddings one request applies (each one is work per weight)
 MAX_SIDE = 8192  # pixels, width and height (explicit, from an init image, or after hires)
 MAX_INPUT_PIXELS = 8192 * 8192  # pixels of an image file read as input (checked before decoding)
 # numeric fields that are finite numbers within a range (s_tmax may be infinite: "no upper bound")

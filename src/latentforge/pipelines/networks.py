@@ -46,8 +46,9 @@ class Session:
     infotext: dict = field(default_factory=dict)
 
     def close(self, pipe) -> None:
-        for source in self.sources:
-            pipe.patcher.remove(source)
+        with pipe.patcher.batched():  # each weight recomputed once
+            for source in self.sources:
+                pipe.patcher.remove(source)
         for name in self.embeddings:
             pipe.text.embeddings.added.pop(name, None)
         self.sources, self.embeddings = [], []
@@ -63,33 +64,8 @@ def activate(pipe, req: GenerationRequest) -> Session:
     for ref, digest in applied:
         (hypernets if ref.kind in HYPERNET_KINDS else hashes).append(f"{_hash_name(ref.name)}: {digest}")
     try:
-        for i, ref in enumerate(refs):
-            if _already_applied(ref, applied):
-                continue  # a record of an image made with it applied, run again while it still is
-            if ref.kind == EMBEDDING_KIND:
-                path = pipe.folders.find_embedding(ref.name)
-                pipe.text.embeddings.add(path)
-                session.embeddings.append(path.stem)
-                continue
-            if ref.kind in HYPERNET_KINDS:
-                path = pipe.folders.find_hypernetwork(ref.name)
-                source = f"request:{i}:{ref.name}"
-                session.sources.append(source)
-                apply_hypernetwork(pipe, path, strength=ref.strength, source=source)
-                hypernets.append(f"{_hash_name(ref.name)}: {sha256_of(path)[:12]}")
-                continue
-            if ref.kind not in LORA_KINDS:
-                raise RequestError(
-                    f"networks of kind {ref.kind!r} are not available; use 'lora', 'hypernet' or 'embedding'"
-                )
-            path = pipe.folders.find_lora(ref.name)
-            source = f"request:{i}:{ref.name}"
-            session.sources.append(source)
-            done = apply_lora(
-                pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source, dyn=ref.dyn
-            )
-            hashes.append(f"{_hash_name(ref.name)}: {done.hash[:12]}")
-            _add_bundled(pipe, session, done, _hash_name(ref.name))
+        with pipe.patcher.batched():  # each weight recomputed once, not once per network that patches it
+            _apply_refs(pipe, session, refs, applied, hashes, hypernets)
     except BaseException:
         session.close(pipe)
         raise
@@ -105,6 +81,38 @@ def activate(pipe, req: GenerationRequest) -> Session:
     if ti:
         session.infotext["TI hashes"] = ", ".join(ti)
     return session
+
+
+def _apply_refs(pipe, session: Session, refs: list, applied: list, hashes: list[str], hypernets: list[str]) -> None:
+    """Apply each network reference (registering its patcher source in ``session`` first, so that an error
+    takes back what was applied), collecting the LoRA and hypernetwork hashes."""
+    for i, ref in enumerate(refs):
+        if _already_applied(ref, applied):
+            continue  # a record of an image made with it applied, run again while it still is
+        if ref.kind == EMBEDDING_KIND:
+            path = pipe.folders.find_embedding(ref.name)
+            pipe.text.embeddings.add(path)
+            session.embeddings.append(path.stem)
+            continue
+        if ref.kind in HYPERNET_KINDS:
+            path = pipe.folders.find_hypernetwork(ref.name)
+            source = f"request:{i}:{ref.name}"
+            session.sources.append(source)
+            apply_hypernetwork(pipe, path, strength=ref.strength, source=source)
+            hypernets.append(f"{_hash_name(ref.name)}: {sha256_of(path)[:12]}")
+            continue
+        if ref.kind not in LORA_KINDS:
+            raise RequestError(
+                f"networks of kind {ref.kind!r} are not available; use 'lora', 'hypernet' or 'embedding'"
+            )
+        path = pipe.folders.find_lora(ref.name)
+        source = f"request:{i}:{ref.name}"
+        session.sources.append(source)
+        done = apply_lora(
+            pipe, path, strength=ref.strength, text_strength=ref.text_strength, source=source, dyn=ref.dyn
+        )
+        hashes.append(f"{_hash_name(ref.name)}: {done.hash[:12]}")
+        _add_bundled(pipe, session, done, _hash_name(ref.name))
 
 
 def _add_bundled(pipe, session: Session, done, lora_name: str) -> None:

@@ -25,6 +25,7 @@ from latentforge.pipelines.checks import INPAINT_FILL as INPAINT_FILL
 from latentforge.pipelines.checks import LATENT_UPSCALERS as LATENT_UPSCALERS
 from latentforge.pipelines.checks import (
     MAX_CONTROL_UNITS,
+    MAX_NETWORKS,
     MAX_SIDE,
     MAX_STEPS,
     RANGES,
@@ -425,8 +426,11 @@ class GenerationRequest:
             )
         for i, ref in enumerate(self.networks):
             validate_network(f"networks[{i}] ({show(ref.name)})", ref, need)
-        for ref in refs_from_tags(extract_network_tags(self.prompt)[1]):  # <lora:name:w> tags, before loading
+        tagged = refs_from_tags(extract_network_tags(self.prompt)[1])
+        for ref in tagged:  # <lora:name:w> tags, before loading
             validate_network(f"prompt: <{ref.kind}:{ref.name}>", ref, need)
+        count = len(self.networks) + len(tagged)  # a LoRA twice is one at the strengths' sum
+        need(count <= MAX_NETWORKS, f"the request applies {count} networks (tags and list); at most {MAX_NETWORKS}")
         if self.refiner is not None:
             validate_refiner(self.refiner, need)
             need(self.hires is None, "the refiner together with Hires. fix is not available; use one of them")
