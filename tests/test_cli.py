@@ -37,6 +37,27 @@ def test_convert_round_trip_and_no_silent_overwrite(folder, tmp_path, capsys):
     assert "file metadata latentforge.prediction='v'" in capsys.readouterr().out
 
 
+def test_overwrite_replaces_only_a_model_folder_and_never_a_folder_with_a_file(folder, tmp_path, capsys):
+    """--overwrite replaced any folder: a mistyped output wiped the user's files in it; and a single file
+    over a folder was found only after the whole conversion."""
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "thesis.txt").write_text("important")
+    args = ["convert", str(folder), str(home), "--to", "diffusers", "--overwrite"]
+    assert main(args) == 2
+    assert "no diffusers model folder" in capsys.readouterr().err
+    assert (home / "docs" / "thesis.txt").read_text() == "important"
+    assert not (home / "model_index.json").exists()
+    model = tmp_path / "model"
+    model.mkdir()  # empty: replaced
+    assert main(["convert", str(folder), str(model), "--to", "diffusers", "--overwrite"]) == 0
+    assert main(["convert", str(folder), str(model), "--to", "diffusers", "--overwrite"]) == 0  # a model folder
+    assert (model / "model_index.json").is_file()
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["convert", str(folder), str(tmp_path / "d.safetensors"), "--to", "single-file", "--overwrite"]) == 2
+    assert "is a folder" in capsys.readouterr().err and (tmp_path / "d.safetensors").is_dir()
+
+
 def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     assert main(["inspect", str(tmp_path / "junk.safetensors")]) == 2

@@ -281,6 +281,16 @@ def scheduler_config(family: Family, prediction: str) -> dict:
     }
 
 
+def _model_folder(path: Path) -> str | None:
+    """None for a folder --overwrite may replace: a diffusers model folder (``model_index.json``) or an empty
+    one; else why not (a folder of other files, or a file, is the user's)."""
+    if path.is_dir() and not path.is_symlink():
+        if (path / "model_index.json").is_file() or not any(path.iterdir()):
+            return None
+        return "is a folder but no diffusers model folder (it has no model_index.json)"
+    return "is not a folder"
+
+
 def save_diffusers(pipe, path: str | Path, *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write ``pipe`` as a diffusers folder that diffusers' ``from_pretrained`` loads."""
     fam: Family = pipe.family
@@ -290,7 +300,7 @@ def save_diffusers(pipe, path: str | Path, *, dtype: torch.dtype | None = None, 
 
     size = fam.default_size
     index: dict = {"_class_name": fam.diffusers_pipeline, "_diffusers_version": "0.30.0"}
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite, replaceable=_model_folder) as tmp:
         ucfg = pipe.unet.config
         time_dim = None
         if ucfg.adm_in_channels:

@@ -122,6 +122,8 @@ def atomic_path(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it is published as ``path``."""
     path = Path(path)
     refuse_existing(path, overwrite)
+    if path.is_dir():  # (overwrite: a file never replaces a folder, found before the work, not after it)
+        raise OutputError(f"{path} is a folder; give a file name for the output")
     _make_folder(path.parent, "output location")
     tmp = _new_file(path.parent, f".{_stem(path)}.", ".partial")
     try:
@@ -175,7 +177,9 @@ def write_numbered(folder: str | Path, write: Callable[[Path], None], next_name:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path, *, overwrite: bool = False, replaceable: Callable[[Path], str | None] | None = None
+) -> Iterator[Path]:
     """Yield a new temporary folder beside ``path``; on success it takes ``path``'s place. Without
     ``overwrite`` an existing ``path`` is refused, also one that appeared while the folder was written.
 
@@ -183,9 +187,15 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     (``.NAME.old.XXXXXXXXXXXX``, made exclusively, so no name of the user's is ever reused or removed),
     then the new folder is renamed to ``path`` (each step one rename), and only then is the old copy
     deleted. Should the second rename fail, the old copy is put back; should that fail too, the error says
-    where it is. Only what this function made is ever deleted."""
+    where it is. Only what this function made is ever deleted. ``replaceable(path)``: None when an existing
+    ``path`` may be replaced, else why not (checked before any work: a folder of the user's that is not
+    what this writes is never replaced)."""
     path = Path(path)
     refuse_existing(path, overwrite)
+    if replaceable is not None and os.path.lexists(path):
+        why = replaceable(path)
+        if why is not None:
+            raise OutputError(f"{path} {why}; --overwrite replaces it only then: choose another name, or move it away")
     _make_folder(path.parent, "output location")
     tmp = _new_folder(path.parent, f".{_stem(path)}.", ".partial")
     try:
