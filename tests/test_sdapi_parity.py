@@ -341,6 +341,32 @@ def test_images_carry_no_server_paths(live, tmp_path_factory):
     assert os.sep + "sub" + os.sep not in text and "pytest" not in text
 
 
+def test_other_image_changing_settings_are_refused_by_name_or_applied(client):
+    """A1111 1.10's compatibility options, emphasis mode, approximate VAE and padded conds change its images;
+    they were accepted and ignored. At A1111's defaults they pass; other values are a 400 naming them, in a
+    request and in POST options. A true/false setting given another type is refused, not read as false.
+    The SDXL refiner's aesthetic scores fill the request's fields."""
+    defaults = {"use_old_emphasis_implementation": False, "emphasis": "Original", "sd_vae_decode_method": "Full",
+                "pad_cond_uncond": False, "use_old_scheduling": False, "comma_padding_backtrack": 20}  # fmt: skip
+    _ok(client.post("/sdapi/v1/txt2img", json={**OK, "override_settings": defaults}))
+    _ok(client.post("/sdapi/v1/options", json=defaults))
+    for name, value in (
+        ("use_old_emphasis_implementation", True),
+        ("emphasis", "No norm"),
+        ("sd_vae_decode_method", "TAESD"),
+        ("pad_cond_uncond", True),
+        ("always_discard_next_to_last_sigma", True),
+        ("img2img_fix_steps", "yes"),
+    ):
+        r = client.post("/sdapi/v1/txt2img", json={**OK, "override_settings": {name: value}})
+        assert r.status_code == 400 and name in r.text, (name, r.text)
+        r = client.post("/sdapi/v1/options", json={name: value})
+        assert r.status_code == 400 and name in r.text, (name, r.text)
+    body = {**OK, "override_settings": {"sdxl_refiner_high_aesthetic_score": 7.0}}
+    _ok(client.post("/sdapi/v1/txt2img", json=body))
+    assert client.queue.submitted[-1].request.aesthetic_score == 7.0
+
+
 def test_img2img_settings_apply_or_are_refused_by_name(client):
     """A1111 reads inpainting_mask_weight only from its settings (``getattr(self, "inpainting_mask_weight",
     shared.opts.inpainting_mask_weight)``): it reaches every img2img request, masked or not. Colour correction,

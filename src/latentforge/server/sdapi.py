@@ -36,9 +36,9 @@ from latentforge.server.sdapi_meta import apply_infotext, echo_parameters, info_
 from latentforge.server.sdapi_settings import (
     apply_styles,
     check_sampler_settings,
-    img2img_settings,
     request_vae,
     sampler_fields,
+    unsupported_settings,
 )
 from latentforge.server.sdapi_settings import styles_error as styles_error  # re-exported (app.py)
 from latentforge.server.sdapi_settings import vae_choice as vae_choice
@@ -308,6 +308,8 @@ def to_request(
         data["refiner_switch_at"] = p["refiner_switch_at"]
     img2img_only = () if img2img else ("initial_noise_multiplier",)  # A1111 reads it in img2img's sample only
     data.update({b: settings[a] for a, b in _SETTING_FIELDS.items() if a in settings and b not in img2img_only})
+    if not img2img:
+        unsupported_settings(settings, img2img=False)  # (img2img's below, with its own)
     data["subseed"] = p.get("subseed", -1)
     if p.get("subseed_strength"):  # A1111's variation seeds (a subseed of -1: random, drawn by the run)
         data["subseed_strength"] = p["subseed_strength"]
@@ -336,7 +338,7 @@ def to_request(
             )
             if blur is None:
                 data.update(mask_blur_x=p["mask_blur_x"], mask_blur_y=p["mask_blur_y"])
-        data.update(img2img_settings(settings))  # img2img_fix_steps; the refused ones
+        data.update(unsupported_settings(settings))  # img2img_fix_steps; the refused ones
         images = p.get("init_images")
         if not images:
             _refuse("init_images", "img2img needs at least one init image (base64 PNG/JPEG)")
@@ -501,6 +503,8 @@ _SETTING_FIELDS = {
     "s_min_uncond_all": "s_min_uncond_all",
     "initial_noise_multiplier": "initial_noise_multiplier",  # img2img's "Noise multiplier"
     "inpainting_mask_weight": "inpainting_mask_weight",  # inpainting models' "Conditional mask weight"
+    "sdxl_refiner_high_aesthetic_score": "aesthetic_score",  # the SDXL refiner's conditioning
+    "sdxl_refiner_low_aesthetic_score": "negative_aesthetic_score",
 }
 
 
@@ -509,7 +513,7 @@ def check_settings(values: dict) -> None:
     checks them, so that ``POST /sdapi/v1/options`` refuses a value every later request would fail on (the
     sampler settings too: ``sdapi_settings.SAMPLER_SETTINGS``)."""
     check_sampler_settings(values)
-    img2img_settings(values)  # the img2img settings latentforge cannot run: refused here already
+    unsupported_settings(values)  # the settings latentforge cannot run: refused here already
     fields = {ours: values[theirs] for theirs, ours in _SETTING_FIELDS.items() if theirs in values}
     if not fields:
         return

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from latentforge.pipelines.checks import show
 from latentforge.server.errors import FieldError
 
 log = logging.getLogger("latentforge.server")
@@ -193,14 +194,42 @@ _IMG2IMG_UNSUPPORTED = {
 }
 
 
-def img2img_settings(settings: dict) -> dict[str, Any]:
-    """The request field A1111's img2img settings give (``img2img_fix_steps``; ``inpainting_mask_weight`` is
-    one of sdapi's ``_SETTING_FIELDS``, read by txt2img too), and a refusal for a setting latentforge cannot
-    run at a value other than A1111's default."""
-    for name, (default, what) in _IMG2IMG_UNSUPPORTED.items():
+# A1111's other settings that change images, at their defaults in A1111 1.10 (its compatibility options, the
+# emphasis mode, the VAE's approximations, padded conds): latentforge runs the defaults; another value is
+# refused by name, on every request and in POST /sdapi/v1/options
+_UNSUPPORTED = {
+    "use_old_emphasis_implementation": (False, "the old emphasis implementation"),
+    "use_old_karras_scheduler_sigmas": (False, "the old Karras scheduler sigmas"),
+    "no_dpmpp_sde_batch_determinism": (False, "DPM++ SDE without batch determinism"),
+    "use_old_hires_fix_width_height": (False, "the old hires fix width and height"),
+    "dont_fix_second_order_samplers_schedule": (False, "the unfixed schedule of second-order samplers"),
+    "hires_fix_use_firstpass_conds": (False, "the first pass's conditioning for the hires pass"),
+    "use_old_scheduling": (False, "the old prompt-editing timelines"),
+    "always_discard_next_to_last_sigma": (False, "discarding the next-to-last sigma for every sampler"),
+    "pad_cond_uncond": (False, "padding the prompt and negative prompt to the same length"),
+    "pad_cond_uncond_v0": (False, "padding the prompt and negative prompt to the same length (v0)"),
+    "emphasis": ("Original", "another emphasis mode"),
+    "comma_padding_backtrack": (20, "another comma padding backtrack"),
+    "sd_vae_encode_method": ("Full", "an approximate VAE encoder"),
+    "sd_vae_decode_method": ("Full", "an approximate VAE decoder"),
+}
+# settings that are true or false (anything else would be taken as one of them without a word)
+_BOOLEAN_SETTINGS = {"img2img_fix_steps", "img2img_color_correction", "s_min_uncond_all", "sgm_noise_multiplier"}
+
+
+def unsupported_settings(settings: dict, img2img: bool = True) -> dict[str, Any]:
+    """Refuse (a FieldError naming it) a setting latentforge cannot run at a value other than A1111's default
+    (``_UNSUPPORTED``; with ``img2img`` also img2img's) or a true/false setting of another type; returns the
+    request field A1111's img2img settings give (``img2img_fix_steps``; ``inpainting_mask_weight`` is one of
+    sdapi's ``_SETTING_FIELDS``, read by txt2img too)."""
+    for name in _BOOLEAN_SETTINGS & set(settings):
+        if not isinstance(settings[name], bool) and settings[name] is not None:
+            _refuse(name, f"{name} must be true or false, got {show(settings[name])}")
+    table = {**_UNSUPPORTED, **(_IMG2IMG_UNSUPPORTED if img2img else {})}
+    for name, (default, what) in table.items():
         value = settings.get(name, default)
         white = name == "img2img_background_color" and str(value).lower() in ("#ffffff", "#fff", "white")
-        if white or value in (default, None, "None", ""):
+        if white or value in (default, None, "None", "") or (value is False and default is False):
             continue
-        _refuse(name, f"{what} ({name} = {value!r}) is not available in latentforge; set it back to {default!r}")
-    return {"img2img_fix_steps": True} if settings.get("img2img_fix_steps") is True else {}
+        _refuse(name, f"{what} ({name} = {show(value)}) is not available in latentforge; set it back to {default!r}")
+    return {"img2img_fix_steps": True} if img2img and settings.get("img2img_fix_steps") is True else {}
