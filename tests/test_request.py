@@ -149,3 +149,13 @@ def test_refiner_group_runs_and_checks_its_model_before_any_work(tmp_path):
     assert req.refiner.checkpoint == "refiner.safetensors" and req.refiner.switch_at == 0.7
     with pytest.raises(RequestError, match=r"refiner_checkpoint 'refiner\.safetensors' does not exist"):
         pipe.txt2img("x", steps=1, width=64, height=64, refiner_checkpoint="refiner.safetensors")
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold():
+    """A slider's or an array's np.int64 was refused: "width must be a whole number or none, got int64 64"."""
+    import numpy as np
+
+    req = GenerationRequest.from_dict({"width": np.int64(64), "steps": np.int32(3), "cfg_scale": np.float32(2.5)})
+    req.validate()
+    assert (req.width, req.steps, req.cfg_scale) == (64, 3, 2.5)
+    assert type(req.width) is int and type(req.cfg_scale) is float

@@ -43,8 +43,12 @@ def test_lists_and_units_run(server):
     a, b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))) for r in (plain, controlled))
     assert not np.array_equal(a, b)
     assert "ControlNet 0" in controlled.json()["info"]
-    disabled = _txt2img(server, [{**unit, "enabled": False}])
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(disabled.json()["images"][0])))), a)
+    # the extension's pydantic model reads "no" and 0 as false ("no" used to count as enabled)
+    for off in (False, "no", "false", 0):
+        disabled = _txt2img(server, [{**unit, "enabled": off}])
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(disabled.json()["images"][0])))), a)
+    r = _txt2img(server, [{**unit, "enabled": "maybe"}])
+    assert r.status_code == 400 and "args[0].enabled" in r.text
 
 
 def test_unit_model_names_cannot_be_paths(server, tmp_path):

@@ -50,6 +50,11 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def python_scalar(value):
+    """A numpy scalar (``np.int64(64)``: a slider's, an array's) as the Python number it holds; else as is."""
+    return value.item() if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 else value
+
+
 def show(value: object) -> str:
     """A value for an error message, cut short (it may come from a file)."""
     text = repr(value)

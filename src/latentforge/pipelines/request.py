@@ -37,6 +37,7 @@ from latentforge.pipelines.checks import (
     is_int,
     is_number,
     optional,
+    python_scalar,
     show,
     validate_control,
     validate_hires,
@@ -463,6 +464,7 @@ class GenerationRequest:
         A1111 API payload) kept in ``extra``."""
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
             raise RequestError(f"a request must be a mapping of field names to values, got {show(data)}")
+        data = {k: python_scalar(v) for k, v in data.items()}  # numpy numbers (a slider's, an array's) as Python's
         for name in [*_GROUPS, *_LISTS]:
             value = data.get(name)
             group_ok = value is None or isinstance(value, dict) or dataclasses.is_dataclass(value)

@@ -23,6 +23,23 @@ CONTROL_FIELDS = ("pixel_perfect", "hr_option", "module", "weight", "guidance_st
                   "resize_mode", "threshold_a", "threshold_b", "processor_res", "inpaint_crop_input_image")  # fmt: skip
 
 
+# the true/false texts pydantic (the extension's ControlNetUnit model) reads for a bool field
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_FALSE = {"0", "off", "f", "false", "n", "no"}
+
+
+def _enabled(value, where: str) -> bool:
+    """A unit's ``enabled``, read as the extension's pydantic model reads a bool ("no", 0: off)."""
+    if isinstance(value, bool) or value is None:
+        return value is not False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    _refuse(where, f"must be true or false, got {value!r}"[:200])
+    return False
+
+
 def control_units(
     p: dict,
     controlnets: dict[str, Path],
@@ -47,11 +64,11 @@ def control_units(
         where = f"alwayson_scripts.controlnet.args[{i}]"
         if not isinstance(unit, dict):
             _refuse(where, "must be an object (a ControlNet unit)")
-        if unit.get("enabled") is False:
+        if not _enabled(unit.get("enabled", True), f"{where}.enabled"):
             continue
         name = re.sub(r" \[[0-9a-fA-F]{8,10}\]$", "", str(unit.get("model") or ""))
         if name not in controlnets:
-            known = ", ".join(controlnets) or "none: start the server with --controlnet-dir"
+            known = ", ".join(controlnets) or "none (the server has no usable ControlNet file; --controlnet-dir)"
             _refuse(f"{where}.model", f"unknown ControlNet model {unit.get('model')!r}; known: {known}")
         image = unit.get("image") or unit.get("input_image")
         if unit.get("mask") and unit.get("mask_image"):  # the extension: "Cannot specify both"

@@ -129,7 +129,8 @@ def check_sampler_settings(values: dict, prefix: str = "") -> None:
         try:
             GenerationRequest.from_dict({"prompt": "", ours: value}).validate()
         except (RequestError, TypeError, ValueError) as e:
-            _refuse(prefix + theirs, f"{prefix}{theirs}: {e}")
+            message = str(e)  # "<our field> must be ...": the field error names A1111's field first
+            _refuse(prefix + theirs, message.removeprefix(ours + " ") if message.startswith(ours + " ") else message)
 
 
 def sampler_fields(p: dict, settings: dict, sampler: str) -> dict[str, Any]:
