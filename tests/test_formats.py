@@ -132,6 +132,10 @@ def test_cli_writes_jpeg_and_from_reads_it(model, tmp_path, capsys):
     (jpeg,) = out.glob("*.jpg")
     assert "Seed: 4" in read_png_metadata(jpeg)["parameters"]
     assert main(["txt2img", "--from", str(jpeg), "-m", model, "-q", "-o", str(tmp_path / "again.png")]) == 0
+    # -o names the format by its ending: --format asking for another was ignored (a PNG written without a word)
+    args = ["txt2img", "x", "-m", model, "--steps", "1", "-q", "-o", str(tmp_path / "f.png"), "--format", "jpeg"]
+    assert main(args) == 2 and "--format jpeg asks for another" in capsys.readouterr().err
+    assert not (tmp_path / "f.png").exists()
 
 
 def test_from_refuses_what_it_cannot_reproduce_and_warns_about_another_model(model, tmp_path, capsys):

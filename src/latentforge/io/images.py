@@ -169,6 +169,11 @@ def output_paths(
     output = Path(output)
     if output.suffix.lower() not in FORMATS:
         raise ValueError(f"{output}: output images are PNG, JPEG or WebP files; use a name ending in .png, .jpg, .webp")
+    if image_format is not None and FORMATS[output.suffix.lower()] != FORMATS.get(suffix):
+        raise ValueError(
+            f"{output} names its format by its ending, and --format {image_format} asks for another; "
+            f"end the name in {suffix}, or leave out --format (it is for numbered outputs)"
+        )
     if len(seeds) == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(seeds))]

@@ -94,7 +94,7 @@ def read_png_metadata(path: str | Path) -> dict:
     ours = parse("latentforge")
     if ours is None and text.get("latentforge"):
         raise RequestError(
-            f"{path}: its 'latentforge' record is not valid JSON; remove the option --from or use another image"
+            f"{path}: its 'latentforge' record is not valid JSON (the file is damaged or was edited); use another image"
         )
     comfy = parse("prompt")
     return {
