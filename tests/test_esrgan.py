@@ -335,9 +335,9 @@ def test_hires_with_an_esrgan_model(tmp_path, monkeypatch):
     seen = {}
     original = hires.upscale
 
-    def spy(p, latents, upscaler, shape, vae=None, pixels=None):
+    def spy(p, latents, upscaler, *args, **kwargs):
         seen["first"], seen["upscaler"] = latents.clone(), upscaler
-        return original(p, latents, upscaler, shape, vae, pixels)
+        return original(p, latents, upscaler, *args, **kwargs)
 
     monkeypatch.setattr(hires, "upscale", spy)
     result = pipe.txt2img("a cube", hr_scale=2, hr_upscaler="tiny-x2", upscaler_dirs=[folder], **base)
