@@ -159,6 +159,8 @@ def test_record_reproduces_and_unused_refiner_is_never_loaded(models, tmp_path):
     finally:
         base.open_model = opener
     assert np.array_equal(np.asarray(unused.images[0]), np.asarray(plain.images[0]))
+    # A1111's apply_refiner writes "Refiner" and "Refiner switch at" only when it switches
+    assert "Refiner" not in unused.infotexts[0]
 
 
 def _fail():

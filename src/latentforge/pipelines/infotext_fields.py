@@ -235,11 +235,22 @@ def _num(x: float) -> str:
 
 
 def infotexts_for(
-    pipe, req: GenerationRequest, seeds: list[int], info, schedule: str, mode: str | bool, extra: dict | None = None
+    pipe,
+    req: GenerationRequest,
+    seeds: list[int],
+    info,
+    schedule: str,
+    mode: str | bool,
+    extra: dict | None = None,
+    refined: bool = True,
 ) -> list[str]:
     """A1111's infotext of each image; ``extra`` holds the fields the tasks add (Mask blur, ...). Image i
-    has the variation seed ``req.subseed + i``."""
+    has the variation seed ``req.subseed + i``. ``refined``: the refiner took over (A1111's apply_refiner
+    writes "Refiner" and "Refiner switch at" only when it switches; "Refiner switch by sampling steps" at
+    every step)."""
     refiner = _refiner_fields(req.refiner) if req.refiner else None  # hashed once for the batch
+    if refiner is not None and not refined:
+        refiner = {k: v for k, v in refiner.items() if k == "Refiner switch by sampling steps"}
     return [
         format_infotext(
             req.prompt,
