@@ -17,8 +17,8 @@ from latentforge.sampling.registry import resolve
 def _line(pipe, mode: str = "txt2img", extra: dict | None = None, **fields) -> dict:
     base = dict(prompt="a cube", steps=4, width=64, height=64, cfg_scale=7.0, seed=1)
     req = GenerationRequest.from_dict({**base, **fields})
-    info, schedule = resolve(req.sampler, req.schedule)
-    params = infotext_params(pipe, req, 1, info, schedule, mode, extra=extra)
+    info = resolve(req.sampler, req.schedule)[0]
+    params = infotext_params(pipe, req, 1, info, mode, extra=extra)
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -371,10 +371,10 @@ def test_infotext_writes_tiling_and_reads_it_back(pipe):
     from latentforge.io.infotext import format_infotext
     from latentforge.sampling import resolve
 
-    info, schedule = resolve("Euler", "automatic")
+    info = resolve("Euler", "automatic")[0]
     for tiling in (True, False):
         req = GenerationRequest(prompt="p", width=64, height=64, cfg_scale=7.0, tiling=tiling)
-        params = infotext_params(pipe, req, 1, info, schedule, "txt2img")
+        params = infotext_params(pipe, req, 1, info, "txt2img")
         text = format_infotext("p", "", params)
         assert ("Tiling: True" in text) == tiling
         back, _ = request_from_infotext(text)

@@ -351,7 +351,7 @@ def finish_result(
         final.refiner = dataclasses.replace(req.refiner, checkpoint=refiner_name)
     seeds = seeds[: len(images)]  # fewer when an interrupted run returned what it had
     refined = any(p.name == "refiner" for p in plan.passes)  # (no pass when the switch falls after the last step)
-    texts = infotexts_for(pipe, final, seeds, plan.sampler, plan.schedule, mode, plan.infotext, refined)
+    texts = infotexts_for(pipe, final, seeds, plan.sampler, mode, plan.infotext, refined)
     for i, (image, text) in enumerate(zip(images, texts)):
         image.info["parameters"] = text
         image.info["latentforge"] = request_json(pipe, final, i, mode)

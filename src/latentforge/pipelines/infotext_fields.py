@@ -58,8 +58,6 @@ _TIMESTEP_SAMPLERS = {"DDIM", "DDIM CFG++", "PLMS", "UniPC"}
 _USES_ENSD = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
 # the schedules an A1111 sampler config names for "Automatic" (samplers_k_diffusion options)
 _CONFIG_SCHEDULES = {"karras", "exponential"}
-# plan.infotext entries A1111 writes among its fixed fields (create_infotext's dict), not among the extras
-_FIXED_EXTRAS = ("Conditional mask weight", "Token merging ratio", "Token merging ratio hr")
 # the extras in the order A1111 inserts them before its networks' hashes: a unit's "ControlNet N" (scripts'
 # process) first, then p.init's (the hires fields, or img2img's mask fields, API order)
 _MASK_FIELDS = ("Mask mode", "Mask blur", "Inpaint area", "Masked area padding", "Masked content")
@@ -113,7 +111,6 @@ def infotext_params(
     req: GenerationRequest,
     seed: int,
     info,
-    schedule: str,
     mode: str | bool,
     refiner: dict | None = None,
     extra: dict | None = None,
@@ -122,8 +119,9 @@ def infotext_params(
     """The settings line of A1111's infotext, in ``create_infotext``'s order: its fixed fields, then the extras
     in the order A1111 adds them (a ControlNet unit's, the hires or mask fields, the networks' hashes, the
     noise multiplier, the schedule's and the sampler's settings, the refiner's, NGMS), then latentforge's own
-    fields (where A1111 has none), then the version. ``schedule`` is the resolved schedule (unused for the
-    label: A1111 writes the one asked for, or "Automatic"); ``extra`` holds the tasks' fields."""
+    fields (where A1111 has none), then the version. The schedule is written as asked for ("Automatic", or
+    the sampler config's), not as resolved, as A1111 does; ``extra`` holds the tasks' fields (plan.infotext:
+    the conditional mask weight and token merging ratios among them go to A1111's fixed fields)."""
     from latentforge._version import __version__
 
     img2img = _mode(mode) == "img2img"
@@ -239,7 +237,6 @@ def infotexts_for(
     req: GenerationRequest,
     seeds: list[int],
     info,
-    schedule: str,
     mode: str | bool,
     extra: dict | None = None,
     refined: bool = True,
@@ -255,7 +252,7 @@ def infotexts_for(
         format_infotext(
             req.prompt,
             req.negative_prompt,
-            infotext_params(pipe, req, s, info, schedule, mode, refiner, extra, subseed=req.subseed + i),
+            infotext_params(pipe, req, s, info, mode, refiner, extra, subseed=req.subseed + i),
         )
         for i, s in enumerate(seeds)
     ]

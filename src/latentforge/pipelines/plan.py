@@ -95,7 +95,7 @@ class Plan:
     height: int
     decode: Callable[[Tensor], Tensor]  # final latents -> images in [-1, 1]
     sampler: SamplerInfo
-    schedule: str  # the schedule's canonical name, for the infotext
+    schedule: str  # the schedule's canonical name (batching compares plans by it)
     noise: NoiseOptions = field(default_factory=NoiseOptions)  # noise source, variation seeds, ENSD
     # decoded 8-bit images of one batch (and the batch's index) -> the output images (inpainting's overlay)
     postprocess: Callable[[list[Image.Image], int], list[Image.Image]] | None = None
