@@ -33,6 +33,23 @@ def tiny(tmp_path_factory):
     return save_folder(build_reference("sd1", seed=60), tmp_path_factory.mktemp("fp") / "m")
 
 
+def test_values_reach_the_device_without_a_copy_when_equal(monkeypatch):
+    """``device.filled``: a batch of equal sigmas becomes a fill on the device (no host-to-device copy,
+    which would make the host wait for the GPU), unequal ones are copied; the float32 values are those of
+    a plain conversion either way."""
+    copies = []
+    monkeypatch.setattr(dev, "to_device", lambda t, d, dtype=None: copies.append(t) or t.to(d, dtype))
+    meta = torch.device("meta")  # a device other than the CPU that needs no hardware
+    same = torch.full((3,), 14.614641189575195, dtype=torch.float64)
+    out = dev.filled(same, meta)
+    assert copies == [] and out.device == meta and out.dtype == torch.float32 and out.shape == (3,)
+    mixed = torch.tensor([1.5, 0.25], dtype=torch.float64)
+    assert dev.filled(mixed, meta).shape == (2,) and len(copies) == 1
+    cpu = torch.device("cpu")
+    for values in (same, mixed):
+        assert torch.equal(dev.filled(values, cpu), values.to(torch.float32))
+
+
 def test_load_reports_the_dtype_decision(tiny, monkeypatch):
     monkeypatch.delenv("LATENTFORGE_DTYPE", raising=False)
     monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)

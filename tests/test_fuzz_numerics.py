@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import latentforge
 from latentforge.cli import main
 from latentforge.io.components import LoadError
-from latentforge.pipelines import GenerationRequest, NonFiniteError, RequestError
+from latentforge.pipelines import GenerationRequest, NonFiniteError, RequestError, numerics
 from latentforge.pipelines.numerics import decode_checked
 from tiny import build_reference, perturb, save_folder
 
@@ -46,6 +46,17 @@ def pipe(sd1_file):
 def no_validation(monkeypatch):
     """Let values through that request validation may refuse, to reach the numeric checks behind it."""
     monkeypatch.setattr(GenerationRequest, "validate", lambda self, **kw: None)
+
+
+@pytest.fixture(params=[0, 1], ids=["read-at-once", "read-a-step-later"])
+def check_lag(request, monkeypatch):
+    """Both ways of reading the per-step checks: at once (the CPU default) and one step late (the CUDA
+    default, which keeps the GPU fed): the error must name the same step either way."""
+    init = numerics.FiniteWatch.__init__
+    monkeypatch.setattr(
+        numerics.FiniteWatch, "__init__", lambda self, p, dtype=None, lag=None: init(self, p, dtype, request.param)
+    )
+    return request.param
 
 
 def _with_value(src, dst, key: str, value: float, where=(0,)):
@@ -97,7 +108,7 @@ def test_weights_that_overflow_the_requested_dtype_are_refused_with_the_dtype(sd
     assert latentforge.load(bad, dtype="fp32").unet is not None  # the same file is fine in fp32
 
 
-def test_non_finite_weights_given_after_loading_stop_generation(sd1_file):
+def test_non_finite_weights_given_after_loading_stop_generation(sd1_file, check_lag):
     p = latentforge.load(sd1_file, dtype="fp32")
     with torch.no_grad():
         p.unet.out[2].bias[0] = math.nan
@@ -113,15 +124,18 @@ def test_non_finite_weights_given_after_loading_stop_generation(sd1_file):
 # --- requests that overflow -----------------------------------------------------------------------------
 
 
-def test_huge_cfg_scale_stops_at_the_first_step(pipe, no_validation, tmp_path):
+def test_huge_cfg_scale_stops_at_the_first_step(pipe, no_validation, tmp_path, check_lag):
     with pytest.raises(NonFiniteError, match=r"step 1 of 3 \(sigma 14\.6.*cfg_scale 1e\+308 is too large"):
         pipe.txt2img("a cat", cfg_scale=1e308, **SMALL)
     # 1e30 stays finite in the first step and overflows in the next one: the huge latents are named
     with pytest.raises(NonFiniteError, match=r"step 2 of 3 .*far too large.*cfg_scale 1e\+30"):
         pipe.txt2img("a cat", cfg_scale=1e30, **SMALL)
+    # ... also when that step is the last one, whose check a lagging watch reads at the end of the pass
+    with pytest.raises(NonFiniteError, match=r"step 2 of 2 .*far too large.*cfg_scale 1e\+30"):
+        pipe.txt2img("a cat", cfg_scale=1e30, **{**SMALL, "steps": 2})
 
 
-def test_infinite_or_huge_s_noise_names_the_noise(pipe, no_validation):
+def test_infinite_or_huge_s_noise_names_the_noise(pipe, no_validation, check_lag):
     with pytest.raises(NonFiniteError, match=r"step 2 of 3 .*s_noise inf\).*already NaN/Inf.*s_noise, eta"):
         pipe.txt2img("a cat", sampler="Euler a", s_noise=math.inf, **SMALL)
     with pytest.raises(NonFiniteError, match=r"step 2 of 3 .*far too large.*s_noise, eta"):

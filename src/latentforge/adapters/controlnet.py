@@ -330,10 +330,10 @@ class ControlledDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond) -> Tensor:
         inner = self.inner
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        inp, t = inner.network_input(x, sigma, cond)
+        inp, t, s = inner.network_input(x, sigma, cond)
         control = self.residuals(inp, t, cond, float(sigma[0]))
         out = inner.unet(inp, t, cond.context, cond.vector, control=control).to(x.dtype)
         for restore in self.restores:  # inpaint_only units: on the UNet's own output, every row
             out = restore(out, inp[:, : x.shape[1]], t, inner.schedule.alphas_cumprod, inner.prediction)
-        c_skip, c_out, _ = inner.scalings(sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None])
+        c_skip, c_out, _ = inner.scalings(s)
         return c_skip * x + c_out * out

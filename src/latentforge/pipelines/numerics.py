@@ -2,8 +2,9 @@
 
 A NaN or Inf anywhere in sampling spreads to every pixel and used to end as an all-black PNG. Each
 sampling step does one reduction (``torch.isfinite(denoised).all()``) on the sampler's estimate of the
-clean latents, and the result of each pass and of the VAE decode are checked once; nothing else runs
-on the normal path, so results are bit for bit those of an unchecked run. Only when a check fails is
+clean latents (on a GPU read one step later, so the check never stalls the GPU: ``FiniteWatch``), and the
+result of each pass and of the VAE decode are checked once; nothing else runs on the normal path, so
+results are bit for bit those of an unchecked run. Only when a check fails is
 more inspected (the step's input latents, the conditioning) to say where the values came from.
 
 A VAE running in fp16 can overflow (its largest activations exceed fp16's 65504; the SDXL VAE is the
@@ -88,39 +89,78 @@ def _model_hint(p, x: Tensor, sigma: float, dtype: torch.dtype | None) -> str:
     )
 
 
+class _StepCheck:
+    """One step's check, read later: ``torch.isfinite(denoised).all()`` queued on the device. On a CUDA
+    device the flag travels to page-locked host memory behind the step's work and an event marks it, so
+    reading it waits only for that step, not for everything queued since."""
+
+    def __init__(self, i: int, x: Tensor, sigma: Tensor, denoised: Tensor):
+        self.i, self.x, self.sigma = i, x, sigma
+        flag = torch.isfinite(denoised).all()
+        self.event = None
+        if flag.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            flag = host
+        self.flag = flag
+
+    def finite(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.flag)
+
+
 class FiniteWatch:
     """Watches one sampling pass: ``callback`` wraps the step callback with the per-step check, ``result``
-    checks the pass's final latents. Errors name the pass, the step (1-based) and its sigma."""
+    checks the pass's final latents. Errors name the pass, the step (1-based) and its sigma.
 
-    def __init__(self, p, dtype: torch.dtype | None = None):
-        self.p, self.dtype = p, dtype
+    ``lag`` steps pass before a step's check is read (default: 1 on a CUDA device, else 0). Reading a
+    flag waits for the device; with a lag of one step the host has already queued the next step's UNet
+    by then, so the GPU never idles waiting for the host (on an H200 the immediate check cost 8 ms of a
+    52 ms SDXL step: benchmarks/profile_step.py). A NaN found late still names the step it appeared in,
+    and ``result`` reads every check still pending."""
+
+    def __init__(self, p, dtype: torch.dtype | None = None, lag: int | None = None):
+        self.p, self.dtype, self.lag = p, dtype, lag
+        self.pending: list[_StepCheck] = []
 
     def callback(self, inner: StepCallback | None) -> StepCallback:
-        p, dtype = self.p, self.dtype
-
         def check(i: int, x: Tensor, sigma: Tensor, denoised: Tensor) -> None:
-            if not is_finite(denoised):
-                where = f"pass '{p.name}', step {i + 1} of {p.steps} (sigma {float(sigma):.4g}; {_settings(p)})"
-                if not is_finite(x):
-                    if i == 0:
-                        cause = (
-                            "the pass's starting latents were already NaN/Inf (the init image's latents, the "
-                            "previous pass's result, or the noise times a non-finite sigma)"
-                        )
-                    else:
-                        cause = (
-                            "the latents entering this step were already NaN/Inf: the previous step's update or "
-                            f"the noise it added overflowed ({_NOISE_CAUSE})"
-                        )
-                else:
-                    cause = _model_hint(p, x, float(sigma), dtype)
-                raise NonFiniteError(f"NaN/Inf values in the denoised latents at {where}: {cause}")
+            lag = self.lag if self.lag is not None else int(denoised.is_cuda)
+            self.pending.append(_StepCheck(i, x, sigma, denoised))
+            while len(self.pending) > lag:
+                self._read(self.pending.pop(0))
             if inner is not None:
                 inner(i, x, sigma, denoised)
 
         return check
 
+    def _read(self, step: _StepCheck) -> None:
+        if step.finite():
+            return
+        self.pending.clear()
+        p, i, x, sigma = self.p, step.i, step.x, step.sigma
+        where = f"pass '{p.name}', step {i + 1} of {p.steps} (sigma {float(sigma):.4g}; {_settings(p)})"
+        if not is_finite(x):
+            if i == 0:
+                cause = (
+                    "the pass's starting latents were already NaN/Inf (the init image's latents, the "
+                    "previous pass's result, or the noise times a non-finite sigma)"
+                )
+            else:
+                cause = (
+                    "the latents entering this step were already NaN/Inf: the previous step's update or "
+                    f"the noise it added overflowed ({_NOISE_CAUSE})"
+                )
+        else:
+            cause = _model_hint(p, x, float(sigma), self.dtype)
+        raise NonFiniteError(f"NaN/Inf values in the denoised latents at {where}: {cause}")
+
     def result(self, x: Tensor) -> Tensor:
+        while self.pending:
+            self._read(self.pending.pop(0))
         if not is_finite(x):
             p = self.p
             raise NonFiniteError(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from latentforge.device import filled
 from latentforge.sampling.schedules import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma) -> estimate of the clean latent
@@ -75,14 +76,16 @@ class ModelDenoiser:
             return torch.ones_like(sigma), -sigma, c_in
         return 1 / (sigma**2 + 1), -sigma * c_in, c_in
 
-    def network_input(self, x: Tensor, sigma: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
-        """(scaled input with any concat channels, training timestep) for the UNet."""
-        t = self.schedule.sigma_to_t(sigma, quantize=self.quantize).to(device=x.device, dtype=torch.float32)
-        s = sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None]
+    def network_input(self, x: Tensor, sigma: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor]:
+        """(scaled input with any concat channels, training timestep, sigma as float32 shaped to broadcast
+        over ``x``) for the UNet. ``sigma`` (float64, one per image) normally lives on the CPU: its values
+        reach ``x``'s device without a copy when they are equal (``device.filled``)."""
+        t = filled(self.schedule.sigma_to_t(sigma, quantize=self.quantize), x.device)
+        s = filled(sigma, x.device)[:, None, None, None]
         inp = x * self.scalings(s)[2]
         if cond.concat is not None:
             inp = torch.cat([inp, cond.concat.to(inp.dtype)], dim=1)
-        return inp, t
+        return inp, t, s
 
     def target(self, x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
         """What the network should output so that D(x) = x0: (x0 - c_skip x) / c_out (eps or v)."""
@@ -91,9 +94,9 @@ class ModelDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
-        inp, t = self.network_input(x, sigma, cond)
+        inp, t, s = self.network_input(x, sigma, cond)
         out = self.unet(inp, t, cond.context, cond.vector).to(x.dtype)
-        c_skip, c_out, _ = self.scalings(sigma.to(device=x.device, dtype=torch.float32)[:, None, None, None])
+        c_skip, c_out, _ = self.scalings(s)
         return c_skip * x + c_out * out
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from latentforge.device import to_device
+
 COMFY_BATCH = "comfy batch"
 RNG_SOURCES = ("CPU", "GPU", "NV", COMFY_BATCH)
 MAX_SEED = 2**64 - 1  # torch's generators take 64-bit seeds (A1111 and ComfyUI pass theirs straight on)
@@ -170,7 +172,7 @@ class ImageNoise:
         else:
             gen = self.generators[0]
             noise = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
-        return noise.to(device=self.out_device, dtype=self.dtype)
+        return to_device(noise, self.out_device, self.dtype)
 
     def _generator(self, seed: int):
         source = self.options.source
@@ -180,10 +182,12 @@ class ImageNoise:
             return PhiloxGenerator(seed)
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def _draw(self, generator, shape) -> Tensor:
+    def _draw(self, generator, shape, on_device: bool = False) -> Tensor:
+        """One image's draw, on the CPU (or, ``on_device``, where its generator is)."""
         if isinstance(generator, PhiloxGenerator):
             return generator.randn(shape)
-        return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).cpu()
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return noise if on_device else noise.cpu()
 
     def _first(self) -> list[Tensor]:
         o = self.options
@@ -216,8 +220,8 @@ class ImageNoise:
             self.first = False
             draws = self._first()
         else:
-            draws = [self._draw(g, self.shape) for g in self.generators]
-        return torch.stack(draws).to(device=self.out_device, dtype=self.dtype)
+            draws = [self._draw(g, self.shape, on_device=True) for g in self.generators]
+        return to_device(torch.stack(draws), self.out_device, self.dtype)
 
     def __call__(self, sigma=None, sigma_next=None) -> Tensor:
         return self.next()
@@ -266,4 +270,4 @@ class BrownianNoise:
             w = self.trees[0](lo, hi) * sign
         else:
             w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
-        return (w / (b - a).abs().sqrt()).to(device=self.out_device, dtype=self.dtype)
+        return to_device(w / (b - a).abs().sqrt(), self.out_device, self.dtype)
