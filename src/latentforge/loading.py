@@ -230,7 +230,7 @@ def load(
         else:
             vae_model = load_vae(vae, fam, dtype=vdtype, device=dev)
             vae_source = str(vae)
-        to_fast_layout(vae_model)
+        to_fast_layout(vae_model, vae=True)
         extras, dropped = source.leftovers()
         ztsnr = zero_terminal_snr if zero_terminal_snr is not None else _says_zero_terminal_snr(source, extras)
     finally:
@@ -293,12 +293,12 @@ def _vae_opener(path: str | Path, family: Family, dtype: torch.dtype, device) ->
 
     def open_vae(vae: str | Path | None) -> AutoencoderKL:
         if vae is not None:
-            return to_fast_layout(load_vae(vae, family, dtype=dtype, device=device))
+            return to_fast_layout(load_vae(vae, family, dtype=dtype, device=device), vae=True)
         source = open_source(path)
         try:
             cfg, refs = source.vae(family)
             check_vae_fits(cfg, family, source.name)
-            return to_fast_layout(_build_vae(cfg, refs, family, dtype, device, source.name))
+            return to_fast_layout(_build_vae(cfg, refs, family, dtype, device, source.name), vae=True)
         finally:
             source.close()
 

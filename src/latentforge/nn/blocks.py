@@ -15,7 +15,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm with float32 statistics whatever the input dtype, as the original UNet computes it.
 
     PyTorch's bfloat16 kernel already accumulates in float32 and gives the same output as upcasting
-    (tested), 1.5x faster on large activations, so bf16 runs natively; float16 is upcast explicitly.
+    (tested), 1.5x faster on large activations, so bf16 runs natively. So does float16 on CUDA, whose
+    kernel also computes in float32 (as diffusers runs it); upcasting there cost two extra passes over
+    every activation (benchmarks/profile_step.py --group-norm). Float16 elsewhere is upcast explicitly.
     """
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
@@ -23,7 +25,7 @@ class GroupNorm32(nn.GroupNorm):
         channels-last activations on AVX512-BF16 CPUs take the fused kernel (``nn.native``)."""
         if native.groupnorm_usable(x, self.num_groups):
             return native.group_norm_bf16(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
-        if x.dtype in (torch.float32, torch.bfloat16):
+        if x.dtype in (torch.float32, torch.bfloat16) or x.is_cuda:
             out = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         else:
             w = self.weight.float() if self.weight is not None else None
