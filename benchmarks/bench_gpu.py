@@ -19,12 +19,12 @@ reported and the others go on; parts not started before ``--budget`` seconds are
 
 - ``sd15``: an SD1.5-shaped model with random weights (speed does not depend on them), written once by
   latentforge as an fp16 diffusers folder that both libraries load: a 512x512 image, 50 steps Euler, CFG
-  7 (whole-image seconds and sampling it/s from per-step timestamps), one UNet CFG step (batch 2) and
-  one VAE decode alone (CUDA-synchronized, median of ``--reps``), peak GPU memory. latentforge runs as
-  ``load(folder, device="cuda")`` gives it (fp16, SDPA, channels-last); diffusers fp16 with its default
-  SDPA attention processor and channels-last UNet (its documented speed settings). Quality: the UNet
-  outputs of both libraries on the same inputs (relative RMS difference: the same weights), and
-  latentforge's fp16 image against its fp32 image of the same seed (PSNR).
+  7 (whole-image seconds and sampling it/s from per-step CUDA events, which do not stall the GPU), one
+  UNet CFG step (batch 2) and one VAE decode alone (CUDA-synchronized, median of ``--reps``), peak GPU
+  memory. latentforge runs as ``load(folder, device="cuda")`` gives it (fp16, SDPA, channels-last);
+  diffusers fp16 with its default SDPA attention processor and channels-last UNet (its documented speed
+  settings). Quality: the UNet outputs of both libraries on the same inputs (relative RMS difference: the
+  same weights), and latentforge's fp16 image against its fp32 image of the same seed (PSNR).
 - ``sdxl``: the same for an SDXL-base-shaped model at 1024x1024, 30 steps; also which dtype the VAE ran in
   (the SDXL VAE overflows in fp16, so latentforge runs it in bf16 or fp32: ``device.vae_dtype``).
 - ``compile``: ``sd15`` again with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs for the fixed
@@ -101,14 +101,23 @@ def median_s(fn, reps):
     for _ in range(reps):
         t = time.perf_counter(); fn(); sync(); out.append(time.perf_counter() - t)
     return statistics.median(out)
+# per-step marks: CUDA events on a GPU (a synchronization in every step would stall the GPU between steps,
+# measuring the host's wait rather than the library), the clock on the CPU
 stamps = []
 def stamp():
-    sync(); stamps.append(time.perf_counter())
+    if cuda:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        stamps.append(event)
+    else:
+        stamps.append(time.perf_counter())
+def span_s(a, b):
+    return a.elapsed_time(b) / 1e3 if cuda else b - a
 def image_run(call):
     stamps.clear(); sync(); t = time.perf_counter()
     img = call(); sync()
     total = time.perf_counter() - t
-    its = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    its = (len(stamps) - 1) / span_s(stamps[0], stamps[-1]) if len(stamps) > 1 else None
     return total, its, img
 def images(call):  # the first image (warm-up, compiling), then cfg["images"] timed; returns the last
     runs = [image_run(call) for _ in range(1 + cfg["images"])]
