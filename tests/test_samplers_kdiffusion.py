@@ -105,6 +105,44 @@ def test_sigma_samplers_match_k_diffusion(name, kfn, options):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+class _TorchWithNoise:
+    """A1111's ``TorchHijack``: k-diffusion's module-level ``torch`` whose ``randn_like`` takes the next
+    draw of the image's noise, everything else the real torch."""
+
+    def __init__(self, noises):
+        self.draws = iter(noises)
+
+    def randn_like(self, x):
+        return next(self.draws)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize(
+    ("name", "kfn"), [("Euler", "sample_euler"), ("Heun", "sample_heun"), ("DPM2", "sample_dpm_2")]
+)
+@pytest.mark.parametrize("tmax", [math.inf, 2.0])
+def test_churn_matches_k_diffusion_as_a1111_runs_it(name, kfn, tmax, monkeypatch):
+    """A1111's Euler, Heun and DPM2 take Sigma churn/tmin/tmax/noise; k-diffusion draws noise in every
+    step (also where s_tmax leaves a step without churn), so the later steps' noise matches only if those
+    draws are made too."""
+    k = load()
+    info, _ = resolve_sampler(name)
+    denoise = _denoiser()
+    sigmas = get_sigmas(info.schedule, NoiseSchedule(), 8).float()  # as A1111 gives them to k-diffusion
+    x = _start(sigmas)
+    noises = _noise_list()
+    churn = dict(s_churn=1.5, s_tmin=0.05, s_tmax=tmax, s_noise=0.95)
+    monkeypatch.setattr(k, "torch", _TorchWithNoise(noises))
+    expected = getattr(k, kfn)(denoise, x.clone(), sigmas, disable=True, **churn)
+    monkeypatch.undo()
+    ours = info.fn(denoise, x.clone(), sigmas, noise=_sampler(noises), **churn)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    plain = info.fn(denoise, x.clone(), sigmas, noise=_sampler(noises))
+    assert (plain - ours).abs().max() > 1e-2 * float(expected.abs().max())  # the churn did something
+
+
 # --- Restart (Xu et al. 2023) as A1111 configures it, written from the paper: run the ODE (Heun) down the
 # main schedule; on reaching t_min = the level nearest 0.1, K times: add noise to go back up to t_max = the
 # level nearest 2 (x += sqrt(t_max^2 - t_min^2) * eps) and run the ODE down to t_min again over N_restart

@@ -63,9 +63,12 @@ def _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise):
     sigma = float(sigmas[i])
     gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
-    if gamma > 0:
+    if s_churn > 0:
+        # k-diffusion (so A1111) draws in every step, also where s_tmin/s_tmax make gamma 0: the later
+        # steps' noise is the same only if those draws are made too (without churn nothing uses them)
         eps = noise_or_default(noise, x, generator)(sigmas[i], sigmas[i + 1])
-        x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        if gamma > 0:
+            x = x + eps * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
     return x, sigma_hat
 
 
@@ -145,10 +148,25 @@ def _log_midpoint(a: float, b: float) -> float:
 
 
 @torch.no_grad()
-def sample_dpm_2(denoise, x, sigmas, *, noise=None, callback=None, generator=None, **_):
-    """DPM-Solver-2 in Karras et al.'s form: a midpoint step in log sigma; Euler into sigma 0."""
+def sample_dpm_2(
+    denoise,
+    x,
+    sigmas,
+    *,
+    noise=None,
+    callback=None,
+    generator=None,
+    s_churn=0.0,
+    s_tmin=0.0,
+    s_tmax=float("inf"),
+    s_noise=1.0,
+    **_,
+):
+    """DPM-Solver-2 in Karras et al.'s form: a midpoint step in log sigma; Euler into sigma 0 (churn
+    optional, as Euler's)."""
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma_next = float(sigmas[i + 1])
+        x, sigma = _churn(x, sigmas, i, noise, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = denoise(x, sigma)
         _report(callback, i, x, sigmas[i], denoised)
         d = to_d(x, sigma, denoised)
