@@ -18,7 +18,7 @@ ROOT = Path(latentforge.__file__).parent
 LAYERS = [
     {"_version", "device", "threads", "allocator", "nn", "demo", "assets", "recipes", "io", "io.tensorfile"}
     | {"io.safetensors_header", "io.writer"}
-    | {"io.hashing", "io.folder_files", "io.h5file"},
+    | {"io.hashing", "io.folder_files", "io.h5file", "io.embedding_image"},
     {"io.infotext", "io.images", "io.components", "models", "sampling", "convert"},
     {"conditioning", "families", "adapters", "offload", "preview", "io.single_file", "io.diffusers_folder"}
     | {"upscalers"},

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latentforge.demo import bundled_adapters_folder
+from latentforge.io.embedding_image import IMAGE_SUFFIXES, EmbeddingImageError, read_embedding_image
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin", ".pth")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -41,6 +43,46 @@ def files_by_stem(folders: list[Path], suffixes: tuple[str, ...]) -> dict[str, P
         for path in sorted(Path(folder).rglob("*")):
             if path.suffix.lower() in suffixes and path.is_file():
                 out.setdefault(path.stem, path)
+    return out
+
+
+_IMAGE_NAMES: dict[Path, tuple[int, int, str | None]] = {}  # image -> (mtime, size, embedding name): read once
+
+
+def image_embedding_name(path: Path) -> str | None:
+    """The name of the embedding an image file holds (its data's ``name``, as A1111, else the file stem), or
+    None when it holds none (a preview or any other picture); read again only when the file changes. A
+    damaged one counts as an embedding named by its stem, so that naming it in a prompt gives its error."""
+    stat = path.stat()
+    cached = _IMAGE_NAMES.get(path)
+    if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
+        return cached[2]
+    try:
+        data = read_embedding_image(path)
+    except EmbeddingImageError:
+        data = {}
+    name = None
+    if data is not None:
+        given = data.get("name")
+        name = given if isinstance(given, str) and given.strip() else path.stem
+    _IMAGE_NAMES[path] = (stat.st_mtime_ns, stat.st_size, name)
+    return name
+
+
+def embedding_files(folders: list[Path]) -> dict[str, Path]:
+    """Name -> file of every embedding under ``folders``: tensor files by stem (``files_by_stem``), and
+    images holding an embedding (``io.embedding_image``; A1111's ``*.preview.png`` cards are pictures of
+    one, skipped) by the embedding's name. A tensor file wins over an image of the same name, an earlier
+    folder over a later one."""
+    out = files_by_stem(folders, EMBEDDING_SUFFIXES)
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.lower().endswith(".preview"):
+                continue
+            if path.is_file():
+                name = image_embedding_name(path)
+                if name is not None:
+                    out.setdefault(name, path)
     return out
 
 
@@ -189,28 +231,37 @@ class AdapterFolders:
             return aliased
 
     def find_embedding(self, name: str) -> Path:
-        """An embedding by file stem (or a path to a file)."""
+        """An embedding by name (``embedding_files``) or a path to a file."""
         return find(
             name,
             self.embeddings,
-            EMBEDDING_SUFFIXES,
+            EMBEDDING_SUFFIXES + IMAGE_SUFFIXES,
             "embedding",
             "--embeddings-dir or --models-dir (pipe.folders.embeddings)",
             self.bundled_for("embeddings"),
+            lister=embedding_files,
         )
 
 
 def find(
-    name: str, folders: list[Path], suffixes: tuple[str, ...], kind: str, how: str, fallback: list[Path] = ()
+    name: str,
+    folders: list[Path],
+    suffixes: tuple[str, ...],
+    kind: str,
+    how: str,
+    fallback: list[Path] = (),
+    lister: Callable[[list[Path]], dict[str, Path]] | None = None,
 ) -> Path:
-    """A file by path, else by stem in ``folders`` (exact, then case-insensitive), else in ``fallback``."""
+    """A file by path, else by name in ``folders`` (exact, then case-insensitive), else in ``fallback``.
+    Names are file stems, or what ``lister`` gives (name -> file)."""
     path = Path(name)
     if path.suffix.lower() in suffixes and path.is_file():
         return path
-    files = files_by_stem(folders, suffixes)
+    lister = lister or (lambda where: files_by_stem(where, suffixes))
+    files = lister(folders)
     found = _by_name(name, files)
     if found is None and fallback:
-        found = _by_name(name, files_by_stem(list(fallback), suffixes))
+        found = _by_name(name, lister(list(fallback)))
     if found is not None:
         return found
     if not folders:

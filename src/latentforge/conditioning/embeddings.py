@@ -7,7 +7,9 @@ File formats read (all without running pickled code):
 - ``.safetensors`` with one tensor (A1111 writes ``emb_params``);
 - diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{token: Tensor[width] or [n, width]}``;
 - SDXL pairs: ``clip_l`` [n, 768] for CLIP-L and ``clip_g`` [n, 1280] for OpenCLIP bigG;
-- embeddings bundled in a LoRA file (``bundle_emb.<name>.*``, ``bundled_embedding``), in the same layouts.
+- embeddings bundled in a LoRA file (``bundle_emb.<name>.*``, ``bundled_embedding``), in the same layouts;
+- A1111's embedding images (``.png``/``.webp``: the JSON of a ``.pt``'s contents in a text chunk or in the
+  pixels, ``io.embedding_image``), named by the ``name`` in their data as A1111 names them.
 
 As in A1111, an embedding is referenced by its file stem (case-insensitive, as a whole word) in the
 prompt and the negative prompt; its n vectors take n token positions, stay together in one 75-token
@@ -25,10 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import Tensor
 
-from latentforge.adapters.folders import EMBEDDING_SUFFIXES, files_by_stem
+from latentforge.adapters.folders import embedding_files
 from latentforge.io.components import require_finite
+from latentforge.io.embedding_image import IMAGE_SUFFIXES, EmbeddingImageError, read_embedding_image
 from latentforge.io.tensorfile import CheckpointError, load_pickle, open_tensor_file, short
 
 # our encoder names (TextEncoderSpec.name) -> the key of SDXL embedding pairs
@@ -86,6 +91,8 @@ def _as_rows(t: Tensor, path: Path, key: str) -> Tensor:
 def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     """Read a textual-inversion file in any of the formats of this module."""
     path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _from_image(path, name)
     name = name or path.stem
     if path.suffix.lower() == ".safetensors":
         try:
@@ -102,6 +109,27 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
         except CheckpointError as e:
             raise EmbeddingError(f"{e} (reading it as a textual-inversion embedding)") from None
     return _from_data(data, name, path)
+
+
+def _from_image(path: Path, name: str | None) -> Embedding:
+    try:
+        data = read_embedding_image(path)
+    except EmbeddingImageError as e:
+        raise EmbeddingError(str(e)) from None
+    if data is None:
+        raise EmbeddingError(
+            f"{path} holds no textual-inversion embedding: neither an sd-ti-embedding text chunk nor data in "
+            "its pixels (an A1111 preview card or another picture, not an embedding image)"
+        )
+
+    def tensors(value):
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+        return {k: tensors(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    given = data.get("name")
+    name = name or (given if isinstance(given, str) and given.strip() else path.stem)
+    return _from_data(tensors(data), name, path)
 
 
 def _from_data(data, name: str, path: Path, hash: str | None = None) -> Embedding:
@@ -155,7 +183,7 @@ class EmbeddingSet:
 
     def _files(self) -> dict[str, Path]:
         folders = self.folders()
-        return files_by_stem(folders, EMBEDDING_SUFFIXES) if folders else {}
+        return embedding_files(folders) if folders else {}
 
     def _bundled(self) -> dict[str, Path]:
         """Files of the fallback folders whose names no user file (nor added embedding) has."""
@@ -163,7 +191,7 @@ class EmbeddingSet:
         if not folders:
             return {}
         taken = {n.lower() for n in [*self._files(), *self.added]}
-        return {n: p for n, p in files_by_stem(folders, EMBEDDING_SUFFIXES).items() if n.lower() not in taken}
+        return {n: p for n, p in embedding_files(folders).items() if n.lower() not in taken}
 
     def names(self) -> dict[str, str]:
         """Lower-cased name -> name of every known embedding."""

@@ -421,13 +421,12 @@ def create_app(
 
         found = config.network_folders()
         where = {"lora": found.lora, "embeddings": found.embeddings, "hypernetworks": found.hypernetworks}[kind]
-        suffixes = {
-            "lora": f.LORA_SUFFIXES,
-            "embeddings": f.EMBEDDING_SUFFIXES,
-            "hypernetworks": f.HYPERNETWORK_SUFFIXES,
-        }
         bundled = found.bundled_for(kind) if kind != "hypernetworks" else []
-        return f.files_by_stem([*where, *bundled], suffixes[kind])
+        if kind == "embeddings":  # tensor files by stem, A1111's embedding images by the name in their data
+            return f.embedding_files([*where, *bundled])
+        return f.files_by_stem(
+            [*where, *bundled], {"lora": f.LORA_SUFFIXES, "hypernetworks": f.HYPERNETWORK_SUFFIXES}[kind]
+        )
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict]:  # names only: paths stay on the server; the alias is ss_output_name, as A1111
