@@ -101,7 +101,7 @@ def test_records_written_before_the_groups_still_load():
     for key in ("hires", "inpaint", "refiner", "networks", "control"):
         old.pop(key)
     old.update(hr_upscaler="Latent", hr_second_pass_steps=0, hr_resize_x=0, hr_resize_y=0)
-    assert GenerationRequest.from_dict(old).hires == HiresOptions(scale=1.5)
+    assert GenerationRequest.from_dict(old).hires == HiresOptions(scale=1.5, upscaler="Latent")
 
 
 def test_strict_parsing_names_unknown_fields_and_lenient_keeps_them():

@@ -465,6 +465,7 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     from latentforge import upscalers
     from latentforge.io.images import output_paths, save_image, save_numbered
     from latentforge.io.writer import OutputError, check_writable_folder, refuse_existing
+    from latentforge.pipelines.checks import hires_upscaler
     from latentforge.pipelines.generate import output_size
     from latentforge.pipelines.images import open_image
     from latentforge.pipelines.request import builtin_upscaler
@@ -472,8 +473,9 @@ def cmd_generate(args: argparse.Namespace, img2img: bool, x4: bool = False) -> i
     model = args.model or default_model()
     dirs = [] if img2img else upscalers.search_dirs(args.upscaler_dir or (), near=model)
     req, pick, meta = build_request(args, img2img, x4, dirs)
-    if not img2img and req.hires is not None and builtin_upscaler(req.hires.upscaler) is None:
-        upscalers.find(req.hires.upscaler, dirs)  # a missing model file is an error before loading the checkpoint
+    upscaler = hires_upscaler(req.hires) if req.hires is not None else None
+    if not img2img and upscaler is not None and builtin_upscaler(upscaler) is None:
+        upscalers.find(upscaler, dirs)  # a missing model file is an error before loading the checkpoint
     n = 1 if pick is not None else req.batch_size * req.batch_count
     # check the output location and the init image before loading the model and the minutes of work
     paths = output_paths(args.output, args.outdir, list(range(n)), args.image_format)

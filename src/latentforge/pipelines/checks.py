@@ -118,6 +118,11 @@ def builtin_upscaler(name: str) -> str | None:
     return None
 
 
+def hires_upscaler(h) -> str:
+    """The upscaler a hires group (``HiresOptions``) runs: its own, else A1111's default "Latent"."""
+    return "Latent" if h.upscaler is None else h.upscaler
+
+
 def upscaler_name(name: str, *, model_files: bool = False) -> str:
     """The canonical name of an upscaler, or a RequestError listing them. With ``model_files`` (an
     upscaler folder is configured), another name is kept as the name of an upscaler model file, found
@@ -191,7 +196,7 @@ def validate_hires(h, need: Callable[[bool, str], None], upscaler_files: bool = 
             check_prompt(getattr(h, name), f"hr_{name}")
         except PromptError as e:
             need(False, str(e))
-    upscaler_name(h.upscaler, model_files=upscaler_files)
+    upscaler_name(hires_upscaler(h), model_files=upscaler_files)
     need(
         isinstance(h.checkpoint, str) or (hasattr(h.checkpoint, "unet") and hasattr(h.checkpoint, "family")),
         "hr_checkpoint_name must name a checkpoint file or folder (or be a loaded Pipeline; empty: the same model)",

@@ -27,7 +27,7 @@ from latentforge import upscalers
 from latentforge.io.tensorfile import CheckpointError
 from latentforge.models.esrgan import ImageUpscaler
 from latentforge.pipelines import inpaint, networks
-from latentforge.pipelines.checks import hires_checkpoint, hires_request
+from latentforge.pipelines.checks import hires_checkpoint, hires_request, hires_upscaler
 from latentforge.pipelines.images import image_to_tensor
 from latentforge.pipelines.numerics import decode_checked
 from latentforge.pipelines.plan import (
@@ -199,7 +199,7 @@ def prepare(pipe, req: GenerationRequest) -> HandOff | None:
             "leave one of them out"
         )
     hand = open_other(pipe, given, "hr_checkpoint_name")
-    if builtin_upscaler(req.hires.upscaler) in LATENT_UPSCALERS:
+    if builtin_upscaler(hires_upscaler(req.hires)) in LATENT_UPSCALERS:
         check_family(pipe.family, hand.family, hand.name, "hr_checkpoint_name")
     hand.request = req  # as given (with its network tags): they are applied to the other model too
     return hand
@@ -240,7 +240,7 @@ def add_pass(
     cond, uncond = conditioning(runner, second, width, height, req.batch_size, calls, first_pass_calls=first_calls)
     down = runner.vae.config.downscale
     shape = (first.shape[0] if other is None else runner.unet.config.out_channels, height // down, width // down)
-    upscaler = resolve_upscaler(req.hires.upscaler, upscaler_dirs, pipe.device)
+    upscaler = resolve_upscaler(hires_upscaler(req.hires), upscaler_dirs, pipe.device)
 
     cx, cy = crop(req, plan.width, plan.height)
     covering = (*shape[:-2], shape[-2] + cy, shape[-1] + cx)

@@ -60,7 +60,7 @@ class HiresOptions:
     with the request's ``denoising_strength`` (pipelines/hires.py)."""
 
     scale: float = 2.0
-    upscaler: str = "Latent"  # see LATENT_UPSCALERS and IMAGE_UPSCALERS, or an ESRGAN-family model (upscalers.py)
+    upscaler: str | None = None  # LATENT_/IMAGE_UPSCALERS, an ESRGAN model; None: "Latent", not in the infotext
     second_pass_steps: int = 0  # 0: the same as steps
     resize_x: int = 0  # a target width instead of scale (0: unused)
     resize_y: int = 0

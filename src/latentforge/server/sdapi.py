@@ -360,7 +360,7 @@ def to_request(
             data.update(
                 enable_hr=True,
                 hr_scale=p["hr_scale"],
-                hr_upscaler=p["hr_upscaler"] or "Latent",
+                hr_upscaler=p["hr_upscaler"] or None,  # A1111: "Latent", and no "Hires upscaler" in the infotext
                 hr_second_pass_steps=p["hr_second_pass_steps"],
                 hr_resize_x=p["hr_resize_x"],
                 hr_resize_y=p["hr_resize_y"],
