@@ -116,6 +116,21 @@ def test_the_img2img_noise_multiplier_setting_stays_out_of_txt2img_records(clien
     assert spec.request.initial_noise_multiplier == 1.0
 
 
+@pytest.mark.parametrize(("device", "source"), [(None, "CPU"), ("cpu", "CPU"), ("cuda", "GPU"), ("cuda:1", "GPU")])
+def test_the_default_noise_source_is_a1111s_on_the_servers_device(device, source):
+    """A1111's default randn_source "GPU" draws with torch.randn on its device: CUDA's generator on a GPU (our
+    "GPU"), the CPU's on a CPU-only machine (our "CPU"; our "GPU" there emulates CUDA's noise instead). A
+    client's own choice still wins. (The app is built, not started: no model loads on the device.)"""
+    queue = StubQueue()
+    c = TestClient(create_app(ServerConfig(device=device), queue=queue), raise_server_exceptions=False)
+    assert c.get("/sdapi/v1/options").json()["randn_source"] == source
+    assert _post(c, "/sdapi/v1/txt2img", OK).status_code == 200
+    assert queue.submitted[-1].request.rng == source
+    other = {"CPU": "NV", "GPU": "CPU"}[source]
+    assert _post(c, "/sdapi/v1/txt2img", {**OK, "override_settings": {"randn_source": other}}).status_code == 200
+    assert queue.submitted[-1].request.rng == other
+
+
 @pytest.mark.parametrize("path", ["/sdapi/v1/txt2img", "/sdapi/v1/img2img"])
 def test_nan_in_any_field_is_a_400_before_the_job_runs(client, path):
     """Fields the request does not use (other tools', img2img's image_cfg_scale) are echoed in the response:

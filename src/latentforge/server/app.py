@@ -53,6 +53,9 @@ def create_app(
         "CLIP_stop_at_last_layers": 1,
         "samples_format": "png",
         "outdir_samples": str(outdir),
+        # A1111's default source, "GPU", is torch.randn on the device it runs on: on a CUDA server that is
+        # our "GPU", on a CPU one the CPU's torch.randn, our "CPU" (our "GPU" there reproduces CUDA's noise)
+        "randn_source": "GPU" if str(config.device or "cpu").startswith("cuda") else "CPU",
     }
 
     from contextlib import asynccontextmanager
