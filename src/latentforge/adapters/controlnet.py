@@ -292,10 +292,10 @@ class ControlledDenoiser:
         return max(step, 0) / max(steps, 1)
 
     def _cond_rows(self, context: Tensor) -> Tensor:
-        rows = torch.ones(context.shape[0], dtype=torch.bool)
+        rows = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)  # on the device: no wait
         for u in self.uncond:
             if u.shape[1:] == context.shape[1:]:
-                same = (context == u[:1].to(context)).flatten(1).all(1).cpu()
+                same = (context == u[:1].to(context)).flatten(1).all(1)
                 rows &= ~same
         return rows
 

@@ -426,13 +426,13 @@ def apply(plan: Plan, pipe, units: list[PreparedUnit]) -> None:
             active.append(
                 ActiveUnit(
                     u.net,
-                    hint.to(pipe.dtype),
+                    hint.to(device=pipe.device, dtype=pipe.dtype),  # once, not a host-to-GPU copy per step
                     float(u.unit.weight),
                     float(u.unit.guidance_start),
                     float(u.unit.guidance_end),
                     u.control_mode,
                     soft=p.name == "hires" and u.unit.module in HIRES_SOFT_MODULES,
-                    region=u.region,
+                    region=None if u.region is None else u.region.to(pipe.device),
                 )
             )
         if not active and not restores:
