@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import zlib
 
 import numpy as np
@@ -170,3 +171,12 @@ def test_damaged_or_hostile_cards_fail_with_the_file_and_the_fault(sd1, tmp_path
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     with pytest.raises(EmbeddingError, match="not a readable image"):
         read_embedding(tmp_path / "junk.png")
+
+    # a header claiming 20000 x 20000 pixels (PIL's decompression-bomb limit): refused before any pixel is read
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b""))
+    with pytest.raises(EmbeddingError, match=r"bomb\.png: (not a readable image|.*more than an embedding)"):
+        read_embedding(tmp_path / "bomb.png")

@@ -137,7 +137,7 @@ def read_embedding_image(path: str | Path) -> dict | None:
                     raise EmbeddingImageError(f"{path}: the {TEXT_KEY} text chunk is not base64 ({e})") from None
                 return _parse(raw, path, f"the {TEXT_KEY} text chunk")
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, EmbeddingImageError):
             raise
         raise EmbeddingImageError(f"{path}: not a readable image ({e})") from None
