@@ -29,3 +29,21 @@ def test_bench_gpu_runs_both_families_and_the_libraries_agree(tmp_path):
             row = got["rows"][lib]
             assert row["its"] > 0 and row["image_s"] > 0 and row["unet_step_s"] > 0 and row["vae_decode_s"] > 0
             assert row["unet_dtype"] == "torch.float32"
+
+
+def test_profile_step_runs_each_check(tmp_path):
+    """benchmarks/profile_step.py, the diagnostic of the GPU step (host waits, GroupNorm, layouts), with the
+    tiny models on the CPU: each mode prints its figures."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    expected = {
+        "--group-norm": ["group norm (2, 320, 128, 128)", "max |diff|"],
+        "--layout": ["layout torch.channels_last: unet step", "layout: unet max |diff|"],
+        "--steps=3": ["unet alone, synchronized each call", "Euler step, synchronized each step", "aten::"],
+    }
+    for flag, lines in expected.items():
+        cmd = [*script, flag] if flag == "--group-norm" else [*script, "--tiny", flag]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for line in lines:
+            assert line in proc.stdout, (flag, line, proc.stdout[-2000:])
