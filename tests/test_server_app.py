@@ -273,3 +273,45 @@ def test_refiner_with_hires_is_refused_before_any_model_loads(client):
 def test_interrogate_says_it_is_not_available(client):
     r = _post(client, "/sdapi/v1/interrogate", {"image": "", "model": "clip"})
     assert r.status_code == 501 and "interrogate" in r.json()["detail"] and "png-info" in r.json()["detail"]
+
+
+def test_embeddings_are_listed_as_a1111_lists_them(tmp_path):
+    """A1111's /sdapi/v1/embeddings: for each embedding its step and checkpoint (as its .pt records them),
+    "shape" (the width; an SDXL pair's two widths added) and "vectors"; with a model loaded, those that do not
+    fit it under "skipped". A file that cannot be read is left out."""
+    import types
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    vectors = torch.randn(3, 768)
+    torch.save({"string_to_param": {"*": vectors}, "name": "shiny", "step": 1500, "sd_checkpoint": "a1b2c3d4",
+                "sd_checkpoint_name": "v1-5-pruned"}, folder / "shiny.pt")  # fmt: skip
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, folder / "pair.safetensors")
+    (folder / "damaged.pt").write_bytes(b"not a pickle")
+    config = ServerConfig(embedding_dirs=[folder])
+    listing = TestClient(create_app(config, queue=StubQueue())).get("/sdapi/v1/embeddings").json()
+    expected = {
+        "loaded": {
+            "shiny": {
+                "step": 1500,
+                "sd_checkpoint": "a1b2c3d4",
+                "sd_checkpoint_name": "v1-5-pruned",
+                "shape": 768,
+                "vectors": 3,
+            },
+            "pair": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 2048, "vectors": 2},
+        },
+        "skipped": {},
+    }
+    listing["loaded"].pop("scarlet")  # the bundled demo embedding (64 wide), listed too: it fits the demo model
+    assert listing == expected
+    # an SD1 model loaded: the SDXL pair does not fit it
+    queue = StubQueue()
+    queue.default_model = "sd1"
+    sd1 = types.SimpleNamespace(text=types.SimpleNamespace(slots=[("clip-l", 768)]))
+    queue.cache = types.SimpleNamespace(loaded={"sd1": sd1})
+    listing = TestClient(create_app(config, queue=queue)).get("/sdapi/v1/embeddings").json()
+    assert set(listing["loaded"]) == {"shiny"} and set(listing["skipped"]) == {"pair", "scarlet"}

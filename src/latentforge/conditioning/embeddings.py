@@ -50,6 +50,13 @@ class Embedding:
     path: Path | None
     vectors: dict[str, Tensor]  # "*" for a one-encoder embedding, else "clip_l"/"clip_g"
     hash: str | None = None  # the infotext's TI hash when not the file's (bundled: the LoRA's name, as A1111)
+    # what an A1111 file says of its training (step, sd_checkpoint, sd_checkpoint_name), for listings
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> int:
+        """A1111's embedding "shape": the vectors' width (of an SDXL pair, both widths added)."""
+        return sum(v.shape[1] for v in self.vectors.values())
 
     @property
     def count(self) -> int:
@@ -132,7 +139,25 @@ def _from_image(path: Path, name: str | None) -> Embedding:
     return _from_data(tensors(data), name, path)
 
 
+def _training_info(data) -> dict:
+    """The step and checkpoint an A1111 embedding file records (plain values only)."""
+    if not isinstance(data, dict):
+        return {}
+    step = data.get("step")
+    out = {"step": step if isinstance(step, int) and not isinstance(step, bool) else None}
+    for key in ("sd_checkpoint", "sd_checkpoint_name"):
+        value = data.get(key)
+        out[key] = value[:256] if isinstance(value, str) else None
+    return out
+
+
 def _from_data(data, name: str, path: Path, hash: str | None = None) -> Embedding:
+    embedding = _from_parts(data, name, path, hash)
+    embedding.info = _training_info(data)
+    return embedding
+
+
+def _from_parts(data, name: str, path: Path, hash: str | None = None) -> Embedding:
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):
         params = [(k, v) for k, v in data["string_to_param"].items() if isinstance(v, Tensor)]
         if params:

@@ -442,10 +442,40 @@ def create_app(
     def hypernetworks() -> list[dict]:
         return [{"name": n, "path": None} for n in _networks("hypernetworks")]
 
+    read_embeddings: dict[Path, tuple[int, int, Any]] = {}  # file -> (mtime, size, Embedding or None): read once
+
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict:
-        blank = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None, "vectors": None}
-        return {"loaded": {n: dict(blank) for n in _networks("embeddings")}, "skipped": {}}
+        """A1111's listing: each embedding's step and checkpoint (when its file records them), "shape" (the
+        vectors' width) and "vectors"; "skipped" those whose width does not fit the default model, when it is
+        loaded (A1111 compares with the loaded model). Files that cannot be read are left out, as A1111 does."""
+        from latentforge.conditioning.embeddings import EmbeddingError, read_embedding
+
+        cache = getattr(queue, "cache", None)
+        pipe = cache.loaded.get(queue.default_model) if cache is not None and queue.default_model else None
+        slots = pipe.text.slots if pipe is not None else None
+        out: dict[str, dict] = {"loaded": {}, "skipped": {}}
+        for name, path in _networks("embeddings").items():
+            try:
+                stat = path.stat()
+                seen = read_embeddings.get(path)
+                if seen is None or seen[:2] != (stat.st_mtime_ns, stat.st_size):
+                    try:
+                        emb = read_embedding(path, name)
+                    except EmbeddingError as e:
+                        log.warning("embedding %s: %s", name, e)
+                        emb = None
+                    seen = read_embeddings[path] = (stat.st_mtime_ns, stat.st_size, emb)
+            except OSError:
+                continue
+            emb = seen[2]
+            if emb is None:
+                continue
+            row = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, **emb.info}
+            row.update(shape=emb.shape, vectors=emb.count)
+            fits = slots is None or emb.for_encoders(slots) is not None
+            out["loaded" if fits else "skipped"][name] = row
+        return out
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict:
