@@ -332,7 +332,8 @@ function applyParameters(p) {
     set("hr_second_pass_steps", p["Hires steps"] || 0);
     set("hr_denoising_strength", p["Denoising strength"]);
     set("hr_prompt", p["Hires prompt"] || "");
-    const opt = [...$("hr_upscaler").options].find((o) => o.value === p["Hires upscaler"]);
+    const upscaler = p["Hires upscaler"] ?? "Latent"; // absent: A1111's default
+    const opt = [...$("hr_upscaler").options].find((o) => o.value === upscaler);
     if (opt) $("hr_upscaler").value = opt.value;
   } else if (p["Denoising strength"]) set("denoising_strength", p["Denoising strength"]);
   $("tiling").checked = String(p.Tiling).toLowerCase() === "true";
