@@ -52,15 +52,16 @@ _IMAGE_NAMES: dict[Path, tuple[int, int, str | None]] = {}  # image -> (mtime, s
 def image_embedding_name(path: Path) -> str | None:
     """The name of the embedding an image file holds (its data's ``name``, as A1111, else the file stem), or
     None when it holds none (a preview or any other picture); read again only when the file changes. A
-    damaged one counts as an embedding named by its stem, so that naming it in a prompt gives its error."""
+    card whose embedding data is damaged counts as an embedding named by its stem, so that naming it in a
+    prompt gives its error; a file that is no readable image is skipped, as A1111 skips it."""
     stat = path.stat()
     cached = _IMAGE_NAMES.get(path)
     if cached is not None and cached[:2] == (stat.st_mtime_ns, stat.st_size):
         return cached[2]
     try:
         data = read_embedding_image(path)
-    except EmbeddingImageError:
-        data = {}
+    except EmbeddingImageError as e:
+        data = {} if e.found else None
     name = None
     if data is not None:
         given = data.get("name")
@@ -79,10 +80,12 @@ def embedding_files(folders: list[Path]) -> dict[str, Path]:
         for path in sorted(Path(folder).rglob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES or path.stem.lower().endswith(".preview"):
                 continue
-            if path.is_file():
-                name = image_embedding_name(path)
-                if name is not None:
-                    out.setdefault(name, path)
+            try:
+                name = image_embedding_name(path) if path.is_file() else None
+            except OSError:  # removed or unreadable while listing
+                continue
+            if name is not None:
+                out.setdefault(name, path)
     return out
 
 

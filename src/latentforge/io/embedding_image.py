@@ -29,13 +29,18 @@ import numpy as np
 
 TEXT_KEY = "sd-ti-embedding"
 IMAGE_SUFFIXES = (".png", ".webp")
-MAX_PIXELS = 32 * 1024 * 1024  # A1111's cards are a few hundred thousand pixels
+MAX_PIXELS = 4 * 1024 * 1024  # A1111's cards: a picture and two data blocks, well under a million pixels
 MAX_JSON_BYTES = 64 * 1024 * 1024
 _LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2**32
 
 
 class EmbeddingImageError(ValueError):
-    """An image holds embedding data that cannot be read; the message names the file and the fault."""
+    """An image holds embedding data that cannot be read (``found``: the data is there, damaged), or the file
+    is not a readable image at all (``found`` False); the message names the file and the fault."""
+
+    def __init__(self, message: str, found: bool = True):
+        super().__init__(message)
+        self.found = found
 
 
 def lcg_stream(count: int) -> np.ndarray:
@@ -98,7 +103,11 @@ def _from_pixels(rgb: np.ndarray, path: Path) -> dict | None:
     if len(separators) < 2:
         return None
     lower, upper = low[:, : separators.min()], low[:, separators.max() + 1 :]
-    if lower.shape != upper.shape or lower.size == 0:
+    if lower.shape != upper.shape or lower.size < 2:
+        return None
+    head = lcg_stream(2) & 0x0F  # a zlib header (deflate, check bits) first, before the whole stream is made
+    cmf, flg = ((upper.reshape(-1)[:2] ^ head) << 4) | (lower.reshape(-1)[:2] ^ head)
+    if cmf & 0x0F != 8 or (int(cmf) * 256 + int(flg)) % 31:
         return None
     stream = (lcg_stream(lower.size) & 0x0F).reshape(lower.shape)
     packed = (((upper ^ stream) << 4) | (lower ^ stream)).astype(np.uint8).tobytes()
@@ -119,15 +128,16 @@ def read_embedding_image(path: str | Path) -> dict | None:
     """The embedding data of an image file (the text chunk, else the pixels), or None when it holds none
     (a preview or any other picture). ``EmbeddingImageError`` for a file that is not a readable image or
     whose embedding data is damaged."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=("PNG", "WEBP")) as image:  # no other decoder runs on such files
             if image.width * image.height > MAX_PIXELS:
                 raise EmbeddingImageError(
                     f"{path}: {image.width}x{image.height} pixels is more than an embedding image holds "
-                    f"(at most {MAX_PIXELS} pixels are read)"
+                    f"(at most {MAX_PIXELS} pixels are read)",
+                    found=False,
                 )
             text = getattr(image, "text", None) or {}  # PNG text chunks; WebP has none
             if TEXT_KEY in text:
@@ -137,8 +147,10 @@ def read_embedding_image(path: str | Path) -> dict | None:
                     raise EmbeddingImageError(f"{path}: the {TEXT_KEY} text chunk is not base64 ({e})") from None
                 return _parse(raw, path, f"the {TEXT_KEY} text chunk")
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, EmbeddingImageError):
-            raise
-        raise EmbeddingImageError(f"{path}: not a readable image ({e})") from None
+    except EmbeddingImageError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # any decoder fault of a hostile file is this file's error
+        raise EmbeddingImageError(f"{path}: not a readable PNG or WebP image ({e})", found=False) from None
     return _from_pixels(rgb, path)
