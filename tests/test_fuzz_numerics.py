@@ -135,6 +135,18 @@ def test_huge_cfg_scale_stops_at_the_first_step(pipe, no_validation, tmp_path, c
         pipe.txt2img("a cat", cfg_scale=1e30, **{**SMALL, "steps": 2})
 
 
+def test_an_interruption_does_not_hide_a_nan(pipe, no_validation, check_lag):
+    """A progress callback that stops the run in the step whose check is still pending (one step late on a
+    GPU): the NaN is reported, not handed on as the interrupted run's result."""
+    from latentforge.pipelines.generate import Interrupted
+
+    def stop(progress):
+        raise Interrupted()
+
+    with pytest.raises(NonFiniteError, match=r"step 1 of 3 .*cfg_scale 1e\+308"):
+        pipe.txt2img("a cat", cfg_scale=1e308, progress=stop, **SMALL)
+
+
 def test_infinite_or_huge_s_noise_names_the_noise(pipe, no_validation, check_lag):
     with pytest.raises(NonFiniteError, match=r"step 2 of 3 .*s_noise inf\).*already NaN/Inf.*s_noise, eta"):
         pipe.txt2img("a cat", sampler="Euler a", s_noise=math.inf, **SMALL)

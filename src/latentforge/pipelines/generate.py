@@ -246,7 +246,11 @@ def run_pass(
         prepare(iteration, seeds)
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
     step = watch.callback(callback)
-    out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
+    try:
+        out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
+    except Interrupted:
+        watch.flush()  # a NaN in a step whose check was still pending wins over the interruption
+        raise
     return watch.result(out if p.finish is None else p.finish(out)), draw
 
 

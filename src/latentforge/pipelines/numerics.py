@@ -102,7 +102,7 @@ class _StepCheck:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(flag, non_blocking=True)
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(flag.device))  # the stream the copy runs on
             flag = host
         self.flag = flag
 
@@ -137,6 +137,12 @@ class FiniteWatch:
 
         return check
 
+    def flush(self) -> None:
+        """Read every check still pending (a NonFiniteError for a NaN found): before a run ends early, so
+        that a step's NaN is never handed on as a result."""
+        while self.pending:
+            self._read(self.pending.pop(0))
+
     def _read(self, step: _StepCheck) -> None:
         if step.finite():
             return
@@ -159,8 +165,7 @@ class FiniteWatch:
         raise NonFiniteError(f"NaN/Inf values in the denoised latents at {where}: {cause}")
 
     def result(self, x: Tensor) -> Tensor:
-        while self.pending:
-            self._read(self.pending.pop(0))
+        self.flush()
         if not is_finite(x):
             p = self.p
             raise NonFiniteError(

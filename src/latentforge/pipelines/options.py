@@ -75,7 +75,7 @@ class GenerationOptions(TypedDict, total=False):
     extra: dict
     enable_hr: bool
     hr_scale: float
-    hr_upscaler: str
+    hr_upscaler: str | None
     hr_second_pass_steps: int
     hr_resize_x: int
     hr_resize_y: int
