@@ -325,7 +325,7 @@ function applyParameters(p) {
     const opt = [...$("scheduler").options].find((o) => o.textContent === p["Schedule type"]);
     if (opt) $("scheduler").value = opt.value;
   }
-  const hires = p["Hires upscale"] !== undefined || p["Hires upscaler"] !== undefined;  // A1111: hires was on
+  const hires = ["Hires upscale", "Hires resize", "Hires upscaler"].some((k) => p[k] !== undefined);  // hires was on
   $("enable_hr").checked = hires;
   if (hires) {
     set("hr_scale", p["Hires upscale"]);
