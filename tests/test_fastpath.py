@@ -131,3 +131,53 @@ def test_bf16_group_norm_equals_the_fp32_computation(monkeypatch):
     # latentforge's own kernel (AVX512-BF16 CPUs): fp32/double statistics too, within one bf16 rounding
     monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
     assert ((norm(x).float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+def test_in_place_silu_and_residual_adds_keep_values_and_gradients():
+    """GroupNorm32's SiLU and the VAE blocks' residual adds write into their own fresh outputs when no
+    gradient is needed; the values must be the plain formulas', and under autograd the gradients too."""
+    from latentforge.models import AutoencoderKL
+    from latentforge.models.vae import ResnetBlock
+    from latentforge.nn import GroupNorm32
+
+    F = torch.nn.functional
+    torch.manual_seed(3)
+    norm = GroupNorm32(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 16, 8, 8)
+    plain = F.silu(F.group_norm(x, 4, norm.weight, norm.bias, 1e-6))
+    with torch.inference_mode():
+        assert torch.allclose(norm(x, silu=True), plain, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    norm(xg, silu=True).square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.silu(F.group_norm(xr, 4, norm.weight, norm.bias, 1e-6)).square().sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, atol=1e-5)
+
+    cfg = get_family("sd1").vae
+    block = ResnetBlock(cfg, 32, 64).eval()  # with a 1x1 shortcut
+    x = torch.randn(1, 32, 8, 8)
+
+    def by_hand(x):
+        h = block.conv1(F.silu(F.group_norm(x, cfg.norm_groups, block.norm1.weight, block.norm1.bias, 1e-6)))
+        h = block.conv2(F.silu(F.group_norm(h, cfg.norm_groups, block.norm2.weight, block.norm2.bias, 1e-6)))
+        return block.nin_shortcut(x) + h
+
+    with torch.inference_mode():
+        assert torch.allclose(block(x), by_hand(x), atol=1e-5)
+    y = block(x)  # under autograd: the plain additions, gradients reach the weights
+    y.square().sum().backward()
+    ours = block.conv1.weight.grad.clone()
+    block.zero_grad()
+    by_hand(x).square().sum().backward()
+    assert torch.allclose(ours, block.conv1.weight.grad, rtol=1e-4, atol=1e-6)
+
+    vae = AutoencoderKL(cfg).eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        fast = vae.decode(z)
+    plain = vae.decode(z)  # parameters needing gradients: the plain additions and SiLU
+    assert plain.requires_grad and torch.isfinite(fast).all()
+    assert torch.allclose(fast, plain.detach(), atol=1e-5)

@@ -42,6 +42,15 @@ def _norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
     return GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
 
 
+def _add(skip: Tensor, h: Tensor) -> Tensor:
+    """``skip + h`` where ``h`` is a fresh layer output: without autograd added into ``h``, so that the
+    decoder's large maps (fp32 at 512 px: 128-256 MB each) do not take one more fresh block per block."""
+    grad = torch.is_grad_enabled() and (skip.requires_grad or h.requires_grad)
+    if grad or h.shape != skip.shape or h.dtype != skip.dtype:
+        return skip + h
+    return h.add_(skip)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, cfg: VAEConfig, channels: int, out_channels: int):
         super().__init__()
@@ -55,7 +64,7 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(self.norm1(x, silu=True))
         h = self.conv2(self.dropout(self.norm2(h, silu=True)))
-        return self.nin_shortcut(x) + h
+        return _add(self.nin_shortcut(x), h)
 
 
 class AttnBlock(nn.Module):
@@ -74,7 +83,7 @@ class AttnBlock(nn.Module):
         n = self.norm(x)
         q, k, v = (m(n).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
         out = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        return _add(x, self.proj_out(out))
 
 
 class Downsample(nn.Module):

@@ -31,7 +31,11 @@ class GroupNorm32(nn.GroupNorm):
             w = self.weight.float() if self.weight is not None else None
             b = self.bias.float() if self.bias is not None else None
             out = F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-        return F.silu(out) if silu else out
+        if not silu:
+            return out
+        # ``out`` is this call's own tensor: without autograd the SiLU overwrites it rather than taking
+        # a second activation-sized block (in fp32 the VAE's are 128-256 MB: fresh, page-faulted mappings)
+        return F.silu(out, inplace=not (torch.is_grad_enabled() and out.requires_grad))
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
