@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge.nn import CrossAttention, GroupNorm32, fused, timestep_embedding
+from latentforge.nn.upsample import upsample_conv
 
 
 @dataclass(frozen=True)
@@ -216,11 +217,8 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         # Nearest x2; an explicit size (that of the matching skip) allows latents whose sides are not a
         # multiple of 2^levels. For exact doubling both give the same pixels.
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        # (computed without the doubled map where it pays: nn/upsample.py)
+        return upsample_conv(x, self.conv, size)
 
 
 class TimestepEmbedSequential(nn.Sequential):

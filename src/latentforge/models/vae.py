@@ -18,6 +18,7 @@ from latentforge.nn import GroupNorm32, attention, packed
 from latentforge.nn.circular import is_circular
 from latentforge.nn.packed import packed_session
 from latentforge.nn.tiling import tiled_apply
+from latentforge.nn.upsample import upsample_conv
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)  # nearest x2, then the conv (nn/upsample.py)
 
 
 class _Mid(nn.Module):
