@@ -101,3 +101,18 @@ def test_vae_decoder_and_unet_upsample_the_same_as_the_plain_path(monkeypatch):
     # the same numbers up to the order of additions: close, and not the very same path
     assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5) and not torch.equal(fast, plain)
     assert torch.allclose(fast_up, plain_up, rtol=1e-5, atol=1e-5) and not torch.equal(fast_up, plain_up)
+
+
+def test_weights_made_under_inference_mode():
+    """Inference tensors have no version counter (an fp32 copy of a VAE made while generating): the
+    kernels are made from the weight each call, so an in-place change is still seen."""
+    torch.manual_seed(4)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        assert conv.weight.is_inference()
+        first = upsample_conv(x, conv)
+        assert torch.allclose(first.double(), reference(x, conv), rtol=1e-5, atol=1e-5)
+        conv.weight.mul_(0.5)
+        second = upsample_conv(x, conv)
+        assert torch.allclose(second.double(), reference(x, conv), rtol=1e-5, atol=1e-5)

@@ -88,15 +88,21 @@ def _phase_kernels(conv: nn.Conv2d) -> Tensor:
     if w.numel() == 0:  # swapped out by a packed session that ran this layer plainly: the plain one back
         packed.materialize(w)
         w = conv.weight
+    if w.is_inference():  # no version counter to tell an in-place change by: made each call (cheap)
+        return _make_kernels(w)
     key = (id(w), w._version, w.data_ptr(), w.dtype)
     with _LOCK:
         cached = _KERNELS.get(conv)
         if cached is not None and cached[0] == key:
             return cached[1]
-    w64 = w.detach().to(torch.float64)
-    # k[a, b, o, c, i, j] = sum_{u, v} P[a, i, u] w[o, c, u, v] P[b, j, v]
-    k = torch.einsum("aiu,ocuv,bjv->abocij", _PHASE, w64, _PHASE)
-    kernels = k.reshape(4, *k.shape[2:]).to(w.dtype).contiguous()
+    kernels = _make_kernels(w)
     with _LOCK:
         _KERNELS[conv] = (key, kernels)
     return kernels
+
+
+def _make_kernels(w: Tensor) -> Tensor:
+    w64 = w.detach().to(torch.float64)
+    # k[a, b, o, c, i, j] = sum_{u, v} P[a, i, u] w[o, c, u, v] P[b, j, v]
+    k = torch.einsum("aiu,ocuv,bjv->abocij", _PHASE, w64, _PHASE)
+    return k.reshape(4, *k.shape[2:]).to(w.dtype).contiguous()
