@@ -28,8 +28,6 @@ from torch import Tensor, nn
 
 from latentforge.nn import native, packed
 
-# tap sums for output phase 0 and 1 (rows; the same for columns): (2, 3) each
-_PHASE = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
 # input maps below this many pixels keep the plain path (four small convolutions cost more calls than
 # they save products: SD1.5's 8x8 and 16x16 levels)
 MIN_PIXELS = 1024
@@ -102,7 +100,14 @@ def _phase_kernels(conv: nn.Conv2d) -> Tensor:
 
 
 def _make_kernels(w: Tensor) -> Tensor:
+    """(4, Cout, C, 2, 2): rows [w0, w1 + w2] (phase 0) or [w0 + w1, w2] (phase 1), the same for columns;
+    summed in float64, rounded once."""
     w64 = w.detach().to(torch.float64)
-    # k[a, b, o, c, i, j] = sum_{u, v} P[a, i, u] w[o, c, u, v] P[b, j, v]
-    k = torch.einsum("aiu,ocuv,bjv->abocij", _PHASE, w64, _PHASE)
-    return k.reshape(4, *k.shape[2:]).to(w.dtype).contiguous()
+
+    def taps(t: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        a, b, c = t.unbind(dim)
+        return torch.stack([a, b + c], dim), torch.stack([a + b, c], dim)
+
+    rows = taps(w64, 2)
+    phases = [col for row in rows for col in taps(row, 3)]  # order (0, 0), (0, 1), (1, 0), (1, 1)
+    return torch.stack(phases).to(w.dtype).contiguous()
