@@ -53,3 +53,21 @@ def forced_kernels(monkeypatch, tmp_path_factory):
     native.reset()
     yield
     native.reset()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_temp_dirs(tmp_path_factory):
+    """Delete the folders a module's fixtures made with ``tmp_path_factory.mktemp`` once the module is
+    done. pytest keeps them to the end of the session otherwise, and with the tests' own folders (freed
+    as each test passes: ``tmp_path_retention_policy = "failed"`` in pyproject.toml) a full run wrote
+    about 17 GB of model files, more than a small CI disk holds. Shared caches (``kernel-cache``) and
+    the folders of failed tests (``test_*``) stay."""
+    import re
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        if re.search(r"\d$", path.name) and not path.name.startswith("test_"):
+            shutil.rmtree(path, ignore_errors=True)
