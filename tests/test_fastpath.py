@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import latentforge
 from latentforge import device as dev
@@ -181,3 +182,51 @@ def test_in_place_silu_and_residual_adds_keep_values_and_gradients():
     plain = vae.decode(z)  # parameters needing gradients: the plain additions and SiLU
     assert plain.requires_grad and torch.isfinite(fast).all()
     assert torch.allclose(fast, plain.detach(), atol=1e-5)
+
+
+def _record_compiles(monkeypatch) -> list[dict]:
+    """torch.compile as latentforge calls it, recorded, traced with the "eager" backend (no minutes of
+    inductor code generation); the options it was given are what the tests look at."""
+    from latentforge.adapters import patcher
+
+    calls, real = [], torch.compile
+
+    def recording(fn, **options):
+        calls.append(options)
+        return real(fn, backend="eager")
+
+    monkeypatch.setattr(patcher.torch, "compile", recording)
+    return calls
+
+
+def test_cli_compile_flag_compiles_the_unet_and_keeps_the_image(tiny, tmp_path, monkeypatch):
+    from latentforge.cli import main
+
+    args = ["txt2img", "a cube", "-m", str(tiny), "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "-q"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    calls = _record_compiles(monkeypatch)
+    assert main([*args, "--compile", "-o", str(tmp_path / "compiled.png")]) == 0
+    assert calls == [{}]  # torch's default mode on the CPU: CUDA graphs only on a CUDA device
+    plain, compiled = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("plain", "compiled"))
+    assert np.array_equal(plain, compiled)
+
+
+def test_compile_defaults_to_cuda_graphs_on_a_cuda_device(tiny, monkeypatch):
+    from latentforge.pipeline import Pipeline
+
+    calls = _record_compiles(monkeypatch)
+    pipe = latentforge.load(tiny)
+    monkeypatch.setattr(Pipeline, "device", property(lambda self: torch.device("cuda")))
+    pipe.compile()
+    pipe.compile(mode="default")  # given options are kept as they are
+    assert calls == [{"mode": "reduce-overhead"}, {"mode": "default"}]
+
+
+def test_server_compile_setting_compiles_each_loaded_model(tiny, monkeypatch):
+    from latentforge.server.config import ServerConfig
+    from latentforge.server.models import ModelCache, ModelCatalog
+
+    calls = _record_compiles(monkeypatch)
+    compiled = ModelCache(ModelCatalog(tiny, None), ServerConfig(compile=True)).get(tiny.name)
+    plain = ModelCache(ModelCatalog(tiny, None), ServerConfig()).get(tiny.name)
+    assert compiled.patcher.compiled == ["unet"] and plain.patcher.compiled == [] and calls == [{}]

@@ -78,6 +78,12 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--outdir", type=Path, default=Path("outputs"), help="where save_images writes (default outputs/)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype (default: automatic)")
     p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each loaded model's UNet with torch.compile (CUDA graphs on a GPU): the first request of "
+        "each size and batch waits for compiling, later ones run faster",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -137,6 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
         upscaler_dirs=upscalers.search_dirs(near=args.models_dir / "x" if args.models_dir else model),
         controlnet_dirs=list(args.controlnet_dir),
         lora_dirs=list(args.lora_dir),

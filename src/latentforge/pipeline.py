@@ -135,8 +135,13 @@ class Pipeline:
     def compile(self, **options):
         """Compile the UNet's forward with torch.compile (optional: it pays off over many steps, mostly on
         GPUs; the first call compiles for minutes on a CPU). The module itself is unchanged, so saving
-        and inspection keep working; patches and hooks added later are traced again."""
+        and inspection keep working; patches and hooks added later are traced again. Without options:
+        ``mode="reduce-overhead"`` (CUDA graphs for fixed shapes) on a CUDA device, torch's default
+        elsewhere (the CLI's and server's ``--compile``)."""
         from latentforge.nn.packed import settle
+
+        if not options and self.device.type == "cuda":
+            options = {"mode": "reduce-overhead"}
 
         settle(self.unet)  # weights a generation left packed (nn/packed.py): plain again before tracing
         self.patcher.compile("unet", **options)

@@ -27,6 +27,7 @@ class ServerConfig:
     max_batch: int = 4  # images of queued jobs run as one batch at most (server/batching.py); 1: each job alone
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False  # torch.compile each loaded model's UNet (Pipeline.compile's defaults)
     upscaler_dirs: list[Path] = field(default_factory=list)  # ESRGAN-family files for hr_upscaler
     controlnet_dirs: list[Path] = field(default_factory=list)  # ControlNet files units may name
     lora_dirs: list[Path] = field(default_factory=list)  # LoRA files <lora:name:w> may name

@@ -154,6 +154,8 @@ class ModelCache:
             self._evict()
         pipe = latentforge.load(self.catalog.path(name), dtype=self.config.dtype, device=self.config.device)
         pipe.folders = self.config.network_folders()
+        if self.config.compile:
+            pipe.compile()
         self.loaded[name] = pipe
         limit = self.config.max_model_bytes
         while limit and len(self.loaded) > 1 and self.total_bytes() > limit:
