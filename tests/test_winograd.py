@@ -158,7 +158,7 @@ def test_usable_refuses_what_it_cannot_do(monkeypatch):
         torch.nn.Conv2d(8, 32, 3, padding=1, padding_mode="reflect"),
     ):
         assert not winograd.usable(conv.to(torch.bfloat16), x)
-    assert not winograd.usable(make(8, 32).float(), x.float())  # fp32: oneDNN
+    assert winograd.usable(make(8, 32).float(), x.float())  # fp32: PyTorch ops (test_winograd_fp32.py)
     assert not winograd.usable(make(7, 32), rand(1, 7, 32, 32))  # odd input channels
     assert not winograd.usable(make(8, 32).requires_grad_(), x)  # autograd: PyTorch's convolution
     with torch.no_grad():

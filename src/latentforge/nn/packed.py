@@ -194,6 +194,10 @@ class PackedConv2d(_Wakes, nn.Conv2d):
             _put_back(self)
             return super().forward(x)
         if winograd.usable(self, x, repeated=_REPEATED.get(self, False)):
+            if x.dtype == torch.float32:  # filters transformed per call: nothing cached (nn/winograd.py)
+                _put_back(self)
+                _CACHE.pop(self, None)
+                return winograd.conv3x3_fp32(x, self.weight, self.bias, wraps=wraps)
             u = _winograd_filters(self)
             return winograd.conv3x3(x, u, self.bias, self.out_channels, wraps=wraps)
         padding = list(self.padding)

@@ -21,8 +21,20 @@ True)``: the UNet during sampling) also runs maps of ``MIN_PIXELS_REPEATED`` pix
 16x16 level, 680 MB more). Filters made in a session are dropped when it ends, or when the VAE, the
 other memory peak of a generation, starts (``nn.packed.shed``): made again per generation (SD1.5's UNet
 1 s, the VAE 0.2 s) rather than held through the peaks.
+
+float32 (CPUs without native bf16, issue 16's AVX2 anchor): the same F(2x2, 3x3) in PyTorch ops
+(``conv3x3_fp32``): the input transform as strided adds and subtractions, the 16 products as one batched
+matrix product (MKL, at the fp32 matmul peak), the output transform likewise. Its filters are transformed
+on every call by one small matrix product (no cached copy: the memory stays that of the plain weights),
+so it runs where that transform is cheap next to the convolution and oneDNN's direct convolution is
+slower: maps of ``MIN_PIXELS`` to ``FP32_MAX_PIXELS`` pixels, at least ``FP32_MIN_CHANNELS`` input channels
+and at most ``FP32_MAX_FILTER`` input x output channels (at 512 px: SD1.5's 64x64 and 32x32 levels, the
+VAE decoder's 64x64, 128x128 and 256x256 levels; not the 16x16 and 8x8 levels, whose filters are large
+next to their maps). Measured on a 2-core AMD EPYC (AVX2, ``benchmarks/bench_winograd.py --fp32``):
+1.3-1.7x oneDNN on those shapes; relative error against float64 about 1e-6, below the direct fp32
+convolution's (``tests/test_winograd_fp32.py``).
 ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run, ``nn.native.ready``, and the map
-is that large), ``off`` (oneDNN's direct convolution), ``on`` (every map size).
+is that large; fp32 where described above), ``off`` (oneDNN's direct convolution), ``on`` (every map size).
 """
 
 from __future__ import annotations
@@ -46,6 +58,15 @@ MIN_PIXELS_REPEATED = 256
 BAND_BYTES = 64 << 20
 # F(2x2, 3x3)'s filter transform
 G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+# fp32 (``conv3x3_fp32``): the largest map, the fewest input channels and the most input x output channels
+# run by Winograd, and the transformed input of one band of tile rows (small enough to stay in the caches
+# through the product and the output transform: 1.3-1.6x faster than one band of 64 MB at 128x128)
+FP32_MAX_PIXELS = 256 * 256
+FP32_MIN_CHANNELS = 256
+FP32_MAX_FILTER = 1280 * 640
+FP32_BAND_BYTES = 8 << 20
+# the 16 x 9 matrix taking a flattened 3x3 filter to its flattened 4x4 transform (G g G^T = kron(G, G) vec g)
+_KRON = torch.kron(G, G).float()
 
 
 def mode() -> str:
@@ -63,6 +84,8 @@ def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
     ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available."""
     w = conv.weight
     m = mode()
+    if x.dtype == torch.float32:
+        return _usable_fp32(conv, x, m)
     return (
         m != "off"
         and conv.kernel_size == (3, 3)
@@ -84,6 +107,89 @@ def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and native.ready()
     )
+
+
+def _plain_3x3(conv: nn.Conv2d) -> bool:
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode in ("zeros", "circular")
+    )
+
+
+def _usable_fp32(conv: nn.Conv2d, x: Tensor, m: str) -> bool:
+    w = conv.weight
+    pixels = x.shape[-2] * x.shape[-1] if x.dim() == 4 else 0
+    return (
+        m != "off"
+        and native.mode() != "off"
+        and _plain_3x3(conv)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and (conv.bias is None or (conv.bias.dtype == torch.float32 and conv.bias.device.type == "cpu"))
+        and x.shape[2] % 2 == 0
+        and x.shape[3] % 2 == 0
+        and x.numel() > 0
+        and (m == "on" or (MIN_PIXELS <= pixels <= FP32_MAX_PIXELS and _fp32_channels(conv)))
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
+
+
+def _fp32_channels(conv: nn.Conv2d) -> bool:
+    return conv.in_channels >= FP32_MIN_CHANNELS and conv.in_channels * conv.out_channels <= FP32_MAX_FILTER
+
+
+def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = False) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` (circular padding with ``wraps``) of an fp32 CPU input of even
+    height and width by Winograd's F(2x2, 3x3) in PyTorch ops; channels-last (N, Cout, H, W). Call where
+    ``usable`` said yes. Works in bands of tile rows whose transformed input takes at most ``FP32_BAND_BYTES``."""
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    # U: the 16 transformed filters as (16, Cout, C), one product of the 16 x 9 transform with the weights
+    u = torch.mm(_KRON, weight.detach().reshape(k * c, 9).t()).view(16, k, c)
+    padded = F.pad(x, (1, 1, 1, 1), mode="circular" if wraps else "constant")
+    padded = padded.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # an NHWC view
+    th, tw = h // 2, w // 2
+    band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    out = torch.empty(n, th, 2, tw, 2, k)  # tile row, row in tile, tile column, column in tile, channel
+    for t0 in range(0, th, band):
+        t1 = min(th, t0 + band)
+        _band_fp32(padded[:, 2 * t0 : 2 * t1 + 2], u, out[:, t0:t1])
+    out = out.view(n, h, w, k)
+    if bias is not None:
+        out += bias.detach()
+    return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
+
+
+def _band_fp32(xp: Tensor, u: Tensor, out: Tensor) -> None:
+    """One band: ``xp`` the padded NHWC input rows of ``out.shape[1]`` tile rows (2 per tile, plus 2)."""
+    n, _, cols, c = xp.shape
+    th, tw, k = out.shape[1], out.shape[3], u.shape[1]
+    # B^T d B, rows then columns; B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    r = [xp[:, i : i + 2 * th : 2] for i in range(4)]
+    rt = torch.empty(4, n, th, cols, c)
+    torch.sub(r[0], r[2], out=rt[0])
+    torch.add(r[1], r[2], out=rt[1])
+    torch.sub(r[2], r[1], out=rt[2])
+    torch.sub(r[1], r[3], out=rt[3])
+    v = torch.empty(4, 4, n, th, tw, c)
+    for i in range(4):
+        d = [rt[i][:, :, j : j + 2 * tw : 2] for j in range(4)]
+        torch.sub(d[0], d[2], out=v[i, 0])
+        torch.add(d[1], d[2], out=v[i, 1])
+        torch.sub(d[2], d[1], out=v[i, 2])
+        torch.sub(d[1], d[3], out=v[i, 3])
+    m = torch.bmm(v.view(16, n * th * tw, c), u.transpose(1, 2)).view(4, 4, n, th, tw, k)
+    del v, rt
+    # A^T m A, rows then columns; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+    for a, rows_sum in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
+        torch.add(rows_sum[0] + rows_sum[1], rows_sum[2], out=out[:, :, a, :, 0])
+        torch.sub(rows_sum[1] - rows_sum[2], rows_sum[3], out=out[:, :, a, :, 1])
 
 
 def transform(weight: Tensor) -> Tensor:

@@ -1,0 +1,138 @@
+"""fp32 3x3 convolutions by Winograd's F(2x2, 3x3) in PyTorch ops (``nn/winograd.py``, ``conv3x3_fp32``):
+the convolution itself (against float64 ``F.conv2d``, the independent reference), which convolutions take
+that path, and the packed session's use of it. Runs on every CPU (no native kernels needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentforge.nn import packed, winograd
+
+
+def conv_layer(cin, cout, bias=True, seed=0, mode="zeros"):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=bias, padding_mode=mode).requires_grad_(False)
+    return conv.to(memory_format=torch.channels_last)
+
+
+def rand(*shape, seed=1, channels_last=True):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def exact(x, conv, wraps=False):
+    padded = F.pad(x.double(), (1, 1, 1, 1), mode="circular" if wraps else "constant")
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(padded, conv.weight.double(), bias)
+
+
+def rel_rms(got, ref):
+    return float((got.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+CASES = [  # (batch, in, out, height, width, bias, circular, channels-last input)
+    (2, 32, 48, 16, 16, True, False, True),
+    (1, 8, 16, 6, 10, False, False, True),
+    (3, 5, 7, 4, 2, True, True, False),  # odd channel counts, one row of tiles, a channels-first input
+    (1, 16, 8, 2, 2, True, True, True),  # a single tile, wrapping
+    (2, 64, 32, 12, 8, True, False, False),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp32_winograd_is_the_convolution(case):
+    n, cin, cout, h, w, bias, wraps, cl = case
+    conv = conv_layer(cin, cout, bias=bias, mode="circular" if wraps else "zeros")
+    x = rand(n, cin, h, w, channels_last=cl)
+    got = winograd.conv3x3_fp32(x, conv.weight, conv.bias, wraps=wraps)
+    ref = exact(x, conv, wraps)
+    assert got.shape == (n, cout, h, w) and got.dtype == torch.float32
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # fp32 rounding only (the direct fp32 convolution is about 1e-6 from float64 on these sizes)
+    assert rel_rms(got, ref) < 5e-6
+    if wraps:  # the wrap is really used: zero padding differs at the border
+        assert rel_rms(got, exact(x, conv)) > 1e-2
+
+
+def test_bands_of_tile_rows_give_the_same_result(monkeypatch):
+    conv = conv_layer(16, 32)
+    x = rand(2, 16, 14, 10)
+    whole = winograd.conv3x3_fp32(x, conv.weight, conv.bias)
+    monkeypatch.setattr(
+        winograd, "FP32_BAND_BYTES", 16 * 2 * 5 * 16 * 4 * 2
+    )  # two tile rows per band (7 rows: 2+2+2+1)
+    banded = winograd.conv3x3_fp32(x, conv.weight, conv.bias)
+    assert torch.equal(whole, banded)
+    assert rel_rms(banded, exact(x, conv)) < 5e-6
+
+
+def test_which_fp32_convolutions_take_winograd(monkeypatch):
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
+    monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
+    mid = torch.nn.Conv2d(256, 32, 3, padding=1).requires_grad_(False)
+    assert winograd.usable(mid, rand(1, 256, 32, 32))  # MIN_PIXELS
+    assert winograd.usable(mid, rand(2, 256, 256, 256))  # FP32_MAX_PIXELS
+    assert not winograd.usable(mid, rand(1, 256, 16, 16))  # too small a map: oneDNN
+    assert not winograd.usable(mid, rand(1, 256, 256, 258))  # too large: the transforms cost more than they save
+    assert not winograd.usable(mid, rand(1, 256, 34, 33))  # odd width
+    small = conv_layer(8, 16)
+    assert not winograd.usable(small, rand(1, 8, 32, 32))  # FP32_MIN_CHANNELS: few channels, little to save
+    big = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
+    assert not winograd.usable(big, rand(1, 1280, 32, 32))  # filters above FP32_MAX_FILTER: per-call transform too dear
+    x = rand(1, 256, 32, 32)
+    for conv in (
+        torch.nn.Conv2d(256, 16, 3, stride=2, padding=1),
+        torch.nn.Conv2d(256, 16, 1),
+        torch.nn.Conv2d(256, 16, 3, padding=1, groups=2),
+        torch.nn.Conv2d(256, 16, 3, padding=2, dilation=2),
+        torch.nn.Conv2d(256, 16, 3, padding=1, padding_mode="reflect"),
+    ):
+        assert not winograd.usable(conv.requires_grad_(False), x)
+    assert not winograd.usable(conv_layer(256, 16).requires_grad_(), x)  # autograd: PyTorch's convolution
+    assert not winograd.usable(conv_layer(256, 16).double(), x.double())  # float64: PyTorch's convolution
+    with torch.no_grad():
+        assert winograd.usable(conv_layer(256, 16).requires_grad_(), x)
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
+    assert winograd.usable(small, rand(1, 8, 4, 6))  # every map size and channel count
+    assert winograd.usable(big, rand(1, 1280, 8, 8))
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "off")
+    assert not winograd.usable(mid, x)
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "off")  # latentforge's own convolution paths all off
+    assert not winograd.usable(mid, x)
+
+
+@pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
+def test_packed_session_runs_fp32_maps_by_winograd_and_leaves_weights_as_they_were(monkeypatch):
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
+    monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
+    calls = []
+    real = winograd.conv3x3_fp32
+    monkeypatch.setattr(winograd, "conv3x3_fp32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    net = torch.nn.Sequential(conv_layer(256, 256, seed=1), torch.nn.SiLU(), conv_layer(256, 32, seed=2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    big, small = rand(1, 256, 32, 32), rand(1, 256, 8, 8)
+
+    def reference(x):
+        return exact(F.silu(exact(x, net[0]).float()).to(memory_format=torch.channels_last), net[2])
+
+    with torch.inference_mode(), packed.packed_session(net, repeated=True):
+        out = net(big)
+        assert len(calls) == 2 and net[0].weight.shape == (256, 256, 3, 3)  # the plain weight in place
+        low = net(small)  # 8x8: oneDNN's packed convolution
+        assert len(calls) == 2 and net[0].weight.numel() == 0
+        again = net(big)  # Winograd again: the plain weight put back first
+        assert len(calls) == 4 and net[0].weight.shape == (256, 256, 3, 3)
+        with torch.no_grad():
+            net[2].weight.mul_(-1)  # a weight changed in place (a LoRA merge): seen on the next call
+        flipped = net(big)
+        with torch.no_grad():
+            net[2].weight.mul_(-1)
+    assert rel_rms(out, reference(big)) < 5e-6 and torch.equal(out, again)
+    assert rel_rms(low, reference(small)) < 5e-6
+    assert rel_rms(flipped, -reference(big) + 2 * net[2].bias.double()[None, :, None, None]) < 5e-6
+    assert type(net[0]) is torch.nn.Conv2d
+    after = net.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
