@@ -136,3 +136,27 @@ def test_packed_session_runs_fp32_maps_by_winograd_and_leaves_weights_as_they_we
     assert type(net[0]) is torch.nn.Conv2d
     after = net.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
+def test_full_size_fp32_vae_decodes_by_winograd_and_small_ones_do_not(monkeypatch):
+    from latentforge.models.vae import AutoencoderKL, VAEConfig
+
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
+    monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
+    calls = []
+    real = winograd.conv3x3_fp32
+    monkeypatch.setattr(winograd, "conv3x3_fp32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch.manual_seed(0)
+    wide = AutoencoderKL(VAEConfig(base_channels=256, channel_mult=(1, 1), num_res_blocks=1)).eval()
+    small = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)).eval()
+    z = torch.randn(1, 4, 16, 16)
+    with torch.inference_mode():
+        got = wide.decode(z)  # its 256-channel convolutions at 32x32 by Winograd
+        by_winograd = len(calls)
+        small.decode(z)
+        assert len(calls) == by_winograd  # 64 channels at most: PyTorch's convolutions
+        monkeypatch.setenv("LATENTFORGE_WINOGRAD", "off")
+        ref = wide.decode(z)
+    assert by_winograd >= 3 and len(calls) == by_winograd
+    assert got.shape == (1, 3, 32, 32) and rel_rms(got, ref.double()) < 1e-5 and not torch.equal(got, ref)

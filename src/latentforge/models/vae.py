@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge import allocator
-from latentforge.nn import GroupNorm32, attention, packed
+from latentforge.nn import GroupNorm32, attention, packed, winograd
 from latentforge.nn.circular import is_circular
 from latentforge.nn.packed import packed_session
 from latentforge.nn.tiling import tiled_apply
@@ -187,18 +187,27 @@ class Decoder(nn.Module):
 @contextlib.contextmanager
 def cpu_fast_path(vae: nn.Module, x: Tensor):
     """On the CPU, the VAE's large activations reuse freed memory instead of page-faulting fresh pages
-    (``latentforge.allocator``), and in bf16 its weights are prepared once (``nn.packed.packed_session``:
-    3x3 convolutions by Winograd, ``nn/winograd.py``); elsewhere nothing. The transformed filters (180 MB
-    for the SD VAE, 0.2 s to make) are not kept after the call: the VAE runs once per generation, and
-    kept they would sit through the UNet's sampling, the other memory peak. The Winograd filters another
-    session made for itself alone (the UNet's smaller maps) are dropped first."""
+    (``latentforge.allocator``), and in bf16, or fp32 for full-size VAEs, its weights are prepared once
+    (``nn.packed.packed_session``: 3x3 convolutions by Winograd, ``nn/winograd.py``); elsewhere nothing.
+    The transformed bf16 filters (180 MB for the SD VAE, 0.2 s to make) are not kept after the call: the
+    VAE runs once per generation, and kept they would sit through the UNet's sampling, the other memory
+    peak. The Winograd filters another session made for itself alone (the UNet's smaller maps) are
+    dropped first."""
     if x.device.type != "cpu":
         yield
         return
-    bf16 = next(vae.parameters()).dtype == torch.bfloat16
+    dtype = next(vae.parameters()).dtype
+    # fp32: full-size VAEs only (their wide levels run by Winograd in PyTorch ops, nn/winograd.py); small
+    # ones keep PyTorch's convolutions
+    wide = dtype == torch.float32 and max(m.in_channels for m in _convs(vae)) >= winograd.FP32_MIN_CHANNELS
     packed.shed()  # another session's filters made only for it (the UNet's smaller maps): not through our peak
-    with allocator.reusing(), packed_session(vae, keep=True) if bf16 else contextlib.nullcontext():
+    session = packed_session(vae, keep=True) if dtype == torch.bfloat16 or wide else contextlib.nullcontext()
+    with allocator.reusing(), session:
         yield
+
+
+def _convs(module: nn.Module):
+    yield from (m for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
 class AutoencoderKL(nn.Module):

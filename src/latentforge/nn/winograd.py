@@ -147,49 +147,67 @@ def _fp32_channels(conv: nn.Conv2d) -> bool:
 def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = False) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (circular padding with ``wraps``) of an fp32 CPU input of even
     height and width by Winograd's F(2x2, 3x3) in PyTorch ops; channels-last (N, Cout, H, W). Call where
-    ``usable`` said yes. Works in bands of tile rows whose transformed input takes at most ``FP32_BAND_BYTES``."""
+    ``usable`` said yes. Works in bands of tile rows whose transformed input takes at most ``FP32_BAND_BYTES``;
+    the transformed filters and each band's intermediates live in the thread's reused workspace (fresh
+    tens of MB per call would be page-faulted in on every call)."""
     n, c, h, w = x.shape
     k = weight.shape[0]
-    # U: the 16 transformed filters as (16, Cout, C), one product of the 16 x 9 transform with the weights
-    u = torch.mm(_KRON, weight.detach().reshape(k * c, 9).t()).view(16, k, c)
     padded = F.pad(x, (1, 1, 1, 1), mode="circular" if wraps else "constant")
     padded = padded.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # an NHWC view
     th, tw = h // 2, w // 2
     band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    tiles = n * band * tw
+    # workspace: U (16, Cout, C); per band the row-transformed input (4, N, band, W + 2, C), V (16, tiles, C),
+    # M (16, tiles, Cout), the row sums of M (4, tiles, Cout) and one (tiles, Cout) temporary
+    sizes = (16 * k * c, 4 * n * band * (w + 2) * c, 16 * tiles * c, 16 * tiles * k, 4 * tiles * k, tiles * k)
+    parts = _workspace(sum(sizes), torch.float32)[: sum(sizes)].split(sizes)
+    u = parts[0].view(16, k, c)
+    # U: the 16 transformed filters, one product of the 16 x 9 transform with the weights
+    torch.mm(_KRON, weight.detach().reshape(k * c, 9).t(), out=u.view(16, k * c))
     out = torch.empty(n, th, 2, tw, 2, k)  # tile row, row in tile, tile column, column in tile, channel
     for t0 in range(0, th, band):
         t1 = min(th, t0 + band)
-        _band_fp32(padded[:, 2 * t0 : 2 * t1 + 2], u, out[:, t0:t1])
+        _band_fp32(padded[:, 2 * t0 : 2 * t1 + 2], u, out[:, t0:t1], parts[1:])
     out = out.view(n, h, w, k)
     if bias is not None:
         out += bias.detach()
     return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
 
 
-def _band_fp32(xp: Tensor, u: Tensor, out: Tensor) -> None:
-    """One band: ``xp`` the padded NHWC input rows of ``out.shape[1]`` tile rows (2 per tile, plus 2)."""
+def _band_fp32(xp: Tensor, u: Tensor, out: Tensor, work: tuple[Tensor, ...]) -> None:
+    """One band: ``xp`` the padded NHWC input rows of ``out.shape[1]`` tile rows (2 per tile, plus 2);
+    ``work``: room for the intermediates (``conv3x3_fp32``), used from the front for a shorter last band."""
     n, _, cols, c = xp.shape
     th, tw, k = out.shape[1], out.shape[3], u.shape[1]
+    tiles = n * th * tw
+    rt = work[0][: 4 * n * th * cols * c].view(4, n, th, cols, c)
+    v = work[1][: 16 * tiles * c].view(4, 4, n, th, tw, c)
+    m = work[2][: 16 * tiles * k].view(4, 4, n, th, tw, k)
+    rows_sum = work[3][: 4 * tiles * k].view(4, n, th, tw, k)
+    tmp = work[4][: tiles * k].view(n, th, tw, k)
     # B^T d B, rows then columns; B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
     r = [xp[:, i : i + 2 * th : 2] for i in range(4)]
-    rt = torch.empty(4, n, th, cols, c)
     torch.sub(r[0], r[2], out=rt[0])
     torch.add(r[1], r[2], out=rt[1])
     torch.sub(r[2], r[1], out=rt[2])
     torch.sub(r[1], r[3], out=rt[3])
-    v = torch.empty(4, 4, n, th, tw, c)
     for i in range(4):
         d = [rt[i][:, :, j : j + 2 * tw : 2] for j in range(4)]
         torch.sub(d[0], d[2], out=v[i, 0])
         torch.add(d[1], d[2], out=v[i, 1])
         torch.sub(d[2], d[1], out=v[i, 2])
         torch.sub(d[1], d[3], out=v[i, 3])
-    m = torch.bmm(v.view(16, n * th * tw, c), u.transpose(1, 2)).view(4, 4, n, th, tw, k)
-    del v, rt
+    torch.bmm(v.view(16, tiles, c), u.transpose(1, 2), out=m.view(16, tiles, k))
     # A^T m A, rows then columns; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
-    for a, rows_sum in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):
-        torch.add(rows_sum[0] + rows_sum[1], rows_sum[2], out=out[:, :, a, :, 0])
-        torch.sub(rows_sum[1] - rows_sum[2], rows_sum[3], out=out[:, :, a, :, 1])
+    for a in range(2):
+        if a == 0:
+            torch.add(m[0], m[1], out=rows_sum).add_(m[2])
+        else:
+            torch.sub(m[1], m[2], out=rows_sum).sub_(m[3])
+        torch.add(rows_sum[0], rows_sum[1], out=tmp)
+        torch.add(tmp, rows_sum[2], out=out[:, :, a, :, 0])
+        torch.sub(rows_sum[1], rows_sum[2], out=tmp)
+        torch.sub(tmp, rows_sum[3], out=out[:, :, a, :, 1])
 
 
 def transform(weight: Tensor) -> Tensor:
@@ -241,17 +259,17 @@ def conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, out_channels: int, wraps:
 # mapped and page-faulted on every call (glibc maps blocks over 32 MB). Grows to the largest V seen, in its
 # own mapping (``allocator.mapped_empty``: in the VAE's heap mode a buffer on the heap splits it);
 # ``release`` frees them all (the packed session does on exit).
-_BUFFERS: dict[int, Tensor] = {}
+_BUFFERS: dict[tuple, Tensor] = {}
 _BUFFERS_LOCK = threading.Lock()
 
 
-def _workspace(numel: int) -> Tensor:
-    key = threading.get_ident()
+def _workspace(numel: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    key = (threading.get_ident(), dtype)
     with _BUFFERS_LOCK:
         buf = _BUFFERS.get(key)
         if buf is None or buf.numel() < numel:
             _BUFFERS[key] = None  # the old one freed before the larger one is mapped
-            _BUFFERS[key] = buf = allocator.mapped_empty((numel,), torch.bfloat16)
+            _BUFFERS[key] = buf = allocator.mapped_empty((numel,), dtype)
     return buf
 
 
