@@ -20,7 +20,11 @@ Three parts, one process each where it matters (and a fourth on request):
   with the transformed tiles and filters rounded to bf16 as the kernel would, in float64 otherwise, on
   SiLU-like activations, next to oneDNN-like direct bf16 (fp32 sums, one rounding);
 - ``--filters``: making the transformed filters of all those convolutions into fresh memory, as each
-  generation does: seconds and minor page faults against the number of 4 KiB pages written.
+  generation does: seconds and minor page faults against the number of 4 KiB pages written;
+- ``--fp32``: the fp32 path (``winograd.conv3x3_fp32``, PyTorch ops, for CPUs without native bf16) against
+  oneDNN's fp32 convolution with its weight packed once, on the SD1.5 UNet's shapes above (batch 2) and
+  the SD VAE decoder's at 512 px (batch 1), interleaved, the minimum of ``--reps``, with which of them
+  ``winograd.usable`` sends to Winograd by default (``--fp32`` alone: ``--no-shapes --no-unet`` implied).
 Results: stdout and benchmarks/results/winograd.json.
 """
 
@@ -79,6 +83,56 @@ def shapes(reps: int) -> list[dict]:
     print(table(rows, list(rows[0])), flush=True)
     total = {m: sum(r[f"{m} ms"] * r["per step"] for r in rows) for m in ("onednn", "winograd")}
     print(f"per CFG step: oneDNN {total['onednn']:.0f} ms, Winograd {total['winograd']:.0f} ms", flush=True)
+    return rows
+
+
+# (in, out, feature map side, count) of the SD VAE decoder's 3x3 stride-1 convolutions at 512 px
+VAE_SHAPES = [(512, 512, 64, 7), (512, 512, 128, 6), (512, 256, 256, 1), (256, 256, 256, 5), (256, 128, 512, 1),
+              (128, 128, 512, 5)]  # fmt: skip
+
+
+def shapes_fp32(reps: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from latentforge.nn import winograd
+    from latentforge.nn.packed import pack_weights
+
+    rows = []
+    cases = [(cin, cout, side, count, 2) for cin, cout, side, count in SHAPES]
+    cases += [(cin, cout, side, count, 1) for cin, cout, side, count in VAE_SHAPES]
+    for cin, cout, side, count, n in cases:
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1).to(memory_format=torch.channels_last).requires_grad_(False)
+        x = torch.randn(n, cin, side, side).to(memory_format=torch.channels_last)
+        auto = winograd.usable(conv, x)
+        pack_weights(conv)
+        with torch.inference_mode():
+            ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+            outs, best_s = {}, {}
+            os.environ["LATENTFORGE_WINOGRAD"] = "off"
+            fns = {
+                "onednn": lambda conv=conv, x=x: conv(x),
+                "winograd": lambda conv=conv, x=x: winograd.conv3x3_fp32(x, conv.weight, conv.bias),
+            }
+            for _ in range(2):
+                for name, fn in fns.items():
+                    outs[name] = fn()
+                    best_s[name] = min(best_s.get(name, 1e9), best(fn, reps))
+            os.environ.pop("LATENTFORGE_WINOGRAD")
+        err = {k: float((v.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()) for k, v in outs.items()}
+        rows.append({
+            "shape": f"{n}x{cin}->{cout} @{side}", "count": count, "onednn ms": best_s["onednn"] * 1e3,
+            "winograd ms": best_s["winograd"] * 1e3, "speedup": best_s["onednn"] / best_s["winograd"],
+            "by default": "winograd" if auto else "onednn", "onednn err": err["onednn"],
+            "winograd err": err["winograd"],
+        })  # fmt: skip
+    print(table(rows, list(rows[0])), flush=True)
+    for part, n in (("UNet CFG step", 2), ("VAE decode", 1)):
+        sel = [r for r in rows if r["shape"].startswith(f"{n}x")]
+        plain = sum(r["onednn ms"] * r["count"] for r in sel)
+        chosen = sum(r[f"{'winograd' if r['by default'] == 'winograd' else 'onednn'} ms"] * r["count"] for r in sel)
+        print(f"{part}, 3x3 convolutions: oneDNN {plain:.0f} ms, as chosen by default {chosen:.0f} ms", flush=True)
     return rows
 
 
@@ -277,8 +331,12 @@ def main() -> None:
     ap.add_argument("--loops", action="store_true", help="time the kernel's two loop orders, caches cold")
     ap.add_argument("--tile-sizes", action="store_true", help="bf16 error of F(2x2), F(3x3), F(4x4) tiles")
     ap.add_argument("--filters", action="store_true", help="seconds and page faults of making the filters")
+    ap.add_argument("--fp32", action="store_true", help="the fp32 path (PyTorch ops) against oneDNN's fp32")
     args = ap.parse_args()
     payload: dict = {}
+    if args.fp32:
+        args.no_shapes = args.no_unet = True
+        payload["fp32 shapes"] = shapes_fp32(args.reps)
     if not args.no_shapes:
         payload["shapes"] = shapes(args.reps)
     if not args.no_unet:

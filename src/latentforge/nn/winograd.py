@@ -63,7 +63,7 @@ G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0,
 # through the product and the output transform: 1.3-1.6x faster than one band of 64 MB at 128x128)
 FP32_MAX_PIXELS = 256 * 256
 FP32_MIN_CHANNELS = 256
-FP32_MAX_FILTER = 1280 * 640
+FP32_MAX_FILTER = 1920 * 640
 FP32_BAND_BYTES = 8 << 20
 # the 16 x 9 matrix taking a flattened 3x3 filter to its flattened 4x4 transform (G g G^T = kron(G, G) vec g)
 _KRON = torch.kron(G, G).float()
