@@ -104,13 +104,20 @@ def test_which_fp32_convolutions_take_winograd(monkeypatch):
     assert not winograd.usable(mid, x)
 
 
-@pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
-def test_packed_session_runs_fp32_maps_by_winograd_and_leaves_weights_as_they_were(monkeypatch):
+@pytest.fixture
+def fp32_calls(monkeypatch):
+    """Winograd's automatic choice, and the input shapes of the calls to ``conv3x3_fp32`` recorded."""
     monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
     monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
     calls = []
     real = winograd.conv3x3_fp32
     monkeypatch.setattr(winograd, "conv3x3_fp32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
+def test_packed_session_runs_fp32_maps_by_winograd_and_leaves_weights_as_they_were(fp32_calls):
+    calls = fp32_calls
     net = torch.nn.Sequential(conv_layer(256, 256, seed=1), torch.nn.SiLU(), conv_layer(256, 32, seed=2))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     big, small = rand(1, 256, 32, 32), rand(1, 256, 8, 8)
@@ -139,14 +146,10 @@ def test_packed_session_runs_fp32_maps_by_winograd_and_leaves_weights_as_they_we
 
 
 @pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN ops")
-def test_full_size_fp32_vae_decodes_by_winograd_and_small_ones_do_not(monkeypatch):
+def test_full_size_fp32_vae_decodes_by_winograd_and_small_ones_do_not(fp32_calls, monkeypatch):
     from latentforge.models.vae import AutoencoderKL, VAEConfig
 
-    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")
-    monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
-    calls = []
-    real = winograd.conv3x3_fp32
-    monkeypatch.setattr(winograd, "conv3x3_fp32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls = fp32_calls
     torch.manual_seed(0)
     wide = AutoencoderKL(VAEConfig(base_channels=256, channel_mult=(1, 1), num_res_blocks=1)).eval()
     small = AutoencoderKL(VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)).eval()
