@@ -81,19 +81,15 @@ def usable(conv: nn.Conv2d, x: Tensor, repeated: bool = False) -> bool:
     or groups; zero or circular padding) of a bf16 channels-last CPU input without autograd, an even number of input
     channels and a multiple of 32 output channels, a large enough map (``MIN_PIXELS``, or
     ``MIN_PIXELS_REPEATED`` when the caller runs it ``repeated``ly; any size with
-    ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available."""
+    ``LATENTFORGE_WINOGRAD=on``) and the bf16 kernels available. An fp32 input goes by the fp32 path's own
+    rule (``_usable_fp32``: map size and channel counts, no native kernels needed)."""
     w = conv.weight
     m = mode()
     if x.dtype == torch.float32:
         return _usable_fp32(conv, x, m)
     return (
         m != "off"
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode in ("zeros", "circular")
+        and _plain_3x3(conv)
         and x.dim() == 4
         and x.dtype == torch.bfloat16
         and w.dtype == torch.bfloat16
