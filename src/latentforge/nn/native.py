@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import os
@@ -45,20 +46,31 @@ from latentforge import allocator
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted((Path(__file__).with_name("kernels")).glob("*.cpp"))
-FLAGS = [
-    "-O3",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-pthread",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512dq",
-    "-mavx512bf16",
-    "-mfma",
-]
+KERNEL_DIR = Path(__file__).with_name("kernels")
+BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One shared library of kernels: its sources (``kernels/*_<name>.cpp`` and ``parallel.cpp``) and the
+    instruction sets it is compiled for. ``bf16``: AVX-512 with BF16 (this module's kernels); ``avx2``: fp32
+    kernels for AVX2 + FMA CPUs (``nn/native_avx2.py``)."""
+
+    name: str
+    isa_flags: tuple[str, ...]
+
+    @property
+    def sources(self) -> list[Path]:
+        return sorted([*KERNEL_DIR.glob(f"*_{self.name}.cpp"), KERNEL_DIR / "parallel.cpp"])
+
+    @property
+    def flags(self) -> list[str]:
+        return [*BASE_FLAGS, *self.isa_flags]
+
+
+BF16 = Library("bf16", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"))
+SOURCES = BF16.sources
+FLAGS = BF16.flags
 # the kernels' parallel loops on OpenMP: the library then needs libgomp.so.1, and the dynamic loader gives
 # it the copy PyTorch already loaded (one runtime, one pool of threads; tests/test_native_kernels.py)
 OPENMP_FLAGS = ["-fopenmp"]
@@ -81,6 +93,14 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's flags from /proc/cpuinfo (read once; ``reset`` forgets them)."""
+    flags = _state.get("flags")
+    if flags is None:
+        flags = _state["flags"] = _cpu_flags()
+    return flags
+
+
 def mode() -> str:
     value = os.environ.get("LATENTFORGE_KERNELS", "auto").strip().lower() or "auto"
     if value not in ("auto", "off", "on"):
@@ -93,9 +113,7 @@ def wanted() -> bool:
     m = mode()
     if m == "off":
         return False
-    flags = _state.get("flags")
-    if flags is None:
-        flags = _state["flags"] = _cpu_flags()
+    flags = cpu_flags()
     if "avx512_bf16" not in flags:
         return False
     return m == "on" or "amx_bf16" not in flags
@@ -116,7 +134,7 @@ def _compiler() -> str | None:
     return None
 
 
-def build(directory: Path | None = None, openmp: bool = True) -> Path:
+def build(directory: Path | None = None, openmp: bool = True, library: Library = BF16) -> Path:
     """Compile the kernels (or find them already compiled) and return the shared library's path. Raises
     RuntimeError saying what failed. ``openmp``: first try the build whose parallel loops run on OpenMP
     (``OPENMP_FLAGS``: PyTorch's own thread pool, see the module's text); where the compiler has no
@@ -125,14 +143,15 @@ def build(directory: Path | None = None, openmp: bool = True) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    headers = sorted(SOURCES[0].parent.glob("*.h"))
-    code = b"".join(p.name.encode() + p.read_bytes() for p in [*SOURCES, *headers])
+    sources, plain = library.sources, library.flags
+    headers = sorted(KERNEL_DIR.glob("*.h"))
+    code = b"".join(p.name.encode() + p.read_bytes() for p in [*sources, *headers])
     directory = directory or cache_dir()
-    variants = [[*FLAGS, *OPENMP_FLAGS], FLAGS] if openmp else [FLAGS]
+    variants = [[*plain, *OPENMP_FLAGS], plain] if openmp else [plain]
     names = []
     for flags in variants:
         digest = hashlib.sha256(code + " ".join([cxx, *flags, version]).encode()).hexdigest()[:16]
-        names.append(f"latentforge-bf16-{digest}.so")
+        names.append(f"latentforge-{library.name}-{digest}.so")
     if (directory / names[0]).exists():
         return directory / names[0]
     refused = None  # why the OpenMP build failed, remembered once the plain one has built
@@ -140,20 +159,20 @@ def build(directory: Path | None = None, openmp: bool = True) -> Path:
         failed = directory / f"{names[0]}.failed"  # this compiler refused OpenMP before: not tried again
         if not failed.exists():
             try:
-                return _compile(cxx, variants[0], directory, names[0])
+                return _compile(cxx, variants[0], directory, names[0], sources)
             except RuntimeError as exc:
                 log.info("building latentforge's kernels with OpenMP failed (%s); building them without", exc)
                 refused = exc
         if (directory / names[1]).exists():
             return directory / names[1]
-    target = _compile(cxx, FLAGS, directory, names[-1])
+    target = _compile(cxx, plain, directory, names[-1], sources)
     if refused is not None:  # the plain build worked: it was OpenMP the compiler refused
         with contextlib.suppress(OSError):
             (target.parent / f"{names[0]}.failed").write_text(str(refused)[-2000:] + "\n")
     return target
 
 
-def _compile(cxx: str, flags: list[str], directory: Path, name: str) -> Path:
+def _compile(cxx: str, flags: list[str], directory: Path, name: str, sources: list[Path]) -> Path:
     target = directory / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -165,10 +184,10 @@ def _compile(cxx: str, flags: list[str], directory: Path, name: str) -> Path:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cxx, *flags, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            [cxx, *flags, "-o", tmp, *map(str, sources)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {SOURCES[0].parent}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cxx} failed on {KERNEL_DIR}: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: other processes see the whole file or none
     finally:
         if os.path.exists(tmp):
@@ -177,19 +196,26 @@ def _compile(cxx: str, flags: list[str], directory: Path, name: str) -> Path:
 
 
 def _library():
-    """The loaded kernels, or None (the build failed: warned once)."""
-    if "lib" in _state:
-        return _state["lib"]
+    """The loaded bf16 kernels, or None (the build failed: warned once)."""
+    return load_library(BF16, _load)
+
+
+def load_library(library: Library, declare):
+    """``library`` built and loaded (``declare(path)`` loads it and declares its functions' signatures),
+    once per process; None where the build failed (warned once)."""
+    key = ("lib", library.name)
+    if key in _state:
+        return _state[key]
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]
+        if key in _state:
+            return _state[key]
         lib = None
         try:
-            lib = _load(build())
+            lib = declare(build(library=library))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            log.warning("latentforge's bf16 kernels are not available (%s); using PyTorch's ops", exc)
+            log.warning("latentforge's %s kernels are not available (%s); using PyTorch's ops", library.name, exc)
             lib = None
-        _state["lib"] = lib
+        _state[key] = lib
         return lib
 
 
@@ -223,8 +249,9 @@ def runtime() -> str | None:
 
 
 def ready() -> bool:
-    """The kernels are wanted here and built."""
-    return wanted() and _library() is not None
+    """The kernels are wanted here and built, and the caller is not being traced by ``torch.compile`` (a
+    ctypes call on tensors' addresses cannot be traced: the compiled graph gets PyTorch's ops)."""
+    return not torch.compiler.is_compiling() and wanted() and _library() is not None
 
 
 def reset() -> None:

@@ -1,11 +1,11 @@
-// What latentforge's kernels share: 2^x on 16 floats (attention's softmax, GEGLU's erf, SiLU), bf16 loads,
-// tail masks and the threads that run a kernel's tasks: PyTorch's own OpenMP threads when built with
-// -fopenmp (nn/native.py links libgomp.so.1, which resolves to the copy torch has loaded), else threads
-// started per call.
+// What latentforge's AVX-512 kernels share: 2^x on 16 floats (attention's softmax, GEGLU's erf, SiLU), bf16
+// loads, tail masks; and (parallel.h) the threads that run a kernel's tasks.
 // x is clamped to [-127, 127]; 2^f on the fraction f in [0, 1) is a degree-4 polynomial (least squares on
 // Chebyshev nodes, relative error 2.7e-6, far below bf16's 3.9e-3), and VSCALEFPS multiplies by 2^n.
 #pragma once
 #include <immintrin.h>
+
+#include "parallel.h"
 
 #include <algorithm>
 #include <atomic>
@@ -39,26 +39,3 @@ inline __m512 lf_load_bf16(const uint16_t *p, __mmask16 m) {
 
 // the mask of the first min(n, 16) lanes
 inline __mmask16 lf_tail(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-
-// fn(i) for i in [0, n) on `threads` threads (this one included) taking tasks in turn; each task runs on
-// one thread from start to end, so results do not depend on the thread count. With OpenMP the threads are
-// the team of PyTorch's pool, already started: a full-size SD1.5 UNet step was 10% faster than
-// with a std::thread started per call (each start also woke the other core; docs/performance.md).
-template <class F>
-void lf_parallel(int64_t n, int threads, F fn) {
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    std::atomic<int64_t> next{0};
-    auto worker = [&]() {
-        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    };
-    if (threads == 1) return worker();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-    worker();
-#else
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto &t : pool) t.join();
-#endif
-}
