@@ -77,8 +77,11 @@ def test_offload_hooks_give_the_same_image(tiny, sequential):
     offloader.remove()
 
 
-def test_compiled_unet_gives_the_same_image_and_the_module_still_saves(tiny, tmp_path):
-    # backend "eager": dynamo traces the UNet (the part that can break) without minutes of inductor codegen
+def test_compiled_unet_gives_the_same_image_and_the_module_still_saves(tiny, tmp_path, monkeypatch):
+    # backend "eager": dynamo traces the UNet (the part that can break) without minutes of inductor codegen.
+    # A compiled graph runs PyTorch's ops where eager calls latentforge's kernels (ctypes calls cannot be
+    # traced; nn/native.py): the eager reference takes PyTorch's ops too
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
     pipe = latentforge.load(tiny)
     reference = pipe.txt2img("a cube", seed=4, steps=3, width=64, height=64).images[0]
     pipe.compile(backend="eager")
@@ -204,6 +207,7 @@ def _record_compiles(monkeypatch) -> list[dict]:
 def test_cli_compile_flag_compiles_the_unet_and_keeps_the_image(tiny, tmp_path, monkeypatch):
     from latentforge.cli import main
 
+    monkeypatch.setenv("LATENTFORGE_KERNELS", "off")  # compiled graphs run PyTorch's ops (see above)
     args = ["txt2img", "a cube", "-m", str(tiny), "-W", "64", "-H", "64", "--steps", "2", "--seed", "5", "-q"]
     assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
     calls = _record_compiles(monkeypatch)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import CrossAttention, GroupNorm32, fused, timestep_embedding
+from latentforge.nn import CrossAttention, GroupNorm32, fused, native_avx2, timestep_embedding
 from latentforge.nn.upsample import upsample_conv
 
 
@@ -113,6 +113,9 @@ class GEGLU(nn.Module):
             # bf16 on the CPU: GELU and the product as post-ops of two oneDNN matmuls (nn.fused); any hook
             # on the projection keeps the plain path
             return fused.linear_geglu(x, proj.weight, proj.bias)
+        if not hooked and native_avx2.geglu_usable(x, proj.weight, proj.bias):
+            # fp32 on AVX2 CPUs: the product without its bias, then bias, GELU and product in one pass
+            return native_avx2.linear_geglu_fp32(x, proj.weight, proj.bias)
         value, gate = proj(x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 

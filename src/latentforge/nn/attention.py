@@ -1,5 +1,6 @@
 """The one attention path of latentforge: multi-head scaled dot-product attention, through PyTorch's SDPA
-or, for bf16 on CPUs with AVX512-BF16 and no AMX, latentforge's own kernel (``nn.native``)."""
+or latentforge's own kernels: for bf16 on CPUs with AVX512-BF16 and no AMX (``nn.native``), for fp32 on CPUs
+with AVX2 and no AVX-512 (``nn.native_avx2``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import native
+from latentforge.nn import native, native_avx2
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = False, upcast: bool = False) -> Tensor:
@@ -27,6 +28,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = Fal
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if not causal and not upcast and native.attention_usable(q, k, v, heads):
         return native.attention_bf16(q, k, v, heads)
+    if not causal and native_avx2.attention_usable(q, k, v, heads):
+        return native_avx2.attention_fp32(q, k, v, heads)  # fp32 on AVX2 CPUs (upcast: no-op in fp32)
     # (B, N, C) -> (B, heads, N, d)
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     if upcast and dtype in (torch.float16, torch.bfloat16):

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentforge import allocator
-from latentforge.nn import native
+from latentforge.nn import native, native_avx2
 
 MIN_PIXELS = 1024
 # in a session that runs the module many times (a sampler's steps: ``packed_session(repeated=True)``),
@@ -148,6 +148,8 @@ def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = F
     tens of MB per call would be page-faulted in on every call)."""
     n, c, h, w = x.shape
     k = weight.shape[0]
+    if not wraps and native_avx2.winograd_usable(x, k):
+        return _conv3x3_fp32_native(x, weight, bias)
     padded = F.pad(x, (1, 1, 1, 1), mode="circular" if wraps else "constant")
     padded = padded.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # an NHWC view
     th, tw = h // 2, w // 2
@@ -167,6 +169,29 @@ def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = F
     out = out.view(n, h, w, k)
     if bias is not None:
         out += bias.detach()
+    return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
+
+
+def _conv3x3_fp32_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``conv3x3_fp32`` with its transforms in ``nn.native_avx2``'s kernels (one pass each, the padding read
+    as zeros, the bias added by the output transform); the products the same batched MKL product."""
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    th, tw = h // 2, w // 2
+    band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    tiles = n * band * tw
+    sizes = (16 * k * c, 16 * tiles * c, 16 * tiles * k)  # U, then per band V and M
+    u, v, m = _workspace(sum(sizes), torch.float32)[: sum(sizes)].split(sizes)
+    u = u.view(16, k, c)
+    torch.mm(_KRON, weight.detach().reshape(k * c, 9).t(), out=u.view(16, k * c))
+    out = torch.empty(n, h, w, k)
+    for t0 in range(0, th, band):
+        t1 = min(th, t0 + band)
+        count = n * (t1 - t0) * tw
+        vb, mb = v[: 16 * count * c].view(16, count, c), m[: 16 * count * k].view(16, count, k)
+        native_avx2.winograd_input(x, (t0, t1), vb)
+        torch.bmm(vb, u.transpose(1, 2), out=mb)
+        native_avx2.winograd_output(mb, bias, out, (t0, t1))
     return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
 
 
