@@ -73,14 +73,15 @@ def test_which_fp32_convolutions_take_winograd(monkeypatch):
     monkeypatch.delenv("LATENTFORGE_KERNELS", raising=False)
     mid = torch.nn.Conv2d(256, 32, 3, padding=1).requires_grad_(False)
     assert winograd.usable(mid, rand(1, 256, 32, 32))  # MIN_PIXELS
-    assert winograd.usable(mid, rand(2, 256, 256, 256))  # FP32_MAX_PIXELS
+    assert winograd.usable(mid, torch.empty(1, 256, 512, 512))  # FP32_MAX_PIXELS
     assert not winograd.usable(mid, rand(1, 256, 16, 16))  # too small a map: oneDNN
-    assert not winograd.usable(mid, rand(1, 256, 256, 258))  # too large: the transforms cost more than they save
+    assert not winograd.usable(mid, torch.empty(1, 256, 512, 514))  # larger than measured
     assert not winograd.usable(mid, rand(1, 256, 34, 33))  # odd width
     small = conv_layer(8, 16)
     assert not winograd.usable(small, rand(1, 8, 32, 32))  # FP32_MIN_CHANNELS: few channels, little to save
-    big = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
-    assert not winograd.usable(big, rand(1, 1280, 32, 32))  # filters above FP32_MAX_FILTER: per-call transform too dear
+    assert winograd.usable(conv_layer(128, 128), rand(1, 128, 32, 32))  # the VAE's last level
+    big = torch.nn.Conv2d(1920, 1280, 3, padding=1).requires_grad_(False)
+    assert not winograd.usable(big, rand(1, 1920, 32, 32))  # filters above FP32_MAX_FILTER: transform too dear
     x = rand(1, 256, 32, 32)
     for conv in (
         torch.nn.Conv2d(256, 16, 3, stride=2, padding=1),

@@ -22,16 +22,17 @@ True)``: the UNet during sampling) also runs maps of ``MIN_PIXELS_REPEATED`` pix
 other memory peak of a generation, starts (``nn.packed.shed``): made again per generation (SD1.5's UNet
 1 s, the VAE 0.2 s) rather than held through the peaks.
 
-float32 (CPUs without native bf16, issue 16's AVX2 anchor): the same F(2x2, 3x3) in PyTorch ops
-(``conv3x3_fp32``): the input transform as strided adds and subtractions, the 16 products as one batched
-matrix product (MKL, at the fp32 matmul peak), the output transform likewise. Its filters are transformed
+float32 (CPUs without native bf16, issue 16's AVX2 anchor): the same F(2x2, 3x3) (``conv3x3_fp32``): the
+16 products as one batched matrix product (MKL, at the fp32 matmul peak), the input and output transforms
+in one pass each by ``nn.native_avx2``'s kernels on AVX2 CPUs, elsewhere (and for circular padding) as
+strided additions and subtractions in PyTorch ops. Its filters are transformed
 on every call by one small matrix product (no cached copy: the memory stays that of the plain weights),
 so it runs where that transform is cheap next to the convolution and oneDNN's direct convolution is
 slower: maps of ``MIN_PIXELS`` to ``FP32_MAX_PIXELS`` pixels, at least ``FP32_MIN_CHANNELS`` input channels
 and at most ``FP32_MAX_FILTER`` input x output channels (at 512 px: SD1.5's 64x64 and 32x32 levels, the
-VAE decoder's 64x64, 128x128 and 256x256 levels; not the 16x16 and 8x8 levels, whose filters are large
-next to their maps). Measured on a 2-core AMD EPYC (AVX2, ``benchmarks/bench_winograd.py --fp32``):
-1.3-1.7x oneDNN on those shapes; relative error against float64 about 1e-6, below the direct fp32
+VAE decoder's every level; not the UNet's 16x16 and 8x8 levels, whose filters are large next to their
+maps). Measured on a 2-core AMD EPYC (AVX2, ``benchmarks/bench_winograd.py --fp32``): 1.2-1.9x oneDNN on
+those shapes with the native transforms; relative error against float64 about 1e-6, below the direct fp32
 convolution's (``tests/test_winograd_fp32.py``).
 ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run, ``nn.native.ready``, and the map
 is that large; fp32 where described above), ``off`` (oneDNN's direct convolution), ``on`` (every map size).
@@ -61,9 +62,9 @@ G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0,
 # fp32 (``conv3x3_fp32``): the largest map, the fewest input channels and the most input x output channels
 # run by Winograd, and the transformed input of one band of tile rows (small enough to stay in the caches
 # through the product and the output transform: 1.3-1.6x faster than one band of 64 MB at 128x128)
-FP32_MAX_PIXELS = 256 * 256
-FP32_MIN_CHANNELS = 256
-FP32_MAX_FILTER = 1920 * 640
+FP32_MAX_PIXELS = 512 * 512
+FP32_MIN_CHANNELS = 128
+FP32_MAX_FILTER = 1280 * 1280
 FP32_BAND_BYTES = 8 << 20
 # the 16 x 9 matrix taking a flattened 3x3 filter to its flattened 4x4 transform (G g G^T = kron(G, G) vec g)
 _KRON = torch.kron(G, G).float()
