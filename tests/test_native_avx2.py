@@ -6,6 +6,7 @@ the fallbacks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -315,3 +316,99 @@ def test_winograd_transforms_match_the_pytorch_ops(monkeypatch, n, cin, cout, h,
     assert len(calls) == n_calls + h // 2
     monkeypatch.setattr(native_avx2, "winograd_usable", lambda *a: False)
     assert torch.equal(winograd.conv3x3_fp32(x, weight, b), ours)
+
+
+def group_norm_silu_conv_exact(x, norm, conv):
+    """conv(silu(GroupNorm(x))) in float64: GroupNorm's definition (Wu & He 2018, biased variance over each
+    group's channels and pixels), SiLU(y) = y sigmoid(y), the zero-padded 3x3 convolution."""
+    n, c, h, w = x.shape
+    xd = x.double().reshape(n, norm.num_groups, -1)
+    mean = xd.mean(-1, keepdim=True)
+    var = ((xd - mean) ** 2).mean(-1, keepdim=True)
+    y = ((xd - mean) / torch.sqrt(var + norm.eps)).reshape(n, c, h, w)
+    y = y * norm.weight.double()[None, :, None, None] + norm.bias.double()[None, :, None, None]
+    y = y * torch.sigmoid(y)
+    return F.conv2d(y, conv.weight.double(), conv.bias.double(), padding=1)
+
+
+def test_group_norm_affine_is_the_group_norm():
+    from latentforge.nn import GroupNorm32
+
+    g = torch.Generator().manual_seed(20)
+    norm = GroupNorm32(8, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g)), norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(2, 64, 10, 6, generator=g) * 3 + 40).contiguous(memory_format=torch.channels_last)  # offset
+    scale, shift = native_avx2.group_norm_affine(x, 8, norm.weight, norm.bias, 1e-6)
+    ours = x * scale[:, :, None, None] + shift[:, :, None, None]
+    xd = x.double().reshape(2, 8, -1)
+    ref = ((xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-6)).reshape(
+        x.shape
+    ) * norm.weight.double()[None, :, None, None] + norm.bias.double()[None, :, None, None]
+    torch_err = (F.group_norm(x, 8, norm.weight, norm.bias, 1e-6).double() - ref).abs().max()
+    assert (ours.double() - ref).abs().max() <= 2 * torch_err + 1e-6
+
+
+@pytest.mark.parametrize("n,c,cout,side", [(1, 128, 128, 32), (2, 256, 64, 12), (1, 128, 256, 34)])
+def test_resblock_norm_silu_conv_fused_in_a_session(monkeypatch, n, c, cout, side):
+    """``packed.norm_silu_conv`` inside a packed session: GroupNorm + SiLU applied by the Winograd input
+    transform, the convolution to fp32 rounding (float64 reference), and the same result as the plain calls
+    to within fp32 rounding; the plain calls with a hook, under autograd, with the kernels off."""
+    from latentforge.nn import GroupNorm32, packed
+
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")  # any map size
+    g = torch.Generator().manual_seed(n * c + side)
+    norm = GroupNorm32(32, c, eps=1e-6)
+    conv = torch.nn.Conv2d(c, cout, 3, padding=1).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(c, generator=g)), norm.bias.copy_(torch.randn(c, generator=g))
+    x = (torch.randn(n, c, side, side, generator=g) * 2 + 5).contiguous(memory_format=torch.channels_last)
+    ref = group_norm_silu_conv_exact(x, norm, conv)
+    model = torch.nn.ModuleDict({"norm": norm, "conv": conv})
+    stats = count_calls(monkeypatch, "group_norm_affine")
+    with torch.inference_mode():
+        plain = conv(norm(x, silu=True))
+        with packed.packed_session(model):
+            ours = packed.norm_silu_conv(norm, conv, x)
+            assert len(stats) == 1
+            handle = norm.register_forward_hook(lambda m, i, o: o)
+            hooked = packed.norm_silu_conv(norm, conv, x)
+            handle.remove()
+            monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
+            off = packed.norm_silu_conv(norm, conv, x)
+            monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
+        outside = packed.norm_silu_conv(norm, conv, x)  # outside a session: the plain calls
+    assert len(stats) == 1
+    assert ours.shape == (n, cout, side, side) and ours.is_contiguous(memory_format=torch.channels_last)
+    rel = ((ours.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    assert rel < 5e-6
+    for other in (plain, hooked, off, outside):
+        assert ((other.double() - ours.double()).abs().max() / ref.abs().max()).item() < 1e-5
+    with torch.enable_grad():
+        y = packed.norm_silu_conv(norm, conv, x.clone().requires_grad_())
+        y.sum().backward()
+    assert norm.weight.grad is not None and len(stats) == 1
+
+
+def test_vae_decode_fused_matches_the_plain_path(monkeypatch):
+    """A (small) VAE decode on the fast path with the ResBlocks' GroupNorm + SiLU fused into the Winograd
+    input transforms against the same decode with the kernels off."""
+    from latentforge.device import to_fast_layout
+    from latentforge.families import get_family
+    from latentforge.models import AutoencoderKL
+
+    monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
+    cfg = dataclasses.replace(get_family("sd1").vae, base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+    torch.manual_seed(0)
+    vae = to_fast_layout(AutoencoderKL(cfg).float().eval())
+    z = torch.randn(1, 4, 8, 8)
+    stats = count_calls(monkeypatch, "group_norm_affine")
+    from latentforge.nn import packed
+
+    with torch.inference_mode():
+        with packed.packed_session(vae):
+            ours = vae.decode(z)
+        assert stats
+        monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
+        plain = vae.decode(z)
+    assert (ours - plain).abs().max() <= 1e-4 * plain.abs().max()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentforge.nn import CrossAttention, GroupNorm32, fused, native_avx2, timestep_embedding
+from latentforge.nn import CrossAttention, GroupNorm32, fused, native_avx2, packed, timestep_embedding
 from latentforge.nn.upsample import upsample_conv
 
 
@@ -86,10 +86,13 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         # the Sequentials' GroupNorm + SiLU run as one call (fused where nn.native can), then the rest
         norm, _, conv = self.in_layers
-        h = conv(norm(x, silu=True))
+        h = packed.norm_silu_conv(norm, conv, x)  # conv(norm(x, silu=True)), fused where nn.packed can
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         norm, _, dropout, conv = self.out_layers
-        h = conv(dropout(norm(h, silu=True)))
+        if dropout.training and dropout.p:
+            h = conv(dropout(norm(h, silu=True)))
+        else:  # dropout is the identity
+            h = packed.norm_silu_conv(norm, conv, h)
         return self.skip_connection(x) + h
 
 

@@ -63,8 +63,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.dropout(self.norm2(h, silu=True)))
+        h = packed.norm_silu_conv(self.norm1, self.conv1, x)  # conv1(norm1(x, silu=True)), fused where it can
+        if self.training and self.dropout.p:
+            h = self.conv2(self.dropout(self.norm2(h, silu=True)))
+        else:  # dropout is the identity
+            h = packed.norm_silu_conv(self.norm2, self.conv2, h)
         return _add(self.nin_shortcut(x), h)
 
 

@@ -56,9 +56,14 @@ def _declare(path: Path) -> ctypes.CDLL:
     lib.lf_geglu_fp32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int]
     )
-    lib.lf_wino_input_fp32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
+    lib.lf_wino_input_fp32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    lib.lf_groupnorm_affine_fp32.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    )
     lib.lf_wino_output_fp32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int]
-    kernels = ("lf_attention_fp32", "lf_geglu_fp32", "lf_wino_input_fp32", "lf_wino_output_fp32")
+    kernels = (
+        "lf_attention_fp32", "lf_geglu_fp32", "lf_wino_input_fp32", "lf_wino_output_fp32", "lf_groupnorm_affine_fp32"
+    )  # fmt: skip
     for fn in [getattr(lib, name) for name in kernels] + [lib.lf_parallel_runtime]:
         fn.restype = ctypes.c_int
     return lib
@@ -161,11 +166,16 @@ def winograd_usable(x: Tensor, out_channels: int) -> bool:
     )
 
 
-def winograd_input(x: Tensor, rows: tuple[int, int], v: Tensor) -> None:
+def winograd_input(x: Tensor, rows: tuple[int, int], v: Tensor, prologue: tuple[Tensor, Tensor] | None = None) -> None:
     """V = B^T d B of the zero-padded channels-last fp32 ``x`` (N, C, H, W) for the tile rows ``rows`` =
-    [ty0, ty1), written into ``v`` (16, tiles, C) contiguous (``kernels/winograd_avx2.cpp``)."""
+    [ty0, ty1), written into ``v`` (16, tiles, C) contiguous (``kernels/winograd_avx2.cpp``). ``prologue``:
+    (scale, shift), each (N, C) fp32 contiguous: the transform is of silu(x scale + shift) instead (a
+    GroupNorm and its SiLU, ``group_norm_affine``), the normalised map never written out."""
     n, c, h, w = x.shape
-    rc = _library().lf_wino_input_fp32(x.data_ptr(), n, h, w, c, *rows, v.data_ptr(), torch.get_num_threads())
+    scale, shift = (p.data_ptr() for p in prologue) if prologue is not None else (None, None)
+    rc = _library().lf_wino_input_fp32(
+        x.data_ptr(), n, h, w, c, *rows, v.data_ptr(), scale, shift, torch.get_num_threads()
+    )
     if rc != 0:
         raise RuntimeError(f"Winograd input transform refused shape {tuple(x.shape)}, tile rows {rows}")
 
@@ -181,3 +191,21 @@ def winograd_output(m: Tensor, bias: Tensor | None, out: Tensor, rows: tuple[int
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"Winograd output transform refused {tuple(out.shape)}, tile rows {rows}")
+
+
+def group_norm_affine(
+    x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """GroupNorm of channels-last fp32 ``x`` (N, C, H, W) as a per-image, per-channel affine map: (scale,
+    shift), each (N, C), with GroupNorm(x) = x scale + shift; statistics in double."""
+    n, c, h, w = x.shape
+    scale, shift = torch.empty(n, c), torch.empty(n, c)
+    weight = weight.detach().float().contiguous() if weight is not None else None
+    bias = bias.detach().float().contiguous() if bias is not None else None
+    rc = _library().lf_groupnorm_affine_fp32(
+        x.data_ptr(), n, h * w, c, groups, eps, weight.data_ptr() if weight is not None else None,
+        bias.data_ptr() if bias is not None else None, scale.data_ptr(), shift.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"GroupNorm statistics refused shape {tuple(x.shape)} with {groups} groups")
+    return scale, shift

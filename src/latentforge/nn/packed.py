@@ -53,7 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from latentforge import allocator
-from latentforge.nn import circular, fused, winograd
+from latentforge.nn import circular, fused, native_avx2, winograd
+from latentforge.nn.blocks import GroupNorm32
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 # layers inside a packed_session: None, or once their plain weight is swapped out for the packed copy,
@@ -234,6 +235,42 @@ class PackedLinear(_Wakes, nn.Linear):
 
         weight = _packed_weight(self, x, pack, repack_for_shape=False)
         return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+
+
+def norm_silu_conv(norm: nn.Module, conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(norm(x, silu=True))``: a ResBlock's GroupNorm, SiLU and 3x3 convolution. Where the convolution
+    runs by fp32 Winograd with the AVX2 kernels (``nn.native_avx2``), the GroupNorm becomes a per-image,
+    per-channel affine map (its statistics one read of ``x``) applied with the SiLU as the input transform
+    reads the rows: the normalised map, the size of ``x`` (268 MB at the SD VAE's last level at 512 px, the
+    decode's memory peak), is never written nor read back. Elsewhere the plain calls."""
+    if _norm_fusable(norm, conv, x):
+        _put_back(conv)
+        _CACHE.pop(conv, None)
+        prologue = native_avx2.group_norm_affine(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return winograd.conv3x3_fp32(x, conv.weight, conv.bias, prologue=prologue)
+    return conv(norm(x, silu=True))
+
+
+def _norm_fusable(norm: nn.Module, conv: nn.Module, x: Tensor) -> bool:
+    """A plain GroupNorm32 and a packed convolution inside a session, neither hooked (adapters, offloading),
+    no autograd, and the convolution's own forward would take fp32 Winograd with the AVX2 transforms."""
+    modules = torch.nn.modules.module
+    return (
+        type(conv) is PackedConv2d
+        and type(norm) is GroupNorm32
+        and conv in _SESSION
+        and not (norm._forward_hooks or norm._forward_pre_hooks or conv._forward_hooks or conv._forward_pre_hooks)
+        and not (modules._global_forward_hooks or modules._global_forward_pre_hooks)
+        and x.dim() == 4
+        and x.dtype == torch.float32
+        and norm.num_channels == x.shape[1]
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not _plain_path(conv, x)
+        and not (torch.is_grad_enabled() and any(p.requires_grad for p in norm.parameters()))
+        and winograd.usable(conv, x, repeated=_REPEATED.get(conv, False))
+        and native_avx2.winograd_usable(x, conv.out_channels)
+    )
 
 
 def _winograd_filters(conv: nn.Conv2d) -> Tensor:

@@ -141,16 +141,19 @@ def _fp32_channels(conv: nn.Conv2d) -> bool:
     return conv.in_channels >= FP32_MIN_CHANNELS and conv.in_channels * conv.out_channels <= FP32_MAX_FILTER
 
 
-def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = False) -> Tensor:
+def conv3x3_fp32(
+    x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = False, prologue: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` (circular padding with ``wraps``) of an fp32 CPU input of even
     height and width by Winograd's F(2x2, 3x3) in PyTorch ops; channels-last (N, Cout, H, W). Call where
     ``usable`` said yes. Works in bands of tile rows whose transformed input takes at most ``FP32_BAND_BYTES``;
     the transformed filters and each band's intermediates live in the thread's reused workspace (fresh
-    tens of MB per call would be page-faulted in on every call)."""
+    tens of MB per call would be page-faulted in on every call). ``prologue``: (scale, shift), the input is
+    silu(x scale + shift) per image and channel (``nn.packed.norm_silu_conv``; native transforms only)."""
     n, c, h, w = x.shape
     k = weight.shape[0]
-    if not wraps and native_avx2.winograd_usable(x, k):
-        return _conv3x3_fp32_native(x, weight, bias)
+    if prologue is not None or (not wraps and native_avx2.winograd_usable(x, k)):
+        return _conv3x3_fp32_native(x, weight, bias, prologue)
     padded = F.pad(x, (1, 1, 1, 1), mode="circular" if wraps else "constant")
     padded = padded.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # an NHWC view
     th, tw = h // 2, w // 2
@@ -173,7 +176,7 @@ def conv3x3_fp32(x: Tensor, weight: Tensor, bias: Tensor | None, wraps: bool = F
     return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
 
 
-def _conv3x3_fp32_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _conv3x3_fp32_native(x: Tensor, weight: Tensor, bias: Tensor | None, prologue=None) -> Tensor:
     """``conv3x3_fp32`` with its transforms in ``nn.native_avx2``'s kernels (one pass each, the padding read
     as zeros, the bias added by the output transform); the products the same batched MKL product."""
     n, c, h, w = x.shape
@@ -190,7 +193,7 @@ def _conv3x3_fp32_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tens
         t1 = min(th, t0 + band)
         count = n * (t1 - t0) * tw
         vb, mb = v[: 16 * count * c].view(16, count, c), m[: 16 * count * k].view(16, count, k)
-        native_avx2.winograd_input(x, (t0, t1), vb)
+        native_avx2.winograd_input(x, (t0, t1), vb, prologue)
         torch.bmm(vb, u.transpose(1, 2), out=mb)
         native_avx2.winograd_output(mb, bias, out, (t0, t1))
     return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
