@@ -25,6 +25,7 @@ def kernel_env(monkeypatch, tmp_path_factory):
     """The kernels forced on (also on AVX-512 CPUs), built once into a test cache folder."""
     monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
     monkeypatch.setenv("LATENTFORGE_KERNELS", "on")
+    monkeypatch.setattr(native_avx2, "MIN_GEGLU_ELEMENTS", 0)
     native.reset()
     yield
     native.reset()
@@ -246,6 +247,9 @@ def test_geglu_module_dispatch(monkeypatch):
     torch.manual_seed(0)
     mod = GEGLU(64, 96)
     x = rand(2, 300, 64, seed=10)
+    monkeypatch.setattr(native_avx2, "MIN_GEGLU_ELEMENTS", 2 * 300 * 192 + 1)  # one element short
+    assert not native_avx2.geglu_usable(x, mod.proj.weight, mod.proj.bias)
+    monkeypatch.setattr(native_avx2, "MIN_GEGLU_ELEMENTS", 2 * 300 * 192)
     calls = count_calls(monkeypatch, "linear_geglu_fp32")
     with torch.inference_mode():
         ours = mod(x)

@@ -36,6 +36,9 @@ AVX2 = native.Library("avx2", ("-mavx2", "-mfma"))
 MIN_SCORES = native.MIN_SCORES
 
 
+# GEGLU products of fewer elements (tokens x 2F) keep PyTorch's ops: the tiny models (the demo's, the
+# tests') never build the library for it
+MIN_GEGLU_ELEMENTS = 1 << 20
 # wider heads stay with SDPA (the VAE's single 512-wide head: 216 against 200 ms at 512 px)
 MAX_HEAD_WIDTH = 160
 
@@ -119,7 +122,8 @@ def attention_fp32(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
 
 
 def geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether ``linear_geglu_fp32`` takes this input and projection: fp32 on the CPU, no autograd."""
+    """Whether ``linear_geglu_fp32`` takes this input and projection: fp32 on the CPU, no autograd, a
+    product of at least ``MIN_GEGLU_ELEMENTS``."""
     return (
         x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -130,6 +134,7 @@ def geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.dim() >= 2
         and x.shape[-1] == weight.shape[1]
         and x.numel() > 0
+        and x.numel() // x.shape[-1] * weight.shape[0] >= MIN_GEGLU_ELEMENTS
         and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.dim() == 1))
         and _no_grad(x, weight, bias)
         and ready()
