@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_child, save, table
+from common import run_child, save, table, times
 
 VAE_CHILD = """
 import json, os, threading, time, torch
@@ -59,16 +58,6 @@ print(json.dumps({"seconds": best, "peak_above_loaded_GB": top / 1e9}))
 """
 
 
-def best_of(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return min(out)
-
-
 def compare(name: str, make, switch, reps: int) -> dict:
     """``make()`` -> a call; ``switch(on)`` turns the part's kernel on or off. Alternating on and off."""
     import torch
@@ -79,7 +68,7 @@ def compare(name: str, make, switch, reps: int) -> dict:
             for state in (True, False):
                 switch(state)
                 outs[state] = call()
-                best[state] = min(best.get(state, 1e9), best_of(call, reps))
+                best[state] = min(best.get(state, 1e9), min(times(call, reps)))
     switch(True)
     scale = outs[False].abs().max().item()
     diff = (outs[True] - outs[False]).abs().max().item() / scale

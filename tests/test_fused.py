@@ -4,12 +4,10 @@ Gimpel 2016); PyTorch's plain bf16 ops are the yardstick of bf16 accuracy. And t
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
+from attention_ref import geglu_exact, geglu_plain
 from latentforge.nn import fused
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs oneDNN with bf16 on this CPU")
@@ -18,17 +16,6 @@ pytestmark = pytest.mark.skipif(not fused.available(), reason="needs oneDNN with
 def rand(*shape, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).bfloat16()
-
-
-def geglu_exact(x, weight, bias):
-    h = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    value, gate = h.chunk(2, dim=-1)
-    return value * (gate * 0.5 * (1 + torch.special.erf(gate / math.sqrt(2))))
-
-
-def plain_bf16(x, weight, bias):
-    value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
-    return value * F.gelu(gate)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +32,7 @@ def test_linear_geglu_matches_the_definition(x_shape, features, with_bias):
         assert fused.linear_geglu_usable(x, weight, bias)
         ours = fused.linear_geglu(x, weight, bias)
         ref = geglu_exact(x, weight, bias)
-        err, err_plain = (ours.double() - ref).abs(), (plain_bf16(x, weight, bias).double() - ref).abs()
+        err, err_plain = (ours.double() - ref).abs(), (geglu_plain(x, weight, bias).double() - ref).abs()
     assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
     # one rounding of the fp32 accumulator instead of roundings before the bias and the GELU
     assert err.max() <= err_plain.max() + 1e-6
@@ -60,7 +47,7 @@ def test_strided_input_gives_the_same_result():
         dense = fused.linear_geglu(x.contiguous(), weight, bias)
     assert torch.allclose(ours.float(), dense.float(), atol=2e-2, rtol=1e-2)
     ref = geglu_exact(x, weight, bias)
-    assert (ours.double() - ref).abs().max() <= (plain_bf16(x, weight, bias).double() - ref).abs().max() + 1e-6
+    assert (ours.double() - ref).abs().max() <= (geglu_plain(x, weight, bias).double() - ref).abs().max() + 1e-6
 
 
 def test_not_usable_where_it_must_not_run():
@@ -87,7 +74,7 @@ def test_geglu_module_dispatch(monkeypatch):
         ours = mod(x)
         assert len(calls) == 1
         ref = geglu_exact(x, mod.proj.weight, mod.proj.bias)
-        plain = plain_bf16(x, mod.proj.weight, mod.proj.bias)
+        plain = geglu_plain(x, mod.proj.weight, mod.proj.bias)
         assert (ours.double() - ref).abs().max() <= (plain.double() - ref).abs().max()
         handle = mod.proj.register_forward_hook(lambda m, i, o: o * 0)  # a hook: the plain path, hook honoured
         assert torch.equal(mod(x), torch.zeros_like(ours))
@@ -95,7 +82,7 @@ def test_geglu_module_dispatch(monkeypatch):
         monkeypatch.setenv("LATENTFORGE_KERNELS", "off")
         off = mod(x)
     assert len(calls) == 1
-    assert torch.equal(off, plain_bf16(x, mod.proj.weight, mod.proj.bias))  # off: PyTorch's plain ops
+    assert torch.equal(off, geglu_plain(x, mod.proj.weight, mod.proj.bias))  # off: PyTorch's plain ops
     monkeypatch.delenv("LATENTFORGE_KERNELS")
     y = mod(x.requires_grad_())  # autograd: PyTorch's ops
     y.float().sum().backward()

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_ref import exact, geglu_exact, geglu_plain, sdpa
 from latentforge.nn import native, native_avx2
 from latentforge.nn.attention import attention
 
@@ -34,22 +35,6 @@ def kernel_env(monkeypatch, tmp_path_factory):
 def rand(*shape, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g) * scale
-
-
-def exact(q, k, v, heads):
-    """The formula in float64 on the same inputs, (B, N, C) layout."""
-    b, nq, c = q.shape
-    d = c // heads
-    qq, kk, vv = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    w = torch.softmax(qq @ kk.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (w @ vv).transpose(1, 2).reshape(b, nq, c)
-
-
-def sdpa(q, k, v, heads):
-    b, nq, c = q.shape
-    d = c // heads
-    qq, kk, vv = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2).reshape(b, nq, c)
 
 
 SHAPES = [
@@ -196,17 +181,6 @@ def test_build_is_cached_per_library(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.build(tmp_path, library=native_avx2.AVX2) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
-
-
-def geglu_exact(x, weight, bias):
-    h = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    value, gate = h.chunk(2, dim=-1)
-    return value * (gate * 0.5 * (1 + torch.special.erf(gate / math.sqrt(2))))
-
-
-def geglu_plain(x, weight, bias):
-    value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
-    return value * F.gelu(gate)
 
 
 GEGLU_SHAPES = [((2, 1024, 320), 1280), ((2, 77, 64), 40), ((1, 65, 24), 7), ((3, 5, 2, 32), 12)]

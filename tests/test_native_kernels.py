@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attention_ref import exact, sdpa
 from latentforge.nn import native as fa
 from latentforge.nn.attention import attention
 
@@ -28,22 +29,6 @@ def kernel_env(monkeypatch, tmp_path_factory):
     fa.reset()
     yield
     fa.reset()
-
-
-def exact(q, k, v, heads):
-    """The formula in float64 on the same (bf16) inputs, (B, N, C) layout."""
-    b, nq, c = q.shape
-    d = c // heads
-    qq, kk, vv = (t.double().reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    w = torch.softmax(qq @ kk.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    return (w @ vv).transpose(1, 2).reshape(b, nq, c)
-
-
-def sdpa(q, k, v, heads):
-    b, nq, c = q.shape
-    d = c // heads
-    qq, kk, vv = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2).reshape(b, nq, c)
 
 
 def rand(*shape, scale=1.0, seed=0):

@@ -36,11 +36,12 @@ def available() -> bool:
     )
 
 
-def linear_geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether ``linear_geglu`` takes this input and projection: bf16 on the CPU, no autograd."""
+def geglu_shapes_ok(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """What every fused GEGLU asks: ``x`` (.., C) and ``weight`` (2F, C) (and ``bias`` (2F)) of ``dtype`` on
+    the CPU, not empty, no autograd, the kernels not turned off."""
     return (
-        x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        x.dtype == dtype
+        and weight.dtype == dtype
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dim() == 2
@@ -48,11 +49,15 @@ def linear_geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.dim() >= 2
         and x.shape[-1] == weight.shape[1]
         and x.numel() > 0
-        and (bias is None or (bias.dtype == torch.bfloat16 and bias.device.type == "cpu"))
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and (bias is None or (bias.dtype == dtype and bias.device.type == "cpu" and bias.dim() == 1))
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
         and native.mode() != "off"
-        and available()
     )
+
+
+def linear_geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether ``linear_geglu`` takes this input and projection: bf16 on the CPU, no autograd."""
+    return geglu_shapes_ok(x, weight, bias, torch.bfloat16) and available()
 
 
 def linear_geglu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

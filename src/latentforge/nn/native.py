@@ -260,32 +260,34 @@ def reset() -> None:
         _state.clear()
 
 
-def attention_usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
-    """Whether ``attention_bf16`` takes these (B, N, C) inputs: bf16 CPU tensors, channels innermost,
-    an even head width, no autograd, a problem big enough to pay off, and the kernel wanted here."""
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
+def attention_shapes_ok(
+    q: Tensor, k: Tensor, v: Tensor, heads: int, dtype: torch.dtype, multiple: int, max_width: int, min_scores: int
+) -> bool:
+    """What every attention kernel asks of its (B, N, C) inputs: ``dtype`` CPU tensors, channels innermost, a
+    head width that is a multiple of ``multiple`` and at most ``max_width``, no autograd, at least
+    ``min_scores`` scores (batch x heads x queries x keys)."""
+    if not (q.dtype == k.dtype == v.dtype == dtype):
         return False
     if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
         return False
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0]:
         return False
     b, nq, c = q.shape
-    if c % heads or (c // heads) % 2 or k.shape[2] != c or any(t.stride(-1) != 1 for t in (q, k, v)):
+    d = c // heads
+    if c % heads or d % multiple or d > max_width or k.shape[2] != c or any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
-    if b * heads * nq * k.shape[1] < MIN_SCORES:
-        return False
-    return ready()
+    return b * heads * nq * k.shape[1] >= min_scores
 
 
-def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v per head for (B, N, C) bf16 inputs (C = heads * d); (B, Nq, C) out.
-    Call only where ``attention_usable`` said yes."""
+def call_attention(fn, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Run an attention kernel ``fn`` (``lf_attention_bf16`` or ``lf_attention_fp32``: the same arguments) on
+    (B, N, C) inputs checked by ``attention_shapes_ok``; (B, Nq, C) out in the inputs' dtype."""
     b, nq, c = q.shape
     nk, d = k.shape[1], c // heads
-    out = torch.empty(b, nq, c, dtype=torch.bfloat16)
-    rc = _library().lf_attention_bf16(
+    out = torch.empty(b, nq, c, dtype=q.dtype)
+    rc = fn(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, nq, nk, d,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         d**-0.5, torch.get_num_threads(),
@@ -293,6 +295,18 @@ def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     if rc != 0:
         raise RuntimeError(f"attention kernel refused shape q={tuple(q.shape)} k={tuple(k.shape)} heads={heads}")
     return out
+
+
+def attention_usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
+    """Whether ``attention_bf16`` takes these (B, N, C) inputs: bf16 CPU tensors, channels innermost,
+    an even head width, no autograd, a problem big enough to pay off, and the kernel wanted here."""
+    return attention_shapes_ok(q, k, v, heads, torch.bfloat16, 2, 1 << 30, MIN_SCORES) and ready()
+
+
+def attention_bf16(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v per head for (B, N, C) bf16 inputs (C = heads * d); (B, Nq, C) out.
+    Call only where ``attention_usable`` said yes."""
+    return call_attention(_library().lf_attention_bf16, q, k, v, heads)
 
 
 def groupnorm_usable(x: Tensor, groups: int) -> bool:

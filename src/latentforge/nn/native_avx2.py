@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from latentforge.nn import native
+from latentforge.nn import fused, native
 
 AVX2 = native.Library("avx2", ("-mavx2", "-mfma"))
 # below this many scores (batch x heads x queries x keys) SDPA's lower call overhead wins
@@ -82,61 +82,25 @@ def ready() -> bool:
     return not torch.compiler.is_compiling() and wanted() and _library() is not None
 
 
-def _no_grad(*tensors: Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-
-
 def attention_usable(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
     """Whether ``attention_fp32`` takes these (B, N, C) inputs: fp32 CPU tensors, channels innermost, a head
     width that is a multiple of 8 up to ``MAX_HEAD_WIDTH``, no autograd, a problem big enough to pay off, the
     kernels wanted here."""
-    if not (q.dtype == k.dtype == v.dtype == torch.float32):
-        return False
-    if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
-        return False
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0]:
-        return False
-    b, nq, c = q.shape
-    d = c // heads
-    if c % heads or d % 8 or d > MAX_HEAD_WIDTH or k.shape[2] != c or any(t.stride(-1) != 1 for t in (q, k, v)):
-        return False
-    if b * heads * nq * k.shape[1] < MIN_SCORES or not _no_grad(q, k, v):
-        return False
-    return ready()
+    return native.attention_shapes_ok(q, k, v, heads, torch.float32, 8, MAX_HEAD_WIDTH, MIN_SCORES) and ready()
 
 
 def attention_fp32(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """softmax(q k^T / sqrt(d)) v per head for (B, N, C) fp32 inputs (C = heads * d); (B, Nq, C) out.
     Call only where ``attention_usable`` said yes."""
-    b, nq, c = q.shape
-    nk, d = k.shape[1], c // heads
-    out = torch.empty(b, nq, c, dtype=torch.float32)
-    rc = _library().lf_attention_fp32(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, heads, nq, nk, d,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        d**-0.5, torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"attention kernel refused shape q={tuple(q.shape)} k={tuple(k.shape)} heads={heads}")
-    return out
+    return native.call_attention(_library().lf_attention_fp32, q, k, v, heads)
 
 
 def geglu_usable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether ``linear_geglu_fp32`` takes this input and projection: fp32 on the CPU, no autograd, a
     product of at least ``MIN_GEGLU_ELEMENTS``."""
     return (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and weight.dim() == 2
-        and weight.shape[0] % 2 == 0
-        and x.dim() >= 2
-        and x.shape[-1] == weight.shape[1]
-        and x.numel() > 0
+        fused.geglu_shapes_ok(x, weight, bias, torch.float32)
         and x.numel() // x.shape[-1] * weight.shape[0] >= MIN_GEGLU_ELEMENTS
-        and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.dim() == 1))
-        and _no_grad(x, weight, bias)
         and ready()
     )
 
