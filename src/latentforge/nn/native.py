@@ -11,7 +11,8 @@ channels-last activations in two passes instead of four. ``kernels/winograd_bf16
 convolutions with 2.25x fewer multiplications (``nn/winograd.py``). (The feed-forward's GEGLU is fused
 differently: as post-ops of oneDNN's matmuls, ``nn/fused.py``.)
 
-The C++ sources (``kernels/*.cpp``, one library) ship with the package and are compiled on first use
+The C++ sources ship with the package, one shared library per ``Library`` (``kernels/*_bf16.cpp`` here;
+``kernels/*_avx2.cpp``, the fp32 kernels of ``nn/native_avx2.py``), and are compiled on first use
 with the system's C++ compiler (``$CXX``, else ``g++``/``c++``; ``torch.compile`` needs the same) into
 ``$LATENTFORGE_CACHE_DIR`` (default ``~/.cache/latentforge``)/kernels, named by a hash of the source,
 flags and compiler, written atomically, then loaded with ctypes; nothing is downloaded. Where there is
