@@ -289,7 +289,7 @@ def test_winograd_transforms_match_the_pytorch_ops(monkeypatch, n, cin, cout, h,
     n_calls = len(calls)
     winograd.conv3x3_fp32(x, weight, b, wraps=True)  # circular padding: the PyTorch ops (not the kernels)
     assert len(calls) == n_calls
-    monkeypatch.setattr(winograd, "FP32_BAND_BYTES", 1)  # one row of tiles per band
+    monkeypatch.setattr(winograd, "_band_rows_fp32", lambda *shape: 1)  # one row of tiles per band
     assert torch.equal(winograd.conv3x3_fp32(x, weight, b), ours)
     assert len(calls) == n_calls + h // 2
     monkeypatch.setattr(native_avx2, "winograd_usable", lambda *a: False)

@@ -59,13 +59,39 @@ def test_fp32_winograd_is_the_convolution(case):
 def test_bands_of_tile_rows_give_the_same_result(monkeypatch):
     conv = conv_layer(16, 32)
     x = rand(2, 16, 14, 10)
+    monkeypatch.setattr(winograd, "_band_rows_fp32", lambda *shape: 7)
     whole = winograd.conv3x3_fp32(x, conv.weight, conv.bias)
-    monkeypatch.setattr(
-        winograd, "FP32_BAND_BYTES", 16 * 2 * 5 * 16 * 4 * 2
-    )  # two tile rows per band (7 rows: 2+2+2+1)
+    monkeypatch.setattr(winograd, "_band_rows_fp32", lambda *shape: 2)  # 7 tile rows: 2+2+2+1
     banded = winograd.conv3x3_fp32(x, conv.weight, conv.bias)
     assert torch.equal(whole, banded)
     assert rel_rms(banded, exact(x, conv)) < 5e-6
+
+
+def test_band_rows_split_large_maps_and_keep_few_tiles_whole(monkeypatch):
+    """Bands keep V in the caches but read U once each: many tiles and few channels go in bands of
+    ``FP32_BAND_BYTES``, few tiles and many channels (where U's re-reads would cost more) in one."""
+    monkeypatch.setattr(winograd, "FP32_BAND_BYTES", 8 << 20)
+    # SD1.5's 64x64 level, batch 2, 320 -> 320: V 42 MB against U 6.5 MB
+    assert winograd._band_rows_fp32(2, 32, 32, 320, 320) == (8 << 20) // (16 * 2 * 32 * 320 * 4)
+    # the VAE's 512 px level, 128 -> 128
+    assert winograd._band_rows_fp32(1, 256, 256, 128, 128) < 256
+    # 32x32, 1280 -> 640 and 16x16, 2560 -> 1280: U (52, 210 MB) would be read 6 and 2 times
+    assert winograd._band_rows_fp32(2, 16, 16, 1280, 640) == 16
+    assert winograd._band_rows_fp32(2, 8, 8, 2560, 1280) == 8
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+def test_either_weight_layout_gives_the_convolution(layout):
+    """The filter transform reads a channels-last weight (as the fast layout leaves every convolution) in
+    place and a contiguous one as (Cout C, 9): the same convolution either way."""
+    conv = conv_layer(24, 40)
+    if layout == "contiguous":
+        conv.weight.data = conv.weight.data.contiguous()
+        assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert not conv.weight.is_contiguous()
+    x = rand(2, 24, 12, 8)
+    assert rel_rms(winograd.conv3x3_fp32(x, conv.weight, conv.bias), exact(x, conv)) < 5e-6
 
 
 def test_which_fp32_convolutions_take_winograd(monkeypatch):
@@ -74,14 +100,17 @@ def test_which_fp32_convolutions_take_winograd(monkeypatch):
     mid = torch.nn.Conv2d(256, 32, 3, padding=1).requires_grad_(False)
     assert winograd.usable(mid, rand(1, 256, 32, 32))  # MIN_PIXELS
     assert winograd.usable(mid, torch.empty(1, 256, 512, 512))  # FP32_MAX_PIXELS
-    assert not winograd.usable(mid, rand(1, 256, 16, 16))  # too small a map: oneDNN
+    assert winograd.usable(mid, rand(1, 256, 16, 16))  # FP32_MIN_PIXELS: 256 over the batch
+    assert winograd.usable(mid, rand(4, 256, 8, 8))
+    assert not winograd.usable(mid, rand(2, 256, 8, 8))  # too few tiles: oneDNN
     assert not winograd.usable(mid, torch.empty(1, 256, 512, 514))  # larger than measured
     assert not winograd.usable(mid, rand(1, 256, 34, 33))  # odd width
     small = conv_layer(8, 16)
     assert not winograd.usable(small, rand(1, 8, 32, 32))  # FP32_MIN_CHANNELS: few channels, little to save
     assert winograd.usable(conv_layer(128, 128), rand(1, 128, 32, 32))  # the VAE's last level
-    big = torch.nn.Conv2d(1920, 1280, 3, padding=1).requires_grad_(False)
-    assert not winograd.usable(big, rand(1, 1920, 32, 32))  # filters above FP32_MAX_FILTER: transform too dear
+    assert winograd.usable(torch.nn.Conv2d(2560, 1280, 3, padding=1).requires_grad_(False), rand(2, 2560, 16, 16))
+    big = torch.nn.Conv2d(2560, 1920, 3, padding=1).requires_grad_(False)
+    assert not winograd.usable(big, rand(1, 2560, 32, 32))  # filters above FP32_MAX_FILTER: not measured
     x = rand(1, 256, 32, 32)
     for conv in (
         torch.nn.Conv2d(256, 16, 3, stride=2, padding=1),
@@ -97,7 +126,7 @@ def test_which_fp32_convolutions_take_winograd(monkeypatch):
         assert winograd.usable(conv_layer(256, 16).requires_grad_(), x)
     monkeypatch.setenv("LATENTFORGE_WINOGRAD", "on")
     assert winograd.usable(small, rand(1, 8, 4, 6))  # every map size and channel count
-    assert winograd.usable(big, rand(1, 1280, 8, 8))
+    assert winograd.usable(big, rand(1, 2560, 8, 8))
     monkeypatch.setenv("LATENTFORGE_WINOGRAD", "off")
     assert not winograd.usable(mid, x)
     monkeypatch.setenv("LATENTFORGE_WINOGRAD", "auto")

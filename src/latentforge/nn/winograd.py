@@ -62,9 +62,10 @@ G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0,
 # fp32 (``conv3x3_fp32``): the largest map, the fewest input channels and the most input x output channels
 # run by Winograd, and the transformed input of one band of tile rows (small enough to stay in the caches
 # through the product and the output transform: 1.3-1.6x faster than one band of 64 MB at 128x128)
-FP32_MAX_PIXELS = 512 * 512
+FP32_MIN_PIXELS = 256  # over the whole batch: tiles enough to pay for the per-call filter transform
+FP32_MAX_PIXELS = 512 * 512  # per image
 FP32_MIN_CHANNELS = 128
-FP32_MAX_FILTER = 1280 * 1280
+FP32_MAX_FILTER = 2560 * 1280
 FP32_BAND_BYTES = 8 << 20
 # the 16 x 9 matrix taking a flattened 3x3 filter to its flattened 4x4 transform (G g G^T = kron(G, G) vec g)
 _KRON = torch.kron(G, G).float()
@@ -132,12 +133,12 @@ def _usable_fp32(conv: nn.Conv2d, x: Tensor, m: str) -> bool:
         and x.shape[2] % 2 == 0
         and x.shape[3] % 2 == 0
         and x.numel() > 0
-        and (m == "on" or (MIN_PIXELS <= pixels <= FP32_MAX_PIXELS and _fp32_channels(conv)))
+        and (m == "on" or (x.shape[0] * pixels >= FP32_MIN_PIXELS and pixels <= FP32_MAX_PIXELS and _fp32_shape(conv)))
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
 
 
-def _fp32_channels(conv: nn.Conv2d) -> bool:
+def _fp32_shape(conv: nn.Conv2d) -> bool:
     return conv.in_channels >= FP32_MIN_CHANNELS and conv.in_channels * conv.out_channels <= FP32_MAX_FILTER
 
 
@@ -157,19 +158,17 @@ def conv3x3_fp32(
     padded = F.pad(x, (1, 1, 1, 1), mode="circular" if wraps else "constant")
     padded = padded.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # an NHWC view
     th, tw = h // 2, w // 2
-    band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    band = _band_rows_fp32(n, th, tw, c, k)
     tiles = n * band * tw
-    # workspace: U (16, Cout, C); per band the row-transformed input (4, N, band, W + 2, C), V (16, tiles, C),
-    # M (16, tiles, Cout), the row sums of M (4, tiles, Cout) and one (tiles, Cout) temporary
+    # workspace: U (16 x Cout x C); per band the row-transformed input (4, N, band, W + 2, C), V (16, tiles,
+    # C), M (16, tiles, Cout), the row sums of M (4, tiles, Cout) and one (tiles, Cout) temporary
     sizes = (16 * k * c, 4 * n * band * (w + 2) * c, 16 * tiles * c, 16 * tiles * k, 4 * tiles * k, tiles * k)
     parts = _workspace(sum(sizes), torch.float32)[: sum(sizes)].split(sizes)
-    u = parts[0].view(16, k, c)
-    # U: the 16 transformed filters, one product of the 16 x 9 transform with the weights
-    torch.mm(_KRON, weight.detach().reshape(k * c, 9).t(), out=u.view(16, k * c))
+    ut = _filters_fp32(weight, parts[0])
     out = torch.empty(n, th, 2, tw, 2, k)  # tile row, row in tile, tile column, column in tile, channel
     for t0 in range(0, th, band):
         t1 = min(th, t0 + band)
-        _band_fp32(padded[:, 2 * t0 : 2 * t1 + 2], u, out[:, t0:t1], parts[1:])
+        _band_fp32(padded[:, 2 * t0 : 2 * t1 + 2], ut, out[:, t0:t1], parts[1:])
     out = out.view(n, h, w, k)
     if bias is not None:
         out += bias.detach()
@@ -182,28 +181,56 @@ def _conv3x3_fp32_native(x: Tensor, weight: Tensor, bias: Tensor | None, prologu
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = h // 2, w // 2
-    band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    band = _band_rows_fp32(n, th, tw, c, k)
     tiles = n * band * tw
     sizes = (16 * k * c, 16 * tiles * c, 16 * tiles * k)  # U, then per band V and M
     u, v, m = _workspace(sum(sizes), torch.float32)[: sum(sizes)].split(sizes)
-    u = u.view(16, k, c)
-    torch.mm(_KRON, weight.detach().reshape(k * c, 9).t(), out=u.view(16, k * c))
+    ut = _filters_fp32(weight, u)
     out = torch.empty(n, h, w, k)
     for t0 in range(0, th, band):
         t1 = min(th, t0 + band)
         count = n * (t1 - t0) * tw
         vb, mb = v[: 16 * count * c].view(16, count, c), m[: 16 * count * k].view(16, count, k)
         native_avx2.winograd_input(x, (t0, t1), vb, prologue)
-        torch.bmm(vb, u.transpose(1, 2), out=mb)
+        torch.bmm(vb, ut, out=mb)
         native_avx2.winograd_output(mb, bias, out, (t0, t1))
     return out.permute(0, 3, 1, 2)  # channels-last (N, Cout, H, W)
 
 
-def _band_fp32(xp: Tensor, u: Tensor, out: Tensor, work: tuple[Tensor, ...]) -> None:
+def _band_rows_fp32(n: int, th: int, tw: int, c: int, k: int) -> int:
+    """Tile rows per band: bands whose V takes ``FP32_BAND_BYTES`` stay in the caches through the product and
+    the output transform, but every band reads all of U again. One band where those extra reads of U would
+    outweigh writing V and M out to memory and reading them back (few tiles, many channels: 1280 -> 640 at
+    32x32, batch 2: 86 against 98 ms; 1920 -> 640 144 against 174 ms)."""
+    band = max(1, min(th, FP32_BAND_BYTES // (16 * n * tw * c * 4)))
+    bands = -(-th // band)
+    if (bands - 1) * k * c >= 2 * n * th * tw * (c + k):  # in units of 16 floats: U re-read, V and M twice
+        return th
+    return band
+
+
+def _filters_fp32(weight: Tensor, buf: Tensor) -> Tensor:
+    """U = G g G^T of the (Cout, C, 3, 3) filters in fp32, made in ``buf`` (16 Cout C floats) as one product
+    of the 16 x 9 transform with the weights; returned as the (16, C, Cout) right-hand side of the products.
+    A channels-last weight (as ``to_fast_layout`` leaves every convolution) is multiplied in place as
+    (Cout, 9, C) into U laid out (Cout, 16, C): read as (Cout C, 9), it had to be copied first (1280 x 1280:
+    41 against 7 ms); the strided product after it runs as fast."""
+    w = weight.detach()
+    k, c = w.shape[:2]
+    if w.permute(0, 2, 3, 1).is_contiguous():
+        u = buf.view(k, 16, c)
+        torch.matmul(_KRON, w.permute(0, 2, 3, 1).view(k, 9, c), out=u)
+        return u.permute(1, 2, 0)
+    u = buf.view(16, k, c)
+    torch.mm(_KRON, w.reshape(k * c, 9).t(), out=u.view(16, k * c))
+    return u.transpose(1, 2)
+
+
+def _band_fp32(xp: Tensor, ut: Tensor, out: Tensor, work: tuple[Tensor, ...]) -> None:
     """One band: ``xp`` the padded NHWC input rows of ``out.shape[1]`` tile rows (2 per tile, plus 2);
     ``work``: room for the intermediates (``conv3x3_fp32``), used from the front for a shorter last band."""
     n, _, cols, c = xp.shape
-    th, tw, k = out.shape[1], out.shape[3], u.shape[1]
+    th, tw, k = out.shape[1], out.shape[3], ut.shape[2]
     tiles = n * th * tw
     rt = work[0][: 4 * n * th * cols * c].view(4, n, th, cols, c)
     v = work[1][: 16 * tiles * c].view(4, 4, n, th, tw, c)
@@ -222,7 +249,7 @@ def _band_fp32(xp: Tensor, u: Tensor, out: Tensor, work: tuple[Tensor, ...]) -> 
         torch.add(d[1], d[2], out=v[i, 1])
         torch.sub(d[2], d[1], out=v[i, 2])
         torch.sub(d[1], d[3], out=v[i, 3])
-    torch.bmm(v.view(16, tiles, c), u.transpose(1, 2), out=m.view(16, tiles, k))
+    torch.bmm(v.view(16, tiles, c), ut, out=m.view(16, tiles, k))
     # A^T m A, rows then columns; A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
     for a in range(2):
         if a == 0:
