@@ -1,6 +1,7 @@
-"""Freed CPU memory reused while the VAE runs (latentforge/allocator.py): measured by the process's own
-minor page faults (getrusage) and resident size (/proc/self/statm), each case in a fresh interpreter so
-the process-wide malloc settings of one case cannot leak into another."""
+"""Freed CPU memory reused during a sampler's steps and, on request, while the VAE runs
+(latentforge/allocator.py): measured by the process's own minor page faults (getrusage) and resident size
+(/proc/self/statm), each case in a fresh interpreter so the process-wide malloc settings of one case
+cannot leak into another."""
 
 from __future__ import annotations
 
@@ -71,11 +72,37 @@ def test_freed_large_blocks_are_reused_inside_when_asked():
     assert max(out["inside"][3:]) < 500
 
 
-@pytest.mark.parametrize("setting", [{}, {"LATENTFORGE_MALLOC": "system"}])
-def test_system_setting_the_default_keeps_glibcs_behaviour(setting):
+@pytest.mark.parametrize("setting", [{}, {"LATENTFORGE_MALLOC": "system"}, {"LATENTFORGE_MALLOC": "steps"}])
+def test_the_vae_keeps_glibcs_behaviour_unless_asked(setting):
     out = run_child(REUSE, **setting)
     assert out["on"] is False
     assert min(out["inside"][1:]) > 8000  # each 64 MB block mapped and faulted anew
+
+
+STEPS = """
+base = rss()
+with allocator.reusing("steps") as on:
+    out["on"] = on
+    out["inside"] = rounds(5)
+    out["inside_mb"] = (rss() - base) / 2**20
+out["after_mb"] = (rss() - base) / 2**20
+out["active_after"] = allocator.active()
+"""
+
+
+@pytest.mark.parametrize("setting", [{}, {"LATENTFORGE_MALLOC": "steps"}, {"LATENTFORGE_MALLOC": "reuse"}])
+def test_a_samplers_steps_reuse_freed_blocks_by_default(setting):
+    out = run_child(STEPS, **setting)
+    assert out["on"] is True
+    assert max(out["inside"][3:]) < 500
+    assert out["inside_mb"] > 60  # the freed 64 MB block kept for the next step
+    assert out["after_mb"] < 50 and not out["active_after"]  # handed back when the sampler ends
+
+
+def test_system_setting_leaves_the_steps_to_glibc_too():
+    out = run_child(STEPS, LATENTFORGE_MALLOC="system")
+    assert out["on"] is False
+    assert min(out["inside"][1:]) > 8000
 
 
 def test_leaving_gives_the_memory_back_and_nesting_holds_it_until_the_outer_exit():
@@ -119,7 +146,7 @@ def test_bad_setting_says_what_to_use(monkeypatch):
     from latentforge import allocator
 
     monkeypatch.setenv("LATENTFORGE_MALLOC", "tcmalloc")
-    with pytest.raises(ValueError, match=r"'system'.*'reuse'"):
+    with pytest.raises(ValueError, match=r"'steps'.*'reuse'.*'system'"):
         allocator.wanted()
 
 
@@ -175,3 +202,29 @@ def test_mapped_empty_is_a_private_page_aligned_tensor_of_its_own():
     assert out["view_sum"] == 2.0 * 5 * 7
     assert out["empty"] == [0, 4]
     assert out["shmem_growth_mb"] < 1 and out["rss_growth_ok"]  # private memory, not shared (slower faults)
+
+
+def test_generation_samples_inside_steps_reuse_and_decodes_outside_it(demo, monkeypatch):
+    """The sampler's steps run with freed blocks reused (by default); the VAE's decode after them does not:
+    the steps' heap is handed back before the generation's other memory peak."""
+    from latentforge import allocator
+
+    monkeypatch.delenv("LATENTFORGE_MALLOC", raising=False)
+    during_steps, during_decode = [], []
+    real_decode = demo.vae.decode
+
+    def decode(*args, **kwargs):
+        during_decode.append(allocator.active())
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(demo.vae, "decode", decode)
+    demo.txt2img("a red circle", steps=3, seed=1, progress=lambda p: during_steps.append(allocator.active()))
+    if allocator._glibc() is None:
+        pytest.skip("not glibc")
+    assert during_steps and all(during_steps)
+    assert during_decode and not any(during_decode)
+    assert not allocator.active()
+    monkeypatch.setenv("LATENTFORGE_MALLOC", "system")
+    during_steps.clear()
+    demo.txt2img("a red circle", steps=2, seed=1, progress=lambda p: during_steps.append(allocator.active()))
+    assert during_steps and not any(during_steps)

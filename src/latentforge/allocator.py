@@ -1,13 +1,17 @@
-"""Freed CPU memory reused instead of page-faulted in anew, while the VAE runs (issue 16): an opt-in.
+"""Freed CPU memory reused instead of page-faulted in anew: during a sampler's steps, and on request while
+the VAE runs (issue 16).
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves blocks above its mmap threshold
 (at most 32 MB) with a fresh ``mmap`` and unmaps them on ``free``, so each such tensor costs one page
 fault per 4 KiB page on first touch, the kernel zeroing every page. The VAE's activations at 512 px are
 32-128 MB each: one SD VAE decode allocates about 2 GB of fresh pages (450,000-550,000 minor faults).
-The UNet's activations at 512 px are below the threshold and fault nothing once the process is warm.
+The UNet's bf16 activations at 512 px are below the threshold; its fp32 ones are not (the first level's
+GEGLU product, (8192, 2560), is 84 MB): a full-size SD1.5 fp32 CFG step faulted 120,000-190,000 pages.
 
-``reusing()`` (entered by ``AutoencoderKL.encode_moments`` and ``decode`` for CPU tensors) does nothing
-unless ``LATENTFORGE_MALLOC=reuse``. Then it asks glibc (``mallopt``) to serve every block from its heap
+``reusing("steps")`` (entered around a sampler's run on the CPU, ``pipelines/generate.py``) and
+``reusing()`` (entered by ``AutoencoderKL.encode_moments`` and ``decode`` for CPU tensors) act where
+``LATENTFORGE_MALLOC`` asks: ``steps`` (the default) the sampler's steps only, ``reuse`` the VAE too,
+``system`` neither. Acting, it asks glibc (``mallopt``) to serve every block from its heap
 (``M_MMAP_MAX`` = 0) and not to trim the heap's free top (``M_TRIM_THRESHOLD`` at its largest), so a
 freed activation's pages serve the next one; on leaving, the settings return to what glibc's own
 adaptive thresholds reach in a warm PyTorch process (mmap above 32 MB, trim above 64 MB) and
@@ -15,14 +19,16 @@ adaptive thresholds reach in a warm PyTorch process (mmap above 32 MB, trim abov
 its page faults: the 32-134 MB blocks of different sizes fragment the heap, so a decode's peak RSS is
 0.6-0.8 GB higher than with glibc's mappings in a process that only decodes, for a decode at most 6%
 faster (``benchmarks/bench_fused.py``, two runs: 4.23-4.28 s against 4.52 s, then 5.22 against 5.25 s;
-peak 1.87-2.11 against 1.22-1.31 GB). Contexts nest and may be entered from several threads (a count; the last one out
-restores).
+peak 1.87-2.11 against 1.22-1.31 GB). A sampler's steps allocate the same blocks every step, so the heap
+reaches its size at the first step and stays there: the fp32 SD1.5 step above then faults nothing and ran
+0.2-0.24 s (2.5-3%) faster, for 0.1 GB more while sampling, handed back before the decode. Contexts nest
+and may be entered from several threads (a count; the last one out restores).
 
 ``mapped_empty`` gives long-lived buffers (the Winograd filters and transform buffer of ``nn.winograd``)
 their own anonymous mapping, outside the heap, whatever the mode: in the middle of the heap they would
 keep the freed blocks around them from merging.
 
-``LATENTFORGE_MALLOC=system`` (the default) leaves glibc alone. ``release`` (``malloc_trim``) returns free
+Outside those contexts glibc is left alone. ``release`` (``malloc_trim``) returns free
 heap memory after a model is unloaded (the server's model cache calls it) and after a packed session has
 swapped its weights out (``nn.packed``). Elsewhere than glibc (macOS, Windows, musl) all of this does
 nothing.
@@ -74,11 +80,13 @@ def _glibc():
     return _state["libc"]
 
 
-def wanted() -> bool:
-    value = os.environ.get(ENV, "system").strip().lower() or "system"
-    if value not in ("reuse", "system"):
-        raise ValueError(f"{ENV}={value!r}: use 'system' (the default) or 'reuse'")
-    return value == "reuse"
+def wanted(part: str = "vae") -> bool:
+    """Whether ``part`` ("steps": a sampler's steps; "vae": the VAE's calls) runs with freed blocks reused,
+    by ``LATENTFORGE_MALLOC``: ``steps`` (the default) the steps only, ``reuse`` both, ``system`` neither."""
+    value = os.environ.get(ENV, "steps").strip().lower() or "steps"
+    if value not in ("steps", "reuse", "system"):
+        raise ValueError(f"{ENV}={value!r}: use 'steps' (the default), 'reuse' or 'system'")
+    return value == "reuse" or (value == "steps" and part == "steps")
 
 
 def active() -> bool:
@@ -87,9 +95,10 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
-def reusing() -> Iterator[bool]:
-    """Inside: large blocks come from the heap and freed ones are reused (yields whether it is so)."""
-    libc = _glibc() if wanted() else None
+def reusing(part: str = "vae") -> Iterator[bool]:
+    """Inside: large blocks come from the heap and freed ones are reused, where ``wanted(part)`` (yields
+    whether it is so)."""
+    libc = _glibc() if wanted(part) else None
     if libc is None:
         yield False
         return

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentforge import allocator
 from latentforge.nn import packed
 from latentforge.nn.circular import circular_padding
 from latentforge.nn.packed import packed_session
@@ -246,8 +247,12 @@ def run_pass(
         prepare(iteration, seeds)
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
     step = watch.callback(callback)
+    # freed blocks reused between the steps on the CPU (their activations are the same every step), handed
+    # back when the sampler ends, before the decode (latentforge/allocator.py)
+    reuse = allocator.reusing("steps") if x.device.type == "cpu" else contextlib.nullcontext()
     try:
-        out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
+        with reuse:
+            out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
     except Interrupted:
         watch.flush()  # a NaN in a step whose check was still pending wins over the interruption
         raise
