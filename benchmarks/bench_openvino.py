@@ -53,8 +53,10 @@ pipe = latentforge.load(cfg["folder"], dtype=cfg.get("dtype"))
 with torch.inference_mode():
     if "unet" in cfg["parts"]:
         f = lambda: pipe.unet(x, t, ctx)
+        from latentforge import allocator
         from latentforge.nn.packed import packed_session
-        with packed_session(pipe.unet, repeated=True):  # as a generation runs the UNet (pipelines/generate.py)
+        # as a generation runs the UNet (pipelines/generate.py): packed, freed blocks reused between steps
+        with packed_session(pipe.unet, repeated=True), allocator.reusing("steps"):
             res["unet"] = times(f, cfg["reps"])
         res["unet_flops"] = flops(f)
     if "vae" in cfg["parts"]:

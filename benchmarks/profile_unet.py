@@ -85,6 +85,37 @@ def label_native_kernels() -> None:
         ("winograd_filters", "lf_winograd_filters"),
     ):
         setattr(native, attr, labelled(getattr(native, attr), name))
+    # the fp32 kernels for AVX2 CPUs (nn/native_avx2.py): the same labels; the fp32 Winograd convolution's
+    # products and filter transform are PyTorch ops (bmm, matmul), told apart by their 16 positions
+    from latentforge.nn import native_avx2, winograd
+
+    for attr, name in (
+        ("attention_fp32", "lf_attention"),
+        ("group_norm_affine", "lf_groupnorm"),
+        ("winograd_input", "lf_winograd_input"),
+        ("winograd_output", "lf_winograd_output"),
+        ("linear_geglu_fp32", "lf_geglu"),
+    ):
+        setattr(native_avx2, attr, labelled(getattr(native_avx2, attr), name))
+    direct = winograd.conv3x3_fp32
+
+    def conv3x3_fp32(x, weight, *args, **kwargs):
+        n, c, h, w = x.shape
+        WINOGRAD_FLOPS[0] += 2.0 * n * h * w * weight.shape[0] * c * 9
+        return direct(x, weight, *args, **kwargs)
+
+    winograd.conv3x3_fp32 = conv3x3_fp32
+
+
+def winograd_product(e) -> bool:
+    """An fp32 Winograd convolution's batched product or filter transform (``nn.winograd``): a (16, ...)
+    product or the 16 x 9 transform matrix."""
+    shapes = [s for s in e.input_shapes if s]
+    return (
+        e.key in ("aten::bmm", "aten::matmul", "aten::mm")
+        and bool(shapes)
+        and ((e.key == "aten::bmm" and shapes[0][0] == 16) or list(shapes[0]) == [16, 9])
+    )
 
 
 def main() -> None:
@@ -93,6 +124,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--vae", action="store_true", help="profile a VAE decode instead of a UNet step")
     args = ap.parse_args()
+    from latentforge import allocator
     from latentforge.device import to_fast_layout
     from latentforge.families import get_family
     from latentforge.models import AutoencoderKL, UNet
@@ -112,7 +144,10 @@ def main() -> None:
         t = torch.tensor([500.0, 500.0])
         ctx = torch.randn(2, 77, 768, dtype=dtype)
         call, what = (lambda: model(x, t, ctx)), "SD1.5 UNet, one CFG step (batch 2)"
-    with torch.inference_mode(), packed_session(model, repeated=True):
+    # as a generation runs the UNet: a packed session, freed blocks reused between steps (allocator.py)
+    reuse = allocator.reusing() if args.vae else allocator.reusing("steps")
+    with torch.inference_mode(), packed_session(model, repeated=True), reuse:
+        call()
         call()
         NATIVE_ATTENTION_FLOPS[0] = WINOGRAD_FLOPS[0] = 0.0
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
@@ -124,8 +159,10 @@ def main() -> None:
     flops["attention (native)"] = NATIVE_ATTENTION_FLOPS[0]
     flops["convolution (Winograd, native)"] = WINOGRAD_FLOPS[0]
     for e in events:
-        kind = kind_of(e.key)
+        kind = "convolution (Winograd, native)" if winograd_product(e) else kind_of(e.key)
         time_us[kind] += e.self_cpu_time_total
+        if kind == "convolution (Winograd, native)":
+            continue
         if "flash_attention" in e.key:  # the kernel itself (its parent SDPA call has the same shapes)
             flops[kind] += attention_flops(e.input_shapes) * e.count
         elif "_linear_pointwise" in e.key:  # oneDNN's linear (nn/fused.py): no profiler count; x (.., K), w (N, K)
