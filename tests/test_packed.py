@@ -205,6 +205,20 @@ def test_session_keeps_one_copy_and_gives_every_weight_back():
     assert net[0].weight.grad is not None
 
 
+def test_session_exit_hands_the_dropped_copies_pages_back_as_it_goes(monkeypatch):
+    """Settling a session's layers (plain weights back, packed copies dropped) returns the freed heap every
+    ``RELEASE_BYTES``, as the swap-outs do, rather than holding both copies of every weight until the end."""
+    net = small_net()
+    x = torch.randn(2, 8, 12, 12)
+    bytes_per_layer = [m.weight.numel() * m.weight.element_size() for m in net if isinstance(m, torch.nn.Conv2d)]
+    released = []
+    with torch.inference_mode(), packed.packed_session(net):
+        net(x)
+        monkeypatch.setattr(packed, "RELEASE_BYTES", min(bytes_per_layer))
+        monkeypatch.setattr(packed, "_release_freed", lambda: released.append(packed._FREED.update(bytes=0)))
+    assert len(released) >= len(bytes_per_layer)  # one per settled layer (each at least RELEASE_BYTES)
+
+
 def test_session_weight_changes_through_materialize_and_the_patcher():
     from latentforge.adapters.patcher import ModelPatcher
 

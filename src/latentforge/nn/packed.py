@@ -370,10 +370,17 @@ def _wake(layer: nn.Module) -> bool:
 
 
 def _settle(layer: nn.Module) -> None:
-    """The end of a layer's part in sessions: plain weight back, packed copy dropped, plain class."""
+    """The end of a layer's part in sessions: plain weight back, packed copy dropped, plain class. The
+    dropped copies' heap pages are handed back every ``RELEASE_BYTES``, as the swap-outs' are: settling a
+    whole UNet otherwise held both copies of up to 0.3 GB of weights at once (the packed ones made on a
+    heap that a sampler's steps had kept, ``allocator.reusing("steps")``)."""
     _put_back(layer)
     _SESSION.pop(layer, None)
-    _CACHE.pop(layer, None)
+    if _CACHE.pop(layer, None) is not None:
+        w = layer.weight
+        _FREED["bytes"] += w.numel() * w.element_size()
+        if _FREED["bytes"] >= RELEASE_BYTES:
+            _release_freed()
     _REPEATED.pop(layer, None)
     layer.__class__ = _PLAIN[type(layer)]
 
