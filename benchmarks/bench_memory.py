@@ -1,6 +1,6 @@
 """Where a generation's memory peaks: resident memory per phase of a full-size SD1.5 txt2img on the CPU.
 
-    python benchmarks/bench_memory.py [--size 512] [--steps 3] [--images 2] [--malloc system|reuse]
+    python benchmarks/bench_memory.py [--size 512] [--steps 3] [--images 2] [--malloc steps|reuse|system]
 
 In a fresh process (the random SD1.5-shaped model of the other benchmarks, default dtype, latentforge's
 default path) a thread samples the process's RSS every 2 ms while the main thread loads the model and
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--malloc", choices=["system", "reuse"], default="system")
+    ap.add_argument("--malloc", choices=["steps", "reuse", "system"], default="steps")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     args = ap.parse_args()
     _, folder = random_sd15(args.workdir)

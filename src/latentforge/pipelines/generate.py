@@ -246,10 +246,17 @@ def run_pass(
     for prepare in p.before_batch:
         prepare(iteration, seeds)
     concat = p.batch_concat(iteration, seeds) if p.batch_concat is not None else None
-    step = watch.callback(callback)
-    # freed blocks reused between the steps on the CPU (their activations are the same every step), handed
-    # back when the sampler ends, before the decode (latentforge/allocator.py)
-    reuse = allocator.reusing("steps") if x.device.type == "cpu" else contextlib.nullcontext()
+    checked = watch.callback(callback)
+    # freed blocks reused between the steps on the CPU (their activations are the same every step), from
+    # the end of the first step (which packs weights and makes filters: those stay off the kept heap) until
+    # the sampler ends, before the decode (latentforge/allocator.py)
+    reuse, reusing = contextlib.ExitStack(), []
+
+    def step(*args) -> None:
+        if x.device.type == "cpu" and not reusing:  # the first step's end
+            reusing.append(reuse.enter_context(allocator.reusing("steps")))
+        checked(*args)
+
     try:
         with reuse:
             out = p.sampler.fn(p.denoiser(concat), x, p.sigmas, noise=draw, callback=step, **p.sampler_options)
