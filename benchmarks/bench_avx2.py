@@ -1,6 +1,6 @@
 """latentforge's fp32 AVX2 kernels (``nn/native_avx2.py``) against PyTorch's ops, on an AVX2 CPU.
 
-    python benchmarks/bench_avx2.py [--reps 3] [--no-unet] [--no-vae]
+    python benchmarks/bench_avx2.py [--reps 3] [--no-unet] [--no-vae] [--psnr 512] [--steps 10]
 
 Each part runs the same inputs with the kernels on (``LATENTFORGE_KERNELS=on``) and with the part's
 kernel turned off (its ``*_usable`` answering no), alternating, minimum of ``--reps`` timed calls after a
@@ -14,7 +14,11 @@ warm-up, and the largest difference of the outputs relative to their scale:
 - a full-size SD1.5 UNet CFG step (random weights, packed session) with every AVX2 kernel against none;
 - a full-size SD VAE decode at 512 px in fresh processes, the AVX2 kernels on and off (fp32 Winograd
   then with its transforms in PyTorch ops, GroupNorm + SiLU separate): seconds and the peak RSS above
-  the loaded VAE (sampled every 2 ms).
+  the loaded VAE (sampled every 2 ms);
+- ``--psnr SIZE``: a ``--steps``-step txt2img image of bench_openvino's random SD1.5 model at SIZE px as
+  latentforge makes it by default on this CPU (fp32, the AVX2 kernels, fp32 Winograd, the upsampling
+  convolutions' phases) and with all of them off (``LATENTFORGE_KERNELS=off``, ``LATENTFORGE_WINOGRAD=off``:
+  PyTorch's fp32 operators), each in a fresh process, and the PSNR between them (issue 16's bar: 40 dB).
 
 Results: stdout and benchmarks/results/avx2.json.
 """
@@ -26,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import run_child, save, table, times
+from common import psnr, run_child, save, table, times, txt2img_images
 
 VAE_CHILD = """
 import json, os, threading, time, torch
@@ -91,7 +95,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-unet", action="store_true")
     ap.add_argument("--no-vae", action="store_true")
+    ap.add_argument("--psnr", type=int, metavar="SIZE")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/latentforge-bench"))
     args = ap.parse_args()
+    if args.psnr:
+        off = {"LATENTFORGE_KERNELS": "off", "LATENTFORGE_WINOGRAD": "off"}
+        images = txt2img_images(args.workdir, args.psnr, args.steps, {"default": (None, {}), "plain": (None, off)})
+        db = psnr(images["default"], images["plain"])
+        result = {"size": args.psnr, "steps": args.steps, "default vs plain fp32 dB": db}
+        print(result, flush=True)
+        print(f"saved {save('avx2_psnr', result)}")
+        return
     import os
 
     os.environ["LATENTFORGE_KERNELS"] = "on"

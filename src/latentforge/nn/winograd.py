@@ -26,14 +26,16 @@ float32 (CPUs without native bf16, issue 16's AVX2 anchor): the same F(2x2, 3x3)
 16 products as one batched matrix product (MKL, at the fp32 matmul peak), the input and output transforms
 in one pass each by ``nn.native_avx2``'s kernels on AVX2 CPUs, elsewhere (and for circular padding) as
 strided additions and subtractions in PyTorch ops. Its filters are transformed
-on every call by one small matrix product (no cached copy: the memory stays that of the plain weights),
-so it runs where that transform is cheap next to the convolution and oneDNN's direct convolution is
-slower: maps of ``MIN_PIXELS`` to ``FP32_MAX_PIXELS`` pixels, at least ``FP32_MIN_CHANNELS`` input channels
-and at most ``FP32_MAX_FILTER`` input x output channels (at 512 px: SD1.5's 64x64 and 32x32 levels, the
-VAE decoder's every level; not the UNet's 16x16 and 8x8 levels, whose filters are large next to their
-maps). Measured on a 2-core AMD EPYC (AVX2, ``benchmarks/bench_winograd.py --fp32``): 1.2-1.9x oneDNN on
-those shapes with the native transforms; relative error against float64 about 1e-6, below the direct fp32
-convolution's (``tests/test_winograd_fp32.py``).
+on every call by one small matrix product (no cached copy: the memory stays that of the plain weights; a
+channels-last weight, as the fast layout leaves them, is read in place), so it runs where that transform
+is cheap next to the convolution and oneDNN's direct convolution is slower: at least ``FP32_MIN_PIXELS``
+pixels over the batch and at most ``FP32_MAX_PIXELS`` per image, at least ``FP32_MIN_CHANNELS`` input
+channels and at most ``FP32_MAX_FILTER`` input x output channels (at 512 px: SD1.5's 64x64, 32x32 and
+16x16 levels, the VAE decoder's every level; not the UNet's 8x8 level, batch 2: 128 tiles are too few).
+Measured on a 2-core AMD EPYC (AVX2, ``benchmarks/bench_winograd.py --fp32``): 1.2-2x oneDNN on those
+shapes with the native transforms (1280 -> 1280 at 16x16, batch 2: 50 against 75 ms; at 8x8: 23.5
+against 20.7); relative error against float64 about 1e-6, below the direct fp32 convolution's
+(``tests/test_winograd_fp32.py``).
 ``LATENTFORGE_WINOGRAD``: ``auto`` (default: where the bf16 kernels run, ``nn.native.ready``, and the map
 is that large; fp32 where described above), ``off`` (oneDNN's direct convolution), ``on`` (every map size).
 """
@@ -59,9 +61,10 @@ MIN_PIXELS_REPEATED = 256
 BAND_BYTES = 64 << 20
 # F(2x2, 3x3)'s filter transform
 G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
-# fp32 (``conv3x3_fp32``): the largest map, the fewest input channels and the most input x output channels
-# run by Winograd, and the transformed input of one band of tile rows (small enough to stay in the caches
-# through the product and the output transform: 1.3-1.6x faster than one band of 64 MB at 128x128)
+# fp32 (``conv3x3_fp32``): the fewest pixels over the batch, the largest map, the fewest input channels and
+# the most input x output channels run by Winograd, and the transformed input of one band of tile rows
+# (small enough to stay in the caches through the product and the output transform: 1.3-1.6x faster than
+# one band of 64 MB at 128x128; ``_band_rows_fp32`` keeps one band where U is large next to V)
 FP32_MIN_PIXELS = 256  # over the whole batch: tiles enough to pay for the per-call filter transform
 FP32_MAX_PIXELS = 512 * 512  # per image
 FP32_MIN_CHANNELS = 128
