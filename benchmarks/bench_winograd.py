@@ -22,7 +22,8 @@ Three parts, one process each where it matters (and a fourth on request):
 - ``--filters``: making the transformed filters of all those convolutions into fresh memory, as each
   generation does: seconds and minor page faults against the number of 4 KiB pages written;
 - ``--fp32``: the fp32 path (``winograd.conv3x3_fp32``, PyTorch ops, for CPUs without native bf16) against
-  oneDNN's fp32 convolution with its weight packed once, on the SD1.5 UNet's shapes above (batch 2) and
+  oneDNN's fp32 convolution with its weight packed once, on the SD1.5 UNet's shapes above and at the 8x8
+  level (batch 2) and
   the SD VAE decoder's at 512 px (batch 1), interleaved, the minimum of ``--reps``, with which of them
   ``winograd.usable`` sends to Winograd by default (``--fp32`` alone: ``--no-shapes --no-unet`` implied).
 Results: stdout and benchmarks/results/winograd.json.
@@ -87,6 +88,8 @@ def shapes(reps: int) -> list[dict]:
 
 
 # (in, out, feature map side, count) of the SD VAE decoder's 3x3 stride-1 convolutions at 512 px
+# the SD1.5 UNet's 3x3 stride-1 convolutions at the 8x8 level (512 px), for the fp32 comparison
+SHAPES_8X8 = [(1280, 1280, 8, 11), (2560, 1280, 8, 3)]
 VAE_SHAPES = [(512, 512, 64, 7), (512, 512, 128, 6), (512, 256, 256, 1), (256, 256, 256, 5), (256, 128, 512, 1),
               (128, 128, 512, 5)]  # fmt: skip
 
@@ -99,7 +102,7 @@ def shapes_fp32(reps: int) -> list[dict]:
     from latentforge.nn.packed import pack_weights
 
     rows = []
-    cases = [(cin, cout, side, count, 2) for cin, cout, side, count in SHAPES]
+    cases = [(cin, cout, side, count, 2) for cin, cout, side, count in SHAPES + SHAPES_8X8]
     cases += [(cin, cout, side, count, 1) for cin, cout, side, count in VAE_SHAPES]
     for cin, cout, side, count, n in cases:
         torch.manual_seed(0)
