@@ -300,7 +300,7 @@ def shed() -> None:
     with _WINO_LOCK:
         layers = list(_WINO.keys())
     _drop_session_filters(layers)
-    winograd.release()  # the fp32 path's workspace too (its transformed filters: up to 210 MB for SD1.5's UNet)
+    winograd.release()  # the fp32 path's workspace too (U, V and M: up to 240 MB for SD1.5's UNet)
 
 
 def _release_freed() -> None:
